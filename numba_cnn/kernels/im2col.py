@@ -1,0 +1,77 @@
+"""im2col backend: convolution as one matrix multiplication through BLAS, pooling as reshapes.
+
+conv2d_forward   patches of x gathered through a strided view (no copy) into cols[N*P*Q, C*R*S], then
+                 y = cols @ w[K, C*R*S].T, the one BLAS call that does all the arithmetic.
+conv2d_backward  dw = dy^T @ cols, db = sum of dy, dcols = dy @ w; col2im scatters dcols back onto dx with one
+                 vectorised add per kernel tap (R*S adds, no loop over pixels).
+maxpool2d_*      the cropped input viewed as (N, C, H/2, W/2, 4) windows; argmax along the last axis, which
+                 returns the first maximum on ties.
+"""
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+def _im2col(x, r, s):
+    """x[N, C, H, W] -> cols[N*P*Q, C*R*S], one row per output pixel, columns in (c, r, s) order like w."""
+    n, c = x.shape[:2]
+    patches = sliding_window_view(x, (r, s), axis=(2, 3))  # view (N, C, P, Q, R, S)
+    p, q = patches.shape[2:4]
+    return patches.transpose(0, 2, 3, 1, 4, 5).reshape(n * p * q, c * r * s)
+
+
+def conv2d_forward(x, w, b, relu):
+    """x[N,C,H,W], w[K,C,R,S], b[K] -> y[N,K,H-R+1,W-S+1], ReLU applied when relu is True."""
+    n, _, h, wd = x.shape
+    k, c, r, s = w.shape
+    p, q = h - r + 1, wd - s + 1
+    y_rows = _im2col(x, r, s) @ w.reshape(k, c * r * s).T  # (N*P*Q, K)
+    y_rows += b
+    if relu:
+        np.maximum(y_rows, 0, out=y_rows)
+    return np.ascontiguousarray(y_rows.reshape(n, p, q, k).transpose(0, 3, 1, 2))
+
+
+def conv2d_backward(dy, x, w, need_dx):
+    """dy[N,K,P,Q], x[N,C,H,W], w[K,C,R,S] -> (dx[N,C,H,W] or None, dw[K,C,R,S], db[K])."""
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    p, q = dy.shape[2:]
+    dy_rows = dy.transpose(0, 2, 3, 1).reshape(n * p * q, k)
+    dw = (dy_rows.T @ _im2col(x, r, s)).reshape(w.shape)
+    db = dy.sum(axis=(0, 2, 3))
+    if not need_dx:
+        return None, dw, db
+    dcols = (dy_rows @ w.reshape(k, c * r * s)).reshape(n, p, q, c, r, s)
+    dx = np.zeros_like(x)
+    for i in range(r):  # col2im: one strided add per kernel tap
+        for j in range(s):
+            dx[:, :, i:i + p, j:j + q] += dcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+    return dx, dw, db
+
+
+def _windows(a, ho, wo):
+    """a[N, C, >=2*ho, >=2*wo] -> view (N, C, ho, wo, 2, 2) of the non-overlapping 2x2 windows."""
+    n, c = a.shape[:2]
+    return a[:, :, :2 * ho, :2 * wo].reshape(n, c, ho, 2, wo, 2).transpose(0, 1, 2, 4, 3, 5)
+
+
+def maxpool2d_forward(x):
+    """x[N,C,H,W] -> (y[N,C,H//2,W//2], argmax uint8 offset 2*di+dj of each window's first maximum)."""
+    n, c, h, w = x.shape
+    ho, wo = h // 2, w // 2
+    flat = _windows(x, ho, wo).reshape(n, c, ho, wo, 4)
+    argmax = flat.argmax(axis=-1)
+    y = np.take_along_axis(flat, argmax[..., None], axis=-1)[..., 0]
+    return y, argmax.astype(np.uint8)
+
+
+def maxpool2d_backward(dy, argmax, x_shape):
+    """dy[N,C,H//2,W//2], argmax, x_shape (N,C,H,W) -> dx[N,C,H,W], dy routed to each window's winner."""
+    n, c, h, w = x_shape
+    ho, wo = dy.shape[2:]
+    dx = np.zeros(x_shape, dtype=dy.dtype)
+    win = np.zeros((n, c, ho, wo, 4), dtype=dy.dtype)
+    np.put_along_axis(win, argmax[..., None].astype(np.intp), dy[..., None], axis=-1)
+    _windows(dx, ho, wo)[...] = win.reshape(n, c, ho, wo, 2, 2)
+    return dx
