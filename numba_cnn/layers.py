@@ -25,6 +25,17 @@ def make_dropout_rng(seed):
     return np.random.default_rng(seed)
 
 
+def dropout_rng_state(rng):
+    """A JSON-serialisable snapshot of the dropout RNG (checkpoints store it for exact resume)."""
+    return rng.bit_generator.state
+
+
+def restore_dropout_rng(state):
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng
+
+
 def dropout_forward(x, rate, rng):
     """x[N, D] -> (y[N, D], mask[N, D]): inverted dropout, each unit kept with probability 1 - rate and scaled by
     1 / (1 - rate) so that inference needs no rescaling. The mask already holds the scale."""

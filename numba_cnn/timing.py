@@ -16,6 +16,7 @@ class LayerTimer:
         self.seconds = {}  # (layer, phase) -> seconds since reset()
         self.calls = {}
         self.order = []  # first-seen order of (layer, phase), so tables follow the network
+        self.on_enter = None  # called with (layer, phase) as a section starts (the progress bar shows it)
 
     def reset(self):
         self.seconds = {}
@@ -24,6 +25,8 @@ class LayerTimer:
     @contextmanager
     def section(self, layer, phase):
         key = (layer, phase)
+        if self.on_enter is not None:
+            self.on_enter(layer, phase)
         if self._sync:
             self._sync()
         start = time.perf_counter()

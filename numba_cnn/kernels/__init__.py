@@ -20,6 +20,10 @@ class BackendUnavailable(NumbaCNNError):
     """The backend exists but cannot run here (a missing optional package or device)."""
 
 
+class UnknownBackend(NumbaCNNError, ValueError):
+    """No backend has that name."""
+
+
 def _check_array(name, a, ndim, layout):
     if not (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "ndim")):
         raise ValueError(f"{name} must be an array {layout}, got {type(a).__name__}")
@@ -141,10 +145,10 @@ _cache = {}
 
 
 def get_backend(name):
-    """The backend called `name` (one of BACKENDS). Raises ValueError for an unknown name and BackendUnavailable
-    when the backend's optional dependency or device is missing."""
+    """The backend called `name` (one of BACKENDS). Raises UnknownBackend (a ValueError) for an unknown name and
+    BackendUnavailable when the backend's optional dependency or device is missing."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown kernels {name!r}: choose one of {', '.join(BACKENDS)}")
+        raise UnknownBackend(f"unknown kernels {name!r}: choose one of {', '.join(BACKENDS)}")
     if name not in _cache:
         module = importlib.import_module(f"numba_cnn.kernels.{name}")
         _cache[name] = Backend(name, module)

@@ -4,8 +4,8 @@ conv2d_forward   patches of x gathered through a strided view (no copy) into col
                  y = cols @ w[K, C*R*S].T, the one BLAS call that does all the arithmetic.
 conv2d_backward  dw = dy^T @ cols, db = sum of dy, dcols = dy @ w; col2im scatters dcols back onto dx with one
                  vectorised add per kernel tap (R*S adds, no loop over pixels).
-maxpool2d_*      the cropped input viewed as (N, C, H/2, W/2, 4) windows; argmax along the last axis, which
-                 returns the first maximum on ties.
+maxpool2d_*      the four strided views x[:, :, di::2, dj::2] compared elementwise (three comparisons, no
+                 copy into windows); backward writes dy through the same views where argmax points.
 """
 
 import numpy as np
@@ -50,28 +50,25 @@ def conv2d_backward(dy, x, w, need_dx):
     return dx, dw, db
 
 
-def _windows(a, ho, wo):
-    """a[N, C, >=2*ho, >=2*wo] -> view (N, C, ho, wo, 2, 2) of the non-overlapping 2x2 windows."""
-    n, c = a.shape[:2]
-    return a[:, :, :2 * ho, :2 * wo].reshape(n, c, ho, 2, wo, 2).transpose(0, 1, 2, 4, 3, 5)
+def _taps(a, ho, wo):
+    """The four strided views a[:, :, di::2, dj::2] (cropped to ho x wo), in window order 2*di + dj."""
+    return [a[:, :, di:2 * ho:2, dj:2 * wo:2] for di in (0, 1) for dj in (0, 1)]
 
 
 def maxpool2d_forward(x):
     """x[N,C,H,W] -> (y[N,C,H//2,W//2], argmax uint8 offset 2*di+dj of each window's first maximum)."""
-    n, c, h, w = x.shape
-    ho, wo = h // 2, w // 2
-    flat = _windows(x, ho, wo).reshape(n, c, ho, wo, 4)
-    argmax = flat.argmax(axis=-1)
-    y = np.take_along_axis(flat, argmax[..., None], axis=-1)[..., 0]
-    return y, argmax.astype(np.uint8)
+    ho, wo = x.shape[2] // 2, x.shape[3] // 2
+    t0, t1, t2, t3 = _taps(x, ho, wo)
+    top, bottom = np.maximum(t0, t1), np.maximum(t2, t3)
+    # Strict comparisons keep the earlier position on ties: t0 over t1, t2 over t3, the top row over the bottom.
+    argmax = np.where(bottom > top, (t3 > t2).view(np.uint8) + np.uint8(2), (t1 > t0).view(np.uint8))
+    return np.maximum(top, bottom), argmax
 
 
 def maxpool2d_backward(dy, argmax, x_shape):
     """dy[N,C,H//2,W//2], argmax, x_shape (N,C,H,W) -> dx[N,C,H,W], dy routed to each window's winner."""
-    n, c, h, w = x_shape
     ho, wo = dy.shape[2:]
     dx = np.zeros(x_shape, dtype=dy.dtype)
-    win = np.zeros((n, c, ho, wo, 4), dtype=dy.dtype)
-    np.put_along_axis(win, argmax[..., None].astype(np.intp), dy[..., None], axis=-1)
-    _windows(dx, ho, wo)[...] = win.reshape(n, c, ho, wo, 2, 2)
+    for offset, tap in enumerate(_taps(dx, ho, wo)):
+        np.multiply(dy, argmax == offset, out=tap)
     return dx

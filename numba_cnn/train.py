@@ -1,0 +1,375 @@
+"""Training loop, evaluation, checkpoints and resume.
+
+One training step: take a mini-batch -> Model.forward_backward -> check the loss is finite -> Adam.step. Every
+layer runs inside the LayerTimer, so each epoch ends with a table of where its time went. The kernels are compiled
+(jit) or first touched (other backends) by a warm-up pass before the first timed epoch, and those seconds are
+reported apart.
+
+Exact resume: a checkpoint holds the parameters, the Adam state, the epoch and step, the data-order RNG state at the
+start of the current epoch (so the epoch's permutation can be drawn again) and the dropout RNG state now.
+"""
+
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from numba_cnn import checkpoint as ckpt
+from numba_cnn.errors import CheckpointError, NumbaCNNError
+from numba_cnn.kernels import get_backend
+from numba_cnn.model import Model
+from numba_cnn.optim import Adam
+from numba_cnn.timing import LayerTimer, NullTimer, format_table
+
+EVAL_BATCH = 256
+EXIT_INTERRUPTED = 130
+EXIT_DIVERGED = 3
+
+
+@dataclass
+class TrainConfig:
+    kernels: str = "jit"
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    limit: int | None = None  # train on the first `limit` images
+    test_limit: int | None = None  # evaluate on the first `test_limit` test images (defaults to `limit`)
+    checkpoint_every: int = 0  # also checkpoint every N steps; 0: at the end of each epoch only
+    threads: int | None = None
+
+    def validate(self):
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise NumbaCNNError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise NumbaCNNError(f"--lr must be a positive number, got {self.lr!r}")
+        for name in ("limit", "test_limit", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise NumbaCNNError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise NumbaCNNError(f"--checkpoint-every must be 0 or a positive integer, got {self.checkpoint_every!r}")
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "interrupted" | "diverged"
+    out_dir: Path
+    history: list
+    checkpoint: Path | None
+    model: Model
+
+    @property
+    def exit_code(self):
+        return {"finished": 0, "interrupted": EXIT_INTERRUPTED, "diverged": EXIT_DIVERGED}[self.status]
+
+
+def set_threads(threads):
+    """Numba's and BLAS's thread counts for the whole run; returns what the run record should say about them."""
+    import numba
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    if threads is not None:
+        if threads < 1:
+            raise NumbaCNNError(f"--threads must be a positive integer, got {threads}")
+        if threads > numba.config.NUMBA_NUM_THREADS:
+            raise NumbaCNNError(f"--threads {threads} exceeds the {numba.config.NUMBA_NUM_THREADS} threads Numba "
+                                f"started with (set NUMBA_NUM_THREADS to allow more)")
+        numba.set_num_threads(threads)
+        threadpool_limits(threads)
+    blas = [{"library": i.get("internal_api"), "threads": i.get("num_threads")} for i in threadpool_info()
+            if i.get("user_api") == "blas"]
+    return {"numba_threads": numba.get_num_threads(), "blas": blas}
+
+
+def threading_layer():
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run in this process
+        return None
+
+
+def evaluate(model, images, labels, batch_size=EVAL_BATCH):
+    """-> (accuracy, confusion[10, 10] with rows = true class, columns = predicted class)."""
+    to_device = model.backend.to_device
+    predictions = np.concatenate([model.predict(to_device(images[i:i + batch_size]))
+                                  for i in range(0, len(images), batch_size)])
+    labels = np.asarray(labels)
+    confusion = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(confusion, (labels.astype(np.intp), predictions), 1)
+    return float((predictions == labels).mean()), confusion
+
+
+class Progress:
+    """One line per epoch that redraws itself on a terminal; elsewhere a plain line every tenth of the epoch."""
+
+    def __init__(self, total, label, stream=sys.stderr):
+        self.total, self.label, self.stream = total, label, stream
+        self.tty = stream.isatty()
+        self.start = time.perf_counter()
+        self.last_draw = 0.0
+        self.last_tenth = -1
+        self.phase = ""
+        self.done, self.stats = 0, ""
+
+    def set_phase(self, layer, phase):
+        self.phase = f"{layer} {phase}"
+        self._draw(self.done, self.stats, force=False)
+
+    def update(self, done, loss, accuracy):
+        self.done = done
+        self.stats = f"loss {loss:.4f} acc {accuracy:.4f}"
+        self._draw(done, self.stats, force=done == self.total)
+
+    def _draw(self, done, stats, force):
+        now = time.perf_counter()
+        elapsed = now - self.start
+        if self.tty:
+            if not force and now - self.last_draw < 0.2:
+                return
+            width = 24
+            filled = int(width * done / self.total)
+            bar = "#" * filled + "." * (width - filled)
+            phase = f" | {self.phase}" if self.phase and done < self.total else ""
+            self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} {stats} {elapsed:.0f}s{phase}\x1b[K")
+            if done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+            self.last_draw = now
+        else:
+            tenth = 10 * done // self.total
+            if tenth > self.last_tenth and done > 0:
+                self.last_tenth = tenth
+                self.stream.write(f"{self.label} {done}/{self.total} {stats} {elapsed:.0f}s\n")
+                self.stream.flush()
+
+
+class _InterruptFlag:
+    """First SIGINT: finish the current step, checkpoint, stop. Second SIGINT: leave at once (checkpoints are
+    written by rename, so even a write cut short leaves the previous one whole)."""
+
+    def __init__(self, log):
+        self.set = False
+        self.log = log
+        self._previous = None
+
+    def __enter__(self):
+        if threading_is_main():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame):
+        if self.set:
+            sys.stderr.write("\nsecond Ctrl-C: exiting now\n")
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
+        self.set = True
+        sys.stderr.write("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to quit now)\n")
+        sys.stderr.flush()
+
+
+def threading_is_main():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _prepare_out_dir(out_dir):
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise NumbaCNNError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
+    return out_dir
+
+
+def default_out_dir(kernels):
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kernels}"
+
+
+def machine_record():
+    import numba
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
+            "machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count()}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
+    """Train per `config` on data = ((x_train, y_train), (x_test, y_test)); returns a TrainResult.
+
+    resume: a checkpoint path to continue from (its config is used, except kernels, epochs and threads, which
+    `config` may change). on_step(global_step): called after every step (tests use it to interrupt).
+    """
+    state = None
+    if resume is not None:
+        params, adam_state, meta = ckpt.load_checkpoint(resume)
+        saved = TrainConfig.from_dict(meta["config"])
+        saved.kernels, saved.epochs, saved.threads = config.kernels, config.epochs, config.threads
+        config = saved
+        state = (params, adam_state, meta)
+        out_dir = Path(resume).parent if out_dir is None else out_dir
+    config.validate()
+    (x_train, y_train), (x_test, y_test) = data
+    if config.limit is not None:
+        if config.limit > len(x_train):
+            raise NumbaCNNError(f"--limit {config.limit} is larger than the {len(x_train)} training images")
+        x_train, y_train = x_train[:config.limit], y_train[:config.limit]
+    test_limit = config.test_limit if config.test_limit is not None else config.limit
+    if test_limit is not None:
+        x_test, y_test = x_test[:test_limit], y_test[:test_limit]
+    out_dir = _prepare_out_dir(out_dir or default_out_dir(config.kernels))
+    threads = set_threads(config.threads)
+    backend = get_backend(config.kernels)
+    L = backend.layers
+
+    model = Model(backend, seed=config.seed)
+    optimizer = Adam(model.params, L, lr=config.lr)
+    order_rng = np.random.default_rng([config.seed, 1])
+    dropout_rng = L.make_dropout_rng([config.seed, 2])
+    history, start_epoch, start_step, partial = [], 0, 0, None
+    if state is not None:
+        params, adam_state, meta = state
+        model.load_state_dict(params)
+        optimizer = Adam(model.params, L, lr=config.lr)
+        try:
+            optimizer.load_state_dict(adam_state, backend.to_device)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {resume} has an unusable optimizer state: {exc}") from None
+        order_rng.bit_generator.state = meta["order_rng_epoch_start"]
+        dropout_rng = L.restore_dropout_rng(meta["dropout_rng"])
+        history, start_epoch, start_step = meta["history"], meta["epoch"], meta["step"]
+        partial = meta.get("partial")
+        log(f"resuming from {resume}: epoch {start_epoch + 1}, step {start_step}")
+    ckpt.write_json(out_dir / "config.json", asdict(config))
+
+    n = len(x_train)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    x_dev, y_dev = backend.to_device(x_train), backend.to_device(y_train)
+    record = {"machine": machine_record(), "threads": threads, "kernels": config.kernels}
+
+    # Warm-up: one full-size forward/backward and one inference batch with a throwaway RNG, no update, so the
+    # compile (jit) or first-touch cost stays out of the timed epochs.
+    warm = min(config.batch_size, n)
+    start = time.perf_counter()
+    model.forward_backward(x_dev[:warm], y_dev[:warm], L.make_dropout_rng(0))
+    model.predict(backend.to_device(x_test[:min(EVAL_BATCH, len(x_test))]))
+    record["warmup_seconds"] = time.perf_counter() - start
+    record["threading_layer"] = threading_layer()
+    log(f"kernels {config.kernels}: warm-up (compile or cache load) {record['warmup_seconds']:.2f} s; "
+        f"threads {threads['numba_threads']} ({record['threading_layer'] or 'no parallel kernels'})")
+
+    timer = LayerTimer(sync=getattr(L, "synchronize", None))
+    model.timer = timer
+    checkpoint_path = out_dir / "checkpoint.npz"
+    status = "finished"
+
+    def save(epoch, step, epoch_start_state, partial_stats):
+        meta = {"config": asdict(config), "epoch": epoch, "step": step, "order_rng_epoch_start": epoch_start_state,
+                "dropout_rng": L.dropout_rng_state(dropout_rng),
+                "history": history, "partial": partial_stats}
+        ckpt.save_checkpoint(checkpoint_path, model.state_dict(), optimizer.state_dict(backend.to_host), meta)
+
+    with _InterruptFlag(log) as interrupt:
+        for epoch in range(start_epoch, config.epochs):
+            epoch_start_state = order_rng.bit_generator.state
+            perm = order_rng.permutation(n)
+            perm_dev = backend.to_device(perm)
+            first_step = start_step if epoch == start_epoch else 0
+            loss_sum, correct, seen = (partial or (0.0, 0, 0)) if first_step else (0.0, 0, 0)
+            timer.reset()
+            progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
+            timer.on_enter = progress.set_phase
+            epoch_start = time.perf_counter()
+            for step in range(first_step, steps_per_epoch):
+                with timer.section("data", "other"):
+                    idx = perm_dev[step * config.batch_size:(step + 1) * config.batch_size]
+                    xb, yb = L.take_rows(x_dev, idx), L.take_rows(y_dev, idx)
+                loss, batch_correct = model.forward_backward(xb, yb, dropout_rng)
+                if not math.isfinite(loss):
+                    where = f"epoch {epoch + 1}, step {step + 1}"
+                    kept = (f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists()
+                            else "no checkpoint was written yet")
+                    log(f"training diverged: the loss is {loss} at {where}; {kept}. Try a lower --lr.")
+                    status = "diverged"
+                    break
+                with timer.section("optimizer", "other"):
+                    optimizer.step(model.grads)
+                batch = len(idx)
+                loss_sum += loss * batch
+                correct += batch_correct
+                seen += batch
+                progress.update(step + 1, loss_sum / seen, correct / seen)
+                global_step = epoch * steps_per_epoch + step + 1
+                if on_step is not None:
+                    on_step(global_step)
+                # The epoch's last step is checkpointed by the end-of-epoch save below, after its evaluation.
+                if step + 1 < steps_per_epoch and (
+                        interrupt.set or (config.checkpoint_every and global_step % config.checkpoint_every == 0)):
+                    save(epoch, step + 1, epoch_start_state, (loss_sum, correct, seen))
+                    if interrupt.set:
+                        break
+            if status == "diverged" or (interrupt.set and step + 1 < steps_per_epoch):
+                break
+            epoch_seconds = time.perf_counter() - epoch_start
+            table = timer.table(epoch_seconds)
+            model.timer = NullTimer()  # evaluation is timed as a whole, apart from the epoch
+            eval_start = time.perf_counter()
+            test_accuracy, _ = evaluate(model, x_test, y_test)
+            eval_seconds = time.perf_counter() - eval_start
+            model.timer = timer
+            history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                            "test_accuracy": test_accuracy, "test_images": len(x_test), "seconds": epoch_seconds,
+                            "ms_per_batch": 1000 * epoch_seconds / max(1, steps_per_epoch - first_step),
+                            "steps": steps_per_epoch - first_step, "eval_seconds": eval_seconds, "layers": table})
+            log(f"epoch {epoch + 1}/{config.epochs}: loss {loss_sum / seen:.4f}, train acc {correct / seen:.4f}, "
+                f"test acc {test_accuracy:.4f} ({len(x_test)} images), {epoch_seconds:.2f} s "
+                f"(+{eval_seconds:.2f} s eval)")
+            log(format_table(table, epoch_seconds))
+            save(epoch + 1, 0, order_rng.bit_generator.state, None)
+            ckpt.write_json(out_dir / "metrics.json", {"run": record, "epochs": history})
+            if interrupt.set:
+                break
+        if interrupt.set and status == "finished":
+            status = "interrupted"
+            log(f"interrupted; the last completed step is in {checkpoint_path}. "
+                f"Resume with: python -m numba_cnn train --resume {checkpoint_path}")
+    ckpt.write_json(out_dir / "metrics.json", {"run": record, "epochs": history, "status": status})
+    if status == "finished" and history:
+        final = history[-1]
+        total = sum(h["seconds"] for h in history)
+        log(f"done: test accuracy {final['test_accuracy']:.4f} after {len(history)} epochs, {total:.1f} s of "
+            f"training; run folder {out_dir}")
+    return TrainResult(status, out_dir, history, checkpoint_path if checkpoint_path.exists() else None, model)
