@@ -16,6 +16,15 @@ def take_rows(data, idx):
     return data[idx]
 
 
+def as_float_images(images):
+    """Images as the network takes them: raw uint8 pixels become float32 in [0, 1] (pixel / 255, the same
+    arithmetic as numba_cnn.data); float images pass through. The trainer keeps the set in uint8, a quarter of
+    the memory, and converts one batch at a time."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / np.float32(255)
+    return images
+
+
 def relu_backward(dy, y):
     """dy, y[any shape] -> dy * (y > 0): the ReLU derivative, given the ReLU's output (or a max-pool of it)."""
     return dy * (y > 0)

@@ -106,8 +106,8 @@ def threading_layer():
 
 def evaluate(model, images, labels, batch_size=EVAL_BATCH):
     """-> (accuracy, confusion[10, 10] with rows = true class, columns = predicted class)."""
-    to_device = model.backend.to_device
-    predictions = np.concatenate([model.predict(to_device(images[i:i + batch_size]))
+    to_device, as_float = model.backend.to_device, model.backend.layers.as_float_images
+    predictions = np.concatenate([model.predict(as_float(to_device(images[i:i + batch_size])))
                                   for i in range(0, len(images), batch_size)])
     labels = np.asarray(labels)
     confusion = np.zeros((10, 10), dtype=np.int64)
@@ -230,6 +230,8 @@ def _cpu_name():
 def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     """Train per `config` on data = ((x_train, y_train), (x_test, y_test)); returns a TrainResult.
 
+    Images may be float (N, 1, 28, 28) in [0, 1] or the raw uint8 pixels, which are scaled a batch at a time.
+
     resume: a checkpoint path to continue from (its config is used, except kernels, epochs and threads, which
     `config` may change). on_step(global_step): called after every step (tests use it to interrupt).
     """
@@ -284,8 +286,8 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     # compile (jit) or first-touch cost stays out of the timed epochs.
     warm = min(config.batch_size, n)
     start = time.perf_counter()
-    model.forward_backward(x_dev[:warm], y_dev[:warm], L.make_dropout_rng(0))
-    model.predict(backend.to_device(x_test[:min(EVAL_BATCH, len(x_test))]))
+    model.forward_backward(L.as_float_images(x_dev[:warm]), y_dev[:warm], L.make_dropout_rng(0))
+    model.predict(L.as_float_images(backend.to_device(x_test[:min(EVAL_BATCH, len(x_test))])))
     record["warmup_seconds"] = time.perf_counter() - start
     record["threading_layer"] = threading_layer()
     log(f"kernels {config.kernels}: warm-up (compile or cache load) {record['warmup_seconds']:.2f} s; "
@@ -316,7 +318,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
             for step in range(first_step, steps_per_epoch):
                 with timer.section("data", "other"):
                     idx = perm_dev[step * config.batch_size:(step + 1) * config.batch_size]
-                    xb, yb = L.take_rows(x_dev, idx), L.take_rows(y_dev, idx)
+                    xb, yb = L.as_float_images(L.take_rows(x_dev, idx)), L.take_rows(y_dev, idx)
                 loss, batch_correct = model.forward_backward(xb, yb, dropout_rng)
                 if not math.isfinite(loss):
                     where = f"epoch {epoch + 1}, step {step + 1}"

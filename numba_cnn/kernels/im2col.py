@@ -1,9 +1,10 @@
-"""im2col backend: convolution as one matrix multiplication through BLAS, pooling as reshapes.
+"""im2col backend: convolution as matrix multiplication through BLAS, pooling as strided views.
 
-conv2d_forward   patches of x gathered through a strided view (no copy) into cols[N*P*Q, C*R*S], then
-                 y = cols @ w[K, C*R*S].T, the one BLAS call that does all the arithmetic.
-conv2d_backward  dw = dy^T @ cols, db = sum of dy, dcols = dy @ w; col2im scatters dcols back onto dx with one
-                 vectorised add per kernel tap (R*S adds, no loop over pixels).
+conv2d_forward   patches of x gathered through a strided view into cols[N, C*R*S, P*Q] (one copy), then one
+                 batched matmul w[K, C*R*S] @ cols[n] per image, which lands directly in NCHW order.
+conv2d_backward  the same cols laid out as [C*R*S, N*P*Q] so dw = dy[K, N*P*Q] @ cols^T is one large BLAS call
+                 (faster here than N small ones), db = sum of dy, dcols = w^T @ dy; col2im scatters dcols back
+                 onto dx with one vectorised add per kernel tap (R*S adds, no loop over pixels).
 maxpool2d_*      the four strided views x[:, :, di::2, dj::2] compared elementwise (three comparisons, no
                  copy into windows); backward writes dy through the same views where argmax points.
 """
@@ -13,23 +14,23 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 
 def _im2col(x, r, s):
-    """x[N, C, H, W] -> cols[N*P*Q, C*R*S], one row per output pixel, columns in (c, r, s) order like w."""
+    """x[N, C, H, W] -> cols[N, C*R*S, P*Q]: per image one row per kernel tap (c, r, s), one column per output
+    pixel, so w[K, C*R*S] @ cols[n] is that image's output in (K, P*Q) order."""
     n, c = x.shape[:2]
     patches = sliding_window_view(x, (r, s), axis=(2, 3))  # view (N, C, P, Q, R, S)
     p, q = patches.shape[2:4]
-    return patches.transpose(0, 2, 3, 1, 4, 5).reshape(n * p * q, c * r * s)
+    return patches.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * r * s, p * q)
 
 
 def conv2d_forward(x, w, b, relu):
     """x[N,C,H,W], w[K,C,R,S], b[K] -> y[N,K,H-R+1,W-S+1], ReLU applied when relu is True."""
     n, _, h, wd = x.shape
     k, c, r, s = w.shape
-    p, q = h - r + 1, wd - s + 1
-    y_rows = _im2col(x, r, s) @ w.reshape(k, c * r * s).T  # (N*P*Q, K)
-    y_rows += b
+    y = np.matmul(w.reshape(k, c * r * s), _im2col(x, r, s))  # (N, K, P*Q)
+    y += b[:, None]
     if relu:
-        np.maximum(y_rows, 0, out=y_rows)
-    return np.ascontiguousarray(y_rows.reshape(n, p, q, k).transpose(0, 3, 1, 2))
+        np.maximum(y, 0, out=y)
+    return y.reshape(n, k, h - r + 1, wd - s + 1)
 
 
 def conv2d_backward(dy, x, w, need_dx):
@@ -37,17 +38,18 @@ def conv2d_backward(dy, x, w, need_dx):
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     p, q = dy.shape[2:]
-    dy_rows = dy.transpose(0, 2, 3, 1).reshape(n * p * q, k)
-    dw = (dy_rows.T @ _im2col(x, r, s)).reshape(w.shape)
-    db = dy.sum(axis=(0, 2, 3))
+    dy_rows = dy.transpose(1, 0, 2, 3).reshape(k, n * p * q)
+    cols = _im2col(x, r, s).transpose(1, 0, 2).reshape(c * r * s, n * p * q)
+    dw = (dy_rows @ cols.T).reshape(w.shape)
+    db = dy_rows.sum(axis=1)
     if not need_dx:
         return None, dw, db
-    dcols = (dy_rows @ w.reshape(k, c * r * s)).reshape(n, p, q, c, r, s)
-    dx = np.zeros_like(x)
+    dcols = (w.reshape(k, c * r * s).T @ dy_rows).reshape(c, r, s, n, p, q)
+    dx = np.zeros((c, n, h, wd), dtype=x.dtype)  # channel-major, matching dcols, so each add reads whole rows
     for i in range(r):  # col2im: one strided add per kernel tap
         for j in range(s):
-            dx[:, :, i:i + p, j:j + q] += dcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-    return dx, dw, db
+            dx[:, :, i:i + p, j:j + q] += dcols[:, i, j]
+    return np.ascontiguousarray(dx.transpose(1, 0, 2, 3)), dw, db
 
 
 def _taps(a, ho, wo):

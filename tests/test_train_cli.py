@@ -1,0 +1,295 @@
+"""The trainer and the CLI: a run's files, exact resume, Ctrl-C, SIGKILL, divergence, and one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from numba_cnn import checkpoint as ckpt
+from numba_cnn.train import TrainConfig, train
+
+N_TRAIN, N_TEST = 192, 64
+
+
+def synthetic_mnist(seed=0):
+    """Digits-shaped data whose class is learnable: class k lights a k-dependent block of pixels."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 2 * k:2 * k + 6, 4:24] = 255
+        return images, labels
+
+    (x_train, y_train), (x_test, y_test) = make(N_TRAIN), make(N_TEST)
+    return x_train, y_train, x_test, y_test
+
+
+def as_float(images):
+    return (images[:, None] / np.float32(255)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x_train, y_train, x_test, y_test = synthetic_mnist()
+    return (as_float(x_train), y_train), (as_float(x_test), y_test)
+
+
+@pytest.fixture(scope="module")
+def npz_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "mnist.npz"
+    x_train, y_train, x_test, y_test = synthetic_mnist()
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def run_cli(*args, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, "-m", "numba_cnn", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def interrupt_at(step):
+    """on_step callback that sends this process a real SIGINT after global step `step` (the trainer's handler)."""
+
+    def on_step(global_step):
+        if global_step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return on_step
+
+
+# ---------------------------------------------------------------- a run's files and timing
+
+
+def test_cli_train_writes_run_folder_and_evaluate_reads_it(npz_path, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", "--kernels", "im2col", "--data", npz_path, "--epochs", "2", "--batch-size", "32",
+                     "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "epoch 2/2" in result.stdout and "test acc" in result.stdout and "done: test accuracy" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["kernels"] == "im2col" and config["batch_size"] == 32
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and len(metrics["epochs"]) == 2
+    assert metrics["run"]["warmup_seconds"] > 0
+    params, adam_state, meta = ckpt.load_checkpoint(out / "checkpoint.npz")
+    assert meta["epoch"] == 2 and meta["step"] == 0 and int(adam_state["iterations"]) == 2 * N_TRAIN // 32
+    assert not list(out.glob("*.tmp")), "a temporary checkpoint file was left behind"
+
+    result = run_cli("evaluate", out / "checkpoint.npz", "--data", npz_path)
+    assert result.returncode == 0, result.stderr
+    assert f"on {N_TEST} images" in result.stdout
+    matrix = [line.split()[1:] for line in result.stdout.splitlines()[-10:]]
+    assert sum(int(v) for row in matrix for v in row) == N_TEST
+
+
+def test_epoch_timing_table_covers_every_layer_and_adds_up(data, tmp_path):
+    result = train(TrainConfig(kernels="im2col", epochs=2, batch_size=32), data, out_dir=tmp_path, log=quiet)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    for epoch in metrics["epochs"]:
+        rows = {row["layer"]: row for row in epoch["layers"]}
+        for layer in ("conv1", "pool1", "conv2", "pool2", "dropout", "dense"):
+            assert rows[layer]["forward_ms"] > 0 and rows[layer]["backward_ms"] > 0, layer
+        for part in ("data", "loss", "optimizer"):
+            assert rows[part]["seconds"] > 0, part
+        assert all(row["calls"] == N_TRAIN // 32 for row in epoch["layers"])
+        timed = sum(row["seconds"] for row in epoch["layers"])
+        # The sections cover everything but the loop's own bookkeeping (progress bar, counters): on these tiny
+        # batches that is a few percent of the epoch; on MNIST batches of 128 it is well under one.
+        assert 0.80 * epoch["seconds"] <= timed <= epoch["seconds"]
+        assert abs(sum(row["share"] for row in epoch["layers"]) - timed / epoch["seconds"]) < 1e-9
+    assert result.status == "finished"
+
+
+def test_training_learns_the_synthetic_task(data, tmp_path):
+    result = train(TrainConfig(kernels="im2col", epochs=3, batch_size=16), data, out_dir=tmp_path, log=quiet)
+    losses = [e["train_loss"] for e in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.history[-1]["test_accuracy"] > 0.8
+
+
+# ---------------------------------------------------------------- exact resume, Ctrl-C, divergence
+
+
+def final_params(result):
+    return result.model.state_dict()
+
+
+@pytest.mark.parametrize("kernels, limit, batch, interrupt_step, exact", [
+    ("im2col", 96, 32, 4, True),  # mid-epoch 2 of 2
+    ("im2col", 96, 32, 3, True),  # at the end of epoch 1
+    ("naive", 4, 2, 1, True),  # naive is slow: 2 steps an epoch, 2 images a step
+    ("jit", 96, 32, 4, False),
+])
+def test_interrupted_then_resumed_run_matches_uninterrupted_run(data, tmp_path, kernels, limit, batch,
+                                                                interrupt_step, exact):
+    config = dict(kernels=kernels, epochs=2, batch_size=batch, limit=limit)
+    straight = train(TrainConfig(**config), data, out_dir=tmp_path / "straight", log=quiet)
+
+    messages = []
+    stopped = train(TrainConfig(**config), data, out_dir=tmp_path / "stopped", log=messages.append,
+                    on_step=interrupt_at(interrupt_step))
+    assert stopped.status == "interrupted" and stopped.exit_code == 130
+    assert any("--resume" in m for m in messages)
+    _, adam_state, meta = ckpt.load_checkpoint(stopped.checkpoint)
+    assert int(adam_state["iterations"]) == interrupt_step
+
+    resumed = train(TrainConfig(**config), data, resume=stopped.checkpoint, log=quiet)
+    assert resumed.status == "finished"
+    assert [e["epoch"] for e in resumed.history] == [1, 2]
+    a, b = final_params(straight), final_params(resumed)
+    for name in a:
+        if exact:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        else:  # jit may reassociate float32 sums differently between runs; round-off only
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(data, tmp_path):
+    (x_train, y_train), test = data
+    poisoned = x_train.copy()
+
+    def poison_after_first_epoch(global_step):  # 3 steps of 32 per epoch with limit 96
+        if global_step == 3:
+            poisoned[:] = np.inf  # the trainer reads this very array (CPU backends do not copy it)
+
+    messages = []
+    result = train(TrainConfig(kernels="im2col", epochs=2, batch_size=32, limit=96, checkpoint_every=1),
+                   ((poisoned, y_train), test), out_dir=tmp_path, log=messages.append,
+                   on_step=poison_after_first_epoch)
+    assert result.status == "diverged" and result.exit_code == 3
+    assert any("epoch 2, step 1" in m and "loss is nan" in m for m in messages), messages
+    params, adam_state, meta = ckpt.load_checkpoint(result.checkpoint)
+    assert (meta["epoch"], meta["step"]) == (1, 0) and int(adam_state["iterations"]) == 3
+    assert all(np.isfinite(p).all() for p in params.values())
+
+
+def start_training(npz_path, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "numba_cnn", "train", "--kernels", "im2col", "--data",
+                             str(npz_path), "--epochs", "50", "--batch-size", "16", "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_checkpoints_and_exits_130_then_resume_continues(npz_path, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training(npz_path, out)
+    wait_for(out / "checkpoint.npz", proc)  # at least one epoch done
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "Resume with: python -m numba_cnn train --resume" in stdout
+    _, adam_state, meta = ckpt.load_checkpoint(out / "checkpoint.npz")
+    done = int(adam_state["iterations"])
+    assert done >= N_TRAIN // 16 and done == meta["epoch"] * (N_TRAIN // 16) + meta["step"]
+
+    result = run_cli("train", "--resume", out / "checkpoint.npz", "--data", npz_path, "--epochs",
+                     str(meta["epoch"] + 1), "--kernels", "im2col")
+    assert result.returncode == 0, result.stderr
+    _, adam_state, meta = ckpt.load_checkpoint(out / "checkpoint.npz")
+    assert meta["step"] == 0 and int(adam_state["iterations"]) == meta["epoch"] * (N_TRAIN // 16)
+
+
+def test_second_ctrl_c_exits_at_once_leaving_checkpoint_whole(npz_path, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training(npz_path, out)
+    wait_for(out / "checkpoint.npz", proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    ckpt.load_checkpoint(out / "checkpoint.npz")  # whichever version is there is complete
+
+
+def test_sigkill_mid_epoch_leaves_a_checkpoint_that_resumes(npz_path, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training(npz_path, out, "--checkpoint-every", "1")
+    wait_for(out / "checkpoint.npz", proc)
+    time.sleep(0.5)  # let it get into the middle of later steps and checkpoint writes
+    proc.kill()
+    proc.communicate()
+    _, adam_state, meta = ckpt.load_checkpoint(out / "checkpoint.npz")
+    assert int(adam_state["iterations"]) >= 1
+    result = run_cli("train", "--resume", out / "checkpoint.npz", "--data", npz_path, "--epochs",
+                     str(meta["epoch"] + 1), "--kernels", "im2col")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout
+
+
+# ---------------------------------------------------------------- bad input: one line, non-zero exit
+
+
+def make_bad_checkpoints(tmp_path, good):
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a checkpoint at all")
+    params, adam_state, meta = ckpt.load_checkpoint(good)
+    params["dense.w"] = np.zeros((1600, 12), np.float32)
+    other_model = tmp_path / "other_model.npz"
+    ckpt.save_checkpoint(other_model, params, adam_state, meta)
+    return {"truncated": truncated, "garbage": garbage, "other_model": other_model}
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(npz_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("good")
+    train(TrainConfig(kernels="im2col", epochs=1, batch_size=64, limit=64), bad_input_data(npz_path),
+          out_dir=out, log=quiet)
+    return out / "checkpoint.npz"
+
+
+def bad_input_data(npz_path):
+    with np.load(npz_path) as z:
+        return (as_float(z["x_train"]), z["y_train"]), (as_float(z["x_test"]), z["y_test"])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--kernels", "cudnn"], "unknown kernels 'cudnn'"),
+    (["train", "--epochs", "0"], "--epochs must be a positive integer"),
+    (["train", "--batch-size", "-4"], "--batch-size must be a positive integer"),
+    (["train", "--lr", "0"], "--lr must be a positive number"),
+    (["train", "--lr", "nan"], "--lr must be a positive number"),
+    (["train", "--limit", "100000"], f"--limit 100000 is larger than the {N_TRAIN} training images"),
+    (["train", "--threads", "0"], "--threads must be a positive integer"),
+    (["train", "--out", "/proc/numba_cnn_run"], "cannot write to output folder /proc/numba_cnn_run"),
+    (["train", "--resume", "{tmp}/missing.npz"], "missing.npz does not exist"),
+    (["train", "--resume", "{truncated}"], "truncated or corrupt"),
+    (["evaluate", "{garbage}"], "truncated or corrupt"),
+    (["evaluate", "{other_model}"], "is from a different model: dense.w has shape (1600, 12)"),
+    (["train", "--data", "{tmp}/no_such_folder"], "no_such_folder"),
+])
+def test_bad_input_gives_one_line_error_and_exit_2(args, expected, npz_path, good_checkpoint, tmp_path):
+    paths = {"tmp": tmp_path, **make_bad_checkpoints(tmp_path, good_checkpoint)}
+    args = [a.format(**paths) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(npz_path)]
+    if args[0] == "train" and "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    result = run_cli(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
