@@ -63,7 +63,8 @@ def cmd_train(args):
                          seed=args.seed, limit=args.limit, test_limit=args.test_limit,
                          checkpoint_every=args.checkpoint_every, threads=args.threads)
     config.validate()
-    data = load_mnist(args.data)
+    data = load_mnist(args.data, normalize=False)  # uint8 in memory; the trainer scales a batch at a time
+    print(f"data: {data.source}")
     with maybe_profile(args.profile, "train", args.kernels):
         result = train(config, data, out_dir=args.out, resume=args.resume)
     return result.exit_code
@@ -76,7 +77,7 @@ def cmd_evaluate(args):
     from numba_cnn.train import evaluate, set_threads
 
     params, _, meta = ckpt.load_checkpoint(args.checkpoint)
-    _, (x_test, y_test) = load_mnist(args.data)
+    _, (x_test, y_test) = load_mnist(args.data, normalize=False)
     if args.test_limit is not None:
         if args.test_limit < 1:
             raise NumbaCNNError(f"--test-limit must be a positive integer, got {args.test_limit}")

@@ -6,49 +6,16 @@ both RNG states and the metrics so far. It loads with allow_pickle=False: no cod
 """
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from numba_cnn.atomic import atomic_write
 from numba_cnn.errors import CheckpointError
 from numba_cnn.model import PARAM_SHAPES
 
 FORMAT_VERSION = 1
-
-
-def atomic_write(path, write):
-    """Call write(binary_file) on a temporary file beside `path`, flush and fsync it, then rename it over `path`.
-    Readers see the old file or the new one, never a half-written one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode a plain open() would
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
 
 
 def save_checkpoint(path, params, adam_state, meta):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from numba_cnn import checkpoint as ckpt
+from numba_cnn.atomic import write_json
 from numba_cnn.errors import CheckpointError, NumbaCNNError
 from numba_cnn.kernels import get_backend
 from numba_cnn.model import Model
@@ -275,7 +276,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
         history, start_epoch, start_step = meta["history"], meta["epoch"], meta["step"]
         partial = meta.get("partial")
         log(f"resuming from {resume}: epoch {start_epoch + 1}, step {start_step}")
-    ckpt.write_json(out_dir / "config.json", asdict(config))
+    write_json(out_dir / "config.json", asdict(config))
 
     n = len(x_train)
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -361,14 +362,14 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
                 f"(+{eval_seconds:.2f} s eval)")
             log(format_table(table, epoch_seconds))
             save(epoch + 1, 0, order_rng.bit_generator.state, None)
-            ckpt.write_json(out_dir / "metrics.json", {"run": record, "epochs": history})
+            write_json(out_dir / "metrics.json", {"run": record, "epochs": history})
             if interrupt.set:
                 break
         if interrupt.set and status == "finished":
             status = "interrupted"
             log(f"interrupted; the last completed step is in {checkpoint_path}. "
                 f"Resume with: python -m numba_cnn train --resume {checkpoint_path}")
-    ckpt.write_json(out_dir / "metrics.json", {"run": record, "epochs": history, "status": status})
+    write_json(out_dir / "metrics.json", {"run": record, "epochs": history, "status": status})
     if status == "finished" and history:
         final = history[-1]
         total = sum(h["seconds"] for h in history)

@@ -1,0 +1,580 @@
+"""The MNIST loader: IDX and npz reading, validation, source order, the verified download, and fuzzing.
+
+Every file is written by the test into tmp_path; the download tests use a local HTTP server on 127.0.0.1. The one
+test on the real data set reads $NUMBA_CNN_DATA and is skipped when that is not set.
+"""
+
+import gzip
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import socket
+import struct
+import threading
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from numba_cnn import data as mnist
+from numba_cnn.data import MnistData, load_mnist, read_idx_images, read_idx_labels, read_mnist_npz
+from numba_cnn.errors import DataError
+
+# Read before the autouse fixture below clears it for every test.
+REAL_DATA = os.environ.get("NUMBA_CNN_DATA")
+
+N_TRAIN, N_TEST = 12, 5
+IMAGES, LABELS = "images", "labels"
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch, tmp_path):
+    """No test sees the user's data settings or keras cache, and none can reach beyond 127.0.0.1."""
+    monkeypatch.delenv("NUMBA_CNN_DATA", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    real_urlopen = urllib.request.urlopen
+
+    def local_only_urlopen(url, *args, **kwargs):
+        host = urllib.parse.urlsplit(url if isinstance(url, str) else url.full_url).hostname
+        assert host == "127.0.0.1", f"test tried to reach the network: {url}"
+        return real_urlopen(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", local_only_urlopen)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building small valid data sets
+
+
+def sample_split(n, seed):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    images[0, 0, 0], images[0, 0, 1] = 0, 255  # both ends of the pixel range present
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    return images, labels
+
+
+TRAIN = sample_split(N_TRAIN, 1)
+TEST = sample_split(N_TEST, 2)
+
+
+def idx_images(images, magic=0x803):
+    n, rows, cols = images.shape
+    return struct.pack(">IIII", magic, n, rows, cols) + images.tobytes()
+
+
+def idx_labels(labels, magic=0x801):
+    return struct.pack(">II", magic, len(labels)) + labels.tobytes()
+
+
+def idx_file_bytes():
+    """The four IDX files of the sample set, by standard name, uncompressed."""
+    return {
+        "train-images-idx3-ubyte": idx_images(TRAIN[0]),
+        "train-labels-idx1-ubyte": idx_labels(TRAIN[1]),
+        "t10k-images-idx3-ubyte": idx_images(TEST[0]),
+        "t10k-labels-idx1-ubyte": idx_labels(TEST[1]),
+    }
+
+
+def write_idx_folder(folder, gz, replace=None):
+    """Write the sample set as IDX files (gzipped or raw); replace maps a base name to other (raw) bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, content in {**idx_file_bytes(), **(replace or {})}.items():
+        path = folder / (name + ".gz" if gz else name)
+        path.write_bytes(gzip.compress(content) if gz else content)
+        paths[name] = path
+    return paths
+
+
+def npz_bytes(compressed=True, **overrides):
+    """A keras-style mnist.npz of the sample set; overrides replace (or, with None, drop) arrays."""
+    arrays = {"x_train": TRAIN[0], "y_train": TRAIN[1], "x_test": TEST[0], "y_test": TEST[1], **overrides}
+    buffer = io.BytesIO()
+    save = np.savez_compressed if compressed else np.savez
+    save(buffer, **{k: v for k, v in arrays.items() if v is not None})
+    return buffer.getvalue()
+
+
+def assert_is_sample_set(result, normalize=True):
+    (x_train, y_train), (x_test, y_test) = result
+    for x, y, (images, labels) in ((x_train, y_train, TRAIN), (x_test, y_test, TEST)):
+        assert x.shape == (len(images), 1, 28, 28)
+        assert y.shape == (len(labels),) and y.dtype == np.uint8
+        np.testing.assert_array_equal(y, labels)
+        if normalize:
+            assert x.dtype == np.float32
+            assert x.min() == 0.0 and x.max() == 1.0
+            np.testing.assert_array_equal(x[:, 0], images.astype(np.float32) / np.float32(255))
+        else:
+            assert x.dtype == np.uint8
+            np.testing.assert_array_equal(x[:, 0], images)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# good loads
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "raw"])
+def test_idx_folder_loads_scaled_images_and_labels(tmp_path, gz):
+    write_idx_folder(tmp_path, gz)
+    result = load_mnist(tmp_path, download=False)
+    assert_is_sample_set(result)
+    assert isinstance(result, MnistData)
+    assert (result.source.format, result.source.path, result.source.origin) == ("idx", tmp_path, "path")
+    assert str(tmp_path) in str(result.source)
+    copy = pickle.loads(pickle.dumps(result))  # e.g. handed to a worker process
+    assert copy.source == result.source
+    assert_is_sample_set(copy)
+
+
+def test_idx_folder_may_mix_gzipped_and_raw_files(tmp_path):
+    paths = write_idx_folder(tmp_path, gz=True)
+    raw_labels = paths["t10k-labels-idx1-ubyte"].with_suffix("")
+    raw_labels.write_bytes(gzip.decompress(paths["t10k-labels-idx1-ubyte"].read_bytes()))
+    paths["t10k-labels-idx1-ubyte"].unlink()
+    assert_is_sample_set(load_mnist(str(tmp_path), download=False))
+
+
+def test_normalize_false_keeps_uint8_pixels(tmp_path):
+    write_idx_folder(tmp_path, gz=True)
+    result = load_mnist(tmp_path, normalize=False, download=False)
+    assert_is_sample_set(result, normalize=False)
+    assert result[0][0].flags.writeable  # the trainer may work in place
+
+
+def test_npz_file_loads(tmp_path):
+    path = tmp_path / "digits.npz"
+    path.write_bytes(npz_bytes())
+    result = load_mnist(path, download=False)
+    assert_is_sample_set(result)
+    assert (result.source.format, result.source.path) == ("npz", path)
+
+
+def test_folder_holding_only_mnist_npz_loads(tmp_path):
+    (tmp_path / "mnist.npz").write_bytes(npz_bytes())
+    result = load_mnist(tmp_path, download=False)
+    assert_is_sample_set(result, normalize=True)
+    assert result.source.path == tmp_path / "mnist.npz"
+
+
+def test_env_var_is_used_when_no_path_is_given(tmp_path, monkeypatch):
+    write_idx_folder(tmp_path / "idx", gz=False)
+    monkeypatch.setenv("NUMBA_CNN_DATA", str(tmp_path / "idx"))
+    result = load_mnist(cache_dir=tmp_path / "cache", download=False)
+    assert_is_sample_set(result)
+    assert result.source.origin == "env"
+
+
+def test_explicit_path_wins_over_env_var(tmp_path, monkeypatch):
+    write_idx_folder(tmp_path / "idx", gz=True)
+    monkeypatch.setenv("NUMBA_CNN_DATA", str(tmp_path / "missing"))
+    assert load_mnist(tmp_path / "idx", download=False).source.origin == "path"
+
+
+def test_keras_cache_is_read_when_no_path(tmp_path):
+    (tmp_path / "mnist.npz").write_bytes(npz_bytes())
+    result = load_mnist(cache_dir=tmp_path, download=False)
+    assert_is_sample_set(result)
+    assert result.source.origin == "cache"
+
+
+def test_keras_home_locates_the_default_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+    (tmp_path / "kh" / "datasets").mkdir(parents=True)
+    (tmp_path / "kh" / "datasets" / "mnist.npz").write_bytes(npz_bytes())
+    result = load_mnist(download=False)
+    assert result.source.path == tmp_path / "kh" / "datasets" / "mnist.npz"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# explicit paths that cannot be used are errors, never a fall-through
+
+
+def test_missing_explicit_path_is_an_error_even_with_a_cache(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "mnist.npz").write_bytes(npz_bytes())
+    with pytest.raises(DataError, match="does not exist") as info:
+        load_mnist(tmp_path / "nowhere", cache_dir=tmp_path / "cache", download=False)
+    assert str(tmp_path / "nowhere") in str(info.value)
+    assert "NUMBA_CNN_DATA" in str(info.value)  # says how to fix it
+
+
+def test_unusable_env_var_is_an_error_even_with_a_cache(tmp_path, monkeypatch):
+    (tmp_path / "mnist.npz").write_bytes(npz_bytes())
+    monkeypatch.setenv("NUMBA_CNN_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"\$NUMBA_CNN_DATA does not exist"):
+        load_mnist(cache_dir=tmp_path, download=False)
+
+
+def test_folder_missing_some_idx_files_names_them(tmp_path):
+    paths = write_idx_folder(tmp_path, gz=True)
+    paths["t10k-images-idx3-ubyte"].unlink()
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte") as info:
+        load_mnist(tmp_path, download=False)
+    assert "train-images" not in str(info.value).split("IDX file(s)")[1].split("(")[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# corrupt IDX files
+
+
+def corrupt_gzip(content):
+    """Valid gzip framing around a damaged deflate stream."""
+    packed = bytearray(gzip.compress(content))
+    for i in range(12, len(packed) - 8, 3):
+        packed[i] ^= 0xA5
+    return bytes(packed)
+
+
+IDX_CORRUPTIONS = {
+    # case: (file base name, (raw bytes) -> bytes written instead, gzip the result?, expected message)
+    "images bad magic": ("train-images-idx3-ubyte", lambda b: b"\x00\x00\x08\x04" + b[4:], True,
+                         "bad magic number 0x00000804"),
+    "labels file as images": ("t10k-images-idx3-ubyte", lambda b: idx_labels(TEST[1]), False,
+                              r"bad magic number 0x00000801.*this is an IDX labels file"),
+    "labels bad magic": ("train-labels-idx1-ubyte", lambda b: b"\x00\x00\x09\x01" + b[4:], True,
+                         "bad magic number 0x00000901"),
+    "images not 28x28": ("train-images-idx3-ubyte",
+                         lambda b: idx_images(TRAIN[0].reshape(N_TRAIN, 28, 28)[:, :, :27].copy()), True,
+                         "images are 28x27, expected 28x28"),
+    "raw images truncated": ("train-images-idx3-ubyte", lambda b: b[:-1], False, "truncated"),
+    "raw images overlong": ("train-images-idx3-ubyte", lambda b: b + b"\x00", False, "overlong"),
+    "gzipped labels truncated content": ("t10k-labels-idx1-ubyte", lambda b: b[:-2], True, "truncated"),
+    "gzipped labels overlong content": ("t10k-labels-idx1-ubyte", lambda b: b + b"\x07", True, "overlong"),
+    "header cut short": ("train-labels-idx1-ubyte", lambda b: b[:6], False, "shorter than the 8-byte"),
+    "label above 9": ("train-labels-idx1-ubyte", lambda b: b[:-1] + b"\x0a", True, "label 10 at index 11"),
+    "fewer labels than images": ("train-labels-idx1-ubyte", lambda b: idx_labels(TRAIN[1][:-1]), True,
+                                 "holds 12 images but .*train-labels-idx1-ubyte.* holds 11 labels"),
+    "no images": ("t10k-images-idx3-ubyte", lambda b: idx_images(TEST[0][:0]), True, "holds no images"),
+}
+
+
+@pytest.mark.parametrize("case", IDX_CORRUPTIONS)
+def test_corrupt_idx_file_raises_data_error_naming_it(tmp_path, case):
+    name, mutate, gz, message = IDX_CORRUPTIONS[case]
+    write_idx_folder(tmp_path, gz=True)
+    (tmp_path / (name + ".gz")).unlink()
+    bad = tmp_path / (name + ".gz" if gz else name)
+    content = mutate(idx_file_bytes()[name])
+    bad.write_bytes(gzip.compress(content) if gz else content)
+    with pytest.raises(DataError, match=message) as info:
+        load_mnist(tmp_path, download=False)
+    assert str(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda packed: b"not gzip at all, just text", "named .gz but is not gzip data"),
+    (lambda packed: packed[: len(packed) // 2], "truncated gzip data"),
+    (lambda packed: corrupt_gzip(gzip.decompress(packed)), "corrupt gzip data"),
+    (lambda packed: packed[:-8] + bytes(a ^ 1 for a in packed[-8:-4]) + packed[-4:], "corrupt gzip data.*CRC"),
+], ids=["not gzip", "truncated gzip", "corrupt deflate", "bad crc"])
+def test_damaged_gzip_raises_data_error_naming_the_file(tmp_path, damage, message):
+    paths = write_idx_folder(tmp_path, gz=True)
+    bad = paths["train-images-idx3-ubyte"]
+    bad.write_bytes(damage(bad.read_bytes()))
+    with pytest.raises(DataError, match=message) as info:
+        load_mnist(tmp_path, download=False)
+    assert str(bad) in str(info.value)
+
+
+def test_idx_readers_return_the_file_contents(tmp_path):
+    (tmp_path / "img").write_bytes(idx_images(TRAIN[0]))
+    (tmp_path / "lab.gz").write_bytes(gzip.compress(idx_labels(TRAIN[1])))
+    np.testing.assert_array_equal(read_idx_images(tmp_path / "img"), TRAIN[0])
+    np.testing.assert_array_equal(read_idx_labels(tmp_path / "lab.gz"), TRAIN[1])
+
+
+def test_header_claiming_huge_count_is_reported_without_allocating_it(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(struct.pack(">IIII", 0x803, 0xFFFFFFFF, 28, 28) + bytes(784 * 3)))
+    with pytest.raises(DataError, match="truncated: the header declares 4294967295 images"):
+        read_idx_images(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# corrupt npz files
+
+
+NPZ_CORRUPTIONS = {
+    "missing key": (dict(y_test=None), "missing key.*y_test"),
+    "float images": (dict(x_train=TRAIN[0].astype(np.float32)), "x_train has dtype float32, expected uint8"),
+    "int64 labels": (dict(y_test=TEST[1].astype(np.int64)), "y_test has dtype int64, expected uint8"),
+    "flat images": (dict(x_test=TEST[0].reshape(N_TEST, 784)), r"x_test has shape \(5, 784\)"),
+    "2-d labels": (dict(y_train=TRAIN[1].reshape(N_TRAIN, 1)), r"y_train has shape \(12, 1\)"),
+    "count mismatch": (dict(y_train=TRAIN[1][:-3]), "x_train holds 12 images but y_train holds 9 labels"),
+    "label above 9": (dict(y_test=np.full(N_TEST, 200, np.uint8)), "label 200 at index 0"),
+    "pickled object": (dict(x_train=np.array([{"a": 1}], dtype=object)), "x_train has dtype object"),
+    "no images": (dict(x_test=TEST[0][:0], y_test=TEST[1][:0]), "x_test holds no images"),
+}
+
+
+@pytest.mark.parametrize("case", NPZ_CORRUPTIONS)
+def test_invalid_npz_raises_data_error_naming_it(tmp_path, case):
+    overrides, message = NPZ_CORRUPTIONS[case]
+    path = tmp_path / "mnist.npz"
+    path.write_bytes(npz_bytes(**overrides))
+    with pytest.raises(DataError, match=message) as info:
+        load_mnist(path, download=False)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not an npz file"),
+    (b"x_train,y_train\n1,2\n", "not an npz file"),
+    (npz_bytes()[:-30], "corrupt npz archive"),
+    (npz_bytes()[:200], "corrupt npz archive"),
+], ids=["empty", "text", "cut end", "cut early"])
+def test_broken_npz_archive_raises_data_error(tmp_path, content, message):
+    path = tmp_path / "mnist.npz"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as info:
+        read_mnist_npz(path)
+    assert str(path) in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nothing available
+
+
+def test_nothing_available_lists_what_was_tried_and_the_fix(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_mnist(cache_dir=tmp_path / "cache", download=False)
+    message = str(info.value)
+    assert "Tried:" in message
+    assert "path argument: not given" in message
+    assert "$NUMBA_CNN_DATA: not set" in message
+    assert f"{tmp_path / 'cache' / 'mnist.npz'}: no such file" in message
+    assert "download=False" in message
+    assert "--data DIR" in message and "set NUMBA_CNN_DATA" in message and "allow the download" in message
+
+
+def test_corrupt_cache_without_download_is_reported_in_the_list(tmp_path):
+    (tmp_path / "mnist.npz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="Tried:") as info:
+        load_mnist(cache_dir=tmp_path, download=False)
+    assert f"keras cache: {tmp_path / 'mnist.npz'}: not an npz file" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the download, against a local server
+
+
+class FileServer:
+    """An HTTP server on 127.0.0.1 serving fixed bodies by path, counting requests; other paths are 404."""
+
+    def __init__(self):
+        self.routes = {}  # path -> (body, declared length)
+        self.hits = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.hits.append(self.path)
+                if self.path not in server.routes:
+                    self.send_error(404)
+                    return
+                body, length = server.routes[self.path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def serve(self, path, body, declared_length=None):
+        self.routes[path] = (body, len(body) if declared_length is None else declared_length)
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FileServer()
+    yield s
+    s.close()
+
+
+SAMPLE_NPZ = npz_bytes()
+SAMPLE_SHA256 = hashlib.sha256(SAMPLE_NPZ).hexdigest()
+
+
+def test_download_writes_the_cache_then_the_cache_is_used(tmp_path, server):
+    url = server.serve("/mnist.npz", SAMPLE_NPZ)
+    cache = tmp_path / "cache"
+    first = load_mnist(cache_dir=cache, url=url, sha256=SAMPLE_SHA256)
+    assert_is_sample_set(first)
+    assert first.source.origin == "download" and url in str(first.source)
+    assert sorted(os.listdir(cache)) == ["mnist.npz"]  # no temporary file left beside it
+    assert (cache / "mnist.npz").read_bytes() == SAMPLE_NPZ
+    assert server.hits == ["/mnist.npz"]
+
+    second = load_mnist(cache_dir=cache, url=url, sha256=SAMPLE_SHA256)
+    assert_is_sample_set(second)
+    assert second.source.origin == "cache"
+    assert server.hits == ["/mnist.npz"]  # the server was not asked again
+
+
+def test_hash_mismatch_leaves_no_file(tmp_path, server):
+    url = server.serve("/mnist.npz", SAMPLE_NPZ)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="SHA-256 mismatch") as info:
+        load_mnist(cache_dir=cache, url=url, sha256="0" * 64)
+    assert "Tried:" in str(info.value) and SAMPLE_SHA256 in str(info.value)
+    assert os.listdir(cache) == []
+
+
+def test_body_cut_short_leaves_no_file(tmp_path, server):
+    url = server.serve("/mnist.npz", SAMPLE_NPZ[:1000], declared_length=len(SAMPLE_NPZ))
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=f"download cut short: received 1000 of {len(SAMPLE_NPZ)} bytes"):
+        load_mnist(cache_dir=cache, url=url, sha256=SAMPLE_SHA256)
+    assert os.listdir(cache) == []
+
+
+def test_server_404_lists_what_was_tried(tmp_path, server):
+    url = server.serve("/mnist.npz", SAMPLE_NPZ).replace("/mnist.npz", "/elsewhere.npz")
+    with pytest.raises(DataError, match="HTTP error 404") as info:
+        load_mnist(cache_dir=tmp_path / "cache", url=url, sha256=SAMPLE_SHA256)
+    message = str(info.value)
+    assert "Tried:" in message and "no such file" in message and "--data DIR" in message
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_refused_connection_lists_what_was_tried(tmp_path):
+    with socket.socket() as s:  # a port that was free a moment ago and now has no listener
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DataError, match="cannot connect") as info:
+        load_mnist(cache_dir=tmp_path / "cache", url=f"http://127.0.0.1:{port}/mnist.npz", sha256=SAMPLE_SHA256)
+    assert "Tried:" in str(info.value) and "NUMBA_CNN_DATA" in str(info.value)
+
+
+def test_corrupt_cache_is_replaced_by_a_download(tmp_path, server):
+    url = server.serve("/mnist.npz", SAMPLE_NPZ)
+    (tmp_path / "mnist.npz").write_bytes(SAMPLE_NPZ[:-40])
+    result = load_mnist(cache_dir=tmp_path, url=url, sha256=SAMPLE_SHA256)
+    assert_is_sample_set(result)
+    assert result.source.origin == "download"
+    assert (tmp_path / "mnist.npz").read_bytes() == SAMPLE_NPZ
+
+
+def test_default_url_is_the_keras_one():
+    assert mnist.MNIST_URL == "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+    assert mnist.MNIST_SHA256 == "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# property-based: any bytes either load as valid data or raise DataError
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+VALID_FILES = {
+    "images": idx_images(TRAIN[0][:3]),
+    "labels": idx_labels(TRAIN[1][:3]),
+    # deflated members mostly fail their CRC when damaged; stored ones expose the .npy headers to the fuzzing
+    "npz": npz_bytes(x_train=TRAIN[0][:2], y_train=TRAIN[1][:2], x_test=TEST[0][:1], y_test=TEST[1][:1]),
+    "npz-stored": npz_bytes(False, x_train=TRAIN[0][:2], y_train=TRAIN[1][:2], x_test=TEST[0][:1],
+                            y_test=TEST[1][:1]),
+}
+READERS = {"images": read_idx_images, "labels": read_idx_labels, "npz": read_mnist_npz,
+           "npz-stored": read_mnist_npz}
+
+
+def check_reader(fuzz_dir, kind, gz, stored):
+    """Read the bytes `stored` as `kind` (from a file named .gz if gz): they must give well-formed arrays or a
+    DataError naming the file; returns whether they loaded."""
+    path = fuzz_dir / (f"{kind}.npz" if kind.startswith("npz") else f"{kind}-idx" + (".gz" if gz else ""))
+    path.write_bytes(stored)
+    try:
+        result = READERS[kind](path)
+    except DataError as exc:
+        assert str(path) in str(exc)
+        return False
+    arrays = result if kind.startswith("npz") else (result,)
+    for array in arrays:
+        assert array.dtype == np.uint8 and len(array) > 0
+    if kind == "images":
+        assert result.shape[1:] == (28, 28)
+    if kind == "labels":
+        assert result.max() <= 9
+    return True
+
+
+def stored_form(kind, gz, content):
+    """How a valid file of `kind` is stored: gzipped when named .gz (npz files are never gzipped)."""
+    return gzip.compress(content, mtime=0) if gz and not kind.startswith("npz") else content
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+kinds = st.sampled_from(sorted(VALID_FILES))
+
+
+@FUZZ
+@given(kind=kinds, gz=st.booleans(), compress=st.booleans(), content=st.binary(max_size=600))
+def test_random_bytes_load_or_raise_data_error(fuzz_dir, kind, gz, compress, content):
+    check_reader(fuzz_dir, kind, gz, gzip.compress(content, mtime=0) if compress else content)
+
+
+@FUZZ
+@given(kind=kinds, gz=st.booleans(), data=st.data())
+def test_truncated_valid_files_raise_data_error(fuzz_dir, kind, gz, data):
+    stored = stored_form(kind, gz, VALID_FILES[kind])
+    cut = data.draw(st.integers(0, len(stored) - 1), label="cut")
+    assert not check_reader(fuzz_dir, kind, gz, stored[:cut])  # no prefix of a valid file is a complete file
+
+
+@FUZZ
+@given(kind=kinds, gz=st.booleans(), data=st.data())
+def test_mutated_valid_files_load_or_raise_data_error(fuzz_dir, kind, gz, data):
+    stored = bytearray(stored_form(kind, gz, VALID_FILES[kind]))
+    for _ in range(data.draw(st.integers(1, 4), label="changes")):
+        at = data.draw(st.integers(0, len(stored) - 1), label="at")
+        stored[at] = data.draw(st.integers(0, 255), label="value")
+    check_reader(fuzz_dir, kind, gz, bytes(stored))
+
+
+def test_valid_fuzz_seeds_load(fuzz_dir):
+    for kind in VALID_FILES:
+        for gz in (False, True):
+            assert check_reader(fuzz_dir, kind, gz, stored_form(kind, gz, VALID_FILES[kind]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the real data set
+
+
+@pytest.mark.skipif(not REAL_DATA, reason="set NUMBA_CNN_DATA to the MNIST folder or mnist.npz to run this test")
+def test_full_mnist_from_env(monkeypatch):
+    monkeypatch.setenv("NUMBA_CNN_DATA", REAL_DATA)
+    result = load_mnist(download=False)
+    (x_train, y_train), (x_test, y_test) = result
+    assert result.source.origin == "env"
+    assert x_train.shape == (60000, 1, 28, 28) and x_test.shape == (10000, 1, 28, 28)
+    assert x_train.dtype == np.float32 and y_train.dtype == np.uint8
+    assert x_train.min() == 0.0 and x_train.max() == 1.0 and x_test.min() == 0.0 and x_test.max() == 1.0
+    train_counts, test_counts = np.bincount(y_train, minlength=10), np.bincount(y_test, minlength=10)
+    assert len(train_counts) == 10 and train_counts.sum() == 60000 and test_counts.sum() == 10000
+    assert train_counts.min() > 5000 and test_counts.min() > 850  # every digit well represented
+    assert abs(float(x_train.mean()) * 255 - 33.318) < 0.01  # the published training-pixel mean
