@@ -1,0 +1,163 @@
+"""The same CNN in PyTorch (torch.nn) and in Keras 3, for `bench --compare`; optional (pip install -e ".[baselines]").
+
+Both follow numba_cnn.model: Conv2D(32, 3x3)+ReLU -> MaxPool 2x2 -> Conv2D(64, 3x3)+ReLU -> MaxPool 2x2 -> Flatten
+-> Dropout(0.5) -> Dense(10), softmax cross-entropy, Glorot-uniform weights and zero biases, Adam(lr 1e-3,
+beta1 0.9, beta2 0.999, eps 1e-7). One difference is left as each library has it: PyTorch adds eps to the
+bias-corrected sqrt(v), Keras (and numba_cnn.optim) to the raw sqrt(v); it only matters while v is tiny.
+
+Every contender, ours included (bench.NumbaCNNContender), has the same two methods and a `version` string, so one
+loop trains and times them all on identical batches:
+    train_step(x[N, 1, 28, 28] float32, y[N] int64) -> loss (float; reading it waits for the step to finish)
+    predict(x[N, 1, 28, 28] float32) -> predicted class, int[N]
+torch and keras are imported only inside these classes: the core package never needs them.
+"""
+
+import importlib
+import importlib.util
+import os
+import time
+
+import numpy as np
+
+from numba_cnn.errors import NumbaCNNError
+
+LEARNING_RATE = 1e-3
+ADAM_EPSILON = 1e-7  # Keras's default, which numba_cnn.optim uses too; PyTorch's own default is 1e-8
+INSTALL_HINT = 'pip install -e ".[baselines]" (torch==2.13.0 and keras)'
+
+
+def missing_packages(name):
+    """The packages baseline `name` ("torch" or "keras") needs that are not installed, found without importing
+    them. Keras runs on the PyTorch backend here, so it needs both."""
+    needs = {"torch": ("torch",), "keras": ("keras", "torch")}[name]
+    return [package for package in needs if importlib.util.find_spec(package) is None]
+
+
+def _import(package):
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:
+        raise NumbaCNNError(f"the {package} baseline needs {package}, which is not installed ({exc}); "
+                            f"install it with {INSTALL_HINT}") from None
+
+
+def _set_torch_threads(torch, threads):
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+class TorchCNN:
+    """The model in torch.nn, trained with torch.optim.Adam and CrossEntropyLoss (log-softmax folded in)."""
+
+    name = "torch"
+
+    def __init__(self, seed=0, threads=None):
+        torch = self.torch = _import("torch")
+        self.version = f"torch {torch.__version__}"
+        nn = torch.nn
+        _set_torch_threads(torch, threads)
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.5), nn.Linear(1600, 10),
+        )
+        for layer in self.net:
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                # PyTorch's default init is Kaiming-uniform; Keras's is Glorot-uniform with zero bias. torch's
+                # fans for a (K, C, R, S) kernel are C*R*S and K*R*S, the same as Keras's.
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=LEARNING_RATE, eps=ADAM_EPSILON)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def train_step(self, x, y):
+        self.net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.net(self.torch.from_numpy(x)), self.torch.from_numpy(y))
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def predict(self, x):
+        self.net.eval()
+        with self.torch.inference_mode():
+            return self.net(self.torch.from_numpy(x)).argmax(dim=1).numpy()
+
+
+class KerasCNN:
+    """The model as a keras.Sequential on the PyTorch backend, channels-last as Keras expects, trained with
+    train_on_batch (Keras's own per-step call) under sparse categorical cross-entropy."""
+
+    name = "keras"
+
+    def __init__(self, seed=0, threads=None):
+        # Keras picks its backend once, at import; it must be torch here (the one installed beside it).
+        if os.environ.setdefault("KERAS_BACKEND", "torch") != "torch":
+            raise NumbaCNNError(f"the keras baseline runs on the torch backend, but KERAS_BACKEND is "
+                                f"{os.environ['KERAS_BACKEND']!r}: unset it or set it to torch")
+        keras = _import("keras")
+        if keras.backend.backend() != "torch":
+            raise NumbaCNNError(f"keras was already imported with the {keras.backend.backend()} backend; "
+                                "the keras baseline needs KERAS_BACKEND=torch set before the first import")
+        torch = _import("torch")
+        self.version = f"keras {keras.__version__} on torch {torch.__version__}"
+        _set_torch_threads(torch, threads)
+        keras.utils.set_random_seed(seed)
+        layers = keras.layers
+        self.model = keras.Sequential([
+            keras.Input(shape=(28, 28, 1)),
+            layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2),
+            layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2),
+            layers.Flatten(), layers.Dropout(0.5), layers.Dense(10, activation="softmax"),
+        ])
+        self.model.compile(optimizer=keras.optimizers.Adam(learning_rate=LEARNING_RATE, epsilon=ADAM_EPSILON),
+                           loss="sparse_categorical_crossentropy")
+
+    @staticmethod
+    def _channels_last(x):
+        return np.ascontiguousarray(np.moveaxis(x, 1, -1))  # (N, 1, 28, 28) -> (N, 28, 28, 1)
+
+    def train_step(self, x, y):
+        return float(self.model.train_on_batch(self._channels_last(x), y))
+
+    def predict(self, x):
+        return np.asarray(self.model.predict_on_batch(self._channels_last(x))).argmax(axis=1)
+
+
+BASELINES = {"torch": TorchCNN, "keras": KerasCNN}
+
+
+def batch_stream(n, batch_size, rng):
+    """Index arrays of mini-batches, epoch after epoch, each epoch a fresh permutation of range(n) drawn from
+    `rng`; an epoch's last batch holds the remainder (as Keras's fit does), so an epoch is ceil(n / batch_size)
+    steps."""
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            yield order[start:start + batch_size]
+
+
+def train_steps(contender, x, y, batches, steps):
+    """Train `contender` for `steps` steps on the next index arrays of `batches` -> (seconds, mean loss).
+    Batch gathering is timed too: it is part of every training loop, and the same for every contender."""
+    loss_sum = 0.0
+    start = time.perf_counter()
+    for _, idx in zip(range(steps), batches):
+        loss_sum += contender.train_step(x[idx], y[idx])
+    return time.perf_counter() - start, loss_sum / steps
+
+
+def train_epochs(contender, x, y, batch_size, epochs, rng):
+    """Train for full epochs over (x, y) -> list of (seconds, mean loss), one per epoch."""
+    batches = batch_stream(len(x), batch_size, rng)
+    steps_per_epoch = -(-len(x) // batch_size)
+    return [train_steps(contender, x, y, batches, steps_per_epoch) for _ in range(epochs)]
+
+
+def evaluate(contender, x, y, batch_size):
+    """Predict every image of x in order, batch by batch -> (accuracy, seconds)."""
+    start = time.perf_counter()
+    predicted = np.concatenate([contender.predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    seconds = time.perf_counter() - start
+    return float((predicted == y).mean()), seconds

@@ -1,0 +1,327 @@
+"""bench: the check-then-time gate, the op bench's record and chart, the FLOP count, the training comparison."""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+
+from numba_cnn import baselines, bench
+from numba_cnn.errors import NumbaCNNError
+from numba_cnn.kernels import Backend, get_backend
+
+IM2COL = get_backend("im2col").module
+FAKE_SGEMM_GFLOPS = 100.0
+
+
+@pytest.fixture(autouse=True)
+def fixed_peak(monkeypatch):
+    """A fixed 'peak' instead of two 2048^3 matmuls: faster, and shares of peak become exact to check."""
+    monkeypatch.setattr(bench, "sgemm_gflops", lambda n: [FAKE_SGEMM_GFLOPS] * 2)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """bench pins Numba's and BLAS's thread counts for the process; give the other tests theirs back."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    numba_threads = numba.get_num_threads()
+    with threadpool_limits(limits=None):  # on exit, restores the limits found on entry
+        yield
+    numba.set_num_threads(numba_threads)
+
+
+def fake_backend(name, calls=None, **replacements):
+    """im2col under another name, with some contract functions replaced; `calls` records (name, function)."""
+    functions = {fn: getattr(IM2COL, fn) for fn in
+                 ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward")}
+    functions.update(replacements)
+    if calls is not None:
+        def recorded(fn_name, fn):
+            def call(*args):
+                calls.append((name, fn_name))
+                return fn(*args)
+            return call
+        functions = {fn_name: recorded(fn_name, fn) for fn_name, fn in functions.items()}
+    return Backend(name, types.SimpleNamespace(**functions))
+
+
+def conv_forward_plus(offset):
+    def conv2d_forward(x, w, b, relu):
+        return IM2COL.conv2d_forward(x, w, b, relu) + x.dtype.type(offset)
+    return conv2d_forward
+
+
+def conv_forward_without_bias(x, w, b, relu):
+    return IM2COL.conv2d_forward(x, w, np.zeros_like(b), relu)
+
+
+def conv_forward_float64(x, w, b, relu):
+    return IM2COL.conv2d_forward(x, w, b, relu).astype(np.float64)
+
+
+def conv_forward_nan(x, w, b, relu):
+    y = IM2COL.conv2d_forward(x, w, b, relu)
+    y[0, 0, 0, 0] = np.nan
+    return y
+
+
+def conv_forward_raises(x, w, b, relu):
+    raise NotImplementedError("not written yet")
+
+
+def maxpool_forward_last_wins(x):
+    """Right values, wrong tie rule: the last maximum of each window wins instead of the first."""
+    y, _ = IM2COL.maxpool2d_forward(x)
+    n, c, h, w = x.shape
+    ho, wo = h // 2, w // 2
+    windows = x[:, :, :2 * ho, :2 * wo].reshape(n, c, ho, 2, wo, 2).transpose(0, 1, 2, 4, 3, 5)
+    flipped = windows.reshape(n, c, ho, wo, 4)[..., ::-1]
+    return y, (3 - flipped.argmax(axis=-1)).astype(np.uint8)
+
+
+def small_bench(backends, layers, **kwargs):
+    settings = dict(batch_size=4, naive_batch=1, repeats=3, naive_repeats=2, log=lambda *a: None)
+    settings.update(kwargs)
+    return bench.bench_ops(backends, layers=layers, **settings)
+
+
+def row(report, op, backend):
+    (found,) = [r for r in report["results"] if r["op"] == op and r["backend"] == backend]
+    return found
+
+
+def test_conv_flop_formula_on_conv2():
+    # conv2 at batch 128: 2 * N*K*C*R*S*P*Q = 2 * 128*64*32*3*3*11*11
+    assert bench.conv_flops((128, 32, 13, 13), (64, 32, 3, 3)) == 570_949_632
+    ops = {op.name: op for op in bench.OPS}
+    inputs = bench.op_inputs(2)
+    assert ops["conv2 fwd"].flops(*inputs["conv2 fwd"]) == 2 * 2 * 64 * 32 * 9 * 11 * 11
+    # backward: dW and dX cost the forward's count each; conv1 skips dX
+    assert ops["conv2 bwd"].flops(*inputs["conv2 bwd"]) == 2 * ops["conv2 fwd"].flops(*inputs["conv2 fwd"])
+    assert ops["conv1 bwd"].flops(*inputs["conv1 bwd"]) == ops["conv1 fwd"].flops(*inputs["conv1 fwd"]) \
+        == 2 * 2 * 32 * 1 * 9 * 26 * 26
+    assert ops["dense bwd"].flops(*inputs["dense bwd"]) == 4 * 2 * 1600 * 10
+    assert ops["pool1 fwd"].flops(*inputs["pool1 fwd"]) is None
+
+
+def test_op_inputs_have_the_models_shapes():
+    inputs = bench.op_inputs(3)
+    assert inputs["conv1 fwd"][0].shape == (3, 1, 28, 28)
+    assert inputs["pool1 fwd"][0].shape == (3, 32, 26, 26)
+    assert inputs["conv2 bwd"][0].shape == (3, 64, 11, 11)
+    assert inputs["pool2 bwd"][2] == (3, 64, 11, 11)
+    assert inputs["dense fwd"][0].shape == (3, 1600)
+    assert inputs["conv2 fwd"][2].any(), "biases must be non-zero, or a kernel that ignores them would pass"
+    pooled_input = inputs["pool1 fwd"][0]
+    assert (pooled_input == 0).mean() > 0.05, "pooling inputs come out of a ReLU, ties included"
+
+
+@pytest.mark.parametrize("defect, reason", [
+    (dict(conv2d_forward=conv_forward_plus(1e-2)), "relative error"),
+    (dict(conv2d_forward=conv_forward_without_bias), "relative error"),
+    (dict(conv2d_forward=conv_forward_float64), "dtype float64"),
+    (dict(conv2d_forward=conv_forward_nan), "relative error nan"),
+    (dict(conv2d_forward=conv_forward_raises), "raised NotImplementedError"),
+    (dict(maxpool2d_forward=maxpool_forward_last_wins), "winners differ"),
+])
+def test_gate_refuses_a_wrong_kernel_without_timing_it(defect, reason):
+    calls = []
+    broken = fake_backend("broken", calls, **defect)
+    report = small_bench(["im2col", broken], layers=("conv1", "pool1"))
+    defective_op = "conv1 fwd" if "conv2d_forward" in defect else "pool1 fwd"
+    failed = row(report, defective_op, "broken")
+    assert failed["status"] == "FAILED"
+    assert reason in failed["reason"]
+    assert not {"samples_s", "median_s", "first_call_s", "gflops"} & failed.keys()
+    fn_name = next(iter(defect))
+    assert calls.count(("broken", fn_name)) == 1, "a failed kernel is called once, for its check, and never timed"
+    # the other ops of the same backend, and every op of im2col, pass and are timed
+    for r in report["results"]:
+        if (r["op"], r["backend"]) != (defective_op, "broken"):
+            assert r["status"] == "ok", r
+            assert len(r["samples_s"]) == 3
+    assert all(s["op"] != defective_op for s in report["speedups"])
+
+
+def test_check_tolerance_is_relative_to_the_largest_reference_value():
+    op = next(op for op in bench.OPS if op.name == "conv2 fwd")
+    ref = np.full((2, 3), 1000.0)
+    ok, errors, _ = bench.check_outputs(op, (np.float32(ref + 0.05),), (ref,))
+    assert ok and errors["y"] == pytest.approx(5e-5, rel=1e-3)
+    ok, _, reason = bench.check_outputs(op, (np.float32(ref + 0.2),), (ref,))
+    assert not ok and "relative error 0.0002" in reason
+    ok, _, reason = bench.check_outputs(op, (np.zeros((3, 2), np.float32),), (ref,))
+    assert not ok and "shape" in reason
+
+
+def test_first_call_is_timed_apart_and_backends_take_turns():
+    calls = []
+
+    def slow_first_call(x, w, b, relu):
+        if not calls[:-1]:  # this call is the first one recorded
+            time.sleep(0.3)  # stands in for a compile
+        return IM2COL.conv2d_forward(x, w, b, relu)
+
+    slow = fake_backend("slow", calls, conv2d_forward=slow_first_call)
+    fast = fake_backend("fast", calls)
+    report = small_bench([slow, fast], layers=("conv1",), repeats=4)
+    r = row(report, "conv1 fwd", "slow")
+    assert r["first_call_s"] >= 0.3
+    assert max(r["samples_s"]) < 0.3 and len(r["samples_s"]) == 4
+    forward_calls = [name for name, fn in calls if fn == "conv2d_forward"]
+    assert forward_calls == ["slow", "fast"] + ["slow", "fast"] * 4
+
+
+def test_op_bench_record_speedups_and_peak_share():
+    slow = Backend("naive", IM2COL)  # im2col under naive's name: gets naive's batch and repeat count
+    report = small_bench(["im2col", slow], layers=("conv2", "dense"), batch_size=4, naive_batch=2)
+    fast_row, slow_row = row(report, "conv2 fwd", "im2col"), row(report, "conv2 fwd", "naive")
+    assert (fast_row["batch"], slow_row["batch"]) == (4, 2)
+    assert (len(fast_row["samples_s"]), len(slow_row["samples_s"])) == (3, 2)
+    for r in (fast_row, slow_row):
+        assert r["status"] == "ok" and r["min_s"] <= r["q1_s"] <= r["median_s"] <= r["q3_s"] <= r["max_s"]
+        assert r["median_per_image_s"] == pytest.approx(r["median_s"] / r["batch"])
+        assert r["flops"] == bench.conv_flops((r["batch"], 32, 13, 13), (64, 32, 3, 3))
+        assert r["gflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e9)
+        assert r["peak_share"] == pytest.approx(r["gflops"] / FAKE_SGEMM_GFLOPS)
+    speedup = {(s["op"], s["pair"]): s["speedup"] for s in report["speedups"]}
+    assert speedup[("conv2 fwd", "im2col vs naive")] == pytest.approx(
+        slow_row["median_per_image_s"] / fast_row["median_per_image_s"])
+    assert {op for op, _ in speedup} == {"conv2 fwd", "conv2 bwd"}, "dense is shared layers.py code: no speedup"
+    assert "pool1 fwd" not in {r["op"] for r in report["results"]}
+
+
+def parse_bench(argv):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_bench_command_writes_json_and_png(tmp_path, capsys):
+    args = parse_bench(["--kernels", "im2col,cuda", "--ops", "pool1,dense", "--batch-size", "4", "--repeats", "2",
+                        "--threads", "1", "--out", str(tmp_path)])
+    assert bench.run(args) == 0
+    (json_path,) = tmp_path.glob("ops-*.json")
+    (png_path,) = tmp_path.glob("ops-*.png")
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads(json_path.read_text())
+    assert report["files"] == {"json": str(json_path), "chart": str(png_path)}
+    machine = report["machine"]
+    for key in ("processor", "cpus", "numpy", "numba", "python", "numba_threading_layer", "blas"):
+        assert key in machine
+    assert machine["threads"]["numba_threads"] == 1
+    assert all(lib["num_threads"] == 1 for lib in machine["blas"])
+    assert report["calibration"]["peak_gflops"] == FAKE_SGEMM_GFLOPS
+    assert "2*N*K*C*R*S*P*Q" in report["flop_formula"]
+    ops = [r["op"] for r in report["results"] if r["backend"] == "im2col"]
+    assert ops == ["pool1 fwd", "pool1 bwd", "dense fwd", "dense bwd"]
+    assert all(r["status"] == "ok" and len(r["samples_s"]) == 2 for r in report["results"]
+               if r["backend"] == "im2col")
+    out = capsys.readouterr().out
+    assert f"written: {json_path} and {png_path}" in out
+    cuda_rows = [r for r in report["results"] if r["backend"] == "cuda"]
+    assert len(cuda_rows) == 4
+    if cuda_rows[0]["status"] == "skipped":  # no GPU or numba-cuda here: said once in the table, not timed
+        assert out.count("cuda skipped:") == 1 and "samples_s" not in cuda_rows[0]
+
+
+def test_bench_refuses_bad_settings():
+    with pytest.raises(NumbaCNNError, match="unknown op layer"):
+        small_bench(["im2col"], layers=("conv3",))
+    with pytest.raises(NumbaCNNError, match="repeats"):
+        small_bench(["im2col"], layers=("dense",), repeats=0)
+    with pytest.raises(NumbaCNNError, match="unknown kernels"):
+        small_bench(["fortran"], layers=("dense",))
+    with pytest.raises(NumbaCNNError, match="too slow"):
+        bench.compare_training(["naive"], log=lambda *a: None)
+
+
+def test_batch_stream_covers_each_epoch_once_in_a_seeded_order():
+    stream = baselines.batch_stream(10, 4, np.random.default_rng(5))
+    epoch = [next(stream) for _ in range(3)]
+    assert [len(b) for b in epoch] == [4, 4, 2]
+    assert sorted(np.concatenate(epoch)) == list(range(10))
+    again = baselines.batch_stream(10, 4, np.random.default_rng(5))
+    assert all(np.array_equal(a, next(again)) for a in epoch)
+
+
+def test_compare_our_backend_in_a_subprocess():
+    report = bench.compare_training(["im2col"], steps=2, warmup_steps=1, batch_size=32, rounds=2, threads=1,
+                                    random_data=True, limit=256, log=lambda *a: None)
+    (entry,) = report["contenders"]
+    assert entry["status"] == "ok", entry
+    assert [run["round"] for run in entry["runs"]] == [1, 2]
+    for run in entry["runs"]:
+        assert run["epoch_images"] == 256 and run["test_images"] == 256
+        assert run["sec_per_epoch"] == pytest.approx(run["steps_s"] / 2 * 8)  # 256 / 32 = 8 steps per epoch
+        assert 0 < run["rss_after_data_mb"] <= run["peak_rss_mb"]
+        assert run["inference_img_per_s"] == pytest.approx(256 / run["inference_s"])
+        assert 0 <= run["test_accuracy"] <= 1 and np.isfinite(run["train_loss"])
+    assert entry["sec_per_epoch"] == pytest.approx(np.median([r["sec_per_epoch"] for r in entry["runs"]]))
+    assert "vs_torch" not in entry
+    assert "extrapolated from 2 steps" in report["settings"]["measure"]
+
+
+def test_compare_passes_a_data_error_through(tmp_path):
+    with pytest.raises(NumbaCNNError, match="missing"):
+        bench.compare_training(["im2col"], steps=1, rounds=1, data=str(tmp_path / "missing"), log=lambda *a: None)
+
+
+@pytest.mark.skipif(baselines.missing_packages("torch") != [], reason="torch not installed (.[baselines] extra)")
+def test_torch_model_matches_ours_and_compares():
+    from numba_cnn.model import Model
+
+    torch_model = baselines.TorchCNN(seed=0, threads=1)
+    assert sum(p.numel() for p in torch_model.net.parameters()) == Model("im2col").num_params == 34_826
+    conv1 = torch_model.net[0]
+    assert float(conv1.weight.detach().abs().max()) <= np.sqrt(6 / (9 + 32 * 9)) and not conv1.bias.any()
+    assert torch_model.optimizer.defaults["eps"] == 1e-7 and torch_model.optimizer.defaults["lr"] == 1e-3
+
+    report = bench.compare_training(["im2col", "torch"], steps=2, warmup_steps=1, batch_size=32, rounds=1,
+                                    threads=1, random_data=True, limit=256, log=lambda *a: None)
+    entries = {e["contender"]: e for e in report["contenders"]}
+    assert entries["torch"]["status"] == entries["im2col"]["status"] == "ok"
+    assert entries["torch"]["vs_torch"] == {"sec_per_epoch": 1.0, "inference_img_per_s": 1.0, "peak_rss_mb": 1.0}
+    ours = entries["im2col"]
+    assert ours["vs_torch"]["sec_per_epoch"] == pytest.approx(
+        ours["sec_per_epoch"] / entries["torch"]["sec_per_epoch"])
+    assert "x torch" in bench.format_compare_table(report)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(baselines.missing_packages("keras") != [], reason="keras/torch not installed (.[baselines])")
+def test_keras_model_trains_in_a_subprocess():
+    report = bench.compare_training(["keras"], steps=2, warmup_steps=1, batch_size=32, rounds=1, threads=1,
+                                    random_data=True, limit=128, log=lambda *a: None)
+    (entry,) = report["contenders"]
+    assert entry["status"] == "ok", entry
+    assert 0 <= entry["test_accuracy"] <= 1 and entry["peak_rss_mb"] > entry["rss_after_data_mb"]
+
+
+def test_missing_baseline_is_skipped_with_a_note(monkeypatch):
+    monkeypatch.setattr(baselines, "missing_packages", lambda name: [name])
+    report = bench.compare_training(["torch"], steps=1, rounds=1, random_data=True, limit=64, log=lambda *a: None)
+    (entry,) = report["contenders"]
+    assert entry["status"] == "skipped" and baselines.INSTALL_HINT in entry["reason"] and not entry["runs"]
+
+
+def test_bench_and_baselines_import_neither_torch_nor_keras():
+    code = ("import sys, numba_cnn.bench, numba_cnn.baselines; "
+            "print(sorted(m for m in ('torch', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_bench_refuses_an_unwritable_out_folder_before_running(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(bench, "bench_ops", lambda *a, **k: pytest.fail("the bench ran before the check"))
+    with pytest.raises(NumbaCNNError, match="not a writable folder"):
+        bench.run(parse_bench(["--out", str(blocker / "results")]))
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"], "nothing created"
