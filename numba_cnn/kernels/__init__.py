@@ -97,9 +97,11 @@ def _checked(backend_name, module):
         return pool_fwd(_contiguous(x))
 
     def maxpool2d_backward(dy, argmax, x_shape):
-        if len(tuple(x_shape)) != 4 or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in x_shape):
+        dims = tuple(x_shape) if isinstance(x_shape, (tuple, list)) else ()
+        if len(dims) != 4 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1
+                                     for d in dims):
             raise ValueError(f"x_shape must be four positive integers (N, C, H, W), got {x_shape!r}")
-        x_shape = tuple(int(d) for d in x_shape)
+        x_shape = tuple(int(d) for d in dims)
         y_shape = _pooled_shape(x_shape)
         _check_float("dy", dy, 4, "(N, C, H//2, W//2)")
         _check_array("argmax", argmax, 4, "(N, C, H//2, W//2)")

@@ -1,0 +1,108 @@
+"""Fixtures shared by the tests: a seeded rng, the `backend` fixture over every backend, and the helpers that move
+arrays onto a backend and pick the shapes each backend can afford.
+
+`backend` runs naive, im2col and jit always: a backend that fails to import fails its tests, it is never skipped.
+cuda runs when numba-cuda is importable and there is a GPU or NUMBA_ENABLE_CUDASIM=1 (set before numba is
+imported); otherwise its tests are skipped with the reason. naive (Python loops) and cuda under the simulator (one
+Python thread per CUDA thread) are slow, so they get only the cases marked tiny: parametrize with
+`backend_case_params(cases)` to get every (backend, case) pair a backend can afford.
+"""
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from numba_cnn.kernels import BACKENDS, get_backend
+
+# Only tiny shapes for these: naive is Python loops, and cuda runs mostly on the simulator (one Python thread per
+# CUDA thread).
+TINY_ONLY = frozenset({"naive", "cuda"})
+# On numba's CUDA simulator every kernel launch runs one Python thread per CUDA thread (about 0.1-1 s per launch
+# here), so finite-difference checks there perturb a random sample of this many elements instead of all of them.
+SIMULATOR_FD_ELEMENTS = 6
+
+
+def cuda_unavailable_reason():
+    """Why the cuda backend cannot run here, or None when it can."""
+    if importlib.util.find_spec("numba_cuda") is None:
+        return "numba-cuda is not installed (pip install numba-cuda)"
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return None
+    from numba import cuda
+
+    if not cuda.is_available():
+        return "no CUDA GPU; set NUMBA_ENABLE_CUDASIM=1 to run the cuda backend on numba's simulator"
+    return None
+
+
+_CUDA_REASON = cuda_unavailable_reason()
+
+
+def backend_marks(name):
+    if name == "cuda" and _CUDA_REASON is not None:
+        return [pytest.mark.skip(reason=f"cuda backend: {_CUDA_REASON}")]
+    return []
+
+
+def backend_params(names=BACKENDS):
+    return [pytest.param(name, id=name, marks=backend_marks(name)) for name in names]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input configuration: `id` names it in test ids, `tiny` says naive and cuda can afford it, `spec` holds
+    the shapes and options the test reads."""
+    id: str
+    tiny: bool
+    spec: dict
+
+
+def backend_case_params(cases, names=BACKENDS):
+    """(backend_name, case) pairs: every case on the compiled backends, the tiny ones on naive and cuda."""
+    return [pytest.param(name, case, id=f"{name}-{case.id}", marks=backend_marks(name))
+            for name in names for case in cases if case.tiny or name not in TINY_ONLY]
+
+
+@pytest.fixture(params=backend_params())
+def backend_name(request):
+    return request.param
+
+
+@pytest.fixture
+def backend(backend_name):
+    return get_backend(backend_name)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20240611)
+
+
+def on_cuda_simulator(backend_name):
+    return backend_name == "cuda" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def fd_indices(backend, size, rng):
+    """The flat indices a finite-difference check perturbs on `backend`: all (None) but on the CUDA simulator."""
+    if not on_cuda_simulator(backend.name) or size <= SIMULATOR_FD_ELEMENTS:
+        return None
+    return rng.choice(size, SIMULATOR_FD_ELEMENTS, replace=False)
+
+
+def on_device(backend, a):
+    """a as this backend's kernels take it. Host backends take numpy arrays as they are (slices and transposes
+    included: making them contiguous is the boundary's job, which the tests check), so only a backend with its own
+    memory (one that defines to_device) copies."""
+    if not isinstance(a, np.ndarray) or getattr(backend.module, "to_device", None) is None:
+        return a
+    return backend.to_device(a)
+
+
+def on_host(backend, result):
+    """A kernel's result (an array, None, or a tuple of them) as numpy arrays."""
+    if isinstance(result, tuple):
+        return tuple(on_host(backend, r) for r in result)
+    return None if result is None else np.asarray(backend.to_host(result))

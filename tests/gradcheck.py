@@ -1,0 +1,47 @@
+"""Finite-difference gradient checks, in float64 only.
+
+A backward pass takes an upstream gradient dy and returns dL/dinput for L = <f(input), dy>. So the check draws a
+random dy, makes the scalar L(input) = sum(f(input) * dy), and compares the backward result with L's central
+differences (L(a + h e_i) - L(a - h e_i)) / 2h, coordinate by coordinate. Central differences are exact up to
+O(h^2) times L's third derivative, which is zero for the linear maps here (convolution, dense) and small for
+softmax; h = 1e-6 keeps float64 rounding (1e-16 / 1e-6 = 1e-10) well under the 1e-6 tolerance.
+"""
+
+import numpy as np
+
+STEP = 1e-6
+# Relative to the largest analytic gradient element: allows rounding (~1e-10) and O(h^2) curvature terms.
+GRAD_TOL = 1e-6
+
+
+def numerical_gradient(scalar_fn, a, indices=None, step=STEP):
+    """Central differences of scalar_fn at a (float64, perturbed in place and restored) for the flat `indices` of a
+    (all of them when None); returns an array shaped like a, NaN where not computed."""
+    assert a.dtype == np.float64, "finite differences are only meaningful in float64"
+    grad = np.full(a.shape, np.nan)
+    flat_a, flat_grad = a.reshape(-1), grad.reshape(-1)  # views: writing them writes a and grad
+    for i in range(a.size) if indices is None else indices:
+        original = flat_a[i]
+        flat_a[i] = original + step
+        above = scalar_fn(a)
+        flat_a[i] = original - step
+        below = scalar_fn(a)
+        flat_a[i] = original
+        flat_grad[i] = (above - below) / (2 * step)
+    return grad
+
+
+def assert_gradient_matches(analytic, scalar_fn, a, indices=None, what="gradient"):
+    """analytic (dL/da from a backward pass) agrees with central differences of scalar_fn at a."""
+    analytic = np.asarray(analytic, dtype=np.float64)
+    assert analytic.shape == a.shape, f"{what}: shape {analytic.shape}, expected {a.shape}"
+    numeric = numerical_gradient(scalar_fn, a, indices)
+    checked = ~np.isnan(numeric)
+    scale = max(float(np.abs(analytic).max()), 1e-12)
+    np.testing.assert_allclose(analytic[checked], numeric[checked], rtol=GRAD_TOL, atol=GRAD_TOL * scale,
+                               err_msg=what)
+
+
+def dotted_with(fn, upstream):
+    """The scalar L(a) = <fn(a), upstream> whose gradient a backward pass given `upstream` returns."""
+    return lambda a: float(np.vdot(np.asarray(fn(a), dtype=np.float64), upstream))

@@ -1,0 +1,143 @@
+"""The layers around the kernels (numba_cnn/layers.py, or a device backend's own `layers`): dense, ReLU backward,
+dropout and softmax cross-entropy, forward against values worked out by hand and backward against finite
+differences in float64."""
+
+import numpy as np
+import pytest
+
+from conftest import backend_params, fd_indices
+from gradcheck import assert_gradient_matches, dotted_with
+from numba_cnn.kernels import get_backend
+
+
+# Every CPU backend shares numba_cnn/layers.py, so im2col stands for all of them; cuda brings its own.
+@pytest.fixture(params=backend_params(("im2col", "cuda")))
+def layers_backend(request):
+    return get_backend(request.param)
+
+
+class OnBackend:
+    """Calls a layers function with host arrays moved to the backend and its array results moved back."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __call__(self, name, *args):
+        b = self.backend
+        result = getattr(b.layers, name)(*(b.to_device(a) if isinstance(a, np.ndarray) else a for a in args))
+        if isinstance(result, tuple):
+            return tuple(self._host(r) for r in result)
+        return self._host(result)
+
+    def _host(self, r):
+        return r if isinstance(r, (int, float)) else np.asarray(self.backend.to_host(r))
+
+
+@pytest.fixture
+def call(layers_backend):
+    return OnBackend(layers_backend)
+
+
+def test_dense_forward_by_hand(call):
+    x = np.array([[1.0, 2.0], [0.0, -1.0]])
+    w = np.array([[1.0, 0.0, 2.0], [3.0, -1.0, 0.5]])
+    b = np.array([0.5, 0.0, -1.0])
+    np.testing.assert_allclose(call("dense_forward", x, w, b), [[7.5, -2.0, 2.0], [-2.5, 1.0, -1.5]])
+
+
+@pytest.mark.parametrize("wrt", ["x", "w", "b"])
+def test_dense_backward_matches_finite_differences(call, layers_backend, wrt, rng):
+    inputs = {"x": rng.standard_normal((3, 5)), "w": rng.standard_normal((5, 4)), "b": rng.standard_normal(4)}
+    dy = rng.standard_normal((3, 4))
+    dx, dw, db = call("dense_backward", dy, inputs["x"], inputs["w"])
+
+    def forward(a):
+        args = dict(inputs, **{wrt: a})
+        return call("dense_forward", args["x"], args["w"], args["b"])
+
+    a = inputs[wrt]
+    assert_gradient_matches({"x": dx, "w": dw, "b": db}[wrt], dotted_with(forward, dy), a,
+                            fd_indices(layers_backend, a.size, rng), what=wrt)
+
+
+def test_relu_backward_masks_by_output(call, layers_backend, rng):
+    x = rng.standard_normal((4, 6))
+    x[0, :3] = 0.0  # the derivative at 0 is taken as 0: a unit whose output is 0 passes no gradient
+    dy = rng.standard_normal((4, 6))
+    dx = call("relu_backward", dy, np.maximum(x, 0.0))
+    np.testing.assert_array_equal(dx, np.where(x > 0, dy, 0.0))
+    x[0, :3] = 0.5  # away from the kink, it is the derivative of max(x, 0)
+    assert_gradient_matches(call("relu_backward", dy, np.maximum(x, 0.0)),
+                            dotted_with(lambda a: np.maximum(a, 0.0), dy), x, fd_indices(layers_backend, x.size, rng))
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.25])
+def test_dropout_keeps_the_expectation(call, layers_backend, rate):
+    x = np.full((100, 100), 3.0, dtype=np.float32)
+    y, mask = call("dropout_forward", x, rate, layers_backend.layers.make_dropout_rng(7))
+    keep = 1.0 - rate
+    assert y.dtype == np.float32 and mask.dtype == np.float32
+    np.testing.assert_allclose(np.unique(mask), [0.0, 1.0 / keep], rtol=1e-6)  # dropped, or kept and rescaled
+    np.testing.assert_array_equal(y, x * mask)
+    # 10,000 independent units: the kept fraction's standard deviation is sqrt(rate * keep / 10000) <= 0.005.
+    assert abs(np.mean(mask > 0) - keep) < 0.025
+    assert abs(y.mean() - 3.0) < 3.0 * 0.025 / keep
+
+
+def test_dropout_rng_is_reproducible_and_advances(call, layers_backend):
+    x = np.ones((8, 50))
+    first = call("dropout_forward", x, 0.5, layers_backend.layers.make_dropout_rng(3))[1]
+    rng = layers_backend.layers.make_dropout_rng(3)
+    again, following = (call("dropout_forward", x, 0.5, rng)[1] for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, following)
+
+
+def test_dropout_backward_reuses_the_forward_mask(call, layers_backend, rng):
+    x, dy = rng.standard_normal((6, 20)), rng.standard_normal((6, 20))
+    seed = 11
+    y, mask = call("dropout_forward", x, 0.5, layers_backend.layers.make_dropout_rng(seed))
+    dx = call("dropout_backward", dy, mask)
+    np.testing.assert_array_equal(dx == 0, mask == 0)  # a dropped unit gets no gradient
+    np.testing.assert_allclose(dx, dy * mask)
+
+    def forward(a):  # the same mask on every evaluation: the rng re-seeded each time
+        return call("dropout_forward", a, 0.5, layers_backend.layers.make_dropout_rng(seed))[0]
+
+    assert_gradient_matches(dx, dotted_with(forward, dy), x, fd_indices(layers_backend, x.size, rng))
+
+
+def test_softmax_cross_entropy_by_hand(call):
+    logits = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    labels = np.array([2, 0])
+    loss, dlogits, correct = call("softmax_cross_entropy", logits, labels)
+    row0 = np.log(np.exp(1.0) + np.exp(2.0) + np.exp(3.0)) - 3.0
+    assert loss == pytest.approx((row0 + np.log(3.0)) / 2, rel=1e-12)
+    softmax0 = np.exp([1.0, 2.0, 3.0]) / np.exp([1.0, 2.0, 3.0]).sum()
+    np.testing.assert_allclose(dlogits, [(softmax0 - [0, 0, 1]) / 2, (np.full(3, 1 / 3) - [1, 0, 0]) / 2])
+    assert correct == 2  # row 0 predicts 2; row 1 ties everywhere and argmax takes the first, its label 0
+    _, _, correct = call("softmax_cross_entropy", logits, np.array([0, 1]))
+    assert correct == 0
+
+
+def test_softmax_cross_entropy_matches_finite_differences(call, layers_backend, rng):
+    logits, labels = 3 * rng.standard_normal((5, 10)), rng.integers(0, 10, 5)
+    _, dlogits, _ = call("softmax_cross_entropy", logits, labels)
+    assert_gradient_matches(dlogits, lambda a: call("softmax_cross_entropy", a, labels)[0], logits,
+                            fd_indices(layers_backend, logits.size, rng))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_cross_entropy_is_stable_for_huge_logits(call, dtype):
+    # exp(1e4) overflows either dtype: only the max-subtracted form gives these finite, exact answers.
+    logits = np.array([[1e4, 0.0, -1e4], [1e4, 1e4 - 2.0, 0.0], [-1e4, -1e4, -1e4]], dtype=dtype)
+    labels = np.array([1, 0, 2])
+    loss, dlogits, correct = call("softmax_cross_entropy", logits, labels)
+    # row 0: -log softmax = 1e4; row 1: log(1 + e^-2); row 2: three equal logits, log 3.
+    expected_rows = [1e4, np.log1p(np.exp(-2.0)), np.log(3.0)]
+    assert np.isfinite(loss) and loss == pytest.approx(np.mean(expected_rows), rel=1e-6)
+    assert dlogits.dtype == dtype and np.all(np.isfinite(dlogits))
+    p1 = 1.0 / (1.0 + np.exp(-2.0))  # softmax of row 1's first logit
+    expected = np.array([[1, -1, 0], [p1 - 1, 1 - p1, 0], [1 / 3, 1 / 3, 1 / 3 - 1]]) / 3
+    np.testing.assert_allclose(dlogits, expected, atol=1e-6)
+    assert correct == 1  # row 1 (label 0) only

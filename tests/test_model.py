@@ -1,0 +1,216 @@
+"""The whole model and its optimizer: parameter count, a float64 finite-difference check of the loss with respect
+to every parameter tensor, forward and backward agreeing across backends and with the float64 oracle, Adam against
+two steps worked out by hand, and the loss falling on a small learnable task."""
+
+import functools
+import math
+
+import numpy as np
+import pytest
+
+import reference
+from conftest import backend_params, on_cuda_simulator
+from gradcheck import assert_gradient_matches
+from numba_cnn import layers as numpy_layers
+from numba_cnn.kernels import Backend, get_backend
+from numba_cnn.model import PARAM_SHAPES, Model, init_params
+from numba_cnn.optim import Adam
+
+SEED, DROPOUT_SEED = 3, 5
+
+
+def bar_images(rng, n):
+    """Two classes of 28x28 images anyone can tell apart: class 0 a vertical bar, class 1 a horizontal one, each
+    at a random place, over faint noise. Returns (float32 images (n, 1, 28, 28) in [0, 1], int64 labels)."""
+    labels = rng.integers(0, 2, n)
+    images = rng.uniform(0.0, 0.2, (n, 1, 28, 28))
+    for image, label, at in zip(images, labels, rng.integers(4, 22, n)):
+        if label == 0:
+            image[0, 4:24, at:at + 3] = 1.0
+        else:
+            image[0, at:at + 3, 4:24] = 1.0
+    return images.astype(np.float32), labels
+
+
+def test_parameter_count():
+    conv1, conv2, dense = 32 * 1 * 3 * 3 + 32, 64 * 32 * 3 * 3 + 64, 1600 * 10 + 10
+    assert conv1 + conv2 + dense == 34_826
+    assert Model("im2col").num_params == 34_826
+    assert {name: p.shape for name, p in init_params(0).items()} == PARAM_SHAPES
+
+
+def loss_at(model, params, x, labels):
+    """The training loss at `params` (host arrays), the dropout rng re-seeded so every call draws the same mask."""
+    model.load_state_dict(params)
+    backend, L = model.backend, model.backend.layers
+    logits = model.forward(backend.to_device(x), dropout_rng=L.make_dropout_rng(DROPOUT_SEED))
+    return L.softmax_cross_entropy(logits, backend.to_device(labels))[0]
+
+
+# Each element of a small tensor is checked; of a large one, a random sample plus random directions.
+ALL_ELEMENTS_UP_TO, SAMPLED_ELEMENTS, DIRECTIONS = 32, 8, 2
+
+
+@pytest.mark.parametrize("backend_name", backend_params(("im2col", "jit")))
+def test_model_gradient_matches_finite_differences(backend, rng):
+    x, labels = bar_images(rng, 2)
+    model = Model(backend, seed=SEED, dtype=np.float64)
+    params = model.state_dict()
+    model.forward_backward(backend.to_device(x.astype(np.float64)), backend.to_device(labels),
+                           backend.layers.make_dropout_rng(DROPOUT_SEED))
+    grads = {name: np.asarray(backend.to_host(g)) for name, g in model.grads.items()}
+    assert set(grads) == set(PARAM_SHAPES)
+    x = x.astype(np.float64)
+    for name, p in params.items():
+        def loss_of(a, name=name):
+            return loss_at(model, dict(params, **{name: a}), x, labels)
+
+        indices = None if p.size <= ALL_ELEMENTS_UP_TO else rng.choice(p.size, SAMPLED_ELEMENTS, replace=False)
+        assert_gradient_matches(grads[name], loss_of, p.copy(), indices, what=name)
+        for _ in range(DIRECTIONS):  # d/dt L(p + t v) = <grad, v>: every element of the gradient takes part
+            v = rng.standard_normal(p.shape)
+            assert_gradient_matches(np.array([np.vdot(grads[name], v)]), lambda t: loss_of(p + t[0] * v),
+                                    np.zeros(1), what=f"{name} along a random direction")
+
+
+BATCH = 2  # naive spends about 3 s per image on a forward and backward pass
+
+
+class RecordingDropout:
+    """A backend's layers with dropout_forward recording each mask it draws (host copies), everything else as is."""
+
+    def __init__(self, backend):
+        self._layers, self._to_host, self.masks = backend.layers, backend.to_host, []
+
+    def __getattr__(self, name):
+        return getattr(self._layers, name)
+
+    def dropout_forward(self, x, rate, rng):
+        y, mask = self._layers.dropout_forward(x, rate, rng)
+        self.masks.append(np.asarray(self._to_host(mask)))
+        return y, mask
+
+
+class GivenDropout:
+    """numpy layers with dropout_forward applying a given mask: the oracle replays the mask a backend drew (the
+    cuda backend draws its own random stream)."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def __getattr__(self, name):
+        return getattr(numpy_layers, name)
+
+    def dropout_forward(self, x, rate, rng):
+        return x * self.mask, self.mask
+
+
+def training_pass_on(backend, model):
+    """One training pass over the fixed batch, written out as Model.forward_backward does it so the logits can be
+    compared too: (logits, loss, gradients, dropout mask), all on the host."""
+    x, labels = bar_images(np.random.default_rng(1), BATCH)
+    recording = RecordingDropout(backend)
+    backend.layers = recording  # `backend` is this test's own Backend object, not the registry's
+    logits = model.forward(backend.to_device(x.astype(model.dtype)), recording.make_dropout_rng(DROPOUT_SEED))
+    loss, dlogits, _ = recording.softmax_cross_entropy(logits, backend.to_device(labels))
+    grads = {name: np.asarray(backend.to_host(g)) for name, g in model.backward(dlogits).items()}
+    (mask,) = recording.masks
+    return np.asarray(backend.to_host(logits)), loss, grads, mask
+
+
+@functools.lru_cache(maxsize=None)
+def training_pass(backend_name):
+    """A float32 Model(seed=SEED) on `backend_name`, one training pass (cached: naive's pass is the slow part of
+    this file and two tests read it)."""
+    registered = get_backend(backend_name)
+    backend = Backend(backend_name, registered.module)
+    return training_pass_on(backend, Model(backend, seed=SEED))
+
+
+def oracle_training_pass(dropout_mask):
+    """The same pass in float64 through the oracle's kernels (tests/reference.py) and numpy layers, with the
+    dropout mask the backend under test drew."""
+    backend = Backend("reference", reference)
+    backend.layers = GivenDropout(dropout_mask.astype(np.float64))
+    return training_pass_on(backend, Model(backend, dtype=np.float64, params=init_params(SEED)))
+
+
+def test_model_matches_the_float64_oracle(backend_name):
+    if on_cuda_simulator(backend_name):
+        pytest.skip("cuda: a whole-model pass is millions of simulated CUDA threads (many minutes); run it on a GPU")
+    logits, loss, grads, mask = training_pass(backend_name)
+    expected_logits, expected_loss, expected_grads, _ = oracle_training_pass(mask)
+    assert 0.3 < np.mean(mask > 0) < 0.7 and set(np.unique(mask)) <= {0.0, 2.0}  # a real rate-0.5 mask
+    reference.assert_close(logits, expected_logits, np.float32, f"{backend_name} logits")
+    assert loss == pytest.approx(expected_loss, rel=reference.FLOAT32_TOL)
+    for name, expected in expected_grads.items():
+        assert grads[name].dtype == np.float32
+        reference.assert_close(grads[name], expected, np.float32, f"{backend_name} d{name}")
+
+
+@pytest.mark.parametrize("other", ["im2col", "jit"])
+def test_backends_agree_on_the_first_batch(other):
+    """Same seed, same batch: naive's loss and gradients are im2col's (and jit's) to float32 rounding."""
+    _, naive_loss, naive_grads, naive_mask = training_pass("naive")
+    _, other_loss, other_grads, other_mask = training_pass(other)
+    np.testing.assert_array_equal(naive_mask, other_mask)  # both draw from the numpy dropout rng
+    assert naive_loss == pytest.approx(other_loss, rel=reference.FLOAT32_TOL)
+    for name in PARAM_SHAPES:
+        reference.assert_close(naive_grads[name], other_grads[name], np.float32, f"naive vs {other}: d{name}")
+
+
+def keras_adam_by_hand(p0, grads, lr, beta1, beta2, eps):
+    """Parameter values after each Adam step, element by element in Python floats, as Keras 3 writes the update:
+    m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2;
+    p -= lr sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)."""
+    p, m, v, history = list(p0), [0.0] * len(p0), [0.0] * len(p0), []
+    for t, g in enumerate(grads, start=1):
+        alpha = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        for i, gi in enumerate(g):
+            m[i] = beta1 * m[i] + (1 - beta1) * gi
+            v[i] = beta2 * v[i] + (1 - beta2) * gi * gi
+            p[i] = p[i] - alpha * m[i] / (math.sqrt(v[i]) + eps)
+        history.append((list(p), list(m), list(v)))
+    return history
+
+
+def test_adam_matches_two_steps_by_hand(backend):
+    lr, beta1, beta2, eps = 0.01, 0.9, 0.999, 1e-7
+    p0 = [0.5, -1.0, 2.0, 0.25, 1.0]
+    # The last gradient is so small that eps (added to sqrt(v), which is then ~3e-8) damps its step.
+    grads = [[0.3, -2.0, 0.0, 0.05, 1e-6], [-0.1, -1.0, 0.5, 0.05, 1e-6]]
+    to_device = backend.to_device
+    params = {"p": to_device(np.array(p0, dtype=np.float32))}
+    adam = Adam(params, backend.layers, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    expected = keras_adam_by_hand(p0, grads, lr, beta1, beta2, eps)
+    for step, g in enumerate(grads):
+        adam.step({"p": to_device(np.array(g, dtype=np.float32))})
+        p, m, v = expected[step]
+        np.testing.assert_allclose(backend.to_host(params["p"]), p, rtol=1e-6, err_msg=f"step {step + 1}: p")
+        np.testing.assert_allclose(backend.to_host(adam.m["p"]), m, rtol=1e-6, err_msg=f"step {step + 1}: m")
+        np.testing.assert_allclose(backend.to_host(adam.v["p"]), v, rtol=1e-5, err_msg=f"step {step + 1}: v")
+        if step == 0:  # Adam's first step moves a parameter by lr against its gradient's sign, unless eps damps it
+            np.testing.assert_allclose(np.subtract(p, p0)[:4], [-lr, lr, 0.0, -lr], rtol=1e-4)
+            assert 0 < p0[4] - p[4] < 0.5 * lr
+    assert adam.iterations == 2
+
+
+def test_loss_falls_on_a_learnable_task():
+    rng = np.random.default_rng(0)
+    backend = get_backend("im2col")
+    model = Model(backend, seed=0)
+    adam = Adam(model.params, backend.layers, lr=3e-3)
+    dropout_rng = backend.layers.make_dropout_rng(0)
+    losses = []
+    for _ in range(30):
+        x, labels = bar_images(rng, 16)
+        loss, _ = model.forward_backward(x, labels, dropout_rng)
+        adam.step(model.grads)
+        losses.append(loss)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert np.mean(losses[:3]) > 1.5  # ten classes, untrained: about log(10) = 2.3
+    # log 2 = 0.69 is all a model gets from knowing that only two of its ten classes occur; below 0.4 it has
+    # learned to tell the bars apart.
+    assert np.mean(losses[-5:]) < 0.4
+    x, labels = bar_images(rng, 64)
+    assert np.mean(model.predict(x) == labels) > 0.9
