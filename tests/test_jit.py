@@ -1,0 +1,199 @@
+"""Tests specific to the jit backend: compiled kernels against their own Python bodies, thread-count
+reproducibility, the float64 path, the tile edge cases (narrow outputs, small kernels, many channels) and the
+on-disk cache. Cross-backend parity lives in test_kernels.py."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+jit = pytest.importorskip("numba_cnn.kernels.jit")
+
+
+def _reference_conv(x, w, b):
+    """Valid cross-correlation in float64 through einsum over the kernel taps."""
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    p, q = h - r + 1, wd - s + 1
+    y = np.zeros((n, k, p, q)) + b.astype(np.float64)[None, :, None, None]
+    for i in range(r):
+        for j in range(s):
+            y += np.einsum("ncpq,kc->nkpq", x[:, :, i:i + p, j:j + q].astype(np.float64), w[:, :, i, j])
+    return y
+
+
+def _reference_conv_backward(dy, x, w):
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    p, q = dy.shape[2:]
+    dy64, x64 = dy.astype(np.float64), x.astype(np.float64)
+    dw = np.zeros(w.shape)
+    dx = np.zeros(x.shape)
+    for i in range(r):
+        for j in range(s):
+            dw[:, :, i, j] = np.einsum("nkpq,ncpq->kc", dy64, x64[:, :, i:i + p, j:j + q])
+            dx[:, :, i:i + p, j:j + q] += np.einsum("nkpq,kc->ncpq", dy64, w[:, :, i, j])
+    return dx, dw, dy64.sum(axis=(0, 2, 3))
+
+
+def _operands(rng, shape, k, r, s, dtype):
+    n, c, h, wd = shape
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((k, c, r, s)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    dy = rng.standard_normal((n, k, h - r + 1, wd - s + 1)).astype(dtype)
+    return x, w, b, dy
+
+
+# tile edge cases: output narrower than a column tile, 1x1 and 1x2 kernels (narrower than a tap tile), K over
+# one 64-lane block, one image, one channel, non-square kernels, a kernel row of 5 taps (overlapping tap tiles)
+EDGE_CASES = [
+    ((1, 1, 3, 3), 1, 1, 1),
+    ((2, 3, 5, 4), 5, 1, 2),
+    ((3, 2, 7, 9), 70, 3, 3),
+    ((1, 4, 6, 12), 33, 4, 2),
+    ((2, 2, 7, 6), 3, 2, 5),
+    ((2, 1, 28, 28), 32, 3, 3),
+]
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float64, 1e-11)])
+@pytest.mark.parametrize("shape,k,r,s", EDGE_CASES)
+def test_conv_edge_shapes_against_reference(shape, k, r, s, dtype, tol):
+    rng = np.random.default_rng(7)
+    x, w, b, dy = _operands(rng, shape, k, r, s, dtype)
+    y_ref = _reference_conv(x, w, b)
+    for relu in (False, True):
+        y = jit.conv2d_forward(x, w, b, relu)
+        assert y.dtype == dtype and y.flags.c_contiguous
+        expected = np.maximum(y_ref, 0) if relu else y_ref
+        np.testing.assert_allclose(y, expected, rtol=tol, atol=tol * np.abs(y_ref).max())
+    dx, dw, db = jit.conv2d_backward(dy, x, w, True)
+    for got, want in zip((dx, dw, db), _reference_conv_backward(dy, x, w)):
+        assert got.dtype == dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+    none, dw2, db2 = jit.conv2d_backward(dy, x, w, False)
+    assert none is None
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)
+
+
+def test_tile_kernels_match_their_python_bodies():
+    """Each private kernel, compiled and interpreted (prange as range, the stack tile as a heap array), on tiny
+    odd shapes: the same loops, so the results agree to rounding."""
+    rng = np.random.default_rng(3)
+    x_cl = rng.standard_normal((2, 5, 9, 3)).astype(np.float32)  # channels-last, as the tile kernel reads it
+    wt = rng.standard_normal((2, 3, 3, 32)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    outputs = []
+    for kernel in (jit._conv_tile_32, jit._conv_tile_32.py_func):
+        y = np.empty((2, 5, 4 + 2, 7), np.float32)  # row_shift 1: one virtual zero row above and below
+        kernel(x_cl, wt, b, np.float32(0), 1, y)
+        outputs.append(y)
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+    x = rng.standard_normal((2, 3, 5, 9)).astype(np.float32)
+    dy = rng.standard_normal((2, 5, 5 + 2, 64)).astype(np.float32)  # P = 5 - 1 + 1, Q = 9 - 5 + 1, 1 pad column
+    grads = []
+    for kernel in (jit._weight_grad_64, jit._weight_grad_64.py_func):
+        dwt = np.zeros((3, 1, 5, 64), np.float32)
+        kernel(x, dy, 1, 1, 5, 2, dwt)
+        grads.append(dwt)
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+    a = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
+    packed = []
+    for kernel in (jit._pack_channels_last, jit._pack_channels_last.py_func):
+        out, sums = np.full((2, 3, 4 + 2 * 2, 32), np.nan, np.float32), np.empty((2, 32), np.float32)
+        kernel(a, 2, out, sums)
+        np.testing.assert_array_equal(out[:, :, 2:6, :5], a.transpose(0, 2, 3, 1))
+        assert not out[:, :, :2].any() and not out[:, :, 6:].any() and not out[..., 5:].any()
+        packed.append(sums)
+    np.testing.assert_allclose(packed[0], packed[1], rtol=1e-6)
+    np.testing.assert_allclose(packed[0][:, :5], a.sum(axis=(2, 3)), rtol=1e-5)
+
+    ties = rng.integers(-1, 2, (2, 3, 7, 5)).astype(np.float32)  # many tied windows
+    pooled = []
+    for fwd, bwd in ((jit._maxpool_forward, jit._maxpool_backward),
+                     (jit._maxpool_forward.py_func, jit._maxpool_backward.py_func)):
+        y, arg = np.empty((2, 3, 3, 2), np.float32), np.empty((2, 3, 3, 2), np.uint8)
+        fwd(ties, y, arg)
+        dx = np.full(ties.shape, np.nan, np.float32)
+        bwd(y + 1, arg, dx)
+        pooled.append((y, arg, dx))
+    for got, want in zip(*pooled):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_maxpool_first_maximum_wins_and_odd_edges_are_zero():
+    x = np.zeros((1, 1, 3, 5), np.float32)
+    x[0, 0, 0, 2:4] = 1  # window (0, 1): tie between offsets 0 and 1
+    y, arg = jit.maxpool2d_forward(x)
+    assert y.shape == (1, 1, 1, 2) and arg.tolist() == [[[[0, 0]]]]
+    dx = jit.maxpool2d_backward(np.ones_like(y), arg, x.shape)
+    expected = np.zeros_like(x)
+    expected[0, 0, 0, [0, 2]] = 1
+    np.testing.assert_array_equal(dx, expected)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
+def test_one_and_two_threads_give_identical_bits():
+    """Forward and dx split over images, dw over tiles with a fixed summation order per element, db from fixed
+    per-image sums: none depends on the thread count, so results are bitwise equal."""
+    rng = np.random.default_rng(5)
+    cases = [((6, 3, 13, 13), 64, 3, 3), ((5, 1, 12, 10), 32, 3, 3), ((3, 2, 9, 8), 70, 2, 3)]
+    before = numba.get_num_threads()
+    try:
+        for shape, k, r, s in cases:
+            x, w, b, dy = _operands(rng, shape, k, r, s, np.float32)
+            results = []
+            for threads in (1, 2):
+                numba.set_num_threads(threads)
+                y = jit.conv2d_forward(x, w, b, True)
+                grads = jit.conv2d_backward(dy, x, w, True)
+                pooled = jit.maxpool2d_forward(x)
+                results.append((y, *grads, *pooled, jit.maxpool2d_backward(pooled[0], pooled[1], x.shape)))
+            for one, two in zip(*results):
+                np.testing.assert_array_equal(one, two)
+    finally:
+        numba.set_num_threads(before)
+
+
+def _run_python(code, env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_second_process_loads_kernels_from_the_cache(tmp_path):
+    """A fresh process with a warm NUMBA_CACHE_DIR loads the compiled kernels instead of compiling them."""
+    code = """
+        import numpy as np
+        from numba_cnn.kernels import jit
+        x = np.ones((1, 1, 6, 6), np.float32)
+        jit.conv2d_forward(x, np.ones((2, 1, 3, 3), np.float32), np.zeros(2, np.float32), True)
+        jit.maxpool2d_forward(x)
+        for kernel in (jit._conv_tile_32, jit._maxpool_forward):
+            print(sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values()))
+    """
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_CACHE="1")
+    first = _run_python(code, env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["0", "1", "0", "1"]  # compiled (a miss) and saved
+    second = _run_python(code, env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == ["1", "0", "1", "0"]  # loaded, nothing compiled
+
+
+def test_cache_toggle_disables_the_disk_cache(tmp_path):
+    code = """
+        from numba_cnn.kernels import jit
+        print(type(jit._conv_tile_64._cache).__name__, jit.CACHE)
+    """
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_CACHE="0")
+    result = _run_python(code, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["NullCache", "False"]
