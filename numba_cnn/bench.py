@@ -500,13 +500,14 @@ class NumbaCNNContender:
         self.dropout_rng = self.backend.layers.make_dropout_rng([seed, 2])
 
     def train_step(self, x, y):
-        to_device = self.backend.to_device
-        loss, _ = self.model.forward_backward(to_device(x), to_device(y), self.dropout_rng)
+        # x may be raw uint8 pixels, scaled here a batch at a time, exactly as numba_cnn.train does
+        to_device, as_float = self.backend.to_device, self.backend.layers.as_float_images
+        loss, _ = self.model.forward_backward(as_float(to_device(x)), to_device(y), self.dropout_rng)
         self.optimizer.step(self.model.grads)
         return loss
 
     def predict(self, x):
-        return self.model.predict(self.backend.to_device(x))
+        return self.model.predict(self.backend.layers.as_float_images(self.backend.to_device(x)))
 
 
 def peak_rss_mb():
@@ -514,10 +515,11 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_data(data=None, random_data=False, seed=0, limit=None):
+def load_data(data=None, random_data=False, seed=0, limit=None, raw_pixels=False):
     """-> (((x_train, y_train), (x_test, y_test)) with int64 labels, where they came from): MNIST via
     numba_cnn.data.load_mnist, or random images and labels of MNIST's sizes when random_data is set (for timing
-    only; the accuracy means nothing). limit: keep only the first `limit` training and test images."""
+    only; the accuracy means nothing). limit: keep only the first `limit` training and test images.
+    raw_pixels: keep MNIST's uint8 pixels (numba_cnn's own trainer holds them so and scales each batch)."""
     if random_data:
         rng = np.random.default_rng([seed, 7])
         sizes = (min(TRAIN_IMAGES, limit or TRAIN_IMAGES), min(TEST_IMAGES, limit or TEST_IMAGES))
@@ -525,7 +527,7 @@ def load_data(data=None, random_data=False, seed=0, limit=None):
                      for n in sizes), "random"
     from numba_cnn.data import load_mnist
 
-    mnist = load_mnist(data)
+    mnist = load_mnist(data, normalize=not raw_pixels)
     return tuple((x[:limit], y[:limit].astype(np.int64)) for x, y in mnist), str(getattr(mnist, "source", data))
 
 
@@ -545,7 +547,10 @@ def run_contender(name, steps=50, warmup_steps=3, batch_size=128, threads=None, 
 
     threads = default_threads() if threads is None else threads
     _pin_threads(threads)
-    ((x_train, y_train), (x_test, y_test)), source = load_data(data, random_data, seed, limit)
+    # Each contender holds the images as its own training loop would: numba_cnn as uint8 (scaled per batch, as
+    # numba_cnn.train does), PyTorch and Keras as the float32 arrays their usual input pipelines take.
+    ((x_train, y_train), (x_test, y_test)), source = load_data(data, random_data, seed, limit,
+                                                               raw_pixels=name not in baselines.BASELINES)
     out = {"contender": name, "data_source": source, "epoch_images": len(x_train), "test_images": len(x_test),
            "rss_after_data_mb": peak_rss_mb()}
 
@@ -693,7 +698,7 @@ def format_compare_table(report):
     lines = [f"training comparison: batch {s['batch_size']}, {s['threads']} thread(s), {s['rounds']} round(s), "
              f"data {s['data']}; s/epoch {s['measure']}; medians over rounds, peak memory the largest",
              f"{'contender':<10} {'s/epoch':>9} {'x torch':>8} {'infer img/s':>12} {'x torch':>8} "
-             f"{'peak MB':>8} {'x torch':>8} {'warm-up s':>14} {'test acc':>9}"]
+             f"{'peak MB':>8} {'x torch':>8} {'data MB':>8} {'warm-up s':>14} {'test acc':>9}"]
     for e in report["contenders"]:
         if e["status"] != "ok":
             lines.append(f"{e['contender']:<10} {e['status']}: {e['reason']}")
@@ -706,8 +711,10 @@ def format_compare_table(report):
         warm = "/".join(f"{w:.1f}" for w in e["warmup_s"])
         lines.append(f"{e['contender']:<10} {e['sec_per_epoch']:>9.2f} {x('sec_per_epoch'):>8} "
                      f"{e['inference_img_per_s']:>12.0f} {x('inference_img_per_s'):>8} {e['peak_rss_mb']:>8.0f} "
-                     f"{x('peak_rss_mb'):>8} {warm:>14} {e['test_accuracy']:>9.4f}")
+                     f"{x('peak_rss_mb'):>8} {e['rss_after_data_mb']:>8.0f} {warm:>14} {e['test_accuracy']:>9.4f}")
     lines.append("x torch: contender / PyTorch (s/epoch and MB: above 1 is worse; img/s: above 1 is better). "
+                 "data MB: peak memory once imports and data are loaded (numba_cnn holds uint8 pixels and scales "
+                 "each batch, as its trainer does; PyTorch and Keras hold float32). "
                  "warm-up: imports, model build, compile, warm-up steps, per round.")
     lines.append("versions: " + "; ".join(e["version"] for e in report["contenders"] if e["status"] == "ok"))
     loads = [run["load_average_1min"] for e in report["contenders"] for run in e["runs"] if "error" not in run]
