@@ -2,8 +2,8 @@
 arrays onto a backend and pick the shapes each backend can afford.
 
 `backend` runs naive, im2col and jit always: a backend that fails to import fails its tests, it is never skipped.
-cuda runs when numba-cuda is importable and there is a GPU or NUMBA_ENABLE_CUDASIM=1 (set before numba is
-imported); otherwise its tests are skipped with the reason. naive (Python loops) and cuda under the simulator (one
+cuda runs when numba-cuda is importable, on the GPU if there is one, else on the simulator (switched on below);
+without numba-cuda its tests are skipped with the reason. naive (Python loops) and cuda under the simulator (one
 Python thread per CUDA thread) are slow, so they get only the cases marked tiny: parametrize with
 `backend_case_params(cases)` to get every (backend, case) pair a backend can afford.
 """
@@ -12,10 +12,15 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-import numpy as np
-import pytest
+# Without a GPU the cuda backend's tests run on Numba's CUDA simulator. The switch is read when numba is first
+# imported, which no module has done before this conftest runs. NUMBA_ENABLE_CUDASIM=0 keeps a real GPU in use.
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
-from numba_cnn.kernels import BACKENDS, get_backend
+import numpy as np  # noqa: E402 (after the simulator switch)
+import pytest  # noqa: E402
+
+from numba_cnn.kernels import BACKENDS, get_backend  # noqa: E402
 
 # Only tiny shapes for these: naive is Python loops, and cuda runs mostly on the simulator (one Python thread per
 # CUDA thread).

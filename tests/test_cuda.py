@@ -1,0 +1,348 @@
+"""The cuda backend against the numpy references, on tiny shapes (the simulator runs a Python thread per CUDA
+thread).
+
+On a machine without a GPU, conftest.py switches Numba's CUDA simulator on, so `python -m pytest` runs these too.
+The import-error tests run everywhere; the rest skip, saying why, when numba-cuda is not installed.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from numba_cnn import layers as numpy_layers
+from numba_cnn.kernels import BackendUnavailable, get_backend
+from numba_cnn.kernels import im2col as reference
+from numba_cnn.model import Model
+
+TOLERANCE = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-11, atol=1e-12)}
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    try:
+        return get_backend("cuda")
+    except BackendUnavailable as exc:
+        pytest.skip(f"cuda backend unavailable (set NUMBA_ENABLE_CUDASIM=1 to test on the simulator): {exc}")
+
+
+def random(shape, dtype, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def assert_on_device(*arrays):
+    for a in arrays:
+        assert not isinstance(a, np.ndarray) and hasattr(a, "copy_to_host"), f"{type(a).__name__} is not on the device"
+
+
+# ------------------------------------------------------------------------------------------ contract kernels
+
+CONV_CASES = [  # (N, C, H, W), (K, R, S)
+    ((1, 1, 5, 5), (1, 1, 1)),
+    ((2, 3, 7, 6), (4, 2, 3)),
+    ((1, 2, 9, 7), (3, 5, 5)),
+    ((3, 1, 4, 5), (2, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,kernel", CONV_CASES)
+def test_conv_matches_reference(cuda_backend, dtype, x_shape, kernel):
+    k, r, s = kernel
+    x = random(x_shape, dtype, 1)
+    w = random((k, x_shape[1], r, s), dtype, 2)
+    b = random((k,), dtype, 3)
+    dev = cuda_backend.to_device
+    for relu in (False, True):
+        y = cuda_backend.conv2d_forward(dev(x), dev(w), dev(b), relu=relu)
+        assert_on_device(y)
+        np.testing.assert_allclose(cuda_backend.to_host(y), reference.conv2d_forward(x, w, b, relu), **TOLERANCE[dtype])
+    dy = random(y.shape, dtype, 4)
+    dx, dw, db = cuda_backend.conv2d_backward(dev(dy), dev(x), dev(w), need_dx=True)
+    assert_on_device(dx, dw, db)
+    for got, want in zip((dx, dw, db), reference.conv2d_backward(dy, x, w, True)):
+        np.testing.assert_allclose(cuda_backend.to_host(got), want, **TOLERANCE[dtype])
+    none, dw_only, _ = cuda_backend.conv2d_backward(dev(dy), dev(x), dev(w), need_dx=False)
+    assert none is None
+    np.testing.assert_array_equal(cuda_backend.to_host(dw_only), cuda_backend.to_host(dw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape", [(1, 1, 2, 2), (2, 3, 5, 7), (1, 2, 6, 4)])
+def test_maxpool_matches_reference_with_ties(cuda_backend, dtype, x_shape):
+    x = np.round(random(x_shape, dtype, 5))  # small integers: many tied windows
+    x[0, 0] = 0  # a whole channel of ties, as after a ReLU
+    y, argmax = cuda_backend.maxpool2d_forward(cuda_backend.to_device(x))
+    assert_on_device(y, argmax)
+    want_y, want_argmax = reference.maxpool2d_forward(x)
+    np.testing.assert_array_equal(cuda_backend.to_host(y), want_y)
+    np.testing.assert_array_equal(cuda_backend.to_host(argmax), want_argmax)
+    assert argmax.dtype == np.uint8
+    dy = random(want_y.shape, dtype, 6)
+    dx = cuda_backend.maxpool2d_backward(cuda_backend.to_device(dy), argmax, x_shape)
+    assert_on_device(dx)
+    np.testing.assert_array_equal(cuda_backend.to_host(dx), reference.maxpool2d_backward(dy, want_argmax, x_shape))
+
+
+def test_host_inputs_are_accepted(cuda_backend):
+    x, w, b = random((1, 1, 4, 4), np.float32), random((2, 1, 3, 3), np.float32), np.zeros(2, np.float32)
+    y = cuda_backend.conv2d_forward(x, w, b, relu=False)
+    assert_on_device(y)
+    np.testing.assert_allclose(cuda_backend.to_host(y), reference.conv2d_forward(x, w, b, False), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ layers
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_and_gather_layers(cuda_backend, dtype):
+    L, dev, host = cuda_backend.layers, cuda_backend.to_device, cuda_backend.to_host
+    a = random((3, 2, 5), dtype)
+    zeros = L.zeros_like(dev(a))
+    assert_on_device(zeros)
+    np.testing.assert_array_equal(host(zeros), np.zeros_like(a))
+
+    data, labels, idx = random((6, 1, 3, 2), dtype), np.arange(6, dtype=np.uint8), np.array([4, 0, 4, 2])
+    rows = L.take_rows(dev(data), dev(idx))
+    assert_on_device(rows)
+    np.testing.assert_array_equal(host(rows), data[idx])
+    np.testing.assert_array_equal(host(L.take_rows(dev(labels), dev(idx)[1:3])), labels[idx[1:3]])
+
+    dy, y = random((2, 3, 4), dtype, 1), np.maximum(random((2, 3, 4), dtype, 2), 0)
+    np.testing.assert_array_equal(host(L.relu_backward(dev(dy), dev(y))), numpy_layers.relu_backward(dy, y))
+
+
+def test_layers_module_matches_numpy_layers(cuda_backend):
+    public = {name for name, value in vars(numpy_layers).items()
+              if callable(value) and not name.startswith("_") and value.__module__ == numpy_layers.__name__}
+    missing = sorted(name for name in public if not callable(getattr(cuda_backend.layers, name, None)))
+    assert not missing, f"cuda layers lacks {missing}"
+
+
+def test_pixels_scale_like_numpy(cuda_backend):
+    L, dev, host = cuda_backend.layers, cuda_backend.to_device, cuda_backend.to_host
+    pixels = np.arange(256, dtype=np.uint8).reshape(4, 1, 8, 8)
+    scaled = L.as_float_images(dev(pixels))
+    assert_on_device(scaled)
+    np.testing.assert_array_equal(host(scaled), numpy_layers.as_float_images(pixels))
+    floats = dev(random((2, 1, 3, 3), np.float32))
+    assert L.as_float_images(floats) is floats
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_layers(cuda_backend, dtype):
+    L, dev, host = cuda_backend.layers, cuda_backend.to_device, cuda_backend.to_host
+    x, w, b, dy = random((3, 37), dtype, 1), random((37, 4), dtype, 2), random((4,), dtype, 3), random((3, 4), dtype, 4)
+    y = L.dense_forward(dev(x), dev(w), dev(b))
+    assert_on_device(y)
+    np.testing.assert_allclose(host(y), numpy_layers.dense_forward(x, w, b), **TOLERANCE[dtype])
+    grads = L.dense_backward(dev(dy), dev(x), dev(w))
+    assert_on_device(*grads)
+    for got, want in zip(grads, numpy_layers.dense_backward(dy, x, w)):
+        np.testing.assert_allclose(host(got), want, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_cross_entropy_and_argmax(cuda_backend, dtype):
+    L, dev, host = cuda_backend.layers, cuda_backend.to_device, cuda_backend.to_host
+    logits = random((5, 4), dtype) * 30  # large logits: the max-shift must keep exp finite
+    logits[1] = 2  # a tied row: the first class wins
+    labels = np.array([0, 0, 3, 1, 2], dtype=np.uint8)
+    loss, dlogits, correct = L.softmax_cross_entropy(dev(logits), dev(labels))
+    want_loss, want_dlogits, want_correct = numpy_layers.softmax_cross_entropy(logits, labels)
+    assert isinstance(loss, float) and isinstance(correct, int)
+    assert_on_device(dlogits)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert correct == want_correct
+    np.testing.assert_allclose(host(dlogits), want_dlogits, **TOLERANCE[dtype])
+    predictions = L.argmax_rows(dev(logits))
+    assert isinstance(predictions, np.ndarray) and predictions.dtype == np.int64
+    np.testing.assert_array_equal(predictions, numpy_layers.argmax_rows(logits))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout(cuda_backend, dtype):
+    L, dev, host = cuda_backend.layers, cuda_backend.to_device, cuda_backend.to_host
+    x = random((3, 50), dtype)
+    rng = L.make_dropout_rng([7, 2])
+    y, mask = L.dropout_forward(dev(x), 0.5, rng)
+    assert_on_device(y, mask)
+    m = host(mask)
+    assert set(np.unique(m)) <= {0.0, 2.0} and 0.3 < (m > 0).mean() < 0.7
+    np.testing.assert_array_equal(host(y), x * m)
+    dy = random(x.shape, dtype, 1)
+    np.testing.assert_array_equal(host(L.dropout_backward(dev(dy), mask)), dy * m)
+
+    # Same seed, same masks; a snapshot taken now restores the generator exactly.
+    again = L.make_dropout_rng([7, 2])
+    np.testing.assert_array_equal(host(L.dropout_forward(dev(x), 0.5, again)[1]), m)
+    snapshot = L.dropout_rng_state(rng)
+    next_mask = host(L.dropout_forward(dev(x), 0.5, rng)[1])
+    assert not np.array_equal(next_mask, m)
+    restored = L.restore_dropout_rng(snapshot)
+    np.testing.assert_array_equal(host(L.dropout_forward(dev(x), 0.5, restored)[1]), next_mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_matches_numpy(cuda_backend, dtype):
+    L, dev, host = cuda_backend.layers, cuda_backend.to_device, cuda_backend.to_host
+    param = random((4, 3), dtype)
+    want_p, want_m, want_v = param.copy(), np.zeros_like(param), np.zeros_like(param)
+    p, m, v = dev(param), L.zeros_like(dev(param)), L.zeros_like(dev(param))
+    for step in range(3):
+        grad = random(param.shape, dtype, step + 1)
+        alpha = 1e-3 * np.sqrt(1 - 0.999 ** (step + 1)) / (1 - 0.9 ** (step + 1))
+        L.adam_update(p, dev(grad), m, v, alpha, 0.9, 0.999, 1e-7)
+        numpy_layers.adam_update(want_p, grad, want_m, want_v, alpha, 0.9, 0.999, 1e-7)
+    for got, want in ((p, want_p), (m, want_m), (v, want_v)):
+        np.testing.assert_allclose(host(got), want, **TOLERANCE[dtype])
+
+
+# ------------------------------------------------------------------------------------------ the whole model
+
+class _MaskReplay:
+    """A numpy Generator stand-in for numpy_layers.dropout_forward that reproduces a given mask: random() returns
+    0 (kept) where the mask is non-zero and 1 (dropped) elsewhere."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def random(self, shape, dtype):
+        return np.where(self.mask > 0, 0.0, 1.0).astype(dtype).reshape(shape)
+
+
+def test_model_step_matches_im2col_and_stays_on_device(cuda_backend, monkeypatch):
+    """One float32 training step on one 28x28 image (about 20 s on the simulator) against the im2col model with
+    the same parameters and the same dropout mask."""
+    masks = []
+    dropout_forward = cuda_backend.layers.dropout_forward
+
+    def recording_dropout(x, rate, rng):
+        y, mask = dropout_forward(x, rate, rng)
+        masks.append(cuda_backend.to_host(mask))
+        return y, mask
+
+    monkeypatch.setattr(cuda_backend.layers, "dropout_forward", recording_dropout)
+    x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
+    labels = np.array([3])
+    model = Model(cuda_backend, seed=0, dtype=np.float32)
+    start = time.perf_counter()
+    loss, correct = model.forward_backward(cuda_backend.to_device(x), cuda_backend.to_device(labels),
+                                           cuda_backend.layers.make_dropout_rng(0))
+    print(f"cuda model step, batch 1: {time.perf_counter() - start:.1f} s")
+    assert_on_device(*model.grads.values(), *model.params.values())
+
+    want = Model("im2col", seed=0, dtype=np.float32)
+    want_loss, want_correct = want.forward_backward(x, labels, _MaskReplay(masks[0]))
+    assert loss == pytest.approx(want_loss, rel=1e-5) and correct == want_correct
+    for name, grad in want.grads.items():
+        np.testing.assert_allclose(cuda_backend.to_host(model.grads[name]), grad, rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------ availability errors
+
+def _import_cuda_backend(prelude, env):
+    code = prelude + textwrap.dedent("""
+        from numba_cnn.kernels import BackendUnavailable, get_backend
+        try:
+            get_backend("cuda")
+        except BackendUnavailable as exc:
+            print("UNAVAILABLE:", exc)
+        else:
+            print("AVAILABLE")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_missing_numba_cuda_is_a_clear_error():
+    blocker = textwrap.dedent("""
+        import sys
+
+        class BlockNumbaCuda:  # as if numba-cuda (and numba's own old numba.cuda) were not installed
+            def find_spec(self, name, path=None, target=None):
+                if name == "numba_cuda" or name.startswith(("numba_cuda.", "numba.cuda")):
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+
+        sys.meta_path.insert(0, BlockNumbaCuda())
+    """)
+    out = _import_cuda_backend(blocker, dict(os.environ, NUMBA_ENABLE_CUDASIM="1"))
+    assert out.startswith("UNAVAILABLE:") and "numba-cuda" in out
+    assert 'pip install -e ".[cuda]"' in out and "NUMBA_ENABLE_CUDASIM=1" in out
+
+
+def test_no_gpu_and_no_simulator_is_a_clear_error():
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = _import_cuda_backend("", env)
+    if out.startswith("AVAILABLE"):
+        pytest.skip("this machine has a usable CUDA GPU")
+    assert out.startswith("UNAVAILABLE:") and "GPU" in out and "NUMBA_ENABLE_CUDASIM=1" in out
+
+
+# ------------------------------------------------------------------------------------------ float32 hygiene
+
+_PTX_CHECK = textwrap.dedent("""
+    import types
+    import numpy as np
+    import numba
+    from numba import cuda
+    import numba.cuda.dispatcher
+    from numba.cuda.random import xoroshiro128p_dtype
+
+    # Compiling to PTX needs NVVM but no device: pretend one (compute capability 9.0) is there.
+    cuda.is_available = lambda: True
+    numba.cuda.dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+    from numba_cnn.kernels import cuda as K, cuda_layers as L
+
+    a = lambda *shape: np.zeros(shape, np.float32)
+    one, states, index = np.float32(1), np.zeros(4, xoroshiro128p_dtype), np.zeros(2, np.int64)
+    cases = [
+        (K._conv_forward, (a(1, 1, 3, 3), a(1, 1, 2, 2), a(1), True, a(1, 1, 2, 2))),
+        (K._conv_weight_grad_per_image, (a(1, 1, 2, 2), a(1, 1, 3, 3), a(1, 1, 1, 2, 2))),
+        (K._sum_rows, (a(2, 3), a(3))),
+        (K._conv_input_grad, (a(1, 1, 2, 2), a(1, 1, 2, 2), a(1, 1, 3, 3))),
+        (K._maxpool_forward, (a(1, 1, 2, 2), a(1, 1, 1, 1), np.zeros((1, 1, 1, 1), np.uint8))),
+        (K._maxpool_backward, (a(1, 1, 1, 1), np.zeros((1, 1, 1, 1), np.uint8), a(1, 1, 2, 2))),
+        (L._fill_zero, (a(3),)),
+        (L._take_rows, (a(3, 2), index, a(2, 2))),
+        (L._relu_backward, (a(3), a(3), a(3))),
+        (L._multiply, (a(3), a(3), a(3))),
+        (L._dropout, (a(3), states, one, one, a(3), a(3))),
+        (L._dense_forward, (a(2, 3), a(3, 4), a(4), a(2, 4))),
+        (L._dense_input_grad, (a(2, 4), a(3, 4), a(2, 3))),
+        (L._dense_weight_grad, (a(2, 4), a(2, 3), a(3, 4))),
+        (L.sum_outer_inner, (a(2, 3, 4), a(3))),
+        (L._softmax_cross_entropy, (a(2, 3), np.zeros(2, np.uint8), one, one, a(2, 3), a(2, 2))),
+        (L._argmax_rows, (a(2, 3), index)),
+        (L._adam, (a(3), a(3), a(3), a(3), one, one, one, one)),
+    ]
+    # numba.cuda.random's uniform_float32 converts its uint64 draw through float64: that one is not ours.
+    LIBRARY_F64 = ("cvt.rn.f64.u64", "mul.f64", "cvt.rn.f32.f64")
+    for kernel, args in cases:
+        ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(numba.typeof(v) for v in args), cc=(9, 0))
+        for line in ptx.splitlines():
+            line = line.strip()
+            if ".f64" in line and not line.startswith(".reg"):
+                if not (kernel is L._dropout and line.startswith(LIBRARY_F64)):
+                    print("FLOAT64", kernel.__name__, line)
+    print("CHECKED", len(cases))
+""")
+
+
+def test_float32_kernels_compile_to_float32_only_ptx():
+    """Compiles every kernel for float32 to PTX (no GPU needed, but NVVM: e.g. pip install
+    "cuda-toolkit[nvvm,nvrtc]==13.*" and put its lib folder on LD_LIBRARY_PATH) and fails on float64
+    instructions: the simulator runs kernels as Python and cannot see a float64 literal widening float32 math."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    result = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    if "CHECKED" not in result.stdout:
+        if "nvvm" in result.stderr.lower() or "nvrtc" in result.stderr.lower():
+            pytest.skip("NVVM/NVRTC not found: cannot compile to PTX here")
+        pytest.fail(result.stderr[-3000:])
+    assert "FLOAT64" not in result.stdout, result.stdout
