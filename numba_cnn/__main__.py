@@ -82,7 +82,7 @@ def cmd_evaluate(args):
         if args.test_limit < 1:
             raise NumbaCNNError(f"--test-limit must be a positive integer, got {args.test_limit}")
         x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
-    set_threads(args.threads)
+    set_threads(args.threads, args.kernels)
     model = Model(args.kernels, params=params)
     accuracy, confusion = evaluate(model, x_test, y_test)
     print(f"checkpoint {args.checkpoint} (epoch {meta['epoch']}, step {meta['step']}), kernels {args.kernels}")

@@ -241,10 +241,10 @@ def machine_description(threads_record):
     return record
 
 
-def _pin_threads(threads):
+def _pin_threads(threads, kernels=None):
     from numba_cnn.train import set_threads
 
-    return set_threads(default_threads() if threads is None else threads)
+    return set_threads(default_threads() if threads is None else threads, kernels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -546,7 +546,7 @@ def run_contender(name, steps=50, warmup_steps=3, batch_size=128, threads=None, 
     from numba_cnn import baselines
 
     threads = default_threads() if threads is None else threads
-    _pin_threads(threads)
+    _pin_threads(threads, name)  # the same thread settings as `train --kernels name`
     # Each contender holds the images as its own training loop would: numba_cnn as uint8 (scaled per batch, as
     # numba_cnn.train does), PyTorch and Keras as the float32 arrays their usual input pipelines take.
     ((x_train, y_train), (x_test, y_test)), source = load_data(data, random_data, seed, limit,
