@@ -4,8 +4,9 @@ Op bench (bench_ops). Inputs are the model's real tensors: random images pushed 
 the pooling inputs carry the ReLU's zeros and ties. For each op and backend, the first call is checked against an
 oracle, im2col (layers.py for dense) run in float64 on the same inputs; a backend whose result is off by more than
 CHECK_TOLERANCE, has the wrong shape or dtype, or raises is marked FAILED and never timed. That first call is
-timed on its own and reported as the compile/first-call time; then the passing backends take turns, one call each
-per repeat, so drift on this shared box hits them all alike; each figure is the median, with min, max and quartiles.
+timed on its own and reported as the compile/first-call time; then each passing backend, in turn, makes one
+untimed call and its timed repeats in a block, with the thread settings `train` gives it (see bench_ops); each
+figure is the median, with min, max and quartiles.
 naive runs on a batch of its own (one image by default: it spends about a second per image in conv2 forward), so
 every comparison between backends is per image. Dense is not a kernel of the contract: every CPU backend runs the
 same numpy code from layers.py, so its rows differ only by noise and it gets no speedup. FLOP_FORMULA gives the
@@ -46,6 +47,8 @@ FLOP_FORMULA = ("convolution forward 2*N*K*C*R*S*P*Q (one multiply and one add p
                 "conv1); the bias gradient's N*K*P*Q additions are not counted. Dense forward 2*N*D*M, backward "
                 "twice that (dX and dW). Pooling: no FLOPs counted. sgemm peak: 2*n^3 per n x n matmul.")
 
+# OpenBLAS's idle workers spin for 2^28 cycles (its default THREAD_TIMEOUT, about 0.1 s here) before sleeping.
+BLAS_SETTLE_S = 0.3
 SGEMM_SIZE = 2048
 SGEMM_REPEATS = 3
 OP_LAYERS = ("conv1", "pool1", "conv2", "pool2", "dense")
@@ -334,11 +337,16 @@ def bench_ops(backends=DEFAULT_OP_KERNELS, layers=OP_LAYERS, batch_size=128, nai
                 continue
             row.update(status="ok", first_call_s=first_s, samples_s=[])
             timed.append((k, row, dev_inputs, sync, naive_repeats if k.name in SLOW_BACKENDS else repeats))
-        most_repeats = max((wanted for *_, wanted in timed), default=0)
-        for r in range(most_repeats):
-            for k, row, dev_inputs, sync, wanted in timed:
-                if r < wanted:
-                    row["samples_s"].append(_timed_call(op, k, dev_inputs, sync)[0])
+        # Each backend times its repeats in one block, under the thread settings `train` gives it, after a pause
+        # and an untimed call: OpenBLAS workers keep spinning for a while after each BLAS call (the oracle's, the
+        # sgemm's, im2col's), and interleaved call by call they took the cores a jit kernel needed (jit conv2
+        # forward measured 13-16 ms that way, 3.5 ms in a block of its own).
+        for k, row, dev_inputs, sync, wanted in timed:
+            _pin_threads(threads, k.name)
+            time.sleep(BLAS_SETTLE_S)
+            _timed_call(op, k, dev_inputs, sync)
+            row["samples_s"] = [_timed_call(op, k, dev_inputs, sync)[0] for _ in range(wanted)]
+        _pin_threads(threads)
         for k, row, *_ in timed:
             row.update(_stats(row["samples_s"]))
             row["median_per_image_s"] = row["median_s"] / row["batch"]
