@@ -29,6 +29,7 @@ from numba_cnn.optim import Adam
 from numba_cnn.timing import LayerTimer, NullTimer, format_table
 
 EVAL_BATCH = 256
+WARMUP_IMAGES = 2
 EXIT_INTERRUPTED = 130
 EXIT_DIVERGED = 3
 
@@ -292,12 +293,14 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     x_dev, y_dev = backend.to_device(x_train), backend.to_device(y_train)
     record = {"machine": machine_record(), "threads": threads, "kernels": config.kernels}
 
-    # Warm-up: one full-size forward/backward and one inference batch with a throwaway RNG, no update, so the
-    # compile (jit) or first-touch cost stays out of the timed epochs.
-    warm = min(config.batch_size, n)
+    # Warm-up: a forward/backward and an inference pass on a couple of images with a throwaway RNG, no update,
+    # so the compile (jit) or first-touch cost stays out of the timed epochs. Numba compiles per dtype and
+    # layout, not per batch size, so two images compile everything a full batch uses, and cost naive seconds
+    # rather than minutes.
+    warm = min(WARMUP_IMAGES, n)
     start = time.perf_counter()
     model.forward_backward(L.as_float_images(x_dev[:warm]), y_dev[:warm], L.make_dropout_rng(0))
-    model.predict(L.as_float_images(backend.to_device(x_test[:min(EVAL_BATCH, len(x_test))])))
+    model.predict(L.as_float_images(backend.to_device(x_test[:WARMUP_IMAGES])))
     record["warmup_seconds"] = time.perf_counter() - start
     record["threading_layer"] = threading_layer()
     log(f"kernels {config.kernels}: warm-up (compile or cache load) {record['warmup_seconds']:.2f} s; "
