@@ -25,15 +25,21 @@ from numba_cnn.kernels.cuda_layers import (ZERO, as_device, cuda, launch, launch
                                            to_host)
 
 
+@cuda.jit(device=True)
+def _unravel_nchw(e, channels, height, width):
+    """Flat index e of a C-contiguous (N, channels, height, width) array -> (n, c, row, col)."""
+    col = e % width
+    row = (e // width) % height
+    c = (e // (width * height)) % channels
+    return e // (width * height * channels), c, row, col
+
+
 @cuda.jit
 def _conv_forward(x, w, b, relu, y):
     _, k_out, p_out, q_out = y.shape
     c_in, r_k, s_k = w.shape[1], w.shape[2], w.shape[3]
     for e in range(cuda.grid(1), y.size, cuda.gridsize(1)):
-        j = e % q_out
-        i = (e // q_out) % p_out
-        k = (e // (q_out * p_out)) % k_out
-        n = e // (q_out * p_out * k_out)
+        n, k, i, j = _unravel_nchw(e, k_out, p_out, q_out)
         acc = b[k]
         for c in range(c_in):
             for r in range(r_k):
@@ -80,10 +86,7 @@ def _conv_input_grad(dy, w, dx):
     k_out, p_out, q_out = dy.shape[1], dy.shape[2], dy.shape[3]
     r_k, s_k = w.shape[2], w.shape[3]
     for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
-        col = e % w_in
-        row = (e // w_in) % h_in
-        c = (e // (w_in * h_in)) % c_in
-        n = e // (w_in * h_in * c_in)
+        n, c, row, col = _unravel_nchw(e, c_in, h_in, w_in)
         r_first, r_end = max(0, row - p_out + 1), min(r_k, row + 1)
         s_first, s_end = max(0, col - q_out + 1), min(s_k, col + 1)
         acc = ZERO
@@ -98,10 +101,7 @@ def _conv_input_grad(dy, w, dx):
 def _maxpool_forward(x, y, argmax):
     _, c_in, h_out, w_out = y.shape
     for e in range(cuda.grid(1), y.size, cuda.gridsize(1)):
-        j = e % w_out
-        i = (e // w_out) % h_out
-        c = (e // (w_out * h_out)) % c_in
-        n = e // (w_out * h_out * c_in)
+        n, c, i, j = _unravel_nchw(e, c_in, h_out, w_out)
         best = x[n, c, 2 * i, 2 * j]
         winner = 0
         for offset in range(1, 4):  # offset = 2 * di + dj, row-major, so a tie keeps the earlier winner
@@ -118,10 +118,7 @@ def _maxpool_backward(dy, argmax, dx):
     _, c_in, h_in, w_in = dx.shape
     h_out, w_out = dy.shape[2], dy.shape[3]
     for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
-        col = e % w_in
-        row = (e // w_in) % h_in
-        c = (e // (w_in * h_in)) % c_in
-        n = e // (w_in * h_in * c_in)
+        n, c, row, col = _unravel_nchw(e, c_in, h_in, w_in)
         i, j = row // 2, col // 2
         if i < h_out and j < w_out and argmax[n, c, i, j] == 2 * (row - 2 * i) + (col - 2 * j):
             dx[n, c, row, col] = dy[n, c, i, j]
