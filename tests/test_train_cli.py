@@ -157,6 +157,7 @@ def test_interrupted_then_resumed_run_matches_uninterrupted_run(data, tmp_path, 
             np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf images are the point here
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(data, tmp_path):
     (x_train, y_train), test = data
     poisoned = x_train.copy()
