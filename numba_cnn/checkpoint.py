@@ -16,6 +16,7 @@ from numba_cnn.errors import CheckpointError
 from numba_cnn.model import PARAM_SHAPES
 
 FORMAT_VERSION = 1
+META_KEYS = ("config", "epoch", "step", "order_rng_epoch_start", "dropout_rng", "history")
 
 
 def save_checkpoint(path, params, adam_state, meta):
@@ -40,6 +41,9 @@ def load_checkpoint(path):
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')!r}; "
                               f"this numba_cnn reads version {FORMAT_VERSION}")
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a numba_cnn training checkpoint")
     params = {key[len("param."):]: value for key, value in arrays.items() if key.startswith("param.")}
     adam_state = {key[len("adam."):]: value for key, value in arrays.items() if key.startswith("adam.")}
     if set(params) != set(PARAM_SHAPES):

@@ -14,6 +14,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -174,13 +175,12 @@ class _InterruptFlag:
     """First SIGINT: finish the current step, checkpoint, stop. Second SIGINT: leave at once (checkpoints are
     written by rename, so even a write cut short leaves the previous one whole)."""
 
-    def __init__(self, log):
+    def __init__(self):
         self.set = False
-        self.log = log
         self._previous = None
 
     def __enter__(self):
-        if threading_is_main():
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -196,12 +196,6 @@ class _InterruptFlag:
         self.set = True
         sys.stderr.write("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to quit now)\n")
         sys.stderr.flush()
-
-
-def threading_is_main():
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _prepare_out_dir(out_dir):
@@ -268,21 +262,19 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     backend = get_backend(config.kernels)
     L = backend.layers
 
-    model = Model(backend, seed=config.seed)
+    model = Model(backend, seed=config.seed, params=None if state is None else state[0])
     optimizer = Adam(model.params, L, lr=config.lr)
     order_rng = np.random.default_rng([config.seed, 1])
     dropout_rng = L.make_dropout_rng([config.seed, 2])
     history, start_epoch, start_step, partial = [], 0, 0, None
     if state is not None:
-        params, adam_state, meta = state
-        model.load_state_dict(params)
-        optimizer = Adam(model.params, L, lr=config.lr)
+        _, adam_state, meta = state
         try:
             optimizer.load_state_dict(adam_state, backend.to_device)
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {resume} has an unusable optimizer state: {exc}") from None
-        order_rng.bit_generator.state = meta["order_rng_epoch_start"]
-        dropout_rng = L.restore_dropout_rng(meta["dropout_rng"])
+            order_rng.bit_generator.state = meta["order_rng_epoch_start"]
+            dropout_rng = L.restore_dropout_rng(meta["dropout_rng"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {resume} has an unusable optimizer or RNG state: {exc}") from None
         history, start_epoch, start_step = meta["history"], meta["epoch"], meta["step"]
         partial = meta.get("partial")
         log(f"resuming from {resume}: epoch {start_epoch + 1}, step {start_step}")
@@ -317,7 +309,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
                 "history": history, "partial": partial_stats}
         ckpt.save_checkpoint(checkpoint_path, model.state_dict(), optimizer.state_dict(backend.to_host), meta)
 
-    with _InterruptFlag(log) as interrupt:
+    with _InterruptFlag() as interrupt:
         for epoch in range(start_epoch, config.epochs):
             epoch_start_state = order_rng.bit_generator.state
             perm = order_rng.permutation(n)

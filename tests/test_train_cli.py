@@ -250,7 +250,9 @@ def make_bad_checkpoints(tmp_path, good):
     params["dense.w"] = np.zeros((1600, 12), np.float32)
     other_model = tmp_path / "other_model.npz"
     ckpt.save_checkpoint(other_model, params, adam_state, meta)
-    return {"truncated": truncated, "garbage": garbage, "other_model": other_model}
+    foreign = tmp_path / "foreign.npz"  # right arrays, but no run state to resume from
+    ckpt.save_checkpoint(foreign, ckpt.load_checkpoint(good)[0], adam_state, {"config": meta["config"]})
+    return {"truncated": truncated, "garbage": garbage, "other_model": other_model, "foreign": foreign}
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +280,7 @@ def bad_input_data(npz_path):
     (["train", "--resume", "{tmp}/missing.npz"], "missing.npz does not exist"),
     (["train", "--resume", "{truncated}"], "truncated or corrupt"),
     (["evaluate", "{garbage}"], "truncated or corrupt"),
+    (["train", "--resume", "{foreign}"], "not a numba_cnn training checkpoint"),
     (["evaluate", "{other_model}"], "is from a different model: dense.w has shape (1600, 12)"),
     (["train", "--data", "{tmp}/no_such_folder"], "no_such_folder"),
 ])
