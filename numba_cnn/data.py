@@ -26,6 +26,7 @@ import numpy as np
 
 from numba_cnn.atomic import atomic_write
 from numba_cnn.errors import DataError
+from numba_cnn.layers import as_float_images
 
 MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 # The hash keras checks for that file.
@@ -182,11 +183,7 @@ def _check_same_count(images, labels, images_path, labels_path):
 def _to_model_images(images, normalize):
     """(N, 28, 28) uint8 -> (N, 1, 28, 28), float32 pixel/255 or left uint8."""
     images = images.reshape(len(images), 1, ROWS, COLS)
-    if not normalize:
-        return images
-    scaled = images.astype(np.float32)
-    scaled /= np.float32(255)
-    return scaled
+    return as_float_images(images) if normalize else images
 
 
 # ---------------------------------------------------------------------------------------------------------------

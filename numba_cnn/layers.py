@@ -17,12 +17,14 @@ def take_rows(data, idx):
 
 
 def as_float_images(images):
-    """Images as the network takes them: raw uint8 pixels become float32 in [0, 1] (pixel / 255, the same
-    arithmetic as numba_cnn.data); float images pass through. The trainer keeps the set in uint8, a quarter of
+    """Images as the network takes them: raw uint8 pixels become float32 in [0, 1] (pixel / 255; load_mnist
+    scales through here too); float images pass through. The trainer keeps the set in uint8, a quarter of
     the memory, and converts one batch at a time."""
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / np.float32(255)
-    return images
+    if images.dtype != np.uint8:
+        return images
+    scaled = images.astype(np.float32)
+    scaled /= np.float32(255)  # in place: scaling the whole set must not hold a second float copy
+    return scaled
 
 
 def relu_backward(dy, y):
