@@ -26,7 +26,8 @@ def atomic_write(path, write):
 
 
 def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
+    """obj as indented JSON, atomically; numpy scalars are written as numbers."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=float) + "\n").encode("utf-8")))
 
 
 def _umask():

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from numba_cnn.atomic import write_json
 from numba_cnn.errors import NumbaCNNError
 from numba_cnn.kernels import BACKENDS, Backend, BackendUnavailable, get_backend
 from numba_cnn.model import INPUT_SHAPE, PARAM_SHAPES, init_params
@@ -789,7 +790,7 @@ def _check_writable(folder):
 def _write_json(path, record):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1, default=float) + "\n", encoding="utf-8")
+        write_json(path, record)  # atomic: an interrupted bench leaves no half-written record
     except OSError as exc:
         raise NumbaCNNError(f"cannot write {path}: {exc.strerror or exc}") from None
 
