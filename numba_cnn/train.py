@@ -298,7 +298,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     log(f"kernels {config.kernels}: warm-up (compile or cache load) {record['warmup_seconds']:.2f} s; "
         f"threads {threads['numba_threads']} ({record['threading_layer'] or 'no parallel kernels'})")
 
-    timer = LayerTimer(sync=getattr(L, "synchronize", None))
+    timer = LayerTimer(sync=backend.synchronize)
     model.timer = timer
     checkpoint_path = out_dir / "checkpoint.npz"
     status = "finished"

@@ -22,9 +22,6 @@ import pytest  # noqa: E402
 
 from numba_cnn.kernels import BACKENDS, get_backend  # noqa: E402
 
-# Only tiny shapes for these: naive is Python loops, and cuda runs mostly on the simulator (one Python thread per
-# CUDA thread).
-TINY_ONLY = frozenset({"naive", "cuda"})
 # On numba's CUDA simulator every kernel launch runs one Python thread per CUDA thread (about 0.1-1 s per launch
 # here), so finite-difference checks there perturb a random sample of this many elements instead of all of them.
 SIMULATOR_FD_ELEMENTS = 6
@@ -65,10 +62,22 @@ class Case:
     spec: dict
 
 
+def tiny_only(name):
+    """Only tiny shapes for a slow backend (Python loops) and for cuda, which runs mostly on the simulator (one
+    Python thread per CUDA thread). Read from the module's INFO without importing a backend that cannot load."""
+    import importlib
+
+    from numba_cnn.kernels import REGISTRY
+
+    if name == "cuda":
+        return True
+    return importlib.import_module(REGISTRY[name]).INFO.slow
+
+
 def backend_case_params(cases, names=BACKENDS):
-    """(backend_name, case) pairs: every case on the compiled backends, the tiny ones on naive and cuda."""
+    """(backend_name, case) pairs: every case on the compiled backends, the tiny ones on the slow ones and cuda."""
     return [pytest.param(name, case, id=f"{name}-{case.id}", marks=backend_marks(name))
-            for name in names for case in cases if case.tiny or name not in TINY_ONLY]
+            for name in names for case in cases if case.tiny or not tiny_only(name)]
 
 
 @pytest.fixture(params=backend_params())

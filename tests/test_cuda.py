@@ -1,4 +1,4 @@
-"""The cuda backend against the numpy references, on tiny shapes (the simulator runs a Python thread per CUDA
+"""The cuda backend against the float64 oracle (and numpy layers), on tiny shapes (the simulator runs a Python thread per CUDA
 thread).
 
 On a machine without a GPU, conftest.py switches Numba's CUDA simulator on, so `python -m pytest` runs these too.
@@ -16,10 +16,9 @@ import pytest
 
 from numba_cnn import layers as numpy_layers
 from numba_cnn.kernels import BackendUnavailable, get_backend
-from numba_cnn.kernels import im2col as reference
+from numba_cnn.kernels import reference
 from numba_cnn.model import Model
 
-TOLERANCE = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-11, atol=1e-12)}
 DTYPES = [np.float32, np.float64]
 
 
@@ -61,12 +60,12 @@ def test_conv_matches_reference(cuda_backend, dtype, x_shape, kernel):
     for relu in (False, True):
         y = cuda_backend.conv2d_forward(dev(x), dev(w), dev(b), relu=relu)
         assert_on_device(y)
-        np.testing.assert_allclose(cuda_backend.to_host(y), reference.conv2d_forward(x, w, b, relu), **TOLERANCE[dtype])
+        reference.assert_close(cuda_backend.to_host(y), reference.conv2d_forward(x, w, b, relu), dtype)
     dy = random(y.shape, dtype, 4)
     dx, dw, db = cuda_backend.conv2d_backward(dev(dy), dev(x), dev(w), need_dx=True)
     assert_on_device(dx, dw, db)
     for got, want in zip((dx, dw, db), reference.conv2d_backward(dy, x, w, True)):
-        np.testing.assert_allclose(cuda_backend.to_host(got), want, **TOLERANCE[dtype])
+        reference.assert_close(cuda_backend.to_host(got), want, dtype)
     none, dw_only, _ = cuda_backend.conv2d_backward(dev(dy), dev(x), dev(w), need_dx=False)
     assert none is None
     np.testing.assert_array_equal(cuda_backend.to_host(dw_only), cuda_backend.to_host(dw))
@@ -93,7 +92,7 @@ def test_host_inputs_are_accepted(cuda_backend):
     x, w, b = random((1, 1, 4, 4), np.float32), random((2, 1, 3, 3), np.float32), np.zeros(2, np.float32)
     y = cuda_backend.conv2d_forward(x, w, b, relu=False)
     assert_on_device(y)
-    np.testing.assert_allclose(cuda_backend.to_host(y), reference.conv2d_forward(x, w, b, False), rtol=1e-5)
+    reference.assert_close(cuda_backend.to_host(y), reference.conv2d_forward(x, w, b, False), np.float32)
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -139,11 +138,11 @@ def test_dense_layers(cuda_backend, dtype):
     x, w, b, dy = random((3, 37), dtype, 1), random((37, 4), dtype, 2), random((4,), dtype, 3), random((3, 4), dtype, 4)
     y = L.dense_forward(dev(x), dev(w), dev(b))
     assert_on_device(y)
-    np.testing.assert_allclose(host(y), numpy_layers.dense_forward(x, w, b), **TOLERANCE[dtype])
+    reference.assert_close(host(y), numpy_layers.dense_forward(x, w, b), dtype)
     grads = L.dense_backward(dev(dy), dev(x), dev(w))
     assert_on_device(*grads)
     for got, want in zip(grads, numpy_layers.dense_backward(dy, x, w)):
-        np.testing.assert_allclose(host(got), want, **TOLERANCE[dtype])
+        reference.assert_close(host(got), want, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -158,7 +157,7 @@ def test_softmax_cross_entropy_and_argmax(cuda_backend, dtype):
     assert_on_device(dlogits)
     assert loss == pytest.approx(want_loss, rel=1e-5)
     assert correct == want_correct
-    np.testing.assert_allclose(host(dlogits), want_dlogits, **TOLERANCE[dtype])
+    reference.assert_close(host(dlogits), want_dlogits, dtype)
     predictions = L.argmax_rows(dev(logits))
     assert isinstance(predictions, np.ndarray) and predictions.dtype == np.int64
     np.testing.assert_array_equal(predictions, numpy_layers.argmax_rows(logits))
@@ -199,7 +198,7 @@ def test_adam_matches_numpy(cuda_backend, dtype):
         L.adam_update(p, dev(grad), m, v, alpha, 0.9, 0.999, 1e-7)
         numpy_layers.adam_update(want_p, grad, want_m, want_v, alpha, 0.9, 0.999, 1e-7)
     for got, want in ((p, want_p), (m, want_m), (v, want_v)):
-        np.testing.assert_allclose(host(got), want, **TOLERANCE[dtype])
+        reference.assert_close(host(got), want, dtype)
 
 
 # ------------------------------------------------------------------------------------------ the whole model
@@ -298,7 +297,7 @@ _PTX_CHECK = textwrap.dedent("""
     # Compiling to PTX needs NVVM but no device: pretend one (compute capability 9.0) is there.
     cuda.is_available = lambda: True
     numba.cuda.dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
-    from numba_cnn.kernels import cuda as K, cuda_layers as L
+    from numba_cnn.kernels.cuda import kernels as K, layers as L, runtime as R
 
     a = lambda *shape: np.zeros(shape, np.float32)
     one, states, index = np.float32(1), np.zeros(4, xoroshiro128p_dtype), np.zeros(2, np.int64)
@@ -317,7 +316,7 @@ _PTX_CHECK = textwrap.dedent("""
         (L._dense_forward, (a(2, 3), a(3, 4), a(4), a(2, 4))),
         (L._dense_input_grad, (a(2, 4), a(3, 4), a(2, 3))),
         (L._dense_weight_grad, (a(2, 4), a(2, 3), a(3, 4))),
-        (L.sum_outer_inner, (a(2, 3, 4), a(3))),
+        (R.sum_outer_inner, (a(2, 3, 4), a(3))),
         (L._softmax_cross_entropy, (a(2, 3), np.zeros(2, np.uint8), one, one, a(2, 3), a(2, 2))),
         (L._argmax_rows, (a(2, 3), index)),
         (L._adam, (a(3), a(3), a(3), a(3), one, one, one, one)),

@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
-import reference
+from numba_cnn.kernels import reference
 
 numba = pytest.importorskip("numba")
 jit = pytest.importorskip("numba_cnn.kernels.jit")

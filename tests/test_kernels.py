@@ -1,4 +1,4 @@
-"""Parity: every contract op of every backend against the float64 oracle (tests/reference.py), on random and
+"""Parity: every contract op of every backend against the float64 oracle (numba_cnn/kernels/reference.py), on random and
 awkward shapes, float32 within FLOAT32_TOL and float64 tight; pooling (no arithmetic) must match exactly. The last
 tests prove the comparison catches a small perturbation of any output of any op."""
 
@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-import reference
+from numba_cnn.kernels import reference
 from conftest import Case, backend_case_params, on_device, on_host
 from numba_cnn.kernels import Backend, get_backend
 from numba_cnn.kernels import im2col
@@ -213,6 +213,7 @@ def perturbed_backend(op, output_index, dtype):
         return tuple(outputs) if len(outputs) > 1 else outputs[0]
 
     module = types.ModuleType("perturbed_im2col")
+    module.INFO = im2col.INFO
     for name in ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward"):
         setattr(module, name, getattr(im2col, name))
     setattr(module, op, perturbed)

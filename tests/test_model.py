@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-import reference
+from numba_cnn.kernels import reference
 from conftest import backend_params, on_cuda_simulator
 from gradcheck import assert_gradient_matches
 from numba_cnn import layers as numpy_layers
@@ -128,7 +128,7 @@ def training_pass(backend_name):
 
 
 def oracle_training_pass(dropout_mask):
-    """The same pass in float64 through the oracle's kernels (tests/reference.py) and numpy layers, with the
+    """The same pass in float64 through the oracle's kernels (numba_cnn/kernels/reference.py) and numpy layers, with the
     dropout mask the backend under test drew."""
     backend = Backend("reference", reference)
     backend.layers = GivenDropout(dropout_mask.astype(np.float64))

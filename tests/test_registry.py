@@ -3,21 +3,28 @@ with the contract's parameters; bad input raises ValueError at the boundary, bef
 
 import importlib
 import inspect
+import sys
 
 import numpy as np
 import pytest
 
 from numba_cnn import kernels
-from numba_cnn.kernels import BACKENDS, CONTRACT, UnknownBackend, get_backend
+from numba_cnn import layers as numpy_layers
+from numba_cnn.kernels import (BACKENDS, CONTRACT, FUSED_OPS, ORACLE, BackendInfo, UnknownBackend, backend_names,
+                               get_backend, reference)
+from numba_cnn.kernels.contract import op_names
+from conftest import backend_params
 
 CONTRACT_PARAMETERS = {
     "conv2d_forward": ["x", "w", "b", "relu"],
     "conv2d_backward": ["dy", "x", "w", "need_dx"],
     "maxpool2d_forward": ["x"],
     "maxpool2d_backward": ["dy", "argmax", "x_shape"],
+    "conv2d_relu_maxpool2d_forward": ["x", "w", "b"],
+    "conv2d_relu_maxpool2d_backward": ["dy", "y", "argmax", "x", "w", "need_dx"],
 }
-# A backend whose arrays live off the host also exports these two (kernels/README.md).
-DEVICE_EXTRAS = {"to_device", "to_host"}
+# The oracle also carries the one tolerance and the comparison every check uses.
+ORACLE_EXTRAS = ["tolerance", "relative_error", "assert_close"]
 
 
 def public_functions(module):
@@ -30,43 +37,118 @@ def public_functions(module):
     return [name for _, name in sorted(found)]
 
 
+def ops_module(backend_module):
+    """The module that defines the backend's ops: the backend module itself, or (for a package) the submodule its
+    contract functions come from."""
+    fn = backend_module.conv2d_forward
+    return sys.modules[getattr(fn, "py_func", fn).__module__]
+
+
+@pytest.fixture(params=backend_names(include_oracle=True))
+def any_backend_name(request):
+    return request.param
+
+
 @pytest.fixture
 def backend_module(backend_name):
-    return importlib.import_module(f"numba_cnn.kernels.{backend_name}")
+    return importlib.import_module(kernels.REGISTRY[backend_name])
 
 
 def test_registry_lists_every_backend():
-    assert BACKENDS == ("naive", "im2col", "jit", "cuda")
+    assert BACKENDS == ("naive", "im2col", "jit", "cuda") == backend_names()
+    assert backend_names(include_oracle=True) == BACKENDS + (ORACLE,)
     assert CONTRACT == ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward")
+    assert set(CONTRACT_PARAMETERS) == set(CONTRACT) | set(sum(FUSED_OPS.values(), ()))
 
 
-def test_backend_defines_exactly_the_contract_in_order(backend_module):
-    functions = public_functions(backend_module)
-    extras = DEVICE_EXTRAS if hasattr(backend_module, "to_device") else set()
-    assert [f for f in functions if f not in extras] == list(CONTRACT)
-    assert set(functions) - set(CONTRACT) <= extras
+def test_backend_defines_exactly_its_ops_in_order(any_backend_name):
+    try:
+        module = importlib.import_module(kernels.REGISTRY[any_backend_name])
+    except kernels.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    assert isinstance(module.INFO, BackendInfo)
+    extras = ORACLE_EXTRAS if any_backend_name == ORACLE else []
+    assert public_functions(ops_module(module)) == extras + list(op_names(module.INFO))
 
 
-def test_backend_contract_signatures(backend_module):
-    for name, parameters in CONTRACT_PARAMETERS.items():
-        fn = getattr(backend_module, name)
+def test_backend_op_signatures(any_backend_name):
+    try:
+        module = importlib.import_module(kernels.REGISTRY[any_backend_name])
+    except kernels.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    for name in op_names(module.INFO):
+        fn = getattr(module, name)
         fn = getattr(fn, "py_func", fn)
-        assert list(inspect.signature(fn).parameters) == parameters, name
+        assert list(inspect.signature(fn).parameters) == CONTRACT_PARAMETERS[name], name
+
+
+@pytest.mark.parametrize("backend_name", [p for p in backend_params() if p.values[0] == "cuda"])
+def test_device_backend_layers_match_the_numpy_layers(backend_name, backend_module):
+    """A backend whose arrays live off the host brings every function of numba_cnn/layers.py with the same
+    parameters, plus to_device, to_host and synchronize."""
+    assert backend_module.INFO.on_device
+    for name in public_functions(numpy_layers):
+        theirs = getattr(backend_module.layers, name, None)
+        assert theirs is not None, f"{backend_name}.layers lacks {name}"
+        assert (list(inspect.signature(theirs).parameters)
+                == list(inspect.signature(getattr(numpy_layers, name)).parameters)), name
+    for name in ("to_device", "to_host", "synchronize"):
+        assert callable(getattr(backend_module, name)), name
 
 
 def test_backend_has_header_docstring(backend_module):
     doc = backend_module.__doc__ or ""
     assert doc.strip(), "a backend module starts with a docstring saying how it computes the contract"
-    for name in CONTRACT:
+    for name in op_names(backend_module.INFO):
         assert (getattr(backend_module, name).__doc__ or "").strip(), f"{name} has no docstring"
 
 
 def test_get_backend_wraps_the_module(backend_name, backend_module):
     backend = get_backend(backend_name)
     assert backend.name == backend_name and backend.module is backend_module
+    assert backend.info is backend_module.INFO
     assert get_backend(backend_name) is backend  # one instance per name
-    for name in CONTRACT:
+    for name in op_names(backend.info):
         assert getattr(backend, name).__name__ == name
+
+
+THROWAWAY_BACKEND = '''"""throwaway backend: the oracle's ops under another name, for the registry test."""
+from numba_cnn.kernels.contract import BackendInfo
+from numba_cnn.kernels.reference import conv2d_backward, conv2d_forward, maxpool2d_backward, maxpool2d_forward
+
+INFO = BackendInfo(summary="the oracle under another name", slow=True)
+'''
+
+
+def test_adding_a_backend_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
+    """kernels/README.md's recipe, followed: write a module with INFO and the contract, register it; the registry
+    then lists it, checks its input at the boundary and runs it, and Model trains on it."""
+    (tmp_path / "throwaway_backend.py").write_text(THROWAWAY_BACKEND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(kernels, "REGISTRY", dict(kernels.REGISTRY))
+    monkeypatch.setattr(kernels, "_cache", {})
+    kernels.register("throwaway", "throwaway_backend")
+    assert "throwaway" in backend_names()
+    backend = get_backend("throwaway")
+    assert backend.info.slow and not backend.has_fused("conv2d_relu_maxpool2d")
+    with pytest.raises(ValueError, match="4 dimensions"):
+        backend.maxpool2d_forward(np.zeros((2, 2), np.float32))
+    y, argmax = backend.maxpool2d_forward(np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4))
+    np.testing.assert_array_equal(y, [[[[5, 7], [13, 15]]]])
+    from numba_cnn.model import Model
+
+    model = Model(backend, dtype=np.float64)
+    loss, _ = model.forward_backward(np.zeros((1, 1, 28, 28)), np.array([3]), np.random.default_rng(0))
+    assert loss == pytest.approx(np.log(10))  # zero images and zero biases: every class equally likely
+
+
+def test_a_module_without_info_is_refused():
+    with pytest.raises(TypeError, match="INFO"):
+        kernels.Backend("bare", type(sys)("bare"))
+
+
+def test_oracle_is_registered_but_not_offered():
+    assert ORACLE not in BACKENDS and get_backend(ORACLE).module is reference
 
 
 @pytest.mark.parametrize("name", ["", "numpy", "NAIVE", "im2col ", None])

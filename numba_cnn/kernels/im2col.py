@@ -12,6 +12,10 @@ maxpool2d_*      the four strided views x[:, :, di::2, dj::2] compared elementwi
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from numba_cnn.kernels.contract import BackendInfo
+
+INFO = BackendInfo(summary="im2col patches and BLAS matmuls, numpy views for pooling")
+
 
 def _im2col(x, r, s):
     """x[N, C, H, W] -> cols[N, C*R*S, P*Q]: per image one row per kernel tap (c, r, s), one column per output

@@ -14,6 +14,10 @@ scalars), so float32 in gives float32 rounding, as in the other backends.
 
 import numpy as np
 
+from numba_cnn.kernels.contract import BackendInfo
+
+INFO = BackendInfo(summary="textbook Python loops, one output element at a time", slow=True)
+
 
 def conv2d_forward(x, w, b, relu):
     """x[N,C,H,W], w[K,C,R,S], b[K] -> y[N,K,H-R+1,W-S+1], ReLU applied when relu is True."""

@@ -1,4 +1,4 @@
-"""cuda backend: the four kernels as numba-cuda `@cuda.jit` kernels on device arrays (a GPU, or Numba's simulator).
+"""The cuda backend's contract ops: the four kernels as numba-cuda `@cuda.jit` kernels on device arrays (a GPU, or Numba's simulator).
 
 conv2d_forward     a thread per output y[n, k, i, j]: the bias plus the C*R*S products, ReLU applied before the one
                    store.
@@ -12,17 +12,13 @@ maxpool2d_forward  a thread per window: the first of the four largest wins (stri
 maxpool2d_backward a thread per input element: dy of its window if it is the recorded winner, else zero (which also
                    zeroes a dropped last row or column).
 
-Inputs may be device arrays or host arrays (copied in); outputs are device arrays. `to_device`, `to_host`, the
-launch configuration and `layers` (dense, dropout, softmax cross-entropy, Adam on device arrays) are in
-cuda_layers.py, which also checks on import that numba-cuda and a GPU or the simulator are there.
+Inputs may be device arrays or host arrays (copied in); outputs are device arrays. Each launcher follows its
+kernels; the launch configuration is runtime.py's.
 """
 
 import numpy as np
 
-# cuda_layers first: its import raises BackendUnavailable when numba-cuda or a device is missing.
-from numba_cnn.kernels import cuda_layers as layers
-from numba_cnn.kernels.cuda_layers import (ZERO, as_device, cuda, launch, launch_blocks, sum_outer_inner, to_device,
-                                           to_host)
+from numba_cnn.kernels.cuda.runtime import ZERO, as_device, cuda, launch, launch_blocks, sum_outer_inner
 
 
 @cuda.jit(device=True)
@@ -48,6 +44,16 @@ def _conv_forward(x, w, b, relu, y):
         if relu and acc < ZERO:
             acc = ZERO
         y[n, k, i, j] = acc
+
+
+def conv2d_forward(x, w, b, relu):
+    """x[N,C,H,W], w[K,C,R,S], b[K] -> y[N,K,H-R+1,W-S+1] on the device, ReLU applied when relu is True."""
+    x, w, b = as_device(x, "x"), as_device(w, "w"), as_device(b, "b")
+    n, _, h, wd = x.shape
+    k, _, r, s = w.shape
+    y = cuda.device_array((n, k, h - r + 1, wd - s + 1), dtype=x.dtype)
+    launch(_conv_forward, y.size, x, w, b, relu, y)
+    return y
 
 
 @cuda.jit
@@ -97,45 +103,6 @@ def _conv_input_grad(dy, w, dx):
         dx[n, c, row, col] = acc
 
 
-@cuda.jit
-def _maxpool_forward(x, y, argmax):
-    _, c_in, h_out, w_out = y.shape
-    for e in range(cuda.grid(1), y.size, cuda.gridsize(1)):
-        n, c, i, j = _unravel_nchw(e, c_in, h_out, w_out)
-        best = x[n, c, 2 * i, 2 * j]
-        winner = 0
-        for offset in range(1, 4):  # offset = 2 * di + dj, row-major, so a tie keeps the earlier winner
-            value = x[n, c, 2 * i + offset // 2, 2 * j + offset % 2]
-            if value > best:
-                best = value
-                winner = offset
-        y[n, c, i, j] = best
-        argmax[n, c, i, j] = winner
-
-
-@cuda.jit
-def _maxpool_backward(dy, argmax, dx):
-    _, c_in, h_in, w_in = dx.shape
-    h_out, w_out = dy.shape[2], dy.shape[3]
-    for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
-        n, c, row, col = _unravel_nchw(e, c_in, h_in, w_in)
-        i, j = row // 2, col // 2
-        if i < h_out and j < w_out and argmax[n, c, i, j] == 2 * (row - 2 * i) + (col - 2 * j):
-            dx[n, c, row, col] = dy[n, c, i, j]
-        else:
-            dx[n, c, row, col] = ZERO
-
-
-def conv2d_forward(x, w, b, relu):
-    """x[N,C,H,W], w[K,C,R,S], b[K] -> y[N,K,H-R+1,W-S+1] on the device, ReLU applied when relu is True."""
-    x, w, b = as_device(x, "x"), as_device(w, "w"), as_device(b, "b")
-    n, _, h, wd = x.shape
-    k, _, r, s = w.shape
-    y = cuda.device_array((n, k, h - r + 1, wd - s + 1), dtype=x.dtype)
-    launch(_conv_forward, y.size, x, w, b, relu, y)
-    return y
-
-
 def conv2d_backward(dy, x, w, need_dx):
     """dy[N,K,P,Q], x[N,C,H,W], w[K,C,R,S] -> (dx[N,C,H,W] or None, dw[K,C,R,S], db[K]) on the device."""
     dy, x, w = as_device(dy, "dy"), as_device(x, "x"), as_device(w, "w")
@@ -153,6 +120,22 @@ def conv2d_backward(dy, x, w, need_dx):
     return dx, dw, db
 
 
+@cuda.jit
+def _maxpool_forward(x, y, argmax):
+    _, c_in, h_out, w_out = y.shape
+    for e in range(cuda.grid(1), y.size, cuda.gridsize(1)):
+        n, c, i, j = _unravel_nchw(e, c_in, h_out, w_out)
+        best = x[n, c, 2 * i, 2 * j]
+        winner = 0
+        for offset in range(1, 4):  # offset = 2 * di + dj, row-major, so a tie keeps the earlier winner
+            value = x[n, c, 2 * i + offset // 2, 2 * j + offset % 2]
+            if value > best:
+                best = value
+                winner = offset
+        y[n, c, i, j] = best
+        argmax[n, c, i, j] = winner
+
+
 def maxpool2d_forward(x):
     """x[N,C,H,W] -> (y[N,C,H//2,W//2], argmax uint8 of the same shape) on the device."""
     x = as_device(x, "x")
@@ -161,6 +144,19 @@ def maxpool2d_forward(x):
     argmax = cuda.device_array(y.shape, dtype=np.uint8)
     launch(_maxpool_forward, y.size, x, y, argmax)
     return y, argmax
+
+
+@cuda.jit
+def _maxpool_backward(dy, argmax, dx):
+    _, c_in, h_in, w_in = dx.shape
+    h_out, w_out = dy.shape[2], dy.shape[3]
+    for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        n, c, row, col = _unravel_nchw(e, c_in, h_in, w_in)
+        i, j = row // 2, col // 2
+        if i < h_out and j < w_out and argmax[n, c, i, j] == 2 * (row - 2 * i) + (col - 2 * j):
+            dx[n, c, row, col] = dy[n, c, i, j]
+        else:
+            dx[n, c, row, col] = ZERO
 
 
 def maxpool2d_backward(dy, argmax, x_shape):

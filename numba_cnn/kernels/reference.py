@@ -1,22 +1,28 @@
-"""The float64 oracle every backend is compared with, and the tolerances of those comparisons.
+"""reference: the float64 oracle every backend is compared with, and the one tolerance of those comparisons.
 
 It shares no code with any backend and computes each op another way: convolution as a sum over kernel taps of
 einsum contractions of shifted slices (no patch matrix, no explicit pixel loop), pooling by lining up each
 window's four elements on a last axis in row-major order and taking np.argmax (documented to return the first
-maximum). The functions carry the contract's names and signatures, so `Backend("reference", reference)` also runs
-the whole Model in float64 as an oracle. Inputs of any float dtype are computed on in float64; outputs are
-float64 (argmax uint8).
+maximum, and the first NaN where there is one: the contract's NaN rule). It is registered as a backend, so the
+whole Model also runs on it in float64, but the CLI does not offer it. Inputs of any float dtype are computed on in
+float64; outputs are float64 (argmax uint8). Tests, the bench's check-then-time gate and the cuda tests all
+compare with it through `relative_error` and `tolerance`.
 """
 
 import numpy as np
 
+from numba_cnn.kernels.contract import BackendInfo
+
+INFO = BackendInfo(summary="float64 oracle (einsum per kernel tap), for checks only", blas_threads="all")
+
 # float32 results vs this oracle (and vs each other): |actual - expected| <= FLOAT32_TOL * (|expected| +
 # max |expected|), elementwise. float32 keeps 24 bits (unit roundoff 6e-8). A convolution output sums C*R*S
-# products (288 for conv2) and a weight gradient N*P*Q of them (thousands); rounding grows about with the square
-# root of the term count, so the error relative to the largest element stays near 1e-7..1e-6 (im2col vs this
-# oracle on conv2 with a batch of 64: 5.7e-7 forward, 3.9e-7 on dw; NUMBA-NOTES 4.5: 7.6e-5 absolute on outputs
-# near 50, 1.5e-6 relative). 1e-4 leaves two orders of magnitude for other summation orders and for the Model's
-# chained layers, while a real bug (a missed tap, an off-by-one, a wrong sign) moves elements by 1e-2..1 relative.
+# products (288 for conv2) and a weight gradient N*P*Q of them (15,488 for conv2's dW at batch 128); rounding grows
+# about with the square root of the term count, so the error relative to the largest element stays near
+# 1e-7..1e-6 (im2col vs this oracle on conv2 with a batch of 64: 5.7e-7 forward, 3.9e-7 on dw; a jit conv2 forward
+# tile: 7.6e-5 absolute on outputs near 50, 1.5e-6 relative). 1e-4 leaves two orders of magnitude for other
+# summation orders and for the Model's chained layers, while a real bug (a missed tap, an off-by-one, a wrong sign)
+# moves elements by 1e-2..1 relative.
 FLOAT32_TOL = 1e-4
 # float64 results: the same sums with 53 bits (unit roundoff 1.1e-16) stay below 1e-13 relative here.
 FLOAT64_TOL = 1e-10
@@ -26,14 +32,33 @@ def tolerance(dtype):
     return FLOAT32_TOL if np.dtype(dtype) == np.float32 else FLOAT64_TOL
 
 
+def relative_error(actual, expected):
+    """max over elements of |actual - expected| / (|expected| + max |expected|): the measure every comparison with
+    the oracle uses, so that near-zero elements of a large sum are judged on the sum's scale. Non-finite expected
+    elements must be matched exactly (NaN by NaN, an infinity by the same infinity), else the error is inf."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        raise ValueError(f"shape {actual.shape}, expected {expected.shape}")
+    finite = np.isfinite(expected)
+    same_special = (np.isnan(expected) & np.isnan(actual)) | (np.isinf(expected) & (actual == expected))
+    if not np.all(finite | same_special) or not np.all(np.isfinite(actual[finite])):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    diff = np.abs(actual[finite] - expected[finite])
+    bound = np.abs(expected[finite]) + np.abs(expected[finite]).max()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(diff == 0, 0.0, diff / bound)
+    return float(ratio.max())
+
+
 def assert_close(actual, expected, dtype, what="result"):
-    """actual within the tolerance of `dtype` of expected, elementwise, the absolute part scaled by the largest
-    |expected| so that near-zero elements of a large sum are judged on the sum's scale."""
+    """actual within the tolerance of `dtype` of expected, by relative_error."""
     actual, expected = np.asarray(actual), np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
-    tol = tolerance(dtype)
-    scale = float(np.abs(expected).max()) if expected.size else 0.0
-    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=tol, atol=tol * scale, err_msg=what)
+    err = relative_error(actual, expected)
+    assert err <= tolerance(dtype), f"{what}: relative error {err:.3g} > {tolerance(dtype):g}"
 
 
 def _f64(a):

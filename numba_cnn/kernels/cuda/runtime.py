@@ -1,0 +1,136 @@
+"""The cuda backend's device runtime: the import-time check for numba-cuda and a device, the launch configuration,
+host <-> device copies, and the block reductions the other cuda modules share.
+
+Importing this module checks that numba-cuda and a GPU (or Numba's CUDA simulator) are there, and raises
+BackendUnavailable saying what to install otherwise.
+
+Launches: kernels walk their output with grid-stride loops. On a GPU the grid covers the output once, 256 threads
+per block (one element per thread); the simulator runs one Python thread per CUDA thread, so there two blocks of 16
+threads walk the whole output instead. Sums over many terms with few outputs (dense forward, bias gradients) give
+one block to each output and add in shared memory in a fixed tree order: no atomics, so results are the same on
+every run.
+"""
+
+
+import math
+import warnings
+
+import numpy as np
+
+from numba_cnn.kernels.contract import BackendUnavailable
+
+_SIMULATOR_HINT = ("or set NUMBA_ENABLE_CUDASIM=1 before starting Python to run the kernels on the CPU in Numba's "
+                   "CUDA simulator (slow: for tests)")
+
+try:
+    from numba import cuda
+except ImportError as exc:
+    raise BackendUnavailable(f"the cuda kernels need numba-cuda, which failed to import ({exc}): install it with "
+                             f'`pip install -e ".[cuda]"` and run on a machine with an NVIDIA GPU and driver, '
+                             f"{_SIMULATOR_HINT}") from None
+if getattr(cuda, "implementation", None) != "NVIDIA":
+    # numba itself still ships an old, deprecated numba.cuda: without numba-cuda installed, that is what imports.
+    raise BackendUnavailable(f'the cuda kernels need numba-cuda, which is not installed: `pip install -e ".[cuda]"`, '
+                             f"then run on a machine with an NVIDIA GPU and driver, {_SIMULATOR_HINT}")
+
+from numba.cuda.core import config as cuda_config  # noqa: E402  (only numba-cuda has this module)
+
+SIMULATED = bool(cuda_config.ENABLE_CUDASIM)
+if not cuda.is_available():
+    reason = " ".join(str(cuda.cuda_error() or "no device found").split())
+    raise BackendUnavailable(f"the cuda kernels found no usable NVIDIA GPU ({reason}): run on a machine with one and "
+                             f'its driver (with numba-cuda from `pip install -e ".[cuda]"`), {_SIMULATOR_HINT}')
+
+THREADS_PER_BLOCK = 16 if SIMULATED else 256  # a power of two: the block sums below halve it
+MAX_BLOCKS = 2 if SIMULATED else 1 << 20
+DROPOUT_STREAMS = THREADS_PER_BLOCK * (2 if SIMULATED else 16)  # 4096 on a GPU, 50 elements each for batch 128
+
+# The small launches (a thread per row of a 128-row batch) are small by nature, not by mistake.
+warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-utilization")
+
+# A typed zero: a bare 0 or 0.0 in a kernel is an int64/float64 literal and would promote float32 arithmetic to
+# float64. A float32 zero stays float32 in float32 kernels and widens exactly in float64 ones.
+ZERO = np.float32(0)
+
+
+def to_device(host_array):
+    """A host array (any layout) -> a C-contiguous device copy. Device arrays pass through unchanged."""
+    if hasattr(host_array, "copy_to_host"):
+        return host_array
+    return cuda.to_device(np.ascontiguousarray(host_array))
+
+
+def to_host(device_array):
+    """A device array -> a host numpy copy. Host arrays pass through as numpy arrays."""
+    if hasattr(device_array, "copy_to_host"):
+        return device_array.copy_to_host()
+    return np.asarray(device_array)
+
+
+def as_device(a, name="array"):
+    """Any input -> a C-contiguous device array: host arrays are copied in, device arrays must be contiguous
+    already (every array this backend returns is)."""
+    a = to_device(a)
+    if not a.is_c_contiguous():
+        raise ValueError(f"{name} is a non-contiguous device array (shape {tuple(a.shape)}): the cuda kernels "
+                         f"index dense C-order buffers")
+    return a
+
+
+def flat(a):
+    """A 1-D view of a contiguous device array."""
+    return a.reshape(a.size)
+
+
+def grid(elements):
+    """Blocks for a grid-stride loop over `elements` items: one pass on a GPU, a few blocks in the simulator."""
+    return max(1, min(MAX_BLOCKS, math.ceil(elements / THREADS_PER_BLOCK)))
+
+
+def launch(kernel, elements, *args):
+    """Run `kernel` over `elements` outputs (a thread per output, grid-stride) with THREADS_PER_BLOCK threads."""
+    kernel[grid(elements), THREADS_PER_BLOCK](*args)
+
+
+def launch_blocks(kernel, outputs, *args):
+    """Run a one-block-per-output `kernel` (block-stride over `outputs`, threads inside a block share the sum)."""
+    kernel[max(1, min(MAX_BLOCKS, outputs)), THREADS_PER_BLOCK](*args)
+
+
+def synchronize():
+    """Wait for every launched kernel: the layer timer calls it so that time lands on the layer that spent it."""
+    cuda.synchronize()
+
+
+@cuda.jit(device=True)
+def _block_sum(scratch, value):
+    """The sum of `value` over the block's threads, returned to every thread. scratch: a shared array of
+    THREADS_PER_BLOCK elements. Every thread of the block must call it (it synchronises)."""
+    t = cuda.threadIdx.x
+    scratch[t] = value
+    cuda.syncthreads()
+    half = THREADS_PER_BLOCK // 2
+    while half > 0:
+        if t < half:
+            scratch[t] += scratch[t + half]
+        cuda.syncthreads()
+        half //= 2
+    total = scratch[0]
+    cuda.syncthreads()  # nobody may overwrite scratch[0] for the next output before everyone has read it
+    return total
+
+
+@cuda.jit
+def sum_outer_inner(a, out):
+    """a[A, B, C] -> out[B] = sum over a's first and last axes; one block per out[b]. It gives the bias gradient
+    of a dense layer (dy viewed as [N, M, 1]) and of a convolution (dy viewed as [N, K, P*Q])."""
+    scratch = cuda.shared.array(THREADS_PER_BLOCK, dtype=out.dtype)
+    outer, inner = a.shape[0], a.shape[2]
+    for b in range(cuda.blockIdx.x, out.size, cuda.gridDim.x):
+        acc = ZERO
+        for t in range(cuda.threadIdx.x, outer * inner, cuda.blockDim.x):
+            i = t // inner
+            acc += a[i, b, t - i * inner]
+        total = _block_sum(scratch, acc)
+        if cuda.threadIdx.x == 0:
+            out[b] = total
