@@ -7,7 +7,7 @@ diverges); --debug shows the traceback as well.
 import argparse
 import sys
 
-from numba_cnn.errors import NumbaCNNError
+from numba_cnn.errors import NumbaCNNError, check_int_flag
 
 EXIT_USER_ERROR = 2
 
@@ -22,12 +22,14 @@ def _add_common(p):
 def build_parser():
     from numba_cnn import bench
     from numba_cnn.kernels import BACKENDS
+    from numba_cnn.model import DEFAULT_BACKEND
 
     parser = argparse.ArgumentParser(prog="python -m numba_cnn", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train the CNN on MNIST")
-    t.add_argument("--kernels", default="jit", metavar="NAME", help=f"kernel backend: {', '.join(BACKENDS)} (default jit)")
+    t.add_argument("--kernels", default=DEFAULT_BACKEND, metavar="NAME",
+                   help=f"kernel backend: {', '.join(BACKENDS)} (default {DEFAULT_BACKEND})")
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -44,7 +46,8 @@ def build_parser():
 
     e = sub.add_parser("evaluate", help="test accuracy and confusion matrix of a checkpoint")
     e.add_argument("checkpoint")
-    e.add_argument("--kernels", default="im2col", metavar="NAME", help="kernel backend for inference (default im2col)")
+    e.add_argument("--kernels", default=DEFAULT_BACKEND, metavar="NAME",
+                   help=f"kernel backend for inference (default {DEFAULT_BACKEND})")
     e.add_argument("--test-limit", type=int, metavar="N", help="evaluate on the first N test images")
     _add_common(e)
 
@@ -74,16 +77,18 @@ def cmd_evaluate(args):
     from numba_cnn import checkpoint as ckpt
     from numba_cnn.data import load_mnist
     from numba_cnn.model import Model
-    from numba_cnn.train import evaluate, set_threads
+    from numba_cnn.kernels import get_backend
+    from numba_cnn.runtime import set_threads
+    from numba_cnn.train import evaluate
 
     params, _, meta = ckpt.load_checkpoint(args.checkpoint)
     _, (x_test, y_test) = load_mnist(args.data, normalize=False)
     if args.test_limit is not None:
-        if args.test_limit < 1:
-            raise NumbaCNNError(f"--test-limit must be a positive integer, got {args.test_limit}")
+        check_int_flag("test_limit", args.test_limit)
         x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
-    set_threads(args.threads, args.kernels)
-    model = Model(args.kernels, params=params)
+    backend = get_backend(args.kernels)
+    set_threads(args.threads, backend)
+    model = Model(backend, params=params)
     accuracy, confusion = evaluate(model, x_test, y_test)
     print(f"checkpoint {args.checkpoint} (epoch {meta['epoch']}, step {meta['step']}), kernels {args.kernels}")
     print(f"test accuracy {accuracy:.4f} on {len(x_test)} images")

@@ -10,11 +10,6 @@ start of the current epoch (so the epoch's permutation can be drawn again) and t
 """
 
 import math
-import os
-import platform
-import signal
-import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,15 +18,16 @@ import numpy as np
 
 from numba_cnn import checkpoint as ckpt
 from numba_cnn.atomic import write_json
-from numba_cnn.errors import CheckpointError, NumbaCNNError
+from numba_cnn.console import EXIT_INTERRUPTED, InterruptFlag, Progress
+from numba_cnn.errors import CheckpointError, NumbaCNNError, check_int_flag
 from numba_cnn.kernels import get_backend
 from numba_cnn.model import Model
 from numba_cnn.optim import Adam
+from numba_cnn.runtime import machine_record, set_threads, threading_layer
 from numba_cnn.timing import LayerTimer, NullTimer, format_table
 
 EVAL_BATCH = 256
 WARMUP_IMAGES = 2
-EXIT_INTERRUPTED = 130
 EXIT_DIVERGED = 3
 
 
@@ -49,17 +45,12 @@ class TrainConfig:
 
     def validate(self):
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise NumbaCNNError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            check_int_flag(name, getattr(self, name))
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise NumbaCNNError(f"--lr must be a positive number, got {self.lr!r}")
         for name in ("limit", "test_limit", "threads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise NumbaCNNError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise NumbaCNNError(f"--checkpoint-every must be 0 or a positive integer, got {self.checkpoint_every!r}")
+            check_int_flag(name, getattr(self, name), optional=True)
+        check_int_flag("checkpoint_every", self.checkpoint_every, least=0)
 
     @classmethod
     def from_dict(cls, d):
@@ -80,42 +71,6 @@ class TrainResult:
         return {"finished": 0, "interrupted": EXIT_INTERRUPTED, "diverged": EXIT_DIVERGED}[self.status]
 
 
-# The jit backend runs all its heavy work in Numba's threads; its only BLAS calls are the dense layer's small
-# matmuls, and OpenBLAS workers that keep spinning after each call take the core Numba's threads need: on 2 cores
-# one jit training step measured 41.6 ms with 2 BLAS threads and 23.6 ms with 1.
-BLAS_THREADS_BY_KERNELS = {"jit": 1}
-
-
-def set_threads(threads, kernels=None):
-    """Numba's thread count (`threads`, default all) and BLAS's (the same, except for the kernels listed in
-    BLAS_THREADS_BY_KERNELS) for the whole run; returns what the run record should say about them."""
-    import numba
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    if threads is not None:
-        if threads < 1:
-            raise NumbaCNNError(f"--threads must be a positive integer, got {threads}")
-        if threads > numba.config.NUMBA_NUM_THREADS:
-            raise NumbaCNNError(f"--threads {threads} exceeds the {numba.config.NUMBA_NUM_THREADS} threads Numba "
-                                f"started with (set NUMBA_NUM_THREADS to allow more)")
-        numba.set_num_threads(threads)
-    blas_threads = BLAS_THREADS_BY_KERNELS.get(kernels, threads)
-    if blas_threads is not None:
-        threadpool_limits(blas_threads, user_api="blas")
-    blas = [{"library": i.get("internal_api"), "threads": i.get("num_threads")} for i in threadpool_info()
-            if i.get("user_api") == "blas"]
-    return {"numba_threads": numba.get_num_threads(), "blas": blas}
-
-
-def threading_layer():
-    import numba
-
-    try:
-        return numba.threading_layer()
-    except ValueError:  # no parallel kernel has run in this process
-        return None
-
-
 def evaluate(model, images, labels, batch_size=EVAL_BATCH):
     """-> (accuracy, confusion[10, 10] with rows = true class, columns = predicted class)."""
     to_device, as_float = model.backend.to_device, model.backend.layers.as_float_images
@@ -125,77 +80,6 @@ def evaluate(model, images, labels, batch_size=EVAL_BATCH):
     confusion = np.zeros((10, 10), dtype=np.int64)
     np.add.at(confusion, (labels.astype(np.intp), predictions), 1)
     return float((predictions == labels).mean()), confusion
-
-
-class Progress:
-    """One line per epoch that redraws itself on a terminal; elsewhere a plain line every tenth of the epoch."""
-
-    def __init__(self, total, label, stream=sys.stderr):
-        self.total, self.label, self.stream = total, label, stream
-        self.tty = stream.isatty()
-        self.start = time.perf_counter()
-        self.last_draw = 0.0
-        self.last_tenth = -1
-        self.phase = ""
-        self.done, self.stats = 0, ""
-
-    def set_phase(self, layer, phase):
-        self.phase = f"{layer} {phase}"
-        self._draw(self.done, self.stats, force=False)
-
-    def update(self, done, loss, accuracy):
-        self.done = done
-        self.stats = f"loss {loss:.4f} acc {accuracy:.4f}"
-        self._draw(done, self.stats, force=done == self.total)
-
-    def _draw(self, done, stats, force):
-        now = time.perf_counter()
-        elapsed = now - self.start
-        if self.tty:
-            if not force and now - self.last_draw < 0.2:
-                return
-            width = 24
-            filled = int(width * done / self.total)
-            bar = "#" * filled + "." * (width - filled)
-            phase = f" | {self.phase}" if self.phase and done < self.total else ""
-            self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} {stats} {elapsed:.0f}s{phase}\x1b[K")
-            if done == self.total:
-                self.stream.write("\n")
-            self.stream.flush()
-            self.last_draw = now
-        else:
-            tenth = 10 * done // self.total
-            if tenth > self.last_tenth and done > 0:
-                self.last_tenth = tenth
-                self.stream.write(f"{self.label} {done}/{self.total} {stats} {elapsed:.0f}s\n")
-                self.stream.flush()
-
-
-class _InterruptFlag:
-    """First SIGINT: finish the current step, checkpoint, stop. Second SIGINT: leave at once (checkpoints are
-    written by rename, so even a write cut short leaves the previous one whole)."""
-
-    def __init__(self):
-        self.set = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _handle(self, signum, frame):
-        if self.set:
-            sys.stderr.write("\nsecond Ctrl-C: exiting now\n")
-            sys.stderr.flush()
-            os._exit(EXIT_INTERRUPTED)
-        self.set = True
-        sys.stderr.write("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to quit now)\n")
-        sys.stderr.flush()
 
 
 def _prepare_out_dir(out_dir):
@@ -212,24 +96,6 @@ def _prepare_out_dir(out_dir):
 
 def default_out_dir(kernels):
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kernels}"
-
-
-def machine_record():
-    import numba
-
-    return {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
-            "machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count()}
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
@@ -258,8 +124,8 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     if test_limit is not None:
         x_test, y_test = x_test[:test_limit], y_test[:test_limit]
     out_dir = _prepare_out_dir(out_dir or default_out_dir(config.kernels))
-    threads = set_threads(config.threads, config.kernels)
     backend = get_backend(config.kernels)
+    threads = set_threads(config.threads, backend)
     L = backend.layers
 
     model = Model(backend, seed=config.seed, params=None if state is None else state[0])
@@ -309,7 +175,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
                 "history": history, "partial": partial_stats}
         ckpt.save_checkpoint(checkpoint_path, model.state_dict(), optimizer.state_dict(backend.to_host), meta)
 
-    with _InterruptFlag() as interrupt:
+    with InterruptFlag() as interrupt:
         for epoch in range(start_epoch, config.epochs):
             epoch_start_state = order_rng.bit_generator.state
             perm = order_rng.permutation(n)

@@ -1,11 +1,11 @@
 """The same CNN in PyTorch (torch.nn) and in Keras 3, for `bench --compare`; optional (pip install -e ".[baselines]").
 
-Both follow numba_cnn.model: Conv2D(32, 3x3)+ReLU -> MaxPool 2x2 -> Conv2D(64, 3x3)+ReLU -> MaxPool 2x2 -> Flatten
--> Dropout(0.5) -> Dense(10), softmax cross-entropy, Glorot-uniform weights and zero biases, Adam(lr 1e-3,
+Both are built from numba_cnn.model.LAYERS (Conv2D(32, 3x3)+ReLU -> MaxPool 2x2 -> Conv2D(64, 3x3)+ReLU ->
+MaxPool 2x2 -> Flatten -> Dropout(0.5) -> Dense(10)), softmax cross-entropy, Glorot-uniform weights and zero biases, Adam(lr 1e-3,
 beta1 0.9, beta2 0.999, eps 1e-7). One difference is left as each library has it: PyTorch adds eps to the
 bias-corrected sqrt(v), Keras (and numba_cnn.optim) to the raw sqrt(v); it only matters while v is tiny.
 
-Every contender, ours included (bench.NumbaCNNContender), has the same two methods and a `version` string, so one
+Every contender, ours included (compare.NumbaCNNContender), has the same two methods and a `version` string, so one
 loop trains and times them all on identical batches:
     train_step(x[N, 1, 28, 28] float32, y[N] int64) -> loss (float; reading it waits for the step to finish)
     predict(x[N, 1, 28, 28] float32) -> predicted class, int[N]
@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from numba_cnn.errors import NumbaCNNError
+from numba_cnn.model import DROPOUT_RATE, INPUT_SHAPE, LAYERS
 
 LEARNING_RATE = 1e-3
 ADAM_EPSILON = 1e-7  # Keras's default, which numba_cnn.optim uses too; PyTorch's own default is 1e-8
@@ -57,11 +58,14 @@ class TorchCNN:
         nn = torch.nn
         _set_torch_threads(torch, threads)
         torch.manual_seed(seed)
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(0.5), nn.Linear(1600, 10),
-        )
+        by_kind = {
+            "conv2d_relu": lambda k, c, r, s: [nn.Conv2d(c, k, (r, s)), nn.ReLU()],
+            "maxpool2d": lambda: [nn.MaxPool2d(2)],
+            "dropout": lambda: [nn.Flatten(), nn.Dropout(DROPOUT_RATE)],
+            "dense": lambda d, m: [nn.Linear(d, m)],
+        }
+        self.net = nn.Sequential(*(module for layer in LAYERS
+                                   for module in by_kind[layer.kind](*layer.params.get("w", ()))))
         for layer in self.net:
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
                 # PyTorch's default init is Kaiming-uniform; Keras's is Glorot-uniform with zero bias. torch's
@@ -105,12 +109,15 @@ class KerasCNN:
         _set_torch_threads(torch, threads)
         keras.utils.set_random_seed(seed)
         layers = keras.layers
-        self.model = keras.Sequential([
-            keras.Input(shape=(28, 28, 1)),
-            layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2),
-            layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2),
-            layers.Flatten(), layers.Dropout(0.5), layers.Dense(10, activation="softmax"),
-        ])
+        by_kind = {
+            "conv2d_relu": lambda k, c, r, s: [layers.Conv2D(k, (r, s), activation="relu")],
+            "maxpool2d": lambda: [layers.MaxPooling2D(2)],
+            "dropout": lambda: [layers.Flatten(), layers.Dropout(DROPOUT_RATE)],
+            "dense": lambda d, m: [layers.Dense(m, activation="softmax")],
+        }
+        channels, height, width = INPUT_SHAPE
+        self.model = keras.Sequential([keras.Input(shape=(height, width, channels))] + [
+            module for layer in LAYERS for module in by_kind[layer.kind](*layer.params.get("w", ()))])
         self.model.compile(optimizer=keras.optimizers.Adam(learning_rate=LEARNING_RATE, epsilon=ADAM_EPSILON),
                            loss="sparse_categorical_crossentropy")
 

@@ -1,0 +1,233 @@
+"""Training comparison (`bench --compare`): our backends against PyTorch and Keras on the same batches.
+
+Each contender (our backends, PyTorch, Keras) trains in a subprocess of its own, so ru_maxrss is that contender's
+peak memory, on the same batches (one seeded order), batch size and thread count; contenders take turns round after
+round. After a few warm-up steps (reported apart, with the imports and compilation), `--steps` steps are timed and
+extrapolated to a 60,000-image epoch, or `--epochs` full epochs are trained and timed; then the 10,000 test images
+are classified, giving images/second and accuracy.
+"""
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from numba_cnn.bench import baselines
+from numba_cnn.bench.ops import resolve_backend
+from numba_cnn.errors import NumbaCNNError, check_int_flag
+from numba_cnn.kernels import BACKENDS, get_backend
+from numba_cnn.model import INPUT_SHAPE, NUM_CLASSES, Model
+from numba_cnn.optim import Adam
+from numba_cnn.runtime import default_threads, machine_description, set_threads
+
+TRAIN_IMAGES = 60_000
+TEST_IMAGES = 10_000
+
+
+class NumbaCNNContender:
+    """Our model on one backend with the contender interface of baselines.py (train_step, predict)."""
+
+    def __init__(self, kernels, seed=0):
+        import numba
+
+        from numba_cnn import __version__
+
+        self.version = f"numba_cnn {__version__} ({kernels} kernels), numba {numba.__version__}"
+        self.backend = get_backend(kernels)
+        self.model = Model(self.backend, seed=seed)
+        self.optimizer = Adam(self.model.params, self.backend.layers)
+        self.dropout_rng = self.backend.layers.make_dropout_rng([seed, 2])
+
+    def train_step(self, x, y):
+        # x may be raw uint8 pixels, scaled here a batch at a time, exactly as numba_cnn.train does
+        to_device, as_float = self.backend.to_device, self.backend.layers.as_float_images
+        loss, _ = self.model.forward_backward(as_float(to_device(x)), to_device(y), self.dropout_rng)
+        self.optimizer.step(self.model.grads)
+        return loss
+
+    def predict(self, x):
+        return self.model.predict(self.backend.layers.as_float_images(self.backend.to_device(x)))
+
+
+def peak_rss_mb():
+    """This process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_data(data=None, random_data=False, seed=0, limit=None, raw_pixels=False):
+    """-> (((x_train, y_train), (x_test, y_test)) with int64 labels, where they came from): MNIST via
+    numba_cnn.data.load_mnist, or random images and labels of MNIST's sizes when random_data is set (for timing
+    only; the accuracy means nothing). limit: keep only the first `limit` training and test images.
+    raw_pixels: keep MNIST's uint8 pixels (numba_cnn's own trainer holds them so and scales each batch)."""
+    if random_data:
+        rng = np.random.default_rng([seed, 7])
+        sizes = (min(TRAIN_IMAGES, limit or TRAIN_IMAGES), min(TEST_IMAGES, limit or TEST_IMAGES))
+        return tuple((rng.random((n, *INPUT_SHAPE), dtype=np.float32), rng.integers(0, NUM_CLASSES, n, dtype=np.int64))
+                     for n in sizes), "random"
+    from numba_cnn.data import load_mnist
+
+    mnist = load_mnist(data, normalize=not raw_pixels)
+    return tuple((x[:limit], y[:limit].astype(np.int64)) for x, y in mnist), str(getattr(mnist, "source", data))
+
+
+def _make_contender(name, seed, threads):
+    if name in baselines.BASELINES:
+        return baselines.BASELINES[name](seed=seed, threads=threads)
+    return NumbaCNNContender(name, seed=seed)
+
+
+def run_contender(name, steps=50, warmup_steps=3, batch_size=128, threads=None, epochs=0, seed=0, data=None,
+                  random_data=False, limit=None):
+    """Train and evaluate one contender in this process -> dict of its figures. Meant for a fresh process
+    (compare_training starts one per contender), so that peak_rss_mb is this contender's alone."""
+    threads = default_threads() if threads is None else threads
+    # the same thread settings as `train --kernels name`
+    set_threads(threads, None if name in baselines.BASELINES else get_backend(name))
+    # Each contender holds the images as its own training loop would: numba_cnn as uint8 (scaled per batch, as
+    # numba_cnn.train does), PyTorch and Keras as the float32 arrays their usual input pipelines take.
+    ((x_train, y_train), (x_test, y_test)), source = load_data(data, random_data, seed, limit,
+                                                               raw_pixels=name not in baselines.BASELINES)
+    out = {"contender": name, "data_source": source, "epoch_images": len(x_train), "test_images": len(x_test),
+           "rss_after_data_mb": peak_rss_mb()}
+
+    start = time.perf_counter()
+    contender = _make_contender(name, seed, threads)
+    out["version"] = contender.version
+    # Warm-up batches come from an order of their own, so the measured steps (or epochs) see the same batches
+    # whatever the warm-up length.
+    warm_batches = baselines.batch_stream(len(x_train), batch_size, np.random.default_rng([seed, 3]))
+    if warmup_steps:
+        baselines.train_steps(contender, x_train, y_train, warm_batches, warmup_steps)
+    contender.predict(x_test[:batch_size])
+    out["warmup_s"] = time.perf_counter() - start
+
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    order = np.random.default_rng([seed, 1])
+    if epochs:
+        per_epoch = baselines.train_epochs(contender, x_train, y_train, batch_size, epochs, order)
+        out["epoch_s"] = [s for s, _ in per_epoch]
+        out["train_loss"] = per_epoch[-1][1]
+        out["sec_per_epoch"] = float(np.median(out["epoch_s"]))
+    else:
+        batches = baselines.batch_stream(len(x_train), batch_size, order)
+        seconds, out["train_loss"] = baselines.train_steps(contender, x_train, y_train, batches, steps)
+        out["steps_s"] = seconds
+        out["sec_per_epoch"] = seconds / steps * steps_per_epoch
+    out["test_accuracy"], eval_s = baselines.evaluate(contender, x_test, y_test, batch_size)
+    out["inference_s"] = eval_s
+    out["inference_img_per_s"] = len(x_test) / eval_s
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["load_average_1min"] = os.getloadavg()[0]
+    return out
+
+
+def _run_in_subprocess(spec, threads):
+    """Run one contender in a fresh interpreter (python -m numba_cnn.bench SPEC.json) -> its result dict.
+    A NumbaCNNError there (bad data path, missing package) is raised here with the same message."""
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    # The child imports this very package, wherever the parent found it (an uninstalled checkout included).
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)  # thread pools sized at start-up, before anyone can call set_num_threads
+    with tempfile.TemporaryDirectory(prefix="numba-cnn-bench-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(dict(spec, result_path=str(result_path))), encoding="utf-8")
+        proc = subprocess.run([sys.executable, "-m", "numba_cnn.bench", str(spec_path)], env=env,
+                              capture_output=True, text=True)
+        result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.exists() else None
+    if result is not None and "user_error" in result:
+        raise NumbaCNNError(result["user_error"])
+    if proc.returncode != 0 or result is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"contender": spec["name"], "error": f"exit status {proc.returncode}: " + " | ".join(tail)}
+    return result
+
+
+def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, warmup_steps=3, batch_size=128,
+                     threads=None, rounds=2, epochs=0, seed=0, data=None, random_data=False, limit=None,
+                     profile=False, log=print):
+    """Train each contender (our backend names, "torch", "keras") in its own subprocess, `rounds` times in turn
+    -> dict with per-contender medians over rounds (peak memory: the largest), every run, and ratios to torch.
+
+    With epochs=0, `steps` timed steps after `warmup_steps` warm-up steps, extrapolated to a 60,000-image epoch;
+    with epochs > 0, that many full epochs, timed (their median), and the test accuracy that results.
+    limit: train and test on the first `limit` images only (quick checks; an epoch is then `limit` images).
+    profile: each subprocess writes a pyinstrument profile of its run into profiles/.
+    """
+    for name, value, least in (("steps", steps, 1), ("warmup_steps", warmup_steps, 0), ("rounds", rounds, 1),
+                               ("batch_size", batch_size, 1), ("epochs", epochs, 0), ("limit", limit or 1, 1)):
+        check_int_flag(name, value, least)
+    threads = default_threads() if threads is None else threads
+    threads_record = set_threads(threads)  # here, so a bad --threads is refused before any training
+    if "naive" in contenders:
+        raise NumbaCNNError("naive is too slow to train (seconds per image): leave it out of --compare's kernels")
+    entries, runnable = {}, []
+    for name in contenders:
+        if name in baselines.BASELINES:
+            missing = baselines.missing_packages(name)
+            reason = f"{', '.join(missing)} not installed; {baselines.INSTALL_HINT}" if missing else None
+        elif name in BACKENDS:
+            reason = resolve_backend(name)[1]
+        else:
+            raise NumbaCNNError(f"unknown contender {name!r}: choose from {', '.join(BACKENDS)}, "
+                                f"{', '.join(baselines.BASELINES)}")
+        entries[name] = {"contender": name, "runs": []}
+        if reason:
+            entries[name].update(status="skipped", reason=reason)
+            log(f"skipping {name}: {reason}")
+        else:
+            runnable.append(name)
+    epoch_images = min(TRAIN_IMAGES, limit or TRAIN_IMAGES)
+    measure = (f"median of {epochs} full epoch(s) of {epoch_images:,} images" if epochs
+               else f"extrapolated from {steps} steps to an epoch of {epoch_images:,} images")
+    for round_number in range(1, rounds + 1):
+        for name in runnable:
+            spec = dict(name=name, steps=steps, warmup_steps=warmup_steps, batch_size=batch_size, threads=threads,
+                        epochs=epochs, seed=seed, data=data, random_data=random_data, limit=limit,
+                        profile=profile)
+            run = _run_in_subprocess(spec, threads)
+            run["round"] = round_number
+            entries[name]["runs"].append(run)
+            if "error" in run:
+                log(f"round {round_number}/{rounds} {name}: FAILED {run['error']}")
+            else:
+                log(f"round {round_number}/{rounds} {name}: {run['sec_per_epoch']:.2f} s/epoch, "
+                    f"{run['inference_img_per_s']:.0f} img/s inference, {run['peak_rss_mb']:.0f} MB peak, "
+                    f"warm-up {run['warmup_s']:.1f} s")
+    for entry in entries.values():
+        if "status" in entry:
+            continue
+        good = [run for run in entry["runs"] if "error" not in run]
+        if not good:
+            entry.update(status="FAILED", reason=entry["runs"][0]["error"])
+            continue
+        entry.update(status="ok", sec_per_epoch=float(np.median([r["sec_per_epoch"] for r in good])),
+                     inference_img_per_s=float(np.median([r["inference_img_per_s"] for r in good])),
+                     peak_rss_mb=max(r["peak_rss_mb"] for r in good),
+                     rss_after_data_mb=max(r["rss_after_data_mb"] for r in good),
+                     warmup_s=[r["warmup_s"] for r in good], test_accuracy=good[-1]["test_accuracy"],
+                     version=good[0]["version"])
+    sources = {run["data_source"] for entry in entries.values() for run in entry["runs"] if "data_source" in run}
+    reference = entries.get("torch", {})
+    for entry in entries.values():
+        if entry["status"] == "ok" and reference.get("status") == "ok":
+            entry["vs_torch"] = {key: entry[key] / reference[key]
+                                 for key in ("sec_per_epoch", "inference_img_per_s", "peak_rss_mb")}
+    return {
+        "kind": "numba_cnn training comparison",
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {"contenders": list(contenders), "steps": steps, "warmup_steps": warmup_steps,
+                     "batch_size": batch_size, "threads": threads, "rounds": rounds, "epochs": epochs, "seed": seed,
+                     "data": ", ".join(sorted(sources)) or ("random" if random_data else data or "default"),
+                     "limit": limit, "measure": measure},
+        "machine": machine_description(threads_record),
+        "contenders": list(entries.values()),
+    }

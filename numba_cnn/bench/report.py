@@ -1,0 +1,122 @@
+"""The bench's reports: the op table and its chart, the training comparison's table."""
+
+import numpy as np
+
+from numba_cnn.kernels.reference import FLOAT32_TOL
+
+
+def format_ops_table(report):
+    """The op bench as text: one line per op and backend, then the speedups."""
+    peak = report["calibration"]["peak_gflops"]
+    lines = [f"{'op':<10} {'backend':<8} {'batch':>5} {'check err':>9} {'1st call s':>10} {'median ms':>10} "
+             f"{'min-max ms':>17} {'ms/image':>9} {'GFLOP/s':>8} {'% peak':>7}"]
+    skipped = {}
+    for r in report["results"]:
+        if r["status"] == "skipped":
+            skipped[r["backend"]] = r["reason"]
+            continue
+        head = f"{r['op']:<10} {r['backend']:<8} {r['batch']:>5} "
+        if r["status"] != "ok":
+            lines.append(f"{head}{r['status']:>9}  {r['reason']}")
+            continue
+        spread = f"{1e3 * r['min_s']:.3f}-{1e3 * r['max_s']:.3f}"
+        gflops = f"{r['gflops']:.3g}" if "gflops" in r else "-"
+        share = f"{100 * r['peak_share']:.1f}%" if "peak_share" in r else "-"
+        lines.append(f"{head}{max(r['check_errors'].values()):>9.1e} {r['first_call_s']:>10.3f} "
+                     f"{1e3 * r['median_s']:>10.3f} {spread:>17} {1e3 * r['median_per_image_s']:>9.4f} "
+                     f"{gflops:>8} {share:>7}")
+    lines.extend(f"{backend} skipped: {reason}" for backend, reason in skipped.items())
+    lines.append(f"check err: largest max|got - oracle| / max|oracle| over the op's outputs (FAILED above "
+                 f"{FLOAT32_TOL:g}); batch: images per call")
+    cal, m = report["calibration"], report["machine"]
+    blas = ", ".join(f"{b['internal_api']} {b['version']} {b['num_threads']} thread(s)" for b in m["blas"])
+    lines.append(f"machine: {m['processor']}, {m['usable_cpus']} usable CPU(s); numba {m['numba']} "
+                 f"{m['threads']['numba_threads']} thread(s) ({m['numba_threading_layer']}); BLAS {blas}; "
+                 f"load average {m['load_average_1_5_15min'][0]:.2f} at the end (this run included)")
+    lines.append("first calls (compile or cache load, first touch), summed over the ops: " + ", ".join(
+        f"{name} {seconds:.2f} s" for name, seconds in report["first_call_total_s"].items()))
+    lines.append(f"peak: sgemm {cal['sgemm_size']}^3 float32 {peak:.1f} GFLOP/s (median; before "
+                 f"{np.median(cal['before_gflops']):.1f}, after {np.median(cal['after_gflops']):.1f})")
+    lines.append(f"FLOPs: {report['flop_formula']}")
+    if report["speedups"]:
+        pairs = list(dict.fromkeys(s["pair"] for s in report["speedups"]))
+        by_key = {(s["op"], s["pair"]): s["speedup"] for s in report["speedups"]}
+        lines.append("")
+        lines.append("speedup per image (median vs median; >1: the first is faster)")
+        lines.append(f"{'op':<10}" + "".join(f"{p:>17}" for p in pairs))
+        for op in dict.fromkeys(s["op"] for s in report["speedups"]):
+            cells = (f"{by_key[(op, p)]:.1f}x" if (op, p) in by_key else "-" for p in pairs)
+            lines.append(f"{op:<10}" + "".join(f"{c:>17}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot_ops(report, path):
+    """Bar chart, log-scale milliseconds per image, one group of bars per op, one bar per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = list(dict.fromkeys(r["op"] for r in report["results"]))
+    backends = list(dict.fromkeys(r["backend"] for r in report["results"] if r["status"] != "skipped"))
+    skipped = list(dict.fromkeys(r["backend"] for r in report["results"] if r["status"] == "skipped"))
+    by_key = {(r["op"], r["backend"]): r for r in report["results"]}
+    width = 0.8 / max(1, len(backends))
+    fig, ax = plt.subplots(figsize=(10, 1 + 0.5 * len(ops) * max(1, len(backends)) / 2))
+    for i, backend in enumerate(backends):
+        ys, ms = [], []
+        for j, op in enumerate(ops):
+            r = by_key.get((op, backend))
+            y = j + (i - (len(backends) - 1) / 2) * width
+            if r and r["status"] == "ok":
+                ys.append(y)
+                ms.append(1e3 * r["median_per_image_s"])
+            elif r:
+                ax.text(0.01, y, f"{backend}: {r['status']}", transform=ax.get_yaxis_transform(), va="center",
+                        fontsize=7, color="crimson")
+        batch = next((r["batch"] for r in report["results"] if r["backend"] == backend and "batch" in r), "?")
+        ax.barh(ys, ms, height=width, label=f"{backend} (batch {batch})", color=f"C{i}")
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(ops)), ops)
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds per image (median, log scale)")
+    machine = report["machine"]
+    note = f"; not run: {', '.join(skipped)}" if skipped else ""
+    ax.set_title(f"numba_cnn ops, {machine['processor']}, {machine['threads']['numba_threads']} thread(s){note}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_compare_table(report):
+    s = report["settings"]
+    lines = [f"training comparison: batch {s['batch_size']}, {s['threads']} thread(s), {s['rounds']} round(s), "
+             f"data {s['data']}; s/epoch {s['measure']}; medians over rounds, peak memory the largest",
+             f"{'contender':<10} {'s/epoch':>9} {'x torch':>8} {'infer img/s':>12} {'x torch':>8} "
+             f"{'peak MB':>8} {'x torch':>8} {'data MB':>8} {'warm-up s':>14} {'test acc':>9}"]
+    for e in report["contenders"]:
+        if e["status"] != "ok":
+            lines.append(f"{e['contender']:<10} {e['status']}: {e['reason']}")
+            continue
+        ratio = e.get("vs_torch", {})
+
+        def x(key):
+            return f"{ratio[key]:.2f}" if key in ratio else "-"
+
+        warm = "/".join(f"{w:.1f}" for w in e["warmup_s"])
+        lines.append(f"{e['contender']:<10} {e['sec_per_epoch']:>9.2f} {x('sec_per_epoch'):>8} "
+                     f"{e['inference_img_per_s']:>12.0f} {x('inference_img_per_s'):>8} {e['peak_rss_mb']:>8.0f} "
+                     f"{x('peak_rss_mb'):>8} {e['rss_after_data_mb']:>8.0f} {warm:>14} {e['test_accuracy']:>9.4f}")
+    lines.append("x torch: contender / PyTorch (s/epoch and MB: above 1 is worse; img/s: above 1 is better). "
+                 "data MB: peak memory once imports and data are loaded (numba_cnn holds uint8 pixels and scales "
+                 "each batch, as its trainer does; PyTorch and Keras hold float32). "
+                 "warm-up: imports, model build, compile, warm-up steps, per round.")
+    lines.append("versions: " + "; ".join(e["version"] for e in report["contenders"] if e["status"] == "ok"))
+    loads = [run["load_average_1min"] for e in report["contenders"] for run in e["runs"] if "error" not in run]
+    if loads:
+        lines.append(f"load average (1 min) at the end of each run: {min(loads):.2f} to {max(loads):.2f} on "
+                     f"{report['machine']['usable_cpus']} usable CPU(s), each run's own threads included")
+    return "\n".join(lines)

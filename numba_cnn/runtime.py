@@ -1,0 +1,102 @@
+"""Threads and the machine: how many threads Numba and BLAS get, what the run record says about the machine, and
+the sgemm peak the bench measures kernels against.
+
+BLAS threads follow the backend's BackendInfo.blas_threads: "one" for a backend whose own threads do the heavy
+work (jit), as many as the compute threads otherwise.
+"""
+
+import os
+import platform
+import time
+
+import numpy as np
+
+from numba_cnn.errors import NumbaCNNError, check_int_flag
+
+SGEMM_SIZE = 2048
+SGEMM_REPEATS = 3
+
+
+def default_threads():
+    """All CPUs this process may run on, capped by the threads Numba started with."""
+    import numba
+
+    return min(len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS)
+
+
+def set_threads(threads, backend=None):
+    """Numba's thread count (`threads`, default all) and BLAS's (the same, or one where `backend`'s info says so)
+    for the whole run; returns what the run record should say about them."""
+    import numba
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    if check_int_flag("threads", threads, optional=True) is not None:
+        if threads > numba.config.NUMBA_NUM_THREADS:
+            raise NumbaCNNError(f"--threads {threads} exceeds the {numba.config.NUMBA_NUM_THREADS} threads Numba "
+                                f"started with (set NUMBA_NUM_THREADS to allow more)")
+        numba.set_num_threads(threads)
+    blas_threads = 1 if backend is not None and backend.info.blas_threads == "one" else threads
+    if blas_threads is not None:
+        threadpool_limits(blas_threads, user_api="blas")
+    blas = [{"library": i.get("internal_api"), "threads": i.get("num_threads")} for i in threadpool_info()
+            if i.get("user_api") == "blas"]
+    return {"numba_threads": numba.get_num_threads(), "blas": blas}
+
+
+def threading_layer():
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run in this process
+        return None
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_record():
+    import numba
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
+            "machine": platform.machine(), "processor": cpu_name(), "cpus": os.cpu_count()}
+
+
+def machine_description(threads_record):
+    """machine_record plus usable CPUs, load, thread settings and BLAS libraries, for the bench's JSON records."""
+    import threadpoolctl
+
+    record = machine_record()
+    record["usable_cpus"] = len(os.sched_getaffinity(0))
+    record["load_average_1_5_15min"] = os.getloadavg()  # other work on the box, which skews every timing
+    record["numba_threading_layer"] = threading_layer() or "none started (no parallel kernel ran)"
+    record["threads"] = threads_record
+    record["blas"] = [{key: info.get(key) for key in ("internal_api", "version", "num_threads", "architecture",
+                                                       "threading_layer")}
+                      for info in threadpoolctl.threadpool_info() if info.get("user_api") == "blas"]
+    record["threadpoolctl"] = threadpoolctl.__version__
+    return record
+
+
+def sgemm_gflops(n=SGEMM_SIZE, repeats=SGEMM_REPEATS, seed=0):
+    """GFLOP/s of an n x n x n float32 matmul through numpy's BLAS, one figure per repeat after a warm-up call:
+    the machine's practical float32 peak, measured beside the kernels it is compared with."""
+    rng = np.random.default_rng(seed)
+    a = rng.random((n, n), dtype=np.float32)
+    b = rng.random((n, n), dtype=np.float32)
+    out = np.empty((n, n), dtype=np.float32)
+    np.matmul(a, b, out=out)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.matmul(a, b, out=out)
+        rates.append(2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return rates
