@@ -43,12 +43,14 @@ def add_arguments(parser):
     parser.add_argument("--profile", action="store_true",
                         help="write a pyinstrument profile into profiles/ (with --compare, one per contender run)")
     parser.add_argument("--compare", type=_names, metavar="LIST",
-                        help="train against baselines instead (torch, keras): our --kernels and each baseline in "
-                             "its own process, same data, batch and threads")
+                        help="train against baselines instead: torch (its eager settings, the best one counts), "
+                             "torch:<nchw|channels_last|flush_denormal|compile>, keras (its default backend, "
+                             "TensorFlow where installed), keras:<tensorflow|torch>; our --kernels and each baseline "
+                             "in its own process, same data, batch and threads")
     parser.add_argument("--steps", type=int, default=50, metavar="N", help="--compare: timed training steps (default 50)")
     parser.add_argument("--warmup-steps", type=int, default=3, metavar="N", help="--compare: untimed steps first (default 3)")
-    parser.add_argument("--rounds", type=int, metavar="N",
-                        help="--compare: contenders take turns N times (default 2; 1 with --epochs)")
+    parser.add_argument("--rounds", type=int, default=3, metavar="N",
+                        help="--compare: contenders take turns N times; medians and ranges over them (default 3)")
     parser.add_argument("--epochs", type=int, default=0, metavar="N",
                         help="--compare: train N full epochs instead of --steps, and report test accuracy")
     parser.add_argument("--data", metavar="PATH", help="--compare: MNIST folder or mnist.npz (default: "
@@ -86,7 +88,7 @@ def run(args):
         kernels = args.kernels or DEFAULT_COMPARE_KERNELS
         report = compare_training(kernels + args.compare, steps=args.steps, warmup_steps=args.warmup_steps,
                                   batch_size=args.batch_size, threads=args.threads,
-                                  rounds=args.rounds or (1 if args.epochs else 2), epochs=args.epochs,
+                                  rounds=args.rounds, epochs=args.epochs,
                                   seed=args.seed, data=args.data, random_data=args.random_data, limit=args.limit,
                                   profile=args.profile)
         print(format_compare_table(report))

@@ -3,35 +3,77 @@
 Both are built from numba_cnn.model.LAYERS (Conv2D(32, 3x3)+ReLU -> MaxPool 2x2 -> Conv2D(64, 3x3)+ReLU ->
 MaxPool 2x2 -> Flatten -> Dropout(0.5) -> Dense(10)), softmax cross-entropy, Glorot-uniform weights and zero biases, Adam(lr 1e-3,
 beta1 0.9, beta2 0.999, eps 1e-7). One difference is left as each library has it: PyTorch adds eps to the
-bias-corrected sqrt(v), Keras (and numba_cnn.optim) to the raw sqrt(v); it only matters while v is tiny.
+bias-corrected sqrt(v), Keras (and numba_cnn.optim) to the raw sqrt(v); it only matters while v is tiny. Every
+contender holds the images as uint8 and scales each batch (numba_cnn.layers.as_float_images), so peak memory
+compares the frameworks, not the data format.
 
 Every contender, ours included (compare.NumbaCNNContender), has the same two methods and a `version` string, so one
 loop trains and times them all on identical batches:
-    train_step(x[N, 1, 28, 28] float32, y[N] int64) -> loss (float; reading it waits for the step to finish)
-    predict(x[N, 1, 28, 28] float32) -> predicted class, int[N]
+    train_step(x[N, 1, 28, 28] uint8, y[N] int64) -> loss (float; reading it waits for the step to finish)
+    predict(x[N, 1, 28, 28] uint8) -> predicted class, int[N]
 torch and keras are imported only inside these classes: the core package never needs them.
 """
 
 import importlib
 import importlib.util
 import os
+import sys
 import time
 
 import numpy as np
 
 from numba_cnn.errors import NumbaCNNError
+from numba_cnn.layers import as_float_images
 from numba_cnn.model import DROPOUT_RATE, INPUT_SHAPE, LAYERS
 
 LEARNING_RATE = 1e-3
 ADAM_EPSILON = 1e-7  # Keras's default, which numba_cnn.optim uses too; PyTorch's own default is 1e-8
-INSTALL_HINT = 'pip install -e ".[baselines]" (torch==2.13.0 and keras)'
+INSTALL_HINT = ('pip install -e ".[baselines]" (torch==2.13.0 and keras; tensorflow-cpu==2.21.0 for Keras\'s '
+                'default backend)')
+
+# PyTorch's CPU settings worth trying: eager NCHW (its default), channels_last memory format, flush-denormal
+# (denormal floats slow x86 arithmetic), and torch.compile. "torch" runs the three eager ones and the comparison
+# takes the fastest; "torch:compile" is tried by name (on 2 cores it was slower than eager and compiles for
+# 10-40 s).
+TORCH_VARIANTS = ("nchw", "channels_last", "flush_denormal", "compile")
+TORCH_DEFAULT_VARIANTS = ("nchw", "channels_last", "flush_denormal")
+KERAS_BACKENDS = ("tensorflow", "torch")
+
+
+def baseline_names():
+    """Every contender name a baseline answers to, family first: torch, torch:<variant>, keras, keras:<backend>."""
+    return (("torch",) + tuple(f"torch:{v}" for v in TORCH_VARIANTS)
+            + ("keras",) + tuple(f"keras:{b}" for b in KERAS_BACKENDS))
+
+
+def expand(name):
+    """A contender name -> the runs it stands for: "torch" -> its eager variants; "keras" -> Keras on its default
+    backend, TensorFlow, where tensorflow is installed, else on torch; full names stay as they are."""
+    if name == "torch":
+        return [f"torch:{v}" for v in TORCH_DEFAULT_VARIANTS]
+    if name == "keras":
+        return ["keras:tensorflow" if importlib.util.find_spec("tensorflow") else "keras:torch"]
+    return [name]
+
+
+def family(name):
+    """The framework a contender belongs to: "torch:nchw" -> "torch"."""
+    return name.split(":")[0]
 
 
 def missing_packages(name):
-    """The packages baseline `name` ("torch" or "keras") needs that are not installed, found without importing
-    them. Keras runs on the PyTorch backend here, so it needs both."""
-    needs = {"torch": ("torch",), "keras": ("keras", "torch")}[name]
+    """The packages baseline `name` ("torch[:variant]" or "keras[:backend]") needs that are not installed,
+    found without importing them."""
+    fam, _, option = name.partition(":")
+    needs = ("torch",) if fam == "torch" else ("keras", option or "tensorflow")
     return [package for package in needs if importlib.util.find_spec(package) is None]
+
+
+def make_baseline(name, seed, threads):
+    fam, _, option = name.partition(":")
+    if fam == "torch":
+        return TorchCNN(seed=seed, threads=threads, variant=option or "nchw")
+    return KerasCNN(seed=seed, threads=threads, backend=option or "tensorflow")
 
 
 def _import(package):
@@ -48,15 +90,18 @@ def _set_torch_threads(torch, threads):
 
 
 class TorchCNN:
-    """The model in torch.nn, trained with torch.optim.Adam and CrossEntropyLoss (log-softmax folded in)."""
+    """The model in torch.nn, trained with torch.optim.Adam and CrossEntropyLoss (log-softmax folded in), in one of
+    TORCH_VARIANTS. Images arrive as uint8 and are scaled a batch at a time, as numba_cnn's trainer does."""
 
-    name = "torch"
-
-    def __init__(self, seed=0, threads=None):
+    def __init__(self, seed=0, threads=None, variant="nchw"):
+        if variant not in TORCH_VARIANTS:
+            raise NumbaCNNError(f"unknown torch variant {variant!r}: choose from {', '.join(TORCH_VARIANTS)}")
         torch = self.torch = _import("torch")
-        self.version = f"torch {torch.__version__}"
+        self.name, self.variant = f"torch:{variant}", variant
+        self.version = f"torch {torch.__version__} ({variant.replace('_', ' ')})"
         nn = torch.nn
         _set_torch_threads(torch, threads)
+        torch.set_flush_denormal(variant == "flush_denormal")
         torch.manual_seed(seed)
         by_kind = {
             "conv2d_relu": lambda k, c, r, s: [nn.Conv2d(c, k, (r, s)), nn.ReLU()],
@@ -72,13 +117,19 @@ class TorchCNN:
                 # fans for a (K, C, R, S) kernel are C*R*S and K*R*S, the same as Keras's.
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        self.memory_format = torch.channels_last if variant == "channels_last" else torch.contiguous_format
+        self.net = self.net.to(memory_format=self.memory_format)
+        self.forward = torch.compile(self.net) if variant == "compile" else self.net
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=LEARNING_RATE, eps=ADAM_EPSILON)
         self.loss_fn = nn.CrossEntropyLoss()
+
+    def _images(self, x):
+        return self.torch.from_numpy(as_float_images(x)).contiguous(memory_format=self.memory_format)
 
     def train_step(self, x, y):
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.net(self.torch.from_numpy(x)), self.torch.from_numpy(y))
+        loss = self.loss_fn(self.forward(self._images(x)), self.torch.from_numpy(y))
         loss.backward()
         self.optimizer.step()
         return loss.item()
@@ -86,27 +137,31 @@ class TorchCNN:
     def predict(self, x):
         self.net.eval()
         with self.torch.inference_mode():
-            return self.net(self.torch.from_numpy(x)).argmax(dim=1).numpy()
+            return self.forward(self._images(x)).argmax(dim=1).numpy()
 
 
 class KerasCNN:
-    """The model as a keras.Sequential on the PyTorch backend, channels-last as Keras expects, trained with
-    train_on_batch (Keras's own per-step call) under sparse categorical cross-entropy."""
+    """The model as a keras.Sequential on one of KERAS_BACKENDS (TensorFlow, Keras's default, or torch),
+    channels-last as Keras expects, trained with train_on_batch (Keras's own per-step call) under sparse
+    categorical cross-entropy. Images arrive as uint8 and are scaled a batch at a time."""
 
-    name = "keras"
-
-    def __init__(self, seed=0, threads=None):
-        # Keras picks its backend once, at import; it must be torch here (the one installed beside it).
-        if os.environ.setdefault("KERAS_BACKEND", "torch") != "torch":
-            raise NumbaCNNError(f"the keras baseline runs on the torch backend, but KERAS_BACKEND is "
-                                f"{os.environ['KERAS_BACKEND']!r}: unset it or set it to torch")
+    def __init__(self, seed=0, threads=None, backend="tensorflow"):
+        if backend not in KERAS_BACKENDS:
+            raise NumbaCNNError(f"unknown keras backend {backend!r}: choose from {', '.join(KERAS_BACKENDS)}")
+        # Keras picks its backend once, at import: this process is the contender's own, so set it first.
+        if "keras" in sys.modules and sys.modules["keras"].backend.backend() != backend:
+            raise NumbaCNNError(f"keras was already imported with the {sys.modules['keras'].backend.backend()} "
+                                f"backend; the keras:{backend} baseline needs a fresh process")
+        os.environ["KERAS_BACKEND"] = backend
+        engine = _import(backend)
+        if backend == "tensorflow" and threads is not None:
+            engine.config.threading.set_intra_op_parallelism_threads(threads)
+            engine.config.threading.set_inter_op_parallelism_threads(threads)
+        elif backend == "torch":
+            _set_torch_threads(engine, threads)
         keras = _import("keras")
-        if keras.backend.backend() != "torch":
-            raise NumbaCNNError(f"keras was already imported with the {keras.backend.backend()} backend; "
-                                "the keras baseline needs KERAS_BACKEND=torch set before the first import")
-        torch = _import("torch")
-        self.version = f"keras {keras.__version__} on torch {torch.__version__}"
-        _set_torch_threads(torch, threads)
+        self.name = f"keras:{backend}"
+        self.version = f"keras {keras.__version__} on {backend} {engine.__version__}"
         keras.utils.set_random_seed(seed)
         layers = keras.layers
         by_kind = {
@@ -123,16 +178,13 @@ class KerasCNN:
 
     @staticmethod
     def _channels_last(x):
-        return np.ascontiguousarray(np.moveaxis(x, 1, -1))  # (N, 1, 28, 28) -> (N, 28, 28, 1)
+        return np.ascontiguousarray(np.moveaxis(as_float_images(x), 1, -1))  # (N, 1, 28, 28) -> (N, 28, 28, 1)
 
     def train_step(self, x, y):
         return float(self.model.train_on_batch(self._channels_last(x), y))
 
     def predict(self, x):
         return np.asarray(self.model.predict_on_batch(self._channels_last(x))).argmax(axis=1)
-
-
-BASELINES = {"torch": TorchCNN, "keras": KerasCNN}
 
 
 def batch_stream(n, batch_size, rng):

@@ -1,8 +1,10 @@
 """Training comparison (`bench --compare`): our backends against PyTorch and Keras on the same batches.
 
-Each contender (our backends, PyTorch, Keras) trains in a subprocess of its own, so ru_maxrss is that contender's
-peak memory, on the same batches (one seeded order), batch size and thread count; contenders take turns round after
-round. After a few warm-up steps (reported apart, with the imports and compilation), `--steps` steps are timed and
+Each contender (our backends, each PyTorch setting, Keras on each backend) trains in a subprocess of its own, so
+ru_maxrss is that contender's peak memory, on the same batches (one seeded order), batch size and thread count,
+every one holding the images as uint8 and scaling each batch; contenders take turns round after round and each
+figure is the median over rounds, with its spread. PyTorch's figure is its best setting in the same run, and the
+"fastest framework" is the best of all baselines on each metric. After a few warm-up steps (reported apart, with the imports and compilation), `--steps` steps are timed and
 extrapolated to a 60,000-image epoch, or `--epochs` full epochs are trained and timed; then the 10,000 test images
 are classified, giving images/second and accuracy.
 """
@@ -20,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from numba_cnn.bench import baselines
-from numba_cnn.bench.ops import resolve_backend
+from numba_cnn.bench.ops import model_flops_per_image, resolve_backend
 from numba_cnn.errors import NumbaCNNError, check_int_flag
 from numba_cnn.kernels import BACKENDS, get_backend
 from numba_cnn.model import INPUT_SHAPE, NUM_CLASSES, Model
 from numba_cnn.optim import Adam
-from numba_cnn.runtime import default_threads, machine_description, set_threads
+from numba_cnn.runtime import default_threads, machine_description, set_threads, sgemm_gflops
 
 TRAIN_IMAGES = 60_000
 TEST_IMAGES = 10_000
@@ -61,25 +63,28 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_data(data=None, random_data=False, seed=0, limit=None, raw_pixels=False):
-    """-> (((x_train, y_train), (x_test, y_test)) with int64 labels, where they came from): MNIST via
-    numba_cnn.data.load_mnist, or random images and labels of MNIST's sizes when random_data is set (for timing
-    only; the accuracy means nothing). limit: keep only the first `limit` training and test images.
-    raw_pixels: keep MNIST's uint8 pixels (numba_cnn's own trainer holds them so and scales each batch)."""
+def load_data(data=None, random_data=False, seed=0, limit=None):
+    """-> (((x_train, y_train), (x_test, y_test)) with uint8 images and int64 labels, where they came from): MNIST
+    via numba_cnn.data.load_mnist, or random pixels and labels of MNIST's sizes when random_data is set (for timing
+    only; the accuracy means nothing). limit: keep only the first `limit` training and test images."""
     if random_data:
         rng = np.random.default_rng([seed, 7])
         sizes = (min(TRAIN_IMAGES, limit or TRAIN_IMAGES), min(TEST_IMAGES, limit or TEST_IMAGES))
-        return tuple((rng.random((n, *INPUT_SHAPE), dtype=np.float32), rng.integers(0, NUM_CLASSES, n, dtype=np.int64))
-                     for n in sizes), "random"
+        return tuple((rng.integers(0, 256, (n, *INPUT_SHAPE), dtype=np.uint8),
+                      rng.integers(0, NUM_CLASSES, n, dtype=np.int64)) for n in sizes), "random"
     from numba_cnn.data import load_mnist
 
-    mnist = load_mnist(data, normalize=not raw_pixels)
+    mnist = load_mnist(data, normalize=False)
     return tuple((x[:limit], y[:limit].astype(np.int64)) for x, y in mnist), str(getattr(mnist, "source", data))
 
 
+def _is_baseline(name):
+    return baselines.family(name) in ("torch", "keras")
+
+
 def _make_contender(name, seed, threads):
-    if name in baselines.BASELINES:
-        return baselines.BASELINES[name](seed=seed, threads=threads)
+    if _is_baseline(name):
+        return baselines.make_baseline(name, seed, threads)
     return NumbaCNNContender(name, seed=seed)
 
 
@@ -89,11 +94,10 @@ def run_contender(name, steps=50, warmup_steps=3, batch_size=128, threads=None, 
     (compare_training starts one per contender), so that peak_rss_mb is this contender's alone."""
     threads = default_threads() if threads is None else threads
     # the same thread settings as `train --kernels name`
-    set_threads(threads, None if name in baselines.BASELINES else get_backend(name))
-    # Each contender holds the images as its own training loop would: numba_cnn as uint8 (scaled per batch, as
-    # numba_cnn.train does), PyTorch and Keras as the float32 arrays their usual input pipelines take.
-    ((x_train, y_train), (x_test, y_test)), source = load_data(data, random_data, seed, limit,
-                                                               raw_pixels=name not in baselines.BASELINES)
+    set_threads(threads, None if _is_baseline(name) else get_backend(name))
+    # Every contender holds uint8 pixels and scales each batch, as numba_cnn.train does: peak memory then
+    # compares the frameworks, not the data format.
+    ((x_train, y_train), (x_test, y_test)), source = load_data(data, random_data, seed, limit)
     out = {"contender": name, "data_source": source, "epoch_images": len(x_train), "test_images": len(x_test),
            "rss_after_data_mb": peak_rss_mb()}
 
@@ -131,7 +135,7 @@ def run_contender(name, steps=50, warmup_steps=3, batch_size=128, threads=None, 
 def _run_in_subprocess(spec, threads):
     """Run one contender in a fresh interpreter (python -m numba_cnn.bench SPEC.json) -> its result dict.
     A NumbaCNNError there (bad data path, missing package) is raised here with the same message."""
-    env = dict(os.environ, KERAS_BACKEND="torch")
+    env = dict(os.environ)
     # The child imports this very package, wherever the parent found it (an uninstalled checkout included).
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))
@@ -152,10 +156,12 @@ def _run_in_subprocess(spec, threads):
 
 
 def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, warmup_steps=3, batch_size=128,
-                     threads=None, rounds=2, epochs=0, seed=0, data=None, random_data=False, limit=None,
+                     threads=None, rounds=3, epochs=0, seed=0, data=None, random_data=False, limit=None,
                      profile=False, log=print):
-    """Train each contender (our backend names, "torch", "keras") in its own subprocess, `rounds` times in turn
-    -> dict with per-contender medians over rounds (peak memory: the largest), every run, and ratios to torch.
+    """Train each contender (our backend names; "torch" for its eager settings or "torch:<variant>"; "keras" for
+    Keras on its default backend or "keras:<backend>") in its own subprocess, `rounds` times in turn -> dict with
+    per-contender medians over rounds and their spread (peak memory: the largest), every run, and ratios to
+    PyTorch's best setting and to the fastest framework, metric by metric.
 
     With epochs=0, `steps` timed steps after `warmup_steps` warm-up steps, extrapolated to a 60,000-image epoch;
     with epochs > 0, that many full epochs, timed (their median), and the test accuracy that results.
@@ -167,18 +173,26 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, w
         check_int_flag(name, value, least)
     threads = default_threads() if threads is None else threads
     threads_record = set_threads(threads)  # here, so a bad --threads is refused before any training
-    if "naive" in contenders:
-        raise NumbaCNNError("naive is too slow to train (seconds per image): leave it out of --compare's kernels")
-    entries, runnable = {}, []
+    names = []
     for name in contenders:
-        if name in baselines.BASELINES:
-            missing = baselines.missing_packages(name)
-            reason = f"{', '.join(missing)} not installed; {baselines.INSTALL_HINT}" if missing else None
-        elif name in BACKENDS:
-            reason = resolve_backend(name)[1]
+        if name in BACKENDS:
+            backend, _ = resolve_backend(name)
+            if backend is not None and backend.info.slow:
+                raise NumbaCNNError(f"{name} is too slow to train (seconds per image): leave it out of --compare's "
+                                    f"kernels")
+            names.append(name)
+        elif name in baselines.baseline_names():
+            names.extend(baselines.expand(name))
         else:
             raise NumbaCNNError(f"unknown contender {name!r}: choose from {', '.join(BACKENDS)}, "
-                                f"{', '.join(baselines.BASELINES)}")
+                                f"{', '.join(baselines.baseline_names())}")
+    entries, runnable = {}, []
+    for name in dict.fromkeys(names):
+        if _is_baseline(name):
+            missing = baselines.missing_packages(name)
+            reason = f"{', '.join(missing)} not installed; {baselines.INSTALL_HINT}" if missing else None
+        else:
+            reason = resolve_backend(name)[1]
         entries[name] = {"contender": name, "runs": []}
         if reason:
             entries[name].update(status="skipped", reason=reason)
@@ -188,6 +202,7 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, w
     epoch_images = min(TRAIN_IMAGES, limit or TRAIN_IMAGES)
     measure = (f"median of {epochs} full epoch(s) of {epoch_images:,} images" if epochs
                else f"extrapolated from {steps} steps to an epoch of {epoch_images:,} images")
+    sgemm_before = sgemm_gflops()
     for round_number in range(1, rounds + 1):
         for name in runnable:
             spec = dict(name=name, steps=steps, warmup_steps=warmup_steps, batch_size=batch_size, threads=threads,
@@ -202,6 +217,10 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, w
                 log(f"round {round_number}/{rounds} {name}: {run['sec_per_epoch']:.2f} s/epoch, "
                     f"{run['inference_img_per_s']:.0f} img/s inference, {run['peak_rss_mb']:.0f} MB peak, "
                     f"warm-up {run['warmup_s']:.1f} s")
+    set_threads(threads)
+    sgemm_after = sgemm_gflops()
+    peak = float(np.median(sgemm_before + sgemm_after))
+    train_flops, _ = model_flops_per_image()
     for entry in entries.values():
         if "status" in entry:
             continue
@@ -209,25 +228,48 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, w
         if not good:
             entry.update(status="FAILED", reason=entry["runs"][0]["error"])
             continue
-        entry.update(status="ok", sec_per_epoch=float(np.median([r["sec_per_epoch"] for r in good])),
-                     inference_img_per_s=float(np.median([r["inference_img_per_s"] for r in good])),
+        seconds = [r["sec_per_epoch"] for r in good]
+        rates = [r["inference_img_per_s"] for r in good]
+        entry.update(status="ok", sec_per_epoch=float(np.median(seconds)), sec_per_epoch_range=[min(seconds), max(seconds)],
+                     inference_img_per_s=float(np.median(rates)), inference_img_per_s_range=[min(rates), max(rates)],
                      peak_rss_mb=max(r["peak_rss_mb"] for r in good),
                      rss_after_data_mb=max(r["rss_after_data_mb"] for r in good),
                      warmup_s=[r["warmup_s"] for r in good], test_accuracy=good[-1]["test_accuracy"],
-                     version=good[0]["version"])
+                     version=good[0]["version"], baseline=_is_baseline(entry["contender"]))
+        entry["gflops"] = train_flops * good[0]["epoch_images"] / entry["sec_per_epoch"] / 1e9
+        entry["peak_share"] = entry["gflops"] / peak
+    _add_ratios(list(entries.values()))
     sources = {run["data_source"] for entry in entries.values() for run in entry["runs"] if "data_source" in run}
-    reference = entries.get("torch", {})
-    for entry in entries.values():
-        if entry["status"] == "ok" and reference.get("status") == "ok":
-            entry["vs_torch"] = {key: entry[key] / reference[key]
-                                 for key in ("sec_per_epoch", "inference_img_per_s", "peak_rss_mb")}
     return {
         "kind": "numba_cnn training comparison",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": {"contenders": list(contenders), "steps": steps, "warmup_steps": warmup_steps,
-                     "batch_size": batch_size, "threads": threads, "rounds": rounds, "epochs": epochs, "seed": seed,
+        "settings": {"contenders": list(contenders), "runs": list(entries), "steps": steps,
+                     "warmup_steps": warmup_steps, "batch_size": batch_size, "threads": threads, "rounds": rounds,
+                     "epochs": epochs, "seed": seed,
                      "data": ", ".join(sorted(sources)) or ("random" if random_data else data or "default"),
                      "limit": limit, "measure": measure},
         "machine": machine_description(threads_record),
+        "calibration": {"sgemm_before_gflops": sgemm_before, "sgemm_after_gflops": sgemm_after, "peak_gflops": peak,
+                        "training_flops_per_image": train_flops},
         "contenders": list(entries.values()),
     }
+
+
+# per metric: the key and whether more is better
+RATIO_METRICS = (("sec_per_epoch", False), ("inference_img_per_s", True), ("peak_rss_mb", False))
+
+
+def _add_ratios(entries):
+    """For every finished entry, each metric divided by PyTorch's best setting's (vs_torch_best) and by the best
+    framework's (vs_fastest_framework), metric by metric; the best settings are named in `torch_best` and
+    `fastest_framework`."""
+    ok = [e for e in entries if e["status"] == "ok"]
+    groups = {"vs_torch_best": [e for e in ok if baselines.family(e["contender"]) == "torch"],
+              "vs_fastest_framework": [e for e in ok if e["baseline"]]}
+    for key, group in groups.items():
+        if not group:
+            continue
+        best = {metric: (max if more else min)(group, key=lambda e, m=metric: e[m]) for metric, more in RATIO_METRICS}
+        for entry in ok:
+            entry[key] = {metric: entry[metric] / best[metric][metric] for metric, _ in RATIO_METRICS}
+            entry[key + "_names"] = {metric: best[metric]["contender"] for metric, _ in RATIO_METRICS}

@@ -176,6 +176,15 @@ def op_inputs(n, seed=0):
     return inputs
 
 
+def model_flops_per_image():
+    """-> (training FLOPs, inference FLOPs) of one image, by the FLOP formulas of model_ops: a training step is
+    every layer's forward and backward op, inference the forward ops."""
+    inputs = op_inputs(1)
+    counted = [(op, op.flops(*inputs[op.name])) for op in model_ops() if op.fused is None]
+    counted = [(op, flops) for op, flops in counted if flops is not None]
+    return sum(f for _, f in counted), sum(f for op, f in counted if op.name.endswith(" fwd"))
+
+
 def check_outputs(op, got, ref):
     """Compare a backend's outputs with the float64 oracle's -> (passed, {output: error}, reason or None).
     Float outputs: the oracle's relative_error within its float32 tolerance, and the dtype must be float32;

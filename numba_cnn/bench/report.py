@@ -92,29 +92,41 @@ def plot_ops(report, path):
 
 
 def format_compare_table(report):
-    s = report["settings"]
-    lines = [f"training comparison: batch {s['batch_size']}, {s['threads']} thread(s), {s['rounds']} round(s), "
-             f"data {s['data']}; s/epoch {s['measure']}; medians over rounds, peak memory the largest",
-             f"{'contender':<10} {'s/epoch':>9} {'x torch':>8} {'infer img/s':>12} {'x torch':>8} "
-             f"{'peak MB':>8} {'x torch':>8} {'data MB':>8} {'warm-up s':>14} {'test acc':>9}"]
+    """The training comparison as text: one line per contender (each PyTorch setting and Keras backend its own),
+    medians over rounds with their range, ratios to PyTorch's best setting and to the fastest framework."""
+    s, cal = report["settings"], report["calibration"]
+    lines = [f"training comparison: batch {s['batch_size']}, {s['threads']} thread(s), {s['rounds']} round(s) taken "
+             f"in turn, data {s['data']}; s/epoch {s['measure']}; medians over rounds (range), peak memory the "
+             f"largest; every contender holds uint8 pixels and scales each batch",
+             f"{'contender':<22} {'s/epoch':>7} {'range':>13} {'x torch*':>8} {'x fastest':>9} {'GFLOP/s':>7} "
+             f"{'% peak':>6} {'infer img/s':>11} {'x fastest':>9} {'peak MB':>7} {'x torch*':>8} {'test acc':>8}"]
     for e in report["contenders"]:
         if e["status"] != "ok":
-            lines.append(f"{e['contender']:<10} {e['status']}: {e['reason']}")
+            lines.append(f"{e['contender']:<22} {e['status']}: {e['reason']}")
             continue
-        ratio = e.get("vs_torch", {})
 
-        def x(key):
-            return f"{ratio[key]:.2f}" if key in ratio else "-"
+        def x(key, metric):
+            return f"{e[key][metric]:.2f}" if key in e else "-"
 
-        warm = "/".join(f"{w:.1f}" for w in e["warmup_s"])
-        lines.append(f"{e['contender']:<10} {e['sec_per_epoch']:>9.2f} {x('sec_per_epoch'):>8} "
-                     f"{e['inference_img_per_s']:>12.0f} {x('inference_img_per_s'):>8} {e['peak_rss_mb']:>8.0f} "
-                     f"{x('peak_rss_mb'):>8} {e['rss_after_data_mb']:>8.0f} {warm:>14} {e['test_accuracy']:>9.4f}")
-    lines.append("x torch: contender / PyTorch (s/epoch and MB: above 1 is worse; img/s: above 1 is better). "
-                 "data MB: peak memory once imports and data are loaded (numba_cnn holds uint8 pixels and scales "
-                 "each batch, as its trainer does; PyTorch and Keras hold float32). "
-                 "warm-up: imports, model build, compile, warm-up steps, per round.")
-    lines.append("versions: " + "; ".join(e["version"] for e in report["contenders"] if e["status"] == "ok"))
+        low, high = e["sec_per_epoch_range"]
+        lines.append(f"{e['contender']:<22} {e['sec_per_epoch']:>7.2f} {f'{low:.2f}-{high:.2f}':>13} "
+                     f"{x('vs_torch_best', 'sec_per_epoch'):>8} {x('vs_fastest_framework', 'sec_per_epoch'):>9} "
+                     f"{e['gflops']:>7.1f} {100 * e['peak_share']:>5.1f}% {e['inference_img_per_s']:>11.0f} "
+                     f"{x('vs_fastest_framework', 'inference_img_per_s'):>9} {e['peak_rss_mb']:>7.0f} "
+                     f"{x('vs_torch_best', 'peak_rss_mb'):>8} {e['test_accuracy']:>8.4f}")
+    best = next((e for e in report["contenders"] if "vs_torch_best_names" in e), None)
+    if best is not None:
+        torch_names, fastest = best["vs_torch_best_names"], best.get("vs_fastest_framework_names", {})
+        lines.append(f"torch* = PyTorch's best setting in this run, per metric: {torch_names['sec_per_epoch']} for "
+                     f"s/epoch, {torch_names['peak_rss_mb']} for memory. fastest = the best framework per metric: "
+                     f"{fastest.get('sec_per_epoch', '-')} for s/epoch, {fastest.get('inference_img_per_s', '-')} "
+                     f"for inference. Ratios: contender / best (s/epoch, MB: below 1 is better; img/s: above 1).")
+    lines.append(f"GFLOP/s: {cal['training_flops_per_image'] / 1e6:.2f} MFLOP per training image (bench's FLOP "
+                 f"formula) x images per epoch / s per epoch; % peak: of sgemm {cal['peak_gflops']:.1f} GFLOP/s "
+                 f"measured in this run (before {np.median(cal['sgemm_before_gflops']):.1f}, after "
+                 f"{np.median(cal['sgemm_after_gflops']):.1f}).")
+    lines.append("versions: " + "; ".join(f"{e['contender']}: {e['version']}" for e in report["contenders"]
+                                          if e["status"] == "ok"))
     loads = [run["load_average_1min"] for e in report["contenders"] for run in e["runs"] if "error" not in run]
     if loads:
         lines.append(f"load average (1 min) at the end of each run: {min(loads):.2f} to {max(loads):.2f} on "
