@@ -227,29 +227,37 @@ def load_dataset(dataset=MNIST.name, path=None, *, cache_dir=None, download=None
 def load_for_run(name=None, path=None, *, recorded=None, allow_mismatch=False, **options):
     """The data for a run: the data set `name`, else the one in `recorded`, else MNIST, loaded by load_dataset.
 
-    recorded: the LoadedData.record() of the checkpoint's run (resume, evaluate), or None. The data found must be
-    the data set it names with the SHA-256 it lists, unless allow_mismatch. -> (LoadedData, a line saying which
-    data set was read from where, and why that one)."""
+    recorded: the LoadedData.record() of the checkpoint's run (resume, evaluate), or None. The data must be the data
+    set it names (checked before anything is read or downloaded) with the SHA-256 it lists, unless allow_mismatch.
+    -> (LoadedData, a line saying which data set was read from where, and why that one)."""
     if name is not None:
         why = "--dataset"
     elif recorded is not None:
         name, why = recorded.get("dataset"), "as recorded in the checkpoint"
     else:
         name, why = MNIST.name, "the default"
-    data = load_dataset(name, path, **options)
-    line = f"data: {data.dataset.title} ({why}), {data.source}"
-    problem = None if recorded is None else _differs_from_record(data, recorded)
-    if problem and not allow_mismatch:
-        raise DataError(f"{problem}; pass --allow-data-mismatch to use it anyway")
+    dataset = get_dataset(name)
+    problem = None
+    if recorded is not None and recorded.get("dataset") != dataset.name:
+        problem = f"the checkpoint's run used data set {recorded.get('dataset')!r}, not {dataset.name!r}"
+        _refuse_unless_allowed(problem, allow_mismatch)
+    data = load_dataset(dataset, path, **options)
+    if recorded is not None and problem is None:
+        problem = _hash_mismatch(data, recorded)
+        _refuse_unless_allowed(problem, allow_mismatch)
+    line = f"data: {dataset.title} ({why}), {data.source}"
     if problem:
         line += f"\nwarning: {problem} (--allow-data-mismatch)"
     return data, line
 
 
-def _differs_from_record(data, recorded):
-    """Why data is not what the run that wrote `recorded` read, or None when it is."""
-    if recorded.get("dataset") != data.dataset.name:
-        return f"the checkpoint's run used data set {recorded.get('dataset')!r}, not {data.dataset.name!r}"
+def _refuse_unless_allowed(problem, allow_mismatch):
+    if problem and not allow_mismatch:
+        raise DataError(f"{problem}; pass --allow-data-mismatch to use it anyway")
+
+
+def _hash_mismatch(data, recorded):
+    """How data differs from the data the run that wrote `recorded` read, or None when it does not."""
     expected = recorded.get("sha256") or {}
     differing = [name for name in IDX_NAMES.values() if expected.get(name) != data.sha256[name]]
     if not differing:

@@ -690,7 +690,9 @@ def test_load_for_run_uses_the_recorded_data_set_and_checks_its_hashes(tmp_path)
     data, line = load_for_run(path=tmp_path / "other", recorded=recorded, allow_mismatch=True)
     assert "warning: " in line and "t10k-labels-idx1-ubyte differ" in line
     with pytest.raises(DataError, match="the checkpoint's run used data set 'fashion-mnist', not 'mnist'"):
-        load_for_run("mnist", tmp_path / "same", recorded=recorded)
+        load_for_run("mnist", tmp_path / "nowhere", recorded=recorded)  # refused before looking for data
+    data, line = load_for_run("mnist", tmp_path / "same", recorded=recorded, allow_mismatch=True)
+    assert data.dataset is MNIST and "warning: the checkpoint's run used data set 'fashion-mnist'" in line
     assert load_for_run(path=tmp_path / "same")[1].startswith("data: MNIST (the default)")
 
 
