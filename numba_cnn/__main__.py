@@ -13,8 +13,15 @@ EXIT_USER_ERROR = 2
 
 
 def _add_common(p):
-    p.add_argument("--data", metavar="PATH", help="MNIST folder of the four IDX files (.gz or not) or a keras "
-                   "mnist.npz; default: $NUMBA_CNN_DATA, then ~/.keras/datasets/mnist.npz, then a checked download")
+    p.add_argument("--data", metavar="PATH", help="folder of the data set's four IDX files (.gz or not) or an npz; "
+                   "default: $NUMBA_CNN_DATA, then the keras cache (~/.keras/datasets), then the MNIST copy shipped "
+                   "with numba_cnn or, for a data set not shipped, a checked download")
+    p.add_argument("--dataset", metavar="NAME", help="mnist or fashion-mnist (default: the checkpoint's with "
+                   "--resume and evaluate, else mnist)")
+    p.add_argument("--download", action="store_true", default=None, help="download the data set into the keras "
+                   "cache (checked SHA-256) rather than use the copy shipped with numba_cnn")
+    p.add_argument("--allow-data-mismatch", action="store_true", help="use data that differs from what the "
+                   "checkpoint's run read (its recorded SHA-256)")
     p.add_argument("--threads", type=int, metavar="N", help="Numba and BLAS threads for the whole run")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -58,7 +65,8 @@ def build_parser():
 
 
 def cmd_train(args):
-    from numba_cnn.data import load_mnist
+    from numba_cnn import checkpoint as ckpt
+    from numba_cnn.data import load_for_run
     from numba_cnn.profiling import maybe_profile
     from numba_cnn.train import TrainConfig, train
 
@@ -66,8 +74,12 @@ def cmd_train(args):
                          seed=args.seed, limit=args.limit, test_limit=args.test_limit,
                          checkpoint_every=args.checkpoint_every, threads=args.threads)
     config.validate()
-    data = load_mnist(args.data, normalize=False)  # uint8 in memory; the trainer scales a batch at a time
-    print(f"data: {data.source}")
+    recorded = ckpt.load_checkpoint(args.resume)[2]["config"].get("data") if args.resume else None
+    # uint8 in memory; the trainer scales a batch at a time
+    data, data_line = load_for_run(args.dataset, args.data, recorded=recorded, download=args.download,
+                                   allow_mismatch=args.allow_data_mismatch, normalize=False)
+    print(data_line)
+    config.data = data.record()
     with maybe_profile(args.profile, "train", args.kernels):
         result = train(config, data, out_dir=args.out, resume=args.resume)
     return result.exit_code
@@ -75,14 +87,17 @@ def cmd_train(args):
 
 def cmd_evaluate(args):
     from numba_cnn import checkpoint as ckpt
-    from numba_cnn.data import load_mnist
+    from numba_cnn.data import load_for_run
     from numba_cnn.model import Model
     from numba_cnn.kernels import get_backend
     from numba_cnn.runtime import set_threads
     from numba_cnn.train import evaluate
 
     params, _, meta = ckpt.load_checkpoint(args.checkpoint)
-    _, (x_test, y_test) = load_mnist(args.data, normalize=False)
+    data, data_line = load_for_run(args.dataset, args.data, recorded=meta["config"].get("data"),
+                                   download=args.download, allow_mismatch=args.allow_data_mismatch, normalize=False)
+    print(data_line)
+    _, (x_test, y_test) = data
     if args.test_limit is not None:
         check_int_flag("test_limit", args.test_limit)
         x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
@@ -92,11 +107,19 @@ def cmd_evaluate(args):
     accuracy, confusion = evaluate(model, x_test, y_test)
     print(f"checkpoint {args.checkpoint} (epoch {meta['epoch']}, step {meta['step']}), kernels {args.kernels}")
     print(f"test accuracy {accuracy:.4f} on {len(x_test)} images")
-    print("confusion matrix (rows: true digit, columns: predicted digit)")
-    print("      " + "".join(f"{d:>6}" for d in range(10)))
-    for d in range(10):
-        print(f"{d:>6}" + "".join(f"{c:>6}" for c in confusion[d]))
+    print(format_confusion(confusion, data.dataset.class_names))
     return 0
+
+
+def format_confusion(confusion, class_names):
+    """The confusion matrix as text: a row per true class, labelled with its number and name (just the number
+    where the name is the number), a column per predicted class, headed by its number."""
+    labels = [name if name == str(k) else f"{k} {name}" for k, name in enumerate(class_names)]
+    width = max(6, *(len(label) + 1 for label in labels))
+    lines = ["confusion matrix (rows: true class, columns: predicted class)",
+             " " * width + "".join(f"{k:>6}" for k in range(len(labels)))]
+    lines += [f"{label:>{width}}" + "".join(f"{c:>6}" for c in row) for label, row in zip(labels, confusion)]
+    return "\n".join(lines)
 
 
 def main(argv=None):

@@ -1,11 +1,15 @@
-"""MNIST loader: the four IDX files (gzipped or raw) or a keras-style mnist.npz, with a verified download.
+"""Data sets by name, MNIST and Fashion-MNIST: the four IDX files (gzipped or raw) or a keras-style npz, the copy of
+MNIST shipped inside the package, and a verified download.
 
-load_mnist() returns ((x_train, y_train), (x_test, y_test)): images float32 (N, 1, 28, 28) in [0, 1] (or the raw
-uint8 pixels with normalize=False), labels uint8 (N,). The result also carries `.source`, saying where it came from.
+load_dataset(name) returns ((x_train, y_train), (x_test, y_test)): images float32 (N, 1, 28, 28) in [0, 1] (or the
+raw uint8 pixels with normalize=False), labels uint8 (N,). The result also carries `.dataset` (which data set),
+`.source` (where it came from) and `.sha256`: the SHA-256 of each of the four parts written as an IDX file, which
+is the hash of the uncompressed IDX file whatever held it (raw, gzip or npz). `.record()` is what a run keeps.
 
-Sources, in order: an explicit path (else $NUMBA_CNN_DATA), the keras cache file, a download into that cache.
-Every problem with a file is a DataError naming the file; when nothing is available the DataError lists each
-source tried, why it failed, and how to fix it. Standard library and numpy only.
+Sources, in order: an explicit path (else $NUMBA_CNN_DATA), the keras cache, then the copy shipped with the package
+(MNIST) or a download into the keras cache (a data set not shipped, or when asked for). Every problem with a file is
+a DataError naming the file; when nothing is available the DataError lists each source tried, why it failed, and
+how to fix it. Standard library and numpy only.
 """
 
 import gzip
@@ -28,11 +32,7 @@ from numba_cnn.atomic import atomic_write
 from numba_cnn.errors import DataError
 from numba_cnn.layers import as_float_images
 
-MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
-# The hash keras checks for that file.
-MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
 ENV_VAR = "NUMBA_CNN_DATA"
-NPZ_NAME = "mnist.npz"
 ROWS = COLS = 28
 PIXELS = ROWS * COLS
 
@@ -48,14 +48,8 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 DOWNLOAD_TIMEOUT_S = 30  # per connect / per read
 DOWNLOAD_DEADLINE_S = 600  # whole transfer; a server trickling bytes must not hang training forever
-DOWNLOAD_MAX_BYTES = 100 * 2**20  # the real file is 11.5 MB; refuse to fill the disk from a misbehaving server
+DOWNLOAD_MAX_BYTES = 100 * 2**20  # the largest real file is 26 MB; refuse to fill the disk from a misbehaving server
 CHUNK = 1 << 20
-
-FIX_HINT = ("To fix: pass --data DIR (a folder with the four MNIST IDX files, .gz or raw, or a keras mnist.npz), "
-            f"set {ENV_VAR} to one, or allow the download (network access to {MNIST_URL}).")
-
-EXPLICIT_FIX_HINT = ("Point --data (or $NUMBA_CNN_DATA) at a folder with the four MNIST IDX files, .gz or raw, or at a "
-                     "keras mnist.npz; or leave both unset to use the keras cache or the download.")
 
 # What a corrupt gzip or zip can raise from deep inside the standard library; all become DataError.
 # (NotImplementedError: an unsupported compression method; RuntimeError: an encrypted member.)
@@ -64,92 +58,248 @@ _DECODE_ERRORS = (OSError, EOFError, ValueError, zlib.error, zipfile.BadZipFile,
 
 
 @dataclass(frozen=True)
-class MnistSource:
-    """Where the data came from. format: "idx" (a folder of IDX files) or "npz"; origin: "path" (the argument),
-    "env" ($NUMBA_CNN_DATA), "cache" (keras cache file) or "download" (fetched into the cache just now)."""
+class Download:
+    """One file of a data set's download: fetched from url into <keras cache>/name, checked against sha256."""
+
+    url: str
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A data set of 28x28 uint8 images in 10 classes, held as the four IDX files of IDX_NAMES or an npz.
+
+    cache_name: its file or folder in the keras cache; downloads: the files that fetch it there, from `address` (a
+    URL, or the folder they share); shipped: the folder of the copy inside this package, or None; idx_sha256:
+    {IDX name: SHA-256 of the uncompressed IDX file} of the standard release where known (the shipped copy is
+    checked against it; data loaded under another data set's name that matches it is refused)."""
+
+    name: str
+    title: str
+    class_names: tuple
+    cache_name: str
+    downloads: tuple
+    address: str
+    shipped: Path | None = None
+    idx_sha256: dict | None = None
+
+
+SHIPPED_DIR = Path(__file__).with_name("datasets")
+
+MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+MNIST = Dataset(
+    name="mnist", title="MNIST", class_names=tuple(str(digit) for digit in range(10)), cache_name="mnist.npz",
+    # keras's copy, checked against the SHA-256 keras checks it against
+    downloads=(Download(MNIST_URL, "mnist.npz", "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"),),
+    address=MNIST_URL,
+    shipped=SHIPPED_DIR / "mnist",
+    # The four files shipped in numba_cnn/datasets/mnist/; their README.md gives the same table and the provenance.
+    idx_sha256={
+        "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    })
+
+# Zalando Research's address for the four .gz files (github.com/zalandoresearch/fashion-mnist), and the SHA-256 of
+# each .gz as published in tensorflow/datasets, tensorflow_datasets/url_checksums/fashion_mnist.txt. Plain http:
+# the hashes are what make the files trustworthy.
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST = Dataset(
+    name="fashion-mnist", title="Fashion-MNIST",
+    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"),
+    cache_name="fashion-mnist",  # keras keeps the four .gz files in this folder of its cache
+    downloads=tuple(Download(f"{FASHION_MNIST_URL}{name}.gz", f"fashion-mnist/{name}.gz", sha256) for name, sha256 in (
+        ("train-images-idx3-ubyte", "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
+        ("train-labels-idx1-ubyte", "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
+        ("t10k-images-idx3-ubyte", "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
+        ("t10k-labels-idx1-ubyte", "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
+    )),
+    address=FASHION_MNIST_URL)
+
+DATASETS = {dataset.name: dataset for dataset in (MNIST, FASHION_MNIST)}
+
+# How each origin of a DataSource reads in messages.
+ORIGINS = {"path": "the data path", "env": f"${ENV_VAR}", "cache": "the keras cache",
+           "shipped": "the copy shipped with numba_cnn", "download": "the download"}
+
+
+def get_dataset(name):
+    """The Dataset called name; a DataError listing the known names otherwise."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DataError(f"unknown data set {name!r}: choose {' or '.join(DATASETS)}") from None
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the data came from. format: "idx" (a folder of IDX files) or "npz"; origin: a key of ORIGINS;
+    url: where origin "download" fetched it from."""
 
     format: str
     path: Path
     origin: str
-    url: str | None = None  # for origin "download"
+    url: str | None = None
 
     def __str__(self):
         what = f"IDX files in {self.path}" if self.format == "idx" else str(self.path)
-        how = {"path": "given path", "env": f"${ENV_VAR}", "cache": "keras cache",
-               "download": f"downloaded from {self.url}"}[self.origin]
-        return f"{what} ({how})"
+        frm = f" from {self.url}" if self.url else ""
+        return f"{what} ({ORIGINS[self.origin]}{frm})"
 
 
-class MnistData(tuple):
-    """((x_train, y_train), (x_test, y_test)), unpacks like the plain pair; `.source` is the MnistSource read."""
+class LoadedData(tuple):
+    """((x_train, y_train), (x_test, y_test)), unpacks like the plain pair; `.dataset` is the Dataset, `.source`
+    the DataSource read, `.sha256` {IDX name: SHA-256 of that part as an uncompressed IDX file}."""
 
-    def __new__(cls, train, test, source):
+    def __new__(cls, train, test, dataset, source, sha256):
         self = super().__new__(cls, (train, test))
-        self.source = source
+        self.dataset, self.source, self.sha256 = dataset, source, sha256
         return self
 
-    def __getnewargs__(self):  # so that pickle (multiprocessing) rebuilds it with its source
-        return (*self, self.source)
+    def __getnewargs__(self):  # so that pickle (multiprocessing) rebuilds it with its attributes
+        return (*self, self.dataset, self.source, self.sha256)
+
+    def record(self):
+        """What a run keeps about its data (config.json and the checkpoint): which data set, read from where, and
+        the SHA-256 of what was read."""
+        return {"dataset": self.dataset.name, "origin": self.source.origin, "format": self.source.format,
+                "path": str(self.source.path), "sha256": dict(self.sha256)}
 
 
 def default_cache_dir():
-    """The folder keras keeps mnist.npz in: $KERAS_HOME/datasets, else ~/.keras/datasets."""
+    """The folder keras keeps its data sets in: $KERAS_HOME/datasets, else ~/.keras/datasets."""
     keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     return Path(keras_home) / "datasets"
 
 
-def load_mnist(path=None, *, cache_dir=None, url=MNIST_URL, sha256=MNIST_SHA256, download=True, normalize=True,
-               timeout=DOWNLOAD_TIMEOUT_S):
-    """Load MNIST as ((x_train, y_train), (x_test, y_test)); the result's `.source` says where it came from.
+def load_mnist(path=None, **options):
+    """load_dataset(MNIST, path, **options)."""
+    return load_dataset(MNIST, path, **options)
 
-    path: a folder of the four IDX files (.gz or raw) or a keras mnist.npz; default $NUMBA_CNN_DATA. If either is
-    set and unusable, that is the error (no fall-through). Otherwise cache_dir/mnist.npz (default: the keras cache),
-    else download url into it, checked against sha256 (None skips the check). normalize=False keeps uint8 pixels.
+
+def load_dataset(dataset=MNIST.name, path=None, *, cache_dir=None, download=None, normalize=True,
+                 timeout=DOWNLOAD_TIMEOUT_S):
+    """Load a data set (a name in DATASETS, or a Dataset) as ((x_train, y_train), (x_test, y_test)), a LoadedData.
+
+    path: a folder of the four IDX files (.gz or raw) or an npz; default $NUMBA_CNN_DATA. If either is set and
+    unusable, that is the error (no fall-through). Otherwise the data set's file or folder in cache_dir (default:
+    the keras cache); then, if download, a download into it, each file checked against its SHA-256; else the copy
+    shipped with the package, checked against its SHA-256. download=None: only for a data set that is not shipped.
+    normalize=False keeps uint8 pixels.
     """
-    tried = []
+    dataset = get_dataset(dataset) if isinstance(dataset, str) else dataset
+    if download is None:
+        download = dataset.shipped is None
     if path is not None:
-        return _read_source(_explicit_source(path, "path"), normalize)
-    tried.append("path argument: not given")
+        return _read_source(dataset, _explicit_source(dataset, path, "path"), normalize)
+    tried = ["path argument: not given"]
     env_path = os.environ.get(ENV_VAR)
     if env_path:
-        return _read_source(_explicit_source(env_path, "env"), normalize)
+        return _read_source(dataset, _explicit_source(dataset, env_path, "env"), normalize)
     tried.append(f"${ENV_VAR}: not set")
 
-    cache_file = Path(cache_dir if cache_dir is not None else default_cache_dir()) / NPZ_NAME
-    if cache_file.is_file():
-        try:
-            return _read_source(MnistSource("npz", cache_file, "cache"), normalize)
-        except DataError as exc:  # a damaged cache is replaced by a fresh download below
-            tried.append(f"keras cache: {exc}")
-    else:
-        tried.append(f"keras cache {cache_file}: no such file")
+    cache_dir = Path(cache_dir if cache_dir is not None else default_cache_dir())
+    cached = cache_dir / dataset.cache_name
+    try:
+        return _read_source(dataset, _source_at(dataset, cached, "cache"), normalize)
+    except DataError as exc:  # a missing or damaged cache is replaced by the download below
+        tried.append(f"keras cache: {exc}")
 
-    if not download:
-        tried.append(f"download from {url}: disabled (download=False)")
-    else:
+    if download:
         try:
-            download_file(url, cache_file, sha256=sha256, timeout=timeout)
-            return _read_source(MnistSource("npz", cache_file, "download", url), normalize)
+            for file in dataset.downloads:
+                download_file(file.url, cache_dir / file.name, sha256=file.sha256, timeout=timeout)
+            return _read_source(dataset, _source_at(dataset, cached, "download", dataset.address),
+                                normalize)
         except DataError as exc:
             tried.append(f"download: {exc}")
-    raise DataError("MNIST data not found. Tried:\n" + "".join(f"  - {t}\n" for t in tried) + FIX_HINT)
+    elif dataset.shipped is not None:
+        return _read_shipped(dataset, normalize)
+    else:
+        tried.append("download: disabled (download=False)")
+    raise DataError(f"{dataset.title} data not found. Tried:\n" + "".join(f"  - {t}\n" for t in tried)
+                    + _fix_hint(dataset))
 
 
-def _explicit_source(path, origin):
-    """Resolve a user-given path to a MnistSource, or raise a DataError saying why it cannot be used."""
-    label = "the data path" if origin == "path" else f"${ENV_VAR}"
-    p = Path(path).expanduser()
-    if p.is_dir():
-        missing = [n for n in IDX_NAMES.values() if _idx_file(p, n) is None]
+def load_for_run(name=None, path=None, *, recorded=None, allow_mismatch=False, **options):
+    """The data for a run: the data set `name`, else the one in `recorded`, else MNIST, loaded by load_dataset.
+
+    recorded: the LoadedData.record() of the checkpoint's run (resume, evaluate), or None. The data must be the data
+    set it names (checked before anything is read or downloaded) with the SHA-256 it lists, unless allow_mismatch.
+    -> (LoadedData, a line saying which data set was read from where, and why that one)."""
+    if name is not None:
+        why = "--dataset"
+    elif recorded is not None:
+        name, why = recorded.get("dataset"), "as recorded in the checkpoint"
+    else:
+        name, why = MNIST.name, "the default"
+    dataset = get_dataset(name)
+    problem = None
+    if recorded is not None and recorded.get("dataset") != dataset.name:
+        problem = f"the checkpoint's run used data set {recorded.get('dataset')!r}, not {dataset.name!r}"
+        _refuse_unless_allowed(problem, allow_mismatch)
+    data = load_dataset(dataset, path, **options)
+    if recorded is not None and problem is None:
+        problem = _hash_mismatch(data, recorded)
+        _refuse_unless_allowed(problem, allow_mismatch)
+    line = f"data: {dataset.title} ({why}), {data.source}"
+    if problem:
+        line += f"\nwarning: {problem} (--allow-data-mismatch)"
+    return data, line
+
+
+def _refuse_unless_allowed(problem, allow_mismatch):
+    if problem and not allow_mismatch:
+        raise DataError(f"{problem}; pass --allow-data-mismatch to use it anyway")
+
+
+def _hash_mismatch(data, recorded):
+    """How data differs from the data the run that wrote `recorded` read, or None when it does not."""
+    expected = recorded.get("sha256") or {}
+    differing = [name for name in IDX_NAMES.values() if expected.get(name) != data.sha256[name]]
+    if not differing:
+        return None
+    name = differing[0]
+    return (f"{data.source} is not the data the checkpoint's run read from {recorded.get('path')}: "
+            f"{', '.join(differing)} differ ({name}: SHA-256 {data.sha256[name]}, recorded {expected.get(name)})")
+
+
+def _fix_hint(dataset):
+    otherwise = ("leave out --download to use the copy shipped with numba_cnn" if dataset.shipped is not None
+                 else f"allow the download (network access to {dataset.address})")
+    return (f"To fix: pass --data DIR (a folder with the four {dataset.title} IDX files, .gz or raw, or an npz with "
+            f"{', '.join(NPZ_KEYS)}), set {ENV_VAR} to one, or {otherwise}.")
+
+
+def _explicit_source(dataset, path, origin):
+    """Resolve a user-given path to a DataSource, or raise a DataError saying why it cannot be used and what can."""
+    try:
+        return _source_at(dataset, Path(path).expanduser(), origin)
+    except DataError as exc:
+        fallback = "the copy shipped with numba_cnn" if dataset.shipped is not None else "the download"
+        raise DataError(f"{exc}. Point --data (or ${ENV_VAR}) at a folder with the four {dataset.title} IDX "
+                        f"files, .gz or raw, or at an npz; or leave both unset to use the keras cache or "
+                        f"{fallback}.") from None
+
+
+def _source_at(dataset, path, origin, url=None):
+    """The DataSource at path: a folder with the four IDX files (or with only <name>.npz), or an npz file;
+    a DataError saying why not."""
+    if path.is_dir():
+        missing = [name for name in IDX_NAMES.values() if _idx_file(path, name) is None]
         if not missing:
-            return MnistSource("idx", p, origin)
-        if len(missing) == len(IDX_NAMES) and (p / NPZ_NAME).is_file():
-            return MnistSource("npz", p / NPZ_NAME, origin)
-        raise DataError(f"{p}: {label} is a folder without the MNIST IDX file(s) {', '.join(missing)} "
-                        f"(each may be raw or .gz). {EXPLICIT_FIX_HINT}")
-    if p.is_file():
-        return MnistSource("npz", p, origin)  # anything other than a folder must be an npz; the reader says if not
-    raise DataError(f"{p}: {label} does not exist. {EXPLICIT_FIX_HINT}")
+            return DataSource("idx", path, origin, url)
+        npz = path / f"{dataset.name}.npz"
+        if len(missing) == len(IDX_NAMES) and npz.is_file():
+            return DataSource("npz", npz, origin, url)
+        raise DataError(f"{path}: {ORIGINS[origin]} is a folder without the {dataset.title} IDX file(s) "
+                        f"{', '.join(missing)} (each may be raw or .gz)")
+    if path.is_file():
+        return DataSource("npz", path, origin, url)  # anything other than a folder must be an npz; the reader says
+    raise DataError(f"{path}: {ORIGINS[origin]} does not exist")
 
 
 def _idx_file(folder, name):
@@ -160,7 +310,21 @@ def _idx_file(folder, name):
     return None
 
 
-def _read_source(source, normalize):
+def _read_shipped(dataset, normalize):
+    """The copy inside the package; each file's content is checked against dataset.idx_sha256 before use."""
+    try:
+        data = _read_source(dataset, _source_at(dataset, dataset.shipped, "shipped"), normalize)
+        for name, expected in dataset.idx_sha256.items():
+            if data.sha256[name] != expected:
+                raise DataError(f"{_idx_file(dataset.shipped, name)}: damaged: the SHA-256 of its content is "
+                                f"{data.sha256[name]}, expected {expected}")
+    except DataError as exc:
+        raise DataError(f"the {dataset.title} copy shipped with numba_cnn is damaged: {exc}. Reinstall numba_cnn, "
+                        f"or pass --data DIR") from None
+    return data
+
+
+def _read_source(dataset, source, normalize):
     if source.format == "idx":
         files = {key: _idx_file(source.path, name) for key, name in IDX_NAMES.items()}
         x_train = read_idx_images(files["train_images"])
@@ -171,8 +335,26 @@ def _read_source(source, normalize):
         _check_same_count(x_test, y_test, files["test_images"], files["test_labels"])
     else:
         x_train, y_train, x_test, y_test = read_mnist_npz(source.path)
-    return MnistData((_to_model_images(x_train, normalize), y_train),
-                     (_to_model_images(x_test, normalize), y_test), source)
+    parts = (x_train, y_train, x_test, y_test)
+    sha256 = {name: idx_sha256(array) for name, array in zip(IDX_NAMES.values(), parts)}
+    for other in DATASETS.values():
+        if other.name != dataset.name and other.idx_sha256 == sha256:
+            raise DataError(f"{source.path}: holds {other.title}, not {dataset.title} (the SHA-256 of its files are "
+                            f"{other.title}'s); use --dataset {other.name}, or point --data at {dataset.title}")
+    return LoadedData((_to_model_images(x_train, normalize), y_train),
+                      (_to_model_images(x_test, normalize), y_test), dataset, source, sha256)
+
+
+def idx_sha256(array):
+    """The SHA-256 of uint8 images (N, 28, 28) or labels (N,) written as an IDX file: the hash of the uncompressed
+    IDX file they were read from, and the same for the same data read from an npz."""
+    if array.ndim == 3:
+        header = struct.pack(">IIII", IMAGES_MAGIC, *array.shape)
+    else:
+        header = struct.pack(">II", LABELS_MAGIC, len(array))
+    digest = hashlib.sha256(header)
+    digest.update(np.ascontiguousarray(array))
+    return digest.hexdigest()
 
 
 def _check_same_count(images, labels, images_path, labels_path):
@@ -407,7 +589,7 @@ def _stream_to(url, out, timeout):
                 break
             received += len(chunk)
             if received > DOWNLOAD_MAX_BYTES:
-                raise DataError(f"{url}: more than {DOWNLOAD_MAX_BYTES} bytes, too large for an MNIST npz")
+                raise DataError(f"{url}: more than {DOWNLOAD_MAX_BYTES} bytes, too large for a data set file")
             if time.monotonic() > deadline:
                 raise DataError(f"{url}: download took longer than {DOWNLOAD_DEADLINE_S} s")
             digest.update(chunk)

@@ -42,6 +42,7 @@ class TrainConfig:
     test_limit: int | None = None  # evaluate on the first `test_limit` test images (defaults to `limit`)
     checkpoint_every: int = 0  # also checkpoint every N steps; 0: at the end of each epoch only
     threads: int | None = None
+    data: dict | None = None  # which data set, read from where, with the SHA-256 of what was read: data.py's record
 
     def validate(self):
         for name in ("epochs", "batch_size"):
@@ -111,6 +112,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
         params, adam_state, meta = ckpt.load_checkpoint(resume)
         saved = TrainConfig.from_dict(meta["config"])
         saved.kernels, saved.epochs, saved.threads = config.kernels, config.epochs, config.threads
+        saved.data = config.data  # what this run read (the CLI has checked it against the checkpoint's record)
         config = saved
         state = (params, adam_state, meta)
         out_dir = Path(resume).parent if out_dir is None else out_dir

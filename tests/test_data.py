@@ -1,7 +1,9 @@
-"""The MNIST loader: IDX and npz reading, validation, source order, the verified download, and fuzzing.
+"""The data loader: IDX and npz reading, validation, source order, the shipped MNIST copy and its hashes,
+Fashion-MNIST by name, the verified download, the run's data record, and fuzzing.
 
-Every file is written by the test into tmp_path; the download tests use a local HTTP server on 127.0.0.1. The one
-test on the real data set reads $NUMBA_CNN_DATA and is skipped when that is not set.
+Every file is written by the test into tmp_path, except the shipped MNIST copy, which the package holds; the download
+tests use a local HTTP server on 127.0.0.1. The one test on a separate copy of MNIST reads $NUMBA_CNN_DATA and is
+skipped when that is not set.
 """
 
 import gzip
@@ -15,14 +17,15 @@ import struct
 import threading
 import urllib.parse
 import urllib.request
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from numba_cnn import data as mnist
-from numba_cnn.data import MnistData, load_mnist, read_idx_images, read_idx_labels, read_mnist_npz
+from numba_cnn.data import (FASHION_MNIST, MNIST, Download, LoadedData, get_dataset, idx_sha256, load_dataset,
+                            load_for_run, load_mnist, read_idx_images, read_idx_labels, read_mnist_npz)
 from numba_cnn.errors import DataError
 
 # Read before the autouse fixture below clears it for every test.
@@ -128,11 +131,11 @@ def test_idx_folder_loads_scaled_images_and_labels(tmp_path, gz):
     write_idx_folder(tmp_path, gz)
     result = load_mnist(tmp_path, download=False)
     assert_is_sample_set(result)
-    assert isinstance(result, MnistData)
+    assert isinstance(result, LoadedData)
     assert (result.source.format, result.source.path, result.source.origin) == ("idx", tmp_path, "path")
     assert str(tmp_path) in str(result.source)
     copy = pickle.loads(pickle.dumps(result))  # e.g. handed to a worker process
-    assert copy.source == result.source
+    assert (copy.dataset, copy.source, copy.sha256) == (result.dataset, result.source, result.sha256)
     assert_is_sample_set(copy)
 
 
@@ -345,14 +348,17 @@ def test_broken_npz_archive_raises_data_error(tmp_path, content, message):
 # nothing available
 
 
+MNIST_NOT_SHIPPED = replace(MNIST, shipped=None)
+
+
 def test_nothing_available_lists_what_was_tried_and_the_fix(tmp_path):
     with pytest.raises(DataError) as info:
-        load_mnist(cache_dir=tmp_path / "cache", download=False)
+        load_dataset(MNIST_NOT_SHIPPED, cache_dir=tmp_path / "cache", download=False)
     message = str(info.value)
-    assert "Tried:" in message
+    assert message.startswith("MNIST data not found. Tried:")
     assert "path argument: not given" in message
     assert "$NUMBA_CNN_DATA: not set" in message
-    assert f"{tmp_path / 'cache' / 'mnist.npz'}: no such file" in message
+    assert f"{tmp_path / 'cache' / 'mnist.npz'}: the keras cache does not exist" in message
     assert "download=False" in message
     assert "--data DIR" in message and "set NUMBA_CNN_DATA" in message and "allow the download" in message
 
@@ -360,8 +366,15 @@ def test_nothing_available_lists_what_was_tried_and_the_fix(tmp_path):
 def test_corrupt_cache_without_download_is_reported_in_the_list(tmp_path):
     (tmp_path / "mnist.npz").write_bytes(b"garbage")
     with pytest.raises(DataError, match="Tried:") as info:
-        load_mnist(cache_dir=tmp_path, download=False)
+        load_dataset(MNIST_NOT_SHIPPED, cache_dir=tmp_path, download=False)
     assert f"keras cache: {tmp_path / 'mnist.npz'}: not an npz file" in str(info.value)
+
+
+def test_requested_download_that_fails_does_not_fall_back_to_the_shipped_copy(tmp_path):
+    unreachable = mnist_served_at(f"http://127.0.0.1:{free_port()}/mnist.npz")
+    with pytest.raises(DataError, match="cannot connect") as info:
+        load_dataset(unreachable, cache_dir=tmp_path, download=True)
+    assert "leave out --download to use the copy shipped with numba_cnn" in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,17 +429,29 @@ SAMPLE_NPZ = npz_bytes()
 SAMPLE_SHA256 = hashlib.sha256(SAMPLE_NPZ).hexdigest()
 
 
+def mnist_served_at(url, sha256=SAMPLE_SHA256):
+    """MNIST with its download pointed at url (the local server)."""
+    return replace(MNIST, downloads=(Download(url, "mnist.npz", sha256),), address=url)
+
+
+def free_port():
+    """A port that was free a moment ago and now has no listener."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_download_writes_the_cache_then_the_cache_is_used(tmp_path, server):
     url = server.serve("/mnist.npz", SAMPLE_NPZ)
     cache = tmp_path / "cache"
-    first = load_mnist(cache_dir=cache, url=url, sha256=SAMPLE_SHA256)
+    first = load_dataset(mnist_served_at(url), cache_dir=cache, download=True)
     assert_is_sample_set(first)
     assert first.source.origin == "download" and url in str(first.source)
     assert sorted(os.listdir(cache)) == ["mnist.npz"]  # no temporary file left beside it
     assert (cache / "mnist.npz").read_bytes() == SAMPLE_NPZ
     assert server.hits == ["/mnist.npz"]
 
-    second = load_mnist(cache_dir=cache, url=url, sha256=SAMPLE_SHA256)
+    second = load_dataset(mnist_served_at(url), cache_dir=cache, download=True)
     assert_is_sample_set(second)
     assert second.source.origin == "cache"
     assert server.hits == ["/mnist.npz"]  # the server was not asked again
@@ -436,7 +461,7 @@ def test_hash_mismatch_leaves_no_file(tmp_path, server):
     url = server.serve("/mnist.npz", SAMPLE_NPZ)
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="SHA-256 mismatch") as info:
-        load_mnist(cache_dir=cache, url=url, sha256="0" * 64)
+        load_dataset(mnist_served_at(url, "0" * 64), cache_dir=cache, download=True)
     assert "Tried:" in str(info.value) and SAMPLE_SHA256 in str(info.value)
     assert os.listdir(cache) == []
 
@@ -445,40 +470,230 @@ def test_body_cut_short_leaves_no_file(tmp_path, server):
     url = server.serve("/mnist.npz", SAMPLE_NPZ[:1000], declared_length=len(SAMPLE_NPZ))
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match=f"download cut short: received 1000 of {len(SAMPLE_NPZ)} bytes"):
-        load_mnist(cache_dir=cache, url=url, sha256=SAMPLE_SHA256)
+        load_dataset(mnist_served_at(url), cache_dir=cache, download=True)
     assert os.listdir(cache) == []
 
 
 def test_server_404_lists_what_was_tried(tmp_path, server):
     url = server.serve("/mnist.npz", SAMPLE_NPZ).replace("/mnist.npz", "/elsewhere.npz")
     with pytest.raises(DataError, match="HTTP error 404") as info:
-        load_mnist(cache_dir=tmp_path / "cache", url=url, sha256=SAMPLE_SHA256)
+        load_dataset(mnist_served_at(url), cache_dir=tmp_path / "cache", download=True)
     message = str(info.value)
-    assert "Tried:" in message and "no such file" in message and "--data DIR" in message
+    assert "Tried:" in message and "does not exist" in message and "--data DIR" in message
     assert os.listdir(tmp_path / "cache") == []
 
 
 def test_refused_connection_lists_what_was_tried(tmp_path):
-    with socket.socket() as s:  # a port that was free a moment ago and now has no listener
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with pytest.raises(DataError, match="cannot connect") as info:
-        load_mnist(cache_dir=tmp_path / "cache", url=f"http://127.0.0.1:{port}/mnist.npz", sha256=SAMPLE_SHA256)
+        load_dataset(mnist_served_at(f"http://127.0.0.1:{free_port()}/mnist.npz"), cache_dir=tmp_path / "cache",
+                     download=True)
     assert "Tried:" in str(info.value) and "NUMBA_CNN_DATA" in str(info.value)
 
 
 def test_corrupt_cache_is_replaced_by_a_download(tmp_path, server):
     url = server.serve("/mnist.npz", SAMPLE_NPZ)
     (tmp_path / "mnist.npz").write_bytes(SAMPLE_NPZ[:-40])
-    result = load_mnist(cache_dir=tmp_path, url=url, sha256=SAMPLE_SHA256)
+    result = load_dataset(mnist_served_at(url), cache_dir=tmp_path, download=True)
     assert_is_sample_set(result)
     assert result.source.origin == "download"
     assert (tmp_path / "mnist.npz").read_bytes() == SAMPLE_NPZ
 
 
-def test_default_url_is_the_keras_one():
-    assert mnist.MNIST_URL == "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
-    assert mnist.MNIST_SHA256 == "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+def test_mnist_download_is_keras_copy_and_shipped_copy_is_not_downloaded(tmp_path, server):
+    (download,) = MNIST.downloads
+    assert download.url == "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+    assert download.sha256 == "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+    url = server.serve("/mnist.npz", SAMPLE_NPZ)
+    assert load_dataset(mnist_served_at(url), cache_dir=tmp_path, normalize=False).source.origin == "shipped"
+    assert server.hits == []  # MNIST is downloaded only when asked for
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the MNIST copy shipped in the package
+
+
+def test_shipped_mnist_is_the_default_and_holds_the_standard_files():
+    result = load_dataset(normalize=False)  # no path, no $NUMBA_CNN_DATA, an empty keras cache (the fixture)
+    (x_train, y_train), (x_test, y_test) = result
+    assert result.source.origin == "shipped" and result.source.path == MNIST.shipped
+    assert result.dataset is MNIST and "shipped with numba_cnn" in str(result.source)
+    assert result.sha256 == MNIST.idx_sha256
+    assert x_train.shape == (60000, 1, 28, 28) and x_test.shape == (10000, 1, 28, 28)
+    assert len(y_train) == 60000 and len(y_test) == 10000
+    assert sorted(p.name for p in MNIST.shipped.iterdir()) == sorted(
+        [f"{name}.gz" for name in MNIST.idx_sha256] + ["README.md"])
+    notes = (MNIST.shipped / "README.md").read_text()
+    assert "CC BY-SA 3.0" in notes and "Yann LeCun" in notes and "Corinna Cortes" in notes
+    assert all(sha256 in notes for sha256 in MNIST.idx_sha256.values())
+
+
+def test_keras_cache_comes_before_the_shipped_copy(tmp_path):
+    (tmp_path / "mnist.npz").write_bytes(npz_bytes())
+    assert load_dataset(cache_dir=tmp_path).source.origin == "cache"
+
+
+def test_damaged_keras_cache_falls_back_to_the_shipped_copy(tmp_path):
+    (tmp_path / "mnist.npz").write_bytes(b"garbage")
+    assert load_dataset(cache_dir=tmp_path, normalize=False).source.origin == "shipped"
+
+
+def sample_shipped(folder):
+    """MNIST whose shipped copy is the sample set in folder, with the sample's hashes as the expected ones."""
+    write_idx_folder(folder, gz=True)
+    return replace(MNIST, shipped=folder, idx_sha256={name: hashlib.sha256(content).hexdigest()
+                                                      for name, content in idx_file_bytes().items()})
+
+
+def relabel(content):
+    """IDX label bytes with the first label changed: still a valid file, other content."""
+    return content[:8] + bytes([(content[8] + 1) % 10]) + content[9:]
+
+
+SHIPPED_DAMAGE = {
+    # case: (file, what is written instead of its .gz, expected message)
+    "other content": ("t10k-labels-idx1-ubyte", lambda raw, packed: gzip.compress(relabel(raw)),
+                      "damaged: the SHA-256 of its content is"),
+    "cut short": ("train-images-idx3-ubyte", lambda raw, packed: packed[:len(packed) // 2], "truncated"),
+    "bit flip": ("train-labels-idx1-ubyte", lambda raw, packed: packed[:20] + bytes([packed[20] ^ 1]) + packed[21:],
+                 "corrupt gzip data|CRC"),
+}
+
+
+@pytest.mark.parametrize("case", SHIPPED_DAMAGE)
+def test_damaged_shipped_file_is_named_and_never_used(tmp_path, case):
+    name, damage, message = SHIPPED_DAMAGE[case]
+    dataset = sample_shipped(tmp_path / "shipped")
+    assert_is_sample_set(load_dataset(dataset))
+    path = tmp_path / "shipped" / f"{name}.gz"
+    path.write_bytes(damage(idx_file_bytes()[name], path.read_bytes()))
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset(dataset)
+    text = str(info.value)
+    assert text.startswith("the MNIST copy shipped with numba_cnn is damaged: ") and str(path) in text
+    assert "Reinstall numba_cnn, or pass --data DIR" in text and "\n" not in text
+
+
+def test_missing_shipped_file_is_named(tmp_path):
+    dataset = sample_shipped(tmp_path / "shipped")
+    (tmp_path / "shipped" / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="shipped with numba_cnn is damaged: .*without the MNIST IDX file"
+                                        r"\(s\) t10k-images-idx3-ubyte "):
+        load_dataset(dataset)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data sets by name, and the hashes a run records
+
+
+def test_unknown_data_set_name_is_one_line_naming_the_choices():
+    with pytest.raises(DataError, match=r"^unknown data set 'cifar10': choose mnist or fashion-mnist$"):
+        load_dataset("cifar10")
+    assert get_dataset("fashion-mnist") is FASHION_MNIST
+
+
+def test_fashion_mnist_folder_loads_with_its_class_names(tmp_path):
+    write_idx_folder(tmp_path, gz=True)
+    result = load_dataset("fashion-mnist", tmp_path)
+    assert_is_sample_set(result)
+    assert result.dataset is FASHION_MNIST and result.record()["dataset"] == "fashion-mnist"
+    assert FASHION_MNIST.class_names[0] == "T-shirt/top" and FASHION_MNIST.class_names[9] == "Ankle boot"
+    assert FASHION_MNIST.shipped is None  # never in the package
+
+
+def test_fashion_mnist_is_read_from_the_keras_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+    write_idx_folder(tmp_path / "kh" / "datasets" / "fashion-mnist", gz=True)
+    result = load_dataset("fashion-mnist", download=False)
+    assert_is_sample_set(result)
+    assert (result.source.origin, result.source.path) == ("cache", tmp_path / "kh" / "datasets" / "fashion-mnist")
+
+
+def test_mnist_files_are_refused_as_fashion_mnist():
+    with pytest.raises(DataError, match="holds MNIST, not Fashion-MNIST .*--dataset mnist"):
+        load_dataset("fashion-mnist", MNIST.shipped)
+
+
+def test_fashion_mnist_download_hashes_are_the_published_ones():
+    # tensorflow/datasets, tensorflow_datasets/url_checksums/fashion_mnist.txt
+    assert {d.url.rsplit("/", 1)[1]: d.sha256 for d in FASHION_MNIST.downloads} == {
+        "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+        "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+        "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+        "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+    }
+    assert FASHION_MNIST.address == "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+    assert all(d.name == "fashion-mnist/" + d.url.rsplit("/", 1)[1] for d in FASHION_MNIST.downloads)
+
+
+SAMPLE_GZ = {name: gzip.compress(content, mtime=0) for name, content in idx_file_bytes().items()}
+
+
+def fashion_served_by(server, sha256=None):
+    """Fashion-MNIST with its four files served by the local server; sha256 overrides the expected hashes."""
+    return replace(FASHION_MNIST, address=server.serve("/fashion/", b""), downloads=tuple(
+        Download(server.serve(f"/fashion/{name}.gz", body), f"fashion-mnist/{name}.gz",
+                 (sha256 or {}).get(name, hashlib.sha256(body).hexdigest()))
+        for name, body in SAMPLE_GZ.items()))
+
+
+def test_fashion_mnist_is_downloaded_when_not_found_then_read_from_the_cache(tmp_path, server):
+    dataset = fashion_served_by(server)
+    first = load_dataset(dataset, cache_dir=tmp_path)
+    assert_is_sample_set(first)
+    assert first.source.origin == "download" and "/fashion/" in str(first.source)
+    assert sorted(os.listdir(tmp_path / "fashion-mnist")) == sorted(f"{name}.gz" for name in SAMPLE_GZ)
+    assert len(server.hits) == 4
+    second = load_dataset(dataset, cache_dir=tmp_path)
+    assert second.source.origin == "cache" and len(server.hits) == 4
+    assert second.sha256 == first.sha256
+
+
+def test_fashion_mnist_download_with_a_wrong_hash_keeps_nothing_of_that_file(tmp_path, server):
+    dataset = fashion_served_by(server, sha256={"t10k-images-idx3-ubyte": "0" * 64})
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: SHA-256 mismatch") as info:
+        load_dataset(dataset, cache_dir=tmp_path)
+    assert str(info.value).startswith("Fashion-MNIST data not found. Tried:")
+    assert "t10k-images-idx3-ubyte.gz" not in os.listdir(tmp_path / "fashion-mnist")
+
+
+def test_fashion_mnist_not_found_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_dataset("fashion-mnist", cache_dir=tmp_path, download=False)
+    message = str(info.value)
+    assert f"{tmp_path / 'fashion-mnist'}: the keras cache does not exist" in message
+    assert "four Fashion-MNIST IDX files" in message
+    assert "allow the download (network access to http://fashion-mnist.s3-website" in message
+
+
+def test_record_hashes_are_those_of_the_uncompressed_idx_files_whatever_the_format(tmp_path):
+    write_idx_folder(tmp_path / "gz", gz=True)
+    (tmp_path / "mnist.npz").write_bytes(npz_bytes())
+    from_gz, from_npz = load_dataset("mnist", tmp_path / "gz"), load_dataset("mnist", tmp_path / "mnist.npz")
+    expected = {name: hashlib.sha256(content).hexdigest() for name, content in idx_file_bytes().items()}
+    assert from_gz.sha256 == from_npz.sha256 == expected
+    assert idx_sha256(TRAIN[0]) == expected["train-images-idx3-ubyte"]
+    record = from_npz.record()
+    assert record == {"dataset": "mnist", "origin": "path", "format": "npz", "path": str(tmp_path / "mnist.npz"),
+                      "sha256": expected}
+
+
+def test_load_for_run_uses_the_recorded_data_set_and_checks_its_hashes(tmp_path):
+    write_idx_folder(tmp_path / "same", gz=True)
+    write_idx_folder(tmp_path / "other", gz=False, replace={"t10k-labels-idx1-ubyte": relabel(idx_labels(TEST[1]))})
+    recorded = load_dataset("fashion-mnist", tmp_path / "same").record()
+
+    data, line = load_for_run(path=tmp_path / "same", recorded=recorded)
+    assert data.dataset is FASHION_MNIST and line.startswith("data: Fashion-MNIST (as recorded in the checkpoint)")
+    with pytest.raises(DataError, match="is not the data the checkpoint's run read from .*same: "
+                                        "t10k-labels-idx1-ubyte differ .*pass --allow-data-mismatch"):
+        load_for_run(path=tmp_path / "other", recorded=recorded)
+    data, line = load_for_run(path=tmp_path / "other", recorded=recorded, allow_mismatch=True)
+    assert "warning: " in line and "t10k-labels-idx1-ubyte differ" in line
+    with pytest.raises(DataError, match="the checkpoint's run used data set 'fashion-mnist', not 'mnist'"):
+        load_for_run("mnist", tmp_path / "nowhere", recorded=recorded)  # refused before looking for data
+    data, line = load_for_run("mnist", tmp_path / "same", recorded=recorded, allow_mismatch=True)
+    assert data.dataset is MNIST and "warning: the checkpoint's run used data set 'fashion-mnist'" in line
+    assert load_for_run(path=tmp_path / "same")[1].startswith("data: MNIST (the default)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""The trainer and the CLI: a run's files, exact resume, Ctrl-C, SIGKILL, divergence, and one-line errors."""
+"""The trainer and the CLI: a run's files, exact resume, Ctrl-C, SIGKILL, divergence, the data a run records,
+and one-line errors."""
 
+import gzip
 import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -12,6 +16,7 @@ import numpy as np
 import pytest
 
 from numba_cnn import checkpoint as ckpt
+from numba_cnn.data import IDX_NAMES, MNIST
 from numba_cnn.train import TrainConfig, train
 
 N_TRAIN, N_TEST = 192, 64
@@ -59,6 +64,31 @@ def run_cli(*args, timeout=300, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+def fresh_user_env(tmp_path):
+    """The environment of a new user: an empty HOME, no $NUMBA_CNN_DATA, no $KERAS_HOME."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CNN_DATA", "KERAS_HOME")}
+    (tmp_path / "home").mkdir(exist_ok=True)
+    return dict(env, HOME=str(tmp_path / "home"))
+
+
+def assert_one_line_error(result, expected):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def write_idx_folder(folder, seed):
+    """synthetic_mnist(seed) as the four gzipped IDX files, by their standard names."""
+    folder.mkdir(parents=True)
+    for name, array in zip(IDX_NAMES.values(), synthetic_mnist(seed)):
+        header = (struct.pack(">IIII", 0x803, *array.shape) if array.ndim == 3
+                  else struct.pack(">II", 0x801, len(array)))
+        (folder / f"{name}.gz").write_bytes(gzip.compress(header + array.tobytes()))
+    return folder
+
+
 def interrupt_at(step):
     """on_step callback that sends this process a real SIGINT after global step `step` (the trainer's handler)."""
 
@@ -80,15 +110,19 @@ def test_cli_train_writes_run_folder_and_evaluate_reads_it(npz_path, tmp_path):
     assert "epoch 2/2" in result.stdout and "test acc" in result.stdout and "done: test accuracy" in result.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["kernels"] == "im2col" and config["batch_size"] == 32
+    assert config["data"]["dataset"] == "mnist" and config["data"]["path"] == str(npz_path)
+    assert config["data"]["origin"] == "path" and set(config["data"]["sha256"]) == set(IDX_NAMES.values())
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "finished" and len(metrics["epochs"]) == 2
     assert metrics["run"]["warmup_seconds"] > 0
     params, adam_state, meta = ckpt.load_checkpoint(out / "checkpoint.npz")
     assert meta["epoch"] == 2 and meta["step"] == 0 and int(adam_state["iterations"]) == 2 * N_TRAIN // 32
+    assert meta["config"]["data"] == config["data"]
     assert not list(out.glob("*.tmp")), "a temporary checkpoint file was left behind"
 
     result = run_cli("evaluate", out / "checkpoint.npz", "--data", npz_path)
     assert result.returncode == 0, result.stderr
+    assert f"data: MNIST (as recorded in the checkpoint), {npz_path} (the data path)" in result.stdout
     assert f"on {N_TEST} images" in result.stdout
     matrix = [line.split()[1:] for line in result.stdout.splitlines()[-10:]]
     assert sum(int(v) for row in matrix for v in row) == N_TEST
@@ -283,17 +317,82 @@ def bad_input_data(npz_path):
     (["train", "--resume", "{foreign}"], "not a numba_cnn training checkpoint"),
     (["evaluate", "{other_model}"], "is from a different model: dense.w has shape (1600, 12)"),
     (["train", "--data", "{tmp}/no_such_folder"], "no_such_folder"),
+    (["train", "--dataset", "cifar10"], "unknown data set 'cifar10': choose mnist or fashion-mnist"),
+    (["evaluate", "{good}", "--dataset", "cifar10"], "unknown data set 'cifar10': choose mnist or fashion-mnist"),
 ])
 def test_bad_input_gives_one_line_error_and_exit_2(args, expected, npz_path, good_checkpoint, tmp_path):
-    paths = {"tmp": tmp_path, **make_bad_checkpoints(tmp_path, good_checkpoint)}
+    paths = {"tmp": tmp_path, "good": good_checkpoint, **make_bad_checkpoints(tmp_path, good_checkpoint)}
     args = [a.format(**paths) for a in args]
     if "--data" not in args:
         args += ["--data", str(npz_path)]
     if args[0] == "train" and "--out" not in args:
         args += ["--out", str(tmp_path / "out")]
-    result = run_cli(*args)
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert expected in lines[0]
-    assert "Traceback" not in result.stderr
+    assert_one_line_error(run_cli(*args), expected)
+
+
+# ---------------------------------------------------------------- the data a run records and finds again
+
+
+def test_default_data_is_the_shipped_mnist_and_evaluate_finds_it_without_data(tmp_path):
+    env = fresh_user_env(tmp_path)
+    out = tmp_path / "run"
+    result = run_cli("train", "--kernels", "im2col", "--limit", "256", "--batch-size", "64", "--epochs", "1",
+                     "--out", out, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (f"data: MNIST (the default), IDX files in {MNIST.shipped} (the copy shipped with numba_cnn)"
+            in result.stdout)
+    accuracy = result.stdout.split("done: test accuracy ")[1].split()[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["origin"] == "shipped" and config["data"]["sha256"] == MNIST.idx_sha256
+
+    result = run_cli("evaluate", out / "checkpoint.npz", "--test-limit", "256", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "data: MNIST (as recorded in the checkpoint), IDX files in" in result.stdout
+    assert f"test accuracy {accuracy} on 256 images" in result.stdout
+
+
+def test_fashion_mnist_from_a_folder_then_evaluate_names_classes_and_refuses_other_data(tmp_path):
+    env = fresh_user_env(tmp_path)
+    fashion, other = write_idx_folder(tmp_path / "fashion", 0), write_idx_folder(tmp_path / "other", 1)
+    out = tmp_path / "run"
+    result = run_cli("train", "--dataset", "fashion-mnist", "--data", fashion, "--kernels", "im2col", "--epochs", "1",
+                     "--batch-size", "32", "--out", out, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"data: Fashion-MNIST (--dataset), IDX files in {fashion} (the data path)" in result.stdout
+    assert json.loads((out / "config.json").read_text())["data"]["dataset"] == "fashion-mnist"
+    checkpoint = out / "checkpoint.npz"
+
+    result = run_cli("evaluate", checkpoint, "--data", fashion, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "data: Fashion-MNIST (as recorded in the checkpoint)" in result.stdout
+    rows = result.stdout.splitlines()[-10:]
+    assert rows[0].split()[:2] == ["0", "T-shirt/top"] and rows[9].split()[:3] == ["9", "Ankle", "boot"]
+    assert sum(int(v) for row in rows for v in row.split()[-10:]) == N_TEST
+
+    assert_one_line_error(run_cli("evaluate", checkpoint, "--data", other, env=env),
+                          "is not the data the checkpoint's run read from")
+    assert_one_line_error(run_cli("train", "--resume", checkpoint, "--data", other, "--epochs", "2", env=env),
+                          "pass --allow-data-mismatch to use it anyway")
+    assert_one_line_error(run_cli("evaluate", checkpoint, "--dataset", "mnist", "--data", fashion, env=env),
+                          "the checkpoint's run used data set 'fashion-mnist', not 'mnist'")
+    result = run_cli("evaluate", checkpoint, "--data", other, "--allow-data-mismatch", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "warning: " in result.stdout and "differ" in result.stdout
+
+
+def test_damaged_shipped_mnist_is_one_line_naming_the_file(tmp_path):
+    """A copy of the package whose shipped t10k labels have one label changed (a valid file, other content)."""
+    package = tmp_path / "site" / "numba_cnn"
+    shutil.copytree(Path(ckpt.__file__).parent, package,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.gz"))
+    damaged = package / "datasets" / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    for name in IDX_NAMES.values():
+        (package / "datasets" / "mnist" / f"{name}.gz").symlink_to(MNIST.shipped / f"{name}.gz")
+    content = bytearray(gzip.decompress(damaged.read_bytes()))
+    content[8] = (content[8] + 1) % 10
+    damaged.unlink()
+    damaged.write_bytes(gzip.compress(bytes(content)))
+    env = dict(fresh_user_env(tmp_path), PYTHONPATH=str(tmp_path / "site"))
+    result = run_cli("train", "--limit", "64", "--epochs", "1", "--out", tmp_path / "run", env=env, cwd=tmp_path)
+    assert_one_line_error(result, f"the MNIST copy shipped with numba_cnn is damaged: {damaged}: damaged: the "
+                                  "SHA-256 of its content is")
