@@ -42,7 +42,7 @@ class TrainConfig:
     test_limit: int | None = None  # evaluate on the first `test_limit` test images (defaults to `limit`)
     checkpoint_every: int = 0  # also checkpoint every N steps; 0: at the end of each epoch only
     threads: int | None = None
-    data: dict | None = None  # which data set, read from where, with the SHA-256 of what was read: data.py's record
+    data: dict | None = None  # which data set, read from where, with the SHA-256 of what was read: numba_cnn.data's record
 
     def validate(self):
         for name in ("epochs", "batch_size"):

@@ -12,49 +12,25 @@ a DataError naming the file; when nothing is available the DataError lists each 
 how to fix it. Standard library and numpy only.
 """
 
-import gzip
-import hashlib
-import http.client
-import math
 import os
-import struct
-import time
-import urllib.error
-import urllib.request
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from numba_cnn.atomic import atomic_write
+from numba_cnn.data.download import DOWNLOAD_TIMEOUT_S, download_file
+from numba_cnn.data.files import (COLS, NPZ_KEYS, ROWS, idx_sha256, read_idx_images, read_idx_labels,
+                                  read_mnist_npz)
 from numba_cnn.errors import DataError
 from numba_cnn.layers import as_float_images
 
 ENV_VAR = "NUMBA_CNN_DATA"
-ROWS = COLS = 28
-PIXELS = ROWS * COLS
-
-IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
-LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 IDX_NAMES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
-DOWNLOAD_TIMEOUT_S = 30  # per connect / per read
-DOWNLOAD_DEADLINE_S = 600  # whole transfer; a server trickling bytes must not hang training forever
-DOWNLOAD_MAX_BYTES = 100 * 2**20  # the largest real file is 26 MB; refuse to fill the disk from a misbehaving server
-CHUNK = 1 << 20
 
-# What a corrupt gzip or zip can raise from deep inside the standard library; all become DataError.
-# (NotImplementedError: an unsupported compression method; RuntimeError: an encrypted member.)
-_DECODE_ERRORS = (OSError, EOFError, ValueError, zlib.error, zipfile.BadZipFile, struct.error, NotImplementedError,
-                  RuntimeError, OverflowError)
 
 
 @dataclass(frozen=True)
@@ -85,7 +61,7 @@ class Dataset:
     idx_sha256: dict | None = None
 
 
-SHIPPED_DIR = Path(__file__).with_name("datasets")
+SHIPPED_DIR = Path(__file__).parent.parent / "datasets"
 
 MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 MNIST = Dataset(
@@ -345,18 +321,6 @@ def _read_source(dataset, source, normalize):
                       (_to_model_images(x_test, normalize), y_test), dataset, source, sha256)
 
 
-def idx_sha256(array):
-    """The SHA-256 of uint8 images (N, 28, 28) or labels (N,) written as an IDX file: the hash of the uncompressed
-    IDX file they were read from, and the same for the same data read from an npz."""
-    if array.ndim == 3:
-        header = struct.pack(">IIII", IMAGES_MAGIC, *array.shape)
-    else:
-        header = struct.pack(">II", LABELS_MAGIC, len(array))
-    digest = hashlib.sha256(header)
-    digest.update(np.ascontiguousarray(array))
-    return digest.hexdigest()
-
-
 def _check_same_count(images, labels, images_path, labels_path):
     if len(images) != len(labels):
         raise DataError(f"{images_path}: holds {len(images)} images but {labels_path} holds {len(labels)} labels")
@@ -368,234 +332,3 @@ def _to_model_images(images, normalize):
     return as_float_images(images) if normalize else images
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# IDX files
-
-
-def read_idx_images(path):
-    """An IDX image file (raw, or gzip if named .gz) -> uint8 (N, 28, 28); DataError if anything is off."""
-    path = Path(path)
-
-    def body_size(header):
-        count, rows, cols = struct.unpack(">III", header[4:16])
-        if (rows, cols) != (ROWS, COLS):
-            raise DataError(f"{path}: images are {rows}x{cols}, expected {ROWS}x{COLS}")
-        if count == 0:
-            raise DataError(f"{path}: holds no images (the header count is 0)")
-        return count * PIXELS, f"{count} images of {ROWS}x{COLS}"
-
-    pixels = _read_idx(path, IMAGES_MAGIC, 16, "images", body_size)
-    return pixels.reshape(-1, ROWS, COLS)
-
-
-def read_idx_labels(path):
-    """An IDX label file (raw, or gzip if named .gz) -> uint8 (N,) with values 0..9; DataError otherwise."""
-    path = Path(path)
-
-    def body_size(header):
-        (count,) = struct.unpack(">I", header[4:8])
-        if count == 0:
-            raise DataError(f"{path}: holds no labels (the header count is 0)")
-        return count, f"{count} labels"
-
-    labels = _read_idx(path, LABELS_MAGIC, 8, "labels", body_size)
-    _check_labels(labels, path)
-    return labels
-
-
-def _check_labels(labels, where):
-    if labels.size and labels.max() > 9:
-        bad = int(np.argmax(labels > 9))
-        raise DataError(f"{where}: label {int(labels[bad])} at index {bad} is not a digit 0..9")
-
-
-def _read_idx(path, magic, header_size, kind, body_size):
-    """The body of an IDX file as a writable uint8 array, after checking the magic number, and through
-    body_size(header) -> (nbytes, description) the dimensions, and that the file holds exactly that many bytes."""
-    gzipped = path.suffix == ".gz"
-    try:
-        raw = open(path, "rb")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot open: {exc.strerror or exc}") from None
-    with raw:
-        if gzipped and raw.read(2) != b"\x1f\x8b":
-            raise DataError(f"{path}: named .gz but is not gzip data")
-        raw.seek(0)
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
-        container = "gzip" if gzipped else "IDX file"
-        header = _read_exactly(stream, header_size, path, container)
-        if len(header) >= 4:  # the magic first: a file of the wrong kind is the likelier mistake than truncation
-            found = struct.unpack(">I", header[:4])[0]
-            if found != magic:
-                other = {IMAGES_MAGIC: "an IDX images file", LABELS_MAGIC: "an IDX labels file"}.get(found)
-                hint = f" (this is {other})" if other else ""
-                raise DataError(f"{path}: bad magic number 0x{found:08x}, expected 0x{magic:08x} for IDX "
-                                f"{kind}{hint}")
-        if len(header) < header_size:
-            raise DataError(f"{path}: truncated: {len(header)} bytes, shorter than the {header_size}-byte IDX "
-                            f"{kind} header")
-        nbytes, what = body_size(header)
-        expected = header_size + nbytes
-        if not gzipped:  # the size is known up front: do not read a file that cannot match
-            size = os.fstat(raw.fileno()).st_size
-            if size != expected:
-                _size_error(path, what, expected, size)
-        data = _read_exactly(stream, nbytes + 1, path, container)  # one byte more tells an overlong file
-        if len(data) > nbytes:
-            _size_error(path, what, expected, None)
-        if len(data) < nbytes:
-            _size_error(path, what, expected, header_size + len(data))
-    return np.frombuffer(data, dtype=np.uint8)
-
-
-def _size_error(path, what, expected, found):
-    if found is None:
-        raise DataError(f"{path}: overlong: extra data after the {what} ({expected} bytes) the header declares")
-    if found < expected:
-        raise DataError(f"{path}: truncated: the header declares {what} ({expected} bytes) but the file holds "
-                        f"{found} bytes")
-    raise DataError(f"{path}: overlong: {found} bytes, but the header declares {what} ({expected} bytes)")
-
-
-def _read_exactly(stream, nbytes, where, container):
-    """Up to nbytes from stream (fewer only at its end) as a writable bytearray; in chunks, because a bogus header
-    may claim terabytes and a single read(n) would try to allocate them. Decoding errors become DataError."""
-    out = bytearray()
-    try:
-        while len(out) < nbytes:
-            chunk = stream.read(min(CHUNK, nbytes - len(out)))
-            if not chunk:
-                break
-            out += chunk
-    except EOFError:
-        raise DataError(f"{where}: truncated {container} data (the compressed stream ends early)") from None
-    except (OSError, zlib.error, zipfile.BadZipFile) as exc:
-        raise DataError(f"{where}: corrupt {container} data ({exc})") from None
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# keras-style npz
-
-
-def read_mnist_npz(path):
-    """A keras-style mnist.npz -> (x_train, y_train, x_test, y_test), uint8, images (N, 28, 28), labels (N,).
-
-    Read through zipfile and the .npy header rather than np.load, so that shapes and dtypes are checked before any
-    array is allocated (a corrupt header could claim an enormous one) and no pickle is ever loaded."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                raise DataError(f"{path}: not an npz file (no zip signature); expected a keras-style mnist.npz or "
-                                "a folder of IDX files")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot open: {exc.strerror or exc}") from None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = {name[:-4] if name.endswith(".npy") else name: name for name in archive.namelist()}
-            missing = [k for k in NPZ_KEYS if k not in members]
-            if missing:
-                raise DataError(f"{path}: missing key(s) {', '.join(missing)} (has {', '.join(members) or 'none'}; "
-                                f"needs {', '.join(NPZ_KEYS)})")
-            arrays = {k: _read_npy_member(archive, members[k], path, k) for k in NPZ_KEYS}
-    except DataError:
-        raise
-    except _DECODE_ERRORS as exc:
-        raise DataError(f"{path}: corrupt npz archive ({type(exc).__name__}: {exc})") from None
-
-    for split in ("train", "test"):
-        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if images.ndim != 3 or images.shape[1:] != (ROWS, COLS):
-            raise DataError(f"{path}: x_{split} has shape {images.shape}, expected (N, {ROWS}, {COLS})")
-        if labels.ndim != 1:
-            raise DataError(f"{path}: y_{split} has shape {labels.shape}, expected (N,)")
-        if len(images) == 0:
-            raise DataError(f"{path}: x_{split} holds no images")
-        if len(images) != len(labels):
-            raise DataError(f"{path}: x_{split} holds {len(images)} images but y_{split} holds {len(labels)} labels")
-        _check_labels(labels, f"{path} (y_{split})")
-    return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
-
-
-def _read_npy_member(archive, name, path, key):
-    """One uint8 array from an .npy inside the zip, header checked before the data is read."""
-    with archive.open(name) as member:
-        version = np.lib.format.read_magic(member)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
-        else:
-            raise DataError(f"{path}: {key} uses .npy format version {version}, expected 1.0 or 2.0")
-        if dtype != np.uint8:
-            raise DataError(f"{path}: {key} has dtype {dtype}, expected uint8")
-        if len(shape) not in (1, 3):
-            raise DataError(f"{path}: {key} has shape {shape}, expected (N, {ROWS}, {COLS}) or (N,)")
-        nbytes = math.prod(shape)  # Python ints: a bogus header must not overflow
-        data = _read_exactly(member, nbytes + 1, f"{path} ({key})", "zip")
-        if len(data) != nbytes:
-            state = "truncated" if len(data) < nbytes else "overlong"
-            raise DataError(f"{path}: {key} is {state}: its header declares shape {shape} ({nbytes} bytes)")
-    array = np.frombuffer(data, dtype=np.uint8)
-    return array.reshape(shape, order="F" if fortran_order else "C")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# download
-
-
-def download_file(url, dest, *, sha256=None, timeout=DOWNLOAD_TIMEOUT_S):
-    """Fetch url into dest atomically: streamed into a temporary file beside dest, checked against sha256 (if
-    given), flushed and fsynced, then renamed over dest. On any failure no file (final or temporary) is left."""
-    dest = Path(dest)
-
-    def fetch_and_check(out):
-        digest = _stream_to(url, out, timeout)
-        if sha256 is not None and digest != sha256.lower():
-            raise DataError(f"{url}: SHA-256 mismatch: got {digest}, expected {sha256} (nothing saved)")
-
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(dest, fetch_and_check)
-    except OSError as exc:  # a local write error: disk full, permissions
-        raise DataError(f"{dest}: cannot save the download ({exc})") from None
-
-
-def _stream_to(url, out, timeout):
-    """Copy the body at url into the open file out; returns its SHA-256 hex digest. Network errors -> DataError;
-    write errors on out are left as OSError for the caller."""
-    digest = hashlib.sha256()
-    deadline = time.monotonic() + DOWNLOAD_DEADLINE_S
-    received = 0
-    try:
-        response = urllib.request.urlopen(url, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        raise DataError(f"{url}: HTTP error {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        raise DataError(f"{url}: cannot connect ({exc.reason})") from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise DataError(f"{url}: cannot connect ({type(exc).__name__}: {exc})") from None
-    except ValueError as exc:  # a malformed URL
-        raise DataError(f"{url}: bad URL ({exc})") from None
-    with response:
-        while True:
-            try:
-                chunk = response.read(CHUNK)
-            except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, a body cut short
-                raise DataError(f"{url}: download failed after {received} bytes "
-                                f"({type(exc).__name__}: {exc})") from None
-            if not chunk:
-                break
-            received += len(chunk)
-            if received > DOWNLOAD_MAX_BYTES:
-                raise DataError(f"{url}: more than {DOWNLOAD_MAX_BYTES} bytes, too large for a data set file")
-            if time.monotonic() > deadline:
-                raise DataError(f"{url}: download took longer than {DOWNLOAD_DEADLINE_S} s")
-            digest.update(chunk)
-            out.write(chunk)
-        # read(n) just returns b"" when the connection drops early, so the declared length is checked here.
-        declared = response.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) != received:
-            raise DataError(f"{url}: download cut short: received {received} of {declared} bytes")
-    return digest.hexdigest()
