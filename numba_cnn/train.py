@@ -21,7 +21,7 @@ from numba_cnn.atomic import write_json
 from numba_cnn.console import EXIT_INTERRUPTED, InterruptFlag, Progress
 from numba_cnn.errors import CheckpointError, NumbaCNNError, check_int_flag
 from numba_cnn.kernels import get_backend
-from numba_cnn.model import Model
+from numba_cnn.model import NUM_CLASSES, Model
 from numba_cnn.optim import Adam
 from numba_cnn.runtime import machine_record, set_threads, threading_layer
 from numba_cnn.timing import LayerTimer, NullTimer, format_table
@@ -73,12 +73,12 @@ class TrainResult:
 
 
 def evaluate(model, images, labels, batch_size=EVAL_BATCH):
-    """-> (accuracy, confusion[10, 10] with rows = true class, columns = predicted class)."""
+    """-> (accuracy, confusion[NUM_CLASSES, NUM_CLASSES] with rows = true class, columns = predicted class)."""
     to_device, as_float = model.backend.to_device, model.backend.layers.as_float_images
     predictions = np.concatenate([model.predict(as_float(to_device(images[i:i + batch_size])))
                                   for i in range(0, len(images), batch_size)])
     labels = np.asarray(labels)
-    confusion = np.zeros((10, 10), dtype=np.int64)
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     np.add.at(confusion, (labels.astype(np.intp), predictions), 1)
     return float((predictions == labels).mean()), confusion
 
