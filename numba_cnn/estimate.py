@@ -27,15 +27,17 @@ def run_seconds(size, train_s_per_image, test_s_per_image):
     return size.epochs * (size.train_images * train_s_per_image + size.test_images * test_s_per_image)
 
 
-def limit_for(seconds, size, train_s_per_image, test_s_per_image):
-    """The --limit that makes the run take about `seconds` (at least 1): --limit N trains on N images, and tests on N
-    unless --test-limit says otherwise."""
+def suggestion(seconds, size, train_s_per_image, test_s_per_image):
+    """-> (flags, the RunSize they give) for a run of about `seconds`: --limit N trains on N images and tests on N;
+    with --test-limit given, --limit alone where the test images leave room for training, else both flags."""
     per_epoch = seconds / size.epochs
-    if size.test_limited:
-        n = (per_epoch - size.test_images * test_s_per_image) / train_s_per_image
-    else:
-        n = per_epoch / (train_s_per_image + test_s_per_image)
-    return max(1, _round_down(n))
+    test_s = size.test_images * test_s_per_image
+    if size.test_limited and test_s <= per_epoch / 2:
+        n = max(1, _round_down((per_epoch - test_s) / train_s_per_image))
+        return f"--limit {n}", RunSize(min(n, size.train_images), size.test_images, size.epochs, True)
+    n = max(1, _round_down(per_epoch / (train_s_per_image + test_s_per_image)))
+    flags = f"--limit {n} --test-limit {n}" if size.test_limited else f"--limit {n}"
+    return flags, RunSize(min(n, size.train_images), min(n, size.test_images), size.epochs, size.test_limited)
 
 
 def _round_down(n):
@@ -83,13 +85,8 @@ def long_run_note(size, kernels, warmup_s_per_image, measure):
     total = run_seconds(size, train_s, test_s)
     if total <= LONG_RUN_S:
         return None
-    limit = limit_for(SUGGESTED_RUN_S, size, train_s, test_s)
+    flags, smaller = suggestion(SUGGESTED_RUN_S, size, train_s, test_s)
     return (f"note: this run will take about {format_duration(total)} ({size.epochs} epoch(s) of "
             f"{size.train_images} training and {size.test_images} test images with --kernels {kernels}: "
-            f"{train_s:.3g} s per training image, {test_s:.3g} s per test image); --limit {limit} would take about "
-            f"{format_duration(run_seconds(_limited(size, limit), train_s, test_s))}")
-
-
-def _limited(size, limit):
-    return RunSize(min(limit, size.train_images), size.test_images if size.test_limited
-                   else min(limit, size.test_images), size.epochs, size.test_limited)
+            f"{train_s:.3g} s per training image, {test_s:.3g} s per test image); {flags} would take about "
+            f"{format_duration(run_seconds(smaller, train_s, test_s))}")

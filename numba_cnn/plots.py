@@ -58,8 +58,13 @@ def plot_runs(runs, path, title):
     ax_acc.plot([], [], "ko-", label="test (after the epoch)")
     ax_acc.plot([], [], "kx--", label="train (during the epoch)")
     ax_acc.legend(fontsize=9, loc="lower right")
+    seconds = [e["seconds"] for _, epochs in runs for e in epochs]
     ax_time.set(title="training time per epoch (evaluation not included)", xlabel="epoch", ylabel="seconds")
-    ax_time.set_ylim(0, 1.1 * max(e["seconds"] for _, epochs in runs for e in epochs))
+    if max(seconds) > 20 * min(seconds):  # runs orders of magnitude apart (naive and jit, say)
+        ax_time.set_yscale("log")
+        ax_time.set_ylabel("seconds (log scale)")
+    else:
+        ax_time.set_ylim(0, 1.1 * max(seconds))
     for ax in (ax_loss, ax_acc, ax_time):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
@@ -97,11 +102,12 @@ def plot_misclassified(images, labels, predictions, class_names, path, count=MIS
         ax.axis("off")
     for ax, index in zip(axes.flat, shown):
         ax.imshow(np.asarray(images[index]).reshape(28, 28), cmap="gray_r")
-        ax.set_title(f"true {class_names[labels[index]]}\npred {class_names[predictions[index]]}", fontsize=8)
+        ax.set_title(f"#{index} true {class_names[labels[index]]}\npred {class_names[predictions[index]]}",
+                     fontsize=8)
     total = len(labels)
     if len(shown):
-        what = (f"the first {len(shown)} of {len(wrong)} misclassified test images (of {total}), "
-                f"#{shown[0]} to #{shown[-1]}: true / predicted class")
+        what = (f"the first {len(shown)} of {len(wrong)} misclassified test images (of {total}): "
+                f"#index in the test set, true and predicted class")
     else:
         what = f"no misclassified images among {total} test images"
     fig.suptitle(what, fontsize=10)

@@ -76,20 +76,19 @@ def format_runs_table(runs):
     """One line per run (its last epoch's figures, median seconds per epoch), then each run's share of training
     time per layer."""
     lines = [f"{'run':<34} {'kernels':<7} {'data':<13} {'seed':>4} {'batch':>5} {'lr':>7} {'epochs':>6} "
-             f"{'status':<11} {'loss':>7} {'train acc':>9} {'test acc':>8} {'s/epoch':>8} {'img/s':>7} "
+             f"{'status':<11} {'loss':>7} {'train acc':>9} {'test acc':>8} {'s/epoch':>8} {'ms/batch':>8} "
              f"{'warm-up s':>9}"]
     for run in runs:
         c, e = run.config, run.epochs
         last = e[-1] if e else None
-        seconds = statistics.median(x["seconds"] for x in e) if e else None
-        rate = (f"{sum(x['steps'] for x in e) * c['batch_size'] / sum(x['seconds'] for x in e):.0f}"
-                if e else "-")
+        per_batch = f"{statistics.median(x['ms_per_batch'] for x in e):.1f}" if e else "-"
         lines.append(
             f"{run.folder.name[:34]:<34} {c['kernels']:<7} {(c.get('data') or {}).get('dataset', '?'):<13} "
             f"{c['seed']:>4} {c['batch_size']:>5} {c['lr']:>7.0e} {len(e):>6} "
             f"{run.metrics.get('status', 'running'):<11} "
             + (f"{last['train_loss']:>7.4f} {last['train_accuracy']:>9.4f} {last['test_accuracy']:>8.4f} "
-               f"{seconds:>8.2f} {rate:>7} " if last else f"{'-':>7} {'-':>9} {'-':>8} {'-':>8} {rate:>7} ")
+               f"{statistics.median(x['seconds'] for x in e):>8.2f} {per_batch:>8} " if last
+               else f"{'-':>7} {'-':>9} {'-':>8} {'-':>8} {per_batch:>8} ")
             + f"{run.metrics.get('run', {}).get('warmup_seconds', float('nan')):>9.2f}")
     shares = [(run, layer_shares(run.epochs)) for run in runs if run.epochs]
     if shares:
@@ -99,7 +98,7 @@ def format_runs_table(runs):
         lines += [f"{run.folder.name[:34]:<34}" + "".join(f"{100 * s.get(layer, 0.0):>10.1f}" for layer in layers)
                   for run, s in shares]
     lines.append("loss, train acc: the last epoch's means over its batches; test acc: after the last epoch; "
-                 "s/epoch: median training seconds per epoch (evaluation apart); img/s: training images per second")
+                 "s/epoch, ms/batch: medians over the epochs of the training time (evaluation apart)")
     return "\n".join(lines)
 
 
