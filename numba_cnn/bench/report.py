@@ -132,11 +132,10 @@ def plot_roofline(report, path):
     for where, ha, text in ((0.97, "right", "memory-bound  "), (1.03, "left", "  arithmetic-bound")):
         ax.text(peak / bandwidth * where, 0.97, text, transform=ax.get_xaxis_transform(), ha=ha, va="top",
                 fontsize=8, color="grey")
-    backends_drawn, clusters = {}, []  # clusters: [point, op names] of points that would print over each other
+    clusters = []  # clusters: [point, op names] of points that would print over each other
     for r in points:
         xy = (r["flops_per_byte"], r["gflops"])
         ax.plot(*xy, "o", color=_colour(report, r["backend"]), ms=6)
-        backends_drawn[r["backend"]] = r["batch"]
         cluster = next((c for c in clusters if _near(xy, c[0])), None)
         if cluster is None:
             clusters.append((xy, [r["op"]]))
@@ -144,8 +143,11 @@ def plot_roofline(report, path):
             cluster[1].append(r["op"])
     for xy, names in clusters:
         ax.annotate(", ".join(names), xy, xytext=(5, 3), textcoords="offset points", fontsize=7)
-    for backend, batch in backends_drawn.items():
-        ax.plot([], [], "o", color=_colour(report, backend), label=f"{backend} (batch {batch})")
+    for backend in _backends(report):  # the legend of both panels
+        rows = [r for r in report["results"] if r["backend"] == backend and r["status"] == "ok"]
+        where = "" if not rows or rows[0]["on_host"] else ", GPU: right only"
+        batch = rows[0]["batch"] if rows else "?"
+        ax.plot([], [], "o", color=_colour(report, backend), label=f"{backend} (batch {batch}{where})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOPs per byte moved, log scale)")
@@ -159,7 +161,9 @@ def plot_roofline(report, path):
                fontsize=8, va="center", ha="right", rotation=90)
     ax_bw.set_title("achieved bandwidth of every op, colours as on the left (pooling: no FLOPs, bytes only)",
                     fontsize=9)
-    fig.suptitle(_title(report, "roofline"), fontsize=10)
+    on_device = sorted({r["backend"] for r in report["results"] if r["status"] == "ok" and not r["on_host"]})
+    apart = f" ({', '.join(on_device)} on a GPU: bandwidth bars only, the roofs are the CPU's)" if on_device else ""
+    fig.suptitle(_title(report, "roofline") + apart, fontsize=10)
     fig.supxlabel("FLOPs: 2 per multiply-add of convolutions and dense layers (bench's FLOP formula). "
              "Bytes: each input read once, each output written once, float32 4 B, argmax 1 B (a lower bound).\n"
              f"Roofs measured in this run: {cal['stream_method']}; sgemm {cal['sgemm_size']}^3 float32 via numpy.",
