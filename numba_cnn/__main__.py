@@ -28,9 +28,9 @@ def _add_common(p):
 
 def build_parser():
     from numba_cnn import bench, report
-    from numba_cnn.plots import MISCLASSIFIED_SHOWN
     from numba_cnn.kernels import BACKENDS
     from numba_cnn.model import DEFAULT_BACKEND
+    from numba_cnn.plots import MISCLASSIFIED_SHOWN
 
     parser = argparse.ArgumentParser(prog="python -m numba_cnn", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -62,7 +62,8 @@ class Progress:
             filled = int(width * done / self.total)
             bar = "#" * filled + "." * (width - filled)
             phase = f" | {self.phase}" if self.phase and done < self.total else ""
-            self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} {stats} | {self._speed(elapsed)}{phase}"
+            stats = f" {stats}" if stats else ""  # none before the first step ends
+            self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total}{stats} | {self._speed(elapsed)}{phase}"
                               f"\x1b[K")
             if done == self.total:
                 self.stream.write("\n")

@@ -55,10 +55,15 @@ def figure_title(runs):
         values = {str(get(run)) for run in runs}
         return values.pop() if len(values) == 1 else "various"
 
-    data = common(lambda r: (r.config.get("data") or {}).get("dataset", "mnist"))
+    data = common(lambda r: _dataset(r.config))
     limit = common(lambda r: r.config.get("limit") or "all")
     return (f"numba_cnn training: {data}, {limit} training images, batch {common(lambda r: r.config['batch_size'])}, "
             f"lr {common(lambda r: r.config['lr'])}")
+
+
+def _dataset(config):
+    """The data set a run recorded ("?" for a run trained through the API without a record)."""
+    return (config.get("data") or {}).get("dataset", "?")
 
 
 def draw_run(folder):
@@ -83,7 +88,7 @@ def format_runs_table(runs):
         last = e[-1] if e else None
         per_batch = f"{statistics.median(x['ms_per_batch'] for x in e):.1f}" if e else "-"
         lines.append(
-            f"{run.folder.name[:34]:<34} {c['kernels']:<7} {(c.get('data') or {}).get('dataset', '?'):<13} "
+            f"{run.folder.name[:34]:<34} {c['kernels']:<7} {_dataset(c):<13} "
             f"{c['seed']:>4} {c['batch_size']:>5} {c['lr']:>7.0e} {len(e):>6} "
             f"{run.metrics.get('status', 'running'):<11} "
             + (f"{last['train_loss']:>7.4f} {last['train_accuracy']:>9.4f} {last['test_accuracy']:>8.4f} "
