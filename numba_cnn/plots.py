@@ -65,8 +65,10 @@ def plot_runs(runs, path, title):
         ax_time.set_ylabel("seconds (log scale)")
     else:
         ax_time.set_ylim(0, 1.1 * max(seconds))
+    numbers = sorted({e["epoch"] for _, epochs in runs for e in epochs})
     for ax in (ax_loss, ax_acc, ax_time):
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlim(numbers[0] - 0.5, numbers[-1] + 0.5)  # room around a single epoch's points too
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     _plot_layer_shares(ax_layers, [(label, layer_shares(epochs)) for label, epochs in runs if epochs])
     fig.suptitle(title, fontsize=11)
