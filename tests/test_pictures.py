@@ -19,13 +19,7 @@ from numba_cnn.plots import plot_misclassified
 from numba_cnn.train import TrainConfig, train
 
 from pictures import assert_png
-from test_train_cli import as_float, quiet, run_cli, synthetic_mnist
-
-
-@pytest.fixture(scope="module")
-def data():
-    x_train, y_train, x_test, y_test = synthetic_mnist()
-    return (as_float(x_train), y_train), (as_float(x_test), y_test)
+from test_train_cli import data, quiet, run_cli, synthetic_mnist  # noqa: F401 (data: the fixture)
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +61,16 @@ def test_report_names_a_folder_that_holds_no_run(tmp_path, capsys):
     assert f"{tmp_path} is not a run folder: it has no config.json" in capsys.readouterr().err
 
 
-def test_evaluate_draws_the_misclassified_images(tmp_path):
-    x_train, y_train, x_test, y_test = synthetic_mnist()
+def test_evaluate_draws_the_misclassified_images(two_runs, tmp_path):
+    x_train, y_train, x_test, y_test = synthetic_mnist()  # the data the runs trained on
     npz = tmp_path / "mnist.npz"
     np.savez(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    run = tmp_path / "run"
-    assert run_cli("train", "--kernels", "im2col", "--data", npz, "--epochs", "1", "--out", run).returncode == 0
     grid = tmp_path / "wrong.png"
-    result = run_cli("evaluate", run / "checkpoint.npz", "--data", npz, "--misclassified", grid)
+    result = run_cli("evaluate", two_runs[0] / "checkpoint.npz", "--data", npz, "--misclassified", grid)
     assert result.returncode == 0, result.stderr
     accuracy = float(result.stdout.split("test accuracy ")[1].split()[0])
     wrong = round((1 - accuracy) * len(y_test))
+    assert wrong > 0, "two short epochs should leave some of the test images wrong, or there is no grid to check"
     assert f"written: {grid} ({min(wrong, 36)} of the {wrong} misclassified images)" in result.stdout
     assert_png(grid, min_width=600, min_height=200)
 
