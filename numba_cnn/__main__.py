@@ -1,4 +1,4 @@
-"""python -m numba_cnn train | evaluate | bench
+"""python -m numba_cnn train | evaluate | bench | report
 
 Problems the user can fix end as one line on stderr and a non-zero exit (2; 130 after Ctrl-C; 3 when training
 diverges); --debug shows the traceback as well.
@@ -27,9 +27,10 @@ def _add_common(p):
 
 
 def build_parser():
-    from numba_cnn import bench
+    from numba_cnn import bench, report
     from numba_cnn.kernels import BACKENDS
     from numba_cnn.model import DEFAULT_BACKEND
+    from numba_cnn.plots import MISCLASSIFIED_SHOWN
 
     parser = argparse.ArgumentParser(prog="python -m numba_cnn", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,11 +57,16 @@ def build_parser():
     e.add_argument("--kernels", default=DEFAULT_BACKEND, metavar="NAME",
                    help=f"kernel backend for inference (default {DEFAULT_BACKEND})")
     e.add_argument("--test-limit", type=int, metavar="N", help="evaluate on the first N test images")
+    e.add_argument("--misclassified", metavar="PATH.png", help=f"also draw the first {MISCLASSIFIED_SHOWN} "
+                   "misclassified test images, each with its true and predicted class, into PATH.png")
     _add_common(e)
 
     b = sub.add_parser("bench", help="check, then time every kernel of every backend; --compare trains against "
                        "PyTorch and Keras")
     bench.add_arguments(b)
+
+    r = sub.add_parser("report", help="compare training runs: a table and one figure of their curves and times")
+    report.add_arguments(r)
     return parser
 
 
@@ -91,7 +97,8 @@ def cmd_evaluate(args):
     from numba_cnn.model import Model
     from numba_cnn.kernels import get_backend
     from numba_cnn.runtime import set_threads
-    from numba_cnn.train import evaluate
+    from numba_cnn.plots import plot_misclassified
+    from numba_cnn.train import evaluate, predict
 
     params, _, meta = ckpt.load_checkpoint(args.checkpoint)
     data, data_line = load_for_run(args.dataset, args.data, recorded=meta["config"].get("data"),
@@ -104,10 +111,18 @@ def cmd_evaluate(args):
     backend = get_backend(args.kernels)
     set_threads(args.threads, backend)
     model = Model(backend, params=params)
-    accuracy, confusion = evaluate(model, x_test, y_test)
+    predictions = predict(model, x_test)
+    accuracy, confusion = evaluate(model, x_test, y_test, predictions=predictions)
     print(f"checkpoint {args.checkpoint} (epoch {meta['epoch']}, step {meta['step']}), kernels {args.kernels}")
     print(f"test accuracy {accuracy:.4f} on {len(x_test)} images")
     print(format_confusion(confusion, data.dataset.class_names))
+    if args.misclassified:
+        try:
+            shown, wrong = plot_misclassified(x_test, y_test, predictions, data.dataset.class_names,
+                                              args.misclassified)
+        except OSError as exc:
+            raise NumbaCNNError(f"cannot write {args.misclassified}: {exc.strerror or exc}") from None
+        print(f"written: {args.misclassified} ({shown} of the {wrong} misclassified images)")
     return 0
 
 
@@ -130,6 +145,9 @@ def main(argv=None):
             return cmd_train(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "report":
+            from numba_cnn import report
+            return report.run(args)
         from numba_cnn import bench
         return bench.run(args)
     except NumbaCNNError as exc:

@@ -8,6 +8,7 @@ work (jit), as many as the compute threads otherwise.
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -15,6 +16,9 @@ from numba_cnn.errors import NumbaCNNError, check_int_flag
 
 SGEMM_SIZE = 2048
 SGEMM_REPEATS = 3
+STREAM_MIB = 64  # per array; the three arrays of the add are six times this machine's 32 MB L3
+STREAM_METHOD = ("STREAM's add c = a + b over float32 arrays of {mib} MiB each, split between {threads} thread(s); "
+                 "GB/s counts the bytes read and written (12 per element), not the write-allocate reads")
 
 
 def default_threads():
@@ -99,4 +103,26 @@ def sgemm_gflops(n=SGEMM_SIZE, repeats=SGEMM_REPEATS, seed=0):
         start = time.perf_counter()
         np.matmul(a, b, out=out)
         rates.append(2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return rates
+
+
+def stream_gbs(threads=1, mib=STREAM_MIB, repeats=SGEMM_REPEATS):
+    """GB/s of a streaming add (STREAM_METHOD) over arrays far larger than the last-level cache, one figure per
+    repeat after a warm-up pass: the memory bandwidth a kernel that streams its data can hope for. numpy releases
+    the GIL in the add, so `threads` Python threads each take a slice."""
+    n = mib * 2 ** 20 // 4
+    a, b, c = np.full(n, 1.0, np.float32), np.full(n, 2.0, np.float32), np.empty(n, np.float32)
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def add(part):
+        np.add(a[part], b[part], out=c[part])
+
+    rates = []
+    with ThreadPoolExecutor(threads) as pool:
+        for repeat in range(repeats + 1):
+            start = time.perf_counter()
+            list(pool.map(add, slices))
+            if repeat:  # the first pass is the warm-up: page faults, thread start
+                rates.append(3 * 4 * n / (time.perf_counter() - start) / 1e9)
     return rates

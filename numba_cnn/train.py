@@ -20,9 +20,11 @@ from numba_cnn import checkpoint as ckpt
 from numba_cnn.atomic import write_json
 from numba_cnn.console import EXIT_INTERRUPTED, InterruptFlag, Progress
 from numba_cnn.errors import CheckpointError, NumbaCNNError, check_int_flag
+from numba_cnn.estimate import RunSize, long_run_note, time_per_image
 from numba_cnn.kernels import get_backend
 from numba_cnn.model import NUM_CLASSES, Model
 from numba_cnn.optim import Adam
+from numba_cnn.report import RUN_PNG, draw_run
 from numba_cnn.runtime import machine_record, set_threads, threading_layer
 from numba_cnn.timing import LayerTimer, NullTimer, format_table
 
@@ -72,11 +74,17 @@ class TrainResult:
         return {"finished": 0, "interrupted": EXIT_INTERRUPTED, "diverged": EXIT_DIVERGED}[self.status]
 
 
-def evaluate(model, images, labels, batch_size=EVAL_BATCH):
-    """-> (accuracy, confusion[NUM_CLASSES, NUM_CLASSES] with rows = true class, columns = predicted class)."""
+def predict(model, images, batch_size=EVAL_BATCH):
+    """-> the predicted class of each image, int64[N] on the host."""
     to_device, as_float = model.backend.to_device, model.backend.layers.as_float_images
-    predictions = np.concatenate([model.predict(as_float(to_device(images[i:i + batch_size])))
-                                  for i in range(0, len(images), batch_size)])
+    return np.concatenate([model.predict(as_float(to_device(images[i:i + batch_size])))
+                           for i in range(0, len(images), batch_size)])
+
+
+def evaluate(model, images, labels, batch_size=EVAL_BATCH, predictions=None):
+    """-> (accuracy, confusion[NUM_CLASSES, NUM_CLASSES] with rows = true class, columns = predicted class);
+    `predictions` from predict() where already made."""
+    predictions = predict(model, images, batch_size) if predictions is None else predictions
     labels = np.asarray(labels)
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     np.add.at(confusion, (labels.astype(np.intp), predictions), 1)
@@ -165,6 +173,12 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     record["threading_layer"] = threading_layer()
     log(f"kernels {config.kernels}: warm-up (compile or cache load) {record['warmup_seconds']:.2f} s; "
         f"threads {threads['numba_threads']} ({record['threading_layer'] or 'no parallel kernels'})")
+    size = RunSize(n, len(x_test), config.epochs - start_epoch, test_limited=config.test_limit is not None)
+    note = long_run_note(size, config.kernels, record["warmup_seconds"] / warm, lambda: time_per_image(
+        model, L.as_float_images(x_dev[:warm]), y_dev[:warm], L.as_float_images(backend.to_device(x_test[:warm])),
+        L.make_dropout_rng(0)))
+    if note:
+        log(note)
 
     timer = LayerTimer(sync=backend.synchronize)
     model.timer = timer
@@ -206,7 +220,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
                 loss_sum += loss * batch
                 correct += batch_correct
                 seen += batch
-                progress.update(step + 1, loss_sum / seen, correct / seen)
+                progress.update(step + 1, loss_sum / seen, correct / seen, batch)
                 global_step = epoch * steps_per_epoch + step + 1
                 if on_step is not None:
                     on_step(global_step)
@@ -242,6 +256,12 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
             log(f"interrupted; the last completed step is in {checkpoint_path}. "
                 f"Resume with: python -m numba_cnn train --resume {checkpoint_path}")
     write_json(out_dir / "metrics.json", {"run": record, "epochs": history, "status": status})
+    try:
+        picture = draw_run(out_dir)
+    except OSError as exc:  # a picture that cannot be written costs the run nothing else
+        log(f"could not draw {out_dir / RUN_PNG}: {exc.strerror or exc}")
+    else:
+        log(f"picture: {picture}" if picture else "no finished epoch to draw")
     if status == "finished" and history:
         final = history[-1]
         total = sum(h["seconds"] for h in history)

@@ -15,15 +15,20 @@ from numba_cnn.bench import baselines, compare, ops
 from numba_cnn.bench.report import format_compare_table
 from numba_cnn.errors import NumbaCNNError
 from numba_cnn.kernels import Backend, BackendInfo, get_backend
+from numba_cnn.runtime import stream_gbs
+from pictures import assert_png
 
 IM2COL = get_backend("im2col").module
 FAKE_SGEMM_GFLOPS = 100.0
+FAKE_STREAM_GBS = 10.0
 
 
 @pytest.fixture(autouse=True)
 def fixed_peak(monkeypatch):
-    """A fixed 'peak' instead of two 2048^3 matmuls: faster, and shares of peak become exact to check."""
+    """A fixed 'peak' and bandwidth instead of two 2048^3 matmuls and two 192 MiB adds: faster, and shares of
+    peak become exact to check."""
     monkeypatch.setattr(ops, "sgemm_gflops", lambda *a: [FAKE_SGEMM_GFLOPS] * 2)
+    monkeypatch.setattr(ops, "stream_gbs", lambda *a: [FAKE_STREAM_GBS] * 2)
     monkeypatch.setattr(compare, "sgemm_gflops", lambda *a: [FAKE_SGEMM_GFLOPS] * 2)
 
 
@@ -220,6 +225,24 @@ def test_op_bench_record_speedups_and_peak_share():
     assert "pool1 fwd" not in {r["op"] for r in report["results"]}
 
 
+def test_bytes_moved_and_intensity_count_each_input_once_and_each_output_once():
+    report = small_bench(["im2col"], layers=("conv2", "pool2"), batch_size=4)
+    x, w, b = ops.op_inputs(4)["conv2 fwd"]
+    conv = row(report, "conv2 fwd", "im2col")
+    assert conv["bytes"] == 4 * (x.size + w.size + b.size + 4 * 64 * 11 * 11)
+    assert conv["flops_per_byte"] == pytest.approx(conv["flops"] / conv["bytes"])
+    assert conv["gbytes_per_s"] == pytest.approx(conv["bytes"] / conv["median_s"] / 1e9)
+    pool = row(report, "pool2 fwd", "im2col")
+    assert pool["bytes"] == 4 * (4 * 64 * 11 * 11) + 4 * (4 * 64 * 5 * 5) + 1 * (4 * 64 * 5 * 5)  # x, y, argmax
+    assert "flops_per_byte" not in pool and pool["gbytes_per_s"] > 0
+    assert report["calibration"]["stream_gbs"] == FAKE_STREAM_GBS
+
+
+def test_stream_bandwidth_is_measured_per_repeat_after_a_warm_up():
+    rates = stream_gbs(threads=2, mib=2, repeats=3)
+    assert len(rates) == 3 and all(0.1 < rate < 10_000 for rate in rates)
+
+
 def parse_bench(argv):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -232,9 +255,13 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     assert bench.run(args) == 0
     (json_path,) = tmp_path.glob("ops-*.json")
     (png_path,) = tmp_path.glob("ops-*.png")
-    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (roofline_path,) = tmp_path.glob("roofline-*.png")
+    assert_png(png_path, min_width=800)
+    assert_png(roofline_path, min_width=1200)
     report = json.loads(json_path.read_text())
-    assert report["files"] == {"json": str(json_path), "chart": str(png_path)}
+    assert report["files"] == {"json": str(json_path), "chart": str(png_path), "roofline": str(roofline_path)}
+    assert report["calibration"]["stream_gbs"] == FAKE_STREAM_GBS
+    assert "read once" in report["bytes_formula"]
     machine = report["machine"]
     for key in ("processor", "cpus", "numpy", "numba", "python", "numba_threading_layer", "blas"):
         assert key in machine
@@ -247,7 +274,7 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     assert all(r["status"] == "ok" and len(r["samples_s"]) == 2 for r in report["results"]
                if r["backend"] == "im2col")
     out = capsys.readouterr().out
-    assert f"written: {json_path} and {png_path}" in out
+    assert f"written: {json_path}, {png_path} and {roofline_path}" in out
     cuda_rows = [r for r in report["results"] if r["backend"] == "cuda"]
     assert len(cuda_rows) == 4
     if cuda_rows[0]["status"] == "skipped":  # no GPU or numba-cuda here: said once in the table, not timed

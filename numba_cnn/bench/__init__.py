@@ -9,7 +9,7 @@ from pathlib import Path
 from numba_cnn.atomic import write_json
 from numba_cnn.bench.compare import compare_training
 from numba_cnn.bench.ops import DEFAULT_OP_KERNELS, OP_LAYERS, bench_ops
-from numba_cnn.bench.report import format_compare_table, format_ops_table, plot_ops
+from numba_cnn.bench.report import format_compare_table, format_ops_table, plot_ops, plot_roofline
 from numba_cnn.errors import NumbaCNNError
 from numba_cnn.kernels import BACKENDS
 
@@ -37,7 +37,7 @@ def add_arguments(parser):
     parser.add_argument("--naive-repeats", type=int, default=3, metavar="N",
                         help="timed calls per op for naive (default 3)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                        help=f"folder for the JSON record and the PNG chart (default {DEFAULT_OUT}/)")
+                        help=f"folder for the JSON record, the PNG chart and the roofline PNG (default {DEFAULT_OUT}/)")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="seed of the weights, inputs and data order (default 0)")
     parser.add_argument("--profile", action="store_true",
@@ -102,9 +102,11 @@ def run(args):
                            repeats=args.repeats, naive_repeats=args.naive_repeats, threads=args.threads,
                            seed=args.seed)
     json_path, png_path = out / f"ops-{stamp}.json", out / f"ops-{stamp}.png"
-    report["files"] = {"json": str(json_path), "chart": str(png_path)}
+    roofline_path = out / f"roofline-{stamp}.png"
+    report["files"] = {"json": str(json_path), "chart": str(png_path), "roofline": str(roofline_path)}
     print(format_ops_table(report))
     write_result(json_path, report)
     plot_ops(report, png_path)
-    print(f"written: {json_path} and {png_path}")
+    plot_roofline(report, roofline_path)
+    print(f"written: {json_path}, {png_path} and {roofline_path}")
     return 0 if all(r["status"] != "FAILED" for r in report["results"]) else 1

@@ -12,7 +12,9 @@ replace.
 A slow backend (BackendInfo.slow, naive) runs on a batch of its own (one image by default), so every comparison
 between backends is per image. Dense is not a kernel of the contract: every CPU backend runs the same numpy code
 from layers.py, so its rows differ only by noise and it gets no speedup. FLOP_FORMULA gives the operation counts
-behind GFLOP/s; the machine's peak is a large float32 matmul through numpy, measured before and after the ops.
+behind GFLOP/s and BYTES_FORMULA the bytes behind GB/s and arithmetic intensity (the roofline); the machine's two
+roofs, the peak of a large float32 matmul through numpy and a streaming memory bandwidth, are measured before and
+after the ops.
 """
 
 import time
@@ -24,12 +26,18 @@ from numba_cnn.errors import NumbaCNNError, check_int_flag
 from numba_cnn.kernels import ORACLE, Backend, BackendUnavailable, backend_names, get_backend
 from numba_cnn.kernels.reference import FLOAT32_TOL, relative_error
 from numba_cnn.model import FUSED_CONV_BLOCK, INPUT_SHAPE, LAYERS, Model, conv_output_shape, init_params
-from numba_cnn.runtime import SGEMM_SIZE, default_threads, machine_description, set_threads, sgemm_gflops
+from numba_cnn.runtime import (SGEMM_SIZE, STREAM_METHOD, STREAM_MIB, default_threads, machine_description,
+                               set_threads, sgemm_gflops, stream_gbs)
 
 FLOP_FORMULA = ("convolution forward 2*N*K*C*R*S*P*Q (one multiply and one add per kernel tap per output pixel); "
                 "convolution backward the same count for dW, and again for dX when it is computed (conv2, not "
                 "conv1); the bias gradient's N*K*P*Q additions are not counted. Dense forward 2*N*D*M, backward "
                 "twice that (dX and dW). Pooling: no FLOPs counted. sgemm peak: 2*n^3 per n x n matmul.")
+
+BYTES_FORMULA = ("bytes moved: the compulsory traffic, counted from the shapes: every input array read once and every "
+                 "output written once, 4 bytes per float32 element and 1 per argmax element (uint8); re-reads, "
+                 "im2col's unrolled copies and cache misses are not counted, so the real traffic is at least this "
+                 "and the arithmetic intensity (FLOPs / bytes) at most what is drawn.")
 
 # OpenBLAS's idle workers spin for 2^28 cycles (its default THREAD_TIMEOUT, about 0.1 s here) before sleeping.
 BLAS_SETTLE_S = 0.3
@@ -55,6 +63,13 @@ class Op:
     flops: object  # inputs -> FLOPs of one call, or None where none are counted
     in_contract: bool = True  # False: layers.py code that every CPU backend shares (no speedup to report)
     fused: str = None  # the FUSED_OPS name a backend must declare to run it; the oracle runs the composition
+
+
+def moved_bytes(op, inputs, outputs):
+    """BYTES_FORMULA for one call: the input arrays (as timed, float32 or uint8 argmax) and the outputs' shapes."""
+    read = sum(a.size * a.itemsize for a in inputs if isinstance(a, np.ndarray))
+    written = sum(o.size * (1 if name == "argmax" else 4) for name, o in zip(op.outputs, outputs))
+    return int(read + written)
 
 
 def _conv_forward(k, x, w, b):
@@ -279,8 +294,11 @@ def bench_ops(backends=DEFAULT_OP_KERNELS, layers=OP_LAYERS, batch_size=128, nai
         return naive_batch if k.info.slow else batch_size
 
     sgemm_before = sgemm_gflops(sgemm_size)
+    stream_threads = threads_record["numba_threads"]
+    stream_before = stream_gbs(stream_threads)
     log(f"sgemm {sgemm_size}^3 float32 through numpy: {np.median(sgemm_before):.1f} GFLOP/s "
-        f"(median of {len(sgemm_before)}), {threads_record['numba_threads']} thread(s)")
+        f"(median of {len(sgemm_before)}), {threads_record['numba_threads']} thread(s); streaming add "
+        f"{np.median(stream_before):.1f} GB/s")
 
     inputs = {n: op_inputs(n, seed) for n in sorted({batch_of(k) for k in resolved})}
     oracle = get_backend(ORACLE)
@@ -328,10 +346,15 @@ def bench_ops(backends=DEFAULT_OP_KERNELS, layers=OP_LAYERS, batch_size=128, nai
             row["flops"] = flops
             if flops is not None:
                 row["gflops"] = flops / row["median_s"] / 1e9
+            row["bytes"] = moved_bytes(op, inputs[row["batch"]][op.name], references[row["batch"]])
+            row["gbytes_per_s"] = row["bytes"] / row["median_s"] / 1e9
+            if flops is not None:
+                row["flops_per_byte"] = flops / row["bytes"]
             row["on_host"] = not k.info.on_device
             log(f"{op.name:<10} {k.name:<8} ok: median {1e3 * row['median_s']:.3f} ms for {row['batch']} image(s)")
 
     sgemm_after = sgemm_gflops(sgemm_size)
+    stream_after = stream_gbs(stream_threads)
     order = {name: i for i, name in enumerate(k.name if isinstance(k, Backend) else k for k in backends)}
     results.sort(key=lambda row: ([op.name for op in ops].index(row["op"]), order[row["backend"]]))
     peak = float(np.median(sgemm_before + sgemm_after))
@@ -339,7 +362,9 @@ def bench_ops(backends=DEFAULT_OP_KERNELS, layers=OP_LAYERS, batch_size=128, nai
         if "gflops" in row and row["on_host"]:  # the sgemm peak is the CPU's: no share for a GPU backend
             row["peak_share"] = row["gflops"] / peak
     calibration = {"sgemm_size": sgemm_size, "before_gflops": sgemm_before, "after_gflops": sgemm_after,
-                   "peak_gflops": peak}
+                   "peak_gflops": peak, "stream_method": STREAM_METHOD.format(mib=STREAM_MIB, threads=stream_threads),
+                   "stream_before_gbs": stream_before, "stream_after_gbs": stream_after,
+                   "stream_gbs": float(np.median(stream_before + stream_after))}
     first_calls = {}
     for row in results:
         if "first_call_s" in row:
@@ -354,6 +379,7 @@ def bench_ops(backends=DEFAULT_OP_KERNELS, layers=OP_LAYERS, batch_size=128, nai
         "machine": machine_description(threads_record),
         "calibration": calibration,
         "flop_formula": FLOP_FORMULA,
+        "bytes_formula": BYTES_FORMULA,
         "results": results,
         "first_call_total_s": first_calls,
         "speedups": speedups(results, ops),

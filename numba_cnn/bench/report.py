@@ -1,8 +1,9 @@
-"""The bench's reports: the op table and its chart, the training comparison's table."""
+"""The bench's reports: the op table, its chart and roofline, the training comparison's table."""
 
 import numpy as np
 
 from numba_cnn.kernels.reference import FLOAT32_TOL
+from numba_cnn.plots import pyplot, save_png
 
 
 def format_ops_table(report):
@@ -38,6 +39,8 @@ def format_ops_table(report):
     lines.append(f"peak: sgemm {cal['sgemm_size']}^3 float32 {peak:.1f} GFLOP/s (median; before "
                  f"{np.median(cal['before_gflops']):.1f}, after {np.median(cal['after_gflops']):.1f})")
     lines.append(f"FLOPs: {report['flop_formula']}")
+    lines.append(f"bandwidth: {cal['stream_gbs']:.1f} GB/s (median; {cal['stream_method']}); "
+                 f"{report['bytes_formula']}")
     if report["speedups"]:
         pairs = list(dict.fromkeys(s["pair"] for s in report["speedups"]))
         by_key = {(s["op"], s["pair"]): s["speedup"] for s in report["speedups"]}
@@ -50,45 +53,127 @@ def format_ops_table(report):
     return "\n".join(lines)
 
 
-def plot_ops(report, path):
-    """Bar chart, log-scale milliseconds per image, one group of bars per op, one bar per backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _op_bars(ax, report, value, xlabel):
+    """Horizontal bars on a log scale: one group per op, one bar per backend that ran it, value(row) long;
+    FAILED rows say so in the group."""
     ops = list(dict.fromkeys(r["op"] for r in report["results"]))
-    backends = list(dict.fromkeys(r["backend"] for r in report["results"] if r["status"] != "skipped"))
-    skipped = list(dict.fromkeys(r["backend"] for r in report["results"] if r["status"] == "skipped"))
+    backends = _backends(report)
     by_key = {(r["op"], r["backend"]): r for r in report["results"]}
     width = 0.8 / max(1, len(backends))
-    fig, ax = plt.subplots(figsize=(10, 1 + 0.5 * len(ops) * max(1, len(backends)) / 2))
     for i, backend in enumerate(backends):
-        ys, ms = [], []
+        ys, values = [], []
         for j, op in enumerate(ops):
             r = by_key.get((op, backend))
             y = j + (i - (len(backends) - 1) / 2) * width
             if r and r["status"] == "ok":
                 ys.append(y)
-                ms.append(1e3 * r["median_per_image_s"])
+                values.append(value(r))
             elif r:
                 ax.text(0.01, y, f"{backend}: {r['status']}", transform=ax.get_yaxis_transform(), va="center",
                         fontsize=7, color="crimson")
         batch = next((r["batch"] for r in report["results"] if r["backend"] == backend and "batch" in r), "?")
-        ax.barh(ys, ms, height=width, label=f"{backend} (batch {batch})", color=f"C{i}")
+        ax.barh(ys, values, height=width, label=f"{backend} (batch {batch})", color=_colour(report, backend))
     ax.set_xscale("log")
     ax.set_yticks(range(len(ops)), ops)
     ax.invert_yaxis()
-    ax.set_xlabel("milliseconds per image (median, log scale)")
-    machine = report["machine"]
-    note = f"; not run: {', '.join(skipped)}" if skipped else ""
-    ax.set_title(f"numba_cnn ops, {machine['processor']}, {machine['threads']['numba_threads']} thread(s){note}",
-                 fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
     ax.grid(axis="x", which="both", alpha=0.3)
+
+
+def _backends(report):
+    return list(dict.fromkeys(r["backend"] for r in report["results"] if r["status"] != "skipped"))
+
+
+def _colour(report, backend):
+    """The same colour for a backend in every chart of the report."""
+    return f"C{report['settings']['backends'].index(backend)}"
+
+
+def _title(report, what):
+    machine = report["machine"]
+    skipped = list(dict.fromkeys(r["backend"] for r in report["results"] if r["status"] == "skipped"))
+    note = f"; not run: {', '.join(skipped)}" if skipped else ""
+    return f"numba_cnn {what}, {machine['processor']}, {machine['threads']['numba_threads']} thread(s){note}"
+
+
+def plot_ops(report, path):
+    """Bar chart, log-scale milliseconds per image, one group of bars per op, one bar per backend."""
+    plt = pyplot()
+    n_ops = len({r["op"] for r in report["results"]})
+    fig, ax = plt.subplots(figsize=(10, 1 + 0.5 * n_ops * max(1, len(_backends(report))) / 2))
+    _op_bars(ax, report, lambda r: 1e3 * r["median_per_image_s"], "milliseconds per image (median, log scale)")
+    ax.set_title(_title(report, "ops"), fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
+
+
+def plot_roofline(report, path):
+    """Left, the roofline: each op with counted FLOPs as a point at its arithmetic intensity (FLOPs per byte
+    moved) and its GFLOP/s, one colour per backend, under the two roofs measured in the run (sgemm peak, streaming
+    bandwidth x intensity). Right, every op's achieved GB/s against the streaming bandwidth: pooling has no FLOPs
+    counted, so it shows there only."""
+    plt = pyplot()
+    cal = report["calibration"]
+    peak, bandwidth = cal["peak_gflops"], cal["stream_gbs"]
+    n_ops = len({r["op"] for r in report["results"]})
+    fig, (ax, ax_bw) = plt.subplots(1, 2, figsize=(15, max(6.5, 0.28 * n_ops * len(_backends(report)) + 2)),
+                                    width_ratios=(1.25, 1), layout="constrained")
+    points = [r for r in report["results"] if r["status"] == "ok" and "flops_per_byte" in r and r["on_host"]]
+    intensities = [r["flops_per_byte"] for r in points] + [peak / bandwidth]
+    x = np.geomspace(min(intensities) / 3, max(intensities) * 3, 200)
+    ax.plot(x, np.minimum(peak, bandwidth * x), "k-", lw=2)
+    ax.text(x[0], bandwidth * x[0] * 1.3, f"streaming memory {bandwidth:.1f} GB/s x intensity", fontsize=8,
+            va="bottom")
+    ax.text(x[-1], peak * 1.1, f"sgemm peak {peak:.1f} GFLOP/s", fontsize=8, ha="right", va="bottom")
+    ax.axvline(peak / bandwidth, color="grey", ls=":", lw=1)
+    ax.text(peak / bandwidth, 0.01, f" ridge {peak / bandwidth:.1f} FLOP/B", fontsize=7, color="grey",
+            transform=ax.get_xaxis_transform())
+    for where, ha, text in ((0.97, "right", "memory-bound  "), (1.03, "left", "  arithmetic-bound")):
+        ax.text(peak / bandwidth * where, 0.97, text, transform=ax.get_xaxis_transform(), ha=ha, va="top",
+                fontsize=8, color="grey")
+    clusters = []  # clusters: [point, op names] of points that would print over each other
+    for r in points:
+        xy = (r["flops_per_byte"], r["gflops"])
+        ax.plot(*xy, "o", color=_colour(report, r["backend"]), ms=6)
+        cluster = next((c for c in clusters if _near(xy, c[0])), None)
+        if cluster is None:
+            clusters.append((xy, [r["op"]]))
+        elif r["op"] not in cluster[1]:
+            cluster[1].append(r["op"])
+    for xy, names in clusters:
+        ax.annotate(", ".join(names), xy, xytext=(5, 3), textcoords="offset points", fontsize=7)
+    for backend in _backends(report):  # the legend of both panels
+        rows = [r for r in report["results"] if r["backend"] == backend and r["status"] == "ok"]
+        where = "" if not rows or rows[0]["on_host"] else ", GPU: right only"
+        batch = rows[0]["batch"] if rows else "?"
+        ax.plot([], [], "o", color=_colour(report, backend), label=f"{backend} (batch {batch}{where})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOPs per byte moved, log scale)")
+    ax.set_ylabel("GFLOP/s (median, log scale)")
+    ax.set_title("roofline: below the slanted roof bound by memory, below the flat one by arithmetic", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(which="both", alpha=0.2)
+    _op_bars(ax_bw, report, lambda r: r["gbytes_per_s"], "GB/s moved (bytes as on the left / median time, log scale)")
+    ax_bw.axvline(bandwidth, color="k", lw=2)
+    ax_bw.text(bandwidth, 0.5, f"streaming memory {bandwidth:.1f} GB/s ", transform=ax_bw.get_xaxis_transform(),
+               fontsize=8, va="center", ha="right", rotation=90)
+    ax_bw.set_title("achieved bandwidth of every op, colours as on the left (pooling: no FLOPs, bytes only)",
+                    fontsize=9)
+    on_device = sorted({r["backend"] for r in report["results"] if r["status"] == "ok" and not r["on_host"]})
+    apart = f" ({', '.join(on_device)} on a GPU: bandwidth bars only, the roofs are the CPU's)" if on_device else ""
+    fig.suptitle(_title(report, "roofline") + apart, fontsize=10)
+    fig.supxlabel("FLOPs: 2 per multiply-add of convolutions and dense layers (bench's FLOP formula). "
+             "Bytes: each input read once, each output written once, float32 4 B, argmax 1 B (a lower bound).\n"
+             f"Roofs measured in this run: {cal['stream_method']}; sgemm {cal['sgemm_size']}^3 float32 via numpy.",
+             fontsize=8)
+    save_png(fig, path)
+
+
+def _near(a, b, factor=1.25):
+    """Two points of a log-log chart within `factor` of each other on both axes."""
+    return all(max(p, q) / min(p, q) < factor for p, q in zip(a, b))
 
 
 def format_compare_table(report):
