@@ -23,6 +23,7 @@ import numpy as np
 
 from numba_cnn import checkpoint as ckpt
 from numba_cnn.atomic import write_json
+from numba_cnn.divergence import DivergenceMonitor, stop_message
 from numba_cnn.errors import CheckpointError, NumbaCNNError
 from numba_cnn.kernels import get_backend
 from numba_cnn.model import Model
@@ -46,6 +47,7 @@ class TrainConfig:
     test_limit: int | None = None  # evaluate on the first `test_limit` test images (defaults to `limit`)
     checkpoint_every: int = 0  # also checkpoint every N steps; 0: at the end of each epoch only
     threads: int | None = None
+    divergence_stop: bool = True  # stop when the loss turns non-finite or explodes (numba_cnn/divergence.py)
 
     def validate(self):
         for name in ("epochs", "batch_size"):
@@ -245,6 +247,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
         params, adam_state, meta = ckpt.load_checkpoint(resume)
         saved = TrainConfig.from_dict(meta["config"])
         saved.kernels, saved.epochs, saved.threads = config.kernels, config.epochs, config.threads
+        saved.divergence_stop = config.divergence_stop
         config = saved
         state = (params, adam_state, meta)
         out_dir = Path(resume).parent if out_dir is None else out_dir
@@ -278,6 +281,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
         history, start_epoch, start_step = meta["history"], meta["epoch"], meta["step"]
         partial = meta.get("partial")
         log(f"resuming from {resume}: epoch {start_epoch + 1}, step {start_step}")
+    monitor = DivergenceMonitor(config.divergence_stop, None if state is None else state[2].get("divergence"))
     write_json(out_dir / "config.json", asdict(config))
 
     n = len(x_train)
@@ -306,7 +310,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     def save(epoch, step, epoch_start_state, partial_stats):
         meta = {"config": asdict(config), "epoch": epoch, "step": step, "order_rng_epoch_start": epoch_start_state,
                 "dropout_rng": L.dropout_rng_state(dropout_rng),
-                "history": history, "partial": partial_stats}
+                "history": history, "partial": partial_stats, "divergence": monitor.state_dict()}
         ckpt.save_checkpoint(checkpoint_path, model.state_dict(), optimizer.state_dict(backend.to_host), meta)
 
     with _InterruptFlag() as interrupt:
@@ -325,11 +329,10 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
                     idx = perm_dev[step * config.batch_size:(step + 1) * config.batch_size]
                     xb, yb = L.as_float_images(L.take_rows(x_dev, idx)), L.take_rows(y_dev, idx)
                 loss, batch_correct = model.forward_backward(xb, yb, dropout_rng)
-                if not math.isfinite(loss):
-                    where = f"epoch {epoch + 1}, step {step + 1}"
-                    kept = (f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists()
-                            else "no checkpoint was written yet")
-                    log(f"training diverged: the loss is {loss} at {where}; {kept}. Try a lower --lr.")
+                stop, reason = monitor.check(loss)
+                if reason is not None:
+                    log(stop_message(reason, epoch, step, checkpoint_path, stopping=stop))
+                if stop:
                     status = "diverged"
                     break
                 with timer.section("optimizer", "other"):
@@ -373,7 +376,8 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
             status = "interrupted"
             log(f"interrupted; the last completed step is in {checkpoint_path}. "
                 f"Resume with: python -m numba_cnn train --resume {checkpoint_path}")
-    write_json(out_dir / "metrics.json", {"run": record, "epochs": history, "status": status})
+    write_json(out_dir / "metrics.json", {"run": record, "epochs": history, "status": status,
+                                          "divergence": monitor.state_dict()})
     if status == "finished" and history:
         final = history[-1]
         total = sum(h["seconds"] for h in history)
