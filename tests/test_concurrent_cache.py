@@ -3,7 +3,8 @@ started together on a fresh machine) must both succeed with correct results: Num
 temporary file and renames it into place, so a reader sees a whole entry or none (and then compiles itself).
 
 Each process imports the jit backend, waits for a shared start time so that both compile at once, then runs the
-ops and compares them with the float64 oracle. About 30-60 s on 2 cores (two compiles side by side).
+forward ops (convolution with ReLU, pooling) and compares them with the float64 oracle. About 20 s on 2 cores
+(two compiles side by side).
 """
 
 import os
@@ -28,11 +29,6 @@ CODE = textwrap.dedent("""
     want = reference.maxpool2d_forward(y)
     np.testing.assert_array_equal(pooled, want[0])
     np.testing.assert_array_equal(argmax, want[1])
-    dy = rng.standard_normal(y.shape).astype(np.float32)
-    for got, expected in zip(jit.conv2d_backward(dy, x, w, True), reference.conv2d_backward(dy, x, w, True)):
-        reference.assert_close(got, expected, np.float32, "conv backward")
-    dx = jit.maxpool2d_backward(rng.standard_normal(pooled.shape).astype(np.float32), argmax, y.shape)
-    assert dx.shape == y.shape
     print("OK")
 """)
 
@@ -42,7 +38,7 @@ PROCESSES = 2
 def test_two_processes_compile_into_one_empty_cache_at_once(tmp_path):
     cache = tmp_path / "numba-cache"
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), NUMBA_CNN_CACHE="1")
-    start_at = time.time() + 8  # after both have imported numba and numba_cnn (a few seconds each here)
+    start_at = time.time() + 5  # after both have imported numba and numba_cnn (1-3 s each here)
     procs = [subprocess.Popen([sys.executable, "-c", CODE, str(start_at), str(seed)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in range(PROCESSES)]
