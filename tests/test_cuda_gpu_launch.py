@@ -6,7 +6,7 @@ a GPU.
 
 On the simulator each 256-thread block costs about 0.4 s (a Python thread per CUDA thread), so the shapes are tiny
 and float32 only: the three default groups take about 30 s together on 2 cores. The whole-model pass under the GPU
-configuration launches about 170,000 simulated threads (about 4 minutes here): it runs on a GPU always, on the
+configuration launches about 170,000 simulated threads (2-4 minutes on 2 cores): it runs on a GPU always, on the
 simulator only with NUMBA_CNN_SLOW_TESTS=1. The whole model under the simulator's own launches is checked against
 the float64 oracle in test_cuda.py (one image, about 20 s).
 """
@@ -23,7 +23,7 @@ from conftest import cuda_unavailable_reason
 CHECKS = Path(__file__).with_name("gpu_launch_checks.py")
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 SLOW_ON_SIMULATOR = pytest.mark.skipif(SIMULATED and os.environ.get("NUMBA_CNN_SLOW_TESTS") != "1",
-                                       reason="the whole cuda model under a GPU's launches takes about 4 minutes "
+                                       reason="the whole cuda model under a GPU's launches takes 2-4 minutes "
                                               "on the simulator: set NUMBA_CNN_SLOW_TESTS=1 to run it")
 
 pytestmark = pytest.mark.skipif(cuda_unavailable_reason() is not None,
