@@ -9,7 +9,7 @@ import pytest
 
 from numba_cnn import checkpoint as ckpt
 from numba_cnn.divergence import FACTOR, FLOOR, DivergenceMonitor
-from test_train_cli import npz_path, run_cli  # noqa: F401  (npz_path is a fixture)
+from test_train_cli import run_cli, synthetic_mnist
 
 
 def feed(monitor, losses):
@@ -85,11 +85,19 @@ def test_state_round_trips():
 
 # ---------------------------------------------------------------- the CLI
 
+@pytest.fixture(scope="module")
+def npz_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "mnist.npz"
+    x_train, y_train, x_test, y_test = synthetic_mnist()
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
 def diverged_lines(result):
     return [line for line in (result.stdout + result.stderr).splitlines() if "diverged" in line]
 
 
-def test_cli_lr_1e6_stops_with_one_line_exit_3_and_keeps_the_checkpoint(npz_path, tmp_path):  # noqa: F811
+def test_cli_lr_1e6_stops_with_one_line_exit_3_and_keeps_the_checkpoint(npz_path, tmp_path):
     """Adam keeps the weights finite at lr 1e6, so the loss never turns NaN: it explodes instead (to 1e20 and more
     at the second step). A checkpoint is written after every step; none may be written after the diverged one."""
     out = tmp_path / "run"
@@ -109,7 +117,7 @@ def test_cli_lr_1e6_stops_with_one_line_exit_3_and_keeps_the_checkpoint(npz_path
     assert '"status": "diverged"' in (out / "metrics.json").read_text()
 
 
-def test_cli_no_divergence_stop_lets_it_burn(npz_path, tmp_path):  # noqa: F811
+def test_cli_no_divergence_stop_lets_it_burn(npz_path, tmp_path):
     out = tmp_path / "run"
     result = run_cli("train", "--kernels", "im2col", "--data", npz_path, "--lr", "1e6", "--epochs", "1",
                      "--batch-size", "32", "--limit", "96", "--out", out, "--no-divergence-stop")
