@@ -49,6 +49,8 @@ def build_parser():
                    help="also checkpoint every STEPS steps (a checkpoint is always written after each epoch)")
     t.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>-<kernels>)")
     t.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT")
+    t.add_argument("--no-divergence-stop", dest="divergence_stop", action="store_false",
+                   help="keep training when the loss turns NaN or explodes (default: stop, exit 3)")
     t.add_argument("--profile", action="store_true", help="write a pyinstrument profile into profiles/")
     _add_common(t)
 
@@ -78,7 +80,8 @@ def cmd_train(args):
 
     config = TrainConfig(kernels=args.kernels, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, limit=args.limit, test_limit=args.test_limit,
-                         checkpoint_every=args.checkpoint_every, threads=args.threads)
+                         checkpoint_every=args.checkpoint_every, threads=args.threads,
+                         divergence_stop=args.divergence_stop)
     config.validate()
     recorded = ckpt.load_checkpoint(args.resume)[2]["config"].get("data") if args.resume else None
     # uint8 in memory; the trainer scales a batch at a time

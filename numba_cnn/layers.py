@@ -28,8 +28,10 @@ def as_float_images(images):
 
 
 def relu_backward(dy, y):
-    """dy, y[any shape] -> dy * (y > 0): the ReLU derivative, given the ReLU's output (or a max-pool of it)."""
-    return dy * (y > 0)
+    """dy, y[any shape] -> dy where y > 0, else 0: the ReLU derivative, given the ReLU's output (or a max-pool of
+    it). A select, not dy * (y > 0), as torch's threshold_backward (y <= 0 ? 0 : dy): where the ReLU clipped, the
+    gradient is exactly 0 even if dy is NaN or infinite (NaN * 0 would be NaN), and a NaN y passes dy on."""
+    return np.where(y <= 0, dy.dtype.type(0), dy)
 
 
 def make_dropout_rng(seed):

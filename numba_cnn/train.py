@@ -1,6 +1,6 @@
 """Training loop, evaluation, checkpoints and resume.
 
-One training step: take a mini-batch -> Model.forward_backward -> check the loss is finite -> Adam.step. Every
+One training step: take a mini-batch -> Model.forward_backward -> the divergence check (divergence.py) -> Adam.step. Every
 layer runs inside the LayerTimer, so each epoch ends with a table of where its time went. The kernels are compiled
 (jit) or first touched (other backends) by a warm-up pass before the first timed epoch, and those seconds are
 reported apart.
@@ -19,6 +19,7 @@ import numpy as np
 from numba_cnn import checkpoint as ckpt
 from numba_cnn.atomic import write_json
 from numba_cnn.console import EXIT_INTERRUPTED, InterruptFlag, Progress
+from numba_cnn.divergence import DivergenceMonitor, stop_message
 from numba_cnn.errors import CheckpointError, NumbaCNNError, check_int_flag
 from numba_cnn.estimate import RunSize, long_run_note, time_per_image
 from numba_cnn.kernels import get_backend
@@ -45,6 +46,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps; 0: at the end of each epoch only
     threads: int | None = None
     data: dict | None = None  # which data set, read from where, with the SHA-256 of what was read: numba_cnn.data's record
+    divergence_stop: bool = True  # stop when the loss turns non-finite or explodes (numba_cnn/divergence.py)
 
     def validate(self):
         for name in ("epochs", "batch_size"):
@@ -121,6 +123,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
         saved = TrainConfig.from_dict(meta["config"])
         saved.kernels, saved.epochs, saved.threads = config.kernels, config.epochs, config.threads
         saved.data = config.data  # what this run read (the CLI has checked it against the checkpoint's record)
+        saved.divergence_stop = config.divergence_stop
         config = saved
         state = (params, adam_state, meta)
         out_dir = Path(resume).parent if out_dir is None else out_dir
@@ -154,6 +157,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
         history, start_epoch, start_step = meta["history"], meta["epoch"], meta["step"]
         partial = meta.get("partial")
         log(f"resuming from {resume}: epoch {start_epoch + 1}, step {start_step}")
+    monitor = DivergenceMonitor(config.divergence_stop, None if state is None else state[2].get("divergence"))
     write_json(out_dir / "config.json", asdict(config))
 
     n = len(x_train)
@@ -188,7 +192,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     def save(epoch, step, epoch_start_state, partial_stats):
         meta = {"config": asdict(config), "epoch": epoch, "step": step, "order_rng_epoch_start": epoch_start_state,
                 "dropout_rng": L.dropout_rng_state(dropout_rng),
-                "history": history, "partial": partial_stats}
+                "history": history, "partial": partial_stats, "divergence": monitor.state_dict()}
         ckpt.save_checkpoint(checkpoint_path, model.state_dict(), optimizer.state_dict(backend.to_host), meta)
 
     with InterruptFlag() as interrupt:
@@ -207,11 +211,10 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
                     idx = perm_dev[step * config.batch_size:(step + 1) * config.batch_size]
                     xb, yb = L.as_float_images(L.take_rows(x_dev, idx)), L.take_rows(y_dev, idx)
                 loss, batch_correct = model.forward_backward(xb, yb, dropout_rng)
-                if not math.isfinite(loss):
-                    where = f"epoch {epoch + 1}, step {step + 1}"
-                    kept = (f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists()
-                            else "no checkpoint was written yet")
-                    log(f"training diverged: the loss is {loss} at {where}; {kept}. Try a lower --lr.")
+                stop, reason = monitor.check(loss)
+                if reason is not None:
+                    log(stop_message(reason, epoch, step, checkpoint_path, stopping=stop))
+                if stop:
                     status = "diverged"
                     break
                 with timer.section("optimizer", "other"):
@@ -255,7 +258,8 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
             status = "interrupted"
             log(f"interrupted; the last completed step is in {checkpoint_path}. "
                 f"Resume with: python -m numba_cnn train --resume {checkpoint_path}")
-    write_json(out_dir / "metrics.json", {"run": record, "epochs": history, "status": status})
+    write_json(out_dir / "metrics.json", {"run": record, "epochs": history, "status": status,
+                                          "divergence": monitor.state_dict()})
     try:
         picture = draw_run(out_dir)
     except OSError as exc:  # a picture that cannot be written costs the run nothing else

@@ -161,14 +161,22 @@ def final_params(result):
     return result.model.state_dict()
 
 
-@pytest.mark.parametrize("kernels, epochs, limit, batch, interrupt_step, exact", [
-    ("im2col", 2, 96, 32, 4, True),  # mid-epoch 2 of 2
-    ("im2col", 2, 96, 32, 3, True),  # at the end of epoch 1
-    ("naive", 1, 2, 1, 1, True),  # naive takes seconds per image: one epoch of two one-image steps
-    ("jit", 2, 96, 32, 4, False),
+# The metrics of an epoch that depend on the numbers alone (not on timing or on where a run was resumed).
+EXACT_METRICS = ("epoch", "train_loss", "train_accuracy", "test_accuracy", "test_images")
+
+
+@pytest.mark.parametrize("kernels, epochs, limit, batch, interrupt_step", [
+    ("im2col", 2, 96, 32, 4),  # mid-epoch 2 of 2
+    ("im2col", 2, 96, 32, 3),  # at the end of epoch 1
+    ("naive", 1, 2, 1, 1),  # naive takes seconds per image: one epoch of two one-image steps
+    ("jit", 2, 96, 32, 4),  # jit's sums run in a fixed order whatever the thread count: exact too
+    ("jit", 2, 96, 32, 2),  # mid-epoch 1 of 2
 ])
 def test_interrupted_then_resumed_run_matches_uninterrupted_run(data, tmp_path, kernels, epochs, limit, batch,
-                                                                interrupt_step, exact):
+                                                                interrupt_step):
+    """Exact resume is a promise on one machine for these backends: straight and interrupted-then-resumed runs end
+    with bitwise-identical parameters, Adam moments and step count, RNG states and metrics (README: where
+    exactness ends)."""
     config = dict(kernels=kernels, epochs=epochs, batch_size=batch, limit=limit, test_limit=2)
     straight = train(TrainConfig(**config), data, out_dir=tmp_path / "straight", log=quiet)
 
@@ -185,10 +193,18 @@ def test_interrupted_then_resumed_run_matches_uninterrupted_run(data, tmp_path, 
     assert [e["epoch"] for e in resumed.history] == list(range(1, epochs + 1))
     a, b = final_params(straight), final_params(resumed)
     for name in a:
-        if exact:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-        else:  # jit may reassociate float32 sums differently between runs; round-off only
-            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    (params_a, adam_a, meta_a), (params_b, adam_b, meta_b) = (ckpt.load_checkpoint(r.checkpoint)
+                                                              for r in (straight, resumed))
+    assert set(adam_a) == set(adam_b)
+    for key in adam_a:
+        np.testing.assert_array_equal(adam_a[key], adam_b[key], err_msg=f"adam.{key}")
+    for name in params_a:
+        np.testing.assert_array_equal(params_a[name], params_b[name], err_msg=f"checkpoint {name}")
+    for key in ("epoch", "step", "order_rng_epoch_start", "dropout_rng", "divergence"):
+        assert meta_a[key] == meta_b[key], key
+    metrics = [[{k: e[k] for k in EXACT_METRICS} for e in r.history] for r in (straight, resumed)]
+    assert metrics[0] == metrics[1]  # == on floats: bitwise
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf images are the point here

@@ -6,7 +6,8 @@ conv2d_backward  the same cols laid out as [C*R*S, N*P*Q] so dw = dy[K, N*P*Q] @
                  (faster here than N small ones), db = sum of dy, dcols = w^T @ dy; col2im scatters dcols back
                  onto dx with one vectorised add per kernel tap (R*S adds, no loop over pixels).
 maxpool2d_*      the four strided views x[:, :, di::2, dj::2] compared elementwise (three comparisons, no
-                 copy into windows); backward writes dy through the same views where argmax points.
+                 copy into windows), windows holding a NaN redone apart; backward copies dy through the same
+                 views where argmax points.
 """
 
 import numpy as np
@@ -62,19 +63,34 @@ def _taps(a, ho, wo):
 
 
 def maxpool2d_forward(x):
-    """x[N,C,H,W] -> (y[N,C,H//2,W//2], argmax uint8 offset 2*di+dj of each window's first maximum)."""
+    """x[N,C,H,W] -> (y[N,C,H//2,W//2], argmax uint8 offset 2*di+dj of each window's first maximum; a window
+    holding a NaN pools to NaN, its argmax naming the first NaN)."""
     ho, wo = x.shape[2] // 2, x.shape[3] // 2
     t0, t1, t2, t3 = _taps(x, ho, wo)
-    top, bottom = np.maximum(t0, t1), np.maximum(t2, t3)
+    top, bottom = np.maximum(t0, t1), np.maximum(t2, t3)  # np.maximum propagates NaN
     # Strict comparisons keep the earlier position on ties: t0 over t1, t2 over t3, the top row over the bottom.
     argmax = np.where(bottom > top, (t3 > t2).view(np.uint8) + np.uint8(2), (t1 > t0).view(np.uint8))
-    return np.maximum(top, bottom), argmax
+    y = np.maximum(top, bottom)
+    # Comparisons with NaN are False, so above a NaN never wins. One pass over y (a quarter of x) finds the windows
+    # that hold one; only those are redone, so the NaN-free path pays that pass and nothing more.
+    nan = np.isnan(y)
+    if nan.any():
+        taps = [np.isnan(t[nan]) for t in (t0, t1, t2)]
+        argmax[nan] = np.where(taps[0], 0, np.where(taps[1], 1, np.where(taps[2], 2, 3)))
+    return y, argmax
 
 
 def maxpool2d_backward(dy, argmax, x_shape):
     """dy[N,C,H//2,W//2], argmax, x_shape (N,C,H,W) -> dx[N,C,H,W], dy routed to each window's winner."""
     ho, wo = dy.shape[2:]
     dx = np.zeros(x_shape, dtype=dy.dtype)
+    # dy * (argmax == offset) is the fast way to route (a masked copy takes three times as long), but it would
+    # spread a NaN or infinite dy over all four elements of its window (NaN * 0 and inf * 0 are NaN): a dy that is
+    # not all finite (one pass over dy, a quarter of dx, to know) takes the masked copy instead.
+    finite = np.isfinite(dy).all()
     for offset, tap in enumerate(_taps(dx, ho, wo)):
-        np.multiply(dy, argmax == offset, out=tap)
+        if finite:
+            np.multiply(dy, argmax == offset, out=tap)
+        else:
+            np.copyto(tap, dy, where=argmax == offset)
     return dx

@@ -4,8 +4,8 @@ conv2d_forward   for every output element (n, k, i, j): the bias plus the sum ov
                  (c, r, s) of input times weight, then ReLU when asked.
 conv2d_backward  walks the same loops once: each output gradient dy[n, k, i, j] adds to db[k], to every weight it
                  multiplied (dw += dy * x) and, when asked, to every input it read (dx += dy * w).
-maxpool2d_*      each 2x2 window scanned in row-major order, keeping the first maximum; backward copies each dy
-                 to the element its window's argmax names.
+maxpool2d_*      each 2x2 window scanned in row-major order, keeping the first maximum (the first NaN, if any);
+                 backward copies each dy to the element its window's argmax names.
 
 Readable first and slow on purpose (about a second per image for conv2's forward): this is the version to read
 beside the others, and it runs in the tests on tiny shapes only. Arithmetic stays in the input's dtype (numpy
@@ -78,7 +78,9 @@ def maxpool2d_forward(x):
                     for di in range(2):
                         for dj in range(2):
                             value = x[n, c, 2 * i + di, 2 * j + dj]
-                            if value > best:  # strictly greater: on a tie the earlier element keeps the win
+                            # Strictly greater: on a tie the earlier element keeps the win. A NaN beats every
+                            # number (value != value) and, once it is the best, nothing replaces it.
+                            if best == best and (value > best or value != value):
                                 best, best_offset = value, 2 * di + dj
                     y[n, c, i, j] = best
                     argmax[n, c, i, j] = best_offset

@@ -8,7 +8,8 @@ conv2d_backward    dw in two passes without atomics or block synchronisation: a 
                    fixed tree order. dx: a thread per input element gathers dy[n, k, row - r, col - s] * w[k, c, r, s]
                    over the taps that reach it (a gather, so no two threads write one element). Every sum runs
                    in a fixed order: results are the same on every run.
-maxpool2d_forward  a thread per window: the first of the four largest wins (strict >, row-major order).
+maxpool2d_forward  a thread per window: the first of the four largest wins (strict >, row-major order); the first
+                   NaN wins over any number and keeps the win.
 maxpool2d_backward a thread per input element: dy of its window if it is the recorded winner, else zero (which also
                    zeroes a dropped last row or column).
 
@@ -129,7 +130,7 @@ def _maxpool_forward(x, y, argmax):
         winner = 0
         for offset in range(1, 4):  # offset = 2 * di + dj, row-major, so a tie keeps the earlier winner
             value = x[n, c, 2 * i + offset // 2, 2 * j + offset % 2]
-            if value > best:
+            if best == best and (value > best or value != value):  # a NaN wins and then keeps the win
                 best = value
                 winner = offset
         y[n, c, i, j] = best

@@ -77,11 +77,11 @@ def as_float_images(images):
 @cuda.jit
 def _relu_backward(dy, y, dx):
     for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
-        dx[e] = dy[e] if y[e] > ZERO else ZERO
+        dx[e] = ZERO if y[e] <= ZERO else dy[e]
 
 
 def relu_backward(dy, y):
-    """dy, y[any shape] -> dy * (y > 0)."""
+    """dy, y[any shape] -> dy where y > 0 or y is NaN, else exactly 0 (numba_cnn.layers.relu_backward)."""
     dy, y = as_device(dy, "dy"), as_device(y, "y")
     dx = cuda.device_array(dy.shape, dtype=dy.dtype)
     launch(_relu_backward, dx.size, flat(dy), flat(y), flat(dx))

@@ -6,13 +6,14 @@ BackendUnavailable saying what to install otherwise.
 
 Launches: kernels walk their output with grid-stride loops. On a GPU the grid covers the output once, 256 threads
 per block (one element per thread); the simulator runs one Python thread per CUDA thread, so there two blocks of 16
-threads walk the whole output instead. Sums over many terms with few outputs (dense forward, bias gradients) give
-one block to each output and add in shared memory in a fixed tree order: no atomics, so results are the same on
-every run.
+threads walk the whole output instead (NUMBA_CNN_CUDA_LAUNCH=gpu gives the simulator the GPU's configuration).
+Sums over many terms with few outputs (dense forward, bias gradients) give one block to each output and add in
+shared memory in a fixed tree order: no atomics, so results are the same on every run.
 """
 
 
 import math
+import os
 import warnings
 
 import numpy as np
@@ -41,9 +42,17 @@ if not cuda.is_available():
     raise BackendUnavailable(f"the cuda kernels found no usable NVIDIA GPU ({reason}): run on a machine with one and "
                              f'its driver (with numba-cuda from `pip install -e ".[cuda]"`), {_SIMULATOR_HINT}')
 
-THREADS_PER_BLOCK = 16 if SIMULATED else 256  # a power of two: the block sums below halve it
-MAX_BLOCKS = 2 if SIMULATED else 1 << 20
-DROPOUT_STREAMS = THREADS_PER_BLOCK * (2 if SIMULATED else 16)  # 4096 on a GPU, 50 elements each for batch 128
+# The launch configuration: a GPU's, or the simulator's small one. NUMBA_CNN_CUDA_LAUNCH=gpu forces the GPU's on the
+# simulator too (tests run the 256-thread block sums and the 4096 dropout streams that way, on tiny shapes);
+# =simulator forces the small one; unset or "auto" picks by where the kernels run. Read once, at import.
+LAUNCH_CHOICES = ("auto", "gpu", "simulator")
+LAUNCH = os.environ.get("NUMBA_CNN_CUDA_LAUNCH", "auto").strip().lower() or "auto"
+if LAUNCH not in LAUNCH_CHOICES:
+    raise BackendUnavailable(f"NUMBA_CNN_CUDA_LAUNCH={LAUNCH!r} is not one of {', '.join(LAUNCH_CHOICES)}")
+GPU_LAUNCH = (not SIMULATED) if LAUNCH == "auto" else LAUNCH == "gpu"
+THREADS_PER_BLOCK = 256 if GPU_LAUNCH else 16  # a power of two: the block sums below halve it
+MAX_BLOCKS = 1 << 20 if GPU_LAUNCH else 2
+DROPOUT_STREAMS = THREADS_PER_BLOCK * (16 if GPU_LAUNCH else 2)  # 4096 on a GPU, 50 elements each for batch 128
 
 # The small launches (a thread per row of a 128-row batch) are small by nature, not by mistake.
 warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-utilization")

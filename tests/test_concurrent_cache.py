@@ -1,0 +1,48 @@
+"""Two processes compiling the jit kernels into the same empty Numba cache at the same moment (two training runs
+started together on a fresh machine) must both succeed with correct results: Numba writes each cache entry to a
+temporary file and renames it into place, so a reader sees a whole entry or none (and then compiles itself).
+
+Each process imports the jit backend, waits for a shared start time so that both compile at once, then runs the
+forward ops (convolution with ReLU, pooling) and compares them with the float64 oracle. About 20 s on 2 cores
+(two compiles side by side).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+CODE = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from numba_cnn.kernels import jit, reference
+
+    time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # both processes start compiling together
+    rng = np.random.default_rng(int(sys.argv[2]))
+    x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    y = jit.conv2d_forward(x, w, b, True)
+    reference.assert_close(y, reference.conv2d_forward(x, w, b, True), np.float32, "conv forward")
+    pooled, argmax = jit.maxpool2d_forward(y)
+    want = reference.maxpool2d_forward(y)
+    np.testing.assert_array_equal(pooled, want[0])
+    np.testing.assert_array_equal(argmax, want[1])
+    print("OK")
+""")
+
+PROCESSES = 2
+
+
+def test_two_processes_compile_into_one_empty_cache_at_once(tmp_path):
+    cache = tmp_path / "numba-cache"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), NUMBA_CNN_CACHE="1")
+    start_at = time.time() + 5  # after both have imported numba and numba_cnn (1-3 s each here)
+    procs = [subprocess.Popen([sys.executable, "-c", CODE, str(start_at), str(seed)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in range(PROCESSES)]
+    results = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (stdout, stderr) in zip(procs, results):
+        assert proc.returncode == 0 and stdout.strip() == "OK", stderr[-4000:]
+    assert any(cache.rglob("*.nbi")), "nothing was cached"
