@@ -1,7 +1,7 @@
 """Training loop, evaluation, checkpoints and resume.
 
-One training step: take a mini-batch -> Model.forward_backward -> the divergence check (divergence.py) -> Adam.step. Every
-layer runs inside the LayerTimer, so each epoch ends with a table of where its time went. The kernels are compiled
+One training step: take a mini-batch -> Model.forward_backward -> the divergence check (divergence.py) ->
+Adam.step. Every layer runs inside the LayerTimer, so each epoch ends with a table of where its time went. The kernels are compiled
 (jit) or first touched (other backends) by a warm-up pass before the first timed epoch, and those seconds are
 reported apart.
 
