@@ -36,7 +36,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train the CNN on MNIST")
-    t.add_argument("--kernels", default=DEFAULT_BACKEND, metavar="NAME",
+    t.add_argument("--backend", "--kernels", dest="backend", default=DEFAULT_BACKEND, metavar="NAME",
                    help=f"kernel backend: {', '.join(BACKENDS)} (default {DEFAULT_BACKEND})")
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--batch-size", type=int, default=128)
@@ -47,7 +47,7 @@ def build_parser():
     t.add_argument("--test-limit", type=int, metavar="N", help="evaluate on the first N test images")
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS steps (a checkpoint is always written after each epoch)")
-    t.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>-<kernels>)")
+    t.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>-<backend>)")
     t.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT")
     t.add_argument("--no-divergence-stop", dest="divergence_stop", action="store_false",
                    help="keep training when the loss turns NaN or explodes (default: stop, exit 3)")
@@ -56,7 +56,7 @@ def build_parser():
 
     e = sub.add_parser("evaluate", help="test accuracy and confusion matrix of a checkpoint")
     e.add_argument("checkpoint")
-    e.add_argument("--kernels", default=DEFAULT_BACKEND, metavar="NAME",
+    e.add_argument("--backend", "--kernels", dest="backend", default=DEFAULT_BACKEND, metavar="NAME",
                    help=f"kernel backend for inference (default {DEFAULT_BACKEND})")
     e.add_argument("--test-limit", type=int, metavar="N", help="evaluate on the first N test images")
     e.add_argument("--misclassified", metavar="PATH.png", help=f"also draw the first {MISCLASSIFIED_SHOWN} "
@@ -78,7 +78,7 @@ def cmd_train(args):
     from numba_cnn.profiling import maybe_profile
     from numba_cnn.train import TrainConfig, train
 
-    config = TrainConfig(kernels=args.kernels, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    config = TrainConfig(backend=args.backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, limit=args.limit, test_limit=args.test_limit,
                          checkpoint_every=args.checkpoint_every, threads=args.threads,
                          divergence_stop=args.divergence_stop)
@@ -89,7 +89,7 @@ def cmd_train(args):
                                    allow_mismatch=args.allow_data_mismatch, normalize=False)
     print(data_line)
     config.data = data.record()
-    with maybe_profile(args.profile, "train", args.kernels):
+    with maybe_profile(args.profile, "train", args.backend):
         result = train(config, data, out_dir=args.out, resume=args.resume)
     return result.exit_code
 
@@ -111,12 +111,12 @@ def cmd_evaluate(args):
     if args.test_limit is not None:
         check_int_flag("test_limit", args.test_limit)
         x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
-    backend = get_backend(args.kernels)
+    backend = get_backend(args.backend)
     set_threads(args.threads, backend)
     model = Model(backend, params=params)
     predictions = predict(model, x_test)
     accuracy, confusion = evaluate(model, x_test, y_test, predictions=predictions)
-    print(f"checkpoint {args.checkpoint} (epoch {meta['epoch']}, step {meta['step']}), kernels {args.kernels}")
+    print(f"checkpoint {args.checkpoint} (epoch {meta['epoch']}, step {meta['step']}), backend {args.backend}")
     print(f"test accuracy {accuracy:.4f} on {len(x_test)} images")
     print(format_confusion(confusion, data.dataset.class_names))
     if args.misclassified:

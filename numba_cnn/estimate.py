@@ -73,7 +73,7 @@ def time_per_image(model, x_train, y_train, x_test, dropout_rng):
     return (middle - start) / len(x_train), (time.perf_counter() - middle) / len(x_test)
 
 
-def long_run_note(size, kernels, warmup_s_per_image, measure):
+def long_run_note(size, backend, warmup_s_per_image, measure):
     """The line to print when the run is expected to exceed LONG_RUN_S, else None.
 
     warmup_s_per_image: the warm-up's seconds (training and inference pass together) per image, an upper bound on
@@ -87,6 +87,6 @@ def long_run_note(size, kernels, warmup_s_per_image, measure):
         return None
     flags, smaller = suggestion(SUGGESTED_RUN_S, size, train_s, test_s)
     return (f"note: this run will take about {format_duration(total)} ({size.epochs} epoch(s) of "
-            f"{size.train_images} training and {size.test_images} test images with --kernels {kernels}: "
+            f"{size.train_images} training and {size.test_images} test images with --backend {backend}: "
             f"{train_s:.3g} s per training image, {test_s:.3g} s per test image); {flags} would take about "
             f"{format_duration(run_seconds(smaller, train_s, test_s))}")

@@ -17,7 +17,7 @@ import numpy as np
 from numba_cnn.kernels import Backend, get_backend
 from numba_cnn.timing import NullTimer
 
-DEFAULT_BACKEND = "jit"  # what `train --kernels` defaults to
+DEFAULT_BACKEND = "jit"  # what `train --backend` defaults to
 INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 DROPOUT_RATE = 0.5

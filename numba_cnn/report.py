@@ -26,9 +26,9 @@ class Run:
 
     @property
     def label(self):
-        """The folder's name, with the kernels and seed unless the name already says them."""
+        """The folder's name, with the backend and seed unless the name already says them."""
         c = self.config
-        details = [c["kernels"]] if c["kernels"] not in self.folder.name else []
+        details = [c["backend"]] if c["backend"] not in self.folder.name else []
         details.append(f"seed {c['seed']}")
         return f"{self.folder.name} ({', '.join(details)})"
 
@@ -46,7 +46,9 @@ def load_run(path):
             raise NumbaCNNError(f"{folder} is not a run folder: it has no {name} (train writes one per run)") from None
         except (OSError, ValueError) as exc:
             raise NumbaCNNError(f"cannot read {folder / name}: {exc}") from None
-    return Run(folder, records["config.json"], records["metrics.json"])
+    config = records["config.json"]
+    config.setdefault("backend", config.pop("kernels", "?"))  # runs written before "kernels" became "backend"
+    return Run(folder, config, records["metrics.json"])
 
 
 def figure_title(runs):
@@ -80,7 +82,7 @@ def draw_run(folder):
 def format_runs_table(runs):
     """One line per run (its last epoch's figures, median seconds per epoch), then each run's share of training
     time per layer."""
-    lines = [f"{'run':<34} {'kernels':<7} {'data':<13} {'seed':>4} {'batch':>5} {'lr':>7} {'epochs':>6} "
+    lines = [f"{'run':<34} {'backend':<7} {'data':<13} {'seed':>4} {'batch':>5} {'lr':>7} {'epochs':>6} "
              f"{'status':<11} {'loss':>7} {'train acc':>9} {'test acc':>8} {'s/epoch':>8} {'ms/batch':>8} "
              f"{'warm-up s':>9}"]
     for run in runs:
@@ -88,7 +90,7 @@ def format_runs_table(runs):
         last = e[-1] if e else None
         per_batch = f"{statistics.median(x['ms_per_batch'] for x in e):.1f}" if e else "-"
         lines.append(
-            f"{run.folder.name[:34]:<34} {c['kernels']:<7} {_dataset(c):<13} "
+            f"{run.folder.name[:34]:<34} {c['backend']:<7} {_dataset(c):<13} "
             f"{c['seed']:>4} {c['batch_size']:>5} {c['lr']:>7.0e} {len(e):>6} "
             f"{run.metrics.get('status', 'running'):<11} "
             + (f"{last['train_loss']:>7.4f} {last['train_accuracy']:>9.4f} {last['test_accuracy']:>8.4f} "

@@ -23,7 +23,7 @@ from numba_cnn.divergence import DivergenceMonitor, stop_message
 from numba_cnn.errors import CheckpointError, NumbaCNNError, check_int_flag
 from numba_cnn.estimate import RunSize, long_run_note, time_per_image
 from numba_cnn.kernels import get_backend
-from numba_cnn.model import NUM_CLASSES, Model
+from numba_cnn.model import DEFAULT_BACKEND, NUM_CLASSES, Model
 from numba_cnn.optim import Adam
 from numba_cnn.report import RUN_PNG, draw_run
 from numba_cnn.runtime import machine_record, set_threads, threading_layer
@@ -36,7 +36,7 @@ EXIT_DIVERGED = 3
 
 @dataclass
 class TrainConfig:
-    kernels: str = "jit"
+    backend: str = DEFAULT_BACKEND
     epochs: int = 5
     batch_size: int = 128
     lr: float = 1e-3
@@ -105,8 +105,8 @@ def _prepare_out_dir(out_dir):
     return out_dir
 
 
-def default_out_dir(kernels):
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kernels}"
+def default_out_dir(backend):
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{backend}"
 
 
 def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
@@ -114,14 +114,14 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
 
     Images may be float (N, 1, 28, 28) in [0, 1] or the raw uint8 pixels, which are scaled a batch at a time.
 
-    resume: a checkpoint path to continue from (its config is used, except kernels, epochs and threads, which
+    resume: a checkpoint path to continue from (its config is used, except backend, epochs and threads, which
     `config` may change). on_step(global_step): called after every step (tests use it to interrupt).
     """
     state = None
     if resume is not None:
         params, adam_state, meta = ckpt.load_checkpoint(resume)
         saved = TrainConfig.from_dict(meta["config"])
-        saved.kernels, saved.epochs, saved.threads = config.kernels, config.epochs, config.threads
+        saved.backend, saved.epochs, saved.threads = config.backend, config.epochs, config.threads
         saved.data = config.data  # what this run read (the CLI has checked it against the checkpoint's record)
         saved.divergence_stop = config.divergence_stop
         config = saved
@@ -136,8 +136,8 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     test_limit = config.test_limit if config.test_limit is not None else config.limit
     if test_limit is not None:
         x_test, y_test = x_test[:test_limit], y_test[:test_limit]
-    out_dir = _prepare_out_dir(out_dir or default_out_dir(config.kernels))
-    backend = get_backend(config.kernels)
+    out_dir = _prepare_out_dir(out_dir or default_out_dir(config.backend))
+    backend = get_backend(config.backend)
     threads = set_threads(config.threads, backend)
     L = backend.layers
 
@@ -163,7 +163,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     n = len(x_train)
     steps_per_epoch = math.ceil(n / config.batch_size)
     x_dev, y_dev = backend.to_device(x_train), backend.to_device(y_train)
-    record = {"machine": machine_record(), "threads": threads, "kernels": config.kernels}
+    record = {"machine": machine_record(), "threads": threads, "backend": config.backend}
 
     # Warm-up: a forward/backward and an inference pass on a couple of images with a throwaway RNG, no update,
     # so the compile (jit) or first-touch cost stays out of the timed epochs. Numba compiles per dtype and
@@ -175,10 +175,10 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     model.predict(L.as_float_images(backend.to_device(x_test[:WARMUP_IMAGES])))
     record["warmup_seconds"] = time.perf_counter() - start
     record["threading_layer"] = threading_layer()
-    log(f"kernels {config.kernels}: warm-up (compile or cache load) {record['warmup_seconds']:.2f} s; "
+    log(f"backend {config.backend}: warm-up (compile or cache load) {record['warmup_seconds']:.2f} s; "
         f"threads {threads['numba_threads']} ({record['threading_layer'] or 'no parallel kernels'})")
     size = RunSize(n, len(x_test), config.epochs - start_epoch, test_limited=config.test_limit is not None)
-    note = long_run_note(size, config.kernels, record["warmup_seconds"] / warm, lambda: time_per_image(
+    note = long_run_note(size, config.backend, record["warmup_seconds"] / warm, lambda: time_per_image(
         model, L.as_float_images(x_dev[:warm]), y_dev[:warm], L.as_float_images(backend.to_device(x_test[:warm])),
         L.make_dropout_rng(0)))
     if note:

@@ -286,7 +286,7 @@ def test_bench_refuses_bad_settings():
         small_bench(["im2col"], layers=("conv3",))
     with pytest.raises(NumbaCNNError, match="repeats"):
         small_bench(["im2col"], layers=("dense",), repeats=0)
-    with pytest.raises(NumbaCNNError, match="unknown kernels"):
+    with pytest.raises(NumbaCNNError, match="unknown backend"):
         small_bench(["fortran"], layers=("dense",))
     with pytest.raises(NumbaCNNError, match="too slow"):
         compare.compare_training(["naive"], log=lambda *a: None)

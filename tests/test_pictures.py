@@ -28,7 +28,7 @@ def two_runs(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     lines = []
     for seed in (0, 1):
-        train(TrainConfig(kernels="im2col", epochs=2, batch_size=64, seed=seed), data, out_dir=root / f"seed{seed}",
+        train(TrainConfig(backend="im2col", epochs=2, batch_size=64, seed=seed), data, out_dir=root / f"seed{seed}",
               log=lines.append if seed == 0 else quiet)
     return root / "seed0", root / "seed1", lines
 

@@ -109,7 +109,7 @@ def test_cli_train_writes_run_folder_and_evaluate_reads_it(npz_path, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "epoch 2/2" in result.stdout and "test acc" in result.stdout and "done: test accuracy" in result.stdout
     config = json.loads((out / "config.json").read_text())
-    assert config["kernels"] == "im2col" and config["batch_size"] == 32
+    assert config["backend"] == "im2col" and config["batch_size"] == 32
     assert config["data"]["dataset"] == "mnist" and config["data"]["path"] == str(npz_path)
     assert config["data"]["origin"] == "path" and set(config["data"]["sha256"]) == set(IDX_NAMES.values())
     metrics = json.loads((out / "metrics.json").read_text())
@@ -129,7 +129,7 @@ def test_cli_train_writes_run_folder_and_evaluate_reads_it(npz_path, tmp_path):
 
 
 def test_epoch_timing_table_covers_every_layer_and_adds_up(data, tmp_path):
-    result = train(TrainConfig(kernels="im2col", epochs=2, batch_size=32), data, out_dir=tmp_path, log=quiet)
+    result = train(TrainConfig(backend="im2col", epochs=2, batch_size=32), data, out_dir=tmp_path, log=quiet)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     for epoch in metrics["epochs"]:
@@ -148,7 +148,7 @@ def test_epoch_timing_table_covers_every_layer_and_adds_up(data, tmp_path):
 
 
 def test_training_learns_the_synthetic_task(data, tmp_path):
-    result = train(TrainConfig(kernels="im2col", epochs=3, batch_size=16), data, out_dir=tmp_path, log=quiet)
+    result = train(TrainConfig(backend="im2col", epochs=3, batch_size=16), data, out_dir=tmp_path, log=quiet)
     losses = [e["train_loss"] for e in result.history]
     assert losses[-1] < 0.5 * losses[0]
     assert result.history[-1]["test_accuracy"] > 0.8
@@ -177,7 +177,7 @@ def test_interrupted_then_resumed_run_matches_uninterrupted_run(data, tmp_path, 
     """Exact resume is a promise on one machine for these backends: straight and interrupted-then-resumed runs end
     with bitwise-identical parameters, Adam moments and step count, RNG states and metrics (README: where
     exactness ends)."""
-    config = dict(kernels=kernels, epochs=epochs, batch_size=batch, limit=limit, test_limit=2)
+    config = dict(backend=kernels, epochs=epochs, batch_size=batch, limit=limit, test_limit=2)
     straight = train(TrainConfig(**config), data, out_dir=tmp_path / "straight", log=quiet)
 
     messages = []
@@ -217,7 +217,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(dat
             poisoned[:] = np.inf  # the trainer reads this very array (CPU backends do not copy it)
 
     messages = []
-    result = train(TrainConfig(kernels="im2col", epochs=2, batch_size=32, limit=96, checkpoint_every=1),
+    result = train(TrainConfig(backend="im2col", epochs=2, batch_size=32, limit=96, checkpoint_every=1),
                    ((poisoned, y_train), test), out_dir=tmp_path, log=messages.append,
                    on_step=poison_after_first_epoch)
     assert result.status == "diverged" and result.exit_code == 3
@@ -308,7 +308,7 @@ def make_bad_checkpoints(tmp_path, good):
 @pytest.fixture(scope="module")
 def good_checkpoint(npz_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("good")
-    train(TrainConfig(kernels="im2col", epochs=1, batch_size=64, limit=64), bad_input_data(npz_path),
+    train(TrainConfig(backend="im2col", epochs=1, batch_size=64, limit=64), bad_input_data(npz_path),
           out_dir=out, log=quiet)
     return out / "checkpoint.npz"
 
@@ -319,7 +319,7 @@ def bad_input_data(npz_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["train", "--kernels", "cudnn"], "unknown kernels 'cudnn'"),
+    (["train", "--kernels", "cudnn"], "unknown backend 'cudnn'"),
     (["train", "--epochs", "0"], "--epochs must be a positive integer"),
     (["train", "--batch-size", "-4"], "--batch-size must be a positive integer"),
     (["train", "--lr", "0"], "--lr must be a positive number"),

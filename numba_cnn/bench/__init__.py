@@ -8,12 +8,12 @@ from pathlib import Path
 
 from numba_cnn.atomic import write_json
 from numba_cnn.bench.compare import compare_training
-from numba_cnn.bench.ops import DEFAULT_OP_KERNELS, OP_LAYERS, bench_ops
+from numba_cnn.bench.ops import DEFAULT_OP_BACKENDS, OP_LAYERS, bench_ops
 from numba_cnn.bench.report import format_compare_table, format_ops_table, plot_ops, plot_roofline
 from numba_cnn.errors import NumbaCNNError
 from numba_cnn.kernels import BACKENDS
 
-DEFAULT_COMPARE_KERNELS = ("jit", "im2col")
+DEFAULT_COMPARE_BACKENDS = ("jit", "im2col")
 DEFAULT_OUT = "bench-results"
 
 
@@ -23,9 +23,9 @@ def _names(text):
 
 def add_arguments(parser):
     """The flags of `python -m numba_cnn bench`."""
-    parser.add_argument("--kernels", type=_names, metavar="LIST",
+    parser.add_argument("--backend", "--kernels", dest="backend", type=_names, metavar="LIST",
                         help=f"comma-separated backends from {', '.join(BACKENDS)} (default "
-                             f"{','.join(DEFAULT_OP_KERNELS)}; with --compare {','.join(DEFAULT_COMPARE_KERNELS)})")
+                             f"{','.join(DEFAULT_OP_BACKENDS)}; with --compare {','.join(DEFAULT_COMPARE_BACKENDS)})")
     parser.add_argument("--ops", type=_names, default=OP_LAYERS, metavar="LIST",
                         help=f"layers whose forward and backward ops to time (default {','.join(OP_LAYERS)})")
     parser.add_argument("--threads", type=int, metavar="N",
@@ -45,7 +45,7 @@ def add_arguments(parser):
     parser.add_argument("--compare", type=_names, metavar="LIST",
                         help="train against baselines instead: torch (its eager settings, the best one counts), "
                              "torch:<nchw|channels_last|flush_denormal|compile>, keras (its default backend, "
-                             "TensorFlow where installed), keras:<tensorflow|torch>; our --kernels and each baseline "
+                             "TensorFlow where installed), keras:<tensorflow|torch>; our --backend and each baseline "
                              "in its own process, same data, batch and threads")
     parser.add_argument("--steps", type=int, default=50, metavar="N", help="--compare: timed training steps (default 50)")
     parser.add_argument("--warmup-steps", type=int, default=3, metavar="N", help="--compare: untimed steps first (default 3)")
@@ -85,8 +85,8 @@ def run(args):
     _check_writable(out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.compare is not None:
-        kernels = args.kernels or DEFAULT_COMPARE_KERNELS
-        report = compare_training(kernels + args.compare, steps=args.steps, warmup_steps=args.warmup_steps,
+        backends = args.backend or DEFAULT_COMPARE_BACKENDS
+        report = compare_training(backends + args.compare, steps=args.steps, warmup_steps=args.warmup_steps,
                                   batch_size=args.batch_size, threads=args.threads,
                                   rounds=args.rounds, epochs=args.epochs,
                                   seed=args.seed, data=args.data, random_data=args.random_data, limit=args.limit,
@@ -96,9 +96,9 @@ def run(args):
         write_result(path, report)
         print(f"written: {path}")
         return 0 if all(e["status"] != "FAILED" for e in report["contenders"]) else 1
-    kernels = args.kernels or DEFAULT_OP_KERNELS
-    with maybe_profile(args.profile, "bench", "+".join(kernels)):
-        report = bench_ops(kernels, layers=args.ops, batch_size=args.batch_size, naive_batch=args.naive_batch,
+    backends = args.backend or DEFAULT_OP_BACKENDS
+    with maybe_profile(args.profile, "bench", "+".join(backends)):
+        report = bench_ops(backends, layers=args.ops, batch_size=args.batch_size, naive_batch=args.naive_batch,
                            repeats=args.repeats, naive_repeats=args.naive_repeats, threads=args.threads,
                            seed=args.seed)
     json_path, png_path = out / f"ops-{stamp}.json", out / f"ops-{stamp}.png"

@@ -36,13 +36,13 @@ TEST_IMAGES = 10_000
 class NumbaCNNContender:
     """Our model on one backend with the contender interface of baselines.py (train_step, predict)."""
 
-    def __init__(self, kernels, seed=0):
+    def __init__(self, backend, seed=0):
         import numba
 
         from numba_cnn import __version__
 
-        self.version = f"numba_cnn {__version__} ({kernels} kernels), numba {numba.__version__}"
-        self.backend = get_backend(kernels)
+        self.version = f"numba_cnn {__version__} ({backend} backend), numba {numba.__version__}"
+        self.backend = get_backend(backend)
         self.model = Model(self.backend, seed=seed)
         self.optimizer = Adam(self.model.params, self.backend.layers)
         self.dropout_rng = self.backend.layers.make_dropout_rng([seed, 2])
@@ -93,7 +93,7 @@ def run_contender(name, steps=50, warmup_steps=3, batch_size=128, threads=None, 
     """Train and evaluate one contender in this process -> dict of its figures. Meant for a fresh process
     (compare_training starts one per contender), so that peak_rss_mb is this contender's alone."""
     threads = default_threads() if threads is None else threads
-    # the same thread settings as `train --kernels name`
+    # the same thread settings as `train --backend name`
     set_threads(threads, None if _is_baseline(name) else get_backend(name))
     # Every contender holds uint8 pixels and scales each batch, as numba_cnn.train does: peak memory then
     # compares the frameworks, not the data format.
@@ -179,7 +179,7 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, w
             backend, _ = resolve_backend(name)
             if backend is not None and backend.info.slow:
                 raise NumbaCNNError(f"{name} is too slow to train (seconds per image): leave it out of --compare's "
-                                    f"kernels")
+                                    f"backends")
             names.append(name)
         elif name in baselines.baseline_names():
             names.extend(baselines.expand(name))

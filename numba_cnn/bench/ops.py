@@ -42,7 +42,7 @@ BYTES_FORMULA = ("bytes moved: the compulsory traffic, counted from the shapes: 
 # OpenBLAS's idle workers spin for 2^28 cycles (its default THREAD_TIMEOUT, about 0.1 s here) before sleeping.
 BLAS_SETTLE_S = 0.3
 OP_LAYERS = tuple(layer.name for layer in LAYERS if layer.kind != "dropout")
-DEFAULT_OP_KERNELS = ("naive", "im2col", "jit")
+DEFAULT_OP_BACKENDS = ("naive", "im2col", "jit")
 
 
 def conv_flops(x_shape, w_shape):
@@ -264,7 +264,7 @@ def _timed_call(op, backend, inputs, sync):
     return time.perf_counter() - start, outputs
 
 
-def bench_ops(backends=DEFAULT_OP_KERNELS, layers=OP_LAYERS, batch_size=128, naive_batch=1, repeats=7,
+def bench_ops(backends=DEFAULT_OP_BACKENDS, layers=OP_LAYERS, batch_size=128, naive_batch=1, repeats=7,
               naive_repeats=3, threads=None, seed=0, sgemm_size=SGEMM_SIZE, log=print):
     """Check, then time, every op of `layers` on every backend (a name from BACKENDS or a Backend object).
 

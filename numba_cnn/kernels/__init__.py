@@ -97,7 +97,7 @@ def get_backend(name):
     """The backend called `name` (see backend_names). Raises UnknownBackend (a ValueError) for an unknown name and
     BackendUnavailable when the backend's optional dependency or device is missing."""
     if not isinstance(name, str) or name not in REGISTRY:
-        raise UnknownBackend(f"unknown kernels {name!r}: choose one of {', '.join(backend_names())}")
+        raise UnknownBackend(f"unknown backend {name!r}: choose one of {', '.join(backend_names())}")
     if name not in _cache:
         _cache[name] = Backend(name, importlib.import_module(REGISTRY[name]))
     return _cache[name]
