@@ -63,7 +63,7 @@ def test_tile_kernels_match_their_python_bodies():
     wt = rng.standard_normal((2, 3, 3, 32)).astype(np.float32)
     b = rng.standard_normal(32).astype(np.float32)
     outputs = []
-    for kernel in (jit._conv_tile_32, jit._conv_tile_32.py_func):
+    for kernel in (jit._conv_tile_narrow, jit._conv_tile_narrow.py_func):
         y = np.empty((2, 5, 4 + 2, 7), np.float32)  # row_shift 1: one virtual zero row above and below
         kernel(x_cl, wt, b, np.float32(0), 1, y)
         outputs.append(y)
@@ -72,8 +72,8 @@ def test_tile_kernels_match_their_python_bodies():
     x = rng.standard_normal((2, 3, 5, 9)).astype(np.float32)
     dy = rng.standard_normal((2, 5, 5 + 2, 64)).astype(np.float32)  # P = 5 - 1 + 1, Q = 9 - 5 + 1, 1 pad column
     grads = []
-    for kernel in (jit._weight_grad_64, jit._weight_grad_64.py_func):
-        dwt = np.zeros((3, 1, 5, 64), np.float32)
+    for kernel in (jit._weight_grad_wide, jit._weight_grad_wide.py_func):
+        dwt = np.zeros((2, 3, 1, 5, 64), np.float32)  # two image chunks
         kernel(x, dy, 1, 1, 5, 2, dwt)
         grads.append(dwt)
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
@@ -96,7 +96,7 @@ def test_tile_kernels_match_their_python_bodies():
         y, arg = np.empty((2, 3, 3, 2), np.float32), np.empty((2, 3, 3, 2), np.uint8)
         fwd(ties, y, arg)
         dx = np.full(ties.shape, np.nan, np.float32)
-        bwd(y + 1, arg, dx)
+        bwd(y + 1, arg, np.float32(0), dx)
         pooled.append((y, arg, dx))
     for got, want in zip(*pooled):
         np.testing.assert_array_equal(got, want)
@@ -149,7 +149,7 @@ def test_second_process_loads_kernels_from_the_cache(tmp_path):
         x = np.ones((1, 1, 6, 6), np.float32)
         jit.conv2d_forward(x, np.ones((2, 1, 3, 3), np.float32), np.zeros(2, np.float32), True)
         jit.maxpool2d_forward(x)
-        for kernel in (jit._conv_tile_32, jit._maxpool_forward):
+        for kernel in (jit._conv_tile_narrow, jit._maxpool_forward):
             print(sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values()))
     """
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_CACHE="1")
@@ -164,7 +164,7 @@ def test_second_process_loads_kernels_from_the_cache(tmp_path):
 def test_cache_toggle_disables_the_disk_cache(tmp_path):
     code = """
         from numba_cnn.kernels import jit
-        print(type(jit._conv_tile_64._cache).__name__, jit.CACHE)
+        print(type(jit._conv_tile_wide._cache).__name__, jit.CACHE)
     """
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_CACHE="0")
     result = _run_python(code, env)

@@ -40,11 +40,18 @@ def test_registry_lists_every_backend():
     assert CONTRACT == ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward")
 
 
+def fused_functions(module):
+    """The optional fused ops a backend names in FUSED, as <name>_forward, <name>_backward."""
+    return [f"{name}_{way}" for name in getattr(module, "FUSED", ()) for way in ("forward", "backward")]
+
+
 def test_backend_defines_exactly_the_contract_in_order(backend_module):
     functions = public_functions(backend_module)
     extras = DEVICE_EXTRAS if hasattr(backend_module, "to_device") else set()
-    assert [f for f in functions if f not in extras] == list(CONTRACT)
-    assert set(functions) - set(CONTRACT) <= extras
+    fused = fused_functions(backend_module)
+    # the contract first, in order, then the fused ops the backend declares, in order
+    assert [f for f in functions if f not in extras] == list(CONTRACT) + fused
+    assert set(functions) - set(CONTRACT) - set(fused) <= extras
 
 
 def test_backend_contract_signatures(backend_module):
