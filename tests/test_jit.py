@@ -115,10 +115,12 @@ def test_maxpool_first_maximum_wins_and_odd_edges_are_zero():
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
 def test_one_and_two_threads_give_identical_bits():
-    """Forward and dx split over images, dw over tiles with a fixed summation order per element, db from fixed
-    per-image sums: none depends on the thread count, so results are bitwise equal."""
+    """Forward and dx split over images, dw over tiles (and fixed image chunks) with a fixed summation order per
+    element, db from fixed per-image sums: none depends on the thread count, so results are bitwise equal; the
+    fused ops too. conv1's shape (one channel, 3 dw tiles) takes the image-chunked dw."""
     rng = np.random.default_rng(5)
-    cases = [((6, 3, 13, 13), 64, 3, 3), ((5, 1, 12, 10), 32, 3, 3), ((3, 2, 9, 8), 70, 2, 3)]
+    cases = [((6, 3, 13, 13), 64, 3, 3), ((5, 1, 12, 10), 32, 3, 3), ((3, 2, 9, 8), 70, 2, 3),
+             ((9, 1, 28, 28), 32, 3, 3)]
     before = numba.get_num_threads()
     try:
         for shape, k, r, s in cases:
@@ -129,7 +131,12 @@ def test_one_and_two_threads_give_identical_bits():
                 y = jit.conv2d_forward(x, w, b, True)
                 grads = jit.conv2d_backward(dy, x, w, True)
                 pooled = jit.maxpool2d_forward(x)
-                results.append((y, *grads, *pooled, jit.maxpool2d_backward(pooled[0], pooled[1], x.shape)))
+                fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+                dpool = np.ones_like(fused[0])
+                fused_grads = jit.conv2d_relu_maxpool2d_backward(dpool, *fused, x, w, True)
+                fused_grads_no_dx = jit.conv2d_relu_maxpool2d_backward(dpool, *fused, x, w, False)[1:]
+                results.append((y, *grads, *pooled, jit.maxpool2d_backward(pooled[0], pooled[1], x.shape),
+                                *fused, *fused_grads, *fused_grads_no_dx))
             for one, two in zip(*results):
                 np.testing.assert_array_equal(one, two)
     finally:
@@ -170,3 +177,93 @@ def test_cache_toggle_disables_the_disk_cache(tmp_path):
     result = _run_python(code, env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["NullCache", "False"]
+
+
+def test_tiles_follow_the_target_vector_registers():
+    """The tile shapes come from the features numba compiles for: 512-bit vectors and 32 registers with avx512f,
+    else 256 and 16; every accumulator tile leaves registers for the operands it multiplies."""
+    ext = pytest.importorskip("numba_cnn.kernels._numba_ext")
+    assert ext.VECTOR_BITS == (512 if "avx512f" in ext.TARGET_FEATURES else 256 if "avx" in ext.TARGET_FEATURES
+                               else 128)
+    assert ext.VECTOR_REGISTERS == (32 if ext.AVX512 else 16)
+    per_register = max(ext.VECTOR_BITS, 256) // 32  # fp32 lanes per vector register
+    for lanes, columns in (jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE):
+        assert lanes % per_register == 0
+        assert columns * lanes // per_register <= ext.VECTOR_REGISTERS - 2
+    for lanes in (jit.GRAD_LANES_NARROW, jit.GRAD_LANES_WIDE):
+        assert jit.TILE_TAPS * lanes // per_register <= ext.VECTOR_REGISTERS - 2
+
+
+_IR_PROBE = """
+    import numpy as np
+    from numba_cnn.kernels import jit, _numba_ext
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    y = jit.conv2d_forward(x, w, b, True)
+    dx, dw, db = jit.conv2d_backward(y, x, w, True)
+    fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    fdx, fdw, fdb = jit.conv2d_relu_maxpool2d_backward(np.ones_like(fused[0]), *fused, x, w, True)
+    np.savez(OUT, y=y, dx=dx, dw=dw, db=db, py=fused[0], parg=fused[1], fdx=fdx, fdw=fdw, fdb=fdb)
+    attribute = '"prefer-vector-width"="%d"' % _numba_ext.VECTOR_BITS
+    for kernel in (jit._conv_tile_wide, jit._conv_tile_narrow, jit._conv_pool_wide, jit._weight_grad_wide):
+        ir = kernel.inspect_llvm(kernel.signatures[0])
+        print(kernel.py_func.__name__, attribute in ir)
+"""
+
+
+@pytest.mark.parametrize("stack_tiles", ["1", "0"])
+def test_stack_tile_switch_and_vector_width_attribute(tmp_path, stack_tiles):
+    """Compiled afresh (inspection needs code compiled in the process), every tile kernel's LLVM IR carries the
+    target's vector width, with stack tiles or with NUMBA_CNN_STACK_TILES=0; and the switch changes no result:
+    the heap tiles run the same arithmetic in the same order, so the results are bitwise those of this process."""
+    out = tmp_path / "results.npz"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBA_CNN_CACHE="1",
+               NUMBA_CNN_STACK_TILES=stack_tiles)
+    result = _run_python(f"OUT = {str(out)!r}\n" + textwrap.dedent(_IR_PROBE), env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert [line.split()[1] for line in lines if line] == ["True"] * 4, result.stdout
+    got = np.load(out)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    y = jit.conv2d_forward(x, w, b, True)
+    fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    want = dict(zip(("y", "dx", "dw", "db", "py", "parg", "fdx", "fdw", "fdb"),
+                    (y, *jit.conv2d_backward(y, x, w, True), *fused,
+                     *jit.conv2d_relu_maxpool2d_backward(np.ones_like(fused[0]), *fused, x, w, True))))
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+_AVX2 = "+avx,+avx2,+fma,+sse4.2,+popcnt,+f16c,+bmi,+bmi2,+lzcnt,+movbe"
+_AVX512 = _AVX2 + ",+avx512f,+avx512bw,+avx512cd,+avx512dq,+avx512vl"
+_ASM_PROBE = """
+    from numba import types
+    from numba_cnn.kernels import jit, _numba_ext
+    f32 = types.float32
+    sig = (types.Array(f32, 4, "C"), types.Array(f32, 4, "C"), types.Array(f32, 1, "C"), f32, types.int64,
+           types.Array(f32, 4, "C"))
+    kernel = jit._conv_tile_wide
+    kernel.compile(sig)  # compiled, never run: this host may lack the instructions
+    asm = kernel.inspect_asm(sig)
+    print(_numba_ext.VECTOR_BITS, jit.CONV_TILE_WIDE, asm.count("zmm"), asm.count("ymm"), asm.count("vfmadd"))
+"""
+
+
+@pytest.mark.parametrize("cpu,features,bits", [("haswell", _AVX2, 256), ("skylake-avx512", _AVX512, 512)])
+def test_other_targets_compile_their_own_tiles(tmp_path, cpu, features, bits):
+    """NUMBA_CPU_NAME/NUMBA_CPU_FEATURES pick the tiles: an AVX2 target gets 256-bit FMAs and no zmm register, an
+    AVX-512 one its 512-bit tile in zmm registers (compiled here, whatever this host runs)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features)
+    result = _run_python(_ASM_PROBE, env)
+    assert result.returncode == 0, result.stderr
+    width, *tile, zmm, ymm, fmas = result.stdout.replace("(", " ").replace(")", " ").replace(",", " ").split()
+    assert int(width) == bits and int(fmas) > 0
+    if bits == 512:
+        assert int(zmm) > 0
+    else:
+        assert int(zmm) == 0 and int(ymm) > 0
