@@ -72,6 +72,7 @@ else:
     # 4 x 16 and 29 with 7 x 32; weight gradient 3 taps x 32 lanes (12 ymm) 7.9 ms vs 9.5 with 64 and >50 with 16.
     CONV_TILE_NARROW, CONV_TILE_WIDE = (32, 3), (16, 4)
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 32
+CONV1_TILE = (32, 3) if VECTOR_BITS < 512 else (32, 6)  # (columns, channels): 12 ymm / 12 zmm
 TILE_TAPS = 3  # kernel taps per weight-gradient tile (a 3x3 kernel splits into 3 exact blocks)
 # weight-gradient tiles fewer than this are also split over GRAD_IMAGE_CHUNKS fixed image chunks (conv1 has 3
 # tiles for 2 threads: 2:1 imbalance); a constant, not the thread count, so the sums do not depend on threads
@@ -140,7 +141,7 @@ def _make_conv_tile(columns, lanes):
                             y_seg = y[n, k0 + k, i, j0:]  # the tile's columns are contiguous in y
                             for jj in range(columns):
                                 v = acc[jj * lanes + k]
-                                y_seg[jj] = v if (v > floor) | (v != v) else floor  # ReLU keeps NaN
+                                y_seg[jj] = floor if v < floor else v  # ReLU (floor 0) keeps NaN: NaN < 0 is false
 
     return conv_tile
 
@@ -186,7 +187,7 @@ def _make_conv_pool(columns, lanes):
                                 out = rows[half, j0 + jj, k0:k0 + lanes]
                                 for k in range(lanes):
                                     v = acc[jj * lanes + k]
-                                    out[k] = v if (v > zero) | (v != v) else zero  # ReLU keeps NaN
+                                    out[k] = zero if v < zero else v  # ReLU; NaN stays
                 for pj in range(q_half):
                     a0, a1 = rows[0, 2 * pj], rows[0, 2 * pj + 1]
                     a2, a3 = rows[1, 2 * pj], rows[1, 2 * pj + 1]
@@ -196,6 +197,64 @@ def _make_conv_pool(columns, lanes):
                         argmax[n, k, pi, pj] = where
 
     return conv_pool
+
+
+def _make_conv1_pool(columns, channels):
+    """Fused correlation + ReLU + 2x2 max-pooling for ONE input channel (conv1): 9 taps per output are too few to
+    amortise a channels-last tile's transposing store, so this tile runs along the output columns instead (one
+    conv row x `columns` columns x `channels` output channels), stores the ReLU'd rows into a (channels, 2, Q)
+    buffer and pools both rows of each window from there with contiguous loads and stores."""
+    tile = columns * channels
+    _stack_tile = tile_allocator()
+
+    @_jit
+    def conv1_pool(x, wt, b, zero, q_tiles, y, argmax):
+        """y, argmax = pool(relu(b[k] + sum_{r,s} x[n, i+r, j+s] * wt[k, r, s])); x (N, H, W) at least q_tiles + S
+        - 1 wide, q_tiles >= max(2 * Q2, columns); wt (K, R, S) and b padded to a multiple of `channels`."""
+        n_images = x.shape[0]
+        n_out, p_half, q_half = y.shape[1], y.shape[2], y.shape[3]
+        k_padded, r_taps, s_taps = wt.shape
+        for n in prange(n_images):
+            acc = _stack_tile(tile, x.dtype)
+            ws = _stack_tile(channels, x.dtype)
+            rows = np.empty((channels, 2, q_tiles), x.dtype)
+            for pi in range(p_half):
+                for k0 in range(0, k_padded, channels):
+                    for h in range(2):
+                        for jb in range(0, q_tiles, columns):
+                            j0 = min(jb, q_tiles - columns)
+                            for kk in range(channels):
+                                for jj in range(columns):
+                                    acc[kk * columns + jj] = b[k0 + kk]
+                            for r in range(r_taps):
+                                for s in range(s_taps):
+                                    x_seg = x[n, 2 * pi + h + r, j0 + s:]
+                                    for kk in range(channels):
+                                        ws[kk] = wt[k0 + kk, r, s]
+                                    # LLVM unrolls the short channel loop and vectorises the column loop (the
+                                    # same shape as the channels-last tile's inner loops, with the roles swapped)
+                                    for jj in range(columns):
+                                        x_j = x_seg[jj]
+                                        for kk in range(channels):
+                                            acc[kk * columns + jj] += x_j * ws[kk]
+                            # a trip count LLVM cannot see (it is `columns`) keeps this loop from being fully
+                            # unrolled into scalar stores: it stays a loop, and is vectorised
+                            stored = min(columns, q_tiles - j0)
+                            for kk in range(channels):
+                                out = rows[kk, h, j0:]
+                                for jj in range(stored):
+                                    v = acc[kk * columns + jj]
+                                    out[jj] = zero if v < zero else v  # ReLU; NaN < 0 is false: NaN stays
+                    for kk in range(min(channels, n_out - k0)):
+                        top, bottom = rows[kk, 0], rows[kk, 1]
+                        y_row, arg_row = y[n, k0 + kk, pi], argmax[n, k0 + kk, pi]
+                        for pj in range(q_half):
+                            best, where = _pool_window(top[2 * pj], top[2 * pj + 1], bottom[2 * pj],
+                                                       bottom[2 * pj + 1])
+                            y_row[pj] = best
+                            arg_row[pj] = where
+
+    return conv1_pool
 
 
 def _make_weight_grad(lanes):
@@ -256,6 +315,7 @@ _conv_tile_narrow = _make_conv_tile(CONV_TILE_NARROW[1], CONV_TILE_NARROW[0])
 _conv_tile_wide = _make_conv_tile(CONV_TILE_WIDE[1], CONV_TILE_WIDE[0])
 _conv_pool_narrow = _make_conv_pool(CONV_TILE_NARROW[1], CONV_TILE_NARROW[0])
 _conv_pool_wide = _make_conv_pool(CONV_TILE_WIDE[1], CONV_TILE_WIDE[0])
+_conv1_pool = _make_conv1_pool(*CONV1_TILE)
 _weight_grad_narrow = _make_weight_grad(GRAD_LANES_NARROW)
 _weight_grad_wide = (_weight_grad_narrow if GRAD_LANES_WIDE == GRAD_LANES_NARROW
                      else _make_weight_grad(GRAD_LANES_WIDE))
@@ -507,16 +567,27 @@ def conv2d_relu_maxpool2d_forward(x, w, b):
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     p_half, q_half = (h - r + 1) // 2, (wd - s + 1) // 2
+    y = np.empty((n, k, p_half, q_half), x.dtype)
+    argmax = np.empty(y.shape, np.uint8)
+    if c == 1:  # a tile along the columns (see _make_conv1_pool)
+        columns, channels = CONV1_TILE
+        q_tiles = max(2 * q_half, columns)
+        x_1 = _pad_width(x, q_tiles + s - 1).reshape(n, h, -1)
+        k_padded = _padded(k, channels)
+        wt = np.zeros((k_padded, r, s), x.dtype)
+        wt[:k] = w[:, 0]
+        bp = np.zeros(k_padded, x.dtype)
+        bp[:k] = b
+        _conv1_pool(x_1, wt, bp, x.dtype.type(0), q_tiles, y, argmax)
+        return y, argmax
     lanes, columns = _conv_tile_shape(k)
-    x_cl = _input_channels_last(x)
+    x_cl = _channels_last(x)[0]
     wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, lanes, x.dtype)
     q_tiles = max(2 * q_half, columns)
     if wd < q_tiles + s - 1:  # narrower than a tile: zero columns on the right, never pooled
         wide = np.zeros((n, h, q_tiles + s - 1, c), x.dtype)
         wide[:, :, :wd] = x_cl
         x_cl = wide
-    y = np.empty((n, k, p_half, q_half), x.dtype)
-    argmax = np.empty(y.shape, np.uint8)
     kernel = _conv_pool_narrow if lanes == CONV_TILE_NARROW[0] else _conv_pool_wide
     kernel(x_cl, wt, bp, x.dtype.type(0), q_tiles, y, argmax)
     return y, argmax
