@@ -353,6 +353,19 @@ def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
     n_images, n_ch, p_half, q_half = dy.shape
     p_out, c_padded = out.shape[1], out.shape[3]
     for n in prange(n_images):
+        # the masked gradient and argmax of this image, channels last first (contiguous reads, a small L1-sized
+        # transpose), so the scatter below runs along contiguous channels (measured 3x faster than reading the
+        # NCHW planes across channels there)
+        g_t = np.empty((p_half * q_half, n_ch), dy.dtype)
+        where_t = np.empty((p_half * q_half, n_ch), np.uint8)
+        for c in range(n_ch):
+            dy_plane, pooled_plane, arg_plane = dy[n, c], pooled[n, c], argmax[n, c]
+            for pi in range(p_half):
+                for pj in range(q_half):
+                    g = dy_plane[pi, pj]
+                    # dy * (pooled > 0), inf * 0 = NaN included
+                    g_t[pi * q_half + pj, c] = g if pooled_plane[pi, pj] > zero else g * zero
+                    where_t[pi * q_half + pj, c] = arg_plane[pi, pj]
         total = sums[n]
         total[:] = zero
         for i in range(p_out):
@@ -362,13 +375,12 @@ def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
             if pi >= p_half:  # the dropped odd last row
                 out[n, i] = zero
                 continue
-            first = 2 * di
+            first = np.uint8(2 * di)
             for pj in range(q_half):
                 left, right = out[n, i, col_pad + 2 * pj], out[n, i, col_pad + 2 * pj + 1]
+                g_row, where_row = g_t[pi * q_half + pj], where_t[pi * q_half + pj]
                 for c in range(n_ch):
-                    g = dy[n, c, pi, pj]
-                    g = g if pooled[n, c, pi, pj] > zero else g * zero  # dy * (pooled > 0), inf * 0 = NaN included
-                    where = argmax[n, c, pi, pj]
+                    g, where = g_row[c], where_row[c]
                     left[c] = g if where == first else zero
                     right[c] = g if where == first + 1 else zero
                 for c in range(n_ch, c_padded):
