@@ -186,12 +186,16 @@ def test_tiles_follow_the_target_vector_registers():
     assert ext.VECTOR_BITS == (512 if "avx512f" in ext.TARGET_FEATURES else 256 if "avx" in ext.TARGET_FEATURES
                                else 128)
     assert ext.VECTOR_REGISTERS == (32 if ext.AVX512 else 16)
-    per_register = max(ext.VECTOR_BITS, 256) // 32  # fp32 lanes per vector register
+    if not os.environ.get("NUMBA_CNN_TILE_BITS"):
+        assert (ext.TILE_BITS, ext.TILE_REGISTERS) == (ext.VECTOR_BITS, ext.VECTOR_REGISTERS)
+    per_register = max(ext.TILE_BITS, 256) // 32  # fp32 lanes per vector register
     for lanes, columns in (jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE):
         assert lanes % per_register == 0
-        assert columns * lanes // per_register <= ext.VECTOR_REGISTERS - 2
+        assert columns * lanes // per_register <= ext.TILE_REGISTERS - 2
     for lanes in (jit.GRAD_LANES_NARROW, jit.GRAD_LANES_WIDE):
-        assert jit.TILE_TAPS * lanes // per_register <= ext.VECTOR_REGISTERS - 2
+        assert jit.TILE_TAPS * lanes // per_register <= ext.TILE_REGISTERS - 2
+    columns, channels = jit.CONV1_TILE
+    assert columns % per_register == 0 and columns * channels // per_register <= ext.TILE_REGISTERS - 2
 
 
 _IR_PROBE = """
@@ -267,3 +271,42 @@ def test_other_targets_compile_their_own_tiles(tmp_path, cpu, features, bits):
         assert int(zmm) > 0
     else:
         assert int(zmm) == 0 and int(ymm) > 0
+
+
+_OTHER_TILES_PROBE = """
+    import numpy as np
+    import reference
+    from numba_cnn.kernels import jit
+    print(jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE, jit.GRAD_LANES_WIDE, jit.CONV1_TILE)
+    rng = np.random.default_rng(2)
+    for x_shape, w_shape in [((3, 1, 28, 28), (32, 1, 3, 3)), ((3, 32, 13, 13), (64, 32, 3, 3)),
+                             ((2, 3, 9, 8), (5, 3, 3, 3)), ((1, 2, 7, 7), (70, 2, 2, 2))]:
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        b = rng.standard_normal(w_shape[0]).astype(np.float32)
+        y = jit.conv2d_forward(x, w, b, True)
+        reference.assert_close(y, reference.conv2d_forward(x, w, b, True), np.float32, "y")
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        for got, want in zip(jit.conv2d_backward(dy, x, w, True), reference.conv2d_backward(dy, x, w, True)):
+            reference.assert_close(got, want, np.float32, "grad")
+        pooled, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+        want_pooled, want_argmax = jit.maxpool2d_forward(y)
+        assert np.array_equal(pooled, want_pooled) and np.array_equal(argmax, want_argmax)
+        dp = rng.standard_normal(pooled.shape).astype(np.float32)
+        fused = jit.conv2d_relu_maxpool2d_backward(dp, pooled, argmax, x, w, True)
+        composed = jit.conv2d_backward(jit.maxpool2d_backward(dp * (pooled > 0), argmax, y.shape), x, w, True)
+        for got, want in zip(fused, composed):
+            assert np.array_equal(got, want)
+    print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_avx512_tile_constants_compute_the_same_results(tmp_path):
+    """The AVX-512 tile shapes (NUMBA_CNN_TILE_BITS=512) run here through the same kernels with other constants:
+    correct against the oracle and fused == composed, though an AVX2 host spills their accumulators."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_TILE_BITS="512",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])))
+    result = _run_python(_OTHER_TILES_PROBE, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "(32, 7) (64, 4) 64 (32, 6)" and "ok" in result.stdout, result.stdout

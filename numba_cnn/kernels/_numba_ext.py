@@ -63,6 +63,12 @@ TARGET_FEATURES = frozenset(_enabled(_target_features()))
 AVX512 = "avx512f" in TARGET_FEATURES
 VECTOR_BITS = 512 if AVX512 else 256 if "avx" in TARGET_FEATURES else 128
 VECTOR_REGISTERS = 32 if AVX512 else 16
+# The register file the tile shapes are sized for: the target's, unless NUMBA_CNN_TILE_BITS=256|512 says otherwise.
+# The override exists for tests: an AVX2 host runs the AVX-512 tiles' code path (same kernels, other constants;
+# spilled, so slow, but the results must be right) though it cannot execute 512-bit instructions.
+_TILE_BITS = os.environ.get("NUMBA_CNN_TILE_BITS", "")
+TILE_BITS = int(_TILE_BITS) if _TILE_BITS in ("256", "512") else VECTOR_BITS
+TILE_REGISTERS = 32 if TILE_BITS >= 512 else 16 if _TILE_BITS else VECTOR_REGISTERS
 
 
 def jit(fn):

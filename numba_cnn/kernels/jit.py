@@ -5,7 +5,7 @@ stack array (`stack_tile` in `_numba_ext`), whose indices become constants once 
 is promoted to vector registers (a np.empty tile stays in memory: measured 2-5x slower). The innermost loop runs
 over `lanes` channels contiguous in memory and compiles to FMAs as wide as the target's vectors. Tile shapes are
 chosen once, below (`CONV_TILE_*`, `GRAD_LANES_*`), from the vector width and register count of the instruction
-set numba compiles for (`_numba_ext.VECTOR_BITS` / `VECTOR_REGISTERS`, which honour NUMBA_CPU_NAME/FEATURES):
+set numba compiles for (`_numba_ext.TILE_BITS` / `TILE_REGISTERS`, which honour NUMBA_CPU_NAME/FEATURES):
 an AVX2 target has 16 ymm registers, so a tile of at most 12 accumulators; an AVX-512 target 32 zmm.
 
 conv2d_forward   `_conv_tile_*`: prange over images; x repacked channels-last (N, H, W, C) by `_pack_channels_last`
@@ -57,11 +57,11 @@ import threading
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from numba_cnn.kernels._numba_ext import CACHE, FASTMATH, VECTOR_BITS, VECTOR_REGISTERS, jit as _jit, tile_allocator
+from numba_cnn.kernels._numba_ext import CACHE, TILE_BITS, TILE_REGISTERS, jit as _jit, tile_allocator
 
 # Tile shapes, (lanes, columns) of the correlation tiles and lanes of the weight-gradient tiles, by the target's
 # vector registers. The one place they are chosen; measured with batch 128 on 2 threads.
-if VECTOR_BITS >= 512 and VECTOR_REGISTERS >= 32:
+if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
     # 32 zmm: 7 x 32 and 4 x 64 fp32 lanes are 14 and 16 accumulators; measured on Zen 4: 4 x 64 in 512-bit
     # registers ran conv2 forward ~1.7x faster than the same tile in 256-bit ones (spilled), 6 x 64 no faster.
     CONV_TILE_NARROW, CONV_TILE_WIDE = (32, 7), (64, 4)
@@ -72,7 +72,7 @@ else:
     # 4 x 16 and 29 with 7 x 32; weight gradient 3 taps x 32 lanes (12 ymm) 7.9 ms vs 9.5 with 64 and >50 with 16.
     CONV_TILE_NARROW, CONV_TILE_WIDE = (32, 3), (16, 4)
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 32
-CONV1_TILE = (32, 3) if VECTOR_BITS < 512 else (32, 6)  # (columns, channels): 12 ymm / 12 zmm
+CONV1_TILE = (32, 3) if TILE_BITS < 512 else (32, 6)  # (columns, channels): 12 ymm / 12 zmm
 TILE_TAPS = 3  # kernel taps per weight-gradient tile (a 3x3 kernel splits into 3 exact blocks)
 # weight-gradient tiles fewer than this are also split over GRAD_IMAGE_CHUNKS fixed image chunks (conv1 has 3
 # tiles for 2 threads: 2:1 imbalance); a constant, not the thread count, so the sums do not depend on threads
