@@ -33,11 +33,15 @@ maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, cha
 Fused ops (beyond the contract; FUSED names them):
 conv2d_relu_maxpool2d_forward   `_conv_pool_*`: the forward's tiles for one pair of conv rows land in a per-image
                  (2, Q, K) channels-last buffer (L1-sized), ReLU'd, and are pooled from there into y and argmax:
-                 the P x Q x K activation is never written. Same tiles and summation order as conv2d_forward,
-                 so the pooled values are bitwise those of the composed ops.
+                 the P x Q x K activation is never written. One input channel with conv rows of at most
+                 CONV1_TILE columns (conv1) takes `_conv1_pool` instead, a tile along the columns (9 taps cannot
+                 amortise a channels-last tile's transposing store). Both sum each output as conv2d_forward does
+                 (bias, then the taps in (r, s, c) order, as FMAs), so the pooled values and argmax are bitwise
+                 those of the composed ops (tested).
 conv2d_relu_maxpool2d_backward  `_unpool_pack`: the pooled gradient, masked by ReLU (dy * (y > 0)), is scattered
                  through argmax straight into the channels-last dy buffer the dw and dx kernels read (no
-                 maxpool2d_backward, no NCHW conv-output gradient), with the same per-image db sums.
+                 maxpool2d_backward, no NCHW conv-output gradient), with the same per-image db sums; then the
+                 same dw and dx kernels as conv2d_backward, so again bitwise the composed ops' results.
 
 Private variants: `_conv_tile_narrow` / `_conv_tile_wide` (K <= CONV_TILE_NARROW lanes or wider), the same for
 `_conv_pool_*` and `_weight_grad_*` (one kernel when both lane counts agree).
