@@ -61,7 +61,8 @@ import threading
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from numba_cnn.kernels._numba_ext import CACHE, TILE_BITS, TILE_REGISTERS, jit as _jit, tile_allocator
+from numba_cnn.kernels._numba_ext import CACHE, TILE_BITS, TILE_REGISTERS, jit as _jit, tile_allocator  # noqa: F401
+# (CACHE re-exported: jit.CACHE tells callers whether the kernels use the disk cache)
 
 # Tile shapes, (lanes, columns) of the correlation tiles and lanes of the weight-gradient tiles, by the target's
 # vector registers. The one place they are chosen; measured with batch 128 on 2 threads.
