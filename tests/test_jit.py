@@ -63,7 +63,7 @@ def test_tile_kernels_match_their_python_bodies():
     wt = rng.standard_normal((2, 3, 3, 32)).astype(np.float32)
     b = rng.standard_normal(32).astype(np.float32)
     outputs = []
-    for kernel in (jit._conv_tile_32, jit._conv_tile_32.py_func):
+    for kernel in (jit._conv_tile_narrow, jit._conv_tile_narrow.py_func):
         y = np.empty((2, 5, 4 + 2, 7), np.float32)  # row_shift 1: one virtual zero row above and below
         kernel(x_cl, wt, b, np.float32(0), 1, y)
         outputs.append(y)
@@ -72,8 +72,8 @@ def test_tile_kernels_match_their_python_bodies():
     x = rng.standard_normal((2, 3, 5, 9)).astype(np.float32)
     dy = rng.standard_normal((2, 5, 5 + 2, 64)).astype(np.float32)  # P = 5 - 1 + 1, Q = 9 - 5 + 1, 1 pad column
     grads = []
-    for kernel in (jit._weight_grad_64, jit._weight_grad_64.py_func):
-        dwt = np.zeros((3, 1, 5, 64), np.float32)
+    for kernel in (jit._weight_grad_wide, jit._weight_grad_wide.py_func):
+        dwt = np.zeros((2, 3, 1, 5, 64), np.float32)  # two image chunks
         kernel(x, dy, 1, 1, 5, 2, dwt)
         grads.append(dwt)
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
@@ -96,7 +96,7 @@ def test_tile_kernels_match_their_python_bodies():
         y, arg = np.empty((2, 3, 3, 2), np.float32), np.empty((2, 3, 3, 2), np.uint8)
         fwd(ties, y, arg)
         dx = np.full(ties.shape, np.nan, np.float32)
-        bwd(y + 1, arg, dx)
+        bwd(y + 1, arg, np.float32(0), dx)
         pooled.append((y, arg, dx))
     for got, want in zip(*pooled):
         np.testing.assert_array_equal(got, want)
@@ -115,10 +115,12 @@ def test_maxpool_first_maximum_wins_and_odd_edges_are_zero():
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
 def test_one_and_two_threads_give_identical_bits():
-    """Forward and dx split over images, dw over tiles with a fixed summation order per element, db from fixed
-    per-image sums: none depends on the thread count, so results are bitwise equal."""
+    """Forward and dx split over images, dw over tiles (and fixed image chunks) with a fixed summation order per
+    element, db from fixed per-image sums: none depends on the thread count, so results are bitwise equal; the
+    fused ops too. conv1's shape (one channel, 3 dw tiles) takes the image-chunked dw."""
     rng = np.random.default_rng(5)
-    cases = [((6, 3, 13, 13), 64, 3, 3), ((5, 1, 12, 10), 32, 3, 3), ((3, 2, 9, 8), 70, 2, 3)]
+    cases = [((6, 3, 13, 13), 64, 3, 3), ((5, 1, 12, 10), 32, 3, 3), ((3, 2, 9, 8), 70, 2, 3),
+             ((9, 1, 28, 28), 32, 3, 3)]
     before = numba.get_num_threads()
     try:
         for shape, k, r, s in cases:
@@ -129,7 +131,12 @@ def test_one_and_two_threads_give_identical_bits():
                 y = jit.conv2d_forward(x, w, b, True)
                 grads = jit.conv2d_backward(dy, x, w, True)
                 pooled = jit.maxpool2d_forward(x)
-                results.append((y, *grads, *pooled, jit.maxpool2d_backward(pooled[0], pooled[1], x.shape)))
+                fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+                dpool = np.ones_like(fused[0])
+                fused_grads = jit.conv2d_relu_maxpool2d_backward(dpool, *fused, x, w, True)
+                fused_grads_no_dx = jit.conv2d_relu_maxpool2d_backward(dpool, *fused, x, w, False)[1:]
+                results.append((y, *grads, *pooled, jit.maxpool2d_backward(pooled[0], pooled[1], x.shape),
+                                *fused, *fused_grads, *fused_grads_no_dx))
             for one, two in zip(*results):
                 np.testing.assert_array_equal(one, two)
     finally:
@@ -149,7 +156,7 @@ def test_second_process_loads_kernels_from_the_cache(tmp_path):
         x = np.ones((1, 1, 6, 6), np.float32)
         jit.conv2d_forward(x, np.ones((2, 1, 3, 3), np.float32), np.zeros(2, np.float32), True)
         jit.maxpool2d_forward(x)
-        for kernel in (jit._conv_tile_32, jit._maxpool_forward):
+        for kernel in (jit._conv_tile_narrow, jit._maxpool_forward):
             print(sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values()))
     """
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_CACHE="1")
@@ -164,9 +171,142 @@ def test_second_process_loads_kernels_from_the_cache(tmp_path):
 def test_cache_toggle_disables_the_disk_cache(tmp_path):
     code = """
         from numba_cnn.kernels import jit
-        print(type(jit._conv_tile_64._cache).__name__, jit.CACHE)
+        print(type(jit._conv_tile_wide._cache).__name__, jit.CACHE)
     """
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_CACHE="0")
     result = _run_python(code, env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["NullCache", "False"]
+
+
+def test_tiles_follow_the_target_vector_registers():
+    """The tile shapes come from the features numba compiles for: 512-bit vectors and 32 registers with avx512f,
+    else 256 and 16; every accumulator tile leaves registers for the operands it multiplies."""
+    ext = pytest.importorskip("numba_cnn.kernels._numba_ext")
+    assert ext.VECTOR_BITS == (512 if "avx512f" in ext.TARGET_FEATURES else 256 if "avx" in ext.TARGET_FEATURES
+                               else 128)
+    assert ext.VECTOR_REGISTERS == (32 if ext.AVX512 else 16)
+    if not os.environ.get("NUMBA_CNN_TILE_BITS"):
+        assert (ext.TILE_BITS, ext.TILE_REGISTERS) == (ext.VECTOR_BITS, ext.VECTOR_REGISTERS)
+    per_register = max(ext.TILE_BITS, 256) // 32  # fp32 lanes per vector register
+    for lanes, columns in (jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE):
+        assert lanes % per_register == 0
+        assert columns * lanes // per_register <= ext.TILE_REGISTERS - 2
+    for lanes in (jit.GRAD_LANES_NARROW, jit.GRAD_LANES_WIDE):
+        assert jit.TILE_TAPS * lanes // per_register <= ext.TILE_REGISTERS - 2
+    columns, channels = jit.CONV1_TILE
+    assert columns % per_register == 0 and columns * channels // per_register <= ext.TILE_REGISTERS - 2
+
+
+_IR_PROBE = """
+    import numpy as np
+    from numba_cnn.kernels import jit, _numba_ext
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    y = jit.conv2d_forward(x, w, b, True)
+    dx, dw, db = jit.conv2d_backward(y, x, w, True)
+    fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    fdx, fdw, fdb = jit.conv2d_relu_maxpool2d_backward(np.ones_like(fused[0]), *fused, x, w, True)
+    np.savez(OUT, y=y, dx=dx, dw=dw, db=db, py=fused[0], parg=fused[1], fdx=fdx, fdw=fdw, fdb=fdb)
+    attribute = '"prefer-vector-width"="%d"' % _numba_ext.VECTOR_BITS
+    for kernel in (jit._conv_tile_wide, jit._conv_tile_narrow, jit._conv_pool_wide, jit._weight_grad_wide):
+        ir = kernel.inspect_llvm(kernel.signatures[0])
+        print(kernel.py_func.__name__, attribute in ir)
+"""
+
+
+@pytest.mark.parametrize("stack_tiles", ["1", "0"])
+def test_stack_tile_switch_and_vector_width_attribute(tmp_path, stack_tiles):
+    """Compiled afresh (inspection needs code compiled in the process), every tile kernel's LLVM IR carries the
+    target's vector width, with stack tiles or with NUMBA_CNN_STACK_TILES=0; and the switch changes no result:
+    the heap tiles run the same arithmetic in the same order, so the results are bitwise those of this process."""
+    out = tmp_path / "results.npz"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBA_CNN_CACHE="1",
+               NUMBA_CNN_STACK_TILES=stack_tiles)
+    result = _run_python(f"OUT = {str(out)!r}\n" + textwrap.dedent(_IR_PROBE), env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert [line.split()[1] for line in lines if line] == ["True"] * 4, result.stdout
+    got = np.load(out)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    y = jit.conv2d_forward(x, w, b, True)
+    fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    want = dict(zip(("y", "dx", "dw", "db", "py", "parg", "fdx", "fdw", "fdb"),
+                    (y, *jit.conv2d_backward(y, x, w, True), *fused,
+                     *jit.conv2d_relu_maxpool2d_backward(np.ones_like(fused[0]), *fused, x, w, True))))
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+_AVX2 = "+avx,+avx2,+fma,+sse4.2,+popcnt,+f16c,+bmi,+bmi2,+lzcnt,+movbe"
+_AVX512 = _AVX2 + ",+avx512f,+avx512bw,+avx512cd,+avx512dq,+avx512vl"
+_ASM_PROBE = """
+    from numba import types
+    from numba_cnn.kernels import jit, _numba_ext
+    f32 = types.float32
+    sig = (types.Array(f32, 4, "C"), types.Array(f32, 4, "C"), types.Array(f32, 1, "C"), f32, types.int64,
+           types.Array(f32, 4, "C"))
+    kernel = jit._conv_tile_wide
+    kernel.compile(sig)  # compiled, never run: this host may lack the instructions
+    asm = kernel.inspect_asm(sig)
+    print(_numba_ext.VECTOR_BITS, jit.CONV_TILE_WIDE, asm.count("zmm"), asm.count("ymm"), asm.count("vfmadd"))
+"""
+
+
+@pytest.mark.parametrize("cpu,features,bits", [("haswell", _AVX2, 256), ("skylake-avx512", _AVX512, 512)])
+def test_other_targets_compile_their_own_tiles(tmp_path, cpu, features, bits):
+    """NUMBA_CPU_NAME/NUMBA_CPU_FEATURES pick the tiles: an AVX2 target gets 256-bit FMAs and no zmm register, an
+    AVX-512 one its 512-bit tile in zmm registers (compiled here, whatever this host runs)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features)
+    result = _run_python(_ASM_PROBE, env)
+    assert result.returncode == 0, result.stderr
+    width, *tile, zmm, ymm, fmas = result.stdout.replace("(", " ").replace(")", " ").replace(",", " ").split()
+    assert int(width) == bits and int(fmas) > 0
+    if bits == 512:
+        assert int(zmm) > 0
+    else:
+        assert int(zmm) == 0 and int(ymm) > 0
+
+
+_OTHER_TILES_PROBE = """
+    import numpy as np
+    import reference
+    from numba_cnn.kernels import jit
+    print(jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE, jit.GRAD_LANES_WIDE, jit.CONV1_TILE)
+    rng = np.random.default_rng(2)
+    for x_shape, w_shape in [((3, 1, 28, 28), (32, 1, 3, 3)), ((3, 32, 13, 13), (64, 32, 3, 3)),
+                             ((2, 3, 9, 8), (5, 3, 3, 3)), ((1, 2, 7, 7), (70, 2, 2, 2))]:
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        b = rng.standard_normal(w_shape[0]).astype(np.float32)
+        y = jit.conv2d_forward(x, w, b, True)
+        reference.assert_close(y, reference.conv2d_forward(x, w, b, True), np.float32, "y")
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        for got, want in zip(jit.conv2d_backward(dy, x, w, True), reference.conv2d_backward(dy, x, w, True)):
+            reference.assert_close(got, want, np.float32, "grad")
+        pooled, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+        want_pooled, want_argmax = jit.maxpool2d_forward(y)
+        assert np.array_equal(pooled, want_pooled) and np.array_equal(argmax, want_argmax)
+        dp = rng.standard_normal(pooled.shape).astype(np.float32)
+        fused = jit.conv2d_relu_maxpool2d_backward(dp, pooled, argmax, x, w, True)
+        composed = jit.conv2d_backward(jit.maxpool2d_backward(dp * (pooled > 0), argmax, y.shape), x, w, True)
+        for got, want in zip(fused, composed):
+            assert np.array_equal(got, want)
+    print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_avx512_tile_constants_compute_the_same_results(tmp_path):
+    """The AVX-512 tile shapes (NUMBA_CNN_TILE_BITS=512) run here through the same kernels with other constants:
+    correct against the oracle and fused == composed, though an AVX2 host spills their accumulators."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_TILE_BITS="512",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])))
+    result = _run_python(_OTHER_TILES_PROBE, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "(32, 7) (64, 4) 64 (32, 6)" and "ok" in result.stdout, result.stdout

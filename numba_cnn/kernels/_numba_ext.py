@@ -1,0 +1,153 @@
+"""The jit backend's extensions of numba and llvmlite, in one place: the compile options (`jit`), what the compiled
+code targets (`TARGET_FEATURES`, `VECTOR_BITS`, `VECTOR_REGISTERS`) and the register tile (`stack_tile`).
+
+Target. Numba compiles for the host CPU unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise; the feature
+string read here is the one numba hands LLVM's target machine (its codegen's `_tm_features`, i.e.
+NUMBA_CPU_FEATURES when set, else the host's), so tile shapes follow the instruction set the kernels are compiled
+for, not the CPU vendor: avx512f gives 512-bit vectors and 32 vector registers, AVX/AVX2 256 bits and 16.
+
+Register tile. `stack_tile(size, dtype)` is, interpreted, a plain heap array; compiled, a 1-D array over an
+`alloca` of `size` (a compile-time constant) elements. Once LLVM unrolls a tile loop the indices are constants and
+SROA promotes the alloca to vector registers; a np.empty tile stays in memory (measured 2-5x slower). It is
+memory-safe: the overload is inlined ("always") into the kernel that calls it, and `cgutils.alloca_once` places the
+alloca in that function's entry block, so the storage lives in the kernel's own stack frame, is allocated once per
+call (not per loop iteration: the stack cannot grow in a loop) and dies when the kernel returns; the array struct
+carries no meminfo, so numba's reference counting never frees it, and it never escapes (the kernels only index it).
+NUMBA_CNN_STACK_TILES=0 makes `stack_tile` a np.empty in compiled code too (same results, slower): a switch to rule
+the intrinsic out when chasing a bug. The choice is a closure variable of every tile kernel (`tile_allocator()`),
+so it is part of numba's cache key and the two variants never share a cache entry.
+
+Vector width. The same codegen sets the function attribute "prefer-vector-width"=<VECTOR_BITS> on the function
+holding the tile: LLVM's tuning for Intel AVX-512 cores otherwise prefers 256-bit vectors, which halves the tile a
+register file holds. On AVX2 targets it is 256, what LLVM would use anyway.
+"""
+
+import os
+import warnings
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils, config
+from numba.extending import intrinsic, overload
+from numba.np.arrayobj import make_array, populate_array
+
+# contract + reassoc give FMAs and vectorised reductions; no nnan/ninf, so NaN checks (v != v) stay valid.
+FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
+CACHE = os.environ.get("NUMBA_CNN_CACHE", "1") != "0"
+STACK_TILES = os.environ.get("NUMBA_CNN_STACK_TILES", "1") != "0"
+
+
+def _target_features():
+    """The feature string numba's codegen gives LLVM's target machine (honours NUMBA_CPU_NAME/NUMBA_CPU_FEATURES)."""
+    try:
+        from numba.core.registry import cpu_target
+
+        features = cpu_target.target_context.codegen()._tm_features
+        if isinstance(features, str):
+            return features
+    except Exception:  # a numba without that private attribute: rebuild what it does
+        pass
+    if config.CPU_FEATURES is not None:
+        return config.CPU_FEATURES
+    from llvmlite import binding
+
+    return binding.get_host_cpu_features().flatten()
+
+
+def _enabled(features):
+    return {f[1:] for f in features.split(",") if f.startswith("+")}
+
+
+TARGET_FEATURES = frozenset(_enabled(_target_features()))
+AVX512 = "avx512f" in TARGET_FEATURES
+VECTOR_BITS = 512 if AVX512 else 256 if "avx" in TARGET_FEATURES else 128
+VECTOR_REGISTERS = 32 if AVX512 else 16
+# The register file the tile shapes are sized for: the target's, unless NUMBA_CNN_TILE_BITS=256|512 says otherwise.
+# The override exists for tests: an AVX2 host runs the AVX-512 tiles' code path (same kernels, other constants;
+# spilled, so slow, but the results must be right) though it cannot execute 512-bit instructions.
+_TILE_BITS = os.environ.get("NUMBA_CNN_TILE_BITS", "")
+TILE_BITS = int(_TILE_BITS) if _TILE_BITS in ("256", "512") else VECTOR_BITS
+TILE_REGISTERS = 32 if TILE_BITS >= 512 else 16 if _TILE_BITS else VECTOR_REGISTERS
+
+
+def jit(fn):
+    """njit with the backend's options; without a usable cache location, fall back to no disk cache."""
+    options = dict(parallel=True, fastmath=FASTMATH, error_model="numpy")
+    if CACHE:
+        try:
+            return njit(cache=True, **options)(fn)
+        except RuntimeError as err:  # "cannot cache function ...: no locator available"
+            warnings.warn(f"numba_cnn jit kernels compile without a disk cache: {err}", RuntimeWarning)
+    return njit(cache=False, **options)(fn)
+
+
+def stack_tile(size, dtype):
+    """A scratch vector of `size` (a compile-time constant) elements of `dtype`: in compiled code a stack array
+    that LLVM keeps in registers. Interpreted: a heap array."""
+    return np.empty(size, dtype)
+
+
+def heap_tile(size, dtype):
+    """stack_tile's stand-in under NUMBA_CNN_STACK_TILES=0: a heap array, compiled or not."""
+    return np.empty(size, dtype)
+
+
+def tile_allocator():
+    """The tile allocator kernels close over (so that the choice is in numba's cache key)."""
+    return stack_tile if STACK_TILES else heap_tile
+
+
+def _prefer_vector_width(function):
+    # llvmlite's attribute set has no key="value" form, so the string attribute is added raw
+    set.add(function.attributes, f'"prefer-vector-width"="{VECTOR_BITS}"')
+
+
+@intrinsic(prefer_literal=True)
+def _alloca_vector(typingctx, size, dtype_of):
+    """The compiled `stack_tile`: a C-contiguous 1-D array over an alloca of a literal number of elements."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    dtype = dtype_of.dtype
+    vector_type = types.Array(dtype, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        count = size.literal_value
+        element = context.get_data_type(dtype)
+        intp = context.get_value_type(types.intp)
+        itemsize = context.get_abi_sizeof(element)
+        storage = cgutils.alloca_once(builder, ir.ArrayType(element, count))  # entry block: once per call
+        _prefer_vector_width(builder.function)
+        vector = make_array(vector_type)(context, builder)
+        populate_array(vector, data=builder.bitcast(storage, element.as_pointer()),
+                       shape=[ir.Constant(intp, count)], strides=[ir.Constant(intp, itemsize)],
+                       itemsize=ir.Constant(intp, itemsize), meminfo=None)
+        return vector._getvalue()
+
+    return vector_type(size, dtype_of), codegen
+
+
+@intrinsic
+def _vector_width_hint(typingctx):
+    """Sets the vector-width attribute on the calling function and emits nothing else."""
+
+    def codegen(context, builder, signature, args):
+        _prefer_vector_width(builder.function)
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@overload(stack_tile, prefer_literal=True, inline="always")  # the intrinsic must land in the kernel itself
+def _stack_tile_compiled(size, dtype):
+    def impl(size, dtype):
+        return _alloca_vector(size, dtype)
+    return impl
+
+
+@overload(heap_tile, inline="always")
+def _heap_tile_compiled(size, dtype):
+    def impl(size, dtype):
+        _vector_width_hint()
+        return np.empty(size, dtype)
+    return impl

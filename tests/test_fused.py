@@ -1,0 +1,161 @@
+"""The jit backend's fused ops (kernels README: optional beyond the contract, named in the backend's INFO.fused):
+conv2d_relu_maxpool2d_forward / _backward against the contract ops they replace, composed (bitwise: the fused
+kernels use the same tiles and summation orders), against the float64 oracle (tests/reference.py, within its
+tolerance; argmax exactly) and, in float64, against finite differences. Inputs reach the module's functions as the
+registry would hand them over: C-contiguous (np.ascontiguousarray of sliced or transposed views)."""
+
+import numpy as np
+import pytest
+import reference
+from gradcheck import assert_gradient_matches, dotted_with
+
+from numba_cnn.kernels import get_backend
+
+jit = get_backend("jit").module
+DTYPES = [np.float32, np.float64]
+
+# x (N, C, H, W), w (K, C, R, S): batch 1 and one channel, odd P and Q (a dropped last row/column), K off the lanes
+# (5, 33, 70), outputs narrower than a column tile, a non-square kernel, the model's two layers.
+SHAPES = [
+    pytest.param((1, 1, 6, 6), (2, 1, 3, 3), id="batch1_one_channel"),
+    pytest.param((2, 3, 9, 8), (5, 3, 3, 3), id="odd_p_k5"),
+    pytest.param((2, 2, 8, 9), (33, 2, 3, 3), id="odd_q_k33"),
+    pytest.param((1, 4, 7, 7), (70, 4, 2, 2), id="odd_p_q_k70"),
+    pytest.param((2, 2, 4, 5), (3, 2, 3, 3), id="narrow_one_window"),
+    pytest.param((2, 3, 9, 12), (6, 3, 2, 3), id="kernel_2x3"),
+    pytest.param((3, 1, 28, 28), (32, 1, 3, 3), id="conv1_mnist"),
+    pytest.param((2, 32, 13, 13), (64, 32, 3, 3), id="conv2_mnist"),
+]
+
+
+def _operands(rng, x_shape, w_shape, dtype, fill="normal", layout="contiguous"):
+    k = w_shape[0]
+    if fill == "ties":  # small integers, zero bias: exact sums, many zeros after ReLU, many tied windows
+        x = rng.integers(-1, 2, x_shape).astype(dtype)
+        w = rng.integers(-1, 2, w_shape).astype(dtype)
+        b = np.zeros(k, dtype)
+    else:
+        x = rng.standard_normal(x_shape).astype(dtype)
+        w = rng.standard_normal(w_shape).astype(dtype)
+        b = rng.standard_normal(k).astype(dtype)
+    if layout == "sliced":  # every other element of a larger array, then made contiguous as the registry does
+        big = np.zeros(x_shape[:2] + (2 * x_shape[2], 2 * x_shape[3]), dtype)
+        big[:, :, ::2, 1::2] = x
+        x = np.ascontiguousarray(big[:, :, ::2, 1::2])
+    elif layout == "transposed":  # stored NHWC, viewed NCHW
+        x = np.ascontiguousarray(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))
+        w = np.ascontiguousarray(np.ascontiguousarray(w.transpose(3, 2, 1, 0)).transpose(3, 2, 1, 0))
+    return x, w, b
+
+
+def _composed_forward(x, w, b):
+    y = jit.conv2d_forward(x, w, b, True)
+    return y, jit.maxpool2d_forward(y)
+
+
+def _composed_backward(dy, pooled, argmax, conv_shape, x, w, need_dx):
+    return jit.conv2d_backward(jit.maxpool2d_backward(dy * (pooled > 0), argmax, conv_shape), x, w, need_dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fill,layout", [("normal", "contiguous"), ("ties", "contiguous"), ("normal", "sliced"),
+                                         ("ties", "transposed")])
+@pytest.mark.parametrize("x_shape,w_shape", SHAPES)
+def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, fill, layout, dtype, rng):
+    x, w, b = _operands(rng, x_shape, w_shape, dtype, fill, layout)
+    y_fused, arg_fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    conv, (y_comp, arg_comp) = _composed_forward(x, w, b)
+    assert y_fused.dtype == dtype and arg_fused.dtype == np.uint8 and y_fused.flags.c_contiguous
+    assert y_fused.shape == arg_fused.shape == y_comp.shape
+    np.testing.assert_array_equal(y_fused, y_comp)
+    np.testing.assert_array_equal(arg_fused, arg_comp)
+    conv_ref = reference.conv2d_forward(x, w, b, True)
+    y_ref, arg_ref = reference.maxpool2d_forward(conv_ref)
+    reference.assert_close(y_fused, y_ref, dtype, "pooled")
+    if fill == "ties":  # exact integer sums: the oracle pools the very same values, ties included
+        np.testing.assert_array_equal(arg_fused, arg_ref)
+        assert conv.size < 500 or (y_fused == 0).mean() > 0.05  # the big cases hold windows of tied zeros
+
+    dy = rng.standard_normal(y_fused.shape).astype(dtype)
+    for need_dx in (True, False):
+        fused = jit.conv2d_relu_maxpool2d_backward(dy, y_fused, arg_fused, x, w, need_dx)
+        composed = _composed_backward(dy, y_comp, arg_comp, conv.shape, x, w, need_dx)
+        oracle = reference.conv2d_backward(
+            reference.maxpool2d_backward(dy * (y_fused > 0), arg_fused, conv.shape), x, w, need_dx)
+        for name, got, same, want in zip(("dx", "dw", "db"), fused, composed, oracle):
+            if not need_dx and name == "dx":
+                assert got is None and same is None
+                continue
+            assert got.dtype == dtype and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, same, err_msg=name)
+            reference.assert_close(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_ops_with_nan_and_inf(dtype, rng):
+    """NaN and inf flow through the fused ops as through the composed ones: ReLU keeps NaN, a window holding a NaN
+    pools to NaN at its first NaN, infinities compare as numbers; the oracle (np.argmax: first NaN) agrees."""
+    x, w, b = _operands(rng, (2, 3, 12, 11), (5, 3, 3, 3), dtype)
+    x[0, 1, 2, 3] = np.nan
+    x[1, 0, 7, 7] = np.inf
+    x[1, 2, 0, 0] = -np.inf
+    y_fused, arg_fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    conv, (y_comp, arg_comp) = _composed_forward(x, w, b)
+    assert np.isnan(y_fused).any() and np.isinf(y_fused).any()
+    np.testing.assert_array_equal(y_fused, y_comp)  # NaN where NaN
+    np.testing.assert_array_equal(arg_fused, arg_comp)
+    y_ref, arg_ref = reference.maxpool2d_forward(reference.conv2d_forward(x, w, b, True))
+    np.testing.assert_array_equal(np.isnan(y_fused), np.isnan(y_ref))
+    nan_windows = np.isnan(y_ref)
+    np.testing.assert_array_equal(arg_fused[nan_windows], arg_ref[nan_windows])
+    dy = rng.standard_normal(y_fused.shape).astype(dtype)
+    fused = jit.conv2d_relu_maxpool2d_backward(dy, y_fused, arg_fused, x, w, True)
+    composed = _composed_backward(dy, y_comp, arg_comp, conv.shape, x, w, True)
+    for got, same in zip(fused, composed):
+        np.testing.assert_array_equal(got, same)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pooling_nan_first_ties_first_and_relu_keeps_nan(dtype):
+    nan, inf = np.nan, np.inf
+    windows = [  # row-major 2x2 windows -> (max, argmax)
+        ([1, nan, nan, 5], (nan, 1)), ([nan, 2, 3, nan], (nan, 0)), ([2, 3, 3, nan], (nan, 3)),
+        ([1, 1, inf, inf], (inf, 2)), ([-inf] * 4, (-inf, 0)), ([0, 0, 0, 0], (0, 0)), ([-1, 4, 4, 2], (4, 1)),
+        ([-inf, -5, nan, inf], (nan, 2)),
+    ]
+    x = np.array([[v[:2], v[2:]] for v, _ in windows], dtype)[None]  # (1, windows, 2, 2)
+    y, argmax = jit.maxpool2d_forward(x)
+    want_y = np.array([m for _, (m, _) in windows], dtype)
+    np.testing.assert_array_equal(y.reshape(-1), want_y)
+    assert argmax.reshape(-1).tolist() == [a for _, (_, a) in windows]
+    # the fused op pools the same windows after ReLU (which keeps NaN and clamps negatives to 0): a 1x1 identity
+    # kernel, one window at a time (a channel-mixing kernel would spread a NaN through 0 * NaN)
+    one, zero = np.ones((1, 1, 1, 1), dtype), np.zeros(1, dtype)
+    for values, _ in windows:
+        window = np.array(values, dtype).reshape(1, 1, 2, 2)
+        y_fused, arg_fused = jit.conv2d_relu_maxpool2d_forward(window, one, zero)
+        relu = jit.conv2d_forward(window, one, zero, True)
+        np.testing.assert_array_equal(relu, np.maximum(window, 0))  # NaN stays NaN, as np.maximum / torch.relu
+        y_relu, arg_relu = jit.maxpool2d_forward(relu)
+        y_ref, arg_ref = reference.maxpool2d_forward(np.maximum(window, 0))
+        np.testing.assert_array_equal(y_fused, y_relu)
+        np.testing.assert_array_equal(arg_fused, arg_relu)
+        np.testing.assert_array_equal(y_fused, y_ref)
+        np.testing.assert_array_equal(arg_fused, arg_ref)
+
+
+@pytest.mark.parametrize("wrt", ["x", "w", "b"])
+@pytest.mark.parametrize("x_shape,w_shape", [((2, 2, 7, 6), (3, 2, 3, 2)), ((1, 1, 5, 5), (2, 1, 2, 2))],
+                         ids=["odd_3x2_kernel", "one_channel"])
+def test_fused_backward_matches_finite_differences(x_shape, w_shape, wrt, rng):
+    inputs = dict(zip("xwb", _operands(rng, x_shape, w_shape, np.float64)))
+    y, argmax = jit.conv2d_relu_maxpool2d_forward(inputs["x"], inputs["w"], inputs["b"])
+    dy = rng.standard_normal(y.shape)
+
+    def forward(a):
+        args = dict(inputs, **{wrt: a})
+        return jit.conv2d_relu_maxpool2d_forward(args["x"], args["w"], args["b"])[0]
+
+    dx, dw, db = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, inputs["x"], inputs["w"], True)
+    analytic = {"x": dx, "w": dw, "b": db}[wrt]
+    assert_gradient_matches(analytic, dotted_with(forward, dy), inputs[wrt].copy(), what=f"fused d{wrt}")
