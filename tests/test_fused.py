@@ -1,12 +1,12 @@
 """The jit backend's fused ops (kernels README: optional beyond the contract, named in the backend's INFO.fused):
 conv2d_relu_maxpool2d_forward / _backward against the contract ops they replace, composed (bitwise: the fused
-kernels use the same tiles and summation orders), against the float64 oracle (tests/reference.py, within its
+kernels use the same tiles and summation orders), against the float64 oracle (numba_cnn/kernels/reference.py, within its
 tolerance; argmax exactly) and, in float64, against finite differences. Inputs reach the module's functions as the
 registry would hand them over: C-contiguous (np.ascontiguousarray of sliced or transposed views)."""
 
 import numpy as np
 import pytest
-import reference
+from numba_cnn.kernels import reference
 from gradcheck import assert_gradient_matches, dotted_with
 
 from numba_cnn.kernels import get_backend

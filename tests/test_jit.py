@@ -275,8 +275,7 @@ def test_other_targets_compile_their_own_tiles(tmp_path, cpu, features, bits):
 
 _OTHER_TILES_PROBE = """
     import numpy as np
-    import reference
-    from numba_cnn.kernels import jit
+    from numba_cnn.kernels import jit, reference
     print(jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE, jit.GRAD_LANES_WIDE, jit.CONV1_TILE)
     rng = np.random.default_rng(2)
     for x_shape, w_shape in [((3, 1, 28, 28), (32, 1, 3, 3)), ((3, 32, 13, 13), (64, 32, 3, 3)),
@@ -305,8 +304,7 @@ _OTHER_TILES_PROBE = """
 def test_avx512_tile_constants_compute_the_same_results(tmp_path):
     """The AVX-512 tile shapes (NUMBA_CNN_TILE_BITS=512) run here through the same kernels with other constants:
     correct against the oracle and fused == composed, though an AVX2 host spills their accumulators."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_TILE_BITS="512",
-               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_TILE_BITS="512")
     result = _run_python(_OTHER_TILES_PROBE, env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "(32, 7) (64, 4) 64 (32, 6)" and "ok" in result.stdout, result.stdout

@@ -1,0 +1,268 @@
+"""jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked, no BLAS.
+
+The compiled kernels are in tiles.py (every @njit function of the backend in one file, so Numba's cache sees
+every change); this file holds the contract functions and the host-side glue that packs inputs and calls them.
+
+Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
+stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
+is promoted to vector registers (a np.empty tile stays in memory: measured 2-5x slower). The innermost loop runs
+over `lanes` channels contiguous in memory and compiles to FMAs as wide as the target's vectors. Tile shapes are
+chosen once, in tiles.py (`CONV_TILE_*`, `GRAD_LANES_*`), from the vector width and register count of the instruction
+set numba compiles for (`_numba_ext.TILE_BITS` / `TILE_REGISTERS`, which honour NUMBA_CPU_NAME/FEATURES):
+an AVX2 target has 16 ymm registers, so a tile of at most 12 accumulators; an AVX-512 target 32 zmm.
+
+conv2d_forward   `_conv_tile_*`: prange over images; x repacked channels-last (N, H, W, C) by `_pack_channels_last`
+                 (a free reshape when C = 1) and w to (R, S, C, K padded to the lanes); per output row, tiles of
+                 columns x lanes output channels, reduced over (r, s, c) with c innermost (contiguous, and the
+                 longest loop); bias seeds the tile, ReLU clamps it on the store to NCHW (NaN stays NaN). The last
+                 column tile overlaps the one before; inputs narrower than a tile are zero-padded on the right and
+                 the output cropped.
+conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K padded) by `_pack_channels_last`;
+                 tiles of 3 taps along a kernel row x lanes; the (channel, row, tap block, lane block) tiles are
+                 split into one contiguous range per thread, images outermost, so each thread streams dy once;
+                 with few tiles (conv1: 3) the images are also cut into GRAD_IMAGE_CHUNKS fixed chunks whose
+                 partial sums are added in chunk order, so both cores get work; every dw element is summed in the
+                 same order whatever the thread count.
+                 db: per-image sums made by `_pack_channels_last` while it repacks, added up image by image.
+                 dx: the full correlation of dy with the flipped kernel through the forward's `_conv_tile_*`
+                 (bias 0, no ReLU), reading the same channels-last dy, packed with S-1 zero columns on each side;
+                 the R-1 zero rows above and below are skipped by the kernel's row_shift instead of stored.
+maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, channel) planes; forward compares
+                 the 4 window values in row-major order through selects (so it vectorises): a later value wins
+                 if it is strictly greater, or if it is NaN and the best so far is not (a NaN beats every number,
+                 the first NaN wins, ties keep the first maximum); backward writes each input element once (its
+                 window's dy or zero), so no zero-fill pass.
+
+Fused ops (beyond the contract; INFO.fused names them):
+conv2d_relu_maxpool2d_forward   `_conv_pool_*`: the forward's tiles for one pair of conv rows land in a per-image
+                 (2, Q, K) channels-last buffer (L1-sized), ReLU'd, and are pooled from there into y and argmax:
+                 the P x Q x K activation is never written. One input channel with conv rows of at most
+                 CONV1_TILE columns (conv1) takes `_conv1_pool` instead, a tile along the columns (9 taps cannot
+                 amortise a channels-last tile's transposing store). Both sum each output as conv2d_forward does
+                 (bias, then the taps in (r, s, c) order, as FMAs), so the pooled values and argmax are bitwise
+                 those of the composed ops (tested).
+conv2d_relu_maxpool2d_backward  `_unpool_pack`: the pooled gradient, masked by ReLU (dy * (y > 0)), is scattered
+                 through argmax straight into the channels-last dy buffer the dw and dx kernels read (no
+                 maxpool2d_backward, no NCHW conv-output gradient), with the same per-image db sums; then the
+                 same dw and dx kernels as conv2d_backward, so again bitwise the composed ops' results.
+
+Private variants: `_conv_tile_narrow` / `_conv_tile_wide` (K <= CONV_TILE_NARROW lanes or wider), the same for
+`_conv_pool_*` and `_weight_grad_*` (one kernel when both lane counts agree).
+
+Results do not depend on the thread count (bitwise): forward and dx split over images, dw as above, db from fixed
+per-image sums. All float work is in the input's dtype (float32 or float64).
+
+Compilation: every kernel goes through `_numba_ext.jit` (one set of options), compiles lazily on its first call
+for a dtype, and is cached on disk (`cache=True`) in `__pycache__` next to this file or, when the package
+directory is not writable, in numba's user cache directory (NUMBA_CACHE_DIR overrides both). NUMBA_CNN_CACHE=0
+turns the disk cache off; if no cache location is usable at all, the kernels compile uncached with a warning.
+NUMBA_CNN_STACK_TILES=0 swaps the register tiles for heap arrays (see `_numba_ext`).
+"""
+
+import threading
+
+import numpy as np
+from numba import get_num_threads
+
+from numba_cnn.kernels._numba_ext import CACHE  # noqa: F401  (jit.CACHE: whether the kernels use the disk cache)
+from numba_cnn.kernels.contract import BackendInfo
+from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_TILE_NARROW, CONV_TILE_WIDE, GRAD_IMAGE_CHUNKS,
+                                         GRAD_LANES_NARROW, GRAD_LANES_WIDE, GRAD_MIN_TILES, TILE_TAPS, _conv1_pool,
+                                         _conv_pool_narrow, _conv_pool_wide, _conv_tile_narrow, _conv_tile_wide,
+                                         _maxpool_backward, _maxpool_forward, _pack_channels_last, _unpool_pack,
+                                         _weight_grad_narrow, _weight_grad_wide)
+
+# BLAS at one thread: its only BLAS calls are the dense layer's small matmuls, and OpenBLAS workers that keep
+# spinning after each call take the core Numba's threads need (2 cores: a training step measured 41.6 ms with 2
+# BLAS threads, 23.6 ms with 1).
+INFO = BackendInfo(summary="register-tiled loop kernels compiled by Numba (parallel=True)", blas_threads="one",
+                   fused=("conv2d_relu_maxpool2d",))
+
+
+def _conv_tile_shape(out_channels):
+    """(lanes, columns) of the correlation tile for `out_channels` outputs."""
+    return CONV_TILE_NARROW if out_channels <= CONV_TILE_NARROW[0] else CONV_TILE_WIDE
+
+
+def _grad_lanes(out_channels):
+    return GRAD_LANES_NARROW if out_channels <= GRAD_LANES_NARROW else GRAD_LANES_WIDE
+
+
+def _padded(channels, lanes):
+    return -(-channels // lanes) * lanes
+
+
+def _pad_width(x, width):
+    """x zero-padded on the right of axis 3 to `width`, for inputs narrower than a tile."""
+    if x.shape[3] >= width:
+        return x
+    wide = np.zeros(x.shape[:3] + (width,), x.dtype)
+    wide[..., :x.shape[3]] = x
+    return wide
+
+
+_scratch_buffers = threading.local()
+_SCRATCH_KEPT = 8  # buffers kept per thread: a training step uses 3 (conv2's x, conv2's and conv1's dy)
+
+
+def _scratch(name, shape, dtype):
+    """A reusable uninitialised buffer for internal data that never leaves this module, one per (name, shape,
+    dtype): fresh multi-megabyte arrays cost a page fault per 4 KiB on every call (measured ~12 ms of system
+    time per training step). The oldest buffer is dropped beyond _SCRATCH_KEPT."""
+    buffers = _scratch_buffers.__dict__.setdefault("by_key", {})
+    key = (name, shape, np.dtype(dtype).str)
+    buffer = buffers.get(key)
+    if buffer is None:
+        if len(buffers) >= _SCRATCH_KEPT:
+            del buffers[next(iter(buffers))]
+        buffer = buffers[key] = np.empty(shape, dtype)
+    return buffer
+
+
+def _channels_last(x, col_pad=0, channels=None, scratch="x_cl"):
+    """x[N, C, H, W] -> (x_cl[N, H, W + 2 col_pad, channels], per-image channel sums[N, channels]), both in
+    scratch buffers (valid until the next call with the same scratch name)."""
+    n, c, h, w = x.shape
+    channels = c if channels is None else channels
+    x_cl = _scratch(scratch, (n, h, w + 2 * col_pad, channels), x.dtype)
+    sums = _scratch(scratch + ".sums", (n, channels), x.dtype)
+    _pack_channels_last(x, col_pad, x_cl, sums)
+    return x_cl, sums
+
+
+def _input_channels_last(x):
+    n, c, h, wd = x.shape
+    return x.reshape(n, h, wd, 1) if c == 1 else _channels_last(x)[0]  # one channel: already channels-last
+
+
+def _packed_weights(w_rsck, bias, lanes, dtype):
+    """w[R, S, C, K] and b[K] zero-padded to a multiple of `lanes` output channels."""
+    out_channels = w_rsck.shape[3]
+    k_padded = _padded(out_channels, lanes)
+    wt = np.zeros(w_rsck.shape[:3] + (k_padded,), dtype)
+    wt[..., :out_channels] = w_rsck
+    b = np.zeros(k_padded, dtype)
+    b[:out_channels] = bias
+    return wt, b
+
+
+def _correlate(x_cl, w_rsck, bias, relu, row_shift=0):
+    """Correlation of channels-last x_cl[N, H, W, C] with w_rsck[R, S, C, K] through a tile kernel -> y[N, K, P, Q];
+    row_shift > 0 treats x_cl as zero-padded by row_shift rows at the top and bottom without storing them."""
+    n, h, wd, _ = x_cl.shape
+    r, s, _, out_channels = w_rsck.shape
+    lanes, columns = _conv_tile_shape(out_channels)
+    wt, b = _packed_weights(w_rsck, bias, lanes, x_cl.dtype)
+    q = wd - s + 1
+    if q < columns:  # narrower than a tile: zero columns on the right, cropped off the output
+        wide = np.zeros((n, h, columns + s - 1, x_cl.shape[3]), x_cl.dtype)
+        wide[:, :, :wd] = x_cl
+        x_cl = wide
+    y = np.empty((n, out_channels, h + 2 * row_shift - r + 1, x_cl.shape[2] - s + 1), x_cl.dtype)
+    floor = x_cl.dtype.type(0 if relu else -np.inf)
+    kernel = _conv_tile_narrow if lanes == CONV_TILE_NARROW[0] else _conv_tile_wide
+    kernel(x_cl, wt, b, floor, row_shift, y)
+    return y if y.shape[3] == q else np.ascontiguousarray(y[..., :q])
+
+
+def _conv_backward_packed(dyt, dy_sums, x, w, need_dx):
+    """conv2d_backward from dy already packed channels-last (N, P, Q + 2 col_pad, K padded to the grad lanes),
+    col_pad = S - 1 when need_dx else 0, and its per-image channel sums."""
+    k, c, r, s = w.shape
+    col_pad = s - 1 if need_dx else 0
+    db = dy_sums[:, :k].sum(axis=0)
+    # kernels narrower than a tap tile: zero columns on the right of x add taps that are computed and dropped
+    s_tiled = max(s, TILE_TAPS)
+    lanes = _grad_lanes(k)
+    n_tiles = c * r * (-(-s_tiled // TILE_TAPS)) * (dyt.shape[3] // lanes)
+    chunks = min(GRAD_IMAGE_CHUNKS, x.shape[0]) if n_tiles < GRAD_MIN_TILES else 1
+    dwt = np.zeros((chunks, c, r, s_tiled, dyt.shape[3]), x.dtype)
+    weight_grad = _weight_grad_narrow if lanes == GRAD_LANES_NARROW else _weight_grad_wide
+    weight_grad(_pad_width(x, x.shape[3] + s_tiled - s), dyt, col_pad, r, s_tiled, get_num_threads(), dwt)
+    dw_crsk = dwt[0] if chunks == 1 else np.sum(dwt, axis=0)  # chunk by chunk, in order
+    dw = np.ascontiguousarray(dw_crsk[:, :, :s, :k].transpose(3, 0, 1, 2))
+    if not need_dx:
+        return None, dw, db
+    # dx is the full correlation of dy with the flipped kernel: the zero columns are in dyt, the R-1 zero rows
+    # above and below are skipped through row_shift; dyt's padded channels meet zero rows of w_flipped
+    w_flipped = np.zeros((r, s, dyt.shape[3], c), x.dtype)
+    w_flipped[:, :, :k] = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
+    dx = _correlate(dyt, w_flipped, np.zeros(c, x.dtype), False, row_shift=r - 1)
+    return dx, dw, db
+
+
+def conv2d_forward(x, w, b, relu):
+    """x[N,C,H,W], w[K,C,R,S], b[K] -> y[N,K,H-R+1,W-S+1], ReLU applied when relu is True."""
+    return _correlate(_input_channels_last(x), w.transpose(2, 3, 1, 0), b, relu)
+
+
+def conv2d_backward(dy, x, w, need_dx):
+    """dy[N,K,P,Q], x[N,C,H,W], w[K,C,R,S] -> (dx[N,C,H,W] or None, dw[K,C,R,S], db[K])."""
+    k, c, r, s = w.shape
+    # dy channels-last, its channels padded to the lanes; for dx also padded by S-1 zero columns on each side
+    col_pad = s - 1 if need_dx else 0
+    dyt, dy_sums = _channels_last(dy, col_pad, _padded(k, _grad_lanes(k)), scratch="dy_cl")
+    return _conv_backward_packed(dyt, dy_sums, x, w, need_dx)
+
+
+def maxpool2d_forward(x):
+    """x[N,C,H,W] -> (y[N,C,H//2,W//2], argmax uint8 offset 2*di+dj of each window's first maximum)."""
+    n, c, h, w = x.shape
+    y = np.empty((n, c, h // 2, w // 2), x.dtype)
+    argmax = np.empty(y.shape, np.uint8)
+    _maxpool_forward(x, y, argmax)
+    return y, argmax
+
+
+def maxpool2d_backward(dy, argmax, x_shape):
+    """dy[N,C,H//2,W//2], argmax, x_shape (N,C,H,W) -> dx[N,C,H,W], dy routed to each window's winner."""
+    dx = np.empty(x_shape, dy.dtype)
+    _maxpool_backward(dy, argmax, dy.dtype.type(0), dx)
+    return dx
+
+
+def conv2d_relu_maxpool2d_forward(x, w, b):
+    """x[N,C,H,W], w[K,C,R,S], b[K] -> (y[N,K,P//2,Q//2], argmax uint8), P = H-R+1, Q = W-S+1: equal to
+    maxpool2d_forward(conv2d_forward(x, w, b, relu=True)) without writing the conv output."""
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    p_half, q_half = (h - r + 1) // 2, (wd - s + 1) // 2
+    y = np.empty((n, k, p_half, q_half), x.dtype)
+    argmax = np.empty(y.shape, np.uint8)
+    if c == 1 and 2 * q_half <= CONV1_TILE[0]:  # a tile along the columns (see _make_conv1_pool)
+        columns, channels = CONV1_TILE
+        x_1 = _pad_width(x, columns + s - 1).reshape(n, h, -1)
+        k_padded = _padded(k, channels)
+        wt = np.zeros((k_padded, r, s), x.dtype)
+        wt[:k] = w[:, 0]
+        bp = np.zeros(k_padded, x.dtype)
+        bp[:k] = b
+        _conv1_pool(x_1, wt, bp, x.dtype.type(0), y, argmax)
+        return y, argmax
+    lanes, columns = _conv_tile_shape(k)
+    x_cl = _input_channels_last(x)
+    wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, lanes, x.dtype)
+    q_tiles = max(2 * q_half, columns)
+    if wd < q_tiles + s - 1:  # narrower than a tile: zero columns on the right, never pooled
+        wide = np.zeros((n, h, q_tiles + s - 1, c), x.dtype)
+        wide[:, :, :wd] = x_cl
+        x_cl = wide
+    kernel = _conv_pool_narrow if lanes == CONV_TILE_NARROW[0] else _conv_pool_wide
+    kernel(x_cl, wt, bp, x.dtype.type(0), q_tiles, y, argmax)
+    return y, argmax
+
+
+def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx):
+    """dy[N,K,P//2,Q//2] (gradient of the pooled output), y (the pooled output), argmax, x[N,C,H,W], w[K,C,R,S] ->
+    (dx[N,C,H,W] or None, dw[K,C,R,S], db[K]): equal to conv2d_backward(maxpool2d_backward(dy * (y > 0), argmax,
+    (N, K, P, Q)), x, w, need_dx), the pooled gradient scattered straight into the packed conv gradient."""
+    k, c, r, s = w.shape
+    n, _, h, wd = x.shape
+    col_pad = s - 1 if need_dx else 0
+    shape = (n, h - r + 1, wd - s + 1 + 2 * col_pad, _padded(k, _grad_lanes(k)))
+    dyt = _scratch("dy_cl", shape, dy.dtype)
+    sums = _scratch("dy_cl.sums", (n, shape[3]), dy.dtype)
+    _unpool_pack(dy, y, argmax, col_pad, dy.dtype.type(0), dyt, sums)
+    return _conv_backward_packed(dyt, sums, x, w, need_dx)
+
+
