@@ -350,3 +350,18 @@ def test_float32_kernels_compile_to_float32_only_ptx():
             pytest.skip("NVVM/NVRTC not found: cannot compile to PTX here")
         pytest.fail(result.stderr[-3000:])
     assert "FLOAT64" not in result.stdout, result.stdout
+
+
+def test_device_copies_have_canonical_strides(cuda_backend):
+    """numpy calls x[None, None] C-contiguous whatever the strides of its length-1 axes; numba-cuda on a GPU checks
+    every stride and refused such a copy as non-contiguous (found on an H200), so to_device makes fresh strides."""
+    x = np.zeros((2, 15), np.float32)[None, None]
+    assert x.flags.c_contiguous and x.strides[0] != 2 * 15 * 4
+    assert cuda_backend.to_device(x).strides == (120, 120, 60, 4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, [0, 2], [1, 2], [2, 2], [7, 2]])
+def test_dropout_seeds_fit_the_int64_a_gpu_seeds_through(cuda_backend, seed):
+    from numba_cnn.kernels.cuda import layers
+
+    assert 0 <= layers._seed_int(seed) < 2 ** 63

@@ -34,8 +34,8 @@ INSTALL_HINT = ('pip install -e ".[baselines]" (torch==2.13.0 and keras; tensorf
 # PyTorch's CPU settings worth trying: eager NCHW (its default), channels_last memory format, flush-denormal
 # (denormal floats slow x86 arithmetic), and torch.compile. "torch" runs the three eager ones and the comparison
 # takes the fastest; "torch:compile" is tried by name (on 2 cores it was slower than eager and compiles for
-# 10-40 s).
-TORCH_VARIANTS = ("nchw", "channels_last", "flush_denormal", "compile")
+# 10-40 s). "torch:cuda" runs eager NCHW on the GPU, the peer of the cuda backend.
+TORCH_VARIANTS = ("nchw", "channels_last", "flush_denormal", "compile", "cuda")
 TORCH_DEFAULT_VARIANTS = ("nchw", "channels_last", "flush_denormal")
 KERAS_BACKENDS = ("tensorflow", "torch")
 
@@ -118,18 +118,22 @@ class TorchCNN:
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
         self.memory_format = torch.channels_last if variant == "channels_last" else torch.contiguous_format
-        self.net = self.net.to(memory_format=self.memory_format)
+        if variant == "cuda" and not torch.cuda.is_available():
+            raise NumbaCNNError(f"torch:cuda needs a CUDA build of torch and a GPU; torch {torch.__version__} sees none")
+        self.device = torch.device("cuda" if variant == "cuda" else "cpu")
+        self.net = self.net.to(self.device, memory_format=self.memory_format)
         self.forward = torch.compile(self.net) if variant == "compile" else self.net
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=LEARNING_RATE, eps=ADAM_EPSILON)
         self.loss_fn = nn.CrossEntropyLoss()
 
     def _images(self, x):
-        return self.torch.from_numpy(as_float_images(x)).contiguous(memory_format=self.memory_format)
+        images = self.torch.from_numpy(as_float_images(x)).to(self.device)
+        return images.contiguous(memory_format=self.memory_format)
 
     def train_step(self, x, y):
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.forward(self._images(x)), self.torch.from_numpy(y))
+        loss = self.loss_fn(self.forward(self._images(x)), self.torch.from_numpy(y).to(self.device))
         loss.backward()
         self.optimizer.step()
         return loss.item()
@@ -137,7 +141,7 @@ class TorchCNN:
     def predict(self, x):
         self.net.eval()
         with self.torch.inference_mode():
-            return self.forward(self._images(x)).argmax(dim=1).numpy()
+            return self.forward(self._images(x)).argmax(dim=1).cpu().numpy()
 
 
 class KerasCNN:

@@ -96,8 +96,10 @@ class DropoutRNG:
 
 
 def _seed_int(seed):
-    """An int or a sequence of ints (as np.random.default_rng takes) -> one uint64 seed."""
-    return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
+    """An int or a sequence of ints (as np.random.default_rng takes) -> one seed below 2**63: on a GPU,
+    numba-cuda seeds the generator states through an int64 (a larger seed raised OverflowError there, never in
+    the simulator)."""
+    return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def make_dropout_rng(seed):

@@ -63,10 +63,12 @@ ZERO = np.float32(0)
 
 
 def to_device(host_array):
-    """A host array (any layout) -> a C-contiguous device copy. Device arrays pass through unchanged."""
+    """A host array (any layout) -> a C-contiguous device copy. Device arrays pass through unchanged. The host side
+    is copied into a fresh array first: numpy calls x[None] C-contiguous whatever the stride of its length-1 axis,
+    and numba-cuda, which checks every stride, then refused the device copy as non-contiguous (seen on a GPU only)."""
     if hasattr(host_array, "copy_to_host"):
         return host_array
-    return cuda.to_device(np.ascontiguousarray(host_array))
+    return cuda.to_device(np.array(host_array, order="C"))
 
 
 def to_host(device_array):
