@@ -21,6 +21,7 @@ from numba_cnn import layers as numpy_layers  # noqa: E402
 from numba_cnn.kernels import Backend, get_backend, reference  # noqa: E402
 from numba_cnn.kernels.cuda import runtime  # noqa: E402
 from numba_cnn.model import Model, init_params  # noqa: E402
+from replay import GivenDropout  # noqa: E402  (tests/ is this script's folder, first on sys.path)
 
 B = get_backend("cuda")
 L, dev, host = B.layers, B.to_device, B.to_host
@@ -176,19 +177,6 @@ def check_dropout_streams():
         assert after == {"s0": [s[0] for s in states], "s1": [s[1] for s in states]}
 
 
-class _GivenDropout:
-    """numpy layers, dropout replaying a given mask (the oracle replays the mask the cuda model drew)."""
-
-    def __init__(self, mask):
-        self.mask = mask
-
-    def __getattr__(self, name):
-        return getattr(numpy_layers, name)
-
-    def dropout_forward(self, x, rate, rng):
-        return x * self.mask, self.mask
-
-
 def check_model(images=1):
     """A float32 training pass of the whole cuda Model (the GPU's launches throughout) on `images` images against
     the float64 oracle Model with the same parameters and dropout mask: logits, loss and every gradient."""
@@ -219,7 +207,7 @@ def check_model(images=1):
     print(f"  cuda model pass on {images} image(s), GPU launches: {time.perf_counter() - start:.1f} s", flush=True)
 
     oracle = Backend("reference", reference)
-    oracle.layers = _GivenDropout(masks[0].astype(np.float64))
+    oracle.layers = GivenDropout(masks[0].astype(np.float64))
     want = Model(oracle, dtype=np.float64, params=init_params(3))
     want_logits = want.forward(x.astype(np.float64), dropout_rng=object())
     want_loss, want_dlogits, _ = numpy_layers.softmax_cross_entropy(want_logits, labels)

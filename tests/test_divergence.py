@@ -9,7 +9,7 @@ import pytest
 
 from numba_cnn import checkpoint as ckpt
 from numba_cnn.divergence import FACTOR, FLOOR, DivergenceMonitor
-from test_train_cli import run_cli, synthetic_mnist
+from test_train_cli import npz_path, run_cli  # noqa: F401 (npz_path: the fixture)
 
 
 def feed(monitor, losses):
@@ -84,13 +84,6 @@ def test_state_round_trips():
 
 
 # ---------------------------------------------------------------- the CLI
-
-@pytest.fixture(scope="module")
-def npz_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "mnist.npz"
-    x_train, y_train, x_test, y_test = synthetic_mnist()
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    return path
 
 
 def diverged_lines(result):

@@ -10,8 +10,8 @@ import pytest
 
 from numba_cnn.kernels import reference
 from conftest import backend_params, on_cuda_simulator
+from replay import GivenDropout
 from gradcheck import assert_gradient_matches
-from numba_cnn import layers as numpy_layers
 from numba_cnn.kernels import Backend, get_backend
 from numba_cnn.model import PARAM_SHAPES, Model, init_params
 from numba_cnn.optim import Adam
@@ -91,20 +91,6 @@ class RecordingDropout:
         return y, mask
 
 
-class GivenDropout:
-    """numpy layers with dropout_forward applying a given mask: the oracle replays the mask a backend drew (the
-    cuda backend draws its own random stream)."""
-
-    def __init__(self, mask):
-        self.mask = mask
-
-    def __getattr__(self, name):
-        return getattr(numpy_layers, name)
-
-    def dropout_forward(self, x, rate, rng):
-        return x * self.mask, self.mask
-
-
 def training_pass_on(backend, model):
     """One training pass over the fixed batch, written out as Model.forward_backward does it so the logits can be
     compared too: (logits, loss, gradients, dropout mask), all on the host."""
@@ -137,7 +123,8 @@ def oracle_training_pass(dropout_mask):
 
 def test_model_matches_the_float64_oracle(backend_name):
     if on_cuda_simulator(backend_name):
-        pytest.skip("cuda: a whole-model pass is millions of simulated CUDA threads (many minutes); run it on a GPU")
+        pytest.skip("cuda on the simulator: this batch is millions of simulated CUDA threads (many minutes); "
+                    "test_cuda.py checks a one-image model step against the oracle here, and a GPU runs this one")
     logits, loss, grads, mask = training_pass(backend_name)
     expected_logits, expected_loss, expected_grads, _ = oracle_training_pass(mask)
     assert 0.3 < np.mean(mask > 0) < 0.7 and set(np.unique(mask)) <= {0.0, 2.0}  # a real rate-0.5 mask
