@@ -308,3 +308,21 @@ def test_avx512_tile_constants_compute_the_same_results(tmp_path):
     result = _run_python(_OTHER_TILES_PROBE, env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "(32, 7) (64, 4) 64 (32, 6)" and "ok" in result.stdout, result.stdout
+
+
+def test_recycled_outputs_are_never_handed_out_while_held():
+    rng = np.random.default_rng(3)
+    x, w, b, _ = _operands(rng, (2, 3, 9, 9), 5, 3, 3, np.float32)
+    y1, arg1 = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    keep = y1.copy(), arg1.copy()
+    view = y1[0]
+    del y1
+    y2, arg2 = jit.conv2d_relu_maxpool2d_forward(x * 2, w, b)
+    assert not np.shares_memory(view, y2) and not np.shares_memory(arg1, arg2)
+    np.testing.assert_array_equal(view, keep[0][0])
+    np.testing.assert_array_equal(arg1, keep[1])
+    address = y2.__array_interface__["data"][0]
+    del y2, arg2
+    y3, _ = jit.conv2d_relu_maxpool2d_forward(x, w, b)  # released: recycled, and every element rewritten
+    assert y3.__array_interface__["data"][0] == address
+    np.testing.assert_array_equal(y3, keep[0])
