@@ -1,7 +1,7 @@
 """The jit backend's fused ops (kernels README: optional beyond the contract, named in the backend's INFO.fused):
 conv2d_relu_maxpool2d_forward / _backward against the contract ops they replace, composed (bitwise: the fused
-kernels use the same tiles and summation orders), against the float64 oracle (numba_cnn/kernels/reference.py, within its
-tolerance; argmax exactly) and, in float64, against finite differences. Inputs reach the module's functions as the
+kernels use the same tiles and summation orders), against the float64 oracle (numba_cnn/kernels/reference.py,
+within its tolerance; argmax exactly) and, in float64, against finite differences. Inputs reach the module's functions as the
 registry would hand them over: C-contiguous (np.ascontiguousarray of sliced or transposed views)."""
 
 import numpy as np
@@ -10,6 +10,7 @@ from numba_cnn.kernels import reference
 from gradcheck import assert_gradient_matches, dotted_with
 
 from numba_cnn.kernels import get_backend
+from numba_cnn.layers import relu_backward
 
 jit = get_backend("jit").module
 DTYPES = [np.float32, np.float64]
@@ -54,7 +55,8 @@ def _composed_forward(x, w, b):
 
 
 def _composed_backward(dy, pooled, argmax, conv_shape, x, w, need_dx):
-    return jit.conv2d_backward(jit.maxpool2d_backward(dy * (pooled > 0), argmax, conv_shape), x, w, need_dx)
+    # the ReLU's derivative as the model takes it: a select (layers.relu_backward), which keeps dy where pooled is NaN
+    return jit.conv2d_backward(jit.maxpool2d_backward(relu_backward(dy, pooled), argmax, conv_shape), x, w, need_dx)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -81,7 +83,7 @@ def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, fill,
         fused = jit.conv2d_relu_maxpool2d_backward(dy, y_fused, arg_fused, x, w, need_dx)
         composed = _composed_backward(dy, y_comp, arg_comp, conv.shape, x, w, need_dx)
         oracle = reference.conv2d_backward(
-            reference.maxpool2d_backward(dy * (y_fused > 0), arg_fused, conv.shape), x, w, need_dx)
+            reference.maxpool2d_backward(relu_backward(dy, y_fused), arg_fused, conv.shape), x, w, need_dx)
         for name, got, same, want in zip(("dx", "dw", "db"), fused, composed, oracle):
             if not need_dx and name == "dx":
                 assert got is None and same is None

@@ -41,10 +41,12 @@ conv2d_relu_maxpool2d_forward   `_conv_pool_*`: the forward's tiles for one pair
                  amortise a channels-last tile's transposing store). Both sum each output as conv2d_forward does
                  (bias, then the taps in (r, s, c) order, as FMAs), so the pooled values and argmax are bitwise
                  those of the composed ops (tested).
-conv2d_relu_maxpool2d_backward  `_unpool_pack`: the pooled gradient, masked by ReLU (dy * (y > 0)), is scattered
-                 through argmax straight into the channels-last dy buffer the dw and dx kernels read (no
-                 maxpool2d_backward, no NCHW conv-output gradient), with the same per-image db sums; then the
-                 same dw and dx kernels as conv2d_backward, so again bitwise the composed ops' results.
+conv2d_relu_maxpool2d_backward  `_unpool_pack`: the pooled gradient, masked by the ReLU's select (as
+                 layers.relu_backward), is scattered through argmax straight into the channels-last dy buffer the
+                 dw and dx kernels read (no maxpool2d_backward, no NCHW conv-output gradient), with the same
+                 per-image db sums; then the same dw and dx kernels as conv2d_backward, so again bitwise the
+                 composed ops' results. Weights holding NaN or inf take `_input_grad_gather` for dx, which skips
+                 the zero padding that 0 * inf would turn into NaN.
 
 Private variants: `_conv_tile_narrow` / `_conv_tile_wide` (K <= CONV_TILE_NARROW lanes or wider), the same for
 `_conv_pool_*` and `_weight_grad_*` (one kernel when both lane counts agree).
@@ -75,8 +77,8 @@ from numba_cnn.kernels.contract import BackendInfo
 from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_TILE_NARROW, CONV_TILE_WIDE, GRAD_IMAGE_CHUNKS,
                                          GRAD_LANES_NARROW, GRAD_LANES_WIDE, GRAD_MIN_TILES, TILE_TAPS, _conv1_pool,
                                          _conv_pool_narrow, _conv_pool_wide, _conv_tile_narrow, _conv_tile_wide,
-                                         _maxpool_backward, _maxpool_forward, _pack_channels_last, _unpool_pack,
-                                         _weight_grad_narrow, _weight_grad_wide)
+                                         _input_grad_gather, _maxpool_backward, _maxpool_forward, _pack_channels_last,
+                                         _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
 
 # BLAS at one thread: its only BLAS calls are the dense layer's small matmuls, and OpenBLAS workers that keep
 # spinning after each call take the core Numba's threads need (2 cores: a training step measured 41.6 ms with 2
@@ -215,6 +217,10 @@ def _conv_backward_packed(dyt, dy_sums, x, w, need_dx):
     dw = np.ascontiguousarray(dw_crsk[:, :, :s, :k].transpose(3, 0, 1, 2))
     if not need_dx:
         return None, dw, db
+    if not np.isfinite(w).all():  # microseconds; a diverged run's weights take the path that skips the padding
+        dx = np.empty(x.shape, x.dtype)
+        _input_grad_gather(dyt, col_pad, w, x.dtype.type(0), dx)
+        return dx, dw, db
     # dx is the full correlation of dy with the flipped kernel: the zero columns are in dyt, the R-1 zero rows
     # above and below are skipped through row_shift; dyt's padded channels meet zero rows of w_flipped
     w_flipped = np.zeros((r, s, dyt.shape[3], c), x.dtype)
@@ -286,8 +292,8 @@ def conv2d_relu_maxpool2d_forward(x, w, b):
 
 def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx):
     """dy[N,K,P//2,Q//2] (gradient of the pooled output), y (the pooled output), argmax, x[N,C,H,W], w[K,C,R,S] ->
-    (dx[N,C,H,W] or None, dw[K,C,R,S], db[K]): equal to conv2d_backward(maxpool2d_backward(dy * (y > 0), argmax,
-    (N, K, P, Q)), x, w, need_dx), the pooled gradient scattered straight into the packed conv gradient."""
+    (dx[N,C,H,W] or None, dw[K,C,R,S], db[K]): equal to conv2d_backward(maxpool2d_backward(relu_backward(dy, y),
+    argmax, (N, K, P, Q)), x, w, need_dx), the pooled gradient scattered straight into the packed conv gradient."""
     k, c, r, s = w.shape
     n, _, h, wd = x.shape
     col_pad = s - 1 if need_dx else 0

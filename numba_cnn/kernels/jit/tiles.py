@@ -301,7 +301,8 @@ def _pack_channels_last(a, col_pad, out, sums):
 @_jit
 def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
     """The gradient of a conv output before ReLU + 2x2 max-pooling, from the pooled gradient dy[N, K, P//2, Q//2]:
-    dy * (pooled > 0) routed to each window's argmax, written channels-last into out[N, P, Q + 2 col_pad,
+    the ReLU's select (dy where pooled > 0 or pooled is NaN, else exactly 0, as layers.relu_backward) routed to
+    each window's argmax, written channels-last into out[N, P, Q + 2 col_pad,
     K_padded] (every element once: zero elsewhere, in the padding columns and channels and the dropped odd
     row/column); sums[n, k] as `_pack_channels_last` makes them, in the same order (so the same bits)."""
     n_images, n_ch, p_half, q_half = dy.shape
@@ -317,8 +318,9 @@ def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
             for pi in range(p_half):
                 for pj in range(q_half):
                     g = dy_plane[pi, pj]
-                    # dy * (pooled > 0), inf * 0 = NaN included
-                    g_t[pi * q_half + pj, c] = g if pooled_plane[pi, pj] > zero else g * zero
+                    # a select, not dy * (pooled > 0): a NaN or inf dy where the ReLU was off contributes nothing
+                    p = pooled_plane[pi, pj]
+                    g_t[pi * q_half + pj, c] = g if (p > zero or p != p) else zero
                     where_t[pi * q_half + pj, c] = arg_plane[pi, pj]
         total = sums[n]
         total[:] = zero
@@ -344,6 +346,28 @@ def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
                     total[c] += left[c]
                 for c in range(c_padded):
                     total[c] += right[c]
+
+
+@_jit
+def _input_grad_gather(dyt, col_pad, w, zero, dx):
+    """dx[n,c,row,col] = sum over k and the taps (r, s) with 0 <= row - r < P and 0 <= col - s < Q of
+    dyt[n, row - r, col_pad + col - s, k] * w[k, c, r, s]: only the taps in range, so a non-finite weight reaches
+    only the elements it multiplies (the tiled dx multiplies the zero padding too, and 0 * inf is NaN). For weights
+    holding NaN or inf only: plain loops, far slower than the tiles."""
+    n_images, n_in, h, wd = dx.shape
+    p_out, q_out, n_out = dyt.shape[1], dyt.shape[2] - 2 * col_pad, w.shape[0]
+    r_taps, s_taps = w.shape[2], w.shape[3]
+    for n in prange(n_images):
+        for c in range(n_in):
+            for row in range(h):
+                for col in range(wd):
+                    acc = zero
+                    for r in range(max(0, row - p_out + 1), min(r_taps, row + 1)):
+                        for s in range(max(0, col - q_out + 1), min(s_taps, col + 1)):
+                            dy_vec = dyt[n, row - r, col_pad + col - s]
+                            for k in range(n_out):
+                                acc += dy_vec[k] * w[k, c, r, s]
+                    dx[n, c, row, col] = acc
 
 
 @_jit
