@@ -153,7 +153,7 @@ def test_a_long_run_says_its_length_and_the_flags_for_about_five_minutes(test_im
     train_s, test_s = 0.9, 0.3  # naive's order of magnitude
     note = long_run_note(size, "naive", 2.4, lambda: (train_s, test_s))
     assert note.startswith(f"note: this run will take about {format_duration(run_seconds(size, train_s, test_s))}")
-    assert "with --kernels naive" in note
+    assert "with --backend naive" in note
     n = int(note.split("--limit ")[1].split()[0])
     assert f"); {flags.format(n=n)} would take about " in note
     tested = n if "--test-limit" in flags or not test_limited else test_images
@@ -177,5 +177,5 @@ def test_a_long_cli_run_says_so_before_its_first_step(tmp_path):
         process.wait()
     note = seen[-1]
     assert note.startswith("note: this run will take about "), seen
-    assert "1000 epoch(s) of 60000 training and 10000 test images with --kernels im2col" in note
+    assert "1000 epoch(s) of 60000 training and 10000 test images with --backend im2col" in note
     assert int(note.split("--limit ")[1].split()[0]) >= 1
