@@ -50,6 +50,22 @@ def _pool_window(v0, v1, v2, v3):
     return best, where
 
 
+@njit(inline="always")  # inlined into the calling kernel in numba IR, where lanes and columns are constants
+def _tile_taps(acc, xs, x_slab, wt, r, k0, lanes, columns):
+    """The reduction both correlation kernels run for one kernel row r: acc[jj * lanes + k] += x_slab[jj + s, c] *
+    wt[r, s, c, k0 + k] over the row's taps s and the channels c, c innermost (the longest loop, and contiguous in
+    x_slab and wt); `acc` stays the calling kernel's register tile."""
+    for s in range(wt.shape[1]):
+        for c in range(x_slab.shape[1]):
+            w_vec = wt[r, s, c, k0:k0 + lanes]  # a slice: w_vec[k] provably contiguous
+            for jj in range(columns):
+                xs[jj] = x_slab[jj + s, c]
+            for k in range(lanes):
+                w_k = w_vec[k]
+                for jj in range(columns):
+                    acc[jj * lanes + k] += xs[jj] * w_k
+
+
 def _make_conv_tile(columns, lanes):
     """Correlation kernel with tiles of `columns` output columns x `lanes` output channels."""
     tile = columns * lanes
@@ -60,9 +76,9 @@ def _make_conv_tile(columns, lanes):
         """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} x_cl[n,i+r-row_shift,j+s,c] * wt[r,s,c,k]) from a
         channels-last input, rows outside 0..H-1 counting as zeros (skipped, never read); wt and b padded to a
         multiple of `lanes` channels, floor 0 for ReLU (NaN kept) or -inf for none. Needs Q >= columns."""
-        n_images, h_in, n_in = x_cl.shape[0], x_cl.shape[1], x_cl.shape[3]
+        n_images, h_in = x_cl.shape[0], x_cl.shape[1]
         n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
-        r_taps, s_taps, k_padded = wt.shape[0], wt.shape[1], wt.shape[3]
+        r_taps, k_padded = wt.shape[0], wt.shape[3]
         for n in prange(n_images):
             acc = _stack_tile(tile, x_cl.dtype)
             xs = _stack_tile(columns, x_cl.dtype)
@@ -76,17 +92,7 @@ def _make_conv_tile(columns, lanes):
                             for k in range(lanes):
                                 acc[jj * lanes + k] = b[k0 + k]
                         for r in range(r_first, r_stop):
-                            x_slab = x_cl[n, i + r - row_shift, j0:]  # sliced once: inner indices are ranges
-                            for s in range(s_taps):
-                                # the channel loop innermost of the reduction: long, and contiguous in x_cl and wt
-                                for c in range(n_in):
-                                    w_vec = wt[r, s, c, k0:k0 + lanes]  # a slice: w_vec[k] provably contiguous
-                                    for jj in range(columns):
-                                        xs[jj] = x_slab[jj + s, c]
-                                    for k in range(lanes):
-                                        w_k = w_vec[k]
-                                        for jj in range(columns):
-                                            acc[jj * lanes + k] += xs[jj] * w_k
+                            _tile_taps(acc, xs, x_cl[n, i + r - row_shift, j0:], wt, r, k0, lanes, columns)
                         for k in range(min(lanes, n_out - k0)):
                             y_seg = y[n, k0 + k, i, j0:]  # the tile's columns are contiguous in y
                             for jj in range(columns):
@@ -106,9 +112,9 @@ def _make_conv_pool(columns, lanes):
         """y[n,k,i,j], argmax[n,k,i,j] = the 2x2 max-pooling (window (2i.., 2j..), first maximum, first NaN wins)
         of relu(b[k] + sum_{r,s,c} x_cl[n,i'+r,j'+s,c] * wt[r,s,c,k]); each pair of conv rows is computed over
         q_tiles >= max(2 * Q2, columns) columns (x_cl at least q_tiles + S - 1 wide) into a per-image buffer."""
-        n_images, n_in = x_cl.shape[0], x_cl.shape[3]
+        n_images = x_cl.shape[0]
         n_out, p_half, q_half = y.shape[1], y.shape[2], y.shape[3]
-        r_taps, s_taps, k_padded = wt.shape[0], wt.shape[1], wt.shape[3]
+        r_taps, k_padded = wt.shape[0], wt.shape[3]
         for n in prange(n_images):
             acc = _stack_tile(tile, x_cl.dtype)
             xs = _stack_tile(columns, x_cl.dtype)
@@ -123,16 +129,7 @@ def _make_conv_pool(columns, lanes):
                                 for k in range(lanes):
                                     acc[jj * lanes + k] = b[k0 + k]
                             for r in range(r_taps):
-                                x_slab = x_cl[n, i + r, j0:]
-                                for s in range(s_taps):
-                                    for c in range(n_in):
-                                        w_vec = wt[r, s, c, k0:k0 + lanes]
-                                        for jj in range(columns):
-                                            xs[jj] = x_slab[jj + s, c]
-                                        for k in range(lanes):
-                                            w_k = w_vec[k]
-                                            for jj in range(columns):
-                                                acc[jj * lanes + k] += xs[jj] * w_k
+                                _tile_taps(acc, xs, x_cl[n, i + r, j0:], wt, r, k0, lanes, columns)
                             for jj in range(columns):
                                 out = rows[half, j0 + jj, k0:k0 + lanes]
                                 for k in range(lanes):
