@@ -100,12 +100,15 @@ def _padded(channels, lanes):
     return -(-channels // lanes) * lanes
 
 
-def _pad_width(x, width):
-    """x zero-padded on the right of axis 3 to `width`, for inputs narrower than a tile."""
-    if x.shape[3] >= width:
+def _pad_width(x, width, axis=3):
+    """x zero-padded on the right of its width axis (3 in NCHW, 2 in channels-last) to at least `width`, for
+    inputs narrower than a tile; x itself when it is wide enough."""
+    if x.shape[axis] >= width:
         return x
-    wide = np.zeros(x.shape[:3] + (width,), x.dtype)
-    wide[..., :x.shape[3]] = x
+    shape = list(x.shape)
+    shape[axis] = width
+    wide = np.zeros(shape, x.dtype)
+    wide[(slice(None),) * axis + (slice(0, x.shape[axis]),)] = x
     return wide
 
 
@@ -188,10 +191,7 @@ def _correlate(x_cl, w_rsck, bias, relu, row_shift=0):
     lanes, columns = _conv_tile_shape(out_channels)
     wt, b = _packed_weights(w_rsck, bias, lanes, x_cl.dtype)
     q = wd - s + 1
-    if q < columns:  # narrower than a tile: zero columns on the right, cropped off the output
-        wide = np.zeros((n, h, columns + s - 1, x_cl.shape[3]), x_cl.dtype)
-        wide[:, :, :wd] = x_cl
-        x_cl = wide
+    x_cl = _pad_width(x_cl, columns + s - 1, axis=2)  # narrower than a tile: zero columns, cropped off the output
     y = _output((n, out_channels, h + 2 * row_shift - r + 1, x_cl.shape[2] - s + 1), x_cl.dtype)
     floor = x_cl.dtype.type(0 if relu else -np.inf)
     kernel = _conv_tile_narrow if lanes == CONV_TILE_NARROW[0] else _conv_tile_wide
@@ -281,10 +281,7 @@ def conv2d_relu_maxpool2d_forward(x, w, b):
     x_cl = _input_channels_last(x)
     wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, lanes, x.dtype)
     q_tiles = max(2 * q_half, columns)
-    if wd < q_tiles + s - 1:  # narrower than a tile: zero columns on the right, never pooled
-        wide = np.zeros((n, h, q_tiles + s - 1, c), x.dtype)
-        wide[:, :, :wd] = x_cl
-        x_cl = wide
+    x_cl = _pad_width(x_cl, q_tiles + s - 1, axis=2)  # narrower than a tile: zero columns, never pooled
     kernel = _conv_pool_narrow if lanes == CONV_TILE_NARROW[0] else _conv_pool_wide
     kernel(x_cl, wt, bp, x.dtype.type(0), q_tiles, y, argmax)
     return y, argmax
