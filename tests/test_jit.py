@@ -296,7 +296,7 @@ _OTHER_TILES_PROBE = """
         fused = jit.conv2d_relu_maxpool2d_backward(dp, pooled, argmax, x, w, True)
         composed = jit.conv2d_backward(jit.maxpool2d_backward(relu_backward(dp, pooled), argmax, y.shape), x, w, True)
         for got, want in zip(fused, composed):
-            assert np.array_equal(got, want)
+            reference.assert_close(got, want, np.float32, "fused grad")
     print("ok")
 """
 
@@ -304,7 +304,8 @@ _OTHER_TILES_PROBE = """
 @pytest.mark.slow
 def test_avx512_tile_constants_compute_the_same_results(tmp_path):
     """The AVX-512 tile shapes (NUMBA_CNN_TILE_BITS=512) run here through the same kernels with other constants:
-    correct against the oracle and fused == composed, though an AVX2 host spills their accumulators."""
+    correct against the oracle, fused forward == composed and the fused backward within rounding of the composed
+    one, though an AVX2 host spills their accumulators."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_TILE_BITS="512")
     result = _run_python(_OTHER_TILES_PROBE, env)
     assert result.returncode == 0, result.stderr

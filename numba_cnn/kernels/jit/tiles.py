@@ -273,29 +273,6 @@ _weight_grad_wide = (_weight_grad_narrow if GRAD_LANES_WIDE == GRAD_LANES_NARROW
 
 
 @_jit
-def _pack_channels_last(a, col_pad, out, sums):
-    """a[N, C, H, W] -> out[N, H, W + 2 col_pad, C_padded]: channels last, zero columns on both sides and zero
-    padded channels; sums[n, c] = sum of a[n, c], summed in one fixed order per image (the bias gradient's terms,
-    independent of the thread count)."""
-    n_images, n_ch, h, w = a.shape
-    c_padded = out.shape[3]
-    for n in prange(n_images):
-        total = sums[n]
-        total[:] = 0
-        for i in range(h):
-            out[n, i, :col_pad] = 0
-            out[n, i, col_pad + w:] = 0
-            for j in range(w):
-                row = out[n, i, col_pad + j]
-                for c in range(n_ch):
-                    row[c] = a[n, c, i, j]
-                for c in range(n_ch, c_padded):
-                    row[c] = 0
-                for c in range(c_padded):
-                    total[c] += row[c]
-
-
-@_jit
 def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
     """The gradient of a conv output before ReLU + 2x2 max-pooling, from the pooled gradient dy[N, K, P//2, Q//2]:
     the ReLU's select (dy where pooled > 0 or pooled is NaN, else exactly 0, as layers.relu_backward) routed to
@@ -343,28 +320,6 @@ def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
                     total[c] += left[c]
                 for c in range(c_padded):
                     total[c] += right[c]
-
-
-@_jit
-def _input_grad_gather(dyt, col_pad, w, zero, dx):
-    """dx[n,c,row,col] = sum over k and the taps (r, s) with 0 <= row - r < P and 0 <= col - s < Q of
-    dyt[n, row - r, col_pad + col - s, k] * w[k, c, r, s]: only the taps in range, so a non-finite weight reaches
-    only the elements it multiplies (the tiled dx multiplies the zero padding too, and 0 * inf is NaN). For weights
-    holding NaN or inf only: plain loops, far slower than the tiles."""
-    n_images, n_in, h, wd = dx.shape
-    p_out, q_out, n_out = dyt.shape[1], dyt.shape[2] - 2 * col_pad, w.shape[0]
-    r_taps, s_taps = w.shape[2], w.shape[3]
-    for n in prange(n_images):
-        for c in range(n_in):
-            for row in range(h):
-                for col in range(wd):
-                    acc = zero
-                    for r in range(max(0, row - p_out + 1), min(r_taps, row + 1)):
-                        for s in range(max(0, col - q_out + 1), min(s_taps, col + 1)):
-                            dy_vec = dyt[n, row - r, col_pad + col - s]
-                            for k in range(n_out):
-                                acc += dy_vec[k] * w[k, c, r, s]
-                    dx[n, c, row, col] = acc
 
 
 @_jit

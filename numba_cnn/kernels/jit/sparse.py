@@ -1,0 +1,168 @@
+"""The jit backend's compiled kernels for the backward pass of conv + ReLU + 2x2 max-pooling that skips the zeros
+in the conv output's gradient. Pooling passes each window's gradient to one of its four elements, ReLU zeroes
+more, and in the model dropout zeroes half of the pooled gradients before that: at most a quarter of the conv
+output's gradient is nonzero (measured about 1 in 10 for the model's conv2 in training). These kernels list the
+nonzero elements once and run the weight and input gradients over the list only, as scatters (axpys along the
+taps x channels that are contiguous channels-last), with no register tile: every shape takes them.
+
+Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
+"""
+
+import numpy as np
+from numba import prange
+
+from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
+
+# values of a kernel row per register tile in the listed weight gradient: the model's conv2 row (3 taps x 32
+# channels), 12 of AVX2's 16 vector registers, 6 of AVX-512's 32
+LISTED_BLOCK = 96
+LISTED_IMAGES = 8  # images per pass of a weight-gradient tile: 8 x 21.6 KB of conv2's inputs, within L2
+
+
+@_jit
+def _pooled_grad_lists(dy, pooled, argmax, width, channels, zero, values, offsets, counts, sums):
+    """Per image n and channel k, the nonzero elements of the conv output's gradient behind ReLU + 2x2 max-pooling,
+    from the pooled gradient dy[N, K, P2, Q2]: values[n, k, :counts[n, k]] are dy where pooled > 0 or is NaN (the
+    ReLU's select, as layers.relu_backward) and nonzero (NaN counts as nonzero), in window order; offsets the
+    element offset (row * width + col) * channels of each window's winner (argmax) in a channels-last image of that
+    conv's input, i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's
+    per-image terms). Branch-free: every window is written, only the nonzero ones advance the count."""
+    n_images, n_out, p_half, q_half = dy.shape
+    for n in prange(n_images):
+        for k in range(n_out):
+            count = 0
+            total = zero
+            g_plane, pooled_plane, arg_plane = dy[n, k], pooled[n, k], argmax[n, k]
+            value_row, offset_row = values[n, k], offsets[n, k]
+            for pi in range(p_half):
+                for pj in range(q_half):
+                    p = pooled_plane[pi, pj]
+                    g = g_plane[pi, pj] if (p > zero or p != p) else zero
+                    where = arg_plane[pi, pj]
+                    value_row[count] = g
+                    offset_row[count] = ((2 * pi + where // 2) * width + 2 * pj + where % 2) * channels
+                    count += g != zero
+                    total += g
+            counts[n, k] = count
+            sums[n, k] = total
+
+
+def _make_listed_weight_grad(block):
+    """`_listed_weight_grad` with a register tile of `block` values of a kernel row (S x C, channels last)."""
+    _stack_tile = tile_allocator()
+
+    @_jit
+    def listed_weight_grad(x_flat, values, offsets, counts, row_length, n_groups, dw):
+        """dw[k, r, u] = sum over images n and listed elements e of (n, k) of values[n, k, e] *
+        x_flat[n, offsets[n, k, e] + r * row_length + u], u < S * C: the weight gradient as (K, R, S * C) (channels
+        last) from the inputs channels-last, flattened per image (x_flat[n] is x[n] as (H, W, C); row_length =
+        W * C). Each kernel row's values go in blocks of `block` through a register tile over LISTED_IMAGES images'
+        lists at a time (their inputs stay in L2), the rest one by one in memory. The output channels are split into n_groups contiguous ranges, each looping
+        over the images outermost, so every element of dw is summed in image order, then list order, whatever the
+        thread count. dw is zeroed by the caller."""
+        n_images = x_flat.shape[0]
+        n_out, r_taps, span = dw.shape
+        tiled = span - span % block
+        for group in prange(n_groups):
+            acc = _stack_tile(block, x_flat.dtype)
+            for n0 in range(0, n_images, LISTED_IMAGES):
+                images = range(n0, min(n0 + LISTED_IMAGES, n_images))
+                for k in range(group * n_out // n_groups, (group + 1) * n_out // n_groups):
+                    for r in range(r_taps):
+                        dw_r = dw[k, r]
+                        for u0 in range(0, tiled, block):
+                            for u in range(block):
+                                acc[u] = dw_r[u0 + u]
+                            for n in images:
+                                x_image, value_row, offset_row = x_flat[n], values[n, k], offsets[n, k]
+                                for e in range(counts[n, k]):
+                                    g = value_row[e]
+                                    x_seg = x_image[offset_row[e] + r * row_length + u0:]
+                                    for u in range(block):
+                                        acc[u] += g * x_seg[u]
+                            for u in range(block):
+                                dw_r[u0 + u] = acc[u]
+                        for n in images:
+                            x_image, value_row, offset_row = x_flat[n], values[n, k], offsets[n, k]
+                            for e in range(counts[n, k]):
+                                g = value_row[e]
+                                x_seg = x_image[offset_row[e] + r * row_length:]
+                                for u in range(tiled, span):
+                                    dw_r[u] += g * x_seg[u]
+
+    return listed_weight_grad
+
+
+_listed_weight_grad = _make_listed_weight_grad(LISTED_BLOCK)
+
+
+@_jit
+def _listed_input_grad(values, offsets, counts, w_rows, row_length, zero, dx):
+    """dx[n, c, i, j] (NCHW) = the scatter of every listed element e of (n, k) through the kernel: values[n, k, e] *
+    w_rows[k, r, s * C + c] added at (row + r, col + s, c) of a channels-last image, (row, col, 0) being where
+    offsets[n, k, e] points (row_length = W * C). Each image is accumulated in its own buffer, channels in order
+    then list order, and transposed into dx: split over images, so independent of the thread count."""
+    n_images, n_in, height, width = dx.shape
+    n_out, r_taps, span = w_rows.shape
+    for n in prange(n_images):
+        image = np.full(height * row_length, zero)
+        for k in range(n_out):
+            w_k = w_rows[k]
+            for e in range(counts[n, k]):
+                g = values[n, k, e]
+                start = offsets[n, k, e]
+                for r in range(r_taps):
+                    seg = image[start + r * row_length:start + r * row_length + span]
+                    w_r = w_k[r]
+                    for u in range(span):
+                        seg[u] += g * w_r[u]
+        for i in range(height):
+            for j in range(width):
+                pixel = image[(i * width + j) * n_in:(i * width + j + 1) * n_in]
+                for c in range(n_in):
+                    dx[n, c, i, j] = pixel[c]
+
+
+@_jit
+def _pack_channels_last(a, col_pad, out, sums):
+    """a[N, C, H, W] -> out[N, H, W + 2 col_pad, C_padded]: channels last, zero columns on both sides and zero
+    padded channels; sums[n, c] = sum of a[n, c], summed in one fixed order per image (the bias gradient's terms,
+    independent of the thread count)."""
+    n_images, n_ch, h, w = a.shape
+    c_padded = out.shape[3]
+    for n in prange(n_images):
+        total = sums[n]
+        total[:] = 0
+        for i in range(h):
+            out[n, i, :col_pad] = 0
+            out[n, i, col_pad + w:] = 0
+            for j in range(w):
+                row = out[n, i, col_pad + j]
+                for c in range(n_ch):
+                    row[c] = a[n, c, i, j]
+                for c in range(n_ch, c_padded):
+                    row[c] = 0
+                for c in range(c_padded):
+                    total[c] += row[c]
+
+
+@_jit
+def _input_grad_gather(dyt, col_pad, w, zero, dx):
+    """dx[n,c,row,col] = sum over k and the taps (r, s) with 0 <= row - r < P and 0 <= col - s < Q of
+    dyt[n, row - r, col_pad + col - s, k] * w[k, c, r, s]: only the taps in range, so a non-finite weight reaches
+    only the elements it multiplies (the tiled dx multiplies the zero padding too, and 0 * inf is NaN). For weights
+    holding NaN or inf only: plain loops, far slower than the tiles."""
+    n_images, n_in, h, wd = dx.shape
+    p_out, q_out, n_out = dyt.shape[1], dyt.shape[2] - 2 * col_pad, w.shape[0]
+    r_taps, s_taps = w.shape[2], w.shape[3]
+    for n in prange(n_images):
+        for c in range(n_in):
+            for row in range(h):
+                for col in range(wd):
+                    acc = zero
+                    for r in range(max(0, row - p_out + 1), min(r_taps, row + 1)):
+                        for s in range(max(0, col - q_out + 1), min(s_taps, col + 1)):
+                            dy_vec = dyt[n, row - r, col_pad + col - s]
+                            for k in range(n_out):
+                                acc += dy_vec[k] * w[k, c, r, s]
+                    dx[n, c, row, col] = acc
