@@ -119,6 +119,26 @@ def test_fused_ops_with_nan_and_inf(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,w_shape", [((2, 32, 13, 13), (64, 32, 3, 3)), ((2, 3, 9, 8), (5, 3, 3, 3))])
+def test_listed_backward_carries_nan_and_inf_gradients(x_shape, w_shape, dtype, rng):
+    """Finite x and w take the listed backward; a NaN or inf in the pooled gradient reaches dx, dw and db where the
+    oracle's composition puts it (non-finite elements equal exactly), zeros (as dropout leaves) are skipped."""
+    x, w, b = _operands(rng, x_shape, w_shape, dtype)
+    y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    dy = rng.standard_normal(y.shape).astype(dtype) * (rng.random(y.shape) < 0.5)
+    live = np.flatnonzero(y > 0)
+    dy.reshape(-1)[live[:2]] = [np.nan, np.inf]
+    dy.reshape(-1)[np.flatnonzero(y <= 0)[:1]] = -np.inf  # where the ReLU was off: no effect at all
+    conv_shape = (x.shape[0], w.shape[0], x.shape[2] - w.shape[2] + 1, x.shape[3] - w.shape[3] + 1)
+    oracle = reference.conv2d_backward(
+        reference.maxpool2d_backward(relu_backward(dy, y), argmax, conv_shape), x, w, True)
+    got = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, True)
+    for name, g, e in zip(("dx", "dw", "db"), got, oracle):
+        assert np.isnan(g).any() and np.isnan(e).any()
+        reference.assert_close(g, e, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_pooling_nan_first_ties_first_and_relu_keeps_nan(dtype):
     nan, inf = np.nan, np.inf
     windows = [  # row-major 2x2 windows -> (max, argmax)

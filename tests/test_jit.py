@@ -117,7 +117,8 @@ def test_maxpool_first_maximum_wins_and_odd_edges_are_zero():
 def test_one_and_two_threads_give_identical_bits():
     """Forward and dx split over images, dw over tiles (and fixed image chunks) with a fixed summation order per
     element, db from fixed per-image sums: none depends on the thread count, so results are bitwise equal; the
-    fused ops too. conv1's shape (one channel, 3 dw tiles) takes the image-chunked dw."""
+    fused ops too (their listed backward: dx per image, dw per output channel in image order). conv1's shape (one
+    channel, 3 dw tiles) takes the image-chunked dw."""
     rng = np.random.default_rng(5)
     cases = [((6, 3, 13, 13), 64, 3, 3), ((5, 1, 12, 10), 32, 3, 3), ((3, 2, 9, 8), 70, 2, 3),
              ((9, 1, 28, 28), 32, 3, 3)]
@@ -127,12 +128,15 @@ def test_one_and_two_threads_give_identical_bits():
             x, w, b, dy = _operands(rng, shape, k, r, s, np.float32)
             results = []
             for threads in (1, 2):
+                rng_local = np.random.default_rng(11)
                 numba.set_num_threads(threads)
                 y = jit.conv2d_forward(x, w, b, True)
                 grads = jit.conv2d_backward(dy, x, w, True)
                 pooled = jit.maxpool2d_forward(x)
                 fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
-                dpool = np.ones_like(fused[0])
+                pooled_shape = fused[0].shape  # a pooled gradient half zeros, as dropout leaves it
+                dpool = rng_local.standard_normal(pooled_shape) * (rng_local.random(pooled_shape) < 0.5)
+                dpool = dpool.astype(np.float32)
                 fused_grads = jit.conv2d_relu_maxpool2d_backward(dpool, *fused, x, w, True)
                 fused_grads_no_dx = jit.conv2d_relu_maxpool2d_backward(dpool, *fused, x, w, False)[1:]
                 results.append((y, *grads, *pooled, jit.maxpool2d_backward(pooled[0], pooled[1], x.shape),

@@ -10,8 +10,9 @@ from gradcheck import assert_gradient_matches, dotted_with
 from numba_cnn.kernels import get_backend
 
 
-# Every CPU backend shares numba_cnn/layers.py, so im2col stands for all of them; cuda brings its own.
-@pytest.fixture(params=backend_params(("im2col", "cuda")))
+# naive and im2col share numba_cnn/layers.py, so im2col stands for both; jit brings its own dropout, cuda its own
+# layers.
+@pytest.fixture(params=backend_params(("im2col", "jit", "cuda")))
 def layers_backend(request):
     return get_backend(request.param)
 

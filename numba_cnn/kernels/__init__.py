@@ -80,7 +80,9 @@ class Backend:
             self.layers, self.to_device, self.to_host = module.layers, module.to_device, module.to_host
             self.synchronize = module.synchronize
         else:
-            self.layers, self.to_device, self.to_host = numpy_layers, np.ascontiguousarray, np.asarray
+            # a host backend may bring its own layers (jit: a compiled dropout), else numpy's
+            self.layers = getattr(module, "layers", numpy_layers)
+            self.to_device, self.to_host = np.ascontiguousarray, np.asarray
             self.synchronize = None
 
     def has_fused(self, op):

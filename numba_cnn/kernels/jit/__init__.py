@@ -79,6 +79,7 @@ from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_TILE_NARROW, CONV_TILE
                                          _conv_pool_narrow, _conv_pool_wide, _conv_tile_narrow, _conv_tile_wide,
                                          _maxpool_backward, _maxpool_forward,
                                          _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
+from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: numpy's with a compiled dropout)
 from numba_cnn.kernels.jit.sparse import (_input_grad_gather, _listed_input_grad, _listed_weight_grad,
                                           _pack_channels_last, _pooled_grad_lists)
 
