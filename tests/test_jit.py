@@ -193,7 +193,7 @@ def test_tiles_follow_the_target_vector_registers():
     if not os.environ.get("NUMBA_CNN_TILE_BITS"):
         assert (ext.TILE_BITS, ext.TILE_REGISTERS) == (ext.VECTOR_BITS, ext.VECTOR_REGISTERS)
     per_register = max(ext.TILE_BITS, 256) // 32  # fp32 lanes per vector register
-    for lanes, columns in (jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE):
+    for lanes, columns in (jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE, jit.CONV_POOL_WIDE):
         assert lanes % per_register == 0
         assert columns * lanes // per_register <= ext.TILE_REGISTERS - 2
     for lanes in (jit.GRAD_LANES_NARROW, jit.GRAD_LANES_WIDE):

@@ -74,10 +74,10 @@ from numba import get_num_threads
 
 from numba_cnn.kernels._numba_ext import CACHE  # noqa: F401  (jit.CACHE: whether the kernels use the disk cache)
 from numba_cnn.kernels.contract import BackendInfo
-from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_TILE_NARROW, CONV_TILE_WIDE, GRAD_IMAGE_CHUNKS,
-                                         GRAD_LANES_NARROW, GRAD_LANES_WIDE, GRAD_MIN_TILES, TILE_TAPS, _conv1_pool,
-                                         _conv_pool_narrow, _conv_pool_wide, _conv_tile_narrow, _conv_tile_wide,
-                                         _maxpool_backward, _maxpool_forward,
+from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_WIDE, CONV_TILE_NARROW, CONV_TILE_WIDE,
+                                         GRAD_IMAGE_CHUNKS, GRAD_LANES_NARROW, GRAD_LANES_WIDE, GRAD_MIN_TILES,
+                                         TILE_TAPS, _conv1_pool, _conv_pool_narrow, _conv_pool_wide,
+                                         _conv_tile_narrow, _conv_tile_wide, _maxpool_backward, _maxpool_forward,
                                          _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: numpy's with a compiled dropout)
 from numba_cnn.kernels.jit.sparse import (_input_grad_gather, _listed_input_grad, _listed_weight_grad,
@@ -289,7 +289,7 @@ def conv2d_relu_maxpool2d_forward(x, w, b):
         bp[:k] = b
         _conv1_pool(x_1, wt, bp, x.dtype.type(0), y, argmax)
         return y, argmax
-    lanes, columns = _conv_tile_shape(k)
+    lanes, columns = CONV_TILE_NARROW if k <= CONV_TILE_NARROW[0] else CONV_POOL_WIDE
     x_cl = _input_channels_last(x)
     wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, lanes, x.dtype)
     q_tiles = max(2 * q_half, columns)

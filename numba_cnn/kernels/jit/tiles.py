@@ -15,12 +15,17 @@ if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
     # 32 zmm: 7 x 32 and 4 x 64 fp32 lanes are 14 and 16 accumulators; measured on Zen 4: 4 x 64 in 512-bit
     # registers ran conv2 forward ~1.7x faster than the same tile in 256-bit ones (spilled), 6 x 64 no faster.
     CONV_TILE_NARROW, CONV_TILE_WIDE = (32, 7), (64, 4)
+    CONV_POOL_WIDE = CONV_TILE_WIDE  # the fused op's wide tile; 5 x 64 (20 zmm) not measured on an AVX-512 core
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 64
 else:
     # 16 ymm (AVX2, Zen 3): conv2 forward 4.9 ms with 4 x 16 (8 ymm) vs 5.2 with 3 x 32, 9.0 with 6 x 16 and
     # 24 with the AVX-512 4 x 64 (32 ymm, spilled); conv2 dx (32 lanes) 4.5 ms with 3 x 32 (12 ymm) vs 5.6 with
     # 4 x 16 and 29 with 7 x 32; weight gradient 3 taps x 32 lanes (12 ymm) 7.9 ms vs 9.5 with 64 and >50 with 16.
     CONV_TILE_NARROW, CONV_TILE_WIDE = (32, 3), (16, 4)
+    # the fused conv + pool computes only the pooled columns (conv2: 10, two exact tiles of 5, where 4 computes
+    # 12): fused conv2 forward 3.38 ms with 5 x 16 (10 ymm) vs 4.64 with 4 x 16, 4.49 with 2 x 32, 4.55 with
+    # 3 x 32 (2 threads, best of 7 alternated runs; 1 thread: 6.63 vs 9.63 with 4 x 16)
+    CONV_POOL_WIDE = (16, 5)
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 32
 CONV1_TILE = (32, 3) if TILE_BITS < 512 else (32, 6)  # (columns, channels): 12 ymm / 12 zmm
 TILE_TAPS = 3  # kernel taps per weight-gradient tile (a 3x3 kernel splits into 3 exact blocks)
@@ -265,7 +270,7 @@ def _make_weight_grad(lanes):
 _conv_tile_narrow = _make_conv_tile(CONV_TILE_NARROW[1], CONV_TILE_NARROW[0])
 _conv_tile_wide = _make_conv_tile(CONV_TILE_WIDE[1], CONV_TILE_WIDE[0])
 _conv_pool_narrow = _make_conv_pool(CONV_TILE_NARROW[1], CONV_TILE_NARROW[0])
-_conv_pool_wide = _make_conv_pool(CONV_TILE_WIDE[1], CONV_TILE_WIDE[0])
+_conv_pool_wide = _make_conv_pool(CONV_POOL_WIDE[1], CONV_POOL_WIDE[0])
 _conv1_pool = _make_conv1_pool(*CONV1_TILE)
 _weight_grad_narrow = _make_weight_grad(GRAD_LANES_NARROW)
 _weight_grad_wide = (_weight_grad_narrow if GRAD_LANES_WIDE == GRAD_LANES_NARROW
