@@ -37,7 +37,7 @@ def _pooled_grad_lists(dy, pooled, argmax, width, channels, zero, values, offset
             for pi in range(p_half):
                 for pj in range(q_half):
                     p = pooled_plane[pi, pj]
-                    g = g_plane[pi, pj] if (p > zero or p != p) else zero
+                    g = g_plane[pi, pj] if (p > zero) | (p != p) else zero  # | not or: a select, no branch
                     where = arg_plane[pi, pj]
                     value_row[count] = g
                     offset_row[count] = ((2 * pi + where // 2) * width + 2 * pj + where % 2) * channels
