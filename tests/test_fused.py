@@ -2,8 +2,8 @@
 conv2d_relu_maxpool2d_forward / _backward against the contract ops they replace, composed (the forward bitwise: the
 same tiles and summation order; the backward within float32 rounding with finite operands, where it runs over the
 list of nonzero gradients, and bitwise otherwise), against the float64 oracle (numba_cnn/kernels/reference.py,
-within its tolerance; argmax exactly) and, in float64, against finite differences. Inputs reach the module's functions as the
-registry would hand them over: C-contiguous (np.ascontiguousarray of sliced or transposed views)."""
+within its tolerance; argmax exactly) and, in float64, against finite differences. Inputs reach the module's
+functions as the registry would hand them over: C-contiguous (np.ascontiguousarray of sliced or transposed views)."""
 
 import numpy as np
 import pytest
@@ -168,8 +168,9 @@ def test_pooling_nan_first_ties_first_and_relu_keeps_nan(dtype):
 
 
 @pytest.mark.parametrize("wrt", ["x", "w", "b"])
-@pytest.mark.parametrize("x_shape,w_shape", [((2, 2, 7, 6), (3, 2, 3, 2)), ((1, 1, 5, 5), (2, 1, 2, 2))],
-                         ids=["odd_3x2_kernel", "one_channel"])
+@pytest.mark.parametrize("x_shape,w_shape", [((2, 2, 7, 6), (3, 2, 3, 2)), ((1, 1, 5, 5), (2, 1, 2, 2)),
+                                             ((1, 32, 5, 5), (2, 32, 3, 3))],
+                         ids=["odd_3x2_kernel", "one_channel", "listed_register_tile"])
 def test_fused_backward_matches_finite_differences(x_shape, w_shape, wrt, rng):
     inputs = dict(zip("xwb", _operands(rng, x_shape, w_shape, np.float64)))
     y, argmax = jit.conv2d_relu_maxpool2d_forward(inputs["x"], inputs["w"], inputs["b"])

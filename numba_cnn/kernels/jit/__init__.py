@@ -1,15 +1,18 @@
 """jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked, no BLAS.
 
-The compiled kernels are in tiles.py (every @njit function of the backend in one file, so Numba's cache sees
-every change); this file holds the contract functions and the host-side glue that packs inputs and calls them.
+The compiled kernels are in tiles.py (the register-tiled kernels and pooling), sparse.py (the fused backward's
+listed kernels, channels-last packing, the gather for non-finite weights) and layers.py (dropout's generator), each
+file self-contained so that Numba's cache sees every change (it does not notice a change in another module's
+helper); this file holds the contract functions and the host-side glue that packs inputs and calls them.
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
 is promoted to vector registers (a np.empty tile stays in memory: measured 2-5x slower). The innermost loop runs
 over `lanes` channels contiguous in memory and compiles to FMAs as wide as the target's vectors. Tile shapes are
-chosen once, in tiles.py (`CONV_TILE_*`, `GRAD_LANES_*`), from the vector width and register count of the instruction
-set numba compiles for (`_numba_ext.TILE_BITS` / `TILE_REGISTERS`, which honour NUMBA_CPU_NAME/FEATURES):
-an AVX2 target has 16 ymm registers, so a tile of at most 12 accumulators; an AVX-512 target 32 zmm.
+chosen once, in tiles.py (`CONV_TILE_*`, `CONV_POOL_WIDE`, `GRAD_LANES_*`), from the vector width and register count
+of the instruction set numba compiles for (`_numba_ext.TILE_BITS` / `TILE_REGISTERS`, which honour
+NUMBA_CPU_NAME/FEATURES): an AVX2 target has 16 ymm registers, so a tile of at most 12 accumulators; an AVX-512
+target 32 zmm.
 
 conv2d_forward   `_conv_tile_*`: prange over images; x repacked channels-last (N, H, W, C) by `_pack_channels_last`
                  (a free reshape when C = 1) and w to (R, S, C, K padded to the lanes); per output row, tiles of
@@ -36,17 +39,30 @@ maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, cha
 Fused ops (beyond the contract; INFO.fused names them):
 conv2d_relu_maxpool2d_forward   `_conv_pool_*`: the forward's tiles for one pair of conv rows land in a per-image
                  (2, Q, K) channels-last buffer (L1-sized), ReLU'd, and are pooled from there into y and argmax:
-                 the P x Q x K activation is never written. One input channel with conv rows of at most
-                 CONV1_TILE columns (conv1) takes `_conv1_pool` instead, a tile along the columns (9 taps cannot
-                 amortise a channels-last tile's transposing store). Both sum each output as conv2d_forward does
-                 (bias, then the taps in (r, s, c) order, as FMAs), so the pooled values and argmax are bitwise
-                 those of the composed ops (tested).
-conv2d_relu_maxpool2d_backward  `_unpool_pack`: the pooled gradient, masked by the ReLU's select (as
-                 layers.relu_backward), is scattered through argmax straight into the channels-last dy buffer the
-                 dw and dx kernels read (no maxpool2d_backward, no NCHW conv-output gradient), with the same
-                 per-image db sums; then the same dw and dx kernels as conv2d_backward, so again bitwise the
-                 composed ops' results. Weights holding NaN or inf take `_input_grad_gather` for dx, which skips
-                 the zero padding that 0 * inf would turn into NaN.
+                 the P x Q x K activation is never written, and only the 2 * Q2 columns pooling reads are computed
+                 (conv2: 10 of 11, two exact tiles of CONV_POOL_WIDE's 5 columns). One input channel with conv
+                 rows of at most CONV1_TILE columns (conv1) takes `_conv1_pool` instead, a tile along the columns
+                 (9 taps cannot amortise a channels-last tile's transposing store). Both sum each output as
+                 conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the pooled values and
+                 argmax are bitwise those of the composed ops (tested).
+conv2d_relu_maxpool2d_backward  with finite x and w (a non-finite x shows in its packed per-image sums), over the
+                 list of the conv output's nonzero gradients: pooling passes each window's gradient to one of its
+                 four elements, the ReLU's select zeroes more, and in training dropout zeroes half of the pooled
+                 gradients before that (conv2 lists 9.5 of its 25 windows per image and channel, measured at step
+                 60 of a run). Per (image, output channel) `_pooled_grad_lists` lists the masked values, each with
+                 the offset of its window's winner in the channels-last input, and their per-image sums (db); dw is
+                 `_listed_weight_grad`: per (output channel, kernel row), the row's S x C values in a register tile
+                 (LISTED_BLOCK of them) while the listed elements of LISTED_IMAGES images add value x input row
+                 into it, the output channels split into one range per thread, images in order; dx is
+                 `_listed_input_grad`: per image, each listed value times the kernel's rows added into a
+                 channels-last image buffer, then transposed to NCHW. Another summation order than the
+                 composition's, so equal to it within float rounding (tested against it and the oracle). Where a
+                 kernel row holds fewer than LISTED_MIN_SPAN values and dx is not wanted (conv1: 3) the scatters are
+                 too short to pay, and with non-finite x or w the skipped zeros matter (0 * inf is NaN in the
+                 composition): then `_unpool_pack` scatters the masked pooled gradient through argmax straight into
+                 the channels-last dy buffer the dense dw and dx kernels read, with the same per-image db sums,
+                 bitwise the composed ops' results; weights holding NaN or inf take `_input_grad_gather` for dx,
+                 which skips the zero padding that 0 * inf would turn into NaN.
 
 Private variants: `_conv_tile_narrow` / `_conv_tile_wide` (K <= CONV_TILE_NARROW lanes or wider), the same for
 `_conv_pool_*` and `_weight_grad_*` (one kernel when both lane counts agree).
@@ -57,7 +73,8 @@ returned before only once nothing else references it (a training step then makes
 before, ~4 ms of a 25 ms step).
 
 Results do not depend on the thread count (bitwise): forward and dx split over images, dw as above, db from fixed
-per-image sums. All float work is in the input's dtype (float32 or float64).
+per-image sums, dropout's mask from a counter-based generator (layers.py). All float work is in the input's dtype
+(float32 or float64).
 
 Compilation: every kernel goes through `_numba_ext.jit` (one set of options), compiles lazily on its first call
 for a dtype, and is cached on disk (`cache=True`) in `__pycache__` next to this file or, when the package
