@@ -53,7 +53,7 @@ conv2d_relu_maxpool2d_backward  with finite x and w (a non-finite x shows in its
                  the offset of its window's winner in the channels-last input, and their per-image sums (db); dw is
                  `_listed_weight_grad`: per (output channel, kernel row), the row's S x C values in a register tile
                  (LISTED_BLOCK of them) while the listed elements of LISTED_IMAGES images add value x input row
-                 into it, the output channels split into one range per thread, images in order; dx is
+                 into it, the output channels dealt to the threads in turn, images in order; dx is
                  `_listed_input_grad`: per image, each listed value times the kernel's rows added into a
                  channels-last image buffer, then transposed to NCHW. Another summation order than the
                  composition's, so equal to it within float rounding (tested against it and the oracle). Where a

@@ -57,9 +57,10 @@ def _make_listed_weight_grad(block):
         x_flat[n, offsets[n, k, e] + r * row_length + u], u < S * C: the weight gradient as (K, R, S * C) (channels
         last) from the inputs channels-last, flattened per image (x_flat[n] is x[n] as (H, W, C); row_length =
         W * C). Each kernel row's values go in blocks of `block` through a register tile over LISTED_IMAGES images'
-        lists at a time (their inputs stay in L2), the rest one by one in memory. The output channels are split
-        into n_groups contiguous ranges, each looping over the images in order, so every element of dw is summed
-        in image order, then list order, whatever the thread count. dw is zeroed by the caller."""
+        lists at a time (their inputs stay in L2), the rest one by one in memory. The output channels are dealt to
+        n_groups tasks in turn (k, k + n_groups, ...: channels with long and short lists spread evenly), each
+        looping over the images in order, so every element of dw is summed in image order, then list order,
+        whatever the thread count. dw is zeroed by the caller."""
         n_images = x_flat.shape[0]
         n_out, r_taps, span = dw.shape
         tiled = span - span % block
@@ -67,7 +68,7 @@ def _make_listed_weight_grad(block):
             acc = _stack_tile(block, x_flat.dtype)
             for n0 in range(0, n_images, LISTED_IMAGES):
                 images = range(n0, min(n0 + LISTED_IMAGES, n_images))
-                for k in range(group * n_out // n_groups, (group + 1) * n_out // n_groups):
+                for k in range(group, n_out, n_groups):  # interleaved: busy and idle channels spread evenly
                     for r in range(r_taps):
                         dw_r = dw[k, r]
                         for u0 in range(0, tiled, block):
