@@ -171,6 +171,8 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     # rather than minutes.
     warm = min(WARMUP_IMAGES, n)
     start = time.perf_counter()
+    if backend.precompile is not None:
+        backend.precompile()
     model.forward_backward(L.as_float_images(x_dev[:warm]), y_dev[:warm], L.make_dropout_rng(0))
     model.predict(L.as_float_images(backend.to_device(x_test[:WARMUP_IMAGES])))
     record["warmup_seconds"] = time.perf_counter() - start

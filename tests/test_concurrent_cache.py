@@ -46,3 +46,29 @@ def test_two_processes_compile_into_one_empty_cache_at_once(tmp_path):
     for proc, (stdout, stderr) in zip(procs, results):
         assert proc.returncode == 0 and stdout.strip() == "OK", stderr[-4000:]
     assert any(cache.rglob("*.nbi")), "nothing was cached"
+
+
+PRECOMPILE = textwrap.dedent("""
+    from numba_cnn.kernels import jit
+    print(jit.precompile())
+    kernels = [jit._conv1_pool, jit._conv_pool_wide, jit.layers._dropout, jit._pack_channels_last,
+               jit._pooled_grad_lists, jit._listed_weight_grad, jit._listed_input_grad, jit._unpool_pack,
+               jit._weight_grad_wide]
+    for part in jit.PRECOMPILE_PARTS:
+        jit._compile_part(part)
+    print(sum(sum(k.stats.cache_misses.values()) for k in kernels))
+""")
+
+
+def test_precompile_fills_a_cold_cache_from_two_processes_and_skips_a_warm_one(tmp_path):
+    """On an empty cache precompile() compiles the forward kernels here and the backward ones in a second process;
+    afterwards a fresh process finds every kernel a training step uses in the cache (no compile) and precompile()
+    does nothing."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"), NUMBA_CNN_CACHE="1")
+    runs = [subprocess.run([sys.executable, "-c", PRECOMPILE], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-4000:]
+    cold, warm = (run.stdout.split() for run in runs)
+    assert cold[0] == "True"  # it ran, on the empty cache (the misses then count this process's own compiles)
+    assert warm == ["False", "0"]  # warm: nothing to do, and every kernel loaded from the cache

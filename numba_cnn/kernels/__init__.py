@@ -64,7 +64,8 @@ class Backend:
 
     Attributes: name, module (the raw module, unchecked), info (its BackendInfo), the contract functions and its
     fused ops, `layers` (dense, dropout, softmax cross-entropy, Adam on this backend's arrays), `to_device`,
-    `to_host` and `synchronize` (None for a host backend, whose calls return when their work is done).
+    `to_host` and `synchronize` (None for a host backend, whose calls return when their work is done), and
+    `precompile` (None unless the module defines one).
     """
 
     def __init__(self, name, module):
@@ -84,6 +85,9 @@ class Backend:
             self.layers = getattr(module, "layers", numpy_layers)
             self.to_device, self.to_host = np.ascontiguousarray, np.asarray
             self.synchronize = None
+        # compiles what a training step uses ahead of the warm-up pass, if the backend has a way to (jit: on a cold
+        # cache, in two processes at once)
+        self.precompile = getattr(module, "precompile", None)
 
     def has_fused(self, op):
         return op in self.info.fused

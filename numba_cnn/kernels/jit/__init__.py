@@ -80,9 +80,12 @@ Compilation: every kernel goes through `_numba_ext.jit` (one set of options), co
 for a dtype, and is cached on disk (`cache=True`) in `__pycache__` next to this file or, when the package
 directory is not writable, in numba's user cache directory (NUMBA_CACHE_DIR overrides both). NUMBA_CNN_CACHE=0
 turns the disk cache off; if no cache location is usable at all, the kernels compile uncached with a warning.
-NUMBA_CNN_STACK_TILES=0 swaps the register tiles for heap arrays (see `_numba_ext`).
+On a cold cache, training's warm-up compiles the forward kernels here and the backward ones in a second process
+at once (`warmup.precompile`, the registry's Backend.precompile). NUMBA_CNN_STACK_TILES=0 swaps the register tiles
+for heap arrays (see `_numba_ext`).
 """
 
+import subprocess
 import sys
 import threading
 
@@ -359,3 +362,63 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx):
     sums = _scratch("dy_cl.sums", (n, shape[3]), dy.dtype)
     _unpool_pack(dy, y, argmax, col_pad, dy.dtype.type(0), dyt, sums)
     return _conv_backward_packed(dyt, sums, x, w, need_dx)
+
+
+# Compiling ahead, on a cold disk cache. Numba compiles one function at a time in a process, and the kernels a float32
+# training step calls took 20.5 s to compile one after the other (AMD EPYC Zen 3, 2026-11-27); `precompile` has a
+# second Python process compile the backward pass's kernels while this one compiles the forward pass's, and the
+# second process's machine code reaches this one through the disk cache, which two processes may fill at once
+# (tests/test_concurrent_cache.py): 15-17 s. With a warm cache, or no disk cache to share (NUMBA_CNN_CACHE=0, no
+# writable location), it does nothing and the kernels load or compile on first call as before.
+PRECOMPILE_PARTS = ("forward", "backward")
+_PRECOMPILE_TIMEOUT_S = 600
+
+
+def _compile_part(part):
+    """Call every op of `part` ("forward" or "backward") that a float32 training step of the model calls, on tiny
+    inputs of the same kinds: conv1's one input channel, conv2's 32 channels and 64 outputs, dropout."""
+    rng = np.random.default_rng(0)
+    x1 = rng.random((2, 1, 6, 6), dtype=np.float32)
+    w1 = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    x2 = rng.random((2, 32, 6, 6), dtype=np.float32)
+    w2 = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    if part == "forward":
+        conv2d_relu_maxpool2d_forward(x1, w1, np.zeros(4, np.float32))
+        h2, _ = conv2d_relu_maxpool2d_forward(x2, w2, np.zeros(64, np.float32))
+        layers.dropout_forward(h2.reshape(2, -1), 0.5, np.random.default_rng(0))
+        return
+    for x, w, need_dx in ((x2, w2, True), (x1, w1, False)):  # pooled outputs and argmax made up: no forward here
+        pooled = rng.random((2, w.shape[0], 2, 2), dtype=np.float32)
+        argmax = rng.integers(0, 4, pooled.shape).astype(np.uint8)
+        conv2d_relu_maxpool2d_backward(np.ones_like(pooled), pooled, argmax, x, w, need_dx)
+
+
+def _cache_is_cold():
+    """True when the dropout kernel (one a training step always calls) has no fresh entry in the disk cache, read
+    through numba's cache index (private API: if it has changed, the cache counts as warm)."""
+    try:
+        return not layers._dropout._cache._cache_file._load_index()
+    except Exception:  # a null cache (no location) or another numba: compile in this process alone
+        return False
+
+
+def precompile():
+    """On a cold disk cache, compile the training step's kernels in this process (forward) and a second one
+    (backward) at once; -> True if it did, False if the cache was warm or not shareable."""
+    if not CACHE or not _cache_is_cold():
+        return False
+    code = f"from numba_cnn.kernels.jit import _compile_part; _compile_part({PRECOMPILE_PARTS[1]!r})"
+    try:
+        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    except OSError:
+        return False
+    try:
+        _compile_part(PRECOMPILE_PARTS[0])
+    finally:
+        try:
+            child.wait(_PRECOMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # whatever it did not finish, this process compiles when it first calls it
+            child.kill()
+            child.wait()
+    return True
