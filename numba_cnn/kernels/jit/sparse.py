@@ -1,9 +1,12 @@
-"""The jit backend's compiled kernels for the backward pass of conv + ReLU + 2x2 max-pooling that skips the zeros
-in the conv output's gradient. Pooling passes each window's gradient to one of its four elements, ReLU zeroes
-more, and in the model dropout zeroes half of the pooled gradients before that: at most a quarter of the conv
-output's gradient is nonzero (measured about 1 in 10 for the model's conv2 in training). These kernels list the
-nonzero elements once and run the weight and input gradients over the list only, as scatters (axpys along the
-taps x channels that are contiguous channels-last), with no register tile: every shape takes them.
+"""The jit backend's compiled kernels that run over lists and layouts rather than dense register tiles: the backward
+pass of conv + ReLU + 2x2 max-pooling over the nonzero conv-output gradients only, the channels-last packing, and
+the input-gradient gather for non-finite weights.
+
+Pooling passes each window's gradient to one of its four elements, ReLU zeroes more, and in the model dropout zeroes
+half of the pooled gradients before that: at most a quarter of the conv output's gradient is nonzero, and conv2
+lists 7.8% of its outputs at step 60 of a training run. `_pooled_grad_lists` lists the nonzero elements once; the
+weight gradient runs over the lists with one kernel row in a register tile, the input gradient scatters each listed
+value through the kernel (an axpy along the taps x channels contiguous channels-last). Any shape takes them.
 
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
 """
