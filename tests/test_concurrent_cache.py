@@ -8,6 +8,7 @@ forward ops (convolution with ReLU, pooling) and compares them with the float64 
 """
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -72,3 +73,34 @@ def test_precompile_fills_a_cold_cache_from_two_processes_and_skips_a_warm_one(t
     cold, warm = (run.stdout.split() for run in runs)
     assert cold[0] == "True"  # it ran, on the empty cache (the misses then count this process's own compiles)
     assert warm == ["False", "0"]  # warm: nothing to do, and every kernel loaded from the cache
+
+
+def test_interrupting_precompile_stops_the_second_process_too(tmp_path):
+    """Ctrl-C during a cold precompile: the process stops at once and takes the compiling child with it."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"), NUMBA_CNN_CACHE="1")
+    code = "import os, sys; from numba_cnn.kernels import jit; print(os.getpid(), flush=True); jit.precompile()"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    pid = int(proc.stdout.readline())
+    time.sleep(4)  # both compiling by now
+    children = _children(pid)
+    assert children, "no second process was started"
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    time.sleep(0.5)
+    assert not [c for c in children if os.path.exists(f"/proc/{c}")], "the compiling child outlived its parent"
+
+
+def _children(pid):
+    """The processes whose parent is pid, from /proc (Linux)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (command)": state, ppid, ...
+        except (OSError, IndexError):  # not a process, or gone meanwhile
+            continue
+        if fields[1] == str(pid):
+            found.append(int(entry))
+    return found

@@ -415,10 +415,11 @@ def precompile():
         return False
     try:
         _compile_part(PRECOMPILE_PARTS[0])
+        child.wait(_PRECOMPILE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # whatever it did not finish, this process compiles when it first calls it
+        pass
     finally:
-        try:
-            child.wait(_PRECOMPILE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:  # whatever it did not finish, this process compiles when it first calls it
+        if child.poll() is None:  # timed out, or this process stopped (Ctrl-C): the child goes too, at once
             child.kill()
             child.wait()
     return True
