@@ -138,6 +138,30 @@ def test_op_inputs_have_the_models_shapes():
     assert (pooled_input == 0).mean() > 0.05, "pooling inputs come out of a ReLU, ties included"
 
 
+def test_fused_ops_get_their_inputs_in_the_layout_training_hands_them_over():
+    """jit keeps conv1's pooled output channels-last (INFO.channels_last): the bench then hands conv1's fused
+    backward its pooled output, argmax and gradient, and conv2's fused ops their input, stored so, as a training
+    step does; the values stay the same."""
+    from numba_cnn.kernels.contract import is_channels_last
+
+    jit = get_backend("jit")
+    inputs = ops.op_inputs(2)
+    ids, seen = set(), {}
+    for op in ops.model_ops():
+        args = ops.in_training_layout(op, inputs[op.name], ids)
+        for got, given in zip(args, inputs[op.name]):
+            if isinstance(given, np.ndarray):
+                np.testing.assert_array_equal(got, given)
+        seen[op.name] = [isinstance(a, np.ndarray) and is_channels_last(a) for a in args]
+        if op.fused is not None and op.name.endswith(" fwd"):
+            if is_channels_last(op.run(jit, *args)[0]):
+                ids.add(id(inputs[op.name[:-len("fwd")] + "bwd"][1]))
+    assert seen["conv1+pool1 bwd"] == [True, True, True, False, False, False]
+    assert seen["conv2+pool2 fwd"] == [True, False, False]
+    assert seen["conv2+pool2 bwd"] == [False, False, False, True, False, False]
+    assert not any(seen["conv2 fwd"]) and not any(seen["pool1 bwd"])  # unfused ops: as an unfused model has them
+
+
 @pytest.mark.parametrize("defect, reason", [
     (dict(conv2d_forward=conv_forward_plus(1e-2)), "relative error"),
     (dict(conv2d_forward=conv_forward_without_bias), "relative error"),

@@ -3,7 +3,9 @@ conv2d_relu_maxpool2d_forward / _backward against the contract ops they replace,
 same tiles and summation order; the backward within float32 rounding with finite operands, where it runs over the
 list of nonzero gradients, and bitwise otherwise), against the float64 oracle (numba_cnn/kernels/reference.py,
 within its tolerance; argmax exactly) and, in float64, against finite differences. Inputs reach the module's
-functions as the registry would hand them over: C-contiguous (np.ascontiguousarray of sliced or transposed views)."""
+functions as the registry would hand them over: C-contiguous (np.ascontiguousarray of a sliced view) or, the jit
+backend taking them as they are (INFO.channels_last), stored channels-last; outputs come back dense in either layout
+(conv1's pooled output channels-last, for the next convolution)."""
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from numba_cnn.kernels import reference
 from gradcheck import assert_gradient_matches, dotted_with
 
 from numba_cnn.kernels import get_backend
+from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.layers import relu_backward
 
 jit = get_backend("jit").module
@@ -44,10 +47,14 @@ def _operands(rng, x_shape, w_shape, dtype, fill="normal", layout="contiguous"):
         big = np.zeros(x_shape[:2] + (2 * x_shape[2], 2 * x_shape[3]), dtype)
         big[:, :, ::2, 1::2] = x
         x = np.ascontiguousarray(big[:, :, ::2, 1::2])
-    elif layout == "transposed":  # stored NHWC, viewed NCHW
-        x = np.ascontiguousarray(np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))
+    elif layout == "channels_last":  # x stored NHWC, viewed NCHW, as the registry passes it to jit
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
         w = np.ascontiguousarray(np.ascontiguousarray(w.transpose(3, 2, 1, 0)).transpose(3, 2, 1, 0))
     return x, w, b
+
+
+def _dense(a):
+    return a.flags.c_contiguous or is_channels_last(a)
 
 
 def _composed_forward(x, w, b):
@@ -62,13 +69,13 @@ def _composed_backward(dy, pooled, argmax, conv_shape, x, w, need_dx):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fill,layout", [("normal", "contiguous"), ("ties", "contiguous"), ("normal", "sliced"),
-                                         ("ties", "transposed")])
+                                         ("ties", "channels_last")])
 @pytest.mark.parametrize("x_shape,w_shape", SHAPES)
 def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, fill, layout, dtype, rng):
     x, w, b = _operands(rng, x_shape, w_shape, dtype, fill, layout)
     y_fused, arg_fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
     conv, (y_comp, arg_comp) = _composed_forward(x, w, b)
-    assert y_fused.dtype == dtype and arg_fused.dtype == np.uint8 and y_fused.flags.c_contiguous
+    assert y_fused.dtype == dtype and arg_fused.dtype == np.uint8 and _dense(y_fused) and _dense(arg_fused)
     assert y_fused.shape == arg_fused.shape == y_comp.shape
     np.testing.assert_array_equal(y_fused, y_comp)
     np.testing.assert_array_equal(arg_fused, arg_comp)
@@ -80,6 +87,8 @@ def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, fill,
         assert conv.size < 500 or (y_fused == 0).mean() > 0.05  # the big cases hold windows of tied zeros
 
     dy = rng.standard_normal(y_fused.shape).astype(dtype)
+    if layout == "channels_last":
+        dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     for need_dx in (True, False):
         fused = jit.conv2d_relu_maxpool2d_backward(dy, y_fused, arg_fused, x, w, need_dx)
         composed = _composed_backward(dy, y_comp, arg_comp, conv.shape, x, w, need_dx)
@@ -89,7 +98,7 @@ def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, fill,
             if not need_dx and name == "dx":
                 assert got is None and same is None
                 continue
-            assert got.dtype == dtype and got.flags.c_contiguous
+            assert got.dtype == dtype and _dense(got)
             reference.assert_close(got, same, dtype, name)
             reference.assert_close(got, want, dtype, name)
 

@@ -193,7 +193,7 @@ def test_tiles_follow_the_target_vector_registers():
     if not os.environ.get("NUMBA_CNN_TILE_BITS"):
         assert (ext.TILE_BITS, ext.TILE_REGISTERS) == (ext.VECTOR_BITS, ext.VECTOR_REGISTERS)
     per_register = max(ext.TILE_BITS, 256) // 32  # fp32 lanes per vector register
-    for lanes, columns in (jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE, jit.CONV_POOL_WIDE):
+    for lanes, columns in (jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE, jit.CONV_POOL_TILE):
         assert lanes % per_register == 0
         assert columns * lanes // per_register <= ext.TILE_REGISTERS - 2
     for lanes in (jit.GRAD_LANES_NARROW, jit.GRAD_LANES_WIDE):
@@ -215,7 +215,7 @@ _IR_PROBE = """
     fdx, fdw, fdb = jit.conv2d_relu_maxpool2d_backward(np.ones_like(fused[0]), *fused, x, w, True)
     np.savez(OUT, y=y, dx=dx, dw=dw, db=db, py=fused[0], parg=fused[1], fdx=fdx, fdw=fdw, fdb=fdb)
     attribute = '"prefer-vector-width"="%d"' % _numba_ext.VECTOR_BITS
-    for kernel in (jit._conv_tile_wide, jit._conv_tile_narrow, jit._conv_pool_wide, jit._weight_grad_wide):
+    for kernel in (jit._conv_tile_wide, jit._conv_tile_narrow, jit._conv_pool, jit._weight_grad_wide):
         ir = kernel.inspect_llvm(kernel.signatures[0])
         print(kernel.py_func.__name__, attribute in ir)
 """

@@ -264,3 +264,34 @@ def _same_argument(a, b):
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         return a.shape == b.shape and a.dtype == b.dtype
     return repr(a) == repr(b)  # (2, 3) and (2.0, 3.0) are equal but not the same argument
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_inputs_reach_only_the_backends_that_take_them(channels_last):
+    """A 4-D array stored channels-last (an NHWC buffer viewed NCHW) passes the boundary as it is to a backend whose
+    INFO says channels_last (jit) and as a C-contiguous copy to any other; other strided arrays arrive C-contiguous
+    everywhere."""
+    seen = []
+
+    def record(*args):
+        seen.append(args[0])
+
+    module = type(sys)("probe_backend")
+    module.INFO = BackendInfo(summary="records what it is handed", channels_last=channels_last)
+    for name in CONTRACT:
+        setattr(module, name, record)
+    backend = kernels.Backend("probe", module)
+    rng = np.random.default_rng(0)
+    nhwc = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
+    stored_channels_last = nhwc.transpose(0, 3, 1, 2)  # (2, 3, 5, 6)
+    sliced = rng.standard_normal((2, 3, 10, 6)).astype(np.float32)[:, :, ::2]
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    for x in (stored_channels_last, sliced):
+        backend.conv2d_forward(x, w, np.zeros(4, np.float32), True)
+    got_channels_last, got_sliced = seen
+    assert got_sliced.flags.c_contiguous
+    np.testing.assert_array_equal(got_channels_last, stored_channels_last)
+    if channels_last:
+        assert got_channels_last is stored_channels_last
+    else:
+        assert got_channels_last.flags.c_contiguous

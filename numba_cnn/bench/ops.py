@@ -24,6 +24,7 @@ import numpy as np
 
 from numba_cnn.errors import NumbaCNNError, check_int_flag
 from numba_cnn.kernels import ORACLE, Backend, BackendUnavailable, backend_names, get_backend
+from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.reference import FLOAT32_TOL, relative_error
 from numba_cnn.model import FUSED_CONV_BLOCK, INPUT_SHAPE, LAYERS, Model, conv_output_shape, init_params
 from numba_cnn.runtime import (SGEMM_SIZE, STREAM_METHOD, STREAM_MIB, default_threads, machine_description,
@@ -191,6 +192,28 @@ def op_inputs(n, seed=0):
     return inputs
 
 
+def _stored_channels_last(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def in_training_layout(op, args, channels_last_ids):
+    """A fused block op's host inputs stored as a backend that keeps activations channels-last (INFO.channels_last)
+    hands them over in training: the pooled output, its argmax and its gradient, and the next block's input,
+    channels-last where that backend's own fused forward returned the pooled output so (channels_last_ids: the ids
+    of those pooled outputs among the inputs). Other ops, and other inputs, as they are."""
+    if op.fused is None:
+        return args
+    if op.name.endswith(" fwd"):
+        x = args[0]
+        return ((_stored_channels_last(x) if id(x) in channels_last_ids else x),) + tuple(args[1:])
+    dy, y, argmax, x = args[:4]
+    if id(y) in channels_last_ids:
+        dy, y, argmax = (_stored_channels_last(a) for a in (dy, y, argmax))
+    if id(x) in channels_last_ids:
+        x = _stored_channels_last(x)
+    return (dy, y, argmax, x) + tuple(args[4:])
+
+
 def model_flops_per_image():
     """-> (training FLOPs, inference FLOPs) of one image, by the FLOP formulas of model_ops: a training step is
     every layer's forward and backward op, inference the forward ops."""
@@ -302,6 +325,7 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, layers=OP_LAYERS, batch_size=128, na
 
     inputs = {n: op_inputs(n, seed) for n in sorted({batch_of(k) for k in resolved})}
     oracle = get_backend(ORACLE)
+    channels_last_ids = {}  # backend name -> ids of the pooled outputs its fused forward returned channels-last
     for op in ops:
         references = {n: tuple(np.asarray(a) for a in op.run(oracle, *_as_float64(inputs[n][op.name])))
                       for n in inputs}
@@ -312,7 +336,10 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, layers=OP_LAYERS, batch_size=128, na
             n = batch_of(k)
             row = {"op": op.name, "backend": k.name, "batch": n}
             results.append(row)
-            dev_inputs = tuple(k.to_device(a) if isinstance(a, np.ndarray) else a for a in inputs[n][op.name])
+            host_args = inputs[n][op.name]
+            if k.info.channels_last:
+                host_args = in_training_layout(op, host_args, channels_last_ids.setdefault(k.name, set()))
+            dev_inputs = tuple(k.to_device(a) if isinstance(a, np.ndarray) else a for a in host_args)
             sync = k.synchronize
             try:
                 first_s, outputs = _timed_call(op, k, dev_inputs, sync)
@@ -320,6 +347,9 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, layers=OP_LAYERS, batch_size=128, na
                 row.update(status="FAILED", reason=f"raised {type(exc).__name__}: {exc}")
                 log(f"{op.name:<10} {k.name:<8} FAILED: {row['reason']}")
                 continue
+            if k.info.channels_last and op.fused is not None and op.name.endswith(" fwd") and \
+                    is_channels_last(outputs[0]):  # later ops take this pooled output channels-last, as in training
+                channels_last_ids[k.name].add(id(inputs[n][op.name[:-len("fwd")] + "bwd"][1]))
             host = tuple(k.to_host(a) for a in outputs if a is not None)
             passed, errors, reason = check_outputs(op, host, references[n])
             row["check_errors"] = errors

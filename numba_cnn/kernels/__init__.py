@@ -49,9 +49,12 @@ def unregister(name):
 
 def _checked(backend_name, module, fname):
     raw, check = getattr(module, fname), CHECKS[fname]
-
-    def call(*args, **kwargs):
-        return raw(*check(*args, **kwargs))
+    if module.INFO.channels_last:
+        def call(*args, **kwargs):
+            return raw(*check(*args, **kwargs))
+    else:
+        def call(*args, **kwargs):  # channels-last arrays the checks kept become C-contiguous copies here
+            return raw(*(np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a for a in check(*args, **kwargs)))
 
     call.__name__ = fname
     call.__qualname__ = f"{backend_name}.{fname}"

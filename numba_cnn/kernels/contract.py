@@ -3,7 +3,8 @@
 README.md beside this file states the semantics. Every public call of a backend goes through the check of its op
 here, once, at the Python boundary, so compiled kernels never see a shape they would read out of bounds; the checks
 are cheap (no pass over the data) because they run on the hot path. A check takes the op's arguments and returns
-them cleaned (host arrays made C-contiguous, flags made bool), or raises ValueError naming the argument.
+them cleaned (host arrays made C-contiguous or kept channels-last, flags made bool), or raises ValueError naming
+the argument.
 """
 
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ class BackendInfo:
     on_device: arrays live off the host; the module then also provides `layers` (the functions of
         numba_cnn/layers.py on its arrays), `to_device`, `to_host` and `synchronize`.
     fused: the names from FUSED_OPS this backend implements.
+    channels_last: its ops accept, and may return, 4-D arrays stored channels-last (an NHWC buffer viewed as NCHW,
+        `a.transpose(0, 3, 1, 2)` of a C-contiguous a): the checks pass those through as they are, where every other
+        backend gets C-contiguous copies.
     """
 
     summary: str
@@ -44,6 +48,7 @@ class BackendInfo:
     blas_threads: str = "all"
     on_device: bool = False
     fused: tuple = ()
+    channels_last: bool = False
 
     def __post_init__(self):
         if self.blas_threads not in ("all", "one"):
@@ -77,9 +82,17 @@ def _check_float(name, a, ndim, layout, dtype=None):
         raise ValueError(f"{name} has dtype {a.dtype} but the other inputs are {dtype}: use one dtype throughout")
 
 
+def is_channels_last(a):
+    """True for a 4-D array stored channels-last: its NHWC transpose is C-contiguous (and it is not NCHW-contiguous)."""
+    return a.ndim == 4 and not a.flags.c_contiguous and a.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
 def _contiguous(a):
-    # Host arrays may arrive as slices or transposes; kernels index them as dense C-order buffers.
-    return np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a
+    # Host arrays may arrive as slices or transposes; kernels index them as dense buffers, C-order or channels-last
+    # (the latter only for a backend that says it takes them: see `_checked` in kernels/__init__.py).
+    if not isinstance(a, np.ndarray) or a.flags.c_contiguous or is_channels_last(a):
+        return a
+    return np.ascontiguousarray(a)
 
 
 def _check_bool(name, value):

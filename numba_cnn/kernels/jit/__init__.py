@@ -1,7 +1,7 @@
 """jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked, no BLAS.
 
 The compiled kernels are in tiles.py (the register-tiled kernels and pooling), sparse.py (the fused backward's
-listed kernels, channels-last packing, the gather for non-finite weights) and layers.py (dropout's generator), each
+listed kernels, channels-last packing) and layers.py (dropout's generator), each
 file self-contained so that Numba's cache sees every change (it does not notice a change in another module's
 helper); this file holds the contract functions and the host-side glue that packs inputs and calls them.
 
@@ -9,13 +9,20 @@ Each convolution loop nest keeps an output tile (columns or taps x channel lanes
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
 is promoted to vector registers (a np.empty tile stays in memory: measured 2-5x slower). The innermost loop runs
 over `lanes` channels contiguous in memory and compiles to FMAs as wide as the target's vectors. Tile shapes are
-chosen once, in tiles.py (`CONV_TILE_*`, `CONV_POOL_WIDE`, `GRAD_LANES_*`), from the vector width and register count
+chosen once, in tiles.py (`CONV_TILE_*`, `CONV_POOL_TILE`, `GRAD_LANES_*`), from the vector width and register count
 of the instruction set numba compiles for (`_numba_ext.TILE_BITS` / `TILE_REGISTERS`, which honour
 NUMBA_CPU_NAME/FEATURES): an AVX2 target has 16 ymm registers, so a tile of at most 12 accumulators; an AVX-512
 target 32 zmm.
 
+Layout. The ops take NCHW arrays stored either way (INFO.channels_last: the registry passes an NHWC buffer viewed
+as NCHW through as it is), and conv1's fused ops hand the next ones channels-last arrays: conv1's pooled output and
+argmax, and conv2's input gradient, so the activation between the two convolutions is never transposed (measured
+on 1 thread, a training step 20.2-21.0 ms against 22.2-22.5 packing it to channels-last and back: the packing in
+conv2's forward and again in its backward, the transposes in both backward kernels). Where a kernel reads the
+other layout, `_nchw` / `_nhwc` copy.
+
 conv2d_forward   `_conv_tile_*`: prange over images; x repacked channels-last (N, H, W, C) by `_pack_channels_last`
-                 (a free reshape when C = 1) and w to (R, S, C, K padded to the lanes); per output row, tiles of
+                 (a view when x is stored so, a free reshape when C = 1) and w to (R, S, C, K padded to the lanes); per output row, tiles of
                  columns x lanes output channels, reduced over (r, s, c) with c innermost (contiguous, and the
                  longest loop); bias seeds the tile, ReLU clamps it on the store to NCHW (NaN stays NaN). The last
                  column tile overlaps the one before; inputs narrower than a tile are zero-padded on the right and
@@ -37,15 +44,16 @@ maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, cha
                  window's dy or zero), so no zero-fill pass.
 
 Fused ops (beyond the contract; INFO.fused names them):
-conv2d_relu_maxpool2d_forward   `_conv_pool_*`: the forward's tiles for one pair of conv rows land in a per-image
+conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair of conv rows land in a per-image
                  (2, Q, K) channels-last buffer (L1-sized), ReLU'd, and are pooled from there into y and argmax:
                  the P x Q x K activation is never written, and only the 2 * Q2 columns pooling reads are computed
-                 (conv2: 10 of 11, two exact tiles of CONV_POOL_WIDE's 5 columns). One input channel with conv
+                 (conv2: 10 of 11, two exact tiles of CONV_POOL_TILE's 5 columns). One input channel with conv
                  rows of at most CONV1_TILE columns (conv1) takes `_conv1_pool` instead, a tile along the columns
-                 (9 taps cannot amortise a channels-last tile's transposing store). Both sum each output as
+                 (9 taps cannot amortise a channels-last tile's transposing store), whose y and argmax come
+                 channels-last. Both sum each output as
                  conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the pooled values and
                  argmax are bitwise those of the composed ops (tested).
-conv2d_relu_maxpool2d_backward  with finite x and w (a non-finite x shows in its packed per-image sums), over the
+conv2d_relu_maxpool2d_backward  with finite x and w (`_pooled_grad_lists` checks each image of x), over the
                  list of the conv output's nonzero gradients: pooling passes each window's gradient to one of its
                  four elements, the ReLU's select zeroes more, and in training dropout zeroes half of the pooled
                  gradients before that (conv2 lists 9.5 of its 25 windows per image and channel, measured at step
@@ -54,23 +62,22 @@ conv2d_relu_maxpool2d_backward  with finite x and w (a non-finite x shows in its
                  `_listed_weight_grad`: per (output channel, kernel row), the row's S x C values in a register tile
                  (LISTED_BLOCK of them) while the listed elements of LISTED_IMAGES images add value x input row
                  into it, the output channels dealt to the threads in turn, images in order; dx is
-                 `_listed_input_grad`: per image, each listed value times the kernel's rows added into a
-                 channels-last image buffer, then transposed to NCHW. Another summation order than the
-                 composition's, so equal to it within float rounding (tested against it and the oracle). Where a
-                 kernel row holds fewer than LISTED_MIN_SPAN values and dx is not wanted (conv1: 3) the scatters are
-                 too short to pay, and with non-finite x or w the skipped zeros matter (0 * inf is NaN in the
-                 composition): then `_unpool_pack` scatters the masked pooled gradient through argmax straight into
-                 the channels-last dy buffer the dense dw and dx kernels read, with the same per-image db sums,
-                 bitwise the composed ops' results; weights holding NaN or inf take `_input_grad_gather` for dx,
-                 which skips the zero padding that 0 * inf would turn into NaN.
+                 `_listed_input_grad`: per image, each listed value times the kernel's rows added into dx, stored
+                 channels-last. Another summation order than the composition's, so equal to it within float
+                 rounding (tested against it and the oracle). Where a kernel row holds fewer than LISTED_MIN_SPAN
+                 values and dx is not wanted (conv1: 3) the scatters are too short to pay, and with non-finite x or
+                 w the skipped zeros matter (0 * inf is NaN in the composition): then `_unpool_pack` scatters the
+                 masked pooled gradient (dy, y and argmax channels-last, as conv1's arrive) through argmax straight
+                 into the channels-last dy buffer the dense dw and dx kernels read, with the same per-image db
+                 sums, bitwise the composed ops' results; weights holding NaN or inf take `_input_grad_by_taps`
+                 for dx, which skips the zero padding that 0 * inf would turn into NaN.
 
 Private variants: `_conv_tile_narrow` / `_conv_tile_wide` (K <= CONV_TILE_NARROW lanes or wider), the same for
-`_conv_pool_*` and `_weight_grad_*` (one kernel when both lane counts agree).
+`_weight_grad_*` (one kernel when both lane counts agree); the fused `_conv_pool` has one tile (CONV_POOL_TILE,
+K padded to its lanes).
 
-Buffers: internal packed data lives in per-thread `_scratch` buffers; the multi-megabyte arrays returned (the
-fused forward's y and argmax, every correlation's y, so dx) come from `_output`, which recycles an array it
-returned before only once nothing else references it (a training step then makes no page faults: 1720 per step
-before, ~4 ms of a 25 ms step).
+Buffers: internal packed data lives in per-thread scratch buffers, the multi-megabyte arrays returned are recycled
+once unreferenced (jit/buffers.py).
 
 Results do not depend on the thread count (bitwise): forward and dx split over images, dw as above, db from fixed
 per-image sums, dropout's mask from a counter-based generator (layers.py). All float work is in the input's dtype
@@ -80,28 +87,28 @@ Compilation: every kernel goes through `_numba_ext.jit` (one set of options), co
 for a dtype, and is cached on disk (`cache=True`) in `__pycache__` next to this file or, when the package
 directory is not writable, in numba's user cache directory (NUMBA_CACHE_DIR overrides both). NUMBA_CNN_CACHE=0
 turns the disk cache off; if no cache location is usable at all, the kernels compile uncached with a warning.
-On a cold cache, training's warm-up compiles the forward kernels here and the backward ones in a second process
-at once (`warmup.precompile`, the registry's Backend.precompile). NUMBA_CNN_STACK_TILES=0 swaps the register tiles
+On a cold cache, training's warm-up compiles every float32 kernel, half here and half in a second process at once
+(`precompile`, the registry's Backend.precompile). NUMBA_CNN_STACK_TILES=0 swaps the register tiles
 for heap arrays (see `_numba_ext`).
 """
 
 import subprocess
 import sys
-import threading
 
 import numpy as np
 from numba import get_num_threads
 
 from numba_cnn.kernels._numba_ext import CACHE  # noqa: F401  (jit.CACHE: whether the kernels use the disk cache)
-from numba_cnn.kernels.contract import BackendInfo
-from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_WIDE, CONV_TILE_NARROW, CONV_TILE_WIDE,
+from numba_cnn.kernels.contract import BackendInfo, is_channels_last
+from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_TILE_NARROW, CONV_TILE_WIDE,
                                          GRAD_IMAGE_CHUNKS, GRAD_LANES_NARROW, GRAD_LANES_WIDE, GRAD_MIN_TILES,
-                                         TILE_TAPS, _conv1_pool, _conv_pool_narrow, _conv_pool_wide,
+                                         TILE_TAPS, _conv1_pool, _conv_pool,
                                          _conv_tile_narrow, _conv_tile_wide, _maxpool_backward, _maxpool_forward,
                                          _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: numpy's with a compiled dropout)
-from numba_cnn.kernels.jit.sparse import (_input_grad_gather, _listed_input_grad, _listed_weight_grad,
-                                          _pack_channels_last, _pooled_grad_lists)
+from numba_cnn.kernels.jit.buffers import reusable_output, scratch
+from numba_cnn.kernels.jit.sparse import (_listed_input_grad, _listed_weight_grad, _pack_channels_last,
+                                          _pooled_grad_lists)
 
 # the listed scatters run along a kernel row's S x C values: below a vector's lanes (conv1: 3) the dense path wins
 LISTED_MIN_SPAN = 8
@@ -111,7 +118,7 @@ LISTED_MIN_SPAN = 8
 # BLAS threads, 23.6 ms with 1).
 
 INFO = BackendInfo(summary="register-tiled loop kernels compiled by Numba (parallel=True)", blas_threads="one",
-                   fused=("conv2d_relu_maxpool2d",))
+                   fused=("conv2d_relu_maxpool2d",), channels_last=True)
 
 
 def _conv_tile_shape(out_channels):
@@ -139,64 +146,34 @@ def _pad_width(x, width, axis=3):
     return wide
 
 
-_scratch_buffers = threading.local()
-_SCRATCH_KEPT = 16  # buffers kept per thread: a training step uses 12 (x packed and 4 list arrays, per conv)
-
-
-def _scratch(name, shape, dtype):
-    """A reusable uninitialised buffer for internal data that never leaves this module, one per (name, shape,
-    dtype): fresh multi-megabyte arrays cost a page fault per 4 KiB on every call (measured ~12 ms of system
-    time per training step). The oldest buffer is dropped beyond _SCRATCH_KEPT."""
-    buffers = _scratch_buffers.__dict__.setdefault("by_key", {})
-    key = (name, shape, np.dtype(dtype).str)
-    buffer = buffers.get(key)
-    if buffer is None:
-        if len(buffers) >= _SCRATCH_KEPT:
-            del buffers[next(iter(buffers))]
-        buffer = buffers[key] = np.empty(shape, dtype)
-    return buffer
-
-
-_OUTPUTS_KEPT = 4  # returned arrays kept per (shape, dtype) for reuse: a training step keeps 2 of a kind alive
-
-
-def _output(shape, dtype):
-    """An uninitialised array to return, recycled: one this module returned before and nobody holds any more
-    (no reference but this pool's: no caller variable, view or buffer export), else a fresh one. A returned array
-    is never handed out again while it is in use; the kernels write every element of their outputs. Fresh
-    multi-megabyte outputs cost a page fault per 4 KiB on first touch, inside the parallel kernels (measured:
-    1320 of a training step's 1720 minor faults, ~4 ms of its 25)."""
-    pools = _scratch_buffers.__dict__.setdefault("outputs", {})
-    key = (shape, np.dtype(dtype).str)
-    pool = pools.get(key)
-    if pool is None:
-        if len(pools) >= _SCRATCH_KEPT:
-            del pools[next(iter(pools))]
-        pool = pools[key] = []
-    for a in pool:
-        if sys.getrefcount(a) <= 3:  # the pool's list, the loop variable, getrefcount's argument
-            return a
-    a = np.empty(shape, dtype)
-    pool.append(a)
-    if len(pool) > _OUTPUTS_KEPT:
-        del pool[0]
-    return a
-
-
-def _channels_last(x, col_pad=0, channels=None, scratch="x_cl"):
+def _channels_last(x, col_pad=0, channels=None, buffer_name="x_cl"):
     """x[N, C, H, W] -> (x_cl[N, H, W + 2 col_pad, channels], per-image channel sums[N, channels]), both in
-    scratch buffers (valid until the next call with the same scratch name)."""
+    scratch buffers (valid until the next call with the same buffer name)."""
     n, c, h, w = x.shape
     channels = c if channels is None else channels
-    x_cl = _scratch(scratch, (n, h, w + 2 * col_pad, channels), x.dtype)
-    sums = _scratch(scratch + ".sums", (n, channels), x.dtype)
+    x_cl = scratch(buffer_name, (n, h, w + 2 * col_pad, channels), x.dtype)
+    sums = scratch(buffer_name + ".sums", (n, channels), x.dtype)
     _pack_channels_last(x, col_pad, x_cl, sums)
     return x_cl, sums
 
 
 def _input_channels_last(x):
+    """x[N, C, H, W] -> its channels-last (N, H, W, C) buffer: a view when x is stored so (one channel: always),
+    else packed into a scratch buffer."""
     n, c, h, wd = x.shape
-    return x.reshape(n, h, wd, 1) if c == 1 else _channels_last(x)[0]  # one channel: already channels-last
+    if c == 1:
+        return x.reshape(n, h, wd, 1)
+    return x.transpose(0, 2, 3, 1) if is_channels_last(x) else _channels_last(x)[0]
+
+
+def _nchw(a):
+    """a as a C-contiguous NCHW array: itself, or a copy of a channels-last one."""
+    return np.ascontiguousarray(a)
+
+
+def _nhwc(a):
+    """a[N, C, H, W] as a C-contiguous channels-last (N, H, W, C) array: a view of a channels-last one, else a copy."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
 
 
 def _packed_weights(w_rsck, bias, lanes, dtype):
@@ -219,7 +196,7 @@ def _correlate(x_cl, w_rsck, bias, relu, row_shift=0):
     wt, b = _packed_weights(w_rsck, bias, lanes, x_cl.dtype)
     q = wd - s + 1
     x_cl = _pad_width(x_cl, columns + s - 1, axis=2)  # narrower than a tile: zero columns, cropped off the output
-    y = _output((n, out_channels, h + 2 * row_shift - r + 1, x_cl.shape[2] - s + 1), x_cl.dtype)
+    y = reusable_output((n, out_channels, h + 2 * row_shift - r + 1, x_cl.shape[2] - s + 1), x_cl.dtype)
     floor = x_cl.dtype.type(0 if relu else -np.inf)
     kernel = _conv_tile_narrow if lanes == CONV_TILE_NARROW[0] else _conv_tile_wide
     kernel(x_cl, wt, b, floor, row_shift, y)
@@ -230,6 +207,20 @@ def _dw_from_tiles(dwt, k, s):
     """dw[K, C, R, S] from the weight-gradient kernels' per-chunk dwt[chunks, C, R, S tiled, K padded]."""
     dw_crsk = dwt[0] if dwt.shape[0] == 1 else np.sum(dwt, axis=0)  # chunk by chunk, in order
     return np.ascontiguousarray(dw_crsk[:, :, :s, :k].transpose(3, 0, 1, 2))
+
+
+def _input_grad_by_taps(dy_cl, w, x_shape):
+    """dx[N, C, H, W] from dy channels-last (N, P, Q, K) and w[K, C, R, S]: per tap (r, s), dy times w[:, :, r, s]
+    added at offset (r, s), so only the products the convolution has: a non-finite weight reaches only the
+    elements it multiplies (the tiled dx multiplies zero padding too, and 0 * inf is NaN). For weights holding NaN
+    or inf only (a diverged run): numpy, far slower than the tiles."""
+    dx = np.zeros(x_shape, dy_cl.dtype)
+    p, q = dy_cl.shape[1], dy_cl.shape[2]
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf are expected here, as in compiled code
+        for r in range(w.shape[2]):
+            for s in range(w.shape[3]):
+                dx[:, :, r:r + p, s:s + q] += np.einsum("npqk,kc->ncpq", dy_cl, w[:, :, r, s])
+    return dx
 
 
 def _conv_backward_packed(dyt, dy_sums, x, w, need_dx):
@@ -250,9 +241,7 @@ def _conv_backward_packed(dyt, dy_sums, x, w, need_dx):
     if not need_dx:
         return None, dw, db
     if not np.isfinite(w).all():  # microseconds; a diverged run's weights take the path that skips the padding
-        dx = np.empty(x.shape, x.dtype)
-        _input_grad_gather(dyt, col_pad, w, x.dtype.type(0), dx)
-        return dx, dw, db
+        return _input_grad_by_taps(dyt[:, :, col_pad:dyt.shape[2] - col_pad, :k], w, x.shape), dw, db
     # dx is the full correlation of dy with the flipped kernel: the zero columns are in dyt, the R-1 zero rows
     # above and below are skipped through row_shift; dyt's padded channels meet zero rows of w_flipped
     w_flipped = np.zeros((r, s, dyt.shape[3], c), x.dtype)
@@ -271,8 +260,8 @@ def conv2d_backward(dy, x, w, need_dx):
     k, c, r, s = w.shape
     # dy channels-last, its channels padded to the lanes; for dx also padded by S-1 zero columns on each side
     col_pad = s - 1 if need_dx else 0
-    dyt, dy_sums = _channels_last(dy, col_pad, _padded(k, _grad_lanes(k)), scratch="dy_cl")
-    return _conv_backward_packed(dyt, dy_sums, x, w, need_dx)
+    dyt, dy_sums = _channels_last(_nchw(dy), col_pad, _padded(k, _grad_lanes(k)), buffer_name="dy_cl")
+    return _conv_backward_packed(dyt, dy_sums, _nchw(x), w, need_dx)
 
 
 def maxpool2d_forward(x):
@@ -280,14 +269,14 @@ def maxpool2d_forward(x):
     n, c, h, w = x.shape
     y = np.empty((n, c, h // 2, w // 2), x.dtype)
     argmax = np.empty(y.shape, np.uint8)
-    _maxpool_forward(x, y, argmax)
+    _maxpool_forward(_nchw(x), y, argmax)
     return y, argmax
 
 
 def maxpool2d_backward(dy, argmax, x_shape):
     """dy[N,C,H//2,W//2], argmax, x_shape (N,C,H,W) -> dx[N,C,H,W], dy routed to each window's winner."""
     dx = np.empty(x_shape, dy.dtype)
-    _maxpool_backward(dy, argmax, dy.dtype.type(0), dx)
+    _maxpool_backward(_nchw(dy), _nchw(argmax), dy.dtype.type(0), dx)
     return dx
 
 
@@ -297,9 +286,9 @@ def conv2d_relu_maxpool2d_forward(x, w, b):
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     p_half, q_half = (h - r + 1) // 2, (wd - s + 1) // 2
-    y = _output((n, k, p_half, q_half), x.dtype)
-    argmax = _output(y.shape, np.uint8)
     if c == 1 and 2 * q_half <= CONV1_TILE[0]:  # a tile along the columns (see _make_conv1_pool)
+        y = reusable_output((n, p_half, q_half, k), x.dtype)  # channels last, as the next convolution reads it
+        argmax = reusable_output(y.shape, np.uint8)
         columns, channels = CONV1_TILE
         x_1 = _pad_width(x, columns + s - 1).reshape(n, h, -1)
         k_padded = _padded(k, channels)
@@ -308,36 +297,43 @@ def conv2d_relu_maxpool2d_forward(x, w, b):
         bp = np.zeros(k_padded, x.dtype)
         bp[:k] = b
         _conv1_pool(x_1, wt, bp, x.dtype.type(0), y, argmax)
-        return y, argmax
-    lanes, columns = CONV_TILE_NARROW if k <= CONV_TILE_NARROW[0] else CONV_POOL_WIDE
+        return y.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)
+    y = reusable_output((n, k, p_half, q_half), x.dtype)
+    argmax = reusable_output(y.shape, np.uint8)
+    lanes, columns = CONV_POOL_TILE
     x_cl = _input_channels_last(x)
     wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, lanes, x.dtype)
     q_tiles = max(2 * q_half, columns)
     x_cl = _pad_width(x_cl, q_tiles + s - 1, axis=2)  # narrower than a tile: zero columns, never pooled
-    kernel = _conv_pool_narrow if lanes == CONV_TILE_NARROW[0] else _conv_pool_wide
-    kernel(x_cl, wt, bp, x.dtype.type(0), q_tiles, y, argmax)
+    _conv_pool(x_cl, wt, bp, x.dtype.type(0), q_tiles, y, argmax)
     return y, argmax
 
 
-def _listed_backward(dy, pooled, argmax, x_cl, w, need_dx, x_shape):
-    """The fused backward over the list of nonzero conv-output gradients (jit/sparse.py), from x channels-last."""
-    n, _, wd, c = x_cl.shape
+def _listed_backward(dy, pooled, argmax, x_cl, w, need_dx):
+    """The fused backward over the list of nonzero conv-output gradients (jit/sparse.py), from dy, pooled and argmax
+    NCHW and x channels-last; dx comes channels-last (viewed NCHW). None if x holds NaN or inf."""
+    n, h, wd, c = x_cl.shape
     k, _, r, s = w.shape
     windows = dy.shape[2] * dy.shape[3]
-    values = _scratch("listed.values", (n, k, windows), dy.dtype)
-    offsets = _scratch("listed.offsets", (n, k, windows), np.int64)
-    counts = _scratch("listed.counts", (n, k), np.int64)
-    sums = _scratch("listed.sums", (n, k), dy.dtype)
+    values = scratch("listed.values", (n, k, windows), dy.dtype)
+    offsets = scratch("listed.offsets", (n, k, windows), np.int64)
+    counts = scratch("listed.counts", (n, k), np.int64)
+    sums = scratch("listed.sums", (n, k), dy.dtype)
+    finite = scratch("listed.finite", (n,), np.bool_)
     zero = dy.dtype.type(0)
-    _pooled_grad_lists(dy, pooled, argmax, wd, c, zero, values, offsets, counts, sums)
+    x_flat = x_cl.reshape(n, -1)
+    _pooled_grad_lists(dy, pooled, argmax, x_flat, wd, c, zero, values, offsets, counts, sums, finite)
+    if not finite.all():
+        return None
     dw_rows = np.zeros((k, r, s * c), dy.dtype)
-    _listed_weight_grad(x_cl.reshape(n, -1), values, offsets, counts, wd * c, get_num_threads(), dw_rows)
+    _listed_weight_grad(x_flat, values, offsets, counts, wd * c, get_num_threads(), dw_rows)
     dw = np.ascontiguousarray(dw_rows.reshape(k, r, s, c).transpose(0, 3, 1, 2))
     dx = None
     if need_dx:
         w_rows = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(k, r, s * c)
-        dx = _output(x_shape, dy.dtype)
-        _listed_input_grad(values, offsets, counts, w_rows, wd * c, zero, dx)
+        dx = reusable_output((n, h, wd, c), dy.dtype)
+        _listed_input_grad(values, offsets, counts, w_rows, wd * c, zero, dx.reshape(n, -1))
+        dx = dx.transpose(0, 3, 1, 2)
     return dx, dw, sums.sum(axis=0)
 
 
@@ -351,46 +347,58 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx):
     then the tiled weight gradient (conv1: measured 2.0 ms against 3.8 listed, as each scatter is 3 values long).
     """
     k, c, r, s = w.shape
-    if need_dx or s * c >= LISTED_MIN_SPAN:
-        x_cl, x_sums = _channels_last(x)
-        if np.isfinite(x_sums).all() and np.isfinite(w).all():  # a non-finite x makes its image's sums non-finite
-            return _listed_backward(dy, y, argmax, x_cl, w, need_dx, x.shape)
+    if (need_dx or s * c >= LISTED_MIN_SPAN) and np.isfinite(w).all():
+        listed = _listed_backward(_nchw(dy), _nchw(y), _nchw(argmax), _input_channels_last(x), w, need_dx)
+        if listed is not None:
+            return listed
     n, _, h, wd = x.shape
     col_pad = s - 1 if need_dx else 0
     shape = (n, h - r + 1, wd - s + 1 + 2 * col_pad, _padded(k, _grad_lanes(k)))
-    dyt = _scratch("dy_cl", shape, dy.dtype)
-    sums = _scratch("dy_cl.sums", (n, shape[3]), dy.dtype)
-    _unpool_pack(dy, y, argmax, col_pad, dy.dtype.type(0), dyt, sums)
-    return _conv_backward_packed(dyt, sums, x, w, need_dx)
+    dyt = scratch("dy_cl", shape, dy.dtype)
+    sums = scratch("dy_cl.sums", (n, shape[3]), dy.dtype)
+    _unpool_pack(_nhwc(dy), _nhwc(y), _nhwc(argmax), col_pad, dy.dtype.type(0), dyt, sums)
+    return _conv_backward_packed(dyt, sums, _nchw(x), w, need_dx)
 
 
-# Compiling ahead, on a cold disk cache. Numba compiles one function at a time in a process, and the kernels a float32
-# training step calls took 20.5 s to compile one after the other (AMD EPYC Zen 3, 2026-11-27); `precompile` has a
-# second Python process compile the backward pass's kernels while this one compiles the forward pass's, and the
-# second process's machine code reaches this one through the disk cache, which two processes may fill at once
-# (tests/test_concurrent_cache.py): 15-17 s. With a warm cache, or no disk cache to share (NUMBA_CNN_CACHE=0, no
-# writable location), it does nothing and the kernels load or compile on first call as before.
-PRECOMPILE_PARTS = ("forward", "backward")
+# Compiling ahead, on a cold disk cache. Numba compiles one function at a time in a process: the backend's float32
+# kernels took 29-35 s to compile one after the other (AMD EPYC Zen 3, 2026-11-27), the 9 a training step calls
+# 20.5 s. `precompile` compiles every one of them, half in this process and half in a second Python process at once;
+# the second process's machine code reaches this one through the disk cache, which two processes may fill at once
+# (tests/test_concurrent_cache.py). With a warm cache, or no disk cache to share (NUMBA_CNN_CACHE=0, no writable
+# location), it does nothing and the kernels load or compile on first call as before.
 _PRECOMPILE_TIMEOUT_S = 600
 
 
 def _compile_part(part):
-    """Call every op of `part` ("forward" or "backward") that a float32 training step of the model calls, on tiny
-    inputs of the same kinds: conv1's one input channel, conv2's 32 channels and 64 outputs, dropout."""
+    """Call ops on tiny float32 inputs so that half `part` (0: this process, 1: the second) of every kernel of the
+    backend compiles. The halves are balanced by each kernel's measured compile time (seconds on Zen 3, in the
+    comments); the packing kernel both need comes first in half 0 and late in half 1, which then loads it from the
+    disk cache instead of compiling it again."""
     rng = np.random.default_rng(0)
-    x1 = rng.random((2, 1, 6, 6), dtype=np.float32)
-    w1 = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
-    x2 = rng.random((2, 32, 6, 6), dtype=np.float32)
-    w2 = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
-    if part == "forward":
-        conv2d_relu_maxpool2d_forward(x1, w1, np.zeros(4, np.float32))
-        h2, _ = conv2d_relu_maxpool2d_forward(x2, w2, np.zeros(64, np.float32))
-        layers.dropout_forward(h2.reshape(2, -1), 0.5, np.random.default_rng(0))
+
+    def conv_inputs(channels, out_channels):
+        return (rng.random((2, channels, 6, 6), dtype=np.float32),
+                rng.standard_normal((out_channels, channels, 3, 3)).astype(np.float32), np.zeros(out_channels, np.float32))
+
+    x1, w1, b1 = conv_inputs(1, 4)  # conv1's one input channel
+    x2, w2, b2 = conv_inputs(32, 64)  # conv2's shape: the wide tiles
+    x3, w3, b3 = conv_inputs(3, 8)  # the narrow tiles, several input channels
+    if part == 0:
+        conv2d_relu_maxpool2d_forward(x2, w2, b2)  # _pack_channels_last 1.6, _conv_pool 3.6
+        conv2d_relu_maxpool2d_forward(x1, w1, b1)  # _conv1_pool 3.8
+        layers.dropout_forward(x2.reshape(2, -1), 0.5, np.random.default_rng(0))  # _dropout 0.8
+        maxpool2d_forward(conv2d_forward(x3, w3, b3, True))  # _conv_tile_narrow 2.3, _maxpool_forward 1.2
         return
-    for x, w, need_dx in ((x2, w2, True), (x1, w1, False)):  # pooled outputs and argmax made up: no forward here
+    for x, w, need_dx in ((x1, w1, False), (x2, w2, True)):  # pooled outputs and argmax made up: no forward here
         pooled = rng.random((2, w.shape[0], 2, 2), dtype=np.float32)
         argmax = rng.integers(0, 4, pooled.shape).astype(np.uint8)
+        # conv1: _unpool_pack 3.3, _weight_grad_narrow 2.0; conv2: _pooled_grad_lists 1.5,
+        # _listed_weight_grad 2.0, _listed_input_grad 1.3
         conv2d_relu_maxpool2d_backward(np.ones_like(pooled), pooled, argmax, x, w, need_dx)
+    y2 = conv2d_forward(x2, w2, b2, True)  # _conv_tile_wide 2.1
+    maxpool2d_backward(pooled, argmax, y2.shape)  # _maxpool_backward 1.3 (conv2's made-up pooling of y2)
+    w2[0, 0, 0, 0] = np.inf
+    conv2d_backward(np.ones_like(y2), x2, w2, True)  # _weight_grad_wide (AVX-512: another kernel)
 
 
 def _cache_is_cold():
@@ -403,18 +411,18 @@ def _cache_is_cold():
 
 
 def precompile():
-    """On a cold disk cache, compile the training step's kernels in this process (forward) and a second one
-    (backward) at once; -> True if it did, False if the cache was warm or not shareable."""
+    """On a cold disk cache, compile every float32 kernel of the backend, half in this process and half in a second
+    one at once; -> True if it did, False if the cache was warm or not shareable."""
     if not CACHE or not _cache_is_cold():
         return False
-    code = f"from numba_cnn.kernels.jit import _compile_part; _compile_part({PRECOMPILE_PARTS[1]!r})"
+    code = "from numba_cnn.kernels.jit import _compile_part; _compile_part(1)"
     try:
         child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
     except OSError:
         return False
     try:
-        _compile_part(PRECOMPILE_PARTS[0])
+        _compile_part(0)
         child.wait(_PRECOMPILE_TIMEOUT_S)
     except subprocess.TimeoutExpired:  # whatever it did not finish, this process compiles when it first calls it
         pass

@@ -1,6 +1,5 @@
 """The jit backend's compiled kernels that run over lists and layouts rather than dense register tiles: the backward
-pass of conv + ReLU + 2x2 max-pooling over the nonzero conv-output gradients only, the channels-last packing, and
-the input-gradient gather for non-finite weights.
+pass of conv + ReLU + 2x2 max-pooling over the nonzero conv-output gradients only, and the channels-last packing.
 
 Pooling passes each window's gradient to one of its four elements, ReLU zeroes more, and in the model dropout zeroes
 half of the pooled gradients before that: at most a quarter of the conv output's gradient is nonzero, and conv2
@@ -23,15 +22,22 @@ LISTED_IMAGES = 8  # images per pass of a weight-gradient tile: 8 x 21.6 KB of c
 
 
 @_jit
-def _pooled_grad_lists(dy, pooled, argmax, width, channels, zero, values, offsets, counts, sums):
+def _pooled_grad_lists(dy, pooled, argmax, x_flat, width, channels, zero, values, offsets, counts, sums, finite):
     """Per image n and channel k, the nonzero elements of the conv output's gradient behind ReLU + 2x2 max-pooling,
     from the pooled gradient dy[N, K, P2, Q2]: values[n, k, :counts[n, k]] are dy where pooled > 0 or is NaN (the
     ReLU's select, as layers.relu_backward) and nonzero (NaN counts as nonzero), in window order; offsets the
     element offset (row * width + col) * channels of each window's winner (argmax) in a channels-last image of that
     conv's input, i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's
-    per-image terms). Branch-free: every window is written, only the nonzero ones advance the count."""
+    per-image terms). Branch-free: every window is written, only the nonzero ones advance the count. finite[n]:
+    whether the conv's input image x_flat[n] (any layout) holds no NaN or inf, read here where the image is
+    visited anyway: the caller takes the dense path otherwise."""
     n_images, n_out, p_half, q_half = dy.shape
     for n in prange(n_images):
+        check = zero
+        x_image = x_flat[n]
+        for u in range(x_image.shape[0]):
+            check += x_image[u] * zero  # NaN once any element is NaN or inf (inf * 0 is NaN)
+        finite[n] = check == check
         for k in range(n_out):
             count = 0
             total = zero
@@ -102,14 +108,15 @@ _listed_weight_grad = _make_listed_weight_grad(LISTED_BLOCK)
 
 @_jit
 def _listed_input_grad(values, offsets, counts, w_rows, row_length, zero, dx):
-    """dx[n, c, i, j] (NCHW) = the scatter of every listed element e of (n, k) through the kernel: values[n, k, e] *
-    w_rows[k, r, s * C + c] added at (row + r, col + s, c) of a channels-last image, (row, col, 0) being where
-    offsets[n, k, e] points (row_length = W * C). Each image is accumulated in its own buffer, channels in order
-    then list order, and transposed into dx: split over images, so independent of the thread count."""
-    n_images, n_in, height, width = dx.shape
+    """dx[n] (channels last, flattened: dx[n, (i * W + j) * C + c]) = the scatter of every listed element e of
+    (n, k) through the kernel: values[n, k, e] * w_rows[k, r, s * C + c] added at (row + r, col + s, c), (row,
+    col, 0) being where offsets[n, k, e] points (row_length = W * C). Channels in order then list order, per image:
+    split over images, so independent of the thread count."""
+    n_images = dx.shape[0]
     n_out, r_taps, span = w_rows.shape
     for n in prange(n_images):
-        image = np.full(height * row_length, zero)
+        image = dx[n]
+        image[:] = zero
         for k in range(n_out):
             w_k = w_rows[k]
             for e in range(counts[n, k]):
@@ -120,11 +127,6 @@ def _listed_input_grad(values, offsets, counts, w_rows, row_length, zero, dx):
                     w_r = w_k[r]
                     for u in range(span):
                         seg[u] += g * w_r[u]
-        for i in range(height):
-            for j in range(width):
-                pixel = image[(i * width + j) * n_in:(i * width + j + 1) * n_in]
-                for c in range(n_in):
-                    dx[n, c, i, j] = pixel[c]
 
 
 @_jit
@@ -148,25 +150,3 @@ def _pack_channels_last(a, col_pad, out, sums):
                     row[c] = 0
                 for c in range(c_padded):
                     total[c] += row[c]
-
-
-@_jit
-def _input_grad_gather(dyt, col_pad, w, zero, dx):
-    """dx[n,c,row,col] = sum over k and the taps (r, s) with 0 <= row - r < P and 0 <= col - s < Q of
-    dyt[n, row - r, col_pad + col - s, k] * w[k, c, r, s]: only the taps in range, so a non-finite weight reaches
-    only the elements it multiplies (the tiled dx multiplies the zero padding too, and 0 * inf is NaN). For weights
-    holding NaN or inf only: plain loops, far slower than the tiles."""
-    n_images, n_in, h, wd = dx.shape
-    p_out, q_out, n_out = dyt.shape[1], dyt.shape[2] - 2 * col_pad, w.shape[0]
-    r_taps, s_taps = w.shape[2], w.shape[3]
-    for n in prange(n_images):
-        for c in range(n_in):
-            for row in range(h):
-                for col in range(wd):
-                    acc = zero
-                    for r in range(max(0, row - p_out + 1), min(r_taps, row + 1)):
-                        for s in range(max(0, col - q_out + 1), min(s_taps, col + 1)):
-                            dy_vec = dyt[n, row - r, col_pad + col - s]
-                            for k in range(n_out):
-                                acc += dy_vec[k] * w[k, c, r, s]
-                    dx[n, c, row, col] = acc

@@ -15,7 +15,7 @@ if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
     # 32 zmm: 7 x 32 and 4 x 64 fp32 lanes are 14 and 16 accumulators; measured on Zen 4: 4 x 64 in 512-bit
     # registers ran conv2 forward ~1.7x faster than the same tile in 256-bit ones (spilled), 6 x 64 no faster.
     CONV_TILE_NARROW, CONV_TILE_WIDE = (32, 7), (64, 4)
-    CONV_POOL_WIDE = CONV_TILE_WIDE  # the fused op's wide tile; 5 x 64 (20 zmm) not measured on an AVX-512 core
+    CONV_POOL_TILE = CONV_TILE_WIDE  # the fused op's tile; 5 x 64 (20 zmm) not measured on an AVX-512 core
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 64
 else:
     # 16 ymm (AVX2, Zen 3): conv2 forward 4.9 ms with 4 x 16 (8 ymm) vs 5.2 with 3 x 32, 9.0 with 6 x 16 and
@@ -25,7 +25,7 @@ else:
     # the fused conv + pool computes only the pooled columns (conv2: 10, two exact tiles of 5, where 4 computes
     # 12): fused conv2 forward 3.38 ms with 5 x 16 (10 ymm) vs 4.64 with 4 x 16, 4.49 with 2 x 32, 4.55 with
     # 3 x 32 (2 threads, best of 7 alternated runs; 1 thread: 6.63 vs 9.63 with 4 x 16)
-    CONV_POOL_WIDE = (16, 5)
+    CONV_POOL_TILE = (16, 5)
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 32
 CONV1_TILE = (32, 3) if TILE_BITS < 512 else (32, 6)  # (columns, channels): 12 ymm / 12 zmm
 TILE_TAPS = 3  # kernel taps per weight-gradient tile (a 3x3 kernel splits into 3 exact blocks)
@@ -158,17 +158,18 @@ def _make_conv1_pool(columns, channels):
     tile runs over a whole tile (all channels' rows back to back), with a trip count LLVM cannot fold, so it stays a
     vectorised loop instead of being unrolled into scalar code: ReLU'd rows into a (2, tile) buffer, pooled along
     it, then copied into y row by row (measured 4.7 -> 3.7 ms on conv1, 1 thread, against a per-channel-row
-    version)."""
+    version). y and argmax are written channels-last, the layout the next convolution reads."""
     tile = columns * channels
     half = columns // 2
     _stack_tile = tile_allocator()
 
     @_jit
     def conv1_pool(x, wt, b, zero, y, argmax):
-        """y, argmax = pool(relu(b[k] + sum_{r,s} x[n, i+r, j+s] * wt[k, r, s])); x (N, H, W) at least
-        `columns` + S - 1 wide, 2 * Q2 <= `columns`; wt (K, R, S) and b padded to a multiple of `channels`."""
+        """y[n, i, j, k], argmax[n, i, j, k] (channels last) = pool(relu(b[k] + sum_{r,s} x[n, i'+r, j'+s] *
+        wt[k, r, s])); x (N, H, W) at least `columns` + S - 1 wide, 2 * Q2 <= `columns`; wt (K, R, S) and b padded
+        to a multiple of `channels`."""
         n_images = x.shape[0]
-        n_out, p_half, q_half = y.shape[1], y.shape[2], y.shape[3]
+        p_half, q_half, n_out = y.shape[1], y.shape[2], y.shape[3]
         k_padded, r_taps, s_taps = wt.shape
         n_stored = min(tile, k_padded * columns)  # = tile, unknown to LLVM: the loops below stay loops
         n_pooled = n_stored // 2
@@ -178,8 +179,8 @@ def _make_conv1_pool(columns, channels):
             rows = np.empty((2, tile), x.dtype)
             pooled = np.empty(tile // 2, x.dtype)
             won = np.empty(tile // 2, np.uint8)
-            for k0 in range(0, k_padded, channels):
-                for pi in range(p_half):
+            for pi in range(p_half):  # a pooled row of all channels stays in L1 while its channel blocks land
+                for k0 in range(0, k_padded, channels):
                     for h in range(2):
                         for kk in range(channels):
                             for jj in range(columns):
@@ -204,11 +205,11 @@ def _make_conv1_pool(columns, channels):
                         best, where = _pool_window(top[2 * u], top[2 * u + 1], bottom[2 * u], bottom[2 * u + 1])
                         pooled[u] = best
                         won[u] = where
-                    for kk in range(min(channels, n_out - k0)):
-                        y_row, arg_row = y[n, k0 + kk, pi], argmax[n, k0 + kk, pi]
-                        for pj in range(q_half):
-                            y_row[pj] = pooled[kk * half + pj]
-                            arg_row[pj] = won[kk * half + pj]
+                    for pj in range(q_half):
+                        y_px, arg_px = y[n, pi, pj], argmax[n, pi, pj]
+                        for kk in range(min(channels, n_out - k0)):
+                            y_px[k0 + kk] = pooled[kk * half + pj]
+                            arg_px[k0 + kk] = won[kk * half + pj]
 
     return conv1_pool
 
@@ -269,8 +270,7 @@ def _make_weight_grad(lanes):
 
 _conv_tile_narrow = _make_conv_tile(CONV_TILE_NARROW[1], CONV_TILE_NARROW[0])
 _conv_tile_wide = _make_conv_tile(CONV_TILE_WIDE[1], CONV_TILE_WIDE[0])
-_conv_pool_narrow = _make_conv_pool(CONV_TILE_NARROW[1], CONV_TILE_NARROW[0])
-_conv_pool_wide = _make_conv_pool(CONV_POOL_WIDE[1], CONV_POOL_WIDE[0])
+_conv_pool = _make_conv_pool(CONV_POOL_TILE[1], CONV_POOL_TILE[0])
 _conv1_pool = _make_conv1_pool(*CONV1_TILE)
 _weight_grad_narrow = _make_weight_grad(GRAD_LANES_NARROW)
 _weight_grad_wide = (_weight_grad_narrow if GRAD_LANES_WIDE == GRAD_LANES_NARROW
@@ -279,28 +279,14 @@ _weight_grad_wide = (_weight_grad_narrow if GRAD_LANES_WIDE == GRAD_LANES_NARROW
 
 @_jit
 def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
-    """The gradient of a conv output before ReLU + 2x2 max-pooling, from the pooled gradient dy[N, K, P//2, Q//2]:
-    the ReLU's select (dy where pooled > 0 or pooled is NaN, else exactly 0, as layers.relu_backward) routed to
-    each window's argmax, written channels-last into out[N, P, Q + 2 col_pad,
+    """The gradient of a conv output before ReLU + 2x2 max-pooling, from the pooled gradient dy[N, P//2, Q//2, K]
+    (channels last, as pooled and argmax): the ReLU's select (dy where pooled > 0 or pooled is NaN, else exactly 0,
+    as layers.relu_backward) routed to each window's argmax, written channels-last into out[N, P, Q + 2 col_pad,
     K_padded] (every element once: zero elsewhere, in the padding columns and channels and the dropped odd
     row/column); sums[n, k] as `_pack_channels_last` makes them, in the same order (so the same bits)."""
-    n_images, n_ch, p_half, q_half = dy.shape
+    n_images, p_half, q_half, n_ch = dy.shape
     p_out, c_padded = out.shape[1], out.shape[3]
     for n in prange(n_images):
-        # the masked gradient and argmax of this image, channels last first (contiguous reads, a small L1-sized
-        # transpose), so the scatter below runs along contiguous channels (measured 3x faster than reading the
-        # NCHW planes across channels there)
-        g_t = np.empty((p_half * q_half, n_ch), dy.dtype)
-        where_t = np.empty((p_half * q_half, n_ch), np.uint8)
-        for c in range(n_ch):
-            dy_plane, pooled_plane, arg_plane = dy[n, c], pooled[n, c], argmax[n, c]
-            for pi in range(p_half):
-                for pj in range(q_half):
-                    g = dy_plane[pi, pj]
-                    # a select, not dy * (pooled > 0): a NaN or inf dy where the ReLU was off contributes nothing
-                    p = pooled_plane[pi, pj]
-                    g_t[pi * q_half + pj, c] = g if (p > zero or p != p) else zero
-                    where_t[pi * q_half + pj, c] = arg_plane[pi, pj]
         total = sums[n]
         total[:] = zero
         for i in range(p_out):
@@ -313,9 +299,11 @@ def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
             first = np.uint8(2 * di)
             for pj in range(q_half):
                 left, right = out[n, i, col_pad + 2 * pj], out[n, i, col_pad + 2 * pj + 1]
-                g_row, where_row = g_t[pi * q_half + pj], where_t[pi * q_half + pj]
+                g_row, pooled_row, where_row = dy[n, pi, pj], pooled[n, pi, pj], argmax[n, pi, pj]
                 for c in range(n_ch):
-                    g, where = g_row[c], where_row[c]
+                    p, where = pooled_row[c], where_row[c]
+                    # a select, not dy * (pooled > 0): a NaN or inf dy where the ReLU was off contributes nothing
+                    g = g_row[c] if (p > zero) | (p != p) else zero
                     left[c] = g if where == first else zero
                     right[c] = g if where == first + 1 else zero
                 for c in range(n_ch, c_padded):
