@@ -76,7 +76,7 @@ def test_precompile_fills_a_cold_cache_from_two_processes_and_skips_a_warm_one(t
     cold, warm = (run.stdout.splitlines() for run in runs)
     assert cold[0] == "True"  # it ran, on the empty cache (the misses then count this process's own compiles)
     kernels = int(cold[1].split()[0])
-    assert kernels >= 13 and cold[1] == str(kernels), f"kernels with no cache entry after precompile: {cold[1]}"
+    assert kernels >= 10 and cold[1] == str(kernels), f"kernels with no cache entry after precompile: {cold[1]}"
     assert warm == ["False", str(kernels), "0"]  # warm: nothing to do, and every kernel loaded from the cache
 
 

@@ -73,7 +73,7 @@ conv2d_relu_maxpool2d_backward  with finite x and w (`_pooled_grad_lists` checks
                  for dx, which skips the zero padding that 0 * inf would turn into NaN.
 
 Private variants: `_conv_tile_narrow` / `_conv_tile_wide` (K <= CONV_TILE_NARROW lanes or wider), the same for
-`_weight_grad_*` (one kernel when both lane counts agree); the fused `_conv_pool` has one tile (CONV_POOL_TILE,
+`_weight_grad_*` (one kernel when both shapes agree, as on AVX2); the fused `_conv_pool` has one tile (CONV_POOL_TILE,
 K padded to its lanes).
 
 Buffers: internal packed data lives in per-thread scratch buffers, the multi-megabyte arrays returned are recycled
@@ -198,7 +198,7 @@ def _correlate(x_cl, w_rsck, bias, relu, row_shift=0):
     x_cl = _pad_width(x_cl, columns + s - 1, axis=2)  # narrower than a tile: zero columns, cropped off the output
     y = reusable_output((n, out_channels, h + 2 * row_shift - r + 1, x_cl.shape[2] - s + 1), x_cl.dtype)
     floor = x_cl.dtype.type(0 if relu else -np.inf)
-    kernel = _conv_tile_narrow if lanes == CONV_TILE_NARROW[0] else _conv_tile_wide
+    kernel = _conv_tile_narrow if (lanes, columns) == CONV_TILE_NARROW else _conv_tile_wide
     kernel(x_cl, wt, b, floor, row_shift, y)
     return y if y.shape[3] == q else np.ascontiguousarray(y[..., :q])
 
@@ -395,10 +395,12 @@ def _compile_part(part):
         # conv1: _unpool_pack 3.3, _weight_grad_narrow 2.0; conv2: _pooled_grad_lists 1.5,
         # _listed_weight_grad 2.0, _listed_input_grad 1.3
         conv2d_relu_maxpool2d_backward(np.ones_like(pooled), pooled, argmax, x, w, need_dx)
-    y2 = conv2d_forward(x2, w2, b2, True)  # _conv_tile_wide 2.1
-    maxpool2d_backward(pooled, argmax, y2.shape)  # _maxpool_backward 1.3 (conv2's made-up pooling of y2)
+    dy2 = np.ones((2, 64, 4, 4), np.float32)  # conv2's output gradient, pooled and argmax made up above
+    maxpool2d_backward(pooled, argmax, dy2.shape)  # _maxpool_backward 1.3
     w2[0, 0, 0, 0] = np.inf
-    conv2d_backward(np.ones_like(y2), x2, w2, True)  # _weight_grad_wide (AVX-512: another kernel)
+    conv2d_backward(dy2, x2, w2, True)  # _weight_grad_wide where it is another kernel (AVX-512)
+    if _conv_tile_wide is not _conv_tile_narrow:  # AVX-512's wide correlation tile
+        conv2d_forward(x2, w2, b2, True)
 
 
 def _cache_is_cold():

@@ -21,7 +21,9 @@ else:
     # 16 ymm (AVX2, Zen 3): conv2 forward 4.9 ms with 4 x 16 (8 ymm) vs 5.2 with 3 x 32, 9.0 with 6 x 16 and
     # 24 with the AVX-512 4 x 64 (32 ymm, spilled); conv2 dx (32 lanes) 4.5 ms with 3 x 32 (12 ymm) vs 5.6 with
     # 4 x 16 and 29 with 7 x 32; weight gradient 3 taps x 32 lanes (12 ymm) 7.9 ms vs 9.5 with 64 and >50 with 16.
-    CONV_TILE_NARROW, CONV_TILE_WIDE = (32, 3), (16, 4)
+    # One correlation kernel for both: the unfused K = 64 forward (not in a training step, which runs the fused op)
+    # gives up 6% on 4 x 16, and a kernel fewer to compile saves 2.1-2.4 s of a cold start.
+    CONV_TILE_NARROW = CONV_TILE_WIDE = (32, 3)
     # the fused conv + pool computes only the pooled columns (conv2: 10, two exact tiles of 5, where 4 computes
     # 12): fused conv2 forward 3.38 ms with 5 x 16 (10 ymm) vs 4.64 with 4 x 16, 4.49 with 2 x 32, 4.55 with
     # 3 x 32 (2 threads, best of 7 alternated runs; 1 thread: 6.63 vs 9.63 with 4 x 16)
@@ -269,7 +271,8 @@ def _make_weight_grad(lanes):
 
 
 _conv_tile_narrow = _make_conv_tile(CONV_TILE_NARROW[1], CONV_TILE_NARROW[0])
-_conv_tile_wide = _make_conv_tile(CONV_TILE_WIDE[1], CONV_TILE_WIDE[0])
+_conv_tile_wide = (_conv_tile_narrow if CONV_TILE_WIDE == CONV_TILE_NARROW
+                   else _make_conv_tile(CONV_TILE_WIDE[1], CONV_TILE_WIDE[0]))
 _conv_pool = _make_conv_pool(CONV_POOL_TILE[1], CONV_POOL_TILE[0])
 _conv1_pool = _make_conv1_pool(*CONV1_TILE)
 _weight_grad_narrow = _make_weight_grad(GRAD_LANES_NARROW)
