@@ -142,3 +142,61 @@ def test_softmax_cross_entropy_is_stable_for_huge_logits(call, dtype):
     expected = np.array([[1, -1, 0], [p1 - 1, 1 - p1, 0], [1 / 3, 1 / 3, 1 / 3 - 1]]) / 3
     np.testing.assert_allclose(dlogits, expected, atol=1e-6)
     assert correct == 1  # row 1 (label 0) only
+
+
+# The layers a backend compiles for itself against numpy's (jit: dropout's backward, softmax cross-entropy, Adam),
+# on awkward inputs: one row, NaN and infinite logits, tied logits, parameters that are not contiguous.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_softmax_cross_entropy_agrees_with_numpy(call, layers_backend, dtype, rng):
+    from numba_cnn import layers as numpy_layers
+
+    cases = [rng.standard_normal((1, 10)), 20 * rng.standard_normal((7, 3)), np.zeros((4, 10)),
+             np.array([[1.0, np.nan, 3.0, np.nan], [np.inf, 0.0, np.inf, 1.0], [-np.inf, 2.0, 2.0, 0.0]])]
+    for logits in cases:
+        logits = logits.astype(dtype)
+        labels = rng.integers(0, logits.shape[1], logits.shape[0])
+        with np.errstate(invalid="ignore"):
+            got, want = call("softmax_cross_entropy", logits, labels), numpy_layers.softmax_cross_entropy(logits, labels)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6 if dtype == np.float32 else 1e-13)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-7)
+        assert got[1].dtype == dtype
+        # cuda picks another largest logit than numpy's argmax where a row holds NaN (left alone: such a run has
+        # diverged); the host backends count as numpy does
+        if layers_backend.name != "cuda" or np.isfinite(logits).all():
+            assert got[2] == want[2]
+
+
+def test_softmax_cross_entropy_refuses_labels_out_of_range(layers_backend):
+    if layers_backend.name != "jit":
+        pytest.skip("numpy's indexing checks labels itself")
+    with pytest.raises(ValueError, match="labels must lie in 0..2"):
+        layers_backend.layers.softmax_cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 3]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_and_dropout_backward_agree_with_numpy(call, layers_backend, dtype, rng):
+    from numba_cnn import layers as numpy_layers
+
+    for shape in [(3,), (4, 1, 3, 3), (5, 7)]:
+        want = [rng.standard_normal(shape).astype(dtype), np.zeros(shape, dtype), np.zeros(shape, dtype)]
+        got = [layers_backend.to_device(a.copy()) for a in want]
+        for step in range(1, 4):
+            grad = rng.standard_normal(shape).astype(dtype)
+            alpha = 1e-3 * np.sqrt(1 - 0.999 ** step) / (1 - 0.9 ** step)
+            layers_backend.layers.adam_update(*got[:1], layers_backend.to_device(grad), *got[1:], alpha, 0.9, 0.999,
+                                              1e-7)
+            numpy_layers.adam_update(want[0], grad, want[1], want[2], alpha, 0.9, 0.999, 1e-7)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(layers_backend.to_host(g)), w,
+                                       rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-7)
+    if layers_backend.name == "jit":  # a parameter that is a strided view is updated in place all the same
+        big = rng.standard_normal((6, 4)).astype(dtype)
+        param, expected = big[::2], big[::2].copy()
+        moments = [np.zeros((3, 4), dtype)[:, ::1], np.zeros((3, 4), dtype)]
+        grad = rng.standard_normal((3, 4)).astype(dtype)
+        layers_backend.layers.adam_update(param, grad, *moments, 1e-3, 0.9, 0.999, 1e-7)
+        numpy_layers.adam_update(expected, grad, np.zeros((3, 4), dtype), np.zeros((3, 4), dtype), 1e-3, 0.9,
+                                 0.999, 1e-7)
+        np.testing.assert_allclose(big[::2], expected, rtol=1e-6)
+    dy, mask = rng.standard_normal((3, 50)).astype(dtype), (rng.random((3, 50)) < 0.5).astype(dtype) * 2
+    np.testing.assert_array_equal(call("dropout_backward", dy, mask), dy * mask)

@@ -71,9 +71,12 @@ TILE_BITS = int(_TILE_BITS) if _TILE_BITS in ("256", "512") else VECTOR_BITS
 TILE_REGISTERS = 32 if TILE_BITS >= 512 else 16 if _TILE_BITS else VECTOR_REGISTERS
 
 
-def jit(fn):
-    """njit with the backend's options; without a usable cache location, fall back to no disk cache."""
-    options = dict(parallel=True, fastmath=FASTMATH, error_model="numpy")
+def jit(fn=None, *, parallel=True):
+    """njit with the backend's options (`@jit`; `@jit(parallel=False)` for a kernel with no prange, which then
+    compiles in about half the time); without a usable cache location, fall back to no disk cache."""
+    if fn is None:
+        return lambda f: jit(f, parallel=parallel)
+    options = dict(parallel=parallel, fastmath=FASTMATH, error_model="numpy")
     if CACHE:
         try:
             return njit(cache=True, **options)(fn)

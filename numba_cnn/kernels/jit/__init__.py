@@ -401,6 +401,10 @@ def _compile_part(part):
     conv2d_backward(dy2, x2, w2, True)  # _weight_grad_wide where it is another kernel (AVX-512)
     if _conv_tile_wide is not _conv_tile_narrow:  # AVX-512's wide correlation tile
         conv2d_forward(x2, w2, b2, True)
+    flat = x2.reshape(2, -1)
+    layers.dropout_backward(flat, flat)  # _multiply 0.3
+    layers.softmax_cross_entropy(flat[:, :10], np.zeros(2, np.int64))  # _softmax_cross_entropy 0.4
+    layers.adam_update(flat.copy(), flat, flat * 0, flat * 0, 1e-3, 0.9, 0.999, 1e-7)  # _adam_update 0.3
 
 
 def _cache_is_cold():
