@@ -30,9 +30,10 @@ conv2d_forward   `_conv_tile_*`: prange over images; x repacked channels-last (N
 conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K padded) by `_pack_channels_last`;
                  tiles of 3 taps along a kernel row x lanes; the (channel, row, tap block, lane block) tiles are
                  split into one contiguous range per thread, images outermost, so each thread streams dy once;
-                 with few tiles (conv1: 3) the images are also cut into GRAD_IMAGE_CHUNKS fixed chunks whose
-                 partial sums are added in chunk order, so both cores get work; every dw element is summed in the
-                 same order whatever the thread count.
+                 with few tiles (conv1: 3) the images are cut into GRAD_IMAGE_CHUNKS fixed chunks instead, a task
+                 taking every tile of its chunk (an image's dy read once into L2 for all), and the chunks' partial
+                 sums are added in chunk order; every dw element is summed in the same order whatever the thread
+                 count.
                  db: per-image sums made by `_pack_channels_last` while it repacks, added up image by image.
                  dx: the full correlation of dy with the flipped kernel through the forward's `_conv_tile_*`
                  (bias 0, no ReLU), reading the same channels-last dy, packed with S-1 zero columns on each side;
@@ -236,7 +237,9 @@ def _conv_backward_packed(dyt, dy_sums, x, w, need_dx):
     chunks = min(GRAD_IMAGE_CHUNKS, x.shape[0]) if n_tiles < GRAD_MIN_TILES else 1
     dwt = np.zeros((chunks, c, r, s_tiled, dyt.shape[3]), x.dtype)
     weight_grad = _weight_grad_narrow if lanes == GRAD_LANES_NARROW else _weight_grad_wide
-    weight_grad(_pad_width(x, x.shape[3] + s_tiled - s), dyt, col_pad, r, s_tiled, get_num_threads(), dwt)
+    # image chunks: each takes all the tiles, so dy of an image is read once into L2 for them all
+    groups = 1 if chunks > 1 else get_num_threads()
+    weight_grad(_pad_width(x, x.shape[3] + s_tiled - s), dyt, col_pad, r, s_tiled, groups, dwt)
     dw = _dw_from_tiles(dwt, k, s)
     if not need_dx:
         return None, dw, db
