@@ -26,7 +26,7 @@ from numba_cnn.kernels import get_backend
 from numba_cnn.model import DEFAULT_BACKEND, NUM_CLASSES, Model
 from numba_cnn.optim import Adam
 from numba_cnn.report import RUN_PNG, draw_run
-from numba_cnn.runtime import machine_record, set_threads, threading_layer
+from numba_cnn.runtime import keep_freed_heap, machine_record, set_threads, threading_layer
 from numba_cnn.timing import LayerTimer, NullTimer, format_table
 
 EVAL_BATCH = 256
@@ -139,6 +139,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     out_dir = _prepare_out_dir(out_dir or default_out_dir(config.backend))
     backend = get_backend(config.backend)
     threads = set_threads(config.threads, backend)
+    keep_freed_heap()
     L = backend.layers
 
     model = Model(backend, seed=config.seed, params=None if state is None else state[0])

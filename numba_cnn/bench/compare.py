@@ -27,7 +27,7 @@ from numba_cnn.errors import NumbaCNNError, check_int_flag
 from numba_cnn.kernels import BACKENDS, get_backend
 from numba_cnn.model import INPUT_SHAPE, NUM_CLASSES, Model
 from numba_cnn.optim import Adam
-from numba_cnn.runtime import default_threads, machine_description, set_threads, sgemm_gflops
+from numba_cnn.runtime import default_threads, keep_freed_heap, machine_description, set_threads, sgemm_gflops
 
 TRAIN_IMAGES = 60_000
 TEST_IMAGES = 10_000
@@ -95,6 +95,7 @@ def run_contender(name, steps=50, warmup_steps=3, batch_size=128, threads=None, 
     threads = default_threads() if threads is None else threads
     # the same thread settings as `train --backend name`
     set_threads(threads, None if _is_baseline(name) else get_backend(name))
+    keep_freed_heap()  # every contender, frameworks too, with the malloc settings `train` uses
     # Every contender holds uint8 pixels and scales each batch, as numba_cnn.train does: peak memory then
     # compares the frameworks, not the data format.
     ((x_train, y_train), (x_test, y_test)), source = load_data(data, random_data, seed, limit)

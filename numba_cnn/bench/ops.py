@@ -27,8 +27,8 @@ from numba_cnn.kernels import ORACLE, Backend, BackendUnavailable, backend_names
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.reference import FLOAT32_TOL, relative_error
 from numba_cnn.model import FUSED_CONV_BLOCK, INPUT_SHAPE, LAYERS, Model, conv_output_shape, init_params
-from numba_cnn.runtime import (SGEMM_SIZE, STREAM_METHOD, STREAM_MIB, default_threads, machine_description,
-                               set_threads, sgemm_gflops, stream_gbs)
+from numba_cnn.runtime import (SGEMM_SIZE, STREAM_METHOD, STREAM_MIB, default_threads, keep_freed_heap,
+                               machine_description, set_threads, sgemm_gflops, stream_gbs)
 
 FLOP_FORMULA = ("convolution forward 2*N*K*C*R*S*P*Q (one multiply and one add per kernel tap per output pixel); "
                 "convolution backward the same count for dW, and again for dX when it is computed (conv2, not "
@@ -302,6 +302,7 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, layers=OP_LAYERS, batch_size=128, na
     if unknown:
         raise NumbaCNNError(f"unknown op layer {', '.join(unknown)}: choose from {', '.join(OP_LAYERS)}")
     threads_record = _pin_threads(threads)
+    keep_freed_heap()  # as `train` runs
     ops = [op for op in model_ops() if op.layer in layers]
 
     resolved, results = [], []
