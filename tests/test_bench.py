@@ -146,6 +146,8 @@ def test_fused_ops_get_their_inputs_in_the_layout_training_hands_them_over():
 
     jit = get_backend("jit")
     inputs = ops.op_inputs(2)
+    h1 = inputs["conv1+pool1 bwd"][1]
+    assert jit.to_device(h1) is h1  # the bench lays out what to_device returns: the same host arrays, by id
     ids, seen = set(), {}
     for op in ops.model_ops():
         args = ops.in_training_layout(op, inputs[op.name], ids)

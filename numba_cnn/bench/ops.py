@@ -337,10 +337,9 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, layers=OP_LAYERS, batch_size=128, na
             n = batch_of(k)
             row = {"op": op.name, "backend": k.name, "batch": n}
             results.append(row)
-            host_args = inputs[n][op.name]
-            if k.info.channels_last:
-                host_args = in_training_layout(op, host_args, channels_last_ids.setdefault(k.name, set()))
-            dev_inputs = tuple(k.to_device(a) if isinstance(a, np.ndarray) else a for a in host_args)
+            dev_inputs = tuple(k.to_device(a) if isinstance(a, np.ndarray) else a for a in inputs[n][op.name])
+            if k.info.channels_last:  # after to_device, which makes host arrays C-contiguous (the same objects here)
+                dev_inputs = in_training_layout(op, dev_inputs, channels_last_ids.setdefault(k.name, set()))
             sync = k.synchronize
             try:
                 first_s, outputs = _timed_call(op, k, dev_inputs, sync)
