@@ -1,9 +1,9 @@
 """jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked, no BLAS.
 
 The compiled kernels are in tiles.py (the register-tiled kernels and pooling), sparse.py (the fused backward's
-listed kernels, channels-last packing) and layers.py (dropout's generator), each
-file self-contained so that Numba's cache sees every change (it does not notice a change in another module's
-helper); this file holds the contract functions and the host-side glue that packs inputs and calls them.
+listed kernels, channels-last packing) and layers.py (dropout, loss and Adam), each file self-contained so that
+Numba's cache sees every change (it does not notice a change in another module's helper); this file holds the
+contract functions and the host-side glue that packs inputs and calls them.
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
@@ -22,8 +22,8 @@ conv2's forward and again in its backward, the transposes in both backward kerne
 other layout, `_nchw` / `_nhwc` copy.
 
 conv2d_forward   `_conv_tile_*`: prange over images; x repacked channels-last (N, H, W, C) by `_pack_channels_last`
-                 (a view when x is stored so, a free reshape when C = 1) and w to (R, S, C, K padded to the lanes); per output row, tiles of
-                 columns x lanes output channels, reduced over (r, s, c) with c innermost (contiguous, and the
+                 (a view when x is stored so, a free reshape when C = 1) and w to (R, S, C, K padded to the lanes);
+                 per output row, tiles of columns x lanes output channels, reduced over (r, s, c) with c innermost (contiguous, and the
                  longest loop); bias seeds the tile, ReLU clamps it on the store to NCHW (NaN stays NaN). The last
                  column tile overlaps the one before; inputs narrower than a tile are zero-padded on the right and
                  the output cropped.
@@ -106,7 +106,7 @@ from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_TILE_N
                                          TILE_TAPS, _conv1_pool, _conv_pool,
                                          _conv_tile_narrow, _conv_tile_wide, _maxpool_backward, _maxpool_forward,
                                          _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
-from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: numpy's with a compiled dropout)
+from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
 from numba_cnn.kernels.jit.buffers import reusable_output, scratch
 from numba_cnn.kernels.jit.sparse import (_listed_input_grad, _listed_weight_grad, _pack_channels_last,
                                           _pooled_grad_lists)
@@ -381,7 +381,8 @@ def _compile_part(part):
 
     def conv_inputs(channels, out_channels):
         return (rng.random((2, channels, 6, 6), dtype=np.float32),
-                rng.standard_normal((out_channels, channels, 3, 3)).astype(np.float32), np.zeros(out_channels, np.float32))
+                rng.standard_normal((out_channels, channels, 3, 3)).astype(np.float32),
+                np.zeros(out_channels, np.float32))
 
     x1, w1, b1 = conv_inputs(1, 4)  # conv1's one input channel
     x2, w2, b2 = conv_inputs(32, 64)  # conv2's shape: the wide tiles
