@@ -19,14 +19,14 @@ as NCHW through as it is), and conv1's fused ops hand the next ones channels-las
 argmax, and conv2's input gradient, so the activation between the two convolutions is never transposed (measured
 on 1 thread, a training step 20.2-21.0 ms against 22.2-22.5 packing it to channels-last and back: the packing in
 conv2's forward and again in its backward, the transposes in both backward kernels). Where a kernel reads the
-other layout, `_nchw` / `_nhwc` copy.
+other layout, `nchw` / `nhwc` (jit/buffers.py) copy.
 
 conv2d_forward   `_conv_tile_*`: prange over images; x repacked channels-last (N, H, W, C) by `_pack_channels_last`
                  (a view when x is stored so, a free reshape when C = 1) and w to (R, S, C, K padded to the lanes);
-                 per output row, tiles of columns x lanes output channels, reduced over (r, s, c) with c innermost (contiguous, and the
-                 longest loop); bias seeds the tile, ReLU clamps it on the store to NCHW (NaN stays NaN). The last
-                 column tile overlaps the one before; inputs narrower than a tile are zero-padded on the right and
-                 the output cropped.
+                 per output row, tiles of columns x lanes output channels, reduced over (r, s, c) with c innermost
+                 (contiguous, and the longest loop); bias seeds the tile, ReLU clamps it on the store to NCHW (NaN
+                 stays NaN). The last column tile overlaps the one before; inputs narrower than a tile are
+                 zero-padded on the right and the output cropped.
 conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K padded) by `_pack_channels_last`;
                  tiles of 3 taps along a kernel row x lanes; the (channel, row, tap block, lane block) tiles are
                  split into one contiguous range per thread, images outermost, so each thread streams dy once;
@@ -93,8 +93,10 @@ On a cold cache, training's warm-up compiles every float32 kernel, half here and
 for heap arrays (see `_numba_ext`).
 """
 
+import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 from numba import get_num_threads
@@ -107,7 +109,7 @@ from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_TILE_N
                                          _conv_tile_narrow, _conv_tile_wide, _maxpool_backward, _maxpool_forward,
                                          _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
-from numba_cnn.kernels.jit.buffers import reusable_output, scratch
+from numba_cnn.kernels.jit.buffers import nchw, nhwc, pad_width, reusable_output, scratch
 from numba_cnn.kernels.jit.sparse import (_listed_input_grad, _listed_weight_grad, _pack_channels_last,
                                           _pooled_grad_lists)
 
@@ -135,18 +137,6 @@ def _padded(channels, lanes):
     return -(-channels // lanes) * lanes
 
 
-def _pad_width(x, width, axis=3):
-    """x zero-padded on the right of its width axis (3 in NCHW, 2 in channels-last) to at least `width`, for
-    inputs narrower than a tile; x itself when it is wide enough."""
-    if x.shape[axis] >= width:
-        return x
-    shape = list(x.shape)
-    shape[axis] = width
-    wide = np.zeros(shape, x.dtype)
-    wide[(slice(None),) * axis + (slice(0, x.shape[axis]),)] = x
-    return wide
-
-
 def _channels_last(x, col_pad=0, channels=None, buffer_name="x_cl"):
     """x[N, C, H, W] -> (x_cl[N, H, W + 2 col_pad, channels], per-image channel sums[N, channels]), both in
     scratch buffers (valid until the next call with the same buffer name)."""
@@ -165,16 +155,6 @@ def _input_channels_last(x):
     if c == 1:
         return x.reshape(n, h, wd, 1)
     return x.transpose(0, 2, 3, 1) if is_channels_last(x) else _channels_last(x)[0]
-
-
-def _nchw(a):
-    """a as a C-contiguous NCHW array: itself, or a copy of a channels-last one."""
-    return np.ascontiguousarray(a)
-
-
-def _nhwc(a):
-    """a[N, C, H, W] as a C-contiguous channels-last (N, H, W, C) array: a view of a channels-last one, else a copy."""
-    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
 
 
 def _packed_weights(w_rsck, bias, lanes, dtype):
@@ -196,7 +176,7 @@ def _correlate(x_cl, w_rsck, bias, relu, row_shift=0):
     lanes, columns = _conv_tile_shape(out_channels)
     wt, b = _packed_weights(w_rsck, bias, lanes, x_cl.dtype)
     q = wd - s + 1
-    x_cl = _pad_width(x_cl, columns + s - 1, axis=2)  # narrower than a tile: zero columns, cropped off the output
+    x_cl = pad_width(x_cl, columns + s - 1, axis=2)  # narrower than a tile: zero columns, cropped off the output
     y = reusable_output((n, out_channels, h + 2 * row_shift - r + 1, x_cl.shape[2] - s + 1), x_cl.dtype)
     floor = x_cl.dtype.type(0 if relu else -np.inf)
     kernel = _conv_tile_narrow if (lanes, columns) == CONV_TILE_NARROW else _conv_tile_wide
@@ -239,7 +219,7 @@ def _conv_backward_packed(dyt, dy_sums, x, w, need_dx):
     weight_grad = _weight_grad_narrow if lanes == GRAD_LANES_NARROW else _weight_grad_wide
     # image chunks: each takes all the tiles, so dy of an image is read once into L2 for them all
     groups = 1 if chunks > 1 else get_num_threads()
-    weight_grad(_pad_width(x, x.shape[3] + s_tiled - s), dyt, col_pad, r, s_tiled, groups, dwt)
+    weight_grad(pad_width(x, x.shape[3] + s_tiled - s), dyt, col_pad, r, s_tiled, groups, dwt)
     dw = _dw_from_tiles(dwt, k, s)
     if not need_dx:
         return None, dw, db
@@ -263,8 +243,8 @@ def conv2d_backward(dy, x, w, need_dx):
     k, c, r, s = w.shape
     # dy channels-last, its channels padded to the lanes; for dx also padded by S-1 zero columns on each side
     col_pad = s - 1 if need_dx else 0
-    dyt, dy_sums = _channels_last(_nchw(dy), col_pad, _padded(k, _grad_lanes(k)), buffer_name="dy_cl")
-    return _conv_backward_packed(dyt, dy_sums, _nchw(x), w, need_dx)
+    dyt, dy_sums = _channels_last(nchw(dy), col_pad, _padded(k, _grad_lanes(k)), buffer_name="dy_cl")
+    return _conv_backward_packed(dyt, dy_sums, nchw(x), w, need_dx)
 
 
 def maxpool2d_forward(x):
@@ -272,14 +252,14 @@ def maxpool2d_forward(x):
     n, c, h, w = x.shape
     y = np.empty((n, c, h // 2, w // 2), x.dtype)
     argmax = np.empty(y.shape, np.uint8)
-    _maxpool_forward(_nchw(x), y, argmax)
+    _maxpool_forward(nchw(x), y, argmax)
     return y, argmax
 
 
 def maxpool2d_backward(dy, argmax, x_shape):
     """dy[N,C,H//2,W//2], argmax, x_shape (N,C,H,W) -> dx[N,C,H,W], dy routed to each window's winner."""
     dx = np.empty(x_shape, dy.dtype)
-    _maxpool_backward(_nchw(dy), _nchw(argmax), dy.dtype.type(0), dx)
+    _maxpool_backward(nchw(dy), nchw(argmax), dy.dtype.type(0), dx)
     return dx
 
 
@@ -293,7 +273,7 @@ def conv2d_relu_maxpool2d_forward(x, w, b):
         y = reusable_output((n, p_half, q_half, k), x.dtype)  # channels last, as the next convolution reads it
         argmax = reusable_output(y.shape, np.uint8)
         columns, channels = CONV1_TILE
-        x_1 = _pad_width(x, columns + s - 1).reshape(n, h, -1)
+        x_1 = pad_width(x, columns + s - 1).reshape(n, h, -1)
         k_padded = _padded(k, channels)
         wt = np.zeros((k_padded, r, s), x.dtype)
         wt[:k] = w[:, 0]
@@ -307,7 +287,7 @@ def conv2d_relu_maxpool2d_forward(x, w, b):
     x_cl = _input_channels_last(x)
     wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, lanes, x.dtype)
     q_tiles = max(2 * q_half, columns)
-    x_cl = _pad_width(x_cl, q_tiles + s - 1, axis=2)  # narrower than a tile: zero columns, never pooled
+    x_cl = pad_width(x_cl, q_tiles + s - 1, axis=2)  # narrower than a tile: zero columns, never pooled
     _conv_pool(x_cl, wt, bp, x.dtype.type(0), q_tiles, y, argmax)
     return y, argmax
 
@@ -351,7 +331,7 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx):
     """
     k, c, r, s = w.shape
     if (need_dx or s * c >= LISTED_MIN_SPAN) and np.isfinite(w).all():
-        listed = _listed_backward(_nchw(dy), _nchw(y), _nchw(argmax), _input_channels_last(x), w, need_dx)
+        listed = _listed_backward(nchw(dy), nchw(y), nchw(argmax), _input_channels_last(x), w, need_dx)
         if listed is not None:
             return listed
     n, _, h, wd = x.shape
@@ -359,13 +339,13 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx):
     shape = (n, h - r + 1, wd - s + 1 + 2 * col_pad, _padded(k, _grad_lanes(k)))
     dyt = scratch("dy_cl", shape, dy.dtype)
     sums = scratch("dy_cl.sums", (n, shape[3]), dy.dtype)
-    _unpool_pack(_nhwc(dy), _nhwc(y), _nhwc(argmax), col_pad, dy.dtype.type(0), dyt, sums)
-    return _conv_backward_packed(dyt, sums, _nchw(x), w, need_dx)
+    _unpool_pack(nhwc(dy), nhwc(y), nhwc(argmax), col_pad, dy.dtype.type(0), dyt, sums)
+    return _conv_backward_packed(dyt, sums, nchw(x), w, need_dx)
 
 
-# Compiling ahead, on a cold disk cache. Numba compiles one function at a time in a process: the backend's float32
-# kernels took 29-35 s to compile one after the other (AMD EPYC Zen 3, 2026-11-27), the 9 a training step calls
-# 20.5 s. `precompile` compiles every one of them, half in this process and half in a second Python process at once;
+# Compiling ahead, on a cold disk cache. Numba compiles one function at a time in a process: the backend's 15 float32
+# kernels (on AVX2) took 23.2 s to compile one after the other (AMD EPYC Zen 3, 2026-11-27). `precompile` compiles
+# every one of them, half in this process and half in a second Python process at once (12.7-13.4 s);
 # the second process's machine code reaches this one through the disk cache, which two processes may fill at once
 # (tests/test_concurrent_cache.py). With a warm cache, or no disk cache to share (NUMBA_CNN_CACHE=0, no writable
 # location), it does nothing and the kernels load or compile on first call as before.
@@ -431,13 +411,29 @@ def precompile():
                                  stderr=subprocess.DEVNULL)
     except OSError:
         return False
+    # Ctrl-C kills the child at once and stops this process even where the KeyboardInterrupt lands in a compiler
+    # callback that swallows it (llvmlite's ctypes callbacks print "Exception ignored" and go on: seen in 2 of 10
+    # interrupted runs), by raising again once this process's half is done
+    interrupted = []
+
+    def stop(signum, frame):
+        interrupted.append(signum)
+        child.kill()
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = signal.signal(signal.SIGINT, stop) if in_main_thread else None
     try:
         _compile_part(0)
         child.wait(_PRECOMPILE_TIMEOUT_S)
     except subprocess.TimeoutExpired:  # whatever it did not finish, this process compiles when it first calls it
         pass
     finally:
-        if child.poll() is None:  # timed out, or this process stopped (Ctrl-C): the child goes too, at once
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+        if child.poll() is None:  # timed out, or this process stopped: the child goes too, at once
             child.kill()
             child.wait()
+    if interrupted:
+        raise KeyboardInterrupt
     return True

@@ -1,7 +1,8 @@
-"""The jit backend's host-side buffers: internal packed data lives in per-thread `scratch` buffers; the
+"""The jit backend's host-side buffers and layouts: internal packed data lives in per-thread `scratch` buffers; the
 multi-megabyte arrays returned (the fused forward's y and argmax, every correlation's y, so dx) come from
 `reusable_output`, which recycles an array it returned before only once nothing else references it (a training step
-then makes no page faults: 1720 per step before, ~4 ms of a 25 ms step).
+then makes no page faults: 1720 per step before, ~4 ms of a 25 ms step). And the copies between the two layouts the
+ops take, NCHW and channels-last, and the zero padding of inputs narrower than a tile.
 """
 
 import sys
@@ -10,7 +11,7 @@ import threading
 import numpy as np
 
 _per_thread = threading.local()
-_SCRATCH_KEPT = 16  # buffers kept per thread: a training step uses 8 (the lists, conv1's packed gradient)
+_SCRATCH_KEPT = 16  # buffers kept per thread: a training step uses 7 (conv2's 5 list arrays, conv1's dy and sums)
 
 
 def scratch(name, shape, dtype):
@@ -51,3 +52,25 @@ def reusable_output(shape, dtype):
     if len(pool) > _OUTPUTS_KEPT:
         del pool[0]
     return a
+
+
+def pad_width(x, width, axis=3):
+    """x zero-padded on the right of its width axis (3 in NCHW, 2 in channels-last) to at least `width`, for
+    inputs narrower than a tile; x itself when it is wide enough."""
+    if x.shape[axis] >= width:
+        return x
+    shape = list(x.shape)
+    shape[axis] = width
+    wide = np.zeros(shape, x.dtype)
+    wide[(slice(None),) * axis + (slice(0, x.shape[axis]),)] = x
+    return wide
+
+
+def nchw(a):
+    """a as a C-contiguous NCHW array: itself, or a copy of a channels-last one."""
+    return np.ascontiguousarray(a)
+
+
+def nhwc(a):
+    """a[N, C, H, W] as a C-contiguous channels-last (N, H, W, C) array: a view of a channels-last one, else a copy."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
