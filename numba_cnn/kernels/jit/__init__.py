@@ -50,10 +50,10 @@ conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair o
                  the P x Q x K activation is never written, and only the 2 * Q2 columns pooling reads are computed
                  (conv2: 10 of 11, two exact tiles of CONV_POOL_TILE's 5 columns). One input channel with conv
                  rows of at most CONV1_TILE columns (conv1) takes `_conv1_pool` instead, a tile along the columns
-                 (9 taps cannot amortise a channels-last tile's transposing store), whose y and argmax come
-                 channels-last. Both sum each output as
-                 conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the pooled values and
-                 argmax are bitwise those of the composed ops (tested).
+                 (9 taps cannot amortise a channels-last tile's transposing store), even columns apart from odd
+                 ones so that pooling reads both at one offset, whose y and argmax come channels-last. Both sum
+                 each output as conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the
+                 pooled values and argmax are bitwise those of the composed ops (tested).
 conv2d_relu_maxpool2d_backward  with finite x and w (`_pooled_grad_lists` checks each image of x), over the
                  list of the conv output's nonzero gradients: pooling passes each window's gradient to one of its
                  four elements, the ReLU's select zeroes more, and in training dropout zeroes half of the pooled
@@ -277,9 +277,9 @@ def conv2d_relu_maxpool2d_forward(x, w, b):
         k_padded = _padded(k, channels)
         wt = np.zeros((k_padded, r, s), x.dtype)
         wt[:k] = w[:, 0]
-        bp = np.zeros(k_padded, x.dtype)
-        bp[:k] = b
-        _conv1_pool(x_1, wt, bp, x.dtype.type(0), y, argmax)
+        # the bias as the tile holds it: each channel's value repeated along the columns
+        b_tiles = np.repeat(np.pad(b.astype(x.dtype), (0, k_padded - k)), columns).reshape(k_padded // channels, -1)
+        _conv1_pool(x_1, wt, b_tiles, x.dtype.type(0), y, argmax)
         return y.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)
     y = reusable_output((n, k, p_half, q_half), x.dtype)
     argmax = reusable_output(y.shape, np.uint8)
