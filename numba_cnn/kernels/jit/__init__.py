@@ -273,13 +273,12 @@ def conv2d_relu_maxpool2d_forward(x, w, b):
         y = reusable_output((n, p_half, q_half, k), x.dtype)  # channels last, as the next convolution reads it
         argmax = reusable_output(y.shape, np.uint8)
         columns, channels = CONV1_TILE
-        x_1 = pad_width(x, columns + s - 1).reshape(n, h, -1)
         k_padded = _padded(k, channels)
         wt = np.zeros((k_padded, r, s), x.dtype)
         wt[:k] = w[:, 0]
         # the bias as the tile holds it: each channel's value repeated along the columns
         b_tiles = np.repeat(np.pad(b.astype(x.dtype), (0, k_padded - k)), columns).reshape(k_padded // channels, -1)
-        _conv1_pool(x_1, wt, b_tiles, x.dtype.type(0), y, argmax)
+        _conv1_pool(x.reshape(n, h, wd), wt, b_tiles, x.dtype.type(0), y, argmax)
         return y.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)
     y = reusable_output((n, k, p_half, q_half), x.dtype)
     argmax = reusable_output(y.shape, np.uint8)

@@ -167,8 +167,9 @@ def _make_conv1_pool(columns, channels):
     A channel's row in the tile holds its even output columns, then its odd ones (acc[kk, p, jj] is column 2 jj + p
     of channel kk), so pooling reads a window's two columns from the two halves at the same offset instead of
     deinterleaving adjacent ones. The loads stay contiguous: per image, each input row is copied once per tap s in
-    the tile's column order (x_taps[i * S + s, p * half + jj] = x[i, 2 jj + p + s]), and the tile loop still runs
-    over all `columns` at once (two loops of `half` compiled to scalar code, 5x slower). Measured against the same
+    the tile's column order (x_taps[i * S + s, p * half + jj] = x[i, 2 jj + p + s], zero past the width, so the
+    input needs no padded copy), and the tile loop still runs over all `columns` at once (two loops of `half`
+    compiled to scalar code, 5x slower). Measured against the same
     kernel without the split, minimum of 60 calls, 4 alternations: 2.16-2.28 ms against 2.50-2.66 on 1 thread,
     1.22-1.25 against 1.29-1.33 on 2. The bias seeds the tile from a copy laid out as the tile (b_tiles):
     broadcasting b[k] in the kernel compiled to 96 scalar stores per tile, as many cycles as its 108 FMAs (3.36 ->
@@ -180,10 +181,10 @@ def _make_conv1_pool(columns, channels):
     @_jit
     def conv1_pool(x, wt, b_tiles, zero, y, argmax):
         """y[n, i, j, k], argmax[n, i, j, k] (channels last) = pool(relu(b[k] + sum_{r,s} x[n, i'+r, j'+s] *
-        wt[k, r, s])); x (N, H, W) at least `columns` + S - 1 wide, 2 * Q2 <= `columns`; wt (K, R, S) padded to a
+        wt[k, r, s])); x (N, H, W), 2 * Q2 <= `columns` (columns past W read as zeros); wt (K, R, S) padded to a
         multiple of `channels`; b_tiles[k // channels] the bias as the tile holds it (b[k] at [k % channels *
         columns + j])."""
-        n_images, h_in = x.shape[0], x.shape[1]
+        n_images, h_in, width = x.shape
         p_half, q_half, n_out = y.shape[1], y.shape[2], y.shape[3]
         k_padded, r_taps, s_taps = wt.shape
         n_taps = r_taps * s_taps
@@ -199,10 +200,11 @@ def _make_conv1_pool(columns, channels):
             x_taps = np.empty((h_in * s_taps, columns), x.dtype)
             for i in range(h_in):
                 for s in range(s_taps):
-                    x_row, taps_row = x[n, i, s:], x_taps[i * s_taps + s]
-                    for jj in range(half):
-                        taps_row[jj] = x_row[2 * jj]
-                        taps_row[half + jj] = x_row[2 * jj + 1]
+                    x_row, taps_row = x[n, i], x_taps[i * s_taps + s]
+                    for jj in range(half):  # columns past the input's width are zeros (never pooled)
+                        even, odd = 2 * jj + s, 2 * jj + 1 + s
+                        taps_row[jj] = x_row[even] if even < width else zero
+                        taps_row[half + jj] = x_row[odd] if odd < width else zero
             for pi in range(p_half):
                 for k0 in range(0, k_padded, channels):
                     for h in range(2):
