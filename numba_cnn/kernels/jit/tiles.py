@@ -156,10 +156,10 @@ def _make_conv_pool(columns, lanes):
 def _make_conv1_pool(columns, channels):
     """Fused correlation + ReLU + 2x2 max-pooling for ONE input channel (conv1) whose conv rows fit one tile: 9 taps
     per output are too few to amortise a channels-last tile's transposing store, so this tile runs along the output
-    columns instead (a whole conv row of `columns` columns x `channels` output channels). Every loop outside the
-    tile runs over a whole tile (all channels' rows back to back), with a trip count LLVM cannot fold, so it stays a
-    vectorised loop instead of being unrolled into scalar code: ReLU'd rows into a (2, tile) buffer, pooled along
-    it (measured 4.7 -> 3.7 ms on conv1, 1 thread, against a per-channel-row version). y and argmax are written
+    columns instead (a whole conv row of `columns` columns x `channels` output channels). The loops outside the
+    tile run with trip counts LLVM cannot fold (the ReLU over the whole tile, pooling along a channel's row), so
+    they stay vectorised loops instead of being unrolled into scalar code: ReLU'd rows into a (2, tile) buffer,
+    pooled from there (measured 4.7 -> 3.7 ms on conv1, 1 thread, against a per-channel-row ReLU). y and argmax are written
     channels-last, the layout the next convolution reads, a pooled row at a time once all its channel blocks are
     pooled: 3.2 ms against 3.5 for the NCHW store per channel block and 4.2 for a channels-last one (1 thread,
     AMD EPYC Zen 3).
