@@ -13,11 +13,14 @@ EXIT_USER_ERROR = 2
 
 
 def _add_common(p):
-    p.add_argument("--data", metavar="PATH", help="folder of the data set's four IDX files (.gz or not) or an npz; "
-                   "default: $NUMBA_CNN_DATA, then the keras cache (~/.keras/datasets), then the MNIST copy shipped "
-                   "with numba_cnn or, for a data set not shipped, a checked download")
-    p.add_argument("--dataset", metavar="NAME", help="mnist or fashion-mnist (default: the checkpoint's with "
-                   "--resume and evaluate, else mnist)")
+    p.add_argument("--data", metavar="PATH", help="mnist, fashion-mnist: a folder of the four IDX files (.gz or not) "
+                   "or an npz; cifar10: cifar-10-binary.tar.gz or the cifar-10-batches-bin folder; folder: DIR with "
+                   "train/<class>/*.png and test/<class>/*.png. Default: $NUMBA_CNN_DATA, then the keras cache "
+                   "(~/.keras/datasets), then the MNIST copy shipped with numba_cnn or, for a data set not shipped, "
+                   "a checked download (a folder needs --data or $NUMBA_CNN_DATA)")
+    p.add_argument("--dataset", metavar="NAME", help="mnist, fashion-mnist, cifar10 (3x32x32 colour, downloaded) or "
+                   "folder (your PNGs in a folder per class, grey or RGB, one size; give the folder with --data). "
+                   "Default: the checkpoint's with --resume and evaluate, else mnist")
     p.add_argument("--download", action="store_true", default=None, help="download the data set into the keras "
                    "cache (checked SHA-256) rather than use the copy shipped with numba_cnn")
     p.add_argument("--allow-data-mismatch", action="store_true", help="use data that differs from what the "
@@ -30,12 +33,16 @@ def build_parser():
     from numba_cnn import bench, report
     from numba_cnn.kernels import BACKENDS
     from numba_cnn.model import DEFAULT_BACKEND
+    from numba_cnn.network import DEFAULT_PRESET, PRESETS
     from numba_cnn.plots import MISCLASSIFIED_SHOWN
 
     parser = argparse.ArgumentParser(prog="python -m numba_cnn", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train the CNN on MNIST")
+    t = sub.add_parser("train", help="train a network (a preset or a JSON description) on a data set")
+    t.add_argument("--model", metavar="NAME|FILE.json", help=f"the network: a preset ({', '.join(PRESETS)}; default "
+                   f"{DEFAULT_PRESET}) or a JSON description file (docs/networks.md); with --resume, the "
+                   "checkpoint's network (a --model given must match it)")
     t.add_argument("--backend", "--kernels", dest="backend", default=DEFAULT_BACKEND, metavar="NAME",
                    help=f"kernel backend: {', '.join(BACKENDS)} (default {DEFAULT_BACKEND})")
     t.add_argument("--epochs", type=int, default=5)
@@ -55,7 +62,8 @@ def build_parser():
     _add_common(t)
 
     e = sub.add_parser("evaluate", help="test accuracy and confusion matrix of a checkpoint")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a checkpoint file, or the run folder that "
+                   "train printed (its checkpoint.npz)")
     e.add_argument("--backend", "--kernels", dest="backend", default=DEFAULT_BACKEND, metavar="NAME",
                    help=f"kernel backend for inference (default {DEFAULT_BACKEND})")
     e.add_argument("--test-limit", type=int, metavar="N", help="evaluate on the first N test images")
@@ -75,20 +83,31 @@ def build_parser():
 def cmd_train(args):
     from numba_cnn import checkpoint as ckpt
     from numba_cnn.data import load_for_run
+    from numba_cnn.network import resolve_description
     from numba_cnn.profiling import maybe_profile
-    from numba_cnn.train import TrainConfig, train
+    from numba_cnn.runtime import keep_freed_heap
+    from numba_cnn.train import TrainConfig, build_network, train
 
     config = TrainConfig(backend=args.backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, limit=args.limit, test_limit=args.test_limit,
                          checkpoint_every=args.checkpoint_every, threads=args.threads,
                          divergence_stop=args.divergence_stop)
     config.validate()
+    if args.resume:
+        args.resume = ckpt.checkpoint_path(args.resume)
     recorded = ckpt.load_checkpoint(args.resume)[2]["config"].get("data") if args.resume else None
     # uint8 in memory; the trainer scales a batch at a time
     data, data_line = load_for_run(args.dataset, args.data, recorded=recorded, download=args.download,
                                    allow_mismatch=args.allow_data_mismatch, normalize=False)
     print(data_line)
     config.data = data.record()
+    if args.model is not None or not args.resume:
+        config.network, where = resolve_description(args.model, len(data.dataset.class_names))
+        # built here too, so that a bad description stops before any training
+        network = build_network(config.network, data[0][0].shape[1:], len(data.dataset.class_names))
+        print(f"network: {network.name or where} ({where}), {len(network.layers)} layers, "
+              f"{network.num_params():,} parameters, input {list(network.input_shape)}")
+    keep_freed_heap()  # process-wide malloc settings: the CLI's choice, not the library's (numba_cnn/runtime.py)
     with maybe_profile(args.profile, "train", args.backend):
         result = train(config, data, out_dir=args.out, resume=args.resume)
     return result.exit_code
@@ -103,7 +122,8 @@ def cmd_evaluate(args):
     from numba_cnn.plots import plot_misclassified
     from numba_cnn.train import evaluate, predict
 
-    params, _, meta = ckpt.load_checkpoint(args.checkpoint)
+    args.checkpoint = ckpt.checkpoint_path(args.checkpoint)
+    params, _, meta, network = ckpt.load_checkpoint(args.checkpoint)
     data, data_line = load_for_run(args.dataset, args.data, recorded=meta["config"].get("data"),
                                    download=args.download, allow_mismatch=args.allow_data_mismatch, normalize=False)
     print(data_line)
@@ -113,7 +133,10 @@ def cmd_evaluate(args):
         x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
     backend = get_backend(args.backend)
     set_threads(args.threads, backend)
-    model = Model(backend, params=params)
+    if tuple(x_test.shape[1:]) != tuple(network.input_shape):
+        raise NumbaCNNError(f"the checkpoint's network takes images of shape {list(network.input_shape)}, the data "
+                            f"has {list(x_test.shape[1:])}")
+    model = Model(backend, params=params, network=network)
     predictions = predict(model, x_test)
     accuracy, confusion = evaluate(model, x_test, y_test, predictions=predictions)
     print(f"checkpoint {args.checkpoint} (epoch {meta['epoch']}, step {meta['step']}), backend {args.backend}")

@@ -27,6 +27,11 @@ def as_float_images(images):
     return scaled
 
 
+def relu_forward(x):
+    """x[any shape] -> max(x, 0); a NaN stays NaN (np.maximum propagates it, as torch.relu does)."""
+    return np.maximum(x, x.dtype.type(0))
+
+
 def relu_backward(dy, y):
     """dy, y[any shape] -> dy where y > 0, else 0: the ReLU derivative, given the ReLU's output (or a max-pool of
     it). A select, not dy * (y > 0), as torch's threshold_backward (y <= 0 ? 0 : dy): where the ReLU clipped, the

@@ -92,7 +92,8 @@ def _plot_layer_shares(ax, runs):
 
 
 def plot_misclassified(images, labels, predictions, class_names, path, count=MISCLASSIFIED_SHOWN, columns=6):
-    """The first `count` test images the model got wrong, each titled with its true and predicted class;
+    """The first `count` test images the model got wrong, each titled with its true and predicted class; images
+    (N, C, H, W) with C 1 (drawn grey) or 3 (drawn in colour), or (N, H, W) grey, uint8 or scaled to [0, 1];
     -> (images shown, images misclassified)."""
     plt = pyplot()
     wrong = np.flatnonzero(np.asarray(predictions) != np.asarray(labels))
@@ -103,7 +104,8 @@ def plot_misclassified(images, labels, predictions, class_names, path, count=MIS
     for ax in axes.flat:
         ax.axis("off")
     for ax, index in zip(axes.flat, shown):
-        ax.imshow(np.asarray(images[index]).reshape(28, 28), cmap="gray_r")
+        picture, colour_map = _picture(images[index])
+        ax.imshow(picture, cmap=colour_map)
         ax.set_title(f"#{index} true {class_names[labels[index]]}\npred {class_names[predictions[index]]}",
                      fontsize=8)
     total = len(labels)
@@ -115,3 +117,15 @@ def plot_misclassified(images, labels, predictions, class_names, path, count=MIS
     fig.suptitle(what, fontsize=10)
     save_png(fig, path)
     return len(shown), len(wrong)
+
+
+def _picture(image):
+    """imshow's arguments for one image: (H, W) with the gray_r colour map for grey, (H, W, 3) for colour."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim == 2:
+        return image, "gray_r"
+    if image.ndim == 3 and image.shape[0] == 3:
+        return image.transpose(1, 2, 0), None
+    raise ValueError(f"cannot draw an image of shape {image.shape}: expected (C, H, W) with C 1 or 3, or (H, W)")

@@ -23,15 +23,17 @@ from numba_cnn.divergence import DivergenceMonitor, stop_message
 from numba_cnn.errors import CheckpointError, NumbaCNNError, check_int_flag
 from numba_cnn.estimate import RunSize, long_run_note, time_per_image
 from numba_cnn.kernels import get_backend
-from numba_cnn.model import DEFAULT_BACKEND, NUM_CLASSES, Model
+from numba_cnn.model import DEFAULT_BACKEND, Model, default_network
+from numba_cnn.network import from_dict
 from numba_cnn.optim import Adam
 from numba_cnn.report import RUN_PNG, draw_run
-from numba_cnn.runtime import keep_freed_heap, machine_record, set_threads, threading_layer
+from numba_cnn.runtime import machine_record, set_threads, threading_layer
 from numba_cnn.timing import LayerTimer, NullTimer, format_table
 
 EVAL_BATCH = 256
 WARMUP_IMAGES = 2
 EXIT_DIVERGED = 3
+NETWORK_JSON = "network.json"  # the run folder's copy of the description, loadable with --model
 
 
 @dataclass
@@ -47,6 +49,7 @@ class TrainConfig:
     threads: int | None = None
     data: dict | None = None  # which data set, read from where, with the SHA-256 of what was read: numba_cnn.data's record
     divergence_stop: bool = True  # stop when the loss turns non-finite or explodes (numba_cnn/divergence.py)
+    network: dict | None = None  # the network's description, input shape included (None: mnist-cnn on MNIST)
 
     def validate(self):
         for name in ("epochs", "batch_size"):
@@ -84,13 +87,28 @@ def predict(model, images, batch_size=EVAL_BATCH):
 
 
 def evaluate(model, images, labels, batch_size=EVAL_BATCH, predictions=None):
-    """-> (accuracy, confusion[NUM_CLASSES, NUM_CLASSES] with rows = true class, columns = predicted class);
+    """-> (accuracy, confusion[classes, classes] with rows = true class, columns = predicted class);
     `predictions` from predict() where already made."""
     predictions = predict(model, images, batch_size) if predictions is None else predictions
     labels = np.asarray(labels)
-    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    classes = model.network.output_shape[0]
+    confusion = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(confusion, (labels.astype(np.intp), predictions), 1)
     return float((predictions == labels).mean()), confusion
+
+
+def build_network(description, input_shape, num_classes):
+    """The Network a run trains: `description` (a document; None for mnist-cnn) built for the data's (C, H, W),
+    its output size checked against the data set's classes."""
+    if description is None:
+        return default_network(tuple(input_shape), 10 if num_classes is None else num_classes)
+    return from_dict(description, tuple(input_shape), num_classes)
+
+
+def _num_classes(data):
+    """The data set's number of classes, or None for plain arrays (then nothing is checked)."""
+    dataset = getattr(data, "dataset", None)
+    return None if dataset is None else len(dataset.class_names)
 
 
 def _prepare_out_dir(out_dir):
@@ -112,15 +130,22 @@ def default_out_dir(backend):
 def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     """Train per `config` on data = ((x_train, y_train), (x_test, y_test)); returns a TrainResult.
 
-    Images may be float (N, 1, 28, 28) in [0, 1] or the raw uint8 pixels, which are scaled a batch at a time.
+    Images may be float (N, C, H, W) in [0, 1] or the raw uint8 pixels, which are scaled a batch at a time. The
+    network is config.network's description (mnist-cnn when None), built for the images' shape.
 
-    resume: a checkpoint path to continue from (its config is used, except backend, epochs and threads, which
-    `config` may change). on_step(global_step): called after every step (tests use it to interrupt).
+    resume: a checkpoint path to continue from (its config and network are used, except backend, epochs and
+    threads, which `config` may change). on_step(global_step): called after every step (tests use it to interrupt).
     """
     state = None
     if resume is not None:
-        params, adam_state, meta = ckpt.load_checkpoint(resume)
+        params, adam_state, meta, network = ckpt.load_checkpoint(resume)
+        if config.network is not None:
+            difference = network.first_difference(from_dict(config.network, network.input_shape))
+            if difference:
+                raise CheckpointError(f"checkpoint {resume} holds another network than the one asked for: "
+                                      f"{difference}")
         saved = TrainConfig.from_dict(meta["config"])
+        saved.network = network.to_dict()
         saved.backend, saved.epochs, saved.threads = config.backend, config.epochs, config.threads
         saved.data = config.data  # what this run read (the CLI has checked it against the checkpoint's record)
         saved.divergence_stop = config.divergence_stop
@@ -129,6 +154,8 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
         out_dir = Path(resume).parent if out_dir is None else out_dir
     config.validate()
     (x_train, y_train), (x_test, y_test) = data
+    network = build_network(config.network, x_train.shape[1:], _num_classes(data))
+    config.network = network.to_dict()
     if config.limit is not None:
         if config.limit > len(x_train):
             raise NumbaCNNError(f"--limit {config.limit} is larger than the {len(x_train)} training images")
@@ -139,10 +166,9 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     out_dir = _prepare_out_dir(out_dir or default_out_dir(config.backend))
     backend = get_backend(config.backend)
     threads = set_threads(config.threads, backend)
-    keep_freed_heap()
     L = backend.layers
 
-    model = Model(backend, seed=config.seed, params=None if state is None else state[0])
+    model = Model(backend, seed=config.seed, params=None if state is None else state[0], network=network)
     optimizer = Adam(model.params, L, lr=config.lr)
     order_rng = np.random.default_rng([config.seed, 1])
     dropout_rng = L.make_dropout_rng([config.seed, 2])
@@ -160,6 +186,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
         log(f"resuming from {resume}: epoch {start_epoch + 1}, step {start_step}")
     monitor = DivergenceMonitor(config.divergence_stop, None if state is None else state[2].get("divergence"))
     write_json(out_dir / "config.json", asdict(config))
+    write_json(out_dir / NETWORK_JSON, network.to_dict())
 
     n = len(x_train)
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -189,11 +216,11 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
 
     timer = LayerTimer(sync=backend.synchronize)
     model.timer = timer
-    checkpoint_path = out_dir / "checkpoint.npz"
+    checkpoint_path = out_dir / ckpt.CHECKPOINT_NAME
     status = "finished"
 
     def save(epoch, step, epoch_start_state, partial_stats):
-        meta = {"config": asdict(config), "epoch": epoch, "step": step, "order_rng_epoch_start": epoch_start_state,
+        meta = {"config": asdict(config), "network": network.to_dict(), "epoch": epoch, "step": step, "order_rng_epoch_start": epoch_start_state,
                 "dropout_rng": L.dropout_rng_state(dropout_rng),
                 "history": history, "partial": partial_stats, "divergence": monitor.state_dict()}
         ckpt.save_checkpoint(checkpoint_path, model.state_dict(), optimizer.state_dict(backend.to_host), meta)

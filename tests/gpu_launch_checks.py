@@ -24,6 +24,7 @@ from numba_cnn.model import Model, init_params  # noqa: E402
 from replay import GivenDropout  # noqa: E402  (tests/ is this script's folder, first on sys.path)
 
 B = get_backend("cuda")
+ORACLE = get_backend("reference")  # the float64 oracle behind the same boundary checks (defaults filled in)
 L, dev, host = B.layers, B.to_device, B.to_host
 # float32 only: the launch configuration does not depend on the dtype, and each 256-thread block costs the
 # simulator about 0.4 s (float64 runs in test_cuda.py and test_nan_inf.py under the simulator's own launches).
@@ -93,26 +94,84 @@ def check_configuration():
 
 
 def check_kernels():
-    """The four contract ops against the oracle, each output larger than one 256-thread block (432 conv outputs,
-    384 input gradients, 280 pooling windows), so that several blocks share it; the bias gradient sums its
-    N*P*Q = 108 terms in a 256-thread block, half its threads adding zeros."""
+    """The original four contract ops (stride 1, no padding, 2x2 pools) against the oracle, each output larger than
+    one 256-thread block (432 conv outputs, 384 input gradients, 280 pooling windows), so that several blocks share
+    it; the bias gradient sums its N*P*Q = 108 terms in a 256-thread block, half its threads adding zeros."""
     dtype = DTYPE
     x, w, b = rand((3, 2, 8, 8), dtype, 1), rand((4, 2, 3, 3), dtype, 2), rand((4,), dtype, 3)
-    reference.assert_close(host(B.conv2d_forward(x, w, b, True)), reference.conv2d_forward(x, w, b, True),
+    reference.assert_close(host(B.conv2d_forward(x, w, b, True)), ORACLE.conv2d_forward(x, w, b, True),
                            dtype, "conv forward")
     dy = rand((3, 4, 6, 6), dtype, 4)
-    for got, want, name in zip(B.conv2d_backward(dy, x, w, True), reference.conv2d_backward(dy, x, w, True),
+    for got, want, name in zip(B.conv2d_backward(dy, x, w, True), ORACLE.conv2d_backward(dy, x, w, True),
                                ("dx", "dw", "db")):
         reference.assert_close(host(got), want, dtype, f"conv backward {name}")
     px = np.round(rand((2, 5, 9, 14), dtype, 5))  # ties, an odd row dropped, 2*5*4*7 = 280 windows
     px[0, 0, 0, 1], px[1, 4, 3, 3] = np.nan, np.inf
     y, argmax = B.maxpool2d_forward(px)
-    want_y, want_argmax = reference.maxpool2d_forward(px)
+    want_y, want_argmax = ORACLE.maxpool2d_forward(px)
     np.testing.assert_array_equal(host(y), want_y)
     np.testing.assert_array_equal(host(argmax), want_argmax)
     pdy = rand(want_y.shape, dtype, 6)
     np.testing.assert_array_equal(host(B.maxpool2d_backward(pdy, argmax, px.shape)),
-                                  reference.maxpool2d_backward(pdy, want_argmax, px.shape))
+                                  ORACLE.maxpool2d_backward(pdy, want_argmax, px.shape))
+
+
+def check_strided_and_pooling():
+    """The widened ops under 256-thread blocks: a stride-2 convolution with asymmetric padding (300 outputs, 594
+    input gradients, a row of them read by no output), 2x3 max and average pooling (270 windows, a dropped column)
+    and global average pooling (windows of 25 elements)."""
+    dtype = DTYPE
+    x, w, b = rand((3, 2, 11, 9), dtype, 1), rand((4, 2, 3, 3), dtype, 2), rand((4,), dtype, 3)
+    stride, padding = 2, (1, 0, 2, 1)
+    y = B.conv2d_forward(x, w, b, False, stride, padding)
+    reference.assert_close(host(y), ORACLE.conv2d_forward(x, w, b, False, stride, padding), dtype,
+                           "strided conv forward")
+    dy = rand(y.shape, dtype, 4)
+    for got, want, name in zip(B.conv2d_backward(dy, x, w, True, stride, padding),
+                               ORACLE.conv2d_backward(dy, x, w, True, stride, padding), ("dx", "dw", "db")):
+        reference.assert_close(host(got), want, dtype, f"strided conv backward {name}")
+    px = np.round(rand((3, 5, 12, 10), dtype, 5))  # ties, a dropped column
+    px[0, 0, 0, 1], px[1, 4, 3, 3] = np.nan, np.inf
+    size = (2, 3)
+    y, argmax = B.maxpool2d_forward(px, size)
+    want_y, want_argmax = ORACLE.maxpool2d_forward(px, size)
+    np.testing.assert_array_equal(host(y), want_y)
+    np.testing.assert_array_equal(host(argmax), want_argmax)
+    pdy = rand(want_y.shape, dtype, 6)
+    np.testing.assert_array_equal(host(B.maxpool2d_backward(pdy, argmax, px.shape, size)),
+                                  ORACLE.maxpool2d_backward(pdy, want_argmax, px.shape, size))
+    ax = rand(px.shape, dtype, 7)
+    reference.assert_close(host(B.avgpool2d_forward(ax, size)), ORACLE.avgpool2d_forward(ax, size), dtype,
+                           "avgpool forward")
+    reference.assert_close(host(B.avgpool2d_backward(pdy, ax.shape, size)),
+                           ORACLE.avgpool2d_backward(pdy, ax.shape, size), dtype, "avgpool backward")
+    gx = rand((3, 4, 5, 5), dtype, 8)
+    reference.assert_close(host(B.avgpool2d_forward(gx, (5, 5))), ORACLE.avgpool2d_forward(gx, (5, 5)), dtype,
+                           "global avgpool forward")
+
+
+def check_batchnorm():
+    """Batch normalisation's block-per-channel sums with 256 threads: 3 channels of N*H*W = 300 elements (44
+    threads adding two), training (running statistics included), inference, and the backward's two sums."""
+    dtype = DTYPE
+    x = rand((3, 3, 10, 10), dtype, 1) * 3 + 2
+    gamma, beta = rand((3,), dtype, 2), rand((3,), dtype, 3)
+    running_mean, running_var = rand((3,), dtype, 4), rand((3,), dtype, 5) ** 2 + 0.5
+    want_mean, want_var = running_mean.copy(), running_var.copy()  # the oracle updates these in place
+    dev_mean, dev_var = dev(running_mean), dev(running_var)
+    got = B.batchnorm2d_forward(x, gamma, beta, dev_mean, dev_var, 0.9, 1e-3, True)
+    want = ORACLE.batchnorm2d_forward(x, gamma, beta, want_mean, want_var, 0.9, 1e-3, True)
+    for g, e, name in zip(got + (dev_mean, dev_var), want + (want_mean, want_var),
+                          ("y", "mean", "inv_std", "running_mean", "running_var")):
+        reference.assert_close(host(g), e, dtype, f"batchnorm training {name}")
+    dy = rand(x.shape, dtype, 6)
+    for g, e, name in zip(B.batchnorm2d_backward(dy, x, gamma, got[1], got[2]),
+                          reference.batchnorm2d_backward(dy, x, gamma, want[1], want[2]), ("dx", "dgamma", "dbeta")):
+        reference.assert_close(host(g), e, dtype, f"batchnorm backward {name}")
+    got = B.batchnorm2d_forward(x, gamma, beta, dev_mean, dev_var, 0.9, 1e-3, False)
+    want = ORACLE.batchnorm2d_forward(x, gamma, beta, want_mean, want_var, 0.9, 1e-3, False)
+    for g, e, name in zip(got, want, ("y", "mean", "inv_std")):
+        reference.assert_close(host(g), e, dtype, f"batchnorm inference {name}")
 
 
 def check_block_sums():
@@ -144,6 +203,7 @@ def check_elementwise_layers():
         y, dy = rand((3, 300), dtype, 2), rand((3, 300), dtype, 3)
         y[0, :4] = [np.nan, 0.0, -1.0, np.inf]
         np.testing.assert_array_equal(host(L.relu_backward(dy, y)), numpy_layers.relu_backward(dy, y))
+        np.testing.assert_array_equal(host(L.relu_forward(y)), numpy_layers.relu_forward(y))
         p, g = rand((700,), dtype, 4), rand((700,), dtype, 5)
         want_p, want_m, want_v = p.copy(), np.zeros_like(p), np.zeros_like(p)
         dp, dm, dv = dev(p), L.zeros_like(dev(p)), L.zeros_like(dev(p))
@@ -221,6 +281,7 @@ def check_model(images=1):
 
 GROUPS = {
     "kernels": (check_configuration, check_kernels),
+    "ops": (check_strided_and_pooling, check_batchnorm),
     "layers": (check_block_sums, check_elementwise_layers),
     "dropout": (check_dropout_streams,),
     "model": (check_model,),

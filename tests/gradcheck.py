@@ -3,8 +3,10 @@
 A backward pass takes an upstream gradient dy and returns dL/dinput for L = <f(input), dy>. So the check draws a
 random dy, makes the scalar L(input) = sum(f(input) * dy), and compares the backward result with L's central
 differences (L(a + h e_i) - L(a - h e_i)) / 2h, coordinate by coordinate. Central differences are exact up to
-O(h^2) times L's third derivative, which is zero for the linear maps here (convolution, dense) and small for
-softmax; h = 1e-6 keeps float64 rounding (1e-16 / 1e-6 = 1e-10) well under the 1e-6 tolerance.
+O(h^2) times L's third derivative, which is zero for the linear maps here (convolution, average pooling, dense, and
+max-pooling away from ties) and small for softmax and for batchnorm (smooth in x while the variance plus eps stays
+well away from zero, as it does for the tests' spread-out inputs); h = 1e-6 keeps float64 rounding
+(1e-16 / 1e-6 = 1e-10) well under the 1e-6 tolerance.
 """
 
 import numpy as np

@@ -20,6 +20,7 @@ from numba_cnn.kernels import reference
 from numba_cnn.model import Model
 
 DTYPES = [np.float32, np.float64]
+ORACLE = get_backend("reference")  # the float64 oracle behind the same boundary checks (their defaults filled in)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,11 @@ def test_conv_matches_reference(cuda_backend, dtype, x_shape, kernel):
     for relu in (False, True):
         y = cuda_backend.conv2d_forward(dev(x), dev(w), dev(b), relu=relu)
         assert_on_device(y)
-        reference.assert_close(cuda_backend.to_host(y), reference.conv2d_forward(x, w, b, relu), dtype)
+        reference.assert_close(cuda_backend.to_host(y), ORACLE.conv2d_forward(x, w, b, relu), dtype)
     dy = random(y.shape, dtype, 4)
     dx, dw, db = cuda_backend.conv2d_backward(dev(dy), dev(x), dev(w), need_dx=True)
     assert_on_device(dx, dw, db)
-    for got, want in zip((dx, dw, db), reference.conv2d_backward(dy, x, w, True)):
+    for got, want in zip((dx, dw, db), ORACLE.conv2d_backward(dy, x, w, True)):
         reference.assert_close(cuda_backend.to_host(got), want, dtype)
     none, dw_only, _ = cuda_backend.conv2d_backward(dev(dy), dev(x), dev(w), need_dx=False)
     assert none is None
@@ -78,21 +79,192 @@ def test_maxpool_matches_reference_with_ties(cuda_backend, dtype, x_shape):
     x[0, 0] = 0  # a whole channel of ties, as after a ReLU
     y, argmax = cuda_backend.maxpool2d_forward(cuda_backend.to_device(x))
     assert_on_device(y, argmax)
-    want_y, want_argmax = reference.maxpool2d_forward(x)
+    want_y, want_argmax = ORACLE.maxpool2d_forward(x)
     np.testing.assert_array_equal(cuda_backend.to_host(y), want_y)
     np.testing.assert_array_equal(cuda_backend.to_host(argmax), want_argmax)
     assert argmax.dtype == np.uint8
     dy = random(want_y.shape, dtype, 6)
     dx = cuda_backend.maxpool2d_backward(cuda_backend.to_device(dy), argmax, x_shape)
     assert_on_device(dx)
-    np.testing.assert_array_equal(cuda_backend.to_host(dx), reference.maxpool2d_backward(dy, want_argmax, x_shape))
+    np.testing.assert_array_equal(cuda_backend.to_host(dx), ORACLE.maxpool2d_backward(dy, want_argmax, x_shape))
+
+
+STRIDED_CONV_CASES = [  # (N, C, H, W), (K, R, S), stride, padding (top, bottom, left, right)
+    pytest.param((1, 2, 5, 6), (2, 3, 3), 2, (1, 1, 1, 1), id="stride2-odd-pad1"),
+    pytest.param((2, 1, 7, 5), (2, 5, 5), 2, (0, 1, 0, 1), id="stride2-5x5-pad0101"),
+    pytest.param((1, 2, 4, 5), (3, 3, 3), 1, (1, 1, 1, 1), id="same"),
+    pytest.param((1, 1, 4, 4), (2, 2, 3), 3, (2, 0, 1, 2), id="stride3-unread-rows"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,kernel,stride,padding", STRIDED_CONV_CASES)
+def test_strided_padded_conv_matches_reference(cuda_backend, dtype, x_shape, kernel, stride, padding):
+    k, r, s = kernel
+    x, w, b = random(x_shape, dtype, 1), random((k, x_shape[1], r, s), dtype, 2), random((k,), dtype, 3)
+    dev, host = cuda_backend.to_device, cuda_backend.to_host
+    y = cuda_backend.conv2d_forward(dev(x), dev(w), dev(b), True, stride, padding)
+    assert_on_device(y)
+    reference.assert_close(host(y), ORACLE.conv2d_forward(x, w, b, True, stride, padding), dtype, "y")
+    dy = random(y.shape, dtype, 4)
+    grads = cuda_backend.conv2d_backward(dev(dy), dev(x), dev(w), True, stride, padding)
+    assert_on_device(*grads)
+    want = ORACLE.conv2d_backward(dy, x, w, True, stride, padding)
+    for got, expected, name in zip(grads, want, ("dx", "dw", "db")):
+        reference.assert_close(host(got), expected, dtype, name)
+    # input elements no output reads (the bottom rows of the stride-3 case) get exactly 0
+    np.testing.assert_array_equal(host(grads[0])[want[0] == 0], 0)
+
+
+def test_conv_padding_shorthands_reach_the_kernels_normalised(cuda_backend):
+    """An int and a (rows, cols) pair for padding, as the boundary check accepts them."""
+    x, w, b = random((1, 1, 5, 4), np.float32, 1), random((2, 1, 3, 2), np.float32, 2), random((2,), np.float32, 3)
+    for padding in (1, (2, 0)):
+        y = cuda_backend.conv2d_forward(x, w, b, False, 2, padding)
+        reference.assert_close(cuda_backend.to_host(y), ORACLE.conv2d_forward(x, w, b, False, 2, padding),
+                               np.float32, f"padding {padding}")
+
+
+def test_padding_zeros_meet_infinite_weights_and_gradients(cuda_backend):
+    """The padding is zeros that multiply like any input: an infinite weight whose tap reads the padding makes that
+    output NaN (inf * 0), and an infinite dy whose window reaches the padding makes the weight gradients NaN."""
+    x, w, b = random((1, 1, 4, 4), np.float32, 1), random((1, 1, 3, 3), np.float32, 2), np.zeros(1, np.float32)
+    w[0, 0, 0, 0] = np.inf
+    y = cuda_backend.conv2d_forward(x, w, b, True, 1, 1)
+    want_y = ORACLE.conv2d_forward(x, w, b, True, 1, 1)
+    assert np.isnan(want_y[0, 0, 0, 0])
+    reference.assert_close(cuda_backend.to_host(y), want_y, np.float32, "y")
+    w[0, 0, 0, 0] = 1
+    dy = random((1, 1, 2, 2), np.float32, 3)
+    dy[0, 0, 0, 0] = np.inf
+    for got, want, name in zip(cuda_backend.conv2d_backward(dy, x, w, True, 2, (1, 0, 1, 0)),
+                               ORACLE.conv2d_backward(dy, x, w, True, 2, (1, 0, 1, 0)), ("dx", "dw", "db")):
+        reference.assert_close(cuda_backend.to_host(got), want, np.float32, name)
+
+
+POOL_CASES = [  # (N, C, H, W), (kh, kw)
+    pytest.param((2, 2, 7, 8), (3, 3), id="3x3-dropped-row-and-columns"),
+    pytest.param((1, 3, 5, 7), (2, 3), id="2x3"),
+    pytest.param((2, 2, 4, 5), (4, 5), id="global"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,size", POOL_CASES)
+def test_maxpool_any_window_matches_reference(cuda_backend, dtype, x_shape, size):
+    """Ties (small integers, a channel of zeros), two NaNs in one window (the first wins), +inf, and a NaN in a
+    dropped row, which changes nothing."""
+    dev, host = cuda_backend.to_device, cuda_backend.to_host
+    x = np.round(random(x_shape, dtype, 5))
+    x[0, 0] = 0
+    x[-1, -1, 0, 1] = x[-1, -1, 1, 0] = np.nan
+    x[0, -1, 1, 1] = np.inf
+    if x_shape[2] % size[0]:
+        x[0, 1, -1, 0] = np.nan
+    y, argmax = cuda_backend.maxpool2d_forward(dev(x), size)
+    assert_on_device(y, argmax)
+    want_y, want_argmax = ORACLE.maxpool2d_forward(x, size)
+    np.testing.assert_array_equal(host(y), want_y)
+    np.testing.assert_array_equal(host(argmax), want_argmax)
+    dy = random(want_y.shape, dtype, 6)
+    dx = cuda_backend.maxpool2d_backward(dev(dy), argmax, x_shape, size)
+    assert_on_device(dx)
+    np.testing.assert_array_equal(host(dx), ORACLE.maxpool2d_backward(dy, want_argmax, x_shape, size))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,size", POOL_CASES)
+def test_avgpool_matches_reference(cuda_backend, dtype, x_shape, size):
+    dev, host = cuda_backend.to_device, cuda_backend.to_host
+    x = random(x_shape, dtype, 7)
+    y = cuda_backend.avgpool2d_forward(dev(x), size)
+    assert_on_device(y)
+    want_y = ORACLE.avgpool2d_forward(x, size)
+    reference.assert_close(host(y), want_y, dtype, "y")
+    dy = random(want_y.shape, dtype, 8)
+    dx = cuda_backend.avgpool2d_backward(dev(dy), x_shape, size)
+    assert_on_device(dx)
+    want_dx = ORACLE.avgpool2d_backward(dy, x_shape, size)
+    reference.assert_close(host(dx), want_dx, dtype, "dx")
+    np.testing.assert_array_equal(host(dx)[want_dx == 0], 0)  # dropped rows and columns: exactly zero
+
+
+def test_avgpool_int_size(cuda_backend):
+    x = random((1, 1, 4, 6), np.float32, 9)
+    reference.assert_close(cuda_backend.to_host(cuda_backend.avgpool2d_forward(x, 2)),
+                           ORACLE.avgpool2d_forward(x, 2), np.float32)
+
+
+def _batchnorm_inputs(x_shape, dtype):
+    """x with a large mean (so a one-pass E[x^2] - E[x]^2 would lose digits) and a constant last channel (zero
+    variance), gamma, beta, and positive running statistics."""
+    c = x_shape[1]
+    x = random(x_shape, dtype, 1) * 3 + 20
+    x[:, -1] = 1.5
+    return (x, random((c,), dtype, 2), random((c,), dtype, 3), random((c,), dtype, 4),
+            (random((c,), dtype, 5) ** 2 + 0.5).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape", [(3, 2, 3, 5), (2, 3, 1, 1)])
+def test_batchnorm_training_matches_reference(cuda_backend, dtype, x_shape):
+    """Training mode: y and the batch statistics, the running statistics moved as the oracle moves them (in place,
+    on the device), the same results on a second run, and the backward."""
+    dev, host = cuda_backend.to_device, cuda_backend.to_host
+    x, gamma, beta, running_mean, running_var = _batchnorm_inputs(x_shape, dtype)
+    want_mean, want_var = running_mean.copy(), running_var.copy()  # the oracle updates these in place
+    dev_mean, dev_var = dev(running_mean), dev(running_var)
+    got = cuda_backend.batchnorm2d_forward(dev(x), dev(gamma), dev(beta), dev_mean, dev_var, 0.9, 1e-3, True)
+    assert_on_device(*got)
+    want = ORACLE.batchnorm2d_forward(x, gamma, beta, want_mean, want_var, 0.9, 1e-3, True)
+    for g, e, name in zip(got + (dev_mean, dev_var), want + (want_mean, want_var),
+                          ("y", "mean", "inv_std", "running_mean", "running_var")):
+        reference.assert_close(host(g), e, dtype, name)
+    again = cuda_backend.batchnorm2d_forward(dev(x), dev(gamma), dev(beta), dev(running_mean), dev(running_var),
+                                             0.9, 1e-3, True)
+    for g, h in zip(got, again):
+        np.testing.assert_array_equal(host(g), host(h))  # a fixed summation order: bitwise reproducible
+
+    dy = random(x_shape, dtype, 6)
+    grads = cuda_backend.batchnorm2d_backward(dev(dy), dev(x), dev(gamma), got[1], got[2])
+    assert_on_device(*grads)
+    want_grads = reference.batchnorm2d_backward(dy, x, gamma, want[1], want[2])
+    for g, e, name in zip(grads, want_grads, ("dx", "dgamma", "dbeta")):
+        reference.assert_close(host(g), e, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batchnorm_inference_uses_and_keeps_the_running_statistics(cuda_backend, dtype):
+    dev, host = cuda_backend.to_device, cuda_backend.to_host
+    x, gamma, beta, running_mean, running_var = _batchnorm_inputs((2, 3, 2, 3), dtype)
+    dev_mean, dev_var = dev(running_mean), dev(running_var)
+    got = cuda_backend.batchnorm2d_forward(dev(x), dev(gamma), dev(beta), dev_mean, dev_var, 0.9, 1e-3, False)
+    assert_on_device(*got)
+    want = ORACLE.batchnorm2d_forward(x, gamma, beta, running_mean.copy(), running_var.copy(), 0.9, 1e-3, False)
+    for g, e, name in zip(got, want, ("y", "mean", "inv_std")):
+        reference.assert_close(host(g), e, dtype, name)
+    np.testing.assert_array_equal(host(dev_mean), running_mean)
+    np.testing.assert_array_equal(host(dev_var), running_var)
+    assert got[1] is not dev_mean  # a copy: a later training step must not change the backward's cache
+
+
+def test_batchnorm_updates_host_running_statistics_in_place(cuda_backend):
+    """Host running statistics (not what the model passes, but the boundary allows them) are updated in place;
+    momentum and eps take the contract's defaults (Keras's 0.99 and 1e-3)."""
+    x, gamma, beta, running_mean, running_var = _batchnorm_inputs((2, 2, 2, 2), np.float32)
+    want_mean, want_var = running_mean.copy(), running_var.copy()
+    y, _, _ = cuda_backend.batchnorm2d_forward(x, gamma, beta, running_mean, running_var)
+    want_y, _, _ = ORACLE.batchnorm2d_forward(x, gamma, beta, want_mean, want_var)
+    reference.assert_close(cuda_backend.to_host(y), want_y, np.float32, "y")
+    reference.assert_close(running_mean, want_mean, np.float32, "running_mean")
+    reference.assert_close(running_var, want_var, np.float32, "running_var")
 
 
 def test_host_inputs_are_accepted(cuda_backend):
     x, w, b = random((1, 1, 4, 4), np.float32), random((2, 1, 3, 3), np.float32), np.zeros(2, np.float32)
     y = cuda_backend.conv2d_forward(x, w, b, relu=False)
     assert_on_device(y)
-    reference.assert_close(cuda_backend.to_host(y), reference.conv2d_forward(x, w, b, False), np.float32)
+    reference.assert_close(cuda_backend.to_host(y), ORACLE.conv2d_forward(x, w, b, False), np.float32)
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -113,6 +285,12 @@ def test_elementwise_and_gather_layers(cuda_backend, dtype):
 
     dy, y = random((2, 3, 4), dtype, 1), np.maximum(random((2, 3, 4), dtype, 2), 0)
     np.testing.assert_array_equal(host(L.relu_backward(dev(dy), dev(y))), numpy_layers.relu_backward(dy, y))
+
+    x = random((2, 3, 2, 2), dtype, 3)
+    x.flat[:5] = [np.nan, -np.inf, np.inf, -0.0, 0.0]
+    relu = L.relu_forward(dev(x))
+    assert_on_device(relu)
+    np.testing.assert_array_equal(host(relu), numpy_layers.relu_forward(x))  # NaN stays NaN, -inf becomes 0
 
 
 def test_layers_module_matches_numpy_layers(cuda_backend):
@@ -184,6 +362,14 @@ def test_dropout(cuda_backend, dtype):
     assert not np.array_equal(next_mask, m)
     restored = L.restore_dropout_rng(snapshot)
     np.testing.assert_array_equal(host(L.dropout_forward(dev(x), 0.5, restored)[1]), next_mask)
+
+    # Any shape: elements are drawn in flat order, so a 4-D input gets its flattened twin's mask.
+    x4 = random((2, 3, 5, 5), dtype, 2)
+    y4, mask4 = L.dropout_forward(dev(x4), 0.5, L.make_dropout_rng(3))
+    assert y4.shape == mask4.shape == x4.shape
+    np.testing.assert_array_equal(host(y4), x4 * host(mask4))
+    flat_mask = L.dropout_forward(dev(x4.reshape(2, -1)), 0.5, L.make_dropout_rng(3))[1]
+    np.testing.assert_array_equal(host(mask4).reshape(2, -1), host(flat_mask))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -306,15 +492,24 @@ _PTX_CHECK = textwrap.dedent("""
 
     a = lambda *shape: np.zeros(shape, np.float32)
     one, states, index = np.float32(1), np.zeros(4, xoroshiro128p_dtype), np.zeros(2, np.int64)
+    u8 = np.zeros((1, 1, 1, 1), np.uint8)
     cases = [
-        (K._conv_forward, (a(1, 1, 3, 3), a(1, 1, 2, 2), a(1), True, a(1, 1, 2, 2))),
-        (K._conv_weight_grad_per_image, (a(1, 1, 2, 2), a(1, 1, 3, 3), a(1, 1, 1, 2, 2))),
+        (K._conv_forward, (a(1, 1, 3, 3), a(1, 1, 2, 2), a(1), True, 2, 1, 0, a(1, 1, 2, 2))),
+        (K._conv_weight_grad_per_image, (a(1, 1, 2, 2), a(1, 1, 3, 3), 2, 1, 0, a(1, 1, 1, 2, 2))),
         (K._sum_rows, (a(2, 3), a(3))),
-        (K._conv_input_grad, (a(1, 1, 2, 2), a(1, 1, 2, 2), a(1, 1, 3, 3))),
-        (K._maxpool_forward, (a(1, 1, 2, 2), a(1, 1, 1, 1), np.zeros((1, 1, 1, 1), np.uint8))),
-        (K._maxpool_backward, (a(1, 1, 1, 1), np.zeros((1, 1, 1, 1), np.uint8), a(1, 1, 2, 2))),
+        (K._conv_input_grad, (a(1, 1, 2, 2), a(1, 1, 2, 2), 2, 1, 0, a(1, 1, 3, 3))),
+        (K._maxpool_forward, (a(1, 1, 2, 3), 2, 3, a(1, 1, 1, 1), u8)),
+        (K._maxpool_backward, (a(1, 1, 1, 1), u8, 2, 3, a(1, 1, 2, 3))),
+        (K._avgpool_forward, (a(1, 1, 2, 3), 2, 3, one, a(1, 1, 1, 1))),
+        (K._avgpool_backward, (a(1, 1, 1, 1), 2, 3, one, a(1, 1, 2, 3))),
+        (K._batchnorm_batch_stats, (a(2, 3, 4), one, one, one, one, one, a(3), a(3), a(3), a(3))),
+        (K._batchnorm_running_stats, (a(3), a(3), one, one, a(3), a(3))),
+        (K._batchnorm_normalise, (a(2, 3, 4), a(3), a(3), a(3), a(3), a(2, 3, 4))),
+        (K._batchnorm_grad_sums, (a(2, 3, 4), a(2, 3, 4), a(3), a(3), a(3), a(3))),
+        (K._batchnorm_input_grad, (a(2, 3, 4), a(2, 3, 4), a(3), a(3), a(3), a(3), a(3), one, a(2, 3, 4))),
         (L._fill_zero, (a(3),)),
         (L._take_rows, (a(3, 2), index, a(2, 2))),
+        (L._relu_forward, (a(3), a(3))),
         (L._relu_backward, (a(3), a(3), a(3))),
         (L._multiply, (a(3), a(3), a(3))),
         (L._dropout, (a(3), states, one, one, a(3), a(3))),

@@ -5,7 +5,8 @@ at import, hence one subprocess per group of checks in tests/gpu_launch_checks.p
 a GPU.
 
 On the simulator each 256-thread block costs about 0.4 s (a Python thread per CUDA thread), so the shapes are tiny
-and float32 only: the three default groups take about 30 s together on 2 cores. The whole-model pass under the GPU
+and float32 only: the four default groups (the original kernels; strided and padded convolution, any-window pooling
+and batch normalisation; the layers; dropout) take about 45 s together on 2 cores. The whole-model pass under the GPU
 configuration launches about 170,000 simulated threads (2-4 minutes on 2 cores): it runs on a GPU always, on the
 simulator only with NUMBA_CNN_SLOW_TESTS=1. The whole model under the simulator's own launches is checked against
 the float64 oracle in test_cuda.py (one image, about 20 s).
@@ -38,7 +39,7 @@ def run_checks(group, timeout):
     assert result.returncode == 0 and f"OK {group}" in result.stdout, result.stdout + result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("group", ["kernels", "layers", "dropout"])
+@pytest.mark.parametrize("group", ["kernels", "ops", "layers", "dropout"])
 def test_cuda_kernels_with_the_gpu_launch_configuration(group):
     run_checks(group, timeout=300)
 

@@ -586,8 +586,9 @@ def test_missing_shipped_file_is_named(tmp_path):
 
 
 def test_unknown_data_set_name_is_one_line_naming_the_choices():
-    with pytest.raises(DataError, match=r"^unknown data set 'cifar10': choose mnist or fashion-mnist$"):
-        load_dataset("cifar10")
+    with pytest.raises(DataError, match=r"^unknown data set 'cifar100': choose mnist, fashion-mnist, cifar10 or "
+                                        r"folder$"):
+        load_dataset("cifar100")
     assert get_dataset("fashion-mnist") is FASHION_MNIST
 
 
@@ -674,7 +675,7 @@ def test_record_hashes_are_those_of_the_uncompressed_idx_files_whatever_the_form
     assert idx_sha256(TRAIN[0]) == expected["train-images-idx3-ubyte"]
     record = from_npz.record()
     assert record == {"dataset": "mnist", "origin": "path", "format": "npz", "path": str(tmp_path / "mnist.npz"),
-                      "sha256": expected}
+                      "sha256": expected, "shape": [1, 28, 28], "class_names": list(MNIST.class_names)}
 
 
 def test_load_for_run_uses_the_recorded_data_set_and_checks_its_hashes(tmp_path):

@@ -104,7 +104,7 @@ def test_cli_lr_1e6_stops_with_one_line_exit_3_and_keeps_the_checkpoint(npz_path
     assert f"the last good checkpoint is {out / 'checkpoint.npz'}" in lines[0]
     assert "Traceback" not in result.stderr
     step = int(lines[0].split("step ")[1].split(":")[0])
-    params, adam_state, meta = ckpt.load_checkpoint(out / "checkpoint.npz")
+    params, adam_state, meta, _ = ckpt.load_checkpoint(out / "checkpoint.npz")
     assert int(adam_state["iterations"]) == step - 1  # the step before the diverged one, not after it
     assert all(np.isfinite(p).all() for p in params.values())
     assert '"status": "diverged"' in (out / "metrics.json").read_text()

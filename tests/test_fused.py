@@ -58,13 +58,14 @@ def _dense(a):
 
 
 def _composed_forward(x, w, b):
-    y = jit.conv2d_forward(x, w, b, True)
-    return y, jit.maxpool2d_forward(y)
+    y = jit.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0))
+    return y, jit.maxpool2d_forward(y, (2, 2))
 
 
 def _composed_backward(dy, pooled, argmax, conv_shape, x, w, need_dx):
     # the ReLU's derivative as the model takes it: a select (layers.relu_backward), which keeps dy where pooled is NaN
-    return jit.conv2d_backward(jit.maxpool2d_backward(relu_backward(dy, pooled), argmax, conv_shape), x, w, need_dx)
+    return jit.conv2d_backward(jit.maxpool2d_backward(relu_backward(dy, pooled), argmax, conv_shape, (2, 2)), x, w,
+                               need_dx, 1, (0, 0, 0, 0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -79,8 +80,8 @@ def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, fill,
     assert y_fused.shape == arg_fused.shape == y_comp.shape
     np.testing.assert_array_equal(y_fused, y_comp)
     np.testing.assert_array_equal(arg_fused, arg_comp)
-    conv_ref = reference.conv2d_forward(x, w, b, True)
-    y_ref, arg_ref = reference.maxpool2d_forward(conv_ref)
+    conv_ref = reference.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0))
+    y_ref, arg_ref = reference.maxpool2d_forward(conv_ref, (2, 2))
     reference.assert_close(y_fused, y_ref, dtype, "pooled")
     if fill == "ties":  # exact integer sums: the oracle pools the very same values, ties included
         np.testing.assert_array_equal(arg_fused, arg_ref)
@@ -93,7 +94,8 @@ def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, fill,
         fused = jit.conv2d_relu_maxpool2d_backward(dy, y_fused, arg_fused, x, w, need_dx)
         composed = _composed_backward(dy, y_comp, arg_comp, conv.shape, x, w, need_dx)
         oracle = reference.conv2d_backward(
-            reference.maxpool2d_backward(relu_backward(dy, y_fused), arg_fused, conv.shape), x, w, need_dx)
+            reference.maxpool2d_backward(relu_backward(dy, y_fused), arg_fused, conv.shape, (2, 2)), x, w, need_dx, 1,
+            (0, 0, 0, 0))
         for name, got, same, want in zip(("dx", "dw", "db"), fused, composed, oracle):
             if not need_dx and name == "dx":
                 assert got is None and same is None
@@ -116,7 +118,7 @@ def test_fused_ops_with_nan_and_inf(dtype, rng):
     assert np.isnan(y_fused).any() and np.isinf(y_fused).any()
     np.testing.assert_array_equal(y_fused, y_comp)  # NaN where NaN
     np.testing.assert_array_equal(arg_fused, arg_comp)
-    y_ref, arg_ref = reference.maxpool2d_forward(reference.conv2d_forward(x, w, b, True))
+    y_ref, arg_ref = reference.maxpool2d_forward(reference.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0)), (2, 2))
     np.testing.assert_array_equal(np.isnan(y_fused), np.isnan(y_ref))
     nan_windows = np.isnan(y_ref)
     np.testing.assert_array_equal(arg_fused[nan_windows], arg_ref[nan_windows])
@@ -140,7 +142,7 @@ def test_listed_backward_carries_nan_and_inf_gradients(x_shape, w_shape, dtype, 
     dy.reshape(-1)[np.flatnonzero(y <= 0)[:1]] = -np.inf  # where the ReLU was off: no effect at all
     conv_shape = (x.shape[0], w.shape[0], x.shape[2] - w.shape[2] + 1, x.shape[3] - w.shape[3] + 1)
     oracle = reference.conv2d_backward(
-        reference.maxpool2d_backward(relu_backward(dy, y), argmax, conv_shape), x, w, True)
+        reference.maxpool2d_backward(relu_backward(dy, y), argmax, conv_shape, (2, 2)), x, w, True, 1, (0, 0, 0, 0))
     got = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, True)
     for name, g, e in zip(("dx", "dw", "db"), got, oracle):
         assert np.isnan(g).any() and np.isnan(e).any()
@@ -156,7 +158,7 @@ def test_pooling_nan_first_ties_first_and_relu_keeps_nan(dtype):
         ([-inf, -5, nan, inf], (nan, 2)),
     ]
     x = np.array([[v[:2], v[2:]] for v, _ in windows], dtype)[None]  # (1, windows, 2, 2)
-    y, argmax = jit.maxpool2d_forward(x)
+    y, argmax = jit.maxpool2d_forward(x, (2, 2))
     want_y = np.array([m for _, (m, _) in windows], dtype)
     np.testing.assert_array_equal(y.reshape(-1), want_y)
     assert argmax.reshape(-1).tolist() == [a for _, (_, a) in windows]
@@ -166,10 +168,10 @@ def test_pooling_nan_first_ties_first_and_relu_keeps_nan(dtype):
     for values, _ in windows:
         window = np.array(values, dtype).reshape(1, 1, 2, 2)
         y_fused, arg_fused = jit.conv2d_relu_maxpool2d_forward(window, one, zero)
-        relu = jit.conv2d_forward(window, one, zero, True)
+        relu = jit.conv2d_forward(window, one, zero, True, 1, (0, 0, 0, 0))
         np.testing.assert_array_equal(relu, np.maximum(window, 0))  # NaN stays NaN, as np.maximum / torch.relu
-        y_relu, arg_relu = jit.maxpool2d_forward(relu)
-        y_ref, arg_ref = reference.maxpool2d_forward(np.maximum(window, 0))
+        y_relu, arg_relu = jit.maxpool2d_forward(relu, (2, 2))
+        y_ref, arg_ref = reference.maxpool2d_forward(np.maximum(window, 0), (2, 2))
         np.testing.assert_array_equal(y_fused, y_relu)
         np.testing.assert_array_equal(arg_fused, arg_relu)
         np.testing.assert_array_equal(y_fused, y_ref)

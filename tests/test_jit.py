@@ -1,6 +1,7 @@
 """Tests specific to the jit backend: compiled kernels against their own Python bodies, thread-count
-reproducibility, the float64 path, the tile edge cases (narrow outputs, small kernels, many channels) and the
-on-disk cache. Cross-backend parity lives in test_kernels.py."""
+reproducibility, the float64 path, the tile edge cases (narrow outputs, small kernels, many channels), the general
+(strided, padded) convolution on awkward shapes, the newer ops (pooling of any window, average pooling, batch
+normalisation) on channels-last inputs, and the on-disk cache. Cross-backend parity lives in test_kernels.py."""
 
 import os
 import subprocess
@@ -13,6 +14,8 @@ from numba_cnn.kernels import reference
 
 numba = pytest.importorskip("numba")
 jit = pytest.importorskip("numba_cnn.kernels.jit")
+
+VALID = (0, 0, 0, 0)  # no padding
 
 
 def _operands(rng, shape, k, r, s, dtype):
@@ -42,14 +45,14 @@ def test_conv_edge_shapes_against_reference(shape, k, r, s, dtype):
     rng = np.random.default_rng(7)
     x, w, b, dy = _operands(rng, shape, k, r, s, dtype)
     for relu in (False, True):
-        y = jit.conv2d_forward(x, w, b, relu)
+        y = jit.conv2d_forward(x, w, b, relu, 1, VALID)
         assert y.dtype == dtype and y.flags.c_contiguous
-        reference.assert_close(y, reference.conv2d_forward(x, w, b, relu), dtype, f"y (relu={relu})")
-    dx, dw, db = jit.conv2d_backward(dy, x, w, True)
-    for name, got, want in zip(("dx", "dw", "db"), (dx, dw, db), reference.conv2d_backward(dy, x, w, True)):
+        reference.assert_close(y, reference.conv2d_forward(x, w, b, relu, 1, VALID), dtype, f"y (relu={relu})")
+    dx, dw, db = jit.conv2d_backward(dy, x, w, True, 1, VALID)
+    for name, got, want in zip(("dx", "dw", "db"), (dx, dw, db), reference.conv2d_backward(dy, x, w, True, 1, VALID)):
         assert got.dtype == dtype
         reference.assert_close(got, want, dtype, name)
-    none, dw2, db2 = jit.conv2d_backward(dy, x, w, False)
+    none, dw2, db2 = jit.conv2d_backward(dy, x, w, False, 1, VALID)
     assert none is None
     np.testing.assert_array_equal(dw2, dw)
     np.testing.assert_array_equal(db2, db)
@@ -65,7 +68,7 @@ def test_tile_kernels_match_their_python_bodies():
     outputs = []
     for kernel in (jit._conv_tile_narrow, jit._conv_tile_narrow.py_func):
         y = np.empty((2, 5, 4 + 2, 7), np.float32)  # row_shift 1: one virtual zero row above and below
-        kernel(x_cl, wt, b, np.float32(0), 1, y)
+        kernel(x_cl, wt, b, np.float32(0), 1, 0, y)
         outputs.append(y)
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
 
@@ -105,9 +108,9 @@ def test_tile_kernels_match_their_python_bodies():
 def test_maxpool_first_maximum_wins_and_odd_edges_are_zero():
     x = np.zeros((1, 1, 3, 5), np.float32)
     x[0, 0, 0, 2:4] = 1  # window (0, 1): tie between offsets 0 and 1
-    y, arg = jit.maxpool2d_forward(x)
+    y, arg = jit.maxpool2d_forward(x, (2, 2))
     assert y.shape == (1, 1, 1, 2) and arg.tolist() == [[[[0, 0]]]]
-    dx = jit.maxpool2d_backward(np.ones_like(y), arg, x.shape)
+    dx = jit.maxpool2d_backward(np.ones_like(y), arg, x.shape, (2, 2))
     expected = np.zeros_like(x)
     expected[0, 0, 0, [0, 2]] = 1
     np.testing.assert_array_equal(dx, expected)
@@ -130,16 +133,16 @@ def test_one_and_two_threads_give_identical_bits():
             for threads in (1, 2):
                 rng_local = np.random.default_rng(11)
                 numba.set_num_threads(threads)
-                y = jit.conv2d_forward(x, w, b, True)
-                grads = jit.conv2d_backward(dy, x, w, True)
-                pooled = jit.maxpool2d_forward(x)
+                y = jit.conv2d_forward(x, w, b, True, 1, VALID)
+                grads = jit.conv2d_backward(dy, x, w, True, 1, VALID)
+                pooled = jit.maxpool2d_forward(x, (2, 2))
                 fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
                 pooled_shape = fused[0].shape  # a pooled gradient half zeros, as dropout leaves it
                 dpool = rng_local.standard_normal(pooled_shape) * (rng_local.random(pooled_shape) < 0.5)
                 dpool = dpool.astype(np.float32)
                 fused_grads = jit.conv2d_relu_maxpool2d_backward(dpool, *fused, x, w, True)
                 fused_grads_no_dx = jit.conv2d_relu_maxpool2d_backward(dpool, *fused, x, w, False)[1:]
-                results.append((y, *grads, *pooled, jit.maxpool2d_backward(pooled[0], pooled[1], x.shape),
+                results.append((y, *grads, *pooled, jit.maxpool2d_backward(pooled[0], pooled[1], x.shape, (2, 2)),
                                 *fused, *fused_grads, *fused_grads_no_dx))
             for one, two in zip(*results):
                 np.testing.assert_array_equal(one, two)
@@ -158,8 +161,8 @@ def test_second_process_loads_kernels_from_the_cache(tmp_path):
         import numpy as np
         from numba_cnn.kernels import jit
         x = np.ones((1, 1, 6, 6), np.float32)
-        jit.conv2d_forward(x, np.ones((2, 1, 3, 3), np.float32), np.zeros(2, np.float32), True)
-        jit.maxpool2d_forward(x)
+        jit.conv2d_forward(x, np.ones((2, 1, 3, 3), np.float32), np.zeros(2, np.float32), True, 1, (0, 0, 0, 0))
+        jit.maxpool2d_forward(x, (2, 2))
         for kernel in (jit._conv_tile_narrow, jit._maxpool_forward):
             print(sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values()))
     """
@@ -200,6 +203,8 @@ def test_tiles_follow_the_target_vector_registers():
         assert jit.TILE_TAPS * lanes // per_register <= ext.TILE_REGISTERS - 2
     columns, channels = jit.CONV1_TILE
     assert columns % per_register == 0 and columns * channels // per_register <= ext.TILE_REGISTERS - 2
+    channels, lanes = jit.STRIDED_GRAD_TILE  # the general convolution's dw tile (its other tile is CONV_TILE_NARROW)
+    assert lanes % per_register == 0 and channels * lanes // per_register <= ext.TILE_REGISTERS - 2
 
 
 _IR_PROBE = """
@@ -209,8 +214,8 @@ _IR_PROBE = """
     x = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
     w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
     b = rng.standard_normal(64).astype(np.float32)
-    y = jit.conv2d_forward(x, w, b, True)
-    dx, dw, db = jit.conv2d_backward(y, x, w, True)
+    y = jit.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0))
+    dx, dw, db = jit.conv2d_backward(y, x, w, True, 1, (0, 0, 0, 0))
     fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
     fdx, fdw, fdb = jit.conv2d_relu_maxpool2d_backward(np.ones_like(fused[0]), *fused, x, w, True)
     np.savez(OUT, y=y, dx=dx, dw=dw, db=db, py=fused[0], parg=fused[1], fdx=fdx, fdw=fdw, fdb=fdb)
@@ -238,10 +243,10 @@ def test_stack_tile_switch_and_vector_width_attribute(tmp_path, stack_tiles):
     x = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
     w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
     b = rng.standard_normal(64).astype(np.float32)
-    y = jit.conv2d_forward(x, w, b, True)
+    y = jit.conv2d_forward(x, w, b, True, 1, VALID)
     fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
     want = dict(zip(("y", "dx", "dw", "db", "py", "parg", "fdx", "fdw", "fdb"),
-                    (y, *jit.conv2d_backward(y, x, w, True), *fused,
+                    (y, *jit.conv2d_backward(y, x, w, True, 1, VALID), *fused,
                      *jit.conv2d_relu_maxpool2d_backward(np.ones_like(fused[0]), *fused, x, w, True))))
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
@@ -254,7 +259,7 @@ _ASM_PROBE = """
     from numba_cnn.kernels import jit, _numba_ext
     f32 = types.float32
     sig = (types.Array(f32, 4, "C"), types.Array(f32, 4, "C"), types.Array(f32, 1, "C"), f32, types.int64,
-           types.Array(f32, 4, "C"))
+           types.int64, types.Array(f32, 4, "C"))
     kernel = jit._conv_tile_wide
     kernel.compile(sig)  # compiled, never run: this host may lack the instructions
     asm = kernel.inspect_asm(sig)
@@ -288,17 +293,19 @@ _OTHER_TILES_PROBE = """
         x = rng.standard_normal(x_shape).astype(np.float32)
         w = rng.standard_normal(w_shape).astype(np.float32)
         b = rng.standard_normal(w_shape[0]).astype(np.float32)
-        y = jit.conv2d_forward(x, w, b, True)
-        reference.assert_close(y, reference.conv2d_forward(x, w, b, True), np.float32, "y")
+        y = jit.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0))
+        reference.assert_close(y, reference.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0)), np.float32, "y")
         dy = rng.standard_normal(y.shape).astype(np.float32)
-        for got, want in zip(jit.conv2d_backward(dy, x, w, True), reference.conv2d_backward(dy, x, w, True)):
+        for got, want in zip(jit.conv2d_backward(dy, x, w, True, 1, (0, 0, 0, 0)),
+                             reference.conv2d_backward(dy, x, w, True, 1, (0, 0, 0, 0))):
             reference.assert_close(got, want, np.float32, "grad")
         pooled, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b)
-        want_pooled, want_argmax = jit.maxpool2d_forward(y)
+        want_pooled, want_argmax = jit.maxpool2d_forward(y, (2, 2))
         assert np.array_equal(pooled, want_pooled) and np.array_equal(argmax, want_argmax)
         dp = rng.standard_normal(pooled.shape).astype(np.float32)
         fused = jit.conv2d_relu_maxpool2d_backward(dp, pooled, argmax, x, w, True)
-        composed = jit.conv2d_backward(jit.maxpool2d_backward(relu_backward(dp, pooled), argmax, y.shape), x, w, True)
+        composed = jit.conv2d_backward(jit.maxpool2d_backward(relu_backward(dp, pooled), argmax, y.shape, (2, 2)),
+                                       x, w, True, 1, (0, 0, 0, 0))
         for got, want in zip(fused, composed):
             reference.assert_close(got, want, np.float32, "fused grad")
     print("ok")
@@ -332,3 +339,188 @@ def test_recycled_outputs_are_never_handed_out_while_held():
     y3, _ = jit.conv2d_relu_maxpool2d_forward(x, w, b)  # released: recycled, and every element rewritten
     assert y3.__array_interface__["data"][0] == address
     np.testing.assert_array_equal(y3, keep[0])
+
+
+# ------------------------------------------------------------------------ general convolution and the newer ops
+
+def _channels_last(a):
+    """a stored channels-last (an NHWC buffer viewed as NCHW), as INFO.channels_last lets the ops receive it."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+# (x shape, w shape, stride, padding): stride 2 on odd sizes (a bottom/right rest no output reads), 5x5 'same',
+# asymmetric padding, one and three input channels, a stride of 3, a 1x1 kernel that skips columns, padding wider
+# than the kernel (rows and columns of pure padding), stride 1 padded through the register tiles, K over a lane block
+GENERAL_CASES = [
+    ((2, 3, 9, 7), (5, 3, 3, 3), 2, (0, 0, 0, 0)),
+    ((2, 1, 9, 8), (4, 1, 5, 5), 2, (2, 2, 2, 2)),
+    ((2, 3, 6, 7), (4, 3, 2, 2), 2, (0, 1, 0, 1)),
+    ((1, 4, 11, 10), (6, 4, 3, 3), 3, (1, 0, 2, 1)),
+    ((2, 2, 5, 6), (3, 2, 1, 1), 2, (0, 0, 0, 0)),
+    ((2, 2, 5, 5), (3, 2, 3, 3), 2, (4, 3, 4, 5)),
+    ((2, 3, 7, 6), (5, 3, 5, 5), 1, (2, 2, 2, 2)),
+    ((2, 1, 6, 7), (3, 1, 2, 2), 1, (0, 1, 0, 1)),
+    ((1, 2, 5, 5), (70, 2, 3, 3), 1, (4, 3, 4, 5)),
+    ((1, 33, 8, 9), (40, 33, 3, 3), 2, (1, 1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding", GENERAL_CASES)
+def test_general_conv_against_reference(x_shape, w_shape, stride, padding, dtype):
+    """Forward (with and without ReLU) and backward (need_dx True and False) of strided and padded convolutions,
+    inputs NCHW and channels-last, against the oracle; dw and db do not depend on need_dx."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    y_want = reference.conv2d_forward(x, w, b, False, stride, padding)
+    dy = rng.standard_normal(y_want.shape).astype(dtype)
+    grads_want = reference.conv2d_backward(dy, x, w, True, stride, padding)
+    for layout in (np.asarray, _channels_last):
+        for relu in (False, True):
+            y = jit.conv2d_forward(layout(x), w, b, relu, stride, padding)
+            assert y.dtype == dtype
+            reference.assert_close(y, np.maximum(y_want, 0) if relu else y_want, dtype, f"y relu={relu}")
+        dx, dw, db = jit.conv2d_backward(layout(dy), layout(x), w, True, stride, padding)
+        for name, got, want in zip(("dx", "dw", "db"), (dx, dw, db), grads_want):
+            assert got.dtype == dtype and got.shape == want.shape, name
+            reference.assert_close(got, want, dtype, name)
+        none, dw2, db2 = jit.conv2d_backward(layout(dy), layout(x), w, False, stride, padding)
+        assert none is None
+        reference.assert_close(dw2, grads_want[1], dtype, "dw without dx")
+        np.testing.assert_array_equal(db2, db)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, (1, 2, 2, 1)), (2, (1, 1, 0, 2))])
+def test_general_conv_non_finite_weights_and_padding(stride, padding):
+    """A NaN and an inf in w: the forward multiplies the padding's zeros too (inf * 0 = NaN, as the oracle's padded
+    sum does); dx takes the path that multiplies only the products the convolution has."""
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w[1, 2, 0, 0], w[3, 0, 2, 1] = np.inf, np.nan
+    b = rng.standard_normal(4).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        y_want = reference.conv2d_forward(x, w, b, True, stride, padding)
+        dy = rng.standard_normal(y_want.shape).astype(np.float32)
+        grads_want = reference.conv2d_backward(dy, x, w, True, stride, padding)
+    reference.assert_close(jit.conv2d_forward(x, w, b, True, stride, padding), y_want, np.float32, "y")
+    for name, got, want in zip(("dx", "dw", "db"), jit.conv2d_backward(dy, x, w, True, stride, padding), grads_want):
+        reference.assert_close(got, want, np.float32, name)
+
+
+def test_general_kernels_match_their_python_bodies():
+    """general.py's kernels compiled and interpreted (prange as range, the stack tiles as heap arrays) on a tiny
+    strided shape: the same loops, so the results agree to rounding."""
+    general = pytest.importorskip("numba_cnn.kernels.jit.general")
+    rng = np.random.default_rng(19)
+    lanes = jit.STRIDED_TILE[0]
+    xp = rng.standard_normal((2, 7, 8, 3)).astype(np.float32)  # padded, channels-last
+    wt = rng.standard_normal((3, 3, 3, lanes)).astype(np.float32)
+    b = rng.standard_normal(lanes).astype(np.float32)
+    dyt = rng.standard_normal((2, 3, 3 + 2, lanes)).astype(np.float32)  # P = Q = 3, one zero column each side
+    dyt[:, :, [0, -1]] = 0
+    wt_dx = rng.standard_normal((3, 3, 5, lanes)).astype(np.float32)
+    results = []
+    for forward, weight_grad, input_grad in (
+            (general._strided_forward, general._strided_weight_grad, general._strided_input_grad),
+            tuple(getattr(k, "py_func", k) for k in (general._strided_forward, general._strided_weight_grad,
+                                                      general._strided_input_grad))):
+        y = np.empty((2, 5, 3, 3), np.float32)
+        forward(xp, wt, b, np.float32(0), 2, y)
+        dwt = np.empty((2, 3, 3, 3, lanes), np.float32)
+        weight_grad(xp, dyt, 2, 1, 3, 3, dwt)
+        dx = np.full((2, 3, 6, 7), np.nan, np.float32)
+        input_grad(dyt, wt_dx, 5, 2, 1, 0, 1, dx)
+        results.append((y, dwt, dx))
+    for got, want in zip(*results):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+POOL_SIZES = [((2, 3, 7, 8), (3, 3)), ((2, 2, 9, 5), (2, 3)), ((2, 3, 5, 6), (5, 6)), ((1, 2, 6, 7), (2, 2))]
+
+
+@pytest.mark.parametrize("x_shape,size", POOL_SIZES)
+def test_pooling_any_window_channels_last(x_shape, size):
+    """Max- and average pooling of NCHW and channels-last inputs (and gradients) agree with the oracle: max exactly
+    (ties and a NaN, an inf placed in windows), average within float32 rounding on values far from zero."""
+    rng = np.random.default_rng(23)
+    x = rng.integers(-1, 2, x_shape).astype(np.float32)  # many ties
+    x[0, 0, 0, 1], x[-1, -1, 1, 0], x[0, -1, -1, -1] = np.nan, np.inf, -np.inf
+    y_want, arg_want = reference.maxpool2d_forward(x, size)
+    dy = rng.standard_normal(y_want.shape).astype(np.float32)
+    dx_want = reference.maxpool2d_backward(dy, arg_want, x_shape, size)
+    far = (rng.standard_normal(x_shape) + 1e3).astype(np.float32)
+    for layout in (np.asarray, _channels_last):
+        y, arg = jit.maxpool2d_forward(layout(x), size)
+        np.testing.assert_array_equal(y, y_want)
+        np.testing.assert_array_equal(arg, arg_want)
+        np.testing.assert_array_equal(jit.maxpool2d_backward(layout(dy), layout(arg_want), x_shape, size), dx_want)
+        reference.assert_close(jit.avgpool2d_forward(layout(far), size), reference.avgpool2d_forward(far, size),
+                               np.float32, "avgpool")
+        reference.assert_close(jit.avgpool2d_backward(layout(dy), x_shape, size),
+                               reference.avgpool2d_backward(dy, x_shape, size), np.float32, "avgpool dx")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm_large_mean_channels_last(dtype):
+    """Batch normalisation on activations with a large mean (1e4 + N(0, 1): one-pass float32 statistics would lose
+    them), inputs NCHW and channels-last, training (running statistics updated in place as the oracle's) and
+    inference, and the backward from the statistics the forward returned."""
+    rng = np.random.default_rng(29)
+    x = (rng.standard_normal((4, 5, 6, 7)) + 1e4).astype(dtype)
+    gamma, beta = rng.standard_normal(5).astype(dtype), rng.standard_normal(5).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    for layout in (np.asarray, _channels_last):
+        for training in (True, False):
+            running = rng.standard_normal(5).astype(dtype) + 1e4, rng.random(5).astype(dtype) + 0.5
+            mine, theirs = [a.copy() for a in running], [a.copy() for a in running]
+            got = jit.batchnorm2d_forward(layout(x), gamma, beta, *mine, 0.9, 1e-3, training)
+            want = reference.batchnorm2d_forward(x, gamma, beta, *theirs, 0.9, 1e-3, training)
+            for name, g, e in zip(("y", "mean", "inv_std"), got, want):
+                assert g.dtype == dtype, name
+                reference.assert_close(g, e, dtype, f"{name} training={training}")
+            for name, g, e in zip(("running_mean", "running_var"), mine, theirs):
+                reference.assert_close(g, e, dtype, name)
+            grads = jit.batchnorm2d_backward(layout(dy), layout(x), gamma, got[1], got[2])
+            for name, g, e in zip(("dx", "dgamma", "dbeta"), grads,
+                                  reference.batchnorm2d_backward(dy, x, gamma, got[1], got[2])):
+                assert g.dtype == dtype, name
+                reference.assert_close(g, e, dtype, name)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
+def test_new_ops_give_identical_bits_on_one_and_two_threads():
+    """The general convolution (forward and dx over images, dw over fixed tasks, including the image-chunked dw of
+    few tiles), the padded stride-1 path, pooling of other windows, average pooling and batch normalisation (per
+    channel reductions): bitwise equal on 1 and 2 threads."""
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((6, 3, 13, 12)).astype(np.float32)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w_wide = rng.standard_normal((40, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    gamma, beta = rng.standard_normal(3).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            out = []
+            for weights, stride, padding in ((w, 2, (1, 1, 1, 1)), (w_wide, 2, (0, 1, 0, 1)),
+                                             (w_wide, 1, (1, 1, 1, 1))):
+                y = jit.conv2d_forward(x, weights, b[:weights.shape[0]], True, stride, padding).copy()
+                out += [y, *jit.conv2d_backward(y, x, weights, True, stride, padding)]
+            y, arg = jit.maxpool2d_forward(x, (3, 3))
+            out += [y, arg, jit.maxpool2d_backward(y, arg, x.shape, (3, 3))]
+            y = jit.avgpool2d_forward(x, (13, 12))
+            out += [y, jit.avgpool2d_backward(y, x.shape, (13, 12))]
+            running = [np.zeros(3, np.float32), np.ones(3, np.float32)]
+            y, mean, inv_std = jit.batchnorm2d_forward(x, gamma, beta, *running, 0.9, 1e-3, True)
+            out += [y.copy(), mean, inv_std, *running, *jit.batchnorm2d_backward(x, x, gamma, mean, inv_std)]
+            results.append([np.array(a) for a in out])
+    finally:
+        numba.set_num_threads(before)
+    for index, (one, two) in enumerate(zip(*results)):
+        np.testing.assert_array_equal(one, two, err_msg=f"output {index}")

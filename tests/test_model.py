@@ -13,8 +13,10 @@ from conftest import backend_params, on_cuda_simulator
 from replay import GivenDropout
 from gradcheck import assert_gradient_matches
 from numba_cnn.kernels import Backend, get_backend
-from numba_cnn.model import PARAM_SHAPES, Model, init_params
+from numba_cnn.model import Model, default_network, init_params
 from numba_cnn.optim import Adam
+
+PARAM_SHAPES = default_network().param_shapes()
 
 SEED, DROPOUT_SEED = 3, 5
 

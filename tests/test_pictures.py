@@ -13,7 +13,7 @@ import pytest
 from numba_cnn import report
 from numba_cnn.__main__ import main
 from numba_cnn.console import Progress, format_clock
-from numba_cnn.data import FASHION_MNIST
+from numba_cnn.data import CIFAR10, FASHION_MNIST
 from numba_cnn.estimate import LONG_RUN_S, SUGGESTED_RUN_S, RunSize, format_duration, long_run_note, run_seconds
 from numba_cnn.plots import plot_misclassified
 from numba_cnn.train import TrainConfig, train
@@ -83,6 +83,27 @@ def test_misclassified_grid_names_fashion_classes_and_draws_none_wrong(tmp_path)
     assert_png(tmp_path / "fashion.png", min_width=600, min_height=600)
     assert plot_misclassified(images, labels, labels, FASHION_MNIST.class_names, tmp_path / "none.png") == (0, 0)
     assert_png(tmp_path / "none.png", min_width=300, min_height=100, min_bytes=2000)  # its title only
+
+
+def coloured_pixels(path):
+    """How many pixels of the PNG at path are neither white, black nor grey."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int(np.count_nonzero((rgb.max(axis=2) - rgb.min(axis=2)) > 8))
+
+
+def test_misclassified_grid_draws_channels_first_images_grey_or_in_colour(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = np.arange(8) % 10
+    colour = rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
+    assert plot_misclassified(colour, labels, (labels + 3) % 10, CIFAR10.class_names, tmp_path / "rgb.png") == (8, 8)
+    assert_png(tmp_path / "rgb.png", min_width=600, min_height=200)
+    assert coloured_pixels(tmp_path / "rgb.png") > 8 * 32 * 32
+    grey = rng.random((8, 1, 28, 28), dtype=np.float32)  # scaled pixels, as the trainer holds them
+    assert plot_misclassified(grey, labels, (labels + 1) % 10, FASHION_MNIST.class_names, tmp_path / "grey.png") \
+        == (8, 8)
+    assert coloured_pixels(tmp_path / "grey.png") == 0
 
 
 # ---------------------------------------------------------------- the progress line

@@ -1,5 +1,6 @@
-"""The registry and the contract: every backend exports exactly the four contract functions, in contract order,
-with the contract's parameters; bad input raises ValueError at the boundary, before any backend code runs."""
+"""The registry and the contract: every backend exports exactly the eight contract functions (then its fused ops),
+in contract order, with the contract's parameters; bad input raises ValueError at the boundary, before any backend
+code runs."""
 
 import importlib
 import inspect
@@ -16,10 +17,14 @@ from numba_cnn.kernels.contract import op_names
 from conftest import backend_params
 
 CONTRACT_PARAMETERS = {
-    "conv2d_forward": ["x", "w", "b", "relu"],
-    "conv2d_backward": ["dy", "x", "w", "need_dx"],
-    "maxpool2d_forward": ["x"],
-    "maxpool2d_backward": ["dy", "argmax", "x_shape"],
+    "conv2d_forward": ["x", "w", "b", "relu", "stride", "padding"],
+    "conv2d_backward": ["dy", "x", "w", "need_dx", "stride", "padding"],
+    "maxpool2d_forward": ["x", "size"],
+    "maxpool2d_backward": ["dy", "argmax", "x_shape", "size"],
+    "avgpool2d_forward": ["x", "size"],
+    "avgpool2d_backward": ["dy", "x_shape", "size"],
+    "batchnorm2d_forward": ["x", "gamma", "beta", "running_mean", "running_var", "momentum", "eps", "training"],
+    "batchnorm2d_backward": ["dy", "x", "gamma", "mean", "inv_std"],
     "conv2d_relu_maxpool2d_forward": ["x", "w", "b"],
     "conv2d_relu_maxpool2d_backward": ["dy", "y", "argmax", "x", "w", "need_dx"],
 }
@@ -57,7 +62,8 @@ def backend_module(backend_name):
 def test_registry_lists_every_backend():
     assert BACKENDS == ("naive", "im2col", "jit", "cuda") == backend_names()
     assert backend_names(include_oracle=True) == BACKENDS + (ORACLE,)
-    assert CONTRACT == ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward")
+    assert CONTRACT == ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward",
+                        "avgpool2d_forward", "avgpool2d_backward", "batchnorm2d_forward", "batchnorm2d_backward")
     assert set(CONTRACT_PARAMETERS) == set(CONTRACT) | set(sum(FUSED_OPS.values(), ()))
 
 
@@ -115,7 +121,9 @@ def test_get_backend_wraps_the_module(backend_name, backend_module):
 
 THROWAWAY_BACKEND = '''"""throwaway backend: the oracle's ops under another name, for the registry test."""
 from numba_cnn.kernels.contract import BackendInfo
-from numba_cnn.kernels.reference import conv2d_backward, conv2d_forward, maxpool2d_backward, maxpool2d_forward
+from numba_cnn.kernels.reference import (avgpool2d_backward, avgpool2d_forward, batchnorm2d_backward,
+                                        batchnorm2d_forward, conv2d_backward, conv2d_forward, maxpool2d_backward,
+                                        maxpool2d_forward)
 
 INFO = BackendInfo(summary="the oracle under another name", slow=True)
 '''
@@ -136,6 +144,7 @@ def test_adding_a_backend_is_one_module_and_one_registry_line(tmp_path, monkeypa
         backend.maxpool2d_forward(np.zeros((2, 2), np.float32))
     y, argmax = backend.maxpool2d_forward(np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4))
     np.testing.assert_array_equal(y, [[[[5, 7], [13, 15]]]])
+    np.testing.assert_array_equal(backend.avgpool2d_forward(np.arange(16.0).reshape(1, 1, 4, 4), size=4), [[[[7.5]]]])
     from numba_cnn.model import Model
 
     model = Model(backend, dtype=np.float64)
@@ -167,8 +176,32 @@ def _u8(*shape):
     return np.zeros(shape, dtype=np.uint8)
 
 
-# (id, op, arguments). Each is wrong in exactly one way against an otherwise valid call:
-# conv x(2,3,6,5), w(4,3,3,3), b(4), dy(2,4,4,3); pool x(2,3,6,5) -> dy, argmax (2,3,3,2).
+def good_call(op):
+    """A valid call of op, every argument given: conv x(2,3,6,5), w(4,3,3,3), b(4), dy(2,4,4,3); the pooling
+    backward passes x_shape (2,3,6,5) -> dy, argmax (2,3,3,2); the pooling forward passes x(2,3,17,17), room for a
+    17x17 window; batchnorm x, dy (2,3,6,5) and vectors of 3."""
+    return {
+        "conv2d_forward": (_f32(2, 3, 6, 5), _f32(4, 3, 3, 3), _f32(4), False, 1, 0),
+        "conv2d_backward": (_f32(2, 4, 4, 3), _f32(2, 3, 6, 5), _f32(4, 3, 3, 3), True, 1, 0),
+        "maxpool2d_forward": (_f32(2, 3, 17, 17), 2),
+        "maxpool2d_backward": (_f32(2, 3, 3, 2), _u8(2, 3, 3, 2), (2, 3, 6, 5), 2),
+        "avgpool2d_forward": (_f32(2, 3, 17, 17), 2),
+        "avgpool2d_backward": (_f32(2, 3, 3, 2), (2, 3, 6, 5), 2),
+        "batchnorm2d_forward": (_f32(2, 3, 6, 5), _f32(3), _f32(3), _f32(3), _f32(3), 0.99, 1e-3, True),
+        "batchnorm2d_backward": (_f32(2, 3, 6, 5), _f32(2, 3, 6, 5), _f32(3), _f32(3), _f32(3)),
+    }[op]
+
+
+def changed(op, **arguments):
+    """good_call(op) with the named arguments replaced."""
+    call = list(good_call(op))
+    for name, value in arguments.items():
+        call[CONTRACT_PARAMETERS[op].index(name)] = value
+    return tuple(call)
+
+
+# (id, op, arguments). Each is wrong in exactly one way against the valid call above (the first ones leave the
+# trailing arguments to their defaults).
 BAD_CALLS = [
     ("conv_fwd_x_3d", "conv2d_forward", lambda: (_f32(3, 6, 5), _f32(4, 3, 3, 3), _f32(4), False)),
     ("conv_fwd_w_5d", "conv2d_forward", lambda: (_f32(2, 3, 6, 5), _f32(1, 4, 3, 3, 3), _f32(4), False)),
@@ -214,6 +247,57 @@ BAD_CALLS = [
     ("pool_bwd_x_shape_disagrees", "maxpool2d_backward",
      lambda: (_f32(2, 3, 3, 2), _u8(2, 3, 3, 2), (2, 3, 8, 5))),
     ("pool_bwd_x_shape_none", "maxpool2d_backward", lambda: (_f32(2, 3, 3, 2), _u8(2, 3, 3, 2), None)),
+    ("conv_fwd_stride_0", "conv2d_forward", lambda: changed("conv2d_forward", stride=0)),
+    ("conv_fwd_stride_negative", "conv2d_forward", lambda: changed("conv2d_forward", stride=-1)),
+    ("conv_fwd_stride_float", "conv2d_forward", lambda: changed("conv2d_forward", stride=2.0)),
+    ("conv_fwd_stride_bool", "conv2d_forward", lambda: changed("conv2d_forward", stride=True)),
+    ("conv_fwd_padding_negative", "conv2d_forward", lambda: changed("conv2d_forward", padding=-1)),
+    ("conv_fwd_padding_negative_side", "conv2d_forward", lambda: changed("conv2d_forward", padding=(1, 1, -1, 1))),
+    ("conv_fwd_padding_three_sides", "conv2d_forward", lambda: changed("conv2d_forward", padding=(1, 1, 1))),
+    ("conv_fwd_padding_float", "conv2d_forward", lambda: changed("conv2d_forward", padding=1.5)),
+    ("conv_bwd_stride_0", "conv2d_backward", lambda: changed("conv2d_backward", stride=0)),
+    ("conv_bwd_padding_negative", "conv2d_backward", lambda: changed("conv2d_backward", padding=(0, -1))),
+    ("conv_bwd_dy_not_strided", "conv2d_backward", lambda: changed("conv2d_backward", stride=2)),
+    ("conv_bwd_dy_not_padded", "conv2d_backward", lambda: changed("conv2d_backward", padding=1)),
+    ("pool_fwd_size_0", "maxpool2d_forward", lambda: changed("maxpool2d_forward", size=0)),
+    ("pool_fwd_size_bool", "maxpool2d_forward", lambda: changed("maxpool2d_forward", size=True)),
+    ("pool_fwd_size_three_values", "maxpool2d_forward", lambda: changed("maxpool2d_forward", size=(2, 2, 2))),
+    ("pool_fwd_size_larger_than_input", "maxpool2d_forward", lambda: changed("maxpool2d_forward", size=(2, 18))),
+    ("pool_fwd_size_17x17", "maxpool2d_forward", lambda: changed("maxpool2d_forward", size=17)),  # argmax: uint8
+    ("pool_bwd_size_disagrees", "maxpool2d_backward", lambda: changed("maxpool2d_backward", size=3)),
+    ("pool_bwd_size_larger_than_input", "maxpool2d_backward", lambda: changed("maxpool2d_backward", size=(7, 1))),
+    ("avgpool_fwd_x_3d", "avgpool2d_forward", lambda: changed("avgpool2d_forward", x=_f32(3, 17, 17))),
+    ("avgpool_fwd_x_int", "avgpool2d_forward", lambda: changed("avgpool2d_forward", x=_u8(2, 3, 17, 17))),
+    ("avgpool_fwd_size_negative", "avgpool2d_forward", lambda: changed("avgpool2d_forward", size=(2, -2))),
+    ("avgpool_fwd_size_larger_than_input", "avgpool2d_forward", lambda: changed("avgpool2d_forward", size=18)),
+    ("avgpool_fwd_size_17x17", "avgpool2d_forward", lambda: changed("avgpool2d_forward", size=(17, 17))),
+    ("avgpool_bwd_dy_wrong_shape", "avgpool2d_backward", lambda: changed("avgpool2d_backward", dy=_f32(2, 3, 2, 2))),
+    ("avgpool_bwd_dy_float16", "avgpool2d_backward",
+     lambda: changed("avgpool2d_backward", dy=_f32(2, 3, 3, 2).astype(np.float16))),
+    ("avgpool_bwd_x_shape_3_dims", "avgpool2d_backward", lambda: changed("avgpool2d_backward", x_shape=(3, 6, 5))),
+    ("avgpool_bwd_size_disagrees", "avgpool2d_backward", lambda: changed("avgpool2d_backward", size=(2, 3))),
+    ("bn_fwd_x_3d", "batchnorm2d_forward", lambda: changed("batchnorm2d_forward", x=_f32(3, 6, 5))),
+    ("bn_fwd_gamma_wrong_length", "batchnorm2d_forward", lambda: changed("batchnorm2d_forward", gamma=_f32(4))),
+    ("bn_fwd_beta_2d", "batchnorm2d_forward", lambda: changed("batchnorm2d_forward", beta=_f32(3, 1))),
+    ("bn_fwd_running_mean_float64", "batchnorm2d_forward",
+     lambda: changed("batchnorm2d_forward", running_mean=_f32(3).astype(np.float64))),
+    ("bn_fwd_running_var_strided", "batchnorm2d_forward",  # updated in place: a copy would lose the update
+     lambda: changed("batchnorm2d_forward", running_var=_f32(6)[::2])),
+    ("bn_fwd_running_var_list", "batchnorm2d_forward",
+     lambda: changed("batchnorm2d_forward", running_var=[1.0, 1.0, 1.0])),
+    ("bn_fwd_momentum_1", "batchnorm2d_forward", lambda: changed("batchnorm2d_forward", momentum=1.0)),
+    ("bn_fwd_momentum_negative", "batchnorm2d_forward", lambda: changed("batchnorm2d_forward", momentum=-0.1)),
+    ("bn_fwd_momentum_none", "batchnorm2d_forward", lambda: changed("batchnorm2d_forward", momentum=None)),
+    ("bn_fwd_eps_0", "batchnorm2d_forward", lambda: changed("batchnorm2d_forward", eps=0.0)),
+    ("bn_fwd_eps_negative", "batchnorm2d_forward", lambda: changed("batchnorm2d_forward", eps=-1e-3)),
+    ("bn_fwd_training_int", "batchnorm2d_forward", lambda: changed("batchnorm2d_forward", training=1)),
+    ("bn_bwd_dy_wrong_shape", "batchnorm2d_backward", lambda: changed("batchnorm2d_backward", dy=_f32(2, 3, 6, 4))),
+    ("bn_bwd_dy_float64", "batchnorm2d_backward",
+     lambda: changed("batchnorm2d_backward", dy=_f32(2, 3, 6, 5).astype(np.float64))),
+    ("bn_bwd_gamma_wrong_length", "batchnorm2d_backward", lambda: changed("batchnorm2d_backward", gamma=_f32(2))),
+    ("bn_bwd_mean_2d", "batchnorm2d_backward", lambda: changed("batchnorm2d_backward", mean=_f32(1, 3))),
+    ("bn_bwd_inv_std_float64", "batchnorm2d_backward",
+     lambda: changed("batchnorm2d_backward", inv_std=_f32(3).astype(np.float64))),
 ]
 
 
@@ -247,22 +331,20 @@ def test_bad_input_raises_value_error_before_backend_code(tripwired_backend, op,
 @pytest.mark.parametrize("op, make_args", [pytest.param(op, make, id=case) for case, op, make in BAD_CALLS])
 def test_bad_call_differs_from_a_good_one_in_one_place(op, make_args):
     """Each bad call is a valid call with exactly one argument changed, so the ValueError above comes from the
-    check meant for that argument, not from some other mistake in the test's arguments."""
-    good = {
-        "conv2d_forward": (_f32(2, 3, 6, 5), _f32(4, 3, 3, 3), _f32(4), False),
-        "conv2d_backward": (_f32(2, 4, 4, 3), _f32(2, 3, 6, 5), _f32(4, 3, 3, 3), True),
-        "maxpool2d_forward": (_f32(2, 3, 6, 5),),
-        "maxpool2d_backward": (_f32(2, 3, 3, 2), _u8(2, 3, 3, 2), (2, 3, 6, 5)),
-    }[op]
+    check meant for that argument, not from some other mistake in the test's arguments. A bad call may leave
+    trailing arguments to their defaults, which are the good call's."""
+    good = good_call(op)
     getattr(get_backend("im2col"), op)(*good)  # valid: must not raise
+    getattr(get_backend("im2col"), op)(*good[:len(make_args())])  # the defaults left out are valid too
     bad = make_args()
+    assert len(bad) <= len(good)
     differing = [i for i, (g, b) in enumerate(zip(good, bad)) if not _same_argument(g, b)]
     assert len(differing) == 1, f"a bad call must change exactly one argument of the good one, changed {differing}"
 
 
 def _same_argument(a, b):
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return a.shape == b.shape and a.dtype == b.dtype
+        return a.shape == b.shape and a.dtype == b.dtype and a.flags.c_contiguous == b.flags.c_contiguous
     return repr(a) == repr(b)  # (2, 3) and (2.0, 3.0) are equal but not the same argument
 
 

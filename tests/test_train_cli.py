@@ -116,7 +116,7 @@ def test_cli_train_writes_run_folder_and_evaluate_reads_it(npz_path, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "finished" and len(metrics["epochs"]) == 2
     assert metrics["run"]["warmup_seconds"] > 0
-    params, adam_state, meta = ckpt.load_checkpoint(out / "checkpoint.npz")
+    params, adam_state, meta, _ = ckpt.load_checkpoint(out / "checkpoint.npz")
     assert meta["epoch"] == 2 and meta["step"] == 0 and int(adam_state["iterations"]) == 2 * N_TRAIN // 32
     assert meta["config"]["data"] == config["data"]
     assert not list(out.glob("*.tmp")), "a temporary checkpoint file was left behind"
@@ -186,7 +186,7 @@ def test_interrupted_then_resumed_run_matches_uninterrupted_run(data, tmp_path, 
                     on_step=interrupt_at(interrupt_step))
     assert stopped.status == "interrupted" and stopped.exit_code == 130
     assert any("--resume" in m for m in messages)
-    _, adam_state, meta = ckpt.load_checkpoint(stopped.checkpoint)
+    _, adam_state, meta, _ = ckpt.load_checkpoint(stopped.checkpoint)
     assert int(adam_state["iterations"]) == interrupt_step
 
     resumed = train(TrainConfig(**config), data, resume=stopped.checkpoint, log=quiet)
@@ -195,7 +195,7 @@ def test_interrupted_then_resumed_run_matches_uninterrupted_run(data, tmp_path, 
     a, b = final_params(straight), final_params(resumed)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    (params_a, adam_a, meta_a), (params_b, adam_b, meta_b) = (ckpt.load_checkpoint(r.checkpoint)
+    (params_a, adam_a, meta_a, _), (params_b, adam_b, meta_b, _) = (ckpt.load_checkpoint(r.checkpoint)
                                                               for r in (straight, resumed))
     assert set(adam_a) == set(adam_b)
     for key in adam_a:
@@ -223,7 +223,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(dat
                    on_step=poison_after_first_epoch)
     assert result.status == "diverged" and result.exit_code == 3
     assert any("epoch 2, step 1" in m and "loss is nan" in m for m in messages), messages
-    params, adam_state, meta = ckpt.load_checkpoint(result.checkpoint)
+    params, adam_state, meta, _ = ckpt.load_checkpoint(result.checkpoint)
     assert (meta["epoch"], meta["step"]) == (1, 0) and int(adam_state["iterations"]) == 3
     assert all(np.isfinite(p).all() for p in params.values())
 
@@ -251,14 +251,14 @@ def test_ctrl_c_checkpoints_and_exits_130_then_resume_continues(npz_path, tmp_pa
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "Resume with: python -m numba_cnn train --resume" in stdout
-    _, adam_state, meta = ckpt.load_checkpoint(out / "checkpoint.npz")
+    _, adam_state, meta, _ = ckpt.load_checkpoint(out / "checkpoint.npz")
     done = int(adam_state["iterations"])
     assert done >= N_TRAIN // 16 and done == meta["epoch"] * (N_TRAIN // 16) + meta["step"]
 
     result = run_cli("train", "--resume", out / "checkpoint.npz", "--data", npz_path, "--epochs",
                      str(meta["epoch"] + 1), "--kernels", "im2col")
     assert result.returncode == 0, result.stderr
-    _, adam_state, meta = ckpt.load_checkpoint(out / "checkpoint.npz")
+    _, adam_state, meta, _ = ckpt.load_checkpoint(out / "checkpoint.npz")
     assert meta["step"] == 0 and int(adam_state["iterations"]) == meta["epoch"] * (N_TRAIN // 16)
 
 
@@ -281,7 +281,7 @@ def test_sigkill_mid_epoch_leaves_a_checkpoint_that_resumes(npz_path, tmp_path):
     time.sleep(0.5)  # let it get into the middle of later steps and checkpoint writes
     proc.kill()
     proc.communicate()
-    _, adam_state, meta = ckpt.load_checkpoint(out / "checkpoint.npz")
+    _, adam_state, meta, _ = ckpt.load_checkpoint(out / "checkpoint.npz")
     assert int(adam_state["iterations"]) >= 1
     result = run_cli("train", "--resume", out / "checkpoint.npz", "--data", npz_path, "--epochs",
                      str(meta["epoch"] + 1), "--kernels", "im2col")
@@ -297,7 +297,7 @@ def make_bad_checkpoints(tmp_path, good):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a checkpoint at all")
-    params, adam_state, meta = ckpt.load_checkpoint(good)
+    params, adam_state, meta, _ = ckpt.load_checkpoint(good)
     params["dense.w"] = np.zeros((1600, 12), np.float32)
     other_model = tmp_path / "other_model.npz"
     ckpt.save_checkpoint(other_model, params, adam_state, meta)

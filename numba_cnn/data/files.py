@@ -1,5 +1,6 @@
 """The files MNIST-style data sets come in: IDX files (raw or gzipped) and keras-style npz archives, read with every
-size and header checked; and the SHA-256 that identifies IDX content whatever held it."""
+size and header checked; the SHA-256 that identifies IDX content whatever held it; and the bounded reading and the
+label check that the other readers share."""
 
 import gzip
 import hashlib
@@ -24,8 +25,8 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 # What a corrupt gzip or zip can raise from deep inside the standard library; all become DataError.
 # (NotImplementedError: an unsupported compression method; RuntimeError: an encrypted member.)
-_DECODE_ERRORS = (OSError, EOFError, ValueError, zlib.error, zipfile.BadZipFile, struct.error, NotImplementedError,
-                  RuntimeError, OverflowError)
+DECODE_ERRORS = (OSError, EOFError, ValueError, zlib.error, zipfile.BadZipFile, struct.error, NotImplementedError,
+                 RuntimeError, OverflowError)
 
 
 def idx_sha256(array):
@@ -69,14 +70,16 @@ def read_idx_labels(path):
         return count, f"{count} labels"
 
     labels = _read_idx(path, LABELS_MAGIC, 8, "labels", body_size)
-    _check_labels(labels, path)
+    check_labels(labels, path)
     return labels
 
 
-def _check_labels(labels, where):
-    if labels.size and labels.max() > 9:
-        bad = int(np.argmax(labels > 9))
-        raise DataError(f"{where}: label {int(labels[bad])} at index {bad} is not a digit 0..9")
+def check_labels(labels, where, num_classes=10):
+    """A DataError naming the first label that is not a class number 0..num_classes-1."""
+    if labels.size and labels.max() >= num_classes:
+        bad = int(np.argmax(labels >= num_classes))
+        raise DataError(f"{where}: label {int(labels[bad])} at index {bad} is not a class number "
+                        f"0..{num_classes - 1}")
 
 
 def _read_idx(path, magic, header_size, kind, body_size):
@@ -93,7 +96,7 @@ def _read_idx(path, magic, header_size, kind, body_size):
         raw.seek(0)
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
         container = "gzip" if gzipped else "IDX file"
-        header = _read_exactly(stream, header_size, path, container)
+        header = read_exactly(stream, header_size, path, container)
         if len(header) >= 4:  # the magic first: a file of the wrong kind is the likelier mistake than truncation
             found = struct.unpack(">I", header[:4])[0]
             if found != magic:
@@ -110,7 +113,7 @@ def _read_idx(path, magic, header_size, kind, body_size):
             size = os.fstat(raw.fileno()).st_size
             if size != expected:
                 _size_error(path, what, expected, size)
-        data = _read_exactly(stream, nbytes + 1, path, container)  # one byte more tells an overlong file
+        data = read_exactly(stream, nbytes + 1, path, container)  # one byte more tells an overlong file
         if len(data) > nbytes:
             _size_error(path, what, expected, None)
         if len(data) < nbytes:
@@ -127,7 +130,7 @@ def _size_error(path, what, expected, found):
     raise DataError(f"{path}: overlong: {found} bytes, but the header declares {what} ({expected} bytes)")
 
 
-def _read_exactly(stream, nbytes, where, container):
+def read_exactly(stream, nbytes, where, container):
     """Up to nbytes from stream (fewer only at its end) as a writable bytearray; in chunks, because a bogus header
     may claim terabytes and a single read(n) would try to allocate them. Decoding errors become DataError."""
     out = bytearray()
@@ -171,7 +174,7 @@ def read_mnist_npz(path):
             arrays = {k: _read_npy_member(archive, members[k], path, k) for k in NPZ_KEYS}
     except DataError:
         raise
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         raise DataError(f"{path}: corrupt npz archive ({type(exc).__name__}: {exc})") from None
 
     for split in ("train", "test"):
@@ -184,7 +187,7 @@ def read_mnist_npz(path):
             raise DataError(f"{path}: x_{split} holds no images")
         if len(images) != len(labels):
             raise DataError(f"{path}: x_{split} holds {len(images)} images but y_{split} holds {len(labels)} labels")
-        _check_labels(labels, f"{path} (y_{split})")
+        check_labels(labels, f"{path} (y_{split})")
     return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
 
 
@@ -203,7 +206,7 @@ def _read_npy_member(archive, name, path, key):
         if len(shape) not in (1, 3):
             raise DataError(f"{path}: {key} has shape {shape}, expected (N, {ROWS}, {COLS}) or (N,)")
         nbytes = math.prod(shape)  # Python ints: a bogus header must not overflow
-        data = _read_exactly(member, nbytes + 1, f"{path} ({key})", "zip")
+        data = read_exactly(member, nbytes + 1, f"{path} ({key})", "zip")
         if len(data) != nbytes:
             state = "truncated" if len(data) < nbytes else "overlong"
             raise DataError(f"{path}: {key} is {state}: its header declares shape {shape} ({nbytes} bytes)")

@@ -13,9 +13,11 @@ import numpy as np
 
 from numba_cnn.errors import NumbaCNNError
 
-CONTRACT = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward")
+CONTRACT = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward", "avgpool2d_forward",
+            "avgpool2d_backward", "batchnorm2d_forward", "batchnorm2d_backward")
 # Optional fused ops: name -> its forward and backward functions. A backend lists the ones it has in its INFO; the
-# model uses them where present and the composition of contract ops otherwise (kernels/README.md).
+# network's fusion pass (numba_cnn/network/plan.py) uses them where present and the composition of contract ops
+# otherwise (kernels/README.md). conv2d_relu_maxpool2d covers a stride-1 unpadded convolution and a 2x2 pool.
 FUSED_OPS = {"conv2d_relu_maxpool2d": ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward")}
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -101,7 +103,34 @@ def _check_bool(name, value):
     return bool(value)
 
 
-def _check_conv_operands(x, w):
+def _check_stride(stride):
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    return int(stride)
+
+
+def _check_padding(padding):
+    """0, an int p, a pair (rows, cols) or a 4-tuple (top, bottom, left, right) of non-negative ints ->
+    the 4-tuple."""
+    values = (padding,) if isinstance(padding, (int, np.integer)) else padding
+    if not isinstance(values, (tuple, list)) or len(values) not in (1, 2, 4) or not all(
+            isinstance(p, (int, np.integer)) and not isinstance(p, bool) and p >= 0 for p in values):
+        raise ValueError(f"padding must be a non-negative int, (rows, cols) or (top, bottom, left, right), "
+                         f"got {padding!r}")
+    values = tuple(int(p) for p in values)
+    if len(values) == 1:
+        return values * 4
+    if len(values) == 2:
+        return (values[0], values[0], values[1], values[1])
+    return values
+
+
+def conv_output_size(size, kernel, stride, before, after):
+    """The output length of a convolution along one axis: floor((size + before + after - kernel) / stride) + 1."""
+    return (size + before + after - kernel) // stride + 1
+
+
+def _check_conv_operands(x, w, stride=1, padding=(0, 0, 0, 0)):
     """-> the convolution's output shape (N, K, P, Q)."""
     _check_float("x", x, 4, "(N, C, H, W)")
     _check_float("w", w, 4, "(K, C, R, S)", np.dtype(x.dtype))
@@ -109,9 +138,10 @@ def _check_conv_operands(x, w):
     k, wc, r, s = w.shape
     if wc != c:
         raise ValueError(f"w has {wc} input channels (w.shape={tuple(w.shape)}) but x has {c} (x.shape={tuple(x.shape)})")
-    if r > h or s > wd:
-        raise ValueError(f"kernel {r}x{s} does not fit in a {h}x{wd} input")
-    return (n, k, h - r + 1, wd - s + 1)
+    top, bottom, left, right = padding
+    if r > h + top + bottom or s > wd + left + right:
+        raise ValueError(f"kernel {r}x{s} does not fit in a {h}x{wd} input padded by {padding}")
+    return (n, k, conv_output_size(h, r, stride, top, bottom), conv_output_size(wd, s, stride, left, right))
 
 
 def _check_bias(b, w, x):
@@ -120,16 +150,38 @@ def _check_bias(b, w, x):
         raise ValueError(f"b has {b.shape[0]} entries but w has {w.shape[0]} output channels")
 
 
-def _pooled_shape(x_shape, what="x"):
+def _check_pool_size(size):
+    """An int k or a pair (kh, kw) of positive ints -> the pair; a window's offsets must fit argmax's uint8."""
+    values = (size, size) if isinstance(size, (int, np.integer)) else size
+    if not isinstance(values, (tuple, list)) or len(values) != 2 or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ValueError(f"size must be a positive int or a pair (rows, cols) of them, got {size!r}")
+    kh, kw = int(values[0]), int(values[1])
+    if kh * kw > 256:
+        raise ValueError(f"a {kh}x{kw} pooling window has more than 256 elements (argmax is uint8)")
+    return kh, kw
+
+
+def _pooled_shape(x_shape, size=(2, 2), what="x"):
     n, c, h, w = x_shape
-    if h < 2 or w < 2:
-        raise ValueError(f"2x2 max-pooling needs H and W of at least 2, got {what} shape {tuple(x_shape)}")
-    return (n, c, h // 2, w // 2)
+    kh, kw = size
+    if h < kh or w < kw:
+        raise ValueError(f"{kh}x{kw} pooling needs H of at least {kh} and W of at least {kw}, got {what} shape "
+                         f"{tuple(x_shape)}")
+    return (n, c, h // kh, w // kw)
+
+
+def _check_x_shape(x_shape):
+    dims = tuple(x_shape) if isinstance(x_shape, (tuple, list)) else ()
+    if len(dims) != 4 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1
+                                 for d in dims):
+        raise ValueError(f"x_shape must be four positive integers (N, C, H, W), got {x_shape!r}")
+    return tuple(int(d) for d in dims)
 
 
 def _check_pooled(dy, argmax, y_shape, dtype=None, x_shape=None):
-    _check_float("dy", dy, 4, "(N, C, H//2, W//2)", dtype)
-    _check_array("argmax", argmax, 4, "(N, C, H//2, W//2)")
+    _check_float("dy", dy, 4, "(N, C, H//kh, W//kw)", dtype)
+    _check_array("argmax", argmax, 4, "(N, C, H//kh, W//kw)")
     if np.dtype(argmax.dtype) != np.uint8:
         raise ValueError(f"argmax must be uint8 (as maxpool2d_forward returns it), got {argmax.dtype}")
     for name, a in (("dy", dy), ("argmax", argmax)):
@@ -137,45 +189,99 @@ def _check_pooled(dy, argmax, y_shape, dtype=None, x_shape=None):
             raise ValueError(f"{name} has shape {tuple(a.shape)} but pooling {x_shape} gives {y_shape}")
 
 
-def check_conv2d_forward(x, w, b, relu=False):
-    _check_conv_operands(x, w)
+def _check_channel_vector(name, a, channels, dtype):
+    _check_float(name, a, 1, "(C,)", dtype)
+    if a.shape[0] != channels:
+        raise ValueError(f"{name} has {a.shape[0]} entries but x has {channels} channels")
+
+
+def _check_fraction(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not low <= value < high:
+        raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
+    return float(value)
+
+
+def check_conv2d_forward(x, w, b, relu=False, stride=1, padding=0):
+    stride, padding = _check_stride(stride), _check_padding(padding)
+    _check_conv_operands(x, w, stride, padding)
     _check_bias(b, w, x)
-    return _contiguous(x), _contiguous(w), _contiguous(b), _check_bool("relu", relu)
+    return _contiguous(x), _contiguous(w), _contiguous(b), _check_bool("relu", relu), stride, padding
 
 
-def check_conv2d_backward(dy, x, w, need_dx=True):
-    y_shape = _check_conv_operands(x, w)
+def check_conv2d_backward(dy, x, w, need_dx=True, stride=1, padding=0):
+    stride, padding = _check_stride(stride), _check_padding(padding)
+    y_shape = _check_conv_operands(x, w, stride, padding)
     _check_float("dy", dy, 4, "(N, K, P, Q)", np.dtype(x.dtype))
     if tuple(dy.shape) != y_shape:
         raise ValueError(f"dy has shape {tuple(dy.shape)} but the convolution's output has shape {y_shape}")
-    return _contiguous(dy), _contiguous(x), _contiguous(w), _check_bool("need_dx", need_dx)
+    return (_contiguous(dy), _contiguous(x), _contiguous(w), _check_bool("need_dx", need_dx), stride, padding)
 
 
-def check_maxpool2d_forward(x):
+def check_maxpool2d_forward(x, size=2):
+    size = _check_pool_size(size)
     _check_float("x", x, 4, "(N, C, H, W)")
-    _pooled_shape(x.shape)
-    return (_contiguous(x),)
+    _pooled_shape(x.shape, size)
+    return _contiguous(x), size
 
 
-def check_maxpool2d_backward(dy, argmax, x_shape):
-    dims = tuple(x_shape) if isinstance(x_shape, (tuple, list)) else ()
-    if len(dims) != 4 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1
-                                 for d in dims):
-        raise ValueError(f"x_shape must be four positive integers (N, C, H, W), got {x_shape!r}")
-    x_shape = tuple(int(d) for d in dims)
-    _check_pooled(dy, argmax, _pooled_shape(x_shape), x_shape=x_shape)
-    return _contiguous(dy), _contiguous(argmax), x_shape
+def check_maxpool2d_backward(dy, argmax, x_shape, size=2):
+    size = _check_pool_size(size)
+    x_shape = _check_x_shape(x_shape)
+    _check_pooled(dy, argmax, _pooled_shape(x_shape, size), x_shape=x_shape)
+    return _contiguous(dy), _contiguous(argmax), x_shape, size
+
+
+def check_avgpool2d_forward(x, size=2):
+    size = _check_pool_size(size)
+    _check_float("x", x, 4, "(N, C, H, W)")
+    _pooled_shape(x.shape, size)
+    return _contiguous(x), size
+
+
+def check_avgpool2d_backward(dy, x_shape, size=2):
+    size = _check_pool_size(size)
+    x_shape = _check_x_shape(x_shape)
+    y_shape = _pooled_shape(x_shape, size)
+    _check_float("dy", dy, 4, "(N, C, H//kh, W//kw)")
+    if tuple(dy.shape) != y_shape:
+        raise ValueError(f"dy has shape {tuple(dy.shape)} but pooling {x_shape} gives {y_shape}")
+    return _contiguous(dy), x_shape, size
+
+
+def check_batchnorm2d_forward(x, gamma, beta, running_mean, running_var, momentum=0.99, eps=1e-3, training=True):
+    _check_float("x", x, 4, "(N, C, H, W)")
+    dtype, channels = np.dtype(x.dtype), x.shape[1]
+    for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_vector(name, a, channels, dtype)
+    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+        if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
+            raise ValueError(f"{name} is updated in place and must be a contiguous array")
+    momentum = _check_fraction("momentum", momentum, 0.0, 1.0)
+    eps = _check_fraction("eps", eps, 1e-12, float("inf"))
+    return (_contiguous(x), _contiguous(gamma), _contiguous(beta), running_mean, running_var, momentum, eps,
+            _check_bool("training", training))
+
+
+def check_batchnorm2d_backward(dy, x, gamma, mean, inv_std):
+    _check_float("x", x, 4, "(N, C, H, W)")
+    dtype, channels = np.dtype(x.dtype), x.shape[1]
+    _check_float("dy", dy, 4, "(N, C, H, W)", dtype)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy has shape {tuple(dy.shape)} but x has shape {tuple(x.shape)}")
+    for name, a in (("gamma", gamma), ("mean", mean), ("inv_std", inv_std)):
+        _check_channel_vector(name, a, channels, dtype)
+    return _contiguous(dy), _contiguous(x), _contiguous(gamma), _contiguous(mean), _contiguous(inv_std)
 
 
 def check_conv2d_relu_maxpool2d_forward(x, w, b):
-    _pooled_shape(_check_conv_operands(x, w), "convolution output")
+    _pooled_shape(_check_conv_operands(x, w), what="convolution output")
     _check_bias(b, w, x)
     return _contiguous(x), _contiguous(w), _contiguous(b)
 
 
 def check_conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx=True):
     conv_shape = _check_conv_operands(x, w)
-    pooled = _pooled_shape(conv_shape, "convolution output")
+    pooled = _pooled_shape(conv_shape, what="convolution output")
     _check_pooled(dy, argmax, pooled, np.dtype(x.dtype), conv_shape)
     _check_float("y", y, 4, "(N, K, P//2, Q//2)", np.dtype(x.dtype))
     if tuple(y.shape) != pooled:

@@ -65,56 +65,114 @@ def _f64(a):
     return np.asarray(a, dtype=np.float64)
 
 
-def conv2d_forward(x, w, b, relu):
-    """y[n,k,i,j] = b[k] + sum_{c,r,s} x[n,c,i+r,j+s] w[k,c,r,s], one einsum per tap (r, s) over a shifted view."""
-    x, w, b = _f64(x), _f64(w), _f64(b)
+def _padded(x, padding):
+    top, bottom, left, right = padding
+    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+
+
+def conv2d_forward(x, w, b, relu, stride, padding):
+    """y[n,k,i,j] = b[k] + sum_{c,r,s} xp[n,c,i*stride+r,j*stride+s] w[k,c,r,s] over the zero-padded xp, one einsum
+    per tap (r, s) over a strided view."""
+    xp, w, b = _padded(_f64(x), padding), _f64(w), _f64(b)
     _, _, kernel_h, kernel_w = w.shape
-    out_h, out_w = x.shape[2] - kernel_h + 1, x.shape[3] - kernel_w + 1
+    out_h = (xp.shape[2] - kernel_h) // stride + 1
+    out_w = (xp.shape[3] - kernel_w) // stride + 1
     y = np.broadcast_to(b[None, :, None, None], (x.shape[0], w.shape[0], out_h, out_w)).copy()
     for r in range(kernel_h):
         for s in range(kernel_w):
-            y += np.einsum("nchw,kc->nkhw", x[:, :, r:r + out_h, s:s + out_w], w[:, :, r, s])
+            view = xp[:, :, r:r + stride * (out_h - 1) + 1:stride, s:s + stride * (out_w - 1) + 1:stride]
+            y += np.einsum("nchw,kc->nkhw", view, w[:, :, r, s])
     return np.maximum(y, 0.0) if relu else y
 
 
-def conv2d_backward(dy, x, w, need_dx):
-    """The three gradients of the forward above, tap by tap: dw[:, :, r, s] contracts dy with the slice tap (r, s)
-    read; dx receives dy times that tap's weights on the same slice."""
-    dy, x, w = _f64(dy), _f64(x), _f64(w)
+def conv2d_backward(dy, x, w, need_dx, stride, padding):
+    """The three gradients of the forward above, tap by tap: dw[:, :, r, s] contracts dy with the strided view tap
+    (r, s) read; dx receives dy times that tap's weights on the same view of the padded input, then is cropped."""
+    dy, xp, w = _f64(dy), _padded(_f64(x), padding), _f64(w)
     _, _, kernel_h, kernel_w = w.shape
     out_h, out_w = dy.shape[2:]
     dw = np.empty_like(w)
-    dx = np.zeros_like(x)
+    dxp = np.zeros_like(xp)
     for r in range(kernel_h):
         for s in range(kernel_w):
-            window = (slice(None), slice(None), slice(r, r + out_h), slice(s, s + out_w))
-            dw[:, :, r, s] = np.einsum("nkhw,nchw->kc", dy, x[window])
-            dx[window] += np.einsum("nkhw,kc->nchw", dy, w[:, :, r, s])
+            window = (slice(None), slice(None), slice(r, r + stride * (out_h - 1) + 1, stride),
+                      slice(s, s + stride * (out_w - 1) + 1, stride))
+            dw[:, :, r, s] = np.einsum("nkhw,nchw->kc", dy, xp[window])
+            dxp[window] += np.einsum("nkhw,kc->nchw", dy, w[:, :, r, s])
+    top, _, left, _ = padding
+    dx = dxp[:, :, top:top + x.shape[2], left:left + x.shape[3]]
     return (dx if need_dx else None), dw, dy.sum(axis=(0, 2, 3))
 
 
-def _windows(x):
-    """x[N,C,H,W] -> [N,C,H//2,W//2,4]: each full 2x2 window's elements in row-major order (2*di + dj)."""
+def _windows(x, size):
+    """x[N,C,H,W] -> [N,C,H//kh,W//kw,kh*kw]: each full window's elements in row-major order (di*kw + dj)."""
     n, c, h, w = x.shape
-    ho, wo = h // 2, w // 2
-    blocks = x[:, :, :2 * ho, :2 * wo].reshape(n, c, ho, 2, wo, 2)
-    return blocks.transpose(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, 4)
+    kh, kw = size
+    ho, wo = h // kh, w // kw
+    blocks = x[:, :, :kh * ho, :kw * wo].reshape(n, c, ho, kh, wo, kw)
+    return blocks.transpose(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, kh * kw)
 
 
-def maxpool2d_forward(x):
-    windows = _windows(_f64(x))
+def _unwindows(windows, x_shape, size):
+    """The inverse of _windows: [N,C,ho,wo,kh*kw] folded back into an (N,C,H,W) image, zeros where no window is."""
+    n, c, h, w = x_shape
+    kh, kw = size
+    ho, wo = windows.shape[2:4]
+    dx = np.zeros((n, c, h, w))
+    dx[:, :, :kh * ho, :kw * wo] = windows.reshape(n, c, ho, wo, kh, kw).transpose(0, 1, 2, 4, 3, 5).reshape(
+        n, c, kh * ho, kw * wo)
+    return dx
+
+
+def maxpool2d_forward(x, size):
+    windows = _windows(_f64(x), size)
     argmax = np.argmax(windows, axis=-1)  # first occurrence of the maximum: the contract's tie rule
     return windows.max(axis=-1), argmax.astype(np.uint8)
 
 
-def maxpool2d_backward(dy, argmax, x_shape):
-    """dy placed by a one-hot of argmax over each window's four slots, then the windows folded back into the image;
+def maxpool2d_backward(dy, argmax, x_shape, size):
+    """dy placed by a one-hot of argmax over each window's slots, then the windows folded back into the image;
     rows and columns outside every window stay zero."""
-    n, c, h, w = x_shape
-    ho, wo = h // 2, w // 2
-    one_hot = np.asarray(argmax)[..., None] == np.arange(4)
-    windows = np.where(one_hot, _f64(dy)[..., None], 0.0)  # [N, C, ho, wo, 4]
-    dx = np.zeros((n, c, h, w))
-    dx[:, :, :2 * ho, :2 * wo] = windows.reshape(n, c, ho, wo, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(
-        n, c, 2 * ho, 2 * wo)
-    return dx
+    one_hot = np.asarray(argmax)[..., None] == np.arange(size[0] * size[1])
+    return _unwindows(np.where(one_hot, _f64(dy)[..., None], 0.0), x_shape, size)
+
+
+def avgpool2d_forward(x, size):
+    return _windows(_f64(x), size).mean(axis=-1)
+
+
+def avgpool2d_backward(dy, x_shape, size):
+    """Each window's dy shared equally by its kh*kw elements."""
+    count = size[0] * size[1]
+    return _unwindows(np.repeat(_f64(dy)[..., None] / count, count, axis=-1), x_shape, size)
+
+
+def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):
+    """Training: each channel normalised by its batch mean and biased variance over (N, H, W), the running
+    statistics moved towards them (running = momentum * running + (1 - momentum) * batch, in place); inference: by
+    the running statistics. -> (y, mean, inv_std), the statistics used."""
+    x = _f64(x)
+    if training:
+        mean = x.mean(axis=(0, 2, 3))
+        var = ((x - mean[None, :, None, None]) ** 2).mean(axis=(0, 2, 3))
+        running_mean[...] = momentum * _f64(running_mean) + (1 - momentum) * mean
+        running_var[...] = momentum * _f64(running_var) + (1 - momentum) * var
+    else:
+        mean, var = _f64(running_mean).copy(), _f64(running_var)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    y = (x - mean[None, :, None, None]) * (inv_std * _f64(gamma))[None, :, None, None] + _f64(beta)[None, :, None, None]
+    return y, mean, inv_std
+
+
+def batchnorm2d_backward(dy, x, gamma, mean, inv_std):
+    """The training-mode gradient, per channel over its M = N*H*W elements, through x_hat = (x - mean) * inv_std:
+    dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat)); dgamma = sum(dy * x_hat); dbeta = sum(dy)."""
+    dy, x = _f64(dy), _f64(x)
+    per_channel = (None, slice(None), None, None)
+    x_hat = (x - _f64(mean)[per_channel]) * _f64(inv_std)[per_channel]
+    dbeta = dy.sum(axis=(0, 2, 3))
+    dgamma = (dy * x_hat).sum(axis=(0, 2, 3))
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    dx = (_f64(gamma) * _f64(inv_std))[per_channel] * (
+        dy - (dbeta / count)[per_channel] - x_hat * (dgamma / count)[per_channel])
+    return dx, dgamma, dbeta

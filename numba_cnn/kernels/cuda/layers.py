@@ -7,8 +7,9 @@ argmax_rows's predictions, dropout_rng_state's snapshot). Host numpy arrays are 
 first, which the tests rely on.
 
 Dropout draws from numba.cuda.random's xoroshiro128p generators, a fixed number of independent streams; stream t
-serves elements t, t + streams, t + 2 * streams, ... so a mask depends only on the seed, the stream count (4096 on a
-GPU, 32 in the simulator; a checkpoint keeps its own) and the calls before it.
+serves elements t, t + streams, t + 2 * streams, ... of the input in flat C order (any shape), so a mask depends
+only on the seed, the stream count (4096 on a GPU, 32 in the simulator; a checkpoint keeps its own), the number of
+elements and the calls before it.
 """
 
 import math
@@ -75,6 +76,22 @@ def as_float_images(images):
 
 
 @cuda.jit
+def _relu_forward(x, y):
+    for e in range(cuda.grid(1), y.size, cuda.gridsize(1)):
+        value = x[e]
+        y[e] = ZERO if value < ZERO else value  # not `value if value > 0 else 0`: a NaN stays NaN
+
+
+def relu_forward(x):
+    """x[any shape] -> max(x, 0), a new device array; a NaN stays NaN and -inf becomes 0
+    (numba_cnn.layers.relu_forward)."""
+    x = as_device(x, "x")
+    y = cuda.device_array(x.shape, dtype=x.dtype)
+    launch(_relu_forward, y.size, flat(x), flat(y))
+    return y
+
+
+@cuda.jit
 def _relu_backward(dy, y, dx):
     for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
         dx[e] = ZERO if y[e] <= ZERO else dy[e]
@@ -135,8 +152,8 @@ def _dropout(x, states, keep, scale, y, mask):
 
 
 def dropout_forward(x, rate, rng):
-    """x[N, D] -> (y[N, D], mask[N, D]): inverted dropout, each unit kept with probability 1 - rate and scaled by
-    1 / (1 - rate); the mask holds the scale."""
+    """x[any shape] -> (y, mask) of x's shape: inverted dropout, each unit kept with probability 1 - rate and
+    scaled by 1 / (1 - rate); the mask holds the scale. Elements are drawn in x's flat C order."""
     x = as_device(x, "x")
     dtype = np.dtype(x.dtype).type
     keep = dtype(1.0 - rate)

@@ -7,8 +7,9 @@ BackendUnavailable saying what to install otherwise.
 Launches: kernels walk their output with grid-stride loops. On a GPU the grid covers the output once, 256 threads
 per block (one element per thread); the simulator runs one Python thread per CUDA thread, so there two blocks of 16
 threads walk the whole output instead (NUMBA_CNN_CUDA_LAUNCH=gpu gives the simulator the GPU's configuration).
-Sums over many terms with few outputs (dense forward, bias gradients) give one block to each output and add in
-shared memory in a fixed tree order: no atomics, so results are the same on every run.
+Sums over many terms with few outputs (dense forward, bias gradients, batch-norm statistics and their gradients)
+give one block to each output and add in shared memory in a fixed tree order: no atomics, so results are the same
+on every run.
 """
 
 
@@ -54,8 +55,10 @@ THREADS_PER_BLOCK = 256 if GPU_LAUNCH else 16  # a power of two: the block sums 
 MAX_BLOCKS = 1 << 20 if GPU_LAUNCH else 2
 DROPOUT_STREAMS = THREADS_PER_BLOCK * (16 if GPU_LAUNCH else 2)  # 4096 on a GPU, 50 elements each for batch 128
 
-# The small launches (a thread per row of a 128-row batch) are small by nature, not by mistake.
-warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-utilization")
+# The small launches (a thread per row of a 128-row batch) are small by nature, not by mistake: numba-cuda warns
+# about grids under twice the GPU's multiprocessor count (132 on an H200), so launches below this many blocks
+# silence that warning for themselves (only they: importing the backend changes no process-wide warning filter).
+SMALL_GRID = 1024
 
 # A typed zero: a bare 0 or 0.0 in a kernel is an int64/float64 literal and would promote float32 arithmetic to
 # float64. A float32 zero stays float32 in float32 kernels and widens exactly in float64 ones.
@@ -98,14 +101,23 @@ def grid(elements):
     return max(1, min(MAX_BLOCKS, math.ceil(elements / THREADS_PER_BLOCK)))
 
 
+def _run(kernel, blocks, args):
+    if blocks >= SMALL_GRID:
+        kernel[blocks, THREADS_PER_BLOCK](*args)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-utilization")
+        kernel[blocks, THREADS_PER_BLOCK](*args)
+
+
 def launch(kernel, elements, *args):
     """Run `kernel` over `elements` outputs (a thread per output, grid-stride) with THREADS_PER_BLOCK threads."""
-    kernel[grid(elements), THREADS_PER_BLOCK](*args)
+    _run(kernel, grid(elements), args)
 
 
 def launch_blocks(kernel, outputs, *args):
     """Run a one-block-per-output `kernel` (block-stride over `outputs`, threads inside a block share the sum)."""
-    kernel[max(1, min(MAX_BLOCKS, outputs)), THREADS_PER_BLOCK](*args)
+    _run(kernel, max(1, min(MAX_BLOCKS, outputs)), args)
 
 
 def synchronize():

@@ -1,9 +1,11 @@
 """jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked, no BLAS.
 
-The compiled kernels are in tiles.py (the register-tiled kernels and pooling), sparse.py (the fused backward's
-listed kernels, channels-last packing) and layers.py (dropout, loss and Adam), each file self-contained so that
-Numba's cache sees every change (it does not notice a change in another module's helper); this file holds the
-contract functions and the host-side glue that packs inputs and calls them.
+The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, 2x2 pooling, and the tile shapes of
+every convolution kernel with their reasons), general.py (the convolution of any stride), norm.py (pooling of other windows, average pooling,
+batch normalisation), sparse.py (the fused backward's listed kernels, channels-last packing) and layers.py
+(dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (it does not notice a
+change in another module's helper); this file holds the contract functions and the host-side glue that packs
+inputs and calls them.
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
@@ -21,12 +23,18 @@ on 1 thread, a training step 20.2-21.0 ms against 22.2-22.5 packing it to channe
 conv2's forward and again in its backward, the transposes in both backward kernels). Where a kernel reads the
 other layout, `nchw` / `nhwc` (jit/buffers.py) copy.
 
-conv2d_forward   `_conv_tile_*`: prange over images; x repacked channels-last (N, H, W, C) by `_pack_channels_last`
-                 (a view when x is stored so, a free reshape when C = 1) and w to (R, S, C, K padded to the lanes);
+conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channels-last (N, H, W, C) by
+                 `_pack_channels_last` (a view when x is stored so, a free reshape when C = 1; with padding, numpy's
+                 transposing copy into a zeroed channels-last buffer, which is cheaper than that packing plus a
+                 padded copy) and w to (R, S, C, K padded to the lanes);
                  per output row, tiles of columns x lanes output channels, reduced over (r, s, c) with c innermost
                  (contiguous, and the longest loop); bias seeds the tile, ReLU clamps it on the store to NCHW (NaN
                  stays NaN). The last column tile overlaps the one before; inputs narrower than a tile are
-                 zero-padded on the right and the output cropped.
+                 zero-padded on the right and the output cropped. The padding is stored, not skipped: the
+                 contract's sum multiplies its zeros too (0 * inf is NaN).
+                 stride >= 2, general.py's `_strided_forward`: the same tile (columns x lanes, bias seeded, (r, s, c)
+                 order) over the padded channels-last input, its columns read `stride` apart; the last column tile
+                 clamps its reads instead of overlapping. NCHW output, as stride 1.
 conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K padded) by `_pack_channels_last`;
                  tiles of 3 taps along a kernel row x lanes; the (channel, row, tap block, lane block) tiles are
                  split into one contiguous range per thread, images outermost, so each thread streams dy once;
@@ -37,12 +45,32 @@ conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K
                  db: per-image sums made by `_pack_channels_last` while it repacks, added up image by image.
                  dx: the full correlation of dy with the flipped kernel through the forward's `_conv_tile_*`
                  (bias 0, no ReLU), reading the same channels-last dy, packed with S-1 zero columns on each side;
-                 the R-1 zero rows above and below are skipped by the kernel's row_shift instead of stored.
+                 the R-1 zero rows above and below are skipped by the kernel's row_shift instead of stored. With
+                 padding, dw reads a zero-padded NCHW copy of x and dx is the same correlation cropped: it starts
+                 `left` columns into the packed dy (col_shift) and R-1-top rows above it (row_shift).
+                 stride >= 2, general.py: dy packed as above (ceil((S-1)/stride) zero columns on each side for dx),
+                 x padded channels-last. dw: `_strided_weight_grad`, per tap a tile of input channels x output
+                 lanes summed over (n, i, j); tasks (image chunk, tile) fixed by the shapes (GRAD_IMAGE_CHUNKS
+                 chunks when there are fewer than GRAD_MIN_TILES tiles), chunks added in order. dx:
+                 `_strided_input_grad`, a gather writing each element once: per input row and column phase (the
+                 columns one set of taps reaches, from consecutive dy columns), a tile of those columns x input
+                 channel lanes summed over the valid taps and the output channels; elements no output reads get 0.
+                 Non-finite weights (any stride) take `_input_grad_by_taps` for dx, which multiplies only the
+                 products the convolution has, never the zero padding of dy.
 maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, channel) planes; forward compares
                  the 4 window values in row-major order through selects (so it vectorises): a later value wins
                  if it is strictly greater, or if it is NaN and the best so far is not (a NaN beats every number,
                  the first NaN wins, ties keep the first maximum); backward writes each input element once (its
-                 window's dy or zero), so no zero-fill pass.
+                 window's dy or zero), so no zero-fill pass. Other windows (kh, kw) take norm.py's
+                 `_maxpool_any_*`: the same rule written as a select per value in row-major order.
+avgpool2d_*      norm.py's `_avgpool_*`: prange over planes; window sums in float64 (so no float32 overflow or
+                 lost low bits), backward dy / (kh*kw) in float64 on each element of the window, 0 elsewhere.
+batchnorm2d_*    norm.py: `_channel_stats` (prange over channels) sums each channel's mean and then the biased
+                 variance around it in float64 (activations with a large mean keep their spread, no E[x^2] - E[x]^2
+                 cancellation); the running statistics are updated on the host from those float64 values as the
+                 oracle does; `_batchnorm_apply` normalises in float64 per element, rounded once on the store;
+                 `_batchnorm_backward` (prange over channels) sums dy and dy * x_hat in float64 and writes dx.
+                 Inputs stored channels-last are copied to NCHW first (nchw), as for the pooling kernels.
 
 Fused ops (beyond the contract; INFO.fused names them):
 conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair of conv rows land in a per-image
@@ -81,15 +109,17 @@ Buffers: internal packed data lives in per-thread scratch buffers, the multi-meg
 once unreferenced (jit/buffers.py).
 
 Results do not depend on the thread count (bitwise): forward and dx split over images, dw as above, db from fixed
-per-image sums, dropout's mask from a counter-based generator (layers.py). All float work is in the input's dtype
-(float32 or float64).
+per-image sums, pooling over planes, batch normalisation's sums one channel per prange iteration, dropout's mask
+from a counter-based generator (layers.py). All float work is in the input's dtype (float32 or float64), but for
+the float64 sums of average pooling and batch normalisation.
 
 Compilation: every kernel goes through `_numba_ext.jit` (one set of options), compiles lazily on its first call
 for a dtype, and is cached on disk (`cache=True`) in `__pycache__` next to this file or, when the package
 directory is not writable, in numba's user cache directory (NUMBA_CACHE_DIR overrides both). NUMBA_CNN_CACHE=0
 turns the disk cache off; if no cache location is usable at all, the kernels compile uncached with a warning.
-On a cold cache, training's warm-up compiles every float32 kernel, half here and half in a second process at once
-(`precompile`, the registry's Backend.precompile). NUMBA_CNN_STACK_TILES=0 swaps the register tiles
+On a cold cache, training's warm-up compiles every float32 kernel of the model's ops, half here and half in a
+second process at once (`precompile`, the registry's Backend.precompile); the kernels of general.py and norm.py
+are left out and compile on their first call, as a network that uses them needs. NUMBA_CNN_STACK_TILES=0 swaps the register tiles
 for heap arrays (see `_numba_ext`).
 """
 
@@ -105,11 +135,14 @@ from numba_cnn.kernels._numba_ext import CACHE  # noqa: F401  (jit.CACHE: whethe
 from numba_cnn.kernels.contract import BackendInfo, is_channels_last
 from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_TILE_NARROW, CONV_TILE_WIDE,
                                          GRAD_IMAGE_CHUNKS, GRAD_LANES_NARROW, GRAD_LANES_WIDE, GRAD_MIN_TILES,
-                                         TILE_TAPS, _conv1_pool, _conv_pool,
+                                         STRIDED_GRAD_TILE, STRIDED_TILE, TILE_TAPS, _conv1_pool, _conv_pool,
                                          _conv_tile_narrow, _conv_tile_wide, _maxpool_backward, _maxpool_forward,
                                          _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
 from numba_cnn.kernels.jit.buffers import nchw, nhwc, pad_width, reusable_output, scratch
+from numba_cnn.kernels.jit.general import _strided_forward, _strided_input_grad, _strided_weight_grad
+from numba_cnn.kernels.jit.norm import (_avgpool_backward, _avgpool_forward, _batchnorm_apply, _batchnorm_backward,
+                                        _channel_stats, _maxpool_any_backward, _maxpool_any_forward)
 from numba_cnn.kernels.jit.sparse import (_listed_input_grad, _listed_weight_grad, _pack_channels_last,
                                           _pooled_grad_lists)
 
@@ -168,20 +201,39 @@ def _packed_weights(w_rsck, bias, lanes, dtype):
     return wt, b
 
 
-def _correlate(x_cl, w_rsck, bias, relu, row_shift=0):
+def _padded_channels_last(x, padding, min_width=0, buffer_name="x_padded"):
+    """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right), channels last, in a scratch
+    buffer: xp[N, H + top + bottom, max(W + left + right, min_width), C] (extra zero columns on the right). numpy's
+    transposing copy into the buffer measured cheaper than `_pack_channels_last` (which also sums channels) and
+    than np.pad followed by that packing."""
+    n, c, h, wd = x.shape
+    top, bottom, left, right = padding
+    xp = scratch(buffer_name, (n, h + top + bottom, max(wd + left + right, min_width), c), x.dtype)
+    xp[:, :top] = 0
+    xp[:, top + h:] = 0
+    xp[:, top:top + h, :left] = 0
+    xp[:, top:top + h, left + wd:] = 0
+    xp[:, top:top + h, left:left + wd] = x.transpose(0, 2, 3, 1)
+    return xp
+
+
+def _correlate(x_cl, w_rsck, bias, relu, row_shift=0, col_shift=0, out_hw=None):
     """Correlation of channels-last x_cl[N, H, W, C] with w_rsck[R, S, C, K] through a tile kernel -> y[N, K, P, Q];
-    row_shift > 0 treats x_cl as zero-padded by row_shift rows at the top and bottom without storing them."""
+    row_shift > 0 treats x_cl as zero-padded by row_shift rows at the top (and below as many as the output needs)
+    without storing them, and the output column j reads from column j + col_shift on. out_hw = (P, Q), by default
+    (H + 2 row_shift - R + 1, W - S + 1)."""
     n, h, wd, _ = x_cl.shape
     r, s, _, out_channels = w_rsck.shape
     lanes, columns = _conv_tile_shape(out_channels)
     wt, b = _packed_weights(w_rsck, bias, lanes, x_cl.dtype)
-    q = wd - s + 1
-    x_cl = pad_width(x_cl, columns + s - 1, axis=2)  # narrower than a tile: zero columns, cropped off the output
-    y = reusable_output((n, out_channels, h + 2 * row_shift - r + 1, x_cl.shape[2] - s + 1), x_cl.dtype)
+    p, q = out_hw if out_hw is not None else (h + 2 * row_shift - r + 1, wd - s + 1)
+    q_tiles = max(q, columns)  # narrower than a tile: zero columns, cropped off the output
+    x_cl = pad_width(x_cl, q_tiles + s - 1 + col_shift, axis=2)
+    y = reusable_output((n, out_channels, p, q_tiles), x_cl.dtype)
     floor = x_cl.dtype.type(0 if relu else -np.inf)
     kernel = _conv_tile_narrow if (lanes, columns) == CONV_TILE_NARROW else _conv_tile_wide
-    kernel(x_cl, wt, b, floor, row_shift, y)
-    return y if y.shape[3] == q else np.ascontiguousarray(y[..., :q])
+    kernel(x_cl, wt, b, floor, row_shift, col_shift, y)
+    return y if q_tiles == q else np.ascontiguousarray(y[..., :q])
 
 
 def _dw_from_tiles(dwt, k, s):
@@ -190,28 +242,38 @@ def _dw_from_tiles(dwt, k, s):
     return np.ascontiguousarray(dw_crsk[:, :, :s, :k].transpose(3, 0, 1, 2))
 
 
-def _input_grad_by_taps(dy_cl, w, x_shape):
+def _input_grad_by_taps(dy_cl, w, x_shape, stride=1, padding=(0, 0, 0, 0)):
     """dx[N, C, H, W] from dy channels-last (N, P, Q, K) and w[K, C, R, S]: per tap (r, s), dy times w[:, :, r, s]
-    added at offset (r, s), so only the products the convolution has: a non-finite weight reaches only the
-    elements it multiplies (the tiled dx multiplies zero padding too, and 0 * inf is NaN). For weights holding NaN
-    or inf only (a diverged run): numpy, far slower than the tiles."""
-    dx = np.zeros(x_shape, dy_cl.dtype)
+    added at the positions (r + stride i, s + stride j) of the padded input, then cropped, so only the products the
+    convolution has: a non-finite weight reaches only the elements it multiplies (the compiled dx kernels multiply
+    zero padding too, and 0 * inf is NaN). For weights holding NaN or inf only (a diverged run): numpy, far slower
+    than the tiles."""
+    n, c, h, wd = x_shape
+    top, bottom, left, right = padding
+    dx = np.zeros((n, c, h + top + bottom, wd + left + right), dy_cl.dtype)
     p, q = dy_cl.shape[1], dy_cl.shape[2]
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf are expected here, as in compiled code
         for r in range(w.shape[2]):
             for s in range(w.shape[3]):
-                dx[:, :, r:r + p, s:s + q] += np.einsum("npqk,kc->ncpq", dy_cl, w[:, :, r, s])
-    return dx
+                dx[:, :, r:r + stride * (p - 1) + 1:stride, s:s + stride * (q - 1) + 1:stride] += np.einsum(
+                    "npqk,kc->ncpq", dy_cl, w[:, :, r, s])
+    return dx if not any(padding) else np.ascontiguousarray(dx[:, :, top:top + h, left:left + wd])
 
 
-def _conv_backward_packed(dyt, dy_sums, x, w, need_dx):
-    """conv2d_backward from dy already packed channels-last (N, P, Q + 2 col_pad, K padded to the grad lanes),
-    col_pad = S - 1 when need_dx else 0, and its per-image channel sums."""
+def _conv_backward_packed(dyt, dy_sums, x, w, need_dx, padding=(0, 0, 0, 0)):
+    """Stride-1 conv2d_backward from dy already packed channels-last (N, P, Q + 2 col_pad, K padded to the grad
+    lanes), col_pad = S - 1 when need_dx else 0, and its per-image channel sums; x NCHW when unpadded, either layout
+    when padded."""
     k, c, r, s = w.shape
     col_pad = s - 1 if need_dx else 0
     db = dy_sums[:, :k].sum(axis=0)
+    x_shape = x.shape
     # kernels narrower than a tap tile: zero columns on the right of x add taps that are computed and dropped
     s_tiled = max(s, TILE_TAPS)
+    if any(padding):  # dw reads a zero-padded NCHW copy (its products with the padding are the contract's too)
+        x = _padded_nchw(x, padding, s_tiled - s)
+    else:
+        x = pad_width(x, x.shape[3] + s_tiled - s)
     lanes = _grad_lanes(k)
     n_tiles = c * r * (-(-s_tiled // TILE_TAPS)) * (dyt.shape[3] // lanes)
     chunks = min(GRAD_IMAGE_CHUNKS, x.shape[0]) if n_tiles < GRAD_MIN_TILES else 1
@@ -219,48 +281,179 @@ def _conv_backward_packed(dyt, dy_sums, x, w, need_dx):
     weight_grad = _weight_grad_narrow if lanes == GRAD_LANES_NARROW else _weight_grad_wide
     # image chunks: each takes all the tiles, so dy of an image is read once into L2 for them all
     groups = 1 if chunks > 1 else get_num_threads()
-    weight_grad(pad_width(x, x.shape[3] + s_tiled - s), dyt, col_pad, r, s_tiled, groups, dwt)
+    weight_grad(x, dyt, col_pad, r, s_tiled, groups, dwt)
     dw = _dw_from_tiles(dwt, k, s)
     if not need_dx:
         return None, dw, db
     if not np.isfinite(w).all():  # microseconds; a diverged run's weights take the path that skips the padding
-        return _input_grad_by_taps(dyt[:, :, col_pad:dyt.shape[2] - col_pad, :k], w, x.shape), dw, db
-    # dx is the full correlation of dy with the flipped kernel: the zero columns are in dyt, the R-1 zero rows
-    # above and below are skipped through row_shift; dyt's padded channels meet zero rows of w_flipped
+        return _input_grad_by_taps(dyt[:, :, col_pad:dyt.shape[2] - col_pad, :k], w, x_shape, 1, padding), dw, db
+    # dx is the full correlation of dy with the flipped kernel, cropped by the padding: the zero columns are in
+    # dyt (read from column `left` on), the R-1-top zero rows above and those below are skipped through row_shift;
+    # dyt's padded channels meet zero rows of w_flipped
+    top, _, left, _ = padding
     w_flipped = np.zeros((r, s, dyt.shape[3], c), x.dtype)
     w_flipped[:, :, :k] = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
-    dx = _correlate(dyt, w_flipped, np.zeros(c, x.dtype), False, row_shift=r - 1)
+    dx = _correlate(dyt, w_flipped, np.zeros(c, x.dtype), False, row_shift=r - 1 - top, col_shift=left,
+                    out_hw=x_shape[2:])
     return dx, dw, db
 
 
-def conv2d_forward(x, w, b, relu):
-    """x[N,C,H,W], w[K,C,R,S], b[K] -> y[N,K,H-R+1,W-S+1], ReLU applied when relu is True."""
-    return _correlate(_input_channels_last(x), w.transpose(2, 3, 1, 0), b, relu)
+def _padded_nchw(x, padding, extra_columns=0):
+    """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right) and extra_columns more on
+    the right, NCHW, in a scratch buffer."""
+    n, c, h, wd = x.shape
+    top, bottom, left, right = padding
+    xp = scratch("x_padded_nchw", (n, c, h + top + bottom, wd + left + right + extra_columns), x.dtype)
+    xp[:, :, :top] = 0
+    xp[:, :, top + h:] = 0
+    xp[:, :, top:top + h, :left] = 0
+    xp[:, :, top:top + h, left + wd:] = 0
+    xp[:, :, top:top + h, left:left + wd] = x
+    return xp
 
 
-def conv2d_backward(dy, x, w, need_dx):
-    """dy[N,K,P,Q], x[N,C,H,W], w[K,C,R,S] -> (dx[N,C,H,W] or None, dw[K,C,R,S], db[K])."""
+def _strided_forward_glue(x, w, b, relu, stride, padding):
+    """conv2d_forward for stride >= 2: the padded channels-last input through general.py's `_strided_forward`."""
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    top, bottom, left, right = padding
+    p, q = (h + top + bottom - r) // stride + 1, (wd + left + right - s) // stride + 1
+    xp = _padded_channels_last(x, padding)
+    wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, STRIDED_TILE[0], x.dtype)
+    y = reusable_output((n, k, p, q), x.dtype)
+    _strided_forward(xp, wt, bp, x.dtype.type(0 if relu else -np.inf), stride, y)
+    return y
+
+
+def _strided_backward(dy, x, w, need_dx, stride, padding):
+    """conv2d_backward for stride >= 2 through general.py's kernels: dy packed channels-last (its channels padded
+    to the dw lanes, and for dx ceil((S-1) / stride) zero columns on each side) with its per-image sums (db); x
+    padded channels-last."""
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    channels, lanes = STRIDED_GRAD_TILE
+    col_pad = -(-(s - 1) // stride) if need_dx else 0
+    dyt, dy_sums = _channels_last(nchw(dy), col_pad, _padded(k, lanes), buffer_name="dy_cl")
+    db = dy_sums[:, :k].sum(axis=0)
+    xp = _padded_channels_last(x, padding)
+    n_tiles = r * s * -(-c // channels) * (dyt.shape[3] // lanes)
+    chunks = min(GRAD_IMAGE_CHUNKS, n) if n_tiles < GRAD_MIN_TILES else 1  # few tiles: fixed image chunks too
+    dwt = np.empty((chunks, r, s, c, dyt.shape[3]), x.dtype)
+    _strided_weight_grad(xp, dyt, stride, col_pad, r, s, dwt)
+    dw_rsck = dwt[0] if chunks == 1 else np.sum(dwt, axis=0)  # chunk by chunk, in order
+    dw = np.ascontiguousarray(dw_rsck[..., :k].transpose(3, 2, 0, 1))
+    if not need_dx:
+        return None, dw, db
+    if not np.isfinite(w).all():  # as in _conv_backward_packed
+        return _input_grad_by_taps(dyt[:, :, col_pad:dyt.shape[2] - col_pad, :k], w, x.shape, stride, padding), dw, db
+    wt = np.zeros((r, s, k, _padded(c, STRIDED_TILE[0])), x.dtype)
+    wt[..., :c] = w.transpose(2, 3, 0, 1)
+    dx = reusable_output(x.shape, x.dtype)
+    _strided_input_grad(dyt, wt, k, stride, padding[0], padding[2], col_pad, dx)
+    return dx, dw, db
+
+
+def conv2d_forward(x, w, b, relu, stride, padding):
+    """x[N,C,H,W], w[K,C,R,S], b[K] -> y[N,K,P,Q] (NCHW), the correlation of x zero-padded by padding = (top,
+    bottom, left, right) with the given stride; ReLU applied when relu is True."""
+    w_rsck = w.transpose(2, 3, 1, 0)
+    if stride == 1 and not any(padding):
+        return _correlate(_input_channels_last(x), w_rsck, b, relu)
+    if stride != 1:
+        return _strided_forward_glue(x, w, b, relu, stride, padding)
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    top, bottom, left, right = padding
+    out_hw = (h + top + bottom - r + 1, wd + left + right - s + 1)
+    # the tile needs Q >= its columns: the buffer gets the zero columns a narrow input lacks at once
+    x_cl = _padded_channels_last(x, padding, min_width=_conv_tile_shape(k)[1] + s - 1)
+    return _correlate(x_cl, w_rsck, b, relu, out_hw=out_hw)
+
+
+def conv2d_backward(dy, x, w, need_dx, stride, padding):
+    """dy[N,K,P,Q], x[N,C,H,W], w[K,C,R,S] -> (dx[N,C,H,W] (NCHW) or None, dw[K,C,R,S], db[K])."""
+    if stride != 1:
+        return _strided_backward(dy, x, w, need_dx, stride, padding)
     k, c, r, s = w.shape
     # dy channels-last, its channels padded to the lanes; for dx also padded by S-1 zero columns on each side
     col_pad = s - 1 if need_dx else 0
     dyt, dy_sums = _channels_last(nchw(dy), col_pad, _padded(k, _grad_lanes(k)), buffer_name="dy_cl")
+    if any(padding):
+        return _conv_backward_packed(dyt, dy_sums, x, w, need_dx, padding)
     return _conv_backward_packed(dyt, dy_sums, nchw(x), w, need_dx)
 
 
-def maxpool2d_forward(x):
-    """x[N,C,H,W] -> (y[N,C,H//2,W//2], argmax uint8 offset 2*di+dj of each window's first maximum)."""
+def maxpool2d_forward(x, size):
+    """x[N,C,H,W] -> (y[N,C,H//kh,W//kw], argmax uint8 offset di*kw+dj of each window's first maximum); 2x2
+    windows through tiles.py's kernel, others through norm.py's."""
     n, c, h, w = x.shape
-    y = np.empty((n, c, h // 2, w // 2), x.dtype)
+    kh, kw = size
+    y = np.empty((n, c, h // kh, w // kw), x.dtype)
     argmax = np.empty(y.shape, np.uint8)
-    _maxpool_forward(nchw(x), y, argmax)
+    if (kh, kw) == (2, 2):
+        _maxpool_forward(nchw(x), y, argmax)
+    else:
+        _maxpool_any_forward(nchw(x), kh, kw, y, argmax)
     return y, argmax
 
 
-def maxpool2d_backward(dy, argmax, x_shape):
-    """dy[N,C,H//2,W//2], argmax, x_shape (N,C,H,W) -> dx[N,C,H,W], dy routed to each window's winner."""
+def maxpool2d_backward(dy, argmax, x_shape, size):
+    """dy[N,C,H//kh,W//kw], argmax, x_shape (N,C,H,W) -> dx[N,C,H,W], dy routed to each window's winner."""
+    kh, kw = size
     dx = np.empty(x_shape, dy.dtype)
-    _maxpool_backward(nchw(dy), nchw(argmax), dy.dtype.type(0), dx)
+    if (kh, kw) == (2, 2):
+        _maxpool_backward(nchw(dy), nchw(argmax), dy.dtype.type(0), dx)
+    else:
+        _maxpool_any_backward(nchw(dy), nchw(argmax), kh, kw, dy.dtype.type(0), dx)
     return dx
+
+
+def avgpool2d_forward(x, size):
+    """x[N,C,H,W] -> y[N,C,H//kh,W//kw], each window's mean (summed in float64)."""
+    n, c, h, w = x.shape
+    kh, kw = size
+    y = np.empty((n, c, h // kh, w // kw), x.dtype)
+    _avgpool_forward(nchw(x), kh, kw, y)
+    return y
+
+
+def avgpool2d_backward(dy, x_shape, size):
+    """dy[N,C,H//kh,W//kw], x_shape -> dx[N,C,H,W]: dy / (kh*kw) on each element of its window, 0 outside."""
+    kh, kw = size
+    dx = np.empty(x_shape, dy.dtype)
+    _avgpool_backward(nchw(dy), kh, kw, dy.dtype.type(0), dx)
+    return dx
+
+
+def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):
+    """x[N,C,H,W] -> (y[N,C,H,W], mean[C], inv_std[C]): normalised by the batch statistics (training; the running
+    ones updated in place, running = momentum * running + (1 - momentum) * batch, biased variance) or by the running
+    statistics (inference). Statistics and the normalisation in float64, rounded once."""
+    x = nchw(x)
+    n, c, h, w = x.shape
+    x3 = x.reshape(n, c, h * w)
+    if training:
+        mean, var = np.empty(c), np.empty(c)
+        _channel_stats(x3, mean, var)
+        running_mean[...] = momentum * running_mean.astype(np.float64) + (1 - momentum) * mean
+        running_var[...] = momentum * running_var.astype(np.float64) + (1 - momentum) * var
+    else:
+        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    y = reusable_output(x.shape, x.dtype)
+    _batchnorm_apply(x3, mean, inv_std * gamma.astype(np.float64), beta.astype(np.float64), y.reshape(n, c, h * w))
+    return y, mean.astype(x.dtype), inv_std.astype(x.dtype)
+
+
+def batchnorm2d_backward(dy, x, gamma, mean, inv_std):
+    """dy, x [N,C,H,W] -> (dx[N,C,H,W], dgamma[C], dbeta[C]), the training-mode gradient (sums in float64)."""
+    dy, x = nchw(dy), nchw(x)
+    n, c, h, w = x.shape
+    dx = reusable_output(x.shape, x.dtype)
+    dgamma, dbeta = np.empty(c, x.dtype), np.empty(c, x.dtype)
+    _batchnorm_backward(dy.reshape(n, c, h * w), x.reshape(n, c, h * w), gamma, mean, inv_std,
+                        dx.reshape(n, c, h * w), dgamma, dbeta)
+    return dx, dgamma, dbeta
 
 
 def conv2d_relu_maxpool2d_forward(x, w, b):
@@ -347,8 +540,11 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx):
 # every one of them, half in this process and half in a second Python process at once (12.7-13.4 s);
 # the second process's machine code reaches this one through the disk cache, which two processes may fill at once
 # (tests/test_concurrent_cache.py). With a warm cache, or no disk cache to share (NUMBA_CNN_CACHE=0, no writable
-# location), it does nothing and the kernels load or compile on first call as before.
+# location), it does nothing and the kernels load or compile on first call as before. The kernels of general.py
+# and norm.py (strided convolution, other pooling windows, average pooling, batch normalisation) are not in it: they
+# compile on first call, so only a network that uses them pays for them.
 _PRECOMPILE_TIMEOUT_S = 600
+_NO_PADDING = (0, 0, 0, 0)
 
 
 def _compile_part(part):
@@ -370,7 +566,8 @@ def _compile_part(part):
         conv2d_relu_maxpool2d_forward(x2, w2, b2)  # _pack_channels_last 1.6, _conv_pool 3.6
         conv2d_relu_maxpool2d_forward(x1, w1, b1)  # _conv1_pool 3.8
         layers.dropout_forward(x2.reshape(2, -1), 0.5, np.random.default_rng(0))  # _dropout 0.8
-        maxpool2d_forward(conv2d_forward(x3, w3, b3, True))  # _conv_tile_narrow 2.3, _maxpool_forward 1.2
+        # _conv_tile_narrow 2.3, _maxpool_forward 1.2
+        maxpool2d_forward(conv2d_forward(x3, w3, b3, True, 1, _NO_PADDING), (2, 2))
         return
     for x, w, need_dx in ((x1, w1, False), (x2, w2, True)):  # pooled outputs and argmax made up: no forward here
         pooled = rng.random((2, w.shape[0], 2, 2), dtype=np.float32)
@@ -379,11 +576,11 @@ def _compile_part(part):
         # _listed_weight_grad 2.0, _listed_input_grad 1.3
         conv2d_relu_maxpool2d_backward(np.ones_like(pooled), pooled, argmax, x, w, need_dx)
     dy2 = np.ones((2, 64, 4, 4), np.float32)  # conv2's output gradient, pooled and argmax made up above
-    maxpool2d_backward(pooled, argmax, dy2.shape)  # _maxpool_backward 1.3
+    maxpool2d_backward(pooled, argmax, dy2.shape, (2, 2))  # _maxpool_backward 1.3
     w2[0, 0, 0, 0] = np.inf
-    conv2d_backward(dy2, x2, w2, True)  # _weight_grad_wide where it is another kernel (AVX-512)
+    conv2d_backward(dy2, x2, w2, True, 1, _NO_PADDING)  # _weight_grad_wide where it is another kernel (AVX-512)
     if _conv_tile_wide is not _conv_tile_narrow:  # AVX-512's wide correlation tile
-        conv2d_forward(x2, w2, b2, True)
+        conv2d_forward(x2, w2, b2, True, 1, _NO_PADDING)
     flat = x2.reshape(2, -1)
     layers.dropout_backward(flat, flat)  # _multiply 0.3
     layers.softmax_cross_entropy(flat[:, :10], np.zeros(2, np.int64))  # _softmax_cross_entropy 0.4

@@ -24,8 +24,8 @@ from numba import njit, prange
 from numba_cnn.kernels._numba_ext import jit as _jit
 from numba_cnn import layers as numpy_layers
 from numba_cnn.layers import (argmax_rows, as_float_images, dense_backward, dense_forward,  # noqa: F401
-                              dropout_rng_state, make_dropout_rng, relu_backward, restore_dropout_rng, take_rows,
-                              zeros_like)
+                              dropout_rng_state, make_dropout_rng, relu_backward, relu_forward, restore_dropout_rng,
+                              take_rows, zeros_like)
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)

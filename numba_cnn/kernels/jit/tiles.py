@@ -1,7 +1,8 @@
-"""The jit backend's compiled kernels: the register tiles, their shapes chosen from the target's vector registers,
-the packing and pooling kernels. Every @njit function of the backend lives in this one file: Numba's cache does not
-notice a change in another module's helper, and the kernels here inline `_pool_window`. How each kernel computes
-its op is in the package's docstring (jit/__init__.py); the host-side glue that calls them is there too.
+"""The jit backend's register-tiled kernels (stride-1 correlation, weight gradient, the fused conv + pool), the 2x2
+pooling kernels, and the tile shapes of every convolution kernel of the backend (general.py's too), chosen from the
+target's vector registers. Self-contained: Numba's cache does not notice a change in another module's helper, and
+the kernels here inline `_pool_window` and `_tile_taps` from this file. How each kernel computes its op is in the
+package's docstring (jit/__init__.py); the host-side glue that calls them is there too.
 """
 
 import numpy as np
@@ -34,6 +35,12 @@ TILE_TAPS = 3  # kernel taps per weight-gradient tile (a 3x3 kernel splits into 
 # weight-gradient tiles fewer than this are split over GRAD_IMAGE_CHUNKS fixed image chunks instead (conv1 has 3
 # tiles for 2 threads: 2:1 imbalance); a constant, not the thread count, so the sums do not depend on threads
 GRAD_MIN_TILES, GRAD_IMAGE_CHUNKS = 16, 8
+# The general convolution (any stride, jit/general.py): correct first, not tuned. One tile shape per kernel, so
+# one compile each. Forward and dx: the narrow correlation tile (columns x lanes of output / input channels), its
+# register budget already measured above. dw: STRIDED_GRAD_TILE = (input channels, output-channel lanes) per tap,
+# 16 zmm / 12 ymm accumulators, each step loading one dy vector row and broadcasting the channels.
+STRIDED_TILE = CONV_TILE_NARROW
+STRIDED_GRAD_TILE = (8, 32) if TILE_BITS >= 512 and TILE_REGISTERS >= 32 else (6, 16)
 
 
 @njit(inline="always")  # inlined into the calling kernel (and its fastmath), in numba IR
@@ -79,9 +86,10 @@ def _make_conv_tile(columns, lanes):
     _stack_tile = tile_allocator()
 
     @_jit
-    def conv_tile(x_cl, wt, b, floor, row_shift, y):
-        """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} x_cl[n,i+r-row_shift,j+s,c] * wt[r,s,c,k]) from a
-        channels-last input, rows outside 0..H-1 counting as zeros (skipped, never read); wt and b padded to a
+    def conv_tile(x_cl, wt, b, floor, row_shift, col_shift, y):
+        """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} x_cl[n,i+r-row_shift,j+col_shift+s,c] * wt[r,s,c,k]) from a
+        channels-last input, rows outside 0..H-1 counting as zeros (skipped, never read; row_shift may be any
+        int), columns read from col_shift >= 0 on (x_cl at least Q + S - 1 + col_shift wide); wt and b padded to a
         multiple of `lanes` channels, floor 0 for ReLU (NaN kept) or -inf for none. Needs Q >= columns."""
         n_images, h_in = x_cl.shape[0], x_cl.shape[1]
         n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
@@ -99,7 +107,8 @@ def _make_conv_tile(columns, lanes):
                             for k in range(lanes):
                                 acc[jj * lanes + k] = b[k0 + k]
                         for r in range(r_first, r_stop):
-                            _tile_taps(acc, xs, x_cl[n, i + r - row_shift, j0:], wt, r, k0, lanes, columns)
+                            _tile_taps(acc, xs, x_cl[n, i + r - row_shift, j0 + col_shift:], wt, r, k0, lanes,
+                                       columns)
                         for k in range(min(lanes, n_out - k0)):
                             y_seg = y[n, k0 + k, i, j0:]  # the tile's columns are contiguous in y
                             for jj in range(columns):

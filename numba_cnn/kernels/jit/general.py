@@ -1,0 +1,169 @@
+"""The jit backend's general convolution: any stride (the register-tiled kernels of tiles.py cover stride 1), forward
+and backward, over an input zero-padded into a channels-last buffer by the caller (jit/__init__.py), so that every
+product the contract's padded sum has is computed (0 * inf is NaN there too). Correct first, with simple register
+tiles; not tuned.
+
+`_strided_forward`: prange over images; per output row, tiles of columns x lanes output channels (the tile of
+    `_conv_tile_*`), reduced over (r, s, c) with c innermost; the columns of a tile read the input `stride` apart.
+`_strided_weight_grad`: per tap (r, s), the C x K matrix sum over (n, i, j) of x column outer dy row, in tiles of
+    channels x lanes; tasks are (image chunk, tile) pairs fixed by the shapes, each summing its images in order,
+    the chunks' partial sums added in chunk order by the caller: bitwise the same for any thread count.
+`_strided_input_grad`: a gather, each dx element written once: per image, input row and column phase (the input
+    columns w with (w + left) % stride equal, which the same taps s reach, from consecutive dy columns), tiles of
+    those columns x lanes input channels summed over the valid taps (r, s) and the output channels k, from dy
+    channels-last with zero columns on both sides; elements no output reads get 0.
+
+Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles; the
+tile shapes come from tiles.py as factory arguments, which are part of the cache key.
+"""
+
+from numba import prange
+
+from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
+from numba_cnn.kernels.jit.tiles import STRIDED_GRAD_TILE, STRIDED_TILE
+
+
+def _make_strided_forward(lanes, columns):
+    tile = columns * lanes
+    _stack_tile = tile_allocator()
+
+    @_jit
+    def strided_forward(xp, wt, b, floor, stride, y):
+        """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} xp[n, i*stride+r, j*stride+s, c] * wt[r,s,c,k]), y NCHW;
+        xp the padded input channels-last (N, Hp, Wp, C); wt (R, S, C, K) and b padded to a multiple of `lanes`
+        output channels; floor 0 for ReLU (NaN kept) or -inf for none. A tile past the last column reads the last
+        input column (clamped) and stores nothing."""
+        n_images, wp = xp.shape[0], xp.shape[2]
+        n_in = xp.shape[3]
+        n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
+        r_taps, s_taps, k_padded = wt.shape[0], wt.shape[1], wt.shape[3]
+        for n in prange(n_images):
+            acc = _stack_tile(tile, xp.dtype)
+            xs = _stack_tile(columns, xp.dtype)
+            for i in range(p_out):
+                for j0 in range(0, q_out, columns):
+                    width = min(columns, q_out - j0)
+                    for k0 in range(0, k_padded, lanes):
+                        for jj in range(columns):
+                            for k in range(lanes):
+                                acc[jj * lanes + k] = b[k0 + k]
+                        for r in range(r_taps):
+                            x_row = xp[n, i * stride + r]
+                            for s in range(s_taps):
+                                for c in range(n_in):
+                                    w_vec = wt[r, s, c, k0:k0 + lanes]
+                                    for jj in range(columns):
+                                        xs[jj] = x_row[min((j0 + jj) * stride + s, wp - 1), c]
+                                    for k in range(lanes):
+                                        w_k = w_vec[k]
+                                        for jj in range(columns):
+                                            acc[jj * lanes + k] += xs[jj] * w_k
+                        for k in range(min(lanes, n_out - k0)):
+                            y_seg = y[n, k0 + k, i, j0:]
+                            for jj in range(width):
+                                v = acc[jj * lanes + k]
+                                y_seg[jj] = floor if v < floor else v  # ReLU (floor 0) keeps NaN
+
+    return strided_forward
+
+
+def _make_strided_weight_grad(channels, lanes):
+    tile = channels * lanes
+    _stack_tile = tile_allocator()
+
+    @_jit
+    def strided_weight_grad(xp, dyt, stride, col_pad, r_taps, s_taps, dwt):
+        """dwt[h, r, s, c, k] = sum_{n in chunk h, i, j} xp[n, i*stride+r, j*stride+s, c] * dyt[n, i, col_pad+j, k]
+        over the images cut into dwt.shape[0] contiguous chunks; xp padded channels-last (N, Hp, Wp, C); dyt
+        channels-last (N, P, Q + 2 col_pad, K padded to a multiple of `lanes`). One task per (chunk, tap, channel
+        block, lane block), in a fixed order; a channel block past C reads the last channel and stores nothing."""
+        n_images, n_in = xp.shape[0], xp.shape[3]
+        n_chunks = dwt.shape[0]
+        p_out, q_out, k_padded = dyt.shape[1], dyt.shape[2] - 2 * col_pad, dyt.shape[3]
+        c_blocks = (n_in + channels - 1) // channels
+        k_blocks = k_padded // lanes
+        per_tap = c_blocks * k_blocks
+        n_tiles = r_taps * s_taps * per_tap
+        for task in prange(n_chunks * n_tiles):
+            acc = _stack_tile(tile, xp.dtype)
+            xs = _stack_tile(channels, xp.dtype)
+            h, t = task // n_tiles, task % n_tiles
+            tap, rest = t // per_tap, t % per_tap
+            r, s = tap // s_taps, tap % s_taps
+            c0, k0 = rest // k_blocks * channels, rest % k_blocks * lanes
+            for u in range(tile):
+                acc[u] = 0
+            for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
+                for i in range(p_out):
+                    x_row, dy_row = xp[n, i * stride + r], dyt[n, i]
+                    for j in range(q_out):
+                        x_px = x_row[j * stride + s]
+                        dy_vec = dy_row[col_pad + j, k0:k0 + lanes]
+                        for cc in range(channels):
+                            xs[cc] = x_px[min(c0 + cc, n_in - 1)]
+                        for k in range(lanes):
+                            dy_k = dy_vec[k]
+                            for cc in range(channels):
+                                acc[cc * lanes + k] += xs[cc] * dy_k
+            dw_part = dwt[h, r, s]
+            for cc in range(min(channels, n_in - c0)):
+                dw_vec = dw_part[c0 + cc, k0:k0 + lanes]
+                for k in range(lanes):
+                    dw_vec[k] = acc[cc * lanes + k]
+
+    return strided_weight_grad
+
+
+def _make_strided_input_grad(lanes, columns):
+    tile = columns * lanes
+    _stack_tile = tile_allocator()
+
+    @_jit
+    def strided_input_grad(dyt, wt, n_out, stride, top, left, col_pad, dx):
+        """dx[n,c,h,w] (NCHW) = sum over taps (r, s) and output channels k < n_out of dyt[n, i, col_pad + j, k] *
+        wt[r, s, k, c] where h + top = i*stride + r and w + left = j*stride + s, 0 <= i < P (j out of range reads
+        the zero columns of dyt, at least ceil(S / stride) on each side); wt (R, S, K, C padded to a multiple of
+        `lanes`). Every element written once, 0 where no output reads it."""
+        n_images, p_out, dy_width = dyt.shape[0], dyt.shape[1], dyt.shape[2]
+        n_in, h_in, w_in = dx.shape[1], dx.shape[2], dx.shape[3]
+        r_taps, s_taps, c_padded = wt.shape[0], wt.shape[1], wt.shape[3]
+        for n in prange(n_images):
+            acc = _stack_tile(tile, dyt.dtype)
+            ds = _stack_tile(columns, dyt.dtype)
+            for h in range(h_in):
+                hp = h + top
+                for phase in range(stride):  # the columns w with (w + left) % stride == phase
+                    w_first = (phase - left % stride + stride) % stride
+                    count = (w_in - w_first + stride - 1) // stride
+                    for t0 in range(0, count, columns):
+                        width = min(columns, count - t0)
+                        for c0 in range(0, c_padded, lanes):
+                            for u in range(tile):
+                                acc[u] = 0
+                            for r in range(hp % stride, min(r_taps, hp + 1), stride):
+                                i = (hp - r) // stride
+                                if i >= p_out:
+                                    continue
+                                dy_row = dyt[n, i]
+                                for s in range(phase, s_taps, stride):
+                                    # column w_first + t * stride reads dy column (w_first + left - s) / stride + t
+                                    j_first = col_pad + (w_first + left - s) // stride + t0
+                                    for k in range(n_out):
+                                        w_vec = wt[r, s, k, c0:c0 + lanes]
+                                        for tt in range(columns):
+                                            ds[tt] = dy_row[min(j_first + tt, dy_width - 1), k]
+                                        for c in range(lanes):
+                                            w_c = w_vec[c]
+                                            for tt in range(columns):
+                                                acc[tt * lanes + c] += ds[tt] * w_c
+                            for c in range(min(lanes, n_in - c0)):
+                                dx_row = dx[n, c0 + c, h]
+                                for tt in range(width):
+                                    dx_row[w_first + (t0 + tt) * stride] = acc[tt * lanes + c]
+
+    return strided_input_grad
+
+
+_strided_forward = _make_strided_forward(*STRIDED_TILE)
+_strided_weight_grad = _make_strided_weight_grad(*STRIDED_GRAD_TILE)
+_strided_input_grad = _make_strided_input_grad(*STRIDED_TILE)

@@ -1,0 +1,176 @@
+"""The jit backend's small layers beyond the register tiles: max-pooling with any window but 2x2 (which tiles.py
+keeps), average pooling (global pooling is the window (H, W)) and batch normalisation. All NCHW (the caller copies
+a channels-last input), memory-bound loops, prange over (image, channel) planes or over channels.
+
+`_maxpool_any_forward` / `_maxpool_any_backward`: per window, the values in row-major order through selects: a later
+    value wins if it is strictly greater, or if it is NaN and the best so far is not (the rule of tiles.py's
+    `_pool_window`: ties keep the first maximum, the first NaN wins); backward writes each input element once, its
+    window's dy where argmax points and exactly zero elsewhere (dropped rows and columns too).
+`_avgpool_forward` / `_avgpool_backward`: window sums in float64 (no float32 overflow or cancellation), divided by
+    kh * kw; backward shares dy / (kh * kw), computed in float64, over the window.
+`_channel_stats`: per channel (prange), the mean over (N, H, W) and then the biased variance around it, both summed
+    in float64: a large mean (activations far from zero) costs float32 sums their low bits, and one-pass E[x^2] -
+    E[x]^2 would cancel; the caller updates the running statistics from these float64 values, as the oracle does.
+`_batchnorm_apply`: y = (x - mean) * (inv_std * gamma) + beta, per element in float64 from float64 channel
+    constants, rounded once on the store.
+`_batchnorm_backward`: per channel (prange), sum(dy) and sum(dy * x_hat) in float64, then dx = gamma * inv_std *
+    (dy - sum(dy) / M - x_hat * sum(dy * x_hat) / M).
+
+Every reduction runs inside one prange iteration in a fixed order, so results do not depend on the thread count.
+Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
+"""
+
+import numpy as np
+from numba import prange
+
+from numba_cnn.kernels._numba_ext import jit as _jit
+
+
+@_jit
+def _maxpool_any_forward(x, kh, kw, y, argmax):
+    """y[n,c,i,j], argmax[n,c,i,j] = the max of window (i*kh.., j*kw..) of x and its offset di*kw + dj."""
+    n_images, n_ch = x.shape[0], x.shape[1]
+    ho, wo = y.shape[2], y.shape[3]
+    for nc in prange(n_images * n_ch):
+        n, c = nc // n_ch, nc % n_ch
+        plane = x[n, c]
+        for i in range(ho):
+            y_row, arg_row = y[n, c, i], argmax[n, c, i]
+            for j in range(wo):
+                best, where = plane[i * kh, j * kw], 0
+                for di in range(kh):
+                    row = plane[i * kh + di, j * kw:]
+                    for dj in range(kw):
+                        v = row[dj]
+                        later = (v > best) | ((v != v) & (best == best))  # | and &: selects, no branches
+                        where = di * kw + dj if later else where
+                        best = v if later else best
+                y_row[j] = best
+                arg_row[j] = where
+
+
+@_jit
+def _maxpool_any_backward(dy, argmax, kh, kw, zero, dx):
+    """dx[n,c] = each window's dy at its argmax offset, exactly zero elsewhere (dropped rows and columns too)."""
+    n_images, n_ch, h, w = dx.shape
+    ho, wo = dy.shape[2], dy.shape[3]
+    for nc in prange(n_images * n_ch):
+        n, c = nc // n_ch, nc % n_ch
+        plane = dx[n, c]
+        dy_plane, arg_plane = dy[n, c], argmax[n, c]
+        for i in range(ho):
+            for di in range(kh):
+                row = plane[i * kh + di]
+                for j in range(wo):
+                    g, where = dy_plane[i, j], arg_plane[i, j]
+                    for dj in range(kw):
+                        row[j * kw + dj] = g if where == di * kw + dj else zero
+            for di in range(kh):
+                row = plane[i * kh + di]
+                for u in range(wo * kw, w):
+                    row[u] = zero
+        for i in range(ho * kh, h):
+            plane[i] = zero
+
+
+@_jit
+def _avgpool_forward(x, kh, kw, y):
+    """y[n,c,i,j] = the mean of window (i*kh.., j*kw..) of x, summed in float64."""
+    n_images, n_ch = x.shape[0], x.shape[1]
+    ho, wo = y.shape[2], y.shape[3]
+    count = kh * kw
+    for nc in prange(n_images * n_ch):
+        n, c = nc // n_ch, nc % n_ch
+        plane = x[n, c]
+        y_plane = y[n, c]
+        for i in range(ho):
+            for j in range(wo):
+                total = np.float64(0)  # not 0.0: interpreted, numpy would keep a float32 sum
+                for di in range(kh):
+                    row = plane[i * kh + di, j * kw:]
+                    for dj in range(kw):
+                        total += row[dj]
+                y_plane[i, j] = total / count
+
+
+@_jit
+def _avgpool_backward(dy, kh, kw, zero, dx):
+    """dx[n,c] = each window's dy / (kh * kw) (in float64, rounded once) on its elements, zero outside every
+    window."""
+    n_images, n_ch, h, w = dx.shape
+    ho, wo = dy.shape[2], dy.shape[3]
+    count = kh * kw
+    for nc in prange(n_images * n_ch):
+        n, c = nc // n_ch, nc % n_ch
+        plane, dy_plane = dx[n, c], dy[n, c]
+        for i in range(ho):
+            for di in range(kh):
+                row = plane[i * kh + di]
+                for j in range(wo):
+                    g = np.float64(dy_plane[i, j]) / count
+                    for dj in range(kw):
+                        row[j * kw + dj] = g
+                for u in range(wo * kw, w):
+                    row[u] = zero
+        for i in range(ho * kh, h):
+            plane[i] = zero
+
+
+@_jit
+def _channel_stats(x, mean, var):
+    """x[N, C, M] -> float64 mean[c] and biased var[c] over (N, M): two passes, each summed in float64."""
+    n_images, n_ch, plane = x.shape
+    count = n_images * plane
+    for c in prange(n_ch):
+        total = np.float64(0)  # not 0.0: interpreted, numpy would keep a float32 sum
+        for n in range(n_images):
+            row = x[n, c]
+            for u in range(plane):
+                total += row[u]
+        m = total / count
+        squares = np.float64(0)
+        for n in range(n_images):
+            row = x[n, c]
+            for u in range(plane):
+                d = row[u] - m
+                squares += d * d
+        mean[c] = m
+        var[c] = squares / count
+
+
+@_jit
+def _batchnorm_apply(x, mean, scale, shift, y):
+    """y[n, c, u] = (x[n, c, u] - mean[c]) * scale[c] + shift[c], in float64 (mean, scale, shift float64), over
+    x[N, C, M]."""
+    n_images, n_ch, plane = x.shape
+    for nc in prange(n_images * n_ch):
+        n, c = nc // n_ch, nc % n_ch
+        m, a, t = mean[c], scale[c], shift[c]
+        src, dst = x[n, c], y[n, c]
+        for u in range(plane):
+            dst[u] = (src[u] - m) * a + t
+
+
+@_jit
+def _batchnorm_backward(dy, x, gamma, mean, inv_std, dx, dgamma, dbeta):
+    """The training-mode gradient over dy, x, dx [N, C, M]: per channel, in float64, x_hat = (x - mean) * inv_std,
+    dbeta = sum(dy), dgamma = sum(dy * x_hat), dx = gamma * inv_std * (dy - dbeta / M - x_hat * dgamma / M)."""
+    n_images, n_ch, plane = x.shape
+    count = n_images * plane
+    for c in prange(n_ch):
+        m, s = np.float64(mean[c]), np.float64(inv_std[c])
+        sum_dy, sum_dy_xhat = np.float64(0), np.float64(0)
+        for n in range(n_images):
+            dy_row, x_row = dy[n, c], x[n, c]
+            for u in range(plane):
+                g = np.float64(dy_row[u])
+                sum_dy += g
+                sum_dy_xhat += g * ((x_row[u] - m) * s)
+        dbeta[c] = sum_dy
+        dgamma[c] = sum_dy_xhat
+        a = np.float64(gamma[c]) * s
+        mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count
+        for n in range(n_images):
+            dy_row, x_row, dx_row = dy[n, c], x[n, c], dx[n, c]
+            for u in range(plane):
+                dx_row[u] = a * (dy_row[u] - mean_dy - (x_row[u] - m) * s * mean_dy_xhat)

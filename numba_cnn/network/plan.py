@@ -1,0 +1,97 @@
+"""The fusion pass: the network's layers grouped into the steps a backend runs, neighbours merged where it pays.
+
+FUSIONS lists each pattern once: the kinds of neighbouring layers, when it applies, and the step that stands for
+them. The pass walks the layers and takes the first pattern that matches at each position, so patterns can build
+on each other (conv + ReLU first becomes a conv with a fused ReLU, which conv + ReLU + pool can then take).
+A step has the interface of a layer (forward / backward over the parameters of every layer it covers), so the model
+runs a plan of steps as it would the bare layers, and the bench and the layer timer see one entry per step.
+"""
+
+import dataclasses
+
+from numba_cnn.network.layers import Conv2D, MaxPool2D, ReLU
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """Layers run as one: `layers` (index, layer) pairs in order, `runner` the object whose forward and backward
+    run them (a layer itself, or a fused stand-in), and the name the timer shows ("conv1+pool1")."""
+
+    layers: tuple
+    runner: object
+
+    @property
+    def name(self):
+        return "+".join(layer.name for _, layer in self.layers)
+
+    @property
+    def first(self):
+        return self.layers[0][0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvReluPool:
+    """conv2d_relu_maxpool2d: a stride-1 unpadded conv with ReLU and a 2x2 max-pool in one backend op; the ReLU'd
+    conv output need never be written. Its backward needs the pooled output and argmax (the ReLU's derivative is
+    taken on the pooled value: the gradient reaches only each window's winner, whose ReLU output it is)."""
+
+    conv: Conv2D
+
+    def forward(self, run, p, x):
+        y, argmax = run.ops.conv2d_relu_maxpool2d_forward(x, p["w"], p["b"])
+        return y, (x, y, argmax)
+
+    def backward(self, run, p, dy, cache, need_dx):
+        x, y, argmax = cache
+        dx, dw, db = run.ops.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, p["w"], need_dx)
+        return dx, {"w": dw, "b": db}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fusion:
+    """A pattern: neighbouring layer kinds, `applies(backend, *layers)`, and `fuse(*layers)` -> the runner."""
+
+    name: str
+    kinds: tuple
+    applies: object
+    fuse: object
+
+
+def _conv_then_relu(backend, conv, relu):
+    return conv.activation is None
+
+
+def _conv_relu_pool(backend, conv, pool):
+    return (backend.has_fused("conv2d_relu_maxpool2d") and conv.activation == "relu" and conv.strides == 1
+            and conv.padding == "valid" and pool.pool_size == (2, 2))
+
+
+FUSIONS = (
+    # no backend op needed: the contract's convolution applies the ReLU in its own pass
+    Fusion("conv2d+relu", (Conv2D, ReLU), _conv_then_relu,
+           lambda conv, relu: dataclasses.replace(conv, activation="relu")),
+    Fusion("conv2d_relu_maxpool2d", (Conv2D, MaxPool2D), _conv_relu_pool, lambda conv, pool: ConvReluPool(conv)),
+)
+
+
+def plan(network, backend, fuse=True):
+    """-> the Steps that run `network` on `backend`; fuse=False runs every layer as itself."""
+    steps = [Step(((i, layer),), layer) for i, layer in enumerate(network.layers)]
+    if not fuse:
+        return steps
+    merged = True
+    while merged:  # until no pattern matches: a fused step may be the start of another pattern
+        merged = False
+        for fusion in FUSIONS:
+            width = len(fusion.kinds)
+            for start in range(len(steps) - width + 1):
+                window = steps[start:start + width]
+                runners = [step.runner for step in window]
+                if all(type(r) is kind for r, kind in zip(runners, fusion.kinds)) and fusion.applies(backend, *runners):
+                    fused = Step(sum((step.layers for step in window), ()), fusion.fuse(*runners))
+                    steps[start:start + width] = [fused]
+                    merged = True
+                    break
+            if merged:
+                break
+    return steps
