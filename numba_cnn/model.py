@@ -96,10 +96,9 @@ class Model:
     def _arrays_of(self, step):
         """{short name: array} of the one layer of `step` that holds parameters or buffers (fusions never merge two
         such layers), and that layer's name ('' when none does)."""
-        for _, layer in step.layers:
-            prefix = layer.name + "."
-            arrays = {name[len(prefix):]: a for name, a in {**self.params, **self.buffers}.items()
-                      if name.startswith(prefix)}
+        state = {**self.params, **self.buffers}
+        for index, layer in step.layers:
+            arrays = layer.arrays(state, self.network.shapes[index])
             if arrays:
                 return layer.name, arrays
         return "", {}

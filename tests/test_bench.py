@@ -1,4 +1,5 @@
-"""bench: the check-then-time gate, the op bench's record and chart, the FLOP count, the training comparison."""
+"""bench: the network it runs, the check-then-time gate, the op bench's record and chart, the FLOP count, the
+training comparison."""
 
 import argparse
 import json
@@ -11,10 +12,17 @@ import numpy as np
 import pytest
 
 from numba_cnn import bench
-from numba_cnn.bench import baselines, compare, ops
+from numba_cnn.bench import baselines, compare, ops, walk
 from numba_cnn.bench.report import format_compare_table
 from numba_cnn.errors import NumbaCNNError
+from numba_cnn.bench.networks import bench_network, first_trained_layer, flops_per_image, layers_flops, \
+    parse_input_shape
 from numba_cnn.kernels import Backend, BackendInfo, get_backend
+from numba_cnn.kernels.contract import is_channels_last, op_names
+from numba_cnn.network import build
+from numba_cnn.network.layers import (AvgPool2D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D,
+                                      MaxPool2D, ReLU)
+from numba_cnn.network.plan import plan
 from numba_cnn.runtime import stream_gbs
 from pictures import assert_png
 
@@ -44,11 +52,12 @@ def restore_threads():
     numba.set_num_threads(numba_threads)
 
 
-def fake_backend(name, calls=None, slow=False, **replacements):
-    """im2col under another name, with some contract functions replaced; `calls` records (name, function);
-    slow: declared slow, so the bench gives it the slow backends' batch and repeat count."""
-    functions = {fn: getattr(IM2COL, fn) for fn in
-                 ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward")}
+def recording_copy(base, name, calls=None, info=None, **replacements):
+    """Backend `base`'s raw functions (every op its INFO lists, and its own `layers` if it has them) under another
+    name, some replaced; `calls` records (name, function) of each contract call."""
+    module = get_backend(base).module
+    info = module.INFO if info is None else info
+    functions = {fn: getattr(module, fn) for fn in op_names(info)}
     functions.update(replacements)
     if calls is not None:
         def recorded(fn_name, fn):
@@ -57,37 +66,44 @@ def fake_backend(name, calls=None, slow=False, **replacements):
                 return fn(*args)
             return call
         functions = {fn_name: recorded(fn_name, fn) for fn_name, fn in functions.items()}
+    extras = {"layers": module.layers} if hasattr(module, "layers") else {}
+    return Backend(name, types.SimpleNamespace(INFO=info, **functions, **extras))
+
+
+def fake_backend(name, calls=None, slow=False, **replacements):
+    """im2col under another name, with some contract functions replaced; slow: declared slow, so the bench gives
+    it the slow backends' batch and repeat count."""
     info = BackendInfo(summary=f"im2col as {name}", slow=slow)
-    return Backend(name, types.SimpleNamespace(INFO=info, **functions))
+    return recording_copy("im2col", name, calls, info, **replacements)
 
 
 def conv_forward_plus(offset):
-    def conv2d_forward(x, w, b, relu):
-        return IM2COL.conv2d_forward(x, w, b, relu) + x.dtype.type(offset)
+    def conv2d_forward(x, w, b, relu, stride, padding):
+        return IM2COL.conv2d_forward(x, w, b, relu, stride, padding) + x.dtype.type(offset)
     return conv2d_forward
 
 
-def conv_forward_without_bias(x, w, b, relu):
-    return IM2COL.conv2d_forward(x, w, np.zeros_like(b), relu)
+def conv_forward_without_bias(x, w, b, relu, stride, padding):
+    return IM2COL.conv2d_forward(x, w, np.zeros_like(b), relu, stride, padding)
 
 
-def conv_forward_float64(x, w, b, relu):
-    return IM2COL.conv2d_forward(x, w, b, relu).astype(np.float64)
+def conv_forward_float64(x, w, b, relu, stride, padding):
+    return IM2COL.conv2d_forward(x, w, b, relu, stride, padding).astype(np.float64)
 
 
-def conv_forward_nan(x, w, b, relu):
-    y = IM2COL.conv2d_forward(x, w, b, relu)
+def conv_forward_nan(x, w, b, relu, stride, padding):
+    y = IM2COL.conv2d_forward(x, w, b, relu, stride, padding)
     y[0, 0, 0, 0] = np.nan
     return y
 
 
-def conv_forward_raises(x, w, b, relu):
+def conv_forward_raises(x, w, b, relu, stride, padding):
     raise NotImplementedError("not written yet")
 
 
-def maxpool_forward_last_wins(x):
-    """Right values, wrong tie rule: the last maximum of each window wins instead of the first."""
-    y, _ = IM2COL.maxpool2d_forward(x)
+def maxpool_forward_last_wins(x, size):
+    """Right values, wrong tie rule: the last maximum of each 2x2 window wins instead of the first."""
+    y, _ = IM2COL.maxpool2d_forward(x, size)
     n, c, h, w = x.shape
     ho, wo = h // 2, w // 2
     windows = x[:, :, :2 * ho, :2 * wo].reshape(n, c, ho, 2, wo, 2).transpose(0, 1, 2, 4, 3, 5)
@@ -101,7 +117,7 @@ def no_settling_pause(monkeypatch):
     monkeypatch.setattr(ops, "BLAS_SETTLE_S", 0.0)
 
 
-def small_bench(backends, layers, **kwargs):
+def small_bench(backends, layers=None, **kwargs):
     settings = dict(batch_size=4, naive_batch=1, repeats=3, naive_repeats=2, log=lambda *a: None)
     settings.update(kwargs)
     return ops.bench_ops(backends, layers=layers, **settings)
@@ -112,83 +128,123 @@ def row(report, op, backend):
     return found
 
 
-def test_conv_flop_formula_on_conv2():
-    # conv2 at batch 128: 2 * N*K*C*R*S*P*Q = 2 * 128*64*32*3*3*11*11
-    assert ops.conv_flops((128, 32, 13, 13), (64, 32, 3, 3)) == 570_949_632
-    by_name = {op.name: op for op in ops.model_ops()}
-    inputs = ops.op_inputs(2)
-    assert by_name["conv2 fwd"].flops(*inputs["conv2 fwd"]) == 2 * 2 * 64 * 32 * 9 * 11 * 11
-    # backward: dW and dX cost the forward's count each; conv1 skips dX
-    assert by_name["conv2 bwd"].flops(*inputs["conv2 bwd"]) == 2 * by_name["conv2 fwd"].flops(*inputs["conv2 fwd"])
-    assert by_name["conv1 bwd"].flops(*inputs["conv1 bwd"]) == by_name["conv1 fwd"].flops(*inputs["conv1 fwd"]) \
-        == 2 * 2 * 32 * 1 * 9 * 26 * 26
-    assert by_name["dense bwd"].flops(*inputs["dense bwd"]) == 4 * 2 * 1600 * 10
-    assert by_name["pool1 fwd"].flops(*inputs["pool1 fwd"]) is None
+def test_flop_count_follows_the_layers_macs():
+    network = bench_network()  # mnist-cnn: conv1, pool1, conv2, pool2, flatten, dropout, dense
+    conv2_fwd = 2 * 64 * 32 * 9 * 11 * 11  # 2 * K*C*R*S*P*Q per image
+    assert layers_flops(network, [2], "fwd") == conv2_fwd
+    # backward: dW and dX cost the forward's count each; conv1 (the first with parameters) skips dX
+    assert layers_flops(network, [2], "bwd") == 2 * conv2_fwd
+    assert layers_flops(network, [0], "bwd", need_dx=False) == layers_flops(network, [0], "fwd") == 2 * 32 * 9 * 26 * 26
+    assert layers_flops(network, [0, 1], "fwd") == layers_flops(network, [0], "fwd"), "pooling counts no FLOPs"
+    assert layers_flops(network, [6], "bwd") == 4 * 1600 * 10
+    training, inference = flops_per_image(network)
+    assert training == pytest.approx(14.257e6, rel=1e-3)  # PERF-NOTES: 14.26 MFLOP per training image
+    assert inference == 2 * (32 * 9 * 26 * 26 + 64 * 32 * 9 * 11 * 11 + 1600 * 10)
 
 
-def test_op_inputs_have_the_models_shapes():
-    inputs = ops.op_inputs(3)
-    assert inputs["conv1 fwd"][0].shape == (3, 1, 28, 28)
-    assert inputs["pool1 fwd"][0].shape == (3, 32, 26, 26)
-    assert inputs["conv2 bwd"][0].shape == (3, 64, 11, 11)
-    assert inputs["pool2 bwd"][2] == (3, 64, 11, 11)
-    assert inputs["dense fwd"][0].shape == (3, 1600)
-    assert inputs["conv2 fwd"][2].any(), "biases must be non-zero, or a kernel that ignores them would pass"
-    pooled_input = inputs["pool1 fwd"][0]
-    assert (pooled_input == 0).mean() > 0.05, "pooling inputs come out of a ReLU, ties included"
+def test_the_input_shape_comes_from_the_flag_the_data_set_the_description_or_the_preset(tmp_path):
+    assert bench_network().input_shape == (1, 28, 28) and bench_network().name == "mnist-cnn"
+    assert bench_network("lenet5").input_shape == (1, 28, 28)
+    assert bench_network("vgg-small-bn").input_shape == (3, 32, 32)
+    assert bench_network("vgg-small", input_shape=(3, 16, 16)).input_shape == (3, 16, 16)
+    assert bench_network("mnist-cnn", dataset="cifar10").input_shape == (3, 32, 32)
+    stated = tmp_path / "stated.json"
+    stated.write_text(json.dumps({"input_shape": [2, 9, 9], "layers": [{"kind": "Flatten"},
+                                                                        {"kind": "Dense", "units": 10}]}))
+    assert bench_network(str(stated)).input_shape == (2, 9, 9)
+    with pytest.raises(NumbaCNNError, match="expects input of shape"):
+        bench_network(str(stated), input_shape=(1, 9, 9))
+    assert parse_input_shape("3,32,32") == (3, 32, 32)
+    for bad in ("3,32", "a,b,c", "0,4,4"):
+        with pytest.raises(NumbaCNNError, match="C,H,W"):
+            parse_input_shape(bad)
+
+
+def test_each_op_gets_what_a_training_step_hands_it():
+    """The walk feeds every step the output of the one before (pooling sees the ReLU's zeros) and every backward
+    the input gradient of the step after, with non-zero biases."""
+    seen = {}
+
+    def maxpool2d_forward(x, size):
+        seen.setdefault("pool x", x.shape)
+        seen.setdefault("zeros", float((x == 0).mean()))
+        return IM2COL.maxpool2d_forward(x, size)
+
+    def conv2d_backward(dy, x, w, need_dx, stride, padding):
+        seen.setdefault("conv bwd", []).append((dy.shape, need_dx))
+        return IM2COL.conv2d_backward(dy, x, w, need_dx, stride, padding)
+
+    def conv2d_forward(x, w, b, relu, stride, padding):
+        seen.setdefault("biases", []).append(bool(b.any()))
+        return IM2COL.conv2d_forward(x, w, b, relu, stride, padding)
+
+    spy = fake_backend("spy", maxpool2d_forward=maxpool2d_forward, conv2d_backward=conv2d_backward,
+                       conv2d_forward=conv2d_forward)
+    small_bench([spy], repeats=1, batch_size=3)
+    assert seen["pool x"] == (3, 32, 26, 26)
+    assert seen["zeros"] > 0.05, "pooling inputs come out of a ReLU, ties included"
+    # the backward runs from dlogits down to conv1, which computes no input gradient
+    assert set(seen["conv bwd"]) == {((3, 64, 11, 11), True), ((3, 32, 26, 26), False)}
+    assert all(seen["biases"]), "biases must be non-zero, or a kernel that ignores them would pass"
 
 
 def test_fused_ops_get_their_inputs_in_the_layout_training_hands_them_over():
-    """jit keeps conv1's pooled output channels-last (INFO.channels_last): the bench then hands conv1's fused
-    backward its pooled output, argmax and gradient, and conv2's fused ops their input, stored so, as a training
-    step does; the values stay the same."""
-    from numba_cnn.kernels.contract import is_channels_last
+    """jit keeps conv1's pooled output channels-last (INFO.channels_last): walking its own plan, the bench hands
+    conv2's fused op that output, and conv1's fused backward the input gradient conv2's returned, as a training
+    step does; the unfused plan's conv2 gets what an unfused model has."""
+    calls, layouts = [], {}
+    jit = get_backend("jit").module
 
-    jit = get_backend("jit")
-    inputs = ops.op_inputs(2)
-    h1 = inputs["conv1+pool1 bwd"][1]
-    assert jit.to_device(h1) is h1  # the bench lays out what to_device returns: the same host arrays, by id
-    ids, seen = set(), {}
-    for op in ops.model_ops():
-        args = ops.in_training_layout(op, inputs[op.name], ids)
-        for got, given in zip(args, inputs[op.name]):
-            if isinstance(given, np.ndarray):
-                np.testing.assert_array_equal(got, given)
-        seen[op.name] = [isinstance(a, np.ndarray) and is_channels_last(a) for a in args]
-        if op.fused is not None and op.name.endswith(" fwd"):
-            if is_channels_last(op.run(jit, *args)[0]):
-                ids.add(id(inputs[op.name[:-len("fwd")] + "bwd"][1]))
-    assert seen["conv1+pool1 bwd"] == [True, True, True, False, False, False]
-    assert seen["conv2+pool2 fwd"] == [True, False, False]
-    assert seen["conv2+pool2 bwd"] == [False, False, False, True, False, False]
-    assert not any(seen["conv2 fwd"]) and not any(seen["pool1 bwd"])  # unfused ops: as an unfused model has them
+    def spy(fn_name):
+        def call(*args):
+            layouts.setdefault(fn_name, []).append([isinstance(a, np.ndarray) and a.ndim == 4 and is_channels_last(a)
+                                                    for a in args])
+            return getattr(jit, fn_name)(*args)
+        return call
+
+    names = ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward", "conv2d_forward")
+    rec = recording_copy("jit", "jit", calls, **{fn: spy(fn) for fn in names})
+    report = small_bench([rec], repeats=1, batch_size=2)
+    assert {r["op"] for r in report["results"]} >= {"conv1+pool1 fwd", "conv2+pool2 bwd", "conv2 fwd", "pool1 fwd"}
+    assert all(r["status"] == "ok" for r in report["results"]), report["results"]
+    # conv1's fused forward takes the images (C-contiguous), conv2's takes conv1's pooled output as jit returned it
+    assert [flags[0] for flags in layouts["conv2d_relu_maxpool2d_forward"][:2]] == [False, True]
+    # conv2's fused backward takes the gradient from Flatten (checked on a random one stored alike, then called on
+    # it), conv1's the input gradient conv2's returned, channels-last
+    assert [flags[0] for flags in layouts["conv2d_relu_maxpool2d_backward"][:3]] == [False, False, True]
 
 
-@pytest.mark.parametrize("defect, reason", [
-    (dict(conv2d_forward=conv_forward_plus(1e-2)), "relative error"),
-    (dict(conv2d_forward=conv_forward_without_bias), "relative error"),
-    (dict(conv2d_forward=conv_forward_float64), "dtype float64"),
-    (dict(conv2d_forward=conv_forward_nan), "relative error inf"),
-    (dict(conv2d_forward=conv_forward_raises), "raised NotImplementedError"),
-    (dict(maxpool2d_forward=maxpool_forward_last_wins), "winners differ"),
+@pytest.mark.parametrize("defect, defective_op, reason", [
+    (dict(conv2d_forward=conv_forward_plus(1e-2)), "conv1 fwd", "relative error"),
+    (dict(conv2d_forward=conv_forward_without_bias), "conv1 fwd", "relative error"),
+    (dict(conv2d_forward=conv_forward_float64), "conv1 fwd", "dtype float64"),
+    (dict(conv2d_forward=conv_forward_nan), "conv1 fwd", "relative error inf"),
+    (dict(conv2d_forward=conv_forward_raises), "conv1 fwd", "raised NotImplementedError"),
+    # right values, wrong winners: the backward, which routes through the forward's argmax, fails
+    (dict(maxpool2d_forward=maxpool_forward_last_wins), "pool1 bwd", "relative error"),
 ])
-def test_gate_refuses_a_wrong_kernel_without_timing_it(defect, reason):
+def test_gate_refuses_a_wrong_kernel_without_timing_it(defect, defective_op, reason):
     calls = []
     broken = fake_backend("broken", calls, **defect)
     report = small_bench(["im2col", broken], layers=("conv1", "pool1"))
-    defective_op = "conv1 fwd" if "conv2d_forward" in defect else "pool1 fwd"
     failed = row(report, defective_op, "broken")
     assert failed["status"] == "FAILED"
     assert reason in failed["reason"]
     assert not {"samples_s", "median_s", "first_call_s", "gflops"} & failed.keys()
-    fn_name = next(iter(defect))
-    assert calls.count(("broken", fn_name)) == 1, "a failed kernel is called once, for its check, and never timed"
-    # the other ops of the same backend, and every op of im2col, pass and are timed
+    # conv2 and pool2 run on the oracle (not named): the failed kernel is called once, for its check, never timed
+    fn_name = {"conv1 fwd": "conv2d_forward", "pool1 bwd": "maxpool2d_backward"}[defective_op]
+    assert calls.count(("broken", fn_name)) == 1, "a failed kernel is called for its check only, never timed"
+    # a failed forward leaves its backward unrun; every other op of the same backend, and of im2col, passes
+    not_run = {defective_op, "conv1 bwd"} if defective_op == "conv1 fwd" else {defective_op}
     for r in report["results"]:
-        if (r["op"], r["backend"]) != (defective_op, "broken"):
+        if r["backend"] == "broken" and r["op"] in not_run:
+            assert r["status"] == "FAILED"
+        else:
             assert r["status"] == "ok", r
             assert len(r["samples_s"]) == 3
-    assert all(s["op"] != defective_op for s in report["speedups"])
+    if defective_op == "conv1 fwd":
+        assert "its forward failed" in row(report, "conv1 bwd", "broken")["reason"]
+    assert all(s["op"] != defective_op for s in report["speedups"] if "broken" in s["pair"])
 
 
 def test_a_wrong_im2col_fails_the_gate():
@@ -202,24 +258,25 @@ def test_a_wrong_im2col_fails_the_gate():
 
 
 def test_check_tolerance_is_relative_to_the_largest_reference_value():
-    op = next(op for op in ops.model_ops() if op.name == "conv2 fwd")
     ref = np.full((2, 3), 1000.0)
     # |got - ref| / (|ref| + max |ref|): 0.05 / 2000 passes, 0.3 / 2000 does not (the oracle's 1e-4)
-    ok, errors, _ = ops.check_outputs(op, (np.float32(ref + 0.05),), (ref,))
+    ok, errors, _ = walk.check_outputs({"y": np.float32(ref + 0.05)}, {"y": ref})
     assert ok and errors["y"] == pytest.approx(2.5e-5, rel=1e-3)
-    ok, _, reason = ops.check_outputs(op, (np.float32(ref + 0.3),), (ref,))
+    ok, _, reason = walk.check_outputs({"y": np.float32(ref + 0.3)}, {"y": ref})
     assert not ok and "relative error 0.00015" in reason
-    ok, _, reason = ops.check_outputs(op, (np.zeros((3, 2), np.float32),), (ref,))
+    ok, _, reason = walk.check_outputs({"y": np.zeros((3, 2), np.float32)}, {"y": ref})
     assert not ok and "shape" in reason
+    ok, _, reason = walk.check_outputs({"dx": ref, "dw": ref}, {"dw": ref})
+    assert not ok and "returned dx, dw, expected dw" in reason
 
 
 def test_first_call_is_timed_apart_and_each_backend_times_a_block_after_a_settling_call():
     calls = []
 
-    def slow_first_call(x, w, b, relu):
+    def slow_first_call(x, w, b, relu, stride, padding):
         if not calls[:-1]:  # this call is the first one recorded
             time.sleep(0.3)  # stands in for a compile
-        return IM2COL.conv2d_forward(x, w, b, relu)
+        return IM2COL.conv2d_forward(x, w, b, relu, stride, padding)
 
     slow = fake_backend("slow", calls, conv2d_forward=slow_first_call)
     fast = fake_backend("fast", calls)
@@ -228,34 +285,35 @@ def test_first_call_is_timed_apart_and_each_backend_times_a_block_after_a_settli
     assert r["first_call_s"] >= 0.3
     assert max(r["samples_s"]) < 0.3 and len(r["samples_s"]) == 4
     forward_calls = [name for name, fn in calls if fn == "conv2d_forward"]
-    # the checked first calls, then per backend one untimed settling call and its 4 timed repeats
+    # the checked first calls (conv2 runs on the oracle), then per backend one untimed settling call and its 4
+    # timed repeats
     assert forward_calls == ["slow", "fast"] + ["slow"] * 5 + ["fast"] * 5
 
 
 def test_op_bench_record_speedups_and_peak_share():
     slow = fake_backend("naive", slow=True)  # declared slow: gets the slow batch and repeat count
-    report = small_bench(["im2col", slow], layers=("conv2", "dense"), batch_size=4, naive_batch=2)
+    report = small_bench(["im2col", slow], layers=("conv2", "flatten", "dense"), batch_size=4, naive_batch=2)
     fast_row, slow_row = row(report, "conv2 fwd", "im2col"), row(report, "conv2 fwd", "naive")
     assert (fast_row["batch"], slow_row["batch"]) == (4, 2)
     assert (len(fast_row["samples_s"]), len(slow_row["samples_s"])) == (3, 2)
     for r in (fast_row, slow_row):
         assert r["status"] == "ok" and r["min_s"] <= r["q1_s"] <= r["median_s"] <= r["q3_s"] <= r["max_s"]
         assert r["median_per_image_s"] == pytest.approx(r["median_s"] / r["batch"])
-        assert r["flops"] == ops.conv_flops((r["batch"], 32, 13, 13), (64, 32, 3, 3))
+        assert r["flops"] == r["batch"] * 2 * 64 * 32 * 9 * 11 * 11
         assert r["gflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e9)
         assert r["peak_share"] == pytest.approx(r["gflops"] / FAKE_SGEMM_GFLOPS)
     speedup = {(s["op"], s["pair"]): s["speedup"] for s in report["speedups"]}
     assert speedup[("conv2 fwd", "im2col vs naive")] == pytest.approx(
         slow_row["median_per_image_s"] / fast_row["median_per_image_s"])
-    assert {op for op, _ in speedup} == {"conv2 fwd", "conv2 bwd"}, "dense is shared layers.py code: no speedup"
+    assert {op for op, _ in speedup} == {"conv2 fwd", "conv2 bwd"}, "dense and flatten run the same code: no speedup"
     assert "pool1 fwd" not in {r["op"] for r in report["results"]}
 
 
 def test_bytes_moved_and_intensity_count_each_input_once_and_each_output_once():
     report = small_bench(["im2col"], layers=("conv2", "pool2"), batch_size=4)
-    x, w, b = ops.op_inputs(4)["conv2 fwd"]
+    x, w, b = (4 * 32 * 13 * 13), 64 * 32 * 3 * 3, 64
     conv = row(report, "conv2 fwd", "im2col")
-    assert conv["bytes"] == 4 * (x.size + w.size + b.size + 4 * 64 * 11 * 11)
+    assert conv["bytes"] == 4 * (x + w + b + 4 * 64 * 11 * 11)
     assert conv["flops_per_byte"] == pytest.approx(conv["flops"] / conv["bytes"])
     assert conv["gbytes_per_s"] == pytest.approx(conv["bytes"] / conv["median_s"] / 1e9)
     pool = row(report, "pool2 fwd", "im2col")
@@ -276,7 +334,7 @@ def parse_bench(argv):
 
 
 def test_bench_command_writes_json_and_png(tmp_path, capsys):
-    args = parse_bench(["--kernels", "im2col,cuda", "--ops", "pool1,dense", "--batch-size", "4", "--repeats", "2",
+    args = parse_bench(["--kernels", "im2col,cuda", "--ops", "pool2,dense", "--batch-size", "4", "--repeats", "2",
                         "--threads", "1", "--out", str(tmp_path)])
     assert bench.run(args) == 0
     (json_path,) = tmp_path.glob("ops-*.json")
@@ -287,16 +345,17 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     report = json.loads(json_path.read_text())
     assert report["files"] == {"json": str(json_path), "chart": str(png_path), "roofline": str(roofline_path)}
     assert report["calibration"]["stream_gbs"] == FAKE_STREAM_GBS
-    assert "read once" in report["bytes_formula"]
+    assert "counted once" in report["bytes_formula"]
     machine = report["machine"]
     for key in ("processor", "cpus", "numpy", "numba", "python", "numba_threading_layer", "blas"):
         assert key in machine
     assert machine["threads"]["numba_threads"] == 1
     assert all(lib["num_threads"] == 1 for lib in machine["blas"])
     assert report["calibration"]["peak_gflops"] == FAKE_SGEMM_GFLOPS
-    assert "2*N*K*C*R*S*P*Q" in report["flop_formula"]
+    assert "K*C*R*S*P*Q" in report["flop_formula"] and "dense" in report["flop_formula"].lower()
+    assert report["settings"]["network"]["name"] == "mnist-cnn"
     ops = [r["op"] for r in report["results"] if r["backend"] == "im2col"]
-    assert ops == ["pool1 fwd", "pool1 bwd", "dense fwd", "dense bwd"]
+    assert ops == ["pool2 fwd", "pool2 bwd", "dense fwd", "dense bwd"]
     assert all(r["status"] == "ok" and len(r["samples_s"]) == 2 for r in report["results"]
                if r["backend"] == "im2col")
     out = capsys.readouterr().out
@@ -307,8 +366,46 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
         assert out.count("cuda skipped:") == 1 and "samples_s" not in cuda_rows[0]
 
 
+def test_bench_model_times_every_step_of_a_network_from_a_json_file(tmp_path, capsys):
+    """A network no preset has, every layer kind in it, from a JSON file: every step of its plan is checked and
+    timed forward and backward (Dropout named as untimed), and the table names each."""
+    layers = [Conv2D(4, 5, strides=2, padding="same", activation="relu"), BatchNorm2D(), ReLU(), MaxPool2D(3),
+              Conv2D(6, 3, padding="same"), AvgPool2D(2), Flatten(), Dropout(0.25), Dense(8, activation="relu"),
+              Dense(10, activation="softmax")]
+    description = tmp_path / "net.json"
+    description.write_text(json.dumps({"name": "tiny-every-kind", "layers": [layer.to_dict() for layer in layers]}))
+    args = parse_bench(["--model", str(description), "--input-shape", "2,14,14", "--kernels", "im2col",
+                        "--batch-size", "2", "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "out")])
+    assert bench.run(args) == 0
+    (json_path,) = (tmp_path / "out").glob("ops-*.json")
+    report = json.loads(json_path.read_text())
+    network = bench_network(str(description), (2, 14, 14))
+    assert report["settings"]["network"] == network.to_dict()
+    first = first_trained_layer(network)
+    steps = [step for step in plan(network, get_backend("im2col")) if step.name != "dropout1"]
+    expected = [f"{step.name} {d}" for step in steps for d in ("fwd", "bwd") if d == "fwd" or step.first >= first]
+    assert [r["op"] for r in report["results"]] == expected
+    assert all(r["status"] == "ok" and len(r["samples_s"]) == 1 for r in report["results"])
+    assert row(report, "conv1 fwd", "im2col")["flops"] == 2 * 2 * layers[0].macs((2, 14, 14))  # batch 2
+    out = capsys.readouterr().out
+    assert "network: tiny-every-kind" in out and "dropout1: its dropout mask is random" in out
+    for op in expected:
+        assert f"{op} " in out
+    assert set(report["plan_per_image_s"]) == {"im2col"}
+
+
+def test_gap_network_runs_on_the_oracle_alone_as_well():
+    """The bench checks against the float64 oracle whatever the backend: a Backend object (here im2col's module
+    under another name) with GlobalAvgPool2D, whose op is an average pool over the whole image."""
+    network = build([Conv2D(3, 3), GlobalAvgPool2D(), Dense(10)], (1, 6, 6))
+    report = ops.bench_ops([fake_backend("other")], network=network, batch_size=2, repeats=1, log=lambda *a: None)
+    assert [r["op"] for r in report["results"]] == ["conv1 fwd", "conv1 bwd", "gap1 fwd", "gap1 bwd", "dense1 fwd",
+                                                    "dense1 bwd"]
+    assert all(r["status"] == "ok" for r in report["results"])
+
+
 def test_bench_refuses_bad_settings():
-    with pytest.raises(NumbaCNNError, match="unknown op layer"):
+    with pytest.raises(NumbaCNNError, match="unknown layer conv3"):
         small_bench(["im2col"], layers=("conv3",))
     with pytest.raises(NumbaCNNError, match="repeats"):
         small_bench(["im2col"], layers=("dense",), repeats=0)
@@ -374,18 +471,21 @@ def test_compare_passes_a_data_error_through(tmp_path):
 
 
 @pytest.mark.skipif(baselines.missing_packages("torch") != [], reason="torch not installed (.[baselines] extra)")
-def test_torch_model_matches_ours_and_compares():
-    from numba_cnn.model import Model
+def test_torch_model_starts_from_our_weights_and_compares_on_any_network():
+    from numba_cnn.model import Model, init_state
 
-    torch_model = baselines.TorchCNN(seed=0, threads=1)
+    network = bench_network()
+    torch_model = baselines.TorchCNN(network, seed=0, threads=1)
     assert sum(p.numel() for p in torch_model.net.parameters()) == Model("im2col").num_params == 34_826
-    conv1 = torch_model.net[0]
-    assert float(conv1.weight.detach().abs().max()) <= np.sqrt(6 / (9 + 32 * 9)) and not conv1.bias.any()
+    np.testing.assert_array_equal(torch_model.net[0].weight.detach().numpy(), init_state(network, 0)["conv1.w"])
     assert torch_model.optimizer.defaults["eps"] == 1e-7 and torch_model.optimizer.defaults["lr"] == 1e-3
 
     assert baselines.expand("torch") == ["torch:nchw", "torch:channels_last", "torch:flush_denormal"]
-    report = compare.compare_training(["im2col", "torch"], steps=2, warmup_steps=1, batch_size=32, rounds=1,
-                                      threads=1, random_data=True, limit=256, log=lambda *a: None)
+    small = build([Conv2D(4, 3, strides=2, padding="same"), BatchNorm2D(), ReLU(), GlobalAvgPool2D(),
+                   Dense(10, activation="softmax")], (3, 12, 12), name="small-bn")
+    report = compare.compare_training(["im2col", "torch"], network=small, steps=2, warmup_steps=1, batch_size=16,
+                                      rounds=1, threads=1, random_data=True, limit=64, log=lambda *a: None)
+    assert report["settings"]["network"]["name"] == "small-bn"
     entries = {e["contender"]: e for e in report["contenders"]}
     assert list(entries) == ["im2col", "torch:nchw", "torch:channels_last", "torch:flush_denormal"]
     assert all(e["status"] == "ok" for e in entries.values()), entries
@@ -395,6 +495,7 @@ def test_torch_model_matches_ours_and_compares():
     assert ours["vs_torch_best"]["sec_per_epoch"] == pytest.approx(ours["sec_per_epoch"] / torch_best["sec_per_epoch"])
     assert ours["vs_torch_best_names"]["sec_per_epoch"] == torch_best["contender"]
     assert "channels last" in entries["torch:channels_last"]["version"]
+    assert report["calibration"]["training_flops_per_image"] == flops_per_image(small)[0]
     assert "x torch*" in format_compare_table(report)
 
 

@@ -52,6 +52,7 @@ def test_two_processes_compile_into_one_empty_cache_at_once(tmp_path):
 PRECOMPILE = textwrap.dedent("""
     from numba_cnn.kernels import jit
     from numba_cnn.kernels.jit import layers, sparse, tiles
+    from numba_cnn.kernels.jit.cold_compile import compile_part
     from numba.core.dispatcher import Dispatcher
     print(jit.precompile())
     kernels = list({id(d): d for module in (tiles, sparse, layers) for d in vars(module).values()
@@ -59,7 +60,7 @@ PRECOMPILE = textwrap.dedent("""
     # every cached kernel of the backend has an entry on disk (an index lists what has been saved for it)
     print(len(kernels), *sorted(d.__name__ for d in kernels if not d._cache._cache_file._load_index()))
     for part in (0, 1):
-        jit._compile_part(part)
+        compile_part(jit, part)
     print(sum(sum(k.stats.cache_misses.values()) for k in kernels))
 """)
 

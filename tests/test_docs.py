@@ -1,7 +1,12 @@
 """docs/ stays true to the code: every page is there and says something, every file it names exists, every
 `path.py: name` (and `numba_cnn.module.name`) it cites is defined there, every command marked
 `# checked by tests/test_docs.py` runs and writes the files its `produces:` list names, and every figure a page
-names is produced by such a command (or ships in docs/img/)."""
+names is produced by such a command (or ships in docs/img/, drawn by tools/make_docs.py).
+
+One true number per claim: every computed text of the pages and the top-level README (worked examples, tables of
+tile shapes, measured tables, and figures tagged `<!--fig:KEY-->`) must be what `python tools/make_docs.py`
+renders now, from the code and docs/results.json; so a figure quoted in two places cannot disagree, and a page's
+tile shape or formula cannot drift from the code it names."""
 
 import ast
 import fnmatch
@@ -18,7 +23,9 @@ from pictures import assert_png
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PAGES = ("README.md", "layers.md", "training.md", "kernels.md", "performance.md")
+PAGES = ("README.md", "layers.md", "training.md", "kernels.md", "numba.md", "ladder.md", "performance.md",
+         "results.md", "commands.md")
+TOOLS = ROOT / "tools"
 CHECK_MARK = "# checked by tests/test_docs.py"
 COMMAND_TIMEOUT_S = 180  # each checked command takes seconds; the margin is for a loaded 2-core machine
 
@@ -181,3 +188,108 @@ def test_checked_command_runs_and_writes_its_files(page, command, produces, tmp_
             assert path.stat().st_size > 0, f"{path} is empty"
             if path.suffix == ".png":  # a bench on a few ops draws a short chart
                 assert_png(path, min_height=150, min_bytes=5_000)
+
+
+# ---------------------------------------------------------------- one true number per claim
+
+
+def make_docs():
+    """tools/make_docs.py as a module (it is a script, not part of the package)."""
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    import make_docs as module
+
+    return module
+
+
+def test_every_computed_text_is_what_make_docs_renders_now():
+    stale = make_docs().stale_pages()
+    assert not stale, ("pages whose generated blocks or tagged figures differ from what `python tools/make_docs.py` "
+                       f"renders (run it, after re-measuring if the code changed): {stale}")
+
+
+def test_a_figure_quoted_twice_with_two_values_is_caught():
+    md = make_docs()
+    values = {"ladder.fused.ms": "3.53"}
+    text = "fused: 3.53<!--fig:ladder.fused.ms--> ms ... again 3.60<!--fig:ladder.fused.ms--> ms\n"
+    assert md.rendered(text, values) != text
+    assert md.rendered(text, values).count("3.53<!--fig:ladder.fused.ms-->") == 2
+    tampered = md.BLOCK_RE.sub(lambda m: m.group(1) + "x = [ 9 ]\n" + m.group(4),
+                               "<!-- generated: conv-forward -->\nold\n<!-- end generated -->")
+    assert md.rendered(tampered, values) != tampered
+    with pytest.raises(KeyError):
+        md.rendered("1.0<!--fig:no.such.key-->", values)
+
+
+def test_tile_table_agrees_with_tiles_py():
+    """kernels.md's table of tiles, read back cell by cell, against the constants of
+    numba_cnn/kernels/jit/tiles.py imported for a 256-bit and a 512-bit register file."""
+    md = make_docs()
+    text = page_text("kernels.md")
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[3:5]]
+            for line in text.splitlines() if line.startswith("| `CONV_")}
+    assert set(rows) == {"`CONV_TILE_WIDE`", "`CONV_TILE_NARROW`", "`CONV_POOL_TILE`"}, rows
+    for column, bits in enumerate((256, 512)):
+        constants = md.tile_constants(bits)
+        width = bits // 32
+        for name, cells in rows.items():
+            lanes, columns = constants[name.strip("`")]
+            registers = lanes * columns // width
+            expected = f"{lanes} x {columns} = {lanes * columns} floats = **{registers} {'ymm' if bits == 256 else 'zmm'}**"
+            assert cells[column] == expected, (name, bits, cells[column], expected)
+            assert registers <= constants["registers"], f"{name} needs {registers} registers of {constants['registers']}"
+
+
+def test_the_output_size_formula_on_the_page_is_the_code's():
+    """layers.md's `P = (H + top + bottom - R) // stride + 1`, evaluated, against contract.conv_output_size; and
+    its 'same' padding rule against conv2d.same_padding."""
+    from numba_cnn.kernels.contract import conv_output_size
+    from numba_cnn.network.layers.conv2d import same_padding
+
+    text = page_text("layers.md")
+    formula = re.search(r"P = (\(H \+ top \+ bottom - R\) // stride \+ 1)", text)
+    assert formula, "layers.md no longer states the output size formula"
+    rule = re.search(r"The total\s+padding is `(max\(\(P - 1\) \* stride \+ R - H, 0\))`", text)
+    assert rule, "layers.md no longer states the 'same' padding rule"
+    assert "extra row goes at the bottom" in text
+    for h in range(1, 12):
+        for r in range(1, h + 1):
+            for stride in (1, 2, 3):
+                for top, bottom in ((0, 0), (1, 0), (1, 2)):
+                    env = dict(H=h, R=r, stride=stride, top=top, bottom=bottom)
+                    assert eval(formula.group(1), {}, env) == conv_output_size(h, r, stride, top, bottom)
+                before, after = same_padding(h, r, stride)
+                total = eval(rule.group(1), {"max": max}, dict(P=-(-h // stride), stride=stride, R=r, H=h))
+                assert (before + after, after - before) == (total, total % 2), (h, r, stride)
+
+
+def test_every_picture_is_drawn_by_make_docs():
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    from doc_pictures import PICTURES
+
+    named = {Path(figure).name for text in all_text().values() for figure in re.findall(r"\(img/([\w.-]+\.png)\)", text)}
+    assert named, "no page shows a picture from docs/img/"
+    assert named <= set(PICTURES), f"pictures no function of tools/doc_pictures.py draws: {named - set(PICTURES)}"
+    for name in named:
+        assert (DOCS / "img" / name).is_file(), f"docs/img/{name} is missing: run python tools/make_docs.py"
+
+
+def test_the_ladder_checks_every_step_against_the_oracle():
+    """tools/ladder.py on a small shape, one call per step: every step runs and agrees with the float64 oracle (a
+    step that disagrees raises before it is timed)."""
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    import ladder
+
+    lanes, columns = ladder.CONV_TILE_WIDE
+    shape = dict(N=2, C=3, H=columns + 4, W=columns + 4, K=lanes, R=3, S=3)
+    record = ladder.run_ladder(shape=shape, repeats=1, rounds=1, naive_images=1, log=lambda line: None)
+    keys = [step["key"] for step in record["steps"] if step["rung"]]
+    assert keys == ["naive", "njit", "channels_last", "tile", "prange", "fused", "listed_backward"]
+    assert all(step["error"] <= ladder.FLOAT32_TOL for step in record["steps"])
+    from numba_cnn.kernels._numba_ext import TARGET_FEATURES
+
+    if "fma" in TARGET_FEATURES:  # the tile's multiply-adds compile to FMAs under fastmath's `contract`
+        assert record["asm"]["tile"]["counts"]["vfmadd"] > 0
+        assert record["asm"]["tile_strict"]["counts"]["vfmadd"] == 0

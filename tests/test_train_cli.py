@@ -332,10 +332,11 @@ def bad_input_data(npz_path):
     (["train", "--resume", "{truncated}"], "truncated or corrupt"),
     (["evaluate", "{garbage}"], "truncated or corrupt"),
     (["train", "--resume", "{foreign}"], "not a numba_cnn training checkpoint"),
-    (["evaluate", "{other_model}"], "is from a different model: dense.w has shape (1600, 12)"),
+    (["evaluate", "{other_model}"], "is damaged: dense.w has shape (1600, 12)"),
     (["train", "--data", "{tmp}/no_such_folder"], "no_such_folder"),
-    (["train", "--dataset", "cifar10"], "unknown data set 'cifar10': choose mnist or fashion-mnist"),
-    (["evaluate", "{good}", "--dataset", "cifar10"], "unknown data set 'cifar10': choose mnist or fashion-mnist"),
+    (["train", "--dataset", "cifar100"], "unknown data set 'cifar100'"),
+    (["evaluate", "{good}", "--dataset", "cifar100"], "unknown data set 'cifar100'"),
+    (["evaluate", "{good}", "--dataset", "cifar10", "--data", "{tmp}/no_cifar"], "no_cifar"),
 ])
 def test_bad_input_gives_one_line_error_and_exit_2(args, expected, npz_path, good_checkpoint, tmp_path):
     paths = {"tmp": tmp_path, "good": good_checkpoint, **make_bad_checkpoints(tmp_path, good_checkpoint)}

@@ -1,16 +1,18 @@
-"""The same CNN in PyTorch (torch.nn) and in Keras 3, for `bench --compare`; optional (pip install -e ".[baselines]").
+"""The network in PyTorch (torch.nn) and in Keras 3, for `bench --compare`; optional (pip install -e ".[baselines]").
 
-Both are built from numba_cnn.model.LAYERS (Conv2D(32, 3x3)+ReLU -> MaxPool 2x2 -> Conv2D(64, 3x3)+ReLU ->
-MaxPool 2x2 -> Flatten -> Dropout(0.5) -> Dense(10)), softmax cross-entropy, Glorot-uniform weights and zero biases, Adam(lr 1e-3,
-beta1 0.9, beta2 0.999, eps 1e-7). One difference is left as each library has it: PyTorch adds eps to the
-bias-corrected sqrt(v), Keras (and numba_cnn.optim) to the raw sqrt(v); it only matters while v is tiny. Every
-contender holds the images as uint8 and scales each batch (numba_cnn.layers.as_float_images), so peak memory
-compares the frameworks, not the data format.
+Both are built from the network's description by numba_cnn.interop (each layer's torch_modules / keras_layers, in
+order) and start from numba_cnn's own initial weights (model.init_state with the same seed: Glorot-uniform
+weights, zero biases), trained under softmax cross-entropy with Adam(lr 1e-3, beta1 0.9, beta2 0.999, eps 1e-7).
+Differences left as each library has them: PyTorch adds eps to the bias-corrected sqrt(v), Keras (and
+numba_cnn.optim) to the raw sqrt(v), which only matters while v is tiny; the dropout masks are each library's own
+draws; PyTorch's BatchNorm keeps the unbiased batch variance in its running variance. Every contender holds the
+images as uint8 and scales each batch (numba_cnn.layers.as_float_images), so peak memory compares the frameworks,
+not the data format.
 
 Every contender, ours included (compare.NumbaCNNContender), has the same two methods and a `version` string, so one
 loop trains and times them all on identical batches:
-    train_step(x[N, 1, 28, 28] uint8, y[N] int64) -> loss (float; reading it waits for the step to finish)
-    predict(x[N, 1, 28, 28] uint8) -> predicted class, int[N]
+    train_step(x[N, C, H, W] uint8, y[N] int64) -> loss (float; reading it waits for the step to finish)
+    predict(x[N, C, H, W] uint8) -> predicted class, int[N]
 torch and keras are imported only inside these classes: the core package never needs them.
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from numba_cnn.errors import NumbaCNNError
 from numba_cnn.layers import as_float_images
-from numba_cnn.model import DROPOUT_RATE, INPUT_SHAPE, LAYERS
+from numba_cnn.model import init_state
 
 LEARNING_RATE = 1e-3
 ADAM_EPSILON = 1e-7  # Keras's default, which numba_cnn.optim uses too; PyTorch's own default is 1e-8
@@ -69,11 +71,11 @@ def missing_packages(name):
     return [package for package in needs if importlib.util.find_spec(package) is None]
 
 
-def make_baseline(name, seed, threads):
+def make_baseline(name, network, seed, threads):
     fam, _, option = name.partition(":")
     if fam == "torch":
-        return TorchCNN(seed=seed, threads=threads, variant=option or "nchw")
-    return KerasCNN(seed=seed, threads=threads, backend=option or "tensorflow")
+        return TorchCNN(network, seed=seed, threads=threads, variant=option or "nchw")
+    return KerasCNN(network, seed=seed, threads=threads, backend=option or "tensorflow")
 
 
 def _import(package):
@@ -90,33 +92,23 @@ def _set_torch_threads(torch, threads):
 
 
 class TorchCNN:
-    """The model in torch.nn, trained with torch.optim.Adam and CrossEntropyLoss (log-softmax folded in), in one of
-    TORCH_VARIANTS. Images arrive as uint8 and are scaled a batch at a time, as numba_cnn's trainer does."""
+    """The network in torch.nn (interop.torch.to_torch), trained with torch.optim.Adam and CrossEntropyLoss on its
+    logits, in one of TORCH_VARIANTS. Images arrive as uint8 and are scaled a batch at a time, as numba_cnn's
+    trainer does."""
 
-    def __init__(self, seed=0, threads=None, variant="nchw"):
+    def __init__(self, network, seed=0, threads=None, variant="nchw"):
         if variant not in TORCH_VARIANTS:
             raise NumbaCNNError(f"unknown torch variant {variant!r}: choose from {', '.join(TORCH_VARIANTS)}")
         torch = self.torch = _import("torch")
+        from numba_cnn.interop.torch import to_torch
+
         self.name, self.variant = f"torch:{variant}", variant
         self.version = f"torch {torch.__version__} ({variant.replace('_', ' ')})"
         nn = torch.nn
         _set_torch_threads(torch, threads)
         torch.set_flush_denormal(variant == "flush_denormal")
-        torch.manual_seed(seed)
-        by_kind = {
-            "conv2d_relu": lambda k, c, r, s: [nn.Conv2d(c, k, (r, s)), nn.ReLU()],
-            "maxpool2d": lambda: [nn.MaxPool2d(2)],
-            "dropout": lambda: [nn.Flatten(), nn.Dropout(DROPOUT_RATE)],
-            "dense": lambda d, m: [nn.Linear(d, m)],
-        }
-        self.net = nn.Sequential(*(module for layer in LAYERS
-                                   for module in by_kind[layer.kind](*layer.params.get("w", ()))))
-        for layer in self.net:
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                # PyTorch's default init is Kaiming-uniform; Keras's is Glorot-uniform with zero bias. torch's
-                # fans for a (K, C, R, S) kernel are C*R*S and K*R*S, the same as Keras's.
-                nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
+        torch.manual_seed(seed)  # dropout's masks
+        self.net = to_torch(network, init_state(network, seed))
         self.memory_format = torch.channels_last if variant == "channels_last" else torch.contiguous_format
         if variant == "cuda" and not torch.cuda.is_available():
             raise NumbaCNNError(f"torch:cuda needs a CUDA build of torch and a GPU; torch {torch.__version__} sees none")
@@ -145,11 +137,12 @@ class TorchCNN:
 
 
 class KerasCNN:
-    """The model as a keras.Sequential on one of KERAS_BACKENDS (TensorFlow, Keras's default, or torch),
-    channels-last as Keras expects, trained with train_on_batch (Keras's own per-step call) under sparse
-    categorical cross-entropy. Images arrive as uint8 and are scaled a batch at a time."""
+    """The network as a keras.Sequential (interop.keras.to_keras) on one of KERAS_BACKENDS (TensorFlow, Keras's
+    default, or torch), channels-last as Keras expects, trained with train_on_batch (Keras's own per-step call)
+    under sparse categorical cross-entropy (on probabilities where the last layer keeps its softmax, on logits
+    otherwise). Images arrive as uint8 and are scaled a batch at a time."""
 
-    def __init__(self, seed=0, threads=None, backend="tensorflow"):
+    def __init__(self, network, seed=0, threads=None, backend="tensorflow"):
         if backend not in KERAS_BACKENDS:
             raise NumbaCNNError(f"unknown keras backend {backend!r}: choose from {', '.join(KERAS_BACKENDS)}")
         # Keras picks its backend once, at import: this process is the contender's own, so set it first.
@@ -164,25 +157,20 @@ class KerasCNN:
         elif backend == "torch":
             _set_torch_threads(engine, threads)
         keras = _import("keras")
+        from numba_cnn.interop.keras import to_keras
+
         self.name = f"keras:{backend}"
         self.version = f"keras {keras.__version__} on {backend} {engine.__version__}"
-        keras.utils.set_random_seed(seed)
-        layers = keras.layers
-        by_kind = {
-            "conv2d_relu": lambda k, c, r, s: [layers.Conv2D(k, (r, s), activation="relu")],
-            "maxpool2d": lambda: [layers.MaxPooling2D(2)],
-            "dropout": lambda: [layers.Flatten(), layers.Dropout(DROPOUT_RATE)],
-            "dense": lambda d, m: [layers.Dense(m, activation="softmax")],
-        }
-        channels, height, width = INPUT_SHAPE
-        self.model = keras.Sequential([keras.Input(shape=(height, width, channels))] + [
-            module for layer in LAYERS for module in by_kind[layer.kind](*layer.params.get("w", ()))])
+        keras.utils.set_random_seed(seed)  # dropout's masks
+        self.model = to_keras(network, init_state(network, seed))
+        probabilities = getattr(network.layers[-1], "activation", None) == "softmax"
         self.model.compile(optimizer=keras.optimizers.Adam(learning_rate=LEARNING_RATE, epsilon=ADAM_EPSILON),
-                           loss="sparse_categorical_crossentropy")
+                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities))
 
     @staticmethod
     def _channels_last(x):
-        return np.ascontiguousarray(np.moveaxis(as_float_images(x), 1, -1))  # (N, 1, 28, 28) -> (N, 28, 28, 1)
+        images = as_float_images(x)
+        return np.ascontiguousarray(np.moveaxis(images, 1, -1)) if images.ndim == 4 else images  # NCHW -> NHWC
 
     def train_step(self, x, y):
         return float(self.model.train_on_batch(self._channels_last(x), y))

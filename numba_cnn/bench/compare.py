@@ -1,12 +1,16 @@
-"""Training comparison (`bench --compare`): our backends against PyTorch and Keras on the same batches.
+"""Training comparison (`bench --compare`): our backends against PyTorch and Keras, on the same network, the same
+initial weights and the same batches.
 
+The network is the one `--model` names (bench/networks.py); each contender builds it from its description, the
+baselines through numba_cnn.interop with numba_cnn's own initial weights (model.init_state with the run's seed).
 Each contender (our backends, each PyTorch setting, Keras on each backend) trains in a subprocess of its own, so
 ru_maxrss is that contender's peak memory, on the same batches (one seeded order), batch size and thread count,
 every one holding the images as uint8 and scaling each batch; contenders take turns round after round and each
 figure is the median over rounds, with its spread. PyTorch's figure is its best setting in the same run, and the
-"fastest framework" is the best of all baselines on each metric. After a few warm-up steps (reported apart, with the imports and compilation), `--steps` steps are timed and
-extrapolated to a 60,000-image epoch, or `--epochs` full epochs are trained and timed; then the 10,000 test images
-are classified, giving images/second and accuracy.
+"fastest framework" is the best of all baselines on each metric. After a few warm-up steps (reported apart, with
+the imports and compilation), `--steps` steps are timed and extrapolated to an epoch of the training set, or
+`--epochs` full epochs are trained and timed; then the test images are classified, giving images/second and
+accuracy.
 """
 
 import json
@@ -22,28 +26,30 @@ from pathlib import Path
 import numpy as np
 
 from numba_cnn.bench import baselines
-from numba_cnn.bench.ops import model_flops_per_image, resolve_backend
+from numba_cnn.bench.networks import bench_network, flops_per_image
+from numba_cnn.bench.ops import resolve_backend
 from numba_cnn.errors import NumbaCNNError, check_int_flag
 from numba_cnn.kernels import BACKENDS, get_backend
-from numba_cnn.model import INPUT_SHAPE, NUM_CLASSES, Model
+from numba_cnn.model import Model
+from numba_cnn.network import from_dict
 from numba_cnn.optim import Adam
 from numba_cnn.runtime import default_threads, keep_freed_heap, machine_description, set_threads, sgemm_gflops
 
-TRAIN_IMAGES = 60_000
+TRAIN_IMAGES = 60_000  # --random-data's sizes: MNIST's
 TEST_IMAGES = 10_000
 
 
 class NumbaCNNContender:
     """Our model on one backend with the contender interface of baselines.py (train_step, predict)."""
 
-    def __init__(self, backend, seed=0):
+    def __init__(self, backend, network, seed=0):
         import numba
 
         from numba_cnn import __version__
 
         self.version = f"numba_cnn {__version__} ({backend} backend), numba {numba.__version__}"
         self.backend = get_backend(backend)
-        self.model = Model(self.backend, seed=seed)
+        self.model = Model(self.backend, seed=seed, network=network)
         self.optimizer = Adam(self.model.params, self.backend.layers)
         self.dropout_rng = self.backend.layers.make_dropout_rng([seed, 2])
 
@@ -63,47 +69,56 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_data(data=None, random_data=False, seed=0, limit=None):
-    """-> (((x_train, y_train), (x_test, y_test)) with uint8 images and int64 labels, where they came from): MNIST
-    via numba_cnn.data.load_mnist, or random pixels and labels of MNIST's sizes when random_data is set (for timing
-    only; the accuracy means nothing). limit: keep only the first `limit` training and test images."""
+def load_data(network, dataset=None, data=None, random_data=False, seed=0, limit=None):
+    """-> (((x_train, y_train), (x_test, y_test)) with uint8 images and int64 labels, where they came from): the
+    data set (numba_cnn.data.load_dataset; default MNIST), which must have the network's input shape and classes,
+    or random pixels of that shape and labels, in MNIST's numbers, when random_data is set (for timing only; the
+    accuracy means nothing). limit: keep only the first `limit` training and test images."""
+    classes = network.output_shape[0]
     if random_data:
         rng = np.random.default_rng([seed, 7])
         sizes = (min(TRAIN_IMAGES, limit or TRAIN_IMAGES), min(TEST_IMAGES, limit or TEST_IMAGES))
-        return tuple((rng.integers(0, 256, (n, *INPUT_SHAPE), dtype=np.uint8),
-                      rng.integers(0, NUM_CLASSES, n, dtype=np.int64)) for n in sizes), "random"
-    from numba_cnn.data import load_mnist
+        return tuple((rng.integers(0, 256, (n, *network.input_shape), dtype=np.uint8),
+                      rng.integers(0, classes, n, dtype=np.int64)) for n in sizes), "random"
+    from numba_cnn.data import load_dataset
 
-    mnist = load_mnist(data, normalize=False)
-    return tuple((x[:limit], y[:limit].astype(np.int64)) for x, y in mnist), str(getattr(mnist, "source", data))
+    loaded = load_dataset(dataset or "mnist", data, normalize=False)
+    shape, found = tuple(loaded[0][0].shape[1:]), len(loaded.dataset.class_names)
+    if shape != tuple(network.input_shape) or found != classes:
+        raise NumbaCNNError(f"the network takes {list(network.input_shape)} images into {classes} classes, "
+                            f"{loaded.dataset.title} has {list(shape)} images in {found} classes: choose the "
+                            f"data with --dataset or the network's input with --input-shape")
+    return tuple((x[:limit], y[:limit].astype(np.int64)) for x, y in loaded), str(loaded.source)
 
 
 def _is_baseline(name):
     return baselines.family(name) in ("torch", "keras")
 
 
-def _make_contender(name, seed, threads):
+def _make_contender(name, network, seed, threads):
     if _is_baseline(name):
-        return baselines.make_baseline(name, seed, threads)
-    return NumbaCNNContender(name, seed=seed)
+        return baselines.make_baseline(name, network, seed, threads)
+    return NumbaCNNContender(name, network, seed=seed)
 
 
-def run_contender(name, steps=50, warmup_steps=3, batch_size=128, threads=None, epochs=0, seed=0, data=None,
-                  random_data=False, limit=None):
-    """Train and evaluate one contender in this process -> dict of its figures. Meant for a fresh process
-    (compare_training starts one per contender), so that peak_rss_mb is this contender's alone."""
+def run_contender(name, network, steps=50, warmup_steps=3, batch_size=128, threads=None, epochs=0, seed=0,
+                  dataset=None, data=None, random_data=False, limit=None):
+    """Train and evaluate one contender in this process -> dict of its figures. network: the description
+    (Network.to_dict(), input shape included). Meant for a fresh process (compare_training starts one per
+    contender), so that peak_rss_mb is this contender's alone."""
+    network = from_dict(network)
     threads = default_threads() if threads is None else threads
     # the same thread settings as `train --backend name`
     set_threads(threads, None if _is_baseline(name) else get_backend(name))
     keep_freed_heap()  # every contender, frameworks too, with the malloc settings `train` uses
     # Every contender holds uint8 pixels and scales each batch, as numba_cnn.train does: peak memory then
     # compares the frameworks, not the data format.
-    ((x_train, y_train), (x_test, y_test)), source = load_data(data, random_data, seed, limit)
+    ((x_train, y_train), (x_test, y_test)), source = load_data(network, dataset, data, random_data, seed, limit)
     out = {"contender": name, "data_source": source, "epoch_images": len(x_train), "test_images": len(x_test),
            "rss_after_data_mb": peak_rss_mb()}
 
     start = time.perf_counter()
-    contender = _make_contender(name, seed, threads)
+    contender = _make_contender(name, network, seed, threads)
     out["version"] = contender.version
     # Warm-up batches come from an order of their own, so the measured steps (or epochs) see the same batches
     # whatever the warm-up length.
@@ -156,17 +171,19 @@ def _run_in_subprocess(spec, threads):
     return result
 
 
-def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, warmup_steps=3, batch_size=128,
-                     threads=None, rounds=3, epochs=0, seed=0, data=None, random_data=False, limit=None,
-                     profile=False, log=print):
-    """Train each contender (our backend names; "torch" for its eager settings or "torch:<variant>"; "keras" for
+def compare_training(contenders=("jit", "im2col", "torch", "keras"), network=None, steps=50, warmup_steps=3,
+                     batch_size=128, threads=None, rounds=3, epochs=0, seed=0, dataset=None, data=None,
+                     random_data=False, limit=None, profile=False, log=print):
+    """Train `network` (a Network; default bench_network(), mnist-cnn) as each contender (our backend names; "torch" for its eager settings or "torch:<variant>"; "keras" for
     Keras on its default backend or "keras:<backend>") in its own subprocess, `rounds` times in turn -> dict with
     per-contender medians over rounds and their spread (peak memory: the largest), every run, and ratios to
     PyTorch's best setting and to the fastest framework, metric by metric.
 
     With epochs=0, `steps` timed steps after `warmup_steps` warm-up steps, extrapolated to a 60,000-image epoch;
     with epochs > 0, that many full epochs, timed (their median), and the test accuracy that results.
-    limit: train and test on the first `limit` images only (quick checks; an epoch is then `limit` images).
+    dataset, data: the data set and where it is (numba_cnn.data.load_dataset; default MNIST); random_data: random
+    images of the network's input shape instead. limit: train and test on the first `limit` images only (quick
+    checks; an epoch is then `limit` images).
     profile: each subprocess writes a pyinstrument profile of its run into profiles/.
     """
     for name, value, least in (("steps", steps, 1), ("warmup_steps", warmup_steps, 0), ("rounds", rounds, 1),
@@ -174,6 +191,7 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, w
         check_int_flag(name, value, least)
     threads = default_threads() if threads is None else threads
     threads_record = set_threads(threads)  # here, so a bad --threads is refused before any training
+    network = bench_network() if network is None else network
     names = []
     for name in contenders:
         if name in BACKENDS:
@@ -200,15 +218,12 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, w
             log(f"skipping {name}: {reason}")
         else:
             runnable.append(name)
-    epoch_images = min(TRAIN_IMAGES, limit or TRAIN_IMAGES)
-    measure = (f"median of {epochs} full epoch(s) of {epoch_images:,} images" if epochs
-               else f"extrapolated from {steps} steps to an epoch of {epoch_images:,} images")
     sgemm_before = sgemm_gflops()
     for round_number in range(1, rounds + 1):
         for name in runnable:
-            spec = dict(name=name, steps=steps, warmup_steps=warmup_steps, batch_size=batch_size, threads=threads,
-                        epochs=epochs, seed=seed, data=data, random_data=random_data, limit=limit,
-                        profile=profile)
+            spec = dict(name=name, network=network.to_dict(), steps=steps, warmup_steps=warmup_steps,
+                        batch_size=batch_size, threads=threads, epochs=epochs, seed=seed, dataset=dataset,
+                        data=data, random_data=random_data, limit=limit, profile=profile)
             run = _run_in_subprocess(spec, threads)
             run["round"] = round_number
             entries[name]["runs"].append(run)
@@ -221,7 +236,7 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, w
     set_threads(threads)
     sgemm_after = sgemm_gflops()
     peak = float(np.median(sgemm_before + sgemm_after))
-    train_flops, _ = model_flops_per_image()
+    train_flops, _ = flops_per_image(network)
     for entry in entries.values():
         if "status" in entry:
             continue
@@ -241,12 +256,18 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), steps=50, w
         entry["peak_share"] = entry["gflops"] / peak
     _add_ratios(list(entries.values()))
     sources = {run["data_source"] for entry in entries.values() for run in entry["runs"] if "data_source" in run}
+    epoch_images = next((run["epoch_images"] for entry in entries.values() for run in entry["runs"]
+                         if "epoch_images" in run), min(TRAIN_IMAGES, limit or TRAIN_IMAGES))
+    measure = (f"median of {epochs} full epoch(s) of {epoch_images:,} images" if epochs
+               else f"extrapolated from {steps} steps to an epoch of {epoch_images:,} images")
     return {
         "kind": "numba_cnn training comparison",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": {"contenders": list(contenders), "runs": list(entries), "steps": steps,
+        "settings": {"contenders": list(contenders), "runs": list(entries), "network": network.to_dict(),
+                     "steps": steps,
                      "warmup_steps": warmup_steps, "batch_size": batch_size, "threads": threads, "rounds": rounds,
                      "epochs": epochs, "seed": seed,
+                     "dataset": "random" if random_data else dataset or "mnist",
                      "data": ", ".join(sorted(sources)) or ("random" if random_data else data or "default"),
                      "limit": limit, "measure": measure},
         "machine": machine_description(threads_record),

@@ -1,26 +1,41 @@
-"""The bench's reports: the op table, its chart and roofline, the training comparison's table."""
+"""The bench's reports: the op table, its chart and roofline, the training comparison's table. Ops are named by
+step ("conv1+pool1 bwd"), whatever the network."""
 
 import numpy as np
 
 from numba_cnn.kernels.reference import FLOAT32_TOL
 from numba_cnn.plots import pyplot, save_png
 
+SPARSE_BACKWARD = "conv2d_relu_maxpool2d_backward"
 DENSE_EQUIVALENT = ("jit's fused conv+ReLU+pool backward runs over the nonzero conv-output gradients only (pooling, "
                     "ReLU and dropout zero the rest; docs/kernels.md): its GFLOP/s and % peak count the dense FLOPs "
                     "it skips, a dense-equivalent rate, not multiply-adds executed.")
 
 
+def _network_line(settings):
+    network = settings["network"]
+    return (f"network: {network.get('name', 'unnamed')}, {len(network['layers'])} layers, input "
+            f"{network['input_shape']}")
+
+
+def _op_width(report):
+    return max([10] + [len(r["op"]) for r in report["results"]])
+
+
 def format_ops_table(report):
-    """The op bench as text: one line per op and backend, then the speedups."""
+    """The op bench as text: the network, one line per op (a step of its plan, forward or backward) and backend,
+    then the speedups."""
     peak = report["calibration"]["peak_gflops"]
-    lines = [f"{'op':<10} {'backend':<8} {'batch':>5} {'check err':>9} {'1st call s':>10} {'median ms':>10} "
+    width = _op_width(report)
+    lines = [_network_line(report["settings"]),
+             f"{'op':<{width}} {'backend':<8} {'batch':>5} {'check err':>9} {'1st call s':>10} {'median ms':>10} "
              f"{'min-max ms':>17} {'ms/image':>9} {'GFLOP/s':>8} {'% peak':>7}"]
     skipped = {}
     for r in report["results"]:
         if r["status"] == "skipped":
             skipped[r["backend"]] = r["reason"]
             continue
-        head = f"{r['op']:<10} {r['backend']:<8} {r['batch']:>5} "
+        head = f"{r['op']:<{width}} {r['backend']:<8} {r['batch']:>5} "
         if r["status"] != "ok":
             lines.append(f"{head}{r['status']:>9}  {r['reason']}")
             continue
@@ -33,6 +48,8 @@ def format_ops_table(report):
     lines.extend(f"{backend} skipped: {reason}" for backend, reason in skipped.items())
     lines.append(f"check err: largest max|got - oracle| / max|oracle| over the op's outputs (FAILED above "
                  f"{FLOAT32_TOL:g}); batch: images per call")
+    for step, reason in report["settings"].get("not_timed", {}).items():
+        lines.append(f"{step}: {reason}")
     cal, m = report["calibration"], report["machine"]
     blas = ", ".join(f"{b['internal_api']} {b['version']} {b['num_threads']} thread(s)" for b in m["blas"])
     lines.append(f"machine: {m['processor']}, {m['usable_cpus']} usable CPU(s); numba {m['numba']} "
@@ -43,7 +60,7 @@ def format_ops_table(report):
     lines.append(f"peak: sgemm {cal['sgemm_size']}^3 float32 {peak:.1f} GFLOP/s (median; before "
                  f"{np.median(cal['before_gflops']):.1f}, after {np.median(cal['after_gflops']):.1f})")
     lines.append(f"FLOPs: {report['flop_formula']}")
-    if any(r["backend"] == "jit" and "+" in r["op"] and r["op"].endswith("bwd") for r in report["results"]):
+    if any(r["backend"] == "jit" and SPARSE_BACKWARD in r.get("kernels", ()) for r in report["results"]):
         lines.append(DENSE_EQUIVALENT)
     lines.append(f"bandwidth: {cal['stream_gbs']:.1f} GB/s (median; {cal['stream_method']}); "
                  f"{report['bytes_formula']}")
@@ -51,11 +68,12 @@ def format_ops_table(report):
         pairs = list(dict.fromkeys(s["pair"] for s in report["speedups"]))
         by_key = {(s["op"], s["pair"]): s["speedup"] for s in report["speedups"]}
         lines.append("")
-        lines.append("speedup per image (median vs median; >1: the first is faster)")
-        lines.append(f"{'op':<10}" + "".join(f"{p:>17}" for p in pairs))
+        lines.append("speedup per image (median vs median; >1: the first is faster; training plan: each backend's "
+                     "own steps, fused ones included, forward and backward summed)")
+        lines.append(f"{'op':<{width}}" + "".join(f"{p:>17}" for p in pairs))
         for op in dict.fromkeys(s["op"] for s in report["speedups"]):
             cells = (f"{by_key[(op, p)]:.1f}x" if (op, p) in by_key else "-" for p in pairs)
-            lines.append(f"{op:<10}" + "".join(f"{c:>17}" for c in cells))
+            lines.append(f"{op:<{width}}" + "".join(f"{c:>17}" for c in cells))
     return "\n".join(lines)
 
 
@@ -99,7 +117,10 @@ def _title(report, what):
     machine = report["machine"]
     skipped = list(dict.fromkeys(r["backend"] for r in report["results"] if r["status"] == "skipped"))
     note = f"; not run: {', '.join(skipped)}" if skipped else ""
-    return f"numba_cnn {what}, {machine['processor']}, {machine['threads']['numba_threads']} thread(s){note}"
+    network = report["settings"].get("network", {}).get("name")
+    of = f" of {network}" if network else ""
+    return (f"numba_cnn {what}{of}, {machine['processor']}, {machine['threads']['numba_threads']} thread(s)"
+            f"{note}")
 
 
 def plot_ops(report, path):
@@ -170,7 +191,7 @@ def plot_roofline(report, path):
     on_device = sorted({r["backend"] for r in report["results"] if r["status"] == "ok" and not r["on_host"]})
     apart = f" ({', '.join(on_device)} on a GPU: bandwidth bars only, the roofs are the CPU's)" if on_device else ""
     fig.suptitle(_title(report, "roofline") + apart, fontsize=10)
-    fig.supxlabel("FLOPs: 2 per multiply-add of convolutions and dense layers (bench's FLOP formula). "
+    fig.supxlabel("FLOPs: 2 per multiply-add of each layer's dense count (bench's FLOP formula). "
              "Bytes: each input read once, each output written once, float32 4 B, argmax 1 B (a lower bound).\n"
              f"Roofs measured in this run: {cal['stream_method']}; sgemm {cal['sgemm_size']}^3 float32 via numpy.",
              fontsize=8)
@@ -186,7 +207,7 @@ def format_compare_table(report):
     """The training comparison as text: one line per contender (each PyTorch setting and Keras backend its own),
     medians over rounds with their range, ratios to PyTorch's best setting and to the fastest framework."""
     s, cal = report["settings"], report["calibration"]
-    lines = [f"training comparison: batch {s['batch_size']}, {s['threads']} thread(s), {s['rounds']} round(s) taken "
+    lines = [_network_line(s), f"training comparison: batch {s['batch_size']}, {s['threads']} thread(s), {s['rounds']} round(s) taken "
              f"in turn, data {s['data']}; s/epoch {s['measure']}; medians over rounds (range), peak memory the "
              f"largest; every contender holds uint8 pixels and scales each batch",
              f"{'contender':<22} {'s/epoch':>7} {'range':>13} {'x torch*':>8} {'x fastest':>9} {'GFLOP/s':>7} "

@@ -24,7 +24,7 @@ COLOUR_MODES = ("RGB", "P")
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 # What Pillow can raise on a damaged file (its UnidentifiedImageError is an OSError, and SyntaxError its "broken PNG
-# file"); _read_png adds Pillow's DecompressionBombError.
+# file"); read_image adds Pillow's DecompressionBombError.
 _PNG_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, struct.error)
 
 
@@ -34,13 +34,13 @@ def read_image_folder(path):
     split's decoded images and labels (split_sha256). DataError naming the file or folder for anything off."""
     path = Path(path)
     class_names = _class_names(path)
-    read = {split: [(file, label, _read_png(file)) for label, name in enumerate(class_names)
+    read = {split: [(file, label, read_image(file)) for label, name in enumerate(class_names)
                     for file in _png_files(path / split / name)] for split in SPLITS}
     first_file, _, first_image = read["train"][0]
     for file, _, image in read["train"] + read["test"]:
         if image.shape != first_image.shape:
-            raise DataError(f"{file}: {_describe(image.shape)}, but the first image, {first_file}, is "
-                            f"{_describe(first_image.shape)}: all images must be one size, and all grey or all RGB")
+            raise DataError(f"{file}: {describe_image(image.shape)}, but the first image, {first_file}, is "
+                            f"{describe_image(first_image.shape)}: all images must be one size, and all grey or all RGB")
     arrays, sha256 = [], {}
     for split in SPLITS:
         images = np.stack([image for _, _, image in read[split]])
@@ -89,12 +89,13 @@ def _class_names(path):
     return tuple(names)
 
 
-def _read_png(file):
-    """One PNG -> uint8 (C, H, W), C 1 for grey or 3 for RGB."""
+def read_image(file, formats=("PNG",)):
+    """One image in one of Pillow's `formats` (a folder reads PNG only; `predict` PNG and JPEG) -> uint8 (C, H, W),
+    C 1 for grey or 3 for RGB."""
     from PIL import Image
 
     try:
-        with Image.open(file, formats=["PNG"]) as image:
+        with Image.open(file, formats=list(formats)) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise DataError(f"{file}: {image.width}x{image.height} pixels, more than this loader takes "
                                 f"({MAX_PIXELS}); resize the images first")
@@ -108,10 +109,12 @@ def _read_png(file):
     except DataError:
         raise
     except (*_PNG_ERRORS, Image.DecompressionBombError) as exc:
-        raise DataError(f"{file}: cannot read as a PNG image ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{file}: cannot read as a {' or '.join(formats)} image ({type(exc).__name__}: {exc})") \
+            from None
     return pixels[np.newaxis] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def _describe(shape):
+def describe_image(shape):
+    """(C, H, W) -> "WxH grey" or "WxH RGB", as messages name an image's size."""
     channels, height, width = shape
     return f"{width}x{height} {'grey' if channels == 1 else 'RGB'}"

@@ -123,10 +123,7 @@ are left out and compile on their first call, as a network that uses them needs.
 for heap arrays (see `_numba_ext`).
 """
 
-import signal
-import subprocess
 import sys
-import threading
 
 import numpy as np
 from numba import get_num_threads
@@ -139,6 +136,7 @@ from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_TILE_N
                                          _conv_tile_narrow, _conv_tile_wide, _maxpool_backward, _maxpool_forward,
                                          _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
+from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
 from numba_cnn.kernels.jit.buffers import nchw, nhwc, pad_width, reusable_output, scratch
 from numba_cnn.kernels.jit.general import _strided_forward, _strided_input_grad, _strided_weight_grad
 from numba_cnn.kernels.jit.norm import (_avgpool_backward, _avgpool_forward, _batchnorm_apply, _batchnorm_backward,
@@ -535,101 +533,7 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx):
     return _conv_backward_packed(dyt, sums, nchw(x), w, need_dx)
 
 
-# Compiling ahead, on a cold disk cache. Numba compiles one function at a time in a process: the backend's 15 float32
-# kernels (on AVX2) took 23.2 s to compile one after the other (AMD EPYC Zen 3, 2026-11-27). `precompile` compiles
-# every one of them, half in this process and half in a second Python process at once (12.7-13.4 s);
-# the second process's machine code reaches this one through the disk cache, which two processes may fill at once
-# (tests/test_concurrent_cache.py). With a warm cache, or no disk cache to share (NUMBA_CNN_CACHE=0, no writable
-# location), it does nothing and the kernels load or compile on first call as before. The kernels of general.py
-# and norm.py (strided convolution, other pooling windows, average pooling, batch normalisation) are not in it: they
-# compile on first call, so only a network that uses them pays for them.
-_PRECOMPILE_TIMEOUT_S = 600
-_NO_PADDING = (0, 0, 0, 0)
-
-
-def _compile_part(part):
-    """Call ops on tiny float32 inputs so that half `part` (0: this process, 1: the second) of every kernel of the
-    backend compiles. The halves are balanced by each kernel's measured compile time (seconds on Zen 3, in the
-    comments); the packing kernel both need comes first in half 0 and late in half 1, which then loads it from the
-    disk cache instead of compiling it again."""
-    rng = np.random.default_rng(0)
-
-    def conv_inputs(channels, out_channels):
-        return (rng.random((2, channels, 6, 6), dtype=np.float32),
-                rng.standard_normal((out_channels, channels, 3, 3)).astype(np.float32),
-                np.zeros(out_channels, np.float32))
-
-    x1, w1, b1 = conv_inputs(1, 4)  # conv1's one input channel
-    x2, w2, b2 = conv_inputs(32, 64)  # conv2's shape: the wide tiles
-    x3, w3, b3 = conv_inputs(3, 8)  # the narrow tiles, several input channels
-    if part == 0:
-        conv2d_relu_maxpool2d_forward(x2, w2, b2)  # _pack_channels_last 1.6, _conv_pool 3.6
-        conv2d_relu_maxpool2d_forward(x1, w1, b1)  # _conv1_pool 3.8
-        layers.dropout_forward(x2.reshape(2, -1), 0.5, np.random.default_rng(0))  # _dropout 0.8
-        # _conv_tile_narrow 2.3, _maxpool_forward 1.2
-        maxpool2d_forward(conv2d_forward(x3, w3, b3, True, 1, _NO_PADDING), (2, 2))
-        return
-    for x, w, need_dx in ((x1, w1, False), (x2, w2, True)):  # pooled outputs and argmax made up: no forward here
-        pooled = rng.random((2, w.shape[0], 2, 2), dtype=np.float32)
-        argmax = rng.integers(0, 4, pooled.shape).astype(np.uint8)
-        # conv1: _unpool_pack 3.3, _weight_grad_narrow 2.0; conv2: _pooled_grad_lists 1.5,
-        # _listed_weight_grad 2.0, _listed_input_grad 1.3
-        conv2d_relu_maxpool2d_backward(np.ones_like(pooled), pooled, argmax, x, w, need_dx)
-    dy2 = np.ones((2, 64, 4, 4), np.float32)  # conv2's output gradient, pooled and argmax made up above
-    maxpool2d_backward(pooled, argmax, dy2.shape, (2, 2))  # _maxpool_backward 1.3
-    w2[0, 0, 0, 0] = np.inf
-    conv2d_backward(dy2, x2, w2, True, 1, _NO_PADDING)  # _weight_grad_wide where it is another kernel (AVX-512)
-    if _conv_tile_wide is not _conv_tile_narrow:  # AVX-512's wide correlation tile
-        conv2d_forward(x2, w2, b2, True, 1, _NO_PADDING)
-    flat = x2.reshape(2, -1)
-    layers.dropout_backward(flat, flat)  # _multiply 0.3
-    layers.softmax_cross_entropy(flat[:, :10], np.zeros(2, np.int64))  # _softmax_cross_entropy 0.4
-    layers.adam_update(flat.copy(), flat, flat * 0, flat * 0, 1e-3, 0.9, 0.999, 1e-7)  # _adam_update 0.3
-
-
-def _cache_is_cold():
-    """True when the dropout kernel (one a training step always calls) has no fresh entry in the disk cache, read
-    through numba's cache index (private API: if it has changed, the cache counts as warm)."""
-    try:
-        return not layers._dropout._cache._cache_file._load_index()
-    except Exception:  # a null cache (no location) or another numba: compile in this process alone
-        return False
-
-
 def precompile():
     """On a cold disk cache, compile every float32 kernel of the backend, half in this process and half in a second
-    one at once; -> True if it did, False if the cache was warm or not shareable."""
-    if not CACHE or not _cache_is_cold():
-        return False
-    code = "from numba_cnn.kernels.jit import _compile_part; _compile_part(1)"
-    try:
-        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-    except OSError:
-        return False
-    # Ctrl-C kills the child at once and stops this process even where the KeyboardInterrupt lands in a compiler
-    # callback that swallows it (llvmlite's ctypes callbacks print "Exception ignored" and go on: seen in 2 of 10
-    # interrupted runs), by raising again once this process's half is done
-    interrupted = []
-
-    def stop(signum, frame):
-        interrupted.append(signum)
-        child.kill()
-        raise KeyboardInterrupt
-
-    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
-    previous = signal.signal(signal.SIGINT, stop) if in_main_thread else None
-    try:
-        _compile_part(0)
-        child.wait(_PRECOMPILE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:  # whatever it did not finish, this process compiles when it first calls it
-        pass
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
-        if child.poll() is None:  # timed out, or this process stopped: the child goes too, at once
-            child.kill()
-            child.wait()
-    if interrupted:
-        raise KeyboardInterrupt
-    return True
+    one at once (jit/cold_compile.py); -> True if it did, False if the cache was warm or not shareable."""
+    return compile_cold_cache(sys.modules[__name__])

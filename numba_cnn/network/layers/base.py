@@ -10,6 +10,8 @@ A kind implements, for an input of shape `in_shape` ((C, H, W) or (D,), the batc
   backward(run, p, dy, cache, need_dx) -> (dx or None, {short name: gradient})
   macs(in_shape)                       -> multiply-adds of one image's forward pass (dense count)
   torch_modules(in_shape) / keras_layers(in_shape) -> the same layer in PyTorch / Keras (imported lazily)
+  onnx_nodes(graph, x, in_shape, p)    -> its inference as ONNX nodes (numba_cnn/interop/onnx.py)
+and, as classmethods, from_torch_modules / from_keras_layers: the kind read back out of a foreign model.
 `run` is the Run of the pass (network/run.py): the backend's ops, its small layers, training or not, the RNG.
 """
 
@@ -91,6 +93,23 @@ class Layer:
         """The inverse of keras_weights: a get_weights() list -> {short key: array}."""
         return {}
 
+    def onnx_nodes(self, graph, x, in_shape, p):
+        """Add this layer's inference pass to `graph` (interop.onnx.OnnxGraph), reading the tensor named `x` of
+        shape (N, *in_shape); `p` as `arrays` gives it. -> the name of the output tensor."""
+        raise NotImplementedError(f"{self.kind} has no ONNX equivalent")
+
+    # Reading a model built in PyTorch or Keras (numba_cnn.interop.from_torch / from_keras): given the modules (the
+    # Keras layers) not yet read, each starting a layer whose input has shape `in_shape`, a kind whose equivalent
+    # they start with returns (the layer, how many of them it stands for), any other kind None. Settings this kind
+    # cannot take raise DescriptionError naming the setting.
+    @classmethod
+    def from_torch_modules(cls, modules, in_shape):
+        return None
+
+    @classmethod
+    def from_keras_layers(cls, keras_layers, in_shape):
+        return None
+
     def to_dict(self):
         """The description's entry for this layer: its kind, then every setting that differs from the default."""
         out = {"kind": self.kind}
@@ -143,6 +162,18 @@ def number_in(setting, value, low, high, low_open=False):
         raise DescriptionError(f"{setting} must be a number in {'(' if low_open else '['}{low}, {high}), "
                                f"got {value!r}")
     return float(value)
+
+
+def keras_activation(name, choices):
+    """A Keras layer's activation name -> the setting here ('linear', Keras's none, is None), one of `choices`."""
+    return one_of("activation", None if name == "linear" else name, choices)
+
+
+def torch_relu_at(modules, index):
+    """Whether modules[index] is an nn.ReLU: a convolution or Linear followed by one reads as activation 'relu'."""
+    from torch import nn
+
+    return index < len(modules) and isinstance(modules[index], nn.ReLU)
 
 
 def set_fields(layer, **values):

@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from numba_cnn.network.layers.base import Layer, number_in, set_fields, spatial
+from numba_cnn.network.layers.base import DescriptionError, Layer, number_in, one_of, set_fields, spatial
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,34 @@ class BatchNorm2D(Layer):
         import keras
 
         return [keras.layers.BatchNormalization(momentum=self.momentum, epsilon=self.epsilon)]
+
+    def onnx_nodes(self, graph, x, in_shape, p):
+        inputs = [x] + [graph.weight(self, key, p) for key in ("gamma", "beta", "running_mean", "running_var")]
+        return graph.node("BatchNormalization", inputs, epsilon=self.epsilon)  # inference: the running statistics
+
+    @classmethod
+    def from_torch_modules(cls, modules, in_shape):
+        from torch import nn
+
+        bn = modules[0]
+        if not isinstance(bn, nn.BatchNorm2d):
+            return None
+        if not (bn.affine and bn.track_running_stats) or bn.momentum is None:
+            raise DescriptionError("numba_cnn's BatchNorm2D has a scale and shift (affine=True) and running "
+                                   "statistics kept with a momentum (track_running_stats=True, momentum a number)")
+        return cls(momentum=round(1.0 - bn.momentum, 12), epsilon=bn.eps), 1  # rounded: 1 - (1 - m) is not m
+
+    @classmethod
+    def from_keras_layers(cls, keras_layers, in_shape):
+        import keras
+
+        if type(keras_layers[0]) is not keras.layers.BatchNormalization:
+            return None
+        config = keras_layers[0].get_config()
+        one_of("axis", config["axis"], (-1, 3, [3], [-1]))  # the channels of a channels-last image
+        if not (config["center"] and config["scale"]):
+            raise DescriptionError("numba_cnn's BatchNorm2D has a scale and shift (center=True, scale=True)")
+        return cls(momentum=config["momentum"], epsilon=config["epsilon"]), 1
 
     def torch_state(self, p):
         return {"weight": p["gamma"], "bias": p["beta"], "running_mean": p["running_mean"],

@@ -10,8 +10,8 @@ import dataclasses
 import numpy as np
 
 from numba_cnn.kernels.contract import conv_output_size
-from numba_cnn.network.layers.base import (DescriptionError, Layer, glorot_uniform, one_of, positive_int,
-                                           positive_pair, set_fields, spatial)
+from numba_cnn.network.layers.base import (DescriptionError, Layer, glorot_uniform, keras_activation, one_of,
+                                           positive_int, positive_pair, set_fields, spatial, torch_relu_at)
 
 ACTIVATIONS = (None, "relu")
 
@@ -21,6 +21,16 @@ def same_padding(size, kernel, stride):
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
+
+
+def _with_padding(conv, pads, in_shape):
+    """`conv` with the padding, 'valid' or 'same', that pads in_shape by `pads` (top, bottom, left, right)."""
+    for padding in ("valid", "same"):
+        layer = dataclasses.replace(conv, padding=padding)
+        if layer.pads(in_shape) == tuple(pads):
+            return layer
+    raise DescriptionError(f"its padding {list(pads)} (top, bottom, left, right) is neither 'valid' nor 'same' "
+                           f"for its {in_shape[1]}x{in_shape[2]} input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,16 +114,70 @@ class Conv2D(Layer):
         return [keras.layers.Conv2D(self.filters, self.kernel_size, strides=self.strides, padding=self.padding,
                                     activation=self.activation)]
 
+    def onnx_nodes(self, graph, x, in_shape, p):
+        top, bottom, left, right = self.pads(in_shape)
+        y = graph.node("Conv", [x, graph.weight(self, "w", p), graph.weight(self, "b", p)],
+                       kernel_shape=list(self.kernel_size), strides=[self.strides] * 2,
+                       pads=[top, left, bottom, right])  # ONNX orders pads as all starts, then all ends
+        return graph.node("Relu", [y]) if self.activation == "relu" else y
+
     def torch_state(self, p):
         return {"weight": p["w"], "bias": p["b"]}  # (K, C, R, S) is PyTorch's layout already
 
     def from_torch_state(self, tensors):
-        return {"w": tensors["weight"], "b": tensors["bias"]}
+        w = tensors["weight"]
+        return {"w": w, "b": tensors.get("bias", np.zeros(len(w), w.dtype))}  # bias=False: a zero bias here
 
     def keras_weights(self, p):
         return [p["w"].transpose(2, 3, 1, 0), p["b"]]  # Keras's kernel is (R, S, C, K)
 
     def from_keras_weights(self, weights):
-        kernel, bias = weights
-        return {"w": kernel.transpose(3, 2, 0, 1), "b": bias}
+        kernel, *bias = weights  # use_bias=False: a zero bias here
+        return {"w": kernel.transpose(3, 2, 0, 1),
+                "b": bias[0] if bias else np.zeros(kernel.shape[-1], kernel.dtype)}
+
+    @classmethod
+    def from_torch_modules(cls, modules, in_shape):
+        from torch import nn
+
+        extra, used = (0, 0, 0, 0), 0  # an nn.ZeroPad2d before the convolution: its (left, right, top, bottom)
+        if isinstance(modules[0], nn.ZeroPad2d) and len(modules) > 1 and isinstance(modules[1], nn.Conv2d):
+            left, right, top, bottom = modules[0].padding
+            extra, used = (top, bottom, left, right), 1
+        conv = modules[used]
+        if not isinstance(conv, nn.Conv2d):
+            return None
+        one_of("groups", conv.groups, (1,))
+        one_of("dilation", tuple(conv.dilation), ((1, 1),))
+        one_of("padding_mode", conv.padding_mode, ("zeros",))
+        strides = positive_pair("stride", conv.stride)
+        if strides[0] != strides[1]:
+            raise DescriptionError(f"stride {list(strides)}: numba_cnn's Conv2D takes one stride for both axes")
+        kernel = positive_pair("kernel_size", conv.kernel_size)
+        if conv.padding == "same":  # PyTorch's 'same' (stride 1 only) splits the padding as TensorFlow does
+            pads = cls(conv.out_channels, kernel, padding="same").pads(spatial(cls, in_shape))
+        else:
+            pad_h, pad_w = (0, 0) if conv.padding == "valid" else conv.padding
+            pads = (pad_h, pad_h, pad_w, pad_w)
+        pads = tuple(a + b for a, b in zip(pads, extra))
+        layer = _with_padding(cls(conv.out_channels, kernel, strides=strides[0]), pads, spatial(cls, in_shape))
+        relu = torch_relu_at(modules, used + 1)
+        return (dataclasses.replace(layer, activation="relu") if relu else layer), used + 1 + relu
+
+    @classmethod
+    def from_keras_layers(cls, keras_layers, in_shape):
+        import keras
+
+        conv = keras_layers[0]
+        if type(conv) is not keras.layers.Conv2D:
+            return None
+        config = conv.get_config()
+        one_of("data_format", config["data_format"], ("channels_last",))
+        one_of("dilation_rate", tuple(config["dilation_rate"]), ((1, 1),))
+        one_of("groups", config["groups"], (1,))
+        strides = positive_pair("strides", config["strides"])
+        if strides[0] != strides[1]:
+            raise DescriptionError(f"strides {list(strides)}: numba_cnn's Conv2D takes one stride for both axes")
+        return cls(config["filters"], tuple(config["kernel_size"]), strides=strides[0], padding=config["padding"],
+                   activation=keras_activation(config["activation"], ACTIVATIONS)), 1
 

@@ -8,8 +8,10 @@ import dataclasses
 
 import numpy as np
 
-from numba_cnn.network.layers.base import (DescriptionError, Layer, glorot_uniform, one_of, positive_int,
-                                           set_fields)
+from numba_cnn.network.layers.base import (DescriptionError, Layer, glorot_uniform, keras_activation, one_of,
+                                           positive_int, set_fields, torch_relu_at)
+
+ACTIVATIONS = (None, "relu", "softmax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +24,7 @@ class Dense(Layer):
 
     def __post_init__(self):
         set_fields(self, units=positive_int("units", self.units),
-                   activation=one_of("activation", self.activation, (None, "relu", "softmax")),
+                   activation=one_of("activation", self.activation, ACTIVATIONS),
                    in_features=None if self.in_features is None else positive_int("in_features", self.in_features))
 
     def output_shape(self, in_shape):
@@ -69,15 +71,41 @@ class Dense(Layer):
 
         return [keras.layers.Dense(self.units, activation=self.activation)]
 
+    def onnx_nodes(self, graph, x, in_shape, p):
+        # the last Dense gives logits whatever its activation: the ONNX graph adds the softmax as its own output
+        y = graph.node("Gemm", [x, graph.weight(self, "w", p), graph.weight(self, "b", p)])  # w is (in, out)
+        return graph.node("Relu", [y]) if self.activation == "relu" else y
+
     def torch_state(self, p):
         return {"weight": p["w"].T, "bias": p["b"]}  # nn.Linear keeps (out, in)
 
     def from_torch_state(self, tensors):
-        return {"w": tensors["weight"].T, "b": tensors["bias"]}
+        w = tensors["weight"].T
+        return {"w": w, "b": tensors.get("bias", np.zeros(w.shape[1], w.dtype))}  # bias=False: a zero bias here
 
     def keras_weights(self, p):
         return [p["w"], p["b"]]  # (in, out), as here
 
     def from_keras_weights(self, weights):
-        kernel, bias = weights
-        return {"w": kernel, "b": bias}
+        kernel, *bias = weights  # use_bias=False: a zero bias here
+        return {"w": kernel, "b": bias[0] if bias else np.zeros(kernel.shape[1], kernel.dtype)}
+
+    @classmethod
+    def from_torch_modules(cls, modules, in_shape):
+        from torch import nn
+
+        linear = modules[0]
+        if not isinstance(linear, nn.Linear):
+            return None
+        cls(linear.out_features, in_features=linear.in_features).output_shape(in_shape)  # the sizes must chain
+        relu = torch_relu_at(modules, 1)
+        return cls(linear.out_features, activation="relu" if relu else None), 1 + relu
+
+    @classmethod
+    def from_keras_layers(cls, keras_layers, in_shape):
+        import keras
+
+        if type(keras_layers[0]) is not keras.layers.Dense:
+            return None
+        config = keras_layers[0].get_config()
+        return cls(config["units"], activation=keras_activation(config["activation"], ACTIVATIONS)), 1
