@@ -1,4 +1,4 @@
-"""python -m numba_cnn train | evaluate | bench | report
+"""python -m numba_cnn train | evaluate | predict | export | bench | report
 
 Problems the user can fix end as one line on stderr and a non-zero exit (2; 130 after Ctrl-C; 3 when training
 diverges); --debug shows the traceback as well.
@@ -56,6 +56,9 @@ def build_parser():
                    help="also checkpoint every STEPS steps (a checkpoint is always written after each epoch)")
     t.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>-<backend>)")
     t.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT")
+    t.add_argument("--init-from", metavar="FILE", help="start a new run from these weights: a numba_cnn checkpoint "
+                   "or run folder, a PyTorch state_dict (.pt, .pth) with its network description (.json) beside it, "
+                   "or a .keras file; the network is the file's (a --model given must compute the same)")
     t.add_argument("--no-divergence-stop", dest="divergence_stop", action="store_false",
                    help="keep training when the loss turns NaN or explodes (default: stop, exit 3)")
     t.add_argument("--profile", action="store_true", help="write a pyinstrument profile into profiles/")
@@ -70,6 +73,28 @@ def build_parser():
     e.add_argument("--misclassified", metavar="PATH.png", help=f"also draw the first {MISCLASSIFIED_SHOWN} "
                    "misclassified test images, each with its true and predicted class, into PATH.png")
     _add_common(e)
+
+    pr = sub.add_parser("predict", help="classify image files (PNG, JPEG) with a trained network")
+    pr.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a checkpoint file, or the run folder that "
+                    "train printed")
+    pr.add_argument("images", metavar="IMAGE", nargs="+", help="PNG or JPEG files, grey or RGB")
+    pr.add_argument("--backend", "--kernels", dest="backend", default=DEFAULT_BACKEND, metavar="NAME",
+                    help=f"kernel backend for inference (default {DEFAULT_BACKEND})")
+    pr.add_argument("--json", action="store_true", help="print the results as JSON")
+    pr.add_argument("--resize", action="store_true", help="stretch an image of another size to the network's and "
+                    "convert grey to RGB or RGB to grey as the network needs (default: refuse it)")
+    pr.add_argument("--threads", type=int, metavar="N", help="Numba and BLAS threads")
+    pr.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    x = sub.add_parser("export", help="write a trained network as ONNX, a PyTorch state_dict or a .keras file")
+    x.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a checkpoint file, or the run folder that "
+                   "train printed")
+    x.add_argument("--format", required=True, metavar="FORMAT", help="onnx (needs the export extra), torch "
+                   "(state_dict + description .json beside it) or keras (a .keras file); torch and keras need the "
+                   "baselines extra")
+    x.add_argument("--out", required=True, metavar="PATH", help="the file to write (keras: ending in .keras)")
+    x.add_argument("--force", action="store_true", help="replace files already at --out")
+    x.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     b = sub.add_parser("bench", help="check, then time every kernel of every backend; --compare trains against "
                        "PyTorch and Keras")
@@ -93,6 +118,8 @@ def cmd_train(args):
                          checkpoint_every=args.checkpoint_every, threads=args.threads,
                          divergence_stop=args.divergence_stop)
     config.validate()
+    if args.resume and args.init_from:
+        raise NumbaCNNError("--init-from starts a new run from other weights, --resume continues a run: give one")
     if args.resume:
         args.resume = ckpt.checkpoint_path(args.resume)
     recorded = ckpt.load_checkpoint(args.resume)[2]["config"].get("data") if args.resume else None
@@ -101,15 +128,28 @@ def cmd_train(args):
                                    allow_mismatch=args.allow_data_mismatch, normalize=False)
     print(data_line)
     config.data = data.record()
+    image_shape, classes = data[0][0].shape[1:], len(data.dataset.class_names)
+    init = None
     if args.model is not None or not args.resume:
-        config.network, where = resolve_description(args.model, len(data.dataset.class_names))
-        # built here too, so that a bad description stops before any training
-        network = build_network(config.network, data[0][0].shape[1:], len(data.dataset.class_names))
+        network = None
+        if args.model is not None or not args.init_from:
+            config.network, where = resolve_description(args.model, classes)
+            # built here too, so that a bad description stops before any training
+            network = build_network(config.network, image_shape, classes)
+        if args.init_from:
+            from numba_cnn.interop.files import read_weights
+
+            network, init = read_weights(args.init_from, network)
+            network = build_network(network.to_dict(), image_shape, classes)  # the data must fit it
+            config.network, config.init_from = network.to_dict(), str(args.init_from)
+            if args.model is None:
+                where = f"--init-from {args.init_from}"
+            print(f"initial weights: {args.init_from}")
         print(f"network: {network.name or where} ({where}), {len(network.layers)} layers, "
               f"{network.num_params():,} parameters, input {list(network.input_shape)}")
     keep_freed_heap()  # process-wide malloc settings: the CLI's choice, not the library's (numba_cnn/runtime.py)
     with maybe_profile(args.profile, "train", args.backend):
-        result = train(config, data, out_dir=args.out, resume=args.resume)
+        result = train(config, data, out_dir=args.out, resume=args.resume, init=init)
     return result.exit_code
 
 
@@ -152,6 +192,37 @@ def cmd_evaluate(args):
     return 0
 
 
+def cmd_predict(args):
+    from numba_cnn import checkpoint as ckpt
+    from numba_cnn.kernels import get_backend
+    from numba_cnn.model import Model
+    from numba_cnn.predict import classify, format_json, format_results, run_preprocessing
+    from numba_cnn.runtime import set_threads
+
+    check_int_flag("threads", args.threads, optional=True)
+    path = ckpt.checkpoint_path(args.checkpoint)
+    params, _, meta, network = ckpt.load_checkpoint(path)
+    preprocessing = run_preprocessing(meta, network)
+    backend = get_backend(args.backend)
+    set_threads(args.threads, backend)
+    results = classify(Model(backend, params=params, network=network), args.images, preprocessing, args.resize)
+    if args.json:
+        print(format_json(results))
+    else:
+        print(f"checkpoint {path} (epoch {meta['epoch']}, step {meta['step']}), backend {args.backend}; the "
+              f"network takes {preprocessing.describe()}")
+        print(format_results(results))
+    return 0
+
+
+def cmd_export(args):
+    from numba_cnn.interop.files import export
+
+    paths, what = export(args.checkpoint, args.format, args.out, force=args.force)
+    print(f"written: {', '.join(map(str, paths))} ({what})")
+    return 0
+
+
 def format_confusion(confusion, class_names):
     """The confusion matrix as text: a row per true class, labelled with its number and name (just the number
     where the name is the number), a column per predicted class, headed by its number."""
@@ -171,6 +242,10 @@ def main(argv=None):
             return cmd_train(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "report":
             from numba_cnn import report
             return report.run(args)

@@ -60,7 +60,7 @@ def run_preprocessing(meta, network):
 
 
 def load_image(file, preprocessing, resize=False):
-    """One image file -> (uint8 pixels of preprocessing.shape, "resized from ..." or None)."""
+    """One image file -> (uint8 pixels of preprocessing.shape, what it was before --resize ("56x56 RGB") or None)."""
     if not Path(file).is_file():
         raise ImageError(f"{file}: no such file")
     pixels = read_image(file, FORMATS)
@@ -75,8 +75,7 @@ def load_image(file, preprocessing, resize=False):
     image = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
     image = image.convert("L" if shape[0] == 1 else "RGB").resize((shape[2], shape[1]), Image.Resampling.BILINEAR)
     fitted = np.asarray(image)
-    return (fitted[np.newaxis] if fitted.ndim == 2 else fitted.transpose(2, 0, 1)), \
-        f"resized from {describe_image(pixels.shape)}"
+    return (fitted[np.newaxis] if fitted.ndim == 2 else fitted.transpose(2, 0, 1)), describe_image(pixels.shape)
 
 
 def logits(model, images, batch_size=BATCH):
@@ -115,7 +114,7 @@ def classify(model, files, preprocessing, resize=False):
 def format_results(results):
     """The results as a table: a row per image, its predicted class, then the TOP likeliest with probabilities."""
     rows = [(r["image"], r["class"], "   ".join(f"{t['class']}: {100 * t['probability']:.2f}%" for t in r["top"])
-             + (f"   ({r['resized_from']})" if "resized_from" in r else "")) for r in results]
+             + (f"   (resized from {r['resized_from']})" if "resized_from" in r else "")) for r in results]
     header = ("image", "class", f"top {TOP}")
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(2)]
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in [header] + rows)

@@ -50,6 +50,7 @@ class TrainConfig:
     data: dict | None = None  # which data set, read from where, with the SHA-256 of what was read: numba_cnn.data's record
     divergence_stop: bool = True  # stop when the loss turns non-finite or explodes (numba_cnn/divergence.py)
     network: dict | None = None  # the network's description, input shape included (None: mnist-cnn on MNIST)
+    init_from: str | None = None  # the file the weights started from (train --init-from); None: seeded init
 
     def validate(self):
         for name in ("epochs", "batch_size"):
@@ -127,15 +128,19 @@ def default_out_dir(backend):
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{backend}"
 
 
-def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
+def train(config, data, out_dir=None, resume=None, log=print, on_step=None, init=None):
     """Train per `config` on data = ((x_train, y_train), (x_test, y_test)); returns a TrainResult.
 
     Images may be float (N, C, H, W) in [0, 1] or the raw uint8 pixels, which are scaled a batch at a time. The
     network is config.network's description (mnist-cnn when None), built for the images' shape.
 
     resume: a checkpoint path to continue from (its config and network are used, except backend, epochs and
-    threads, which `config` may change). on_step(global_step): called after every step (tests use it to interrupt).
+    threads, which `config` may change). init: {name: host array} for every parameter and buffer of the network,
+    the weights a new run starts from in place of the seeded initialisation (train --init-from; not with resume).
+    on_step(global_step): called after every step (tests use it to interrupt).
     """
+    if resume is not None and init is not None:
+        raise NumbaCNNError("a resumed run continues from its checkpoint's weights: init is for a new run")
     state = None
     if resume is not None:
         params, adam_state, meta, network = ckpt.load_checkpoint(resume)
@@ -168,7 +173,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None):
     threads = set_threads(config.threads, backend)
     L = backend.layers
 
-    model = Model(backend, seed=config.seed, params=None if state is None else state[0], network=network)
+    model = Model(backend, seed=config.seed, params=init if state is None else state[0], network=network)
     optimizer = Adam(model.params, L, lr=config.lr)
     order_rng = np.random.default_rng([config.seed, 1])
     dropout_rng = L.make_dropout_rng([config.seed, 2])

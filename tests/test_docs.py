@@ -240,7 +240,7 @@ def test_tile_table_agrees_with_tiles_py():
             assert registers <= constants["registers"], f"{name} needs {registers} registers of {constants['registers']}"
 
 
-def test_the_output_size_formula_on_the_page_is_the_code's():
+def test_the_output_size_formula_on_the_page_is_the_codes():
     """layers.md's `P = (H + top + bottom - R) // stride + 1`, evaluated, against contract.conv_output_size; and
     its 'same' padding rule against conv2d.same_padding."""
     from numba_cnn.kernels.contract import conv_output_size

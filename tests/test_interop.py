@@ -1,6 +1,7 @@
 """interop: a network built in PyTorch and in Keras from its description and numba_cnn's state computes what
-numba_cnn's Model computes, and the state comes back unchanged. Skipped where torch or keras is not installed
-(pip install -e ".[baselines]")."""
+numba_cnn's Model computes, and the state comes back unchanged, as does the description read from the framework's
+model; an ONNX graph written from the description computes the same in ONNX Runtime. Skipped where torch, keras or
+onnx is not installed (pip install -e ".[baselines,export]")."""
 
 import numpy as np
 import pytest
@@ -60,6 +61,14 @@ def images(network, n=4, seed=2):
     return np.random.default_rng(seed).random((n, *network.input_shape), dtype=np.float32)
 
 
+def assert_reads_as(read, network):
+    """A network read from a framework's model, with no description given, is `network` but for what does not
+    change the function (layer names; the last softmax, which PyTorch's modules do not hold)."""
+    from numba_cnn.interop.common import canonical
+
+    assert canonical(read).first_difference(canonical(network)) is None
+
+
 def test_torch_model_gives_numba_cnns_logits_and_state(network):
     torch = pytest.importorskip("torch")
     from numba_cnn.interop.torch import from_torch, to_torch
@@ -71,10 +80,13 @@ def test_torch_model_gives_numba_cnns_logits_and_state(network):
     with torch.no_grad():
         got = net(torch.from_numpy(x)).numpy()
     assert_close(got, reference_logits(network, state, x), np.float32, "torch logits")
-    back = from_torch(network, net)
-    assert back.keys() == state.keys()
+    read, back = from_torch(net, network=network)
+    assert read is network and back.keys() == state.keys()
     for name, value in state.items():
         np.testing.assert_array_equal(back[name], value, err_msg=name)
+    assert_reads_as(from_torch(net, network.input_shape)[0], network)
+    from_model = to_torch(Model("im2col", params=state, network=network)).state_dict()  # a Model is enough
+    assert all(torch.equal(from_model[name], tensor) for name, tensor in net.state_dict().items())
 
 
 def test_keras_model_gives_numba_cnns_outputs_and_state(network):
@@ -92,10 +104,41 @@ def test_keras_model_gives_numba_cnns_outputs_and_state(network):
     if network.layers[-1].activation == "softmax":  # the Keras model keeps the softmax; ours returns logits
         expected = softmax(expected)
     assert_close(got, expected, np.float32, "keras outputs")
-    back = from_keras(network, model)
-    assert back.keys() == state.keys()
+    read, back = from_keras(model, network=network)
+    assert read is network and back.keys() == state.keys()
     for name, value in state.items():
         np.testing.assert_array_equal(back[name], value, err_msg=name)
+    assert_reads_as(from_keras(model)[0], network)
+
+
+def test_onnx_graph_gives_numba_cnns_logits(network):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from numba_cnn.interop.onnx import to_onnx
+
+    state = random_state(network)
+    x = images(network)
+    session = ort.InferenceSession(to_onnx(network, state).SerializeToString(), providers=["CPUExecutionProvider"])
+    got, probabilities = session.run(["logits", "probabilities"], {"images": x})
+    expected = reference_logits(network, state, x)
+    assert_close(got, expected, np.float32, "onnx logits")
+    assert_close(probabilities, softmax(expected), np.float32, "onnx probabilities")
+
+
+def test_a_network_computing_the_same_takes_the_weights_under_its_own_names():
+    """adopt: a Conv2D then a bare ReLU takes the weights of a Conv2D with a fused ReLU, and a last Dense without
+    softmax those of one with; another filter count is refused, naming the layer."""
+    from numba_cnn.interop.common import InteropError, adopt
+
+    fused = build([Conv2D(4, 3, activation="relu"), Flatten(), Dense(3, activation="softmax")], (1, 6, 6))
+    apart = build([Conv2D(4, 3, name="c"), ReLU(), Flatten(), Dense(3, name="d")], (1, 6, 6))
+    state = random_state(fused)
+    moved = adopt(fused, state, apart, "the source")
+    assert moved.keys() == {"c.w", "c.b", "d.w", "d.b"}
+    np.testing.assert_array_equal(moved["c.w"], state["conv1.w"])
+    wider = build([Conv2D(5, 3), ReLU(), Flatten(), Dense(3)], (1, 6, 6))
+    with pytest.raises(InteropError, match=r"the source holds another network .*layer 1 differs: .*\"filters\": 5"):
+        adopt(fused, state, wider, "the source")
 
 
 def test_im2col_model_agrees_with_the_oracle_on_the_every_kind_network():

@@ -425,10 +425,6 @@ def main(argv=None):
           f"numba {info['numba']}, numpy {info['numpy']}")
     start = time.perf_counter()
     ladder = run_ladder(repeats=args.repeats, rounds=args.rounds)
-    from numba_cnn.runtime import sgemm_gflops
-
-    ladder["sgemm_gflops"] = max(sgemm_gflops())  # the best of its repeats: numpy's BLAS on all threads
-    print(f"sgemm (2048^3 float32 through numpy): {ladder['sgemm_gflops']:.0f} GFLOP/s")
     ladder["machine"] = info
     ladder["command"] = "python tools/ladder.py --write"  # the defaults: 3 rounds of 10
     ladder["seconds"] = round(time.perf_counter() - start, 1)

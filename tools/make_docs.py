@@ -36,7 +36,7 @@ IMG = DOCS / "img"
 RESULTS = DOCS / "results.json"
 PAGES = [ROOT / "README.md"] + sorted(DOCS.glob("*.md"))
 BLOCK_RE = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
-FIGURE_RE = re.compile(r"([-+]?\d[\d,]*(?:\.\d+)?)<!--fig:([\w.-]+)-->")
+FIGURE_RE = re.compile(r"(?<![\d.,])(\d[\d,]*(?:\.\d+)?)<!--fig:([\w.-]+)-->")  # unsigned: 5.3-7.4 is a range
 NO_PADDING = (0, 0, 0, 0)
 
 # ---------------------------------------------------------------- the worked example's numbers
@@ -108,6 +108,13 @@ def side_by_side(*blocks, gap=4):
         parts = [(b[i] if i < len(b) else "").ljust(wd) for b, wd in zip(blocks, widths)]
         out.append((" " * gap).join(parts).rstrip())
     return out
+
+
+def para(text):
+    """A paragraph of generated prose, wrapped as the pages are (at most 116 characters a line)."""
+    import textwrap
+
+    return textwrap.fill(" ".join(text.split()), width=116, break_on_hyphens=False, break_long_words=False)
 
 
 def code(lines):
@@ -418,15 +425,16 @@ def block_ladder_table():
     rows = ["| step | what changes | ms per batch of 128 | GFLOP/s | x naive |", "|---|---|---|---|---|"]
     for entry in ladder["steps"]:
         label = str(entry["step"]) if entry["rung"] else "(beside it)"
-        rows.append(f"| {label} | {entry['title']} | {ms(entry['ms'])} | {gflops(entry['gflops'])} | "
-                    f"{naive_ms / entry['ms']:,.0f} |")
-    notes = (f"\nMachine: {machine_line(ladder)}. Command: `{ladder['command'].split('  #')[0]}`. Each time is the "
+        forward = entry["flops"] == ladder["flops"]  # the backward rows do other work: no ratio to naive's forward
+        ratio = f"{naive_ms / entry['ms']:,.0f}" if forward else "-"
+        rows.append(f"| {label} | {entry['title']} | {ms(entry['ms'])} | {gflops(entry['gflops'])} | {ratio} |")
+    notes = (f"Machine: {machine_line(ladder)}. Command: `{ladder['command'].split('  #')[0]}`. Each time is the "
              f"minimum over {ladder['rounds']} rounds of {ladder['repeats']} calls, the steps taking turns (naive: "
              f"one call a round on {ladder['naive_images']} images, scaled to 128; @njit: "
              f"{max(1, ladder['repeats'] // 2)} calls). GFLOP/s count the dense convolution's "
              f"{ladder['flops'] / 1e6:.0f} MFLOP (forward) or twice that (backward), also where a kernel skips "
-             f"work.\n")
-    return "\n".join(rows) + "\n" + notes
+             f"work.")
+    return "\n".join(rows) + "\n\n" + para(notes) + "\n"
 
 
 def block_ladder_summary():
@@ -438,12 +446,12 @@ def block_ladder_summary():
     listed, dense = step("listed_backward"), step("dense_backward")
     rows.append(f"| {listed['step']} | backward (dX, dW, db): listed, fused / dense | {ms(listed['ms'])} / "
                 f"{ms(dense['ms'])} | {gflops(listed['gflops'])} / {gflops(dense['gflops'])} |")
-    return "\n".join(rows) + "\n\n" + f"Measured on {machine_line(results()['ladder'])}.\n"
+    return "\n".join(rows) + "\n\n" + para(f"Measured on {machine_line(results()['ladder'])}.") + "\n"
 
 
 def asm_lines(name, limit=None):
     entry = results()["ladder"]["asm"][name]
-    return entry["excerpt"][:limit] if limit else entry["excerpt"]
+    return list(entry["excerpt"][:limit] if limit else entry["excerpt"])  # a copy: results() is cached
 
 
 def block_asm_tile():
@@ -452,11 +460,12 @@ def block_asm_tile():
     strict = ladder["asm"]["tile_strict"]
     lines = asm_lines("tile")
     lines += ["", f"vfmadd instructions: {tile['counts']['vfmadd']} with fastmath contract "
-                  f"(registers: {', '.join(tile['fma_registers'])}); {strict['counts']['vfmadd']} without, "
-                  f"where the tile compiles to {strict['counts']['vmulps']} vmulps + {strict['counts']['vaddps']} "
-                  f"vaddps instead"]
-    return code(lines) + f"\n{ladder['machine']['cpu']} ({ladder['machine']['isa']}), " \
-                         f"numba {ladder['machine']['numba']}: `python tools/ladder.py --write`.\n"
+                  f"(registers: {', '.join(tile['fma_registers'])});",
+              f"{strict['counts']['vfmadd']} without, where the tile compiles to {strict['counts']['vmulps']} vmulps + "
+              f"{strict['counts']['vaddps']} vaddps instead"]
+    m = ladder["machine"]
+    return code(lines) + "\n" + para(f"Compiled on {m['cpu']}, {m['isa']}, numba {m['numba']}, by "
+                                      f"`python tools/ladder.py --write`.") + "\n"
 
 
 def block_asm_small():
@@ -475,7 +484,9 @@ def block_asm_small():
 
 def block_asm_axpy():
     ladder = results()["ladder"]
-    return code(asm_lines("axpy_contract")) + f"\n{ladder['machine']['cpu']} ({ladder['machine']['isa']}).\n"
+    m = ladder["machine"]
+    return code(asm_lines("axpy_contract")) + "\n" + para(f"Compiled on {m['cpu']}, {m['isa']}, numba "
+                                                           f"{m['numba']}, by `python tools/ladder.py --write`.") + "\n"
 
 
 def source_of(name):
@@ -532,21 +543,27 @@ def block_training_table():
     rows = ["| epoch | test accuracy | seconds |", "|---|---|---|"]
     for i, (acc, sec) in enumerate(zip(run["test_accuracies"], run["epoch_seconds"]), 1):
         rows.append(f"| {i} | {acc * 100:.2f}% | {sec:.2f} |")
-    extra = f" The warm-up before the first epoch took {run['compile_s']:.1f} s"
-    extra += " on an empty kernel cache" if run.get("cold_cache") else ""
-    if "cache_load_s" in run:
-        extra += f", and {run['cache_load_s']:.2f} s from the disk cache in a later run"
-    return "\n".join(rows) + f"\n\n`{run['command']}` on {run['machine_line']}.{extra}.\n"
+    note = (f"`{run['command']}` on {run['machine_line']}. Its warm-up loaded the compiled kernels from the disk "
+            f"cache in {run['cache_load_s']:.2f} s")
+    if "compile_s" in run:
+        note += f"; compiling them on an empty cache took {run['compile_s']:.1f} s (`{run['compile_command']}`)"
+    return "\n".join(rows) + "\n\n" + para(note + ".") + "\n"
 
 
 def block_layer_table():
     run = training_record()
-    rows = ["| section | forward ms per batch | backward ms per batch | share of the epoch |", "|---|---|---|---|"]
+    rows = ["| section | forward ms per batch | backward ms per batch | other ms per batch | share of the epoch |",
+            "|---|---|---|---|---|"]
+
+    def cell(value):
+        return f"{value:.2f}" if value else ""
+
     for entry in run["layers"]:
-        fwd = f"{entry['forward_ms']:.2f}" if entry["forward_ms"] else ""
-        bwd = f"{entry['backward_ms']:.2f}" if entry["backward_ms"] else ""
-        rows.append(f"| {entry['name']} | {fwd} | {bwd} | {entry['share'] * 100:.1f}% |")
-    return "\n".join(rows) + f"\n\nEpoch {run['layer_epoch']} of `{run['command']}` on {run['machine_line']}.\n"
+        rows.append(f"| {entry['name']} | {cell(entry['forward_ms'])} | {cell(entry['backward_ms'])} | "
+                    f"{cell(entry.get('other_ms', 0.0))} | {entry['share'] * 100:.1f}% |")
+    return "\n".join(rows) + "\n\n" + para(f"Epoch {run['layer_epoch']} (the fastest) of `{run['command']}` on "
+                                           f"{run['machine_line']}. \"Other\": gathering and scaling the batch "
+                                           f"(data), the Adam step (optimizer).") + "\n"
 
 
 def figures():
@@ -569,6 +586,7 @@ def figures():
             "ladder.channels_last.x_njit": f"{njit['ms'] / cl['ms']:.1f}",
             "ladder.tile.ms": ms(tile["ms"]),
             "ladder.tile.gflops": gflops(tile["gflops"]),
+            "ladder.tile.macs_per_ns": f"{tile['gflops'] / 2:.0f}",
             "ladder.tile.x_channels_last": f"{cl['ms'] / tile['ms']:.1f}",
             "ladder.tile_strict.ms": ms(step("tile_strict")["ms"]),
             "ladder.prange.ms": ms(threads["ms"]),
@@ -588,10 +606,7 @@ def figures():
             "ladder.x_njit_to_prange": f"{njit['ms'] / threads['ms']:.0f}",
             "ladder.naive.ms_per_mac_ns": f"{naive['ms'] * 1e6 / (ladder['flops'] / 2):.0f}",
         })
-        if "sgemm_gflops" in ladder:
-            out["ladder.sgemm_gflops"] = f"{ladder['sgemm_gflops']:.0f}"
-            out["ladder.epoch_at_sgemm_s"] = f"{per_image * 6e4 / 1e9 / ladder['sgemm_gflops']:.1f}"
-            out["ladder.fused.share_of_sgemm"] = f"{fused['gflops'] / ladder['sgemm_gflops'] * 100:.0f}"
+        out["ladder.epoch_at_fused_s"] = f"{per_image * 6e4 / 1e9 / fused['gflops']:.1f}"
     if "training" in results():
         run = training_record()
         out.update({

@@ -2,15 +2,15 @@
 an input shape, and the FLOPs its layers count.
 
 The input shape is the first of: `--input-shape C,H,W`; the shape `--dataset` declares; the description's own
-`input_shape`; the preset's usual data (PRESET_INPUT_SHAPES: 3x32x32 for the VGG-style presets, MNIST's 1x28x28
+`input_shape`; the preset's usual data (presets.PRESET_INPUT_SHAPES: 3x32x32 for the VGG-style presets, MNIST's 1x28x28
 for the rest and for a description that states none).
 """
 
 from numba_cnn.errors import NumbaCNNError
 from numba_cnn.model import DEFAULT_INPUT_SHAPE
 from numba_cnn.network import DEFAULT_PRESET, from_dict, resolve_description
+from numba_cnn.network.presets import PRESET_INPUT_SHAPES
 
-PRESET_INPUT_SHAPES = {"vgg-small": (3, 32, 32), "vgg-small-bn": (3, 32, 32)}
 DEFAULT_NUM_CLASSES = 10
 
 FLOP_FORMULA = ("2 FLOPs per multiply-add of each layer's dense count (Layer.macs: convolution K*C*R*S*P*Q per "

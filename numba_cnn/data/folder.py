@@ -40,7 +40,8 @@ def read_image_folder(path):
     for file, _, image in read["train"] + read["test"]:
         if image.shape != first_image.shape:
             raise DataError(f"{file}: {describe_image(image.shape)}, but the first image, {first_file}, is "
-                            f"{describe_image(first_image.shape)}: all images must be one size, and all grey or all RGB")
+                            f"{describe_image(first_image.shape)}: all images must be one size, and all grey or all "
+                            f"RGB")
     arrays, sha256 = [], {}
     for split in SPLITS:
         images = np.stack([image for _, _, image in read[split]])

@@ -9,7 +9,7 @@ from numba_cnn.errors import NumbaCNNError
 from numba_cnn.network import KINDS, DescriptionError, build
 from numba_cnn.network.layers import Conv2D, Dense, ReLU
 
-INSTALL = {"onnx": "export", "onnxruntime": "export", "torch": "baselines", "keras": "baselines"}
+INSTALL = {"onnx": "export", "torch": "baselines", "keras": "baselines"}  # the extra that brings each
 
 
 class InteropError(NumbaCNNError):

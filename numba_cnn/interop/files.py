@@ -52,7 +52,8 @@ def export(checkpoint, format, out, force=False):
         if target.exists() and not force:
             raise InteropError(f"{target} exists; pass --force to replace it")
         if not target.parent.is_dir():
-            raise InteropError(f"cannot write {target}: the folder {target.parent} does not exist")
+            why = "is not a folder" if target.parent.exists() else "does not exist"
+            raise InteropError(f"cannot write {target}: {target.parent} {why}")
     try:
         return paths, WRITERS[format](network, params, run_preprocessing(meta, network), paths[0])
     except OSError as exc:
@@ -83,7 +84,8 @@ def _write_keras(network, params, preprocessing, path):
     from numba_cnn.interop.keras import channels_last, save_keras
 
     save_keras(network, params, path)
-    return f"Keras model: channels-last input {_input(channels_last(network.input_shape))}"
+    output = "probabilities" if getattr(network.layers[-1], "activation", None) == "softmax" else "logits"
+    return f"Keras model: channels-last input {_input(channels_last(network.input_shape))}; output {output}"
 
 
 WRITERS = {"onnx": _write_onnx, "torch": _write_torch, "keras": _write_keras}

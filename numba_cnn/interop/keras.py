@@ -13,7 +13,6 @@ Permute) reads the image in (H, W, C) order: the rows of the Dense weights after
 Files are loaded with safe_mode=True: a .keras file whose config would run code (a Lambda layer) is refused.
 """
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -32,12 +31,6 @@ def channels_last(shape):
 def channels_first(shape):
     """(H, W, C) -> (C, H, W); a flat (D,) stays."""
     return (shape[-1], *shape[:-1]) if len(shape) == 3 else tuple(shape)
-
-
-def import_keras():
-    """keras, or an InteropError with the install line; TensorFlow's start-up chatter kept off stderr."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return require("keras")
 
 
 def _weighted(keras_layers, layer):
@@ -101,7 +94,7 @@ def from_keras(model, network=None):
 def save_keras(network, state, path):
     """to_keras's model as a .keras file at `path`, which appears whole or not at all (Keras writes it under a
     temporary name, then its bytes are moved into place)."""
-    import_keras()
+    require("keras")
     model = to_keras(network, state)
     with tempfile.TemporaryDirectory() as folder:
         staged = Path(folder) / "model.keras"
@@ -111,7 +104,7 @@ def save_keras(network, state, path):
 
 def load_keras(path, network=None):
     """A .keras file -> (network, state), as from_keras reads its model; loaded in Keras's safe mode, uncompiled."""
-    keras = import_keras()
+    keras = require("keras")
     try:
         model = keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as exc:  # Keras raises many kinds (ValueError, OSError, TypeError, zip errors) on a bad file

@@ -48,4 +48,7 @@ def vgg_small_bn(num_classes=10):
 
 
 PRESETS = {"mnist-cnn": mnist_cnn, "lenet5": lenet5, "vgg-small": vgg_small, "vgg-small-bn": vgg_small_bn}
+# The data each preset is made for, (C, H, W): what the bench feeds a preset when no data set is named.
+PRESET_INPUT_SHAPES = {"mnist-cnn": (1, 28, 28), "lenet5": (1, 28, 28), "vgg-small": (3, 32, 32),
+                       "vgg-small-bn": (3, 32, 32)}
 DEFAULT_PRESET = "mnist-cnn"
