@@ -17,7 +17,7 @@ from numba_cnn.errors import NumbaCNNError, check_int_flag
 
 SGEMM_SIZE = 2048
 SGEMM_REPEATS = 3
-STREAM_MIB = 64  # per array; the three arrays of the add are six times this machine's 32 MB L3
+STREAM_MIB = 64  # per array; the three arrays of the add are several times a typical L3, so it measures memory
 STREAM_METHOD = ("STREAM's add c = a + b over float32 arrays of {mib} MiB each, split between {threads} thread(s); "
                  "GB/s counts the bytes read and written (12 per element), not the write-allocate reads")
 
@@ -25,9 +25,9 @@ STREAM_METHOD = ("STREAM's add c = a + b over float32 arrays of {mib} MiB each, 
 # glibc's malloc hands the free top of its heap back to the system once more than M_TRIM_THRESHOLD bytes lie
 # there, and its default threshold moves with the sizes freed. A training step frees and makes again a few megabytes
 # of batch-sized arrays (dropout's y and mask, the dense layer's dx, the scaled batch): when the heap was trimmed
-# between steps each came back as fresh pages, measured 540 page faults a step in `train`, 14% of a jit epoch
-# (6.30 -> 5.44 s, AMD EPYC Zen 3, 2 threads). Keeping up to HEAP_KEPT_BYTES free, and serving allocations below
-# MMAP_MIN_BYTES from the heap, makes a step fault-free; memory the process once held stays held for reuse.
+# between steps each came back as fresh pages, hundreds of page faults a step in `train`, a sizeable share of a jit
+# epoch. Keeping up to HEAP_KEPT_BYTES free, and serving allocations below MMAP_MIN_BYTES from the heap, makes a
+# step fault-free; memory the process once held stays held for reuse.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
 HEAP_KEPT_BYTES = 256 << 20
 MMAP_MIN_BYTES = 32 << 20

@@ -2,6 +2,9 @@
 imports, directly or through others, a module that imports it back)."""
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
 
 import numba_cnn
@@ -70,3 +73,43 @@ def test_the_cycle_check_can_fail(tmp_path):
     known = {"pkg.a": tmp_path / "a.py", "pkg.b": tmp_path / "b.py"}
     assert imported_modules("pkg.a", known["pkg.a"], known) == {"pkg.b"}
     assert imported_modules("pkg.b", known["pkg.b"], known) == {"pkg.a"}
+
+
+# Measurements belong in docs/results.md with their machine and command; code comments and docstrings give reasons.
+MEASUREMENT_PATTERNS = {
+    "a CPU name": re.compile(r"\b(Zen ?\d|EPYC|Xeon|Sapphire Rapids|Ryzen|Skylake|Ice Lake|Cascade Lake)\b"),
+    "a date": re.compile(r"\b20\d\d-\d\d-\d\d\b"),
+    "a time in ms or us": re.compile(r"\b\d+(\.\d+)?(-\d+(\.\d+)?)? ?(ms|us|µs)\b"),
+}
+
+
+def comments_and_docstrings(path):
+    """(line, text) of every comment and docstring in a module."""
+    source = path.read_text()
+    found = [(tok.start[0], tok.string) for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+             if tok.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                found.append((node.body[0].lineno, doc))
+    return found
+
+
+def measurements_in(path):
+    return [f"{path.relative_to(PACKAGE.parent)}:{line}: {what}" for line, text in comments_and_docstrings(path)
+            for what, pattern in MEASUREMENT_PATTERNS.items() if pattern.search(text)]
+
+
+def test_comments_and_docstrings_hold_no_measurements():
+    found = [hit for path in modules().values() for hit in measurements_in(path)]
+    assert not found, f"measurements in comments or docstrings (they go to docs/results.md): {found[:10]}"
+
+
+def test_the_measurement_check_can_fail(tmp_path):
+    module = tmp_path / "pkg" / "m.py"
+    module.parent.mkdir()
+    module.write_text('"""Kernels."""\n\nX = 1  # 3.5 ms on a Zen 3, 2026-11-27\n')
+    hits = [what for _, text in comments_and_docstrings(module) for what, pattern in MEASUREMENT_PATTERNS.items()
+            if pattern.search(text)]
+    assert sorted(hits) == ["a CPU name", "a date", "a time in ms or us"]

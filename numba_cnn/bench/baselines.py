@@ -35,8 +35,8 @@ INSTALL_HINT = ('pip install -e ".[baselines]" (torch==2.13.0 and keras; tensorf
 
 # PyTorch's CPU settings worth trying: eager NCHW (its default), channels_last memory format, flush-denormal
 # (denormal floats slow x86 arithmetic), and torch.compile. "torch" runs the three eager ones and the comparison
-# takes the fastest; "torch:compile" is tried by name (on 2 cores it was slower than eager and compiles for
-# 10-40 s). "torch:cuda" runs eager NCHW on the GPU, the peer of the cuda backend.
+# takes the fastest; "torch:compile" is tried by name (on 2 cores it was slower than eager, and its compile adds
+# tens of seconds). "torch:cuda" runs eager NCHW on the GPU, the peer of the cuda backend.
 TORCH_VARIANTS = ("nchw", "channels_last", "flush_denormal", "compile", "cuda")
 TORCH_DEFAULT_VARIANTS = ("nchw", "channels_last", "flush_denormal")
 KERAS_BACKENDS = ("tensorflow", "torch")

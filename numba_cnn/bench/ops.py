@@ -34,7 +34,7 @@ from numba_cnn.network.plan import plan
 from numba_cnn.runtime import (SGEMM_SIZE, STREAM_METHOD, STREAM_MIB, default_threads, keep_freed_heap,
                                machine_description, set_threads, sgemm_gflops, stream_gbs)
 
-# OpenBLAS's idle workers spin for 2^28 cycles (its default THREAD_TIMEOUT, about 0.1 s here) before sleeping.
+# OpenBLAS's idle workers spin for 2^28 cycles (its default THREAD_TIMEOUT, a fraction of a second) before sleeping.
 BLAS_SETTLE_S = 0.3
 DEFAULT_OP_BACKENDS = ("naive", "im2col", "jit")
 
@@ -140,8 +140,8 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, network=None, layers=None, batch_siz
 
     # Each backend times its repeats in one block, under the thread settings `train` gives it, after a pause and an
     # untimed call: OpenBLAS workers keep spinning for a while after each BLAS call (the oracle's, the sgemm's,
-    # im2col's), and interleaved call by call they took the cores a jit kernel needed (jit conv2 forward measured
-    # 13-16 ms that way, 3.5 ms in a block of its own).
+    # im2col's), and interleaved call by call they took the cores a jit kernel needed (jit's conv2 forward ran
+    # several times slower that way than in a block of its own).
     by_name = {k.name: k for k in resolved}
     for key in order:
         for k in resolved:

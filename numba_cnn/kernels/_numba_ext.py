@@ -8,7 +8,7 @@ for, not the CPU vendor: avx512f gives 512-bit vectors and 32 vector registers, 
 
 Register tile. `stack_tile(size, dtype)` is, interpreted, a plain heap array; compiled, a 1-D array over an
 `alloca` of `size` (a compile-time constant) elements. Once LLVM unrolls a tile loop the indices are constants and
-SROA promotes the alloca to vector registers; a np.empty tile stays in memory (measured 2-5x slower). It is
+SROA promotes the alloca to vector registers; a np.empty tile stays in memory (several times slower). It is
 memory-safe: the overload is inlined ("always") into the kernel that calls it, and `cgutils.alloca_once` places the
 alloca in that function's entry block, so the storage lives in the kernel's own stack frame, is allocated once per
 call (not per loop iteration: the stack cannot grow in a loop) and dies when the kernel returns; the array struct

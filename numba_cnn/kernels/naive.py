@@ -13,7 +13,7 @@ Padding is an explicit zero-padded copy of x (np.pad, numpy's one job besides al
 checks in the innermost loop, so the loops read exactly as the contract's formula (dx likewise: a padded gradient,
 cropped at the end).
 
-Readable first and slow on purpose (about a second per image for conv2's forward): this is the version to read
+Readable first and slow on purpose (interpreted loops, orders of magnitude behind jit): this is the version to read
 beside the others, and it runs in the tests on tiny shapes only. Arithmetic stays in the input's dtype (numpy
 scalars), so float32 in gives float32 rounding, as in the other backends; sums accumulate in that dtype too.
 """

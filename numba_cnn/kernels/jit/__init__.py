@@ -1,15 +1,15 @@
 """jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked, no BLAS.
 
-The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, 2x2 pooling, and the tile shapes of
-every convolution kernel with their reasons), general.py (the convolution of any stride), norm.py (pooling of other windows, average pooling,
-batch normalisation), sparse.py (the fused backward's listed kernels, channels-last packing) and layers.py
-(dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (it does not notice a
-change in another module's helper); this file holds the contract functions and the host-side glue that packs
-inputs and calls them.
+The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, 2x2 pooling, and the tile shapes of every
+convolution kernel with their reasons), general.py (the convolution of any stride), norm.py (pooling of other windows,
+average pooling, batch normalisation), sparse.py (the fused backward's listed kernels, channels-last packing) and
+layers.py (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (it does not notice
+a change in another module's helper); this file holds the contract functions and the host-side glue that packs inputs
+and calls them.
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
-is promoted to vector registers (a np.empty tile stays in memory: measured 2-5x slower). The innermost loop runs
+is promoted to vector registers (a np.empty tile stays in memory, several times slower). The innermost loop runs
 over `lanes` channels contiguous in memory and compiles to FMAs as wide as the target's vectors. Tile shapes are
 chosen once, in tiles.py (`CONV_TILE_*`, `CONV_POOL_TILE`, `GRAD_LANES_*`), from the vector width and register count
 of the instruction set numba compiles for (`_numba_ext.TILE_BITS` / `TILE_REGISTERS`, which honour
@@ -18,10 +18,9 @@ target 32 zmm.
 
 Layout. The ops take NCHW arrays stored either way (INFO.channels_last: the registry passes an NHWC buffer viewed
 as NCHW through as it is), and conv1's fused ops hand the next ones channels-last arrays: conv1's pooled output and
-argmax, and conv2's input gradient, so the activation between the two convolutions is never transposed (measured
-on 1 thread, a training step 20.2-21.0 ms against 22.2-22.5 packing it to channels-last and back: the packing in
-conv2's forward and again in its backward, the transposes in both backward kernels). Where a kernel reads the
-other layout, `nchw` / `nhwc` (jit/buffers.py) copy.
+argmax, and conv2's input gradient, so the activation between the two convolutions is never transposed (which
+saves the packing in conv2's forward and again in its backward, and the transposes in both backward kernels).
+Where a kernel reads the other layout, `nchw` / `nhwc` (jit/buffers.py) copy.
 
 conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channels-last (N, H, W, C) by
                  `_pack_channels_last` (a view when x is stored so, a free reshape when C = 1; with padding, numpy's
@@ -82,24 +81,23 @@ conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair o
                  ones so that pooling reads both at one offset, whose y and argmax come channels-last. Both sum
                  each output as conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the
                  pooled values and argmax are bitwise those of the composed ops (tested).
-conv2d_relu_maxpool2d_backward  with finite x and w (`_pooled_grad_lists` checks each image of x), over the
-                 list of the conv output's nonzero gradients: pooling passes each window's gradient to one of its
-                 four elements, the ReLU's select zeroes more, and in training dropout zeroes half of the pooled
-                 gradients before that (conv2 lists 9.5 of its 25 windows per image and channel, measured at step
-                 60 of a run). Per (image, output channel) `_pooled_grad_lists` lists the masked values, each with
-                 the offset of its window's winner in the channels-last input, and their per-image sums (db); dw is
+conv2d_relu_maxpool2d_backward  with finite x and w (`_pooled_grad_lists` checks each image of x), over the list of the
+                 conv output's nonzero gradients: pooling passes each window's gradient to one of its four elements, the
+                 ReLU's select zeroes more, and in training dropout zeroes half of the pooled gradients before that
+                 (conv2 lists well under half of its windows per image and channel, so most of its backward arithmetic
+                 is skipped). Per (image, output channel) `_pooled_grad_lists` lists the masked values, each with the
+                 offset of its window's winner in the channels-last input, and their per-image sums (db); dw is
                  `_listed_weight_grad`: per (output channel, kernel row), the row's S x C values in a register tile
-                 (LISTED_BLOCK of them) while the listed elements of LISTED_IMAGES images add value x input row
-                 into it, the output channels dealt to the threads in turn, images in order; dx is
-                 `_listed_input_grad`: per image, each listed value times the kernel's rows added into dx, stored
-                 channels-last. Another summation order than the composition's, so equal to it within float
-                 rounding (tested against it and the oracle). Where a kernel row holds fewer than LISTED_MIN_SPAN
-                 values and dx is not wanted (conv1: 3) the scatters are too short to pay, and with non-finite x or
-                 w the skipped zeros matter (0 * inf is NaN in the composition): then `_unpool_pack` scatters the
-                 masked pooled gradient (dy, y and argmax channels-last, as conv1's arrive) through argmax straight
-                 into the channels-last dy buffer the dense dw and dx kernels read, with the same per-image db
-                 sums, bitwise the composed ops' results; weights holding NaN or inf take `_input_grad_by_taps`
-                 for dx, which skips the zero padding that 0 * inf would turn into NaN.
+                 (LISTED_BLOCK of them) while the listed elements of LISTED_IMAGES images add value x input row into it,
+                 the output channels dealt to the threads in turn, images in order; dx is `_listed_input_grad`: per
+                 image, each listed value times the kernel's rows added into dx, stored channels-last. Another summation
+                 order than the composition's, so equal to it within float rounding (tested against it and the oracle).
+                 Where a kernel row holds fewer than LISTED_MIN_SPAN values and dx is not wanted (conv1: 3) the scatters
+                 are too short to pay, and with non-finite x or w the skipped zeros matter (0 * inf is NaN in the
+                 composition): then `_unpool_pack` scatters the masked pooled gradient (dy, y and argmax channels-last,
+                 as conv1's arrive) through argmax straight into the channels-last dy buffer the dense dw and dx kernels
+                 read, with the same per-image db sums, bitwise the composed ops' results; weights holding NaN or inf
+                 take `_input_grad_by_taps` for dx, which skips the zero padding that 0 * inf would turn into NaN.
 
 Private variants: `_conv_tile_narrow` / `_conv_tile_wide` (K <= CONV_TILE_NARROW lanes or wider), the same for
 `_weight_grad_*` (one kernel when both shapes agree, as on AVX2); the fused `_conv_pool` has one tile (CONV_POOL_TILE,
@@ -113,14 +111,13 @@ per-image sums, pooling over planes, batch normalisation's sums one channel per 
 from a counter-based generator (layers.py). All float work is in the input's dtype (float32 or float64), but for
 the float64 sums of average pooling and batch normalisation.
 
-Compilation: every kernel goes through `_numba_ext.jit` (one set of options), compiles lazily on its first call
-for a dtype, and is cached on disk (`cache=True`) in `__pycache__` next to this file or, when the package
-directory is not writable, in numba's user cache directory (NUMBA_CACHE_DIR overrides both). NUMBA_CNN_CACHE=0
-turns the disk cache off; if no cache location is usable at all, the kernels compile uncached with a warning.
-On a cold cache, training's warm-up compiles every float32 kernel of the model's ops, half here and half in a
-second process at once (`precompile`, the registry's Backend.precompile); the kernels of general.py and norm.py
-are left out and compile on their first call, as a network that uses them needs. NUMBA_CNN_STACK_TILES=0 swaps the register tiles
-for heap arrays (see `_numba_ext`).
+Compilation: every kernel goes through `_numba_ext.jit` (one set of options), compiles lazily on its first call for a
+dtype, and is cached on disk (`cache=True`) in `__pycache__` next to this file or, when the package directory is not
+writable, in numba's user cache directory (NUMBA_CACHE_DIR overrides both). NUMBA_CNN_CACHE=0 turns the disk cache off;
+if no cache location is usable at all, the kernels compile uncached with a warning. On a cold cache, training's warm-up
+compiles every float32 kernel of the model's ops, half here and half in a second process at once (`precompile`, the
+registry's Backend.precompile); the kernels of general.py and norm.py are left out and compile on their first call, as a
+network that uses them needs. NUMBA_CNN_STACK_TILES=0 swaps the register tiles for heap arrays (see `_numba_ext`).
 """
 
 import sys
@@ -148,8 +145,7 @@ from numba_cnn.kernels.jit.sparse import (_listed_input_grad, _listed_weight_gra
 LISTED_MIN_SPAN = 8
 
 # BLAS at one thread: its only BLAS calls are the dense layer's small matmuls, and OpenBLAS workers that keep
-# spinning after each call take the core Numba's threads need (2 cores: a training step measured 41.6 ms with 2
-# BLAS threads, 23.6 ms with 1).
+# spinning after each call take the cores Numba's threads need (on 2 cores, a training step slows markedly).
 
 INFO = BackendInfo(summary="register-tiled loop kernels compiled by Numba (parallel=True)", blas_threads="one",
                    fused=("conv2d_relu_maxpool2d",), channels_last=True)
@@ -202,7 +198,7 @@ def _packed_weights(w_rsck, bias, lanes, dtype):
 def _padded_channels_last(x, padding, min_width=0, buffer_name="x_padded"):
     """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right), channels last, in a scratch
     buffer: xp[N, H + top + bottom, max(W + left + right, min_width), C] (extra zero columns on the right). numpy's
-    transposing copy into the buffer measured cheaper than `_pack_channels_last` (which also sums channels) and
+    transposing copy into the buffer is cheaper than `_pack_channels_last` (which also sums channels) and
     than np.pad followed by that packing."""
     n, c, h, wd = x.shape
     top, bottom, left, right = padding
@@ -517,7 +513,7 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx):
     values or dx wanted, over the list of the conv output's nonzero gradients (`_listed_backward`: within float
     rounding of the composition, another summation order). Otherwise the composition's arithmetic, bitwise (so
     that 0 * inf gives NaN as it does there): the pooled gradient scattered straight into the packed conv gradient,
-    then the tiled weight gradient (conv1: measured 2.0 ms against 3.8 listed, as each scatter is 3 values long).
+    then the tiled weight gradient (faster for conv1, whose listed scatters are only 3 values long).
     """
     k, c, r, s = w.shape
     if (need_dx or s * c >= LISTED_MIN_SPAN) and np.isfinite(w).all():

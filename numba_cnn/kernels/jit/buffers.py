@@ -1,8 +1,8 @@
 """The jit backend's host-side buffers and layouts: internal packed data lives in per-thread `scratch` buffers; the
 multi-megabyte arrays returned (the fused forward's y and argmax, every correlation's y, so dx) come from
-`reusable_output`, which recycles an array it returned before only once nothing else references it (a training step
-then makes no page faults: 1720 per step before, ~4 ms of a 25 ms step). And the copies between the two layouts the
-ops take, NCHW and channels-last, and the zero padding of inputs narrower than a tile.
+`reusable_output`, which recycles an array it returned before only once nothing else references it (so a training
+step makes no page faults on them). And the copies between the two layouts the ops take, NCHW and channels-last,
+and the zero padding of inputs narrower than a tile.
 """
 
 import sys
@@ -16,8 +16,8 @@ _SCRATCH_KEPT = 16  # buffers kept per thread: a training step uses 7 (conv2's 5
 
 def scratch(name, shape, dtype):
     """A reusable uninitialised buffer for internal data that never leaves the backend, one per (name, shape,
-    dtype): fresh multi-megabyte arrays cost a page fault per 4 KiB on every call (measured ~12 ms of system
-    time per training step). The oldest buffer is dropped beyond _SCRATCH_KEPT."""
+    dtype): fresh multi-megabyte arrays cost a page fault per 4 KiB on every call, all of it system time. The
+    oldest buffer is dropped beyond _SCRATCH_KEPT."""
     buffers = _per_thread.__dict__.setdefault("by_key", {})
     key = (name, shape, np.dtype(dtype).str)
     buffer = buffers.get(key)
@@ -35,8 +35,8 @@ def reusable_output(shape, dtype):
     """An uninitialised array to return, recycled: one this function returned before and nobody holds any more
     (no reference but this pool's: no caller variable, view or buffer export), else a fresh one. A returned array
     is never handed out again while it is in use; the kernels write every element of their outputs. Fresh
-    multi-megabyte outputs cost a page fault per 4 KiB on first touch, inside the parallel kernels (measured:
-    1320 of a training step's 1720 minor faults, ~4 ms of its 25)."""
+    multi-megabyte outputs cost a page fault per 4 KiB on first touch, inside the parallel kernels (most of a
+    training step's faults before this pool)."""
     pools = _per_thread.__dict__.setdefault("outputs", {})
     key = (shape, np.dtype(dtype).str)
     pool = pools.get(key)

@@ -13,23 +13,23 @@ import numpy as np
 from numba_cnn.kernels._numba_ext import CACHE
 from numba_cnn.kernels.jit.tiles import _conv_tile_narrow, _conv_tile_wide
 
-# Compiling ahead, on a cold disk cache. Numba compiles one function at a time in a process: the backend's 15 float32
-# kernels (on AVX2) took 23.2 s to compile one after the other (AMD EPYC Zen 3, 2026-11-27). `precompile` compiles
-# every one of them, half in this process and half in a second Python process at once (12.7-13.4 s);
-# the second process's machine code reaches this one through the disk cache, which two processes may fill at once
-# (tests/test_concurrent_cache.py). With a warm cache, or no disk cache to share (NUMBA_CNN_CACHE=0, no writable
-# location), it does nothing and the kernels load or compile on first call as before. The kernels of general.py
-# and norm.py (strided convolution, other pooling windows, average pooling, batch normalisation) are not in it: they
-# compile on first call, so only a network that uses them pays for them.
+# Compiling ahead, on a cold disk cache. Numba compiles one function at a time in a process, and compiling the
+# backend's float32 kernels one after the other is most of a cold start. `precompile` compiles every one of them,
+# half in this process and half in a second Python process at once, which roughly halves that wait (the figures are
+# in docs/results.md); the second process's machine code reaches this one through the disk cache, which two
+# processes may fill at once (tests/test_concurrent_cache.py). With a warm cache, or no disk cache to share
+# (NUMBA_CNN_CACHE=0, no writable location), it does nothing and the kernels load or compile on first call as
+# before. The kernels of general.py and norm.py (strided convolution, other pooling windows, average pooling, batch
+# normalisation) are not in it: they compile on first call, so only a network that uses them pays for them.
 _PRECOMPILE_TIMEOUT_S = 600
 _NO_PADDING = (0, 0, 0, 0)
 
 
 def compile_part(jit, part):
     """Call ops on tiny float32 inputs so that half `part` (0: this process, 1: the second) of every kernel of the
-    backend compiles. The halves are balanced by each kernel's measured compile time (seconds on Zen 3, in the
-    comments); the packing kernel both need comes first in half 0 and late in half 1, which then loads it from the
-    disk cache instead of compiling it again."""
+    backend compiles. The halves are balanced by each kernel's compile time (the comments name the kernels each
+    call compiles); the packing kernel both need comes first in half 0 and late in half 1, which then loads it from
+    the disk cache instead of compiling it again."""
     rng = np.random.default_rng(0)
 
     def conv_inputs(channels, out_channels):
@@ -41,28 +41,28 @@ def compile_part(jit, part):
     x2, w2, b2 = conv_inputs(32, 64)  # conv2's shape: the wide tiles
     x3, w3, b3 = conv_inputs(3, 8)  # the narrow tiles, several input channels
     if part == 0:
-        jit.conv2d_relu_maxpool2d_forward(x2, w2, b2)  # _pack_channels_last 1.6, _conv_pool 3.6
-        jit.conv2d_relu_maxpool2d_forward(x1, w1, b1)  # _conv1_pool 3.8
-        jit.layers.dropout_forward(x2.reshape(2, -1), 0.5, np.random.default_rng(0))  # _dropout 0.8
-        # _conv_tile_narrow 2.3, _maxpool_forward 1.2
+        jit.conv2d_relu_maxpool2d_forward(x2, w2, b2)  # _pack_channels_last, _conv_pool
+        jit.conv2d_relu_maxpool2d_forward(x1, w1, b1)  # _conv1_pool
+        jit.layers.dropout_forward(x2.reshape(2, -1), 0.5, np.random.default_rng(0))  # _dropout
+        # _conv_tile_narrow, _maxpool_forward
         jit.maxpool2d_forward(jit.conv2d_forward(x3, w3, b3, True, 1, _NO_PADDING), (2, 2))
         return
     for x, w, need_dx in ((x1, w1, False), (x2, w2, True)):  # pooled outputs and argmax made up: no forward here
         pooled = rng.random((2, w.shape[0], 2, 2), dtype=np.float32)
         argmax = rng.integers(0, 4, pooled.shape).astype(np.uint8)
-        # conv1: _unpool_pack 3.3, _weight_grad_narrow 2.0; conv2: _pooled_grad_lists 1.5,
-        # _listed_weight_grad 2.0, _listed_input_grad 1.3
+        # conv1: _unpool_pack, _weight_grad_narrow; conv2: _pooled_grad_lists, _listed_weight_grad,
+        # _listed_input_grad
         jit.conv2d_relu_maxpool2d_backward(np.ones_like(pooled), pooled, argmax, x, w, need_dx)
     dy2 = np.ones((2, 64, 4, 4), np.float32)  # conv2's output gradient, pooled and argmax made up above
-    jit.maxpool2d_backward(pooled, argmax, dy2.shape, (2, 2))  # _maxpool_backward 1.3
+    jit.maxpool2d_backward(pooled, argmax, dy2.shape, (2, 2))  # _maxpool_backward
     w2[0, 0, 0, 0] = np.inf
     jit.conv2d_backward(dy2, x2, w2, True, 1, _NO_PADDING)  # _weight_grad_wide where it is another kernel (AVX-512)
     if _conv_tile_wide is not _conv_tile_narrow:  # AVX-512's wide correlation tile
         jit.conv2d_forward(x2, w2, b2, True, 1, _NO_PADDING)
     flat = x2.reshape(2, -1)
-    jit.layers.dropout_backward(flat, flat)  # _multiply 0.3
-    jit.layers.softmax_cross_entropy(flat[:, :10], np.zeros(2, np.int64))  # _softmax_cross_entropy 0.4
-    jit.layers.adam_update(flat.copy(), flat, flat * 0, flat * 0, 1e-3, 0.9, 0.999, 1e-7)  # _adam_update 0.3
+    jit.layers.dropout_backward(flat, flat)  # _multiply
+    jit.layers.softmax_cross_entropy(flat[:, :10], np.zeros(2, np.int64))  # _softmax_cross_entropy
+    jit.layers.adam_update(flat.copy(), flat, flat * 0, flat * 0, 1e-3, 0.9, 0.999, 1e-7)  # _adam_update
 
 
 def cache_is_cold(jit):
@@ -87,8 +87,8 @@ def compile_cold_cache(jit):
     except OSError:
         return False
     # Ctrl-C kills the child at once and stops this process even where the KeyboardInterrupt lands in a compiler
-    # callback that swallows it (llvmlite's ctypes callbacks print "Exception ignored" and go on: seen in 2 of 10
-    # interrupted runs), by raising again once this process's half is done
+    # callback that swallows it (llvmlite's ctypes callbacks print "Exception ignored" and go on), by raising again
+    # once this process's half is done
     interrupted = []
 
     def stop(signum, frame):

@@ -1,14 +1,13 @@
 """The jit backend's layers: numba_cnn/layers.py's numpy functions, except four that a training step calls on
 small arrays, where numpy's per-call overheads and one thread cost more than the work: dropout's forward, whose mask
 a compiled counter-based generator draws in parallel, in float32 (numpy's generator draws one float64 per unit,
-serially: measured 0.8-0.9 ms of a 15 ms training step for the model's 128 x 1600 units), its backward (in
-parallel), the softmax cross-entropy and the Adam update (compiled loops, serial: 128 x 10 logits, 34,826
-parameters). The dense layer stays numpy's: a compiled version on both cores ran no faster than one-thread BLAS
-(0.08 + 0.20 ms against 0.09 + 0.21, forward + backward with dropout's, AMD EPYC Zen 3). Each agrees with the numpy
-layer within float32 rounding (tests/test_layers.py runs both).
+serially, a visible share of a step for the model's 128 x 1600 units), its backward (in parallel), the softmax
+cross-entropy and the Adam update (compiled loops, serial: 128 x 10 logits, 34,826 parameters). The dense layer
+stays numpy's: its matrices are small enough that a compiled version on every core runs no faster than one-thread
+BLAS. Each agrees with the numpy layer within float32 rounding (tests/test_layers.py runs both).
 
 The generator is Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy as 1, 2, 3",
-SC 2011; the one PyTorch and JAX use for dropout on GPUs): word j of the block for counter c under key k is a pure
+SC 2011; PyTorch's CUDA generator is Philox too): word j of the block for counter c under key k is a pure
 function of (c, k), so every unit's bits are the same whatever the thread count and the order units are drawn in.
 Each call takes a fresh 64-bit key from the numpy Generator the model passes (two 32-bit words), so seeding,
 checkpoints and exact resume work as for the other backends, whose masks come from that Generator's own stream.
@@ -48,8 +47,7 @@ def _philox4x32(c0, c1, c2, c3, k0, k1):
 def _dropout(x, key0, key1, threshold, outcomes, y, mask):
     """mask[i] = outcomes[1] (the scale) if the top 24 bits of word i % 4 of Philox4x32-10(counter (i // 4, 0, 0, 0),
     key (key0, key1)) are below threshold, else outcomes[0] (zero); y = x * mask. x, y, mask flat. The outcome is
-    looked up, not selected: a select on random bits compiled to branches, mispredicted half the time (2.5x
-    slower)."""
+    looked up, not selected: a select on random bits compiled to branches, mispredicted half the time."""
     n = x.shape[0]
     k0, k1, limit = np.uint64(key0), np.uint64(key1), np.uint64(threshold) << np.uint64(8)
     for c in prange((n + 3) // 4):

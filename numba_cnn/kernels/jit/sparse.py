@@ -2,10 +2,10 @@
 pass of conv + ReLU + 2x2 max-pooling over the nonzero conv-output gradients only, and the channels-last packing.
 
 Pooling passes each window's gradient to one of its four elements, ReLU zeroes more, and in the model dropout zeroes
-half of the pooled gradients before that: at most a quarter of the conv output's gradient is nonzero, and conv2
-lists 7.8% of its outputs at step 60 of a training run. `_pooled_grad_lists` lists the nonzero elements once; the
-weight gradient runs over the lists with one kernel row in a register tile, the input gradient scatters each listed
-value through the kernel (an axpy along the taps x channels contiguous channels-last). Any shape takes them.
+half of the pooled gradients before that: at most a quarter of the conv output's gradient is nonzero, and in
+training conv2 lists fewer still. `_pooled_grad_lists` lists the nonzero elements once; the weight gradient runs
+over the lists with one kernel row in a register tile, the input gradient scatters each listed value through the
+kernel (an axpy along the taps x channels contiguous channels-last). Any shape takes them.
 
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
 """

@@ -11,23 +11,22 @@ from numba import njit, prange
 from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, jit as _jit, tile_allocator
 
 # Tile shapes, (lanes, columns) of the correlation tiles and lanes of the weight-gradient tiles, by the target's
-# vector registers. The one place they are chosen; measured with batch 128 on 2 threads.
+# vector registers. The one place they are chosen; docs/kernels.md tabulates them.
 if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
-    # 32 zmm: 7 x 32 and 4 x 64 fp32 lanes are 14 and 16 accumulators; measured on Zen 4: 4 x 64 in 512-bit
-    # registers ran conv2 forward ~1.7x faster than the same tile in 256-bit ones (spilled), 6 x 64 no faster.
+    # 32 zmm: 7 x 32 and 4 x 64 fp32 lanes are 14 and 16 accumulators. 4 x 64 fits the 512-bit register file;
+    # the same tile in 256-bit registers spills, and 6 x 64 gains nothing over it.
     CONV_TILE_NARROW, CONV_TILE_WIDE = (32, 7), (64, 4)
-    CONV_POOL_TILE = CONV_TILE_WIDE  # the fused op's tile; 5 x 64 (20 zmm) not measured on an AVX-512 core
+    CONV_POOL_TILE = CONV_TILE_WIDE  # the fused op's tile; 5 x 64 (20 zmm) not yet tried on an AVX-512 core
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 64
 else:
-    # 16 ymm (AVX2, Zen 3): conv2 forward 4.9 ms with 4 x 16 (8 ymm) vs 5.2 with 3 x 32, 9.0 with 6 x 16 and
-    # 24 with the AVX-512 4 x 64 (32 ymm, spilled); conv2 dx (32 lanes) 4.5 ms with 3 x 32 (12 ymm) vs 5.6 with
-    # 4 x 16 and 29 with 7 x 32; weight gradient 3 taps x 32 lanes (12 ymm) 7.9 ms vs 9.5 with 64 and >50 with 16.
+    # 16 ymm (AVX2): 3 x 32 is 12 accumulators, leaving registers for the loaded input and broadcast weights;
+    # the AVX-512 4 x 64 (32 ymm) and, for conv2's dx, 7 x 32 (28 ymm) spill beyond the 16 registers, and 6 x 16
+    # (also 12 ymm) is slower. The weight gradient's 3 taps x 32 lanes is 12 ymm too (64 lanes spills, 16 is slower).
     # One correlation kernel for both: the unfused K = 64 forward (not in a training step, which runs the fused op)
-    # gives up 6% on 4 x 16, and a kernel fewer to compile saves 2.1-2.4 s of a cold start.
+    # gives up a little against 4 x 16, and a kernel fewer to compile shortens a cold start.
     CONV_TILE_NARROW = CONV_TILE_WIDE = (32, 3)
     # the fused conv + pool computes only the pooled columns (conv2: 10, two exact tiles of 5, where 4 computes
-    # 12): fused conv2 forward 3.38 ms with 5 x 16 (10 ymm) vs 4.64 with 4 x 16, 4.49 with 2 x 32, 4.55 with
-    # 3 x 32 (2 threads, best of 7 alternated runs; 1 thread: 6.63 vs 9.63 with 4 x 16)
+    # 12 and throws 2 away): 5 x 16 (10 ymm) does no wasted columns and still fits the register file
     CONV_POOL_TILE = (16, 5)
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 32
 CONV1_TILE = (32, 3) if TILE_BITS < 512 else (32, 6)  # (columns, channels): 12 ymm / 12 zmm
@@ -37,7 +36,7 @@ TILE_TAPS = 3  # kernel taps per weight-gradient tile (a 3x3 kernel splits into 
 GRAD_MIN_TILES, GRAD_IMAGE_CHUNKS = 16, 8
 # The general convolution (any stride, jit/general.py): correct first, not tuned. One tile shape per kernel, so
 # one compile each. Forward and dx: the narrow correlation tile (columns x lanes of output / input channels), its
-# register budget already measured above. dw: STRIDED_GRAD_TILE = (input channels, output-channel lanes) per tap,
+# register budget already chosen above. dw: STRIDED_GRAD_TILE = (input channels, output-channel lanes) per tap,
 # 16 zmm / 12 ymm accumulators, each step loading one dy vector row and broadcasting the channels.
 STRIDED_TILE = CONV_TILE_NARROW
 STRIDED_GRAD_TILE = (8, 32) if TILE_BITS >= 512 and TILE_REGISTERS >= 32 else (6, 16)
@@ -47,8 +46,8 @@ STRIDED_GRAD_TILE = (8, 32) if TILE_BITS >= 512 and TILE_REGISTERS >= 32 else (6
 def _pool_window(v0, v1, v2, v3):
     """(max, offset) of a 2x2 window given in row-major order: ties keep the first maximum, a NaN beats every
     number and the first NaN wins. Selects only (no branches), so the loops calling it vectorise: the strict-`>`
-    chain, then a fix-up for a NaN after a number (measured 1.3x the NaN-blind chain on pool1; a NaN test folded
-    into each step ran 11x slower, LLVM no longer vectorised it)."""
+    chain, then a fix-up for a NaN after a number (costs little over the NaN-blind chain; a NaN test folded into
+    each step is far slower, because LLVM no longer vectorises it)."""
     best, where = v0, 0
     where = 1 if v1 > best else where
     best = v1 if v1 > best else best
@@ -168,21 +167,17 @@ def _make_conv1_pool(columns, channels):
     columns instead (a whole conv row of `columns` columns x `channels` output channels). The loops outside the
     tile run with trip counts LLVM cannot fold (the ReLU over the whole tile, pooling along a channel's row), so
     they stay vectorised loops instead of being unrolled into scalar code: ReLU'd rows into a (2, tile) buffer,
-    pooled from there (measured 4.7 -> 3.7 ms on conv1, 1 thread, against a per-channel-row ReLU). y and argmax are written
-    channels-last, the layout the next convolution reads, a pooled row at a time once all its channel blocks are
-    pooled: 3.2 ms against 3.5 for the NCHW store per channel block and 4.2 for a channels-last one (1 thread,
-    AMD EPYC Zen 3).
+    pooled from there (faster than a per-channel-row ReLU). y and argmax are written channels-last, the layout the
+    next convolution reads, a pooled row at a time once all its channel blocks are pooled: faster than both the
+    NCHW store per channel block and a channels-last store per block (short strided writes).
 
     A channel's row in the tile holds its even output columns, then its odd ones (acc[kk, p, jj] is column 2 jj + p
     of channel kk), so pooling reads a window's two columns from the two halves at the same offset instead of
     deinterleaving adjacent ones. The loads stay contiguous: per image, each input row is copied once per tap s in
     the tile's column order (x_taps[i * S + s, p * half + jj] = x[i, 2 jj + p + s], zero past the width, so the
     input needs no padded copy), and the tile loop still runs over all `columns` at once (two loops of `half`
-    compiled to scalar code, 5x slower). Measured against the same
-    kernel without the split, minimum of 60 calls, 4 alternations: 2.16-2.28 ms against 2.50-2.66 on 1 thread,
-    1.22-1.25 against 1.29-1.33 on 2. The bias seeds the tile from a copy laid out as the tile (b_tiles):
-    broadcasting b[k] in the kernel compiled to 96 scalar stores per tile, as many cycles as its 108 FMAs (3.36 ->
-    2.45 ms on 1 thread, 1.69 -> 1.25 on 2, before the split)."""
+    compile to scalar code). The bias seeds the tile from a copy laid out as the tile (b_tiles): broadcasting b[k]
+    in the kernel compiled to a scalar store per accumulator, as many instructions as the tile's FMAs."""
     tile = columns * channels
     half = columns // 2
     _stack_tile = tile_allocator()
