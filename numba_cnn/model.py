@@ -92,6 +92,8 @@ class Model:
         self.params = {name: arrays[name] for name in self.network.param_shapes()}
         self.buffers = {name: arrays[name] for name in self.network.buffer_shapes()}
         self._step_arrays = [self._arrays_of(step) for step in self.steps]
+        # the first step with parameters needs no input gradient: nothing before it learns
+        self._first_trained = next((i for i, (owner, _) in enumerate(self._step_arrays) if owner), 0)
 
     def _arrays_of(self, step):
         """{short name: array} of the one layer of `step` that holds parameters or buffers (fusions never merge two
@@ -122,11 +124,10 @@ class Model:
             raise RuntimeError("backward() needs a training forward pass (forward with a dropout_rng) before it")
         run, caches = self._caches
         dy, grads = dlogits, self.grads
-        first_trained = next((i for i, (owner, _) in enumerate(self._step_arrays) if owner), 0)
+        first_trained = self._first_trained
         for i in range(len(self.steps) - 1, first_trained - 1, -1):
             step, (owner, arrays) = self.steps[i], self._step_arrays[i]
             with self.timer.section(step.name, "backward"):
-                # the first step with parameters needs no input gradient: nothing before it learns
                 dy, step_grads = step.runner.backward(run, arrays, dy, caches[i], need_dx=i > first_trained)
             grads.update({f"{owner}.{key}": g for key, g in step_grads.items()})
         self._caches = None

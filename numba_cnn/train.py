@@ -225,8 +225,8 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None, init
     status = "finished"
 
     def save(epoch, step, epoch_start_state, partial_stats):
-        meta = {"config": asdict(config), "network": network.to_dict(), "epoch": epoch, "step": step, "order_rng_epoch_start": epoch_start_state,
-                "dropout_rng": L.dropout_rng_state(dropout_rng),
+        meta = {"config": asdict(config), "network": network.to_dict(), "epoch": epoch, "step": step,
+                "order_rng_epoch_start": epoch_start_state, "dropout_rng": L.dropout_rng_state(dropout_rng),
                 "history": history, "partial": partial_stats, "divergence": monitor.state_dict()}
         ckpt.save_checkpoint(checkpoint_path, model.state_dict(), optimizer.state_dict(backend.to_host), meta)
 
