@@ -6,6 +6,7 @@ buffers (BatchNorm's running statistics) "<layer>.<buffer>"; weights are initial
 zero biases) from one seeded Generator, layer by layer in order.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,9 @@ class Model:
         self.load_state_dict(state)
         self.grads = {}
         self._caches = None
+        # the buffers the backend's ops return during a pass, owned here: released when the next pass begins,
+        # when the last one's outputs and caches are dead (a backward needs the training forward just before it)
+        self._arena = self.backend.output_arena() if self.backend.output_arena is not None else None
         self.timer = NullTimer()
 
     @property
@@ -110,13 +114,21 @@ class Model:
         BatchNorm on batch statistics) and keeps what backward() needs; without one it is inference."""
         training = dropout_rng is not None
         run = Run(self.backend, self.backend.layers, training, dropout_rng)
+        self._caches = None
+        if self._arena is not None:
+            self._arena.release()
         caches = []
-        for step, (_, arrays) in zip(self.steps, self._step_arrays):
-            with self.timer.section(step.name, "forward"):
+        last = len(self.steps) - 1
+        for i, (step, (_, arrays)) in enumerate(zip(self.steps, self._step_arrays)):
+            # the last step's output leaves the model, so it is never the arena's
+            with self.timer.section(step.name, "forward"), self._owned_outputs(i < last):
                 x, cache = step.runner.forward(run, arrays, x)
             caches.append(cache)
         self._caches = (run, caches) if training else None
         return x
+
+    def _owned_outputs(self, owned=True):
+        return self._arena if owned and self._arena is not None else nullcontext()
 
     def backward(self, dlogits):
         """dlogits[N, classes] -> self.grads for every parameter, through the caches of the last training forward."""
@@ -127,7 +139,7 @@ class Model:
         first_trained = self._first_trained
         for i in range(len(self.steps) - 1, first_trained - 1, -1):
             step, (owner, arrays) = self.steps[i], self._step_arrays[i]
-            with self.timer.section(step.name, "backward"):
+            with self.timer.section(step.name, "backward"), self._owned_outputs():
                 dy, step_grads = step.runner.backward(run, arrays, dy, caches[i], need_dx=i > first_trained)
             grads.update({f"{owner}.{key}": g for key, g in step_grads.items()})
         self._caches = None

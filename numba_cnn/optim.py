@@ -11,12 +11,12 @@ import numpy as np
 
 
 class Adam:
-    def __init__(self, params, layers, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-7):
+    def __init__(self, params, backend, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-7):
         self.params = params  # name -> array, updated in place
-        self.layers = layers  # the backend's layers module (supplies adam_update and zeros_like)
+        self.layers = backend.layers  # supplies adam_update; the moments are the backend's arrays (zeros_like)
         self.lr, self.beta1, self.beta2, self.eps = float(lr), float(beta1), float(beta2), float(eps)
-        self.m = {name: layers.zeros_like(p) for name, p in params.items()}
-        self.v = {name: layers.zeros_like(p) for name, p in params.items()}
+        self.m = {name: backend.zeros_like(p) for name, p in params.items()}
+        self.v = {name: backend.zeros_like(p) for name, p in params.items()}
         self.iterations = 0
 
     def step(self, grads):

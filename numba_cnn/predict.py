@@ -2,7 +2,7 @@
 
 Each image goes through what training did to its data set's images, read from the run's record (the checkpoint's
 config "data": the images' shape (C, H, W) and the class names): its uint8 pixels, in (C, H, W) order, scaled to
-float32 by numba_cnn.layers.as_float_images (pixel / 255), the one function training and `evaluate` scale with. An
+float32 by numba_cnn.kernels.host.as_float_images (pixel / 255), the one function training and `evaluate` scale with. An
 image of another size or channel count is refused with what the network expects, unless resize is asked for: then
 it is stretched to the network's height and width (Pillow, bilinear) and converted to grey (Pillow's ITU-R 601-2
 luma) or to RGB (the grey value in each channel), whichever the network takes.
@@ -82,7 +82,7 @@ def logits(model, images, batch_size=BATCH):
     """uint8 or float images (N, C, H, W) -> numba_cnn's logits (N, classes) on the host, scaled as training
     scaled them (as_float_images)."""
     backend = model.backend
-    return np.concatenate([np.asarray(backend.to_host(model.forward(backend.layers.as_float_images(
+    return np.concatenate([np.asarray(backend.to_host(model.forward(backend.as_float_images(
         backend.to_device(images[i:i + batch_size]))))) for i in range(0, len(images), batch_size)])
 
 

@@ -82,7 +82,7 @@ class TrainResult:
 
 def predict(model, images, batch_size=EVAL_BATCH):
     """-> the predicted class of each image, int64[N] on the host."""
-    to_device, as_float = model.backend.to_device, model.backend.layers.as_float_images
+    to_device, as_float = model.backend.to_device, model.backend.as_float_images
     return np.concatenate([model.predict(as_float(to_device(images[i:i + batch_size])))
                            for i in range(0, len(images), batch_size)])
 
@@ -171,19 +171,18 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None, init
     out_dir = _prepare_out_dir(out_dir or default_out_dir(config.backend))
     backend = get_backend(config.backend)
     threads = set_threads(config.threads, backend)
-    L = backend.layers
 
     model = Model(backend, seed=config.seed, params=init if state is None else state[0], network=network)
-    optimizer = Adam(model.params, L, lr=config.lr)
+    optimizer = Adam(model.params, backend, lr=config.lr)
     order_rng = np.random.default_rng([config.seed, 1])
-    dropout_rng = L.make_dropout_rng([config.seed, 2])
+    dropout_rng = backend.make_dropout_rng([config.seed, 2])
     history, start_epoch, start_step, partial = [], 0, 0, None
     if state is not None:
         _, adam_state, meta = state
         try:
             optimizer.load_state_dict(adam_state, backend.to_device)
             order_rng.bit_generator.state = meta["order_rng_epoch_start"]
-            dropout_rng = L.restore_dropout_rng(meta["dropout_rng"])
+            dropout_rng = backend.restore_dropout_rng(meta["dropout_rng"])
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {resume} has an unusable optimizer or RNG state: {exc}") from None
         history, start_epoch, start_step = meta["history"], meta["epoch"], meta["step"]
@@ -205,17 +204,17 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None, init
     warm = min(WARMUP_IMAGES, n)
     start = time.perf_counter()
     if backend.precompile is not None:
-        backend.precompile()
-    model.forward_backward(L.as_float_images(x_dev[:warm]), y_dev[:warm], L.make_dropout_rng(0))
-    model.predict(L.as_float_images(backend.to_device(x_test[:WARMUP_IMAGES])))
+        backend.precompile(network)
+    model.forward_backward(backend.as_float_images(x_dev[:warm]), y_dev[:warm], backend.make_dropout_rng(0))
+    model.predict(backend.as_float_images(backend.to_device(x_test[:WARMUP_IMAGES])))
     record["warmup_seconds"] = time.perf_counter() - start
     record["threading_layer"] = threading_layer()
     log(f"backend {config.backend}: warm-up (compile or cache load) {record['warmup_seconds']:.2f} s; "
         f"threads {threads['numba_threads']} ({record['threading_layer'] or 'no parallel kernels'})")
     size = RunSize(n, len(x_test), config.epochs - start_epoch, test_limited=config.test_limit is not None)
     note = long_run_note(size, config.backend, record["warmup_seconds"] / warm, lambda: time_per_image(
-        model, L.as_float_images(x_dev[:warm]), y_dev[:warm], L.as_float_images(backend.to_device(x_test[:warm])),
-        L.make_dropout_rng(0)))
+        model, backend.as_float_images(x_dev[:warm]), y_dev[:warm],
+        backend.as_float_images(backend.to_device(x_test[:warm])), backend.make_dropout_rng(0)))
     if note:
         log(note)
 
@@ -226,7 +225,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None, init
 
     def save(epoch, step, epoch_start_state, partial_stats):
         meta = {"config": asdict(config), "network": network.to_dict(), "epoch": epoch, "step": step,
-                "order_rng_epoch_start": epoch_start_state, "dropout_rng": L.dropout_rng_state(dropout_rng),
+                "order_rng_epoch_start": epoch_start_state, "dropout_rng": backend.dropout_rng_state(dropout_rng),
                 "history": history, "partial": partial_stats, "divergence": monitor.state_dict()}
         ckpt.save_checkpoint(checkpoint_path, model.state_dict(), optimizer.state_dict(backend.to_host), meta)
 
@@ -244,7 +243,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None, init
             for step in range(first_step, steps_per_epoch):
                 with timer.section("data", "other"):
                     idx = perm_dev[step * config.batch_size:(step + 1) * config.batch_size]
-                    xb, yb = L.as_float_images(L.take_rows(x_dev, idx)), L.take_rows(y_dev, idx)
+                    xb, yb = backend.as_float_images(backend.take_rows(x_dev, idx)), backend.take_rows(y_dev, idx)
                 loss, batch_correct = model.forward_backward(xb, yb, dropout_rng)
                 stop, reason = monitor.check(loss)
                 if reason is not None:

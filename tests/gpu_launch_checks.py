@@ -17,9 +17,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's numba_cnn
 
-from numba_cnn import layers as numpy_layers  # noqa: E402
+from numba_cnn.kernels import layers as numpy_layers  # noqa: E402
 from numba_cnn.kernels import Backend, get_backend, reference  # noqa: E402
-from numba_cnn.kernels.cuda import runtime  # noqa: E402
+from numba_cnn.kernels.cuda import dropout_rng as cuda_dropout_rng, runtime  # noqa: E402
 from numba_cnn.model import Model, init_params  # noqa: E402
 from replay import GivenDropout  # noqa: E402  (tests/ is this script's folder, first on sys.path)
 
@@ -79,9 +79,9 @@ def uniform_float32(state):
 
 
 def gpu_dropout_rng(seed):
-    """A DropoutRNG with DROPOUT_STREAMS streams, exactly what L.make_dropout_rng(seed) makes, built fast."""
-    states = xoroshiro_states(runtime.DROPOUT_STREAMS, L._seed_int(seed))
-    return L.restore_dropout_rng({"s0": [s[0] for s in states], "s1": [s[1] for s in states]}), states
+    """A DropoutRNG with DROPOUT_STREAMS streams, exactly what B.make_dropout_rng(seed) makes, built fast."""
+    states = xoroshiro_states(runtime.DROPOUT_STREAMS, cuda_dropout_rng._seed_int(seed))
+    return B.restore_dropout_rng({"s0": [s[0] for s in states], "s1": [s[1] for s in states]}), states
 
 
 # ------------------------------------------------------------------------- the checks
@@ -206,7 +206,7 @@ def check_elementwise_layers():
         np.testing.assert_array_equal(host(L.relu_forward(y)), numpy_layers.relu_forward(y))
         p, g = rand((700,), dtype, 4), rand((700,), dtype, 5)
         want_p, want_m, want_v = p.copy(), np.zeros_like(p), np.zeros_like(p)
-        dp, dm, dv = dev(p), L.zeros_like(dev(p)), L.zeros_like(dev(p))
+        dp, dm, dv = dev(p), B.zeros_like(dev(p)), B.zeros_like(dev(p))
         L.adam_update(dp, g, dm, dv, 1e-3, 0.9, 0.999, 1e-7)
         numpy_layers.adam_update(want_p, g, want_m, want_v, 1e-3, 0.9, 0.999, 1e-7)
         for got, want in ((dp, want_p), (dm, want_m), (dv, want_v)):
@@ -222,7 +222,7 @@ def check_dropout_streams():
     seed = [7, 2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        library = create_xoroshiro128p_states(16, seed=L._seed_int(seed)).copy_to_host()
+        library = create_xoroshiro128p_states(16, seed=cuda_dropout_rng._seed_int(seed)).copy_to_host()
     rng, states = gpu_dropout_rng(seed)
     assert [[int(s["s0"]), int(s["s1"])] for s in library] == states[:16]
     for dtype in (DTYPE,):
@@ -233,7 +233,7 @@ def check_dropout_streams():
             expected[e] = dtype(2) if uniform_float32(states[e % len(states)]) < keep else dtype(0)
         np.testing.assert_array_equal(host(mask).reshape(-1), expected)
         np.testing.assert_array_equal(host(y), x * expected.reshape(x.shape))
-        after = L.dropout_rng_state(rng)
+        after = B.dropout_rng_state(rng)
         assert after == {"s0": [s[0] for s in states], "s1": [s[1] for s in states]}
 
 

@@ -1,6 +1,6 @@
 """The float64 oracle's model replaying the dropout mask a backend under test drew."""
 
-from numba_cnn import layers as numpy_layers
+from numba_cnn.kernels import layers as numpy_layers
 
 
 class GivenDropout:

@@ -50,25 +50,28 @@ def test_two_processes_compile_into_one_empty_cache_at_once(tmp_path):
 
 
 PRECOMPILE = textwrap.dedent("""
+    import json
     from numba_cnn.kernels import jit
-    from numba_cnn.kernels.jit import layers, sparse, tiles
-    from numba_cnn.kernels.jit.cold_compile import compile_part
-    from numba.core.dispatcher import Dispatcher
-    print(jit.precompile())
-    kernels = list({id(d): d for module in (tiles, sparse, layers) for d in vars(module).values()
-                    if isinstance(d, Dispatcher) and d.targetoptions.get("parallel")}.values())  # not inlined helpers
-    # every cached kernel of the backend has an entry on disk (an index lists what has been saved for it)
-    print(len(kernels), *sorted(d.__name__ for d in kernels if not d._cache._cache_file._load_index()))
+    from numba_cnn.kernels.jit.cold_compile import _record_path, compile_part, kernels
+    from numba_cnn.model import default_network
+    network = default_network()
+    print(jit.precompile(network))
+    found = kernels(jit)
+    used = json.loads(_record_path(jit, network).read_text())["kernels"]
+    # every kernel the network used has an entry on disk (an index lists what has been saved for it)
+    print(len(used), *sorted(name for name in used if not found[name]._cache._cache_file._load_index()))
+    print(",".join(used))
     for part in (0, 1):
-        compile_part(jit, part)
-    print(sum(sum(k.stats.cache_misses.values()) for k in kernels))
+        compile_part(jit, network, part)
+    print(sum(sum(found[name].stats.cache_misses.values()) for name in used))
 """)
 
 
 def test_precompile_fills_a_cold_cache_from_two_processes_and_skips_a_warm_one(tmp_path):
-    """On an empty cache precompile() compiles every kernel, half here and half in a second process; afterwards
-    every kernel of the backend has an entry in the disk cache, a fresh process loads them all from there (no
-    compile) and precompile() does nothing."""
+    """On an empty cache precompile(network) compiles the kernels of the network's training step, half here and
+    half in a second process; afterwards each has an entry in the disk cache and the record names them, but none of
+    another network's (BatchNorm, strided convolution, average pooling); a fresh process loads them all from there
+    (no compile) and precompile() does nothing."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"), NUMBA_CNN_CACHE="1")
     runs = [subprocess.run([sys.executable, "-c", PRECOMPILE], env=env, capture_output=True, text=True, timeout=600)
             for _ in range(2)]
@@ -76,9 +79,12 @@ def test_precompile_fills_a_cold_cache_from_two_processes_and_skips_a_warm_one(t
         assert run.returncode == 0, run.stderr[-4000:]
     cold, warm = (run.stdout.splitlines() for run in runs)
     assert cold[0] == "True"  # it ran, on the empty cache (the misses then count this process's own compiles)
-    kernels = int(cold[1].split()[0])
-    assert kernels >= 10 and cold[1] == str(kernels), f"kernels with no cache entry after precompile: {cold[1]}"
-    assert warm == ["False", str(kernels), "0"]  # warm: nothing to do, and every kernel loaded from the cache
+    used = int(cold[1].split()[0])
+    assert used >= 8 and cold[1] == str(used), f"kernels with no cache entry after precompile: {cold[1]}"
+    names = cold[2].split(",")
+    assert {"_conv1_pool", "_conv_pool", "_dropout", "_adam_update", "_listed_input_grad"} <= set(names)
+    assert not {"_batchnorm_apply", "_strided_forward", "_avgpool_forward", "_maxpool_any_forward"} & set(names)
+    assert warm == ["False", str(used), cold[2], "0"]  # warm: nothing to do, and every kernel loaded from the cache
 
 
 def test_interrupting_precompile_stops_the_second_process_too(tmp_path):

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from numba_cnn import layers as numpy_layers
+from numba_cnn.kernels import host as host_arrays, layers as numpy_layers
 from numba_cnn.kernels import BackendUnavailable, get_backend
 from numba_cnn.kernels import reference
 from numba_cnn.model import Model
@@ -273,15 +273,15 @@ def test_host_inputs_are_accepted(cuda_backend):
 def test_elementwise_and_gather_layers(cuda_backend, dtype):
     L, dev, host = cuda_backend.layers, cuda_backend.to_device, cuda_backend.to_host
     a = random((3, 2, 5), dtype)
-    zeros = L.zeros_like(dev(a))
+    zeros = cuda_backend.zeros_like(dev(a))
     assert_on_device(zeros)
     np.testing.assert_array_equal(host(zeros), np.zeros_like(a))
 
     data, labels, idx = random((6, 1, 3, 2), dtype), np.arange(6, dtype=np.uint8), np.array([4, 0, 4, 2])
-    rows = L.take_rows(dev(data), dev(idx))
+    rows = cuda_backend.take_rows(dev(data), dev(idx))
     assert_on_device(rows)
     np.testing.assert_array_equal(host(rows), data[idx])
-    np.testing.assert_array_equal(host(L.take_rows(dev(labels), dev(idx)[1:3])), labels[idx[1:3]])
+    np.testing.assert_array_equal(host(cuda_backend.take_rows(dev(labels), dev(idx)[1:3])), labels[idx[1:3]])
 
     dy, y = random((2, 3, 4), dtype, 1), np.maximum(random((2, 3, 4), dtype, 2), 0)
     np.testing.assert_array_equal(host(L.relu_backward(dev(dy), dev(y))), numpy_layers.relu_backward(dy, y))
@@ -301,13 +301,13 @@ def test_layers_module_matches_numpy_layers(cuda_backend):
 
 
 def test_pixels_scale_like_numpy(cuda_backend):
-    L, dev, host = cuda_backend.layers, cuda_backend.to_device, cuda_backend.to_host
+    dev, host = cuda_backend.to_device, cuda_backend.to_host
     pixels = np.arange(256, dtype=np.uint8).reshape(4, 1, 8, 8)
-    scaled = L.as_float_images(dev(pixels))
+    scaled = cuda_backend.as_float_images(dev(pixels))
     assert_on_device(scaled)
-    np.testing.assert_array_equal(host(scaled), numpy_layers.as_float_images(pixels))
+    np.testing.assert_array_equal(host(scaled), host_arrays.as_float_images(pixels))
     floats = dev(random((2, 1, 3, 3), np.float32))
-    assert L.as_float_images(floats) is floats
+    assert cuda_backend.as_float_images(floats) is floats
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -345,7 +345,7 @@ def test_softmax_cross_entropy_and_argmax(cuda_backend, dtype):
 def test_dropout(cuda_backend, dtype):
     L, dev, host = cuda_backend.layers, cuda_backend.to_device, cuda_backend.to_host
     x = random((3, 50), dtype)
-    rng = L.make_dropout_rng([7, 2])
+    rng = cuda_backend.make_dropout_rng([7, 2])
     y, mask = L.dropout_forward(dev(x), 0.5, rng)
     assert_on_device(y, mask)
     m = host(mask)
@@ -355,20 +355,20 @@ def test_dropout(cuda_backend, dtype):
     np.testing.assert_array_equal(host(L.dropout_backward(dev(dy), mask)), dy * m)
 
     # Same seed, same masks; a snapshot taken now restores the generator exactly.
-    again = L.make_dropout_rng([7, 2])
+    again = cuda_backend.make_dropout_rng([7, 2])
     np.testing.assert_array_equal(host(L.dropout_forward(dev(x), 0.5, again)[1]), m)
-    snapshot = L.dropout_rng_state(rng)
+    snapshot = cuda_backend.dropout_rng_state(rng)
     next_mask = host(L.dropout_forward(dev(x), 0.5, rng)[1])
     assert not np.array_equal(next_mask, m)
-    restored = L.restore_dropout_rng(snapshot)
+    restored = cuda_backend.restore_dropout_rng(snapshot)
     np.testing.assert_array_equal(host(L.dropout_forward(dev(x), 0.5, restored)[1]), next_mask)
 
     # Any shape: elements are drawn in flat order, so a 4-D input gets its flattened twin's mask.
     x4 = random((2, 3, 5, 5), dtype, 2)
-    y4, mask4 = L.dropout_forward(dev(x4), 0.5, L.make_dropout_rng(3))
+    y4, mask4 = L.dropout_forward(dev(x4), 0.5, cuda_backend.make_dropout_rng(3))
     assert y4.shape == mask4.shape == x4.shape
     np.testing.assert_array_equal(host(y4), x4 * host(mask4))
-    flat_mask = L.dropout_forward(dev(x4.reshape(2, -1)), 0.5, L.make_dropout_rng(3))[1]
+    flat_mask = L.dropout_forward(dev(x4.reshape(2, -1)), 0.5, cuda_backend.make_dropout_rng(3))[1]
     np.testing.assert_array_equal(host(mask4).reshape(2, -1), host(flat_mask))
 
 
@@ -377,7 +377,7 @@ def test_adam_matches_numpy(cuda_backend, dtype):
     L, dev, host = cuda_backend.layers, cuda_backend.to_device, cuda_backend.to_host
     param = random((4, 3), dtype)
     want_p, want_m, want_v = param.copy(), np.zeros_like(param), np.zeros_like(param)
-    p, m, v = dev(param), L.zeros_like(dev(param)), L.zeros_like(dev(param))
+    p, m, v = dev(param), cuda_backend.zeros_like(dev(param)), cuda_backend.zeros_like(dev(param))
     for step in range(3):
         grad = random(param.shape, dtype, step + 1)
         alpha = 1e-3 * np.sqrt(1 - 0.999 ** (step + 1)) / (1 - 0.9 ** (step + 1))
@@ -417,7 +417,7 @@ def test_model_step_matches_im2col_and_stays_on_device(cuda_backend, monkeypatch
     model = Model(cuda_backend, seed=0, dtype=np.float32)
     start = time.perf_counter()
     loss, correct = model.forward_backward(cuda_backend.to_device(x), cuda_backend.to_device(labels),
-                                           cuda_backend.layers.make_dropout_rng(0))
+                                           cuda_backend.make_dropout_rng(0))
     print(f"cuda model step, batch 1: {time.perf_counter() - start:.1f} s")
     assert_on_device(*model.grads.values(), *model.params.values())
 
@@ -507,8 +507,8 @@ _PTX_CHECK = textwrap.dedent("""
         (K._batchnorm_normalise, (a(2, 3, 4), a(3), a(3), a(3), a(3), a(2, 3, 4))),
         (K._batchnorm_grad_sums, (a(2, 3, 4), a(2, 3, 4), a(3), a(3), a(3), a(3))),
         (K._batchnorm_input_grad, (a(2, 3, 4), a(2, 3, 4), a(3), a(3), a(3), a(3), a(3), one, a(2, 3, 4))),
-        (L._fill_zero, (a(3),)),
-        (L._take_rows, (a(3, 2), index, a(2, 2))),
+        (R._fill_zero, (a(3),)),
+        (R._take_rows, (a(3, 2), index, a(2, 2))),
         (L._relu_forward, (a(3), a(3))),
         (L._relu_backward, (a(3), a(3), a(3))),
         (L._multiply, (a(3), a(3), a(3))),
@@ -557,6 +557,6 @@ def test_device_copies_have_canonical_strides(cuda_backend):
 
 @pytest.mark.parametrize("seed", [0, 1, 12345, [0, 2], [1, 2], [2, 2], [7, 2]])
 def test_dropout_seeds_fit_the_int64_a_gpu_seeds_through(cuda_backend, seed):
-    from numba_cnn.kernels.cuda import layers
+    from numba_cnn.kernels.cuda import dropout_rng
 
-    assert 0 <= layers._seed_int(seed) < 2 ** 63
+    assert 0 <= dropout_rng._seed_int(seed) < 2 ** 63

@@ -30,7 +30,8 @@ CHECK_MARK = "# checked by tests/test_docs.py"
 COMMAND_TIMEOUT_S = 180  # each checked command takes seconds; the margin is for a loaded 2-core machine
 
 PATH_RE = re.compile(r"(?<![\w/.])((?:numba_cnn|tests)/[\w./-]*[\w/])")
-# `numba_cnn/layers.py: softmax_cross_entropy`, `numba_cnn/model.py: Model.forward` (a line break may follow ':')
+# `numba_cnn/kernels/layers.py: softmax_cross_entropy`, `numba_cnn/model.py: Model.forward` (a line break may
+# follow ':')
 REFERENCE_RE = re.compile(r"((?:numba_cnn|tests)/[\w/]+\.py):\s+([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
 DOTTED_RE = re.compile(r"`(numba_cnn(?:\.[A-Za-z_]\w*)+)`")
 FIGURE_RE = re.compile(r"[\w<>*./-]+\.png")
@@ -144,7 +145,7 @@ def test_the_reference_check_catches_a_wrong_name():
     assert resolves(ROOT / "numba_cnn/network/layers/conv2d.py", "Conv2D.backward")
     assert resolves(ROOT / "numba_cnn/kernels/jit/tiles.py", "CONV_TILE_WIDE")  # bound inside an if
     assert not resolves(ROOT / "numba_cnn/model.py", "Model.no_such_method")
-    assert not resolves(ROOT / "numba_cnn/layers.py", "softmax")
+    assert not resolves(ROOT / "numba_cnn/kernels/layers.py", "softmax")
     assert module_reference("numba_cnn.model.Model") == (ROOT / "numba_cnn/model.py", "Model")
 
 
@@ -228,7 +229,7 @@ def test_tile_table_agrees_with_tiles_py():
     text = page_text("kernels.md")
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[3:5]]
             for line in text.splitlines() if line.startswith("| `CONV_")}
-    assert set(rows) == {"`CONV_TILE_WIDE`", "`CONV_TILE_NARROW`", "`CONV_POOL_TILE`"}, rows
+    assert set(rows) == {"`CONV_TILE_WIDE`", "`CONV_TILE_NARROW`", "`CONV_POOL_TILE`", "`CONV_POOL_TILE_NARROW`"}, rows
     for column, bits in enumerate((256, 512)):
         constants = md.tile_constants(bits)
         width = bits // 32

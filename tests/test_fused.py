@@ -14,22 +14,28 @@ from gradcheck import assert_gradient_matches, dotted_with
 
 from numba_cnn.kernels import get_backend
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.layers import relu_backward
+from numba_cnn.kernels.layers import relu_backward
 
 jit = get_backend("jit").module
 DTYPES = [np.float32, np.float64]
 
 # x (N, C, H, W), w (K, C, R, S): batch 1 and one channel, odd P and Q (a dropped last row/column), K off the lanes
 # (5, 33, 70), outputs narrower than a column tile, a non-square kernel, the model's two layers.
+NO_PADDING = (0, 0, 0, 0)
 SHAPES = [
-    pytest.param((1, 1, 6, 6), (2, 1, 3, 3), id="batch1_one_channel"),
-    pytest.param((2, 3, 9, 8), (5, 3, 3, 3), id="odd_p_k5"),
-    pytest.param((2, 2, 8, 9), (33, 2, 3, 3), id="odd_q_k33"),
-    pytest.param((1, 4, 7, 7), (70, 4, 2, 2), id="odd_p_q_k70"),
-    pytest.param((2, 2, 4, 5), (3, 2, 3, 3), id="narrow_one_window"),
-    pytest.param((2, 3, 9, 12), (6, 3, 2, 3), id="kernel_2x3"),
-    pytest.param((3, 1, 28, 28), (32, 1, 3, 3), id="conv1_mnist"),
-    pytest.param((2, 32, 13, 13), (64, 32, 3, 3), id="conv2_mnist"),
+    pytest.param((1, 1, 6, 6), (2, 1, 3, 3), NO_PADDING, id="batch1_one_channel"),
+    pytest.param((2, 3, 9, 8), (5, 3, 3, 3), NO_PADDING, id="odd_p_k5"),
+    pytest.param((2, 2, 8, 9), (33, 2, 3, 3), NO_PADDING, id="odd_q_k33"),
+    pytest.param((1, 4, 7, 7), (70, 4, 2, 2), NO_PADDING, id="odd_p_q_k70"),
+    pytest.param((2, 2, 4, 5), (3, 2, 3, 3), NO_PADDING, id="narrow_one_window"),
+    pytest.param((2, 3, 9, 12), (6, 3, 2, 3), NO_PADDING, id="kernel_2x3"),
+    pytest.param((3, 1, 28, 28), (32, 1, 3, 3), NO_PADDING, id="conv1_mnist"),
+    pytest.param((2, 32, 13, 13), (64, 32, 3, 3), NO_PADDING, id="conv2_mnist"),
+    # zero padding ('same' and uneven), the input gradient cropped out of the padded one
+    pytest.param((2, 3, 8, 8), (32, 3, 3, 3), (1, 1, 1, 1), id="same_3x3_c3"),
+    pytest.param((1, 1, 7, 9), (6, 1, 5, 5), (2, 2, 2, 2), id="same_5x5_one_channel"),
+    pytest.param((2, 5, 6, 7), (9, 5, 2, 2), (0, 1, 0, 1), id="same_2x2_uneven"),
+    pytest.param((2, 32, 9, 9), (64, 32, 3, 3), (1, 1, 1, 1), id="same_vgg_block"),
 ]
 
 
@@ -57,30 +63,30 @@ def _dense(a):
     return a.flags.c_contiguous or is_channels_last(a)
 
 
-def _composed_forward(x, w, b):
-    y = jit.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0))
+def _composed_forward(x, w, b, padding=NO_PADDING):
+    y = jit.conv2d_forward(x, w, b, True, 1, padding)
     return y, jit.maxpool2d_forward(y, (2, 2))
 
 
-def _composed_backward(dy, pooled, argmax, conv_shape, x, w, need_dx):
+def _composed_backward(dy, pooled, argmax, conv_shape, x, w, need_dx, padding=NO_PADDING):
     # the ReLU's derivative as the model takes it: a select (layers.relu_backward), which keeps dy where pooled is NaN
     return jit.conv2d_backward(jit.maxpool2d_backward(relu_backward(dy, pooled), argmax, conv_shape, (2, 2)), x, w,
-                               need_dx, 1, (0, 0, 0, 0))
+                               need_dx, 1, padding)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fill,layout", [("normal", "contiguous"), ("ties", "contiguous"), ("normal", "sliced"),
                                          ("ties", "channels_last")])
-@pytest.mark.parametrize("x_shape,w_shape", SHAPES)
-def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, fill, layout, dtype, rng):
+@pytest.mark.parametrize("x_shape,w_shape,padding", SHAPES)
+def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, padding, fill, layout, dtype, rng):
     x, w, b = _operands(rng, x_shape, w_shape, dtype, fill, layout)
-    y_fused, arg_fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
-    conv, (y_comp, arg_comp) = _composed_forward(x, w, b)
+    y_fused, arg_fused = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
+    conv, (y_comp, arg_comp) = _composed_forward(x, w, b, padding)
     assert y_fused.dtype == dtype and arg_fused.dtype == np.uint8 and _dense(y_fused) and _dense(arg_fused)
     assert y_fused.shape == arg_fused.shape == y_comp.shape
     np.testing.assert_array_equal(y_fused, y_comp)
     np.testing.assert_array_equal(arg_fused, arg_comp)
-    conv_ref = reference.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0))
+    conv_ref = reference.conv2d_forward(x, w, b, True, 1, padding)
     y_ref, arg_ref = reference.maxpool2d_forward(conv_ref, (2, 2))
     reference.assert_close(y_fused, y_ref, dtype, "pooled")
     if fill == "ties":  # exact integer sums: the oracle pools the very same values, ties included
@@ -91,11 +97,11 @@ def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, fill,
     if layout == "channels_last":
         dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     for need_dx in (True, False):
-        fused = jit.conv2d_relu_maxpool2d_backward(dy, y_fused, arg_fused, x, w, need_dx)
-        composed = _composed_backward(dy, y_comp, arg_comp, conv.shape, x, w, need_dx)
+        fused = jit.conv2d_relu_maxpool2d_backward(dy, y_fused, arg_fused, x, w, need_dx, padding)
+        composed = _composed_backward(dy, y_comp, arg_comp, conv.shape, x, w, need_dx, padding)
         oracle = reference.conv2d_backward(
             reference.maxpool2d_backward(relu_backward(dy, y_fused), arg_fused, conv.shape, (2, 2)), x, w, need_dx, 1,
-            (0, 0, 0, 0))
+            padding)
         for name, got, same, want in zip(("dx", "dw", "db"), fused, composed, oracle):
             if not need_dx and name == "dx":
                 assert got is None and same is None
@@ -105,26 +111,27 @@ def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, fill,
             reference.assert_close(got, want, dtype, name)
 
 
+@pytest.mark.parametrize("padding", [NO_PADDING, (1, 1, 1, 1)], ids=["valid", "same"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_ops_with_nan_and_inf(dtype, rng):
+def test_fused_ops_with_nan_and_inf(dtype, padding, rng):
     """NaN and inf flow through the fused ops as through the composed ones: ReLU keeps NaN, a window holding a NaN
     pools to NaN at its first NaN, infinities compare as numbers; the oracle (np.argmax: first NaN) agrees."""
     x, w, b = _operands(rng, (2, 3, 12, 11), (5, 3, 3, 3), dtype)
     x[0, 1, 2, 3] = np.nan
     x[1, 0, 7, 7] = np.inf
     x[1, 2, 0, 0] = -np.inf
-    y_fused, arg_fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
-    conv, (y_comp, arg_comp) = _composed_forward(x, w, b)
+    y_fused, arg_fused = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
+    conv, (y_comp, arg_comp) = _composed_forward(x, w, b, padding)
     assert np.isnan(y_fused).any() and np.isinf(y_fused).any()
     np.testing.assert_array_equal(y_fused, y_comp)  # NaN where NaN
     np.testing.assert_array_equal(arg_fused, arg_comp)
-    y_ref, arg_ref = reference.maxpool2d_forward(reference.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0)), (2, 2))
+    y_ref, arg_ref = reference.maxpool2d_forward(reference.conv2d_forward(x, w, b, True, 1, padding), (2, 2))
     np.testing.assert_array_equal(np.isnan(y_fused), np.isnan(y_ref))
     nan_windows = np.isnan(y_ref)
     np.testing.assert_array_equal(arg_fused[nan_windows], arg_ref[nan_windows])
     dy = rng.standard_normal(y_fused.shape).astype(dtype)
-    fused = jit.conv2d_relu_maxpool2d_backward(dy, y_fused, arg_fused, x, w, True)
-    composed = _composed_backward(dy, y_comp, arg_comp, conv.shape, x, w, True)
+    fused = jit.conv2d_relu_maxpool2d_backward(dy, y_fused, arg_fused, x, w, True, padding)
+    composed = _composed_backward(dy, y_comp, arg_comp, conv.shape, x, w, True, padding)
     for got, same in zip(fused, composed):
         np.testing.assert_array_equal(got, same)
 
@@ -179,18 +186,20 @@ def test_pooling_nan_first_ties_first_and_relu_keeps_nan(dtype):
 
 
 @pytest.mark.parametrize("wrt", ["x", "w", "b"])
-@pytest.mark.parametrize("x_shape,w_shape", [((2, 2, 7, 6), (3, 2, 3, 2)), ((1, 1, 5, 5), (2, 1, 2, 2)),
-                                             ((1, 32, 5, 5), (2, 32, 3, 3))],
-                         ids=["odd_3x2_kernel", "one_channel", "listed_register_tile"])
-def test_fused_backward_matches_finite_differences(x_shape, w_shape, wrt, rng):
+@pytest.mark.parametrize("x_shape,w_shape,padding", [
+    ((2, 2, 7, 6), (3, 2, 3, 2), NO_PADDING), ((1, 1, 5, 5), (2, 1, 2, 2), NO_PADDING),
+    ((1, 32, 5, 5), (2, 32, 3, 3), NO_PADDING), ((2, 3, 5, 6), (4, 3, 3, 3), (1, 1, 1, 1)),
+    ((1, 2, 5, 4), (3, 2, 2, 3), (0, 1, 1, 1))], ids=["odd_3x2_kernel", "one_channel", "listed_register_tile",
+                                                    "same_3x3", "uneven_padding"])
+def test_fused_backward_matches_finite_differences(x_shape, w_shape, padding, wrt, rng):
     inputs = dict(zip("xwb", _operands(rng, x_shape, w_shape, np.float64)))
-    y, argmax = jit.conv2d_relu_maxpool2d_forward(inputs["x"], inputs["w"], inputs["b"])
+    y, argmax = jit.conv2d_relu_maxpool2d_forward(inputs["x"], inputs["w"], inputs["b"], padding)
     dy = rng.standard_normal(y.shape)
 
     def forward(a):
         args = dict(inputs, **{wrt: a})
-        return jit.conv2d_relu_maxpool2d_forward(args["x"], args["w"], args["b"])[0]
+        return jit.conv2d_relu_maxpool2d_forward(args["x"], args["w"], args["b"], padding)[0]
 
-    dx, dw, db = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, inputs["x"], inputs["w"], True)
+    dx, dw, db = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, inputs["x"], inputs["w"], True, padding)
     analytic = {"x": dx, "w": dw, "b": db}[wrt]
     assert_gradient_matches(analytic, dotted_with(forward, dy), inputs[wrt].copy(), what=f"fused d{wrt}")

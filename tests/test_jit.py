@@ -285,7 +285,7 @@ def test_other_targets_compile_their_own_tiles(tmp_path, cpu, features, bits):
 _OTHER_TILES_PROBE = """
     import numpy as np
     from numba_cnn.kernels import jit, reference
-    from numba_cnn.layers import relu_backward
+    from numba_cnn.kernels.layers import relu_backward
     print(jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE, jit.GRAD_LANES_WIDE, jit.CONV1_TILE)
     rng = np.random.default_rng(2)
     for x_shape, w_shape in [((3, 1, 28, 28), (32, 1, 3, 3)), ((3, 32, 13, 13), (64, 32, 3, 3)),
@@ -323,22 +323,28 @@ def test_avx512_tile_constants_compute_the_same_results(tmp_path):
     assert result.stdout.split("\n")[0] == "(32, 7) (64, 4) 64 (32, 6)" and "ok" in result.stdout, result.stdout
 
 
-def test_recycled_outputs_are_never_handed_out_while_held():
+def test_outputs_are_fresh_without_an_arena_and_owned_by_the_arena_within_one():
     rng = np.random.default_rng(3)
     x, w, b, _ = _operands(rng, (2, 3, 9, 9), 5, 3, 3, np.float32)
     y1, arg1 = jit.conv2d_relu_maxpool2d_forward(x, w, b)
     keep = y1.copy(), arg1.copy()
-    view = y1[0]
-    del y1
-    y2, arg2 = jit.conv2d_relu_maxpool2d_forward(x * 2, w, b)
-    assert not np.shares_memory(view, y2) and not np.shares_memory(arg1, arg2)
-    np.testing.assert_array_equal(view, keep[0][0])
-    np.testing.assert_array_equal(arg1, keep[1])
-    address = y2.__array_interface__["data"][0]
-    del y2, arg2
-    y3, _ = jit.conv2d_relu_maxpool2d_forward(x, w, b)  # released: recycled, and every element rewritten
-    assert y3.__array_interface__["data"][0] == address
-    np.testing.assert_array_equal(y3, keep[0])
+    y2, arg2 = jit.conv2d_relu_maxpool2d_forward(x * 2, w, b)  # no arena open: new arrays
+    assert not np.shares_memory(y1, y2) and not np.shares_memory(arg1, arg2)
+    np.testing.assert_array_equal(y1, keep[0])
+    arena = jit.OutputArena()
+    with arena:
+        y3, arg3 = jit.conv2d_relu_maxpool2d_forward(x * 2, w, b)
+        y4, _ = jit.conv2d_relu_maxpool2d_forward(x, w, b)  # not released: another buffer
+    assert not np.shares_memory(y3, y4) and arena.nbytes >= y3.nbytes + y4.nbytes
+    np.testing.assert_array_equal(y3, y2)
+    address = y3.__array_interface__["data"][0]
+    arena.release()  # the owner says y3 and y4 are dead: their buffers are handed out again, every element rewritten
+    with arena:
+        y5, _ = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    assert y5.__array_interface__["data"][0] in (address, y4.__array_interface__["data"][0])
+    np.testing.assert_array_equal(y5, keep[0])
+    y6, _ = jit.conv2d_relu_maxpool2d_forward(x, w, b)  # the arena is closed again: fresh
+    assert not any(np.shares_memory(y6, a) for a in (y3, y4, y5))
 
 
 # ------------------------------------------------------------------------ general convolution and the newer ops
@@ -362,6 +368,7 @@ GENERAL_CASES = [
     ((2, 1, 6, 7), (3, 1, 2, 2), 1, (0, 1, 0, 1)),
     ((1, 2, 5, 5), (70, 2, 3, 3), 1, (4, 3, 4, 5)),
     ((1, 33, 8, 9), (40, 33, 3, 3), 2, (1, 1, 1, 1)),
+    ((2, 3, 8, 9), (5, 3, 3, 3), 1, (0, 0, 0, 0)),
 ]
 
 
@@ -369,7 +376,8 @@ GENERAL_CASES = [
 @pytest.mark.parametrize("x_shape,w_shape,stride,padding", GENERAL_CASES)
 def test_general_conv_against_reference(x_shape, w_shape, stride, padding, dtype):
     """Forward (with and without ReLU) and backward (need_dx True and False) of strided and padded convolutions,
-    inputs NCHW and channels-last, against the oracle; dw and db do not depend on need_dx."""
+    inputs NCHW and channels-last, against the oracle; dw and db do not depend on need_dx, and the backward's
+    results do not depend on the layout (the packing reads either in the same order)."""
     rng = np.random.default_rng(13)
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)
@@ -377,6 +385,7 @@ def test_general_conv_against_reference(x_shape, w_shape, stride, padding, dtype
     y_want = reference.conv2d_forward(x, w, b, False, stride, padding)
     dy = rng.standard_normal(y_want.shape).astype(dtype)
     grads_want = reference.conv2d_backward(dy, x, w, True, stride, padding)
+    by_layout = []
     for layout in (np.asarray, _channels_last):
         for relu in (False, True):
             y = jit.conv2d_forward(layout(x), w, b, relu, stride, padding)
@@ -390,6 +399,9 @@ def test_general_conv_against_reference(x_shape, w_shape, stride, padding, dtype
         assert none is None
         reference.assert_close(dw2, grads_want[1], dtype, "dw without dx")
         np.testing.assert_array_equal(db2, db)
+        by_layout.append((dx, dw, db))
+    for got, same in zip(*by_layout):
+        np.testing.assert_array_equal(got, same)
 
 
 @pytest.mark.parametrize("stride,padding", [(1, (1, 2, 2, 1)), (2, (1, 1, 0, 2))])

@@ -1,4 +1,4 @@
-"""The layers around the kernels (numba_cnn/layers.py, or a device backend's own `layers`): dense, ReLU backward,
+"""The layers around the kernels (numba_cnn/kernels/layers.py, or a backend's own `layers`): dense, ReLU backward,
 dropout and softmax cross-entropy, forward against values worked out by hand and backward against finite
 differences in float64."""
 
@@ -10,8 +10,8 @@ from gradcheck import assert_gradient_matches, dotted_with
 from numba_cnn.kernels import get_backend
 
 
-# naive and im2col share numba_cnn/layers.py, so im2col stands for both; jit brings its own dropout, cuda its own
-# layers.
+# naive and im2col share numba_cnn/kernels/layers.py, so im2col stands for both; jit brings its own dropout, cuda
+# its own layers.
 @pytest.fixture(params=backend_params(("im2col", "jit", "cuda")))
 def layers_backend(request):
     return get_backend(request.param)
@@ -75,7 +75,7 @@ def test_relu_backward_masks_by_output(call, layers_backend, rng):
 @pytest.mark.parametrize("rate", [0.5, 0.25])
 def test_dropout_keeps_the_expectation(call, layers_backend, rate):
     x = np.full((100, 100), 3.0, dtype=np.float32)
-    y, mask = call("dropout_forward", x, rate, layers_backend.layers.make_dropout_rng(7))
+    y, mask = call("dropout_forward", x, rate, layers_backend.make_dropout_rng(7))
     keep = 1.0 - rate
     assert y.dtype == np.float32 and mask.dtype == np.float32
     np.testing.assert_allclose(np.unique(mask), [0.0, 1.0 / keep], rtol=1e-6)  # dropped, or kept and rescaled
@@ -87,8 +87,8 @@ def test_dropout_keeps_the_expectation(call, layers_backend, rate):
 
 def test_dropout_rng_is_reproducible_and_advances(call, layers_backend):
     x = np.ones((8, 50))
-    first = call("dropout_forward", x, 0.5, layers_backend.layers.make_dropout_rng(3))[1]
-    rng = layers_backend.layers.make_dropout_rng(3)
+    first = call("dropout_forward", x, 0.5, layers_backend.make_dropout_rng(3))[1]
+    rng = layers_backend.make_dropout_rng(3)
     again, following = (call("dropout_forward", x, 0.5, rng)[1] for _ in range(2))
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, following)
@@ -97,13 +97,13 @@ def test_dropout_rng_is_reproducible_and_advances(call, layers_backend):
 def test_dropout_backward_reuses_the_forward_mask(call, layers_backend, rng):
     x, dy = rng.standard_normal((6, 20)), rng.standard_normal((6, 20))
     seed = 11
-    y, mask = call("dropout_forward", x, 0.5, layers_backend.layers.make_dropout_rng(seed))
+    y, mask = call("dropout_forward", x, 0.5, layers_backend.make_dropout_rng(seed))
     dx = call("dropout_backward", dy, mask)
     np.testing.assert_array_equal(dx == 0, mask == 0)  # a dropped unit gets no gradient
     np.testing.assert_allclose(dx, dy * mask)
 
     def forward(a):  # the same mask on every evaluation: the rng re-seeded each time
-        return call("dropout_forward", a, 0.5, layers_backend.layers.make_dropout_rng(seed))[0]
+        return call("dropout_forward", a, 0.5, layers_backend.make_dropout_rng(seed))[0]
 
     assert_gradient_matches(dx, dotted_with(forward, dy), x, fd_indices(layers_backend, x.size, rng))
 
@@ -148,7 +148,7 @@ def test_softmax_cross_entropy_is_stable_for_huge_logits(call, dtype):
 # on awkward inputs: one row, NaN and infinite logits, tied logits, parameters that are not contiguous.
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_compiled_softmax_cross_entropy_agrees_with_numpy(call, layers_backend, dtype, rng):
-    from numba_cnn import layers as numpy_layers
+    from numba_cnn.kernels import layers as numpy_layers
 
     cases = [rng.standard_normal((1, 10)), 20 * rng.standard_normal((7, 3)), np.zeros((4, 10)),
              np.array([[1.0, np.nan, 3.0, np.nan], [np.inf, 0.0, np.inf, 1.0], [-np.inf, 2.0, 2.0, 0.0]])]
@@ -176,7 +176,7 @@ def test_softmax_cross_entropy_refuses_labels_out_of_range(layers_backend):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_adam_and_dropout_backward_agree_with_numpy(call, layers_backend, dtype, rng):
-    from numba_cnn import layers as numpy_layers
+    from numba_cnn.kernels import layers as numpy_layers
 
     for shape in [(3,), (4, 1, 3, 3), (5, 7)]:
         want = [rng.standard_normal(shape).astype(dtype), np.zeros(shape, dtype), np.zeros(shape, dtype)]
@@ -201,3 +201,34 @@ def test_adam_and_dropout_backward_agree_with_numpy(call, layers_backend, dtype,
         np.testing.assert_allclose(big[::2], expected, rtol=1e-6)
     dy, mask = rng.standard_normal((3, 50)).astype(dtype), (rng.random((3, 50)) < 0.5).astype(dtype) * 2
     np.testing.assert_array_equal(call("dropout_backward", dy, mask), dy * mask)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed", "flat"])
+def test_jit_relu_equals_numpys_in_every_layout(layout, rng):
+    """jit's compiled ReLU forward and backward give numpy's results bit for bit, NaN and infinities included (a NaN
+    x stays NaN, a clipped unit passes exactly 0 whatever dy holds), in the layout of their input; a pair stored in
+    two layouts takes numpy's code."""
+    from numba_cnn.kernels.jit import layers as jit_layers
+    from numba_cnn.kernels import layers as np_layers
+
+    shape = (3, 5, 7, 9) if layout != "flat" else (130, 700)  # the flat one spans several parallel blocks
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[:4] = [np.nan, np.inf, -np.inf, -0.0]
+    dy.reshape(-1)[4:7] = [np.nan, np.inf, -np.inf]
+    if layout in ("channels_last", "mixed"):
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    if layout == "channels_last":
+        dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    if layout == "mixed":  # and the other way round: a channels-last gradient against an NCHW activation
+        y_nchw = np.maximum(np.ascontiguousarray(x), 0)
+        dy_cl = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        dx = jit_layers.relu_backward(dy_cl, y_nchw)
+        np.testing.assert_array_equal(dx, np_layers.relu_backward(dy_cl, y_nchw))
+        assert dx.strides == dy_cl.strides
+    y = jit_layers.relu_forward(x)
+    np.testing.assert_array_equal(y, np_layers.relu_forward(x))
+    assert y.strides == x.strides
+    dx = jit_layers.relu_backward(dy, y)
+    np.testing.assert_array_equal(dx, np_layers.relu_backward(dy, y))
+    assert np.isnan(y.reshape(-1)[0]) and (dx[y <= 0] == 0).all()

@@ -14,6 +14,8 @@ from replay import GivenDropout
 from gradcheck import assert_gradient_matches
 from numba_cnn.kernels import Backend, get_backend
 from numba_cnn.model import Model, default_network, init_params
+from numba_cnn.network import build
+from numba_cnn.network.layers import Conv2D, Dense, Flatten, MaxPool2D
 from numba_cnn.optim import Adam
 
 PARAM_SHAPES = default_network().param_shapes()
@@ -44,9 +46,9 @@ def test_parameter_count():
 def loss_at(model, params, x, labels):
     """The training loss at `params` (host arrays), the dropout rng re-seeded so every call draws the same mask."""
     model.load_state_dict(params)
-    backend, L = model.backend, model.backend.layers
-    logits = model.forward(backend.to_device(x), dropout_rng=L.make_dropout_rng(DROPOUT_SEED))
-    return L.softmax_cross_entropy(logits, backend.to_device(labels))[0]
+    backend = model.backend
+    logits = model.forward(backend.to_device(x), dropout_rng=backend.make_dropout_rng(DROPOUT_SEED))
+    return backend.layers.softmax_cross_entropy(logits, backend.to_device(labels))[0]
 
 
 # Each element of a small tensor is checked; of a large one, a random sample plus random directions.
@@ -59,7 +61,7 @@ def test_model_gradient_matches_finite_differences(backend, rng):
     model = Model(backend, seed=SEED, dtype=np.float64)
     params = model.state_dict()
     model.forward_backward(backend.to_device(x.astype(np.float64)), backend.to_device(labels),
-                           backend.layers.make_dropout_rng(DROPOUT_SEED))
+                           backend.make_dropout_rng(DROPOUT_SEED))
     grads = {name: np.asarray(backend.to_host(g)) for name, g in model.grads.items()}
     assert set(grads) == set(PARAM_SHAPES)
     x = x.astype(np.float64)
@@ -99,7 +101,7 @@ def training_pass_on(backend, model):
     x, labels = bar_images(np.random.default_rng(1), BATCH)
     recording = RecordingDropout(backend)
     backend.layers = recording  # `backend` is this test's own Backend object, not the registry's
-    logits = model.forward(backend.to_device(x.astype(model.dtype)), recording.make_dropout_rng(DROPOUT_SEED))
+    logits = model.forward(backend.to_device(x.astype(model.dtype)), backend.make_dropout_rng(DROPOUT_SEED))
     loss, dlogits, _ = recording.softmax_cross_entropy(logits, backend.to_device(labels))
     grads = {name: np.asarray(backend.to_host(g)) for name, g in model.backward(dlogits).items()}
     (mask,) = recording.masks
@@ -181,7 +183,7 @@ def test_adam_matches_two_steps_by_hand(backend):
     grads = [[0.3, -2.0, 0.0, 0.05, 1e-6], [-0.1, -1.0, 0.5, 0.05, 1e-6]]
     to_device = backend.to_device
     params = {"p": to_device(np.array(p0, dtype=np.float32))}
-    adam = Adam(params, backend.layers, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    adam = Adam(params, backend, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     expected = keras_adam_by_hand(p0, grads, lr, beta1, beta2, eps)
     for step, g in enumerate(grads):
         adam.step({"p": to_device(np.array(g, dtype=np.float32))})
@@ -199,8 +201,8 @@ def test_loss_falls_on_a_learnable_task():
     rng = np.random.default_rng(0)
     backend = get_backend("im2col")
     model = Model(backend, seed=0)
-    adam = Adam(model.params, backend.layers, lr=3e-3)
-    dropout_rng = backend.layers.make_dropout_rng(0)
+    adam = Adam(model.params, backend, lr=3e-3)
+    dropout_rng = backend.make_dropout_rng(0)
     losses = []
     for _ in range(30):
         x, labels = bar_images(rng, 16)
@@ -214,3 +216,34 @@ def test_loss_falls_on_a_learnable_task():
     assert np.mean(losses[-5:]) < 0.4
     x, labels = bar_images(rng, 64)
     assert np.mean(model.predict(x) == labels) > 0.9
+
+
+def test_the_model_owns_the_arrays_its_passes_return():
+    """jit's ops return the buffers of an arena the Model owns, released when the next pass begins: two training
+    steps give bitwise the results of a model whose ops allocate fresh arrays, the second step reuses the first
+    one's memory, and arrays handed to the caller (logits, gradients) are never the arena's."""
+    rng = np.random.default_rng(SEED)
+    network = build([Conv2D(8, 3, padding="same", activation="relu"), MaxPool2D(2), Conv2D(8, 3, activation="relu"),
+                     Flatten(), Dense(10, activation="softmax")], (3, 12, 12))
+    images, labels = rng.standard_normal((6, 3, 12, 12)).astype(np.float32), rng.integers(0, 10, 6)
+    owning, fresh = Model("jit", seed=SEED, network=network), Model("jit", seed=SEED, network=network)
+    assert owning._arena is not None
+    fresh._arena = None
+    results = {}
+    for name, model in (("owning", owning), ("fresh", fresh)):
+        out = []
+        for step in range(2):
+            rng_step = np.random.default_rng(step)
+            loss, _ = model.forward_backward(images, labels, rng_step)
+            out.append((loss, {k: g.copy() for k, g in model.grads.items()}))
+            if name == "owning" and step == 0:
+                held = owning._arena.nbytes
+                logits = [model.forward(images), model.forward(images[::-1].copy())]
+        results[name] = out
+    assert held > 0 and owning._arena.nbytes == held  # the second step took the first one's buffers again
+    assert not np.shares_memory(logits[0], logits[1])
+    np.testing.assert_array_equal(logits[0][::-1], logits[1])
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(results["owning"], results["fresh"]):
+        assert loss_a == loss_b
+        for key in grads_a:
+            np.testing.assert_array_equal(grads_a[key], grads_b[key])

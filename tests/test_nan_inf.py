@@ -18,7 +18,7 @@ import pytest
 from conftest import Case, backend_case_params, on_device, on_host
 from test_kernels import (assert_matches_oracle, expected_routing, im2col_with, oracle, run_op,
                           windows_side_by_side)
-from numba_cnn import layers as numpy_layers
+from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels import get_backend, reference
 from numba_cnn.model import Model
 

@@ -215,9 +215,8 @@ def _every_kind_batch(n=2):
 def _training_pass(backend, dtype, params=None):
     model = Model(backend, seed=SEED, dtype=dtype, network=every_kind_network(), params=params)
     x, labels = _every_kind_batch()
-    L = model.backend.layers
     loss, _ = model.forward_backward(backend.to_device(x.astype(dtype)), backend.to_device(labels),
-                                     L.make_dropout_rng(DROPOUT_SEED))
+                                     backend.make_dropout_rng(DROPOUT_SEED))
     return model, loss
 
 
@@ -233,9 +232,8 @@ def test_every_kind_gradients_match_finite_differences(backend_name):
 
     def loss_at(state):
         model.load_state_dict(state)
-        L = model.backend.layers
-        logits = model.forward(backend.to_device(x), dropout_rng=L.make_dropout_rng(DROPOUT_SEED))
-        return L.softmax_cross_entropy(logits, backend.to_device(labels))[0]
+        logits = model.forward(backend.to_device(x), dropout_rng=backend.make_dropout_rng(DROPOUT_SEED))
+        return model.backend.layers.softmax_cross_entropy(logits, backend.to_device(labels))[0]
 
     for name in model.network.param_shapes():
         p = start[name]
@@ -268,7 +266,7 @@ def test_every_kind_matches_the_float64_oracle(backend_name):
 
     from numba_cnn.model import Run
     x, labels = _every_kind_batch()
-    run = Run(backend, Recording(), True, backend.layers.make_dropout_rng(DROPOUT_SEED))
+    run = Run(backend, Recording(), True, backend.make_dropout_rng(DROPOUT_SEED))
     oracle_model = Model("reference", seed=SEED, dtype=np.float64, network=every_kind_network())
 
     def passes(m, run):
@@ -311,7 +309,7 @@ def test_every_kind_matches_the_float64_oracle(backend_name):
 
 def _small_checkpoint(path, network):
     model = Model("im2col", network=network)
-    optimizer = Adam(model.params, model.backend.layers)
+    optimizer = Adam(model.params, model.backend)
     meta = {"config": {"backend": "im2col"}, "network": network.to_dict(), "epoch": 1, "step": 0,
             "order_rng_epoch_start": {}, "dropout_rng": {}, "history": []}
     ckpt.save_checkpoint(path, model.state_dict(), optimizer.state_dict(np.asarray), meta)
@@ -402,14 +400,14 @@ def test_adding_a_layer_kind_is_one_module_and_one_registry_line(scale_kind, bac
                       {"kind": "Scale"}, {"kind": "MaxPool2D"}, {"kind": "Flatten"}, {"kind": "Dense", "units": 2}]}
     network = from_dict(doc, (1, 6, 6), num_classes=2)
     model = Model(backend_name, seed=1, network=network)
-    optimizer = Adam(model.params, model.backend.layers, lr=0.05)
+    optimizer = Adam(model.params, model.backend, lr=0.05)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (8, 1, 6, 6)).astype(np.float32)
     labels = np.array([0, 1] * 4)
     x[labels == 1, :, :3] += 1.0  # class 1: a bright top half
     losses, scales = [], []
     for _ in range(12):
-        loss, _ = model.forward_backward(x, labels, model.backend.layers.make_dropout_rng(0))
+        loss, _ = model.forward_backward(x, labels, model.backend.make_dropout_rng(0))
         optimizer.step(model.grads)
         losses.append(loss)
         scales.append(np.array(model.params["scale1.s"]))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from numba_cnn import kernels
-from numba_cnn import layers as numpy_layers
+from numba_cnn.kernels import dropout_rng as host_dropout_rng, host, layers as numpy_layers
 from numba_cnn.kernels import (BACKENDS, CONTRACT, FUSED_OPS, ORACLE, BackendInfo, UnknownBackend, backend_names,
                                get_backend, reference)
-from numba_cnn.kernels.contract import op_names
+from numba_cnn.kernels.contract import ARRAY_FUNCTIONS, DROPOUT_RNG_FUNCTIONS, op_names
 from conftest import backend_params
 
 CONTRACT_PARAMETERS = {
@@ -25,8 +25,8 @@ CONTRACT_PARAMETERS = {
     "avgpool2d_backward": ["dy", "x_shape", "size"],
     "batchnorm2d_forward": ["x", "gamma", "beta", "running_mean", "running_var", "momentum", "eps", "training"],
     "batchnorm2d_backward": ["dy", "x", "gamma", "mean", "inv_std"],
-    "conv2d_relu_maxpool2d_forward": ["x", "w", "b"],
-    "conv2d_relu_maxpool2d_backward": ["dy", "y", "argmax", "x", "w", "need_dx"],
+    "conv2d_relu_maxpool2d_forward": ["x", "w", "b", "padding"],
+    "conv2d_relu_maxpool2d_backward": ["dy", "y", "argmax", "x", "w", "need_dx", "padding"],
 }
 # The oracle also carries the one tolerance and the comparison every check uses.
 ORACLE_EXTRAS = ["tolerance", "relative_error", "assert_close"]
@@ -91,16 +91,25 @@ def test_backend_op_signatures(any_backend_name):
 
 @pytest.mark.parametrize("backend_name", [p for p in backend_params() if p.values[0] == "cuda"])
 def test_device_backend_layers_match_the_numpy_layers(backend_name, backend_module):
-    """A backend whose arrays live off the host brings every function of numba_cnn/layers.py with the same
-    parameters, plus to_device, to_host and synchronize."""
+    """A backend whose arrays live off the host brings, with the same parameters, every function of
+    numba_cnn/kernels/layers.py as its `layers`, and the host's array runtime (host.py, with synchronize) and
+    dropout generator (dropout_rng.py) as its own functions."""
     assert backend_module.INFO.on_device
     for name in public_functions(numpy_layers):
         theirs = getattr(backend_module.layers, name, None)
         assert theirs is not None, f"{backend_name}.layers lacks {name}"
         assert (list(inspect.signature(theirs).parameters)
                 == list(inspect.signature(getattr(numpy_layers, name)).parameters)), name
-    for name in ("to_device", "to_host", "synchronize"):
-        assert callable(getattr(backend_module, name)), name
+    assert set(public_functions(host)) <= set(ARRAY_FUNCTIONS)
+    assert public_functions(host_dropout_rng) == list(DROPOUT_RNG_FUNCTIONS)
+    for source, names in ((host, ARRAY_FUNCTIONS), (host_dropout_rng, DROPOUT_RNG_FUNCTIONS)):
+        for name in names:
+            theirs = getattr(backend_module, name, None)
+            assert callable(theirs), f"{backend_name} lacks {name}"
+            ours = getattr(source, name)
+            if inspect.isfunction(ours):  # host.py's to_device and to_host are numpy's own, synchronize None
+                assert (list(inspect.signature(theirs).parameters)
+                        == list(inspect.signature(ours).parameters)), name
 
 
 def test_backend_has_header_docstring(backend_module):
@@ -117,6 +126,11 @@ def test_get_backend_wraps_the_module(backend_name, backend_module):
     assert get_backend(backend_name) is backend  # one instance per name
     for name in op_names(backend.info):
         assert getattr(backend, name).__name__ == name
+    # the array runtime and dropout generator: a device backend's own, else the host's
+    for source, names in ((backend_module if backend.info.on_device else host, ARRAY_FUNCTIONS),
+                          (backend_module if backend.info.on_device else host_dropout_rng, DROPOUT_RNG_FUNCTIONS)):
+        for name in names:
+            assert getattr(backend, name) is getattr(source, name), name
 
 
 THROWAWAY_BACKEND = '''"""throwaway backend: the oracle's ops under another name, for the registry test."""

@@ -41,7 +41,7 @@ from numba_cnn.kernels import get_backend  # noqa: E402
 from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, stack_tile  # noqa: E402
 from numba_cnn.kernels.jit.tiles import CONV_TILE_WIDE  # noqa: E402
 from numba_cnn.kernels.reference import FLOAT32_TOL, relative_error  # noqa: E402
-from numba_cnn.layers import relu_backward  # noqa: E402
+from numba_cnn.kernels.layers import relu_backward  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.json"
 SHAPE = dict(N=128, C=32, H=13, W=13, K=64, R=3, S=3)  # conv2 of mnist-cnn at batch 128

@@ -6,8 +6,9 @@ in the pages, and the figures the pages quote from docs/results.json.
 
 Three kinds of computed text, so that a number is written in one place only:
 - a generated block, between `<!-- generated: KEY -->` and `<!-- end generated -->`, is replaced by BLOCKS[KEY]():
-  worked examples computed by the project's own code (the `reference` backend, numba_cnn.layers), tables of the tile
-  shapes imported from numba_cnn/kernels/jit/tiles.py, and tables of measurements read from docs/results.json;
+  worked examples computed by the project's own code (the `reference` backend, numba_cnn.kernels.layers), tables of
+  the tile shapes imported from numba_cnn/kernels/jit/tiles.py, and tables of measurements read from
+  docs/results.json;
 - a tagged figure, a number followed by `<!--fig:KEY-->`, is replaced by figures()[KEY], read from
   docs/results.json: the same key in two places gives the same number;
 - the pictures: drawn from the same numbers, with matplotlib's Agg backend, without dates in their metadata.
@@ -263,7 +264,7 @@ def block_chain_rule():
 
 
 def block_softmax():
-    from numba_cnn.layers import softmax_cross_entropy
+    from numba_cnn.kernels.layers import softmax_cross_entropy
 
     loss, dlogits, correct = softmax_cross_entropy(LOGITS, LABELS)
     z = LOGITS.astype(np.float64)
@@ -346,7 +347,8 @@ def tile_constants(bits):
     script = ("import json; from numba_cnn.kernels import _numba_ext as e; from numba_cnn.kernels.jit import tiles "
               "as t; print(json.dumps({'bits': e.TILE_BITS, 'registers': e.TILE_REGISTERS, "
               "'CONV_TILE_NARROW': t.CONV_TILE_NARROW, 'CONV_TILE_WIDE': t.CONV_TILE_WIDE, "
-              "'CONV_POOL_TILE': t.CONV_POOL_TILE, 'GRAD_LANES_NARROW': t.GRAD_LANES_NARROW, "
+              "'CONV_POOL_TILE': t.CONV_POOL_TILE, 'CONV_POOL_TILE_NARROW': t.CONV_POOL_TILE_NARROW, "
+              "'GRAD_LANES_NARROW': t.GRAD_LANES_NARROW, "
               "'GRAD_LANES_WIDE': t.GRAD_LANES_WIDE, 'TILE_TAPS': t.TILE_TAPS, 'CONV1_TILE': t.CONV1_TILE}))")
     env = dict(os.environ, NUMBA_CNN_TILE_BITS=str(bits),
                PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
@@ -367,7 +369,8 @@ def block_tiles():
             "AVX-512: lanes x columns |", "|---|---|---|---|"]
     uses = {"CONV_TILE_WIDE": "conv forward, K > 32 (conv2's unfused forward, K = 64)",
             "CONV_TILE_NARROW": "conv forward, K <= 32 lanes; conv2's dx (32 output channels)",
-            "CONV_POOL_TILE": "conv2 fused with pool2"}
+            "CONV_POOL_TILE": "conv + ReLU + 2x2 pool fused (mnist-cnn's conv2 + pool2)",
+            "CONV_POOL_TILE_NARROW": "the same fused, K <= 32 where narrower than CONV_POOL_TILE"}
     for name, use in uses.items():
         cells = [tile_cell(*t[name], t["bits"]) for t in (avx2, avx512)]
         rows.append(f"| `{name}` | {use} | {cells[0]} | {cells[1]} |")

@@ -6,7 +6,7 @@ weights, zero biases), trained under softmax cross-entropy with Adam(lr 1e-3, be
 Differences left as each library has them: PyTorch adds eps to the bias-corrected sqrt(v), Keras (and
 numba_cnn.optim) to the raw sqrt(v), which only matters while v is tiny; the dropout masks are each library's own
 draws; PyTorch's BatchNorm keeps the unbiased batch variance in its running variance. Every contender holds the
-images as uint8 and scales each batch (numba_cnn.layers.as_float_images), so peak memory compares the frameworks,
+images as uint8 and scales each batch (numba_cnn.kernels.host.as_float_images), so peak memory compares the frameworks,
 not the data format.
 
 Every contender, ours included (compare.NumbaCNNContender), has the same two methods and a `version` string, so one
@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from numba_cnn.errors import NumbaCNNError
-from numba_cnn.layers import as_float_images
+from numba_cnn.kernels.host import as_float_images
 from numba_cnn.model import init_state
 
 LEARNING_RATE = 1e-3

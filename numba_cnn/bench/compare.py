@@ -13,6 +13,7 @@ the imports and compilation), `--steps` steps are timed and extrapolated to an e
 accuracy.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from numba_cnn.bench import baselines
-from numba_cnn.bench.networks import bench_network, flops_per_image
+from numba_cnn.bench.networks import bench_network, first_trained_layer, flops_per_image, layers_flops
 from numba_cnn.bench.ops import resolve_backend
 from numba_cnn.errors import NumbaCNNError, check_int_flag
 from numba_cnn.kernels import BACKENDS, get_backend
@@ -50,18 +51,58 @@ class NumbaCNNContender:
         self.version = f"numba_cnn {__version__} ({backend} backend), numba {numba.__version__}"
         self.backend = get_backend(backend)
         self.model = Model(self.backend, seed=seed, network=network)
-        self.optimizer = Adam(self.model.params, self.backend.layers)
-        self.dropout_rng = self.backend.layers.make_dropout_rng([seed, 2])
+        self.optimizer = Adam(self.model.params, self.backend)
+        self.dropout_rng = self.backend.make_dropout_rng([seed, 2])
 
     def train_step(self, x, y):
         # x may be raw uint8 pixels, scaled here a batch at a time, exactly as numba_cnn.train does
-        to_device, as_float = self.backend.to_device, self.backend.layers.as_float_images
+        to_device, as_float = self.backend.to_device, self.backend.as_float_images
         loss, _ = self.model.forward_backward(as_float(to_device(x)), to_device(y), self.dropout_rng)
         self.optimizer.step(self.model.grads)
         return loss
 
     def predict(self, x):
-        return self.model.predict(self.backend.layers.as_float_images(self.backend.to_device(x)))
+        return self.model.predict(self.backend.as_float_images(self.backend.to_device(x)))
+
+    def executed_flops_per_image(self, x, y):
+        """FLOPs one training image costs as executed: 2 per multiply-add the kernels of each step reported (a
+        backend's PathLog), the dense count for steps that report none; None when the backend reports nothing.
+        One untimed forward and backward (no update), buffers restored, the training's dropout stream untouched."""
+        log_class = getattr(self.backend.module, "PathLog", None)
+        if log_class is None:
+            return None
+        model, network = self.model, self.model.network
+        saved = {name: a.copy() for name, a in model.buffers.items()}  # a training pass moves BatchNorm's statistics
+        per_section = {}
+
+        class Sections:  # the Model's timer interface: one log per step and direction
+            @contextlib.contextmanager
+            def section(self, name, direction):
+                with log_class() as log:
+                    yield
+                per_section[(name, direction)] = log.calls
+
+        timer, model.timer = model.timer, Sections()
+        try:
+            as_float = self.backend.as_float_images
+            model.forward_backward(as_float(self.backend.to_device(x)), self.backend.to_device(y),
+                                   self.backend.make_dropout_rng([0, 9]))
+        finally:
+            model.timer = timer
+            for name, a in model.buffers.items():
+                a[...] = saved[name]
+        first = first_trained_layer(network)
+        flops = 0
+        for step in model.steps:
+            indices = [i for i, _ in step.layers]
+            for direction, name in (("fwd", "forward"), ("bwd", "backward")):
+                if direction == "bwd" and step.layers[-1][0] < first:
+                    continue
+                calls = per_section.get((step.name, name), [])
+                macs = sum(m for _, _, m in calls)
+                dense = layers_flops(network, indices, direction, need_dx=step.first > first) * len(x)
+                flops += 2 * macs if macs else dense
+        return flops / len(x)
 
 
 def peak_rss_mb():
@@ -127,6 +168,10 @@ def run_contender(name, network, steps=50, warmup_steps=3, batch_size=128, threa
         baselines.train_steps(contender, x_train, y_train, warm_batches, warmup_steps)
     contender.predict(x_test[:batch_size])
     out["warmup_s"] = time.perf_counter() - start
+    executed = getattr(contender, "executed_flops_per_image", None)
+    if executed is not None:
+        first = next(warm_batches)
+        out["executed_flops_per_image"] = executed(x_train[first], y_train[first])
 
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     order = np.random.default_rng([seed, 1])
@@ -254,6 +299,11 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), network=Non
                      version=good[0]["version"], baseline=_is_baseline(entry["contender"]))
         entry["gflops"] = train_flops * good[0]["epoch_images"] / entry["sec_per_epoch"] / 1e9
         entry["peak_share"] = entry["gflops"] / peak
+        if good[0].get("executed_flops_per_image"):
+            entry["executed_flops_per_image"] = good[0]["executed_flops_per_image"]
+            entry["executed_gflops"] = (entry["executed_flops_per_image"] * good[0]["epoch_images"]
+                                        / entry["sec_per_epoch"] / 1e9)
+            entry["executed_peak_share"] = entry["executed_gflops"] / peak
     _add_ratios(list(entries.values()))
     sources = {run["data_source"] for entry in entries.values() for run in entry["runs"] if "data_source" in run}
     epoch_images = next((run["epoch_images"] for entry in entries.values() for run in entry["runs"]

@@ -39,6 +39,21 @@ BLAS_SETTLE_S = 0.3
 DEFAULT_OP_BACKENDS = ("naive", "im2col", "jit")
 
 
+def _owning_outputs(call, backend):
+    """`call` taking its outputs from an arena it releases before each call, as training's Model does: repeated
+    calls reuse one set of buffers (the first one allocates them, untimed) and are timed without page faults."""
+    if backend.output_arena is None:
+        return call
+    arena = backend.output_arena()
+
+    def owned():
+        arena.release()
+        with arena:
+            return call()
+
+    return owned
+
+
 def bench_state(network, seed):
     """Host float32 weights for the bench: init_state's, with every bias and BatchNorm shift drawn from N(0, 0.1)
     (zeros would let a kernel that ignores them pass)."""
@@ -150,9 +165,10 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, network=None, layers=None, batch_siz
                 continue
             _pin_threads(threads, k)
             time.sleep(BLAS_SETTLE_S)
-            timed_call(op.call, k.synchronize)
+            call = _owning_outputs(op.call, k)
+            timed_call(call, k.synchronize)
             wanted = naive_repeats if k.info.slow else repeats
-            op.row["samples_s"] = [timed_call(op.call, k.synchronize)[0] for _ in range(wanted)]
+            op.row["samples_s"] = [timed_call(call, k.synchronize)[0] for _ in range(wanted)]
             log(f"{op.row['op']:<16} {k.name:<8} ok: median {1e3 * float(np.median(op.row['samples_s'])):.3f} ms "
                 f"for {op.row['batch']} image(s)")
         _pin_threads(threads)
@@ -175,13 +191,20 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, network=None, layers=None, batch_siz
             need_dx = key[1] == "fwd" or key[0][0] > first_trained
             flops = layers_flops(network, key[0], key[1], need_dx) * row["batch"]
             row["flops"] = flops or None
+            # executed: the multiply-adds the kernels counted (skipped zeros left out), else the dense count
+            executed = 2 * row["executed_macs"] if "executed_macs" in row else flops
+            row["executed_flops"] = executed or None
             if flops:
                 row["gflops"] = flops / row["median_s"] / 1e9
-                row["flops_per_byte"] = flops / row["bytes"]
+                row["flops_per_byte"] = executed / row["bytes"]
+            if executed:
+                row["executed_gflops"] = executed / row["median_s"] / 1e9
             row["gbytes_per_s"] = row["bytes"] / row["median_s"] / 1e9
             row["on_host"] = not k.info.on_device
             if flops and row["on_host"]:  # the sgemm peak is the CPU's: no share for a GPU backend
                 row["peak_share"] = row["gflops"] / peak
+            if executed and row["on_host"]:
+                row["executed_peak_share"] = row["executed_gflops"] / peak
     order_of_backend = {name: i for i, name in enumerate(k.name if isinstance(k, Backend) else k for k in backends)}
     op_order = {f"{steps_by_key[key]} {key[1]}": i for i, key in enumerate(order)}
     results.sort(key=lambda r: (op_order.get(r["op"], -1), order_of_backend[r["backend"]]))

@@ -9,7 +9,11 @@ from numba_cnn.plots import pyplot, save_png
 SPARSE_BACKWARD = "conv2d_relu_maxpool2d_backward"
 DENSE_EQUIVALENT = ("jit's fused conv+ReLU+pool backward runs over the nonzero conv-output gradients only (pooling, "
                     "ReLU and dropout zero the rest; docs/kernels.md): its GFLOP/s and % peak count the dense FLOPs "
-                    "it skips, a dense-equivalent rate, not multiply-adds executed.")
+                    "it skips, a dense-equivalent rate; exec GFLOP/s and exec % count the multiply-adds its kernels "
+                    "executed.")
+EXECUTED = ("exec GFLOP/s, exec %: 2 FLOPs per multiply-add the kernels executed (where the backend counts them: "
+            "jit; products with stored zeros included, skipped zeros not), else the dense count; the roofline "
+            "places ops by these.")
 
 
 def _network_line(settings):
@@ -29,7 +33,7 @@ def format_ops_table(report):
     width = _op_width(report)
     lines = [_network_line(report["settings"]),
              f"{'op':<{width}} {'backend':<8} {'batch':>5} {'check err':>9} {'1st call s':>10} {'median ms':>10} "
-             f"{'min-max ms':>17} {'ms/image':>9} {'GFLOP/s':>8} {'% peak':>7}"]
+             f"{'min-max ms':>17} {'ms/image':>9} {'GFLOP/s':>8} {'% peak':>7} {'exec GFLOP/s':>12} {'exec %':>7}"]
     skipped = {}
     for r in report["results"]:
         if r["status"] == "skipped":
@@ -42,9 +46,11 @@ def format_ops_table(report):
         spread = f"{1e3 * r['min_s']:.3f}-{1e3 * r['max_s']:.3f}"
         gflops = f"{r['gflops']:.3g}" if "gflops" in r else "-"
         share = f"{100 * r['peak_share']:.1f}%" if "peak_share" in r else "-"
+        executed = f"{r['executed_gflops']:.3g}" if "executed_gflops" in r else "-"
+        executed_share = f"{100 * r['executed_peak_share']:.1f}%" if "executed_peak_share" in r else "-"
         lines.append(f"{head}{max(r['check_errors'].values()):>9.1e} {r['first_call_s']:>10.3f} "
                      f"{1e3 * r['median_s']:>10.3f} {spread:>17} {1e3 * r['median_per_image_s']:>9.4f} "
-                     f"{gflops:>8} {share:>7}")
+                     f"{gflops:>8} {share:>7} {executed:>12} {executed_share:>7}")
     lines.extend(f"{backend} skipped: {reason}" for backend, reason in skipped.items())
     lines.append(f"check err: largest max|got - oracle| / max|oracle| over the op's outputs (FAILED above "
                  f"{FLOAT32_TOL:g}); batch: images per call")
@@ -62,6 +68,7 @@ def format_ops_table(report):
     lines.append(f"FLOPs: {report['flop_formula']}")
     if any(r["backend"] == "jit" and SPARSE_BACKWARD in r.get("kernels", ()) for r in report["results"]):
         lines.append(DENSE_EQUIVALENT)
+    lines.append(EXECUTED)
     lines.append(f"bandwidth: {cal['stream_gbs']:.1f} GB/s (median; {cal['stream_method']}); "
                  f"{report['bytes_formula']}")
     if report["speedups"]:
@@ -74,6 +81,14 @@ def format_ops_table(report):
         for op in dict.fromkeys(s["op"] for s in report["speedups"]):
             cells = (f"{by_key[(op, p)]:.1f}x" if (op, p) in by_key else "-" for p in pairs)
             lines.append(f"{op:<{width}}" + "".join(f"{c:>17}" for c in cells))
+    with_paths = [r for r in report["results"] if r.get("paths")]
+    if with_paths:
+        lines.append("")
+        lines.append("kernel paths taken (chosen from the shapes and the target's tiles; executed multiply-adds per "
+                     "call)")
+        for r in with_paths:
+            macs = f" [{r['executed_macs'] / 1e6:.1f} M MACs]" if "executed_macs" in r else ""
+            lines.append(f"{r['op']:<{width}} {r['backend']:<8} {'; '.join(r['paths'])}{macs}")
     return "\n".join(lines)
 
 
@@ -161,7 +176,7 @@ def plot_roofline(report, path):
                 fontsize=8, color="grey")
     clusters = []  # clusters: [point, op names] of points that would print over each other
     for r in points:
-        xy = (r["flops_per_byte"], r["gflops"])
+        xy = (r["flops_per_byte"], r.get("executed_gflops", r["gflops"]))
         ax.plot(*xy, "o", color=_colour(report, r["backend"]), ms=6)
         cluster = next((c for c in clusters if _near(xy, c[0])), None)
         if cluster is None:
@@ -191,7 +206,8 @@ def plot_roofline(report, path):
     on_device = sorted({r["backend"] for r in report["results"] if r["status"] == "ok" and not r["on_host"]})
     apart = f" ({', '.join(on_device)} on a GPU: bandwidth bars only, the roofs are the CPU's)" if on_device else ""
     fig.suptitle(_title(report, "roofline") + apart, fontsize=10)
-    fig.supxlabel("FLOPs: 2 per multiply-add of each layer's dense count (bench's FLOP formula). "
+    fig.supxlabel("FLOPs: 2 per multiply-add executed (jit's kernels count them; skipped zeros not), else of each "
+                  "layer's dense count (bench's FLOP formula). "
              "Bytes: each input read once, each output written once, float32 4 B, argmax 1 B (a lower bound).\n"
              f"Roofs measured in this run: {cal['stream_method']}; sgemm {cal['sgemm_size']}^3 float32 via numpy.",
              fontsize=8)
@@ -239,6 +255,12 @@ def format_compare_table(report):
                  f"{np.median(cal['sgemm_after_gflops']):.1f}).")
     if any(e["contender"] == "jit" and e["status"] == "ok" for e in report["contenders"]):
         lines.append(DENSE_EQUIVALENT)
+    for e in report["contenders"]:
+        if e["status"] == "ok" and "executed_gflops" in e:
+            lines.append(f"{e['contender']} executed: {e['executed_flops_per_image'] / 1e6:.2f} MFLOP per training "
+                         f"image (2 per multiply-add its kernels reported, skipped zeros not counted; dense count "
+                         f"{cal['training_flops_per_image'] / 1e6:.2f}), {e['executed_gflops']:.1f} GFLOP/s, "
+                         f"{100 * e['executed_peak_share']:.1f}% of the sgemm peak")
     lines.append("versions: " + "; ".join(f"{e['contender']}: {e['version']}" for e in report["contenders"]
                                           if e["status"] == "ok"))
     loads = [run["load_average_1min"] for e in report["contenders"] for run in e["runs"] if "error" not in run]

@@ -22,6 +22,7 @@ from numba_cnn.kernels.contract import op_names
 from numba_cnn.kernels.reference import FLOAT32_TOL, relative_error
 from numba_cnn.model import Model, Run
 from numba_cnn.network.layers import Dropout
+from numba_cnn.network.plan import ConvReluPool
 
 BYTES_FORMULA = ("bytes moved: the compulsory traffic of the arrays a call takes and returns, each counted once at "
                  "its own item size (views of one buffer once): its input (for a backward, the gradient and the "
@@ -153,6 +154,61 @@ def _float64(a):
     return np.asarray(a, dtype=np.float64)
 
 
+def _adopt_near_tie_winners(oracle_caches, argmax, network, step):
+    """In the oracle's caches of a fused conv + ReLU + max-pool step, the backend's pooling winners (`argmax`) where
+    they tie with the oracle's within FLOAT32_TOL of the conv output's largest magnitude: the backend pooled its
+    own float32 conv output, and where two values of a window differ by a rounding its winner is as right as the
+    oracle's (the gradient goes to one or the other, a difference a backward check must not count). A winner
+    further from the window's maximum stays the oracle's, and the check fails on it."""
+    (_, conv_out), (oracle_argmax, _) = oracle_caches
+    kh, kw = step.layers[1][1].pool_size
+    n, k, p, q = oracle_argmax.shape
+    windows = conv_out[:, :, :p * kh, :q * kw].reshape(n, k, p, kh, q, kw).transpose(0, 1, 2, 4, 3, 5)
+    windows = windows.reshape(n, k, p, q, kh * kw)
+    theirs = np.take_along_axis(windows, argmax[..., None].astype(np.intp), axis=-1)[..., 0]
+    ours = np.take_along_axis(windows, oracle_argmax[..., None].astype(np.intp), axis=-1)[..., 0]
+    scale = np.abs(conv_out).max()
+    near = np.abs(theirs - ours) <= FLOAT32_TOL * scale
+    oracle_argmax[near] = argmax[near]
+
+
+class _NoPaths:
+    """What path_log gives for a backend that reports no paths."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def record(self):
+        return {}
+
+
+class _Paths(_NoPaths):
+    def __init__(self, log):
+        self.log = log
+
+    def __enter__(self):
+        self.log.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.log.__exit__(*exc)
+
+    def record(self):
+        """{"paths": ["op: path", ...], "executed_macs": n (when a kernel counted any)} for the row."""
+        macs = self.log.executed_macs
+        return {"paths": self.log.paths} | ({"executed_macs": macs} if macs else {})
+
+
+def path_log(backend):
+    """A context that records the kernel paths a call takes and the multiply-adds they execute, on a backend that
+    reports them (jit's PathLog); a no-op elsewhere."""
+    log_class = getattr(backend.module, "PathLog", None)
+    return _Paths(log_class()) if log_class is not None else _NoPaths()
+
+
 def timed_call(call, sync):
     """-> (seconds, what call() returned), waited for with `sync` (a device backend's synchronize) where given."""
     start = time.perf_counter()
@@ -194,8 +250,8 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
     model = Model(backend, params=state, network=network, fuse=fuse)
     arrays = {**model.params, **model.buffers}
     state64 = {name: _float64(value) for name, value in state.items()}
-    run = Run(backend, backend.layers, True, backend.layers.make_dropout_rng([seed, 2]))
-    oracle_run = Run(oracle, oracle.layers, True, oracle.layers.make_dropout_rng([seed, 2]))
+    run = Run(backend, backend.layers, True, backend.make_dropout_rng([seed, 2]))
+    oracle_run = Run(oracle, oracle.layers, True, oracle.make_dropout_rng([seed, 2]))
     n, sync = len(images), backend.synchronize
     check_rng = np.random.default_rng([seed, 11])
     checked_ops = []
@@ -232,7 +288,8 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
         row = new_row(visit, "fwd")
         checked_run, ops, functions = recording_run(run, backend)
         try:
-            first_s, (y, cache) = timed_call(lambda: step.runner.forward(checked_run, p, x), sync)
+            with path_log(backend) as paths:
+                first_s, (y, cache) = timed_call(lambda: step.runner.forward(checked_run, p, x), sync)
         except Exception as exc:  # a kernel that raises fails its check; the walk goes on from the oracle's result
             failed(visit, row, f"raised {type(exc).__name__}: {exc}")
             return on_device(oracle_y(visit))
@@ -241,7 +298,7 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
             return y
         expected = oracle_y(visit)
         ok, errors, reason = check_outputs({"y": backend.to_host(y)}, {"y": expected})
-        row.update(check_errors=errors, kernels=ops.called, layer_functions=functions.called)
+        row.update(check_errors=errors, kernels=ops.called, layer_functions=functions.called, **paths.record())
         if not ok:
             failed(visit, row, reason)
             return on_device(expected)
@@ -257,6 +314,8 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
         def expected(gradient):
             if visit.oracle_caches is None:
                 oracle_y(visit)
+            if cache is not None and isinstance(step.runner, ConvReluPool):
+                _adopt_near_tie_winners(visit.oracle_caches, backend.to_host(cache[2]), network, step)
             return oracle_backward(network, step, state64, _float64(backend.to_host(gradient)),
                                    visit.oracle_caches, need_dx, oracle_run)
 
@@ -273,8 +332,9 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
             return from_oracle(expected(dy))
         given = random_like(backend, dy, check_rng) if visit.checked else dy
         try:
-            first_s, (dx, grads) = timed_call(lambda: step.runner.backward(
-                checked_run, p, given, cache, need_dx), sync)
+            with path_log(backend) as paths:
+                first_s, (dx, grads) = timed_call(lambda: step.runner.backward(
+                    checked_run, p, given, cache, need_dx), sync)
         except Exception as exc:
             failed(visit, row, f"raised {type(exc).__name__}: {exc}")
             return from_oracle(expected(dy))
@@ -283,7 +343,7 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
         got = ({"dx": dx} if need_dx else {}) | {f"d{key}": g for key, g in grads.items()}
         reference = expected(given)
         ok, errors, reason = check_outputs({name: backend.to_host(a) for name, a in got.items()}, reference)
-        row.update(check_errors=errors, kernels=ops.called, layer_functions=functions.called)
+        row.update(check_errors=errors, kernels=ops.called, layer_functions=functions.called, **paths.record())
         if not ok:
             failed(visit, row, reason)
             return from_oracle(expected(dy))

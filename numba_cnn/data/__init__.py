@@ -25,7 +25,7 @@ from numba_cnn.data.files import (COLS, NPZ_KEYS, ROWS, idx_sha256, read_idx_ima
                                   read_mnist_npz)
 from numba_cnn.data.folder import SPLITS, read_image_folder
 from numba_cnn.errors import DataError
-from numba_cnn.layers import as_float_images
+from numba_cnn.kernels.host import as_float_images
 
 ENV_VAR = "NUMBA_CNN_DATA"
 IDX_NAMES = {

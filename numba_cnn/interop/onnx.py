@@ -3,7 +3,7 @@ helper API (make_node, make_graph, make_model); an optional extra: pip install -
 
 The graph, opset 17 (IR version 8, so that runtimes from ONNX 1.12 on read it):
   input  "images":        float32 (N, C, H, W), the run's layout, pixels already scaled as training scaled them
-                          (uint8 / 255: numba_cnn.layers.as_float_images)
+                          (uint8 / 255: numba_cnn.kernels.host.as_float_images)
   output "logits":        float32 (N, classes), what numba_cnn's Model.forward returns
   output "probabilities": float32 (N, classes), Softmax of the logits over the classes
 Each layer adds its inference pass (Layer.onnx_nodes): Conv with the layer's pads, Relu, MaxPool / AveragePool

@@ -2,14 +2,19 @@
 
 The contract (names, shapes, semantics) is in README.md beside this file, its checks and the BackendInfo each
 backend declares in contract.py. Adding a backend is one module plus one line in REGISTRY.
+
+Beside the backends, the numpy pieces every host backend shares: layers.py (the small layers: ReLU, dropout, dense,
+softmax cross-entropy, Adam), host.py (the array runtime: to and from the backend, batch gathering, pixel scaling)
+and dropout_rng.py (dropout's generator: made, snapshotted, restored). A device backend brings its own of all three.
 """
 
 import importlib
 
 import numpy as np
 
-from numba_cnn.kernels.contract import (CHECKS, CONTRACT, FUSED_OPS, BackendInfo, BackendUnavailable, UnknownBackend,
-                                        op_names)
+from numba_cnn.kernels import dropout_rng as host_dropout_rng, host, layers as numpy_layers
+from numba_cnn.kernels.contract import (ARRAY_FUNCTIONS, CHECKS, CONTRACT, DROPOUT_RNG_FUNCTIONS, FUSED_OPS,
+                                        BackendInfo, BackendUnavailable, UnknownBackend, op_names)
 
 __all__ = ["BACKENDS", "CONTRACT", "FUSED_OPS", "ORACLE", "Backend", "BackendInfo", "BackendUnavailable",
            "UnknownBackend", "backend_names", "get_backend", "register"]
@@ -66,14 +71,14 @@ class Backend:
     """One backend, ready to use: its checked op functions, what it says about itself, and how its arrays move.
 
     Attributes: name, module (the raw module, unchecked), info (its BackendInfo), the contract functions and its
-    fused ops, `layers` (dense, dropout, softmax cross-entropy, Adam on this backend's arrays), `to_device`,
-    `to_host` and `synchronize` (None for a host backend, whose calls return when their work is done), and
-    `precompile` (None unless the module defines one).
+    fused ops, `layers` (ReLU, dense, dropout, softmax cross-entropy, Adam on this backend's arrays), the array
+    runtime (`to_device`, `to_host`, `synchronize`: None for a host backend, whose calls return when their work is
+    done; `zeros_like`, `take_rows`, `as_float_images`), dropout's generator (`make_dropout_rng`,
+    `dropout_rng_state`, `restore_dropout_rng`), `precompile` (None unless the module defines one) and
+    `output_arena` (the class of the owner-released buffers its ops return while one is open; None unless defined).
     """
 
     def __init__(self, name, module):
-        from numba_cnn import layers as numpy_layers
-
         info = getattr(module, "INFO", None)
         if not isinstance(info, BackendInfo):
             raise TypeError(f"backend module {module.__name__} must define INFO = BackendInfo(...)")
@@ -81,16 +86,20 @@ class Backend:
         for fname in op_names(info):
             setattr(self, fname, _checked(name, module, fname))
         if info.on_device:
-            self.layers, self.to_device, self.to_host = module.layers, module.to_device, module.to_host
-            self.synchronize = module.synchronize
+            self.layers, arrays, rng = module.layers, module, module
         else:
-            # a host backend may bring its own layers (jit: a compiled dropout), else numpy's
-            self.layers = getattr(module, "layers", numpy_layers)
-            self.to_device, self.to_host = np.ascontiguousarray, np.asarray
-            self.synchronize = None
+            # a host backend may bring its own layers (jit: a compiled dropout), else numpy's; its arrays and
+            # dropout generator are the host's
+            self.layers, arrays, rng = getattr(module, "layers", numpy_layers), host, host_dropout_rng
+        for fname in ARRAY_FUNCTIONS:
+            setattr(self, fname, getattr(arrays, fname))
+        for fname in DROPOUT_RNG_FUNCTIONS:
+            setattr(self, fname, getattr(rng, fname))
         # compiles what a training step uses ahead of the warm-up pass, if the backend has a way to (jit: on a cold
         # cache, in two processes at once)
         self.precompile = getattr(module, "precompile", None)
+        # the class of the arena its ops take their outputs from while one is open (None: they allocate fresh ones)
+        self.output_arena = getattr(module, "OutputArena", None)
 
     def has_fused(self, op):
         return op in self.info.fused

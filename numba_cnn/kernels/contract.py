@@ -17,9 +17,13 @@ CONTRACT = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d
             "avgpool2d_backward", "batchnorm2d_forward", "batchnorm2d_backward")
 # Optional fused ops: name -> its forward and backward functions. A backend lists the ones it has in its INFO; the
 # network's fusion pass (numba_cnn/network/plan.py) uses them where present and the composition of contract ops
-# otherwise (kernels/README.md). conv2d_relu_maxpool2d covers a stride-1 unpadded convolution and a 2x2 pool.
+# otherwise (kernels/README.md). conv2d_relu_maxpool2d covers a stride-1 convolution (any zero padding) and a 2x2 pool.
 FUSED_OPS = {"conv2d_relu_maxpool2d": ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward")}
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# What a Backend holds beside its ops and `layers`, by name: its array runtime and its dropout generator. A host
+# backend gets numba_cnn/kernels/host.py's and dropout_rng.py's; an on_device module defines its own.
+ARRAY_FUNCTIONS = ("to_device", "to_host", "synchronize", "zeros_like", "take_rows", "as_float_images")
+DROPOUT_RNG_FUNCTIONS = ("make_dropout_rng", "dropout_rng_state", "restore_dropout_rng")
 
 
 class BackendUnavailable(NumbaCNNError):
@@ -38,7 +42,8 @@ class BackendInfo:
     blas_threads: "all" uses as many BLAS threads as compute threads; "one" keeps BLAS at one thread (a backend
         whose own threads do the heavy work and whose few BLAS calls would leave spinning workers behind).
     on_device: arrays live off the host; the module then also provides `layers` (the functions of
-        numba_cnn/layers.py on its arrays), `to_device`, `to_host` and `synchronize`.
+        numba_cnn/kernels/layers.py on its arrays), the ARRAY_FUNCTIONS (host.py's on its arrays) and the
+        DROPOUT_RNG_FUNCTIONS (dropout_rng.py's for its own generator).
     fused: the names from FUSED_OPS this backend implements.
     channels_last: its ops accept, and may return, 4-D arrays stored channels-last (an NHWC buffer viewed as NCHW,
         `a.transpose(0, 3, 1, 2)` of a C-contiguous a): the checks pass those through as they are, where every other
@@ -273,21 +278,23 @@ def check_batchnorm2d_backward(dy, x, gamma, mean, inv_std):
     return _contiguous(dy), _contiguous(x), _contiguous(gamma), _contiguous(mean), _contiguous(inv_std)
 
 
-def check_conv2d_relu_maxpool2d_forward(x, w, b):
-    _pooled_shape(_check_conv_operands(x, w), what="convolution output")
+def check_conv2d_relu_maxpool2d_forward(x, w, b, padding=0):
+    padding = _check_padding(padding)
+    _pooled_shape(_check_conv_operands(x, w, 1, padding), what="convolution output")
     _check_bias(b, w, x)
-    return _contiguous(x), _contiguous(w), _contiguous(b)
+    return _contiguous(x), _contiguous(w), _contiguous(b), padding
 
 
-def check_conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx=True):
-    conv_shape = _check_conv_operands(x, w)
+def check_conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx=True, padding=0):
+    padding = _check_padding(padding)
+    conv_shape = _check_conv_operands(x, w, 1, padding)
     pooled = _pooled_shape(conv_shape, what="convolution output")
     _check_pooled(dy, argmax, pooled, np.dtype(x.dtype), conv_shape)
     _check_float("y", y, 4, "(N, K, P//2, Q//2)", np.dtype(x.dtype))
     if tuple(y.shape) != pooled:
         raise ValueError(f"y has shape {tuple(y.shape)} but the pooled output has shape {pooled}")
     return (_contiguous(dy), _contiguous(y), _contiguous(argmax), _contiguous(x), _contiguous(w),
-            _check_bool("need_dx", need_dx))
+            _check_bool("need_dx", need_dx), padding)
 
 
 CHECKS = {name: globals()[f"check_{name}"] for name in CONTRACT + sum(FUSED_OPS.values(), ())}

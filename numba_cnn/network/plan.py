@@ -31,19 +31,20 @@ class Step:
 
 @dataclasses.dataclass(frozen=True)
 class ConvReluPool:
-    """conv2d_relu_maxpool2d: a stride-1 unpadded conv with ReLU and a 2x2 max-pool in one backend op; the ReLU'd
+    """conv2d_relu_maxpool2d: a stride-1 conv (any padding) with ReLU and a 2x2 max-pool in one backend op; the ReLU'd
     conv output need never be written. Its backward needs the pooled output and argmax (the ReLU's derivative is
     taken on the pooled value: the gradient reaches only each window's winner, whose ReLU output it is)."""
 
     conv: Conv2D
 
     def forward(self, run, p, x):
-        y, argmax = run.ops.conv2d_relu_maxpool2d_forward(x, p["w"], p["b"])
+        y, argmax = run.ops.conv2d_relu_maxpool2d_forward(x, p["w"], p["b"], self.conv.pads(x.shape[1:]))
         return y, (x, y, argmax)
 
     def backward(self, run, p, dy, cache, need_dx):
         x, y, argmax = cache
-        dx, dw, db = run.ops.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, p["w"], need_dx)
+        dx, dw, db = run.ops.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, p["w"], need_dx,
+                                                            self.conv.pads(x.shape[1:]))
         return dx, {"w": dw, "b": db}
 
 
@@ -63,7 +64,7 @@ def _conv_then_relu(backend, conv, relu):
 
 def _conv_relu_pool(backend, conv, pool):
     return (backend.has_fused("conv2d_relu_maxpool2d") and conv.activation == "relu" and conv.strides == 1
-            and conv.padding == "valid" and pool.pool_size == (2, 2))
+            and pool.pool_size == (2, 2))
 
 
 FUSIONS = (

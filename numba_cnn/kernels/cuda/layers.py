@@ -1,15 +1,14 @@
-"""The cuda backend's `layers`: every function of numba_cnn/layers.py, on device arrays, each launcher beside its
-kernels.
+"""The cuda backend's `layers`: every function of numba_cnn/kernels/layers.py, on device arrays, each launcher
+beside its kernels.
 
 Arrays stay on the device from `to_device` to `to_host`: each function below launches kernels on device arrays and
-returns device arrays, except the three that hand the host a metric (softmax_cross_entropy's loss and count,
-argmax_rows's predictions, dropout_rng_state's snapshot). Host numpy arrays are accepted anywhere and copied in
-first, which the tests rely on.
+returns device arrays, except the two that hand the host a metric (softmax_cross_entropy's loss and count,
+argmax_rows's predictions). Host numpy arrays are accepted anywhere and copied in first, which the tests rely on.
 
-Dropout draws from numba.cuda.random's xoroshiro128p generators, a fixed number of independent streams; stream t
-serves elements t, t + streams, t + 2 * streams, ... of the input in flat C order (any shape), so a mask depends
-only on the seed, the stream count (4096 on a GPU, 32 in the simulator; a checkpoint keeps its own), the number of
-elements and the calls before it.
+Dropout draws from numba.cuda.random's xoroshiro128p generators (their states: dropout_rng.py), a fixed number of
+independent streams; stream t serves elements t, t + streams, t + 2 * streams, ... of the input in flat C order (any
+shape), so a mask depends only on the seed, the stream count (4096 on a GPU, 32 in the simulator; a checkpoint keeps
+its own), the number of elements and the calls before it.
 """
 
 import math
@@ -17,62 +16,13 @@ import warnings
 
 import numpy as np
 
-from numba_cnn.kernels.cuda.runtime import (DROPOUT_STREAMS, THREADS_PER_BLOCK, ZERO, _block_sum, as_device, cuda,
-                                            flat, launch, launch_blocks, sum_outer_inner)
+from numba_cnn.kernels.cuda.runtime import (THREADS_PER_BLOCK, ZERO, _block_sum, as_device, cuda, flat, launch,
+                                            launch_blocks, sum_outer_inner)
 
 with warnings.catch_warnings():
     # In the simulator numba.cuda.random decorates its CPU seeding helpers with nopython=False (deprecated).
     warnings.simplefilter("ignore", DeprecationWarning)
-    from numba.cuda.random import create_xoroshiro128p_states, xoroshiro128p_dtype, xoroshiro128p_uniform_float32
-
-
-@cuda.jit
-def _fill_zero(out):
-    for e in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        out[e] = ZERO
-
-
-def zeros_like(a):
-    out = cuda.device_array(a.shape, dtype=a.dtype)
-    launch(_fill_zero, out.size, flat(out))
-    return out
-
-
-@cuda.jit
-def _take_rows(data, idx, out):
-    """out[b, f] = data[idx[b], f]."""
-    row_size = out.shape[1]
-    for e in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        b = e // row_size
-        f = e - b * row_size
-        out[b, f] = data[idx[b], f]
-
-
-def take_rows(data, idx):
-    """data[N, ...], idx[B] int (both on the device) -> data[idx], a new device array (one mini-batch)."""
-    data, idx = as_device(data, "data"), as_device(idx, "idx")
-    rows = idx.shape[0]
-    row_size = data.size // data.shape[0]
-    out = cuda.device_array((rows,) + tuple(data.shape[1:]), dtype=data.dtype)
-    launch(_take_rows, out.size, data.reshape(data.shape[0], row_size), idx, out.reshape(rows, row_size))
-    return out
-
-
-@cuda.jit
-def _scale_pixels(pixels, out):
-    """out = pixel / 255 in float32, the same arithmetic as numba_cnn.layers.as_float_images."""
-    for e in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        out[e] = np.float32(pixels[e]) / np.float32(255)
-
-
-def as_float_images(images):
-    """uint8 pixels -> float32 in [0, 1] on the device (pixel / 255); float images pass through."""
-    images = as_device(images, "images")
-    if images.dtype != np.uint8:
-        return images
-    out = cuda.device_array(images.shape, dtype=np.float32)
-    launch(_scale_pixels, out.size, flat(images), flat(out))
-    return out
+    from numba.cuda.random import xoroshiro128p_uniform_float32
 
 
 @cuda.jit
@@ -84,7 +34,7 @@ def _relu_forward(x, y):
 
 def relu_forward(x):
     """x[any shape] -> max(x, 0), a new device array; a NaN stays NaN and -inf becomes 0
-    (numba_cnn.layers.relu_forward)."""
+    (numba_cnn/kernels/layers.py)."""
     x = as_device(x, "x")
     y = cuda.device_array(x.shape, dtype=x.dtype)
     launch(_relu_forward, y.size, flat(x), flat(y))
@@ -98,45 +48,11 @@ def _relu_backward(dy, y, dx):
 
 
 def relu_backward(dy, y):
-    """dy, y[any shape] -> dy where y > 0 or y is NaN, else exactly 0 (numba_cnn.layers.relu_backward)."""
+    """dy, y[any shape] -> dy where y > 0 or y is NaN, else exactly 0 (numba_cnn/kernels/layers.py)."""
     dy, y = as_device(dy, "dy"), as_device(y, "y")
     dx = cuda.device_array(dy.shape, dtype=dy.dtype)
     launch(_relu_backward, dx.size, flat(dy), flat(y), flat(dx))
     return dx
-
-
-class DropoutRNG:
-    """DROPOUT_STREAMS xoroshiro128p generator states on the device, advanced in place by each dropout call."""
-
-    def __init__(self, states):
-        self.states = states
-
-
-def _seed_int(seed):
-    """An int or a sequence of ints (as np.random.default_rng takes) -> one seed below 2**63: on a GPU,
-    numba-cuda seeds the generator states through an int64 (a larger seed raised OverflowError there, never in
-    the simulator)."""
-    return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def make_dropout_rng(seed):
-    with warnings.catch_warnings():
-        # The simulator seeds the states in Python object mode, with uint64 wrap-around warnings: both expected.
-        warnings.simplefilter("ignore")
-        return DropoutRNG(create_xoroshiro128p_states(DROPOUT_STREAMS, seed=_seed_int(seed)))
-
-
-def dropout_rng_state(rng):
-    """A JSON-serialisable snapshot of the generator states (checkpoints store it for exact resume)."""
-    states = rng.states.copy_to_host()
-    return {"s0": [int(s) for s in states["s0"]], "s1": [int(s) for s in states["s1"]]}
-
-
-def restore_dropout_rng(state):
-    states = np.zeros(len(state["s0"]), dtype=xoroshiro128p_dtype)
-    states["s0"] = np.array(state["s0"], dtype=np.uint64)
-    states["s1"] = np.array(state["s1"], dtype=np.uint64)
-    return DropoutRNG(cuda.to_device(states))
 
 
 @cuda.jit

@@ -1,5 +1,6 @@
 """The cuda backend's device runtime: the import-time check for numba-cuda and a device, the launch configuration,
-host <-> device copies, and the block reductions the other cuda modules share.
+the array runtime (host <-> device copies, zeroed arrays, gathering a batch's rows, scaling its pixels: the
+functions of numba_cnn/kernels/host.py on device arrays), and the block reductions the other cuda modules share.
 
 Importing this module checks that numba-cuda and a GPU (or Numba's CUDA simulator) are there, and raises
 BackendUnavailable saying what to install otherwise.
@@ -123,6 +124,58 @@ def launch_blocks(kernel, outputs, *args):
 def synchronize():
     """Wait for every launched kernel: the layer timer calls it so that time lands on the layer that spent it."""
     cuda.synchronize()
+
+
+# The array runtime beyond the copies: the functions of numba_cnn/kernels/host.py on device arrays, so a batch
+# is gathered and scaled where it will be used.
+
+@cuda.jit
+def _fill_zero(out):
+    for e in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        out[e] = ZERO
+
+
+def zeros_like(a):
+    out = cuda.device_array(a.shape, dtype=a.dtype)
+    launch(_fill_zero, out.size, flat(out))
+    return out
+
+
+@cuda.jit
+def _take_rows(data, idx, out):
+    """out[b, f] = data[idx[b], f]."""
+    row_size = out.shape[1]
+    for e in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        b = e // row_size
+        f = e - b * row_size
+        out[b, f] = data[idx[b], f]
+
+
+def take_rows(data, idx):
+    """data[N, ...], idx[B] int (both on the device) -> data[idx], a new device array (one mini-batch)."""
+    data, idx = as_device(data, "data"), as_device(idx, "idx")
+    rows = idx.shape[0]
+    row_size = data.size // data.shape[0]
+    out = cuda.device_array((rows,) + tuple(data.shape[1:]), dtype=data.dtype)
+    launch(_take_rows, out.size, data.reshape(data.shape[0], row_size), idx, out.reshape(rows, row_size))
+    return out
+
+
+@cuda.jit
+def _scale_pixels(pixels, out):
+    """out = pixel / 255 in float32, the same arithmetic as numba_cnn/kernels/host.py's as_float_images."""
+    for e in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        out[e] = np.float32(pixels[e]) / np.float32(255)
+
+
+def as_float_images(images):
+    """uint8 pixels -> float32 in [0, 1] on the device (pixel / 255); float images pass through."""
+    images = as_device(images, "images")
+    if images.dtype != np.uint8:
+        return images
+    out = cuda.device_array(images.shape, dtype=np.float32)
+    launch(_scale_pixels, out.size, flat(images), flat(out))
+    return out
 
 
 @cuda.jit(device=True)

@@ -103,8 +103,9 @@ Private variants: `_conv_tile_narrow` / `_conv_tile_wide` (K <= CONV_TILE_NARROW
 `_weight_grad_*` (one kernel when both shapes agree, as on AVX2); the fused `_conv_pool` has one tile (CONV_POOL_TILE,
 K padded to its lanes).
 
-Buffers: internal packed data lives in per-thread scratch buffers, the multi-megabyte arrays returned are recycled
-once unreferenced (jit/buffers.py).
+Buffers: internal packed data lives in per-thread scratch buffers; the multi-megabyte arrays returned come from the
+OutputArena the caller opened (the Model owns one and releases it when a new pass begins), else fresh
+(jit/buffers.py).
 
 Results do not depend on the thread count (bitwise): forward and dx split over images, dw as above, db from fixed
 per-image sums, pooling over planes, batch normalisation's sums one channel per prange iteration, dropout's mask
@@ -115,9 +116,9 @@ Compilation: every kernel goes through `_numba_ext.jit` (one set of options), co
 dtype, and is cached on disk (`cache=True`) in `__pycache__` next to this file or, when the package directory is not
 writable, in numba's user cache directory (NUMBA_CACHE_DIR overrides both). NUMBA_CNN_CACHE=0 turns the disk cache off;
 if no cache location is usable at all, the kernels compile uncached with a warning. On a cold cache, training's warm-up
-compiles every float32 kernel of the model's ops, half here and half in a second process at once (`precompile`, the
-registry's Backend.precompile); the kernels of general.py and norm.py are left out and compile on their first call, as a
-network that uses them needs. NUMBA_CNN_STACK_TILES=0 swaps the register tiles for heap arrays (see `_numba_ext`).
+compiles the float32 kernels its network's step uses, and only those, half here and half in a second process at once
+(`precompile`, the registry's Backend.precompile; jit/cold_compile.py). NUMBA_CNN_STACK_TILES=0 swaps the register
+tiles for heap arrays (see `_numba_ext`).
 """
 
 import sys
@@ -127,19 +128,21 @@ from numba import get_num_threads
 
 from numba_cnn.kernels._numba_ext import CACHE  # noqa: F401  (jit.CACHE: whether the kernels use the disk cache)
 from numba_cnn.kernels.contract import BackendInfo, is_channels_last
-from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_TILE_NARROW, CONV_TILE_WIDE,
-                                         GRAD_IMAGE_CHUNKS, GRAD_LANES_NARROW, GRAD_LANES_WIDE, GRAD_MIN_TILES,
-                                         STRIDED_GRAD_TILE, STRIDED_TILE, TILE_TAPS, _conv1_pool, _conv_pool,
+from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_POOL_TILE_NARROW, CONV_TILE_NARROW,
+                                         CONV_TILE_WIDE, GRAD_IMAGE_CHUNKS, GRAD_LANES_NARROW, GRAD_LANES_WIDE,
+                                         GRAD_MIN_TILES, STRIDED_GRAD_TILE, STRIDED_TILE, TILE_TAPS, _conv1_pool,
+                                         _conv_pool, _conv_pool_narrow,
                                          _conv_tile_narrow, _conv_tile_wide, _maxpool_backward, _maxpool_forward,
                                          _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
 from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
-from numba_cnn.kernels.jit.buffers import nchw, nhwc, pad_width, reusable_output, scratch
+from numba_cnn.kernels.jit.buffers import OutputArena, nchw, nhwc, pad_width, reusable_output, scratch
 from numba_cnn.kernels.jit.general import _strided_forward, _strided_input_grad, _strided_weight_grad
+from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: what the callers open)
 from numba_cnn.kernels.jit.norm import (_avgpool_backward, _avgpool_forward, _batchnorm_apply, _batchnorm_backward,
                                         _channel_stats, _maxpool_any_backward, _maxpool_any_forward)
 from numba_cnn.kernels.jit.sparse import (_listed_input_grad, _listed_weight_grad, _pack_channels_last,
-                                          _pooled_grad_lists)
+                                          _pad_channels_last, _pooled_grad_lists)
 
 # the listed scatters run along a kernel row's S x C values: below a vector's lanes (conv1: 3) the dense path wins
 LISTED_MIN_SPAN = 8
@@ -165,8 +168,9 @@ def _padded(channels, lanes):
 
 
 def _channels_last(x, col_pad=0, channels=None, buffer_name="x_cl"):
-    """x[N, C, H, W] -> (x_cl[N, H, W + 2 col_pad, channels], per-image channel sums[N, channels]), both in
-    scratch buffers (valid until the next call with the same buffer name)."""
+    """x[N, C, H, W] (NCHW, or channels-last memory viewed so: the kernel then reads each pixel's channels
+    contiguously, the same sums in the same order) -> (x_cl[N, H, W + 2 col_pad, channels], per-image channel
+    sums[N, channels]), both in scratch buffers (valid until the next call with the same buffer name)."""
     n, c, h, w = x.shape
     channels = c if channels is None else channels
     x_cl = scratch(buffer_name, (n, h, w + 2 * col_pad, channels), x.dtype)
@@ -203,6 +207,9 @@ def _padded_channels_last(x, padding, min_width=0, buffer_name="x_padded"):
     n, c, h, wd = x.shape
     top, bottom, left, right = padding
     xp = scratch(buffer_name, (n, h + top + bottom, max(wd + left + right, min_width), c), x.dtype)
+    if not is_channels_last(x):  # a transposing copy: compiled, on every thread
+        _pad_channels_last(x, top, left, xp)
+        return xp
     xp[:, :top] = 0
     xp[:, top + h:] = 0
     xp[:, top:top + h, :left] = 0
@@ -327,7 +334,7 @@ def _strided_backward(dy, x, w, need_dx, stride, padding):
     k, _, r, s = w.shape
     channels, lanes = STRIDED_GRAD_TILE
     col_pad = -(-(s - 1) // stride) if need_dx else 0
-    dyt, dy_sums = _channels_last(nchw(dy), col_pad, _padded(k, lanes), buffer_name="dy_cl")
+    dyt, dy_sums = _channels_last(dy, col_pad, _padded(k, lanes), buffer_name="dy_cl")
     db = dy_sums[:, :k].sum(axis=0)
     xp = _padded_channels_last(x, padding)
     n_tiles = r * s * -(-c // channels) * (dyt.shape[3] // lanes)
@@ -351,14 +358,19 @@ def conv2d_forward(x, w, b, relu, stride, padding):
     """x[N,C,H,W], w[K,C,R,S], b[K] -> y[N,K,P,Q] (NCHW), the correlation of x zero-padded by padding = (top,
     bottom, left, right) with the given stride; ReLU applied when relu is True."""
     w_rsck = w.transpose(2, 3, 1, 0)
-    if stride == 1 and not any(padding):
-        return _correlate(_input_channels_last(x), w_rsck, b, relu)
-    if stride != 1:
-        return _strided_forward_glue(x, w, b, relu, stride, padding)
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     top, bottom, left, right = padding
-    out_hw = (h + top + bottom - r + 1, wd + left + right - s + 1)
+    out_hw = ((h + top + bottom - r) // stride + 1, (wd + left + right - s) // stride + 1)
+    macs = n * k * c * r * s * out_hw[0] * out_hw[1]
+    if stride != 1:
+        note("conv2d_forward", f"strided tile {STRIDED_TILE[0]} lanes x {STRIDED_TILE[1]} columns", macs)
+        return _strided_forward_glue(x, w, b, relu, stride, padding)
+    lanes, columns = _conv_tile_shape(k)
+    note("conv2d_forward", f"stride-1 tile {lanes} lanes x {columns} columns" + (", padded copy" * any(padding)),
+         macs)
+    if not any(padding):
+        return _correlate(_input_channels_last(x), w_rsck, b, relu)
     # the tile needs Q >= its columns: the buffer gets the zero columns a narrow input lacks at once
     x_cl = _padded_channels_last(x, padding, min_width=_conv_tile_shape(k)[1] + s - 1)
     return _correlate(x_cl, w_rsck, b, relu, out_hw=out_hw)
@@ -366,12 +378,18 @@ def conv2d_forward(x, w, b, relu, stride, padding):
 
 def conv2d_backward(dy, x, w, need_dx, stride, padding):
     """dy[N,K,P,Q], x[N,C,H,W], w[K,C,R,S] -> (dx[N,C,H,W] (NCHW) or None, dw[K,C,R,S], db[K])."""
+    n, k, p, q = dy.shape
+    _, c, r, s = w.shape
+    dw_macs = n * k * c * r * s * p * q
     if stride != 1:
+        note("conv2d_backward", "strided dw tiles, dx gathered by column phase", dw_macs * (2 if need_dx else 1))
         return _strided_backward(dy, x, w, need_dx, stride, padding)
-    k, c, r, s = w.shape
+    # dx is the full correlation of the zero-bordered dy: a product for every tap at every input element
+    note("conv2d_backward", f"dw tiles of {TILE_TAPS} taps x {_grad_lanes(k)} lanes, dx the correlation's tile",
+         dw_macs + (n * c * x.shape[2] * x.shape[3] * k * r * s if need_dx else 0))
     # dy channels-last, its channels padded to the lanes; for dx also padded by S-1 zero columns on each side
     col_pad = s - 1 if need_dx else 0
-    dyt, dy_sums = _channels_last(nchw(dy), col_pad, _padded(k, _grad_lanes(k)), buffer_name="dy_cl")
+    dyt, dy_sums = _channels_last(dy, col_pad, _padded(k, _grad_lanes(k)), buffer_name="dy_cl")
     if any(padding):
         return _conv_backward_packed(dyt, dy_sums, x, w, need_dx, padding)
     return _conv_backward_packed(dyt, dy_sums, nchw(x), w, need_dx)
@@ -384,6 +402,7 @@ def maxpool2d_forward(x, size):
     kh, kw = size
     y = np.empty((n, c, h // kh, w // kw), x.dtype)
     argmax = np.empty(y.shape, np.uint8)
+    note("maxpool2d_forward", "2x2 selects" if (kh, kw) == (2, 2) else "any window, selects", 0)
     if (kh, kw) == (2, 2):
         _maxpool_forward(nchw(x), y, argmax)
     else:
@@ -395,6 +414,7 @@ def maxpool2d_backward(dy, argmax, x_shape, size):
     """dy[N,C,H//kh,W//kw], argmax, x_shape (N,C,H,W) -> dx[N,C,H,W], dy routed to each window's winner."""
     kh, kw = size
     dx = np.empty(x_shape, dy.dtype)
+    note("maxpool2d_backward", "2x2 route" if (kh, kw) == (2, 2) else "any window, route", 0)
     if (kh, kw) == (2, 2):
         _maxpool_backward(nchw(dy), nchw(argmax), dy.dtype.type(0), dx)
     else:
@@ -407,6 +427,7 @@ def avgpool2d_forward(x, size):
     n, c, h, w = x.shape
     kh, kw = size
     y = np.empty((n, c, h // kh, w // kw), x.dtype)
+    note("avgpool2d_forward", "float64 window sums", 0)
     _avgpool_forward(nchw(x), kh, kw, y)
     return y
 
@@ -415,6 +436,7 @@ def avgpool2d_backward(dy, x_shape, size):
     """dy[N,C,H//kh,W//kw], x_shape -> dx[N,C,H,W]: dy / (kh*kw) on each element of its window, 0 outside."""
     kh, kw = size
     dx = np.empty(x_shape, dy.dtype)
+    note("avgpool2d_backward", "spread", 0)
     _avgpool_backward(nchw(dy), kh, kw, dy.dtype.type(0), dx)
     return dx
 
@@ -425,6 +447,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, momentum, eps
     statistics (inference). Statistics and the normalisation in float64, rounded once."""
     x = nchw(x)
     n, c, h, w = x.shape
+    note("batchnorm2d_forward", "float64 channel statistics" if training else "running statistics", 0)
     x3 = x.reshape(n, c, h * w)
     if training:
         mean, var = np.empty(c), np.empty(c)
@@ -443,6 +466,7 @@ def batchnorm2d_backward(dy, x, gamma, mean, inv_std):
     """dy, x [N,C,H,W] -> (dx[N,C,H,W], dgamma[C], dbeta[C]), the training-mode gradient (sums in float64)."""
     dy, x = nchw(dy), nchw(x)
     n, c, h, w = x.shape
+    note("batchnorm2d_backward", "float64 channel sums", 0)
     dx = reusable_output(x.shape, x.dtype)
     dgamma, dbeta = np.empty(c, x.dtype), np.empty(c, x.dtype)
     _batchnorm_backward(dy.reshape(n, c, h * w), x.reshape(n, c, h * w), gamma, mean, inv_std,
@@ -450,13 +474,17 @@ def batchnorm2d_backward(dy, x, gamma, mean, inv_std):
     return dx, dgamma, dbeta
 
 
-def conv2d_relu_maxpool2d_forward(x, w, b):
-    """x[N,C,H,W], w[K,C,R,S], b[K] -> (y[N,K,P//2,Q//2], argmax uint8), P = H-R+1, Q = W-S+1: equal to
-    maxpool2d_forward(conv2d_forward(x, w, b, relu=True)) without writing the conv output."""
+def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
+    """x[N,C,H,W], w[K,C,R,S], b[K] -> (y[N,K,P//2,Q//2], argmax uint8), P = H+top+bottom-R+1, Q = W+left+right-S+1
+    with padding = (top, bottom, left, right) zeros: equal to maxpool2d_forward(conv2d_forward(x, w, b, relu=True,
+    stride=1, padding)) without writing the conv output."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
-    p_half, q_half = (h - r + 1) // 2, (wd - s + 1) // 2
-    if c == 1 and 2 * q_half <= CONV1_TILE[0]:  # a tile along the columns (see _make_conv1_pool)
+    top, bottom, left, right = padding
+    p_half, q_half = (h + top + bottom - r + 1) // 2, (wd + left + right - s + 1) // 2
+    macs = n * k * c * r * s * 4 * p_half * q_half  # the conv outputs pooling reads, no others
+    if c == 1 and 2 * q_half <= CONV1_TILE[0] and not any(padding):  # a tile along the columns (_make_conv1_pool)
+        note("conv2d_relu_maxpool2d_forward", f"one-channel column tile {CONV1_TILE[0]} x {CONV1_TILE[1]}", macs)
         y = reusable_output((n, p_half, q_half, k), x.dtype)  # channels last, as the next convolution reads it
         argmax = reusable_output(y.shape, np.uint8)
         columns, channels = CONV1_TILE
@@ -469,12 +497,17 @@ def conv2d_relu_maxpool2d_forward(x, w, b):
         return y.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)
     y = reusable_output((n, k, p_half, q_half), x.dtype)
     argmax = reusable_output(y.shape, np.uint8)
-    lanes, columns = CONV_POOL_TILE
-    x_cl = _input_channels_last(x)
+    narrow = k <= CONV_POOL_TILE_NARROW[0] < CONV_POOL_TILE[0]
+    lanes, columns = CONV_POOL_TILE_NARROW if narrow else CONV_POOL_TILE
+    note("conv2d_relu_maxpool2d_forward", f"conv rows pooled from an L1 tile, {lanes} lanes x {columns} columns"
+         + (", padded copy" * any(padding)), macs)
     wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, lanes, x.dtype)
-    q_tiles = max(2 * q_half, columns)
-    x_cl = pad_width(x_cl, q_tiles + s - 1, axis=2)  # narrower than a tile: zero columns, never pooled
-    _conv_pool(x_cl, wt, bp, x.dtype.type(0), q_tiles, y, argmax)
+    q_tiles = max(2 * q_half, columns)  # narrower than a tile: zero columns, never pooled
+    if any(padding):  # the zeros stored, as conv2d_forward does, so every product of the contract's sum is made
+        x_cl = _padded_channels_last(x, padding, min_width=q_tiles + s - 1)
+    else:
+        x_cl = pad_width(_input_channels_last(x), q_tiles + s - 1, axis=2)
+    (_conv_pool_narrow if narrow else _conv_pool)(x_cl, wt, bp, x.dtype.type(0), q_tiles, y, argmax)
     return y, argmax
 
 
@@ -494,6 +527,9 @@ def _listed_backward(dy, pooled, argmax, x_cl, w, need_dx):
     _pooled_grad_lists(dy, pooled, argmax, x_flat, wd, c, zero, values, offsets, counts, sums, finite)
     if not finite.all():
         return None
+    listed = int(counts.sum())
+    note("conv2d_relu_maxpool2d_backward", "listed: nonzero conv-output gradients only",
+         listed * r * s * c * (2 if need_dx else 1))
     dw_rows = np.zeros((k, r, s * c), dy.dtype)
     _listed_weight_grad(x_flat, values, offsets, counts, wd * c, get_num_threads(), dw_rows)
     dw = np.ascontiguousarray(dw_rows.reshape(k, r, s, c).transpose(0, 3, 1, 2))
@@ -506,30 +542,48 @@ def _listed_backward(dy, pooled, argmax, x_cl, w, need_dx):
     return dx, dw, sums.sum(axis=0)
 
 
-def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx):
+def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 0, 0)):
     """dy[N,K,P//2,Q//2] (gradient of the pooled output), y (the pooled output), argmax, x[N,C,H,W], w[K,C,R,S] ->
     (dx[N,C,H,W] or None, dw[K,C,R,S], db[K]): equal to conv2d_backward(maxpool2d_backward(relu_backward(dy, y),
-    argmax, (N, K, P, Q)), x, w, need_dx). With finite x and w, and a kernel row of S x C >= LISTED_MIN_SPAN
-    values or dx wanted, over the list of the conv output's nonzero gradients (`_listed_backward`: within float
-    rounding of the composition, another summation order). Otherwise the composition's arithmetic, bitwise (so
-    that 0 * inf gives NaN as it does there): the pooled gradient scattered straight into the packed conv gradient,
-    then the tiled weight gradient (faster for conv1, whose listed scatters are only 3 values long).
+    argmax, (N, K, P, Q)), x, w, need_dx, 1, padding). With finite x and w, and a kernel row of S x C >=
+    LISTED_MIN_SPAN values or dx wanted, over the list of the conv output's nonzero gradients (`_listed_backward`
+    over the padded input, dx cropped: within float rounding of the composition, another summation order).
+    Otherwise the composition's arithmetic, bitwise (so that 0 * inf gives NaN as it does there): the pooled
+    gradient scattered straight into the packed conv gradient, then the tiled weight gradient (faster for conv1,
+    whose listed scatters are only 3 values long).
     """
     k, c, r, s = w.shape
-    if (need_dx or s * c >= LISTED_MIN_SPAN) and np.isfinite(w).all():
-        listed = _listed_backward(nchw(dy), nchw(y), nchw(argmax), _input_channels_last(x), w, need_dx)
-        if listed is not None:
-            return listed
     n, _, h, wd = x.shape
+    top, bottom, left, right = padding
+    if (need_dx or s * c >= LISTED_MIN_SPAN) and np.isfinite(w).all():
+        x_cl = _padded_channels_last(x, padding, buffer_name="x_padded.listed") if any(padding) else (
+            _input_channels_last(x))
+        listed = _listed_backward(nchw(dy), nchw(y), nchw(argmax), x_cl, w, need_dx)
+        if listed is not None:
+            dx, dw, db = listed
+            if dx is not None and any(padding):  # the gradient of the stored zeros dropped
+                cropped = reusable_output((n, h, wd, c), dx.dtype)
+                cropped[...] = dx.transpose(0, 2, 3, 1)[:, top:top + h, left:left + wd]
+                dx = cropped.transpose(0, 3, 1, 2)
+            return dx, dw, db
     col_pad = s - 1 if need_dx else 0
-    shape = (n, h - r + 1, wd - s + 1 + 2 * col_pad, _padded(k, _grad_lanes(k)))
+    shape = (n, h + top + bottom - r + 1, wd + left + right - s + 1 + 2 * col_pad, _padded(k, _grad_lanes(k)))
+    note("conv2d_relu_maxpool2d_backward", "unpooled into the dense tiles",
+         n * k * c * r * s * (shape[1] * (shape[2] - 2 * col_pad) + (h * wd if need_dx else 0)))
     dyt = scratch("dy_cl", shape, dy.dtype)
     sums = scratch("dy_cl.sums", (n, shape[3]), dy.dtype)
     _unpool_pack(nhwc(dy), nhwc(y), nhwc(argmax), col_pad, dy.dtype.type(0), dyt, sums)
+    if any(padding):
+        return _conv_backward_packed(dyt, sums, x, w, need_dx, padding)
     return _conv_backward_packed(dyt, sums, nchw(x), w, need_dx)
 
 
-def precompile():
-    """On a cold disk cache, compile every float32 kernel of the backend, half in this process and half in a second
-    one at once (jit/cold_compile.py); -> True if it did, False if the cache was warm or not shareable."""
-    return compile_cold_cache(sys.modules[__name__])
+def precompile(network=None):
+    """On a cold disk cache, compile the float32 kernels of `network`'s training step (the default network's when
+    None), half in this process and half in a second one at once (jit/cold_compile.py); -> True if it did, False if
+    the cache was warm for it or not shareable."""
+    if network is None:
+        from numba_cnn.model import default_network
+
+        network = default_network()
+    return compile_cold_cache(sys.modules[__name__], network)

@@ -1,11 +1,10 @@
 """The jit backend's host-side buffers and layouts: internal packed data lives in per-thread `scratch` buffers; the
-multi-megabyte arrays returned (the fused forward's y and argmax, every correlation's y, so dx) come from
-`reusable_output`, which recycles an array it returned before only once nothing else references it (so a training
-step makes no page faults on them). And the copies between the two layouts the ops take, NCHW and channels-last,
-and the zero padding of inputs narrower than a tile.
+multi-megabyte arrays the ops return (the fused forward's y and argmax, every correlation's y, so dx) come from the
+`OutputArena` their caller owns, if it opened one (the Model does, one per model, so a training step makes no page
+faults on them), else fresh. And the copies between the two layouts the ops take, NCHW and channels-last, and the
+zero padding of inputs narrower than a tile.
 """
 
-import sys
 import threading
 
 import numpy as np
@@ -28,30 +27,51 @@ def scratch(name, shape, dtype):
     return buffer
 
 
-_OUTPUTS_KEPT = 4  # returned arrays kept per (shape, dtype) for reuse: a training step keeps 2 of a kind alive
+class OutputArena:
+    """The arrays the ops return while it is open (`with arena:`, on this thread), owned by whoever opened it.
+
+    `take` hands out a buffer no one else has: one released before, else a new one. `release` gives back every
+    buffer handed out since the last release; only the owner calls it, when it knows none of them is read any more
+    (the Model: when a new pass begins, since a pass's outputs and caches die with the next one). Nothing is guessed
+    from reference counts, so an array the owner still uses is never handed out twice, and a pass of the same shapes
+    as the one before reuses its memory without page faults. Outside any open arena the ops return fresh arrays."""
+
+    def __init__(self):
+        self._free = {}  # (shape, dtype) -> released buffers
+        self._taken = []
+        self._outer = []
+
+    def take(self, shape, dtype):
+        key = (tuple(shape), np.dtype(dtype).str)
+        free = self._free.get(key)
+        a = free.pop() if free else np.empty(shape, dtype)
+        self._taken.append(a)
+        return a
+
+    def release(self):
+        for a in self._taken:
+            self._free.setdefault((a.shape, a.dtype.str), []).append(a)
+        self._taken.clear()
+
+    @property
+    def nbytes(self):
+        """Bytes held, handed out or free."""
+        return sum(a.nbytes for a in self._taken) + sum(a.nbytes for free in self._free.values() for a in free)
+
+    def __enter__(self):
+        self._outer.append(getattr(_per_thread, "arena", None))
+        _per_thread.arena = self
+        return self
+
+    def __exit__(self, *exc):
+        _per_thread.arena = self._outer.pop()
 
 
 def reusable_output(shape, dtype):
-    """An uninitialised array to return, recycled: one this function returned before and nobody holds any more
-    (no reference but this pool's: no caller variable, view or buffer export), else a fresh one. A returned array
-    is never handed out again while it is in use; the kernels write every element of their outputs. Fresh
-    multi-megabyte outputs cost a page fault per 4 KiB on first touch, inside the parallel kernels (most of a
-    training step's faults before this pool)."""
-    pools = _per_thread.__dict__.setdefault("outputs", {})
-    key = (shape, np.dtype(dtype).str)
-    pool = pools.get(key)
-    if pool is None:
-        if len(pools) >= _SCRATCH_KEPT:
-            del pools[next(iter(pools))]
-        pool = pools[key] = []
-    for a in pool:
-        if sys.getrefcount(a) <= 3:  # the pool's list, the loop variable, getrefcount's argument
-            return a
-    a = np.empty(shape, dtype)
-    pool.append(a)
-    if len(pool) > _OUTPUTS_KEPT:
-        del pool[0]
-    return a
+    """An uninitialised array for an op to return: from the open OutputArena of this thread, else a new one. The
+    kernels write every element of their outputs."""
+    arena = getattr(_per_thread, "arena", None)
+    return np.empty(shape, dtype) if arena is None else arena.take(shape, dtype)
 
 
 def pad_width(x, width, axis=3):

@@ -1,5 +1,7 @@
-"""The jit backend's layers: numba_cnn/layers.py's numpy functions, except four that a training step calls on
-small arrays, where numpy's per-call overheads and one thread cost more than the work: dropout's forward, whose mask
+"""The jit backend's layers: numba_cnn/kernels/layers.py's numpy functions, except those a training step calls on
+arrays where numpy's per-call overheads and one thread cost more than the work: ReLU forward and backward
+(memory-bound selects over every conv activation not fused away, on all threads and into the caller's output arena,
+where numpy allocates a fresh array and makes a boolean mask on one thread), dropout's forward, whose mask
 a compiled counter-based generator draws in parallel, in float32 (numpy's generator draws one float64 per unit,
 serially, a visible share of a step for the model's 128 x 1600 units), its backward (in parallel), the softmax
 cross-entropy and the Adam update (compiled loops, serial: 128 x 10 logits, 34,826 parameters). The dense layer
@@ -9,8 +11,9 @@ BLAS. Each agrees with the numpy layer within float32 rounding (tests/test_layer
 The generator is Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy as 1, 2, 3",
 SC 2011; PyTorch's CUDA generator is Philox too): word j of the block for counter c under key k is a pure
 function of (c, k), so every unit's bits are the same whatever the thread count and the order units are drawn in.
-Each call takes a fresh 64-bit key from the numpy Generator the model passes (two 32-bit words), so seeding,
-checkpoints and exact resume work as for the other backends, whose masks come from that Generator's own stream.
+Each call takes a fresh 64-bit key (two 32-bit words) from the numpy Generator the model passes (the host backends'
+numba_cnn/kernels/dropout_rng.py), so seeding, checkpoints and exact resume work as for the other host backends,
+whose masks come from that Generator's own stream.
 Unit i reads word i % 4 of counter i // 4 and is kept when that word's top 24 bits, as a float32 in [0, 1), are
 below 1 - rate. Self-contained (no @njit helper from another file), so Numba's cache sees every change.
 """
@@ -21,10 +24,10 @@ import numpy as np
 from numba import njit, prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit
-from numba_cnn import layers as numpy_layers
-from numba_cnn.layers import (argmax_rows, as_float_images, dense_backward, dense_forward,  # noqa: F401
-                              dropout_rng_state, make_dropout_rng, relu_backward, relu_forward, restore_dropout_rng,
-                              take_rows, zeros_like)
+from numba_cnn.kernels import layers as numpy_layers
+from numba_cnn.kernels.contract import is_channels_last
+from numba_cnn.kernels.jit.buffers import reusable_output
+from numba_cnn.kernels.layers import argmax_rows, dense_backward, dense_forward  # noqa: F401
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
@@ -59,7 +62,7 @@ def _dropout(x, key0, key1, threshold, outcomes, y, mask):
 
 
 def dropout_forward(x, rate, rng):
-    """x[N, D] -> (y[N, D], mask[N, D]): inverted dropout as numba_cnn.layers.dropout_forward (each unit kept with
+    """x[N, D] -> (y[N, D], mask[N, D]): inverted dropout as numpy_layers.dropout_forward (each unit kept with
     probability 1 - rate, the mask holding the scale 1 / (1 - rate)), the mask drawn by Philox4x32-10 under a key
     taken from the numpy Generator `rng`."""
     x = np.ascontiguousarray(x)
@@ -72,6 +75,86 @@ def dropout_forward(x, rate, rng):
     outcomes = np.array([0, dtype(1) / keep], x.dtype)
     _dropout(x.reshape(-1), key[0], key[1], threshold, outcomes, y.reshape(-1), mask.reshape(-1))
     return y, mask
+
+
+_RELU_BLOCK = 16384  # elements per parallel task of the ReLU kernels: a task's start amortised, L1-sized pieces
+
+
+@_jit
+def _relu(x, zero, y):
+    """y = x where not x < 0 (NaN kept, as np.maximum), else 0; flat arrays, in blocks over the threads."""
+    n = x.shape[0]
+    for block in prange((n + _RELU_BLOCK - 1) // _RELU_BLOCK):
+        for i in range(block * _RELU_BLOCK, min(n, (block + 1) * _RELU_BLOCK)):
+            v = x[i]
+            y[i] = zero if v < zero else v
+
+
+@_jit
+def _relu_select(dy, y, zero, dx):
+    """dx = 0 where y <= 0 else dy (a select: a NaN or infinite dy where the ReLU clipped still gives 0, a NaN y
+    passes dy on); flat arrays, in blocks over the threads."""
+    n = dy.shape[0]
+    for block in prange((n + _RELU_BLOCK - 1) // _RELU_BLOCK):
+        for i in range(block * _RELU_BLOCK, min(n, (block + 1) * _RELU_BLOCK)):
+            dx[i] = zero if y[i] <= zero else dy[i]
+
+
+@_jit
+def _relu_select_nhwc(dy, y, zero, dx):
+    """_relu_select for 4-D arrays viewed NCHW whose dy and dx are stored channels-last and y NCHW: walked in dy's
+    memory order (pixels, then their channels), y read per channel."""
+    n_images, n_ch, h, w = dy.shape
+    for n in prange(n_images):
+        for i in range(h):
+            for j in range(w):
+                for c in range(n_ch):
+                    dx[n, c, i, j] = zero if y[n, c, i, j] <= zero else dy[n, c, i, j]
+
+
+def _memory_order(a):
+    """'C' or 'NHWC' when a's elements fill its memory in that order (so a flat view walks them all), else None."""
+    if a.flags.c_contiguous:
+        return "C"
+    return "NHWC" if a.ndim == 4 and is_channels_last(a) else None
+
+
+def _flat(a, order):
+    return a.reshape(-1) if order == "C" else a.transpose(0, 2, 3, 1).reshape(-1)
+
+
+def _like(a, order):
+    """An output of a's shape laid out in `order`, from the caller's output arena when one is open."""
+    if order == "C":
+        return reusable_output(a.shape, a.dtype)
+    n, c, h, w = a.shape
+    return reusable_output((n, h, w, c), a.dtype).transpose(0, 3, 1, 2)
+
+
+def relu_forward(x):
+    """x[any shape] -> max(x, 0), NaN kept: numpy's relu_forward, compiled over the threads, in x's layout."""
+    order = _memory_order(x)
+    if order is None:
+        return numpy_layers.relu_forward(x)
+    y = _like(x, order)
+    _relu(_flat(x, order), x.dtype.type(0), _flat(y, order))
+    return y
+
+
+def relu_backward(dy, y):
+    """dy, y[any shape] -> dy where y > 0, else 0: numpy's relu_backward (the same select), compiled over the threads,
+    in dy's layout: both stored alike, or dy channels-last and y NCHW (otherwise numpy's)."""
+    order, y_order = _memory_order(dy), _memory_order(y)
+    if order is None or y_order is None or dy.dtype != y.dtype:
+        return numpy_layers.relu_backward(dy, y)
+    dx = _like(dy, order)
+    if y_order == order:
+        _relu_select(_flat(dy, order), _flat(y, order), dy.dtype.type(0), _flat(dx, order))
+    elif order == "NHWC":  # a channels-last gradient (the fused backward's dx) against an NCHW activation
+        _relu_select_nhwc(dy, y, dy.dtype.type(0), dx)
+    else:
+        return numpy_layers.relu_backward(dy, y)
+    return dx
 
 
 @_jit
@@ -91,7 +174,7 @@ def dropout_backward(dy, mask):
 @_jit(parallel=False)
 def _softmax_cross_entropy(logits, labels, zero, batch, dlogits, log_probs):
     """Per row n: dlogits[n] = (softmax(logits[n]) - onehot(labels[n])) / batch and log_probs[n] = log
-    softmax(logits[n])[labels[n]], each as numba_cnn.layers.softmax_cross_entropy computes it (the row's max
+    softmax(logits[n])[labels[n]], each as numpy_layers.softmax_cross_entropy computes it (the row's max
     subtracted first); -> how many rows have their label at the first largest logit (NaN counting as the largest,
     the first NaN first: numpy's argmax)."""
     n_rows, n_classes = logits.shape
@@ -121,7 +204,7 @@ def _softmax_cross_entropy(logits, labels, zero, batch, dlogits, log_probs):
 
 def softmax_cross_entropy(logits, labels):
     """logits[N, M], labels[N] int -> (mean loss: float, dlogits[N, M], correct: int), as
-    numba_cnn.layers.softmax_cross_entropy."""
+    numpy_layers.softmax_cross_entropy."""
     logits, labels = np.ascontiguousarray(logits), np.ascontiguousarray(labels, np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):  # compiled code does not check
         raise ValueError(f"labels must lie in 0..{logits.shape[1] - 1}, got {labels.min()}..{labels.max()}")
@@ -134,7 +217,7 @@ def softmax_cross_entropy(logits, labels):
 
 @_jit(parallel=False)
 def _adam_update(param, grad, m, v, alpha, keep1, keep2, eps):
-    """In place over flat arrays, Adam's step as numba_cnn.layers.adam_update writes it (keepN = 1 - betaN)."""
+    """In place over flat arrays, Adam's step as numpy_layers.adam_update writes it (keepN = 1 - betaN)."""
     for i in range(param.shape[0]):
         g = grad[i]
         m[i] += (g - m[i]) * keep1
@@ -143,7 +226,7 @@ def _adam_update(param, grad, m, v, alpha, keep1, keep2, eps):
 
 
 def adam_update(param, grad, m, v, alpha, beta1, beta2, eps):
-    """In place, one Adam step as numba_cnn.layers.adam_update (alpha carries the bias corrections)."""
+    """In place, one Adam step as numpy_layers.adam_update (alpha carries the bias corrections)."""
     if not (param.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
         return numpy_layers.adam_update(param, grad, m, v, alpha, beta1, beta2, eps)  # needs flat views below
     dtype = param.dtype.type

@@ -150,3 +150,25 @@ def _pack_channels_last(a, col_pad, out, sums):
                     row[c] = 0
                 for c in range(c_padded):
                     total[c] += row[c]
+
+
+@_jit
+def _pad_channels_last(x, top, left, out):
+    """x[N, C, H, W] (NCHW) -> out[N, Hp, Wp, C]: channels last, x at rows top.. and columns left.., zeros around
+    it. Per image and output row, the C input rows it reads stay in L1 while their columns are interleaved."""
+    n_images, n_ch, h, w = x.shape
+    hp = out.shape[1]
+    for n in prange(n_images):
+        for i in range(hp):
+            row = out[n, i]
+            src = i - top
+            if src < 0 or src >= h:
+                row[:, :] = 0
+                continue
+            row[:left, :] = 0
+            row[left + w:, :] = 0
+            for j in range(w):
+                px = row[left + j]
+                for c in range(n_ch):
+                    px[c] = x[n, c, src, j]
+

@@ -17,6 +17,8 @@ if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
     # the same tile in 256-bit registers spills, and 6 x 64 gains nothing over it.
     CONV_TILE_NARROW, CONV_TILE_WIDE = (32, 7), (64, 4)
     CONV_POOL_TILE = CONV_TILE_WIDE  # the fused op's tile; 5 x 64 (20 zmm) not yet tried on an AVX-512 core
+    # and for K <= 32 output channels the narrow tile's, which a 64-lane tile would pad with as many zero lanes
+    CONV_POOL_TILE_NARROW = CONV_TILE_NARROW
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 64
 else:
     # 16 ymm (AVX2): 3 x 32 is 12 accumulators, leaving registers for the loaded input and broadcast weights;
@@ -27,7 +29,7 @@ else:
     CONV_TILE_NARROW = CONV_TILE_WIDE = (32, 3)
     # the fused conv + pool computes only the pooled columns (conv2: 10, two exact tiles of 5, where 4 computes
     # 12 and throws 2 away): 5 x 16 (10 ymm) does no wasted columns and still fits the register file
-    CONV_POOL_TILE = (16, 5)
+    CONV_POOL_TILE = CONV_POOL_TILE_NARROW = (16, 5)
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 32
 CONV1_TILE = (32, 3) if TILE_BITS < 512 else (32, 6)  # (columns, channels): 12 ymm / 12 zmm
 TILE_TAPS = 3  # kernel taps per weight-gradient tile (a 3x3 kernel splits into 3 exact blocks)
@@ -307,6 +309,8 @@ _conv_tile_narrow = _make_conv_tile(CONV_TILE_NARROW[1], CONV_TILE_NARROW[0])
 _conv_tile_wide = (_conv_tile_narrow if CONV_TILE_WIDE == CONV_TILE_NARROW
                    else _make_conv_tile(CONV_TILE_WIDE[1], CONV_TILE_WIDE[0]))
 _conv_pool = _make_conv_pool(CONV_POOL_TILE[1], CONV_POOL_TILE[0])
+_conv_pool_narrow = (_conv_pool if CONV_POOL_TILE_NARROW == CONV_POOL_TILE
+                     else _make_conv_pool(CONV_POOL_TILE_NARROW[1], CONV_POOL_TILE_NARROW[0]))
 _conv1_pool = _make_conv1_pool(*CONV1_TILE)
 _weight_grad_narrow = _make_weight_grad(GRAD_LANES_NARROW)
 _weight_grad_wide = (_weight_grad_narrow if GRAD_LANES_WIDE == GRAD_LANES_NARROW

@@ -1,30 +1,14 @@
-"""The layers that are not convolution or pooling, in numpy: each forward beside its backward, shapes first.
+"""The small layers in numpy, each forward beside its backward, shapes first: ReLU, dropout, dense, the softmax
+cross-entropy loss (with argmax_rows, its prediction) and the Adam update.
 
-These are cheap next to the convolutions (the dense layer is one small matmul), so every CPU backend shares them.
-A backend whose arrays live elsewhere (cuda) provides a module with these same functions as its `layers`.
+These are a backend's `layers` (Backend.layers): the ops a network runs beside the contract's kernels. They are cheap
+next to the convolutions (the dense layer is one small matmul), so naive, im2col and the oracle use these as they
+are; jit/layers.py replaces four with compiled ones and cuda/layers.py has every one, same parameters, on device
+arrays. The arrays they take come through the backend's array runtime (host.py here, cuda/runtime.py), and dropout
+draws from the backend's generator (dropout_rng.py, cuda/dropout_rng.py).
 """
 
 import numpy as np
-
-
-def zeros_like(a):
-    return np.zeros_like(a)
-
-
-def take_rows(data, idx):
-    """data[N, ...], idx[B] int -> data[idx] as a new contiguous array (one mini-batch)."""
-    return data[idx]
-
-
-def as_float_images(images):
-    """Images as the network takes them: raw uint8 pixels become float32 in [0, 1] (pixel / 255; load_mnist
-    scales through here too); float images pass through. The trainer keeps the set in uint8, a quarter of
-    the memory, and converts one batch at a time."""
-    if images.dtype != np.uint8:
-        return images
-    scaled = images.astype(np.float32)
-    scaled /= np.float32(255)  # in place: scaling the whole set must not hold a second float copy
-    return scaled
 
 
 def relu_forward(x):
@@ -39,24 +23,10 @@ def relu_backward(dy, y):
     return np.where(y <= 0, dy.dtype.type(0), dy)
 
 
-def make_dropout_rng(seed):
-    return np.random.default_rng(seed)
-
-
-def dropout_rng_state(rng):
-    """A JSON-serialisable snapshot of the dropout RNG (checkpoints store it for exact resume)."""
-    return rng.bit_generator.state
-
-
-def restore_dropout_rng(state):
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state
-    return rng
-
-
 def dropout_forward(x, rate, rng):
     """x[N, D] -> (y[N, D], mask[N, D]): inverted dropout, each unit kept with probability 1 - rate and scaled by
-    1 / (1 - rate) so that inference needs no rescaling. The mask already holds the scale."""
+    1 / (1 - rate) so that inference needs no rescaling. The mask already holds the scale; rng is the numpy
+    Generator of dropout_rng.py, one float64 drawn per unit."""
     keep = np.asarray(1.0 - rate, dtype=x.dtype)
     mask = (rng.random(x.shape, dtype=np.float64) < keep).astype(x.dtype)
     mask /= keep
