@@ -229,7 +229,8 @@ def test_tile_table_agrees_with_tiles_py():
     text = page_text("kernels.md")
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[3:5]]
             for line in text.splitlines() if line.startswith("| `CONV_")}
-    assert set(rows) == {"`CONV_TILE_WIDE`", "`CONV_TILE_NARROW`", "`CONV_POOL_TILE`", "`CONV_POOL_TILE_NARROW`"}, rows
+    assert set(rows) == {"`CONV_TILE_WIDE`", "`CONV_TILE_NARROW`", "`CONV_TILE_SMALL`", "`CONV_POOL_TILE`",
+                         "`CONV_POOL_TILE_NARROW`"}, rows
     for column, bits in enumerate((256, 512)):
         constants = md.tile_constants(bits)
         width = bits // 32

@@ -163,7 +163,7 @@ def test_second_process_loads_kernels_from_the_cache(tmp_path):
         x = np.ones((1, 1, 6, 6), np.float32)
         jit.conv2d_forward(x, np.ones((2, 1, 3, 3), np.float32), np.zeros(2, np.float32), True, 1, (0, 0, 0, 0))
         jit.maxpool2d_forward(x, (2, 2))
-        for kernel in (jit._conv_tile_narrow, jit._maxpool_forward):
+        for kernel in (jit._conv_tile_small, jit._maxpool_forward):  # K = 2: the small tile
             print(sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values()))
     """
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_CACHE="1")
@@ -196,7 +196,8 @@ def test_tiles_follow_the_target_vector_registers():
     if not os.environ.get("NUMBA_CNN_TILE_BITS"):
         assert (ext.TILE_BITS, ext.TILE_REGISTERS) == (ext.VECTOR_BITS, ext.VECTOR_REGISTERS)
     per_register = max(ext.TILE_BITS, 256) // 32  # fp32 lanes per vector register
-    for lanes, columns in (jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE, jit.CONV_POOL_TILE):
+    for lanes, columns in (jit.CONV_TILE_NARROW, jit.CONV_TILE_WIDE, jit.CONV_TILE_SMALL, jit.CONV_POOL_TILE,
+                           jit.CONV_POOL_TILE_NARROW):
         assert lanes % per_register == 0
         assert columns * lanes // per_register <= ext.TILE_REGISTERS - 2
     for lanes in (jit.GRAD_LANES_NARROW, jit.GRAD_LANES_WIDE):

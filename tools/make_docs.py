@@ -347,7 +347,8 @@ def tile_constants(bits):
     script = ("import json; from numba_cnn.kernels import _numba_ext as e; from numba_cnn.kernels.jit import tiles "
               "as t; print(json.dumps({'bits': e.TILE_BITS, 'registers': e.TILE_REGISTERS, "
               "'CONV_TILE_NARROW': t.CONV_TILE_NARROW, 'CONV_TILE_WIDE': t.CONV_TILE_WIDE, "
-              "'CONV_POOL_TILE': t.CONV_POOL_TILE, 'CONV_POOL_TILE_NARROW': t.CONV_POOL_TILE_NARROW, "
+              "'CONV_TILE_SMALL': t.CONV_TILE_SMALL, 'CONV_POOL_TILE': t.CONV_POOL_TILE, "
+              "'CONV_POOL_TILE_NARROW': t.CONV_POOL_TILE_NARROW, "
               "'GRAD_LANES_NARROW': t.GRAD_LANES_NARROW, "
               "'GRAD_LANES_WIDE': t.GRAD_LANES_WIDE, 'TILE_TAPS': t.TILE_TAPS, 'CONV1_TILE': t.CONV1_TILE}))")
     env = dict(os.environ, NUMBA_CNN_TILE_BITS=str(bits),
@@ -369,6 +370,7 @@ def block_tiles():
             "AVX-512: lanes x columns |", "|---|---|---|---|"]
     uses = {"CONV_TILE_WIDE": "conv forward, K > 32 (conv2's unfused forward, K = 64)",
             "CONV_TILE_NARROW": "conv forward, K <= 32 lanes; conv2's dx (32 output channels)",
+            "CONV_TILE_SMALL": "conv forward and dx, K <= 16 (LeNet's 6 and 16 filters)",
             "CONV_POOL_TILE": "conv + ReLU + 2x2 pool fused (mnist-cnn's conv2 + pool2)",
             "CONV_POOL_TILE_NARROW": "the same fused, K <= 32 where narrower than CONV_POOL_TILE"}
     for name, use in uses.items():

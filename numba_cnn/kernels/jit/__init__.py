@@ -99,7 +99,8 @@ conv2d_relu_maxpool2d_backward  with finite x and w (`_pooled_grad_lists` checks
                  read, with the same per-image db sums, bitwise the composed ops' results; weights holding NaN or inf
                  take `_input_grad_by_taps` for dx, which skips the zero padding that 0 * inf would turn into NaN.
 
-Private variants: `_conv_tile_narrow` / `_conv_tile_wide` (K <= CONV_TILE_NARROW lanes or wider), the same for
+Private variants: `_conv_tile_small` / `_conv_tile_narrow` / `_conv_tile_wide` (K <= CONV_TILE_SMALL lanes,
+<= CONV_TILE_NARROW lanes, or wider), the same for
 `_weight_grad_*` (one kernel when both shapes agree, as on AVX2); the fused `_conv_pool` has one tile (CONV_POOL_TILE,
 K padded to its lanes).
 
@@ -129,9 +130,9 @@ from numba import get_num_threads
 from numba_cnn.kernels._numba_ext import CACHE  # noqa: F401  (jit.CACHE: whether the kernels use the disk cache)
 from numba_cnn.kernels.contract import BackendInfo, is_channels_last
 from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_POOL_TILE_NARROW, CONV_TILE_NARROW,
-                                         CONV_TILE_WIDE, GRAD_IMAGE_CHUNKS, GRAD_LANES_NARROW, GRAD_LANES_WIDE,
-                                         GRAD_MIN_TILES, STRIDED_GRAD_TILE, STRIDED_TILE, TILE_TAPS, _conv1_pool,
-                                         _conv_pool, _conv_pool_narrow,
+                                         CONV_TILE_SMALL, CONV_TILE_WIDE, GRAD_IMAGE_CHUNKS, GRAD_LANES_NARROW,
+                                         GRAD_LANES_WIDE, GRAD_MIN_TILES, STRIDED_GRAD_TILE, STRIDED_TILE, TILE_TAPS,
+                                         _conv1_pool, _conv_pool, _conv_pool_narrow, _conv_tile_small,
                                          _conv_tile_narrow, _conv_tile_wide, _maxpool_backward, _maxpool_forward,
                                          _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
@@ -156,6 +157,8 @@ INFO = BackendInfo(summary="register-tiled loop kernels compiled by Numba (paral
 
 def _conv_tile_shape(out_channels):
     """(lanes, columns) of the correlation tile for `out_channels` outputs."""
+    if out_channels <= CONV_TILE_SMALL[0]:
+        return CONV_TILE_SMALL
     return CONV_TILE_NARROW if out_channels <= CONV_TILE_NARROW[0] else CONV_TILE_WIDE
 
 
@@ -232,7 +235,8 @@ def _correlate(x_cl, w_rsck, bias, relu, row_shift=0, col_shift=0, out_hw=None):
     x_cl = pad_width(x_cl, q_tiles + s - 1 + col_shift, axis=2)
     y = reusable_output((n, out_channels, p, q_tiles), x_cl.dtype)
     floor = x_cl.dtype.type(0 if relu else -np.inf)
-    kernel = _conv_tile_narrow if (lanes, columns) == CONV_TILE_NARROW else _conv_tile_wide
+    kernel = {CONV_TILE_SMALL: _conv_tile_small, CONV_TILE_NARROW: _conv_tile_narrow}.get((lanes, columns),
+                                                                                           _conv_tile_wide)
     kernel(x_cl, wt, b, floor, row_shift, col_shift, y)
     return y if q_tiles == q else np.ascontiguousarray(y[..., :q])
 

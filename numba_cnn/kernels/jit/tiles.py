@@ -20,6 +20,10 @@ if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
     # and for K <= 32 output channels the narrow tile's, which a 64-lane tile would pad with as many zero lanes
     CONV_POOL_TILE_NARROW = CONV_TILE_NARROW
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 64
+    # K <= 16 (LeNet's 6 and 16 filters, a dx into few input channels): one zmm of lanes, where 32 would compute
+    # half or more of every tile on zero weights; 12 columns keep 12 accumulators. (The weight gradient keeps 32
+    # lanes: 3 taps x 16 lanes is 3 accumulators, too few to hide the FMA latency, and measured slower.)
+    CONV_TILE_SMALL = (16, 12)
 else:
     # 16 ymm (AVX2): 3 x 32 is 12 accumulators, leaving registers for the loaded input and broadcast weights;
     # the AVX-512 4 x 64 (32 ymm) and, for conv2's dx, 7 x 32 (28 ymm) spill beyond the 16 registers, and 6 x 16
@@ -31,6 +35,8 @@ else:
     # 12 and throws 2 away): 5 x 16 (10 ymm) does no wasted columns and still fits the register file
     CONV_POOL_TILE = CONV_POOL_TILE_NARROW = (16, 5)
     GRAD_LANES_NARROW, GRAD_LANES_WIDE = 32, 32
+    # K <= 16: two ymm of lanes x 6 columns, the same 12 accumulators as the 32-lane tiles
+    CONV_TILE_SMALL = (16, 6)
 CONV1_TILE = (32, 3) if TILE_BITS < 512 else (32, 6)  # (columns, channels): 12 ymm / 12 zmm
 TILE_TAPS = 3  # kernel taps per weight-gradient tile (a 3x3 kernel splits into 3 exact blocks)
 # weight-gradient tiles fewer than this are split over GRAD_IMAGE_CHUNKS fixed image chunks instead (conv1 has 3
@@ -306,6 +312,7 @@ def _make_weight_grad(lanes):
 
 
 _conv_tile_narrow = _make_conv_tile(CONV_TILE_NARROW[1], CONV_TILE_NARROW[0])
+_conv_tile_small = _make_conv_tile(CONV_TILE_SMALL[1], CONV_TILE_SMALL[0])
 _conv_tile_wide = (_conv_tile_narrow if CONV_TILE_WIDE == CONV_TILE_NARROW
                    else _make_conv_tile(CONV_TILE_WIDE[1], CONV_TILE_WIDE[0]))
 _conv_pool = _make_conv_pool(CONV_POOL_TILE[1], CONV_POOL_TILE[0])
