@@ -61,17 +61,18 @@ PRECOMPILE = textwrap.dedent("""
     # every kernel the network used has an entry on disk (an index lists what has been saved for it)
     print(len(used), *sorted(name for name in used if not found[name]._cache._cache_file._load_index()))
     print(",".join(used))
-    for part in (0, 1):
-        compile_part(jit, network, part)
+    import tempfile
+    for part in (0, 1):  # each half in a folder of claims of its own: all the units, loaded from the cache
+        compile_part(jit, network, part, tempfile.mkdtemp())
     print(sum(sum(found[name].stats.cache_misses.values()) for name in used))
 """)
 
 
 def test_precompile_fills_a_cold_cache_from_two_processes_and_skips_a_warm_one(tmp_path):
-    """On an empty cache precompile(network) compiles the kernels of the network's training step, half here and
-    half in a second process; afterwards each has an entry in the disk cache and the record names them, but none of
-    another network's (BatchNorm, strided convolution, average pooling); a fresh process loads them all from there
-    (no compile) and precompile() does nothing."""
+    """On an empty cache precompile(network) compiles the kernels of the network's training step, the units of work
+    shared between this process and a second one; afterwards each kernel has an entry in the disk cache and the
+    record names them, but none of another network's (BatchNorm, strided convolution, average pooling); a fresh
+    process loads them all from there (no compile) and precompile() does nothing."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"), NUMBA_CNN_CACHE="1")
     runs = [subprocess.run([sys.executable, "-c", PRECOMPILE], env=env, capture_output=True, text=True, timeout=600)
             for _ in range(2)]
@@ -116,3 +117,28 @@ def _children(pid):
         if fields[1] == str(pid):
             found.append(int(entry))
     return found
+
+
+def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
+    """compile_part runs a unit only if it creates the unit's claim file first: with every claim taken, it runs no
+    kernel; with none taken, it claims every unit (the network's steps, then the loss and Adam)."""
+    from numba_cnn.kernels import jit
+    from numba_cnn.kernels.jit.cold_compile import compile_part, kernels
+    from numba_cnn.model import default_network
+
+    network = default_network()
+    units = len(network.layers) + 1  # at most one unit per layer, and the loss with Adam
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    for i in range(units):
+        (taken / f"unit-{i}").touch()
+    calls = {name: (dict(d.stats.cache_hits), dict(d.stats.cache_misses), len(d.overloads))
+             for name, d in kernels(jit).items()}
+    compile_part(jit, network, 1, str(taken))
+    assert calls == {name: (dict(d.stats.cache_hits), dict(d.stats.cache_misses), len(d.overloads))
+                     for name, d in kernels(jit).items()}
+    free = tmp_path / "free"
+    free.mkdir()
+    compile_part(jit, network, 0, str(free))
+    claimed = sorted(p.name for p in free.iterdir())
+    assert claimed and claimed[-1] == f"unit-{len(claimed) - 1}" and len(claimed) <= units

@@ -626,7 +626,46 @@ def figures():
     return out
 
 
+def block_compare_presets():
+    """One table per network of docs/results.json's "compare" entries (tools/record_compare.py): seconds per
+    epoch, inference and peak memory of numba_cnn's jit against each framework setting, as the ratios the bench
+    computed in that run."""
+    entries = results().get("compare", {})
+    if not entries:
+        return para("No comparison recorded yet: run `python tools/record_compare.py` on a `bench --compare` "
+                    "report.") + "\n"
+    out = []
+    for name, entry in entries.items():
+        out.append(f"**{name}** ({entry['layers']} layers, input {'x'.join(map(str, entry['input_shape']))}; "
+                   f"`{entry['command']}`; {entry['measure']}, batch {entry['batch_size']}, "
+                   f"{entry['threads']} threads, {entry['rounds']} round(s) in turn):")
+        out.append("")
+        out.append("| contender | s/epoch | x fastest | inference img/s | x fastest | peak MB | x PyTorch's best |")
+        out.append("|---|---|---|---|---|---|---|")
+        for c in entry["contenders"]:
+            fastest, torch_best = c.get("vs_fastest_framework", {}), c.get("vs_torch_best", {})
+
+            def ratio(table, key):
+                return f"{table[key]:.2f}" if key in table else "-"
+
+            out.append(f"| {c['contender']} | {c['sec_per_epoch']:.2f} | {ratio(fastest, 'sec_per_epoch')} | "
+                       f"{c['inference_img_per_s']:,.0f} | {ratio(fastest, 'inference_img_per_s')} | "
+                       f"{c['peak_rss_mb']:.0f} | {ratio(torch_best, 'peak_rss_mb')} |")
+        jit = next((c for c in entry["contenders"] if "executed_peak_share" in c), None)
+        note = (f"{entry['machine']['cpu']}, {entry['machine']['isa']}, {entry['created_utc'][:10]}; sgemm peak "
+                f"{entry['peak_gflops']:.0f} GFLOP/s in the run.")
+        if jit is not None:
+            note += (f" {jit['contender']} executed {jit['executed_flops_per_image'] / 1e6:.1f} of the "
+                     f"{entry['training_flops_per_image'] / 1e6:.1f} dense MFLOP per training image (its listed "
+                     f"backward skips zeros): {100 * jit['executed_peak_share']:.0f}% of that peak on executed work.")
+        out.append("")
+        out.append(para(note))
+        out.append("")
+    return "\n".join(out)
+
+
 BLOCKS = {
+    "compare-presets": block_compare_presets,
     "conv-forward": block_conv_forward,
     "conv-backward": block_conv_backward,
     "im2col": block_im2col,

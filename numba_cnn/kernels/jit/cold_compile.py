@@ -19,6 +19,7 @@ writable location) precompile does nothing and the kernels compile on first call
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,34 +49,56 @@ def kernels(jit):
     return found
 
 
-def compile_part(jit, network, part):
-    """Run `network`'s training step on tiny float32 inputs in the order of `part` (0: training's, forward then
-    backward; 1: step by step from the last), so that every kernel it uses is compiled or loaded."""
+def compile_part(jit, network, part, claims):
+    """Compile or load what `network`'s training step uses, unit by unit: each step of its plan (forward and backward
+    on two tiny images of that step's input shape), then the loss and Adam. `part` 0 walks the units from the
+    first, part 1 from the last; a unit is taken by whichever process creates its file in the folder `claims` first,
+    so the two meet in the middle and no unit is compiled twice."""
     from numba_cnn.kernels import get_backend
     from numba_cnn.model import Model, Run
 
     backend = get_backend("jit")
     rng = np.random.default_rng(part)
     model = Model(backend, network=network)
-    images = rng.random((_IMAGES,) + tuple(network.input_shape), dtype=np.float32)
-    labels = np.zeros(_IMAGES, np.int64)
-    p = next(iter(model.params.values()))
+    run = Run(backend, backend.layers, True, backend.make_dropout_rng(0))
 
-    def adam():  # its kernel, as the optimizer calls it
+    def step_unit(step, arrays):
+        def unit():
+            x = rng.random((_IMAGES,) + tuple(network.shapes[step.first]), dtype=np.float32)
+            y, cache = step.runner.forward(run, arrays, x)
+            step.runner.backward(run, arrays, np.ones_like(y), cache, step.first > 0)
+        return unit
+
+    def loss_and_adam():
+        logits = rng.standard_normal((_IMAGES, network.shapes[-1][0]), dtype=np.float32)
+        backend.layers.softmax_cross_entropy(logits, np.zeros(_IMAGES, np.int64))
+        p = next(iter(model.params.values()))
         backend.layers.adam_update(p.copy(), np.ones_like(p), np.zeros_like(p), np.zeros_like(p), 1e-3, 0.9, 0.999,
                                    1e-7)
 
-    if part == 0:
-        model.forward_backward(images, labels, backend.make_dropout_rng(0))
-        model.predict(images)
-        adam()
-        return
-    adam()
-    run = Run(backend, backend.layers, True, backend.make_dropout_rng(0))
-    for step, (_, arrays) in reversed(list(zip(model.steps, model._step_arrays))):
-        x = rng.standard_normal((_IMAGES,) + tuple(network.shapes[step.first]), dtype=np.float32)
-        y, cache = step.runner.forward(run, arrays, x)
-        step.runner.backward(run, arrays, np.ones_like(y), cache, True)
+    units = [step_unit(step, arrays) for step, (_, arrays) in zip(model.steps, model._step_arrays)] + [loss_and_adam]
+    order = range(len(units)) if part == 0 else range(len(units) - 1, -1, -1)
+    for i in order:
+        try:
+            os.close(os.open(os.path.join(claims, f"unit-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:  # the other process has it
+            continue
+        units[i]()
+
+
+def _training_pass(network):
+    """A training step and an inference pass of `network` on two tiny images, as training's warm-up makes them
+    (after both halves, every kernel loads from the disk cache)."""
+    from numba_cnn.kernels import get_backend
+    from numba_cnn.model import Model
+    from numba_cnn.optim import Adam
+
+    backend = get_backend("jit")
+    model = Model(backend, network=network)
+    images = np.random.default_rng(0).random((_IMAGES,) + tuple(network.input_shape), dtype=np.float32)
+    model.forward_backward(images, np.zeros(_IMAGES, np.int64), backend.make_dropout_rng(0))
+    Adam(model.params, backend).step(model.grads)
+    model.predict(images)
 
 
 def _record_path(jit, network):
@@ -107,7 +130,8 @@ def cache_is_cold(jit, network):
 
 
 def _write_record(jit, network):
-    """The record of the kernels this process has compiled or loaded: those of the network's step (part 0)."""
+    """The record of the kernels the network's step uses: those this process has compiled or loaded, once both
+    halves and a whole training pass have run."""
     path = _record_path(jit, network)
     if path is None:
         return
@@ -125,15 +149,17 @@ def compile_cold_cache(jit, network):
     half in a second one at once; -> True if it did, False if the cache was warm or not shareable."""
     if not CACHE or not cache_is_cold(jit, network):
         return False
+    claims = tempfile.mkdtemp(prefix="numba_cnn-precompile-")
     code = ("import json, sys; from numba_cnn.kernels import jit; from numba_cnn.network import from_dict; "
             "from numba_cnn.kernels.jit.cold_compile import compile_part; "
-            "compile_part(jit, from_dict(json.loads(sys.stdin.read())), 1)")
+            "compile_part(jit, from_dict(json.loads(sys.stdin.read())), 1, sys.argv[1])")
     try:
-        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, text=True)
+        child = subprocess.Popen([sys.executable, "-c", code, claims], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
         child.stdin.write(json.dumps(network.to_dict()))
         child.stdin.close()
     except OSError:
+        shutil.rmtree(claims, ignore_errors=True)
         return False
     # Ctrl-C kills the child at once and stops this process even where the KeyboardInterrupt lands in a compiler
     # callback that swallows it (llvmlite's ctypes callbacks print "Exception ignored" and go on), by raising again
@@ -148,7 +174,7 @@ def compile_cold_cache(jit, network):
     in_main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
     previous = signal.signal(signal.SIGINT, stop) if in_main_thread else None
     try:
-        compile_part(jit, network, 0)
+        compile_part(jit, network, 0, claims)
         child.wait(_PRECOMPILE_TIMEOUT_S)
     except subprocess.TimeoutExpired:  # whatever it did not finish, this process compiles when it first calls it
         pass
@@ -158,7 +184,9 @@ def compile_cold_cache(jit, network):
         if child.poll() is None:  # timed out, or this process stopped: the child goes too, at once
             child.kill()
             child.wait()
+        shutil.rmtree(claims, ignore_errors=True)
     if interrupted:
         raise KeyboardInterrupt
+    _training_pass(network)
     _write_record(jit, network)
     return True
