@@ -27,6 +27,8 @@ CONTRACT_PARAMETERS = {
     "batchnorm2d_backward": ["dy", "x", "gamma", "mean", "inv_std"],
     "conv2d_relu_maxpool2d_forward": ["x", "w", "b", "padding"],
     "conv2d_relu_maxpool2d_backward": ["dy", "y", "argmax", "x", "w", "need_dx", "padding"],
+    "batchnorm2d_relu_forward": ["x", "gamma", "beta", "running_mean", "running_var", "momentum", "eps", "training"],
+    "batchnorm2d_relu_backward": ["dy", "y", "x", "gamma", "mean", "inv_std"],
 }
 # The oracle also carries the one tolerance and the comparison every check uses.
 ORACLE_EXTRAS = ["tolerance", "relative_error", "assert_close"]

@@ -17,8 +17,10 @@ CONTRACT = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d
             "avgpool2d_backward", "batchnorm2d_forward", "batchnorm2d_backward")
 # Optional fused ops: name -> its forward and backward functions. A backend lists the ones it has in its INFO; the
 # network's fusion pass (numba_cnn/network/plan.py) uses them where present and the composition of contract ops
-# otherwise (kernels/README.md). conv2d_relu_maxpool2d covers a stride-1 convolution (any zero padding) and a 2x2 pool.
-FUSED_OPS = {"conv2d_relu_maxpool2d": ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward")}
+# otherwise (kernels/README.md). conv2d_relu_maxpool2d covers a stride-1 convolution (any zero padding) and a 2x2 pool;
+# batchnorm2d_relu is BatchNorm2D then ReLU.
+FUSED_OPS = {"conv2d_relu_maxpool2d": ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward"),
+             "batchnorm2d_relu": ("batchnorm2d_relu_forward", "batchnorm2d_relu_backward")}
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # What a Backend holds beside its ops and `layers`, by name: its array runtime and its dropout generator. A host
 # backend gets numba_cnn/kernels/host.py's and dropout_rng.py's; an on_device module defines its own.
@@ -276,6 +278,19 @@ def check_batchnorm2d_backward(dy, x, gamma, mean, inv_std):
     for name, a in (("gamma", gamma), ("mean", mean), ("inv_std", inv_std)):
         _check_channel_vector(name, a, channels, dtype)
     return _contiguous(dy), _contiguous(x), _contiguous(gamma), _contiguous(mean), _contiguous(inv_std)
+
+
+def check_batchnorm2d_relu_forward(x, gamma, beta, running_mean, running_var, momentum=0.99, eps=1e-3,
+                                   training=True):
+    return check_batchnorm2d_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training)
+
+
+def check_batchnorm2d_relu_backward(dy, y, x, gamma, mean, inv_std):
+    dy, x, gamma, mean, inv_std = check_batchnorm2d_backward(dy, x, gamma, mean, inv_std)
+    _check_float("y", y, 4, "(N, C, H, W)", np.dtype(x.dtype))
+    if tuple(y.shape) != tuple(x.shape):
+        raise ValueError(f"y has shape {tuple(y.shape)} but x has shape {tuple(x.shape)}")
+    return dy, _contiguous(y), x, gamma, mean, inv_std
 
 
 def check_conv2d_relu_maxpool2d_forward(x, w, b, padding=0):

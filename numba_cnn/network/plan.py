@@ -9,7 +9,7 @@ runs a plan of steps as it would the bare layers, and the bench and the layer ti
 
 import dataclasses
 
-from numba_cnn.network.layers import Conv2D, MaxPool2D, ReLU
+from numba_cnn.network.layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,27 @@ class ConvReluPool:
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchNormRelu:
+    """batchnorm2d_relu: a BatchNorm2D and the ReLU after it in one backend op, the ReLU applied as the normalised
+    value is stored and its derivative as the backward reads dy, so the standalone ReLU's pass over the activation
+    (forward and backward) is saved. Parameters, running statistics and the arguments are the BatchNorm2D's
+    (inference normalises by the running statistics, as BatchNorm2D.forward does); the backward needs the output."""
+
+    bn: BatchNorm2D
+
+    def forward(self, run, p, x):
+        y, mean, inv_std = run.ops.batchnorm2d_relu_forward(x, p["gamma"], p["beta"], p["running_mean"],
+                                                            p["running_var"], momentum=self.bn.momentum,
+                                                            eps=self.bn.epsilon, training=run.training)
+        return y, (x, y, mean, inv_std)
+
+    def backward(self, run, p, dy, cache, need_dx):
+        x, y, mean, inv_std = cache
+        dx, dgamma, dbeta = run.ops.batchnorm2d_relu_backward(dy, y, x, p["gamma"], mean, inv_std)
+        return dx, {"gamma": dgamma, "beta": dbeta}
+
+
+@dataclasses.dataclass(frozen=True)
 class Fusion:
     """A pattern: neighbouring layer kinds, `applies(backend, *layers)`, and `fuse(*layers)` -> the runner."""
 
@@ -67,11 +88,16 @@ def _conv_relu_pool(backend, conv, pool):
             and pool.pool_size == (2, 2))
 
 
+def _batchnorm_relu(backend, bn, relu):
+    return backend.has_fused("batchnorm2d_relu")
+
+
 FUSIONS = (
     # no backend op needed: the contract's convolution applies the ReLU in its own pass
     Fusion("conv2d+relu", (Conv2D, ReLU), _conv_then_relu,
            lambda conv, relu: dataclasses.replace(conv, activation="relu")),
     Fusion("conv2d_relu_maxpool2d", (Conv2D, MaxPool2D), _conv_relu_pool, lambda conv, pool: ConvReluPool(conv)),
+    Fusion("batchnorm2d_relu", (BatchNorm2D, ReLU), _batchnorm_relu, lambda bn, relu: BatchNormRelu(bn)),
 )
 
 

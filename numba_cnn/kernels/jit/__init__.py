@@ -69,9 +69,14 @@ batchnorm2d_*    norm.py: `_channel_stats` (prange over channels) sums each chan
                  cancellation); the running statistics are updated on the host from those float64 values as the
                  oracle does; `_batchnorm_apply` normalises in float64 per element, rounded once on the store;
                  `_batchnorm_backward` (prange over channels) sums dy and dy * x_hat in float64 and writes dx.
-                 Inputs stored channels-last are copied to NCHW first (nchw), as for the pooling kernels.
+                 Inputs stored channels-last are copied to NCHW first (nchw), as for the pooling kernels. The host
+                 side (statistics, running update, kernel calls) is jit/batchnorm.py's, shared with the fused op.
 
 Fused ops (beyond the contract; INFO.fused names them):
+batchnorm2d_relu_*  batchnorm2d_* with the ReLU folded in, no pass of its own: `_batchnorm_apply` clamps each value
+                 below at 0 as it stores it (a select, NaN kept: bitwise the composition), `_batchnorm_relu_backward`
+                 reads dy through `0 if y <= 0 else dy` (the same sums in the same order; compiled apart, so equal to
+                 the composition within rounding).
 conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair of conv rows land in a per-image
                  (2, Q, K) channels-last buffer (L1-sized), ReLU'd, and are pooled from there into y and argmax:
                  the P x Q x K activation is never written, and only the 2 * Q2 columns pooling reads are computed
@@ -140,8 +145,8 @@ from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
 from numba_cnn.kernels.jit.buffers import OutputArena, nchw, nhwc, pad_width, reusable_output, scratch
 from numba_cnn.kernels.jit.general import _strided_forward, _strided_input_grad, _strided_weight_grad
 from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: what the callers open)
-from numba_cnn.kernels.jit.norm import (_avgpool_backward, _avgpool_forward, _batchnorm_apply, _batchnorm_backward,
-                                        _channel_stats, _maxpool_any_backward, _maxpool_any_forward)
+from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
+from numba_cnn.kernels.jit.norm import _avgpool_backward, _avgpool_forward, _maxpool_any_backward, _maxpool_any_forward
 from numba_cnn.kernels.jit.sparse import (_listed_input_grad, _listed_weight_grad, _pack_channels_last,
                                           _pad_channels_last, _pooled_grad_lists)
 
@@ -152,7 +157,7 @@ LISTED_MIN_SPAN = 8
 # spinning after each call take the cores Numba's threads need (on 2 cores, a training step slows markedly).
 
 INFO = BackendInfo(summary="register-tiled loop kernels compiled by Numba (parallel=True)", blas_threads="one",
-                   fused=("conv2d_relu_maxpool2d",), channels_last=True)
+                   fused=("batchnorm2d_relu", "conv2d_relu_maxpool2d"), channels_last=True)
 
 
 def _conv_tile_shape(out_channels):
@@ -449,33 +454,26 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, momentum, eps
     """x[N,C,H,W] -> (y[N,C,H,W], mean[C], inv_std[C]): normalised by the batch statistics (training; the running
     ones updated in place, running = momentum * running + (1 - momentum) * batch, biased variance) or by the running
     statistics (inference). Statistics and the normalisation in float64, rounded once."""
-    x = nchw(x)
-    n, c, h, w = x.shape
-    note("batchnorm2d_forward", "float64 channel statistics" if training else "running statistics", 0)
-    x3 = x.reshape(n, c, h * w)
-    if training:
-        mean, var = np.empty(c), np.empty(c)
-        _channel_stats(x3, mean, var)
-        running_mean[...] = momentum * running_mean.astype(np.float64) + (1 - momentum) * mean
-        running_var[...] = momentum * running_var.astype(np.float64) + (1 - momentum) * var
-    else:
-        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
-    inv_std = 1.0 / np.sqrt(var + eps)
-    y = reusable_output(x.shape, x.dtype)
-    _batchnorm_apply(x3, mean, inv_std * gamma.astype(np.float64), beta.astype(np.float64), y.reshape(n, c, h * w))
-    return y, mean.astype(x.dtype), inv_std.astype(x.dtype)
+    return _batchnorm.forward("batchnorm2d_forward", x, gamma, beta, running_mean, running_var, momentum, eps,
+                              training, -np.inf)
 
 
 def batchnorm2d_backward(dy, x, gamma, mean, inv_std):
     """dy, x [N,C,H,W] -> (dx[N,C,H,W], dgamma[C], dbeta[C]), the training-mode gradient (sums in float64)."""
-    dy, x = nchw(dy), nchw(x)
-    n, c, h, w = x.shape
-    note("batchnorm2d_backward", "float64 channel sums", 0)
-    dx = reusable_output(x.shape, x.dtype)
-    dgamma, dbeta = np.empty(c, x.dtype), np.empty(c, x.dtype)
-    _batchnorm_backward(dy.reshape(n, c, h * w), x.reshape(n, c, h * w), gamma, mean, inv_std,
-                        dx.reshape(n, c, h * w), dgamma, dbeta)
-    return dx, dgamma, dbeta
+    return _batchnorm.backward("batchnorm2d_backward", dy, None, x, gamma, mean, inv_std)
+
+
+def batchnorm2d_relu_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):
+    """-> (relu(y), mean, inv_std) of batchnorm2d_forward, bitwise: the ReLU (`0 if v < 0 else v`, NaN kept) made
+    as y is stored, so the normalised activation is written once and never read back."""
+    return _batchnorm.forward("batchnorm2d_relu_forward", x, gamma, beta, running_mean, running_var, momentum, eps,
+                              training, 0.0)
+
+
+def batchnorm2d_relu_backward(dy, y, x, gamma, mean, inv_std):
+    """dy, y (the fused forward's output), x [N,C,H,W] -> (dx, dgamma, dbeta) = batchnorm2d_backward(
+    relu_backward(dy, y), x, gamma, mean, inv_std), the select `0 if y <= 0 else dy` made as the kernel reads dy."""
+    return _batchnorm.backward("batchnorm2d_relu_backward", dy, y, x, gamma, mean, inv_std)
 
 
 def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):

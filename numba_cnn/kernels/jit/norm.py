@@ -12,9 +12,12 @@ a channels-last input), memory-bound loops, prange over (image, channel) planes 
     in float64: a large mean (activations far from zero) costs float32 sums their low bits, and one-pass E[x^2] -
     E[x]^2 would cancel; the caller updates the running statistics from these float64 values, as the oracle does.
 `_batchnorm_apply`: y = (x - mean) * (inv_std * gamma) + beta, per element in float64 from float64 channel
-    constants, rounded once on the store.
+    constants, clamped below at `floor` by a select (-inf: none; 0: the fused ReLU, `0 if v < 0 else v`, which
+    keeps NaN) and rounded once on the store.
 `_batchnorm_backward`: per channel (prange), sum(dy) and sum(dy * x_hat) in float64, then dx = gamma * inv_std *
-    (dy - sum(dy) / M - x_hat * sum(dy * x_hat) / M).
+    (dy - sum(dy) / M - x_hat * sum(dy * x_hat) / M). `_batchnorm_relu_backward`, the fused BatchNorm + ReLU's: the
+    same, each dy read through the ReLU's select `0 if y <= 0 else dy` (y its output). One factory makes both, the
+    choice a compile-time constant, so the plain kernel compiles as it did without the select.
 
 Every reduction runs inside one prange iteration in a fixed order, so results do not depend on the thread count.
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
@@ -139,38 +142,53 @@ def _channel_stats(x, mean, var):
 
 
 @_jit
-def _batchnorm_apply(x, mean, scale, shift, y):
-    """y[n, c, u] = (x[n, c, u] - mean[c]) * scale[c] + shift[c], in float64 (mean, scale, shift float64), over
-    x[N, C, M]."""
+def _batchnorm_apply(x, mean, scale, shift, floor, y):
+    """y[n, c, u] = max((x[n, c, u] - mean[c]) * scale[c] + shift[c], floor), in float64 (mean, scale, shift,
+    floor float64), over x[N, C, M]; the max a select that keeps NaN, floor -inf for none, 0 for a ReLU."""
     n_images, n_ch, plane = x.shape
     for nc in prange(n_images * n_ch):
         n, c = nc // n_ch, nc % n_ch
         m, a, t = mean[c], scale[c], shift[c]
         src, dst = x[n, c], y[n, c]
         for u in range(plane):
-            dst[u] = (src[u] - m) * a + t
+            v = (src[u] - m) * a + t
+            dst[u] = floor if v < floor else v
 
 
-@_jit
-def _batchnorm_backward(dy, x, gamma, mean, inv_std, dx, dgamma, dbeta):
-    """The training-mode gradient over dy, x, dx [N, C, M]: per channel, in float64, x_hat = (x - mean) * inv_std,
-    dbeta = sum(dy), dgamma = sum(dy * x_hat), dx = gamma * inv_std * (dy - dbeta / M - x_hat * dgamma / M)."""
-    n_images, n_ch, plane = x.shape
-    count = n_images * plane
-    for c in prange(n_ch):
-        m, s = np.float64(mean[c]), np.float64(inv_std[c])
-        sum_dy, sum_dy_xhat = np.float64(0), np.float64(0)
-        for n in range(n_images):
-            dy_row, x_row = dy[n, c], x[n, c]
-            for u in range(plane):
-                g = np.float64(dy_row[u])
-                sum_dy += g
-                sum_dy_xhat += g * ((x_row[u] - m) * s)
-        dbeta[c] = sum_dy
-        dgamma[c] = sum_dy_xhat
-        a = np.float64(gamma[c]) * s
-        mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count
-        for n in range(n_images):
-            dy_row, x_row, dx_row = dy[n, c], x[n, c], dx[n, c]
-            for u in range(plane):
-                dx_row[u] = a * (dy_row[u] - mean_dy - (x_row[u] - m) * s * mean_dy_xhat)
+def _make_batchnorm_backward(relu):
+    """The batch-norm backward kernel; with `relu` (a compile-time constant), of the fused BatchNorm + ReLU: dy read
+    through the ReLU's select. Without, y is not read and the kernel is the plain op's."""
+
+    @_jit
+    def batchnorm_backward(dy, y, x, gamma, mean, inv_std, dx, dgamma, dbeta):
+        """The training-mode gradient over dy, y, x, dx [N, C, M]: per channel, in float64, with g = dy, or with
+        relu g = 0 where y <= 0 and dy elsewhere (y the ReLU's output; a NaN y keeps dy), x_hat = (x - mean) *
+        inv_std, dbeta = sum(g), dgamma = sum(g * x_hat), dx = gamma * inv_std * (g - dbeta / M - x_hat * dgamma /
+        M)."""
+        n_images, n_ch, plane = x.shape
+        count = n_images * plane
+        zero = np.float64(0)
+        for c in prange(n_ch):
+            m, s = np.float64(mean[c]), np.float64(inv_std[c])
+            sum_dy, sum_dy_xhat = np.float64(0), np.float64(0)
+            for n in range(n_images):
+                dy_row, y_row, x_row = dy[n, c], y[n, c], x[n, c]
+                for u in range(plane):
+                    g = (zero if y_row[u] <= 0 else np.float64(dy_row[u])) if relu else np.float64(dy_row[u])
+                    sum_dy += g
+                    sum_dy_xhat += g * ((x_row[u] - m) * s)
+            dbeta[c] = sum_dy
+            dgamma[c] = sum_dy_xhat
+            a = np.float64(gamma[c]) * s
+            mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count
+            for n in range(n_images):
+                dy_row, y_row, x_row, dx_row = dy[n, c], y[n, c], x[n, c], dx[n, c]
+                for u in range(plane):
+                    g = (zero if y_row[u] <= 0 else np.float64(dy_row[u])) if relu else np.float64(dy_row[u])
+                    dx_row[u] = a * (g - mean_dy - (x_row[u] - m) * s * mean_dy_xhat)
+
+    return batchnorm_backward
+
+
+_batchnorm_backward = _make_batchnorm_backward(False)
+_batchnorm_relu_backward = _make_batchnorm_backward(True)
