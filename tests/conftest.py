@@ -22,6 +22,9 @@ import pytest  # noqa: E402
 
 from numba_cnn.kernels import BACKENDS, get_backend  # noqa: E402
 
+# NUMBA_CNN_SLOW_TESTS=1 also runs the checks that are opt-in on numba's CUDA simulator (each test file says which).
+SLOW_TESTS = os.environ.get("NUMBA_CNN_SLOW_TESTS") == "1"
+
 # On numba's CUDA simulator every kernel launch runs one Python thread per CUDA thread (about 0.1-1 s per launch
 # here), so finite-difference checks there perturb a random sample of this many elements instead of all of them.
 SIMULATOR_FD_ELEMENTS = 6
@@ -97,6 +100,18 @@ def rng():
 
 def on_cuda_simulator(backend_name):
     return backend_name == "cuda" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+@pytest.fixture
+def cuda_float64_opt_in_on_the_simulator(request):
+    """For test files whose cases run in both dtypes on every backend (they use it through pytestmark): cuda's
+    float64 cases skip on the simulator unless NUMBA_CNN_SLOW_TESTS=1. There both dtypes run through the same Python
+    code, and test_cuda.py checks every cuda op in float64 against the oracle; on a GPU, where float64 kernels are
+    compiled apart, every case runs."""
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    if params.get("dtype") is np.float64 and on_cuda_simulator(params.get("backend_name")) and not SLOW_TESTS:
+        pytest.skip("cuda float64 on the simulator repeats float32's code (test_cuda.py checks float64 there): "
+                    "NUMBA_CNN_SLOW_TESTS=1 runs it")
 
 
 def fd_indices(backend, size, rng):

@@ -334,7 +334,7 @@ def parse_bench(argv):
 
 
 def test_bench_command_writes_json_and_png(tmp_path, capsys):
-    args = parse_bench(["--kernels", "im2col,cuda", "--ops", "pool2,dense", "--batch-size", "4", "--repeats", "2",
+    args = parse_bench(["--kernels", "im2col,cuda", "--ops", "pool2,dense", "--batch-size", "1", "--repeats", "2",
                         "--threads", "1", "--out", str(tmp_path)])
     assert bench.run(args) == 0
     (json_path,) = tmp_path.glob("ops-*.json")

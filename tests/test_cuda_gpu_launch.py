@@ -9,7 +9,7 @@ and float32 only: the four default groups (the original kernels; strided and pad
 and batch normalisation; the layers; dropout) take about 45 s together on 2 cores. The whole-model pass under the GPU
 configuration launches about 170,000 simulated threads (2-4 minutes on 2 cores): it runs on a GPU always, on the
 simulator only with NUMBA_CNN_SLOW_TESTS=1. The whole model under the simulator's own launches is checked against
-the float64 oracle in test_cuda.py (one image, about 20 s).
+the float64 oracle in test_cuda.py (one step of a small network with mnist-cnn's layer kinds).
 """
 
 import os

@@ -1,7 +1,11 @@
 """Parity: every contract op of every backend against the float64 oracle (numba_cnn/kernels/reference.py), on random and
 awkward shapes (strides, padding, pool sizes, batchnorm in both modes), float32 within FLOAT32_TOL and float64 tight;
 max-pooling (no arithmetic) must match exactly. The last tests prove the comparison catches a small perturbation of
-any output of any op, and a batchnorm that forgets to update its running statistics."""
+any output of any op, and a batchnorm that forgets to update its running statistics.
+
+On numba's CUDA simulator cuda runs these cases in float32 only; NUMBA_CNN_SLOW_TESTS=1 adds float64 there (on a
+GPU both always run). The simulator runs both dtypes through the same Python code, and test_cuda.py checks every
+cuda op in float64 against the oracle on awkward shapes of its own."""
 
 import types
 
@@ -13,6 +17,8 @@ from conftest import Case, backend_case_params, on_device, on_host
 from numba_cnn.kernels import CONTRACT, Backend, get_backend
 from numba_cnn.kernels import im2col
 from numba_cnn.kernels.contract import CHECKS
+
+pytestmark = pytest.mark.usefixtures("cuda_float64_opt_in_on_the_simulator")
 
 DTYPES = [np.float32, np.float64]
 

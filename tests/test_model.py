@@ -128,7 +128,7 @@ def oracle_training_pass(dropout_mask):
 def test_model_matches_the_float64_oracle(backend_name):
     if on_cuda_simulator(backend_name):
         pytest.skip("cuda on the simulator: this batch is millions of simulated CUDA threads (many minutes); "
-                    "test_cuda.py checks a one-image model step against the oracle here, and a GPU runs this one")
+                    "test_cuda.py checks a small network's model step against the oracle here, and a GPU runs this one")
     logits, loss, grads, mask = training_pass(backend_name)
     expected_logits, expected_loss, expected_grads, _ = oracle_training_pass(mask)
     assert 0.3 < np.mean(mask > 0) < 0.7 and set(np.unique(mask)) <= {0.0, 2.0}  # a real rate-0.5 mask

@@ -10,6 +10,9 @@ y > 0 or y is NaN, else exactly 0, as torch's threshold_backward. Average poolin
 IEEE arithmetic: a NaN term, or +inf and -inf together, make NaN, whatever the order of summation. Non-finite
 elements must match the oracle exactly (reference.relative_error); the backward passes route dy through whatever
 argmax says.
+
+On numba's CUDA simulator cuda runs these cases in float32 only; NUMBA_CNN_SLOW_TESTS=1 adds float64 there (on a
+GPU both always run): the simulator runs both dtypes through the same Python code.
 """
 
 import numpy as np
@@ -21,6 +24,8 @@ from test_kernels import (assert_matches_oracle, expected_routing, im2col_with, 
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels import get_backend, reference
 from numba_cnn.model import Model
+
+pytestmark = pytest.mark.usefixtures("cuda_float64_opt_in_on_the_simulator")
 
 DTYPES = [np.float32, np.float64]
 NAN, INF = np.nan, np.inf
