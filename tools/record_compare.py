@@ -19,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ladder import RESULTS, machine  # noqa: E402
 
+from numba_cnn.kernels import BACKENDS  # noqa: E402
+from numba_cnn.network.presets import PRESETS  # noqa: E402
+
 CONTENDER_KEYS = ("contender", "sec_per_epoch", "sec_per_epoch_range", "inference_img_per_s", "peak_rss_mb",
                   "test_accuracy", "gflops", "peak_share", "executed_flops_per_image", "executed_gflops",
                   "executed_peak_share", "vs_fastest_framework", "vs_fastest_framework_names", "vs_torch_best",
@@ -26,8 +29,10 @@ CONTENDER_KEYS = ("contender", "sec_per_epoch", "sec_per_epoch_range", "inferenc
 
 
 def command_of(settings, network_name):
-    parts = [f"python -m numba_cnn bench --compare {','.join(c for c in settings['contenders'] if ':' not in c)}"]
-    parts.append(f"--model {network_name}")
+    ours = [c for c in settings["contenders"] if c in BACKENDS]
+    theirs = [c for c in settings["contenders"] if c not in BACKENDS and ":" not in c]
+    parts = [f"python -m numba_cnn bench --compare {','.join(theirs)} --kernels {','.join(ours)}"]
+    parts.append(f"--model {network_name if network_name in PRESETS else network_name + '.json'}")
     if settings["dataset"] == "random":
         parts.append("--random-data")
     elif settings["dataset"] != "mnist":
