@@ -56,14 +56,14 @@ PRECOMPILE = textwrap.dedent("""
     from numba_cnn.model import default_network
     network = default_network()
     print(jit.precompile(network))
-    found = kernels(jit)
-    used = json.loads(_record_path(jit, network).read_text())["kernels"]
+    found = kernels()
+    used = json.loads(_record_path(network).read_text())["kernels"]
     # every kernel the network used has an entry on disk (an index lists what has been saved for it)
     print(len(used), *sorted(name for name in used if not found[name]._cache._cache_file._load_index()))
     print(",".join(used))
     import tempfile
     for part in (0, 1):  # each half in a folder of claims of its own: all the units, loaded from the cache
-        compile_part(jit, network, part, tempfile.mkdtemp())
+        compile_part(network, part, tempfile.mkdtemp())
     print(sum(sum(found[name].stats.cache_misses.values()) for name in used))
 """)
 
@@ -122,7 +122,6 @@ def _children(pid):
 def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
     """compile_part runs a unit only if it creates the unit's claim file first: with every claim taken, it runs no
     kernel; with none taken, it claims every unit (the network's steps, then the loss and Adam)."""
-    from numba_cnn.kernels import jit
     from numba_cnn.kernels.jit.cold_compile import compile_part, kernels
     from numba_cnn.model import default_network
 
@@ -133,12 +132,12 @@ def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
     for i in range(units):
         (taken / f"unit-{i}").touch()
     calls = {name: (dict(d.stats.cache_hits), dict(d.stats.cache_misses), len(d.overloads))
-             for name, d in kernels(jit).items()}
-    compile_part(jit, network, 1, str(taken))
+             for name, d in kernels().items()}
+    compile_part(network, 1, str(taken))
     assert calls == {name: (dict(d.stats.cache_hits), dict(d.stats.cache_misses), len(d.overloads))
-                     for name, d in kernels(jit).items()}
+                     for name, d in kernels().items()}
     free = tmp_path / "free"
     free.mkdir()
-    compile_part(jit, network, 0, str(free))
+    compile_part(network, 0, str(free))
     claimed = sorted(p.name for p in free.iterdir())
     assert claimed and claimed[-1] == f"unit-{len(claimed) - 1}" and len(claimed) <= units

@@ -20,7 +20,7 @@ def test_a_winner_within_rounding_is_adopted_and_any_other_is_not():
     window = [1.0, 1.0 + 1e-9, 0.5, 0.0]  # the first two tie in float32
     for backend_winner, kept in ((0, 0), (1, 1), (2, 1), (3, 1)):
         caches = _caches(window)
-        _adopt_near_tie_winners(caches, np.array([[[[backend_winner]]]], np.uint8), None, step)
+        _adopt_near_tie_winners(caches, np.array([[[[backend_winner]]]], np.uint8), step)
         assert int(caches[1][0][0, 0, 0, 0]) == kept, backend_winner
 
 

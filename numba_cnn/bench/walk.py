@@ -11,6 +11,7 @@ the oracle's result. A backward is checked on a fresh standard-normal gradient s
 it all rounding error), then timed on that one. Steps whose layers the bench was not asked for run on the oracle.
 """
 
+import contextlib
 import dataclasses
 import time
 
@@ -154,7 +155,7 @@ def _float64(a):
     return np.asarray(a, dtype=np.float64)
 
 
-def _adopt_near_tie_winners(oracle_caches, argmax, network, step):
+def _adopt_near_tie_winners(oracle_caches, argmax, step):
     """In the oracle's caches of a fused conv + ReLU + max-pool step, the backend's pooling winners (`argmax`) where
     they tie with the oracle's within FLOAT32_TOL of the conv output's largest magnitude: the backend pooled its
     own float32 conv output, and where two values of a window differ by a rounding its winner is as right as the
@@ -172,41 +173,19 @@ def _adopt_near_tie_winners(oracle_caches, argmax, network, step):
     oracle_argmax[near] = argmax[near]
 
 
-class _NoPaths:
-    """What path_log gives for a backend that reports no paths."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def record(self):
-        return {}
-
-
-class _Paths(_NoPaths):
-    def __init__(self, log):
-        self.log = log
-
-    def __enter__(self):
-        self.log.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.log.__exit__(*exc)
-
-    def record(self):
-        """{"paths": ["op: path", ...], "executed_macs": n (when a kernel counted any)} for the row."""
-        macs = self.log.executed_macs
-        return {"paths": self.log.paths} | ({"executed_macs": macs} if macs else {})
-
-
 def path_log(backend):
     """A context that records the kernel paths a call takes and the multiply-adds they execute, on a backend that
-    reports them (jit's PathLog); a no-op elsewhere."""
+    reports them (jit's PathLog, which `with` gives); elsewhere a no-op that gives None."""
     log_class = getattr(backend.module, "PathLog", None)
-    return _Paths(log_class()) if log_class is not None else _NoPaths()
+    return log_class() if log_class is not None else contextlib.nullcontext()
+
+
+def path_record(log):
+    """A row's fields from a path_log: {"paths": ["op: path", ...], "executed_macs": n (when a kernel counted any)};
+    nothing for a backend that reports no paths."""
+    if log is None:
+        return {}
+    return {"paths": log.paths} | ({"executed_macs": log.executed_macs} if log.executed_macs else {})
 
 
 def timed_call(call, sync):
@@ -298,7 +277,7 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
             return y
         expected = oracle_y(visit)
         ok, errors, reason = check_outputs({"y": backend.to_host(y)}, {"y": expected})
-        row.update(check_errors=errors, kernels=ops.called, layer_functions=functions.called, **paths.record())
+        row.update(check_errors=errors, kernels=ops.called, layer_functions=functions.called, **path_record(paths))
         if not ok:
             failed(visit, row, reason)
             return on_device(expected)
@@ -315,7 +294,7 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
             if visit.oracle_caches is None:
                 oracle_y(visit)
             if cache is not None and isinstance(step.runner, ConvReluPool):
-                _adopt_near_tie_winners(visit.oracle_caches, backend.to_host(cache[2]), network, step)
+                _adopt_near_tie_winners(visit.oracle_caches, backend.to_host(cache[2]), step)
             return oracle_backward(network, step, state64, _float64(backend.to_host(gradient)),
                                    visit.oracle_caches, need_dx, oracle_run)
 
@@ -343,7 +322,7 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
         got = ({"dx": dx} if need_dx else {}) | {f"d{key}": g for key, g in grads.items()}
         reference = expected(given)
         ok, errors, reason = check_outputs({name: backend.to_host(a) for name, a in got.items()}, reference)
-        row.update(check_errors=errors, kernels=ops.called, layer_functions=functions.called, **paths.record())
+        row.update(check_errors=errors, kernels=ops.called, layer_functions=functions.called, **path_record(paths))
         if not ok:
             failed(visit, row, reason)
             return from_oracle(expected(dy))

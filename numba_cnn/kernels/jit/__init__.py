@@ -127,8 +127,6 @@ compiles the float32 kernels its network's step uses, and only those, half here 
 tiles for heap arrays (see `_numba_ext`).
 """
 
-import sys
-
 import numpy as np
 from numba import get_num_threads
 
@@ -142,7 +140,8 @@ from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_POOL_T
                                          _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
 from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
-from numba_cnn.kernels.jit.buffers import OutputArena, nchw, nhwc, pad_width, reusable_output, scratch
+from numba_cnn.kernels.jit.buffers import (OutputArena, nchw, nhwc, pad_width,  # noqa: F401  (Backend.output_arena)
+                                          reusable_output, scratch)
 from numba_cnn.kernels.jit.general import _strided_forward, _strided_input_grad, _strided_weight_grad
 from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: what the callers open)
 from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
@@ -381,7 +380,7 @@ def conv2d_forward(x, w, b, relu, stride, padding):
     if not any(padding):
         return _correlate(_input_channels_last(x), w_rsck, b, relu)
     # the tile needs Q >= its columns: the buffer gets the zero columns a narrow input lacks at once
-    x_cl = _padded_channels_last(x, padding, min_width=_conv_tile_shape(k)[1] + s - 1)
+    x_cl = _padded_channels_last(x, padding, min_width=columns + s - 1)
     return _correlate(x_cl, w_rsck, b, relu, out_hw=out_hw)
 
 
@@ -588,4 +587,4 @@ def precompile(network=None):
         from numba_cnn.model import default_network
 
         network = default_network()
-    return compile_cold_cache(sys.modules[__name__], network)
+    return compile_cold_cache(network)

@@ -35,7 +35,7 @@ _PRECOMPILE_TIMEOUT_S = 600
 _IMAGES = 2
 
 
-def kernels(jit):
+def kernels():
     """{name: dispatcher} of every compiled kernel of the backend (the inlined helpers excluded)."""
     from numba.core.dispatcher import Dispatcher
 
@@ -49,7 +49,7 @@ def kernels(jit):
     return found
 
 
-def compile_part(jit, network, part, claims):
+def compile_part(network, part, claims):
     """Compile or load what `network`'s training step uses, unit by unit: each step of its plan (forward and backward
     on two tiny images of that step's input shape), then the loss and Adam. `part` 0 walks the units from the
     first, part 1 from the last; a unit is taken by whichever process creates its file in the folder `claims` first,
@@ -101,11 +101,11 @@ def _training_pass(network):
     model.predict(images)
 
 
-def _record_path(jit, network):
+def _record_path(network):
     """Where the record of `network`'s kernels lives: beside numba's cache entries, named by the network's layers
     and input shape and the tile setting (which are part of every kernel's cache key); None without a disk cache."""
     try:
-        directory = Path(next(iter(kernels(jit).values()))._cache._cache_path)
+        directory = Path(next(iter(kernels().values()))._cache._cache_path)
     except Exception:  # a null cache (no location) or another numba
         return None
     described = json.dumps({"layers": network.to_dict()["layers"], "input": list(network.input_shape),
@@ -113,15 +113,15 @@ def _record_path(jit, network):
     return directory / f"numba_cnn-precompiled-{hashlib.sha256(described.encode()).hexdigest()[:16]}.json"
 
 
-def cache_is_cold(jit, network):
+def cache_is_cold(network):
     """True unless a record names the kernels `network` uses and each has an entry in the disk cache (read through
     numba's cache index, a private API: if it has changed, the cache counts as warm)."""
-    path = _record_path(jit, network)
+    path = _record_path(network)
     if path is None:
         return False
     try:
         names = json.loads(path.read_text())["kernels"]
-        found = kernels(jit)
+        found = kernels()
         return not all(name in found and found[name]._cache._cache_file._load_index() for name in names)
     except (OSError, ValueError, KeyError, TypeError):
         return True
@@ -129,13 +129,13 @@ def cache_is_cold(jit, network):
         return False
 
 
-def _write_record(jit, network):
+def _write_record(network):
     """The record of the kernels the network's step uses: those this process has compiled or loaded, once both
     halves and a whole training pass have run."""
-    path = _record_path(jit, network)
+    path = _record_path(network)
     if path is None:
         return
-    used = sorted(name for name, d in kernels(jit).items() if d.overloads)
+    used = sorted(name for name, d in kernels().items() if d.overloads)
     try:
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
             json.dump({"kernels": used}, f)
@@ -144,15 +144,15 @@ def _write_record(jit, network):
         pass
 
 
-def compile_cold_cache(jit, network):
+def compile_cold_cache(network):
     """On a cold disk cache, compile the float32 kernels of `network`'s training step, half in this process and
     half in a second one at once; -> True if it did, False if the cache was warm or not shareable."""
-    if not CACHE or not cache_is_cold(jit, network):
+    if not CACHE or not cache_is_cold(network):
         return False
     claims = tempfile.mkdtemp(prefix="numba_cnn-precompile-")
-    code = ("import json, sys; from numba_cnn.kernels import jit; from numba_cnn.network import from_dict; "
+    code = ("import json, sys; from numba_cnn.network import from_dict; "
             "from numba_cnn.kernels.jit.cold_compile import compile_part; "
-            "compile_part(jit, from_dict(json.loads(sys.stdin.read())), 1, sys.argv[1])")
+            "compile_part(from_dict(json.loads(sys.stdin.read())), 1, sys.argv[1])")
     try:
         child = subprocess.Popen([sys.executable, "-c", code, claims], stdin=subprocess.PIPE,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
@@ -174,7 +174,7 @@ def compile_cold_cache(jit, network):
     in_main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
     previous = signal.signal(signal.SIGINT, stop) if in_main_thread else None
     try:
-        compile_part(jit, network, 0, claims)
+        compile_part(network, 0, claims)
         child.wait(_PRECOMPILE_TIMEOUT_S)
     except subprocess.TimeoutExpired:  # whatever it did not finish, this process compiles when it first calls it
         pass
@@ -188,5 +188,5 @@ def compile_cold_cache(jit, network):
     if interrupted:
         raise KeyboardInterrupt
     _training_pass(network)
-    _write_record(jit, network)
+    _write_record(network)
     return True
