@@ -345,12 +345,13 @@ def tile_constants(bits):
     """tiles.py's constants when the tiles are sized for a `bits`-wide register file (NUMBA_CNN_TILE_BITS, the
     override _numba_ext reads), imported in a fresh interpreter."""
     script = ("import json; from numba_cnn.kernels import _numba_ext as e; from numba_cnn.kernels.jit import tiles "
-              "as t; print(json.dumps({'bits': e.TILE_BITS, 'registers': e.TILE_REGISTERS, "
+              "as t, columns as c; print(json.dumps({'bits': e.TILE_BITS, 'registers': e.TILE_REGISTERS, "
               "'CONV_TILE_NARROW': t.CONV_TILE_NARROW, 'CONV_TILE_WIDE': t.CONV_TILE_WIDE, "
               "'CONV_TILE_SMALL': t.CONV_TILE_SMALL, 'CONV_POOL_TILE': t.CONV_POOL_TILE, "
               "'CONV_POOL_TILE_NARROW': t.CONV_POOL_TILE_NARROW, "
               "'GRAD_LANES_NARROW': t.GRAD_LANES_NARROW, "
-              "'GRAD_LANES_WIDE': t.GRAD_LANES_WIDE, 'TILE_TAPS': t.TILE_TAPS, 'CONV1_TILE': t.CONV1_TILE}))")
+              "'GRAD_LANES_WIDE': t.GRAD_LANES_WIDE, 'TILE_TAPS': t.TILE_TAPS, 'CONV1_TILE': t.CONV1_TILE, "
+              "'COLUMN_LANES': c.COLUMN_LANES, 'COLUMN_TILE': c.COLUMN_TILE, 'COLUMN_GRAD_TILE': c.COLUMN_GRAD_TILE}))")
     env = dict(os.environ, NUMBA_CNN_TILE_BITS=str(bits),
                PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
@@ -370,7 +371,8 @@ def block_tiles():
             "AVX-512: lanes x columns |", "|---|---|---|---|"]
     uses = {"CONV_TILE_WIDE": "conv forward, K > 32 (conv2's unfused forward, K = 64)",
             "CONV_TILE_NARROW": "conv forward, K <= 32 lanes; conv2's dx (32 output channels)",
-            "CONV_TILE_SMALL": "conv forward and dx, K <= 16 (LeNet's 6 and 16 filters)",
+            "CONV_TILE_SMALL": "conv forward and dx, K <= 16 where the column tile does not pay (LeNet's conv2 "
+                               "forward: 16 filters over 10 columns)",
             "CONV_POOL_TILE": "conv + ReLU + 2x2 pool fused (mnist-cnn's conv2 + pool2)",
             "CONV_POOL_TILE_NARROW": "the same fused, K <= 32 where narrower than CONV_POOL_TILE"}
     for name, use in uses.items():
@@ -387,6 +389,14 @@ def block_tiles():
              for t in (avx2, avx512)]
     rows.append(f"| `CONV1_TILE` (columns, channels) | conv1 fused with pool1 (one input channel) | {cells[0]} | "
                 f"{cells[1]} |")
+    for name, use, kind in (("COLUMN_TILE", "conv forward and dx with few channels, lanes along the output columns "
+                                            "(LeNet's conv1 forward, its dx into 6 channels)", "rows"),
+                            ("COLUMN_GRAD_TILE", "weight gradients of few filters, lanes along the columns (LeNet's "
+                                                 "6 and 16)", "taps")):
+        cells = [f"{t[name][0]} channels x {t[name][1]} {kind} x {t['COLUMN_LANES']} lanes = **"
+                 f"{t[name][0] * t[name][1] * t['COLUMN_LANES'] * 32 // t['bits']} "
+                 f"{'ymm' if t['bits'] == 256 else 'zmm'}**" for t in (avx2, avx512)]
+        rows.append(f"| `{name}` (in `columns.py`) | {use} | {cells[0]} | {cells[1]} |")
     rows.append(f"| register file | | {avx2['registers']} ymm of 8 floats | {avx512['registers']} zmm of 16 floats |")
     return "\n".join(rows) + "\n"
 

@@ -1,7 +1,8 @@
 """jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked, no BLAS.
 
 The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, 2x2 pooling, and the tile shapes of every
-convolution kernel with their reasons), general.py (the convolution of any stride), norm.py (pooling of other windows,
+convolution kernel with their reasons), columns.py (stride-1 convolutions with few channels, the lanes along the
+output columns), general.py (the convolution of any stride), norm.py (pooling of other windows,
 average pooling, batch normalisation), sparse.py (the fused backward's listed kernels, channels-last packing) and
 layers.py (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (it does not notice
 a change in another module's helper); this file holds the contract functions and the host-side glue that packs inputs
@@ -31,6 +32,8 @@ conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channe
                  stays NaN). The last column tile overlaps the one before; inputs narrower than a tile are
                  zero-padded on the right and the output cropped. The padding is stored, not skipped: the
                  contract's sum multiplies its zeros too (0 * inf is NaN).
+                 Few input channels or filters (columns.py's `columns_pay`; LeNet's convolutions, VGG's first):
+                 the column tile, lanes along the output columns, NCHW in and out, the same bits.
                  stride >= 2, general.py's `_strided_forward`: the same tile (columns x lanes, bias seeded, (r, s, c)
                  order) over the padded channels-last input, its columns read `stride` apart; the last column tile
                  clamps its reads instead of overlapping. NCHW output, as stride 1.
@@ -47,6 +50,8 @@ conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K
                  the R-1 zero rows above and below are skipped by the kernel's row_shift instead of stored. With
                  padding, dw reads a zero-padded NCHW copy of x and dx is the same correlation cropped: it starts
                  `left` columns into the packed dy (col_shift) and R-1-top rows above it (row_shift).
+                 Where the forward takes the column tile (and x and w are finite): columns.py's column tiles for
+                 dw and for dx over dy in a zero border, NCHW, no channels-last copy.
                  stride >= 2, general.py: dy packed as above (ceil((S-1)/stride) zero columns on each side for dx),
                  x padded channels-last. dw: `_strided_weight_grad`, per tap a tile of input channels x output
                  lanes summed over (n, i, j); tasks (image chunk, tile) fixed by the shapes (GRAD_IMAGE_CHUNKS
@@ -62,8 +67,8 @@ maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, cha
                  the first NaN wins, ties keep the first maximum); backward writes each input element once (its
                  window's dy or zero), so no zero-fill pass. Other windows (kh, kw) take norm.py's
                  `_maxpool_any_*`: the same rule written as a select per value in row-major order.
-avgpool2d_*      norm.py's `_avgpool_*`: prange over planes; window sums in float64 (so no float32 overflow or
-                 lost low bits), backward dy / (kh*kw) in float64 on each element of the window, 0 elsewhere.
+avgpool2d_*      norm.py's `_avgpool_*` (2x2: `_avgpool2x2_*`, the same sums in constant loops): prange over planes;
+                 window sums in float64 (no float32 overflow or lost low bits), backward dy / (kh*kw) in float64.
 batchnorm2d_*    norm.py: `_channel_stats` (prange over channels) sums each channel's mean and then the biased
                  variance around it in float64 (activations with a large mean keep their spread, no E[x^2] - E[x]^2
                  cancellation); the running statistics are updated on the host from those float64 values as the
@@ -104,14 +109,9 @@ conv2d_relu_maxpool2d_backward  with finite x and w (`_pooled_grad_lists` checks
                  read, with the same per-image db sums, bitwise the composed ops' results; weights holding NaN or inf
                  take `_input_grad_by_taps` for dx, which skips the zero padding that 0 * inf would turn into NaN.
 
-Private variants: `_conv_tile_small` / `_conv_tile_narrow` / `_conv_tile_wide` (K <= CONV_TILE_SMALL lanes,
-<= CONV_TILE_NARROW lanes, or wider), the same for
-`_weight_grad_*` (one kernel when both shapes agree, as on AVX2); the fused `_conv_pool` has one tile (CONV_POOL_TILE,
-K padded to its lanes).
+Private variants: `_conv_tile_small` / `_narrow` / `_wide` by K (CONV_TILE_* lanes), the same for `_weight_grad_*`.
 
-Buffers: internal packed data lives in per-thread scratch buffers; the multi-megabyte arrays returned come from the
-OutputArena the caller opened (the Model owns one and releases it when a new pass begins), else fresh
-(jit/buffers.py).
+Buffers: packed data in per-thread scratch buffers; the arrays returned from the caller's OutputArena, else fresh.
 
 Results do not depend on the thread count (bitwise): forward and dx split over images, dw as above, db from fixed
 per-image sums, pooling over planes, batch normalisation's sums one channel per prange iteration, dropout's mask
@@ -142,10 +142,13 @@ from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: d
 from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
 from numba_cnn.kernels.jit.buffers import (OutputArena, nchw, nhwc, pad_width,  # noqa: F401  (Backend.output_arena)
                                           reusable_output, scratch)
+from numba_cnn.kernels.jit.columns import (COLUMN_TILE, column_backward, column_dx_fits, column_forward,
+                                           columns_pay)
 from numba_cnn.kernels.jit.general import _strided_forward, _strided_input_grad, _strided_weight_grad
 from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: what the callers open)
 from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
-from numba_cnn.kernels.jit.norm import _avgpool_backward, _avgpool_forward, _maxpool_any_backward, _maxpool_any_forward
+from numba_cnn.kernels.jit.norm import (_avgpool2x2_backward, _avgpool2x2_forward, _avgpool_backward, _avgpool_forward,
+                                        _maxpool_any_backward, _maxpool_any_forward)
 from numba_cnn.kernels.jit.sparse import (_listed_input_grad, _listed_weight_grad, _pack_channels_last,
                                           _pad_channels_last, _pooled_grad_lists)
 
@@ -375,6 +378,8 @@ def conv2d_forward(x, w, b, relu, stride, padding):
         note("conv2d_forward", f"strided tile {STRIDED_TILE[0]} lanes x {STRIDED_TILE[1]} columns", macs)
         return _strided_forward_glue(x, w, b, relu, stride, padding)
     lanes, columns = _conv_tile_shape(k)
+    if out_hw[0] >= COLUMN_TILE[1] and columns_pay(c, k, out_hw[1]):
+        return column_forward(x, w, b, relu, padding)
     note("conv2d_forward", f"stride-1 tile {lanes} lanes x {columns} columns" + (", padded copy" * any(padding)),
          macs)
     if not any(padding):
@@ -392,6 +397,10 @@ def conv2d_backward(dy, x, w, need_dx, stride, padding):
     if stride != 1:
         note("conv2d_backward", "strided dw tiles, dx gathered by column phase", dw_macs * (2 if need_dx else 1))
         return _strided_backward(dy, x, w, need_dx, stride, padding)
+    # the same path with and without dx, so dw's bits do not depend on need_dx
+    if (columns_pay(c, k, q) and column_dx_fits(x.shape, w.shape, padding) and np.isfinite(w).all()
+            and np.isfinite(x).all()):
+        return column_backward(dy, x, w, need_dx, padding)
     # dx is the full correlation of the zero-bordered dy: a product for every tap at every input element
     note("conv2d_backward", f"dw tiles of {TILE_TAPS} taps x {_grad_lanes(k)} lanes, dx the correlation's tile",
          dw_macs + (n * c * x.shape[2] * x.shape[3] * k * r * s if need_dx else 0))
@@ -408,8 +417,8 @@ def maxpool2d_forward(x, size):
     windows through tiles.py's kernel, others through norm.py's."""
     n, c, h, w = x.shape
     kh, kw = size
-    y = np.empty((n, c, h // kh, w // kw), x.dtype)
-    argmax = np.empty(y.shape, np.uint8)
+    y = reusable_output((n, c, h // kh, w // kw), x.dtype)
+    argmax = reusable_output(y.shape, np.uint8)
     note("maxpool2d_forward", "2x2 selects" if (kh, kw) == (2, 2) else "any window, selects", 0)
     if (kh, kw) == (2, 2):
         _maxpool_forward(nchw(x), y, argmax)
@@ -421,7 +430,7 @@ def maxpool2d_forward(x, size):
 def maxpool2d_backward(dy, argmax, x_shape, size):
     """dy[N,C,H//kh,W//kw], argmax, x_shape (N,C,H,W) -> dx[N,C,H,W], dy routed to each window's winner."""
     kh, kw = size
-    dx = np.empty(x_shape, dy.dtype)
+    dx = reusable_output(x_shape, dy.dtype)
     note("maxpool2d_backward", "2x2 route" if (kh, kw) == (2, 2) else "any window, route", 0)
     if (kh, kw) == (2, 2):
         _maxpool_backward(nchw(dy), nchw(argmax), dy.dtype.type(0), dx)
@@ -434,18 +443,19 @@ def avgpool2d_forward(x, size):
     """x[N,C,H,W] -> y[N,C,H//kh,W//kw], each window's mean (summed in float64)."""
     n, c, h, w = x.shape
     kh, kw = size
-    y = np.empty((n, c, h // kh, w // kw), x.dtype)
-    note("avgpool2d_forward", "float64 window sums", 0)
-    _avgpool_forward(nchw(x), kh, kw, y)
+    y = reusable_output((n, c, h // kh, w // kw), x.dtype)
+    note("avgpool2d_forward", "float64 window sums" + ", 2x2" * ((kh, kw) == (2, 2)), 0)
+    _avgpool2x2_forward(nchw(x), y) if (kh, kw) == (2, 2) else _avgpool_forward(nchw(x), kh, kw, y)
     return y
 
 
 def avgpool2d_backward(dy, x_shape, size):
     """dy[N,C,H//kh,W//kw], x_shape -> dx[N,C,H,W]: dy / (kh*kw) on each element of its window, 0 outside."""
     kh, kw = size
-    dx = np.empty(x_shape, dy.dtype)
-    note("avgpool2d_backward", "spread", 0)
-    _avgpool_backward(nchw(dy), kh, kw, dy.dtype.type(0), dx)
+    dx = reusable_output(x_shape, dy.dtype)
+    note("avgpool2d_backward", "spread" + ", 2x2" * ((kh, kw) == (2, 2)), 0)
+    (_avgpool2x2_backward(nchw(dy), dy.dtype.type(0), dx) if (kh, kw) == (2, 2)
+     else _avgpool_backward(nchw(dy), kh, kw, dy.dtype.type(0), dx))
     return dx
 
 

@@ -1,0 +1,170 @@
+"""The jit backend's column tiles (jit/columns.py: lanes along the output columns, for layers with few channels):
+which shapes take them, their results against the float64 oracle on awkward shapes with the path forced both ways
+(so the channels-last tiles keep their coverage on the same small shapes), the forward's bits against the
+channels-last tile's (same summation order), thread-count independence, and non-finite inputs kept off them."""
+
+import numpy as np
+import pytest
+from numba_cnn.kernels import reference
+
+numba = pytest.importorskip("numba")
+jit = pytest.importorskip("numba_cnn.kernels.jit")
+from numba_cnn.kernels.jit import columns  # noqa: E402
+from numba_cnn.kernels.jit.paths import PathLog  # noqa: E402
+
+# (N, C, H, W), K, (R, S), padding (top, bottom, left, right): K not a multiple of the tile's 4 channels, one
+# input channel, kernels narrower than the 3-tap tile (1x1, 2x1) and wider (5x5, 4x3), rows a multiple of the
+# 3-row tile and not, exactly 3 output rows, widths under one vector, over one and not a multiple of it,
+# asymmetric padding, LeNet's two layers
+SHAPES = [
+    ((3, 1, 28, 28), 6, (5, 5), (2, 2, 2, 2)),
+    ((4, 6, 14, 14), 16, (5, 5), (0, 0, 0, 0)),
+    ((2, 3, 5, 19), 3, (1, 1), (0, 0, 0, 0)),
+    ((3, 2, 7, 9), 5, (2, 1), (1, 0, 0, 1)),
+    ((2, 5, 6, 33), 7, (4, 3), (2, 1, 1, 1)),
+    ((1, 7, 3, 40), 9, (1, 3), (0, 0, 1, 1)),
+    ((2, 2, 9, 5), 1, (3, 3), (1, 1, 1, 1)),
+    ((5, 1, 11, 17), 4, (3, 3), (0, 0, 0, 0)),
+]
+
+
+def _took_columns(path):
+    """Whether a PathLog entry ("op: path") names a column tile."""
+    return path.split(": ", 1)[1].startswith("column")
+
+
+def _operands(rng, shape, k, kernel, padding, dtype):
+    n, c, h, wd = shape
+    r, s = kernel
+    top, bottom, left, right = padding
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((k, c, r, s)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    dy = rng.standard_normal((n, k, h + top + bottom - r + 1, wd + left + right - s + 1)).astype(dtype)
+    return x, w, b, dy
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("forced", [True, False], ids=["column", "channels-last"])
+@pytest.mark.parametrize("shape,k,kernel,padding", SHAPES)
+def test_both_paths_against_oracle(shape, k, kernel, padding, forced, dtype, monkeypatch):
+    monkeypatch.setattr(jit, "columns_pay", lambda *args: forced)
+    x, w, b, dy = _operands(np.random.default_rng(3), shape, k, kernel, padding, dtype)
+    with PathLog() as log:
+        for relu in (False, True):
+            y = jit.conv2d_forward(x, w, b, relu, 1, padding)
+            assert y.dtype == dtype and y.flags.c_contiguous
+            reference.assert_close(y, reference.conv2d_forward(x, w, b, relu, 1, padding), dtype, f"y relu={relu}")
+        grads = jit.conv2d_backward(dy, x, w, True, 1, padding)
+        for name, got, want in zip(("dx", "dw", "db"), grads, reference.conv2d_backward(dy, x, w, True, 1, padding)):
+            assert got.dtype == dtype and got.shape == want.shape
+            reference.assert_close(got, want, dtype, name)
+        none, dw, db = jit.conv2d_backward(dy, x, w, False, 1, padding)
+    assert none is None
+    np.testing.assert_array_equal(dw, grads[1])
+    np.testing.assert_array_equal(db, grads[2])
+    assert all(_took_columns(path) == forced for path in log.paths), log.paths
+
+
+@pytest.mark.parametrize("shape,k,kernel,padding", SHAPES)
+def test_column_forward_has_the_channels_last_tiles_bits(shape, k, kernel, padding, monkeypatch):
+    """Both sum bias, then the taps in (r, s, c) order as FMAs: the same float32 bits, so a network's outputs do
+    not depend on which tile a layer's shape picked."""
+    x, w, b, _ = _operands(np.random.default_rng(4), shape, k, kernel, padding, np.float32)
+    outputs = []
+    for forced in (True, False):
+        monkeypatch.setattr(jit, "columns_pay", lambda *args: forced)
+        outputs.append(jit.conv2d_forward(x, w, b, True, 1, padding).copy())
+    np.testing.assert_array_equal(*outputs)
+
+
+def test_padding_beyond_the_kernel_keeps_the_backward_off_the_column_tiles(monkeypatch):
+    """Top or left padding wider than the kernel less one (a 3x3 kernel padded by 4) puts dy's start outside the
+    zero border the column dx reads: that backward takes the channels-last path, with dx and without (so dw does
+    not depend on need_dx), and matches the oracle; padding beyond the kernel below and right is fine."""
+    monkeypatch.setattr(jit, "columns_pay", lambda *args: True)
+    for padding, backward_columns in (((4, 3, 4, 2), False), ((0, 4, 1, 5), True)):
+        x, w, b, dy = _operands(np.random.default_rng(9), (2, 2, 5, 5), 3, (3, 3), padding, np.float32)
+        with PathLog() as log:
+            y = jit.conv2d_forward(x, w, b, False, 1, padding)
+            grads = jit.conv2d_backward(dy, x, w, True, 1, padding)
+            dw_only = jit.conv2d_backward(dy, x, w, False, 1, padding)
+        taken = [_took_columns(f"{op}: {path}") for op, path, _ in log.calls]
+        assert taken == [True, backward_columns, backward_columns], log.paths
+        reference.assert_close(y, reference.conv2d_forward(x, w, b, False, 1, padding), np.float32, "y")
+        for got, want in zip(grads, reference.conv2d_backward(dy, x, w, True, 1, padding)):
+            reference.assert_close(got, want, np.float32, "gradient")
+        for got, want in zip(dw_only[1:], grads[1:]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_paths_chosen_by_channel_counts():
+    """LeNet's two convolutions and VGG's first (3 input channels) take the column tiles, forward and backward;
+    mnist-cnn's conv2 (32 -> 64 channels) the channels-last ones, and so do rows too short to fill half of the
+    column lanes."""
+    rng = np.random.default_rng(5)
+    narrow = max(1, columns.COLUMN_LANES // 2 - 1)
+    cases = [((2, 1, 28, 28), 6, (5, 5), (2, 2, 2, 2), True), ((2, 6, 14, 14), 16, (5, 5), (0, 0, 0, 0), True),
+             ((2, 3, 32, 32), 32, (3, 3), (1, 1, 1, 1), True), ((2, 32, 13, 13), 64, (3, 3), (0, 0, 0, 0), False),
+             ((2, 2, 6, narrow), 4, (1, 1), (0, 0, 0, 0), False)]
+    for shape, k, kernel, padding, takes_columns in cases:
+        x, w, b, dy = _operands(rng, shape, k, kernel, padding, np.float32)
+        with PathLog() as log:
+            jit.conv2d_forward(x, w, b, True, 1, padding)
+            jit.conv2d_backward(dy, x, w, True, 1, padding)
+        assert [_took_columns(path) for path in log.paths] == [takes_columns] * 2, log.paths
+
+
+def test_one_and_two_threads_give_identical_bits():
+    """Forward split over images, dw over (fixed image chunk, tile) tasks with the chunks added in order, db from
+    per-image sums: bitwise the same for any thread count."""
+    rng = np.random.default_rng(6)
+    before = numba.get_num_threads()
+    try:
+        for shape, k, kernel, padding in SHAPES[:3]:
+            x, w, b, dy = _operands(rng, shape, k, kernel, padding, np.float32)
+            results = []
+            for threads in (1, 2):
+                numba.set_num_threads(threads)
+                results.append((columns.column_forward(x, w, b, True, padding).copy(),
+                                *(a.copy() for a in columns.column_backward(dy, x, w, True, padding))))
+            for one, two in zip(*results):
+                np.testing.assert_array_equal(one, two)
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_non_finite_inputs_stay_off_the_column_backward():
+    """The column dw multiplies dy's zero lanes past the output's width by real inputs, and its dx the zero
+    border of dy by the weights; with an inf in x or w those are NaN the contract's sum does not have, so such
+    inputs take the channels-last path, which matches the oracle's NaN and inf pattern."""
+    rng = np.random.default_rng(8)
+    x, w, _, dy = _operands(rng, (2, 1, 12, 12), 6, (3, 3), (1, 1, 1, 1), np.float32)
+    for which in ("x", "w"):
+        xi, wi = x.copy(), w.copy()
+        if which == "x":
+            xi[0, 0, 5, 11] = np.inf
+        else:
+            wi[2, 0, 1, 2] = np.inf
+        with PathLog() as log, np.errstate(invalid="ignore", over="ignore"):
+            got = jit.conv2d_backward(dy, xi, wi, True, 1, (1, 1, 1, 1))
+            want = reference.conv2d_backward(dy, xi, wi, True, 1, (1, 1, 1, 1))
+        assert not any(_took_columns(path) for path in log.paths), log.paths
+        for name, a, e in zip(("dx", "dw", "db"), got, want):
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=f"{which} inf: {name} NaN pattern")
+            np.testing.assert_array_equal(np.isinf(a), np.isinf(e), err_msg=f"{which} inf: {name} inf pattern")
+
+
+@pytest.mark.parametrize("shape,k,kernel,padding", SHAPES[:4])
+def test_channels_last_inputs_give_the_same_bits(shape, k, kernel, padding):
+    """x and dy stored channels-last (as the fused ops hand them over) are read a pixel's channels at a time into
+    the same NCHW buffers: the same results, bit for bit."""
+    x, w, b, dy = _operands(np.random.default_rng(10), shape, k, kernel, padding, np.float32)
+    results = []
+    for layout in (np.ascontiguousarray, lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)):
+        with PathLog() as log:
+            results.append((jit.conv2d_forward(layout(x), w, b, True, 1, padding).copy(),
+                            *(g.copy() for g in jit.conv2d_backward(layout(dy), layout(x), w, True, 1, padding))))
+        assert all(_took_columns(path) for path in log.paths), log.paths
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
