@@ -17,6 +17,10 @@ NUMBA_CNN_STACK_TILES=0 makes `stack_tile` a np.empty in compiled code too (same
 the intrinsic out when chasing a bug. The choice is a closure variable of every tile kernel (`tile_allocator()`),
 so it is part of numba's cache key and the two variants never share a cache entry.
 
+Cache. `jit` compiles with numba's disk cache (`cache=True`: `__pycache__` beside the source or, when that is not
+writable, numba's user cache directory; NUMBA_CACHE_DIR overrides both); NUMBA_CNN_CACHE=0 turns it off, and with no
+usable cache location the kernels compile uncached, with a warning.
+
 Vector width. The same codegen sets the function attribute "prefer-vector-width"=<VECTOR_BITS> on the function
 holding the tile: LLVM's tuning for Intel AVX-512 cores otherwise prefers 256-bit vectors, which halves the tile a
 register file holds. On AVX2 targets it is 256, what LLVM would use anyway.

@@ -18,9 +18,11 @@ CONTRACT = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d
 # Optional fused ops: name -> its forward and backward functions. A backend lists the ones it has in its INFO; the
 # network's fusion pass (numba_cnn/network/plan.py) uses them where present and the composition of contract ops
 # otherwise (kernels/README.md). conv2d_relu_maxpool2d covers a stride-1 convolution (any zero padding) and a 2x2 pool;
-# batchnorm2d_relu is BatchNorm2D then ReLU.
+# batchnorm2d_relu is BatchNorm2D then ReLU; conv2d_relu is a backward only (its forward is the contract's
+# conv2d_forward with relu=True): the ReLU's derivative taken inside the convolution's backward.
 FUSED_OPS = {"conv2d_relu_maxpool2d": ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward"),
-             "batchnorm2d_relu": ("batchnorm2d_relu_forward", "batchnorm2d_relu_backward")}
+             "batchnorm2d_relu": ("batchnorm2d_relu_forward", "batchnorm2d_relu_backward"),
+             "conv2d_relu": ("conv2d_relu_backward",)}
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # What a Backend holds beside its ops and `layers`, by name: its array runtime and its dropout generator. A host
 # backend gets numba_cnn/kernels/host.py's and dropout_rng.py's; an on_device module defines its own.
@@ -291,6 +293,14 @@ def check_batchnorm2d_relu_backward(dy, y, x, gamma, mean, inv_std):
     if tuple(y.shape) != tuple(x.shape):
         raise ValueError(f"y has shape {tuple(y.shape)} but x has shape {tuple(x.shape)}")
     return dy, _contiguous(y), x, gamma, mean, inv_std
+
+
+def check_conv2d_relu_backward(dy, y, x, w, need_dx=True, stride=1, padding=0):
+    dy, x, w, need_dx, stride, padding = check_conv2d_backward(dy, x, w, need_dx, stride, padding)
+    _check_float("y", y, 4, "(N, K, P, Q)", np.dtype(x.dtype))
+    if tuple(y.shape) != tuple(dy.shape):
+        raise ValueError(f"y has shape {tuple(y.shape)} but dy has shape {tuple(dy.shape)}")
+    return dy, _contiguous(y), x, w, need_dx, stride, padding
 
 
 def check_conv2d_relu_maxpool2d_forward(x, w, b, padding=0):

@@ -70,6 +70,24 @@ class BatchNormRelu:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConvRelu:
+    """conv2d_relu: a convolution with its ReLU (fused or from the description) that no pool follows. The forward is
+    the convolution's own (conv2d_forward with relu=True); the backward one backend op that takes the ReLU's
+    derivative inside the convolution's backward, so the ReLU'd gradient need never be written out."""
+
+    conv: Conv2D
+
+    def forward(self, run, p, x):
+        return self.conv.forward(run, p, x)
+
+    def backward(self, run, p, dy, cache, need_dx):
+        x, y = cache
+        dx, dw, db = run.ops.conv2d_relu_backward(dy, y, x, p["w"], need_dx=need_dx, stride=self.conv.strides,
+                                                  padding=self.conv.pads(x.shape[1:]))
+        return dx, {"w": dw, "b": db}
+
+
+@dataclasses.dataclass(frozen=True)
 class Fusion:
     """A pattern: neighbouring layer kinds, `applies(backend, *layers)`, and `fuse(*layers)` -> the runner."""
 
@@ -92,12 +110,18 @@ def _batchnorm_relu(backend, bn, relu):
     return backend.has_fused("batchnorm2d_relu")
 
 
+def _conv_relu(backend, conv):
+    return backend.has_fused("conv2d_relu") and conv.activation == "relu"
+
+
 FUSIONS = (
     # no backend op needed: the contract's convolution applies the ReLU in its own pass
     Fusion("conv2d+relu", (Conv2D, ReLU), _conv_then_relu,
            lambda conv, relu: dataclasses.replace(conv, activation="relu")),
     Fusion("conv2d_relu_maxpool2d", (Conv2D, MaxPool2D), _conv_relu_pool, lambda conv, pool: ConvReluPool(conv)),
     Fusion("batchnorm2d_relu", (BatchNorm2D, ReLU), _batchnorm_relu, lambda bn, relu: BatchNormRelu(bn)),
+    # last: a pattern of one layer, taken only where no pattern before it (a pool after the conv) matched
+    Fusion("conv2d_relu", (Conv2D,), _conv_relu, ConvRelu),
 )
 
 

@@ -91,25 +91,16 @@ conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair o
                  ones so that pooling reads both at one offset, whose y and argmax come channels-last. Both sum
                  each output as conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the
                  pooled values and argmax are bitwise those of the composed ops (tested).
-conv2d_relu_maxpool2d_backward  with finite x and w (`_pooled_grad_lists` checks each image of x), over the list of the
-                 conv output's nonzero gradients: pooling passes each window's gradient to one of its four elements, the
-                 ReLU's select zeroes more, and in training dropout zeroes half of the pooled gradients before that
-                 (conv2 lists well under half of its windows per image and channel, so most of its backward arithmetic
-                 is skipped). Per (image, output channel) `_pooled_grad_lists` lists the masked values, each with the
-                 offset of its window's winner in the channels-last input, and their per-image sums (db); dw is
-                 `_listed_weight_grad`: per (output channel, kernel row), the row's S x C values in a register tile
-                 (LISTED_BLOCK of them) while the listed elements of LISTED_IMAGES images add value x input row into it,
-                 the output channels dealt to the threads in turn, images in order; dx is `_listed_input_grad`: per
-                 image, each listed value times the kernel's rows added into dx, stored channels-last. Another summation
-                 order than the composition's, so equal to it within float rounding (tested against it and the oracle).
-                 Where a kernel row holds fewer than LISTED_MIN_SPAN values and dx is not wanted (conv1: 3) the scatters
-                 are too short to pay, and with non-finite x or w the skipped zeros matter (0 * inf is NaN in the
-                 composition): then `_unpool_pack` scatters the masked pooled gradient (dy, y and argmax channels-last,
-                 as conv1's arrive) through argmax straight into the channels-last dy buffer the dense dw and dx kernels
-                 read, with the same per-image db sums, bitwise the composed ops' results; weights holding NaN or inf
-                 take `_input_grad_by_taps` for dx, which skips the zero padding that 0 * inf would turn into NaN.
-
-Private variants: `_conv_tile_small` / `_narrow` / `_wide` by K (CONV_TILE_* lanes), the same for `_weight_grad_*`.
+conv2d_relu_maxpool2d_backward  with finite x and w, over the list of the conv output's nonzero gradients only (pooling,
+                 the ReLU's select and dropout zero the rest): sparse.py's `_pooled_grad_lists` (values, offsets of
+                 their windows' winners, db sums), `_listed_weight_grad` (a kernel row's S x C values in a register
+                 tile, images in order) and `_listed_input_grad` (each value times the kernel's rows added into dx,
+                 channels-last); another summation order than the composition's, equal within rounding (tested).
+                 Rows of fewer than LISTED_MIN_SPAN values without dx (conv1: 3), or non-finite x or w (0 * inf is
+                 NaN in the composition): `_unpool_pack` scatters the masked pooled gradient through argmax into
+                 the channels-last dy of the dense dw and dx kernels, bitwise the composed ops' results.
+conv2d_relu_backward  conv2d_backward of the ReLU's select: the column tiles take it as they copy dy (one pass
+                 less over the activation), the other paths call layers.relu_backward first; the same bits.
 
 Buffers: packed data in per-thread scratch buffers; the arrays returned from the caller's OutputArena, else fresh.
 
@@ -118,13 +109,9 @@ per-image sums, pooling over planes, batch normalisation's sums one channel per 
 from a counter-based generator (layers.py). All float work is in the input's dtype (float32 or float64), but for
 the float64 sums of average pooling and batch normalisation.
 
-Compilation: every kernel goes through `_numba_ext.jit` (one set of options), compiles lazily on its first call for a
-dtype, and is cached on disk (`cache=True`) in `__pycache__` next to this file or, when the package directory is not
-writable, in numba's user cache directory (NUMBA_CACHE_DIR overrides both). NUMBA_CNN_CACHE=0 turns the disk cache off;
-if no cache location is usable at all, the kernels compile uncached with a warning. On a cold cache, training's warm-up
-compiles the float32 kernels its network's step uses, and only those, half here and half in a second process at once
-(`precompile`, the registry's Backend.precompile; jit/cold_compile.py). NUMBA_CNN_STACK_TILES=0 swaps the register
-tiles for heap arrays (see `_numba_ext`).
+Compilation: every kernel goes through `_numba_ext.jit` (one set of options; the disk cache and NUMBA_CNN_CACHE are
+described there) and compiles on its first call for a dtype; on a cold cache, training's warm-up compiles the float32
+kernels its network uses, in two processes at once (`precompile`, jit/cold_compile.py).
 """
 
 import numpy as np
@@ -159,7 +146,7 @@ LISTED_MIN_SPAN = 8
 # spinning after each call take the cores Numba's threads need (on 2 cores, a training step slows markedly).
 
 INFO = BackendInfo(summary="register-tiled loop kernels compiled by Numba (parallel=True)", blas_threads="one",
-                   fused=("batchnorm2d_relu", "conv2d_relu_maxpool2d"), channels_last=True)
+                   fused=("batchnorm2d_relu", "conv2d_relu_maxpool2d", "conv2d_relu"), channels_last=True)
 
 
 def _conv_tile_shape(out_channels):
@@ -391,16 +378,24 @@ def conv2d_forward(x, w, b, relu, stride, padding):
 
 def conv2d_backward(dy, x, w, need_dx, stride, padding):
     """dy[N,K,P,Q], x[N,C,H,W], w[K,C,R,S] -> (dx[N,C,H,W] (NCHW) or None, dw[K,C,R,S], db[K])."""
+    return _conv_backward(dy, x, w, need_dx, stride, padding, None)
+
+
+def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):
+    """conv2d_backward of dy, or with relu_y (the forward's ReLU'd output) of relu_backward(dy, relu_y): the column
+    tiles apply the select as they copy dy, the other paths run layers.relu_backward first (the same bits)."""
     n, k, p, q = dy.shape
     _, c, r, s = w.shape
     dw_macs = n * k * c * r * s * p * q
     if stride != 1:
         note("conv2d_backward", "strided dw tiles, dx gathered by column phase", dw_macs * (2 if need_dx else 1))
-        return _strided_backward(dy, x, w, need_dx, stride, padding)
+        return _strided_backward(dy if relu_y is None else layers.relu_backward(dy, relu_y), x, w, need_dx, stride,
+                                 padding)
     # the same path with and without dx, so dw's bits do not depend on need_dx
     if (columns_pay(c, k, q) and column_dx_fits(x.shape, w.shape, padding) and np.isfinite(w).all()
             and np.isfinite(x).all()):
-        return column_backward(dy, x, w, need_dx, padding)
+        return column_backward(dy, x, w, need_dx, padding, relu_y)
+    dy = dy if relu_y is None else layers.relu_backward(dy, relu_y)
     # dx is the full correlation of the zero-bordered dy: a product for every tap at every input element
     note("conv2d_backward", f"dw tiles of {TILE_TAPS} taps x {_grad_lanes(k)} lanes, dx the correlation's tile",
          dw_macs + (n * c * x.shape[2] * x.shape[3] * k * r * s if need_dx else 0))
@@ -587,6 +582,11 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
     if any(padding):
         return _conv_backward_packed(dyt, sums, x, w, need_dx, padding)
     return _conv_backward_packed(dyt, sums, nchw(x), w, need_dx)
+
+
+def conv2d_relu_backward(dy, y, x, w, need_dx, stride, padding):
+    """conv2d_backward(relu_backward(dy, y), ...) in one op: y the ReLU'd output of conv2d_forward."""
+    return _conv_backward(dy, x, w, need_dx, stride, padding, y)
 
 
 def precompile(network=None):

@@ -164,12 +164,14 @@ def _make_column_weight_grad(lanes):
 
 
 @_jit
-def _pad_planes(src, channels_last, top, left, dst, sums):
+def _pad_planes(src, channels_last, relu_y, top, left, dst, sums):
     """dst[n, c] = the plane src[n, c] placed at (top, left) in zeros, and sums[n, c] its sum (row by row, the
     same code for either layout, so the same bits); src NCHW, stored channels-last when channels_last (then read
     a pixel's channels at a time, contiguous), dst NCHW with at least as many planes (the extra ones all zeros).
-    Every element of dst is written once."""
+    With relu_y (NCHW, src's shape) src passes through the ReLU's select on the way, `0 if y <= 0 else src`, as
+    layers.relu_backward computes it (None: compiled without). Every element of dst is written once."""
     n_images, n_ch, h, w = src.shape
+    zero = src.dtype.type(0)
     for n in prange(n_images):
         for c in range(dst.shape[1]):
             plane = dst[n, c]
@@ -184,16 +186,24 @@ def _pad_planes(src, channels_last, top, left, dst, sums):
             for i in range(h):
                 for j in range(w):
                     for c in range(n_ch):
-                        dst[n, c, top + i, left + j] = src[n, c, i, j]
+                        v = src[n, c, i, j]
+                        if relu_y is not None:
+                            v = zero if relu_y[n, c, i, j] <= zero else v
+                        dst[n, c, top + i, left + j] = v
         else:
             for c in range(n_ch):
                 for i in range(h):
                     # indexed by the loop counter alone (an index like left + j keeps numba's wrap-around check)
                     seg, src_row = dst[n, c, top + i, left:left + w], src[n, c, i]
-                    for j in range(w):
-                        seg[j] = src_row[j]
+                    if relu_y is None:
+                        for j in range(w):
+                            seg[j] = src_row[j]
+                    else:
+                        y_row = relu_y[n, c, i]
+                        for j in range(w):
+                            seg[j] = zero if y_row[j] <= zero else src_row[j]
         for c in range(n_ch):
-            total = src.dtype.type(0)
+            total = zero
             for i in range(h):
                 seg = dst[n, c, top + i, left:left + w]
                 for j in range(w):
@@ -230,13 +240,13 @@ def column_dx_fits(x_shape, w_shape, padding):
     return x_shape[2] >= COLUMN_TILE[1] and top < w_shape[2] and left < w_shape[3]
 
 
-def _padded_planes(a, top, left, planes, rows, columns, buffer_name):
-    """a[N, C, H, W] (either layout) placed at (top, left) in a zeroed scratch buffer (N, planes, rows, columns),
-    and the per-image channel sums (N, C)."""
+def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None):
+    """a[N, C, H, W] (either layout; through the ReLU's select on relu_y if given) placed at (top, left) in a
+    zeroed scratch buffer (N, planes, rows, columns), and the per-image channel sums (N, C)."""
     n, c = a.shape[:2]
     out = scratch(buffer_name, (n, planes, rows, columns), a.dtype)
     sums = scratch(buffer_name + ".sums", (n, c), a.dtype)
-    _pad_planes(a, is_channels_last(a), top, left, out, sums)
+    _pad_planes(a, is_channels_last(a), relu_y, top, left, out, sums)
     return out, sums
 
 
@@ -259,11 +269,12 @@ def column_forward(x, w, b, relu, padding):
     return y
 
 
-def column_backward(dy, x, w, need_dx, padding):
+def column_backward(dy, x, w, need_dx, padding, relu_y=None):
     """conv2d_backward at stride 1 through `_column_weight_grad` and, for dx, `_column_correlation` over dy in a
     zero border (the full correlation with the flipped kernel, cropped by the padding); x and w finite (lanes past
     the output's width multiply zeros of dy by real inputs, and dx multiplies dy's zero border by the weights: the
-    contract's sum has neither product), and for dx `column_dx_fits`."""
+    contract's sum has neither product), and `column_dx_fits`. With relu_y, of relu_backward(dy, relu_y): the
+    select applied as dy is copied into its border."""
     n, k, p, q = dy.shape
     _, c, r, s = w.shape
     h, wd = x.shape[2:]
@@ -278,7 +289,8 @@ def column_backward(dy, x, w, need_dx, padding):
     row_off, col_off = (r - 1 - top, s - 1 - left) if need_dx else (0, 0)
     dy_rows = max(h + r - 1, row_off + p) if need_dx else p
     dy_columns = max(col_off + q_padded, _rounded(wd, lanes) + s - 1 if need_dx else 0)
-    dyp, dy_sums = _padded_planes(dy, row_off, col_off, _rounded(k, channels), dy_rows, dy_columns, "dy_columns")
+    dyp, dy_sums = _padded_planes(dy, row_off, col_off, _rounded(k, channels), dy_rows, dy_columns, "dy_columns",
+                                  relu_y)
     db = dy_sums.sum(axis=0)
     s_tiled = max(s, taps)
     xp, _ = _padded_planes(x, top, left, c, h + top + bottom, q_padded + s_tiled - 1, "x_columns")
