@@ -155,10 +155,13 @@ def _pack_channels_last(a, col_pad, out, sums):
 @_jit
 def _pad_channels_last(x, top, left, out):
     """x[N, C, H, W] (NCHW) -> out[N, Hp, Wp, C]: channels last, x at rows top.. and columns left.., zeros around
-    it. Per image and output row, the C input rows it reads stay in L1 while their columns are interleaved."""
+    it. Per image and output row, the C input rows it reads are first copied whole into a small buffer, then
+    interleaved from there: read straight from x, a pixel's C values lie H * W apart, and at 32 x 32 that stride
+    is 4 KiB, so they all fall into one set of the L1 cache and evict each other."""
     n_images, n_ch, h, w = x.shape
     hp = out.shape[1]
     for n in prange(n_images):
+        rows = np.empty((n_ch, w), x.dtype)
         for i in range(hp):
             row = out[n, i]
             src = i - top
@@ -167,8 +170,13 @@ def _pad_channels_last(x, top, left, out):
                 continue
             row[:left, :] = 0
             row[left + w:, :] = 0
+            for c in range(n_ch):
+                x_row, staged = x[n, c, src], rows[c]
+                for j in range(w):
+                    staged[j] = x_row[j]
+            seg = row[left:left + w]
             for j in range(w):
-                px = row[left + j]
+                px = seg[j]
                 for c in range(n_ch):
-                    px[c] = x[n, c, src, j]
+                    px[c] = rows[c, j]
 
