@@ -3,12 +3,13 @@ training step uses, and only those, half in this process and half in a second Py
 two cores compile side by side. The second process's machine code reaches this one through numba's disk cache,
 which two processes may fill at once (tests/test_concurrent_cache.py).
 
-How the work splits without a list of kernels per network: both processes run the network's own steps on two tiny
-images, this one in training's order (every forward, then every backward, then the loss and Adam), the other step by
-step from the last (each step's forward and backward on inputs of that step's shape), so that they start at opposite
-ends and meet in the middle; a kernel one of them has compiled by the time the other reaches it is loaded from the
-disk cache instead of compiled again. Numba compiles one function at a time in a process, so this roughly halves a
-cold start (the figures are in docs/results.md).
+How the work splits without a list of kernels per network: the units are the network's own steps (each step's
+forward and backward on two tiny images of that step's input shape, its dy stored as the training pass hands it
+over), then the loss and Adam. Both processes walk them in order, each taking the next unit the other has not
+claimed, so the work splits as it comes (a unit's compile time is not known ahead: a step with kernels of its own,
+like a first layer on the column tiles, costs several times one that reuses others'); a kernel one of them has
+compiled by the time the other reaches it is loaded from the disk cache instead of compiled again. Numba compiles one
+function at a time in a process, so this roughly halves a cold start (the figures are in docs/results.md).
 
 Whether the cache is cold: after a precompile, a small record in the cache directory, one per network and tile
 setting, names the kernels the network used; the cache counts as warm for that network while every one of them has
@@ -39,10 +40,10 @@ def kernels():
     """{name: dispatcher} of every compiled kernel of the backend (the inlined helpers excluded)."""
     from numba.core.dispatcher import Dispatcher
 
-    from numba_cnn.kernels.jit import general, layers, norm, sparse, tiles
+    from numba_cnn.kernels.jit import columns, general, layers, norm, sparse, tiles
 
     found = {}
-    for module in (tiles, sparse, general, norm, layers):
+    for module in (tiles, columns, sparse, general, norm, layers):
         for name, value in vars(module).items():
             if isinstance(value, Dispatcher) and value.targetoptions.get("error_model") == "numpy":
                 found.setdefault(name, value)
@@ -51,22 +52,26 @@ def kernels():
 
 def compile_part(network, part, claims):
     """Compile or load what `network`'s training step uses, unit by unit: each step of its plan (forward and backward
-    on two tiny images of that step's input shape), then the loss and Adam. `part` 0 walks the units from the
-    first, part 1 from the last; a unit is taken by whichever process creates its file in the folder `claims` first,
-    so the two meet in the middle and no unit is compiled twice."""
+    on two tiny images of that step's input shape), then the loss and Adam. Both parts (0: this process, 1: the
+    second) walk the units in order; a unit is taken by whichever process creates its file in the folder `claims`
+    first, so each takes the next free unit when it is done with one, and no unit is compiled twice."""
     from numba_cnn.kernels import get_backend
     from numba_cnn.model import Model, Run
+    from numba_cnn.network.plan import ConvReluPool
 
     backend = get_backend("jit")
     rng = np.random.default_rng(part)
     model = Model(backend, network=network)
     run = Run(backend, backend.layers, True, backend.make_dropout_rng(0))
 
-    def step_unit(step, arrays):
+    def step_unit(step, arrays, dy_channels_last):
         def unit():
             x = rng.random((_IMAGES,) + tuple(network.shapes[step.first]), dtype=np.float32)
             y, cache = step.runner.forward(run, arrays, x)
-            step.runner.backward(run, arrays, np.ones_like(y), cache, step.first > 0)
+            dy = np.ones_like(y)
+            if dy_channels_last:  # stored as the training pass hands it over, so the same specialisations compile
+                dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+            step.runner.backward(run, arrays, dy, cache, step.first > 0)
         return unit
 
     def loss_and_adam():
@@ -76,9 +81,11 @@ def compile_part(network, part, claims):
         backend.layers.adam_update(p.copy(), np.ones_like(p), np.zeros_like(p), np.zeros_like(p), 1e-3, 0.9, 0.999,
                                    1e-7)
 
-    units = [step_unit(step, arrays) for step, (_, arrays) in zip(model.steps, model._step_arrays)] + [loss_and_adam]
-    order = range(len(units)) if part == 0 else range(len(units) - 1, -1, -1)
-    for i in order:
+    # the fused conv + pool's backward hands its input gradient on channels-last: the step before it gets its dy so
+    steps = model.steps
+    units = [step_unit(step, arrays, i + 1 < len(steps) and isinstance(steps[i + 1].runner, ConvReluPool))
+             for i, (step, (_, arrays)) in enumerate(zip(steps, model._step_arrays))] + [loss_and_adam]
+    for i in range(len(units)):
         try:
             os.close(os.open(os.path.join(claims, f"unit-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:  # the other process has it

@@ -164,44 +164,35 @@ def _make_column_weight_grad(lanes):
 
 
 @_jit
-def _pad_planes(src, channels_last, relu_y, top, left, dst, sums):
-    """dst[n, c] = the plane src[n, c] placed at (top, left) in zeros, and sums[n, c] its sum (row by row, the
-    same code for either layout, so the same bits); src NCHW, stored channels-last when channels_last (then read
-    a pixel's channels at a time, contiguous), dst NCHW with at least as many planes (the extra ones all zeros).
-    With relu_y (NCHW, src's shape) src passes through the ReLU's select on the way, `0 if y <= 0 else src`, as
-    layers.relu_backward computes it (None: compiled without). Every element of dst is written once."""
-    n_images, n_ch, h, w = src.shape
+def _pad_planes(src, channels_last, select, relu_y, top, left, dst, sums):
+    """dst[n, c] = the plane (n, c) of src placed at (top, left) in zeros, and sums[n, c] its sum (row by row, the
+    same code for either layout, so the same bits); src a C-contiguous NCHW array, or NHWC when channels_last (then
+    read a pixel's channels at a time; one compiled kernel serves both layouts), dst NCHW with at least as many
+    planes (the extra ones all zeros). With select, the values pass through the ReLU's select on relu_y (NCHW) on
+    the way, `0 if y <= 0 else value`, as layers.relu_backward computes it (without, relu_y is not read: one
+    compiled kernel for both, which shortens a cold start)."""
+    n_images = src.shape[0]
+    n_ch, h, w = (src.shape[3], src.shape[1], src.shape[2]) if channels_last else (src.shape[1], src.shape[2],
+                                                                                    src.shape[3])
     zero = src.dtype.type(0)
     for n in prange(n_images):
-        for c in range(dst.shape[1]):
-            plane = dst[n, c]
-            plane[:top] = 0
-            plane[top + h:] = 0
-            for i in range(h):
-                plane[top + i, :left] = 0
-                plane[top + i, left + w:] = 0
-            if c >= n_ch:
-                plane[top:top + h] = 0
+        image = dst[n].reshape(-1)  # zeros first, then the planes over them: simpler than zeroing only the border
+        for t in range(image.shape[0]):
+            image[t] = zero
         if channels_last:
             for i in range(h):
-                for j in range(w):
-                    for c in range(n_ch):
-                        v = src[n, c, i, j]
-                        if relu_y is not None:
-                            v = zero if relu_y[n, c, i, j] <= zero else v
-                        dst[n, c, top + i, left + j] = v
+                pixels = src[n, i]  # the row's W x C values, contiguous: read across while each plane row is
+                for c in range(n_ch):  # written along (written across, the planes' rows would thrash the L1)
+                    seg, y_row = dst[n, c, top + i, left:left + w], relu_y[n, c, i]
+                    for j in range(w):
+                        seg[j] = zero if select and y_row[j] <= zero else pixels[j, c]
         else:
             for c in range(n_ch):
                 for i in range(h):
                     # indexed by the loop counter alone (an index like left + j keeps numba's wrap-around check)
-                    seg, src_row = dst[n, c, top + i, left:left + w], src[n, c, i]
-                    if relu_y is None:
-                        for j in range(w):
-                            seg[j] = src_row[j]
-                    else:
-                        y_row = relu_y[n, c, i]
-                        for j in range(w):
-                            seg[j] = zero if y_row[j] <= zero else src_row[j]
+                    seg, src_row, y_row = dst[n, c, top + i, left:left + w], src[n, c, i], relu_y[n, c, i]
+                    for j in range(w):
+                        seg[j] = zero if select and y_row[j] <= zero else src_row[j]
         for c in range(n_ch):
             total = zero
             for i in range(h):
@@ -246,7 +237,9 @@ def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None
     n, c = a.shape[:2]
     out = scratch(buffer_name, (n, planes, rows, columns), a.dtype)
     sums = scratch(buffer_name + ".sums", (n, c), a.dtype)
-    _pad_planes(a, is_channels_last(a), relu_y, top, left, out, sums)
+    channels_last = is_channels_last(a)
+    src = a.transpose(0, 2, 3, 1) if channels_last else a
+    _pad_planes(src, channels_last, relu_y is not None, src if relu_y is None else relu_y, top, left, out, sums)
     return out, sums
 
 
