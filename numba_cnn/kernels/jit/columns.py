@@ -6,13 +6,14 @@ row's columns contiguous), so every lane does useful work whatever the channel c
 made. The same tile serves the forward and dx (the full correlation of the zero-bordered dy with the flipped
 kernel), and a second one the weight gradient.
 
-`_column_correlation`: prange over images; tiles of `channels` output channels x `rows` output rows x `lanes`
-    columns, seeded with the bias and summed over (r, s, c) in that order, c innermost, each product an FMA: the
-    order of the channels-last tile, so the same bits. Each step loads `rows` input segments and broadcasts
-    `channels` weights for channels x rows FMAs. The last row block overlaps the one before; the last column block
-    computes past the output's width (the caller pads the input) and stores only what exists.
-`_column_weight_grad`: dw[k, c, r, s] = sum over (n, i, j) of dy[n, k, i, j] x[n, c, i + r, j + s]: tiles of
-    `channels` output channels x `taps` taps of one kernel row x `lanes` columns (dy zero past its width, so the
+`_column_correlation`: prange over images; tiles of 4 output channels x 3 output rows x `lanes` columns (COLUMN_TILE),
+    seeded with the bias and summed over (r, s, c) in that order, c innermost, each product an FMA: the order of
+    the channels-last tile, so the same bits. Each step loads 3 input segments and broadcasts 4 weights for 12
+    FMAs, written out in the body of the loop over the lanes (the only form LLVM vectorised: docs/numba.md). The
+    last row block overlaps the one before; the last column block computes past the output's width (the caller
+    pads the input) and stores only what exists.
+`_column_weight_grad`: dw[k, c, r, s] = sum over (n, i, j) of dy[n, k, i, j] x[n, c, i + r, j + s]: tiles of 4
+    output channels x 3 taps of one kernel row x `lanes` columns (COLUMN_GRAD_TILE; dy zero past its width, so the
     extra lanes add nothing), summed per lane over the rows and column blocks of the images of one chunk, then
     across the lanes in lane order. Tasks are (image chunk, tile) pairs fixed by the shapes (GRAD_IMAGE_CHUNKS
     chunks), a chunk's tiles consecutive so its images stay in cache; the caller adds the chunks in order: bitwise
