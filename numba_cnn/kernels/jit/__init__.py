@@ -128,7 +128,7 @@ from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_POOL_T
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
 from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
 from numba_cnn.kernels.jit.buffers import (OutputArena, nchw, nhwc, pad_width,  # noqa: F401  (Backend.output_arena)
-                                          reusable_output, scratch)
+                                          reusable_output, round_up, scratch)
 from numba_cnn.kernels.jit.columns import (COLUMN_TILE, column_backward, column_dx_fits, column_forward,
                                            columns_pay)
 from numba_cnn.kernels.jit.general import _strided_forward, _strided_input_grad, _strided_weight_grad
@@ -160,10 +160,6 @@ def _grad_lanes(out_channels):
     return GRAD_LANES_NARROW if out_channels <= GRAD_LANES_NARROW else GRAD_LANES_WIDE
 
 
-def _padded(channels, lanes):
-    return -(-channels // lanes) * lanes
-
-
 def _channels_last(x, col_pad=0, channels=None, buffer_name="x_cl"):
     """x[N, C, H, W] (NCHW, or channels-last memory viewed so: the kernel then reads each pixel's channels
     contiguously, the same sums in the same order) -> (x_cl[N, H, W + 2 col_pad, channels], per-image channel
@@ -188,7 +184,7 @@ def _input_channels_last(x):
 def _packed_weights(w_rsck, bias, lanes, dtype):
     """w[R, S, C, K] and b[K] zero-padded to a multiple of `lanes` output channels."""
     out_channels = w_rsck.shape[3]
-    k_padded = _padded(out_channels, lanes)
+    k_padded = round_up(out_channels, lanes)
     wt = np.zeros(w_rsck.shape[:3] + (k_padded,), dtype)
     wt[..., :out_channels] = w_rsck
     b = np.zeros(k_padded, dtype)
@@ -332,7 +328,7 @@ def _strided_backward(dy, x, w, need_dx, stride, padding):
     k, _, r, s = w.shape
     channels, lanes = STRIDED_GRAD_TILE
     col_pad = -(-(s - 1) // stride) if need_dx else 0
-    dyt, dy_sums = _channels_last(dy, col_pad, _padded(k, lanes), buffer_name="dy_cl")
+    dyt, dy_sums = _channels_last(dy, col_pad, round_up(k, lanes), buffer_name="dy_cl")
     db = dy_sums[:, :k].sum(axis=0)
     xp = _padded_channels_last(x, padding)
     n_tiles = r * s * -(-c // channels) * (dyt.shape[3] // lanes)
@@ -345,7 +341,7 @@ def _strided_backward(dy, x, w, need_dx, stride, padding):
         return None, dw, db
     if not np.isfinite(w).all():  # as in _conv_backward_packed
         return _input_grad_by_taps(dyt[:, :, col_pad:dyt.shape[2] - col_pad, :k], w, x.shape, stride, padding), dw, db
-    wt = np.zeros((r, s, k, _padded(c, STRIDED_TILE[0])), x.dtype)
+    wt = np.zeros((r, s, k, round_up(c, STRIDED_TILE[0])), x.dtype)
     wt[..., :c] = w.transpose(2, 3, 0, 1)
     dx = reusable_output(x.shape, x.dtype)
     _strided_input_grad(dyt, wt, k, stride, padding[0], padding[2], col_pad, dx)
@@ -401,7 +397,7 @@ def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):
          dw_macs + (n * c * x.shape[2] * x.shape[3] * k * r * s if need_dx else 0))
     # dy channels-last, its channels padded to the lanes; for dx also padded by S-1 zero columns on each side
     col_pad = s - 1 if need_dx else 0
-    dyt, dy_sums = _channels_last(dy, col_pad, _padded(k, _grad_lanes(k)), buffer_name="dy_cl")
+    dyt, dy_sums = _channels_last(dy, col_pad, round_up(k, _grad_lanes(k)), buffer_name="dy_cl")
     if any(padding):
         return _conv_backward_packed(dyt, dy_sums, x, w, need_dx, padding)
     return _conv_backward_packed(dyt, dy_sums, nchw(x), w, need_dx)
@@ -494,7 +490,7 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
         y = reusable_output((n, p_half, q_half, k), x.dtype)  # channels last, as the next convolution reads it
         argmax = reusable_output(y.shape, np.uint8)
         columns, channels = CONV1_TILE
-        k_padded = _padded(k, channels)
+        k_padded = round_up(k, channels)
         wt = np.zeros((k_padded, r, s), x.dtype)
         wt[:k] = w[:, 0]
         # the bias as the tile holds it: each channel's value repeated along the columns
@@ -573,7 +569,7 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
                 dx = cropped.transpose(0, 3, 1, 2)
             return dx, dw, db
     col_pad = s - 1 if need_dx else 0
-    shape = (n, h + top + bottom - r + 1, wd + left + right - s + 1 + 2 * col_pad, _padded(k, _grad_lanes(k)))
+    shape = (n, h + top + bottom - r + 1, wd + left + right - s + 1 + 2 * col_pad, round_up(k, _grad_lanes(k)))
     note("conv2d_relu_maxpool2d_backward", "unpooled into the dense tiles",
          n * k * c * r * s * (shape[1] * (shape[2] - 2 * col_pad) + (h * wd if need_dx else 0)))
     dyt = scratch("dy_cl", shape, dy.dtype)

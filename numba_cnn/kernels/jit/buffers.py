@@ -74,6 +74,11 @@ def reusable_output(shape, dtype):
     return np.empty(shape, dtype) if arena is None else arena.take(shape, dtype)
 
 
+def round_up(count, multiple):
+    """count rounded up to a multiple of `multiple` (channels to a tile's lanes, columns to whole vectors)."""
+    return -(-count // multiple) * multiple
+
+
 def pad_width(x, width, axis=3):
     """x zero-padded on the right of its width axis (3 in NCHW, 2 in channels-last) to at least `width`, for
     inputs narrower than a tile; x itself when it is wide enough."""

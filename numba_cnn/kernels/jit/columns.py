@@ -27,7 +27,7 @@ from numba import prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import reusable_output, scratch
+from numba_cnn.kernels.jit.buffers import reusable_output, round_up, scratch
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, TILE_BITS
 
@@ -207,13 +207,9 @@ _column_correlation = _make_column_correlation(COLUMN_LANES)
 _column_weight_grad = _make_column_weight_grad(COLUMN_LANES)
 
 
-def _rounded(count, multiple):
-    return -(-count // multiple) * multiple
-
-
 def _lane_use(count, lanes):
     """The share of a tile's lanes doing useful work when `count` values are spread over vectors of `lanes`."""
-    return count / _rounded(count, lanes)
+    return count / round_up(count, lanes)
 
 
 def columns_pay(in_channels, out_channels, columns):
@@ -253,8 +249,8 @@ def column_forward(x, w, b, relu, padding):
     channels = COLUMN_TILE[0]
     note("conv2d_forward", f"column tile {channels} channels x {COLUMN_TILE[1]} rows x {COLUMN_LANES} lanes"
          + ", padded copy" * any(padding), n * k * c * r * s * p * q)
-    xp, _ = _padded_planes(x, top, left, c, h + top + bottom, _rounded(q, COLUMN_LANES) + s - 1, "x_columns")
-    wt = np.zeros((_rounded(k, channels), r, s, c), x.dtype)
+    xp, _ = _padded_planes(x, top, left, c, h + top + bottom, round_up(q, COLUMN_LANES) + s - 1, "x_columns")
+    wt = np.zeros((round_up(k, channels), r, s, c), x.dtype)
     wt[:k] = w.transpose(0, 2, 3, 1)
     bp = np.zeros(wt.shape[0], x.dtype)
     bp[:k] = b
@@ -278,12 +274,12 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None):
     dw_macs = n * k * c * r * s * p * q
     note("conv2d_backward", f"column dw tiles of {channels} channels x {taps} taps x {lanes} lanes"
          + ", dx the column tile" * need_dx, dw_macs + (n * c * h * wd * k * r * s if need_dx else 0))
-    q_padded = _rounded(q, lanes)
+    q_padded = round_up(q, lanes)
     # dy in zeros: for dx bordered as the full correlation reads it (R-1-top rows above, S-1-left columns left)
     row_off, col_off = (r - 1 - top, s - 1 - left) if need_dx else (0, 0)
     dy_rows = max(h + r - 1, row_off + p) if need_dx else p
-    dy_columns = max(col_off + q_padded, _rounded(wd, lanes) + s - 1 if need_dx else 0)
-    dyp, dy_sums = _padded_planes(dy, row_off, col_off, _rounded(k, channels), dy_rows, dy_columns, "dy_columns",
+    dy_columns = max(col_off + q_padded, round_up(wd, lanes) + s - 1 if need_dx else 0)
+    dyp, dy_sums = _padded_planes(dy, row_off, col_off, round_up(k, channels), dy_rows, dy_columns, "dy_columns",
                                   relu_y)
     db = dy_sums.sum(axis=0)
     s_tiled = max(s, taps)
@@ -294,7 +290,7 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None):
     dw = np.ascontiguousarray((dwt[0] if chunks == 1 else np.sum(dwt, axis=0))[:k, :, :, :s])  # chunks in order
     if not need_dx:
         return None, dw, db
-    wf = np.zeros((_rounded(c, COLUMN_TILE[0]), r, s, k), x.dtype)
+    wf = np.zeros((round_up(c, COLUMN_TILE[0]), r, s, k), x.dtype)
     wf[:c] = w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)
     dx = reusable_output(x.shape, x.dtype)
     _column_correlation(dyp, wf, np.zeros(wf.shape[0], x.dtype), x.dtype.type(-np.inf), dx)
