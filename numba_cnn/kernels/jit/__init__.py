@@ -383,15 +383,15 @@ def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):
     n, k, p, q = dy.shape
     _, c, r, s = w.shape
     dw_macs = n * k * c * r * s * p * q
-    if stride != 1:
-        note("conv2d_backward", "strided dw tiles, dx gathered by column phase", dw_macs * (2 if need_dx else 1))
-        return _strided_backward(dy if relu_y is None else layers.relu_backward(dy, relu_y), x, w, need_dx, stride,
-                                 padding)
     # the same path with and without dx, so dw's bits do not depend on need_dx
-    if (columns_pay(c, k, q) and column_dx_fits(x.shape, w.shape, padding) and np.isfinite(w).all()
+    if (stride == 1 and columns_pay(c, k, q) and column_dx_fits(x.shape, w.shape, padding) and np.isfinite(w).all()
             and np.isfinite(x).all()):
         return column_backward(dy, x, w, need_dx, padding, relu_y)
-    dy = dy if relu_y is None else layers.relu_backward(dy, relu_y)
+    if relu_y is not None:
+        dy = layers.relu_backward(dy, relu_y)
+    if stride != 1:
+        note("conv2d_backward", "strided dw tiles, dx gathered by column phase", dw_macs * (2 if need_dx else 1))
+        return _strided_backward(dy, x, w, need_dx, stride, padding)
     # dx is the full correlation of the zero-bordered dy: a product for every tap at every input element
     note("conv2d_backward", f"dw tiles of {TILE_TAPS} taps x {_grad_lanes(k)} lanes, dx the correlation's tile",
          dw_macs + (n * c * x.shape[2] * x.shape[3] * k * r * s if need_dx else 0))

@@ -217,7 +217,7 @@ def columns_pay(in_channels, out_channels, columns):
     over them innermost, so each step's loads are amortised over few products, and their dx fills few lanes) or
     few filters (their lanes half empty or worse), and rows wide enough to fill at least half of the column lanes.
     The bounds are where the two paths crossed in one measurement of layers of the presets and the networks in
-    docs (docs/kernels.md, "Which path a layer takes")."""
+    docs (docs/kernels.md, "Few channels: lanes along the columns")."""
     return (in_channels <= 8 or out_channels <= 16) and _lane_use(columns, COLUMN_LANES) >= 0.5
 
 
