@@ -1,10 +1,12 @@
 """The jit backend's column tiles (jit/columns.py: lanes along the output columns, for layers with few channels):
 which shapes take them, their results against the float64 oracle on awkward shapes with the path forced both ways
 (so the channels-last tiles keep their coverage on the same small shapes), the forward's bits against the
-channels-last tile's (same summation order), thread-count independence, and non-finite inputs kept off them."""
+channels-last tile's (same summation order), thread-count independence, non-finite inputs kept off them, and
+the backward (plain and with the fused ReLU) against finite differences in float64."""
 
 import numpy as np
 import pytest
+from gradcheck import assert_gradient_matches, dotted_with
 from numba_cnn.kernels import reference
 
 numba = pytest.importorskip("numba")
@@ -168,3 +170,34 @@ def test_channels_last_inputs_give_the_same_bits(shape, k, kernel, padding):
         assert all(_took_columns(path) for path in log.paths), log.paths
     for one, two in zip(*results):
         np.testing.assert_array_equal(one, two)
+
+
+# narrow enough for quick finite differences, wide enough (>= half a vector of columns) for the column tiles
+FD_CASES = [((2, 2, 5, 11), 3, (3, 2), (1, 0, 0, 1)), ((1, 1, 4, 9), 5, (2, 3), (0, 0, 0, 0))]
+
+
+@pytest.mark.parametrize("shape,k,kernel,padding", FD_CASES)
+@pytest.mark.parametrize("wrt", ["x", "w", "b"])
+def test_column_backward_matches_finite_differences(shape, k, kernel, padding, wrt, monkeypatch):
+    """In float64, dx, dw and db of the column tiles against central differences of their own forward, and the
+    fused ReLU backward against those of the ReLU'd forward (differences taken away from the ReLU's kink)."""
+    monkeypatch.setattr(jit, "columns_pay", lambda *args: True)
+    x, w, b, dy = _operands(np.random.default_rng(12), shape, k, kernel, padding, np.float64)
+    inputs = {"x": x, "w": w, "b": b}
+    index = "xwb".index(wrt)
+    for relu in (False, True):
+        def forward(a):
+            args = dict(inputs, **{wrt: a})
+            return jit.conv2d_forward(args["x"], args["w"], args["b"], relu, 1, padding).copy()
+
+        y = forward(inputs[wrt])
+        with PathLog() as log:
+            grads = (jit.conv2d_relu_backward(dy, y, x, w, True, 1, padding) if relu
+                     else jit.conv2d_backward(dy, x, w, True, 1, padding))
+        assert all(_took_columns(path) for path in log.paths), log.paths
+        # coordinates whose +-step moves some ReLU input across zero are skipped: the function has a kink there
+        pre = jit.conv2d_forward(x, w, b, False, 1, padding)
+        if relu and np.abs(pre).min() < 1e-4:
+            pytest.skip("an output within the step of the ReLU's kink")
+        assert_gradient_matches(grads[index], dotted_with(forward, dy), inputs[wrt].copy(),
+                                what=f"column d{wrt} relu={relu}")
