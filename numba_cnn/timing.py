@@ -1,8 +1,9 @@
-"""LayerTimer: wall seconds of every layer's forward and backward pass, aggregated per epoch.
+"""LayerTimer: seconds of every layer's forward and backward pass, aggregated per epoch (wall seconds on the host;
+on a GPU, seconds on the device's timeline, from events: LayerTimer's docstring).
 
 The model wraps each layer in `timer.section(layer, phase)`; the trainer wraps the loss, the optimizer step and
-data preparation the same way. A section costs two perf_counter() calls and a dict update, microseconds against
-the milliseconds of a layer, so the timer's overhead is a negligible share of an epoch.
+data preparation the same way. A section costs two clock reads (or two event records) and a dict update,
+microseconds against the milliseconds of a layer, so the timer's overhead is a negligible share of an epoch.
 """
 
 import time
@@ -10,23 +11,69 @@ from contextlib import contextmanager
 
 
 class LayerTimer:
-    def __init__(self, sync=None):
-        # sync: called before each clock read when kernels run asynchronously (cuda), so time lands on its layer.
-        self._sync = sync
+    """Seconds per (layer, phase). Three clocks, by what runs the kernels:
+    - host backends: the host clock around the section;
+    - sync (a device backend without timing events, the simulator): the host clock after waiting for the device;
+    - device_event (a device backend's event factory, numba-cuda's event interface): an event recorded on the
+      device's stream before and after the section, read in batches (SETTLE_EVERY sections, and before a table),
+      so the device is never waited for between layers. The time is on the device's timeline: a layer's kernels
+      plus any gap in which the device waited for the host to launch them."""
+
+    SETTLE_EVERY = 512
+
+    def __init__(self, sync=None, device_event=None):
+        self._sync = None if device_event is not None else sync
+        self._new_event = device_event
+        self._spare_events = []
+        self._pending = []  # (key, start event, end event) recorded and not yet read
         self.seconds = {}  # (layer, phase) -> seconds since reset()
         self.calls = {}
         self.order = []  # first-seen order of (layer, phase), so tables follow the network
         self.on_enter = None  # called with (layer, phase) as a section starts (the progress bar shows it)
 
     def reset(self):
+        self._settle()
         self.seconds = {}
         self.calls = {}
+
+    def _record(self):
+        event = self._spare_events.pop() if self._spare_events else self._new_event()
+        event.record()
+        return event
+
+    def _add(self, key, elapsed):
+        if key not in self.seconds:
+            self.seconds[key] = 0.0
+            self.calls[key] = 0
+            if key not in self.order:
+                self.order.append(key)
+        self.seconds[key] += elapsed
+        self.calls[key] += 1
+
+    def _settle(self):
+        """Read the pending events' times (waiting for the last one) and give the events back for reuse."""
+        if not self._pending:
+            return
+        self._pending[-1][2].synchronize()
+        for key, start, end in self._pending:
+            self._add(key, start.elapsed_time(end) / 1000.0)
+            self._spare_events += (start, end)
+        self._pending = []
 
     @contextmanager
     def section(self, layer, phase):
         key = (layer, phase)
         if self.on_enter is not None:
             self.on_enter(layer, phase)
+        if self._new_event is not None:
+            start = self._record()
+            try:
+                yield
+            finally:
+                self._pending.append((key, start, self._record()))
+                if len(self._pending) >= self.SETTLE_EVERY:
+                    self._settle()
+            return
         if self._sync:
             self._sync()
         start = time.perf_counter()
@@ -35,18 +82,12 @@ class LayerTimer:
         finally:
             if self._sync:
                 self._sync()
-            elapsed = time.perf_counter() - start
-            if key not in self.seconds:
-                self.seconds[key] = 0.0
-                self.calls[key] = 0
-                if key not in self.order:
-                    self.order.append(key)
-            self.seconds[key] += elapsed
-            self.calls[key] += 1
+            self._add(key, time.perf_counter() - start)
 
     def table(self, epoch_seconds):
         """Rows {layer, forward_ms, backward_ms, other_ms, seconds, share} in network order, per call in ms
         (forward/backward/other per batch), seconds summed over the epoch, share of epoch_seconds."""
+        self._settle()
         rows = {}
         for layer, phase in self.order:
             if (layer, phase) not in self.seconds:

@@ -218,7 +218,7 @@ def train(config, data, out_dir=None, resume=None, log=print, on_step=None, init
     if note:
         log(note)
 
-    timer = LayerTimer(sync=backend.synchronize)
+    timer = LayerTimer(sync=backend.synchronize, device_event=backend.device_event)
     model.timer = timer
     checkpoint_path = out_dir / ckpt.CHECKPOINT_NAME
     status = "finished"

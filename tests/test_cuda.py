@@ -5,6 +5,7 @@ On a machine without a GPU, conftest.py switches Numba's CUDA simulator on, so `
 The import-error tests run everywhere; the rest skip, saying why, when numba-cuda is not installed.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -71,6 +72,55 @@ def test_conv_matches_reference(cuda_backend, dtype, x_shape, kernel):
     none, dw_only, _ = cuda_backend.conv2d_backward(dev(dy), dev(x), dev(w), need_dx=False)
     assert none is None
     np.testing.assert_array_equal(cuda_backend.to_host(dw_only), cuda_backend.to_host(dw))
+
+
+# Shapes that cross the tiled kernels' boundaries in the simulator's tiles (8 x 8 products, 4 reduction columns at
+# a time, 8 pixels and 8 channels per input-gradient block): several row tiles (K = 10), a reduction that ends
+# mid-tile, split sums of several chunks, channel tiles of 8 and a remainder, strides and uneven padding.
+TILE_CASES = [  # (N, C, H, W), (K, R, S), stride, padding (top, bottom, left, right)
+    pytest.param((2, 9, 4, 3), (10, 3, 3), 1, (1, 1, 1, 1), id="K10-C9-same"),
+    pytest.param((2, 3, 5, 7), (5, 2, 3), 2, (0, 1, 2, 0), id="stride2-uneven"),
+    pytest.param((1, 1, 9, 9), (3, 1, 1), 1, (0, 0, 0, 0), id="1x1x1-weights-per-image-weight-grad"),
+]
+
+
+@pytest.mark.parametrize("kernels", ["tiled", "readable"])
+@pytest.mark.parametrize("x_shape,kernel,stride,padding", TILE_CASES)
+def test_both_convolution_kernel_sets_match_the_oracle(cuda_backend, monkeypatch, kernels, x_shape, kernel, stride,
+                                                       padding):
+    """kernels.py's readable kernels and tiled.py's tiled ones (NUMBA_CNN_CUDA_CONV picks one at import; switched
+    here for the test) compute the same convolution, forward and backward, to float32 rounding."""
+    from numba_cnn.kernels.cuda import runtime, tiled
+
+    monkeypatch.setattr(runtime, "CONV_KERNELS", kernels)
+    k, r, s = kernel
+    dtype = np.float32
+    x, w, b = random(x_shape, dtype, 11), random((k, x_shape[1], r, s), dtype, 12), random((k,), dtype, 13)
+    dev = cuda_backend.to_device
+    y = cuda_backend.conv2d_forward(dev(x), dev(w), dev(b), True, stride, padding)
+    reference.assert_close(cuda_backend.to_host(y), ORACLE.conv2d_forward(x, w, b, True, stride, padding), dtype)
+    dy = random(y.shape, dtype, 14)
+    got = cuda_backend.conv2d_backward(dev(dy), dev(x), dev(w), True, stride, padding)
+    for g, want in zip(got, ORACLE.conv2d_backward(dy, x, w, True, stride, padding)):
+        reference.assert_close(cuda_backend.to_host(g), want, dtype)
+    if kernels == "tiled":  # the cases take the paths they were written for
+        n, _, p, q = y.shape
+        assert tiled.input_grad_fits(x_shape, w.shape)
+        if x_shape[1] * r * s == 1:
+            assert not tiled.weight_grad_fits(w.shape)
+        elif tiled.weight_grad_fits(w.shape):
+            assert math.ceil(n * p * q / tiled.weight_grad_chunk(n * p * q)) > 1  # a split sum
+
+
+def test_tiled_kernels_route_what_they_do_not_take():
+    from numba_cnn.kernels.cuda import tiled
+
+    assert tiled.input_grad_fits((128, 32, 13, 13), (64, 32, 3, 3))
+    assert not tiled.input_grad_fits((2, 3, 64, 64), (4, 3, 31, 31))  # 8 x 31 x 31 weights do not fit the stage
+    assert not tiled.input_grad_fits((70_000, 1, 4, 4), (2, 1, 3, 3))  # past the grid's third dimension
+    assert not tiled.weight_grad_fits((32, 1, 1, 1)) and tiled.weight_grad_fits((64, 32, 3, 3))
+    chunk = tiled.weight_grad_chunk(128 * 11 * 11)
+    assert chunk % tiled.TILE_K == 0 and math.ceil(128 * 11 * 11 / chunk) <= tiled.WEIGHT_GRAD_CHUNKS
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

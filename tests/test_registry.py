@@ -108,6 +108,9 @@ def test_device_backend_layers_match_the_numpy_layers(backend_name, backend_modu
     for source, names in ((host, ARRAY_FUNCTIONS), (host_dropout_rng, DROPOUT_RNG_FUNCTIONS)):
         for name in names:
             theirs = getattr(backend_module, name, None)
+            if name == "device_event" and theirs is None:  # the simulator's events hold no times
+                assert backend_module.runtime.SIMULATED
+                continue
             assert callable(theirs), f"{backend_name} lacks {name}"
             ours = getattr(source, name)
             if inspect.isfunction(ours):  # host.py's to_device and to_host are numpy's own, synchronize None

@@ -26,7 +26,8 @@ FUSED_OPS = {"conv2d_relu_maxpool2d": ("conv2d_relu_maxpool2d_forward", "conv2d_
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # What a Backend holds beside its ops and `layers`, by name: its array runtime and its dropout generator. A host
 # backend gets numba_cnn/kernels/host.py's and dropout_rng.py's; an on_device module defines its own.
-ARRAY_FUNCTIONS = ("to_device", "to_host", "synchronize", "zeros_like", "take_rows", "as_float_images")
+ARRAY_FUNCTIONS = ("to_device", "to_host", "synchronize", "device_event", "zeros_like", "take_rows",
+                   "as_float_images")
 DROPOUT_RNG_FUNCTIONS = ("make_dropout_rng", "dropout_rng_state", "restore_dropout_rng")
 
 

@@ -5,6 +5,10 @@ kernels.py      the eight contract ops, each launcher beside its kernels (how ea
                 the input gradient a gather, so without atomics), max and average pooling over any kh x kw window,
                 batch normalisation (a block per channel for the statistics and their gradients, a thread per
                 element for the rest).
+tiled.py        the convolution's tiled kernels, used by kernels.py's launchers unless NUMBA_CNN_CUDA_CONV=readable:
+                an implicit matrix product with shared-memory tiles and 4 x 4 register tiles (forward, weight
+                gradient split in fixed chunks), the input gradient with 8 channels' weights staged per block.
+memory.py       the caching pool behind numba-cuda's memory-manager interface (NUMBA_CNN_CUDA_POOL=0: numba-cuda's).
 layers.py       ReLU, dense, dropout, softmax cross-entropy and Adam on device arrays (the functions of
                 numba_cnn/kernels/layers.py).
 dropout_rng.py  dropout's generator states on the device: made from a seed, snapshotted, restored (the functions of
@@ -22,11 +26,12 @@ from numba_cnn.kernels.cuda.kernels import (avgpool2d_backward, avgpool2d_forwar
                                             batchnorm2d_forward, conv2d_backward, conv2d_forward, maxpool2d_backward,
                                             maxpool2d_forward)
 from numba_cnn.kernels.cuda.dropout_rng import dropout_rng_state, make_dropout_rng, restore_dropout_rng
-from numba_cnn.kernels.cuda.runtime import as_float_images, synchronize, take_rows, to_device, to_host, zeros_like
+from numba_cnn.kernels.cuda.runtime import (as_float_images, device_event, synchronize, take_rows, to_device, to_host,
+                                            zeros_like)
 
 INFO = BackendInfo(summary="numba-cuda kernels on device arrays, a thread per output element", on_device=True)
 
 __all__ = ["INFO", "conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward",
            "avgpool2d_forward", "avgpool2d_backward", "batchnorm2d_forward", "batchnorm2d_backward", "layers",
-           "to_device", "to_host", "synchronize", "zeros_like", "take_rows", "as_float_images", "make_dropout_rng",
+           "to_device", "to_host", "synchronize", "device_event", "zeros_like", "take_rows", "as_float_images", "make_dropout_rng",
            "dropout_rng_state", "restore_dropout_rng"]

@@ -7,6 +7,9 @@ multiplied, not skipped, so that an infinite or NaN weight or dy meeting the pad
 sum over the padded input does. Only the top and left padding reach a kernel; the bottom and right only size the
 output.
 
+The three convolution kernels here are the readable ones; conv2d_forward and conv2d_backward launch tiled.py's
+tiled versions of them instead unless NUMBA_CNN_CUDA_CONV=readable (runtime.py).
+
 conv2d_forward      a thread per output y[n, k, i, j]: the bias plus the C*R*S products over the padded input,
                     ReLU applied before the one store.
 conv2d_backward     dw in two passes without atomics or block synchronisation: a thread per (image, weight) sums
@@ -38,6 +41,7 @@ import math
 
 import numpy as np
 
+from numba_cnn.kernels.cuda import runtime, tiled
 from numba_cnn.kernels.cuda.runtime import (THREADS_PER_BLOCK, ZERO, _block_sum, as_device, cuda, launch,
                                             launch_blocks, sum_outer_inner)
 
@@ -87,7 +91,10 @@ def conv2d_forward(x, w, b, relu, stride, padding):
     top, bottom, left, right = padding
     p, q = (h + top + bottom - r) // stride + 1, (wd + left + right - s) // stride + 1
     y = cuda.device_array((n, k, p, q), dtype=x.dtype)
-    launch(_conv_forward, y.size, x, w, b, relu, stride, top, left, y)
+    if runtime.CONV_KERNELS == "tiled":
+        tiled.conv_forward(x, w, b, relu, stride, top, left, y)
+    else:
+        launch(_conv_forward, y.size, x, w, b, relu, stride, top, left, y)
     return y
 
 
@@ -149,16 +156,22 @@ def conv2d_backward(dy, x, w, need_dx, stride, padding):
     dy, x, w = as_device(dy, "dy"), as_device(x, "x"), as_device(w, "w")
     n, k, p, q = dy.shape
     top, _, left, _ = padding
-    partial = cuda.device_array((n,) + tuple(w.shape), dtype=w.dtype)
-    launch(_conv_weight_grad_per_image, partial.size, dy, x, stride, top, left, partial)
+    if runtime.CONV_KERNELS == "tiled" and tiled.weight_grad_fits(w.shape):
+        partial = tiled.weight_grad_partials(dy, x, stride, top, left, w.shape)
+    else:
+        partial = cuda.device_array((n,) + tuple(w.shape), dtype=w.dtype)
+        launch(_conv_weight_grad_per_image, partial.size, dy, x, stride, top, left, partial)
     dw = cuda.device_array(w.shape, dtype=w.dtype)
-    launch(_sum_rows, dw.size, partial.reshape(n, dw.size), dw.reshape(dw.size))
+    launch(_sum_rows, dw.size, partial.reshape(partial.shape[0], dw.size), dw.reshape(dw.size))
     db = cuda.device_array((k,), dtype=w.dtype)
     launch_blocks(sum_outer_inner, k, dy.reshape(n, k, p * q), db)
     if not need_dx:
         return None, dw, db
     dx = cuda.device_array(x.shape, dtype=x.dtype)
-    launch(_conv_input_grad, dx.size, dy, w, stride, top, left, dx)
+    if runtime.CONV_KERNELS == "tiled" and tiled.input_grad_fits(x.shape, w.shape):
+        tiled.input_grad(dy, w, stride, top, left, dx)
+    else:
+        launch(_conv_input_grad, dx.size, dy, w, stride, top, left, dx)
     return dx, dw, db
 
 

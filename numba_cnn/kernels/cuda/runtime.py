@@ -44,6 +44,24 @@ if not cuda.is_available():
     raise BackendUnavailable(f"the cuda kernels found no usable NVIDIA GPU ({reason}): run on a machine with one and "
                              f'its driver (with numba-cuda from `pip install -e ".[cuda]"`), {_SIMULATOR_HINT}')
 
+# On a GPU, device arrays come from a caching pool (memory.py says why); NUMBA_CNN_CUDA_POOL=0 keeps numba-cuda's
+# own manager. The manager is chosen before the first allocation creates the context.
+POOL_CHOICES = ("1", "0")
+POOL = os.environ.get("NUMBA_CNN_CUDA_POOL", "1").strip() or "1"
+if POOL not in POOL_CHOICES:
+    raise BackendUnavailable(f"NUMBA_CNN_CUDA_POOL={POOL!r} is not one of {', '.join(POOL_CHOICES)}")
+if not SIMULATED and POOL == "1":
+    from numba_cnn.kernels.cuda.memory import make_memory_manager
+
+    cuda.set_memory_manager(make_memory_manager(cuda))
+
+# The convolution's kernels: the tiled ones (tiled.py), or kernels.py's readable thread-per-output ones
+# (NUMBA_CNN_CUDA_CONV=readable), kept to teach from and to measure the difference in one run.
+CONV_CHOICES = ("tiled", "readable")
+CONV_KERNELS = os.environ.get("NUMBA_CNN_CUDA_CONV", "tiled").strip().lower() or "tiled"
+if CONV_KERNELS not in CONV_CHOICES:
+    raise BackendUnavailable(f"NUMBA_CNN_CUDA_CONV={CONV_KERNELS!r} is not one of {', '.join(CONV_CHOICES)}")
+
 # The launch configuration: a GPU's, or the simulator's small one. NUMBA_CNN_CUDA_LAUNCH=gpu forces the GPU's on the
 # simulator too (tests run the 256-thread block sums and the 4096 dropout streams that way, on tiny shapes);
 # =simulator forces the small one; unset or "auto" picks by where the kernels run. Read once, at import.
@@ -102,13 +120,19 @@ def grid(elements):
     return max(1, min(MAX_BLOCKS, math.ceil(elements / THREADS_PER_BLOCK)))
 
 
-def _run(kernel, blocks, args):
-    if blocks >= SMALL_GRID:
-        kernel[blocks, THREADS_PER_BLOCK](*args)
+def _run(kernel, blocks, args, threads=THREADS_PER_BLOCK):
+    """Launch `kernel` on `blocks` (a count, or a tuple of counts per grid dimension) of `threads` threads."""
+    if (math.prod(blocks) if isinstance(blocks, tuple) else blocks) >= SMALL_GRID:
+        kernel[blocks, threads](*args)
         return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-utilization")
-        kernel[blocks, THREADS_PER_BLOCK](*args)
+        kernel[blocks, threads](*args)
+
+
+def run_grid(kernel, blocks, threads, args):
+    """Run a kernel that maps its own grid: `blocks` a tuple of block counts (x, y[, z]), `threads` per block."""
+    _run(kernel, blocks, args, threads)
 
 
 def launch(kernel, elements, *args):
@@ -122,8 +146,19 @@ def launch_blocks(kernel, outputs, *args):
 
 
 def synchronize():
-    """Wait for every launched kernel: the layer timer calls it so that time lands on the layer that spent it."""
+    """Wait for every launched kernel (a host clock read after it includes them)."""
     cuda.synchronize()
+
+
+def _device_event():
+    return cuda.event(timing=True)
+
+
+# Layer timing on the device's own timeline: the layer timer records an event before and after a layer, on the
+# stream the kernels run on, and reads the time between them later, so a timed step does not wait for the device
+# after every layer. The simulator's events hold no times: there (None) the timer synchronises and reads the host
+# clock, which is exact where every launch runs to its end before returning.
+device_event = None if SIMULATED else _device_event
 
 
 # The array runtime beyond the copies: the functions of numba_cnn/kernels/host.py on device arrays, so a batch
