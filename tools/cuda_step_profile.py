@@ -98,12 +98,14 @@ def main(argv=None):
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.model} on cuda ({result['pool']}), batch {args.batch_size}: {result['ms_per_step']:.3f} ms/step wall, "
-          f"{per_step_launches:.0f} launches/step, driver allocations/step {result['driver_allocations_per_step']}")
+    print(f"{args.model} on cuda ({result['pool']}), batch {args.batch_size}: {result['ms_per_step']:.3f} ms/step "
+          f"wall, {per_step_launches:.0f} launches/step, driver allocations/step "
+          f"{result['driver_allocations_per_step']}")
     print(f"with layer events: {result['ms_per_step_with_events']:.3f} ms/step; device inside layers "
           f"{result['device_ms_in_layers_per_step']:.3f} ms/step")
     for r in rows:
-        print(f"  {r['layer']:<12} fwd {r['forward_ms']:8.3f}  bwd {r['backward_ms']:8.3f}  other {r['other_ms']:8.3f} ms")
+        print(f"  {r['layer']:<12} fwd {r['forward_ms']:8.3f}  bwd {r['backward_ms']:8.3f}  "
+              f"other {r['other_ms']:8.3f} ms")
     return 0
 
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The checks that need an NVIDIA GPU, in one run: the cuda tests without the simulator, a 5-epoch cuda training run,
-# the op bench for cuda and jit, and the cuda backend against PyTorch on the same GPU. Written for the lent H100/H200
-# machines (Python 3.12, numba 0.68, numba-cuda 0.30.4, torch with CUDA, numpy 2.5, no internet): carry a numpy 2.4.x
-# cp312 wheel (pyproject pins numpy<2.5) and pyinstrument's in .whl/, as the device tool's README explains. Each step
-# has its own time limit and a failing step does not stop the next; everything lands under $OUT.
-# GPU_CHECK_STEPS (space-separated names, default all; a prefix such as "profile" takes each of its steps) runs only
-# some steps.
+# The checks that need an NVIDIA GPU, in one run: where a cuda training step's time goes (tools/cuda_step_profile.py,
+# shipped and with the pool or the tiled kernels switched off), the cuda tests without the simulator, a 5-epoch cuda
+# training run, the op bench for cuda, and the cuda backend against PyTorch on the same GPU. Written for the lent
+# H100/H200 machines (Python 3.12, numba 0.68, numba-cuda 0.30.4, torch with CUDA, numpy 2.5, no internet): carry a
+# numpy 2.4.x cp312 wheel (pyproject pins numpy<2.5) and pyinstrument's in .whl/, as the device tool's README
+# explains. Each step has its own time limit and a failing step does not stop the next; everything lands under
+# $OUT (more than the 8 files the device tool brings back: pack them, e.g. into one tar file, at the end).
+# GPU_CHECK_STEPS (space-separated step names; a prefix such as "profile" takes each of its steps) runs only some
+# steps; by default all but pytest-conv (the convolution tests alone, which pytest-cuda includes).
 set -u
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT" /tmp/site
@@ -34,7 +36,7 @@ step pytest-conv 150 python3 -m pytest tests/test_cuda.py tests/test_nan_inf.py 
 grep -h "ms/step" "$OUT"/profile-*.log >> "$SUMMARY" 2>/dev/null
 step pytest-cuda 180 python3 -m pytest tests -q -p no:cacheprovider -k cuda --durations=10
 step train-cuda 150 python3 -m numba_cnn train --backend cuda --epochs 5 --out "$OUT/train-cuda"
-grep -E "^epoch [0-9]/5:|^done:|warm-up" "$OUT/train-cuda.log" >> "$SUMMARY"
+grep -E "^epoch [0-9]/5:|^done:|warm-up" "$OUT/train-cuda.log" >> "$SUMMARY" 2>/dev/null
 step bench-ops 100 python3 -m numba_cnn bench --backend cuda --out "$OUT/bench"
 step compare 150 python3 -m numba_cnn bench --compare torch:cuda --backend cuda --rounds 2 --steps 200 --out "$OUT/compare"
 cat "$SUMMARY"

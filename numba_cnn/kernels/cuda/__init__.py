@@ -29,9 +29,10 @@ from numba_cnn.kernels.cuda.dropout_rng import dropout_rng_state, make_dropout_r
 from numba_cnn.kernels.cuda.runtime import (as_float_images, device_event, synchronize, take_rows, to_device, to_host,
                                             zeros_like)
 
-INFO = BackendInfo(summary="numba-cuda kernels on device arrays, a thread per output element", on_device=True)
+INFO = BackendInfo(summary="numba-cuda kernels on device arrays: tiled convolutions, elsewhere a thread per output",
+                   on_device=True)
 
 __all__ = ["INFO", "conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward",
            "avgpool2d_forward", "avgpool2d_backward", "batchnorm2d_forward", "batchnorm2d_backward", "layers",
-           "to_device", "to_host", "synchronize", "device_event", "zeros_like", "take_rows", "as_float_images", "make_dropout_rng",
-           "dropout_rng_state", "restore_dropout_rng"]
+           "to_device", "to_host", "synchronize", "device_event", "zeros_like", "take_rows", "as_float_images",
+           "make_dropout_rng", "dropout_rng_state", "restore_dropout_rng"]
