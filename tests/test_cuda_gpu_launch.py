@@ -50,10 +50,13 @@ def test_cuda_model_with_the_gpu_launch_configuration():
     run_checks("model", timeout=900)
 
 
-def test_unknown_launch_configuration_is_a_clear_error():
-    env = dict(os.environ, NUMBA_CNN_CUDA_LAUNCH="tpu")
+@pytest.mark.parametrize("variable,value,choices", [("NUMBA_CNN_CUDA_LAUNCH", "tpu", "auto, gpu, simulator"),
+                                                     ("NUMBA_CNN_CUDA_CONV", "fast", "tiled, readable"),
+                                                     ("NUMBA_CNN_CUDA_POOL", "yes", "1, 0")])
+def test_an_unknown_setting_of_the_cuda_runtime_is_a_clear_error(variable, value, choices):
+    env = dict(os.environ, **{variable: value})
     code = ("from numba_cnn.kernels import BackendUnavailable, get_backend\n"
             "try:\n    get_backend('cuda')\nexcept BackendUnavailable as exc:\n    print('UNAVAILABLE:', exc)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert "UNAVAILABLE: NUMBA_CNN_CUDA_LAUNCH='tpu' is not one of auto, gpu, simulator" in result.stdout, (
+    assert f"UNAVAILABLE: {variable}={value!r} is not one of {choices}" in result.stdout, (
         result.stdout + result.stderr)
