@@ -112,6 +112,57 @@ def test_both_convolution_kernel_sets_match_the_oracle(cuda_backend, monkeypatch
             assert math.ceil(n * p * q / tiled.weight_grad_chunk(n * p * q)) > 1  # a split sum
 
 
+@pytest.mark.parametrize("wrt", ["x", "w"])
+def test_tiled_convolution_backward_matches_finite_differences(cuda_backend, monkeypatch, wrt):
+    """The tiled backward (several row tiles, a reduction ending mid-tile, a split sum of two chunks, a channel-tile
+    remainder, stride 2 with uneven padding) against central differences of the convolution, in float64."""
+    from gradcheck import assert_gradient_matches
+    from numba_cnn.kernels.cuda import runtime
+
+    monkeypatch.setattr(runtime, "CONV_KERNELS", "tiled")
+    rng = np.random.default_rng(21)
+    stride, padding = 2, (1, 0, 0, 1)
+    inputs = {"x": rng.standard_normal((4, 9, 5, 4)), "w": rng.standard_normal((10, 9, 3, 2))}
+    b = np.zeros(10)
+    dy = rng.standard_normal(ORACLE.conv2d_forward(inputs["x"], inputs["w"], b, False, stride, padding).shape)
+
+    def loss(a):  # the oracle's forward: the derivative checked is the convolution's, not a second tiled kernel's
+        args = dict(inputs, **{wrt: a})
+        return float(np.sum(ORACLE.conv2d_forward(args["x"], args["w"], b, False, stride, padding) * dy))
+
+    dev = cuda_backend.to_device
+    dx, dw, _ = cuda_backend.conv2d_backward(dev(dy), dev(inputs["x"]), dev(inputs["w"]), True, stride, padding)
+    analytic = cuda_backend.to_host(dx if wrt == "x" else dw)
+    a = inputs[wrt]
+    assert_gradient_matches(analytic, loss, a, rng.choice(a.size, 60, replace=False), what=f"tiled conv d{wrt}")
+
+
+def test_tiled_convolution_keeps_the_nan_and_inf_rules(cuda_backend, monkeypatch):
+    """NaN and infinities through the tiled kernels exactly where the oracle has them: in x (the forward and the
+    weight gradient multiply the padding's zeros by them), in w (the input gradient must not multiply a tap that
+    reads nothing: inf * 0 there would be NaN) and in dy."""
+    from numba_cnn.kernels.cuda import runtime
+    from test_kernels import assert_matches_oracle
+
+    monkeypatch.setattr(runtime, "CONV_KERNELS", "tiled")
+    rng = np.random.default_rng(22)
+    dtype = np.float32
+    stride, padding = 2, (1, 1, 0, 1)
+    x, w = random((2, 9, 5, 4), dtype, 23), random((10, 9, 3, 3), dtype, 24)
+    b = random((10,), dtype, 25)
+    x[0, 0, 0, 0], x[1, 8, 4, 3], x[1, 3, 2, 2] = np.nan, np.inf, -np.inf
+    w_special = w.copy()
+    w_special[3, 4, 2, 1], w_special[7, 0, 0, 0] = np.inf, -np.inf
+    dy = random(ORACLE.conv2d_forward(x, w, b, False, stride, padding).shape, dtype, 26)
+    dy_special = dy.copy()
+    dy_special[rng.random(dy.shape) < 0.1] = np.inf
+    dy_special[0, 0, 0, 0] = np.nan
+    clean_x = random(x.shape, dtype, 27)
+    assert_matches_oracle(cuda_backend, "conv2d_forward", (x, w, b, True, stride, padding), dtype)
+    for args in ((dy, x, w), (dy, clean_x, w_special), (dy_special, clean_x, w)):
+        assert_matches_oracle(cuda_backend, "conv2d_backward", args + (True, stride, padding), dtype)
+
+
 def test_tiled_kernels_route_what_they_do_not_take():
     from numba_cnn.kernels.cuda import tiled
 

@@ -2,7 +2,7 @@
 covers the output in one pass, 4096 dropout streams (NUMBA_CNN_CUDA_LAUNCH=gpu, read by kernels/cuda/runtime.py
 at import, hence one subprocess per group of checks in tests/gpu_launch_checks.py). Without it, the simulator's
 16-thread blocks would leave the 256-thread shared-memory sums and the GPU's dropout streams unrun anywhere but on
-a GPU.
+a GPU. The convolutions run tiled.py's kernels there (NUMBA_CNN_CUDA_CONV=tiled), with a GPU's 256-thread tiles.
 
 On the simulator each 256-thread block costs about 0.4 s (a Python thread per CUDA thread), so the shapes are tiny
 and float32 only: the four default groups (the original kernels; strided and padded convolution, any-window pooling
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(cuda_unavailable_reason() is not None,
 
 
 def run_checks(group, timeout):
-    env = dict(os.environ, NUMBA_CNN_CUDA_LAUNCH="gpu", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, NUMBA_CNN_CUDA_LAUNCH="gpu", NUMBA_CNN_CUDA_CONV="tiled", PYTHONWARNINGS="ignore")
     result = subprocess.run([sys.executable, str(CHECKS), group], capture_output=True, text=True, env=env,
                             timeout=timeout)
     print(result.stdout)

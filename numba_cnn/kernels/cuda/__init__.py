@@ -5,7 +5,7 @@ kernels.py      the eight contract ops, each launcher beside its kernels (how ea
                 the input gradient a gather, so without atomics), max and average pooling over any kh x kw window,
                 batch normalisation (a block per channel for the statistics and their gradients, a thread per
                 element for the rest).
-tiled.py        the convolution's tiled kernels, used by kernels.py's launchers unless NUMBA_CNN_CUDA_CONV=readable:
+tiled.py        the convolution's tiled kernels, used by kernels.py's launchers on a GPU (runtime.CONV_KERNELS):
                 an implicit matrix product with shared-memory tiles and 4 x 4 register tiles (forward, weight
                 gradient split in fixed chunks), the input gradient with 8 channels' weights staged per block.
 memory.py       the caching pool behind numba-cuda's memory-manager interface (NUMBA_CNN_CUDA_POOL=0: numba-cuda's).

@@ -7,8 +7,8 @@ multiplied, not skipped, so that an infinite or NaN weight or dy meeting the pad
 sum over the padded input does. Only the top and left padding reach a kernel; the bottom and right only size the
 output.
 
-The three convolution kernels here are the readable ones; conv2d_forward and conv2d_backward launch tiled.py's
-tiled versions of them instead unless NUMBA_CNN_CUDA_CONV=readable (runtime.py).
+The three convolution kernels here are the readable ones; on a GPU conv2d_forward and conv2d_backward launch
+tiled.py's tiled versions of them instead (runtime.CONV_KERNELS says which, NUMBA_CNN_CUDA_CONV chooses).
 
 conv2d_forward      a thread per output y[n, k, i, j]: the bias plus the C*R*S products over the padded input,
                     ReLU applied before the one store.

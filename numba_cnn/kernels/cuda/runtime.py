@@ -55,10 +55,14 @@ if not SIMULATED and POOL == "1":
 
     cuda.set_memory_manager(make_memory_manager(cuda))
 
-# The convolution's kernels: the tiled ones (tiled.py), or kernels.py's readable thread-per-output ones
-# (NUMBA_CNN_CUDA_CONV=readable), kept to teach from and to measure the difference in one run.
+# The convolution's kernels: the tiled ones (tiled.py), or kernels.py's readable thread-per-output ones, kept to
+# teach from and to measure the difference in one run. A GPU runs the tiled ones unless NUMBA_CNN_CUDA_CONV=readable;
+# the simulator the readable ones unless NUMBA_CNN_CUDA_CONV=tiled (there the tiles cost several times more: it runs
+# a Python thread per CUDA thread, and the tiles' idle lanes and barriers with them; the tiled kernels' own tests
+# switch them on).
 CONV_CHOICES = ("tiled", "readable")
-CONV_KERNELS = os.environ.get("NUMBA_CNN_CUDA_CONV", "tiled").strip().lower() or "tiled"
+_CONV_DEFAULT = "readable" if SIMULATED else "tiled"
+CONV_KERNELS = os.environ.get("NUMBA_CNN_CUDA_CONV", _CONV_DEFAULT).strip().lower() or _CONV_DEFAULT
 if CONV_KERNELS not in CONV_CHOICES:
     raise BackendUnavailable(f"NUMBA_CNN_CUDA_CONV={CONV_KERNELS!r} is not one of {', '.join(CONV_CHOICES)}")
 

@@ -23,8 +23,9 @@ channels and a row of pixels, a thread per pixel; the weights of its channels fo
 in shared memory, and each dy value read feeds CHANNEL_TILE multiply-adds. Per element the terms are added in
 kernels.py's order (k, then r, then s), with the same products.
 
-The tile sizes are the GPU's; in the simulator (a Python thread per CUDA thread) the same kernels run with small
-tiles unless NUMBA_CNN_CUDA_LAUNCH=gpu asks for the GPU's (runtime.py).
+The tile sizes are the GPU's; in the simulator (a Python thread per CUDA thread), where these kernels run only when
+NUMBA_CNN_CUDA_CONV=tiled asks (runtime.py), the same kernels run with small tiles unless NUMBA_CNN_CUDA_LAUNCH=gpu
+asks for the GPU's.
 """
 
 import math
@@ -37,12 +38,14 @@ REG = 4  # a thread's register tile is REG x REG outputs
 THREAD_ROWS = 16 if GPU_LAUNCH else 2  # threads along a tile's rows (output channels) and along its columns
 TILE_M = REG * THREAD_ROWS
 TILE_N = REG * THREAD_ROWS
-TILE_K = 16 if GPU_LAUNCH else 4
+# The simulator's tiles are small, and its blocks few: it starts a Python thread per CUDA thread of every block and
+# runs a barrier at each syncthreads, so there the cost is blocks and barriers, not arithmetic.
+TILE_K = 16 if GPU_LAUNCH else 8
 TILE_THREADS = THREAD_ROWS * THREAD_ROWS
-WEIGHT_GRAD_CHUNKS = 64  # about this many pixel chunks in the weight gradient's split sum
+WEIGHT_GRAD_CHUNKS = 64 if GPU_LAUNCH else 2  # about this many pixel chunks in the weight gradient's split sum
 
 CHANNEL_TILE = 8  # input channels per thread in the input gradient
-PIXEL_THREADS = 128 if GPU_LAUNCH else 8  # threads (one pixel each) per input-gradient block
+PIXEL_THREADS = 128 if GPU_LAUNCH else 16  # threads (one pixel each) per input-gradient block
 STAGED_WEIGHTS = 6144  # floats of w staged at once by an input-gradient block (24 KiB in float32)
 
 
