@@ -506,7 +506,9 @@ def test_keras_model_trains_in_a_subprocess():
                                     random_data=True, limit=128, log=lambda *a: None)
     (entry,) = report["contenders"]
     assert entry["status"] == "ok", entry
-    assert 0 <= entry["test_accuracy"] <= 1 and entry["peak_rss_mb"] > entry["rss_after_data_mb"]
+    # Not strictly greater: both are the process's high-water mark (ru_maxrss), and importing TensorFlow can set it
+    # before the data is loaded, higher than two tiny training steps then reach.
+    assert 0 <= entry["test_accuracy"] <= 1 and entry["peak_rss_mb"] >= entry["rss_after_data_mb"] > 0
 
 
 def test_missing_baseline_is_skipped_with_a_note(monkeypatch):
