@@ -21,7 +21,7 @@ below 1 - rate. Self-contained (no @njit helper from another file), so Numba's c
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit
 from numba_cnn.kernels import layers as numpy_layers
@@ -40,9 +40,9 @@ _LANES = 32  # counters whose rounds run side by side in vector registers; an ar
 
 
 @_jit
-def _dropout(x, key0, key1, threshold, outcomes, y, mask, lanes):
-    """mask[i] = outcomes[1] (the scale) if the top 24 bits of word i % 4 of Philox4x32-10(counter (i // 4, 0, 0, 0),
-    key (key0, key1)) are below threshold, else outcomes[0] (zero); y = x * mask. x, y, mask flat.
+def _dropout(x, key0, key1, threshold, scale, zero, y, mask, lanes):
+    """mask[i] = scale if the top 24 bits of word i % 4 of Philox4x32-10(counter (i // 4, 0, 0, 0), key (key0,
+    key1)) are below threshold, else zero; y = x * mask. x, y, mask flat; scale and zero in x's dtype.
 
     `lanes` counters go through the ten rounds together, each round a loop over the lanes that compiles to vector
     instructions (8 counters per zmm register, the 32 x 32 -> 64-bit products as vpmuludq: the operands are masked
@@ -52,7 +52,6 @@ def _dropout(x, key0, key1, threshold, outcomes, y, mask, lanes):
     n = x.shape[0]
     counters = (n + 3) // 4
     limit = np.uint64(threshold) << np.uint64(8)  # word >> 8 < threshold
-    scale, zero = outcomes[1], outcomes[0]
     for task in prange((counters + _BLOCKS_PER_TASK - 1) // _BLOCKS_PER_TASK):
         c0, c1 = np.empty(lanes, np.uint64), np.empty(lanes, np.uint64)
         c2, c3 = np.empty(lanes, np.uint64), np.empty(lanes, np.uint64)
@@ -91,8 +90,8 @@ def dropout_forward(x, rate, rng):
     threshold = math.ceil(float(keep) * 2 ** 24)
     key = rng.integers(0, 2 ** 32, size=2, dtype=np.uint64)
     y, mask = reusable_output(x.shape, x.dtype), reusable_output(x.shape, x.dtype)
-    outcomes = np.array([0, dtype(1) / keep], x.dtype)
-    _dropout(x.reshape(-1), key[0], key[1], threshold, outcomes, y.reshape(-1), mask.reshape(-1), _LANES)
+    _dropout(x.reshape(-1), key[0], key[1], threshold, dtype(1) / keep, dtype(0), y.reshape(-1), mask.reshape(-1),
+             _LANES)
     return y, mask
 
 
