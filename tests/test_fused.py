@@ -36,6 +36,9 @@ SHAPES = [
     pytest.param((1, 1, 7, 9), (6, 1, 5, 5), (2, 2, 2, 2), id="same_5x5_one_channel"),
     pytest.param((2, 5, 6, 7), (9, 5, 2, 2), (0, 1, 0, 1), id="same_2x2_uneven"),
     pytest.param((2, 32, 9, 9), (64, 32, 3, 3), (1, 1, 1, 1), id="same_vgg_block"),
+    # kernel rows longer than the listed kernels' register tile: a whole tile and a remainder, two whole tiles
+    pytest.param((2, 40, 7, 8), (6, 40, 3, 3), NO_PADDING, id="row_tile_and_remainder"),
+    pytest.param((1, 64, 6, 6), (8, 64, 3, 3), (1, 1, 1, 1), id="two_row_tiles"),
 ]
 
 

@@ -211,17 +211,25 @@ def test_tiles_follow_the_target_vector_registers():
 _IR_PROBE = """
     import numpy as np
     from numba_cnn.kernels import jit, _numba_ext
+    from numba_cnn.kernels.jit import tiles
     rng = np.random.default_rng(11)
-    x = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
-    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(64).astype(np.float32)
+    x = rng.standard_normal((2, 24, 7, 7)).astype(np.float32)  # 24 and 40 channels: the direct tiles
+    w = rng.standard_normal((40, 24, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    xw = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)  # 32 and 64: Winograd's
+    ww = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    bw = rng.standard_normal(64).astype(np.float32)
     y = jit.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0))
     dx, dw, db = jit.conv2d_backward(y, x, w, True, 1, (0, 0, 0, 0))
     fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
     fdx, fdw, fdb = jit.conv2d_relu_maxpool2d_backward(np.ones_like(fused[0]), *fused, x, w, True)
-    np.savez(OUT, y=y, dx=dx, dw=dw, db=db, py=fused[0], parg=fused[1], fdx=fdx, fdw=fdw, fdb=fdb)
+    yw = jit.conv2d_forward(xw, ww, bw, True, 1, (0, 0, 0, 0))
+    pw, pargw = jit.conv2d_relu_maxpool2d_forward(xw, ww, bw)
+    np.savez(OUT, y=y, dx=dx, dw=dw, db=db, py=fused[0], parg=fused[1], fdx=fdx, fdw=fdw, fdb=fdb, yw=yw, pw=pw,
+             pargw=pargw)
     attribute = '"prefer-vector-width"="%d"' % _numba_ext.VECTOR_BITS
-    for kernel in (jit._conv_tile_wide, jit._conv_tile_narrow, jit._conv_pool, jit._weight_grad_wide):
+    for kernel in (jit._conv_tile_wide, jit._conv_tile_narrow, jit._conv_pool, jit._weight_grad_wide,
+                   tiles._winograd_wide):
         ir = kernel.inspect_llvm(kernel.signatures[0])
         print(kernel.py_func.__name__, attribute in ir)
 """
@@ -238,17 +246,21 @@ def test_stack_tile_switch_and_vector_width_attribute(tmp_path, stack_tiles):
     result = _run_python(f"OUT = {str(out)!r}\n" + textwrap.dedent(_IR_PROBE), env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.split("\n")
-    assert [line.split()[1] for line in lines if line] == ["True"] * 4, result.stdout
+    assert [line.split()[1] for line in lines if line] == ["True"] * 5, result.stdout
     got = np.load(out)
     rng = np.random.default_rng(11)
-    x = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
-    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(64).astype(np.float32)
+    x = rng.standard_normal((2, 24, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((40, 24, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    xw = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
+    ww = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    bw = rng.standard_normal(64).astype(np.float32)
     y = jit.conv2d_forward(x, w, b, True, 1, VALID)
     fused = jit.conv2d_relu_maxpool2d_forward(x, w, b)
-    want = dict(zip(("y", "dx", "dw", "db", "py", "parg", "fdx", "fdw", "fdb"),
+    want = dict(zip(("y", "dx", "dw", "db", "py", "parg", "fdx", "fdw", "fdb", "yw", "pw", "pargw"),
                     (y, *jit.conv2d_backward(y, x, w, True, 1, VALID), *fused,
-                     *jit.conv2d_relu_maxpool2d_backward(np.ones_like(fused[0]), *fused, x, w, True))))
+                     *jit.conv2d_relu_maxpool2d_backward(np.ones_like(fused[0]), *fused, x, w, True),
+                     jit.conv2d_forward(xw, ww, bw, True, 1, VALID), *jit.conv2d_relu_maxpool2d_forward(xw, ww, bw))))
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 

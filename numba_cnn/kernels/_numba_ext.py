@@ -1,5 +1,6 @@
 """The jit backend's extensions of numba and llvmlite, in one place: the compile options (`jit`), what the compiled
-code targets (`TARGET_FEATURES`, `VECTOR_BITS`, `VECTOR_REGISTERS`) and the register tile (`stack_tile`).
+code targets (`TARGET_FEATURES`, `VECTOR_BITS`, `VECTOR_REGISTERS`), the register tile (`stack_tile`) and the
+constant-size block copy (`copy_block`).
 
 Target. Numba compiles for the host CPU unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise; the feature
 string read here is the one numba hands LLVM's target machine (its codegen's `_tm_features`, i.e.
@@ -157,4 +158,42 @@ def _heap_tile_compiled(size, dtype):
     def impl(size, dtype):
         _vector_width_hint()
         return np.empty(size, dtype)
+    return impl
+
+
+def copy_block(dst, dst_start, src, src_start, count):
+    """dst[dst_start:dst_start + count] = src[src_start:src_start + count] for 1-D C-contiguous arrays of one dtype,
+    `count` a compile-time constant. Compiled, one llvm.memcpy of a constant size, which LLVM lowers to a few
+    full-width vector moves. Why: a constant-count copy loop is unrolled into scalar moves before the vectorisers
+    see it, and when such a block was copied into a stack tile element by element and then read back as vectors,
+    every vector load waited for the scalar stores to drain (a failed store-to-load forward). No bounds checks,
+    like the kernels' indexing."""
+    dst[dst_start:dst_start + count] = src[src_start:src_start + count]
+
+
+@intrinsic(prefer_literal=True)
+def _memcpy_elements(typingctx, dst, dst_start, src, src_start, count):
+    """The compiled `copy_block`."""
+    if not isinstance(count, types.IntegerLiteral):
+        return None
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.ndim == src.ndim == 1
+            and dst.layout == src.layout == "C" and dst.dtype == src.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        dst_array = make_array(dst)(context, builder, args[0])
+        src_array = make_array(src)(context, builder, args[2])
+        itemsize = context.get_abi_sizeof(context.get_data_type(dst.dtype))
+        intp = context.get_value_type(types.intp)
+        cgutils.raw_memcpy(builder, builder.gep(dst_array.data, [args[1]]), builder.gep(src_array.data, [args[3]]),
+                           ir.Constant(intp, count.literal_value), itemsize)
+        return context.get_dummy_value()
+
+    return types.none(dst, types.intp, src, types.intp, count), codegen
+
+
+@overload(copy_block, prefer_literal=True, inline="always")
+def _copy_block_compiled(dst, dst_start, src, src_start, count):
+    def impl(dst, dst_start, src, src_start, count):
+        _memcpy_elements(dst, dst_start, src, src_start, count)
     return impl

@@ -1,12 +1,12 @@
 """jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked, no BLAS.
 
-The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, 2x2 pooling, and the tile shapes of every
-convolution kernel with their reasons), columns.py (stride-1 convolutions with few channels, the lanes along the
+The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, Winograd's, 2x2 pooling, and the tile
+shapes of every convolution kernel with their reasons), columns.py (stride-1 convolutions with few channels, the lanes along the
 output columns), general.py (the convolution of any stride), norm.py (pooling of other windows,
 average pooling, batch normalisation), sparse.py (the fused backward's listed kernels, channels-last packing) and
 layers.py (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (it does not notice
 a change in another module's helper); this file holds the contract functions and the host-side glue that packs inputs
-and calls them.
+and calls them (Winograd's in winograd.py, batch normalisation's in batchnorm.py).
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
@@ -34,6 +34,9 @@ conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channe
                  contract's sum multiplies its zeros too (0 * inf is NaN).
                  Few input channels or filters (columns.py's `columns_pay`; LeNet's convolutions, VGG's first):
                  the column tile, lanes along the output columns, NCHW in and out, the same bits.
+                 3x3 with C a multiple of WINOGRAD_CHUNK, K over half the narrow lanes, finite w (winograd.py):
+                 tiles.py's `_winograd_*`, F(2x2, 3x3): 16 products per 2x2 output tile and channel pair, not 36,
+                 as 16 matrix products in register tiles; output channels-last; a non-finite output: direct tile.
                  stride >= 2, general.py's `_strided_forward`: the same tile (columns x lanes, bias seeded, (r, s, c)
                  order) over the padded channels-last input, its columns read `stride` apart; the last column tile
                  clamps its reads instead of overlapping. NCHW output, as stride 1.
@@ -50,6 +53,7 @@ conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K
                  the R-1 zero rows above and below are skipped by the kernel's row_shift instead of stored. With
                  padding, dw reads a zero-padded NCHW copy of x and dx is the same correlation cropped: it starts
                  `left` columns into the packed dy (col_shift) and R-1-top rows above it (row_shift).
+                 3x3 where Winograd fits dy's K channels: dx by winograd.py, dy padded by R-1-top.. (all stored).
                  Where the forward takes the column tile (and x and w are finite): columns.py's column tiles for
                  dw and for dx over dy in a zero border, NCHW, no channels-last copy.
                  stride >= 2, general.py: dy packed as above (ceil((S-1)/stride) zero columns on each side for dx),
@@ -90,12 +94,14 @@ conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair o
                  (9 taps cannot amortise a channels-last tile's transposing store), even columns apart from odd
                  ones so that pooling reads both at one offset, whose y and argmax come channels-last. Both sum
                  each output as conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the
-                 pooled values and argmax are bitwise those of the composed ops (tested).
+                 pooled values and argmax are bitwise those of the composed ops (tested). Where Winograd fits, its
+                 kernel pools its 2x2 output tiles (conv2d_forward's tiles and sums: bitwise too), channels-last.
 conv2d_relu_maxpool2d_backward  with finite x and w, over the list of the conv output's nonzero gradients only (pooling,
                  the ReLU's select and dropout zero the rest): sparse.py's `_pooled_grad_lists` (values, offsets of
                  their windows' winners, db sums), `_listed_weight_grad` (a kernel row's S x C values in a register
-                 tile, images in order) and `_listed_input_grad` (each value times the kernel's rows added into dx,
-                 channels-last); another summation order than the composition's, equal within rounding (tested).
+                 tile, images in order) and `_listed_input_grad` (per conv-output pixel, its channels' kernel rows
+                 summed in a register tile, then added into dx, channels-last); another summation order than the
+                 composition's, equal within rounding (tested).
                  Rows of fewer than LISTED_MIN_SPAN values without dx (conv1: 3), or non-finite x or w (0 * inf is
                  NaN in the composition): `_unpool_pack` scatters the masked pooled gradient through argmax into
                  the channels-last dy of the dense dw and dx kernels, bitwise the composed ops' results.
@@ -128,16 +134,17 @@ from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_POOL_T
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
 from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
 from numba_cnn.kernels.jit.buffers import (OutputArena, nchw, nhwc, pad_width,  # noqa: F401  (Backend.output_arena)
-                                          reusable_output, round_up, scratch)
+                                          padded_channels_last, padded_nchw, reusable_output, round_up, scratch)
 from numba_cnn.kernels.jit.columns import (COLUMN_TILE, column_backward, column_dx_fits, column_forward,
                                            columns_pay)
 from numba_cnn.kernels.jit.general import _strided_forward, _strided_input_grad, _strided_weight_grad
 from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: what the callers open)
+from numba_cnn.kernels.jit.winograd import winograd_conv, winograd_fits
 from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
 from numba_cnn.kernels.jit.norm import (_avgpool2x2_backward, _avgpool2x2_forward, _avgpool_backward, _avgpool_forward,
                                         _maxpool_any_backward, _maxpool_any_forward)
 from numba_cnn.kernels.jit.sparse import (_listed_input_grad, _listed_weight_grad, _pack_channels_last,
-                                          _pad_channels_last, _pooled_grad_lists)
+                                          _pooled_grad_lists)
 
 # the listed scatters run along a kernel row's S x C values: below a vector's lanes (conv1: 3) the dense path wins
 LISTED_MIN_SPAN = 8
@@ -190,25 +197,6 @@ def _packed_weights(w_rsck, bias, lanes, dtype):
     b = np.zeros(k_padded, dtype)
     b[:out_channels] = bias
     return wt, b
-
-
-def _padded_channels_last(x, padding, min_width=0, buffer_name="x_padded"):
-    """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right), channels last, in a scratch
-    buffer: xp[N, H + top + bottom, max(W + left + right, min_width), C] (extra zero columns on the right). numpy's
-    transposing copy into the buffer is cheaper than `_pack_channels_last` (which also sums channels) and
-    than np.pad followed by that packing."""
-    n, c, h, wd = x.shape
-    top, bottom, left, right = padding
-    xp = scratch(buffer_name, (n, h + top + bottom, max(wd + left + right, min_width), c), x.dtype)
-    if not is_channels_last(x):  # a transposing copy: compiled, on every thread
-        _pad_channels_last(x, top, left, xp)
-        return xp
-    xp[:, :top] = 0
-    xp[:, top + h:] = 0
-    xp[:, top:top + h, :left] = 0
-    xp[:, top:top + h, left + wd:] = 0
-    xp[:, top:top + h, left:left + wd] = x.transpose(0, 2, 3, 1)
-    return xp
 
 
 def _correlate(x_cl, w_rsck, bias, relu, row_shift=0, col_shift=0, out_hw=None):
@@ -266,7 +254,7 @@ def _conv_backward_packed(dyt, dy_sums, x, w, need_dx, padding=(0, 0, 0, 0)):
     # kernels narrower than a tap tile: zero columns on the right of x add taps that are computed and dropped
     s_tiled = max(s, TILE_TAPS)
     if any(padding):  # dw reads a zero-padded NCHW copy (its products with the padding are the contract's too)
-        x = _padded_nchw(x, padding, s_tiled - s)
+        x = padded_nchw(x, padding, s_tiled - s)
     else:
         x = pad_width(x, x.shape[3] + s_tiled - s)
     lanes = _grad_lanes(k)
@@ -293,27 +281,13 @@ def _conv_backward_packed(dyt, dy_sums, x, w, need_dx, padding=(0, 0, 0, 0)):
     return dx, dw, db
 
 
-def _padded_nchw(x, padding, extra_columns=0):
-    """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right) and extra_columns more on
-    the right, NCHW, in a scratch buffer."""
-    n, c, h, wd = x.shape
-    top, bottom, left, right = padding
-    xp = scratch("x_padded_nchw", (n, c, h + top + bottom, wd + left + right + extra_columns), x.dtype)
-    xp[:, :, :top] = 0
-    xp[:, :, top + h:] = 0
-    xp[:, :, top:top + h, :left] = 0
-    xp[:, :, top:top + h, left + wd:] = 0
-    xp[:, :, top:top + h, left:left + wd] = x
-    return xp
-
-
 def _strided_forward_glue(x, w, b, relu, stride, padding):
     """conv2d_forward for stride >= 2: the padded channels-last input through general.py's `_strided_forward`."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     top, bottom, left, right = padding
     p, q = (h + top + bottom - r) // stride + 1, (wd + left + right - s) // stride + 1
-    xp = _padded_channels_last(x, padding)
+    xp = padded_channels_last(x, padding)
     wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, STRIDED_TILE[0], x.dtype)
     y = reusable_output((n, k, p, q), x.dtype)
     _strided_forward(xp, wt, bp, x.dtype.type(0 if relu else -np.inf), stride, y)
@@ -330,7 +304,7 @@ def _strided_backward(dy, x, w, need_dx, stride, padding):
     col_pad = -(-(s - 1) // stride) if need_dx else 0
     dyt, dy_sums = _channels_last(dy, col_pad, round_up(k, lanes), buffer_name="dy_cl")
     db = dy_sums[:, :k].sum(axis=0)
-    xp = _padded_channels_last(x, padding)
+    xp = padded_channels_last(x, padding)
     n_tiles = r * s * -(-c // channels) * (dyt.shape[3] // lanes)
     chunks = min(GRAD_IMAGE_CHUNKS, n) if n_tiles < GRAD_MIN_TILES else 1  # few tiles: fixed image chunks too
     dwt = np.empty((chunks, r, s, c, dyt.shape[3]), x.dtype)
@@ -363,12 +337,18 @@ def conv2d_forward(x, w, b, relu, stride, padding):
     lanes, columns = _conv_tile_shape(k)
     if out_hw[0] >= COLUMN_TILE[1] and columns_pay(c, k, out_hw[1]):
         return column_forward(x, w, b, relu, padding)
+    if winograd_fits(x.shape, w, stride):
+        winograd = winograd_conv(x, w, b, relu, padding, pool=False)
+        if winograd is not None:
+            y, _, path, executed = winograd
+            note("conv2d_forward", path, executed)
+            return y
     note("conv2d_forward", f"stride-1 tile {lanes} lanes x {columns} columns" + (", padded copy" * any(padding)),
          macs)
     if not any(padding):
         return _correlate(_input_channels_last(x), w_rsck, b, relu)
     # the tile needs Q >= its columns: the buffer gets the zero columns a narrow input lacks at once
-    x_cl = _padded_channels_last(x, padding, min_width=columns + s - 1)
+    x_cl = padded_channels_last(x, padding, min_width=columns + s - 1)
     return _correlate(x_cl, w_rsck, b, relu, out_hw=out_hw)
 
 
@@ -392,15 +372,30 @@ def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):
     if stride != 1:
         note("conv2d_backward", "strided dw tiles, dx gathered by column phase", dw_macs * (2 if need_dx else 1))
         return _strided_backward(dy, x, w, need_dx, stride, padding)
-    # dx is the full correlation of the zero-bordered dy: a product for every tap at every input element
-    note("conv2d_backward", f"dw tiles of {TILE_TAPS} taps x {_grad_lanes(k)} lanes, dx the correlation's tile",
-         dw_macs + (n * c * x.shape[2] * x.shape[3] * k * r * s if need_dx else 0))
+    # dx is the full correlation of the zero-bordered dy with the flipped kernel: a stride-1 convolution of dy
+    # padded by R-1-top.. (a product for every tap at every input element), Winograd's where it fits
+    dx_padding = (r - 1 - padding[0], r - 1 - padding[1], s - 1 - padding[2], s - 1 - padding[3])
+    dx_winograd = None
+    if need_dx and min(dx_padding) >= 0:
+        w_flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        if winograd_fits(dy.shape, w_flipped, 1):
+            dx_winograd = winograd_conv(dy, w_flipped, np.zeros(c, dy.dtype), False, dx_padding, pool=False)
+    dw_path = f"dw tiles of {TILE_TAPS} taps x {_grad_lanes(k)} lanes"
+    if dx_winograd is not None:
+        dx, _, path, executed = dx_winograd
+        note("conv2d_backward", f"{dw_path}, dx by {path}", dw_macs + executed)
+        need_dx = False
+    else:
+        note("conv2d_backward", f"{dw_path}, dx the correlation's tile",
+             dw_macs + (n * c * x.shape[2] * x.shape[3] * k * r * s if need_dx else 0))
     # dy channels-last, its channels padded to the lanes; for dx also padded by S-1 zero columns on each side
     col_pad = s - 1 if need_dx else 0
     dyt, dy_sums = _channels_last(dy, col_pad, round_up(k, _grad_lanes(k)), buffer_name="dy_cl")
     if any(padding):
-        return _conv_backward_packed(dyt, dy_sums, x, w, need_dx, padding)
-    return _conv_backward_packed(dyt, dy_sums, nchw(x), w, need_dx)
+        packed = _conv_backward_packed(dyt, dy_sums, x, w, need_dx, padding)
+    else:
+        packed = _conv_backward_packed(dyt, dy_sums, nchw(x), w, need_dx)
+    return packed if dx_winograd is None else (dx, packed[1], packed[2])
 
 
 def maxpool2d_forward(x, size):
@@ -497,6 +492,12 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
         b_tiles = np.repeat(np.pad(b.astype(x.dtype), (0, k_padded - k)), columns).reshape(k_padded // channels, -1)
         _conv1_pool(x.reshape(n, h, wd), wt, b_tiles, x.dtype.type(0), y, argmax)
         return y.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)
+    if winograd_fits(x.shape, w, 1) and p_half and q_half:
+        winograd = winograd_conv(x, w, b, True, padding, pool=True)
+        if winograd is not None:
+            y, argmax, path, executed = winograd
+            note("conv2d_relu_maxpool2d_forward", path, executed)
+            return y, argmax
     y = reusable_output((n, k, p_half, q_half), x.dtype)
     argmax = reusable_output(y.shape, np.uint8)
     narrow = k <= CONV_POOL_TILE_NARROW[0] < CONV_POOL_TILE[0]
@@ -506,7 +507,7 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
     wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, lanes, x.dtype)
     q_tiles = max(2 * q_half, columns)  # narrower than a tile: zero columns, never pooled
     if any(padding):  # the zeros stored, as conv2d_forward does, so every product of the contract's sum is made
-        x_cl = _padded_channels_last(x, padding, min_width=q_tiles + s - 1)
+        x_cl = padded_channels_last(x, padding, min_width=q_tiles + s - 1)
     else:
         x_cl = pad_width(_input_channels_last(x), q_tiles + s - 1, axis=2)
     (_conv_pool_narrow if narrow else _conv_pool)(x_cl, wt, bp, x.dtype.type(0), q_tiles, y, argmax)
@@ -537,9 +538,9 @@ def _listed_backward(dy, pooled, argmax, x_cl, w, need_dx):
     dw = np.ascontiguousarray(dw_rows.reshape(k, r, s, c).transpose(0, 3, 1, 2))
     dx = None
     if need_dx:
-        w_rows = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(k, r, s * c)
+        w_flat = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(-1)
         dx = reusable_output((n, h, wd, c), dy.dtype)
-        _listed_input_grad(values, offsets, counts, w_rows, wd * c, zero, dx.reshape(n, -1))
+        _listed_input_grad(values, offsets, counts, w_flat, r, c, wd * c, get_num_threads(), zero, dx.reshape(n, -1))
         dx = dx.transpose(0, 3, 1, 2)
     return dx, dw, sums.sum(axis=0)
 
@@ -558,7 +559,7 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
     n, _, h, wd = x.shape
     top, bottom, left, right = padding
     if (need_dx or s * c >= LISTED_MIN_SPAN) and np.isfinite(w).all():
-        x_cl = _padded_channels_last(x, padding, buffer_name="x_padded.listed") if any(padding) else (
+        x_cl = padded_channels_last(x, padding, buffer_name="x_padded.listed") if any(padding) else (
             _input_channels_last(x))
         listed = _listed_backward(nchw(dy), nchw(y), nchw(argmax), x_cl, w, need_dx)
         if listed is not None:

@@ -1,13 +1,16 @@
 """The jit backend's host-side buffers and layouts: internal packed data lives in per-thread `scratch` buffers; the
 multi-megabyte arrays the ops return (the fused forward's y and argmax, every correlation's y, so dx) come from the
 `OutputArena` their caller owns, if it opened one (the Model does, one per model, so a training step makes no page
-faults on them), else fresh. And the copies between the two layouts the ops take, NCHW and channels-last, and the
-zero padding of inputs narrower than a tile.
+faults on them), else fresh. And the copies between the two layouts the ops take, NCHW and channels-last, the
+zero-padded copies in either layout, and the zero padding of inputs narrower than a tile.
 """
 
 import threading
 
 import numpy as np
+
+from numba_cnn.kernels.contract import is_channels_last
+from numba_cnn.kernels.jit.sparse import _pad_channels_last
 
 _per_thread = threading.local()
 _SCRATCH_KEPT = 16  # buffers kept per thread: a training step uses 7 (conv2's 5 list arrays, conv1's dy and sums)
@@ -99,3 +102,36 @@ def nchw(a):
 def nhwc(a):
     """a[N, C, H, W] as a C-contiguous channels-last (N, H, W, C) array: a view of a channels-last one, else a copy."""
     return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def padded_channels_last(x, padding, min_width=0, buffer_name="x_padded"):
+    """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right), channels last, in a scratch
+    buffer: xp[N, H + top + bottom, max(W + left + right, min_width), C] (extra zero columns on the right). numpy's
+    transposing copy into the buffer is cheaper than `_pack_channels_last` (which also sums channels) and
+    than np.pad followed by that packing."""
+    n, c, h, wd = x.shape
+    top, bottom, left, right = padding
+    xp = scratch(buffer_name, (n, h + top + bottom, max(wd + left + right, min_width), c), x.dtype)
+    if not is_channels_last(x):  # a transposing copy: compiled, on every thread
+        _pad_channels_last(x, top, left, xp)
+        return xp
+    xp[:, :top] = 0
+    xp[:, top + h:] = 0
+    xp[:, top:top + h, :left] = 0
+    xp[:, top:top + h, left + wd:] = 0
+    xp[:, top:top + h, left:left + wd] = x.transpose(0, 2, 3, 1)
+    return xp
+
+
+def padded_nchw(x, padding, extra_columns=0):
+    """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right) and extra_columns more on
+    the right, NCHW, in a scratch buffer."""
+    n, c, h, wd = x.shape
+    top, bottom, left, right = padding
+    xp = scratch("x_padded_nchw", (n, c, h + top + bottom, wd + left + right + extra_columns), x.dtype)
+    xp[:, :, :top] = 0
+    xp[:, :, top + h:] = 0
+    xp[:, :, top:top + h, :left] = 0
+    xp[:, :, top:top + h, left + wd:] = 0
+    xp[:, :, top:top + h, left:left + wd] = x
+    return xp

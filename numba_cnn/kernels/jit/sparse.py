@@ -4,8 +4,8 @@ pass of conv + ReLU + 2x2 max-pooling over the nonzero conv-output gradients onl
 Pooling passes each window's gradient to one of its four elements, ReLU zeroes more, and in the model dropout zeroes
 half of the pooled gradients before that: at most a quarter of the conv output's gradient is nonzero, and in
 training conv2 lists fewer still. `_pooled_grad_lists` lists the nonzero elements once; the weight gradient runs
-over the lists with one kernel row in a register tile, the input gradient scatters each listed value through the
-kernel (an axpy along the taps x channels contiguous channels-last). Any shape takes them.
+over the lists with one kernel row in a register tile, the input gradient regroups them by pixel and sums each
+pixel's channels' kernel rows in a register tile before adding them into dx. Any shape takes them.
 
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
 """
@@ -106,27 +106,93 @@ def _make_listed_weight_grad(block):
 _listed_weight_grad = _make_listed_weight_grad(LISTED_BLOCK)
 
 
-@_jit
-def _listed_input_grad(values, offsets, counts, w_rows, row_length, zero, dx):
-    """dx[n] (channels last, flattened: dx[n, (i * W + j) * C + c]) = the scatter of every listed element e of
-    (n, k) through the kernel: values[n, k, e] * w_rows[k, r, s * C + c] added at (row + r, col + s, c), (row,
-    col, 0) being where offsets[n, k, e] points (row_length = W * C). Channels in order then list order, per image:
-    split over images, so independent of the thread count."""
-    n_images = dx.shape[0]
-    n_out, r_taps, span = w_rows.shape
-    for n in prange(n_images):
-        image = dx[n]
-        image[:] = zero
-        for k in range(n_out):
-            w_k = w_rows[k]
-            for e in range(counts[n, k]):
-                g = values[n, k, e]
-                start = offsets[n, k, e]
+def _make_listed_input_grad(block):
+    """`_listed_input_grad` with a register tile of `block` values of a kernel row (S x C, channels last)."""
+    _stack_tile = tile_allocator()
+
+    @_jit
+    def listed_input_grad(values, offsets, counts, w_flat, r_taps, channels, row_length, n_groups, zero, dx):
+        """dx[n] (channels last, flattened: dx[n, (i * W + j) * C + c]) = the scatter of every listed element e of
+        (n, k) through the kernel: values[n, k, e] * w[k, r, s, c] added at (row + r, col + s, c), (row, col, 0)
+        being where offsets[n, k, e] points (row_length = W * C; w_flat is w as (K, R, S, C), flattened).
+
+        Gathered by conv-output pixel first: per image the lists are regrouped into, per pixel, the output
+        channels whose gradient there is nonzero, and for each pixel and kernel row the block of S x C values that
+        row adds is summed over those channels in a register tile, then added into dx once. Scattered one listed
+        value at a time, every multiply-add would load and store its dx element (the kernel-row block of all
+        K channels, K x `block` values, stays in L1 while the pixels go by). Per dx element: kernel rows in order,
+        pixels in order, each pixel's channels in order; per image, the images dealt to n_groups tasks, so
+        independent of the thread count. Values of a row beyond the last whole block go one channel at a time, and
+        rows shorter than a block are scattered one listed value at a time (channels in order, then list order).
+        A pixel lists each channel at most once (the 2x2 pooling windows do not overlap), so at most K slots."""
+        n_images, n_out = counts.shape
+        n_pixels = dx.shape[1] // channels
+        span = w_flat.shape[0] // (n_out * r_taps)
+        tiled = span - span % block
+        n_groups = min(n_groups, n_images)
+        for group in prange(n_groups):
+            acc = _stack_tile(block, dx.dtype)
+            filled = np.empty(n_pixels, np.int64)  # per pixel, its listed channels so far
+            w_starts = np.empty((n_pixels, n_out), np.int64)  # where each one's kernel starts in w_flat
+            grads = np.empty((n_pixels, n_out), dx.dtype)
+            for n in range(group, n_images, n_groups):
+                image = dx[n]
+                image[:] = zero
+                if tiled == 0:  # rows shorter than a tile: no tile to sum in, each value scattered as it is listed
+                    for k in range(n_out):
+                        for e in range(counts[n, k]):
+                            g = values[n, k, e]
+                            for r in range(r_taps):
+                                seg = image[offsets[n, k, e] + r * row_length:]
+                                w_seg = w_flat[(k * r_taps + r) * span:]
+                                for u in range(span):
+                                    seg[u] += g * w_seg[u]
+                    continue
+                filled[:] = 0
+                for k in range(n_out):
+                    value_row, offset_row = values[n, k], offsets[n, k]
+                    for e in range(counts[n, k]):
+                        pixel = offset_row[e] // channels
+                        slot = filled[pixel]
+                        w_starts[pixel, slot] = k * r_taps * span
+                        grads[pixel, slot] = value_row[e]
+                        filled[pixel] = slot + 1
                 for r in range(r_taps):
-                    seg = image[start + r * row_length:start + r * row_length + span]
-                    w_r = w_k[r]
-                    for u in range(span):
-                        seg[u] += g * w_r[u]
+                    for u0 in range(0, tiled, block):
+                        w_at = r * span + u0
+                        for pixel in range(n_pixels):
+                            m = filled[pixel]
+                            if m == 0:
+                                continue
+                            start_row, grad_row = w_starts[pixel], grads[pixel]
+                            # the tile starts from the first product: zeroing it first is stored element by
+                            # element and read back as vectors, a stall per block
+                            g = grad_row[0]
+                            w_seg = w_flat[start_row[0] + w_at:]  # sliced first: an index sum would gather
+                            for u in range(block):
+                                acc[u] = g * w_seg[u]
+                            for e in range(1, m):
+                                g = grad_row[e]
+                                w_seg = w_flat[start_row[e] + w_at:]
+                                for u in range(block):
+                                    acc[u] += g * w_seg[u]
+                            seg = image[pixel * channels + r * row_length + u0:]
+                            for u in range(block):
+                                seg[u] += acc[u]
+                    if tiled < span:
+                        for pixel in range(n_pixels):
+                            start_row, grad_row = w_starts[pixel], grads[pixel]
+                            seg = image[pixel * channels + r * row_length:]
+                            for e in range(filled[pixel]):
+                                g = grad_row[e]
+                                w_seg = w_flat[start_row[e] + r * span:]
+                                for u in range(tiled, span):
+                                    seg[u] += g * w_seg[u]
+
+    return listed_input_grad
+
+
+_listed_input_grad = _make_listed_input_grad(LISTED_BLOCK)
 
 
 @_jit

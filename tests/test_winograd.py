@@ -1,0 +1,182 @@
+"""The jit backend's Winograd F(2x2, 3x3) convolution (jit/tiles.py `_make_winograd`, the glue's `_winograd`): which
+layers take it, its outputs against the float64 oracle on awkward shapes (odd output sizes, whose last tiles run
+past the input; 'same' and uneven padding; output channels off the lanes, under and over the narrow tile; one and
+three transform vectors of input channels; float32 and float64), the fused conv + ReLU + pool bitwise equal to the
+composed ops (the same tiles and sums), thread-count independence, non-finite inputs and weights sent to the direct
+kernels, the input gradient (the full correlation of dy with the flipped kernel, a Winograd convolution of dy where
+it fits) against the oracle, and the block copy it relies on (`copy_block`)."""
+
+import numpy as np
+import pytest
+from numba_cnn.kernels import reference
+
+numba = pytest.importorskip("numba")
+jit = pytest.importorskip("numba_cnn.kernels.jit")
+from numba_cnn.kernels._numba_ext import copy_block  # noqa: E402
+from numba_cnn.kernels.jit.paths import PathLog  # noqa: E402
+from numba_cnn.kernels.jit.tiles import WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW, WINOGRAD_TILE_WIDE  # noqa: E402
+
+CHUNK = WINOGRAD_CHUNK
+NARROW, WIDE = WINOGRAD_TILE_NARROW[1], WINOGRAD_TILE_WIDE[1]
+# (N, C, H, W), K, padding (top, bottom, left, right)
+SHAPES = [
+    pytest.param((2, 2 * CHUNK, 13, 13), 64, (0, 0, 0, 0), id="mnist_conv2"),
+    pytest.param((1, CHUNK, 8, 11), NARROW // 2 + 1, (1, 1, 1, 1), id="same_narrow_odd_q"),
+    pytest.param((3, 3 * CHUNK, 7, 6), WIDE + 3, (0, 1, 1, 0), id="uneven_k_off_the_lanes"),
+    pytest.param((2, CHUNK, 5, 5), NARROW, (0, 0, 0, 0), id="odd_p_q_one_tile_row"),
+    pytest.param((1, 2 * CHUNK, 3, 4), WIDE, (0, 0, 0, 0), id="one_output_row"),
+    pytest.param((2, CHUNK, 20, 9), 2 * WIDE, (1, 1, 1, 1), id="several_bands"),
+]
+
+
+def _winograd_paths(log):
+    return [path for path in log.paths if "Winograd" in path]
+
+
+def _operands(rng, shape, k, dtype):
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((k, shape[1], 3, 3)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,k,padding", SHAPES)
+def test_winograd_matches_the_oracle_and_the_fused_op_the_composed_ones(shape, k, padding, dtype, rng):
+    x, w, b = _operands(rng, shape, k, dtype)
+    for relu in (True, False):
+        with PathLog() as log:
+            y = jit.conv2d_forward(x, w, b, relu, 1, padding)
+        assert _winograd_paths(log) == log.paths, log.paths
+        assert y.dtype == dtype
+        reference.assert_close(y, reference.conv2d_forward(x, w, b, relu, 1, padding), dtype, f"relu={relu}")
+    if y.shape[2] < 2 or y.shape[3] < 2:
+        return
+    with PathLog() as log:
+        pooled, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
+    assert len(_winograd_paths(log)) == 1, log.paths
+    composed, composed_argmax = jit.maxpool2d_forward(jit.conv2d_forward(x, w, b, True, 1, padding), (2, 2))
+    np.testing.assert_array_equal(pooled, composed)
+    np.testing.assert_array_equal(argmax, composed_argmax)
+    want, _ = reference.maxpool2d_forward(reference.conv2d_forward(x, w, b, True, 1, padding), (2, 2))
+    reference.assert_close(pooled, want, dtype, "pooled")
+
+
+# (N, C, H, W), K, padding: dx's convolution reads dy's K channels and writes C; 'valid', 'same' and uneven padding
+# (K over 16: fewer filters take the column tiles)
+DX_SHAPES = [
+    pytest.param((2, 2 * CHUNK, 13, 13), 3 * CHUNK, (0, 0, 0, 0), id="valid"),
+    pytest.param((3, WIDE + 5, 9, 8), 3 * CHUNK, (1, 1, 1, 1), id="same_c_off_the_lanes"),
+    pytest.param((1, NARROW, 7, 10), 5 * CHUNK, (0, 1, 1, 0), id="uneven"),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,k,padding", DX_SHAPES)
+def test_input_gradient_by_winograd_matches_the_oracle(shape, k, padding, dtype, rng):
+    x, w, _ = _operands(rng, shape, k, dtype)
+    p, q = shape[2] + padding[0] + padding[1] - 2, shape[3] + padding[2] + padding[3] - 2
+    dy = rng.standard_normal((shape[0], k, p, q)).astype(dtype)
+    with PathLog() as log:
+        dx, dw, db = jit.conv2d_backward(dy, x, w, True, 1, padding)
+    assert len(log.paths) == 1 and "dx by Winograd" in log.paths[0], log.paths
+    for name, got, want in zip(("dx", "dw", "db"), (dx, dw, db), reference.conv2d_backward(dy, x, w, True, 1, padding)):
+        assert got.shape == want.shape and got.dtype == dtype
+        reference.assert_close(got, want, dtype, name)
+    _, dw_alone, db_alone = jit.conv2d_backward(dy, x, w, False, 1, padding)
+    np.testing.assert_array_equal(dw, dw_alone)  # dw's bits do not depend on whether dx is wanted
+    np.testing.assert_array_equal(db, db_alone)
+
+
+def test_non_finite_output_gradient_takes_the_direct_input_gradient(rng):
+    x, w, _ = _operands(rng, (2, 2 * CHUNK, 8, 8), 3 * CHUNK, np.float32)
+    dy = rng.standard_normal((2, 3 * CHUNK, 6, 6)).astype(np.float32)
+    with PathLog() as finite_log:
+        jit.conv2d_backward(dy, x, w, True, 1, (0, 0, 0, 0))
+    dy[1, 3, 2, 2] = np.inf
+    with PathLog() as log:
+        dx, _, _ = jit.conv2d_backward(dy, x, w, True, 1, (0, 0, 0, 0))
+    assert "dx by Winograd" in finite_log.paths[0] and "correlation's tile" in log.paths[0], log.paths
+    want = reference.conv2d_backward(dy, x, w, True, 1, (0, 0, 0, 0))[0]
+    assert np.isinf(want).any()
+    reference.assert_close(dx, want, np.float32, "dx")
+
+
+def test_channels_last_input_gives_the_same_bits(rng):
+    """An input stored channels-last (as the fused conv1 hands it on) is read in place; the bits do not change."""
+    x, w, b = _operands(rng, (2, 2 * CHUNK, 9, 10), 40, np.float32)
+    x_cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(jit.conv2d_forward(x_cl, w, b, True, 1, (0, 0, 0, 0)),
+                                  jit.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0)))
+
+
+def test_which_layers_take_it(rng):
+    """3x3, stride 1, input channels a multiple of the transform's vector, enough output channels, finite weights;
+    anything else takes the direct kernels, and the path log says which."""
+    cases = [((1, CHUNK, 8, 8), (NARROW, CHUNK, 3, 3), 1, True),
+             ((1, CHUNK + CHUNK // 2, 8, 8), (NARROW, CHUNK + CHUNK // 2, 3, 3), 1, False),  # C off the vector
+             ((1, CHUNK, 8, 8), (NARROW // 2, CHUNK, 3, 3), 1, False),  # K: most lanes idle
+             ((1, CHUNK, 8, 8), (NARROW, CHUNK, 5, 5), 1, False),
+             ((1, CHUNK, 9, 9), (NARROW, CHUNK, 3, 3), 2, False)]
+    for x_shape, w_shape, stride, takes in cases:
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        b = np.zeros(w_shape[0], np.float32)
+        with PathLog() as log:
+            y = jit.conv2d_forward(x, w, b, True, stride, (0, 0, 0, 0))
+        assert bool(_winograd_paths(log)) == takes, (x_shape, w_shape, stride, log.paths)
+        reference.assert_close(y, reference.conv2d_forward(x, w, b, True, stride, (0, 0, 0, 0)), np.float32)
+
+
+@pytest.mark.parametrize("where", ["x", "w"])
+def test_non_finite_operands_take_the_direct_kernels(where, rng):
+    """A lone inf gives inf outputs in the direct sum but inf - inf = NaN in the transforms: an inf or NaN input
+    (flagged by the kernel, then recomputed) or weight (checked first) gives the direct kernels' results, which
+    place NaN and inf as the oracle does."""
+    x, w, b = _operands(rng, (2, CHUNK, 9, 8), 40, np.float32)
+    w *= 0.1
+    if where == "x":
+        x[0, 3, 4, 4] = np.inf
+        x[1, 0, 2, 6] = np.nan
+    else:
+        w[5, 2, 1, 1] = np.inf
+    with PathLog() as log:
+        y = jit.conv2d_forward(x, w, b, False, 1, (0, 0, 0, 0))
+        pooled, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    assert not _winograd_paths(log), log.paths
+    want = reference.conv2d_forward(x, w, b, False, 1, (0, 0, 0, 0))
+    assert np.isinf(want).any() and (where == "w" or np.isnan(want).any())
+    reference.assert_close(y, want, np.float32)  # non-finite elements matched exactly
+    want_pooled, _ = reference.maxpool2d_forward(reference.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0)), (2, 2))
+    reference.assert_close(pooled, want_pooled, np.float32)
+
+
+def test_one_and_two_threads_give_identical_bits(rng):
+    """Images are dealt to tasks, each image's tiles summed alike: bitwise the same for any thread count."""
+    x, w, b = _operands(rng, (5, 2 * CHUNK, 11, 12), WIDE + 1, np.float32)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            results.append((jit.conv2d_forward(x, w, b, True, 1, (1, 1, 1, 1)).copy(),
+                            *(a.copy() for a in jit.conv2d_relu_maxpool2d_forward(x, w, b))))
+    finally:
+        numba.set_num_threads(before)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
+def test_copy_block_copies_a_constant_count_compiled_and_interpreted():
+    @numba.njit
+    def copy_compiled(dst, src):
+        copy_block(dst, 3, src, 5, 16)
+
+    src = np.arange(30, dtype=np.float32)
+    for copy in (copy_compiled, lambda dst, s: copy_block(dst, 3, s, 5, 16)):
+        dst = np.full(24, -1.0, np.float32)
+        copy(dst, src)
+        np.testing.assert_array_equal(dst[3:19], src[5:21])
+        assert (dst[:3] == -1).all() and (dst[19:] == -1).all()
+    with pytest.raises(numba.core.errors.TypingError):  # a strided view is refused, not copied as if contiguous
+        copy_compiled(np.zeros(24, np.float32), src[::2])
