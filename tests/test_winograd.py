@@ -18,14 +18,16 @@ from numba_cnn.kernels.jit.tiles import WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW, WI
 
 CHUNK = WINOGRAD_CHUNK
 NARROW, WIDE = WINOGRAD_TILE_NARROW[1], WINOGRAD_TILE_WIDE[1]
-# (N, C, H, W), K, padding (top, bottom, left, right)
+# (N, C, H, W), K, padding (top, bottom, left, right); more than 8 input channels and 16 filters (fewer take the
+# column tiles), on both targets (AVX2's transform vector is 8 channels, its narrow tile 16 lanes)
+C1, C2, C3 = (max(CHUNK, 16) * m for m in (1, 2, 3))
 SHAPES = [
-    pytest.param((2, 2 * CHUNK, 13, 13), 64, (0, 0, 0, 0), id="mnist_conv2"),
-    pytest.param((1, CHUNK, 8, 11), NARROW // 2 + 1, (1, 1, 1, 1), id="same_narrow_odd_q"),
-    pytest.param((3, 3 * CHUNK, 7, 6), WIDE + 3, (0, 1, 1, 0), id="uneven_k_off_the_lanes"),
-    pytest.param((2, CHUNK, 5, 5), NARROW, (0, 0, 0, 0), id="odd_p_q_one_tile_row"),
-    pytest.param((1, 2 * CHUNK, 3, 4), WIDE, (0, 0, 0, 0), id="one_output_row"),
-    pytest.param((2, CHUNK, 20, 9), 2 * WIDE, (1, 1, 1, 1), id="several_bands"),
+    pytest.param((2, 32, 13, 13), 64, (0, 0, 0, 0), id="mnist_conv2"),
+    pytest.param((1, C1, 8, 11), 17, (1, 1, 1, 1), id="same_odd_q_k17"),
+    pytest.param((3, C3, 7, 6), WIDE + 3, (0, 1, 1, 0), id="uneven_k_off_the_lanes"),
+    pytest.param((2, C1, 5, 5), max(NARROW, 24), (0, 0, 0, 0), id="odd_p_q_one_tile_row"),
+    pytest.param((1, C2, 3, 4), WIDE, (0, 0, 0, 0), id="one_output_row"),
+    pytest.param((2, C1, 20, 9), 2 * WIDE, (1, 1, 1, 1), id="several_bands"),
 ]
 
 
@@ -65,9 +67,9 @@ def test_winograd_matches_the_oracle_and_the_fused_op_the_composed_ones(shape, k
 # (N, C, H, W), K, padding: dx's convolution reads dy's K channels and writes C; 'valid', 'same' and uneven padding
 # (K over 16: fewer filters take the column tiles)
 DX_SHAPES = [
-    pytest.param((2, 2 * CHUNK, 13, 13), 3 * CHUNK, (0, 0, 0, 0), id="valid"),
-    pytest.param((3, WIDE + 5, 9, 8), 3 * CHUNK, (1, 1, 1, 1), id="same_c_off_the_lanes"),
-    pytest.param((1, NARROW, 7, 10), 5 * CHUNK, (0, 1, 1, 0), id="uneven"),
+    pytest.param((2, C2, 13, 13), C3, (0, 0, 0, 0), id="valid"),
+    pytest.param((3, WIDE + 5, 9, 8), C3, (1, 1, 1, 1), id="same_c_off_the_lanes"),
+    pytest.param((1, max(NARROW, 24), 7, 10), C2, (0, 1, 1, 0), id="uneven"),
 ]
 
 
@@ -89,8 +91,8 @@ def test_input_gradient_by_winograd_matches_the_oracle(shape, k, padding, dtype,
 
 
 def test_non_finite_output_gradient_takes_the_direct_input_gradient(rng):
-    x, w, _ = _operands(rng, (2, 2 * CHUNK, 8, 8), 3 * CHUNK, np.float32)
-    dy = rng.standard_normal((2, 3 * CHUNK, 6, 6)).astype(np.float32)
+    x, w, _ = _operands(rng, (2, C2, 8, 8), C3, np.float32)
+    dy = rng.standard_normal((2, C3, 6, 6)).astype(np.float32)
     with PathLog() as finite_log:
         jit.conv2d_backward(dy, x, w, True, 1, (0, 0, 0, 0))
     dy[1, 3, 2, 2] = np.inf
@@ -104,7 +106,7 @@ def test_non_finite_output_gradient_takes_the_direct_input_gradient(rng):
 
 def test_channels_last_input_gives_the_same_bits(rng):
     """An input stored channels-last (as the fused conv1 hands it on) is read in place; the bits do not change."""
-    x, w, b = _operands(rng, (2, 2 * CHUNK, 9, 10), 40, np.float32)
+    x, w, b = _operands(rng, (2, C2, 9, 10), 40, np.float32)
     x_cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(jit.conv2d_forward(x_cl, w, b, True, 1, (0, 0, 0, 0)),
                                   jit.conv2d_forward(x, w, b, True, 1, (0, 0, 0, 0)))
@@ -113,11 +115,11 @@ def test_channels_last_input_gives_the_same_bits(rng):
 def test_which_layers_take_it(rng):
     """3x3, stride 1, input channels a multiple of the transform's vector, enough output channels, finite weights;
     anything else takes the direct kernels, and the path log says which."""
-    cases = [((1, CHUNK, 8, 8), (NARROW, CHUNK, 3, 3), 1, True),
-             ((1, CHUNK + CHUNK // 2, 8, 8), (NARROW, CHUNK + CHUNK // 2, 3, 3), 1, False),  # C off the vector
-             ((1, CHUNK, 8, 8), (NARROW // 2, CHUNK, 3, 3), 1, False),  # K: most lanes idle
-             ((1, CHUNK, 8, 8), (NARROW, CHUNK, 5, 5), 1, False),
-             ((1, CHUNK, 9, 9), (NARROW, CHUNK, 3, 3), 2, False)]
+    k = max(NARROW, 24)
+    cases = [((1, C1, 8, 8), (k, C1, 3, 3), 1, True),
+             ((1, C1 + CHUNK // 2, 8, 8), (k, C1 + CHUNK // 2, 3, 3), 1, False),  # C off the vector
+             ((1, C1, 8, 8), (WIDE, C1, 5, 5), 1, False),
+             ((1, C1, 9, 9), (k, C1, 3, 3), 2, False)]
     for x_shape, w_shape, stride, takes in cases:
         x = rng.standard_normal(x_shape).astype(np.float32)
         w = rng.standard_normal(w_shape).astype(np.float32)
@@ -133,7 +135,7 @@ def test_non_finite_operands_take_the_direct_kernels(where, rng):
     """A lone inf gives inf outputs in the direct sum but inf - inf = NaN in the transforms: an inf or NaN input
     (flagged by the kernel, then recomputed) or weight (checked first) gives the direct kernels' results, which
     place NaN and inf as the oracle does."""
-    x, w, b = _operands(rng, (2, CHUNK, 9, 8), 40, np.float32)
+    x, w, b = _operands(rng, (2, C1, 9, 8), 40, np.float32)
     w *= 0.1
     if where == "x":
         x[0, 3, 4, 4] = np.inf
@@ -153,7 +155,7 @@ def test_non_finite_operands_take_the_direct_kernels(where, rng):
 
 def test_one_and_two_threads_give_identical_bits(rng):
     """Images are dealt to tasks, each image's tiles summed alike: bitwise the same for any thread count."""
-    x, w, b = _operands(rng, (5, 2 * CHUNK, 11, 12), WIDE + 1, np.float32)
+    x, w, b = _operands(rng, (5, C2, 11, 12), WIDE + 1, np.float32)
     before = numba.get_num_threads()
     results = []
     try:

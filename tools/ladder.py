@@ -13,7 +13,8 @@ call (the machine is shared: the minimum is the run least disturbed by other wor
 4. tile         a register tile of `columns` output columns x `lanes` channels (numba_cnn/kernels/jit/tiles.py's
                 CONV_TILE_WIDE), held in vector registers through the 288-term reduction; fastmath `contract`.
 5. prange       step 4 with the images split over the threads.
-6. fused        the jit backend's conv2d_relu_maxpool2d_forward: conv + ReLU + 2x2 max-pool in one pass.
+6. fused        the jit backend's conv2d_relu_maxpool2d_forward: conv + ReLU + 2x2 max-pool in one pass (its direct
+                tile: Winograd's kernel, which the backend takes for this layer, is switched off here).
 7. listed bwd   the jit backend's conv2d_relu_maxpool2d_backward (only the nonzero gradients) against the dense
                 backward (maxpool2d_backward, then conv2d_backward) on the same pooled gradient.
 
@@ -29,6 +30,7 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +39,24 @@ from numba import get_num_threads, njit, prange
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numba_cnn.kernels.jit as jit_module  # noqa: E402
 from numba_cnn.kernels import get_backend  # noqa: E402
 from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, stack_tile  # noqa: E402
 from numba_cnn.kernels.jit.tiles import CONV_TILE_WIDE  # noqa: E402
 from numba_cnn.kernels.reference import FLOAT32_TOL, relative_error  # noqa: E402
 from numba_cnn.kernels.layers import relu_backward  # noqa: E402
+
+@contextmanager
+def _direct_kernels():
+    """The backend's direct tiles, Winograd's kernels switched off: each rung is one way of making the same
+    multiplies faster, and Winograd's fewer multiplies are not one of them (docs/kernels.md has its own figures)."""
+    fits = jit_module.winograd_fits
+    jit_module.winograd_fits = lambda *args: False
+    try:
+        yield
+    finally:
+        jit_module.winograd_fits = fits
+
 
 RESULTS = ROOT / "docs" / "results.json"
 SHAPE = dict(N=128, C=32, H=13, W=13, K=64, R=3, S=3)  # conv2 of mnist-cnn at batch 128
@@ -335,7 +350,8 @@ def run_ladder(shape=SHAPE, repeats=5, rounds=3, naive_images=NAIVE_IMAGES, log=
     fused_out = {}
 
     def fused_call():
-        fused_out["y"] = jit.conv2d_relu_maxpool2d_forward(x_in, w, b)
+        with _direct_kernels():
+            fused_out["y"] = jit.conv2d_relu_maxpool2d_forward(x_in, w, b)
 
     pooled_ref, argmax_ref = oracle.maxpool2d_forward(np.maximum(expected, 0), size=(2, 2))
     add("fused", "+ ReLU and 2x2 max-pool fused (jit)", fused_call, lambda: [fused_out["y"][0]], [pooled_ref],
@@ -346,7 +362,8 @@ def run_ladder(shape=SHAPE, repeats=5, rounds=3, naive_images=NAIVE_IMAGES, log=
     unfused = {}
 
     def unfused_call():
-        unfused["y"] = jit.conv2d_forward(x_in, w, b, relu=True, stride=1, padding=NO_PADDING)
+        with _direct_kernels():
+            unfused["y"] = jit.conv2d_forward(x_in, w, b, relu=True, stride=1, padding=NO_PADDING)
 
     add("jit_conv2d_forward", "jit's own conv2d_forward (ReLU, no pool)", unfused_call, lambda: [unfused["y"]],
         [np.maximum(expected, 0)], note="the backend's unfused stride-1 kernel, for comparison")

@@ -351,7 +351,9 @@ def tile_constants(bits):
               "'CONV_POOL_TILE_NARROW': t.CONV_POOL_TILE_NARROW, "
               "'GRAD_LANES_NARROW': t.GRAD_LANES_NARROW, "
               "'GRAD_LANES_WIDE': t.GRAD_LANES_WIDE, 'TILE_TAPS': t.TILE_TAPS, 'CONV1_TILE': t.CONV1_TILE, "
-              "'COLUMN_LANES': c.COLUMN_LANES, 'COLUMN_TILE': c.COLUMN_TILE, 'COLUMN_GRAD_TILE': c.COLUMN_GRAD_TILE}))")
+              "'COLUMN_LANES': c.COLUMN_LANES, 'COLUMN_TILE': c.COLUMN_TILE, 'COLUMN_GRAD_TILE': c.COLUMN_GRAD_TILE, "
+              "'WINOGRAD_TILE_WIDE': t.WINOGRAD_TILE_WIDE, 'WINOGRAD_TILE_NARROW': t.WINOGRAD_TILE_NARROW, "
+              "'WINOGRAD_CHUNK': t.WINOGRAD_CHUNK}))")
     env = dict(os.environ, NUMBA_CNN_TILE_BITS=str(bits),
                PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
@@ -369,11 +371,11 @@ def block_tiles():
     avx2, avx512 = tile_constants(256), tile_constants(512)
     rows = ["| tile (in `numba_cnn/kernels/jit/tiles.py`) | used for | AVX2: lanes x columns | "
             "AVX-512: lanes x columns |", "|---|---|---|---|"]
-    uses = {"CONV_TILE_WIDE": "conv forward, K > 32 (conv2's unfused forward, K = 64)",
-            "CONV_TILE_NARROW": "conv forward, K <= 32 lanes; conv2's dx (32 output channels)",
+    uses = {"CONV_TILE_WIDE": "conv forward, K > 32, where Winograd does not fit",
+            "CONV_TILE_NARROW": "conv forward, K <= 32 lanes, and dx, where Winograd does not fit",
             "CONV_TILE_SMALL": "conv forward and dx, K <= 16 where the column tile does not pay (LeNet's conv2 "
                                "forward: 16 filters over 10 columns)",
-            "CONV_POOL_TILE": "conv + ReLU + 2x2 pool fused (mnist-cnn's conv2 + pool2)",
+            "CONV_POOL_TILE": "conv + ReLU + 2x2 pool fused where Winograd does not fit",
             "CONV_POOL_TILE_NARROW": "the same fused, K <= 32 where narrower than CONV_POOL_TILE"}
     for name, use in uses.items():
         cells = [tile_cell(*t[name], t["bits"]) for t in (avx2, avx512)]
@@ -397,6 +399,13 @@ def block_tiles():
                  f"{t[name][0] * t[name][1] * t['COLUMN_LANES'] * 32 // t['bits']} "
                  f"{'ymm' if t['bits'] == 256 else 'zmm'}**" for t in (avx2, avx512)]
         rows.append(f"| `{name}` (in `columns.py`) | {use} | {cells[0]} | {cells[1]} |")
+    for name, use in (("WINOGRAD_TILE_WIDE", "Winograd's 16 matrix products, K over the narrow tile's lanes "
+                                             "(mnist-cnn's conv2 + pool2, K = 64)"),
+                      ("WINOGRAD_TILE_NARROW", "the same, K up to its lanes")):
+        cells = [f"{t[name][0]} tiles x {t[name][1]} lanes = **{t[name][0] * t[name][1] * 32 // t['bits']} "
+                 f"{'ymm' if t['bits'] == 256 else 'zmm'}**" for t in (avx2, avx512)]
+        rows.append(f"| `{name}` (tiles, lanes) | {use}; transforms {avx2['WINOGRAD_CHUNK']} / "
+                    f"{avx512['WINOGRAD_CHUNK']} channels at a time | {cells[0]} | {cells[1]} |")
     rows.append(f"| register file | | {avx2['registers']} ymm of 8 floats | {avx512['registers']} zmm of 16 floats |")
     return "\n".join(rows) + "\n"
 
@@ -670,7 +679,8 @@ def block_compare_presets():
                 f"{entry['peak_gflops']:.0f} GFLOP/s in the run.")
         if jit is not None:
             skipped = jit["executed_flops_per_image"] < entry["training_flops_per_image"]
-            why = ("its listed backward skips zeros" if skipped else
+            why = ("fewer where a listed backward skips zeros and where Winograd's 3x3 layers multiply 16 times per "
+                   "2x2 output tile and channel pair, not 36" if skipped else
                    "products with stored zeros, such as a full correlation's border, included")
             note += (f" {jit['contender']} executed {jit['executed_flops_per_image'] / 1e6:.1f} MFLOP per training "
                      f"image against the dense count's {entry['training_flops_per_image'] / 1e6:.1f} ({why}): "

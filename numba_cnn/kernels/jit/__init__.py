@@ -1,12 +1,12 @@
 """jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked, no BLAS.
 
 The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, Winograd's, 2x2 pooling, and the tile
-shapes of every convolution kernel with their reasons), columns.py (stride-1 convolutions with few channels, the lanes along the
-output columns), general.py (the convolution of any stride), norm.py (pooling of other windows,
+shapes of every convolution kernel with their reasons), columns.py (stride-1 convolutions with few channels, the
+lanes along the output columns), general.py (the convolution of any stride), norm.py (pooling of other windows,
 average pooling, batch normalisation), sparse.py (the fused backward's listed kernels, channels-last packing) and
-layers.py (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (it does not notice
-a change in another module's helper); this file holds the contract functions and the host-side glue that packs inputs
-and calls them (Winograd's in winograd.py, batch normalisation's in batchnorm.py).
+layers.py (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (it does not
+notice a change in another module's helper); this file holds the contract functions and the host-side glue that
+packs inputs and calls them (Winograd's in winograd.py, batch normalisation's in batchnorm.py).
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
