@@ -4,10 +4,12 @@ past the input; 'same' and uneven padding; output channels off the lanes, under 
 three transform vectors of input channels; float32 and float64), the fused conv + ReLU + pool bitwise equal to the
 composed ops (the same tiles and sums), thread-count independence, non-finite inputs and weights sent to the direct
 kernels, the input gradient (the full correlation of dy with the flipped kernel, a Winograd convolution of dy where
-it fits) against the oracle, and the block copy it relies on (`copy_block`)."""
+it fits) against the oracle and, in float64, against finite differences, and the block copy it relies on
+(`copy_block`)."""
 
 import numpy as np
 import pytest
+from gradcheck import assert_gradient_matches, dotted_with
 from numba_cnn.kernels import reference
 
 numba = pytest.importorskip("numba")
@@ -88,6 +90,18 @@ def test_input_gradient_by_winograd_matches_the_oracle(shape, k, padding, dtype,
     _, dw_alone, db_alone = jit.conv2d_backward(dy, x, w, False, 1, padding)
     np.testing.assert_array_equal(dw, dw_alone)  # dw's bits do not depend on whether dx is wanted
     np.testing.assert_array_equal(db, db_alone)
+
+
+def test_input_gradient_by_winograd_matches_finite_differences(rng):
+    """In float64, dx from the Winograd convolution of dy against central differences of the forward."""
+    x, w, b = _operands(rng, (1, 24, 5, 6), C2, np.float64)
+    padding = (1, 1, 1, 1)
+    dy = rng.standard_normal((1, C2, 5, 6))
+    with PathLog() as log:
+        dx, _, _ = jit.conv2d_backward(dy, x, w, True, 1, padding)
+    assert "dx by Winograd" in log.paths[0], log.paths
+    assert_gradient_matches(dx, dotted_with(lambda a: jit.conv2d_forward(a, w, b, False, 1, padding), dy), x.copy(),
+                            what="dx")
 
 
 def test_non_finite_output_gradient_takes_the_direct_input_gradient(rng):
