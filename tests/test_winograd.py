@@ -132,6 +132,8 @@ def test_which_layers_take_it(rng):
     k = max(NARROW, 24)
     cases = [((1, C1, 8, 8), (k, C1, 3, 3), 1, True),
              ((1, C1 + CHUNK // 2, 8, 8), (k, C1 + CHUNK // 2, 3, 3), 1, False),  # C off the vector
+             # K: most of the narrow tile's lanes idle (rows too narrow for the column tiles, which take the rest)
+             ((1, C1, 5, 5), (NARROW // 2, C1, 3, 3), 1, False),
              ((1, C1, 8, 8), (WIDE, C1, 5, 5), 1, False),
              ((1, C1, 9, 9), (k, C1, 3, 3), 2, False)]
     for x_shape, w_shape, stride, takes in cases:
