@@ -39,6 +39,10 @@ SHAPES = [
     # kernel rows longer than the listed kernels' register tile: a whole tile and a remainder, two whole tiles
     pytest.param((2, 40, 7, 8), (6, 40, 3, 3), NO_PADDING, id="row_tile_and_remainder"),
     pytest.param((1, 64, 6, 6), (8, 64, 3, 3), (1, 1, 1, 1), id="two_row_tiles"),
+    # input rows so long that the listed weight gradient's L1 band holds one pooled row: several bands per image;
+    # 5 kernel rows: one group of 3 in the register tile, 2 rows alone, and values past the last whole block
+    pytest.param((2, 64, 12, 40), (8, 64, 3, 3), (1, 1, 1, 1), id="several_bands"),
+    pytest.param((1, 32, 9, 9), (4, 32, 5, 5), (2, 2, 2, 2), id="kernel_rows_past_the_row_group"),
 ]
 
 

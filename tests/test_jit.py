@@ -360,6 +360,31 @@ def test_outputs_are_fresh_without_an_arena_and_owned_by_the_arena_within_one():
     assert not any(np.shares_memory(y6, a) for a in (y3, y4, y5))
 
 
+def test_buffers_start_on_a_cache_line():
+    """The backend's buffers start on 64-byte boundaries (numpy's own start 16 or 32 bytes into a line), whichever
+    way they are made: aligned_empty, scratch, an arena's, and an op's output with and without an arena."""
+    from numba_cnn.kernels.jit import buffers
+
+    def aligned(a):
+        return a.__array_interface__["data"][0] % buffers.ALIGNMENT == 0
+
+    for shape, dtype in (((3,), np.uint8), ((5, 7), np.float32), ((2, 3, 33, 17), np.float64), ((1,), np.int64)):
+        a = buffers.aligned_empty(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable and aligned(a)
+        a[...] = 1
+        assert (a == 1).all()
+    assert aligned(buffers.scratch("test.alignment", (3, 5, 7), np.float32))
+    rng = np.random.default_rng(4)
+    x, w, b, _ = _operands(rng, (2, 3, 9, 9), 5, 3, 3, np.float32)
+    y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    assert aligned(y) and aligned(argmax)
+    arena = jit.OutputArena()
+    with arena:
+        assert aligned(arena.take((4, 3), np.float32))
+        y, _ = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    assert aligned(y)
+
+
 # ------------------------------------------------------------------------ general convolution and the newer ops
 
 def _channels_last(a):

@@ -98,17 +98,18 @@ conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair o
                  kernel pools its 2x2 output tiles (conv2d_forward's tiles and sums: bitwise too), channels-last.
 conv2d_relu_maxpool2d_backward  with finite x and w, over the list of the conv output's nonzero gradients only (pooling,
                  the ReLU's select and dropout zero the rest): sparse.py's `_pooled_grad_lists` (values, offsets of
-                 their windows' winners, db sums), `_listed_weight_grad` (a kernel row's S x C values in a register
-                 tile, images in order) and `_listed_input_grad` (per conv-output pixel, its channels' kernel rows
-                 summed in a register tile, then added into dx, channels-last); another summation order than the
-                 composition's, equal within rounding (tested).
+                 their windows' winners, db sums), `_listed_weight_grad` (3 kernel rows in a register tile, an
+                 image's input in bands that stay in L1, fixed image chunks) and `_listed_input_grad` (per
+                 conv-output pixel, its channels' kernel rows summed in a register tile, then added into dx,
+                 channels-last, cropped per image); equal to the composition within rounding (tested).
                  Rows of fewer than LISTED_MIN_SPAN values without dx (conv1: 3), or non-finite x or w (0 * inf is
                  NaN in the composition): `_unpool_pack` scatters the masked pooled gradient through argmax into
                  the channels-last dy of the dense dw and dx kernels, bitwise the composed ops' results.
 conv2d_relu_backward  conv2d_backward of the ReLU's select: the column tiles take it as they copy dy (one pass
                  less over the activation), the other paths call layers.relu_backward first; the same bits.
 
-Buffers: packed data in per-thread scratch buffers; the arrays returned from the caller's OutputArena, else fresh.
+Buffers: packed data in per-thread scratch buffers; the arrays returned from the caller's OutputArena, else fresh;
+all start on a cache line (buffers.aligned_empty).
 
 Results do not depend on the thread count (bitwise): forward and dx split over images, dw as above, db from fixed
 per-image sums, pooling over planes, batch normalisation's sums one channel per prange iteration, dropout's mask
@@ -143,8 +144,8 @@ from numba_cnn.kernels.jit.winograd import winograd_conv, winograd_fits
 from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
 from numba_cnn.kernels.jit.norm import (_avgpool2x2_backward, _avgpool2x2_forward, _avgpool_backward, _avgpool_forward,
                                         _maxpool_any_backward, _maxpool_any_forward)
-from numba_cnn.kernels.jit.sparse import (_listed_input_grad, _listed_weight_grad, _pack_channels_last,
-                                          _pooled_grad_lists)
+from numba_cnn.kernels.jit.listed import listed_backward
+from numba_cnn.kernels.jit.sparse import _pack_channels_last
 
 # the listed scatters run along a kernel row's S x C values: below a vector's lanes (conv1: 3) the dense path wins
 LISTED_MIN_SPAN = 8
@@ -514,43 +515,13 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
     return y, argmax
 
 
-def _listed_backward(dy, pooled, argmax, x_cl, w, need_dx):
-    """The fused backward over the list of nonzero conv-output gradients (jit/sparse.py), from dy, pooled and argmax
-    NCHW and x channels-last; dx comes channels-last (viewed NCHW). None if x holds NaN or inf."""
-    n, h, wd, c = x_cl.shape
-    k, _, r, s = w.shape
-    windows = dy.shape[2] * dy.shape[3]
-    values = scratch("listed.values", (n, k, windows), dy.dtype)
-    offsets = scratch("listed.offsets", (n, k, windows), np.int64)
-    counts = scratch("listed.counts", (n, k), np.int64)
-    sums = scratch("listed.sums", (n, k), dy.dtype)
-    finite = scratch("listed.finite", (n,), np.bool_)
-    zero = dy.dtype.type(0)
-    x_flat = x_cl.reshape(n, -1)
-    _pooled_grad_lists(dy, pooled, argmax, x_flat, wd, c, zero, values, offsets, counts, sums, finite)
-    if not finite.all():
-        return None
-    listed = int(counts.sum())
-    note("conv2d_relu_maxpool2d_backward", "listed: nonzero conv-output gradients only",
-         listed * r * s * c * (2 if need_dx else 1))
-    dw_rows = np.zeros((k, r, s * c), dy.dtype)
-    _listed_weight_grad(x_flat, values, offsets, counts, wd * c, get_num_threads(), dw_rows)
-    dw = np.ascontiguousarray(dw_rows.reshape(k, r, s, c).transpose(0, 3, 1, 2))
-    dx = None
-    if need_dx:
-        w_flat = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(-1)
-        dx = reusable_output((n, h, wd, c), dy.dtype)
-        _listed_input_grad(values, offsets, counts, w_flat, r, c, wd * c, get_num_threads(), zero, dx.reshape(n, -1))
-        dx = dx.transpose(0, 3, 1, 2)
-    return dx, dw, sums.sum(axis=0)
-
-
 def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 0, 0)):
     """dy[N,K,P//2,Q//2] (gradient of the pooled output), y (the pooled output), argmax, x[N,C,H,W], w[K,C,R,S] ->
     (dx[N,C,H,W] or None, dw[K,C,R,S], db[K]): equal to conv2d_backward(maxpool2d_backward(relu_backward(dy, y),
     argmax, (N, K, P, Q)), x, w, need_dx, 1, padding). With finite x and w, and a kernel row of S x C >=
-    LISTED_MIN_SPAN values or dx wanted, over the list of the conv output's nonzero gradients (`_listed_backward`
-    over the padded input, dx cropped: within float rounding of the composition, another summation order).
+    LISTED_MIN_SPAN values or dx wanted, over the list of the conv output's nonzero gradients (listed.py's
+    `listed_backward` over the padded input, dx cropped: within float rounding of the composition, another summation
+    order).
     Otherwise the composition's arithmetic, bitwise (so that 0 * inf gives NaN as it does there): the pooled
     gradient scattered straight into the packed conv gradient, then the tiled weight gradient (faster for conv1,
     whose listed scatters are only 3 values long).
@@ -561,14 +532,9 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
     if (need_dx or s * c >= LISTED_MIN_SPAN) and np.isfinite(w).all():
         x_cl = padded_channels_last(x, padding, buffer_name="x_padded.listed") if any(padding) else (
             _input_channels_last(x))
-        listed = _listed_backward(nchw(dy), nchw(y), nchw(argmax), x_cl, w, need_dx)
+        listed = listed_backward(*(a.transpose(0, 2, 3, 1) for a in (dy, y, argmax)), x_cl, w, need_dx, padding)
         if listed is not None:
-            dx, dw, db = listed
-            if dx is not None and any(padding):  # the gradient of the stored zeros dropped
-                cropped = reusable_output((n, h, wd, c), dx.dtype)
-                cropped[...] = dx.transpose(0, 2, 3, 1)[:, top:top + h, left:left + wd]
-                dx = cropped.transpose(0, 3, 1, 2)
-            return dx, dw, db
+            return listed
     col_pad = s - 1 if need_dx else 0
     shape = (n, h + top + bottom - r + 1, wd + left + right - s + 1 + 2 * col_pad, round_up(k, _grad_lanes(k)))
     note("conv2d_relu_maxpool2d_backward", "unpooled into the dense tiles",

@@ -10,9 +10,21 @@ import threading
 import numpy as np
 
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.sparse import _pad_channels_last
+from numba_cnn.kernels.jit.sparse import _pad_channels_last, _pad_rows
 
 _per_thread = threading.local()
+ALIGNMENT = 64  # bytes: a cache line, and one AVX-512 vector
+
+
+def aligned_empty(shape, dtype):
+    """An uninitialised C-contiguous array whose data starts on an ALIGNMENT-byte boundary. numpy's own start 16 or
+    32 bytes into a cache line, and then every 64-byte vector load from a row that starts at a multiple of 64 bytes
+    spans two lines: two reads of the L1 cache for one."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 _SCRATCH_KEPT = 16  # buffers kept per thread: a training step uses 7 (conv2's 5 list arrays, conv1's dy and sums)
 
 
@@ -26,7 +38,7 @@ def scratch(name, shape, dtype):
     if buffer is None:
         if len(buffers) >= _SCRATCH_KEPT:
             del buffers[next(iter(buffers))]
-        buffer = buffers[key] = np.empty(shape, dtype)
+        buffer = buffers[key] = aligned_empty(shape, dtype)
     return buffer
 
 
@@ -47,7 +59,7 @@ class OutputArena:
     def take(self, shape, dtype):
         key = (tuple(shape), np.dtype(dtype).str)
         free = self._free.get(key)
-        a = free.pop() if free else np.empty(shape, dtype)
+        a = free.pop() if free else aligned_empty(shape, dtype)
         self._taken.append(a)
         return a
 
@@ -74,7 +86,7 @@ def reusable_output(shape, dtype):
     """An uninitialised array for an op to return: from the open OutputArena of this thread, else a new one. The
     kernels write every element of their outputs."""
     arena = getattr(_per_thread, "arena", None)
-    return np.empty(shape, dtype) if arena is None else arena.take(shape, dtype)
+    return aligned_empty(shape, dtype) if arena is None else arena.take(shape, dtype)
 
 
 def round_up(count, multiple):
@@ -106,20 +118,14 @@ def nhwc(a):
 
 def padded_channels_last(x, padding, min_width=0, buffer_name="x_padded"):
     """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right), channels last, in a scratch
-    buffer: xp[N, H + top + bottom, max(W + left + right, min_width), C] (extra zero columns on the right). numpy's
-    transposing copy into the buffer is cheaper than `_pack_channels_last` (which also sums channels) and
-    than np.pad followed by that packing."""
+    buffer: xp[N, H + top + bottom, max(W + left + right, min_width), C] (extra zero columns on the right)."""
     n, c, h, wd = x.shape
     top, bottom, left, right = padding
     xp = scratch(buffer_name, (n, h + top + bottom, max(wd + left + right, min_width), c), x.dtype)
-    if not is_channels_last(x):  # a transposing copy: compiled, on every thread
+    if is_channels_last(x):  # compiled copies, on every thread (numpy's slice assignments run on one)
+        _pad_rows(x.transpose(0, 2, 3, 1), top, left, xp)
+    else:  # a transposing copy
         _pad_channels_last(x, top, left, xp)
-        return xp
-    xp[:, :top] = 0
-    xp[:, top + h:] = 0
-    xp[:, top:top + h, :left] = 0
-    xp[:, top:top + h, left + wd:] = 0
-    xp[:, top:top + h, left:left + wd] = x.transpose(0, 2, 3, 1)
     return xp
 
 

@@ -4,8 +4,9 @@ pass of conv + ReLU + 2x2 max-pooling over the nonzero conv-output gradients onl
 Pooling passes each window's gradient to one of its four elements, ReLU zeroes more, and in the model dropout zeroes
 half of the pooled gradients before that: at most a quarter of the conv output's gradient is nonzero, and in
 training conv2 lists fewer still. `_pooled_grad_lists` lists the nonzero elements once; the weight gradient runs
-over the lists with one kernel row in a register tile, the input gradient regroups them by pixel and sums each
-pixel's channels' kernel rows in a register tile before adding them into dx. Any shape takes them.
+over the lists with three kernel rows in a register tile, an image's input in bands that stay in L1; the input
+gradient regroups them by pixel and sums each pixel's channels' kernel rows in a register tile before adding them
+into dx. Any shape takes them.
 
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
 """
@@ -14,96 +15,147 @@ import numpy as np
 from numba import prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
+from numba_cnn.kernels.jit.tiles import TILE_BITS
 
-# values of a kernel row per register tile in the listed weight gradient: the model's conv2 row (3 taps x 32
+# values of a kernel row per register tile in the listed input gradient: the model's conv2 row (3 taps x 32
 # channels), 12 of AVX2's 16 vector registers, 6 of AVX-512's 32
 LISTED_BLOCK = 96
-LISTED_IMAGES = 8  # images per pass of a weight-gradient tile: 8 x 21.6 KB of conv2's inputs, within L2
+# the listed weight gradient's register tile: LISTED_GRAD_ROWS kernel rows x this many values of each (18 zmm; 12 ymm)
+LISTED_GRAD_BLOCK = 96 if TILE_BITS >= 512 else 32
+LISTED_GRAD_ROWS = 3
+# bytes of input rows a band of the weight gradient reads over and over, well within the L1 data cache
+LISTED_BAND_BYTES = 24 * 1024
 
 
 @_jit
 def _pooled_grad_lists(dy, pooled, argmax, x_flat, width, channels, zero, values, offsets, counts, sums, finite):
     """Per image n and channel k, the nonzero elements of the conv output's gradient behind ReLU + 2x2 max-pooling,
-    from the pooled gradient dy[N, K, P2, Q2]: values[n, k, :counts[n, k]] are dy where pooled > 0 or is NaN (the
-    ReLU's select, as layers.relu_backward) and nonzero (NaN counts as nonzero), in window order; offsets the
-    element offset (row * width + col) * channels of each window's winner (argmax) in a channels-last image of that
-    conv's input, i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's
-    per-image terms). Branch-free: every window is written, only the nonzero ones advance the count. finite[n]:
-    whether the conv's input image x_flat[n] (any layout) holds no NaN or inf, read here where the image is
-    visited anyway: the caller takes the dense path otherwise."""
-    n_images, n_out, p_half, q_half = dy.shape
+    from the pooled gradient dy, indexed (N, P2, Q2, K) (a view of either layout, as pooled and argmax: no copy
+    is made to change it): values[n, k, :counts[n, k]] are dy where pooled > 0 or is NaN (the ReLU's select, as
+    layers.relu_backward) and nonzero (NaN counts as nonzero), in window order; offsets the element offset
+    (row * width + col) * channels of each window's winner (argmax) in a channels-last image of that conv's input,
+    i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's per-image terms).
+    Branch-free: every window is written, only the nonzero ones advance the count. finite[n]: whether the conv's
+    input image x_flat[n] (any layout) holds no NaN or inf, read here where the image is visited anyway: the caller
+    takes the dense path otherwise."""
+    n_images, p_half, q_half, n_out = dy.shape
     for n in prange(n_images):
         check = zero
         x_image = x_flat[n]
         for u in range(x_image.shape[0]):
             check += x_image[u] * zero  # NaN once any element is NaN or inf (inf * 0 is NaN)
         finite[n] = check == check
+        count_row, sum_row = counts[n], sums[n]
         for k in range(n_out):
-            count = 0
-            total = zero
-            g_plane, pooled_plane, arg_plane = dy[n, k], pooled[n, k], argmax[n, k]
-            value_row, offset_row = values[n, k], offsets[n, k]
-            for pi in range(p_half):
-                for pj in range(q_half):
-                    p = pooled_plane[pi, pj]
-                    g = g_plane[pi, pj] if (p > zero) | (p != p) else zero  # | not or: a select, no branch
-                    where = arg_plane[pi, pj]
-                    value_row[count] = g
-                    offset_row[count] = ((2 * pi + where // 2) * width + 2 * pj + where % 2) * channels
-                    count += g != zero
-                    total += g
-            counts[n, k] = count
-            sums[n, k] = total
+            count_row[k] = 0
+            sum_row[k] = zero
+        for pi in range(p_half):
+            for pj in range(q_half):
+                g_px, pooled_px, arg_px = dy[n, pi, pj], pooled[n, pi, pj], argmax[n, pi, pj]
+                for k in range(n_out):  # each channel's list still in window order
+                    p = pooled_px[k]
+                    g = g_px[k] if (p > zero) | (p != p) else zero  # | not or: a select, no branch
+                    where = arg_px[k]
+                    count = count_row[k]
+                    values[n, k, count] = g
+                    offsets[n, k, count] = ((2 * pi + where // 2) * width + 2 * pj + where % 2) * channels
+                    count_row[k] = count + (g != zero)
+                    sum_row[k] += g
 
 
 def _make_listed_weight_grad(block):
-    """`_listed_weight_grad` with a register tile of `block` values of a kernel row (S x C, channels last)."""
+    """`_listed_weight_grad` with a register tile of LISTED_GRAD_ROWS kernel rows x `block` values of each."""
+    rows = LISTED_GRAD_ROWS
+    tile = rows * block
     _stack_tile = tile_allocator()
 
     @_jit
-    def listed_weight_grad(x_flat, values, offsets, counts, row_length, n_groups, dw):
-        """dw[k, r, u] = sum over images n and listed elements e of (n, k) of values[n, k, e] *
-        x_flat[n, offsets[n, k, e] + r * row_length + u], u < S * C: the weight gradient as (K, R, S * C) (channels
-        last) from the inputs channels-last, flattened per image (x_flat[n] is x[n] as (H, W, C); row_length =
-        W * C). Each kernel row's values go in blocks of `block` through a register tile over LISTED_IMAGES images'
-        lists at a time (their inputs stay in L2), the rest one by one in memory. The output channels are dealt to
-        n_groups tasks in turn (k, k + n_groups, ...: channels with long and short lists spread evenly), each
-        looping over the images in order, so every element of dw is summed in image order, then list order,
-        whatever the thread count. dw is zeroed by the caller."""
+    def listed_weight_grad(x_flat, values, offsets, counts, row_length, pooled_rows, band_rows, partial):
+        """partial[h, k, r, u] = sum over the images n of chunk h (partial.shape[0] contiguous chunks of the batch)
+        and the listed elements e of (n, k) of values[n, k, e] * x_flat[n, offsets[n, k, e] + r * row_length + u],
+        u < S * C: chunk h's share of the weight gradient as (K, R, S * C) (channels last) from the inputs
+        channels-last, flattened per image (x_flat[n] is x[n] as (H, W, C); row_length = W * C).
+
+        An image is visited in bands of band_rows pooled rows (the lists are in window order, so a band's elements
+        of (n, k) are consecutive), and a band's input rows stay in L1 while every output channel's elements in it
+        go through the register tile: 3 kernel rows x `block` values, loaded from and stored to partial once per
+        band and channel. Straight through the lists instead, each multiply-add's input would come from L2, at an
+        address known only once its offset is loaded. Per element of partial: images in order, then list order;
+        the chunks are fixed by the batch, and the caller adds them in order: the same bits for any thread count."""
         n_images = x_flat.shape[0]
-        n_out, r_taps, span = dw.shape
+        n_chunks, n_out, r_taps, span = partial.shape
         tiled = span - span % block
-        for group in prange(n_groups):
-            acc = _stack_tile(block, x_flat.dtype)
-            for n0 in range(0, n_images, LISTED_IMAGES):
-                images = range(n0, min(n0 + LISTED_IMAGES, n_images))
-                for k in range(group, n_out, n_groups):  # interleaved: busy and idle channels spread evenly
-                    for r in range(r_taps):
-                        dw_r = dw[k, r]
-                        for u0 in range(0, tiled, block):
-                            for u in range(block):
-                                acc[u] = dw_r[u0 + u]
-                            for n in images:
-                                x_image, value_row, offset_row = x_flat[n], values[n, k], offsets[n, k]
-                                for e in range(counts[n, k]):
+        r_tiled = r_taps - r_taps % rows
+        for h in prange(n_chunks):
+            acc = _stack_tile(tile, x_flat.dtype)
+            part = partial[h]
+            for k in range(n_out):
+                for r in range(r_taps):
+                    part_row = part[k, r]
+                    for u in range(span):
+                        part_row[u] = 0
+            cursors = np.empty(n_out, np.int64)
+            for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
+                x_image = x_flat[n]
+                cursors[:] = 0
+                for band_start in range(0, pooled_rows, band_rows):
+                    # the first offset past the band: its last pooled row's windows start conv row 2 * end - 2
+                    limit = 2 * min(band_start + band_rows, pooled_rows) * row_length
+                    for k in range(n_out):
+                        first = cursors[k]
+                        last = first
+                        count, offset_row, value_row = counts[n, k], offsets[n, k], values[n, k]
+                        while last < count and offset_row[last] < limit:
+                            last += 1
+                        cursors[k] = last
+                        if last == first:
+                            continue
+                        for r0 in range(0, r_tiled, rows):
+                            for u0 in range(0, tiled, block):
+                                p0, p1, p2 = part[k, r0, u0:], part[k, r0 + 1, u0:], part[k, r0 + 2, u0:]
+                                for u in range(block):
+                                    acc[u] = p0[u]
+                                    acc[block + u] = p1[u]
+                                    acc[2 * block + u] = p2[u]
+                                for e in range(first, last):
                                     g = value_row[e]
-                                    x_seg = x_image[offset_row[e] + r * row_length + u0:]
+                                    at = offset_row[e] + r0 * row_length + u0
+                                    x0 = x_image[at:]  # sliced first: an index sum would gather
+                                    x1 = x_image[at + row_length:]
+                                    x2 = x_image[at + 2 * row_length:]
                                     for u in range(block):
-                                        acc[u] += g * x_seg[u]
-                            for u in range(block):
-                                dw_r[u0 + u] = acc[u]
-                        for n in images:
-                            x_image, value_row, offset_row = x_flat[n], values[n, k], offsets[n, k]
-                            for e in range(counts[n, k]):
-                                g = value_row[e]
-                                x_seg = x_image[offset_row[e] + r * row_length:]
-                                for u in range(tiled, span):
-                                    dw_r[u] += g * x_seg[u]
+                                        acc[u] += g * x0[u]
+                                        acc[block + u] += g * x1[u]
+                                        acc[2 * block + u] += g * x2[u]
+                                for u in range(block):
+                                    p0[u] = acc[u]
+                                    p1[u] = acc[block + u]
+                                    p2[u] = acc[2 * block + u]
+                        for r in range(r_tiled, r_taps):  # kernel rows beyond the last whole group of 3
+                            for u0 in range(0, tiled, block):
+                                p0 = part[k, r, u0:]
+                                for u in range(block):
+                                    acc[u] = p0[u]
+                                for e in range(first, last):
+                                    g = value_row[e]
+                                    x0 = x_image[offset_row[e] + r * row_length + u0:]
+                                    for u in range(block):
+                                        acc[u] += g * x0[u]
+                                for u in range(block):
+                                    p0[u] = acc[u]
+                        if tiled < span:  # values of a row beyond the last whole block, one element at a time
+                            for r in range(r_taps):
+                                part_row = part[k, r]
+                                for e in range(first, last):
+                                    g = value_row[e]
+                                    x0 = x_image[offset_row[e] + r * row_length:]
+                                    for u in range(tiled, span):
+                                        part_row[u] += g * x0[u]
 
     return listed_weight_grad
 
 
-_listed_weight_grad = _make_listed_weight_grad(LISTED_BLOCK)
+_listed_weight_grad = _make_listed_weight_grad(LISTED_GRAD_BLOCK)
 
 
 def _make_listed_input_grad(block):
@@ -111,7 +163,8 @@ def _make_listed_input_grad(block):
     _stack_tile = tile_allocator()
 
     @_jit
-    def listed_input_grad(values, offsets, counts, w_flat, r_taps, channels, row_length, n_groups, zero, dx):
+    def listed_input_grad(values, offsets, counts, w_flat, r_taps, channels, row_length, n_groups, zero, work, top,
+                          left, rows, dx):
         """dx[n] (channels last, flattened: dx[n, (i * W + j) * C + c]) = the scatter of every listed element e of
         (n, k) through the kernel: values[n, k, e] * w[k, r, s, c] added at (row + r, col + s, c), (row, col, 0)
         being where offsets[n, k, e] points (row_length = W * C; w_flat is w as (K, R, S, C), flattened).
@@ -124,9 +177,15 @@ def _make_listed_input_grad(block):
         pixels in order, each pixel's channels in order; per image, the images dealt to n_groups tasks, so
         independent of the thread count. Values of a row beyond the last whole block go one channel at a time, and
         rows shorter than a block are scattered one listed value at a time (channels in order, then list order).
-        A pixel lists each channel at most once (the 2x2 pooling windows do not overlap), so at most K slots."""
+        A pixel lists each channel at most once (the 2x2 pooling windows do not overlap), so at most K slots.
+
+        Cropped: with a work buffer (n_groups rows of one padded image), each image is summed there, in L2, and
+        its rows top.. top + rows - 1, columns left.. copied into dx[n] (rows x W_out x C, W_out = dx.shape[1] //
+        (rows * C)); with an empty one (no padding), summed in dx[n] itself."""
         n_images, n_out = counts.shape
-        n_pixels = dx.shape[1] // channels
+        cropped = work.shape[1] > 0
+        n_pixels = (work.shape[1] if cropped else dx.shape[1]) // channels
+        out_row = dx.shape[1] // rows  # W_out x C values
         span = w_flat.shape[0] // (n_out * r_taps)
         tiled = span - span % block
         n_groups = min(n_groups, n_images)
@@ -136,7 +195,7 @@ def _make_listed_input_grad(block):
             w_starts = np.empty((n_pixels, n_out), np.int64)  # where each one's kernel starts in w_flat
             grads = np.empty((n_pixels, n_out), dx.dtype)
             for n in range(group, n_images, n_groups):
-                image = dx[n]
+                image = work[group] if cropped else dx[n]
                 image[:] = zero
                 if tiled == 0:  # rows shorter than a tile: no tile to sum in, each value scattered as it is listed
                     for k in range(n_out):
@@ -147,47 +206,54 @@ def _make_listed_input_grad(block):
                                 w_seg = w_flat[(k * r_taps + r) * span:]
                                 for u in range(span):
                                     seg[u] += g * w_seg[u]
-                    continue
-                filled[:] = 0
-                for k in range(n_out):
-                    value_row, offset_row = values[n, k], offsets[n, k]
-                    for e in range(counts[n, k]):
-                        pixel = offset_row[e] // channels
-                        slot = filled[pixel]
-                        w_starts[pixel, slot] = k * r_taps * span
-                        grads[pixel, slot] = value_row[e]
-                        filled[pixel] = slot + 1
-                for r in range(r_taps):
-                    for u0 in range(0, tiled, block):
-                        w_at = r * span + u0
-                        for pixel in range(n_pixels):
-                            m = filled[pixel]
-                            if m == 0:
-                                continue
-                            start_row, grad_row = w_starts[pixel], grads[pixel]
-                            # the tile starts from the first product: zeroing it first is stored element by
-                            # element and read back as vectors, a stall per block
-                            g = grad_row[0]
-                            w_seg = w_flat[start_row[0] + w_at:]  # sliced first: an index sum would gather
-                            for u in range(block):
-                                acc[u] = g * w_seg[u]
-                            for e in range(1, m):
-                                g = grad_row[e]
-                                w_seg = w_flat[start_row[e] + w_at:]
+                else:
+                    filled[:] = 0
+                    for k in range(n_out):
+                        value_row, offset_row = values[n, k], offsets[n, k]
+                        for e in range(counts[n, k]):
+                            pixel = offset_row[e] // channels
+                            slot = filled[pixel]
+                            w_starts[pixel, slot] = k * r_taps * span
+                            grads[pixel, slot] = value_row[e]
+                            filled[pixel] = slot + 1
+                    for r in range(r_taps):
+                        for u0 in range(0, tiled, block):
+                            w_at = r * span + u0
+                            for pixel in range(n_pixels):
+                                m = filled[pixel]
+                                if m == 0:
+                                    continue
+                                start_row, grad_row = w_starts[pixel], grads[pixel]
+                                # the tile starts from the first product: zeroing it first is stored element by
+                                # element and read back as vectors, a stall per block
+                                g = grad_row[0]
+                                w_seg = w_flat[start_row[0] + w_at:]  # sliced first: an index sum would gather
                                 for u in range(block):
-                                    acc[u] += g * w_seg[u]
-                            seg = image[pixel * channels + r * row_length + u0:]
-                            for u in range(block):
-                                seg[u] += acc[u]
-                    if tiled < span:
-                        for pixel in range(n_pixels):
-                            start_row, grad_row = w_starts[pixel], grads[pixel]
-                            seg = image[pixel * channels + r * row_length:]
-                            for e in range(filled[pixel]):
-                                g = grad_row[e]
-                                w_seg = w_flat[start_row[e] + r * span:]
-                                for u in range(tiled, span):
-                                    seg[u] += g * w_seg[u]
+                                    acc[u] = g * w_seg[u]
+                                for e in range(1, m):
+                                    g = grad_row[e]
+                                    w_seg = w_flat[start_row[e] + w_at:]
+                                    for u in range(block):
+                                        acc[u] += g * w_seg[u]
+                                seg = image[pixel * channels + r * row_length + u0:]
+                                for u in range(block):
+                                    seg[u] += acc[u]
+                        if tiled < span:
+                            for pixel in range(n_pixels):
+                                start_row, grad_row = w_starts[pixel], grads[pixel]
+                                seg = image[pixel * channels + r * row_length:]
+                                for e in range(filled[pixel]):
+                                    g = grad_row[e]
+                                    w_seg = w_flat[start_row[e] + r * span:]
+                                    for u in range(tiled, span):
+                                        seg[u] += g * w_seg[u]
+                if cropped:  # the image's rows without the padding, into dx[n]
+                    out_image = dx[n]
+                    for i in range(rows):
+                        seg = image[(top + i) * row_length + left * channels:]
+                        out_seg = out_image[i * out_row:]
+                        for u in range(out_row):
+                            out_seg[u] = seg[u]
 
     return listed_input_grad
 
@@ -216,6 +282,30 @@ def _pack_channels_last(a, col_pad, out, sums):
                     row[c] = 0
                 for c in range(c_padded):
                     total[c] += row[c]
+
+
+@_jit
+def _pad_rows(x_cl, top, left, out):
+    """x_cl[N, H, W, C] (channels last, C-contiguous) -> out[N, Hp, Wp, C]: x at rows top.. and columns left..,
+    zeros around it; a row's W x C values copied as one run."""
+    n_images, h, w, n_ch = x_cl.shape
+    hp, wp = out.shape[1], out.shape[2]
+    zero = x_cl.dtype.type(0)
+    for n in prange(n_images):
+        for i in range(hp):
+            row = out[n, i].reshape(wp * n_ch)
+            src = i - top
+            if src < 0 or src >= h:
+                for u in range(wp * n_ch):
+                    row[u] = zero
+                continue
+            for u in range(left * n_ch):
+                row[u] = zero
+            for u in range((left + w) * n_ch, wp * n_ch):
+                row[u] = zero
+            seg, x_row = row[left * n_ch:], x_cl[n, src].reshape(w * n_ch)
+            for u in range(w * n_ch):
+                seg[u] = x_row[u]
 
 
 @_jit

@@ -1,0 +1,53 @@
+"""The jit backend's fused conv + ReLU + 2x2 max-pool backward over the nonzero conv-output gradients, on the host
+side: the lists, the weight gradient's band height and image chunks, the input gradient's crop, around sparse.py's
+kernels. jit/__init__.py's conv2d_relu_maxpool2d_backward calls it where it applies; how it works: docs/kernels.md.
+"""
+
+import numpy as np
+from numba import get_num_threads
+
+from numba_cnn.kernels.jit.buffers import reusable_output, scratch
+from numba_cnn.kernels.jit.paths import note
+from numba_cnn.kernels.jit.sparse import LISTED_BAND_BYTES, _listed_input_grad, _listed_weight_grad, _pooled_grad_lists
+from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
+
+
+def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
+    """The fused backward over the list of nonzero conv-output gradients (jit/sparse.py), from dy, pooled and argmax
+    indexed (N, P2, Q2, K) (views of either layout) and x channels-last, zero-padded by `padding`; dx comes
+    channels-last (viewed NCHW) without the padding. None if x holds NaN or inf."""
+    n, h, wd, c = x_cl.shape
+    k, _, r, s = w.shape
+    windows = dy.shape[1] * dy.shape[2]
+    values = scratch("listed.values", (n, k, windows), dy.dtype)
+    offsets = scratch("listed.offsets", (n, k, windows), np.int64)
+    counts = scratch("listed.counts", (n, k), np.int64)
+    sums = scratch("listed.sums", (n, k), dy.dtype)
+    finite = scratch("listed.finite", (n,), np.bool_)
+    zero = dy.dtype.type(0)
+    x_flat = x_cl.reshape(n, -1)
+    _pooled_grad_lists(dy, pooled, argmax, x_flat, wd, c, zero, values, offsets, counts, sums, finite)
+    if not finite.all():
+        return None
+    listed = int(counts.sum())
+    note("conv2d_relu_maxpool2d_backward", "listed: nonzero conv-output gradients only",
+         listed * r * s * c * (2 if need_dx else 1))
+    row_bytes = wd * c * dy.itemsize
+    band_rows = max(1, (LISTED_BAND_BYTES // row_bytes - r) // 2)  # pooled rows whose inputs fill the band
+    partial = scratch("listed.dw", (min(GRAD_IMAGE_CHUNKS, n), k, r, s * c), dy.dtype)
+    _listed_weight_grad(x_flat, values, offsets, counts, wd * c, dy.shape[1], band_rows, partial)
+    dw_rows = partial[0] if len(partial) == 1 else partial.sum(axis=0)  # the chunks in order
+    dw = np.ascontiguousarray(dw_rows.reshape(k, r, s, c).transpose(0, 3, 1, 2))
+    dx = None
+    if need_dx:
+        w_flat = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(-1)
+        top, bottom, left, right = padding
+        rows, columns = h - top - bottom, wd - left - right
+        groups = get_num_threads()
+        # with padding, each image is summed in a work row and cropped into dx (the stored zeros' gradient dropped)
+        work = scratch("listed.dx", (groups, h * wd * c if any(padding) else 0), dy.dtype)
+        dx = reusable_output((n, rows, columns, c), dy.dtype)
+        _listed_input_grad(values, offsets, counts, w_flat, r, c, wd * c, groups, zero, work, top, left, rows,
+                           dx.reshape(n, -1))
+        dx = dx.transpose(0, 3, 1, 2)
+    return dx, dw, sums.sum(axis=0)
