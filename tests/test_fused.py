@@ -15,6 +15,7 @@ from gradcheck import assert_gradient_matches, dotted_with
 from numba_cnn.kernels import get_backend
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.layers import relu_backward
+from numba_cnn.kernels.jit.paths import PathLog
 
 jit = get_backend("jit").module
 DTYPES = [np.float32, np.float64]
@@ -43,6 +44,8 @@ SHAPES = [
     # 5 kernel rows: one group of 3 in the register tile, 2 rows alone, and values past the last whole block
     pytest.param((2, 64, 12, 40), (8, 64, 3, 3), (1, 1, 1, 1), id="several_bands"),
     pytest.param((1, 32, 9, 9), (4, 32, 5, 5), (2, 2, 2, 2), id="kernel_rows_past_the_row_group"),
+    # dw straight from the pooled gradient (no dx, short kernel rows): 18 taps in two tiles of 9, a dropped odd row
+    pytest.param((2, 2, 9, 8), (16, 2, 3, 3), (1, 1, 1, 1), id="pooled_dw_two_tap_blocks"),
 ]
 
 
@@ -116,6 +119,25 @@ def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, paddi
             assert got.dtype == dtype and _dense(got)
             reference.assert_close(got, same, dtype, name)
             reference.assert_close(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,padding", [((3, 1, 28, 28), (32, 1, 3, 3), NO_PADDING),
+                                                      ((2, 2, 9, 8), (16, 2, 3, 3), (1, 1, 1, 1))],
+                         ids=["conv1_mnist", "two_tap_blocks"])
+def test_first_layer_takes_the_pooled_weight_gradient(x_shape, w_shape, padding, rng):
+    """Without dx and with kernel rows too short for the lists, finite x and w take dw straight from the pooled
+    gradient (the shapes above check its values); an inf in x keeps the composition's bitwise path."""
+    x, w, b = _operands(rng, x_shape, w_shape, np.float32)
+    y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    with PathLog() as log:
+        jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, False, padding)
+    assert len(log.paths) == 1 and "dw from the pooled gradient" in log.paths[0], log.paths
+    x[0, 0, 1, 1] = np.inf
+    y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
+    with PathLog() as log:
+        jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, False, padding)
+    assert len(log.paths) == 1 and "unpooled into the dense tiles" in log.paths[0], log.paths
 
 
 @pytest.mark.parametrize("padding", [NO_PADDING, (1, 1, 1, 1)], ids=["valid", "same"])

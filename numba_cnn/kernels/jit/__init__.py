@@ -144,7 +144,7 @@ from numba_cnn.kernels.jit.winograd import winograd_conv, winograd_fits
 from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
 from numba_cnn.kernels.jit.norm import (_avgpool2x2_backward, _avgpool2x2_forward, _avgpool_backward, _avgpool_forward,
                                         _maxpool_any_backward, _maxpool_any_forward)
-from numba_cnn.kernels.jit.listed import listed_backward
+from numba_cnn.kernels.jit.listed import listed_backward, pooled_weight_grad, pooled_weight_grad_fits
 from numba_cnn.kernels.jit.sparse import _pack_channels_last
 
 # the listed scatters run along a kernel row's S x C values: below a vector's lanes (conv1: 3) the dense path wins
@@ -521,10 +521,10 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
     argmax, (N, K, P, Q)), x, w, need_dx, 1, padding). With finite x and w, and a kernel row of S x C >=
     LISTED_MIN_SPAN values or dx wanted, over the list of the conv output's nonzero gradients (listed.py's
     `listed_backward` over the padded input, dx cropped: within float rounding of the composition, another summation
-    order).
-    Otherwise the composition's arithmetic, bitwise (so that 0 * inf gives NaN as it does there): the pooled
-    gradient scattered straight into the packed conv gradient, then the tiled weight gradient (faster for conv1,
-    whose listed scatters are only 3 values long).
+    order). Without dx and with shorter rows (conv1, whose listed scatters would be 3 values long), finite x and w
+    and K a multiple of its vector: dw straight from the pooled gradient (listed.py's `pooled_weight_grad`; within
+    rounding too). Otherwise the composition's arithmetic, bitwise (so that 0 * inf gives NaN as it does there):
+    the pooled gradient scattered straight into the packed conv gradient, then the tiled weight gradient.
     """
     k, c, r, s = w.shape
     n, _, h, wd = x.shape
@@ -535,6 +535,8 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
         listed = listed_backward(*(a.transpose(0, 2, 3, 1) for a in (dy, y, argmax)), x_cl, w, need_dx, padding)
         if listed is not None:
             return listed
+    if pooled_weight_grad_fits(x, w, need_dx):
+        return (None, *pooled_weight_grad(nhwc(dy), nhwc(y), nhwc(argmax), x, w, padding))
     col_pad = s - 1 if need_dx else 0
     shape = (n, h + top + bottom - r + 1, wd + left + right - s + 1 + 2 * col_pad, round_up(k, _grad_lanes(k)))
     note("conv2d_relu_maxpool2d_backward", "unpooled into the dense tiles",

@@ -49,12 +49,18 @@ class OutputArena:
     buffer handed out since the last release; only the owner calls it, when it knows none of them is read any more
     (the Model: when a new pass begins, since a pass's outputs and caches die with the next one). Nothing is guessed
     from reference counts, so an array the owner still uses is never handed out twice, and a pass of the same shapes
-    as the one before reuses its memory without page faults. Outside any open arena the ops return fresh arrays."""
+    as the one before reuses its memory without page faults. Outside any open arena the ops return fresh arrays.
+
+    `layout` keeps, until the release, the copies of an op's input in another layout (zero-padded, channels-last,
+    planes) that another op of the same pass wants again: the forward's padded input is the backward's. So between
+    the use of an array as an input and the release, its owner must not write into it (the Model never does: every
+    op writes a new array)."""
 
     def __init__(self):
         self._free = {}  # (shape, dtype) -> released buffers
         self._taken = []
         self._outer = []
+        self._layouts = {}  # (id of the source array, key) -> (the source, its copy)
 
     def take(self, shape, dtype):
         key = (tuple(shape), np.dtype(dtype).str)
@@ -67,6 +73,16 @@ class OutputArena:
         for a in self._taken:
             self._free.setdefault((a.shape, a.dtype.str), []).append(a)
         self._taken.clear()
+        self._layouts.clear()
+
+    def layout(self, source, key, make):
+        """make(self.take)'s result for (source, key), made once per pass: the first call makes it from buffers of
+        this arena, the next ones until the release get the same. The entry holds `source`, so its id names no
+        other array meanwhile."""
+        entry = self._layouts.get((id(source), key))
+        if entry is None:
+            entry = self._layouts[(id(source), key)] = (source, make(self.take))
+        return entry[1]
 
     @property
     def nbytes(self):
@@ -80,6 +96,22 @@ class OutputArena:
 
     def __exit__(self, *exc):
         _per_thread.arena = self._outer.pop()
+
+
+def layout_copy(source, key, make, scratch_name):
+    """A copy of the op input `source` in another layout, made by make(allocate) with allocate(shape, dtype): with
+    an open OutputArena, once per pass and key (OutputArena.layout); without one, in scratch buffers named after
+    scratch_name (valid until the next call with that name and shape)."""
+    arena = getattr(_per_thread, "arena", None)
+    if arena is not None:
+        return arena.layout(source, key, make)
+    made = []
+
+    def allocate(shape, dtype):  # a name per allocation: scratch_name, then scratch_name.1, ...
+        made.append(scratch(scratch_name + (f".{len(made)}" if made else ""), shape, dtype))
+        return made[-1]
+
+    return make(allocate)
 
 
 def reusable_output(shape, dtype):
@@ -117,16 +149,22 @@ def nhwc(a):
 
 
 def padded_channels_last(x, padding, min_width=0, buffer_name="x_padded"):
-    """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right), channels last, in a scratch
-    buffer: xp[N, H + top + bottom, max(W + left + right, min_width), C] (extra zero columns on the right)."""
+    """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right), channels last:
+    xp[N, H + top + bottom, max(W + left + right, min_width), C] (extra zero columns on the right), a `layout_copy`
+    (the fused forward's is the listed backward's)."""
     n, c, h, wd = x.shape
     top, bottom, left, right = padding
-    xp = scratch(buffer_name, (n, h + top + bottom, max(wd + left + right, min_width), c), x.dtype)
-    if is_channels_last(x):  # compiled copies, on every thread (numpy's slice assignments run on one)
-        _pad_rows(x.transpose(0, 2, 3, 1), top, left, xp)
-    else:  # a transposing copy
-        _pad_channels_last(x, top, left, xp)
-    return xp
+    shape = (n, h + top + bottom, max(wd + left + right, min_width), c)
+
+    def make(allocate):
+        xp = allocate(shape, x.dtype)
+        if is_channels_last(x):  # compiled copies, on every thread (numpy's slice assignments run on one)
+            _pad_rows(x.transpose(0, 2, 3, 1), top, left, xp)
+        else:  # a transposing copy
+            _pad_channels_last(x, top, left, xp)
+        return xp
+
+    return layout_copy(x, ("padded_channels_last", tuple(padding), shape, x.dtype.str), make, buffer_name)
 
 
 def padded_nchw(x, padding, extra_columns=0):

@@ -27,7 +27,7 @@ from numba import prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import reusable_output, round_up, scratch
+from numba_cnn.kernels.jit.buffers import layout_copy, reusable_output, round_up, scratch
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, TILE_BITS
 
@@ -237,15 +237,21 @@ def column_dx_fits(x_shape, w_shape, padding):
 
 
 def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None):
-    """a[N, C, H, W] (either layout; through the ReLU's select on relu_y if given) placed at (top, left) in a
-    zeroed scratch buffer (N, planes, rows, columns), and the per-image channel sums (N, C)."""
+    """a[N, C, H, W] (either layout; through the ReLU's select on relu_y if given) placed at (top, left) in zeros
+    (N, planes, rows, columns), and the per-image channel sums (N, C): a `layout_copy` of a (the forward's padded
+    input is the backward's), in scratch buffers with relu_y."""
     n, c = a.shape[:2]
-    out = scratch(buffer_name, (n, planes, rows, columns), a.dtype)
-    sums = scratch(buffer_name + ".sums", (n, c), a.dtype)
     channels_last = is_channels_last(a)
     src = a.transpose(0, 2, 3, 1) if channels_last else a
-    _pad_planes(src, channels_last, relu_y is not None, src if relu_y is None else relu_y, top, left, out, sums)
-    return out, sums
+
+    def make(allocate):
+        out, sums = allocate((n, planes, rows, columns), a.dtype), allocate((n, c), a.dtype)
+        _pad_planes(src, channels_last, relu_y is not None, src if relu_y is None else relu_y, top, left, out, sums)
+        return out, sums
+
+    if relu_y is not None:
+        return make(lambda shape, dtype: scratch(buffer_name + ".sums" * (len(shape) == 2), shape, dtype))
+    return layout_copy(a, ("planes", top, left, planes, rows, columns, a.dtype.str), make, buffer_name)
 
 
 def column_forward(x, w, b, relu, padding):

@@ -6,9 +6,10 @@ kernels. jit/__init__.py's conv2d_relu_maxpool2d_backward calls it where it appl
 import numpy as np
 from numba import get_num_threads
 
-from numba_cnn.kernels.jit.buffers import reusable_output, scratch
+from numba_cnn.kernels.jit.buffers import nchw, padded_nchw, reusable_output, scratch
 from numba_cnn.kernels.jit.paths import note
-from numba_cnn.kernels.jit.sparse import LISTED_BAND_BYTES, _listed_input_grad, _listed_weight_grad, _pooled_grad_lists
+from numba_cnn.kernels.jit.sparse import (LISTED_BAND_BYTES, POOLED_GRAD_LANES, POOLED_GRAD_TAPS, _listed_input_grad,
+                                          _listed_weight_grad, _pooled_grad_lists, _pooled_weight_grad)
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
 
 
@@ -51,3 +52,30 @@ def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
                            dx.reshape(n, -1))
         dx = dx.transpose(0, 3, 1, 2)
     return dx, dw, sums.sum(axis=0)
+
+
+def pooled_weight_grad_fits(x, w, need_dx):
+    """Whether `pooled_weight_grad` takes the fused backward: no dx wanted (a first layer), output channels a
+    multiple of its vector, at least a tile of taps, finite x and w (it multiplies the unpooled gradient's zeros
+    too, but in another order than the composition, so a NaN from 0 * inf could land elsewhere)."""
+    k, c, r, s = w.shape
+    return (not need_dx and k % POOLED_GRAD_LANES == 0 and c * r * s >= POOLED_GRAD_TAPS and np.isfinite(w).all()
+            and np.isfinite(x).all())
+
+
+def pooled_weight_grad(dy, pooled, argmax, x, w, padding):
+    """(dw[K, C, R, S], db[K]) of the fused conv + ReLU + 2x2 max-pool backward without dx, by sparse.py's
+    `_pooled_weight_grad`, from dy, pooled and argmax channels-last (N, P2, Q2, K) and x NCHW or
+    channels-last (read as NCHW planes, zero-padded by `padding` if any)."""
+    n, k = dy.shape[0], dy.shape[3]
+    _, c, r, s = w.shape
+    xp = padded_nchw(x, padding) if any(padding) else nchw(x)
+    note("conv2d_relu_maxpool2d_backward", f"dw from the pooled gradient, tiles of 9 taps x {POOLED_GRAD_LANES} "
+         "lanes", n * dy.shape[1] * dy.shape[2] * 4 * c * r * s * k)
+    chunks = min(GRAD_IMAGE_CHUNKS, n)
+    dwt = scratch("pooled.dw", (chunks, c * r * s, k), dy.dtype)
+    dbt = scratch("pooled.db", (chunks, k), dy.dtype)
+    _pooled_weight_grad(xp, dy, pooled, argmax, r, s, dy.dtype.type(0), dwt, dbt)
+    dw = dwt[0] if chunks == 1 else dwt.sum(axis=0)  # the chunks in order
+    db = dbt[0].copy() if chunks == 1 else dbt.sum(axis=0)
+    return np.ascontiguousarray(dw.T.reshape(k, c, r, s)), db
