@@ -32,6 +32,8 @@ SHAPES = [
     pytest.param((2, 3, 9, 12), (6, 3, 2, 3), NO_PADDING, id="kernel_2x3"),
     pytest.param((3, 1, 28, 28), (32, 1, 3, 3), NO_PADDING, id="conv1_mnist"),
     pytest.param((2, 32, 13, 13), (64, 32, 3, 3), NO_PADDING, id="conv2_mnist"),
+    # one input channel, 3x3, output channels in the lanes: two and more vector steps, 'same' on odd sizes
+    pytest.param((2, 1, 11, 9), (64, 1, 3, 3), (1, 1, 1, 1), id="one_channel_same_k64"),
     # zero padding ('same' and uneven), the input gradient cropped out of the padded one
     pytest.param((2, 3, 8, 8), (32, 3, 3, 3), (1, 1, 1, 1), id="same_3x3_c3"),
     pytest.param((1, 1, 7, 9), (6, 1, 5, 5), (2, 2, 2, 2), id="same_5x5_one_channel"),

@@ -351,6 +351,7 @@ def tile_constants(bits):
               "'CONV_POOL_TILE_NARROW': t.CONV_POOL_TILE_NARROW, "
               "'GRAD_LANES_NARROW': t.GRAD_LANES_NARROW, "
               "'GRAD_LANES_WIDE': t.GRAD_LANES_WIDE, 'TILE_TAPS': t.TILE_TAPS, 'CONV1_TILE': t.CONV1_TILE, "
+              "'ONE_CHANNEL_LANES': t.ONE_CHANNEL_LANES, "
               "'COLUMN_LANES': c.COLUMN_LANES, 'COLUMN_TILE': c.COLUMN_TILE, 'COLUMN_GRAD_TILE': c.COLUMN_GRAD_TILE, "
               "'WINOGRAD_TILE_WIDE': t.WINOGRAD_TILE_WIDE, 'WINOGRAD_TILE_NARROW': t.WINOGRAD_TILE_NARROW, "
               "'WINOGRAD_CHUNK': t.WINOGRAD_CHUNK}))")
@@ -389,8 +390,12 @@ def block_tiles():
     cells = [f"{t['CONV1_TILE'][0]} columns x {t['CONV1_TILE'][1]} channels = **"
              f"{t['CONV1_TILE'][0] * t['CONV1_TILE'][1] * 32 // t['bits']} {'ymm' if t['bits'] == 256 else 'zmm'}**"
              for t in (avx2, avx512)]
-    rows.append(f"| `CONV1_TILE` (columns, channels) | conv1 fused with pool1 (one input channel) | {cells[0]} | "
-                f"{cells[1]} |")
+    rows.append(f"| `CONV1_TILE` (columns, channels) | conv fused with a 2x2 pool, one input channel, not 3x3 or "
+                f"K off the lanes below | {cells[0]} | {cells[1]} |")
+    cells = [f"4 outputs x {t['ONE_CHANNEL_LANES']} lanes = **{4 * t['ONE_CHANNEL_LANES'] * 32 // t['bits']} "
+             f"{'ymm' if t['bits'] == 256 else 'zmm'}**" for t in (avx2, avx512)]
+    rows.append(f"| `ONE_CHANNEL_LANES` | conv1 fused with pool1 (one input channel, 3x3): a window's four outputs "
+                f"| {cells[0]} | {cells[1]} |")
     for name, use, kind in (("COLUMN_TILE", "conv forward and dx with few channels, lanes along the output columns "
                                             "(LeNet's conv1 forward, its dx into 6 channels)", "rows"),
                             ("COLUMN_GRAD_TILE", "weight gradients of few filters, lanes along the columns (LeNet's "

@@ -89,10 +89,11 @@ batchnorm2d_relu_*  batchnorm2d_* with the ReLU folded in, no pass of its own: `
 conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair of conv rows land in a per-image
                  (2, Q, K) channels-last buffer (L1-sized), ReLU'd, and are pooled from there into y and argmax:
                  the P x Q x K activation is never written, and only the 2 * Q2 columns pooling reads are computed
-                 (conv2: 10 of 11, two exact tiles of CONV_POOL_TILE's 5 columns). One input channel with conv
-                 rows of at most CONV1_TILE columns (conv1) takes `_conv1_pool` instead, a tile along the columns
-                 (9 taps cannot amortise a channels-last tile's transposing store), even columns apart from odd
-                 ones so that pooling reads both at one offset, whose y and argmax come channels-last. Both sum
+                 (conv2: 10 of 11, two exact tiles of CONV_POOL_TILE's 5 columns). One input channel and 3x3
+                 (conv1) takes `_one_channel_pool`: per window, its 4 x 4 input patch broadcast against vectors of
+                 ONE_CHANNEL_LANES output channels, stored channels-last as pooled. Other one-channel kernels with
+                 rows of at most CONV1_TILE columns take `_conv1_pool`, a tile along the columns, even columns
+                 apart from odd ones so that pooling reads both at one offset. All sum
                  each output as conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the
                  pooled values and argmax are bitwise those of the composed ops (tested). Where Winograd fits, its
                  kernel pools its 2x2 output tiles (conv2d_forward's tiles and sums: bitwise too), channels-last.
@@ -128,10 +129,10 @@ from numba_cnn.kernels._numba_ext import CACHE  # noqa: F401  (jit.CACHE: whethe
 from numba_cnn.kernels.contract import BackendInfo, is_channels_last
 from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_POOL_TILE_NARROW, CONV_TILE_NARROW,
                                          CONV_TILE_SMALL, CONV_TILE_WIDE, GRAD_IMAGE_CHUNKS, GRAD_LANES_NARROW,
-                                         GRAD_LANES_WIDE, GRAD_MIN_TILES, STRIDED_GRAD_TILE, STRIDED_TILE, TILE_TAPS,
-                                         _conv1_pool, _conv_pool, _conv_pool_narrow, _conv_tile_small,
-                                         _conv_tile_narrow, _conv_tile_wide, _maxpool_backward, _maxpool_forward,
-                                         _unpool_pack, _weight_grad_narrow, _weight_grad_wide)
+                                         GRAD_LANES_WIDE, GRAD_MIN_TILES, ONE_CHANNEL_LANES, STRIDED_GRAD_TILE,
+                                         STRIDED_TILE, TILE_TAPS, _conv1_pool, _conv_pool, _conv_pool_narrow,
+                                         _conv_tile_small, _conv_tile_narrow, _conv_tile_wide, _maxpool_backward,
+                                         _maxpool_forward, _one_channel_pool, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
 from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
 from numba_cnn.kernels.jit.buffers import (OutputArena, nchw, nhwc, pad_width,  # noqa: F401  (Backend.output_arena)
@@ -145,7 +146,7 @@ from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation
 from numba_cnn.kernels.jit.norm import (_avgpool2x2_backward, _avgpool2x2_forward, _avgpool_backward, _avgpool_forward,
                                         _maxpool_any_backward, _maxpool_any_forward)
 from numba_cnn.kernels.jit.listed import listed_backward, pooled_weight_grad, pooled_weight_grad_fits
-from numba_cnn.kernels.jit.sparse import _pack_channels_last
+from numba_cnn.kernels.jit.sparse import _pack_channels_last, _unpool_pack
 
 # the listed scatters run along a kernel row's S x C values: below a vector's lanes (conv1: 3) the dense path wins
 LISTED_MIN_SPAN = 8
@@ -481,6 +482,14 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
     top, bottom, left, right = padding
     p_half, q_half = (h + top + bottom - r + 1) // 2, (wd + left + right - s + 1) // 2
     macs = n * k * c * r * s * 4 * p_half * q_half  # the conv outputs pooling reads, no others
+    if c == 1 and r == s == 3 and k % ONE_CHANNEL_LANES == 0 and p_half and q_half:  # channels in the lanes
+        note("conv2d_relu_maxpool2d_forward", f"one-channel 3x3, {ONE_CHANNEL_LANES} channels per vector step", macs)
+        y = reusable_output((n, p_half, q_half, k), x.dtype)  # channels last, as the next convolution reads it
+        argmax = reusable_output(y.shape, np.uint8)
+        xp = padded_nchw(x, padding)[:, 0] if any(padding) else x.reshape(n, h, wd)
+        wt = np.ascontiguousarray(w.reshape(k, 9).T)
+        _one_channel_pool(xp, wt, b.astype(x.dtype), x.dtype.type(0), y, argmax)
+        return y.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)
     if c == 1 and 2 * q_half <= CONV1_TILE[0] and not any(padding):  # a tile along the columns (_make_conv1_pool)
         note("conv2d_relu_maxpool2d_forward", f"one-channel column tile {CONV1_TILE[0]} x {CONV1_TILE[1]}", macs)
         y = reusable_output((n, p_half, q_half, k), x.dtype)  # channels last, as the next convolution reads it

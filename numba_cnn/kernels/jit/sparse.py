@@ -280,11 +280,11 @@ def _make_pooled_weight_grad(lanes, taps):
 
         The unpooled gradient is never stored: per window, its gradient becomes four copies masked to each of the
         window's four positions, and each tap adds the four products with that position's input, one of them
-        nonzero (a select per lane would need a gather of the inputs); every output position's product is made, as in the dense sum over the unpooled gradient (its
-        zeros included). At least `taps` taps (C x R x S): the last tile of taps overlaps the one before. Per
-        element of dwt: images in order, windows in order; the chunks are fixed by the batch and the caller adds
-        them in order, so the same bits for any thread count. dbt[h, k]: chunk h's sum of g (the bias gradient's),
-        images and windows in order."""
+        nonzero (a select per lane would need a gather of the inputs); every output position's product is made, as in
+        the dense sum over the unpooled gradient (its zeros included). At least `taps` taps (C x R x S): the last tile
+        of taps overlaps the one before. Per element of dwt: images in order, windows in order; the chunks are fixed by
+        the batch and the caller adds them in order, so the same bits for any thread count. dbt[h, k]: chunk h's sum of
+        g (the bias gradient's), images and windows in order."""
         n_images, n_in, height, width = xp.shape
         n_chunks, n_taps, n_out = dwt.shape
         p_half, q_half = dy.shape[1], dy.shape[2]
@@ -344,6 +344,44 @@ def _make_pooled_weight_grad(lanes, taps):
 
 
 _pooled_weight_grad = _make_pooled_weight_grad(POOLED_GRAD_LANES, POOLED_GRAD_TAPS)
+
+
+@_jit
+def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
+    """The gradient of a conv output before ReLU + 2x2 max-pooling, from the pooled gradient dy[N, P//2, Q//2, K]
+    (channels last, as pooled and argmax): the ReLU's select (dy where pooled > 0 or pooled is NaN, else exactly 0,
+    as layers.relu_backward) routed to each window's argmax, written channels-last into out[N, P, Q + 2 col_pad,
+    K_padded] (every element once: zero elsewhere, in the padding columns and channels and the dropped odd
+    row/column); sums[n, k] as `_pack_channels_last` makes them, in the same order (so the same bits)."""
+    n_images, p_half, q_half, n_ch = dy.shape
+    p_out, c_padded = out.shape[1], out.shape[3]
+    for n in prange(n_images):
+        total = sums[n]
+        total[:] = zero
+        for i in range(p_out):
+            pi, di = i // 2, i % 2
+            out[n, i, :col_pad] = zero
+            out[n, i, col_pad + 2 * q_half:] = zero  # the dropped odd column and the right padding
+            if pi >= p_half:  # the dropped odd last row
+                out[n, i] = zero
+                continue
+            first = np.uint8(2 * di)
+            for pj in range(q_half):
+                left, right = out[n, i, col_pad + 2 * pj], out[n, i, col_pad + 2 * pj + 1]
+                g_row, pooled_row, where_row = dy[n, pi, pj], pooled[n, pi, pj], argmax[n, pi, pj]
+                for c in range(n_ch):
+                    p, where = pooled_row[c], where_row[c]
+                    # a select, not dy * (pooled > 0): a NaN or inf dy where the ReLU was off contributes nothing
+                    g = g_row[c] if (p > zero) | (p != p) else zero
+                    left[c] = g if where == first else zero
+                    right[c] = g if where == first + 1 else zero
+                for c in range(n_ch, c_padded):
+                    left[c] = zero
+                    right[c] = zero
+                for c in range(c_padded):
+                    total[c] += left[c]
+                for c in range(c_padded):
+                    total[c] += right[c]
 
 
 @_jit

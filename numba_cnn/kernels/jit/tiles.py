@@ -39,6 +39,8 @@ else:
     # K <= 16: two ymm of lanes x 6 columns, the same 12 accumulators as the 32-lane tiles
     CONV_TILE_SMALL = (16, 6)
 CONV1_TILE = (32, 3) if TILE_BITS < 512 else (32, 6)  # (columns, channels): 12 ymm / 12 zmm
+# one input channel, 3x3: output channels per vector step of `_make_one_channel_pool` (4 outputs x 2 registers)
+ONE_CHANNEL_LANES = 32 if TILE_BITS >= 512 and TILE_REGISTERS >= 32 else 16
 TILE_TAPS = 3  # kernel taps per weight-gradient tile (a 3x3 kernel splits into 3 exact blocks)
 # weight-gradient tiles fewer than this are split over GRAD_IMAGE_CHUNKS fixed image chunks instead (conv1 has 3
 # tiles for 2 threads: 2:1 imbalance); a constant, not the thread count, so the sums do not depend on threads
@@ -426,6 +428,62 @@ def _make_conv1_pool(columns, channels):
     return conv1_pool
 
 
+@njit(inline="always")  # inlined into the calling kernel in numba IR, where `at` is a constant
+def _taps3x3(xs, at, bias, w0, w1, w2, w3, w4, w5, w6, w7, w8, lane):
+    """bias + the 3 x 3 products of a 4 x 4 patch xs (row-major) from offset `at` with the taps' weights at `lane`,
+    in (r, s) order: as the correlation tiles sum them, so the same bits."""
+    return (bias + xs[at] * w0[lane] + xs[at + 1] * w1[lane] + xs[at + 2] * w2[lane] + xs[at + 4] * w3[lane]
+            + xs[at + 5] * w4[lane] + xs[at + 6] * w5[lane] + xs[at + 8] * w6[lane] + xs[at + 9] * w7[lane]
+            + xs[at + 10] * w8[lane])
+
+
+def _make_one_channel_pool(lanes):
+    """Fused 3x3 correlation + ReLU + 2x2 max-pooling for one input channel with the output channels in the lanes:
+    a pooling window's four conv outputs need the 16 inputs of its 4 x 4 patch, each a broadcast, and 36 FMAs on
+    each vector of channels; the pooled values and argmax are stored channels-last as they come, a vector at a
+    time. (Lanes along the columns, `_make_conv1_pool`, transpose every pooled row on the way out.)"""
+    _stack_tile = tile_allocator()
+
+    @_jit
+    def one_channel_pool(x, wt, b, zero, y, argmax):
+        """y[n, i, j, k], argmax[n, i, j, k] (channels last, K a multiple of `lanes`) = pool(relu(b[k] + sum_{r,s}
+        x[n, 2i + a + r, 2j + b + s] * wt[3r + s, k])) over the window's positions (a, b); x (N, H, W) holding the
+        padding; wt (9, K)."""
+        n_images = x.shape[0]
+        p_half, q_half, n_out = y.shape[1], y.shape[2], y.shape[3]
+        for n in prange(n_images):
+            xs = _stack_tile(16, x.dtype)
+            image = x[n]
+            for k0 in range(0, n_out, lanes):
+                w0, w1, w2 = wt[0, k0:], wt[1, k0:], wt[2, k0:]
+                w3, w4, w5 = wt[3, k0:], wt[4, k0:], wt[5, k0:]
+                w6, w7, w8 = wt[6, k0:], wt[7, k0:], wt[8, k0:]
+                b_k = b[k0:]
+                for pi in range(p_half):
+                    rows = image[2 * pi:]
+                    for pj in range(q_half):
+                        for a in range(4):
+                            row = rows[a, 2 * pj:]
+                            for c in range(4):
+                                xs[4 * a + c] = row[c]
+                        y_seg, arg_seg = y[n, pi, pj, k0:], argmax[n, pi, pj, k0:]
+                        for l in range(lanes):
+                            bias = b_k[l]
+                            v0 = _taps3x3(xs, 0, bias, w0, w1, w2, w3, w4, w5, w6, w7, w8, l)
+                            v1 = _taps3x3(xs, 1, bias, w0, w1, w2, w3, w4, w5, w6, w7, w8, l)
+                            v2 = _taps3x3(xs, 4, bias, w0, w1, w2, w3, w4, w5, w6, w7, w8, l)
+                            v3 = _taps3x3(xs, 5, bias, w0, w1, w2, w3, w4, w5, w6, w7, w8, l)
+                            v0 = zero if v0 < zero else v0  # ReLU; NaN < 0 is false: NaN stays
+                            v1 = zero if v1 < zero else v1
+                            v2 = zero if v2 < zero else v2
+                            v3 = zero if v3 < zero else v3
+                            best, where = _pool_window(v0, v1, v2, v3)
+                            y_seg[l] = best
+                            arg_seg[l] = where
+
+    return one_channel_pool
+
+
 def _make_weight_grad(lanes):
     """Weight-gradient kernel with tiles of TILE_TAPS taps along a kernel row x `lanes` output channels."""
     taps = TILE_TAPS
@@ -488,49 +546,12 @@ _conv_pool = _make_conv_pool(CONV_POOL_TILE[1], CONV_POOL_TILE[0])
 _conv_pool_narrow = (_conv_pool if CONV_POOL_TILE_NARROW == CONV_POOL_TILE
                      else _make_conv_pool(CONV_POOL_TILE_NARROW[1], CONV_POOL_TILE_NARROW[0]))
 _conv1_pool = _make_conv1_pool(*CONV1_TILE)
+_one_channel_pool = _make_one_channel_pool(ONE_CHANNEL_LANES)
 _winograd_wide = _make_winograd(*WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
 _winograd_narrow = _make_winograd(*WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
 _weight_grad_narrow = _make_weight_grad(GRAD_LANES_NARROW)
 _weight_grad_wide = (_weight_grad_narrow if GRAD_LANES_WIDE == GRAD_LANES_NARROW
                      else _make_weight_grad(GRAD_LANES_WIDE))
-
-
-@_jit
-def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
-    """The gradient of a conv output before ReLU + 2x2 max-pooling, from the pooled gradient dy[N, P//2, Q//2, K]
-    (channels last, as pooled and argmax): the ReLU's select (dy where pooled > 0 or pooled is NaN, else exactly 0,
-    as layers.relu_backward) routed to each window's argmax, written channels-last into out[N, P, Q + 2 col_pad,
-    K_padded] (every element once: zero elsewhere, in the padding columns and channels and the dropped odd
-    row/column); sums[n, k] as `_pack_channels_last` makes them, in the same order (so the same bits)."""
-    n_images, p_half, q_half, n_ch = dy.shape
-    p_out, c_padded = out.shape[1], out.shape[3]
-    for n in prange(n_images):
-        total = sums[n]
-        total[:] = zero
-        for i in range(p_out):
-            pi, di = i // 2, i % 2
-            out[n, i, :col_pad] = zero
-            out[n, i, col_pad + 2 * q_half:] = zero  # the dropped odd column and the right padding
-            if pi >= p_half:  # the dropped odd last row
-                out[n, i] = zero
-                continue
-            first = np.uint8(2 * di)
-            for pj in range(q_half):
-                left, right = out[n, i, col_pad + 2 * pj], out[n, i, col_pad + 2 * pj + 1]
-                g_row, pooled_row, where_row = dy[n, pi, pj], pooled[n, pi, pj], argmax[n, pi, pj]
-                for c in range(n_ch):
-                    p, where = pooled_row[c], where_row[c]
-                    # a select, not dy * (pooled > 0): a NaN or inf dy where the ReLU was off contributes nothing
-                    g = g_row[c] if (p > zero) | (p != p) else zero
-                    left[c] = g if where == first else zero
-                    right[c] = g if where == first + 1 else zero
-                for c in range(n_ch, c_padded):
-                    left[c] = zero
-                    right[c] = zero
-                for c in range(c_padded):
-                    total[c] += left[c]
-                for c in range(c_padded):
-                    total[c] += right[c]
 
 
 @_jit
