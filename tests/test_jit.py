@@ -574,3 +574,49 @@ def test_new_ops_give_identical_bits_on_one_and_two_threads():
         numba.set_num_threads(before)
     for index, (one, two) in enumerate(zip(*results)):
         np.testing.assert_array_equal(one, two, err_msg=f"output {index}")
+
+
+# (N, D, M): one image, one input, D past a weight-gradient block (256) and under it, M at the compiled bound (64)
+DENSE_SHAPES = [(1, 7, 3), (5, 1, 10), (9, 300, 64), (128, 1600, 10), (3, 513, 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,d,m", DENSE_SHAPES)
+def test_compiled_dense_layers_match_the_oracle(n, d, m, dtype):
+    """Dense layers of at most DENSE_COMPILED_MAX_OUTPUTS outputs run jit's own kernels: forward and all three
+    gradients against float64 matmuls, on awkward shapes; wider ones are numpy's, bit for bit."""
+    from numba_cnn.kernels.jit import layers as jit_layers
+    from numba_cnn.kernels import layers as numpy_layers
+
+    rng = np.random.default_rng(n * 1000 + d + m)
+    x, w = rng.standard_normal((n, d)).astype(dtype), rng.standard_normal((d, m)).astype(dtype)
+    b, dy = rng.standard_normal(m).astype(dtype), rng.standard_normal((n, m)).astype(dtype)
+    assert m <= jit_layers.DENSE_COMPILED_MAX_OUTPUTS
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    reference.assert_close(jit_layers.dense_forward(x, w, b), x64 @ w64 + b, dtype, "y")
+    dx, dw, db = jit_layers.dense_backward(dy, x, w)
+    for got, want, name in ((dx, dy64 @ w64.T, "dx"), (dw, x64.T @ dy64, "dw"), (db, dy64.sum(axis=0), "db")):
+        assert got.dtype == dtype and got.shape == want.shape
+        reference.assert_close(got, want, dtype, name)
+    wide = rng.standard_normal((d, jit_layers.DENSE_COMPILED_MAX_OUTPUTS + 1)).astype(dtype)
+    np.testing.assert_array_equal(jit_layers.dense_forward(x, wide, np.zeros(wide.shape[1], dtype)), x @ wide)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
+def test_compiled_dense_layers_give_identical_bits_on_one_and_two_threads():
+    from numba_cnn.kernels.jit import layers as jit_layers
+
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((37, 700)).astype(np.float32), rng.standard_normal((700, 10)).astype(np.float32)
+    b, dy = rng.standard_normal(10).astype(np.float32), rng.standard_normal((37, 10)).astype(np.float32)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            results.append([np.array(a) for a in (jit_layers.dense_forward(x, w, b),
+                                                  *jit_layers.dense_backward(dy, x, w))])
+    finally:
+        numba.set_num_threads(before)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
