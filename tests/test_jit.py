@@ -583,7 +583,7 @@ DENSE_SHAPES = [(1, 7, 3), (5, 1, 10), (9, 300, 64), (128, 1600, 10), (3, 513, 1
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n,d,m", DENSE_SHAPES)
 def test_compiled_dense_layers_match_the_oracle(n, d, m, dtype):
-    """Dense layers of at most DENSE_COMPILED_MAX_OUTPUTS outputs run jit's own kernels: forward and all three
+    """The backward of dense layers of at most DENSE_COMPILED_MAX_OUTPUTS outputs runs jit's own kernel: all three
     gradients against float64 matmuls, on awkward shapes; wider ones are numpy's, bit for bit."""
     from numba_cnn.kernels.jit import layers as jit_layers
     from numba_cnn.kernels import layers as numpy_layers
@@ -599,7 +599,9 @@ def test_compiled_dense_layers_match_the_oracle(n, d, m, dtype):
         assert got.dtype == dtype and got.shape == want.shape
         reference.assert_close(got, want, dtype, name)
     wide = rng.standard_normal((d, jit_layers.DENSE_COMPILED_MAX_OUTPUTS + 1)).astype(dtype)
-    np.testing.assert_array_equal(jit_layers.dense_forward(x, wide, np.zeros(wide.shape[1], dtype)), x @ wide)
+    dy_wide = rng.standard_normal((n, wide.shape[1])).astype(dtype)
+    for got, want in zip(jit_layers.dense_backward(dy_wide, x, wide), numpy_layers.dense_backward(dy_wide, x, wide)):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")

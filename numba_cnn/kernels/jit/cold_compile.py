@@ -5,8 +5,9 @@ which two processes may fill at once (tests/test_concurrent_cache.py).
 
 How the work splits without a list of kernels per network: the units are the network's own steps (each step's
 forward and backward on two tiny images of that step's input shape, its dy stored as the training pass hands it
-over), then the loss and Adam. Both processes walk them in order, each taking the next unit the other has not
-claimed, so the work splits as it comes (a unit's compile time is not known ahead: a step with kernels of its own,
+over; the steps with the most parameters first, since they compile longest and this process starts first), then the
+loss and Adam. Both processes walk them in that order, each taking the next unit the other has not claimed, so the
+work splits as it comes (a unit's compile time is not known ahead: a step with kernels of its own,
 like a first layer on the column tiles, costs several times one that reuses others'); a kernel one of them has
 compiled by the time the other reaches it is loaded from the disk cache instead of compiled again. Numba compiles one
 function at a time in a process, so this roughly halves a cold start (the figures are in docs/results.md).
@@ -53,7 +54,7 @@ def kernels():
 def compile_part(network, part, claims):
     """Compile or load what `network`'s training step uses, unit by unit: each step of its plan (forward and backward
     on two tiny images of that step's input shape), then the loss and Adam. Both parts (0: this process, 1: the
-    second) walk the units in order; a unit is taken by whichever process creates its file in the folder `claims`
+    second) walk the units in one order; a unit is taken by whichever process creates its file in the folder `claims`
     first, so each takes the next free unit when it is done with one, and no unit is compiled twice."""
     from numba_cnn.kernels import get_backend
     from numba_cnn.model import Model, Run
@@ -64,9 +65,11 @@ def compile_part(network, part, claims):
     model = Model(backend, network=network)
     run = Run(backend, backend.layers, True, backend.make_dropout_rng(0))
 
-    def step_unit(step, arrays, dy_channels_last):
+    def step_unit(step, arrays, x_channels_last, dy_channels_last):
         def unit():
             x = rng.random((_IMAGES,) + tuple(network.shapes[step.first]), dtype=np.float32)
+            if x_channels_last and x.ndim == 4:  # as the fused conv + pool before it hands its output on
+                x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
             y, cache = step.runner.forward(run, arrays, x)
             dy = np.ones_like(y)
             if dy_channels_last:  # stored as the training pass hands it over, so the same specialisations compile
@@ -81,10 +84,16 @@ def compile_part(network, part, claims):
         backend.layers.adam_update(p.copy(), np.ones_like(p), np.zeros_like(p), np.zeros_like(p), 1e-3, 0.9, 0.999,
                                    1e-7)
 
-    # the fused conv + pool's backward hands its input gradient on channels-last: the step before it gets its dy so
+    # the fused conv + pool hands its output and its input gradient on channels-last: the step after it gets its x
+    # so, the step before it its dy (no layout copy compiled that training does not make)
     steps = model.steps
-    units = [step_unit(step, arrays, i + 1 < len(steps) and isinstance(steps[i + 1].runner, ConvReluPool))
-             for i, (step, (_, arrays)) in enumerate(zip(steps, model._step_arrays))] + [loss_and_adam]
+    fused = [isinstance(step.runner, ConvReluPool) for step in steps]
+    units = [step_unit(step, arrays, i > 0 and fused[i - 1], i + 1 < len(steps) and fused[i + 1])
+             for i, (step, (_, arrays)) in enumerate(zip(steps, model._step_arrays))]
+    # the steps with the most parameters first (the widest convolutions: the kernels that compile longest), so that
+    # this process, which starts while the other is still importing, takes the longest unit
+    sizes = [sum(a.size for a in arrays.values()) for _, arrays in model._step_arrays]
+    units = [units[i] for i in sorted(range(len(units)), key=lambda i: -sizes[i])] + [loss_and_adam]
     for i in range(len(units)):
         try:
             os.close(os.open(os.path.join(claims, f"unit-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))

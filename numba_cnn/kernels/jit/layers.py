@@ -27,7 +27,7 @@ from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import reusable_output
-from numba_cnn.kernels.layers import argmax_rows  # noqa: F401
+from numba_cnn.kernels.layers import argmax_rows, dense_forward  # noqa: F401
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
@@ -189,69 +189,49 @@ def dropout_backward(dy, mask):
     return dx
 
 
-# Dense layers with at most this many outputs run compiled on every thread: BLAS runs at one thread here (see
-# jit/__init__.py), and its kernels fill few lanes with 10 outputs. Wider ones (VGG's 4096 -> 256) are BLAS's.
+# The backward of dense layers with at most this many outputs runs compiled on every thread: BLAS runs at one thread
+# here (see jit/__init__.py), and fills few lanes with 10 outputs. Wider ones (VGG's 4096 -> 256) are BLAS's, and
+# so is every forward (a compiled one measured no faster: one matmul, no reduction over the batch).
 DENSE_COMPILED_MAX_OUTPUTS = 64
-
-
-@_jit
-def _dense_rows(x, w_t, b, y):
-    """y[n, m] = b[m] + x[n] . w_t[m] (w_t = w transposed, (M, D)): per output a dot product along D, the rows of
-    the batch in parallel."""
-    n_rows, n_out = y.shape
-    for n in prange(n_rows):
-        x_row, y_row = x[n], y[n]
-        for m in range(n_out):
-            w_row = w_t[m]
-            total = x.dtype.type(0)
-            for d in range(x_row.shape[0]):
-                total += x_row[d] * w_row[d]
-            y_row[m] = b[m] + total
 
 
 _DENSE_TILE = 64  # values summed in registers at a time (4 zmm, 8 ymm)
 
 
-def _make_dense_grads(tile):
+def _make_dense_backward(tile):
     _stack_tile = tile_allocator()
 
     @_jit
-    def dense_input_grad(dy, w_t, dx):
-        """dx[n] = sum over m of dy[n, m] * w_t[m] (w_t = w transposed, (M, D)), the outputs m in order: rows in
-        parallel over n, `tile` values of a row summed in registers at a time."""
+    def dense_backward(dy, x, w_t, dx, dw_t):
+        """dx[n] = sum over m of dy[n, m] * w_t[m] (w_t = w transposed, (M, D)), the outputs m in order, and dw_t[m,
+        d] = sum over n of dy[n, m] * x[n, d], the images in order: one parallel loop over the N rows of dx, then
+        the blocks of `tile` inputs of dw (one kernel: one compile), `tile` values summed in registers at a time."""
         n_rows, n_out = dy.shape
         depth = dx.shape[1]
         tiled = depth - depth % tile
-        for n in prange(n_rows):
+        n_blocks = (depth + tile - 1) // tile
+        for task in prange(n_rows + n_blocks):
             acc = _stack_tile(tile, dx.dtype)
-            dy_row, dx_row = dy[n], dx[n]
-            for d0 in range(0, tiled, tile):
-                g, w_seg = dy_row[0], w_t[0, d0:]
-                for u in range(tile):
-                    acc[u] = g * w_seg[u]
-                for m in range(1, n_out):
-                    g, w_seg = dy_row[m], w_t[m, d0:]
+            if task < n_rows:
+                dy_row, dx_row = dy[task], dx[task]
+                for d0 in range(0, tiled, tile):
+                    g, w_seg = dy_row[0], w_t[0, d0:]
                     for u in range(tile):
-                        acc[u] += g * w_seg[u]
-                out = dx_row[d0:]
-                for u in range(tile):
-                    out[u] = acc[u]
-            for d in range(tiled, depth):  # the rest one value at a time, the same order
-                total = dy_row[0] * w_t[0, d]
-                for m in range(1, n_out):
-                    total += dy_row[m] * w_t[m, d]
-                dx_row[d] = total
-
-    @_jit
-    def dense_weight_grad(x, dy, dw_t):
-        """dw_t[m, d] = sum over n of dy[n, m] * x[n, d], images in order: `tile` inputs per task, summed in
-        registers, every output m of them."""
-        n_rows, depth = x.shape
-        n_out = dy.shape[1]
-        tiled = depth - depth % tile
-        for block in prange((depth + tile - 1) // tile):
-            acc = _stack_tile(tile, x.dtype)
-            d0 = block * tile
+                        acc[u] = g * w_seg[u]
+                    for m in range(1, n_out):
+                        g, w_seg = dy_row[m], w_t[m, d0:]
+                        for u in range(tile):
+                            acc[u] += g * w_seg[u]
+                    out = dx_row[d0:]
+                    for u in range(tile):
+                        out[u] = acc[u]
+                for d in range(tiled, depth):  # the rest one value at a time, the same order
+                    total = dy_row[0] * w_t[0, d]
+                    for m in range(1, n_out):
+                        total += dy_row[m] * w_t[m, d]
+                    dx_row[d] = total
+                continue
+            d0 = (task - n_rows) * tile
             for m in range(n_out):
                 out = dw_t[m, d0:]
                 if d0 < tiled:
@@ -271,24 +251,15 @@ def _make_dense_grads(tile):
                             total += dy[n, m] * x[n, d0 + u]
                         out[u] = total
 
-    return dense_input_grad, dense_weight_grad
+    return dense_backward
 
 
-_dense_input_grad, _dense_weight_grad = _make_dense_grads(_DENSE_TILE)
+_dense_backward = _make_dense_backward(_DENSE_TILE)
 
 
 def _dense_compiled(x, w):
     return (w.shape[1] <= DENSE_COMPILED_MAX_OUTPUTS and x.shape[0] > 0 and x.dtype == w.dtype
             and x.dtype in (np.float32, np.float64))
-
-
-def dense_forward(x, w, b):
-    """x[N, D], w[D, M], b[M] -> y[N, M] = x @ w + b: compiled over the threads for few outputs, else numpy's."""
-    if not _dense_compiled(x, w):
-        return numpy_layers.dense_forward(x, w, b)
-    y = np.empty((x.shape[0], w.shape[1]), x.dtype)
-    _dense_rows(np.ascontiguousarray(x), np.ascontiguousarray(w.T), b.astype(x.dtype), y)
-    return y
 
 
 def dense_backward(dy, x, w):
@@ -298,9 +269,8 @@ def dense_backward(dy, x, w):
         return numpy_layers.dense_backward(dy, x, w)
     dy, x = np.ascontiguousarray(dy), np.ascontiguousarray(x)
     dx = reusable_output(x.shape, x.dtype)
-    _dense_input_grad(dy, np.ascontiguousarray(w.T), dx)
     dw_t = np.empty((w.shape[1], w.shape[0]), x.dtype)
-    _dense_weight_grad(x, dy, dw_t)
+    _dense_backward(dy, x, np.ascontiguousarray(w.T), dx, dw_t)
     return dx, np.ascontiguousarray(dw_t.T), dy.sum(axis=0)
 
 
