@@ -247,3 +247,23 @@ def test_the_model_owns_the_arrays_its_passes_return():
         assert loss_a == loss_b
         for key in grads_a:
             np.testing.assert_array_equal(grads_a[key], grads_b[key])
+
+
+def test_a_steady_training_step_allocates_no_buffers(monkeypatch):
+    """After two steps, a training step of the VGG-style preset takes every buffer of the jit backend (scratch,
+    arena, layout copies) from those the steps before made: none is allocated again (each would cost a page fault
+    per 4 KiB). Its step uses more scratch buffers than a small network, the lists of two fused layers."""
+    from numba_cnn.kernels.jit import buffers
+    from numba_cnn.network import from_dict, preset_document
+
+    network = from_dict(preset_document("vgg-small"), input_shape=(3, 32, 32))
+    model = Model("jit", seed=SEED, network=network)
+    rng = np.random.default_rng(SEED)
+    images, labels = rng.standard_normal((4, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, 4)
+    made = []
+    allocate = buffers.aligned_empty
+    monkeypatch.setattr(buffers, "aligned_empty", lambda shape, dtype: made.append(shape) or allocate(shape, dtype))
+    for step in range(3):
+        made.clear()
+        model.forward_backward(images, labels, np.random.default_rng(step))
+    assert made == [], f"buffers allocated in a steady step: {made}"
