@@ -5,6 +5,7 @@ faults on them), else fresh. And the copies between the two layouts the ops take
 zero-padded copies in either layout, and the zero padding of inputs narrower than a tile.
 """
 
+import itertools
 import threading
 
 import numpy as np
@@ -103,15 +104,18 @@ def layout_copy(source, key, make, scratch_name):
     an open OutputArena, once per pass and key (OutputArena.layout); without one, in scratch buffers named after
     scratch_name (valid until the next call with that name and shape)."""
     arena = getattr(_per_thread, "arena", None)
-    if arena is not None:
-        return arena.layout(source, key, make)
-    made = []
+    return make(scratch_allocator(scratch_name)) if arena is None else arena.layout(source, key, make)
 
-    def allocate(shape, dtype):  # a name per allocation: scratch_name, then scratch_name.1, ...
-        made.append(scratch(scratch_name + (f".{len(made)}" if made else ""), shape, dtype))
-        return made[-1]
 
-    return make(allocate)
+def scratch_allocator(name):
+    """allocate(shape, dtype) -> a scratch buffer per call: named `name`, then `name.1`, `name.2`, ..."""
+    calls = itertools.count()
+
+    def allocate(shape, dtype):
+        call = next(calls)
+        return scratch(f"{name}.{call}" if call else name, shape, dtype)
+
+    return allocate
 
 
 def reusable_output(shape, dtype):

@@ -27,7 +27,7 @@ from numba import prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import layout_copy, reusable_output, round_up, scratch
+from numba_cnn.kernels.jit.buffers import layout_copy, reusable_output, round_up, scratch_allocator
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, TILE_BITS
 
@@ -250,7 +250,7 @@ def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None
         return out, sums
 
     if relu_y is not None:
-        return make(lambda shape, dtype: scratch(buffer_name + ".sums" * (len(shape) == 2), shape, dtype))
+        return make(scratch_allocator(buffer_name))
     return layout_copy(a, ("planes", top, left, planes, rows, columns, a.dtype.str), make, buffer_name)
 
 

@@ -257,15 +257,12 @@ def _make_dense_backward(tile):
 _dense_backward = _make_dense_backward(_DENSE_TILE)
 
 
-def _dense_compiled(x, w):
-    return (w.shape[1] <= DENSE_COMPILED_MAX_OUTPUTS and x.shape[0] > 0 and x.dtype == w.dtype
-            and x.dtype in (np.float32, np.float64))
-
-
 def dense_backward(dy, x, w):
     """dy[N, M], x[N, D], w[D, M] -> (dx[N, D], dw[D, M], db[M]): compiled over the threads for few outputs (each
     element summed in one fixed order, so the same bits for any thread count), else numpy's."""
-    if not _dense_compiled(x, w) or dy.dtype != x.dtype:
+    compiled = (0 < w.shape[1] <= DENSE_COMPILED_MAX_OUTPUTS and x.shape[0] > 0
+                and x.dtype == w.dtype == dy.dtype and x.dtype in (np.float32, np.float64))
+    if not compiled:
         return numpy_layers.dense_backward(dy, x, w)
     dy, x = np.ascontiguousarray(dy), np.ascontiguousarray(x)
     dx = reusable_output(x.shape, x.dtype)
