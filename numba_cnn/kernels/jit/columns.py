@@ -6,18 +6,20 @@ row's columns contiguous), so every lane does useful work whatever the channel c
 made. The same tile serves the forward and dx (the full correlation of the zero-bordered dy with the flipped
 kernel), and a second one the weight gradient.
 
-`_column_correlation`: prange over images; tiles of 4 output channels x 3 output rows x `lanes` columns (COLUMN_TILE),
-    seeded with the bias and summed over (r, s, c) in that order, c innermost, each product an FMA: the order of
-    the channels-last tile, so the same bits. Each step loads 3 input segments and broadcasts 4 weights for 12
-    FMAs, written out in the body of the loop over the lanes (the only form LLVM vectorised: docs/numba.md). The
-    last row block overlaps the one before; the last column block computes past the output's width (the caller
-    pads the input) and stores only what exists.
+`_column_correlation`: prange over images; tiles of 8 (AVX-512) or 4 (AVX2) output channels x 3 output rows x
+    `lanes` columns (COLUMN_TILE), seeded with the bias and summed over (r, s, c) in that order, c innermost, each
+    product an FMA: the order of the channels-last tile, so the same bits. Each step loads 3 input segments and
+    broadcasts 8 (4) weights for 24 (12) FMAs, written out in the body of the loop over the lanes (the only form
+    LLVM vectorised: docs/numba.md). The last row block overlaps the one before; the last column block computes
+    past the output's width (the caller pads the input) and stores only what exists.
 `_column_weight_grad`: dw[k, c, r, s] = sum over (n, i, j) of dy[n, k, i, j] x[n, c, i + r, j + s]: tiles of 4
-    output channels x 3 taps of one kernel row x `lanes` columns (COLUMN_GRAD_TILE; dy zero past its width, so the
-    extra lanes add nothing), summed per lane over the rows and column blocks of the images of one chunk, then
-    across the lanes in lane order. Tasks are (image chunk, tile) pairs fixed by the shapes (GRAD_IMAGE_CHUNKS
-    chunks), a chunk's tiles consecutive so its images stay in cache; the caller adds the chunks in order: bitwise
-    the same for any thread count.
+    output channels x 6 (AVX-512) or 3 (AVX2) taps x `lanes` columns (COLUMN_GRAD_TILE), the taps consecutive in
+    the flattened (c, r, s), so a 5x5 kernel or 3 channels of a 3x3 one fill the tile (a tap is an offset into the
+    image: any mix of channels, rows and columns is one load), dy zero past its width (the extra lanes add
+    nothing); summed per lane over the rows and column blocks of the images of one chunk, then across the lanes in
+    lane order. Tasks are (image chunk, tile) pairs fixed by the shapes (GRAD_IMAGE_CHUNKS chunks), a chunk's
+    tiles consecutive so its images stay in cache; the caller adds the chunks in order: bitwise the same for any
+    thread count.
 
 Self-contained but for tiles.py's constants, like the other kernel files, so Numba's cache sees every change.
 """
@@ -25,18 +27,20 @@ Self-contained but for tiles.py's constants, like the other kernel files, so Num
 import numpy as np
 from numba import prange
 
-from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
+from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, jit as _jit, tile_allocator
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import layout_copy, reusable_output, round_up, scratch_allocator
 from numba_cnn.kernels.jit.paths import note
-from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, TILE_BITS
+from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
 
 # one vector of float32 lanes along the columns; 4 channels x 3 rows (or 3 taps) is 12 accumulators, which fits the
-# 16 ymm of AVX2 with room for the loaded segments and the broadcast weights, and the 32 zmm of AVX-512 easily
+# 16 ymm of AVX2 with room for the loaded segments and the broadcast weights; the 32 zmm of AVX-512 hold twice as
+# many (8 channels x 3 rows, 4 channels x 6 taps), so each loaded value feeds twice the multiply-adds
 COLUMN_LANES = 16 if TILE_BITS >= 512 else 8
-# (output channels, output rows) and (output channels, taps of a kernel row): fixed, the kernels spell the tile out
-COLUMN_TILE = (4, 3)
-COLUMN_GRAD_TILE = (4, 3)
+_WIDE = TILE_BITS >= 512 and TILE_REGISTERS >= 32
+# (output channels, output rows) and (output channels, taps): the kernels spell these tiles out
+COLUMN_TILE = (8, 3) if _WIDE else (4, 3)
+COLUMN_GRAD_TILE = (4, 6) if _WIDE else (4, 3)
 
 
 def _make_column_correlation(lanes):
@@ -47,12 +51,16 @@ def _make_column_correlation(lanes):
     @_jit
     def column_correlation(xp, wt, b, floor, y):
         """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} xp[n,c,i+r,j+s] * wt[k,r,s,c]), y NCHW (N, K, P, Q) with
-        P >= 3; xp NCHW, at least P + R - 1 rows and ceil(Q / lanes) * lanes + S - 1 columns (zeros past what the
-        sum reads); wt (K padded to 4, R, S, C) and b padded alike; floor 0 for ReLU (NaN kept) or -inf for none.
-        The sum runs over wt's C channels (xp may hold more planes)."""
-        n_images = xp.shape[0]
+        P >= 3; xp C-contiguous NCHW, at least P + R - 1 rows and ceil(Q / lanes) * lanes + S - 1 columns (zeros
+        past what the sum reads); wt (K padded to the tile's channels, R, S, C) and b padded alike; floor 0 for
+        ReLU (NaN kept) or -inf for none. The sum runs over wt's C channels (xp may hold more planes)."""
+        n_images, n_planes, x_rows, x_cols = xp.shape
         n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
         k_padded, r_taps, s_taps, n_in = wt.shape
+        # flat offsets as unsigned integers: numba adds no wrap-around fix to them (a slice per load costs more
+        # scalar instructions than the tile's multiply-adds), and the three rows are one constant stride apart
+        flat = xp.reshape(-1)
+        row_step = np.uint64(x_cols)
         for n in prange(n_images):
             acc = _stack_tile(tile, xp.dtype)
             for ib in range(0, p_out, rows):
@@ -69,14 +77,14 @@ def _make_column_correlation(lanes):
                                 for c in range(n_in):
                                     w0, w1 = wt[k0, r, s, c], wt[k0 + 1, r, s, c]
                                     w2, w3 = wt[k0 + 2, r, s, c], wt[k0 + 3, r, s, c]
-                                    x0 = xp[n, c, i0 + r, j0 + s:]
-                                    x1 = xp[n, c, i0 + r + 1, j0 + s:]
-                                    x2 = xp[n, c, i0 + r + 2, j0 + s:]
-                                    # the tile's 4 x 3 body spelled out in the lane loop: LLVM vectorises that loop
-                                    # whole (as loops over channels and rows inside it, it unrolls everything
-                                    # into scalar code)
+                                    at = ((n * n_planes + c) * x_rows + i0 + r) * x_cols + j0 + s
+                                    # the tile's body spelled out in the lane loop: LLVM vectorises that loop whole
+                                    # (as loops over channels and rows inside it, it unrolls everything into
+                                    # scalar code); the second group of 4 channels is compiled only in the 8-channel
+                                    # tile
                                     for lane in range(lanes):
-                                        a0, a1, a2 = x0[lane], x1[lane], x2[lane]
+                                        u = np.uint64(at + lane)
+                                        a0, a1, a2 = flat[u], flat[u + row_step], flat[u + row_step + row_step]
                                         acc[lane] += a0 * w0
                                         acc[lanes + lane] += a1 * w0
                                         acc[2 * lanes + lane] += a2 * w0
@@ -89,6 +97,21 @@ def _make_column_correlation(lanes):
                                         acc[9 * lanes + lane] += a0 * w3
                                         acc[10 * lanes + lane] += a1 * w3
                                         acc[11 * lanes + lane] += a2 * w3
+                                        if channels == 8:
+                                            w4, w5 = wt[k0 + 4, r, s, c], wt[k0 + 5, r, s, c]
+                                            w6, w7 = wt[k0 + 6, r, s, c], wt[k0 + 7, r, s, c]
+                                            acc[12 * lanes + lane] += a0 * w4
+                                            acc[13 * lanes + lane] += a1 * w4
+                                            acc[14 * lanes + lane] += a2 * w4
+                                            acc[15 * lanes + lane] += a0 * w5
+                                            acc[16 * lanes + lane] += a1 * w5
+                                            acc[17 * lanes + lane] += a2 * w5
+                                            acc[18 * lanes + lane] += a0 * w6
+                                            acc[19 * lanes + lane] += a1 * w6
+                                            acc[20 * lanes + lane] += a2 * w6
+                                            acc[21 * lanes + lane] += a0 * w7
+                                            acc[22 * lanes + lane] += a1 * w7
+                                            acc[23 * lanes + lane] += a2 * w7
                         for kk in range(min(channels, n_out - k0)):
                             for rr in range(rows):
                                 y_seg = y[n, k0 + kk, i0 + rr, j0:]
@@ -106,60 +129,80 @@ def _make_column_weight_grad(lanes):
     _stack_tile = tile_allocator()
 
     @_jit
-    def column_weight_grad(xp, dyp, row_off, col_off, p_out, q_out, s_taps, dwt):
-        """dwt[h, k, c, r, s] = sum over the images n of chunk h (dwt.shape[0] contiguous chunks), rows i < p_out
+    def column_weight_grad(xp, dyp, row_off, col_off, p_out, q_out, r_taps, s_taps, dwt):
+        """dwt[h, k, (c, r, s)] = sum over the images n of chunk h (dwt.shape[0] contiguous chunks), rows i < p_out
         and columns j < Qp (q_out rounded up to `lanes`) of dyp[n, k, row_off + i, col_off + j] * xp[n, c, i + r,
-        j + s]; dyp NCHW, K padded to 4 planes, zero in columns col_off + q_out ... col_off + Qp - 1; xp NCHW with
-        at least p_out + R - 1 rows and Qp + s_taps - 1 columns; s_taps >= 3 (the tap blocks overlap, never
-        overrun)."""
-        n_images, n_in = xp.shape[0], xp.shape[1]
-        n_chunks, k_padded, r_taps = dwt.shape[0], dwt.shape[1], dwt.shape[3]
+        j + s], the taps (c, r, s) flattened in that order (dwt.shape[2] = C * R * S); dyp C-contiguous NCHW, K
+        padded to the tile's channels, zero in columns col_off + q_out ... col_off + Qp - 1; xp C-contiguous NCHW
+        with at least p_out + R - 1 rows and Qp + S - 1 columns."""
+        n_images, n_in, x_rows, x_cols = xp.shape
+        n_chunks, k_padded, n_taps = dwt.shape
+        dy_rows, dy_cols = dyp.shape[2], dyp.shape[3]
         q_padded = (q_out + lanes - 1) // lanes * lanes
-        tap_blocks = (s_taps + taps - 1) // taps
-        per_block = n_in * r_taps * tap_blocks
-        n_tiles = k_padded // channels * per_block
+        tap_blocks = (n_taps + taps - 1) // taps
+        n_tiles = k_padded // channels * tap_blocks
+        x_flat, dy_flat = xp.reshape(-1), dyp.reshape(-1)
+        dy_plane = np.uint64(dy_rows * dy_cols)  # unsigned offsets: no wrap-around fix (see the correlation)
         for task in prange(n_chunks * n_tiles):
             acc = _stack_tile(tile, xp.dtype)
             h, t = task // n_tiles, task % n_tiles
-            k0, rest = t // per_block * channels, t % per_block
-            c, rest = rest // (r_taps * tap_blocks), rest % (r_taps * tap_blocks)
-            r, s_first = rest // tap_blocks, rest % tap_blocks * taps
-            s0 = min(s_first, s_taps - taps)  # the last block overlaps the one before, never overruns
+            k0, block = t // tap_blocks * channels, t % tap_blocks
+            # a block of `taps` consecutive taps of the flattened (c, r, s): the last one overlaps the one before
+            # (its first taps are that block's), and with fewer taps than the tile the extra ones repeat the last
+            first = max(0, min(block * taps, n_taps - taps))
+            tap_at = _stack_tile(taps, np.uint64)
+            for tt in range(taps):
+                g = min(first + tt, n_taps - 1)
+                c, rs = g // (r_taps * s_taps), g % (r_taps * s_taps)
+                tap_at[tt] = np.uint64((c * x_rows + rs // s_taps) * x_cols + rs % s_taps)
+            o0, o1, o2 = tap_at[0], tap_at[1], tap_at[2]
+            o3, o4, o5 = tap_at[3 % taps], tap_at[4 % taps], tap_at[5 % taps]
             for a in range(tile):
                 acc[a] = 0
             for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
                 for i in range(p_out):
-                    x_row = xp[n, c, i + r]
+                    x_at = (n * n_in * x_rows + i) * x_cols
+                    dy_at = ((n * k_padded + k0) * dy_rows + row_off + i) * dy_cols + col_off
                     for j0 in range(0, q_padded, lanes):
-                        x0, x1, x2 = x_row[j0 + s0:], x_row[j0 + s0 + 1:], x_row[j0 + s0 + 2:]
-                        at = col_off + j0
-                        d0, d1 = dyp[n, k0, row_off + i, at:], dyp[n, k0 + 1, row_off + i, at:]
-                        d2, d3 = dyp[n, k0 + 2, row_off + i, at:], dyp[n, k0 + 3, row_off + i, at:]
-                        for lane in range(lanes):  # the 4 x 3 body spelled out, as in the correlation above
-                            a0, a1, a2 = x0[lane], x1[lane], x2[lane]
-                            g = d0[lane]
-                            acc[lane] += g * a0
-                            acc[lanes + lane] += g * a1
-                            acc[2 * lanes + lane] += g * a2
-                            g = d1[lane]
-                            acc[3 * lanes + lane] += g * a0
-                            acc[4 * lanes + lane] += g * a1
-                            acc[5 * lanes + lane] += g * a2
-                            g = d2[lane]
-                            acc[6 * lanes + lane] += g * a0
-                            acc[7 * lanes + lane] += g * a1
-                            acc[8 * lanes + lane] += g * a2
-                            g = d3[lane]
-                            acc[9 * lanes + lane] += g * a0
-                            acc[10 * lanes + lane] += g * a1
-                            acc[11 * lanes + lane] += g * a2
+                        # the 4 x 3 body spelled out, as in the correlation; taps 3-5 only in the 6-tap tile
+                        for lane in range(lanes):
+                            u, v = np.uint64(x_at + j0 + lane), np.uint64(dy_at + j0 + lane)
+                            a0, a1, a2 = x_flat[u + o0], x_flat[u + o1], x_flat[u + o2]
+                            g0, g1 = dy_flat[v], dy_flat[v + dy_plane]
+                            g2, g3 = dy_flat[v + dy_plane + dy_plane], dy_flat[v + dy_plane + dy_plane + dy_plane]
+                            acc[lane] += g0 * a0
+                            acc[lanes + lane] += g0 * a1
+                            acc[2 * lanes + lane] += g0 * a2
+                            acc[taps * lanes + lane] += g1 * a0
+                            acc[(taps + 1) * lanes + lane] += g1 * a1
+                            acc[(taps + 2) * lanes + lane] += g1 * a2
+                            acc[2 * taps * lanes + lane] += g2 * a0
+                            acc[(2 * taps + 1) * lanes + lane] += g2 * a1
+                            acc[(2 * taps + 2) * lanes + lane] += g2 * a2
+                            acc[3 * taps * lanes + lane] += g3 * a0
+                            acc[(3 * taps + 1) * lanes + lane] += g3 * a1
+                            acc[(3 * taps + 2) * lanes + lane] += g3 * a2
+                            if taps == 6:
+                                a3, a4, a5 = x_flat[u + o3], x_flat[u + o4], x_flat[u + o5]
+                                acc[3 * lanes + lane] += g0 * a3
+                                acc[4 * lanes + lane] += g0 * a4
+                                acc[5 * lanes + lane] += g0 * a5
+                                acc[9 * lanes + lane] += g1 * a3
+                                acc[10 * lanes + lane] += g1 * a4
+                                acc[11 * lanes + lane] += g1 * a5
+                                acc[15 * lanes + lane] += g2 * a3
+                                acc[16 * lanes + lane] += g2 * a4
+                                acc[17 * lanes + lane] += g2 * a5
+                                acc[21 * lanes + lane] += g3 * a3
+                                acc[22 * lanes + lane] += g3 * a4
+                                acc[23 * lanes + lane] += g3 * a5
             for kk in range(channels):
-                for tt in range(s_first - s0, taps):  # overlapped taps belong to the block before
+                for tt in range(block * taps - first, min(taps, n_taps - first)):  # overlapped taps: the block before
                     at = (kk * taps + tt) * lanes
                     total = acc[at]
                     for lane in range(1, lanes):
                         total += acc[at + lane]
-                    dwt[h, k0 + kk, c, r, s0 + tt] = total
+                    dwt[h, k0 + kk, first + tt] = total
 
     return column_weight_grad
 
@@ -175,11 +218,15 @@ def _pad_planes(src, channels_last, select, relu_y, top, left, dst, sums):
     n_images = src.shape[0]
     n_ch, h, w = (src.shape[3], src.shape[1], src.shape[2]) if channels_last else (src.shape[1], src.shape[2],
                                                                                     src.shape[3])
+    n_planes, rows, columns = dst.shape[1], dst.shape[2], dst.shape[3]
     zero = src.dtype.type(0)
+    # flat offsets as unsigned integers into dst (C-contiguous, made here) and an NCHW src: no wrap-around fix and
+    # no slice per row (their scalar work outweighed these short rows' copies)
+    dst_flat, src_flat = dst.reshape(-1), src.reshape(-1)
     for n in prange(n_images):
-        image = dst[n].reshape(-1)  # zeros first, then the planes over them: simpler than zeroing only the border
-        for t in range(image.shape[0]):
-            image[t] = zero
+        image_at = n * n_planes * rows * columns
+        for t in range(n_planes * rows * columns):  # zeros first, then the planes over them: simpler than the border
+            dst_flat[np.uint64(image_at + t)] = zero
         if channels_last:
             # Each row's W x C values are transposed into a small buffer first, then each plane row is written
             # whole from there: written straight from the pixels, one value per plane at a time, the C plane rows
@@ -198,16 +245,17 @@ def _pad_planes(src, channels_last, select, relu_y, top, left, dst, sums):
         else:
             for c in range(n_ch):
                 for i in range(h):
-                    # indexed by the loop counter alone (an index like left + j keeps numba's wrap-around check)
-                    seg, src_row, y_row = dst[n, c, top + i, left:left + w], src[n, c, i], relu_y[n, c, i]
+                    at, src_at, y_row = (((n * n_planes + c) * rows + top + i) * columns + left,
+                                         ((n * n_ch + c) * h + i) * w, relu_y[n, c, i])
                     for j in range(w):
-                        seg[j] = zero if select and y_row[j] <= zero else src_row[j]
+                        value = src_flat[np.uint64(src_at + j)]
+                        dst_flat[np.uint64(at + j)] = zero if select and y_row[j] <= zero else value
         for c in range(n_ch):
             total = zero
             for i in range(h):
-                seg = dst[n, c, top + i, left:left + w]
+                at = ((n * n_planes + c) * rows + top + i) * columns + left
                 for j in range(w):
-                    total += seg[j]
+                    total += dst_flat[np.uint64(at + j)]
             sums[n, c] = total
 
 
@@ -242,7 +290,7 @@ def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None
     input is the backward's), in scratch buffers with relu_y."""
     n, c = a.shape[:2]
     channels_last = is_channels_last(a)
-    src = a.transpose(0, 2, 3, 1) if channels_last else a
+    src = a.transpose(0, 2, 3, 1) if channels_last else np.ascontiguousarray(a)
 
     def make(allocate):
         out, sums = allocate((n, planes, rows, columns), a.dtype), allocate((n, c), a.dtype)
@@ -296,12 +344,12 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None):
     dyp, dy_sums = _padded_planes(dy, row_off, col_off, round_up(k, channels), dy_rows, dy_columns, "dy_columns",
                                   relu_y)
     db = dy_sums.sum(axis=0)
-    s_tiled = max(s, taps)
-    xp, _ = _padded_planes(x, top, left, c, h + top + bottom, q_padded + s_tiled - 1, "x_columns")
+    # the forward's padded input (the same key: its columns are the output's rounded up to the lanes, plus S - 1)
+    xp, _ = _padded_planes(x, top, left, c, h + top + bottom, q_padded + s - 1, "x_columns")
     chunks = min(GRAD_IMAGE_CHUNKS, n)
-    dwt = np.empty((chunks, dyp.shape[1], c, r, s_tiled), x.dtype)
-    _column_weight_grad(xp, dyp, row_off, col_off, p, q, s_tiled, dwt)
-    dw = np.ascontiguousarray((dwt[0] if chunks == 1 else np.sum(dwt, axis=0))[:k, :, :, :s])  # chunks in order
+    dwt = np.empty((chunks, dyp.shape[1], c * r * s), x.dtype)
+    _column_weight_grad(xp, dyp, row_off, col_off, p, q, r, s, dwt)
+    dw = (dwt[0] if chunks == 1 else np.sum(dwt, axis=0))[:k].reshape(k, c, r, s)  # chunks added in order
     if not need_dx:
         return None, dw, db
     wf = np.zeros((round_up(c, COLUMN_TILE[0]), r, s, k), x.dtype)
