@@ -169,17 +169,3 @@ def padded_channels_last(x, padding, min_width=0, buffer_name="x_padded"):
         return xp
 
     return layout_copy(x, ("padded_channels_last", tuple(padding), shape, x.dtype.str), make, buffer_name)
-
-
-def padded_nchw(x, padding, extra_columns=0):
-    """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right) and extra_columns more on
-    the right, NCHW, in a scratch buffer."""
-    n, c, h, wd = x.shape
-    top, bottom, left, right = padding
-    xp = scratch("x_padded_nchw", (n, c, h + top + bottom, wd + left + right + extra_columns), x.dtype)
-    xp[:, :, :top] = 0
-    xp[:, :, top + h:] = 0
-    xp[:, :, top:top + h, :left] = 0
-    xp[:, :, top:top + h, left + wd:] = 0
-    xp[:, :, top:top + h, left:left + wd] = x
-    return xp

@@ -302,6 +302,15 @@ def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None
     return layout_copy(a, ("planes", top, left, planes, rows, columns, a.dtype.str), make, buffer_name)
 
 
+def padded_nchw(x, padding, extra_columns=0):
+    """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right) and extra_columns more on
+    the right, NCHW: `_padded_planes`' compiled copy (numpy's slice assignments run on one thread), a layout copy
+    shared with any other of the same shape in the pass."""
+    n, c, h, wd = x.shape
+    top, bottom, left, right = padding
+    return _padded_planes(x, top, left, c, h + top + bottom, wd + left + right + extra_columns, "x_padded_nchw")[0]
+
+
 def column_forward(x, w, b, relu, padding):
     """conv2d_forward at stride 1 through `_column_correlation` (needs P >= COLUMN_TILE's rows)."""
     n, c, h, wd = x.shape

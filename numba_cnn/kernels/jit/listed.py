@@ -6,7 +6,8 @@ kernels. jit/__init__.py's conv2d_relu_maxpool2d_backward calls it where it appl
 import numpy as np
 from numba import get_num_threads
 
-from numba_cnn.kernels.jit.buffers import nchw, padded_nchw, reusable_output, scratch
+from numba_cnn.kernels.jit.buffers import nchw, reusable_output, scratch
+from numba_cnn.kernels.jit.columns import padded_nchw
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.sparse import (LISTED_BAND_BYTES, POOLED_GRAD_LANES, POOLED_GRAD_TAPS, _listed_input_grad,
                                           _listed_weight_grad, _pooled_grad_lists, _pooled_weight_grad)
