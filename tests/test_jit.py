@@ -360,6 +360,28 @@ def test_outputs_are_fresh_without_an_arena_and_owned_by_the_arena_within_one():
     assert not any(np.shares_memory(y6, a) for a in (y3, y4, y5))
 
 
+def test_nchw_copies_channels_last_arrays_exactly():
+    """buffers.nchw: a channels-last float array comes back as an equal C-contiguous NCHW copy (the compiled
+    transposing copy, NaN and inf included, odd shapes); other dtypes too (numpy's copy); an NCHW array, or one
+    that is both (a single pixel or channel), itself."""
+    from numba_cnn.kernels.jit import buffers
+
+    rng = np.random.default_rng(12)
+    for shape in ((3, 5, 7, 9), (2, 33, 4, 1), (1, 1, 1, 1), (4, 2, 17, 3)):
+        for dtype in (np.float32, np.float64, np.uint8):
+            stored = (rng.standard_normal((shape[0], shape[2], shape[3], shape[1])) * 9).astype(dtype)
+            if dtype != np.uint8:
+                stored.reshape(-1)[::5] = np.nan
+                stored.reshape(-1)[1::7] = -np.inf
+            a = stored.transpose(0, 3, 1, 2)
+            copy = buffers.nchw(a)
+            assert copy.shape == shape and copy.dtype == dtype and copy.flags.c_contiguous
+            # one pixel or one channel: both layouts at once, nothing to copy
+            assert np.shares_memory(copy, stored) == (shape[1] == 1 or shape[2] * shape[3] == 1)
+            np.testing.assert_array_equal(copy, a)
+            assert buffers.nchw(copy) is copy
+
+
 def test_buffers_start_on_a_cache_line():
     """The backend's buffers start on 64-byte boundaries (numpy's own start 16 or 32 bytes into a line), whichever
     way they are made: aligned_empty, scratch, an arena's, and an op's output with and without an arena."""

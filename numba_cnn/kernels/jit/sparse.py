@@ -409,6 +409,26 @@ def _pack_channels_last(a, col_pad, out, sums):
 
 
 @_jit
+def _channels_first(x_cl, out):
+    """x_cl[N, H, W, C] (channels last, C-contiguous) -> out[N, C, H, W]: per image and row, the row's W x C values
+    transposed into a small buffer, then each plane's row written whole from there (written straight from the
+    pixels, one value per plane at a time, the plane rows H x W apart share one L1 set: docs/numba.md, trap 7)."""
+    n_images, h, w, n_ch = x_cl.shape
+    for n in prange(n_images):
+        staged = np.empty((n_ch, w), x_cl.dtype)
+        for i in range(h):
+            pixels = x_cl[n, i]
+            for j in range(w):
+                px = pixels[j]
+                for c in range(n_ch):
+                    staged[c, j] = px[c]
+            for c in range(n_ch):
+                row, seg = out[n, c, i], staged[c]
+                for j in range(w):
+                    row[j] = seg[j]
+
+
+@_jit
 def _pad_rows(x_cl, top, left, out):
     """x_cl[N, H, W, C] (channels last, C-contiguous) -> out[N, Hp, Wp, C]: x at rows top.. and columns left..,
     zeros around it; a row's W x C values copied as one run."""
