@@ -11,6 +11,7 @@ import pytest
 
 from gradcheck import assert_gradient_matches, dotted_with
 from numba_cnn.kernels import get_backend, reference
+from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.layers import relu_backward, relu_forward
 from numba_cnn.model import Model
 from numba_cnn.network import from_dict
@@ -93,7 +94,9 @@ def test_fused_backward_equals_the_composition_and_the_oracle(shape, layout, dty
     composed = jit.batchnorm2d_backward(relu_backward(dy, y), x, gamma, mean, inv_std)
     oracle = reference.batchnorm2d_backward(relu_backward(dy, y), x, gamma, mean, inv_std)
     for name, got, same, want in zip(("dx", "dgamma", "dbeta"), fused, composed, oracle):
-        assert got.dtype == dtype and got.shape == same.shape and got.flags.c_contiguous, name
+        assert got.dtype == dtype and got.shape == same.shape, name
+        if name == "dx":  # in x's layout: the channels-last kernels give channels-last results
+            assert is_channels_last(got) if is_channels_last(x) else got.flags.c_contiguous, name
         reference.assert_close(got, same, dtype, f"{name} vs the composition")
         reference.assert_close(got, want, dtype, f"{name} vs the oracle")
 
@@ -176,6 +179,36 @@ BN_NETWORK = {"name": "tiny-bn", "layers": [
 
 def _bn_network():
     return from_dict(BN_NETWORK, (2, 9, 10), num_classes=10)
+
+
+def test_channels_last_batch_norm_bits_do_not_depend_on_the_thread_count(rng):
+    """A channels-last x takes the kernels that sum fixed chunks of pixels and add the chunks in order: forward
+    (statistics, running update) and backward, plain and fused, bitwise the same with 1 and 2 threads, their
+    results channels-last, and within rounding of the NCHW kernels' (which sum each channel in one run)."""
+    numba = pytest.importorskip("numba")
+    x, gamma, beta, running = _operands(rng, (6, 24, 9, 7), np.float32, "channels_last")
+    dy = np.ascontiguousarray(rng.standard_normal((6, 9, 7, 24)).astype(np.float32)).transpose(0, 3, 1, 2)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            fused, composed, fused_running, _ = _both_forwards(x, gamma, beta, running, True)
+            y, mean, inv_std = fused
+            grads = [np.array(a) for a in jit.batchnorm2d_relu_backward(dy, y, x, gamma, mean, inv_std)]
+            grads += [np.array(a) for a in jit.batchnorm2d_backward(dy, x, gamma, mean, inv_std)]
+            results.append([*fused, *fused_running, *grads])
+    finally:
+        numba.set_num_threads(before)
+    for one, two in zip(*results):
+        _assert_bitwise(one, two, "1 vs 2 threads")
+    assert is_channels_last(results[0][-3])
+    nchw = [np.ascontiguousarray(a) for a in (x, dy)]
+    _, _, nchw_running, _ = _both_forwards(nchw[0], gamma, beta, running, True)
+    for got, want in zip(results[0][3:5], nchw_running):
+        reference.assert_close(got, want, np.float32, "running statistics vs the NCHW kernels")
+    for got, want in zip(results[0][-3:], jit.batchnorm2d_backward(nchw[1], nchw[0], gamma, *results[0][1:3])):
+        reference.assert_close(got, want, np.float32, "gradients vs the NCHW kernels")
 
 
 def test_fusion_pass_takes_batchnorm_relu_on_jit_only():

@@ -78,8 +78,9 @@ batchnorm2d_*    norm.py: `_channel_stats` (prange over channels) sums each chan
                  cancellation); the running statistics are updated on the host from those float64 values as the
                  oracle does; `_batchnorm_apply` normalises in float64 per element, rounded once on the store;
                  `_batchnorm_backward` (prange over channels) sums dy and dy * x_hat in float64 and writes dx.
-                 Inputs stored channels-last are copied to NCHW first (nchw), as for the pooling kernels. The host
-                 side (statistics, running update, kernel calls) is jit/batchnorm.py's, shared with the fused op.
+                 An input stored channels-last takes `*_last` twins of these (pixels x channels, fixed chunks of
+                 pixels summed and added in order) and gives channels-last results. The host side (statistics,
+                 running update, kernel calls) is jit/batchnorm.py's, shared with the fused op.
 
 Fused ops (beyond the contract; INFO.fused names them):
 batchnorm2d_relu_*  batchnorm2d_* with the ReLU folded in, no pass of its own: `_batchnorm_apply` clamps each value

@@ -153,8 +153,13 @@ def nchw(a):
 
 
 def nhwc(a):
-    """a[N, C, H, W] as a C-contiguous channels-last (N, H, W, C) array: a view of a channels-last one, else a copy."""
-    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+    """a[N, C, H, W] as a C-contiguous channels-last (N, H, W, C) array: a view of a channels-last one, else a copy
+    (compiled for float arrays, as in nchw)."""
+    if is_channels_last(a) or a.dtype not in (np.float32, np.float64):
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+    out = aligned_empty((a.shape[0], a.shape[2], a.shape[3], a.shape[1]), a.dtype)
+    _pad_channels_last(np.ascontiguousarray(a), 0, 0, out)
+    return out
 
 
 def padded_channels_last(x, padding, min_width=0, buffer_name="x_padded"):

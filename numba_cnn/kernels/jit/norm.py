@@ -1,6 +1,7 @@
 """The jit backend's small layers beyond the register tiles: max-pooling with any window but 2x2 (which tiles.py
-keeps), average pooling (global pooling is the window (H, W)) and batch normalisation. All NCHW (the caller copies
-a channels-last input), memory-bound loops, prange over (image, channel) planes or over channels.
+keeps), average pooling (global pooling is the window (H, W)) and batch normalisation. NCHW (the caller copies a
+channels-last input) but for batch normalisation's channels-last twins; memory-bound loops, prange over (image,
+channel) planes, over channels, or over chunks and blocks of pixels.
 
 `_maxpool_any_forward` / `_maxpool_any_backward`: per window, the values in row-major order through selects: a later
     value wins if it is strictly greater, or if it is NaN and the best so far is not (the rule of tiles.py's
@@ -19,7 +20,14 @@ a channels-last input), memory-bound loops, prange over (image, channel) planes 
     same, each dy read through the ReLU's select `0 if y <= 0 else dy` (y its output). One factory makes both, the
     choice a compile-time constant, so the plain kernel compiles as it did without the select.
 
-Every reduction runs inside one prange iteration in a fixed order, so results do not depend on the thread count.
+`_channel_stats_last`, `_batchnorm_apply_last`, `_batchnorm_backward_last` / `_batchnorm_relu_backward_last`: the
+    same for channels-last input viewed as (pixels, C), a pixel's channels in the vector lanes: the sums per fixed
+    chunk of pixels (partial.shape[0] chunks, prange) in float64, the chunks then added in order; the element-wise
+    passes over blocks of pixels. `_batchnorm_apply_last` computes each element as `_batchnorm_apply` does: the
+    same bits.
+
+Every reduction runs inside one prange iteration in a fixed order, or over fixed chunks added in order, so results
+do not depend on the thread count.
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
 """
 
@@ -232,3 +240,103 @@ def _make_batchnorm_backward(relu):
 
 _batchnorm_backward = _make_batchnorm_backward(False)
 _batchnorm_relu_backward = _make_batchnorm_backward(True)
+
+
+_PIXEL_BLOCK = 256  # pixels per task of the channels-last element-wise passes
+
+
+@_jit(parallel=False)
+def _chunk_sums_done(partial, count, out):
+    """out[c] = the sum over chunks h, in order, of partial[h, c], divided by count."""
+    for c in range(out.shape[0]):
+        total = np.float64(0)
+        for h in range(partial.shape[0]):
+            total += partial[h, c]
+        out[c] = total / count
+
+
+@_jit
+def _channel_stats_last(x, partial, mean, var):
+    """x[P, C] (channels-last pixels) -> float64 mean[c] and biased var[c] over the P pixels, two passes, each
+    summed in float64 per chunk of pixels into partial[h] (partial.shape[0] fixed chunks), the chunks added in
+    order."""
+    n_px, n_ch = x.shape
+    chunks = partial.shape[0]
+    for h in prange(chunks):
+        acc = partial[h]
+        for c in range(n_ch):
+            acc[c] = 0
+        for p in range(h * n_px // chunks, (h + 1) * n_px // chunks):
+            px = x[p]
+            for c in range(n_ch):
+                acc[c] += px[c]
+    _chunk_sums_done(partial, n_px, mean)
+    for h in prange(chunks):
+        acc = partial[h]
+        for c in range(n_ch):
+            acc[c] = 0
+        for p in range(h * n_px // chunks, (h + 1) * n_px // chunks):
+            px = x[p]
+            for c in range(n_ch):
+                d = px[c] - mean[c]
+                acc[c] += d * d
+    _chunk_sums_done(partial, n_px, var)
+
+
+@_jit
+def _batchnorm_apply_last(x, mean, scale, shift, floor, y):
+    """`_batchnorm_apply` over channels-last x[P, C] into y[P, C]."""
+    n_px, n_ch = x.shape
+    for block in prange((n_px + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK):
+        for p in range(block * _PIXEL_BLOCK, min(n_px, (block + 1) * _PIXEL_BLOCK)):
+            src, dst = x[p], y[p]
+            for c in range(n_ch):
+                v = (src[c] - mean[c]) * scale[c] + shift[c]
+                dst[c] = floor if v < floor else v
+
+
+def _make_batchnorm_backward_last(relu):
+    """`_make_batchnorm_backward`'s kernel over channels-last (pixels, C) arrays."""
+
+    @_jit
+    def batchnorm_backward_last(dy, y, x, gamma, mean, inv_std, partial, dx, dgamma, dbeta):
+        """The training-mode gradient over dy, y, x, dx [P, C], as `_make_batchnorm_backward`'s kernel computes it,
+        sum(g) and sum(g * x_hat) per chunk of pixels into partial[h, 0] and partial[h, 1] (float64), the chunks
+        added in order."""
+        n_px, n_ch = x.shape
+        chunks = partial.shape[0]
+        zero = np.float64(0)
+        for h in prange(chunks):
+            sum_g, sum_g_xhat = partial[h, 0], partial[h, 1]
+            for c in range(n_ch):
+                sum_g[c] = 0
+                sum_g_xhat[c] = 0
+            for p in range(h * n_px // chunks, (h + 1) * n_px // chunks):
+                dy_px, y_px, x_px = dy[p], y[p], x[p]
+                for c in range(n_ch):
+                    g = (zero if y_px[c] <= 0 else np.float64(dy_px[c])) if relu else np.float64(dy_px[c])
+                    sum_g[c] += g
+                    sum_g_xhat[c] += g * ((x_px[c] - np.float64(mean[c])) * np.float64(inv_std[c]))
+        sums = np.empty((2, n_ch))
+        _chunk_sums_done(partial[:, 0], 1, sums[0])
+        _chunk_sums_done(partial[:, 1], 1, sums[1])
+        m, s, a = np.empty(n_ch), np.empty(n_ch), np.empty(n_ch)
+        for c in range(n_ch):
+            dbeta[c] = sums[0, c]
+            dgamma[c] = sums[1, c]
+            m[c], s[c] = np.float64(mean[c]), np.float64(inv_std[c])
+            a[c] = np.float64(gamma[c]) * s[c]
+            sums[0, c] /= n_px  # the means of g and g * x_hat
+            sums[1, c] /= n_px
+        for block in prange((n_px + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK):
+            for p in range(block * _PIXEL_BLOCK, min(n_px, (block + 1) * _PIXEL_BLOCK)):
+                dy_px, y_px, x_px, dx_px = dy[p], y[p], x[p], dx[p]
+                for c in range(n_ch):
+                    g = (zero if y_px[c] <= 0 else np.float64(dy_px[c])) if relu else np.float64(dy_px[c])
+                    dx_px[c] = a[c] * (g - sums[0, c] - (x_px[c] - m[c]) * s[c] * sums[1, c])
+
+    return batchnorm_backward_last
+
+
+_batchnorm_backward_last = _make_batchnorm_backward_last(False)
+_batchnorm_relu_backward_last = _make_batchnorm_backward_last(True)
