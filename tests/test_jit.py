@@ -565,11 +565,13 @@ def test_batchnorm_large_mean_channels_last(dtype):
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
 def test_new_ops_give_identical_bits_on_one_and_two_threads():
-    """The general convolution (forward and dx over images, dw over fixed tasks, including the image-chunked dw of
-    few tiles), the padded stride-1 path, pooling of other windows, average pooling and batch normalisation (per
-    channel reductions): bitwise equal on 1 and 2 threads."""
+    """The general convolution (forward and dx over images, dw over fixed (image chunk, tile) tasks; dx into 3
+    channels through the small tile, into 20 through the wide one), the padded stride-1 path, pooling of other
+    windows, average pooling and batch normalisation (per channel reductions): bitwise equal on 1 and 2 threads."""
     rng = np.random.default_rng(31)
     x = rng.standard_normal((6, 3, 13, 12)).astype(np.float32)
+    x_deep = rng.standard_normal((5, 20, 9, 8)).astype(np.float32)
+    w_deep = rng.standard_normal((6, 20, 3, 3)).astype(np.float32)
     w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
     w_wide = rng.standard_normal((40, 3, 3, 3)).astype(np.float32)
     b = rng.standard_normal(40).astype(np.float32)
@@ -584,6 +586,8 @@ def test_new_ops_give_identical_bits_on_one_and_two_threads():
                                              (w_wide, 1, (1, 1, 1, 1))):
                 y = jit.conv2d_forward(x, weights, b[:weights.shape[0]], True, stride, padding).copy()
                 out += [y, *jit.conv2d_backward(y, x, weights, True, stride, padding)]
+            y = jit.conv2d_forward(x_deep, w_deep, b[:6], False, 2, (1, 0, 1, 0)).copy()
+            out += [y, *jit.conv2d_backward(y, x_deep, w_deep, True, 2, (1, 0, 1, 0))]
             y, arg = jit.maxpool2d_forward(x, (3, 3))
             out += [y, arg, jit.maxpool2d_backward(y, arg, x.shape, (3, 3))]
             y = jit.avgpool2d_forward(x, (13, 12))

@@ -59,10 +59,11 @@ conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K
                  stride >= 2, general.py: dy packed as above (ceil((S-1)/stride) zero columns on each side for dx),
                  x padded channels-last. dw: `_strided_weight_grad`, per tap a tile of input channels x output
                  lanes summed over (n, i, j); tasks (image chunk, tile) fixed by the shapes (GRAD_IMAGE_CHUNKS
-                 chunks when there are fewer than GRAD_MIN_TILES tiles), chunks added in order. dx:
+                 chunks, each read from cache by all its tiles), chunks added in order. dx:
                  `_strided_input_grad`, a gather writing each element once: per input row and column phase (the
                  columns one set of taps reaches, from consecutive dy columns), a tile of those columns x input
-                 channel lanes summed over the valid taps and the output channels; elements no output reads get 0.
+                 channel lanes (CONV_TILE_SMALL's for up to its lanes of channels) summed over the valid taps and
+                 the output channels; elements no output reads get 0.
                  Non-finite weights (any stride) take `_input_grad_by_taps` for dx, which multiplies only the
                  products the convolution has, never the zero padding of dy.
 maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, channel) planes; forward compares
@@ -140,7 +141,8 @@ from numba_cnn.kernels.jit.buffers import (OutputArena, nchw, nhwc, pad_width,  
                                           padded_channels_last, reusable_output, round_up, scratch)
 from numba_cnn.kernels.jit.columns import (COLUMN_TILE, column_backward, column_dx_fits, column_forward,
                                            columns_pay, padded_nchw)
-from numba_cnn.kernels.jit.general import _strided_forward, _strided_input_grad, _strided_weight_grad
+from numba_cnn.kernels.jit.general import (_strided_forward, _strided_input_grad, _strided_input_grad_small,
+                                           _strided_weight_grad)
 from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: what the callers open)
 from numba_cnn.kernels.jit.winograd import winograd_conv, winograd_fits
 from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
@@ -308,8 +310,7 @@ def _strided_backward(dy, x, w, need_dx, stride, padding):
     dyt, dy_sums = _channels_last(dy, col_pad, round_up(k, lanes), buffer_name="dy_cl")
     db = dy_sums[:, :k].sum(axis=0)
     xp = padded_channels_last(x, padding)
-    n_tiles = r * s * -(-c // channels) * (dyt.shape[3] // lanes)
-    chunks = min(GRAD_IMAGE_CHUNKS, n) if n_tiles < GRAD_MIN_TILES else 1  # few tiles: fixed image chunks too
+    chunks = min(GRAD_IMAGE_CHUNKS, n)  # each chunk's images read from cache by all its tiles
     dwt = np.empty((chunks, r, s, c, dyt.shape[3]), x.dtype)
     _strided_weight_grad(xp, dyt, stride, col_pad, r, s, dwt)
     dw_rsck = dwt[0] if chunks == 1 else np.sum(dwt, axis=0)  # chunk by chunk, in order
@@ -318,10 +319,12 @@ def _strided_backward(dy, x, w, need_dx, stride, padding):
         return None, dw, db
     if not np.isfinite(w).all():  # as in _conv_backward_packed
         return _input_grad_by_taps(dyt[:, :, col_pad:dyt.shape[2] - col_pad, :k], w, x.shape, stride, padding), dw, db
-    wt = np.zeros((r, s, k, round_up(c, STRIDED_TILE[0])), x.dtype)
+    small = c <= CONV_TILE_SMALL[0]
+    wt = np.zeros((r, s, k, round_up(c, CONV_TILE_SMALL[0] if small else STRIDED_TILE[0])), x.dtype)
     wt[..., :c] = w.transpose(2, 3, 0, 1)
     dx = reusable_output(x.shape, x.dtype)
-    _strided_input_grad(dyt, wt, k, stride, padding[0], padding[2], col_pad, dx)
+    (_strided_input_grad_small if small else _strided_input_grad)(dyt, wt, k, stride, padding[0], padding[2], col_pad,
+                                                                   dx)
     return dx, dw, db
 
 

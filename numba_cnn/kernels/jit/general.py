@@ -6,8 +6,9 @@ tiles; not tuned.
 `_strided_forward`: prange over images; per output row, tiles of columns x lanes output channels (the tile of
     `_conv_tile_*`), reduced over (r, s, c) with c innermost; the columns of a tile read the input `stride` apart.
 `_strided_weight_grad`: per tap (r, s), the C x K matrix sum over (n, i, j) of x column outer dy row, in tiles of
-    channels x lanes; tasks are (image chunk, tile) pairs fixed by the shapes, each summing its images in order,
-    the chunks' partial sums added in chunk order by the caller: bitwise the same for any thread count.
+    channels x lanes; tasks are (image chunk, tile) pairs fixed by the shapes (GRAD_IMAGE_CHUNKS chunks, a chunk's
+    tiles consecutive so its images are read from cache by all of them), each summing its images in order, the
+    chunks' partial sums added in chunk order by the caller: bitwise the same for any thread count.
 `_strided_input_grad`: a gather, each dx element written once: per image, input row and column phase (the input
     columns w with (w + left) % stride equal, which the same taps s reach, from consecutive dy columns), tiles of
     those columns x lanes input channels summed over the valid taps (r, s) and the output channels k, from dy
@@ -17,10 +18,11 @@ Self-contained (no @njit helper from another file), so Numba's cache sees every 
 tile shapes come from tiles.py as factory arguments, which are part of the cache key.
 """
 
+import numpy as np
 from numba import prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
-from numba_cnn.kernels.jit.tiles import STRIDED_GRAD_TILE, STRIDED_TILE
+from numba_cnn.kernels.jit.tiles import CONV_TILE_SMALL, STRIDED_GRAD_TILE, STRIDED_TILE
 
 
 def _make_strided_forward(lanes, columns):
@@ -70,41 +72,58 @@ def _make_strided_forward(lanes, columns):
 def _make_strided_weight_grad(channels, lanes):
     tile = channels * lanes
     _stack_tile = tile_allocator()
+    assert channels in (6, 8)  # the tile's channels are spelled out below
 
     @_jit
     def strided_weight_grad(xp, dyt, stride, col_pad, r_taps, s_taps, dwt):
         """dwt[h, r, s, c, k] = sum_{n in chunk h, i, j} xp[n, i*stride+r, j*stride+s, c] * dyt[n, i, col_pad+j, k]
         over the images cut into dwt.shape[0] contiguous chunks; xp padded channels-last (N, Hp, Wp, C); dyt
-        channels-last (N, P, Q + 2 col_pad, K padded to a multiple of `lanes`). One task per (chunk, tap, channel
-        block, lane block), in a fixed order; a channel block past C reads the last channel and stores nothing."""
-        n_images, n_in = xp.shape[0], xp.shape[3]
+        channels-last (N, P, Q + 2 col_pad, K padded to a multiple of `lanes`), both C-contiguous. One task per
+        (chunk, tap, channel block, lane block), in a fixed order, a chunk's tasks consecutive so its images stay
+        in cache; a channel block past C reads the last channel and stores nothing for it. Flat offsets as unsigned
+        integers (no wrap-around fix, no slice per pixel: docs/numba.md, trap 8)."""
+        n_images, hp, wp, n_in = xp.shape
         n_chunks = dwt.shape[0]
-        p_out, q_out, k_padded = dyt.shape[1], dyt.shape[2] - 2 * col_pad, dyt.shape[3]
+        p_out, dy_cols, k_padded = dyt.shape[1], dyt.shape[2], dyt.shape[3]
+        q_out = dy_cols - 2 * col_pad
         c_blocks = (n_in + channels - 1) // channels
         k_blocks = k_padded // lanes
         per_tap = c_blocks * k_blocks
         n_tiles = r_taps * s_taps * per_tap
+        x_flat, dy_flat = xp.reshape(-1), dyt.reshape(-1)
+        x_step = np.uint64(stride * n_in)
         for task in prange(n_chunks * n_tiles):
             acc = _stack_tile(tile, xp.dtype)
-            xs = _stack_tile(channels, xp.dtype)
             h, t = task // n_tiles, task % n_tiles
             tap, rest = t // per_tap, t % per_tap
             r, s = tap // s_taps, tap % s_taps
             c0, k0 = rest // k_blocks * channels, rest % k_blocks * lanes
+            o0, o1 = np.uint64(min(c0, n_in - 1)), np.uint64(min(c0 + 1, n_in - 1))
+            o2, o3 = np.uint64(min(c0 + 2, n_in - 1)), np.uint64(min(c0 + 3, n_in - 1))
+            o4, o5 = np.uint64(min(c0 + 4, n_in - 1)), np.uint64(min(c0 + 5, n_in - 1))
+            o6, o7 = np.uint64(min(c0 + 6, n_in - 1)), np.uint64(min(c0 + 7, n_in - 1))
             for u in range(tile):
                 acc[u] = 0
             for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
                 for i in range(p_out):
-                    x_row, dy_row = xp[n, i * stride + r], dyt[n, i]
+                    x_at = np.uint64(((n * hp + i * stride + r) * wp + s) * n_in)
+                    dy_at = np.uint64(((n * p_out + i) * dy_cols + col_pad) * k_padded + k0)
                     for j in range(q_out):
-                        x_px = x_row[j * stride + s]
-                        dy_vec = dy_row[col_pad + j, k0:k0 + lanes]
-                        for cc in range(channels):
-                            xs[cc] = x_px[min(c0 + cc, n_in - 1)]
-                        for k in range(lanes):
-                            dy_k = dy_vec[k]
-                            for cc in range(channels):
-                                acc[cc * lanes + k] += xs[cc] * dy_k
+                        xu = x_at + np.uint64(j) * x_step
+                        a0, a1, a2, a3 = x_flat[xu + o0], x_flat[xu + o1], x_flat[xu + o2], x_flat[xu + o3]
+                        a4, a5, a6, a7 = x_flat[xu + o4], x_flat[xu + o5], x_flat[xu + o6], x_flat[xu + o7]
+                        dv = dy_at + np.uint64(j * k_padded)
+                        for lane in range(lanes):
+                            g = dy_flat[dv + np.uint64(lane)]
+                            acc[lane] += a0 * g
+                            acc[lanes + lane] += a1 * g
+                            acc[2 * lanes + lane] += a2 * g
+                            acc[3 * lanes + lane] += a3 * g
+                            acc[4 * lanes + lane] += a4 * g
+                            acc[5 * lanes + lane] += a5 * g
+                            if channels == 8:  # the AVX-512 tile's; AVX2's has 6
+                                acc[6 * lanes + lane] += a6 * g
+                                acc[7 * lanes + lane] += a7 * g
             dw_part = dwt[h, r, s]
             for cc in range(min(channels, n_in - c0)):
                 dw_vec = dw_part[c0 + cc, k0:k0 + lanes]
@@ -167,3 +186,6 @@ def _make_strided_input_grad(lanes, columns):
 _strided_forward = _make_strided_forward(*STRIDED_TILE)
 _strided_weight_grad = _make_strided_weight_grad(*STRIDED_GRAD_TILE)
 _strided_input_grad = _make_strided_input_grad(*STRIDED_TILE)
+# dx into at most CONV_TILE_SMALL's lanes of input channels (three-conv's conv2: 16): the wide tile would compute
+# as many zero lanes
+_strided_input_grad_small = _make_strided_input_grad(*CONV_TILE_SMALL)
