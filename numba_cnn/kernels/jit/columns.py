@@ -31,6 +31,7 @@ from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, jit as _jit,
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import layout_copy, reusable_output, round_up, scratch_allocator
 from numba_cnn.kernels.jit.paths import note
+from numba_cnn.kernels.jit.sparse import _pad_planes
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
 
 # one vector of float32 lanes along the columns; 4 channels x 3 rows (or 3 taps) is 12 accumulators, which fits the
@@ -205,58 +206,6 @@ def _make_column_weight_grad(lanes):
                     dwt[h, k0 + kk, first + tt] = total
 
     return column_weight_grad
-
-
-@_jit
-def _pad_planes(src, channels_last, select, relu_y, top, left, dst, sums):
-    """dst[n, c] = the plane (n, c) of src placed at (top, left) in zeros, and sums[n, c] its sum (row by row, the
-    same code for either layout, so the same bits); src a C-contiguous NCHW array, or NHWC when channels_last (then
-    read a pixel's channels at a time; one compiled kernel serves both layouts), dst NCHW with at least as many
-    planes (the extra ones all zeros). With select, the values pass through the ReLU's select on relu_y (NCHW) on
-    the way, `0 if y <= 0 else value`, as layers.relu_backward computes it (without, relu_y is not read: one
-    compiled kernel for both, which shortens a cold start)."""
-    n_images = src.shape[0]
-    n_ch, h, w = (src.shape[3], src.shape[1], src.shape[2]) if channels_last else (src.shape[1], src.shape[2],
-                                                                                    src.shape[3])
-    n_planes, rows, columns = dst.shape[1], dst.shape[2], dst.shape[3]
-    zero = src.dtype.type(0)
-    # flat offsets as unsigned integers into dst (C-contiguous, made here) and an NCHW src: no wrap-around fix and
-    # no slice per row (their scalar work outweighed these short rows' copies)
-    dst_flat, src_flat = dst.reshape(-1), src.reshape(-1)
-    for n in prange(n_images):
-        image_at = n * n_planes * rows * columns
-        for t in range(n_planes * rows * columns):  # zeros first, then the planes over them: simpler than the border
-            dst_flat[np.uint64(image_at + t)] = zero
-        if channels_last:
-            # Each row's W x C values are transposed into a small buffer first, then each plane row is written
-            # whole from there: written straight from the pixels, one value per plane at a time, the C plane rows
-            # (H x W apart: 4 KiB at 32 x 32) fall into one set of the L1 cache and evict each other at every step.
-            staged = np.empty((n_ch, w), src.dtype)
-            for i in range(h):
-                pixels = src[n, i]
-                for j in range(w):
-                    px = pixels[j]
-                    for c in range(n_ch):
-                        staged[c, j] = px[c]
-                for c in range(n_ch):
-                    seg, y_row, row = dst[n, c, top + i, left:left + w], relu_y[n, c, i], staged[c]
-                    for j in range(w):
-                        seg[j] = zero if select and y_row[j] <= zero else row[j]
-        else:
-            for c in range(n_ch):
-                for i in range(h):
-                    at, src_at, y_row = (((n * n_planes + c) * rows + top + i) * columns + left,
-                                         ((n * n_ch + c) * h + i) * w, relu_y[n, c, i])
-                    for j in range(w):
-                        value = src_flat[np.uint64(src_at + j)]
-                        dst_flat[np.uint64(at + j)] = zero if select and y_row[j] <= zero else value
-        for c in range(n_ch):
-            total = zero
-            for i in range(h):
-                at = ((n * n_planes + c) * rows + top + i) * columns + left
-                for j in range(w):
-                    total += dst_flat[np.uint64(at + j)]
-            sums[n, c] = total
 
 
 _column_correlation = _make_column_correlation(COLUMN_LANES)

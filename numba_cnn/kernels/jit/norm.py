@@ -257,30 +257,22 @@ def _chunk_sums_done(partial, count, out):
 
 @_jit
 def _channel_stats_last(x, partial, mean, var):
-    """x[P, C] (channels-last pixels) -> float64 mean[c] and biased var[c] over the P pixels, two passes, each
-    summed in float64 per chunk of pixels into partial[h] (partial.shape[0] fixed chunks), the chunks added in
-    order."""
+    """x[P, C] (channels-last pixels) -> float64 mean[c] and biased var[c] over the P pixels, two passes (the values,
+    then their squared deviations from the mean), each summed in float64 per chunk of pixels into partial[h]
+    (partial.shape[0] fixed chunks), the chunks added in order."""
     n_px, n_ch = x.shape
     chunks = partial.shape[0]
-    for h in prange(chunks):
-        acc = partial[h]
-        for c in range(n_ch):
-            acc[c] = 0
-        for p in range(h * n_px // chunks, (h + 1) * n_px // chunks):
-            px = x[p]
+    for deviations in (False, True):
+        for h in prange(chunks):
+            acc = partial[h]
             for c in range(n_ch):
-                acc[c] += px[c]
-    _chunk_sums_done(partial, n_px, mean)
-    for h in prange(chunks):
-        acc = partial[h]
-        for c in range(n_ch):
-            acc[c] = 0
-        for p in range(h * n_px // chunks, (h + 1) * n_px // chunks):
-            px = x[p]
-            for c in range(n_ch):
-                d = px[c] - mean[c]
-                acc[c] += d * d
-    _chunk_sums_done(partial, n_px, var)
+                acc[c] = 0
+            for p in range(h * n_px // chunks, (h + 1) * n_px // chunks):
+                px = x[p]
+                for c in range(n_ch):
+                    d = px[c] - mean[c] if deviations else np.float64(px[c])
+                    acc[c] += d * d if deviations else d
+        _chunk_sums_done(partial, n_px, var if deviations else mean)
 
 
 @_jit

@@ -6,13 +6,15 @@ half of the pooled gradients before that: at most a quarter of the conv output's
 training conv2 lists fewer still. `_pooled_grad_lists` lists the nonzero elements once; the weight gradient runs
 over the lists with three kernel rows in a register tile, an image's input in bands that stay in L1; the input
 gradient regroups them by pixel and sums each pixel's channels' kernel rows in a register tile before adding them
-into dx. Any shape takes them.
+into dx. Any shape takes them. The layout copies too: into padded channels-last buffers (`_pad_rows`,
+`_pad_channels_last`, `_pack_channels_last`), into zero-bordered NCHW planes (`_pad_planes`, the column tiles'
+and padded_nchw's) and back to NCHW (`_channels_first`).
 
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
 """
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
 from numba_cnn.kernels.jit.tiles import TILE_BITS
@@ -408,24 +410,77 @@ def _pack_channels_last(a, col_pad, out, sums):
                     total[c] += row[c]
 
 
+@njit(inline="always")  # inlined into the copy kernels below, in numba IR
+def _stage_channels(pixels, staged):
+    """staged[c, j] = pixels[j, c]: one row of a channels-last image transposed into a small buffer, from which the
+    caller writes each plane's row whole. Written straight from the pixels, one value per plane at a time, the
+    plane rows (H x W apart: 4 KiB at 32 x 32) fall into one set of the L1 cache and evict each other at every
+    step (docs/numba.md, trap 7)."""
+    for j in range(pixels.shape[0]):
+        px = pixels[j]
+        for c in range(pixels.shape[1]):
+            staged[c, j] = px[c]
+
+
 @_jit
 def _channels_first(x_cl, out):
-    """x_cl[N, H, W, C] (channels last, C-contiguous) -> out[N, C, H, W]: per image and row, the row's W x C values
-    transposed into a small buffer, then each plane's row written whole from there (written straight from the
-    pixels, one value per plane at a time, the plane rows H x W apart share one L1 set: docs/numba.md, trap 7)."""
+    """x_cl[N, H, W, C] (channels last, C-contiguous) -> out[N, C, H, W]: per image and row, the row staged (see
+    _stage_channels), then each plane's row written whole from there."""
     n_images, h, w, n_ch = x_cl.shape
     for n in prange(n_images):
         staged = np.empty((n_ch, w), x_cl.dtype)
         for i in range(h):
-            pixels = x_cl[n, i]
-            for j in range(w):
-                px = pixels[j]
-                for c in range(n_ch):
-                    staged[c, j] = px[c]
+            _stage_channels(x_cl[n, i], staged)
             for c in range(n_ch):
                 row, seg = out[n, c, i], staged[c]
                 for j in range(w):
                     row[j] = seg[j]
+
+
+@_jit
+def _pad_planes(src, channels_last, select, relu_y, top, left, dst, sums):
+    """dst[n, c] = the plane (n, c) of src placed at (top, left) in zeros, and sums[n, c] its sum (row by row, the
+    same code for either layout, so the same bits); src a C-contiguous NCHW array, or NHWC when channels_last (then
+    read a pixel's channels at a time; one compiled kernel serves both layouts), dst NCHW with at least as many
+    planes (the extra ones all zeros). With select, the values pass through the ReLU's select on relu_y (NCHW) on
+    the way, `0 if y <= 0 else value`, as layers.relu_backward computes it (without, relu_y is not read: one
+    compiled kernel for both, which shortens a cold start)."""
+    n_images = src.shape[0]
+    n_ch, h, w = (src.shape[3], src.shape[1], src.shape[2]) if channels_last else (src.shape[1], src.shape[2],
+                                                                                    src.shape[3])
+    n_planes, rows, columns = dst.shape[1], dst.shape[2], dst.shape[3]
+    zero = src.dtype.type(0)
+    # flat offsets as unsigned integers into dst (C-contiguous, made here) and an NCHW src: no wrap-around fix and
+    # no slice per row (their scalar work outweighed these short rows' copies)
+    dst_flat, src_flat = dst.reshape(-1), src.reshape(-1)
+    for n in prange(n_images):
+        image_at = n * n_planes * rows * columns
+        for t in range(n_planes * rows * columns):  # zeros first, then the planes over them: simpler than the border
+            dst_flat[np.uint64(image_at + t)] = zero
+        if channels_last:
+            # each row staged (see _stage_channels), then each plane row written whole from there
+            staged = np.empty((n_ch, w), src.dtype)
+            for i in range(h):
+                _stage_channels(src[n, i], staged)
+                for c in range(n_ch):
+                    seg, y_row, row = dst[n, c, top + i, left:left + w], relu_y[n, c, i], staged[c]
+                    for j in range(w):
+                        seg[j] = zero if select and y_row[j] <= zero else row[j]
+        else:
+            for c in range(n_ch):
+                for i in range(h):
+                    at, src_at, y_row = (((n * n_planes + c) * rows + top + i) * columns + left,
+                                         ((n * n_ch + c) * h + i) * w, relu_y[n, c, i])
+                    for j in range(w):
+                        value = src_flat[np.uint64(src_at + j)]
+                        dst_flat[np.uint64(at + j)] = zero if select and y_row[j] <= zero else value
+        for c in range(n_ch):
+            total = zero
+            for i in range(h):
+                at = ((n * n_planes + c) * rows + top + i) * columns + left
+                for j in range(w):
+                    total += dst_flat[np.uint64(at + j)]
+            sums[n, c] = total
 
 
 @_jit
