@@ -305,7 +305,7 @@ def _strided_backward(dy, x, w, need_dx, stride, padding):
     padded channels-last."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
-    channels, lanes = STRIDED_GRAD_TILE
+    lanes = STRIDED_GRAD_TILE[1]
     col_pad = -(-(s - 1) // stride) if need_dx else 0
     dyt, dy_sums = _channels_last(dy, col_pad, round_up(k, lanes), buffer_name="dy_cl")
     db = dy_sums[:, :k].sum(axis=0)

@@ -1,7 +1,8 @@
 """The jit backend's general convolution: any stride (the register-tiled kernels of tiles.py cover stride 1), forward
 and backward, over an input zero-padded into a channels-last buffer by the caller (jit/__init__.py), so that every
 product the contract's padded sum has is computed (0 * inf is NaN there too). Correct first, with simple register
-tiles; not tuned.
+tiles; two choices measured so far (docs/kernels.md): the weight gradient's image chunks and the input gradient's
+16-lane tile for few channels.
 
 `_strided_forward`: prange over images; per output row, tiles of columns x lanes output channels (the tile of
     `_conv_tile_*`), reduced over (r, s, c) with c innermost; the columns of a tile read the input `stride` apart.
