@@ -303,6 +303,27 @@ def test_header_claiming_huge_count_is_reported_without_allocating_it(tmp_path):
         read_idx_images(path)
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_reads_spanning_several_buffers_and_chunks_keep_every_byte(tmp_path, monkeypatch, gz):
+    """read_exactly with buffers and reads far smaller than the file: the pieces joined in order, and a file
+    that ends inside a buffer still reported by its size."""
+    from numba_cnn.data import files
+
+    monkeypatch.setattr(files, "READ_BUFFER_BYTES", 1000)
+    monkeypatch.setattr(files, "READ_CHUNK", 300)
+    body = idx_images(TRAIN[0])
+    path = tmp_path / ("img.gz" if gz else "img")
+    path.write_bytes(gzip.compress(body) if gz else body)
+    np.testing.assert_array_equal(read_idx_images(path), TRAIN[0])
+    with open(path, "rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw) if gz else raw
+        got = files.read_exactly(stream, len(body) + 2500, path, "test")
+    assert bytes(got) == body
+    path.write_bytes(gzip.compress(body[:-1]) if gz else body[:-1])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx_images(path)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # corrupt npz files
 

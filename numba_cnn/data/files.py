@@ -21,6 +21,7 @@ PIXELS = ROWS * COLS
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 READ_CHUNK = 1 << 20  # bytes per read of a compressed file
+READ_BUFFER_BYTES = 1 << 30  # the most one read buffer holds (see read_exactly)
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 # What a corrupt gzip or zip can raise from deep inside the standard library; all become DataError.
@@ -131,20 +132,39 @@ def _size_error(path, what, expected, found):
 
 
 def read_exactly(stream, nbytes, where, container):
-    """Up to nbytes from stream (fewer only at its end) as a writable bytearray; in chunks, because a bogus header
-    may claim terabytes and a single read(n) would try to allocate them. Decoding errors become DataError."""
-    out = bytearray()
+    """Up to nbytes from stream (fewer only at its end) as a writable memoryview of uint8. Read in chunks into
+    buffers allocated once: numpy leaves an allocation's pages unmapped until they are written, so a bogus header
+    that claims terabytes costs address space, not memory, and a file read whole leaves no freed copies behind (a
+    growing bytearray left about its own size of freed heap, which the training run's malloc settings keep).
+    Buffers hold at most READ_BUFFER_BYTES each. Decoding errors become DataError."""
+    buffers, filled = [], 0
     try:
-        while len(out) < nbytes:
-            chunk = stream.read(min(READ_CHUNK, nbytes - len(out)))
-            if not chunk:
+        while filled < nbytes:
+            buffer = np.empty(min(READ_BUFFER_BYTES, nbytes - filled), np.uint8)
+            buffers.append(buffer)
+            got = _read_into(stream, memoryview(buffer))
+            filled += got
+            if got < len(buffer):
+                buffers[-1] = buffer[:got]
                 break
-            out += chunk
     except EOFError:
         raise DataError(f"{where}: truncated {container} data (the compressed stream ends early)") from None
     except (OSError, zlib.error, zipfile.BadZipFile) as exc:
         raise DataError(f"{where}: corrupt {container} data ({exc})") from None
-    return out
+    if len(buffers) == 1:
+        return memoryview(buffers[0])
+    return memoryview(np.concatenate(buffers) if buffers else np.empty(0, np.uint8))
+
+
+def _read_into(stream, view):
+    """Fill view from stream in READ_CHUNK reads -> the bytes read (fewer than len(view) only at the end)."""
+    filled = 0
+    while filled < len(view):
+        got = stream.readinto(view[filled:filled + READ_CHUNK])
+        if not got:
+            break
+        filled += got
+    return filled
 
 
 # ---------------------------------------------------------------------------------------------------------------
