@@ -602,15 +602,18 @@ def test_new_ops_give_identical_bits_on_one_and_two_threads():
         np.testing.assert_array_equal(one, two, err_msg=f"output {index}")
 
 
-# (N, D, M): one image, one input, D past a weight-gradient block (256) and under it, M at the compiled bound (64)
-DENSE_SHAPES = [(1, 7, 3), (5, 1, 10), (9, 300, 64), (128, 1600, 10), (3, 513, 1)]
+# (N, D, M): one image, one input, D past a weight-gradient block (256) and under it, M at the compiled bound (16),
+# and one shape the bounds send to the compiled kernel as they stand (mnist-cnn's dense layer)
+DENSE_SHAPES = [(1, 7, 3), (5, 1, 10), (9, 300, 16), (128, 1600, 10), (3, 513, 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n,d,m", DENSE_SHAPES)
-def test_compiled_dense_layers_match_the_oracle(n, d, m, dtype):
-    """The backward of dense layers of at most DENSE_COMPILED_MAX_OUTPUTS outputs runs jit's own kernel: all three
-    gradients against float64 matmuls, on awkward shapes; wider ones are numpy's, bit for bit."""
+def test_compiled_dense_layers_match_the_oracle(n, d, m, dtype, monkeypatch):
+    """jit's own kernel for the backward of dense layers (taken for at most DENSE_COMPILED_MAX_OUTPUTS outputs from
+    at least DENSE_COMPILED_MIN_INPUTS inputs; here for every input count): all three gradients against float64
+    matmuls, on awkward shapes; wider ones, and fewer inputs under the bound as it stands, are numpy's, bit for
+    bit."""
     from numba_cnn.kernels.jit import layers as jit_layers
     from numba_cnn.kernels import layers as numpy_layers
 
@@ -618,6 +621,10 @@ def test_compiled_dense_layers_match_the_oracle(n, d, m, dtype):
     x, w = rng.standard_normal((n, d)).astype(dtype), rng.standard_normal((d, m)).astype(dtype)
     b, dy = rng.standard_normal(m).astype(dtype), rng.standard_normal((n, m)).astype(dtype)
     assert m <= jit_layers.DENSE_COMPILED_MAX_OUTPUTS
+    if d < jit_layers.DENSE_COMPILED_MIN_INPUTS:
+        for got, want in zip(jit_layers.dense_backward(dy, x, w), numpy_layers.dense_backward(dy, x, w)):
+            np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(jit_layers, "DENSE_COMPILED_MIN_INPUTS", 1)
     x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
     reference.assert_close(jit_layers.dense_forward(x, w, b), x64 @ w64 + b, dtype, "y")
     dx, dw, db = jit_layers.dense_backward(dy, x, w)
@@ -635,7 +642,7 @@ def test_compiled_dense_layers_give_identical_bits_on_one_and_two_threads():
     from numba_cnn.kernels.jit import layers as jit_layers
 
     rng = np.random.default_rng(5)
-    x, w = rng.standard_normal((37, 700)).astype(np.float32), rng.standard_normal((700, 10)).astype(np.float32)
+    x, w = rng.standard_normal((37, 1100)).astype(np.float32), rng.standard_normal((1100, 10)).astype(np.float32)
     b, dy = rng.standard_normal(10).astype(np.float32), rng.standard_normal((37, 10)).astype(np.float32)
     before = numba.get_num_threads()
     results = []

@@ -189,10 +189,13 @@ def dropout_backward(dy, mask):
     return dx
 
 
-# The backward of dense layers with at most this many outputs runs compiled on every thread: BLAS runs at one thread
-# here (see jit/__init__.py), and fills few lanes with 10 outputs. Wider ones (VGG's 4096 -> 256) are BLAS's, and
-# so is every forward (a compiled one measured no faster: one matmul, no reduction over the batch).
-DENSE_COMPILED_MAX_OUTPUTS = 64
+# The backward of dense layers with at most this many outputs from at least this many inputs runs compiled on every
+# thread: BLAS runs at one thread here (see jit/__init__.py), and fills few lanes with 10 outputs. Timed against
+# numpy's, the compiled kernel only won there (mnist-cnn's 1600 -> 10); with 32 or more outputs, or a few hundred
+# inputs (LeNet's 84 -> 10), numpy's was faster (docs/kernels.md). Every forward is BLAS's (a compiled one measured
+# no faster: one matmul, no reduction over the batch).
+DENSE_COMPILED_MAX_OUTPUTS = 16
+DENSE_COMPILED_MIN_INPUTS = 1024
 
 
 _DENSE_TILE = 64  # values summed in registers at a time (4 zmm, 8 ymm)
@@ -258,10 +261,10 @@ _dense_backward = _make_dense_backward(_DENSE_TILE)
 
 
 def dense_backward(dy, x, w):
-    """dy[N, M], x[N, D], w[D, M] -> (dx[N, D], dw[D, M], db[M]): compiled over the threads for few outputs (each
-    element summed in one fixed order, so the same bits for any thread count), else numpy's."""
-    compiled = (0 < w.shape[1] <= DENSE_COMPILED_MAX_OUTPUTS and x.shape[0] > 0
-                and x.dtype == w.dtype == dy.dtype and x.dtype in (np.float32, np.float64))
+    """dy[N, M], x[N, D], w[D, M] -> (dx[N, D], dw[D, M], db[M]): compiled over the threads for few outputs from
+    many inputs (each element summed in one fixed order, so the same bits for any thread count), else numpy's."""
+    compiled = (0 < w.shape[1] <= DENSE_COMPILED_MAX_OUTPUTS and w.shape[0] >= DENSE_COMPILED_MIN_INPUTS
+                and x.shape[0] > 0 and x.dtype == w.dtype == dy.dtype and x.dtype in (np.float32, np.float64))
     if not compiled:
         return numpy_layers.dense_backward(dy, x, w)
     dy, x = np.ascontiguousarray(dy), np.ascontiguousarray(x)
