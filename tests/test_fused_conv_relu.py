@@ -73,7 +73,7 @@ def test_fused_against_the_oracle(shape, k, kernel, stride, padding, path):
 def _network():
     return from_dict({"layers": [
         {"kind": "Conv2D", "filters": 6, "kernel_size": 5, "padding": "same", "activation": "relu"},
-        {"kind": "AvgPool2D"},
+        {"kind": "AvgPool2D", "pool_size": 3},  # a 2x2 one would make the pair a ConvReluAvgPool
         {"kind": "Conv2D", "filters": 8, "kernel_size": 3},
         {"kind": "ReLU"},
         {"kind": "Flatten"},

@@ -18,7 +18,7 @@ from numba_cnn.kernels import get_backend, reference
 from numba_cnn.model import Model, default_network, init_state
 from numba_cnn.network import DescriptionError, from_dict, layers, preset_document, resolve_description
 from numba_cnn.network.layers import KINDS, Layer
-from numba_cnn.network.plan import ConvRelu, ConvReluPool, plan
+from numba_cnn.network.plan import ConvRelu, ConvReluAvgPool, ConvReluPool, plan
 from numba_cnn.network.presets import PRESETS
 from numba_cnn.optim import Adam
 
@@ -198,9 +198,11 @@ def test_fusion_pass_merges_what_the_backend_has():
         "conv2d_relu_maxpool2d")
     steps = plan(every_kind_network(), jit)
     # conv + ReLU became one conv with its ReLU, whose backward is jit's fused conv2d_relu_backward (no pool after it);
-    # a 3x3 pool, a padded conv and a strided conv are not fused
-    assert [s.name for s in steps][:3] == ["conv1+relu1", "pool1", "conv2"]
+    # the padded conv with its ReLU and a 2x2 average pool one ConvReluAvgPool step; a 3x3 pool and a strided conv
+    # (followed by BatchNorm) are not fused
+    assert [s.name for s in steps][:4] == ["conv1+relu1", "pool1", "conv2+avgpool1", "conv3"]
     assert isinstance(steps[0].runner, ConvRelu) and steps[0].runner.conv.activation == "relu"
+    assert isinstance(steps[2].runner, ConvReluAvgPool)
 
 
 # ------------------------------------------------------------------------------------------------ every kind, model-level

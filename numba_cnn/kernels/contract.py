@@ -19,10 +19,13 @@ CONTRACT = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d
 # network's fusion pass (numba_cnn/network/plan.py) uses them where present and the composition of contract ops
 # otherwise (kernels/README.md). conv2d_relu_maxpool2d covers a stride-1 convolution (any zero padding) and a 2x2 pool;
 # batchnorm2d_relu is BatchNorm2D then ReLU; conv2d_relu is a backward only (its forward is the contract's
-# conv2d_forward with relu=True): the ReLU's derivative taken inside the convolution's backward.
+# conv2d_forward with relu=True): the ReLU's derivative taken inside the convolution's backward; so is
+# conv2d_relu_avgpool2d (forward: conv2d_forward with relu=True, then avgpool2d_forward with 2x2 windows), whose dy is
+# the pool's gradient.
 FUSED_OPS = {"conv2d_relu_maxpool2d": ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward"),
              "batchnorm2d_relu": ("batchnorm2d_relu_forward", "batchnorm2d_relu_backward"),
-             "conv2d_relu": ("conv2d_relu_backward",)}
+             "conv2d_relu": ("conv2d_relu_backward",),
+             "conv2d_relu_avgpool2d": ("conv2d_relu_avgpool2d_backward",)}
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # What a Backend holds beside its ops and `layers`, by name: its array runtime and its dropout generator. A host
 # backend gets numba_cnn/kernels/host.py's and dropout_rng.py's; an on_device module defines its own.
@@ -302,6 +305,20 @@ def check_conv2d_relu_backward(dy, y, x, w, need_dx=True, stride=1, padding=0):
     if tuple(y.shape) != tuple(dy.shape):
         raise ValueError(f"y has shape {tuple(y.shape)} but dy has shape {tuple(dy.shape)}")
     return dy, _contiguous(y), x, w, need_dx, stride, padding
+
+
+def check_conv2d_relu_avgpool2d_backward(dy, y, x, w, need_dx=True, stride=1, padding=0):
+    stride, padding = _check_stride(stride), _check_padding(padding)
+    conv_shape = _check_conv_operands(x, w, stride, padding)
+    _check_float("y", y, 4, "(N, K, P, Q)", np.dtype(x.dtype))
+    if tuple(y.shape) != conv_shape:
+        raise ValueError(f"y has shape {tuple(y.shape)} but the convolution's output has shape {conv_shape}")
+    pooled = _pooled_shape(conv_shape, what="convolution output")
+    _check_float("dy", dy, 4, "(N, K, P//2, Q//2)", np.dtype(x.dtype))
+    if tuple(dy.shape) != pooled:
+        raise ValueError(f"dy has shape {tuple(dy.shape)} but the pooled output has shape {pooled}")
+    return (_contiguous(dy), _contiguous(y), _contiguous(x), _contiguous(w), _check_bool("need_dx", need_dx), stride,
+            padding)
 
 
 def check_conv2d_relu_maxpool2d_forward(x, w, b, padding=0):

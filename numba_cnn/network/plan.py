@@ -9,7 +9,7 @@ runs a plan of steps as it would the bare layers, and the bench and the layer ti
 
 import dataclasses
 
-from numba_cnn.network.layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU
+from numba_cnn.network.layers import AvgPool2D, BatchNorm2D, Conv2D, MaxPool2D, ReLU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,27 @@ class ConvRelu:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConvReluAvgPool:
+    """conv2d_relu_avgpool2d: a convolution with its ReLU followed by a 2x2 average pool. The forward runs the two ops
+    as they are (the pool reads the ReLU'd output, which the backward needs anyway); the backward is one backend op
+    that spreads the pool's gradient over the windows and takes the ReLU's derivative inside the convolution's
+    backward, so the full-size gradient between them need never be written out."""
+
+    conv: Conv2D
+
+    def forward(self, run, p, x):
+        y, cache = self.conv.forward(run, p, x)
+        return run.ops.avgpool2d_forward(y, size=(2, 2)), cache
+
+    def backward(self, run, p, dy, cache, need_dx):
+        x, y = cache
+        dx, dw, db = run.ops.conv2d_relu_avgpool2d_backward(dy, y, x, p["w"], need_dx=need_dx,
+                                                            stride=self.conv.strides,
+                                                            padding=self.conv.pads(x.shape[1:]))
+        return dx, {"w": dw, "b": db}
+
+
+@dataclasses.dataclass(frozen=True)
 class Fusion:
     """A pattern: neighbouring layer kinds, `applies(backend, *layers)`, and `fuse(*layers)` -> the runner."""
 
@@ -106,6 +127,10 @@ def _conv_relu_pool(backend, conv, pool):
             and pool.pool_size == (2, 2))
 
 
+def _conv_relu_avgpool(backend, conv, pool):
+    return backend.has_fused("conv2d_relu_avgpool2d") and conv.activation == "relu" and pool.pool_size == (2, 2)
+
+
 def _batchnorm_relu(backend, bn, relu):
     return backend.has_fused("batchnorm2d_relu")
 
@@ -119,6 +144,7 @@ FUSIONS = (
     Fusion("conv2d+relu", (Conv2D, ReLU), _conv_then_relu,
            lambda conv, relu: dataclasses.replace(conv, activation="relu")),
     Fusion("conv2d_relu_maxpool2d", (Conv2D, MaxPool2D), _conv_relu_pool, lambda conv, pool: ConvReluPool(conv)),
+    Fusion("conv2d_relu_avgpool2d", (Conv2D, AvgPool2D), _conv_relu_avgpool, lambda conv, pool: ConvReluAvgPool(conv)),
     Fusion("batchnorm2d_relu", (BatchNorm2D, ReLU), _batchnorm_relu, lambda bn, relu: BatchNormRelu(bn)),
     # last: a pattern of one layer, taken only where no pattern before it (a pool after the conv) matched
     Fusion("conv2d_relu", (Conv2D,), _conv_relu, ConvRelu),

@@ -158,7 +158,8 @@ LISTED_MIN_SPAN = 8
 # spinning after each call take the cores Numba's threads need (on 2 cores, a training step slows markedly).
 
 INFO = BackendInfo(summary="register-tiled loop kernels compiled by Numba (parallel=True)", blas_threads="one",
-                   fused=("batchnorm2d_relu", "conv2d_relu_maxpool2d", "conv2d_relu"), channels_last=True)
+                   fused=("batchnorm2d_relu", "conv2d_relu_maxpool2d", "conv2d_relu", "conv2d_relu_avgpool2d"),
+                   channels_last=True)
 
 
 def _conv_tile_shape(out_channels):
@@ -363,15 +364,20 @@ def conv2d_backward(dy, x, w, need_dx, stride, padding):
     return _conv_backward(dy, x, w, need_dx, stride, padding, None)
 
 
+def _column_backward_fits(x, w, k, q, stride, padding):
+    """Whether a convolution's backward (K outputs, Q columns) takes the column tiles: the same path with and
+    without dx, so dw's bits do not depend on need_dx."""
+    return (stride == 1 and columns_pay(x.shape[1], k, q) and column_dx_fits(x.shape, w.shape, padding)
+            and np.isfinite(w).all() and np.isfinite(x).all())
+
+
 def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):
     """conv2d_backward of dy, or with relu_y (the forward's ReLU'd output) of relu_backward(dy, relu_y): the column
     tiles apply the select as they copy dy, the other paths run layers.relu_backward first (the same bits)."""
     n, k, p, q = dy.shape
     _, c, r, s = w.shape
     dw_macs = n * k * c * r * s * p * q
-    # the same path with and without dx, so dw's bits do not depend on need_dx
-    if (stride == 1 and columns_pay(c, k, q) and column_dx_fits(x.shape, w.shape, padding) and np.isfinite(w).all()
-            and np.isfinite(x).all()):
+    if _column_backward_fits(x, w, k, q, stride, padding):
         return column_backward(dy, x, w, need_dx, padding, relu_y)
     if relu_y is not None:
         dy = layers.relu_backward(dy, relu_y)
@@ -565,6 +571,16 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
 def conv2d_relu_backward(dy, y, x, w, need_dx, stride, padding):
     """conv2d_backward(relu_backward(dy, y), ...) in one op: y the ReLU'd output of conv2d_forward."""
     return _conv_backward(dy, x, w, need_dx, stride, padding, y)
+
+
+def conv2d_relu_avgpool2d_backward(dy, y, x, w, need_dx, stride, padding):
+    """conv2d_relu_backward(avgpool2d_backward(dy, y.shape, (2, 2)), y, ...) in one op: dy the gradient of the 2x2
+    average pool of y, the ReLU'd output of conv2d_forward. The column tiles spread dy over the windows as they copy
+    it into their border, so the pool's full-size gradient is never written; the other paths run the composition
+    (the same bits)."""
+    if _column_backward_fits(x, w, y.shape[1], y.shape[3], stride, padding):
+        return column_backward(dy, x, w, need_dx, padding, y, pooled=True)
+    return _conv_backward(avgpool2d_backward(dy, y.shape, (2, 2)), x, w, need_dx, stride, padding, y)
 
 
 def precompile(network=None):

@@ -29,9 +29,9 @@ from numba import prange
 
 from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, jit as _jit, tile_allocator
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import layout_copy, reusable_output, round_up, scratch_allocator
+from numba_cnn.kernels.jit.buffers import layout_copy, nchw, reusable_output, round_up, scratch_allocator
 from numba_cnn.kernels.jit.paths import note
-from numba_cnn.kernels.jit.sparse import _pad_planes
+from numba_cnn.kernels.jit.sparse import _pad_planes, _pad_planes_pooled
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
 
 # one vector of float32 lanes along the columns; 4 channels x 3 rows (or 3 taps) is 12 accumulators, which fits the
@@ -233,11 +233,17 @@ def column_dx_fits(x_shape, w_shape, padding):
     return x_shape[2] >= COLUMN_TILE[1] and top < w_shape[2] and left < w_shape[3]
 
 
-def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None):
+def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None, pooled=False):
     """a[N, C, H, W] (either layout; through the ReLU's select on relu_y if given) placed at (top, left) in zeros
     (N, planes, rows, columns), and the per-image channel sums (N, C): a `layout_copy` of a (the forward's padded
-    input is the backward's), in scratch buffers with relu_y."""
+    input is the backward's), in scratch buffers with relu_y. pooled: a is the gradient of relu_y's 2x2 average
+    pool, spread over the windows as it is copied (`_pad_planes_pooled`)."""
     n, c = a.shape[:2]
+    if pooled:
+        allocate = scratch_allocator(buffer_name)
+        out, sums = allocate((n, planes, rows, columns), a.dtype), allocate((n, c), a.dtype)
+        _pad_planes_pooled(nchw(a), relu_y, top, left, out, sums)
+        return out, sums
     channels_last = is_channels_last(a)
     src = a.transpose(0, 2, 3, 1) if channels_last else np.ascontiguousarray(a)
 
@@ -279,13 +285,14 @@ def column_forward(x, w, b, relu, padding):
     return y
 
 
-def column_backward(dy, x, w, need_dx, padding, relu_y=None):
+def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     """conv2d_backward at stride 1 through `_column_weight_grad` and, for dx, `_column_correlation` over dy in a
     zero border (the full correlation with the flipped kernel, cropped by the padding); x and w finite (lanes past
     the output's width multiply zeros of dy by real inputs, and dx multiplies dy's zero border by the weights: the
     contract's sum has neither product), and `column_dx_fits`. With relu_y, of relu_backward(dy, relu_y): the
-    select applied as dy is copied into its border."""
-    n, k, p, q = dy.shape
+    select applied as dy is copied into its border; pooled too, of the 2x2 average pool's backward first (dy the
+    pool's gradient, spread over the windows in the same copy)."""
+    n, k, p, q = relu_y.shape if pooled else dy.shape
     _, c, r, s = w.shape
     h, wd = x.shape[2:]
     top, bottom, left, right = padding
@@ -293,14 +300,15 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None):
     lanes = COLUMN_LANES
     dw_macs = n * k * c * r * s * p * q
     note("conv2d_backward", f"column dw tiles of {channels} channels x {taps} taps x {lanes} lanes"
-         + ", dx the column tile" * need_dx, dw_macs + (n * c * h * wd * k * r * s if need_dx else 0))
+         + ", dx the column tile" * need_dx + ", the 2x2 average pool's gradient spread in dy's copy" * pooled,
+         dw_macs + (n * c * h * wd * k * r * s if need_dx else 0))
     q_padded = round_up(q, lanes)
     # dy in zeros: for dx bordered as the full correlation reads it (R-1-top rows above, S-1-left columns left)
     row_off, col_off = (r - 1 - top, s - 1 - left) if need_dx else (0, 0)
     dy_rows = max(h + r - 1, row_off + p) if need_dx else p
     dy_columns = max(col_off + q_padded, round_up(wd, lanes) + s - 1 if need_dx else 0)
     dyp, dy_sums = _padded_planes(dy, row_off, col_off, round_up(k, channels), dy_rows, dy_columns, "dy_columns",
-                                  relu_y)
+                                  relu_y, pooled)
     db = dy_sums.sum(axis=0)
     # the forward's padded input (the same key: its columns are the output's rounded up to the lanes, plus S - 1)
     xp, _ = _padded_planes(x, top, left, c, h + top + bottom, q_padded + s - 1, "x_columns")

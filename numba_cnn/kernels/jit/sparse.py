@@ -8,7 +8,8 @@ over the lists with three kernel rows in a register tile, an image's input in ba
 gradient regroups them by pixel and sums each pixel's channels' kernel rows in a register tile before adding them
 into dx. Any shape takes them. The layout copies too: into padded channels-last buffers (`_pad_rows`,
 `_pad_channels_last`, `_pack_channels_last`), into zero-bordered NCHW planes (`_pad_planes`, the column tiles'
-and padded_nchw's) and back to NCHW (`_channels_first`).
+and padded_nchw's; `_pad_planes_pooled`, which spreads a 2x2 average pool's gradient on the way) and back to NCHW
+(`_channels_first`).
 
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
 """
@@ -439,12 +440,12 @@ def _channels_first(x_cl, out):
 
 @_jit
 def _pad_planes(src, channels_last, select, relu_y, top, left, dst, sums):
-    """dst[n, c] = the plane (n, c) of src placed at (top, left) in zeros, and sums[n, c] its sum (row by row, the
-    same code for either layout, so the same bits); src a C-contiguous NCHW array, or NHWC when channels_last (then
-    read a pixel's channels at a time; one compiled kernel serves both layouts), dst NCHW with at least as many
-    planes (the extra ones all zeros). With select, the values pass through the ReLU's select on relu_y (NCHW) on
-    the way, `0 if y <= 0 else value`, as layers.relu_backward computes it (without, relu_y is not read: one
-    compiled kernel for both, which shortens a cold start)."""
+    """dst[n, c] = the plane (n, c) of src placed at (top, left) in zeros, and sums[n, c] its sum (down the columns,
+    then across them; the same code for either layout, so the same bits); src a C-contiguous NCHW array, or NHWC
+    when channels_last (then read a pixel's channels at a time; one compiled kernel serves both layouts), dst NCHW
+    with at least as many planes (the extra ones all zeros). With select, the values pass through the ReLU's select
+    on relu_y (NCHW) on the way, `0 if y <= 0 else value`, as layers.relu_backward computes it (without, relu_y is
+    not read: one compiled kernel for both, which shortens a cold start)."""
     n_images = src.shape[0]
     n_ch, h, w = (src.shape[3], src.shape[1], src.shape[2]) if channels_last else (src.shape[1], src.shape[2],
                                                                                     src.shape[3])
@@ -474,12 +475,54 @@ def _pad_planes(src, channels_last, select, relu_y, top, left, dst, sums):
                     for j in range(w):
                         value = src_flat[np.uint64(src_at + j)]
                         dst_flat[np.uint64(at + j)] = zero if select and y_row[j] <= zero else value
+        column_sums = np.empty(w, dst.dtype)
         for c in range(n_ch):
-            total = zero
+            # down the columns first (w independent sums, vectorised), then across them, in a fixed order
+            column_sums[:] = zero
             for i in range(h):
                 at = ((n * n_planes + c) * rows + top + i) * columns + left
                 for j in range(w):
-                    total += dst_flat[np.uint64(at + j)]
+                    column_sums[j] += dst_flat[np.uint64(at + j)]
+            total = zero
+            for j in range(w):
+                total += column_sums[j]
+            sums[n, c] = total
+
+
+@_jit
+def _pad_planes_pooled(dy, relu_y, top, left, dst, sums):
+    """`_pad_planes` (with the ReLU's select on relu_y[N, C, H, W]) of the 2x2 average pool's backward, which is
+    never written out: dy[N, C, Ho, Wo] (NCHW) is the pool's gradient, each value's dy / 4 (in float64, rounded on
+    the store, as norm.py's `_avgpool2x2_backward`) goes to the four elements of its window, and the rows and
+    columns no window covers stay zero. The same values and sums, bit for bit."""
+    n_images, n_ch, ho, wo = dy.shape
+    h, w = relu_y.shape[2], relu_y.shape[3]
+    n_planes, rows, columns = dst.shape[1], dst.shape[2], dst.shape[3]
+    zero = dst.dtype.type(0)
+    dst_flat = dst.reshape(-1)
+    for n in prange(n_images):
+        image_at = n * n_planes * rows * columns
+        for t in range(n_planes * rows * columns):
+            dst_flat[np.uint64(image_at + t)] = zero
+        for c in range(n_ch):
+            for i in range(2 * ho):
+                at = ((n * n_planes + c) * rows + top + i) * columns + left
+                dy_row, y_row = dy[n, c, i // 2], relu_y[n, c, i]
+                for j in range(wo):  # a window's two values per step (indexing dy by u // 2 did not vectorise)
+                    g = np.float64(dy_row[j]) / 4
+                    dst_flat[np.uint64(at + 2 * j)] = zero if y_row[2 * j] <= zero else g
+                    dst_flat[np.uint64(at + 2 * j + 1)] = zero if y_row[2 * j + 1] <= zero else g
+        column_sums = np.empty(w, dst.dtype)
+        for c in range(n_ch):
+            # down the columns first (w independent sums, vectorised), then across them, in a fixed order
+            column_sums[:] = zero
+            for i in range(h):
+                at = ((n * n_planes + c) * rows + top + i) * columns + left
+                for j in range(w):
+                    column_sums[j] += dst_flat[np.uint64(at + j)]
+            total = zero
+            for j in range(w):
+                total += column_sums[j]
             sums[n, c] = total
 
 

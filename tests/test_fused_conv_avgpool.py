@@ -1,0 +1,114 @@
+"""The jit backend's fused backward of conv + ReLU + 2x2 average pooling (kernels README: conv2d_relu_avgpool2d, a
+backward-only fused op): bitwise the composition it replaces (avgpool2d_backward, then conv2d_relu_backward) on the
+column tiles, which spread the pool's gradient as they copy it into their border, and on the paths that run the
+composition, with NaN and infinities where the ReLU's select decides and odd outputs whose last row and column no
+window covers; against the float64 oracle; the fusion pass takes it on jit only, and a Model gives bitwise the same
+results fused or not."""
+
+import numpy as np
+import pytest
+
+from numba_cnn.kernels import get_backend, reference
+from numba_cnn.kernels.layers import relu_backward
+from numba_cnn.kernels.jit.paths import PathLog
+from numba_cnn.model import Model
+from numba_cnn.network import from_dict
+from numba_cnn.network.plan import ConvReluAvgPool, plan
+
+jit = get_backend("jit")
+
+# (N, C, H, W), K, (R, S), stride, padding, the path's name as `bench` prints it
+CASES = [
+    pytest.param((3, 1, 28, 28), 6, (5, 5), 1, (2, 2, 2, 2), "pool's gradient spread", id="lenet_conv1_columns"),
+    pytest.param((2, 6, 14, 14), 16, (5, 5), 1, (0, 0, 0, 0), "pool's gradient spread", id="lenet_conv2_columns"),
+    pytest.param((2, 3, 13, 11), 4, (3, 3), 1, (1, 1, 1, 1), "pool's gradient spread", id="odd_output_columns"),
+    pytest.param((2, 32, 9, 9), 64, (3, 3), 1, (1, 1, 1, 1), "dw tiles", id="wide_channels_last_odd"),
+    pytest.param((2, 4, 13, 12), 5, (3, 3), 2, (1, 1, 1, 1), "strided", id="strided_odd"),
+]
+
+
+def _operands(rng, shape, k, kernel, stride, padding, dtype):
+    x = rng.standard_normal(shape).astype(dtype)
+    w = (rng.standard_normal((k, shape[1]) + kernel) * 0.3).astype(dtype)
+    y = jit.conv2d_forward(x, w, np.zeros(k, dtype), True, stride, padding).copy()
+    n, k, p, q = y.shape
+    dy = rng.standard_normal((n, k, p // 2, q // 2)).astype(dtype)
+    return x, w, y, dy
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,k,kernel,stride,padding,path", CASES)
+def test_fused_is_bitwise_the_composition(shape, k, kernel, stride, padding, path, dtype):
+    rng = np.random.default_rng(1)
+    x, w, y, dy = _operands(rng, shape, k, kernel, stride, padding, dtype)
+    # NaN and infinities where the select decides: under a clipped y they give 0, a NaN y passes them on
+    dy[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    y[0, 0, 0, :4] = 0
+    y[0, 1, 1, 1] = np.nan
+    dy[0, 1, 0, 0] = np.nan
+    for need_dx in (True, False):
+        for dy_layout in ("contiguous", "channels_last"):
+            dy_in = dy if dy_layout == "contiguous" else np.ascontiguousarray(
+                dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+            with PathLog() as log:
+                fused = [None if a is None else np.array(a)
+                         for a in jit.conv2d_relu_avgpool2d_backward(dy_in, y, x, w, need_dx, stride, padding)]
+            spread = np.array(jit.avgpool2d_backward(dy, y.shape, (2, 2)))
+            composed = jit.conv2d_relu_backward(spread, y, x, w, need_dx, stride, padding)
+            assert any(path in p for p in log.paths), log.paths
+            for name, got, want in zip(("dx", "dw", "db"), fused, composed):
+                if want is None:
+                    assert got is None
+                    continue
+                assert got.dtype == want.dtype and got.shape == want.shape, name
+                assert np.array_equal(got, want, equal_nan=True), f"{name} need_dx={need_dx} dy {dy_layout}"
+
+
+@pytest.mark.parametrize("shape,k,kernel,stride,padding,path", CASES)
+def test_fused_against_the_oracle(shape, k, kernel, stride, padding, path):
+    rng = np.random.default_rng(2)
+    x, w, y, dy = _operands(rng, shape, k, kernel, stride, padding, np.float32)
+    got = jit.conv2d_relu_avgpool2d_backward(dy, y, x, w, True, stride, padding)
+    spread = reference.avgpool2d_backward(dy.astype(np.float64), y.shape, (2, 2))
+    want = reference.conv2d_backward(relu_backward(spread, y.astype(np.float64)), x, w, True, stride, padding)
+    for name, a, e in zip(("dx", "dw", "db"), got, want):
+        reference.assert_close(a, e, np.float32, name)
+
+
+def _network():
+    return from_dict({"layers": [
+        {"kind": "Conv2D", "filters": 6, "kernel_size": 5, "padding": "same", "activation": "relu"},
+        {"kind": "AvgPool2D"},
+        {"kind": "Conv2D", "filters": 8, "kernel_size": 3},
+        {"kind": "ReLU"},
+        {"kind": "AvgPool2D"},
+        {"kind": "Flatten"},
+        {"kind": "Dense", "units": 10, "activation": "softmax"}]}, (1, 13, 13))
+
+
+def test_fusion_pass_and_model_fused_or_not(rng):
+    """Both conv + pool pairs (one conv with its activation, one followed by a ReLU layer; the first pool's output
+    odd) become ConvReluAvgPool steps on jit, none on im2col (which has no such op); a training pass gives bitwise
+    the same loss and gradients fused and with every layer on its own."""
+    network = _network()
+    assert [type(s.runner) for s in plan(network, jit)].count(ConvReluAvgPool) == 2
+    assert not any(isinstance(s.runner, ConvReluAvgPool) for s in plan(network, get_backend("im2col")))
+    x = rng.uniform(0, 1, (5, 1, 13, 13)).astype(np.float32)
+    labels = np.array([1, 0, 9, 4, 4])
+    results = []
+    for fuse in (True, False):
+        model = Model(jit, seed=3, network=network, fuse=fuse)
+        loss, correct = model.forward_backward(x, labels, jit.make_dropout_rng(0))
+        results.append((loss, correct, {name: np.array(g) for name, g in model.grads.items()}))
+    (loss, correct, grads), (loss0, correct0, grads0) = results
+    assert loss == loss0 and correct == correct0 and grads.keys() == grads0.keys()
+    for name in grads:
+        assert np.array_equal(grads[name], grads0[name]), name
+
+
+def test_the_check_refuses_a_dy_of_the_wrong_shape(rng):
+    x, w, y, dy = _operands(rng, (2, 1, 8, 8), 4, (3, 3), 1, (0, 0, 0, 0), np.float32)
+    with pytest.raises(ValueError, match="pooled output has shape"):
+        jit.conv2d_relu_avgpool2d_backward(y, y, x, w, True, 1, 0)
+    with pytest.raises(ValueError, match="y has shape"):
+        jit.conv2d_relu_avgpool2d_backward(dy, y[:, :, :3], x, w, True, 1, 0)
