@@ -117,6 +117,28 @@ def test_paths_chosen_by_channel_counts():
         assert [_took_columns(path) for path in log.paths] == [takes_columns] * 2, log.paths
 
 
+def test_each_call_takes_the_correlation_tile_that_computes_less():
+    """Six filters (LeNet's conv1) and a dx into six channels (its conv2's) take the six-channel tile, 32 filters
+    (VGG's conv1) and 8 over 12 rows, forward and dx into 16 channels, the other (on either target); the bench's
+    path names the tile, and both give the channels-last tiles' bits (the test above runs SHAPES through both)."""
+    six, other = columns.COLUMN_TILE_SIX, columns.COLUMN_TILE
+    rng = np.random.default_rng(4)
+    cases = [((2, 1, 28, 28), 6, (5, 5), (2, 2, 2, 2), six, None),
+             ((2, 6, 14, 14), 16, (5, 5), (0, 0, 0, 0), None, six),
+             ((2, 3, 32, 32), 32, (3, 3), (1, 1, 1, 1), other, None),
+             ((2, 16, 12, 12), 8, (3, 3), (1, 1, 1, 1), other, other)]
+    for shape, k, kernel, padding, forward_tile, dx_tile in cases:
+        x, w, b, dy = _operands(rng, shape, k, kernel, padding, np.float32)
+        with PathLog() as log:
+            jit.conv2d_forward(x, w, b, True, 1, padding)
+            jit.conv2d_backward(dy, x, w, True, 1, padding)
+        forward, backward = log.paths
+        if forward_tile:
+            assert f"column tile {forward_tile[0]} channels x {forward_tile[1]} rows" in forward, forward
+        if dx_tile:
+            assert f"dx the column tile {dx_tile[0]} channels x {dx_tile[1]} rows" in backward, backward
+
+
 def test_one_and_two_threads_give_identical_bits():
     """Forward split over images, dw over (fixed image chunk, tile) tasks with the chunks added in order, db from
     per-image sums: bitwise the same for any thread count."""

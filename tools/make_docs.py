@@ -352,7 +352,8 @@ def tile_constants(bits):
               "'GRAD_LANES_NARROW': t.GRAD_LANES_NARROW, "
               "'GRAD_LANES_WIDE': t.GRAD_LANES_WIDE, 'TILE_TAPS': t.TILE_TAPS, 'CONV1_TILE': t.CONV1_TILE, "
               "'ONE_CHANNEL_LANES': t.ONE_CHANNEL_LANES, "
-              "'COLUMN_LANES': c.COLUMN_LANES, 'COLUMN_TILE': c.COLUMN_TILE, 'COLUMN_GRAD_TILE': c.COLUMN_GRAD_TILE, "
+              "'COLUMN_LANES': c.COLUMN_LANES, 'COLUMN_TILE': c.COLUMN_TILE, 'COLUMN_TILE_SIX': c.COLUMN_TILE_SIX, "
+              "'COLUMN_GRAD_TILE': c.COLUMN_GRAD_TILE, "
               "'WINOGRAD_TILE_WIDE': t.WINOGRAD_TILE_WIDE, 'WINOGRAD_TILE_NARROW': t.WINOGRAD_TILE_NARROW, "
               "'WINOGRAD_CHUNK': t.WINOGRAD_CHUNK}))")
     env = dict(os.environ, NUMBA_CNN_TILE_BITS=str(bits),
@@ -397,7 +398,9 @@ def block_tiles():
     rows.append(f"| `ONE_CHANNEL_LANES` | conv1 fused with pool1 (one input channel, 3x3): a window's four outputs "
                 f"| {cells[0]} | {cells[1]} |")
     for name, use, kind in (("COLUMN_TILE", "conv forward and dx with few channels, lanes along the output columns "
-                                            "(LeNet's conv1 forward, its dx into 6 channels)", "rows"),
+                                            "(LeNet's conv2 forward on AVX-512, VGG's conv1)", "rows"),
+                            ("COLUMN_TILE_SIX", "the same where it computes less than COLUMN_TILE (LeNet's conv1 "
+                                                "forward, its dx into 6 channels; on AVX2 conv2's forward)", "rows"),
                             ("COLUMN_GRAD_TILE", "weight gradients of few filters, lanes along the columns (LeNet's "
                                                  "6 and 16)", "taps")):
         cells = [f"{t[name][0]} channels x {t[name][1]} {kind} x {t['COLUMN_LANES']} lanes = **"

@@ -12,6 +12,10 @@ kernel), and a second one the weight gradient.
     broadcasts 8 (4) weights for 24 (12) FMAs, written out in the body of the loop over the lanes (the only form
     LLVM vectorised: docs/numba.md). The last row block overlaps the one before; the last column block computes
     past the output's width (the caller pads the input) and stores only what exists.
+`_column_correlation_six`: the same with a tile of 6 channels x 4 (AVX-512) or 2 (AVX2) rows (COLUMN_TILE_SIX),
+    for the layers it computes less of: 6 filters (LeNet's conv1, and its dx into 6 channels) fill it where the
+    other computes 8 (`_correlation_tile` picks by the channels and rows each would compute). The same sums in the
+    same order: the same bits.
 `_column_weight_grad`: dw[k, c, r, s] = sum over (n, i, j) of dy[n, k, i, j] x[n, c, i + r, j + s]: tiles of 4
     output channels x 6 (AVX-512) or 3 (AVX2) taps x `lanes` columns (COLUMN_GRAD_TILE), the taps consecutive in
     the flattened (c, r, s), so a 5x5 kernel or 3 channels of a 3x3 one fill the tile (a tap is an offset into the
@@ -41,25 +45,27 @@ COLUMN_LANES = 16 if TILE_BITS >= 512 else 8
 _WIDE = TILE_BITS >= 512 and TILE_REGISTERS >= 32
 # (output channels, output rows) and (output channels, taps): the kernels spell these tiles out
 COLUMN_TILE = (8, 3) if _WIDE else (4, 3)
+# 6 channels (LeNet's conv1 forward, its dx into 6 channels), for which the tile above computes 8: x 4 rows in 24 zmm,
+# x 2 rows in 12 ymm (3 x 4 would need a 17th ymm for the fourth row's segment, and spilled: slower than 4 x 3)
+COLUMN_TILE_SIX = (6, 4) if _WIDE else (6, 2)
 COLUMN_GRAD_TILE = (4, 6) if _WIDE else (4, 3)
 
 
-def _make_column_correlation(lanes):
-    channels, rows = COLUMN_TILE
+def _make_column_correlation(lanes, channels, rows):
     tile = channels * rows * lanes
     _stack_tile = tile_allocator()
 
     @_jit
     def column_correlation(xp, wt, b, floor, y):
         """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} xp[n,c,i+r,j+s] * wt[k,r,s,c]), y NCHW (N, K, P, Q) with
-        P >= 3; xp C-contiguous NCHW, at least P + R - 1 rows and ceil(Q / lanes) * lanes + S - 1 columns (zeros
+        P >= the tile's rows; xp C-contiguous NCHW, at least P + R - 1 rows and ceil(Q / lanes) * lanes + S - 1 columns (zeros
         past what the sum reads); wt (K padded to the tile's channels, R, S, C) and b padded alike; floor 0 for
         ReLU (NaN kept) or -inf for none. The sum runs over wt's C channels (xp may hold more planes)."""
         n_images, n_planes, x_rows, x_cols = xp.shape
         n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
         k_padded, r_taps, s_taps, n_in = wt.shape
         # flat offsets as unsigned integers: numba adds no wrap-around fix to them (a slice per load costs more
-        # scalar instructions than the tile's multiply-adds), and the three rows are one constant stride apart
+        # scalar instructions than the tile's multiply-adds), and the tile's rows are one constant stride apart
         flat = xp.reshape(-1)
         row_step = np.uint64(x_cols)
         for n in prange(n_images):
@@ -76,43 +82,76 @@ def _make_column_correlation(lanes):
                         for r in range(r_taps):
                             for s in range(s_taps):
                                 for c in range(n_in):
-                                    w0, w1 = wt[k0, r, s, c], wt[k0 + 1, r, s, c]
-                                    w2, w3 = wt[k0 + 2, r, s, c], wt[k0 + 3, r, s, c]
                                     at = ((n * n_planes + c) * x_rows + i0 + r) * x_cols + j0 + s
                                     # the tile's body spelled out in the lane loop: LLVM vectorises that loop whole
                                     # (as loops over channels and rows inside it, it unrolls everything into
-                                    # scalar code); the second group of 4 channels is compiled only in the 8-channel
-                                    # tile
-                                    for lane in range(lanes):
-                                        u = np.uint64(at + lane)
-                                        a0, a1, a2 = flat[u], flat[u + row_step], flat[u + row_step + row_step]
-                                        acc[lane] += a0 * w0
-                                        acc[lanes + lane] += a1 * w0
-                                        acc[2 * lanes + lane] += a2 * w0
-                                        acc[3 * lanes + lane] += a0 * w1
-                                        acc[4 * lanes + lane] += a1 * w1
-                                        acc[5 * lanes + lane] += a2 * w1
-                                        acc[6 * lanes + lane] += a0 * w2
-                                        acc[7 * lanes + lane] += a1 * w2
-                                        acc[8 * lanes + lane] += a2 * w2
-                                        acc[9 * lanes + lane] += a0 * w3
-                                        acc[10 * lanes + lane] += a1 * w3
-                                        acc[11 * lanes + lane] += a2 * w3
-                                        if channels == 8:
-                                            w4, w5 = wt[k0 + 4, r, s, c], wt[k0 + 5, r, s, c]
-                                            w6, w7 = wt[k0 + 6, r, s, c], wt[k0 + 7, r, s, c]
-                                            acc[12 * lanes + lane] += a0 * w4
-                                            acc[13 * lanes + lane] += a1 * w4
-                                            acc[14 * lanes + lane] += a2 * w4
-                                            acc[15 * lanes + lane] += a0 * w5
-                                            acc[16 * lanes + lane] += a1 * w5
-                                            acc[17 * lanes + lane] += a2 * w5
-                                            acc[18 * lanes + lane] += a0 * w6
-                                            acc[19 * lanes + lane] += a1 * w6
-                                            acc[20 * lanes + lane] += a2 * w6
-                                            acc[21 * lanes + lane] += a0 * w7
-                                            acc[22 * lanes + lane] += a1 * w7
-                                            acc[23 * lanes + lane] += a2 * w7
+                                    # scalar code); each tile shape is a section compiled only for its kernel
+                                    if rows == 3:
+                                        w0, w1 = wt[k0, r, s, c], wt[k0 + 1, r, s, c]
+                                        w2, w3 = wt[k0 + 2, r, s, c], wt[k0 + 3, r, s, c]
+                                        for lane in range(lanes):
+                                            u = np.uint64(at + lane)
+                                            a0, a1, a2 = flat[u], flat[u + row_step], flat[u + row_step + row_step]
+                                            acc[lane] += a0 * w0
+                                            acc[lanes + lane] += a1 * w0
+                                            acc[2 * lanes + lane] += a2 * w0
+                                            acc[3 * lanes + lane] += a0 * w1
+                                            acc[4 * lanes + lane] += a1 * w1
+                                            acc[5 * lanes + lane] += a2 * w1
+                                            acc[6 * lanes + lane] += a0 * w2
+                                            acc[7 * lanes + lane] += a1 * w2
+                                            acc[8 * lanes + lane] += a2 * w2
+                                            acc[9 * lanes + lane] += a0 * w3
+                                            acc[10 * lanes + lane] += a1 * w3
+                                            acc[11 * lanes + lane] += a2 * w3
+                                            if channels == 8:
+                                                w4, w5 = wt[k0 + 4, r, s, c], wt[k0 + 5, r, s, c]
+                                                w6, w7 = wt[k0 + 6, r, s, c], wt[k0 + 7, r, s, c]
+                                                acc[12 * lanes + lane] += a0 * w4
+                                                acc[13 * lanes + lane] += a1 * w4
+                                                acc[14 * lanes + lane] += a2 * w4
+                                                acc[15 * lanes + lane] += a0 * w5
+                                                acc[16 * lanes + lane] += a1 * w5
+                                                acc[17 * lanes + lane] += a2 * w5
+                                                acc[18 * lanes + lane] += a0 * w6
+                                                acc[19 * lanes + lane] += a1 * w6
+                                                acc[20 * lanes + lane] += a2 * w6
+                                                acc[21 * lanes + lane] += a0 * w7
+                                                acc[22 * lanes + lane] += a1 * w7
+                                                acc[23 * lanes + lane] += a2 * w7
+                                    else:  # 6 channels x 2 or 4 rows
+                                        w0, w1, w2 = wt[k0, r, s, c], wt[k0 + 1, r, s, c], wt[k0 + 2, r, s, c]
+                                        w3, w4, w5 = wt[k0 + 3, r, s, c], wt[k0 + 4, r, s, c], wt[k0 + 5, r, s, c]
+                                        two_rows = row_step + row_step
+                                        for lane in range(lanes):
+                                            u = np.uint64(at + lane)
+                                            a0, a1 = flat[u], flat[u + row_step]
+                                            acc[lane] += a0 * w0
+                                            acc[lanes + lane] += a1 * w0
+                                            acc[rows * lanes + lane] += a0 * w1
+                                            acc[(rows + 1) * lanes + lane] += a1 * w1
+                                            acc[2 * rows * lanes + lane] += a0 * w2
+                                            acc[(2 * rows + 1) * lanes + lane] += a1 * w2
+                                            acc[3 * rows * lanes + lane] += a0 * w3
+                                            acc[(3 * rows + 1) * lanes + lane] += a1 * w3
+                                            acc[4 * rows * lanes + lane] += a0 * w4
+                                            acc[(4 * rows + 1) * lanes + lane] += a1 * w4
+                                            acc[5 * rows * lanes + lane] += a0 * w5
+                                            acc[(5 * rows + 1) * lanes + lane] += a1 * w5
+                                            if rows == 4:
+                                                a2, a3 = flat[u + two_rows], flat[u + two_rows + row_step]
+                                                acc[2 * lanes + lane] += a2 * w0
+                                                acc[3 * lanes + lane] += a3 * w0
+                                                acc[(rows + 2) * lanes + lane] += a2 * w1
+                                                acc[(rows + 3) * lanes + lane] += a3 * w1
+                                                acc[(2 * rows + 2) * lanes + lane] += a2 * w2
+                                                acc[(2 * rows + 3) * lanes + lane] += a3 * w2
+                                                acc[(3 * rows + 2) * lanes + lane] += a2 * w3
+                                                acc[(3 * rows + 3) * lanes + lane] += a3 * w3
+                                                acc[(4 * rows + 2) * lanes + lane] += a2 * w4
+                                                acc[(4 * rows + 3) * lanes + lane] += a3 * w4
+                                                acc[(5 * rows + 2) * lanes + lane] += a2 * w5
+                                                acc[(5 * rows + 3) * lanes + lane] += a3 * w5
                         for kk in range(min(channels, n_out - k0)):
                             for rr in range(rows):
                                 y_seg = y[n, k0 + kk, i0 + rr, j0:]
@@ -208,7 +247,8 @@ def _make_column_weight_grad(lanes):
     return column_weight_grad
 
 
-_column_correlation = _make_column_correlation(COLUMN_LANES)
+_column_correlation = _make_column_correlation(COLUMN_LANES, *COLUMN_TILE)
+_column_correlation_six = _make_column_correlation(COLUMN_LANES, *COLUMN_TILE_SIX)
 _column_weight_grad = _make_column_weight_grad(COLUMN_LANES)
 
 
@@ -266,14 +306,27 @@ def padded_nchw(x, padding, extra_columns=0):
     return _padded_planes(x, top, left, c, h + top + bottom, wd + left + right + extra_columns, "x_padded_nchw")[0]
 
 
+def _correlation_tile(out_channels, out_rows):
+    """-> (kernel, (channels, rows)): of the two column correlation tiles, the one that computes fewer channels x
+    rows for K output channels and P output rows (K rounded up to its channels, P to whole blocks of its rows: the
+    last block overlaps the one before), COLUMN_TILE on a tie or when P is under the other's rows."""
+    def computed(tile):
+        return round_up(out_channels, tile[0]) * round_up(out_rows, tile[1])
+
+    if out_rows >= COLUMN_TILE_SIX[1] and computed(COLUMN_TILE_SIX) < computed(COLUMN_TILE):
+        return _column_correlation_six, COLUMN_TILE_SIX
+    return _column_correlation, COLUMN_TILE
+
+
 def column_forward(x, w, b, relu, padding):
-    """conv2d_forward at stride 1 through `_column_correlation` (needs P >= COLUMN_TILE's rows)."""
+    """conv2d_forward at stride 1 through `_column_correlation` or `_column_correlation_six` (needs P >=
+    COLUMN_TILE's rows)."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     top, bottom, left, right = padding
     p, q = h + top + bottom - r + 1, wd + left + right - s + 1
-    channels = COLUMN_TILE[0]
-    note("conv2d_forward", f"column tile {channels} channels x {COLUMN_TILE[1]} rows x {COLUMN_LANES} lanes"
+    correlation, (channels, rows) = _correlation_tile(k, p)
+    note("conv2d_forward", f"column tile {channels} channels x {rows} rows x {COLUMN_LANES} lanes"
          + ", padded copy" * any(padding), n * k * c * r * s * p * q)
     xp, _ = _padded_planes(x, top, left, c, h + top + bottom, round_up(q, COLUMN_LANES) + s - 1, "x_columns")
     wt = np.zeros((round_up(k, channels), r, s, c), x.dtype)
@@ -281,12 +334,12 @@ def column_forward(x, w, b, relu, padding):
     bp = np.zeros(wt.shape[0], x.dtype)
     bp[:k] = b
     y = reusable_output((n, k, p, q), x.dtype)
-    _column_correlation(xp, wt, bp, x.dtype.type(0 if relu else -np.inf), y)
+    correlation(xp, wt, bp, x.dtype.type(0 if relu else -np.inf), y)
     return y
 
 
 def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
-    """conv2d_backward at stride 1 through `_column_weight_grad` and, for dx, `_column_correlation` over dy in a
+    """conv2d_backward at stride 1 through `_column_weight_grad` and, for dx, the column correlation over dy in a
     zero border (the full correlation with the flipped kernel, cropped by the padding); x and w finite (lanes past
     the output's width multiply zeros of dy by real inputs, and dx multiplies dy's zero border by the weights: the
     contract's sum has neither product), and `column_dx_fits`. With relu_y, of relu_backward(dy, relu_y): the
@@ -299,8 +352,10 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     channels, taps = COLUMN_GRAD_TILE
     lanes = COLUMN_LANES
     dw_macs = n * k * c * r * s * p * q
+    dx_correlation, (dx_channels, dx_rows) = _correlation_tile(c, h)
     note("conv2d_backward", f"column dw tiles of {channels} channels x {taps} taps x {lanes} lanes"
-         + ", dx the column tile" * need_dx + ", the 2x2 average pool's gradient spread in dy's copy" * pooled,
+         + f", dx the column tile {dx_channels} channels x {dx_rows} rows" * need_dx
+         + ", the 2x2 average pool's gradient spread in dy's copy" * pooled,
          dw_macs + (n * c * h * wd * k * r * s if need_dx else 0))
     q_padded = round_up(q, lanes)
     # dy in zeros: for dx bordered as the full correlation reads it (R-1-top rows above, S-1-left columns left)
@@ -318,8 +373,8 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     dw = (dwt[0] if chunks == 1 else np.sum(dwt, axis=0))[:k].reshape(k, c, r, s)  # chunks added in order
     if not need_dx:
         return None, dw, db
-    wf = np.zeros((round_up(c, COLUMN_TILE[0]), r, s, k), x.dtype)
+    wf = np.zeros((round_up(c, dx_channels), r, s, k), x.dtype)
     wf[:c] = w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)
     dx = reusable_output(x.shape, x.dtype)
-    _column_correlation(dyp, wf, np.zeros(wf.shape[0], x.dtype), x.dtype.type(-np.inf), dx)
+    dx_correlation(dyp, wf, np.zeros(wf.shape[0], x.dtype), x.dtype.type(-np.inf), dx)
     return dx, dw, db
