@@ -234,3 +234,16 @@ def test_jit_relu_equals_numpys_in_every_layout(layout, rng):
     dx = jit_layers.relu_backward(dy, y)
     np.testing.assert_array_equal(dx, np_layers.relu_backward(dy, y))
     assert np.isnan(y.reshape(-1)[0]) and (dx[y <= 0] == 0).all()
+
+
+def test_flatten_keeps_the_channel_major_order(call, layers_backend, rng):
+    """flatten gives each image's values in (C, H, W) order, as Flatten's backward reshapes them back, on every
+    backend; on the host backends from a channels-last array too (jit copies it on every thread)."""
+    x = rng.standard_normal((3, 5, 4, 6)).astype(np.float32)
+    want = x.reshape(3, -1).copy()
+    np.testing.assert_array_equal(call("flatten", x), want)
+    if not layers_backend.info.on_device:
+        x_cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        got = layers_backend.layers.flatten(x_cl)
+        assert got.shape == (3, 120)
+        np.testing.assert_array_equal(got, want)

@@ -1,9 +1,9 @@
 """The small layers in numpy, each forward beside its backward, shapes first: ReLU, dropout, dense, the softmax
-cross-entropy loss (with argmax_rows, its prediction) and the Adam update.
+cross-entropy loss (with argmax_rows, its prediction), the Adam update, and flatten (Flatten's forward).
 
 These are a backend's `layers` (Backend.layers): the ops a network runs beside the contract's kernels. They are cheap
 next to the convolutions (the dense layer is one small matmul), so naive, im2col and the oracle use these as they
-are; jit/layers.py replaces four with compiled ones and cuda/layers.py has every one, same parameters, on device
+are; jit/layers.py replaces some with compiled ones and cuda/layers.py has every one, same parameters, on device
 arrays. The arrays they take come through the backend's array runtime (host.py here, cuda/runtime.py), and dropout
 draws from the backend's generator (dropout_rng.py, cuda/dropout_rng.py).
 """
@@ -35,6 +35,12 @@ def dropout_forward(x, rate, rng):
 
 def dropout_backward(dy, mask):
     return dy * mask
+
+
+def flatten(x):
+    """x[N, C, H, W] (either layout) -> [N, C*H*W] in (C, H, W) order: a view of an NCHW-contiguous x, else a copy
+    (Flatten's backward reshapes dy back to x's shape, NCHW)."""
+    return x.reshape(x.shape[0], -1)
 
 
 def dense_forward(x, w, b):

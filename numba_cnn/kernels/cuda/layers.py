@@ -112,6 +112,12 @@ def _dense_forward(x, w, b, y):
             y[n, m] = b[m] + total
 
 
+def flatten(x):
+    """numpy_layers.flatten on a device array (C-contiguous: a view)."""
+    x = as_device(x)
+    return x.reshape(x.shape[0], -1)
+
+
 def dense_forward(x, w, b):
     """x[N, D], w[D, M], b[M] -> y[N, M] = x @ w + b."""
     x, w, b = as_device(x, "x"), as_device(w, "w"), as_device(b, "b")

@@ -26,7 +26,7 @@ from numba import prange
 from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import reusable_output
+from numba_cnn.kernels.jit.buffers import nchw, reusable_output
 from numba_cnn.kernels.layers import argmax_rows, dense_forward  # noqa: F401
 
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -77,6 +77,12 @@ def _dropout(x, key0, key1, threshold, scale, zero, y, mask, lanes):
                 kept = scale if words[i] < limit else zero
                 mask[start + i] = kept
                 y[start + i] = x[start + i] * kept
+
+
+def flatten(x):
+    """numpy_layers.flatten, with a channels-last x (every fused conv + pool's output) copied to NCHW on every
+    thread (`nchw`) rather than by numpy's one-thread transposing copy inside reshape."""
+    return nchw(x).reshape(x.shape[0], -1)
 
 
 def dropout_forward(x, rate, rng):

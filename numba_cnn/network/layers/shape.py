@@ -21,7 +21,7 @@ class Flatten(Layer):
         return (size,)
 
     def forward(self, run, p, x):
-        return x.reshape(x.shape[0], -1), x.shape
+        return run.layers.flatten(x), x.shape
 
     def backward(self, run, p, dy, cache, need_dx):
         return dy.reshape(cache), {}
