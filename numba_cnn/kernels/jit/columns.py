@@ -58,9 +58,10 @@ def _make_column_correlation(lanes, channels, rows):
     @_jit
     def column_correlation(xp, wt, b, floor, y):
         """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} xp[n,c,i+r,j+s] * wt[k,r,s,c]), y NCHW (N, K, P, Q) with
-        P >= the tile's rows; xp C-contiguous NCHW, at least P + R - 1 rows and ceil(Q / lanes) * lanes + S - 1 columns (zeros
-        past what the sum reads); wt (K padded to the tile's channels, R, S, C) and b padded alike; floor 0 for
-        ReLU (NaN kept) or -inf for none. The sum runs over wt's C channels (xp may hold more planes)."""
+        P >= the tile's rows; xp C-contiguous NCHW, at least P + R - 1 rows and ceil(Q / lanes) * lanes + S - 1
+        columns (zeros past what the sum reads); wt (K padded to the tile's channels, R, S, C) and b padded alike;
+        floor 0 for ReLU (NaN kept) or -inf for none. The sum runs over wt's C channels (xp may hold more
+        planes)."""
         n_images, n_planes, x_rows, x_cols = xp.shape
         n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
         k_padded, r_taps, s_taps, n_in = wt.shape
