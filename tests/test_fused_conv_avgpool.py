@@ -8,10 +8,9 @@ results fused or not."""
 import numpy as np
 import pytest
 
+from fused_checks import assert_fused_is_the_composition, assert_model_fused_or_not, conv_operands
 from numba_cnn.kernels import get_backend, reference
 from numba_cnn.kernels.layers import relu_backward
-from numba_cnn.kernels.jit.paths import PathLog
-from numba_cnn.model import Model
 from numba_cnn.network import from_dict
 from numba_cnn.network.plan import ConvReluAvgPool, plan
 
@@ -27,47 +26,30 @@ CASES = [
 ]
 
 
-def _operands(rng, shape, k, kernel, stride, padding, dtype):
-    x = rng.standard_normal(shape).astype(dtype)
-    w = (rng.standard_normal((k, shape[1]) + kernel) * 0.3).astype(dtype)
-    y = jit.conv2d_forward(x, w, np.zeros(k, dtype), True, stride, padding).copy()
-    n, k, p, q = y.shape
-    dy = rng.standard_normal((n, k, p // 2, q // 2)).astype(dtype)
-    return x, w, y, dy
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,k,kernel,stride,padding,path", CASES)
 def test_fused_is_bitwise_the_composition(shape, k, kernel, stride, padding, path, dtype):
     rng = np.random.default_rng(1)
-    x, w, y, dy = _operands(rng, shape, k, kernel, stride, padding, dtype)
+    x, w, y, dy = conv_operands(rng, shape, k, kernel, stride, padding, dtype, pooled=True)
     # NaN and infinities where the select decides: under a clipped y they give 0, a NaN y passes them on
     dy[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
     y[0, 0, 0, :4] = 0
     y[0, 1, 1, 1] = np.nan
     dy[0, 1, 0, 0] = np.nan
-    for need_dx in (True, False):
-        for dy_layout in ("contiguous", "channels_last"):
-            dy_in = dy if dy_layout == "contiguous" else np.ascontiguousarray(
-                dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-            with PathLog() as log:
-                fused = [None if a is None else np.array(a)
-                         for a in jit.conv2d_relu_avgpool2d_backward(dy_in, y, x, w, need_dx, stride, padding)]
-            spread = np.array(jit.avgpool2d_backward(dy, y.shape, (2, 2)))
-            composed = jit.conv2d_relu_backward(spread, y, x, w, need_dx, stride, padding)
-            assert any(path in p for p in log.paths), log.paths
-            for name, got, want in zip(("dx", "dw", "db"), fused, composed):
-                if want is None:
-                    assert got is None
-                    continue
-                assert got.dtype == want.dtype and got.shape == want.shape, name
-                assert np.array_equal(got, want, equal_nan=True), f"{name} need_dx={need_dx} dy {dy_layout}"
+
+    def composed(need_dx):
+        spread = np.array(jit.avgpool2d_backward(dy, y.shape, (2, 2)))
+        return jit.conv2d_relu_backward(spread, y, x, w, need_dx, stride, padding)
+
+    assert_fused_is_the_composition(
+        lambda dy_in, need_dx: jit.conv2d_relu_avgpool2d_backward(dy_in, y, x, w, need_dx, stride, padding),
+        composed, dy, path)
 
 
 @pytest.mark.parametrize("shape,k,kernel,stride,padding,path", CASES)
 def test_fused_against_the_oracle(shape, k, kernel, stride, padding, path):
     rng = np.random.default_rng(2)
-    x, w, y, dy = _operands(rng, shape, k, kernel, stride, padding, np.float32)
+    x, w, y, dy = conv_operands(rng, shape, k, kernel, stride, padding, np.float32, pooled=True)
     got = jit.conv2d_relu_avgpool2d_backward(dy, y, x, w, True, stride, padding)
     spread = reference.avgpool2d_backward(dy.astype(np.float64), y.shape, (2, 2))
     want = reference.conv2d_backward(relu_backward(spread, y.astype(np.float64)), x, w, True, stride, padding)
@@ -94,20 +76,11 @@ def test_fusion_pass_and_model_fused_or_not(rng):
     assert [type(s.runner) for s in plan(network, jit)].count(ConvReluAvgPool) == 2
     assert not any(isinstance(s.runner, ConvReluAvgPool) for s in plan(network, get_backend("im2col")))
     x = rng.uniform(0, 1, (5, 1, 13, 13)).astype(np.float32)
-    labels = np.array([1, 0, 9, 4, 4])
-    results = []
-    for fuse in (True, False):
-        model = Model(jit, seed=3, network=network, fuse=fuse)
-        loss, correct = model.forward_backward(x, labels, jit.make_dropout_rng(0))
-        results.append((loss, correct, {name: np.array(g) for name, g in model.grads.items()}))
-    (loss, correct, grads), (loss0, correct0, grads0) = results
-    assert loss == loss0 and correct == correct0 and grads.keys() == grads0.keys()
-    for name in grads:
-        assert np.array_equal(grads[name], grads0[name]), name
+    assert_model_fused_or_not(jit, network, x, np.array([1, 0, 9, 4, 4]))
 
 
 def test_the_check_refuses_a_dy_of_the_wrong_shape(rng):
-    x, w, y, dy = _operands(rng, (2, 1, 8, 8), 4, (3, 3), 1, (0, 0, 0, 0), np.float32)
+    x, w, y, dy = conv_operands(rng, (2, 1, 8, 8), 4, (3, 3), 1, (0, 0, 0, 0), np.float32, pooled=True)
     with pytest.raises(ValueError, match="pooled output has shape"):
         jit.conv2d_relu_avgpool2d_backward(y, y, x, w, True, 1, 0)
     with pytest.raises(ValueError, match="y has shape"):

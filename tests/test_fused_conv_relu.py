@@ -7,10 +7,9 @@ takes it on jit only, and a Model gives bitwise the same results fused or not.""
 import numpy as np
 import pytest
 
+from fused_checks import assert_fused_is_the_composition, assert_model_fused_or_not, conv_operands
 from numba_cnn.kernels import get_backend, reference
 from numba_cnn.kernels.layers import relu_backward
-from numba_cnn.kernels.jit.paths import PathLog
-from numba_cnn.model import Model
 from numba_cnn.network import from_dict
 from numba_cnn.network.plan import ConvRelu, plan
 
@@ -25,44 +24,24 @@ CASES = [
 ]
 
 
-def _operands(rng, shape, k, kernel, stride, padding, dtype):
-    x = rng.standard_normal(shape).astype(dtype)
-    w = (rng.standard_normal((k, shape[1]) + kernel) * 0.3).astype(dtype)
-    y = jit.conv2d_forward(x, w, np.zeros(k, dtype), True, stride, padding).copy()
-    dy = rng.standard_normal(y.shape).astype(dtype)
-    return x, w, y, dy
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,k,kernel,stride,padding,path", CASES)
 def test_fused_is_bitwise_the_composition(shape, k, kernel, stride, padding, path, dtype):
     rng = np.random.default_rng(1)
-    x, w, y, dy = _operands(rng, shape, k, kernel, stride, padding, dtype)
+    x, w, y, dy = conv_operands(rng, shape, k, kernel, stride, padding, dtype)
     # NaN and infinities where the select decides: a NaN dy where the ReLU clipped gives 0, a NaN y passes dy on
     dy[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
     y[0, 0, 0, :3] = 0
     y[0, 1, 1, 1] = np.nan
-    for need_dx in (True, False):
-        for dy_layout in ("contiguous", "channels_last"):
-            dy_in = dy if dy_layout == "contiguous" else np.ascontiguousarray(
-                dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-            with PathLog() as log:
-                fused = [None if a is None else np.array(a)
-                         for a in jit.conv2d_relu_backward(dy_in, y, x, w, need_dx, stride, padding)]
-            composed = jit.conv2d_backward(relu_backward(dy, y), x, w, need_dx, stride, padding)
-            assert any(path in p for p in log.paths), log.paths
-            for name, got, want in zip(("dx", "dw", "db"), fused, composed):
-                if want is None:
-                    assert got is None
-                    continue
-                assert got.dtype == want.dtype and got.shape == want.shape, name
-                assert np.array_equal(got, want, equal_nan=True), f"{name} need_dx={need_dx} dy {dy_layout}"
+    assert_fused_is_the_composition(
+        lambda dy_in, need_dx: jit.conv2d_relu_backward(dy_in, y, x, w, need_dx, stride, padding),
+        lambda need_dx: jit.conv2d_backward(relu_backward(dy, y), x, w, need_dx, stride, padding), dy, path)
 
 
 @pytest.mark.parametrize("shape,k,kernel,stride,padding,path", CASES)
 def test_fused_against_the_oracle(shape, k, kernel, stride, padding, path):
     rng = np.random.default_rng(2)
-    x, w, y, dy = _operands(rng, shape, k, kernel, stride, padding, np.float32)
+    x, w, y, dy = conv_operands(rng, shape, k, kernel, stride, padding, np.float32)
     got = jit.conv2d_relu_backward(dy, y, x, w, True, stride, padding)
     want = reference.conv2d_backward(relu_backward(dy.astype(np.float64), y.astype(np.float64)), x, w, True, stride,
                                      padding)
@@ -88,19 +67,10 @@ def test_fusion_pass_and_model_fused_or_not(rng):
     assert [type(s.runner) for s in plan(network, jit)].count(ConvRelu) == 2
     assert not any(isinstance(s.runner, ConvRelu) for s in plan(network, get_backend("im2col")))
     x = rng.uniform(0, 1, (5, 1, 12, 12)).astype(np.float32)
-    labels = np.array([1, 0, 9, 4, 4])
-    results = []
-    for fuse in (True, False):
-        model = Model(jit, seed=3, network=network, fuse=fuse)
-        loss, correct = model.forward_backward(x, labels, jit.make_dropout_rng(0))
-        results.append((loss, correct, {name: np.array(g) for name, g in model.grads.items()}))
-    (loss, correct, grads), (loss0, correct0, grads0) = results
-    assert loss == loss0 and correct == correct0 and grads.keys() == grads0.keys()
-    for name in grads:
-        assert np.array_equal(grads[name], grads0[name]), name
+    assert_model_fused_or_not(jit, network, x, np.array([1, 0, 9, 4, 4]))
 
 
 def test_the_check_refuses_a_mismatched_y(rng):
-    x, w, y, dy = _operands(rng, (2, 1, 8, 8), 4, (3, 3), 1, (0, 0, 0, 0), np.float32)
+    x, w, y, dy = conv_operands(rng, (2, 1, 8, 8), 4, (3, 3), 1, (0, 0, 0, 0), np.float32)
     with pytest.raises(ValueError, match="y has shape"):
         jit.conv2d_relu_backward(dy, y[:, :, :3], x, w, True, 1, 0)
