@@ -142,12 +142,13 @@ def pad_width(x, width, axis=3):
     return wide
 
 
-def nchw(a):
+def nchw(a, reusable=False):
     """a as a C-contiguous NCHW array: itself, or a copy of a channels-last one (compiled for float arrays, on every
-    thread: numpy's transposing copy runs on one, at a fraction of the memory's speed)."""
+    thread: numpy's transposing copy runs on one, at a fraction of the memory's speed); reusable: the copy from the
+    open OutputArena (`reusable_output`), for an op's output."""
     if not (is_channels_last(a) and a.dtype in (np.float32, np.float64)):
         return np.ascontiguousarray(a)
-    out = aligned_empty(a.shape, a.dtype)
+    out = (reusable_output if reusable else aligned_empty)(a.shape, a.dtype)
     _channels_first(a.transpose(0, 2, 3, 1), out)
     return out
 

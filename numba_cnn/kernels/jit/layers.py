@@ -81,8 +81,8 @@ def _dropout(x, key0, key1, threshold, scale, zero, y, mask, lanes):
 
 def flatten(x):
     """numpy_layers.flatten, with a channels-last x (every fused conv + pool's output) copied to NCHW on every
-    thread (`nchw`) rather than by numpy's one-thread transposing copy inside reshape."""
-    return nchw(x).reshape(x.shape[0], -1)
+    thread (`nchw`, into the output arena) rather than by numpy's one-thread transposing copy inside reshape."""
+    return nchw(x, reusable=True).reshape(x.shape[0], -1)
 
 
 def dropout_forward(x, rate, rng):
