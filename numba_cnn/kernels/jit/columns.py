@@ -35,7 +35,7 @@ from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, jit as _jit,
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import layout_copy, nchw, reusable_output, round_up, scratch_allocator
 from numba_cnn.kernels.jit.paths import note
-from numba_cnn.kernels.jit.sparse import _pad_planes, _pad_planes_pooled
+from numba_cnn.kernels.jit.sparse import _pad_planes
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
 
 # one vector of float32 lanes along the columns; 4 channels x 3 rows (or 3 taps) is 12 accumulators, which fits the
@@ -278,19 +278,15 @@ def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None
     """a[N, C, H, W] (either layout; through the ReLU's select on relu_y if given) placed at (top, left) in zeros
     (N, planes, rows, columns), and the per-image channel sums (N, C): a `layout_copy` of a (the forward's padded
     input is the backward's), in scratch buffers with relu_y. pooled: a is the gradient of relu_y's 2x2 average
-    pool, spread over the windows as it is copied (`_pad_planes_pooled`)."""
+    pool, spread over the windows as it is copied."""
     n, c = a.shape[:2]
-    if pooled:
-        allocate = scratch_allocator(buffer_name)
-        out, sums = allocate((n, planes, rows, columns), a.dtype), allocate((n, c), a.dtype)
-        _pad_planes_pooled(nchw(a), relu_y, top, left, out, sums)
-        return out, sums
-    channels_last = is_channels_last(a)
-    src = a.transpose(0, 2, 3, 1) if channels_last else np.ascontiguousarray(a)
+    channels_last = is_channels_last(a) and not pooled
+    src = a.transpose(0, 2, 3, 1) if channels_last else nchw(a)
 
     def make(allocate):
         out, sums = allocate((n, planes, rows, columns), a.dtype), allocate((n, c), a.dtype)
-        _pad_planes(src, channels_last, relu_y is not None, src if relu_y is None else relu_y, top, left, out, sums)
+        _pad_planes(src, channels_last, relu_y is not None, pooled, src if relu_y is None else relu_y, top, left, out,
+                    sums)
         return out, sums
 
     if relu_y is not None:

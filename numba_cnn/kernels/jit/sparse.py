@@ -8,7 +8,7 @@ over the lists with three kernel rows in a register tile, an image's input in ba
 gradient regroups them by pixel and sums each pixel's channels' kernel rows in a register tile before adding them
 into dx. Any shape takes them. The layout copies too: into padded channels-last buffers (`_pad_rows`,
 `_pad_channels_last`, `_pack_channels_last`), into zero-bordered NCHW planes (`_pad_planes`, the column tiles'
-and padded_nchw's; `_pad_planes_pooled`, which spreads a 2x2 average pool's gradient on the way) and back to NCHW
+and padded_nchw's, which can also spread a 2x2 average pool's gradient on the way) and back to NCHW
 (`_channels_first`).
 
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
@@ -439,16 +439,23 @@ def _channels_first(x_cl, out):
 
 
 @_jit
-def _pad_planes(src, channels_last, select, relu_y, top, left, dst, sums):
+def _pad_planes(src, channels_last, select, pooled, relu_y, top, left, dst, sums):
     """dst[n, c] = the plane (n, c) of src placed at (top, left) in zeros, and sums[n, c] its sum (down the columns,
     then across them; the same code for either layout, so the same bits); src a C-contiguous NCHW array, or NHWC
     when channels_last (then read a pixel's channels at a time; one compiled kernel serves both layouts), dst NCHW
     with at least as many planes (the extra ones all zeros). With select, the values pass through the ReLU's select
     on relu_y (NCHW) on the way, `0 if y <= 0 else value`, as layers.relu_backward computes it (without, relu_y is
-    not read: one compiled kernel for both, which shortens a cold start)."""
+    not read: one compiled kernel for both, which shortens a cold start). pooled (NCHW src, with select): src is the
+    gradient of relu_y's 2x2 average pool, (N, C, H // 2, W // 2), and the plane is that pool's backward, never
+    written out: each value's src / 4 (in float64, rounded on the store, as norm.py's `_avgpool2x2_backward`) on the
+    four elements of its window, the rows and columns no window covers zero, bit for bit."""
     n_images = src.shape[0]
-    n_ch, h, w = (src.shape[3], src.shape[1], src.shape[2]) if channels_last else (src.shape[1], src.shape[2],
-                                                                                    src.shape[3])
+    if pooled:
+        n_ch, h, w = relu_y.shape[1], relu_y.shape[2], relu_y.shape[3]
+    elif channels_last:
+        n_ch, h, w = src.shape[3], src.shape[1], src.shape[2]
+    else:
+        n_ch, h, w = src.shape[1], src.shape[2], src.shape[3]
     n_planes, rows, columns = dst.shape[1], dst.shape[2], dst.shape[3]
     zero = src.dtype.type(0)
     # flat offsets as unsigned integers into dst (C-contiguous, made here) and an NCHW src: no wrap-around fix and
@@ -467,6 +474,15 @@ def _pad_planes(src, channels_last, select, relu_y, top, left, dst, sums):
                     seg, y_row, row = dst[n, c, top + i, left:left + w], relu_y[n, c, i], staged[c]
                     for j in range(w):
                         seg[j] = zero if select and y_row[j] <= zero else row[j]
+        elif pooled:
+            for c in range(n_ch):
+                for i in range(2 * (h // 2)):
+                    at = ((n * n_planes + c) * rows + top + i) * columns + left
+                    dy_row, y_row = src[n, c, i // 2], relu_y[n, c, i]
+                    for j in range(w // 2):  # a window's two values per step (indexing by u // 2 did not vectorise)
+                        g = np.float64(dy_row[j]) / 4
+                        dst_flat[np.uint64(at + 2 * j)] = zero if select and y_row[2 * j] <= zero else g
+                        dst_flat[np.uint64(at + 2 * j + 1)] = zero if select and y_row[2 * j + 1] <= zero else g
         else:
             for c in range(n_ch):
                 for i in range(h):
@@ -475,43 +491,6 @@ def _pad_planes(src, channels_last, select, relu_y, top, left, dst, sums):
                     for j in range(w):
                         value = src_flat[np.uint64(src_at + j)]
                         dst_flat[np.uint64(at + j)] = zero if select and y_row[j] <= zero else value
-        column_sums = np.empty(w, dst.dtype)
-        for c in range(n_ch):
-            # down the columns first (w independent sums, vectorised), then across them, in a fixed order
-            column_sums[:] = zero
-            for i in range(h):
-                at = ((n * n_planes + c) * rows + top + i) * columns + left
-                for j in range(w):
-                    column_sums[j] += dst_flat[np.uint64(at + j)]
-            total = zero
-            for j in range(w):
-                total += column_sums[j]
-            sums[n, c] = total
-
-
-@_jit
-def _pad_planes_pooled(dy, relu_y, top, left, dst, sums):
-    """`_pad_planes` (with the ReLU's select on relu_y[N, C, H, W]) of the 2x2 average pool's backward, which is
-    never written out: dy[N, C, Ho, Wo] (NCHW) is the pool's gradient, each value's dy / 4 (in float64, rounded on
-    the store, as norm.py's `_avgpool2x2_backward`) goes to the four elements of its window, and the rows and
-    columns no window covers stay zero. The same values and sums, bit for bit."""
-    n_images, n_ch, ho, wo = dy.shape
-    h, w = relu_y.shape[2], relu_y.shape[3]
-    n_planes, rows, columns = dst.shape[1], dst.shape[2], dst.shape[3]
-    zero = dst.dtype.type(0)
-    dst_flat = dst.reshape(-1)
-    for n in prange(n_images):
-        image_at = n * n_planes * rows * columns
-        for t in range(n_planes * rows * columns):
-            dst_flat[np.uint64(image_at + t)] = zero
-        for c in range(n_ch):
-            for i in range(2 * ho):
-                at = ((n * n_planes + c) * rows + top + i) * columns + left
-                dy_row, y_row = dy[n, c, i // 2], relu_y[n, c, i]
-                for j in range(wo):  # a window's two values per step (indexing dy by u // 2 did not vectorise)
-                    g = np.float64(dy_row[j]) / 4
-                    dst_flat[np.uint64(at + 2 * j)] = zero if y_row[2 * j] <= zero else g
-                    dst_flat[np.uint64(at + 2 * j + 1)] = zero if y_row[2 * j + 1] <= zero else g
         column_sums = np.empty(w, dst.dtype)
         for c in range(n_ch):
             # down the columns first (w independent sums, vectorised), then across them, in a fixed order
