@@ -2,8 +2,8 @@
 backward-only fused op): bitwise the composition it replaces (avgpool2d_backward, then conv2d_relu_backward) on the
 column tiles, which spread the pool's gradient as they copy it into their border, and on the paths that run the
 composition, with NaN and infinities where the ReLU's select decides and odd outputs whose last row and column no
-window covers; against the float64 oracle; the fusion pass takes it on jit only, and a Model gives bitwise the same
-results fused or not."""
+window covers; against the float64 oracle and finite differences; the fusion pass takes it on jit only, and a Model
+gives bitwise the same results fused or not."""
 
 import numpy as np
 import pytest
@@ -85,3 +85,28 @@ def test_the_check_refuses_a_dy_of_the_wrong_shape(rng):
         jit.conv2d_relu_avgpool2d_backward(y, y, x, w, True, 1, 0)
     with pytest.raises(ValueError, match="y has shape"):
         jit.conv2d_relu_avgpool2d_backward(dy, y[:, :, :3], x, w, True, 1, 0)
+
+
+@pytest.mark.parametrize("shape,k,kernel,stride,padding,path", [CASES[2], CASES[4]])
+@pytest.mark.parametrize("wrt", ["x", "w"])
+def test_fused_matches_finite_differences(shape, k, kernel, stride, padding, path, wrt):
+    """In float64, dx and dw of the fused backward (the column tiles' spread, an odd output, and the composition
+    on the strided path) against central differences of avgpool(relu(conv(x, w)))."""
+    from gradcheck import assert_gradient_matches, dotted_with
+
+    rng = np.random.default_rng(13)
+    x, w, y, dy = conv_operands(rng, shape, k, kernel, stride, padding, np.float64, pooled=True)
+    b = np.zeros(k)
+    pre = jit.conv2d_forward(x, w, b, False, stride, padding)
+    if np.abs(pre).min() < 1e-4:
+        pytest.skip("an output within the step of the ReLU's kink")
+    inputs = {"x": x, "w": w}
+
+    def forward(a):
+        args = dict(inputs, **{wrt: a})
+        conv = jit.conv2d_forward(args["x"], args["w"], b, True, stride, padding)
+        return np.array(jit.avgpool2d_forward(conv, (2, 2)))
+
+    grads = jit.conv2d_relu_avgpool2d_backward(dy, y, x, w, True, stride, padding)
+    assert_gradient_matches(grads["xw".index(wrt)], dotted_with(forward, dy), inputs[wrt].copy(),
+                            what=f"fused d{wrt} ({path})")
