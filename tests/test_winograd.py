@@ -2,10 +2,10 @@
 layers take it, its outputs against the float64 oracle on awkward shapes (odd output sizes, whose last tiles run
 past the input; 'same' and uneven padding; output channels off the lanes, under and over the narrow tile; one and
 three transform vectors of input channels; float32 and float64), the fused conv + ReLU + pool bitwise equal to the
-composed ops (the same tiles and sums), thread-count independence, non-finite inputs and weights sent to the direct
-kernels, the input gradient (the full correlation of dy with the flipped kernel, a Winograd convolution of dy where
-it fits) against the oracle and, in float64, against finite differences, and the block copy it relies on
-(`copy_block`)."""
+composed ops (the same tiles and sums), a channels-last input read in place (its padding read as zeros) bitwise
+equal to the padded copy, thread-count independence, non-finite inputs and weights sent to the direct kernels, the
+input gradient (the full correlation of dy with the flipped kernel, a Winograd convolution of dy where it fits)
+against the oracle and, in float64, against finite differences, and the block copy it relies on (`copy_block`)."""
 
 import numpy as np
 import pytest
@@ -64,6 +64,23 @@ def test_winograd_matches_the_oracle_and_the_fused_op_the_composed_ones(shape, k
     np.testing.assert_array_equal(argmax, composed_argmax)
     want, _ = reference.maxpool2d_forward(reference.conv2d_forward(x, w, b, True, 1, padding), (2, 2))
     reference.assert_close(pooled, want, dtype, "pooled")
+
+
+@pytest.mark.parametrize("shape,k,padding", SHAPES)
+def test_a_channels_last_input_read_in_place_gives_the_bits_of_the_padded_copy(shape, k, padding, rng):
+    """A channels-last x is read where it lies, its padding (and the rows and columns odd outputs need past it) read
+    as zeros; an NCHW x is copied and padded: the same windows, so the same bits."""
+    x, w, b = _operands(rng, shape, k, np.float32)
+    x_cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    with PathLog() as log:
+        y_cl = jit.conv2d_forward(x_cl, w, b, True, 1, padding)
+    assert _winograd_paths(log) == log.paths, log.paths
+    np.testing.assert_array_equal(y_cl, jit.conv2d_forward(x, w, b, True, 1, padding))
+    reference.assert_close(y_cl, reference.conv2d_forward(x, w, b, True, 1, padding), np.float32, "channels-last x")
+    if y_cl.shape[2] >= 2 and y_cl.shape[3] >= 2:
+        for got, want in zip(jit.conv2d_relu_maxpool2d_forward(x_cl, w, b, padding),
+                             jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)):
+            np.testing.assert_array_equal(got, want)
 
 
 # (N, C, H, W), K, padding: dx's convolution reads dy's K channels and writes C; 'valid', 'same' and uneven padding

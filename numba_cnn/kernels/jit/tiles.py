@@ -189,9 +189,11 @@ def _make_winograd(rows, lanes, chunk):
     _stack_tile = tile_allocator()
 
     @_jit
-    def winograd(x_cl, u, b, floor, tile_rows, tile_cols, pool, n_groups, y, argmax, finite):
-        """The 3x3 stride-1 correlation of channels-last x_cl[N, Hp, Wp, C] (Hp >= 2 tile_rows + 2, Wp >= 2
-        tile_cols + 2, C a multiple of `chunk`) with the transformed weights u[16, C, K padded to `lanes`]
+    def winograd(x_cl, top, left, u, b, floor, tile_rows, tile_cols, pool, n_groups, y, argmax, finite):
+        """The 3x3 stride-1 correlation of channels-last x_cl[N, H, W, C] (C a multiple of `chunk`) zero-padded by
+        `top` rows and `left` columns, and below and right by as many as the tiles read (2 tile_rows + 2 rows and
+        2 tile_cols + 2 columns in all), the zeros read from a vector of zeros instead of a padded copy, with the
+        transformed weights u[16, C, K padded to `lanes`]
         (u[4a + b] = (G w G^T)[a, b]), plus b, ReLU'd against floor (0; -inf for none; NaN kept), by output tiles
         of 2 x 2: per tile, V = B^T d B of its 4 x 4 inputs (additions only), M[e] = V[e] @ u[e] for each of the 16
         elements e (the multiplies: 16 per tile and channel pair, against 36 for the four outputs directly), then
@@ -201,7 +203,7 @@ def _make_winograd(rows, lanes, chunk):
         makes one of them inf or NaN, as does an overflow): where not, the caller recomputes directly, since the
         transforms' sums turn a lone inf into NaN where the direct sum keeps it inf. Images are dealt to n_groups
         tasks; each image's outputs are computed alike whatever the grouping."""
-        n_images, c = x_cl.shape[0], x_cl.shape[3]
+        n_images, h_in, w_in, c = x_cl.shape
         k_padded = u.shape[2]
         p_out, q_out, n_out = y.shape[1], y.shape[2], y.shape[3]
         band_rows = max(1, WINOGRAD_BAND // tile_cols)
@@ -214,6 +216,11 @@ def _make_winograd(rows, lanes, chunk):
             d = _stack_tile(staged, x_cl.dtype)
             vv = _stack_tile(staged, x_cl.dtype)
             outs = _stack_tile(quad, x_cl.dtype)
+            # the padding's zeros, in a stack tile: with an np.zeros array here the kernel loaded from numba's disk
+            # cache gave other bits than the one compiled in the process (the tile-switch test in test_jit caught it)
+            zeros = _stack_tile(chunk, x_cl.dtype)
+            for l in range(chunk):
+                zeros[l] = zero
             # per element e, a band's V[e] (tiles x C) and M[e] (tiles x lanes); each row 16 values past a
             # multiple of the band's size, which for 32 tiles x 32 channels is 4 KiB: the 16 rows a tile's
             # transform writes would otherwise fall into one set of the L1 cache
@@ -227,8 +234,13 @@ def _make_winograd(rows, lanes, chunk):
                         tr, tc = tr0 + t // tile_cols, t % tile_cols
                         for c0 in range(0, c, chunk):
                             for i in range(4):
+                                row = 2 * tr + i - top
                                 for j in range(4):
-                                    copy_block(d, (4 * i + j) * chunk, x_cl[n, 2 * tr + i, 2 * tc + j], c0, chunk)
+                                    col = 2 * tc + j - left
+                                    if 0 <= row < h_in and 0 <= col < w_in:
+                                        copy_block(d, (4 * i + j) * chunk, x_cl[n, row, col], c0, chunk)
+                                    else:  # the padding
+                                        copy_block(d, (4 * i + j) * chunk, zeros, 0, chunk)
                             for l in range(chunk):
                                 # B^T d: rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3), then the same on columns
                                 d0, d1, d2, d3 = d[l], d[chunk + l], d[2 * chunk + l], d[3 * chunk + l]

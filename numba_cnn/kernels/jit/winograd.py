@@ -1,6 +1,7 @@
 """The jit backend's Winograd F(2x2, 3x3) convolution on the host side: which layers take it (`winograd_fits`), and
-the call of tiles.py's `_make_winograd` kernels with the transformed weights, the bias and a channels-last input
-padded so that every 2x2 output tile's 4x4 input window is in it (`winograd_conv`). jit/__init__.py uses it for the
+the call of tiles.py's `_make_winograd` kernels with the transformed weights, the bias and a channels-last input,
+read in place when the caller's is stored so (the kernel reads the padding as zeros), else copied and padded so that
+every 2x2 output tile's 4x4 input window is in it (`winograd_conv`). jit/__init__.py uses it for the
 forward (plain and fused with ReLU + 2x2 max-pooling, whose windows are the output tiles) and for the input gradient
 of the dense backward (the full correlation of dy with the flipped kernel, a 3x3 stride-1 convolution of dy).
 How and why it works, with numbers: docs/kernels.md, "Winograd: fewer multiplies for 3x3".
@@ -41,18 +42,19 @@ def winograd_conv(x, w, b, relu, padding, pool):
     _winograd_weights(w, u)
     bp = np.zeros(k_padded, x.dtype)
     bp[:k] = b
-    # every tile reads a 4 x 4 window: an odd P or Q needs a zero row or column beyond the padding
-    extra_rows, extra_cols = max(0, 2 * tile_rows + 2 - (p + 2)), max(0, 2 * tile_cols + 2 - (q + 2))
-    if any(padding) or extra_rows or extra_cols or not is_channels_last(x):
+    if is_channels_last(x):  # read in place, the padding and the rows and columns past it as zeros
+        x_cl, x_top, x_left = x.transpose(0, 2, 3, 1), top, left
+    else:  # the kernel copies whole vectors of channels: a channels-last copy, padded while it is made
+        # every tile reads a 4 x 4 window: an odd P or Q needs a zero row or column beyond the padding
+        extra_rows, extra_cols = max(0, 2 * tile_rows + 2 - (p + 2)), max(0, 2 * tile_cols + 2 - (q + 2))
         x_cl = padded_channels_last(x, (top, bottom + extra_rows, left, right + extra_cols),
                                     buffer_name="x_winograd")
-    else:  # the kernel copies whole vectors of channels: a C-contiguous buffer
-        x_cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        x_top = x_left = 0
     y = reusable_output((n, tile_rows, tile_cols, k) if pool else (n, p, q, k), x.dtype)
     argmax = reusable_output(y.shape, np.uint8) if pool else np.empty((1, 1, 1, 1), np.uint8)
     finite = scratch("winograd.finite", (n,), np.bool_)
     kernel = _winograd_narrow if lanes == WINOGRAD_TILE_NARROW[1] else _winograd_wide
-    kernel(x_cl, u, bp, x.dtype.type(0 if relu else -np.inf), tile_rows, tile_cols, pool, get_num_threads(), y,
+    kernel(x_cl, x_top, x_left, u, bp, x.dtype.type(0 if relu else -np.inf), tile_rows, tile_cols, pool, get_num_threads(), y,
            argmax, finite)
     if not finite.all():
         return None
