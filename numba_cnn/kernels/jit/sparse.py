@@ -52,22 +52,24 @@ def _pooled_grad_lists(dy, pooled, argmax, x_flat, width, channels, zero, values
         for u in range(x_image.shape[0]):
             check += x_image[u] * zero  # NaN once any element is NaN or inf (inf * 0 is NaN)
         finite[n] = check == check
-        count_row, sum_row = counts[n], sums[n]
-        for k in range(n_out):
-            count_row[k] = 0
-            sum_row[k] = zero
-        for pi in range(p_half):
-            for pj in range(q_half):
-                g_px, pooled_px, arg_px = dy[n, pi, pj], pooled[n, pi, pj], argmax[n, pi, pj]
-                for k in range(n_out):  # each channel's list still in window order
-                    p = pooled_px[k]
-                    g = g_px[k] if (p > zero) | (p != p) else zero  # | not or: a select, no branch
-                    where = arg_px[k]
-                    count = count_row[k]
-                    values[n, k, count] = g
-                    offsets[n, k, count] = ((2 * pi + where // 2) * width + 2 * pj + where % 2) * channels
-                    count_row[k] = count + (g != zero)
-                    sum_row[k] += g
+        g_image, pooled_image, arg_image = dy[n], pooled[n], argmax[n]
+        for k in range(n_out):  # one channel's list at a time, its count and sum in registers
+            values_k, offsets_k = values[n, k], offsets[n, k]
+            count = 0
+            total = zero
+            for pi in range(p_half):
+                for pj in range(q_half):
+                    p, g_any = pooled_image[pi, pj, k], g_image[pi, pj, k]
+                    # loaded whatever the ReLU says, then selected: `dy if ... else 0` was compiled to a branch,
+                    # mispredicted on about half the windows
+                    g = g_any if (p > zero) | (p != p) else zero
+                    where = np.int64(arg_image[pi, pj, k])
+                    values_k[count] = g
+                    offsets_k[count] = ((2 * pi + (where >> 1)) * width + 2 * pj + (where & 1)) * channels
+                    count += g != zero
+                    total += g
+            counts[n, k] = count
+            sums[n, k] = total
 
 
 def _make_listed_weight_grad(block):
@@ -321,8 +323,8 @@ def _make_pooled_weight_grad(lanes, taps):
                                 xs[4 * t], xs[4 * t + 1] = image[at], image[at + 1]
                                 xs[4 * t + 2], xs[4 * t + 3] = image[at + width], image[at + width + 1]
                             for l in range(lanes):  # the 9-tap body spelled out (the form LLVM vectorises)
-                                p = pooled_px[l]
-                                g = g_px[l] if (p > zero) | (p != p) else zero
+                                p, g_any = pooled_px[l], g_px[l]
+                                g = g_any if (p > zero) | (p != p) else zero
                                 where = arg_px[l]
                                 g0 = g if where == 0 else zero
                                 g1 = g if where == 1 else zero
@@ -376,7 +378,8 @@ def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
                 for c in range(n_ch):
                     p, where = pooled_row[c], where_row[c]
                     # a select, not dy * (pooled > 0): a NaN or inf dy where the ReLU was off contributes nothing
-                    g = g_row[c] if (p > zero) | (p != p) else zero
+                    g_any = g_row[c]
+                    g = g_any if (p > zero) | (p != p) else zero
                     left[c] = g if where == first else zero
                     right[c] = g if where == first + 1 else zero
                 for c in range(n_ch, c_padded):
