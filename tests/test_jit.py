@@ -11,9 +11,11 @@ import textwrap
 import numpy as np
 import pytest
 from numba_cnn.kernels import reference
+from numba_cnn.kernels.contract import is_channels_last
 
 numba = pytest.importorskip("numba")
 jit = pytest.importorskip("numba_cnn.kernels.jit")
+from numba_cnn.kernels.jit import tiles  # noqa: E402
 
 VALID = (0, 0, 0, 0)  # no padding
 
@@ -94,8 +96,8 @@ def test_tile_kernels_match_their_python_bodies():
 
     ties = rng.integers(-1, 2, (2, 3, 7, 5)).astype(np.float32)  # many tied windows
     pooled = []
-    for fwd, bwd in ((jit._maxpool_forward, jit._maxpool_backward),
-                     (jit._maxpool_forward.py_func, jit._maxpool_backward.py_func)):
+    for fwd, bwd in ((tiles._maxpool_forward, tiles._maxpool_backward),
+                     (tiles._maxpool_forward.py_func, tiles._maxpool_backward.py_func)):
         y, arg = np.empty((2, 3, 3, 2), np.float32), np.empty((2, 3, 3, 2), np.uint8)
         fwd(ties, y, arg)
         dx = np.full(ties.shape, np.nan, np.float32)
@@ -160,10 +162,11 @@ def test_second_process_loads_kernels_from_the_cache(tmp_path):
     code = """
         import numpy as np
         from numba_cnn.kernels import jit
+        from numba_cnn.kernels.jit import tiles
         x = np.ones((1, 1, 6, 6), np.float32)
         jit.conv2d_forward(x, np.ones((2, 1, 3, 3), np.float32), np.zeros(2, np.float32), True, 1, (0, 0, 0, 0))
         jit.maxpool2d_forward(x, (2, 2))
-        for kernel in (jit._conv_tile_small, jit._maxpool_forward):  # K = 2: the small tile
+        for kernel in (jit._conv_tile_small, tiles._maxpool_forward):  # K = 2: the small tile
             print(sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values()))
     """
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_CACHE="1")
@@ -511,7 +514,8 @@ def test_general_kernels_match_their_python_bodies():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-POOL_SIZES = [((2, 3, 7, 8), (3, 3)), ((2, 2, 9, 5), (2, 3)), ((2, 3, 5, 6), (5, 6)), ((1, 2, 6, 7), (2, 2))]
+POOL_SIZES = [((2, 3, 7, 8), (3, 3)), ((2, 2, 9, 5), (2, 3)), ((2, 3, 5, 6), (5, 6)), ((1, 2, 6, 7), (2, 2)),
+              ((2, 19, 7, 9), (2, 2)), ((3, 32, 6, 6), (2, 2))]
 
 
 @pytest.mark.parametrize("x_shape,size", POOL_SIZES)
@@ -529,7 +533,11 @@ def test_pooling_any_window_channels_last(x_shape, size):
         y, arg = jit.maxpool2d_forward(layout(x), size)
         np.testing.assert_array_equal(y, y_want)
         np.testing.assert_array_equal(arg, arg_want)
-        np.testing.assert_array_equal(jit.maxpool2d_backward(layout(dy), layout(arg_want), x_shape, size), dx_want)
+        dx = jit.maxpool2d_backward(layout(dy), layout(arg_want), x_shape, size)
+        np.testing.assert_array_equal(dx, dx_want)
+        # 2x2 windows pool a channels-last x where it lies and hand their results on channels-last
+        kept = layout is _channels_last and size == (2, 2)
+        assert is_channels_last(y) == is_channels_last(arg) == is_channels_last(dx) == kept
         reference.assert_close(jit.avgpool2d_forward(layout(far), size), reference.avgpool2d_forward(far, size),
                                np.float32, "avgpool")
         reference.assert_close(jit.avgpool2d_backward(layout(dy), x_shape, size),

@@ -2,7 +2,8 @@
 
 The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, Winograd's, 2x2 pooling, and the tile
 shapes of every convolution kernel with their reasons), columns.py (stride-1 convolutions with few channels, the
-lanes along the output columns), general.py (the convolution of any stride), norm.py (pooling of other windows,
+lanes along the output columns), general.py (the convolution of any stride, and the stride-1 weight gradient's
+channels-last tiles), norm.py (pooling of other windows,
 average pooling, batch normalisation), sparse.py (the fused backward's listed kernels, channels-last packing) and
 layers.py (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (it does not
 notice a change in another module's helper); this file holds the contract functions and the host-side glue that
@@ -70,7 +71,9 @@ maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, cha
                  the 4 window values in row-major order through selects (so it vectorises): a later value wins
                  if it is strictly greater, or if it is NaN and the best so far is not (a NaN beats every number,
                  the first NaN wins, ties keep the first maximum); backward writes each input element once (its
-                 window's dy or zero), so no zero-fill pass. Other windows (kh, kw) take norm.py's
+                 window's dy or zero), so no zero-fill pass. A channels-last x (a batch norm's output), or dy
+                 and argmax so stored, take the `_last` twins: prange over images, a pixel's channels in the
+                 lanes, the same rule, outputs channels-last. Other windows (kh, kw) take norm.py's
                  `_maxpool_any_*`: the same rule written as a select per value in row-major order.
 avgpool2d_*      norm.py's `_avgpool_*` (2x2: `_avgpool2x2_*`, the same sums in constant loops): prange over planes;
                  window sums in float64 (no float32 overflow or lost low bits), backward dy / (kh*kw) in float64.
@@ -133,8 +136,7 @@ from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_POOL_T
                                          CONV_TILE_SMALL, CONV_TILE_WIDE, GRAD_IMAGE_CHUNKS, GRAD_LANES_NARROW,
                                          GRAD_LANES_WIDE, GRAD_MIN_TILES, ONE_CHANNEL_LANES, STRIDED_GRAD_TILE,
                                          STRIDED_TILE, TILE_TAPS, _conv1_pool, _conv_pool, _conv_pool_narrow,
-                                         _conv_tile_small, _conv_tile_narrow, _conv_tile_wide, _maxpool_backward,
-                                         _maxpool_forward, _one_channel_pool, _weight_grad_narrow, _weight_grad_wide)
+                                         _conv_tile_small, _conv_tile_narrow, _conv_tile_wide, _one_channel_pool)
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
 from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
 from numba_cnn.kernels.jit.buffers import (OutputArena, nchw, nhwc, pad_width,  # noqa: F401  (Backend.output_arena)
@@ -142,12 +144,11 @@ from numba_cnn.kernels.jit.buffers import (OutputArena, nchw, nhwc, pad_width,  
 from numba_cnn.kernels.jit.columns import (COLUMN_TILE, column_backward, column_dx_fits, column_forward,
                                            columns_pay, padded_nchw)
 from numba_cnn.kernels.jit.general import (_strided_forward, _strided_input_grad, _strided_input_grad_small,
-                                           _strided_weight_grad)
+                                           _strided_weight_grad, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: what the callers open)
 from numba_cnn.kernels.jit.winograd import winograd_conv, winograd_fits
 from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
-from numba_cnn.kernels.jit.norm import (_avgpool2x2_backward, _avgpool2x2_forward, _avgpool_backward, _avgpool_forward,
-                                        _maxpool_any_backward, _maxpool_any_forward)
+from numba_cnn.kernels.jit import pooling as _pooling  # pooling's host side
 from numba_cnn.kernels.jit.listed import listed_backward, pooled_weight_grad, pooled_weight_grad_fits
 from numba_cnn.kernels.jit.sparse import _pack_channels_last, _unpool_pack
 
@@ -411,50 +412,23 @@ def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):
 
 
 def maxpool2d_forward(x, size):
-    """x[N,C,H,W] -> (y[N,C,H//kh,W//kw], argmax uint8 offset di*kw+dj of each window's first maximum); 2x2
-    windows through tiles.py's kernel, others through norm.py's."""
-    n, c, h, w = x.shape
-    kh, kw = size
-    y = reusable_output((n, c, h // kh, w // kw), x.dtype)
-    argmax = reusable_output(y.shape, np.uint8)
-    note("maxpool2d_forward", "2x2 selects" if (kh, kw) == (2, 2) else "any window, selects", 0)
-    if (kh, kw) == (2, 2):
-        _maxpool_forward(nchw(x), y, argmax)
-    else:
-        _maxpool_any_forward(nchw(x), kh, kw, y, argmax)
-    return y, argmax
+    """x[N,C,H,W] -> (y[N,C,H//kh,W//kw], argmax uint8 offset di*kw+dj of each window's first maximum)."""
+    return _pooling.max_forward(x, size)
 
 
 def maxpool2d_backward(dy, argmax, x_shape, size):
     """dy[N,C,H//kh,W//kw], argmax, x_shape (N,C,H,W) -> dx[N,C,H,W], dy routed to each window's winner."""
-    kh, kw = size
-    dx = reusable_output(x_shape, dy.dtype)
-    note("maxpool2d_backward", "2x2 route" if (kh, kw) == (2, 2) else "any window, route", 0)
-    if (kh, kw) == (2, 2):
-        _maxpool_backward(nchw(dy), nchw(argmax), dy.dtype.type(0), dx)
-    else:
-        _maxpool_any_backward(nchw(dy), nchw(argmax), kh, kw, dy.dtype.type(0), dx)
-    return dx
+    return _pooling.max_backward(dy, argmax, x_shape, size)
 
 
 def avgpool2d_forward(x, size):
     """x[N,C,H,W] -> y[N,C,H//kh,W//kw], each window's mean (summed in float64)."""
-    n, c, h, w = x.shape
-    kh, kw = size
-    y = reusable_output((n, c, h // kh, w // kw), x.dtype)
-    note("avgpool2d_forward", "float64 window sums" + ", 2x2" * ((kh, kw) == (2, 2)), 0)
-    _avgpool2x2_forward(nchw(x), y) if (kh, kw) == (2, 2) else _avgpool_forward(nchw(x), kh, kw, y)
-    return y
+    return _pooling.average_forward(x, size)
 
 
 def avgpool2d_backward(dy, x_shape, size):
     """dy[N,C,H//kh,W//kw], x_shape -> dx[N,C,H,W]: dy / (kh*kw) on each element of its window, 0 outside."""
-    kh, kw = size
-    dx = reusable_output(x_shape, dy.dtype)
-    note("avgpool2d_backward", "spread" + ", 2x2" * ((kh, kw) == (2, 2)), 0)
-    (_avgpool2x2_backward(nchw(dy), dy.dtype.type(0), dx) if (kh, kw) == (2, 2)
-     else _avgpool_backward(nchw(dy), kh, kw, dy.dtype.type(0), dx))
-    return dx
+    return _pooling.average_backward(dy, x_shape, size)
 
 
 def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):

@@ -1,8 +1,9 @@
 """The jit backend's general convolution: any stride (the register-tiled kernels of tiles.py cover stride 1), forward
-and backward, over an input zero-padded into a channels-last buffer by the caller (jit/__init__.py), so that every
-product the contract's padded sum has is computed (0 * inf is NaN there too). Correct first, with simple register
-tiles; two choices measured so far (docs/kernels.md): the weight gradient's image chunks and the input gradient's
-16-lane tile for few channels.
+and backward, and the stride-1 weight gradient's channels-last tiles (`_make_weight_grad`, described with the other
+stride-1 kernels in jit/__init__.py's docstring). The strided kernels work over an input zero-padded into a
+channels-last buffer by the caller (jit/__init__.py), so that every product the contract's padded sum has is computed
+(0 * inf is NaN there too). Correct first, with simple register tiles; two choices measured so far
+(docs/kernels.md): the weight gradient's image chunks and the input gradient's 16-lane tile for few channels.
 
 `_strided_forward`: prange over images; per output row, tiles of columns x lanes output channels (the tile of
     `_conv_tile_*`), reduced over (r, s, c) with c innermost; the columns of a tile read the input `stride` apart.
@@ -23,7 +24,8 @@ import numpy as np
 from numba import prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
-from numba_cnn.kernels.jit.tiles import CONV_TILE_SMALL, STRIDED_GRAD_TILE, STRIDED_TILE
+from numba_cnn.kernels.jit.tiles import (CONV_TILE_SMALL, GRAD_LANES_NARROW, GRAD_LANES_WIDE, STRIDED_GRAD_TILE,
+                                         STRIDED_TILE, TILE_TAPS)
 
 
 def _make_strided_forward(lanes, columns):
@@ -190,3 +192,62 @@ _strided_input_grad = _make_strided_input_grad(*STRIDED_TILE)
 # dx into at most CONV_TILE_SMALL's lanes of input channels (three-conv's conv2: 16): the wide tile would compute
 # as many zero lanes
 _strided_input_grad_small = _make_strided_input_grad(*CONV_TILE_SMALL)
+
+
+def _make_weight_grad(lanes):
+    """Weight-gradient kernel with tiles of TILE_TAPS taps along a kernel row x `lanes` output channels."""
+    taps = TILE_TAPS
+    tile = taps * lanes
+    _stack_tile = tile_allocator()
+
+    @_jit
+    def weight_grad(x, dyt, col_pad, r_taps, s_taps, n_groups, dwt):
+        """dwt[h, c, r, s, k] = sum_{n in chunk h, i, j} x[n,c,i+r,j+s] * dyt[n,i,col_pad+j,k], the images cut
+        into dwt.shape[0] contiguous chunks; dyt channels-last padded to a multiple of `lanes` channels and by
+        col_pad columns on each side; needs S >= TILE_TAPS. Tiles (c, r, tap block, lane block) are split into
+        n_groups contiguous ranges; each task (chunk, range) loops over its images outermost."""
+        n_images, n_in = x.shape[0], x.shape[1]
+        n_chunks = dwt.shape[0]
+        p_out, q_out, k_padded = dyt.shape[1], dyt.shape[2] - 2 * col_pad, dyt.shape[3]
+        tap_blocks = (s_taps + taps - 1) // taps
+        lane_blocks = k_padded // lanes
+        per_channel = r_taps * tap_blocks * lane_blocks
+        n_tiles = n_in * per_channel
+        for task in prange(n_chunks * n_groups):
+            acc = _stack_tile(tile, x.dtype)
+            xs = _stack_tile(taps, x.dtype)
+            h, g = task // n_groups, task % n_groups
+            first, last = g * n_tiles // n_groups, (g + 1) * n_tiles // n_groups
+            dw_part = dwt[h]
+            for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
+                for t in range(first, last):
+                    c, rest = t // per_channel, t % per_channel
+                    r, rest = rest // (tap_blocks * lane_blocks), rest % (tap_blocks * lane_blocks)
+                    s_first = rest // lane_blocks * taps
+                    s0 = min(s_first, s_taps - taps)  # the last block overlaps the one before, never overruns
+                    k0 = rest % lane_blocks * lanes
+                    for tt in range(taps):
+                        dw_vec = dw_part[c, r, s0 + tt, k0:k0 + lanes]
+                        for k in range(lanes):
+                            acc[tt * lanes + k] = dw_vec[k]
+                    for i in range(p_out):
+                        x_seg = x[n, c, i + r, s0:]
+                        for j in range(q_out):
+                            dy_vec = dyt[n, i, col_pad + j, k0:k0 + lanes]
+                            for tt in range(taps):
+                                xs[tt] = x_seg[j + tt]
+                            for k in range(lanes):
+                                dy_k = dy_vec[k]
+                                for tt in range(taps):
+                                    acc[tt * lanes + k] += xs[tt] * dy_k
+                    for tt in range(s_first - s0, taps):  # overlapped taps belong to the block before
+                        dw_vec = dw_part[c, r, s0 + tt, k0:k0 + lanes]
+                        for k in range(lanes):
+                            dw_vec[k] = acc[tt * lanes + k]
+
+    return weight_grad
+
+
+_weight_grad_narrow = _make_weight_grad(GRAD_LANES_NARROW)
+_weight_grad_wide = (_weight_grad_narrow if GRAD_LANES_WIDE == GRAD_LANES_NARROW
+                     else _make_weight_grad(GRAD_LANES_WIDE))

@@ -1,6 +1,6 @@
-"""The jit backend's register-tiled kernels (stride-1 correlation, weight gradient, the fused conv + pool, Winograd's
-F(2x2, 3x3) and its weight transform), the 2x2 pooling kernels, and the tile shapes of every convolution kernel of
-the backend (general.py's too), chosen from the target's vector registers. Self-contained: Numba's cache does not
+"""The jit backend's register-tiled kernels (stride-1 correlation, the fused conv + pool, Winograd's F(2x2, 3x3) and
+its weight transform), the 2x2 max-pooling kernels (NCHW and channels-last), and the tile shapes of every
+convolution kernel of the backend (general.py's too, the stride-1 weight gradient's among them), chosen from the target's vector registers. Self-contained: Numba's cache does not
 notice a change in another module's helper, and the kernels here inline `_pool_window` and `_tile_taps` from this
 file (and `_numba_ext`'s `stack_tile` and `copy_block`). How each kernel computes its op is in the package's
 docstring (jit/__init__.py); the host-side glue that calls them is there too (Winograd's in winograd.py).
@@ -496,60 +496,6 @@ def _make_one_channel_pool(lanes):
     return one_channel_pool
 
 
-def _make_weight_grad(lanes):
-    """Weight-gradient kernel with tiles of TILE_TAPS taps along a kernel row x `lanes` output channels."""
-    taps = TILE_TAPS
-    tile = taps * lanes
-    _stack_tile = tile_allocator()
-
-    @_jit
-    def weight_grad(x, dyt, col_pad, r_taps, s_taps, n_groups, dwt):
-        """dwt[h, c, r, s, k] = sum_{n in chunk h, i, j} x[n,c,i+r,j+s] * dyt[n,i,col_pad+j,k], the images cut
-        into dwt.shape[0] contiguous chunks; dyt channels-last padded to a multiple of `lanes` channels and by
-        col_pad columns on each side; needs S >= TILE_TAPS. Tiles (c, r, tap block, lane block) are split into
-        n_groups contiguous ranges; each task (chunk, range) loops over its images outermost."""
-        n_images, n_in = x.shape[0], x.shape[1]
-        n_chunks = dwt.shape[0]
-        p_out, q_out, k_padded = dyt.shape[1], dyt.shape[2] - 2 * col_pad, dyt.shape[3]
-        tap_blocks = (s_taps + taps - 1) // taps
-        lane_blocks = k_padded // lanes
-        per_channel = r_taps * tap_blocks * lane_blocks
-        n_tiles = n_in * per_channel
-        for task in prange(n_chunks * n_groups):
-            acc = _stack_tile(tile, x.dtype)
-            xs = _stack_tile(taps, x.dtype)
-            h, g = task // n_groups, task % n_groups
-            first, last = g * n_tiles // n_groups, (g + 1) * n_tiles // n_groups
-            dw_part = dwt[h]
-            for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
-                for t in range(first, last):
-                    c, rest = t // per_channel, t % per_channel
-                    r, rest = rest // (tap_blocks * lane_blocks), rest % (tap_blocks * lane_blocks)
-                    s_first = rest // lane_blocks * taps
-                    s0 = min(s_first, s_taps - taps)  # the last block overlaps the one before, never overruns
-                    k0 = rest % lane_blocks * lanes
-                    for tt in range(taps):
-                        dw_vec = dw_part[c, r, s0 + tt, k0:k0 + lanes]
-                        for k in range(lanes):
-                            acc[tt * lanes + k] = dw_vec[k]
-                    for i in range(p_out):
-                        x_seg = x[n, c, i + r, s0:]
-                        for j in range(q_out):
-                            dy_vec = dyt[n, i, col_pad + j, k0:k0 + lanes]
-                            for tt in range(taps):
-                                xs[tt] = x_seg[j + tt]
-                            for k in range(lanes):
-                                dy_k = dy_vec[k]
-                                for tt in range(taps):
-                                    acc[tt * lanes + k] += xs[tt] * dy_k
-                    for tt in range(s_first - s0, taps):  # overlapped taps belong to the block before
-                        dw_vec = dw_part[c, r, s0 + tt, k0:k0 + lanes]
-                        for k in range(lanes):
-                            dw_vec[k] = acc[tt * lanes + k]
-
-    return weight_grad
-
-
 _conv_tile_narrow = _make_conv_tile(CONV_TILE_NARROW[1], CONV_TILE_NARROW[0])
 _conv_tile_small = _make_conv_tile(CONV_TILE_SMALL[1], CONV_TILE_SMALL[0])
 _conv_tile_wide = (_conv_tile_narrow if CONV_TILE_WIDE == CONV_TILE_NARROW
@@ -561,9 +507,6 @@ _conv1_pool = _make_conv1_pool(*CONV1_TILE)
 _one_channel_pool = _make_one_channel_pool(ONE_CHANNEL_LANES)
 _winograd_wide = _make_winograd(*WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
 _winograd_narrow = _make_winograd(*WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
-_weight_grad_narrow = _make_weight_grad(GRAD_LANES_NARROW)
-_weight_grad_wide = (_weight_grad_narrow if GRAD_LANES_WIDE == GRAD_LANES_NARROW
-                     else _make_weight_grad(GRAD_LANES_WIDE))
 
 
 @_jit
@@ -603,3 +546,46 @@ def _maxpool_backward(dy, argmax, zero, dx):
         for i in range(2 * ho):
             for j in range(2 * wo, w):
                 plane[i, j] = zero
+
+
+@_jit
+def _maxpool_forward_last(x, y, argmax):
+    """`_maxpool_forward` for channels-last x[N, H, W, C]: y and argmax[N, H // 2, W // 2, C] channels-last, a
+    pixel's channels in the lanes; the same windows and rule, so the same values."""
+    n_images, ho, wo, n_ch = y.shape
+    for n in prange(n_images):
+        for i in range(ho):
+            top, bottom = x[n, 2 * i], x[n, 2 * i + 1]
+            for j in range(wo):
+                a0, a1, a2, a3 = top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]
+                y_px, arg_px = y[n, i, j], argmax[n, i, j]
+                for c in range(n_ch):
+                    best, where = _pool_window(a0[c], a1[c], a2[c], a3[c])
+                    y_px[c] = best
+                    arg_px[c] = where
+
+
+@_jit
+def _maxpool_backward_last(dy, argmax, zero, dx):
+    """`_maxpool_backward` for channels-last dy, argmax[N, H // 2, W // 2, C] and dx[N, H, W, C]."""
+    n_images, h, w, n_ch = dx.shape
+    ho, wo = dy.shape[1], dy.shape[2]
+    for n in prange(n_images):
+        image = dx[n]
+        for i in range(ho):
+            top, bottom = image[2 * i], image[2 * i + 1]
+            for j in range(wo):
+                g_px, arg_px = dy[n, i, j], argmax[n, i, j]
+                t0, t1, b0, b1 = top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]
+                for c in range(n_ch):
+                    g, where = g_px[c], arg_px[c]
+                    t0[c] = g if where == 0 else zero
+                    t1[c] = g if where == 1 else zero
+                    b0[c] = g if where == 2 else zero
+                    b1[c] = g if where == 3 else zero
+        # an odd last row or column belongs to no window
+        for i in range(2 * ho, h):
+            image[i] = zero
+        for i in range(2 * ho):
+            for j in range(2 * wo, w):
+                image[i, j] = zero
