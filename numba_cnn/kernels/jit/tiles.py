@@ -567,22 +567,25 @@ def _maxpool_forward_last(x, y, argmax):
 
 @_jit
 def _maxpool_backward_last(dy, argmax, zero, dx):
-    """`_maxpool_backward` for channels-last dy, argmax[N, H // 2, W // 2, C] and dx[N, H, W, C]."""
+    """`_maxpool_backward` for channels-last dy, argmax[N, H // 2, W // 2, C] and dx[N, H, W, C], an output row at a
+    time through flat views (written per pixel through views of its channels, the loop ran about 6x slower)."""
     n_images, h, w, n_ch = dx.shape
     ho, wo = dy.shape[1], dy.shape[2]
     for n in prange(n_images):
         image = dx[n]
         for i in range(ho):
-            top, bottom = image[2 * i], image[2 * i + 1]
-            for j in range(wo):
-                g_px, arg_px = dy[n, i, j], argmax[n, i, j]
-                t0, t1, b0, b1 = top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]
-                for c in range(n_ch):
-                    g, where = g_px[c], arg_px[c]
-                    t0[c] = g if where == 0 else zero
-                    t1[c] = g if where == 1 else zero
-                    b0[c] = g if where == 2 else zero
-                    b1[c] = g if where == 3 else zero
+            g_row, arg_row = dy[n, i].reshape(wo * n_ch), argmax[n, i].reshape(wo * n_ch)
+            for half in range(2):  # the windows' top, then bottom row
+                out = image[2 * i + half].reshape(w * n_ch)
+                first = np.uint8(2 * half)
+                for j in range(wo):
+                    at, left = j * n_ch, 2 * j * n_ch
+                    for c in range(n_ch):
+                        g, where = g_row[at + c], arg_row[at + c]
+                        out[left + c] = g if where == first else zero
+                    for c in range(n_ch):
+                        g, where = g_row[at + c], arg_row[at + c]
+                        out[left + n_ch + c] = g if where == first + 1 else zero
         # an odd last row or column belongs to no window
         for i in range(2 * ho, h):
             image[i] = zero
