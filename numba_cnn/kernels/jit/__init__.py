@@ -142,7 +142,7 @@ from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
 from numba_cnn.kernels.jit.buffers import (OutputArena, nchw, nhwc, pad_width,  # noqa: F401  (Backend.output_arena)
                                           padded_channels_last, reusable_output, round_up, scratch)
 from numba_cnn.kernels.jit.columns import (COLUMN_TILE, column_backward, column_dx_fits, column_forward,
-                                           columns_pay, padded_nchw)
+                                           column_input_finite, columns_pay, padded_nchw)
 from numba_cnn.kernels.jit.general import (_strided_forward, _strided_input_grad, _strided_input_grad_small,
                                            _strided_weight_grad, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: what the callers open)
@@ -369,7 +369,7 @@ def _column_backward_fits(x, w, k, q, stride, padding):
     """Whether a convolution's backward (K outputs, Q columns) takes the column tiles: the same path with and
     without dx, so dw's bits do not depend on need_dx."""
     return (stride == 1 and columns_pay(x.shape[1], k, q) and column_dx_fits(x.shape, w.shape, padding)
-            and np.isfinite(w).all() and np.isfinite(x).all())
+            and np.isfinite(w).all() and column_input_finite(x, w.shape, padding, q))
 
 
 def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):

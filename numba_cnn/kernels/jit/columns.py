@@ -274,6 +274,18 @@ def column_dx_fits(x_shape, w_shape, padding):
     return x_shape[2] >= COLUMN_TILE[1] and top < w_shape[2] and left < w_shape[3]
 
 
+def column_input_finite(x, w_shape, padding, q):
+    """Whether x (the input of a convolution with Q output columns that the column tiles compute) holds no NaN or
+    inf, read from the per-image plane sums of its zero-padded planes: the copy the forward made and the backward
+    reads (one `layout_copy`), so x is not read again. A sum is finite only if every value in it is; a finite sum's
+    overflow reads as non-finite, which only sends the call to the exact, slower path."""
+    top, bottom, left, _ = padding
+    n, c, h, _ = x.shape
+    _, sums = _padded_planes(x, top, left, c, h + top + bottom, round_up(q, COLUMN_LANES) + w_shape[3] - 1,
+                             "x_columns")
+    return bool(np.isfinite(sums).all())
+
+
 def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None, pooled=False):
     """a[N, C, H, W] (either layout; through the ReLU's select on relu_y if given) placed at (top, left) in zeros
     (N, planes, rows, columns), and the per-image channel sums (N, C): a `layout_copy` of a (the forward's padded
