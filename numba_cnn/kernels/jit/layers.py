@@ -121,7 +121,8 @@ def _relu_select(dy, y, zero, dx):
     n = dy.shape[0]
     for block in prange((n + _RELU_BLOCK - 1) // _RELU_BLOCK):
         for i in range(block * _RELU_BLOCK, min(n, (block + 1) * _RELU_BLOCK)):
-            dx[i] = zero if y[i] <= zero else dy[i]
+            g = dy[i]  # loaded before the select: as its else-branch the load stayed a branch (scalar code on AVX2)
+            dx[i] = zero if y[i] <= zero else g
 
 
 @_jit
@@ -133,7 +134,8 @@ def _relu_select_nhwc(dy, y, zero, dx):
         for i in range(h):
             for j in range(w):
                 for c in range(n_ch):
-                    dx[n, c, i, j] = zero if y[n, c, i, j] <= zero else dy[n, c, i, j]
+                    g = dy[n, c, i, j]
+                    dx[n, c, i, j] = zero if y[n, c, i, j] <= zero else g
 
 
 def _memory_order(a):

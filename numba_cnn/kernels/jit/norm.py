@@ -222,7 +222,8 @@ def _make_batchnorm_backward(relu):
             for n in range(n_images):
                 dy_row, y_row, x_row = dy[n, c], y[n, c], x[n, c]
                 for u in range(plane):
-                    g = (zero if y_row[u] <= 0 else np.float64(dy_row[u])) if relu else np.float64(dy_row[u])
+                    d = np.float64(dy_row[u])
+                    g = (zero if y_row[u] <= 0 else d) if relu else d
                     sum_dy += g
                     sum_dy_xhat += g * ((x_row[u] - m) * s)
             dbeta[c] = sum_dy
@@ -232,7 +233,8 @@ def _make_batchnorm_backward(relu):
             for n in range(n_images):
                 dy_row, y_row, x_row, dx_row = dy[n, c], y[n, c], x[n, c], dx[n, c]
                 for u in range(plane):
-                    g = (zero if y_row[u] <= 0 else np.float64(dy_row[u])) if relu else np.float64(dy_row[u])
+                    d = np.float64(dy_row[u])
+                    g = (zero if y_row[u] <= 0 else d) if relu else d
                     dx_row[u] = a * (g - mean_dy - (x_row[u] - m) * s * mean_dy_xhat)
 
     return batchnorm_backward
@@ -306,7 +308,8 @@ def _make_batchnorm_backward_last(relu):
             for p in range(h * n_px // chunks, (h + 1) * n_px // chunks):
                 dy_px, y_px, x_px = dy[p], y[p], x[p]
                 for c in range(n_ch):
-                    g = (zero if y_px[c] <= 0 else np.float64(dy_px[c])) if relu else np.float64(dy_px[c])
+                    d = np.float64(dy_px[c])
+                    g = (zero if y_px[c] <= 0 else d) if relu else d
                     sum_g[c] += g
                     sum_g_xhat[c] += g * ((x_px[c] - np.float64(mean[c])) * np.float64(inv_std[c]))
         sums = np.empty((2, n_ch))
@@ -324,7 +327,8 @@ def _make_batchnorm_backward_last(relu):
             for p in range(block * _PIXEL_BLOCK, min(n_px, (block + 1) * _PIXEL_BLOCK)):
                 dy_px, y_px, x_px, dx_px = dy[p], y[p], x[p], dx[p]
                 for c in range(n_ch):
-                    g = (zero if y_px[c] <= 0 else np.float64(dy_px[c])) if relu else np.float64(dy_px[c])
+                    d = np.float64(dy_px[c])
+                    g = (zero if y_px[c] <= 0 else d) if relu else d
                     dx_px[c] = a[c] * (g - sums[0, c] - (x_px[c] - m[c]) * s[c] * sums[1, c])
 
     return batchnorm_backward_last

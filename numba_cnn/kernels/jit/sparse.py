@@ -476,7 +476,8 @@ def _pad_planes(src, channels_last, select, pooled, relu_y, top, left, dst, sums
                 for c in range(n_ch):
                     seg, y_row, row = dst[n, c, top + i, left:left + w], relu_y[n, c, i], staged[c]
                     for j in range(w):
-                        seg[j] = zero if select and y_row[j] <= zero else row[j]
+                        value = row[j]
+                        seg[j] = zero if select and y_row[j] <= zero else value
         elif pooled:
             for c in range(n_ch):
                 for i in range(2 * (h // 2)):
