@@ -3,11 +3,11 @@
 The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, Winograd's, 2x2 pooling, and the tile
 shapes of every convolution kernel with their reasons), columns.py (stride-1 convolutions with few channels, the
 lanes along the output columns), general.py (the convolution of any stride, and the stride-1 weight gradient's
-channels-last tiles), norm.py (pooling of other windows,
-average pooling, batch normalisation), sparse.py (the fused backward's listed kernels, channels-last packing) and
-layers.py (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (it does not
-notice a change in another module's helper); this file holds the contract functions and the host-side glue that
-packs inputs and calls them (Winograd's in winograd.py, batch normalisation's in batchnorm.py).
+channels-last tiles), norm.py (pooling of other windows, average pooling, batch normalisation), sparse.py (the fused
+backward's listed kernels, channels-last packing) and layers.py (dropout, loss and Adam), each file self-contained
+so that Numba's cache sees every change (it does not notice a change in another module's helper); this file holds
+the contract functions and the host-side glue that packs inputs and calls them (Winograd's in winograd.py, batch
+normalisation's in batchnorm.py, pooling's in pooling.py).
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
@@ -71,9 +71,10 @@ maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, cha
                  the 4 window values in row-major order through selects (so it vectorises): a later value wins
                  if it is strictly greater, or if it is NaN and the best so far is not (a NaN beats every number,
                  the first NaN wins, ties keep the first maximum); backward writes each input element once (its
-                 window's dy or zero), so no zero-fill pass. A channels-last x (a batch norm's output), or dy
-                 and argmax so stored, take the `_last` twins: prange over images, a pixel's channels in the
-                 lanes, the same rule, outputs channels-last. Other windows (kh, kw) take norm.py's
+                 window's dy or zero), so no zero-fill pass. A channels-last x (a batch norm's output) takes
+                 the `_last` twins (jit/pooling.py), and so does the backward of its channels-last argmax (dy
+                 read channels-last): prange over images, a pixel's channels in the lanes, the same rule, the
+                 outputs channels-last. Other windows (kh, kw) take norm.py's
                  `_maxpool_any_*`: the same rule written as a select per value in row-major order.
 avgpool2d_*      norm.py's `_avgpool_*` (2x2: `_avgpool2x2_*`, the same sums in constant loops): prange over planes;
                  window sums in float64 (no float32 overflow or lost low bits), backward dy / (kh*kw) in float64.

@@ -280,7 +280,7 @@ def column_input_finite(x, w_shape, padding, q):
     reads (one `layout_copy`), so x is not read again. A sum is finite only if every value in it is; a finite sum's
     overflow reads as non-finite, which only sends the call to the exact, slower path."""
     top, bottom, left, _ = padding
-    n, c, h, _ = x.shape
+    _, c, h, _ = x.shape
     _, sums = _padded_planes(x, top, left, c, h + top + bottom, round_up(q, COLUMN_LANES) + w_shape[3] - 1,
                              "x_columns")
     return bool(np.isfinite(sums).all())
