@@ -1,9 +1,10 @@
 """The jit backend's register-tiled kernels (stride-1 correlation, the fused conv + pool, Winograd's F(2x2, 3x3) and
 its weight transform), the 2x2 max-pooling kernels (NCHW and channels-last), and the tile shapes of every
-convolution kernel of the backend (general.py's too, the stride-1 weight gradient's among them), chosen from the target's vector registers. Self-contained: Numba's cache does not
-notice a change in another module's helper, and the kernels here inline `_pool_window` and `_tile_taps` from this
-file (and `_numba_ext`'s `stack_tile` and `copy_block`). How each kernel computes its op is in the package's
-docstring (jit/__init__.py); the host-side glue that calls them is there too (Winograd's in winograd.py).
+convolution kernel of the backend (general.py's too, the stride-1 weight gradient's among them), chosen from the
+target's vector registers. Self-contained: Numba's cache does not notice a change in another module's helper, and
+the kernels here inline `_pool_window` and `_tile_taps` from this file (and `_numba_ext`'s `stack_tile` and
+`copy_block`). How each kernel computes its op is in the package's docstring (jit/__init__.py); the host-side glue
+that calls them is there too (Winograd's in winograd.py, pooling's in pooling.py).
 """
 
 import numpy as np

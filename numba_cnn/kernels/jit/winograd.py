@@ -54,8 +54,8 @@ def winograd_conv(x, w, b, relu, padding, pool):
     argmax = reusable_output(y.shape, np.uint8) if pool else np.empty((1, 1, 1, 1), np.uint8)
     finite = scratch("winograd.finite", (n,), np.bool_)
     kernel = _winograd_narrow if lanes == WINOGRAD_TILE_NARROW[1] else _winograd_wide
-    kernel(x_cl, x_top, x_left, u, bp, x.dtype.type(0 if relu else -np.inf), tile_rows, tile_cols, pool, get_num_threads(), y,
-           argmax, finite)
+    kernel(x_cl, x_top, x_left, u, bp, x.dtype.type(0 if relu else -np.inf), tile_rows, tile_cols, pool,
+           get_num_threads(), y, argmax, finite)
     if not finite.all():
         return None
     band = max(1, WINOGRAD_BAND // tile_cols) * tile_cols
