@@ -533,14 +533,15 @@ def _maxpool_backward(dy, argmax, zero, dx):
         n, c = nc // n_ch, nc % n_ch
         plane = dx[n, c]
         for i in range(ho):
-            top, bottom = plane[2 * i], plane[2 * i + 1]
             dy_row, arg_row = dy[n, c, i], argmax[n, c, i]
-            for j in range(wo):
-                g, where = dy_row[j], arg_row[j]
-                top[2 * j] = g if where == 0 else zero
-                top[2 * j + 1] = g if where == 1 else zero
-                bottom[2 * j] = g if where == 2 else zero
-                bottom[2 * j + 1] = g if where == 3 else zero
+            # the windows' top, then bottom row: one output stream per loop (both rows in one loop stayed scalar)
+            for half in range(2):
+                row = plane[2 * i + half]
+                first = np.uint8(2 * half)
+                for j in range(wo):
+                    g, where = dy_row[j], arg_row[j]
+                    row[2 * j] = g if where == first else zero
+                    row[2 * j + 1] = g if where == first + 1 else zero
         # an odd last row or column belongs to no window
         for i in range(2 * ho, h):
             plane[i] = zero
