@@ -249,14 +249,16 @@ def test_the_model_owns_the_arrays_its_passes_return():
             np.testing.assert_array_equal(grads_a[key], grads_b[key])
 
 
-def test_a_steady_training_step_allocates_no_buffers(monkeypatch):
-    """After two steps, a training step of the VGG-style preset takes every buffer of the jit backend (scratch,
+@pytest.mark.parametrize("preset", ["vgg-small", "vgg-small-bn"])
+def test_a_steady_training_step_allocates_no_buffers(monkeypatch, preset):
+    """After two steps, a training step of the VGG-style presets takes every buffer of the jit backend (scratch,
     arena, layout copies) from those the steps before made: none is allocated again (each would cost a page fault
-    per 4 KiB). Its step uses more scratch buffers than a small network, the lists of two fused layers."""
+    per 4 KiB). vgg-small's step uses more scratch buffers than a small network, the lists of two fused layers;
+    vgg-small-bn's hands activations and gradients between layouts (batch norm, unfused max-pooling, Flatten)."""
     from numba_cnn.kernels.jit import buffers
     from numba_cnn.network import from_dict, preset_document
 
-    network = from_dict(preset_document("vgg-small"), input_shape=(3, 32, 32))
+    network = from_dict(preset_document(preset), input_shape=(3, 32, 32))
     model = Model("jit", seed=SEED, network=network)
     rng = np.random.default_rng(SEED)
     images, labels = rng.standard_normal((4, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, 4)

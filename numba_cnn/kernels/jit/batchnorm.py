@@ -53,7 +53,10 @@ def backward(op, dy, y, x, gamma, mean, inv_std):
     """batchnorm2d_backward's result for the gradient `0 if y <= 0 else dy` (y None: dy as it is), the select made
     as the kernel reads dy; the call noted as `op` -> (dx, dgamma, dbeta)."""
     channels_last = is_channels_last(x)
-    layout = nhwc if channels_last else nchw
+
+    def layout(a):  # read before the op returns: copies, where one is needed, from the output arena
+        return (nhwc if channels_last else nchw)(a, reusable=True)
+
     dy, x = layout(dy), layout(x)
     n, c = x.shape[0], x.shape[3] if channels_last else x.shape[1]
     note(op, "float64 channel sums" + ", channels last" * channels_last, 0)

@@ -145,7 +145,7 @@ def pad_width(x, width, axis=3):
 def nchw(a, reusable=False):
     """a as a C-contiguous NCHW array: itself, or a copy of a channels-last one (compiled for float arrays, on every
     thread: numpy's transposing copy runs on one, at a fraction of the memory's speed); reusable: the copy from the
-    open OutputArena (`reusable_output`), for an op's output."""
+    open OutputArena (`reusable_output`), for an op's output or an input copy the op reads before it returns."""
     if not (is_channels_last(a) and a.dtype in (np.float32, np.float64)):
         return np.ascontiguousarray(a)
     out = (reusable_output if reusable else aligned_empty)(a.shape, a.dtype)
@@ -153,12 +153,12 @@ def nchw(a, reusable=False):
     return out
 
 
-def nhwc(a):
+def nhwc(a, reusable=False):
     """a[N, C, H, W] as a C-contiguous channels-last (N, H, W, C) array: a view of a channels-last one, else a copy
-    (compiled for float arrays, as in nchw)."""
+    (compiled for float arrays, and from the arena with reusable, as in nchw)."""
     if is_channels_last(a) or a.dtype not in (np.float32, np.float64):
         return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
-    out = aligned_empty((a.shape[0], a.shape[2], a.shape[3], a.shape[1]), a.dtype)
+    out = (reusable_output if reusable else aligned_empty)((a.shape[0], a.shape[2], a.shape[3], a.shape[1]), a.dtype)
     _pad_channels_last(np.ascontiguousarray(a), 0, 0, out)
     return out
 

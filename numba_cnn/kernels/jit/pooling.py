@@ -49,7 +49,7 @@ def max_backward(dy, argmax, x_shape, size):
     if last:
         n, c, h, w = x_shape
         dx_cl = reusable_output((n, h, w, c), dy.dtype)
-        _maxpool_backward_last(nhwc(dy), argmax.transpose(0, 2, 3, 1), dy.dtype.type(0), dx_cl)
+        _maxpool_backward_last(nhwc(dy, reusable=True), argmax.transpose(0, 2, 3, 1), dy.dtype.type(0), dx_cl)
         return dx_cl.transpose(0, 3, 1, 2)
     dx = reusable_output(x_shape, dy.dtype)
     if (kh, kw) == (2, 2):
