@@ -2,7 +2,8 @@
 
 The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, Winograd's, 2x2 pooling, and the tile
 shapes of every convolution kernel with their reasons), columns.py (stride-1 convolutions with few channels, the
-lanes along the output columns), general.py (the convolution of any stride, and the stride-1 weight gradient's
+lanes along the output columns), narrow_input.py (stride-1 convolutions with few input channels and many filters,
+their output channels-last), general.py (the convolution of any stride, and the stride-1 weight gradient's
 channels-last tiles), norm.py (pooling of other windows, average pooling, batch normalisation), sparse.py (the fused
 backward's listed kernels, channels-last packing) and layers.py (dropout, loss and Adam), each file self-contained
 so that Numba's cache sees every change (it does not notice a change in another module's helper); this file holds
@@ -33,8 +34,10 @@ conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channe
                  stays NaN). The last column tile overlaps the one before; inputs narrower than a tile are
                  zero-padded on the right and the output cropped. The padding is stored, not skipped: the
                  contract's sum multiplies its zeros too (0 * inf is NaN).
-                 Few input channels or filters (columns.py's `columns_pay`; LeNet's convolutions, VGG's first):
-                 the column tile, lanes along the output columns, NCHW in and out, the same bits.
+                 Few input channels or filters (columns.py's `columns_pay`; LeNet's convolutions):
+                 the column tile, lanes along the output columns, NCHW in and out, the same bits. But few input
+                 channels and K a multiple of NARROW_LANES (VGG's first): narrow_input.py's tile, the output
+                 channels-last (as the next layer reads it), the same bits; its backward reads dy as it lies.
                  3x3 with C a multiple of WINOGRAD_CHUNK, K over half the narrow lanes, finite w (winograd.py):
                  tiles.py's `_winograd_*`, F(2x2, 3x3): 16 products per 2x2 output tile and channel pair, not 36,
                  as 16 matrix products in register tiles; output channels-last; a non-finite output: direct tile.
@@ -150,6 +153,8 @@ from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: w
 from numba_cnn.kernels.jit.winograd import winograd_conv, winograd_fits
 from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
 from numba_cnn.kernels.jit import pooling as _pooling  # pooling's host side
+from numba_cnn.kernels.jit.narrow_input import (NARROW_GRAD_PATH, narrow_forward, narrow_input_fits,
+                                                narrow_weight_grad)
 from numba_cnn.kernels.jit.listed import listed_backward, pooled_weight_grad, pooled_weight_grad_fits
 from numba_cnn.kernels.jit.sparse import _pack_channels_last, _unpool_pack
 
@@ -276,17 +281,23 @@ def _conv_backward_packed(dyt, dy_sums, x, w, need_dx, padding=(0, 0, 0, 0)):
     dw = _dw_from_tiles(dwt, k, s)
     if not need_dx:
         return None, dw, db
+    return _input_grad_packed(dyt, w, x_shape, padding), dw, db
+
+
+def _input_grad_packed(dyt, w, x_shape, padding):
+    """Stride-1 dx[N, C, H, W] from dy packed channels-last with S - 1 zero columns on each side (N, P, Q + 2 (S - 1),
+    K or more channels)."""
+    k, c, r, s = w.shape
     if not np.isfinite(w).all():  # microseconds; a diverged run's weights take the path that skips the padding
-        return _input_grad_by_taps(dyt[:, :, col_pad:dyt.shape[2] - col_pad, :k], w, x_shape, 1, padding), dw, db
+        return _input_grad_by_taps(dyt[:, :, s - 1:dyt.shape[2] - s + 1, :k], w, x_shape, 1, padding)
     # dx is the full correlation of dy with the flipped kernel, cropped by the padding: the zero columns are in
     # dyt (read from column `left` on), the R-1-top zero rows above and those below are skipped through row_shift;
     # dyt's padded channels meet zero rows of w_flipped
     top, _, left, _ = padding
-    w_flipped = np.zeros((r, s, dyt.shape[3], c), x.dtype)
+    w_flipped = np.zeros((r, s, dyt.shape[3], c), dyt.dtype)
     w_flipped[:, :, :k] = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
-    dx = _correlate(dyt, w_flipped, np.zeros(c, x.dtype), False, row_shift=r - 1 - top, col_shift=left,
-                    out_hw=x_shape[2:])
-    return dx, dw, db
+    return _correlate(dyt, w_flipped, np.zeros(c, dyt.dtype), False, row_shift=r - 1 - top, col_shift=left,
+                      out_hw=x_shape[2:])
 
 
 def _strided_forward_glue(x, w, b, relu, stride, padding):
@@ -343,6 +354,8 @@ def conv2d_forward(x, w, b, relu, stride, padding):
     if stride != 1:
         note("conv2d_forward", f"strided tile {STRIDED_TILE[0]} lanes x {STRIDED_TILE[1]} columns", macs)
         return _strided_forward_glue(x, w, b, relu, stride, padding)
+    if narrow_input_fits(x.shape, w.shape, stride, padding):
+        return narrow_forward(x, w, b, relu, padding)
     lanes, columns = _conv_tile_shape(k)
     if out_hw[0] >= COLUMN_TILE[1] and columns_pay(c, k, out_hw[1]):
         return column_forward(x, w, b, relu, padding)
@@ -368,9 +381,10 @@ def conv2d_backward(dy, x, w, need_dx, stride, padding):
 
 def _column_backward_fits(x, w, k, q, stride, padding):
     """Whether a convolution's backward (K outputs, Q columns) takes the column tiles: the same path with and
-    without dx, so dw's bits do not depend on need_dx."""
-    return (stride == 1 and columns_pay(x.shape[1], k, q) and column_dx_fits(x.shape, w.shape, padding)
-            and np.isfinite(w).all() and column_input_finite(x, w.shape, padding, q))
+    without dx, so dw's bits do not depend on need_dx; not where narrow_input.py's kernels take the layer."""
+    return (stride == 1 and not narrow_input_fits(x.shape, w.shape, stride, padding) and columns_pay(x.shape[1], k, q)
+            and column_dx_fits(x.shape, w.shape, padding) and np.isfinite(w).all()
+            and column_input_finite(x, w.shape, padding, q))
 
 
 def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):
@@ -379,6 +393,15 @@ def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):
     n, k, p, q = dy.shape
     _, c, r, s = w.shape
     dw_macs = n * k * c * r * s * p * q
+    if narrow_input_fits(x.shape, w.shape, stride, padding):  # dw over dy as it lies, dx the correlation's tile
+        note("conv2d_backward", NARROW_GRAD_PATH + ", dx the correlation's tile" * need_dx,
+             dw_macs + (n * c * x.shape[2] * x.shape[3] * k * r * s if need_dx else 0))
+        dw, db = narrow_weight_grad(dy, relu_y, x, w, padding)
+        if not need_dx:
+            return None, dw, db
+        dy = dy if relu_y is None else layers.relu_backward(dy, relu_y)
+        dyt, _ = _channels_last(dy, s - 1, buffer_name="dy_cl")
+        return _input_grad_packed(dyt, w, x.shape, padding), dw, db
     if _column_backward_fits(x, w, k, q, stride, padding):
         return column_backward(dy, x, w, need_dx, padding, relu_y)
     if relu_y is not None:
