@@ -143,8 +143,9 @@ from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_POOL_T
                                          _conv_tile_small, _conv_tile_narrow, _conv_tile_wide, _one_channel_pool)
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
 from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
-from numba_cnn.kernels.jit.buffers import (OutputArena, nchw, nhwc, pad_width,  # noqa: F401  (Backend.output_arena)
-                                          padded_channels_last, reusable_output, round_up, scratch)
+from numba_cnn.kernels.jit.buffers import OutputArena  # noqa: F401  (Backend.output_arena)
+from numba_cnn.kernels.jit.buffers import (aligned_copy, aligned_zeros, nchw, nhwc, pad_width, padded_channels_last,
+                                          reusable_output, round_up, scratch)
 from numba_cnn.kernels.jit.columns import (COLUMN_TILE, column_backward, column_dx_fits, column_forward,
                                            column_input_finite, columns_pay, padded_nchw)
 from numba_cnn.kernels.jit.general import (_strided_forward, _strided_input_grad, _strided_input_grad_small,
@@ -205,9 +206,9 @@ def _packed_weights(w_rsck, bias, lanes, dtype):
     """w[R, S, C, K] and b[K] zero-padded to a multiple of `lanes` output channels."""
     out_channels = w_rsck.shape[3]
     k_padded = round_up(out_channels, lanes)
-    wt = np.zeros(w_rsck.shape[:3] + (k_padded,), dtype)
+    wt = aligned_zeros(w_rsck.shape[:3] + (k_padded,), dtype)
     wt[..., :out_channels] = w_rsck
-    b = np.zeros(k_padded, dtype)
+    b = aligned_zeros(k_padded, dtype)
     b[:out_channels] = bias
     return wt, b
 
@@ -294,7 +295,7 @@ def _input_grad_packed(dyt, w, x_shape, padding):
     # dyt (read from column `left` on), the R-1-top zero rows above and those below are skipped through row_shift;
     # dyt's padded channels meet zero rows of w_flipped
     top, _, left, _ = padding
-    w_flipped = np.zeros((r, s, dyt.shape[3], c), dyt.dtype)
+    w_flipped = aligned_zeros((r, s, dyt.shape[3], c), dyt.dtype)
     w_flipped[:, :, :k] = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
     return _correlate(dyt, w_flipped, np.zeros(c, dyt.dtype), False, row_shift=r - 1 - top, col_shift=left,
                       out_hw=x_shape[2:])
@@ -334,7 +335,7 @@ def _strided_backward(dy, x, w, need_dx, stride, padding):
     if not np.isfinite(w).all():  # as in _conv_backward_packed
         return _input_grad_by_taps(dyt[:, :, col_pad:dyt.shape[2] - col_pad, :k], w, x.shape, stride, padding), dw, db
     small = c <= CONV_TILE_SMALL[0]
-    wt = np.zeros((r, s, k, round_up(c, CONV_TILE_SMALL[0] if small else STRIDED_TILE[0])), x.dtype)
+    wt = aligned_zeros((r, s, k, round_up(c, CONV_TILE_SMALL[0] if small else STRIDED_TILE[0])), x.dtype)
     wt[..., :c] = w.transpose(2, 3, 0, 1)
     dx = reusable_output(x.shape, x.dtype)
     (_strided_input_grad_small if small else _strided_input_grad)(dyt, wt, k, stride, padding[0], padding[2], col_pad,
@@ -495,7 +496,7 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
         y = reusable_output((n, p_half, q_half, k), x.dtype)  # channels last, as the next convolution reads it
         argmax = reusable_output(y.shape, np.uint8)
         xp = padded_nchw(x, padding)[:, 0] if any(padding) else x.reshape(n, h, wd)
-        wt = np.ascontiguousarray(w.reshape(k, 9).T)
+        wt = aligned_copy(w.reshape(k, 9).T)
         _one_channel_pool(xp, wt, b.astype(x.dtype), x.dtype.type(0), y, argmax)
         return y.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)
     if c == 1 and 2 * q_half <= CONV1_TILE[0] and not any(padding):  # a tile along the columns (_make_conv1_pool)
@@ -504,10 +505,11 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
         argmax = reusable_output(y.shape, np.uint8)
         columns, channels = CONV1_TILE
         k_padded = round_up(k, channels)
-        wt = np.zeros((k_padded, r, s), x.dtype)
+        wt = aligned_zeros((k_padded, r, s), x.dtype)
         wt[:k] = w[:, 0]
         # the bias as the tile holds it: each channel's value repeated along the columns
-        b_tiles = np.repeat(np.pad(b.astype(x.dtype), (0, k_padded - k)), columns).reshape(k_padded // channels, -1)
+        b_tiles = aligned_copy(np.repeat(np.pad(b.astype(x.dtype), (0, k_padded - k)), columns).reshape(
+            k_padded // channels, -1))
         _conv1_pool(x.reshape(n, h, wd), wt, b_tiles, x.dtype.type(0), y, argmax)
         return y.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)
     if winograd_fits(x.shape, w, 1) and p_half and q_half:
@@ -537,19 +539,19 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
     (dx[N,C,H,W] or None, dw[K,C,R,S], db[K]): equal to conv2d_backward(maxpool2d_backward(relu_backward(dy, y),
     argmax, (N, K, P, Q)), x, w, need_dx, 1, padding). With finite x and w, and a kernel row of S x C >=
     LISTED_MIN_SPAN values or dx wanted, over the list of the conv output's nonzero gradients (listed.py's
-    `listed_backward` over the padded input, dx cropped: within float rounding of the composition, another summation
-    order). Without dx and with shorter rows (conv1, whose listed scatters would be 3 values long), finite x and w
-    and K a multiple of its vector: dw straight from the pooled gradient (listed.py's `pooled_weight_grad`; within
-    rounding too). Otherwise the composition's arithmetic, bitwise (so that 0 * inf gives NaN as it does there):
-    the pooled gradient scattered straight into the packed conv gradient, then the tiled weight gradient.
+    `listed_backward`, the input padded band by band as it is read, dx cropped: within float rounding of the
+    composition, another summation order). Without dx and with shorter rows (conv1, whose listed scatters would be
+    3 values long), finite x and w and K a multiple of its vector: dw straight from the pooled gradient (listed.py's
+    `pooled_weight_grad`; within rounding too). Otherwise the composition's arithmetic, bitwise (so that 0 * inf
+    gives NaN as it does there): the pooled gradient scattered straight into the packed conv gradient, then the
+    tiled weight gradient.
     """
     k, c, r, s = w.shape
     n, _, h, wd = x.shape
     top, bottom, left, right = padding
     if (need_dx or s * c >= LISTED_MIN_SPAN) and np.isfinite(w).all():
-        x_cl = padded_channels_last(x, padding, buffer_name="x_padded.listed") if any(padding) else (
-            _input_channels_last(x))
-        listed = listed_backward(*(a.transpose(0, 2, 3, 1) for a in (dy, y, argmax)), x_cl, w, need_dx, padding)
+        listed = listed_backward(*(a.transpose(0, 2, 3, 1) for a in (dy, y, argmax)), _input_channels_last(x), w,
+                                 need_dx, padding)
         if listed is not None:
             return listed
     if pooled_weight_grad_fits(x, w, need_dx):

@@ -18,15 +18,34 @@ _SCRATCH_KEPT = 32  # buffers kept per thread: mnist-cnn's training step uses 10
 ALIGNMENT = 64  # bytes: a cache line, and one AVX-512 vector
 
 
-def aligned_empty(shape, dtype):
-    """An uninitialised C-contiguous array whose data starts on an ALIGNMENT-byte boundary. numpy's own start 16 or
-    32 bytes into a cache line, and then every 64-byte vector load from a row that starts at a multiple of 64 bytes
-    spans two lines: two reads of the L1 cache for one."""
+def _on_a_line(shape, dtype):
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(nbytes + ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
     return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_empty(shape, dtype):
+    """An uninitialised C-contiguous array whose data starts on an ALIGNMENT-byte boundary, for the scratch and arena
+    buffers. numpy's own start 16 or 32 bytes into a cache line, and then every 64-byte vector load from a row that
+    starts at a multiple of 64 bytes spans two lines: two reads of the L1 cache for one."""
+    return _on_a_line(shape, dtype)
+
+
+def aligned_zeros(shape, dtype):
+    """Zeros starting on an ALIGNMENT-byte boundary, as aligned_empty's: the small arrays an op packs for its kernel
+    on every call (weights, bias), which the kernels load as whole vectors."""
+    out = _on_a_line(shape, dtype)
+    out.fill(0)
+    return out
+
+
+def aligned_copy(a):
+    """A C-contiguous copy of a, starting on an ALIGNMENT-byte boundary (a small array packed per call)."""
+    out = _on_a_line(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 def scratch(name, shape, dtype):

@@ -33,7 +33,7 @@ from numba import prange
 
 from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, jit as _jit, tile_allocator
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import layout_copy, nchw, reusable_output, round_up, scratch_allocator
+from numba_cnn.kernels.jit.buffers import aligned_zeros, layout_copy, nchw, reusable_output, round_up, scratch_allocator
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.sparse import _pad_planes
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
@@ -338,9 +338,9 @@ def column_forward(x, w, b, relu, padding):
     note("conv2d_forward", f"column tile {channels} channels x {rows} rows x {COLUMN_LANES} lanes"
          + ", padded copy" * any(padding), n * k * c * r * s * p * q)
     xp, _ = _padded_planes(x, top, left, c, h + top + bottom, round_up(q, COLUMN_LANES) + s - 1, "x_columns")
-    wt = np.zeros((round_up(k, channels), r, s, c), x.dtype)
+    wt = aligned_zeros((round_up(k, channels), r, s, c), x.dtype)
     wt[:k] = w.transpose(0, 2, 3, 1)
-    bp = np.zeros(wt.shape[0], x.dtype)
+    bp = aligned_zeros(wt.shape[0], x.dtype)
     bp[:k] = b
     y = reusable_output((n, k, p, q), x.dtype)
     correlation(xp, wt, bp, x.dtype.type(0 if relu else -np.inf), y)
@@ -382,7 +382,7 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     dw = (dwt[0] if chunks == 1 else np.sum(dwt, axis=0))[:k].reshape(k, c, r, s)  # chunks added in order
     if not need_dx:
         return None, dw, db
-    wf = np.zeros((round_up(c, dx_channels), r, s, k), x.dtype)
+    wf = aligned_zeros((round_up(c, dx_channels), r, s, k), x.dtype)
     wf[:c] = w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)
     dx = reusable_output(x.shape, x.dtype)
     dx_correlation(dyp, wf, np.zeros(wf.shape[0], x.dtype), x.dtype.type(-np.inf), dx)

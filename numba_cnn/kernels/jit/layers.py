@@ -26,7 +26,7 @@ from numba import prange
 from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import nchw, reusable_output
+from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, reusable_output
 from numba_cnn.kernels.layers import argmax_rows, dense_forward  # noqa: F401
 
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -278,7 +278,7 @@ def dense_backward(dy, x, w):
     dy, x = np.ascontiguousarray(dy), np.ascontiguousarray(x)
     dx = reusable_output(x.shape, x.dtype)
     dw_t = np.empty((w.shape[1], w.shape[0]), x.dtype)
-    _dense_backward(dy, x, np.ascontiguousarray(w.T), dx, dw_t)
+    _dense_backward(dy, x, aligned_copy(w.T), dx, dw_t)
     return dx, np.ascontiguousarray(dw_t.T), dy.sum(axis=0)
 
 

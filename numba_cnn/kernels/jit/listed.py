@@ -6,7 +6,7 @@ kernels. jit/__init__.py's conv2d_relu_maxpool2d_backward calls it where it appl
 import numpy as np
 from numba import get_num_threads
 
-from numba_cnn.kernels.jit.buffers import nchw, reusable_output, scratch
+from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, reusable_output, round_up, scratch
 from numba_cnn.kernels.jit.columns import padded_nchw
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.sparse import (LISTED_BAND_BYTES, POOLED_GRAD_LANES, POOLED_GRAD_TAPS, _listed_input_grad,
@@ -16,10 +16,13 @@ from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
 
 def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
     """The fused backward over the list of nonzero conv-output gradients (jit/sparse.py), from dy, pooled and argmax
-    indexed (N, P2, Q2, K) (views of either layout) and x channels-last, zero-padded by `padding`; dx comes
-    channels-last (viewed NCHW) without the padding. None if x holds NaN or inf."""
-    n, h, wd, c = x_cl.shape
+    indexed (N, P2, Q2, K) (views of either layout) and x channels-last (N, H, W, C), C-contiguous, which the
+    convolution zero-pads by `padding` (the weight gradient pads each band of rows as it reads them); dx comes
+    channels-last (viewed NCHW). None if x holds NaN or inf."""
+    n, rows, columns, c = x_cl.shape
     k, _, r, s = w.shape
+    top, bottom, left, right = padding
+    h, wd = rows + top + bottom, columns + left + right  # the padded input's, in which the lists' offsets count
     windows = dy.shape[1] * dy.shape[2]
     values = scratch("listed.values", (n, k, windows), dy.dtype)
     offsets = scratch("listed.offsets", (n, k, windows), np.int64)
@@ -36,15 +39,16 @@ def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
          listed * r * s * c * (2 if need_dx else 1))
     row_bytes = wd * c * dy.itemsize
     band_rows = max(1, (LISTED_BAND_BYTES // row_bytes - r) // 2)  # pooled rows whose inputs fill the band
-    partial = scratch("listed.dw", (min(GRAD_IMAGE_CHUNKS, n), k, r, s * c), dy.dtype)
-    _listed_weight_grad(x_flat, values, offsets, counts, wd * c, dy.shape[1], band_rows, partial)
+    chunks = min(GRAD_IMAGE_CHUNKS, n)
+    partial = scratch("listed.dw", (chunks, k, r, s * c), dy.dtype)
+    bands = scratch("listed.bands", (chunks, round_up((2 * band_rows + r - 1) * wd * c, 64 // dy.itemsize)), dy.dtype)
+    _listed_weight_grad(x_cl.reshape(n, rows, columns * c), top, left * c, values, offsets, counts, wd * c,
+                        dy.shape[1], band_rows, bands, partial)
     dw_rows = partial[0] if len(partial) == 1 else partial.sum(axis=0)  # the chunks in order
     dw = np.ascontiguousarray(dw_rows.reshape(k, r, s, c).transpose(0, 3, 1, 2))
     dx = None
     if need_dx:
-        w_flat = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(-1)
-        top, bottom, left, right = padding
-        rows, columns = h - top - bottom, wd - left - right
+        w_flat = aligned_copy(w.transpose(0, 2, 3, 1)).reshape(-1)
         groups = get_num_threads()
         # with padding, each image is summed in a work row and cropped into dx (the stored zeros' gradient dropped)
         work = scratch("listed.dx", (groups, h * wd * c if any(padding) else 0), dy.dtype)

@@ -20,7 +20,7 @@ import numpy as np
 from numba import prange
 
 from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, jit as _jit, tile_allocator
-from numba_cnn.kernels.jit.buffers import padded_channels_last, reusable_output, scratch
+from numba_cnn.kernels.jit.buffers import aligned_copy, padded_channels_last, reusable_output, scratch
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
 
@@ -70,7 +70,7 @@ def narrow_forward(x, w, b, relu, padding):
     top, bottom, left, right = padding
     p, q = h + top + bottom - r + 1, wd + left + right - s + 1
     note("conv2d_forward", NARROW_FORWARD_PATH, n * k * c * r * s * p * q)
-    wt = np.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(r, s * c, k)
+    wt = aligned_copy(w.transpose(2, 3, 1, 0)).reshape(r, s * c, k)
     y = reusable_output((n, p, q, k), x.dtype)
     _narrow_forward(_padded_rows(x, padding), wt, b.astype(x.dtype), x.dtype.type(0 if relu else -np.inf), c, y)
     return y.transpose(0, 3, 1, 2)

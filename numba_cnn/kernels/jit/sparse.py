@@ -79,24 +79,31 @@ def _make_listed_weight_grad(block):
     _stack_tile = tile_allocator()
 
     @_jit
-    def listed_weight_grad(x_flat, values, offsets, counts, row_length, pooled_rows, band_rows, partial):
+    def listed_weight_grad(x_rows, top, left_values, values, offsets, counts, row_length, pooled_rows, band_rows,
+                           bands, partial):
         """partial[h, k, r, u] = sum over the images n of chunk h (partial.shape[0] contiguous chunks of the batch)
-        and the listed elements e of (n, k) of values[n, k, e] * x_flat[n, offsets[n, k, e] + r * row_length + u],
-        u < S * C: chunk h's share of the weight gradient as (K, R, S * C) (channels last) from the inputs
-        channels-last, flattened per image (x_flat[n] is x[n] as (H, W, C); row_length = W * C).
+        and the listed elements e of (n, k) of values[n, k, e] * xp[n, offsets[n, k, e] + r * row_length + u],
+        u < S * C: chunk h's share of the weight gradient as (K, R, S * C) (channels last), xp[n] being x[n]
+        zero-padded by `top` rows above and left_values / C columns on the left (and as many below and right as
+        the offsets reach) as (Hp, Wp, C), flattened (row_length = Wp * C); x_rows[n] is x[n] as (H, W * C).
 
         An image is visited in bands of band_rows pooled rows (the lists are in window order, so a band's elements
-        of (n, k) are consecutive), and a band's input rows stay in L1 while every output channel's elements in it
-        go through the register tile: 3 kernel rows x `block` values, loaded from and stored to partial once per
+        of (n, k) are consecutive): the band's padded input rows are copied into a buffer that stays in L1 (the
+        padding written there, never stored for the whole input) while every output channel's elements in it go
+        through the register tile: 3 kernel rows x `block` values, loaded from and stored to partial once per
         band and channel. Straight through the lists instead, each multiply-add's input would come from L2, at an
         address known only once its offset is loaded. Per element of partial: images in order, then list order;
-        the chunks are fixed by the batch, and the caller adds them in order: the same bits for any thread count."""
-        n_images = x_flat.shape[0]
+        the chunks are fixed by the batch, and the caller adds them in order: the same bits for any thread count.
+        bands[h]: chunk h's buffer, at least (2 band_rows + R - 1) row_length values, starting on a cache line (so
+        are the rows the offsets point at, for C a multiple of a line's values: a vector load then never spans two
+        lines, which it did in a buffer allocated here)."""
+        n_images, h_in, x_values = x_rows.shape
         n_chunks, n_out, r_taps, span = partial.shape
         tiled = span - span % block
         r_tiled = r_taps - r_taps % rows
         for h in prange(n_chunks):
-            acc = _stack_tile(tile, x_flat.dtype)
+            acc = _stack_tile(tile, x_rows.dtype)
+            band = bands[h]
             part = partial[h]
             for k in range(n_out):
                 for r in range(r_taps):
@@ -105,11 +112,27 @@ def _make_listed_weight_grad(block):
                         part_row[u] = 0
             cursors = np.empty(n_out, np.int64)
             for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
-                x_image = x_flat[n]
                 cursors[:] = 0
                 for band_start in range(0, pooled_rows, band_rows):
                     # the first offset past the band: its last pooled row's windows start conv row 2 * end - 2
                     limit = 2 * min(band_start + band_rows, pooled_rows) * row_length
+                    # the band's padded rows: its windows' conv rows and the R - 1 below them
+                    first_row = 2 * band_start
+                    for i in range(first_row, 2 * min(band_start + band_rows, pooled_rows) + r_taps - 1):
+                        band_row = band[(i - first_row) * row_length:]
+                        if i < top or i >= top + h_in:
+                            for u in range(row_length):
+                                band_row[u] = 0
+                            continue
+                        x_row, seg = x_rows[n, i - top], band_row[left_values:]
+                        for u in range(left_values):
+                            band_row[u] = 0
+                        for u in range(x_values):
+                            seg[u] = x_row[u]
+                        for u in range(left_values + x_values, row_length):
+                            band_row[u] = 0
+                    x_image = band
+                    shift = first_row * row_length  # offsets count from the padded image's first row
                     for k in range(n_out):
                         first = cursors[k]
                         last = first
@@ -128,7 +151,7 @@ def _make_listed_weight_grad(block):
                                     acc[2 * block + u] = p2[u]
                                 for e in range(first, last):
                                     g = value_row[e]
-                                    at = offset_row[e] + r0 * row_length + u0
+                                    at = offset_row[e] - shift + r0 * row_length + u0
                                     x0 = x_image[at:]  # sliced first: an index sum would gather
                                     x1 = x_image[at + row_length:]
                                     x2 = x_image[at + 2 * row_length:]
@@ -147,7 +170,7 @@ def _make_listed_weight_grad(block):
                                     acc[u] = p0[u]
                                 for e in range(first, last):
                                     g = value_row[e]
-                                    x0 = x_image[offset_row[e] + r * row_length + u0:]
+                                    x0 = x_image[offset_row[e] - shift + r * row_length + u0:]
                                     for u in range(block):
                                         acc[u] += g * x0[u]
                                 for u in range(block):
@@ -157,7 +180,7 @@ def _make_listed_weight_grad(block):
                                 part_row = part[k, r]
                                 for e in range(first, last):
                                     g = value_row[e]
-                                    x0 = x_image[offset_row[e] + r * row_length:]
+                                    x0 = x_image[offset_row[e] - shift + r * row_length:]
                                     for u in range(tiled, span):
                                         part_row[u] += g * x0[u]
 

@@ -2,15 +2,17 @@
 its weight transform), the 2x2 max-pooling kernels (NCHW and channels-last), and the tile shapes of every
 convolution kernel of the backend (general.py's too, the stride-1 weight gradient's among them), chosen from the
 target's vector registers. Self-contained: Numba's cache does not notice a change in another module's helper, and
-the kernels here inline `_pool_window` and `_tile_taps` from this file (and `_numba_ext`'s `stack_tile` and
-`copy_block`). How each kernel computes its op is in the package's docstring (jit/__init__.py); the host-side glue
-that calls them is there too (Winograd's in winograd.py, pooling's in pooling.py).
+the kernels here inline `_pool_window` and `_tile_taps` from this file (and `_numba_ext`'s `stack_tile`,
+`copy_block` and `cache_aligned`). How each kernel computes its op is in the package's docstring
+(jit/__init__.py); the host-side glue that calls them is there too (Winograd's in winograd.py, pooling's in
+pooling.py).
 """
 
 import numpy as np
 from numba import njit, prange
 
-from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, copy_block, jit as _jit, tile_allocator
+from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit,
+                                          tile_allocator)
 
 # Tile shapes, (lanes, columns) of the correlation tiles and lanes of the weight-gradient tiles, by the target's
 # vector registers. The one place they are chosen; docs/kernels.md tabulates them.
@@ -153,7 +155,8 @@ def _make_conv_pool(columns, lanes):
         for n in prange(n_images):
             acc = _stack_tile(tile, x_cl.dtype)
             xs = _stack_tile(columns, x_cl.dtype)
-            rows = np.empty((2, q_tiles, k_padded), x_cl.dtype)  # two ReLU'd conv rows, channels last
+            rows = cache_aligned(np.empty(2 * q_tiles * k_padded + 16, x_cl.dtype),  # two ReLU'd conv rows,
+                                 2 * q_tiles * k_padded).reshape(2, q_tiles, k_padded)  # channels last
             for pi in range(p_half):
                 for half in range(2):
                     i = 2 * pi + half
@@ -225,8 +228,9 @@ def _make_winograd(rows, lanes, chunk):
             # per element e, a band's V[e] (tiles x C) and M[e] (tiles x lanes); each row 16 values past a
             # multiple of the band's size, which for 32 tiles x 32 channels is 4 KiB: the 16 rows a tile's
             # transform writes would otherwise fall into one set of the L1 cache
-            v = np.zeros((16, band_padded * c + 16), x_cl.dtype)
-            m = np.empty((16, band_padded * lanes + 16), x_cl.dtype)
+            v_row, m_row = band_padded * c + 16, band_padded * lanes + 16
+            v = cache_aligned(np.zeros(16 * v_row + 16, x_cl.dtype), 16 * v_row).reshape(16, v_row)
+            m = cache_aligned(np.empty(16 * m_row + 16, x_cl.dtype), 16 * m_row).reshape(16, m_row)
             for n in range(group, n_images, n_groups):
                 check = zero
                 for tr0 in range(0, tile_rows, band_rows):

@@ -11,7 +11,7 @@ import numpy as np
 from numba import get_num_threads
 
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import padded_channels_last, reusable_output, round_up, scratch
+from numba_cnn.kernels.jit.buffers import aligned_zeros, padded_channels_last, reusable_output, round_up, scratch
 from numba_cnn.kernels.jit.tiles import (WINOGRAD_BAND, WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW, WINOGRAD_TILE_WIDE,
                                          _winograd_narrow, _winograd_weights, _winograd_wide)
 
@@ -38,9 +38,9 @@ def winograd_conv(x, w, b, relu, padding, pool):
     tile_rows, tile_cols = (p // 2, q // 2) if pool else ((p + 1) // 2, (q + 1) // 2)
     rows, lanes = WINOGRAD_TILE_NARROW if k <= WINOGRAD_TILE_NARROW[1] else WINOGRAD_TILE_WIDE
     k_padded = round_up(k, lanes)
-    u = np.zeros((16, c, k_padded), x.dtype)
+    u = aligned_zeros((16, c, k_padded), x.dtype)
     _winograd_weights(w, u)
-    bp = np.zeros(k_padded, x.dtype)
+    bp = aligned_zeros(k_padded, x.dtype)
     bp[:k] = b
     if is_channels_last(x):  # read in place, the padding and the rows and columns past it as zeros
         x_cl, x_top, x_left = x.transpose(0, 2, 3, 1), top, left
