@@ -6,6 +6,7 @@ zero-padded copies in either layout, and the zero padding of inputs narrower tha
 """
 
 import itertools
+import math
 import threading
 
 import numpy as np
@@ -20,10 +21,15 @@ ALIGNMENT = 64  # bytes: a cache line, and one AVX-512 vector
 
 def _on_a_line(shape, dtype):
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % ALIGNMENT
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    count = math.prod(shape) if isinstance(shape, tuple) else int(shape)
+    if ALIGNMENT % dtype.itemsize:
+        raw = np.empty(count * dtype.itemsize + ALIGNMENT, np.uint8)
+        start = -raw.ctypes.data % ALIGNMENT
+        return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+    spare = ALIGNMENT // dtype.itemsize
+    raw = np.empty(count + spare, dtype)  # numpy's data start on a multiple of 16 bytes, so of the itemsize here
+    start = -raw.ctypes.data % ALIGNMENT // dtype.itemsize
+    return raw[start:start + count].reshape(shape)
 
 
 def aligned_empty(shape, dtype):
