@@ -2,12 +2,14 @@
 VGG's 3 -> 32): the output channels in the lanes and the output channels-last, which is the layout the next layer
 reads (Winograd, a channels-last batch norm or pooling), where the column tiles (columns.py) write NCHW planes that
 the next layer copies channels-last, and whose backward copies the channels-last gradient it gets back into NCHW
-planes. Host side and kernels in one self-contained file (Numba's cache sees every change to what it compiles).
+planes. Host side and kernels in one self-contained file (Numba's cache sees every change to what it compiles;
+`_numba_ext`'s `stack_tile` and `copy_block` are inlined).
 
 `_narrow_forward`: prange over images; per output row, tiles of columns x lanes output channels, summed over a
     kernel row's S x C values at a time (u = s * C + c: one loop, contiguous in the padded channels-last input row)
     in (r, s, c) order from the bias, as FMAs: each output is summed exactly as the column and channels-last tiles
-    sum it (the same bits). The last column tile overlaps the one before.
+    sum it (the same bits); ReLU'd in the tile, each column's lanes stored as one block. The last column tile
+    overlaps the one before.
 `_narrow_weight_grad`: a task per image chunk; per image, lane block, kernel row and tile of `taps` consecutive
     u = s * C + c, a register tile of taps x lanes summed over the image's pixels: per pixel one vector of the
     gradient (through the ReLU's select on the forward's output when fused) against `taps` broadcast inputs. The
@@ -19,7 +21,7 @@ planes. Host side and kernels in one self-contained file (Numba's cache sees eve
 import numpy as np
 from numba import prange
 
-from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, jit as _jit, tile_allocator
+from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, copy_block, jit as _jit, tile_allocator
 from numba_cnn.kernels.jit.buffers import aligned_copy, padded_channels_last, reusable_output, scratch
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
@@ -108,6 +110,7 @@ def _make_narrow_forward(lanes, columns):
         n_images = xp.shape[0]
         p_out, q_out, n_out = y.shape[1], y.shape[2], y.shape[3]
         r_taps, span = wt.shape[0], wt.shape[1]
+        y_flat = y.reshape(-1)
         for n in prange(n_images):
             acc = _stack_tile(tile, xp.dtype)
             xs = _stack_tile(columns, xp.dtype)
@@ -128,11 +131,14 @@ def _make_narrow_forward(lanes, columns):
                                     w_k = w_vec[k]
                                     for jj in range(columns):
                                         acc[jj * lanes + k] += xs[jj] * w_k
+                        for u in range(tile):
+                            v = acc[u]
+                            acc[u] = floor if v < floor else v  # ReLU (floor 0) keeps NaN: NaN < 0 is false
+                        # each column's lanes stored as one block: a store loop of `lanes` values was unrolled into
+                        # scalar stores (docs/numba.md, trap 1)
                         for jj in range(columns):
-                            out = y[n, i, j0 + jj, k0:k0 + lanes]
-                            for k in range(lanes):
-                                v = acc[jj * lanes + k]
-                                out[k] = floor if v < floor else v  # ReLU (floor 0) keeps NaN: NaN < 0 is false
+                            copy_block(y_flat, ((n * p_out + i) * q_out + j0 + jj) * n_out + k0, acc, jj * lanes,
+                                       lanes)
 
     return narrow_forward
 
