@@ -6,7 +6,7 @@ the backward (plain and with the fused ReLU) against finite differences in float
 
 import numpy as np
 import pytest
-from gradcheck import assert_gradient_matches, dotted_with
+from gradcheck import assert_conv_backward_matches
 from numba_cnn.kernels import reference
 
 numba = pytest.importorskip("numba")
@@ -205,21 +205,4 @@ def test_column_backward_matches_finite_differences(shape, k, kernel, padding, w
     fused ReLU backward against those of the ReLU'd forward (differences taken away from the ReLU's kink)."""
     monkeypatch.setattr(jit, "columns_pay", lambda *args: True)
     x, w, b, dy = _operands(np.random.default_rng(12), shape, k, kernel, padding, np.float64)
-    inputs = {"x": x, "w": w, "b": b}
-    index = "xwb".index(wrt)
-    for relu in (False, True):
-        def forward(a):
-            args = dict(inputs, **{wrt: a})
-            return jit.conv2d_forward(args["x"], args["w"], args["b"], relu, 1, padding).copy()
-
-        y = forward(inputs[wrt])
-        with PathLog() as log:
-            grads = (jit.conv2d_relu_backward(dy, y, x, w, True, 1, padding) if relu
-                     else jit.conv2d_backward(dy, x, w, True, 1, padding))
-        assert all(_took_columns(path) for path in log.paths), log.paths
-        # coordinates whose +-step moves some ReLU input across zero are skipped: the function has a kink there
-        pre = jit.conv2d_forward(x, w, b, False, 1, padding)
-        if relu and np.abs(pre).min() < 1e-4:
-            pytest.skip("an output within the step of the ReLU's kink")
-        assert_gradient_matches(grads[index], dotted_with(forward, dy), inputs[wrt].copy(),
-                                what=f"column d{wrt} relu={relu}")
+    assert_conv_backward_matches(jit, x, w, b, dy, padding, wrt, _took_columns, "column")

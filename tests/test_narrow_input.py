@@ -6,7 +6,7 @@ bitwise, NaN and inf carried as the oracle carries them, and the same bits on on
 
 import numpy as np
 import pytest
-from gradcheck import assert_gradient_matches, dotted_with
+from gradcheck import assert_conv_backward_matches
 from numba_cnn.kernels import reference
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.layers import relu_backward
@@ -126,23 +126,8 @@ def test_backward_matches_finite_differences(wrt):
     (coordinates near the ReLU's kink avoided by the draw)."""
     padding = (1, 0, 2, 1)
     x, w, b, dy = _operands(np.random.default_rng(12), (1, 2, 4, COLUMNS + 1), LANES, (2, 5), padding, np.float64)
-    inputs = {"x": x, "w": w, "b": b}
-    index = "xwb".index(wrt)
-    for relu in (False, True):
-        def forward(a):
-            args = dict(inputs, **{wrt: a})
-            return jit.conv2d_forward(args["x"], args["w"], args["b"], relu, 1, padding).copy()
-
-        y = forward(inputs[wrt])
-        with PathLog() as log:
-            grads = (jit.conv2d_relu_backward(dy, y, x, w, True, 1, padding) if relu
-                     else jit.conv2d_backward(dy, x, w, True, 1, padding))
-        assert all(narrow_input.NARROW_GRAD_PATH in p for p in log.paths), log.paths
-        pre = jit.conv2d_forward(x, w, b, False, 1, padding)
-        if relu and np.abs(pre).min() < 1e-4:
-            pytest.skip("an output within the step of the ReLU's kink")
-        assert_gradient_matches(grads[index], dotted_with(forward, dy), inputs[wrt].copy(),
-                                what=f"d{wrt} relu={relu}")
+    assert_conv_backward_matches(jit, x, w, b, dy, padding, wrt, lambda path: narrow_input.NARROW_GRAD_PATH in path,
+                                 "few-channel")
 
 
 def test_one_and_two_threads_give_identical_bits():
