@@ -332,7 +332,7 @@ def _strided_backward(dy, x, w, need_dx, stride, padding):
     dw = np.ascontiguousarray(dw_rsck[..., :k].transpose(3, 2, 0, 1))
     if not need_dx:
         return None, dw, db
-    if not np.isfinite(w).all():  # as in _conv_backward_packed
+    if not np.isfinite(w).all():  # as in _input_grad_packed
         return _input_grad_by_taps(dyt[:, :, col_pad:dyt.shape[2] - col_pad, :k], w, x.shape, stride, padding), dw, db
     small = c <= CONV_TILE_SMALL[0]
     wt = aligned_zeros((r, s, k, round_up(c, CONV_TILE_SMALL[0] if small else STRIDED_TILE[0])), x.dtype)
