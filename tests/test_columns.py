@@ -120,7 +120,8 @@ def test_paths_chosen_by_channel_counts():
 def test_each_call_takes_the_correlation_tile_that_computes_less():
     """Six filters (LeNet's conv1) and a dx into six channels (its conv2's) take the six-channel tile, 40 filters
     over VGG's input (32, a multiple of the lanes, take narrow_input.py's kernels) and 8 over 12 rows, forward and
-    dx into 16 channels, the other (on either target); the bench's path names the tile, and both give the channels-last tiles' bits (the test above runs SHAPES through both)."""
+    dx into 16 channels, the other (on either target); the bench's path names the tile, and both give the
+    channels-last tiles' bits (the test above runs SHAPES through both)."""
     six, other = columns.COLUMN_TILE_SIX, columns.COLUMN_TILE
     rng = np.random.default_rng(4)
     cases = [((2, 1, 28, 28), 6, (5, 5), (2, 2, 2, 2), six, None),

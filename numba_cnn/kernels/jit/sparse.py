@@ -131,7 +131,6 @@ def _make_listed_weight_grad(block):
                             seg[u] = x_row[u]
                         for u in range(left_values + x_values, row_length):
                             band_row[u] = 0
-                    x_image = band
                     shift = first_row * row_length  # offsets count from the padded image's first row
                     for k in range(n_out):
                         first = cursors[k]
@@ -152,9 +151,9 @@ def _make_listed_weight_grad(block):
                                 for e in range(first, last):
                                     g = value_row[e]
                                     at = offset_row[e] - shift + r0 * row_length + u0
-                                    x0 = x_image[at:]  # sliced first: an index sum would gather
-                                    x1 = x_image[at + row_length:]
-                                    x2 = x_image[at + 2 * row_length:]
+                                    x0 = band[at:]  # sliced first: an index sum would gather
+                                    x1 = band[at + row_length:]
+                                    x2 = band[at + 2 * row_length:]
                                     for u in range(block):
                                         acc[u] += g * x0[u]
                                         acc[block + u] += g * x1[u]
@@ -170,7 +169,7 @@ def _make_listed_weight_grad(block):
                                     acc[u] = p0[u]
                                 for e in range(first, last):
                                     g = value_row[e]
-                                    x0 = x_image[offset_row[e] - shift + r * row_length + u0:]
+                                    x0 = band[offset_row[e] - shift + r * row_length + u0:]
                                     for u in range(block):
                                         acc[u] += g * x0[u]
                                 for u in range(block):
@@ -180,7 +179,7 @@ def _make_listed_weight_grad(block):
                                 part_row = part[k, r]
                                 for e in range(first, last):
                                     g = value_row[e]
-                                    x0 = x_image[offset_row[e] - shift + r * row_length:]
+                                    x0 = band[offset_row[e] - shift + r * row_length:]
                                     for u in range(tiled, span):
                                         part_row[u] += g * x0[u]
 
