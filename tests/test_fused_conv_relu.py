@@ -1,8 +1,8 @@
 """The jit backend's fused ReLU backward of a convolution (kernels README: conv2d_relu_backward, a backward-only fused
 op): bitwise the composition it replaces (layers.relu_backward, then conv2d_backward) on every path a convolution
-can take (the column tiles, which apply the select as they copy dy, the channels-last tiles and the strided kernels,
-which run the composition), with NaN where the select has to decide; against the float64 oracle; the fusion pass
-takes it on jit only, and a Model gives bitwise the same results fused or not."""
+can take (the column tiles, which apply the select as they copy dy, the channels-last tiles, Winograd's weight
+gradient and the strided kernels, which run the composition), with NaN where the select has to decide; against the
+float64 oracle; the fusion pass takes it on jit only, and a Model gives bitwise the same results fused or not."""
 
 import numpy as np
 import pytest
@@ -19,7 +19,8 @@ jit = get_backend("jit")
 CASES = [
     pytest.param((3, 1, 28, 28), 6, (5, 5), 1, (2, 2, 2, 2), "column", id="lenet_conv1_columns"),
     pytest.param((2, 6, 14, 14), 16, (5, 5), 1, (0, 0, 0, 0), "column", id="lenet_conv2_columns"),
-    pytest.param((2, 32, 9, 9), 64, (3, 3), 1, (1, 1, 1, 1), "dw tiles", id="wide_channels_last"),
+    pytest.param((2, 32, 9, 9), 64, (3, 3), 1, (1, 1, 1, 1), "dw by Winograd", id="wide_winograd"),
+    pytest.param((2, 20, 9, 9), 64, (3, 3), 1, (1, 1, 1, 1), "dw tiles", id="wide_channels_last"),
     pytest.param((2, 4, 9, 8), 5, (3, 3), 2, (1, 1, 1, 1), "strided", id="strided"),
 ]
 

@@ -571,6 +571,39 @@ def test_batchnorm_large_mean_channels_last(dtype):
                 reference.assert_close(g, e, dtype, name)
 
 
+def test_batchnorm_channels_last_statistics_from_shifted_sums():
+    """The channels-last statistics sum each chunk of pixels shifted by its first pixel: an outlier there (1e6
+    among 1e4 + N(0, 1)) still gives the oracle's mean and variance; an inf or NaN in x makes the shifted sums
+    non-finite, and the two-pass sums give the oracle's inf and NaN in the statistics and running statistics."""
+    from numba_cnn.kernels.jit.batchnorm import PIXEL_CHUNKS
+
+    rng = np.random.default_rng(37)
+    x = rng.standard_normal((PIXEL_CHUNKS, 3, 4, 5)) + 1e4
+    x[:, :, 0, 0] = 1e6  # each image is one chunk's pixels: its first pixel is the chunk's shift
+    x[1, 2, 3, 4] = 1e6 + 1
+    gamma, beta = np.ones(3), np.zeros(3)
+    mine, theirs = (np.zeros(3), np.ones(3)), (np.zeros(3), np.ones(3))
+    got = jit.batchnorm2d_forward(_channels_last(x), gamma, beta, *mine, 0.9, 1e-3, True)
+    want = reference.batchnorm2d_forward(x, gamma, beta, *theirs, 0.9, 1e-3, True)
+    for name, g, e in zip(("y", "mean", "inv_std", "running_mean", "running_var"), got + mine, want + theirs):
+        reference.assert_close(g, e, np.float64, name)
+    x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    x[0, 1, 0, 0], x[2, 2, 0, 0], x[1, 3, 4, 5] = np.inf, np.nan, -np.inf  # the inf: chunk 0's shift
+    mine, theirs = (np.zeros(4, np.float32), np.ones(4, np.float32)), (np.zeros(4), np.ones(4))
+    with np.errstate(invalid="ignore"):
+        _, mean, inv_std = jit.batchnorm2d_forward(_channels_last(x), np.ones(4, np.float32),
+                                                   np.zeros(4, np.float32), *mine, 0.9, 1e-3, True)
+        _, want_mean, want_inv_std = reference.batchnorm2d_forward(x, np.ones(4), np.zeros(4), *theirs, 0.9, 1e-3,
+                                                                   True)
+    for name, g, e in zip(("mean", "inv_std", "running_mean", "running_var"), (mean, inv_std) + mine,
+                          (want_mean, want_inv_std) + theirs):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(e), err_msg=name)
+        np.testing.assert_array_equal(np.isposinf(g), np.isposinf(e), err_msg=name)
+        np.testing.assert_array_equal(np.isneginf(g), np.isneginf(e), err_msg=name)
+        finite = np.isfinite(e)
+        reference.assert_close(g[finite], e[finite], np.float32, name)
+
+
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
 def test_new_ops_give_identical_bits_on_one_and_two_threads():
     """The general convolution (forward and dx over images, dw over fixed (image chunk, tile) tasks; dx into 3

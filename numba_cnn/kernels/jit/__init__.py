@@ -58,6 +58,8 @@ conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K
                  padding, dw reads a zero-padded NCHW copy of x and dx is the same correlation cropped: it starts
                  `left` columns into the packed dy (col_shift) and R-1-top rows above it (row_shift).
                  3x3 where Winograd fits dy's K channels: dx by winograd.py, dy padded by R-1-top.. (all stored).
+                 3x3, C a multiple of WINOGRAD_CHUNK: dw, db by winograd_grad.py's F(3x3, 2x2) (16 products per
+                 2x2 tile of dy and channel pair, not 36), x and dy as they lie; a non-finite result: dw tiles.
                  Where the forward takes the column tile (and x and w are finite): columns.py's column tiles for
                  dw and for dx over dy in a zero border, NCHW, no channels-last copy.
                  stride >= 2, general.py: dy packed as above (ceil((S-1)/stride) zero columns on each side for dx),
@@ -102,10 +104,10 @@ conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair o
                  (conv1) takes `_one_channel_pool`: per window, its 4 x 4 input patch broadcast against vectors of
                  ONE_CHANNEL_LANES output channels, stored channels-last as pooled. Other one-channel kernels with
                  rows of at most CONV1_TILE columns take `_conv1_pool`, a tile along the columns, even columns
-                 apart from odd ones so that pooling reads both at one offset. All sum
-                 each output as conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the
-                 pooled values and argmax are bitwise those of the composed ops (tested). Where Winograd fits, its
-                 kernel pools its 2x2 output tiles (conv2d_forward's tiles and sums: bitwise too), channels-last.
+                 apart from odd ones so that pooling reads both at one offset. All sum each output as
+                 conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the pooled values and
+                 argmax are bitwise those of the composed ops (tested). Where Winograd fits, its kernel pools its
+                 2x2 output tiles (conv2d_forward's tiles and sums: bitwise too), channels-last.
 conv2d_relu_maxpool2d_backward  with finite x and w, over the list of the conv output's nonzero gradients only (pooling,
                  the ReLU's select and dropout zero the rest): sparse.py's `_pooled_grad_lists` (values, offsets of
                  their windows' winners, db sums), `_listed_weight_grad` (3 kernel rows in a register tile, an
@@ -152,6 +154,7 @@ from numba_cnn.kernels.jit.general import (_strided_forward, _strided_input_grad
                                            _strided_weight_grad, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: what the callers open)
 from numba_cnn.kernels.jit.winograd import winograd_conv, winograd_fits
+from numba_cnn.kernels.jit.winograd_grad import WINOGRAD_GRAD_PATH, winograd_grad_fits, winograd_weight_grad
 from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
 from numba_cnn.kernels.jit import pooling as _pooling  # pooling's host side
 from numba_cnn.kernels.jit.narrow_input import (NARROW_GRAD_PATH, narrow_forward, narrow_input_fits,
@@ -161,10 +164,8 @@ from numba_cnn.kernels.jit.sparse import _pack_channels_last, _unpool_pack
 
 # the listed scatters run along a kernel row's S x C values: below a vector's lanes (conv1: 3) the dense path wins
 LISTED_MIN_SPAN = 8
-
 # BLAS at one thread: its only BLAS calls are the dense layer's small matmuls, and OpenBLAS workers that keep
 # spinning after each call take the cores Numba's threads need (on 2 cores, a training step slows markedly).
-
 INFO = BackendInfo(summary="register-tiled loop kernels compiled by Numba (parallel=True)", blas_threads="one",
                    fused=("batchnorm2d_relu", "conv2d_relu_maxpool2d", "conv2d_relu", "conv2d_relu_avgpool2d"),
                    channels_last=True)
@@ -418,22 +419,25 @@ def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):
         w_flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
         if winograd_fits(dy.shape, w_flipped, 1):
             dx_winograd = winograd_conv(dy, w_flipped, np.zeros(c, dy.dtype), False, dx_padding, pool=False)
-    dw_path = f"dw tiles of {TILE_TAPS} taps x {_grad_lanes(k)} lanes"
+    dx, dx_path, dx_executed = None, "dx the correlation's tile", n * c * x.shape[2] * x.shape[3] * k * r * s * need_dx
     if dx_winograd is not None:
-        dx, _, path, executed = dx_winograd
-        note("conv2d_backward", f"{dw_path}, dx by {path}", dw_macs + executed)
-        need_dx = False
-    else:
-        note("conv2d_backward", f"{dw_path}, dx the correlation's tile",
-             dw_macs + (n * c * x.shape[2] * x.shape[3] * k * r * s if need_dx else 0))
+        dx, _, dx_path, dx_executed = dx_winograd
+        dx_path = "dx by " + dx_path
+    winograd_grads = winograd_weight_grad(dy, x, padding) if winograd_grad_fits(w.shape, stride) else None
+    if winograd_grads is not None:
+        dw, db, dw_executed = winograd_grads
+        note("conv2d_backward", WINOGRAD_GRAD_PATH + f", {dx_path}" * need_dx, dw_executed + dx_executed)
+        if need_dx and dx is None:
+            dx = _input_grad_packed(_channels_last(dy, s - 1, buffer_name="dy_cl")[0], w, x.shape, padding)
+        return dx, dw, db
+    note("conv2d_backward", f"dw tiles of {TILE_TAPS} taps x {_grad_lanes(k)} lanes" + f", {dx_path}" * need_dx,
+         dw_macs + dx_executed)
     # dy channels-last, its channels padded to the lanes; for dx also padded by S-1 zero columns on each side
+    need_dx = need_dx and dx is None
     col_pad = s - 1 if need_dx else 0
     dyt, dy_sums = _channels_last(dy, col_pad, round_up(k, _grad_lanes(k)), buffer_name="dy_cl")
-    if any(padding):
-        packed = _conv_backward_packed(dyt, dy_sums, x, w, need_dx, padding)
-    else:
-        packed = _conv_backward_packed(dyt, dy_sums, nchw(x), w, need_dx)
-    return packed if dx_winograd is None else (dx, packed[1], packed[2])
+    packed = _conv_backward_packed(dyt, dy_sums, x if any(padding) else nchw(x), w, need_dx, padding)
+    return packed if dx is None else (dx, packed[1], packed[2])
 
 
 def maxpool2d_forward(x, size):

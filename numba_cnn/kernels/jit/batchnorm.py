@@ -1,7 +1,8 @@
 """The jit backend's batch normalisation on the host side, one code path for the contract's batchnorm2d_forward /
 _backward and the fused batchnorm2d_relu_forward / _backward (jit/__init__.py defines all four on these): the
-batch statistics (norm.py's `_channel_stats`, float64), the running statistics' update, and the calls of norm.py's
-`_batchnorm_apply` and `_batchnorm_backward` / `_batchnorm_relu_backward`. The plain and the fused op differ only in
+batch statistics (norm.py's `_channel_stats`, or `_channel_stats_last` for channels-last x; float64), the running
+statistics' update, and the calls of norm.py's `_batchnorm_apply` and `_batchnorm_backward` /
+`_batchnorm_relu_backward`. The plain and the fused op differ only in
 the floor the output is clamped to as it is stored (-inf: none; 0: the ReLU) and in the backward kernel, the fused
 one reading dy through the ReLU's select `0 if y <= 0 else dy` (y the fused forward's output). An x stored
 channels-last (a convolution's output) takes norm.py's channels-last kernels and gives channels-last results
@@ -15,7 +16,8 @@ from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import nchw, nhwc, reusable_output, scratch
 from numba_cnn.kernels.jit.norm import (_batchnorm_apply, _batchnorm_apply_last, _batchnorm_backward,
                                         _batchnorm_backward_last, _batchnorm_relu_backward,
-                                        _batchnorm_relu_backward_last, _channel_stats, _channel_stats_last)
+                                        _batchnorm_relu_backward_last, _channel_stats, _channel_stats_last,
+                                        _channel_stats_two_pass)
 from numba_cnn.kernels.jit.paths import note
 
 # fixed chunks of pixels whose float64 sums the channels-last kernels add in order (bits independent of threads)
@@ -34,8 +36,10 @@ def forward(op, x, gamma, beta, running_mean, running_var, momentum, eps, traini
     if training:
         mean, var = np.empty(c), np.empty(c)
         if channels_last:
-            _channel_stats_last(x2, scratch("batchnorm.partial", (min(PIXEL_CHUNKS, len(x2)), c), np.float64),
-                                mean, var)
+            chunks = min(PIXEL_CHUNKS, len(x2))
+            _channel_stats_last(x2, scratch("batchnorm.partial", (chunks, 3, c), np.float64), mean, var)
+            if not (np.isfinite(mean).all() and np.isfinite(var).all()):  # inf - inf in the shifted sums
+                _channel_stats_two_pass(x2, scratch("batchnorm.partial_exact", (chunks, c), np.float64), mean, var)
         else:
             _channel_stats(x2, mean, var)
         running_mean[...] = momentum * running_mean.astype(np.float64) + (1 - momentum) * mean

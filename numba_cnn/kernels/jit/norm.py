@@ -22,9 +22,10 @@ channel) planes, over channels, or over chunks and blocks of pixels.
 
 `_channel_stats_last`, `_batchnorm_apply_last`, `_batchnorm_backward_last` / `_batchnorm_relu_backward_last`: the
     same for channels-last input viewed as (pixels, C), a pixel's channels in the vector lanes: the sums per fixed
-    chunk of pixels (partial.shape[0] chunks, prange) in float64, the chunks then added in order; the element-wise
-    passes over blocks of pixels. `_batchnorm_apply_last` computes each element as `_batchnorm_apply` does: the
-    same bits.
+    chunk of pixels (partial.shape[0] chunks, prange) in float64, the chunks then added in order; the statistics in
+    one pass over x, each chunk's values shifted by its first pixel's (`_channel_stats_two_pass`, the two-pass sums,
+    where that gives non-finite statistics); the element-wise passes over blocks of pixels.
+    `_batchnorm_apply_last` computes each element as `_batchnorm_apply` does: the same bits.
 
 Every reduction runs inside one prange iteration in a fixed order, or over fixed chunks added in order, so results
 do not depend on the thread count.
@@ -259,9 +260,47 @@ def _chunk_sums_done(partial, count, out):
 
 @_jit
 def _channel_stats_last(x, partial, mean, var):
-    """x[P, C] (channels-last pixels) -> float64 mean[c] and biased var[c] over the P pixels, two passes (the values,
-    then their squared deviations from the mean), each summed in float64 per chunk of pixels into partial[h]
-    (partial.shape[0] fixed chunks), the chunks added in order."""
+    """x[P, C] (channels-last pixels) -> float64 mean[c] and biased var[c] over the P pixels in one pass: per fixed
+    chunk h of pixels (partial.shape[0] chunks, prange), partial[h] = (its first pixel's values K as the chunk's
+    shift, sum(x - K), sum((x - K)^2)) in float64; then the chunks' means and squared deviations combined in order
+    (Chan et al.'s pairwise update: M2 = sum over chunks of M2_h + n_h (mean_h - mean)^2). Shifting by a value of
+    the data keeps a large mean from cancelling the spread, as the two-pass sum does. Non-finite x makes non-finite
+    statistics, which the caller recomputes with `_channel_stats_two_pass` (as the oracle sums them)."""
+    n_px, n_ch = x.shape
+    chunks = partial.shape[0]
+    for h in prange(chunks):
+        shift, s1, s2 = partial[h, 0], partial[h, 1], partial[h, 2]
+        first = x[h * n_px // chunks]
+        for c in range(n_ch):
+            shift[c] = np.float64(first[c])
+            s1[c] = 0
+            s2[c] = 0
+        for p in range(h * n_px // chunks, (h + 1) * n_px // chunks):
+            px = x[p]
+            for c in range(n_ch):
+                d = np.float64(px[c]) - shift[c]
+                s1[c] += d
+                s2[c] += d * d
+    for c in range(n_ch):
+        total = np.float64(0)
+        for h in range(chunks):
+            count = (h + 1) * n_px // chunks - h * n_px // chunks
+            total += count * partial[h, 0, c] + partial[h, 1, c]
+        mean[c] = total / n_px
+        m2 = np.float64(0)
+        for h in range(chunks):
+            count = (h + 1) * n_px // chunks - h * n_px // chunks
+            shifted_mean = partial[h, 1, c] / count
+            m2 += partial[h, 2, c] - partial[h, 1, c] * shifted_mean
+            m2 += count * (partial[h, 0, c] + shifted_mean - mean[c]) ** 2
+        var[c] = m2 / n_px
+
+
+@_jit
+def _channel_stats_two_pass(x, partial, mean, var):
+    """x[P, C] -> float64 mean[c] and biased var[c] over the P pixels, two passes (the values, then their squared
+    deviations from the mean), each summed in float64 per chunk of pixels into partial[h] (partial.shape[0] fixed
+    chunks), the chunks added in order: what a non-finite x takes."""
     n_px, n_ch = x.shape
     chunks = partial.shape[0]
     for deviations in (False, True):

@@ -278,15 +278,13 @@ def _make_winograd(rows, lanes, chunk):
                                 for ch in range(c):
                                     u_vec = u_e[ch, k0:k0 + lanes]
                                     for i in range(rows):
-                                        xs[i] = v_e[(t0 + i) * c + ch]
+                                        xs[i] = v_e[np.uint64((t0 + i) * c + ch)]  # unsigned: no wraparound code
                                     for l in range(lanes):
                                         u_l = u_vec[l]
                                         for i in range(rows):
                                             acc[i * lanes + l] += xs[i] * u_l
                                 for i in range(rows):
-                                    m_row = m_e[(t0 + i) * lanes:]
-                                    for l in range(lanes):
-                                        m_row[l] = acc[i * lanes + l]
+                                    copy_block(m_e, (t0 + i) * lanes, acc, i * lanes, lanes)
                         b_vec = b[k0:k0 + lanes]
                         n_lanes = min(lanes, n_out - k0)
                         for t in range(n_band):

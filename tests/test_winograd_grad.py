@@ -1,0 +1,123 @@
+"""The jit backend's Winograd weight gradient, F(3x3, 2x2) (jit/winograd_grad.py): which layers take it, dw and db
+against the float64 oracle on awkward shapes (odd output sizes, whose last tiles hold zeros past dy; 'same', 'valid'
+and uneven padding; output channels off the transform's vector and the lanes; fewer and more images than the fixed
+chunks; float32 and float64), the same bits for either layout of x and dy and with and without dx, on one and two
+threads, against central differences in float64, and non-finite operands sent to the direct kernels with the
+oracle's NaN and inf."""
+
+import numpy as np
+import pytest
+from gradcheck import assert_conv_backward_matches
+from numba_cnn.kernels import reference
+
+numba = pytest.importorskip("numba")
+jit = pytest.importorskip("numba_cnn.kernels.jit")
+from numba_cnn.kernels.jit import winograd_grad  # noqa: E402
+from numba_cnn.kernels.jit.paths import PathLog  # noqa: E402
+from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK  # noqa: E402
+
+LANES = winograd_grad.WINOGRAD_GRAD_TILE[1]
+# more than 8 input channels and 16 filters (fewer take the column tiles) on both targets
+C1, C2 = (max(WINOGRAD_CHUNK, 16) * m for m in (1, 2))
+# (N, C, H, W), K, padding (top, bottom, left, right)
+SHAPES = [
+    pytest.param((3, C1, 7, 9), 32, (1, 1, 1, 1), id="same_odd_p_q"),
+    pytest.param((2, C2, 8, 8), LANES + 17, (1, 1, 1, 1), id="k_off_the_vector_and_lanes"),
+    pytest.param((5, C1, 9, 6), 2 * LANES, (0, 0, 0, 0), id="valid"),
+    pytest.param((1, C1, 5, 6), 24, (0, 2, 1, 0), id="uneven_padding_one_image"),
+    pytest.param((GRAD_IMAGE_CHUNKS + 3, C2, 4, 3), 32, (0, 0, 0, 0), id="one_output_column_more_images_than_chunks"),
+]
+
+
+def _operands(rng, shape, k, padding, dtype):
+    n, c, h, wd = shape
+    top, bottom, left, right = padding
+    x = rng.standard_normal(shape).astype(dtype)
+    w = (rng.standard_normal((k, c, 3, 3)) * 0.2).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    dy = rng.standard_normal((n, k, h + top + bottom - 2, wd + left + right - 2)).astype(dtype)
+    return x, w, b, dy
+
+
+def _channels_last(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,k,padding", SHAPES)
+def test_weight_gradient_matches_the_oracle_in_either_layout(shape, k, padding, dtype, rng):
+    """dw and db against the float64 oracle, the path named; the same bits for x and dy stored either way and with
+    and without dx (dx then the oracle's too)."""
+    x, w, _, dy = _operands(rng, shape, k, padding, dtype)
+    want = reference.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), True, 1,
+                                     padding)
+    bits = None
+    for need_dx in (True, False):
+        for x_in, dy_in in ((x, dy), (_channels_last(x), _channels_last(dy)), (x, _channels_last(dy))):
+            with PathLog() as log:
+                dx, dw, db = jit.conv2d_backward(dy_in, x_in, w, need_dx, 1, padding)
+            assert len(log.paths) == 1 and winograd_grad.WINOGRAD_GRAD_PATH in log.paths[0], log.paths
+            assert (dx is None) != need_dx
+            if need_dx:
+                reference.assert_close(dx, want[0], dtype, "dx")
+            for name, got, expected in (("dw", dw, want[1]), ("db", db, want[2])):
+                assert got.dtype == dtype and got.shape == expected.shape, name
+                reference.assert_close(got, expected, dtype, name)
+            if bits is None:
+                bits = (dw.copy(), db.copy())
+            np.testing.assert_array_equal(dw, bits[0])
+            np.testing.assert_array_equal(db, bits[1])
+
+
+@pytest.mark.parametrize("wrt", ["x", "w", "b"])
+def test_backward_matches_finite_differences(wrt, rng):
+    """In float64, dx, dw and db against central differences of the forward, plain and through the fused ReLU."""
+    padding = (1, 0, 1, 1)
+    x, w, b, dy = _operands(rng, (2, C1, 5, 7), 24, padding, np.float64)
+    assert_conv_backward_matches(jit, x, w, b, dy, padding, wrt,
+                                 lambda path: winograd_grad.WINOGRAD_GRAD_PATH in path, "Winograd dw")
+
+
+def test_one_and_two_threads_give_identical_bits(rng):
+    x, w, _, dy = _operands(rng, (GRAD_IMAGE_CHUNKS + 5, C2, 10, 12), 2 * LANES, (1, 1, 1, 1), np.float32)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            results.append([np.array(g) for g in jit.conv2d_backward(dy, x, w, False, 1, (1, 1, 1, 1))[1:]])
+    finally:
+        numba.set_num_threads(before)
+    for got, same in zip(*results):
+        np.testing.assert_array_equal(got, same)
+
+
+@pytest.mark.parametrize("where", ["x", "dy"])
+def test_non_finite_operands_take_the_direct_kernels(where, rng):
+    """An inf or NaN in x or dy: the transforms would turn inf into NaN, so the direct tiles compute dw and db, with
+    the oracle's NaN and inf in the same places."""
+    padding = (1, 1, 1, 1)
+    x, w, _, dy = _operands(rng, (2, C1, 6, 6), 32, padding, np.float32)
+    operand = x if where == "x" else dy
+    operand[0, 1, 2, 3], operand[1, 0, 4, 4] = np.inf, np.nan
+    assert winograd_grad.winograd_weight_grad(dy, x, padding) is None
+    with PathLog() as log, np.errstate(invalid="ignore", over="ignore"):
+        _, dw, db = jit.conv2d_backward(dy, x, w, False, 1, padding)
+        want = reference.conv2d_backward(dy.astype(np.float64), x, w, False, 1, padding)
+    assert not any(winograd_grad.WINOGRAD_GRAD_PATH in path for path in log.paths), log.paths
+    for name, got, expected in (("dw", dw, want[1]), ("db", db, want[2])):
+        assert np.array_equal(np.isnan(got), np.isnan(expected)), name
+        assert np.array_equal(np.isinf(got), np.isinf(expected)), name
+        finite = np.isfinite(expected)
+        reference.assert_close(got[finite], expected[finite], np.float32, name)
+
+
+def test_which_layers_take_it():
+    """3x3 stride-1 layers whose input channels are a multiple of the transform's vector, any filter count; not 5x5,
+    not strided, not input channels off the vector."""
+    fits = winograd_grad.winograd_grad_fits
+    assert fits((64, 32, 3, 3), 1)
+    assert fits((17, WINOGRAD_CHUNK, 3, 3), 1)
+    assert not fits((64, 32, 5, 5), 1)
+    assert not fits((64, 32, 3, 3), 2)
+    assert not fits((64, WINOGRAD_CHUNK + 4, 3, 3), 1)
