@@ -21,11 +21,13 @@ CONTRACT = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d
 # batchnorm2d_relu is BatchNorm2D then ReLU; conv2d_relu is a backward only (its forward is the contract's
 # conv2d_forward with relu=True): the ReLU's derivative taken inside the convolution's backward; so is
 # conv2d_relu_avgpool2d (forward: conv2d_forward with relu=True, then avgpool2d_forward with 2x2 windows), whose dy is
-# the pool's gradient.
+# the pool's gradient; so is batchnorm2d_relu_maxpool2d (forward: batchnorm2d_relu_forward, then maxpool2d_forward
+# with 2x2 windows), whose dy, y and argmax are the pool's.
 FUSED_OPS = {"conv2d_relu_maxpool2d": ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward"),
              "batchnorm2d_relu": ("batchnorm2d_relu_forward", "batchnorm2d_relu_backward"),
              "conv2d_relu": ("conv2d_relu_backward",),
-             "conv2d_relu_avgpool2d": ("conv2d_relu_avgpool2d_backward",)}
+             "conv2d_relu_avgpool2d": ("conv2d_relu_avgpool2d_backward",),
+             "batchnorm2d_relu_maxpool2d": ("batchnorm2d_relu_maxpool2d_backward",)}
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # What a Backend holds beside its ops and `layers`, by name: its array runtime and its dropout generator. A host
 # backend gets numba_cnn/kernels/host.py's and dropout_rng.py's; an on_device module defines its own.
@@ -338,6 +340,19 @@ def check_conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx=True, padd
         raise ValueError(f"y has shape {tuple(y.shape)} but the pooled output has shape {pooled}")
     return (_contiguous(dy), _contiguous(y), _contiguous(argmax), _contiguous(x), _contiguous(w),
             _check_bool("need_dx", need_dx), padding)
+
+
+def check_batchnorm2d_relu_maxpool2d_backward(dy, y, argmax, x, gamma, mean, inv_std):
+    _check_float("x", x, 4, "(N, C, H, W)")
+    dtype, pooled = np.dtype(x.dtype), _pooled_shape(x.shape)
+    _check_pooled(dy, argmax, pooled, dtype, tuple(x.shape))
+    _check_float("y", y, 4, "(N, C, H//2, W//2)", dtype)
+    if tuple(y.shape) != pooled:
+        raise ValueError(f"y has shape {tuple(y.shape)} but the pooled output has shape {pooled}")
+    for name, a in (("gamma", gamma), ("mean", mean), ("inv_std", inv_std)):
+        _check_channel_vector(name, a, x.shape[1], dtype)
+    return (_contiguous(dy), _contiguous(y), _contiguous(argmax), _contiguous(x), _contiguous(gamma),
+            _contiguous(mean), _contiguous(inv_std))
 
 
 CHECKS = {name: globals()[f"check_{name}"] for name in CONTRACT + sum(FUSED_OPS.values(), ())}

@@ -70,6 +70,26 @@ class BatchNormRelu:
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchNormReluPool:
+    """batchnorm2d_relu_maxpool2d: a fused BatchNorm2D + ReLU followed by a 2x2 max-pool. The forward runs the two
+    ops as they are; the backward is one backend op that routes each window's gradient to its winner as the batch
+    norm's backward reads it, so the pool's full-size gradient need never be written out (the ReLU's derivative is
+    taken on the pooled value, the winner's output)."""
+
+    bn: BatchNorm2D
+
+    def forward(self, run, p, x):
+        y, (_, _, mean, inv_std) = BatchNormRelu(self.bn).forward(run, p, x)
+        pooled, argmax = run.ops.maxpool2d_forward(y, size=(2, 2))
+        return pooled, (x, pooled, argmax, mean, inv_std)
+
+    def backward(self, run, p, dy, cache, need_dx):
+        x, y, argmax, mean, inv_std = cache
+        dx, dgamma, dbeta = run.ops.batchnorm2d_relu_maxpool2d_backward(dy, y, argmax, x, p["gamma"], mean, inv_std)
+        return dx, {"gamma": dgamma, "beta": dbeta}
+
+
+@dataclasses.dataclass(frozen=True)
 class ConvRelu:
     """conv2d_relu: a convolution with its ReLU (fused or from the description) that no pool follows. The forward is
     the convolution's own (conv2d_forward with relu=True); the backward one backend op that takes the ReLU's
@@ -135,6 +155,10 @@ def _batchnorm_relu(backend, bn, relu):
     return backend.has_fused("batchnorm2d_relu")
 
 
+def _batchnorm_relu_pool(backend, bn_relu, pool):
+    return backend.has_fused("batchnorm2d_relu_maxpool2d") and pool.pool_size == (2, 2)
+
+
 def _conv_relu(backend, conv):
     return backend.has_fused("conv2d_relu") and conv.activation == "relu"
 
@@ -146,6 +170,8 @@ FUSIONS = (
     Fusion("conv2d_relu_maxpool2d", (Conv2D, MaxPool2D), _conv_relu_pool, lambda conv, pool: ConvReluPool(conv)),
     Fusion("conv2d_relu_avgpool2d", (Conv2D, AvgPool2D), _conv_relu_avgpool, lambda conv, pool: ConvReluAvgPool(conv)),
     Fusion("batchnorm2d_relu", (BatchNorm2D, ReLU), _batchnorm_relu, lambda bn, relu: BatchNormRelu(bn)),
+    Fusion("batchnorm2d_relu_maxpool2d", (BatchNormRelu, MaxPool2D), _batchnorm_relu_pool,
+           lambda bn_relu, pool: BatchNormReluPool(bn_relu.bn)),
     # last: a pattern of one layer, taken only where no pattern before it (a pool after the conv) matched
     Fusion("conv2d_relu", (Conv2D,), _conv_relu, ConvRelu),
 )

@@ -5,10 +5,11 @@ shapes of every convolution kernel with their reasons), columns.py (stride-1 con
 lanes along the output columns), narrow_input.py (stride-1 convolutions with few input channels and many filters,
 their output channels-last), general.py (the convolution of any stride, and the stride-1 weight gradient's
 channels-last tiles), norm.py (pooling of other windows, average pooling, batch normalisation), sparse.py (the fused
-backward's listed kernels, channels-last packing) and layers.py (dropout, loss and Adam), each file self-contained
-so that Numba's cache sees every change (it does not notice a change in another module's helper); this file holds
-the contract functions and the host-side glue that packs inputs and calls them (Winograd's in winograd.py, batch
-normalisation's in batchnorm.py, pooling's in pooling.py).
+backward's listed kernels, channels-last packing), winograd_grad.py (Winograd's weight gradient, with its host side)
+and layers.py (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (it does
+not notice a change in another module's helper); this file holds the contract functions and the host-side glue
+that packs inputs and calls them (Winograd's in winograd.py, batch normalisation's in batchnorm.py, pooling's in
+pooling.py).
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
@@ -59,7 +60,7 @@ conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K
                  `left` columns into the packed dy (col_shift) and R-1-top rows above it (row_shift).
                  3x3 where Winograd fits dy's K channels: dx by winograd.py, dy padded by R-1-top.. (all stored).
                  3x3, C a multiple of WINOGRAD_CHUNK: dw, db by winograd_grad.py's F(3x3, 2x2) (16 products per
-                 2x2 tile of dy and channel pair, not 36), x and dy as they lie; a non-finite result: dw tiles.
+                 tile of dy and channel pair, not 36), x and dy as they lie; non-finite result: dw tiles.
                  Where the forward takes the column tile (and x and w are finite): columns.py's column tiles for
                  dw and for dx over dy in a zero border, NCHW, no channels-last copy.
                  stride >= 2, general.py: dy packed as above (ceil((S-1)/stride) zero columns on each side for dx),
@@ -83,20 +84,15 @@ maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, cha
                  `_maxpool_any_*`: the same rule written as a select per value in row-major order.
 avgpool2d_*      norm.py's `_avgpool_*` (2x2: `_avgpool2x2_*`, the same sums in constant loops): prange over planes;
                  window sums in float64 (no float32 overflow or lost low bits), backward dy / (kh*kw) in float64.
-batchnorm2d_*    norm.py: `_channel_stats` (prange over channels) sums each channel's mean and then the biased
-                 variance around it in float64 (activations with a large mean keep their spread, no E[x^2] - E[x]^2
-                 cancellation); the running statistics are updated on the host from those float64 values as the
-                 oracle does; `_batchnorm_apply` normalises in float64 per element, rounded once on the store;
-                 `_batchnorm_backward` (prange over channels) sums dy and dy * x_hat in float64 and writes dx.
-                 An input stored channels-last takes `*_last` twins of these (pixels x channels, fixed chunks of
-                 pixels summed and added in order) and gives channels-last results. The host side (statistics,
-                 running update, kernel calls) is jit/batchnorm.py's, shared with the fused op.
+batchnorm2d_*    norm.py's kernels, called by batchnorm.py (the host side, shared with the fused ops): statistics,
+                 normalisation and the backward's sums in float64 (a large mean keeps its spread), prange over
+                 channels, or for channels-last x over fixed chunks of pixels added in order, results channels-last.
 
 Fused ops (beyond the contract; INFO.fused names them):
-batchnorm2d_relu_*  batchnorm2d_* with the ReLU folded in, no pass of its own: `_batchnorm_apply` clamps each value
-                 below at 0 as it stores it (a select, NaN kept: bitwise the composition), `_batchnorm_relu_backward`
-                 reads dy through `0 if y <= 0 else dy` (the same sums in the same order; compiled apart, so equal to
-                 the composition within rounding).
+batchnorm2d_relu_*  batchnorm2d_* with the ReLU folded in: clamped as y is stored (bitwise the composition), dy
+                 read through `0 if y <= 0 else dy` (the same sums; compiled apart, so equal within rounding).
+batchnorm2d_relu_maxpool2d_backward  channels-last: the 2x2 pool's gradient routed to its winners as the fused
+                 backward reads it (`_pooled_source`), so the pool's full-size gradient is never written.
 conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair of conv rows land in a per-image
                  (2, Q, K) channels-last buffer (L1-sized), ReLU'd, and are pooled from there into y and argmax:
                  the P x Q x K activation is never written, and only the 2 * Q2 columns pooling reads are computed
@@ -167,7 +163,8 @@ LISTED_MIN_SPAN = 8
 # BLAS at one thread: its only BLAS calls are the dense layer's small matmuls, and OpenBLAS workers that keep
 # spinning after each call take the cores Numba's threads need (on 2 cores, a training step slows markedly).
 INFO = BackendInfo(summary="register-tiled loop kernels compiled by Numba (parallel=True)", blas_threads="one",
-                   fused=("batchnorm2d_relu", "conv2d_relu_maxpool2d", "conv2d_relu", "conv2d_relu_avgpool2d"),
+                   fused=("batchnorm2d_relu", "conv2d_relu_maxpool2d", "conv2d_relu", "conv2d_relu_avgpool2d",
+                          "batchnorm2d_relu_maxpool2d"),
                    channels_last=True)
 
 
@@ -585,6 +582,11 @@ def conv2d_relu_avgpool2d_backward(dy, y, x, w, need_dx, stride, padding):
     if _column_backward_fits(x, w, y.shape[1], y.shape[3], stride, padding):
         return column_backward(dy, x, w, need_dx, padding, y, pooled=True)
     return _conv_backward(avgpool2d_backward(dy, y.shape, (2, 2)), x, w, need_dx, stride, padding, y)
+
+
+def batchnorm2d_relu_maxpool2d_backward(dy, y, argmax, x, gamma, mean, inv_std):
+    """Backward of batchnorm2d_relu_forward then 2x2 maxpool2d_forward (kernels README); dy, y, argmax the pool's."""
+    return _batchnorm.backward("batchnorm2d_relu_maxpool2d_backward", dy, y, x, gamma, mean, inv_std, argmax)
 
 
 def precompile(network=None):

@@ -14,10 +14,12 @@ import numpy as np
 
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import nchw, nhwc, reusable_output, scratch
+from numba_cnn.kernels.jit import pooling as _pooling
+from numba_cnn.kernels.jit.layers import relu_backward
 from numba_cnn.kernels.jit.norm import (_batchnorm_apply, _batchnorm_apply_last, _batchnorm_backward,
                                         _batchnorm_backward_last, _batchnorm_relu_backward,
-                                        _batchnorm_relu_backward_last, _channel_stats, _channel_stats_last,
-                                        _channel_stats_two_pass)
+                                        _batchnorm_relu_backward_last, _batchnorm_relu_pool_backward_last,
+                                        _channel_stats, _channel_stats_last, _channel_stats_two_pass)
 from numba_cnn.kernels.jit.paths import note
 
 # fixed chunks of pixels whose float64 sums the channels-last kernels add in order (bits independent of threads)
@@ -53,27 +55,35 @@ def forward(op, x, gamma, beta, running_mean, running_var, momentum, eps, traini
     return (y.transpose(0, 3, 1, 2) if channels_last else y), mean.astype(x.dtype), inv_std.astype(x.dtype)
 
 
-def backward(op, dy, y, x, gamma, mean, inv_std):
+def backward(op, dy, y, x, gamma, mean, inv_std, argmax=None):
     """batchnorm2d_backward's result for the gradient `0 if y <= 0 else dy` (y None: dy as it is), the select made
-    as the kernel reads dy; the call noted as `op` -> (dx, dgamma, dbeta)."""
+    as the kernel reads dy; with argmax, dy, y and argmax are those of the 2x2 max-pool after the fused op, and a
+    channels-last x takes the kernel that routes the pool's gradient to its winners as it reads it (an NCHW x: the
+    pool's backward first); the call noted as `op` -> (dx, dgamma, dbeta)."""
     channels_last = is_channels_last(x)
+    pooled = argmax is not None
+    if pooled and not channels_last:
+        routed = _pooling.max_backward(relu_backward(dy, y), argmax, x.shape, (2, 2))
+        return backward(op, routed, None, x, gamma, mean, inv_std)
 
     def layout(a):  # read before the op returns: copies, where one is needed, from the output arena
         return (nhwc if channels_last else nchw)(a, reusable=True)
 
     dy, x = layout(dy), layout(x)
     n, c = x.shape[0], x.shape[3] if channels_last else x.shape[1]
-    note(op, "float64 channel sums" + ", channels last" * channels_last, 0)
+    note(op, "float64 channel sums" + ", channels last" * channels_last + ", the pool's gradient routed" * pooled, 0)
     dx = reusable_output(x.shape, x.dtype)
     dgamma, dbeta = np.empty(c, x.dtype), np.empty(c, x.dtype)
     relu = y is not None
     y = layout(y) if relu else dy  # the plain kernels do not read y
     if channels_last:
-        kernel = _batchnorm_relu_backward_last if relu else _batchnorm_backward_last
+        kernel = (_batchnorm_relu_pool_backward_last if pooled else
+                  _batchnorm_relu_backward_last if relu else _batchnorm_backward_last)
         pixels = (-1, c)
         partial = scratch("batchnorm.partial_grad", (min(PIXEL_CHUNKS, len(x.reshape(pixels))), 2, c), np.float64)
-        kernel(dy.reshape(pixels), y.reshape(pixels), x.reshape(pixels), gamma, mean, inv_std, partial,
-               dx.reshape(pixels), dgamma, dbeta)
+        won = layout(argmax).reshape(pixels) if pooled else np.zeros((1, c), np.uint8)
+        kernel(dy.reshape(pixels), y.reshape(pixels), won, x.reshape(pixels), x.shape[1], x.shape[2], gamma, mean,
+               inv_std, partial, dx.reshape(pixels), dgamma, dbeta)
         return dx.transpose(0, 3, 1, 2), dgamma, dbeta
     kernel = _batchnorm_relu_backward if relu else _batchnorm_backward
     planes = (n, c, -1)

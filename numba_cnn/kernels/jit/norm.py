@@ -33,7 +33,7 @@ Self-contained (no @njit helper from another file), so Numba's cache sees every 
 """
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit
 
@@ -328,14 +328,41 @@ def _batchnorm_apply_last(x, mean, scale, shift, floor, y):
                 dst[c] = floor if v < floor else v
 
 
-def _make_batchnorm_backward_last(relu):
-    """`_make_batchnorm_backward`'s kernel over channels-last (pixels, C) arrays."""
+@njit(inline="always")  # inlined into the calling kernel, in numba IR
+def _pooled_source(n, i, j, height, width):
+    """(row of the pooled arrays, offset 2 di + dj in its 2x2 window) of pixel (n, i, j) of an N x height x width
+    batch, channels-last; a pixel in no window (an odd last row or column): row 0 and offset 4, which no argmax
+    holds."""
+    p_half, q_half = height // 2, width // 2
+    if i >= 2 * p_half or j >= 2 * q_half:
+        return 0, 4
+    return (n * p_half + i // 2) * q_half + j // 2, 2 * (i % 2) + j % 2
+
+
+@njit(inline="always")
+def _next_pixel(n, i, j, height, width):
+    """The pixel after (n, i, j) in channels-last order, without a division per pixel."""
+    j += 1
+    if j == width:
+        j = 0
+        i += 1
+        if i == height:
+            i = 0
+            n += 1
+    return n, i, j
+
+
+def _make_batchnorm_backward_last(relu, pooled):
+    """`_make_batchnorm_backward`'s kernel over channels-last (pixels, C) arrays. pooled (with relu): the backward
+    of the 2x2 max-pool after the fused BatchNorm + ReLU as well, the pool's gradient routed as it is read."""
 
     @_jit
-    def batchnorm_backward_last(dy, y, x, gamma, mean, inv_std, partial, dx, dgamma, dbeta):
+    def batchnorm_backward_last(dy, y, argmax, x, height, width, gamma, mean, inv_std, partial, dx, dgamma, dbeta):
         """The training-mode gradient over dy, y, x, dx [P, C], as `_make_batchnorm_backward`'s kernel computes it,
         sum(g) and sum(g * x_hat) per chunk of pixels into partial[h, 0] and partial[h, 1] (float64), the chunks
-        added in order."""
+        added in order. pooled: dy, y and argmax are the pool's (N * height//2 * width//2 pixels, C), and a pixel's
+        g is its window's dy where argmax names it and the pooled y is not <= 0 (as relu_backward, then the pool's
+        routing, would give it), else 0: the same values, sums and bits as the composition."""
         n_px, n_ch = x.shape
         chunks = partial.shape[0]
         zero = np.float64(0)
@@ -344,11 +371,18 @@ def _make_batchnorm_backward_last(relu):
             for c in range(n_ch):
                 sum_g[c] = 0
                 sum_g_xhat[c] = 0
-            for p in range(h * n_px // chunks, (h + 1) * n_px // chunks):
-                dy_px, y_px, x_px = dy[p], y[p], x[p]
+            first = h * n_px // chunks
+            n, i, j = first // (height * width), first // width % height, first % width
+            for p in range(first, (h + 1) * n_px // chunks):
+                src, corner = _pooled_source(n, i, j, height, width) if pooled else (p, 0)
+                n, i, j = _next_pixel(n, i, j, height, width)
+                dy_px, y_px, won_px, x_px = dy[src], y[src], argmax[src if pooled else 0], x[p]
                 for c in range(n_ch):
                     d = np.float64(dy_px[c])
-                    g = (zero if y_px[c] <= 0 else d) if relu else d
+                    if pooled:
+                        g = zero if won_px[c] != corner or y_px[c] <= 0 else d
+                    else:
+                        g = (zero if y_px[c] <= 0 else d) if relu else d
                     sum_g[c] += g
                     sum_g_xhat[c] += g * ((x_px[c] - np.float64(mean[c])) * np.float64(inv_std[c]))
         sums = np.empty((2, n_ch))
@@ -363,15 +397,23 @@ def _make_batchnorm_backward_last(relu):
             sums[0, c] /= n_px  # the means of g and g * x_hat
             sums[1, c] /= n_px
         for block in prange((n_px + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK):
-            for p in range(block * _PIXEL_BLOCK, min(n_px, (block + 1) * _PIXEL_BLOCK)):
-                dy_px, y_px, x_px, dx_px = dy[p], y[p], x[p], dx[p]
+            first = block * _PIXEL_BLOCK
+            n, i, j = first // (height * width), first // width % height, first % width
+            for p in range(first, min(n_px, (block + 1) * _PIXEL_BLOCK)):
+                src, corner = _pooled_source(n, i, j, height, width) if pooled else (p, 0)
+                n, i, j = _next_pixel(n, i, j, height, width)
+                dy_px, y_px, won_px, x_px, dx_px = dy[src], y[src], argmax[src if pooled else 0], x[p], dx[p]
                 for c in range(n_ch):
                     d = np.float64(dy_px[c])
-                    g = (zero if y_px[c] <= 0 else d) if relu else d
+                    if pooled:
+                        g = zero if won_px[c] != corner or y_px[c] <= 0 else d
+                    else:
+                        g = (zero if y_px[c] <= 0 else d) if relu else d
                     dx_px[c] = a[c] * (g - sums[0, c] - (x_px[c] - m[c]) * s[c] * sums[1, c])
 
     return batchnorm_backward_last
 
 
-_batchnorm_backward_last = _make_batchnorm_backward_last(False)
-_batchnorm_relu_backward_last = _make_batchnorm_backward_last(True)
+_batchnorm_backward_last = _make_batchnorm_backward_last(False, False)
+_batchnorm_relu_backward_last = _make_batchnorm_backward_last(True, False)
+_batchnorm_relu_pool_backward_last = _make_batchnorm_backward_last(True, True)
