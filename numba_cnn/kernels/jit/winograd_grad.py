@@ -222,8 +222,8 @@ def _transform_back(mt, dw):
                 row = mt[h, e, ch * k_padded:]
                 for k in range(n_out):
                     m[e, k] += row[k]
+        t = np.empty(12)  # G^T M of one (c, k), 3 x 4
         for k in range(n_out):
-            t = np.empty(12)  # G^T M, 3 x 4
             for b in range(4):
                 m0, m1, m2, m3 = m[b, k], m[4 + b, k], m[8 + b, k], m[12 + b, k]
                 t[b], t[4 + b], t[8 + b] = m0 + 0.5 * (m1 + m2), 0.5 * (m1 - m2), 0.5 * (m1 + m2) + m3
