@@ -374,8 +374,10 @@ def _make_batchnorm_backward_last(relu, pooled):
             first = h * n_px // chunks
             n, i, j = first // (height * width), first // width % height, first % width
             for p in range(first, (h + 1) * n_px // chunks):
-                src, corner = _pooled_source(n, i, j, height, width) if pooled else (p, 0)
-                n, i, j = _next_pixel(n, i, j, height, width)
+                src, corner = p, 0
+                if pooled:  # the pixel's window, and the next pixel's (n, i, j): only the pooled kernel needs them
+                    src, corner = _pooled_source(n, i, j, height, width)
+                    n, i, j = _next_pixel(n, i, j, height, width)
                 dy_px, y_px, won_px, x_px = dy[src], y[src], argmax[src if pooled else 0], x[p]
                 for c in range(n_ch):
                     d = np.float64(dy_px[c])
@@ -400,8 +402,10 @@ def _make_batchnorm_backward_last(relu, pooled):
             first = block * _PIXEL_BLOCK
             n, i, j = first // (height * width), first // width % height, first % width
             for p in range(first, min(n_px, (block + 1) * _PIXEL_BLOCK)):
-                src, corner = _pooled_source(n, i, j, height, width) if pooled else (p, 0)
-                n, i, j = _next_pixel(n, i, j, height, width)
+                src, corner = p, 0
+                if pooled:  # the pixel's window, and the next pixel's (n, i, j): only the pooled kernel needs them
+                    src, corner = _pooled_source(n, i, j, height, width)
+                    n, i, j = _next_pixel(n, i, j, height, width)
                 dy_px, y_px, won_px, x_px, dx_px = dy[src], y[src], argmax[src if pooled else 0], x[p], dx[p]
                 for c in range(n_ch):
                     d = np.float64(dy_px[c])
