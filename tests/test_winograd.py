@@ -145,13 +145,15 @@ def test_channels_last_input_gives_the_same_bits(rng):
 
 def test_which_layers_take_it(rng):
     """3x3, stride 1, input channels a multiple of the transform's vector, enough output channels, finite weights;
-    anything else takes the direct kernels, and the path log says which."""
+    anything else takes the direct kernels, and the path log says which (5x5 takes winograd5.py's F(2x2, 5x5),
+    7x7 no Winograd kernel)."""
     k = max(NARROW, 24)
     cases = [((1, C1, 8, 8), (k, C1, 3, 3), 1, True),
              ((1, C1 + CHUNK // 2, 8, 8), (k, C1 + CHUNK // 2, 3, 3), 1, False),  # C off the vector
              # K: most of the narrow tile's lanes idle (rows too narrow for the column tiles, which take the rest)
              ((1, C1, 5, 5), (NARROW // 2, C1, 3, 3), 1, False),
-             ((1, C1, 8, 8), (WIDE, C1, 5, 5), 1, False),
+             ((1, C1, 8, 8), (WIDE, C1, 5, 5), 1, True),
+             ((1, C1, 9, 9), (WIDE, C1, 7, 7), 1, False),
              ((1, C1, 9, 9), (k, C1, 3, 3), 2, False)]
     for x_shape, w_shape, stride, takes in cases:
         x = rng.standard_normal(x_shape).astype(np.float32)

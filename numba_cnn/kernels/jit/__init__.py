@@ -5,11 +5,10 @@ shapes of every convolution kernel with their reasons), columns.py (stride-1 con
 lanes along the output columns), narrow_input.py (stride-1 convolutions with few input channels and many filters,
 their output channels-last), general.py (the convolution of any stride, and the stride-1 weight gradient's
 channels-last tiles), norm.py (pooling of other windows, average pooling, batch normalisation), sparse.py (the fused
-backward's listed kernels, channels-last packing), winograd_grad.py (Winograd's weight gradient, with its host side)
-and layers.py (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (it does
-not notice a change in another module's helper); this file holds the contract functions and the host-side glue
-that packs inputs and calls them (Winograd's in winograd.py, batch normalisation's in batchnorm.py, pooling's in
-pooling.py).
+backward's listed kernels, channels-last packing), winograd_grad.py, winograd5.py (Winograd's 3x3 dw, its 5x5
+kernels) and layers.py (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change;
+this file holds the contract functions and the host-side glue that packs inputs and calls them (Winograd's in
+winograd.py, batch normalisation's in batchnorm.py, pooling's in pooling.py).
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
@@ -42,6 +41,7 @@ conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channe
                  3x3 with C a multiple of WINOGRAD_CHUNK, K over half the narrow lanes, finite w (winograd.py):
                  tiles.py's `_winograd_*`, F(2x2, 3x3): 16 products per 2x2 output tile and channel pair, not 36,
                  as 16 matrix products in register tiles; output channels-last; a non-finite output: direct tile.
+                 5x5 on the same terms: winograd5.py's F(2x2, 5x5), 36 products per tile and pair, not 100.
                  stride >= 2, general.py's `_strided_forward`: the same tile (columns x lanes, bias seeded, (r, s, c)
                  order) over the padded channels-last input, its columns read `stride` apart; the last column tile
                  clamps its reads instead of overlapping. NCHW output, as stride 1.
@@ -58,9 +58,9 @@ conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K
                  the R-1 zero rows above and below are skipped by the kernel's row_shift instead of stored. With
                  padding, dw reads a zero-padded NCHW copy of x and dx is the same correlation cropped: it starts
                  `left` columns into the packed dy (col_shift) and R-1-top rows above it (row_shift).
-                 3x3 where Winograd fits dy's K channels: dx by winograd.py, dy padded by R-1-top.. (all stored).
+                 3x3 or 5x5 where Winograd fits dy's K channels: dx by winograd.py, dy padded by R-1-top...
                  3x3, C a multiple of WINOGRAD_CHUNK: dw, db by winograd_grad.py's F(3x3, 2x2) (16 products per
-                 tile of dy and channel pair, not 36), x and dy as they lie; non-finite result: dw tiles.
+                 tile of dy and pair, not 36; 5x5: winograd5.py's F(5x5, 2x2)); non-finite result: dw tiles.
                  Where the forward takes the column tile (and x and w are finite): columns.py's column tiles for
                  dw and for dx over dy in a zero border, NCHW, no channels-last copy.
                  stride >= 2, general.py: dy packed as above (ceil((S-1)/stride) zero columns on each side for dx),
@@ -150,7 +150,7 @@ from numba_cnn.kernels.jit.general import (_strided_forward, _strided_input_grad
                                            _strided_weight_grad, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: what the callers open)
 from numba_cnn.kernels.jit.winograd import winograd_conv, winograd_fits
-from numba_cnn.kernels.jit.winograd_grad import WINOGRAD_GRAD_PATH, winograd_grad_fits, winograd_weight_grad
+from numba_cnn.kernels.jit.winograd_grad import winograd_grad_fits, winograd_weight_grad
 from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
 from numba_cnn.kernels.jit import pooling as _pooling  # pooling's host side
 from numba_cnn.kernels.jit.narrow_input import (NARROW_GRAD_PATH, narrow_forward, narrow_input_fits,
@@ -420,10 +420,10 @@ def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):
     if dx_winograd is not None:
         dx, _, dx_path, dx_executed = dx_winograd
         dx_path = "dx by " + dx_path
-    winograd_grads = winograd_weight_grad(dy, x, padding) if winograd_grad_fits(w.shape, stride) else None
+    winograd_grads = winograd_weight_grad(dy, x, padding, r) if winograd_grad_fits(w.shape, stride) else None
     if winograd_grads is not None:
-        dw, db, dw_executed = winograd_grads
-        note("conv2d_backward", WINOGRAD_GRAD_PATH + f", {dx_path}" * need_dx, dw_executed + dx_executed)
+        dw, db, dw_executed, dw_path = winograd_grads
+        note("conv2d_backward", dw_path + f", {dx_path}" * need_dx, dw_executed + dx_executed)
         if need_dx and dx is None:
             dx = _input_grad_packed(_channels_last(dy, s - 1, buffer_name="dy_cl")[0], w, x.shape, padding)
         return dx, dw, db
@@ -513,7 +513,7 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
             k_padded // channels, -1))
         _conv1_pool(x.reshape(n, h, wd), wt, b_tiles, x.dtype.type(0), y, argmax)
         return y.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)
-    if winograd_fits(x.shape, w, 1) and p_half and q_half:
+    if winograd_fits(x.shape, w, 1, pool=True) and p_half and q_half:
         winograd = winograd_conv(x, w, b, True, padding, pool=True)
         if winograd is not None:
             y, argmax, path, executed = winograd

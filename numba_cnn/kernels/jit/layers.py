@@ -127,8 +127,8 @@ def _relu_select(dy, y, zero, dx):
 
 @_jit
 def _relu_select_nhwc(dy, y, zero, dx):
-    """_relu_select for 4-D arrays viewed NCHW whose dy and dx are stored channels-last and y NCHW: walked in dy's
-    memory order (pixels, then their channels), y read per channel."""
+    """_relu_select for 4-D arrays viewed NCHW whose dx is stored channels-last and one of dy and y NCHW: walked in
+    dx's memory order (pixels, then their channels), the NCHW one read per channel."""
     n_images, n_ch, h, w = dy.shape
     for n in prange(n_images):
         for i in range(h):
@@ -169,7 +169,9 @@ def relu_forward(x):
 
 def relu_backward(dy, y):
     """dy, y[any shape] -> dy where y > 0, else 0: numpy's relu_backward (the same select), compiled over the threads,
-    in dy's layout: both stored alike, or dy channels-last and y NCHW (otherwise numpy's)."""
+    in dy's layout where both are stored alike or dy is channels-last and y NCHW, channels-last where y is so and dy
+    NCHW (a pooling's spread gradient against a channels-last conv output: the convolution's backward then reads
+    it in place); otherwise numpy's."""
     order, y_order = _memory_order(dy), _memory_order(y)
     if order is None or y_order is None or dy.dtype != y.dtype:
         return numpy_layers.relu_backward(dy, y)
@@ -179,7 +181,8 @@ def relu_backward(dy, y):
     elif order == "NHWC":  # a channels-last gradient (the fused backward's dx) against an NCHW activation
         _relu_select_nhwc(dy, y, dy.dtype.type(0), dx)
     else:
-        return numpy_layers.relu_backward(dy, y)
+        dx = _like(dy, "NHWC")
+        _relu_select_nhwc(dy, y, dy.dtype.type(0), dx)
     return dx
 
 

@@ -65,7 +65,10 @@ def average_forward(x, size):
     kh, kw = size
     y = reusable_output((n, c, h // kh, w // kw), x.dtype)
     note("avgpool2d_forward", "float64 window sums" + ", 2x2" * ((kh, kw) == (2, 2)), 0)
-    _avgpool2x2_forward(nchw(x), y) if (kh, kw) == (2, 2) else _avgpool_forward(nchw(x), kh, kw, y)
+    if (kh, kw) == (2, 2):
+        _avgpool2x2_forward(nchw(x), y)
+    else:  # a large window (a global pool) reads channels-last x in place: each pixel's line serves its channels
+        _avgpool_forward(x if is_channels_last(x) else nchw(x), kh, kw, y)
     return y
 
 

@@ -14,13 +14,16 @@ from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import aligned_zeros, padded_channels_last, reusable_output, round_up, scratch
 from numba_cnn.kernels.jit.tiles import (WINOGRAD_BAND, WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW, WINOGRAD_TILE_WIDE,
                                          _winograd_narrow, _winograd_weights, _winograd_wide)
+from numba_cnn.kernels.jit.winograd5 import winograd5_conv, winograd5_fits
 
 
-def winograd_fits(x_shape, w, stride):
-    """Whether a convolution takes the Winograd kernels: 3x3, stride 1, input channels a multiple of the transform's
-    vector (WINOGRAD_CHUNK), more output channels than half the narrow tile's lanes (fewer would leave most of its
-    lanes idle), finite weights (the transforms' sums would turn an inf weight into NaN outputs that the direct sum
+def winograd_fits(x_shape, w, stride, pool=False):
+    """Whether a convolution takes the Winograd kernels: 5x5 where winograd5.py's F(2x2, 5x5) fits (not fused with
+    the pool); else 3x3, stride 1, input channels a multiple of the transform's vector (WINOGRAD_CHUNK), more output
+    channels than half the narrow tile's lanes (fewer would leave most of its lanes idle), finite weights (the transforms' sums would turn an inf weight into NaN outputs that the direct sum
     keeps inf; the inputs are checked by the kernel)."""
+    if not pool and winograd5_fits(x_shape, w, stride):
+        return True
     k, c, r, s = w.shape
     return (stride == 1 and r == s == 3 and c % WINOGRAD_CHUNK == 0 and 2 * k > WINOGRAD_TILE_NARROW[1]
             and x_shape[2] >= 3 and x_shape[3] >= 3 and np.isfinite(w).all())
@@ -30,7 +33,9 @@ def winograd_conv(x, w, b, relu, padding, pool):
     """The Winograd kernel's conv2d_forward (pool False: y[N, K, P, Q]) or conv2d_relu_maxpool2d_forward (pool True,
     relu: (y[N, K, P//2, Q//2], argmax)), as NCHW views of channels-last buffers, with a description of the path and
     the multiply-adds executed (the 16 products per tile, channel and lane; the transforms are additions); None
-    when an output came out non-finite (the caller then computes directly)."""
+    when an output came out non-finite (the caller then computes directly). A 5x5 kernel: winograd5.py's."""
+    if w.shape[2] == 5:
+        return winograd5_conv(x, w, b, relu, padding)
     n, c, h, wd = x.shape
     k = w.shape[0]
     top, bottom, left, right = padding

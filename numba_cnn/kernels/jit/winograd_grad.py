@@ -31,6 +31,7 @@ from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_align
                                           tile_allocator)
 from numba_cnn.kernels.jit.buffers import nhwc, round_up, scratch
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK
+from numba_cnn.kernels.jit.winograd5 import winograd5_grad_fits, winograd5_weight_grad
 
 # (rows of input channels, lanes of output channels) of the products' register tile, and tiles per band
 if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
@@ -45,15 +46,18 @@ WINOGRAD_GRAD_PATH = (f"dw by Winograd F(3x3, 2x2), products in tiles of {WINOGR
 def winograd_grad_fits(w_shape, stride):
     """Whether a layer's weight gradient takes this kernel: 3x3, stride 1, input channels a multiple of the
     transform's vector (WINOGRAD_CHUNK), as for the forward (output channels any: dy is then copied with zero
-    channels up to a multiple)."""
+    channels up to a multiple); or winograd5.py's F(5x5, 2x2) for 5x5 on the same terms."""
     k, c, r, s = w_shape
-    return stride == 1 and r == s == 3 and c % WINOGRAD_CHUNK == 0
+    return (stride == 1 and r == s == 3 and c % WINOGRAD_CHUNK == 0) or winograd5_grad_fits(w_shape, stride)
 
 
-def winograd_weight_grad(dy, x, padding):
-    """(dw[K, C, 3, 3], db[K], multiply-adds executed) of a stride-1 3x3 convolution of x[N, C, H, W] zero-padded
-    by padding = (top, bottom, left, right), from dy[N, K, P, Q] (either layout; copied channels-last where not so);
-    None where a result came out non-finite (the caller then computes directly)."""
+def winograd_weight_grad(dy, x, padding, size=3):
+    """(dw[K, C, 3, 3], db[K], multiply-adds executed, the path) of a stride-1 3x3 convolution of x[N, C, H, W]
+    zero-padded by padding = (top, bottom, left, right), from dy[N, K, P, Q] (either layout; copied channels-last
+    where not so); None where a result came out non-finite (the caller then computes directly). size 5: the 5x5
+    kernel's, by winograd5.py."""
+    if size == 5:
+        return winograd5_weight_grad(dy, x, padding)
     n, k, p, q = dy.shape
     c = x.shape[1]
     rows, lanes = WINOGRAD_GRAD_TILE
@@ -74,7 +78,7 @@ def winograd_weight_grad(dy, x, padding):
     db = dbt.sum(axis=0, dtype=np.float64)[:k].astype(x.dtype)
     if not (np.isfinite(dw).all() and np.isfinite(db).all()):
         return None
-    return dw, db, n * tile_rows * tile_cols * 16 * c * k_padded
+    return dw, db, n * tile_rows * tile_cols * 16 * c * k_padded, WINOGRAD_GRAD_PATH
 
 
 def _make_winograd_weight_grad(rows, lanes, chunk, band):
