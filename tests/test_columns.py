@@ -207,3 +207,38 @@ def test_column_backward_matches_finite_differences(shape, k, kernel, padding, w
     monkeypatch.setattr(jit, "columns_pay", lambda *args: True)
     x, w, b, dy = _operands(np.random.default_rng(12), shape, k, kernel, padding, np.float64)
     assert_conv_backward_matches(jit, x, w, b, dy, padding, wrt, _took_columns, "column")
+
+
+@pytest.mark.parametrize("shape,k,kernel,padding", [SHAPES[0], SHAPES[4], ((2, 2, 9, 20), 6, (5, 5), (4, 4, 2, 2))])
+def test_zero_border_rows_skipped_give_the_same_bits(shape, k, kernel, padding):
+    """The column correlation skips a kernel row whose tile reads only the zero border (the forward's padding, dx's
+    border of dy): the same bits as the kernel reading every row."""
+    x, w, b, _ = _operands(np.random.default_rng(12), shape, k, kernel, padding, np.float32)
+    h, r = x.shape[2], kernel[0]
+    correlation, (channels, _) = columns._correlation_tile(k, h + padding[0] + padding[1] - r + 1)
+    xp = columns.padded_nchw(x, padding, extra_columns=columns.COLUMN_LANES)
+    wt = np.zeros((-(-k // channels) * channels, r, kernel[1], x.shape[1]), np.float32)
+    wt[:k] = w.transpose(0, 2, 3, 1)
+    bp = np.zeros(wt.shape[0], np.float32)
+    bp[:k] = b
+    y_shape = (x.shape[0], k, h + padding[0] + padding[1] - r + 1, x.shape[3] + padding[2] + padding[3] - kernel[1] + 1)
+    skipped, every_row = np.empty(y_shape, np.float32), np.empty(y_shape, np.float32)
+    correlation(xp, wt, bp, np.float32(-np.inf), padding[0], padding[0] + h, skipped)
+    correlation(xp, wt, bp, np.float32(-np.inf), 0, xp.shape[2], every_row)
+    np.testing.assert_array_equal(skipped, every_row)
+    reference.assert_close(skipped, reference.conv2d_forward(x, w, b, False, 1, padding), np.float32, "y")
+
+
+def test_an_inf_weight_reads_the_padding_rows():
+    """With an inf weight the contract's sum has NaN where the padding meets it (0 * inf): the column forward then
+    reads every row, and gives the oracle's NaN and inf pattern (4 rows of padding: more than a tile's rows)."""
+    padding = (4, 4, 2, 2)
+    x, w, b, _ = _operands(np.random.default_rng(13), (2, 1, 12, 12), 6, (5, 5), padding, np.float32)
+    w[1, 0, 0, 2] = np.inf
+    with PathLog() as log, np.errstate(invalid="ignore", over="ignore"):
+        got = jit.conv2d_forward(x, w, b, False, 1, padding)
+        want = reference.conv2d_forward(x, w, b, False, 1, padding)
+    assert all(_took_columns(path) for path in log.paths), log.paths
+    assert np.isnan(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))

@@ -56,12 +56,13 @@ def _make_column_correlation(lanes, channels, rows):
     _stack_tile = tile_allocator()
 
     @_jit
-    def column_correlation(xp, wt, b, floor, y):
+    def column_correlation(xp, wt, b, floor, row_lo, row_hi, y):
         """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} xp[n,c,i+r,j+s] * wt[k,r,s,c]), y NCHW (N, K, P, Q) with
         P >= the tile's rows; xp C-contiguous NCHW, at least P + R - 1 rows and ceil(Q / lanes) * lanes + S - 1
         columns (zeros past what the sum reads); wt (K padded to the tile's channels, R, S, C) and b padded alike;
         floor 0 for ReLU (NaN kept) or -inf for none. The sum runs over wt's C channels (xp may hold more
-        planes)."""
+        planes). Rows of xp outside [row_lo, row_hi) are zeros and wt finite: a kernel row whose tile reads only
+        such rows is skipped (its products are zeros, which leave every sum as it was)."""
         n_images, n_planes, x_rows, x_cols = xp.shape
         n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
         k_padded, r_taps, s_taps, n_in = wt.shape
@@ -81,6 +82,8 @@ def _make_column_correlation(lanes, channels, rows):
                             for a in range(rows * lanes):
                                 acc[kk * rows * lanes + a] = b_k
                         for r in range(r_taps):
+                            if i0 + r + rows <= row_lo or i0 + r >= row_hi:  # the zero border only
+                                continue
                             for s in range(s_taps):
                                 for c in range(n_in):
                                     at = ((n * n_planes + c) * x_rows + i0 + r) * x_cols + j0 + s
@@ -343,7 +346,9 @@ def column_forward(x, w, b, relu, padding):
     bp = aligned_zeros(wt.shape[0], x.dtype)
     bp[:k] = b
     y = reusable_output((n, k, p, q), x.dtype)
-    correlation(xp, wt, bp, x.dtype.type(0 if relu else -np.inf), y)
+    # the padding's rows are skipped where that changes nothing: an inf weight makes NaN of them in the contract's sum
+    rows_read = (top, top + h) if np.isfinite(wt).all() else (0, xp.shape[2])
+    correlation(xp, wt, bp, x.dtype.type(0 if relu else -np.inf), *rows_read, y)
     return y
 
 
@@ -385,5 +390,5 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     wf = aligned_zeros((round_up(c, dx_channels), r, s, k), x.dtype)
     wf[:c] = w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)
     dx = reusable_output(x.shape, x.dtype)
-    dx_correlation(dyp, wf, np.zeros(wf.shape[0], x.dtype), x.dtype.type(-np.inf), dx)
+    dx_correlation(dyp, wf, np.zeros(wf.shape[0], x.dtype), x.dtype.type(-np.inf), row_off, row_off + p, dx)
     return dx, dw, db
