@@ -502,7 +502,7 @@ def test_general_kernels_match_their_python_bodies():
             (general._strided_forward, general._strided_weight_grad, general._strided_input_grad),
             tuple(getattr(k, "py_func", k) for k in (general._strided_forward, general._strided_weight_grad,
                                                       general._strided_input_grad))):
-        y = np.empty((2, 5, 3, 3), np.float32)
+        y = np.empty((2, 3, 3, 5), np.float32)  # channels-last
         forward(xp, wt, b, np.float32(0), 2, y)
         dwt = np.empty((2, 3, 3, 3, lanes), np.float32)
         weight_grad(xp, dyt, 2, 1, 3, 3, dwt)

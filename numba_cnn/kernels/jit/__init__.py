@@ -44,7 +44,7 @@ conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channe
                  5x5 on the same terms: winograd5.py's F(2x2, 5x5), 36 products per tile and pair, not 100.
                  stride >= 2, general.py's `_strided_forward`: the same tile (columns x lanes, bias seeded, (r, s, c)
                  order) over the padded channels-last input, its columns read `stride` apart; the last column tile
-                 clamps its reads instead of overlapping. NCHW output, as stride 1.
+                 clamps its reads instead of overlapping. Channels-last output (a tile's lanes are a pixel's).
 conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K padded) by `_pack_channels_last`;
                  tiles of 3 taps along a kernel row x lanes; the (channel, row, tap block, lane block) tiles are
                  split into one contiguous range per thread, images outermost, so each thread streams dy once;
@@ -307,9 +307,9 @@ def _strided_forward_glue(x, w, b, relu, stride, padding):
     p, q = (h + top + bottom - r) // stride + 1, (wd + left + right - s) // stride + 1
     xp = padded_channels_last(x, padding)
     wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, STRIDED_TILE[0], x.dtype)
-    y = reusable_output((n, k, p, q), x.dtype)
+    y = reusable_output((n, p, q, k), x.dtype)  # channels-last, as the tile holds it and the next layer reads it
     _strided_forward(xp, wt, bp, x.dtype.type(0 if relu else -np.inf), stride, y)
-    return y
+    return y.transpose(0, 3, 1, 2)
 
 
 def _strided_backward(dy, x, w, need_dx, stride, padding):

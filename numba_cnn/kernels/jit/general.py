@@ -34,13 +34,14 @@ def _make_strided_forward(lanes, columns):
 
     @_jit
     def strided_forward(xp, wt, b, floor, stride, y):
-        """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} xp[n, i*stride+r, j*stride+s, c] * wt[r,s,c,k]), y NCHW;
+        """y[n,i,j,k] = relu_floor(b[k] + sum_{r,s,c} xp[n, i*stride+r, j*stride+s, c] * wt[r,s,c,k]), y
+        channels-last (a tile's lanes are a pixel's channels: one contiguous store per column);
         xp the padded input channels-last (N, Hp, Wp, C); wt (R, S, C, K) and b padded to a multiple of `lanes`
         output channels; floor 0 for ReLU (NaN kept) or -inf for none. A tile past the last column reads the last
         input column (clamped) and stores nothing."""
         n_images, wp = xp.shape[0], xp.shape[2]
         n_in = xp.shape[3]
-        n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
+        p_out, q_out, n_out = y.shape[1], y.shape[2], y.shape[3]
         r_taps, s_taps, k_padded = wt.shape[0], wt.shape[1], wt.shape[3]
         for n in prange(n_images):
             acc = _stack_tile(tile, xp.dtype)
@@ -63,11 +64,12 @@ def _make_strided_forward(lanes, columns):
                                         w_k = w_vec[k]
                                         for jj in range(columns):
                                             acc[jj * lanes + k] += xs[jj] * w_k
-                        for k in range(min(lanes, n_out - k0)):
-                            y_seg = y[n, k0 + k, i, j0:]
-                            for jj in range(width):
+                        n_lanes = min(lanes, n_out - k0)
+                        for jj in range(width):
+                            y_px = y[n, i, j0 + jj, k0:]
+                            for k in range(n_lanes):
                                 v = acc[jj * lanes + k]
-                                y_seg[jj] = floor if v < floor else v  # ReLU (floor 0) keeps NaN
+                                y_px[k] = floor if v < floor else v  # ReLU (floor 0) keeps NaN
 
     return strided_forward
 
