@@ -419,7 +419,8 @@ def _channels_last(a):
 
 # (x shape, w shape, stride, padding): stride 2 on odd sizes (a bottom/right rest no output reads), 5x5 'same',
 # asymmetric padding, one and three input channels, a stride of 3, a 1x1 kernel that skips columns, padding wider
-# than the kernel (rows and columns of pure padding), stride 1 padded through the register tiles, K over a lane block
+# than the kernel (rows and columns of pure padding), stride 1 padded through the register tiles, K over a lane block,
+# rows wide enough for whole column tiles
 GENERAL_CASES = [
     ((2, 3, 9, 7), (5, 3, 3, 3), 2, (0, 0, 0, 0)),
     ((2, 1, 9, 8), (4, 1, 5, 5), 2, (2, 2, 2, 2)),
@@ -432,6 +433,9 @@ GENERAL_CASES = [
     ((1, 2, 5, 5), (70, 2, 3, 3), 1, (4, 3, 4, 5)),
     ((1, 33, 8, 9), (40, 33, 3, 3), 2, (1, 1, 1, 1)),
     ((2, 3, 8, 9), (5, 3, 3, 3), 1, (0, 0, 0, 0)),
+    # dx's column phases: a full tile and a tail of at most half a tile (three-conv's conv2), and a tail of more
+    ((2, 16, 28, 28), (32, 16, 5, 5), 2, (1, 2, 1, 2)),
+    ((1, 3, 6, 45), (5, 3, 3, 3), 2, (1, 1, 1, 1)),
 ]
 
 

@@ -14,14 +14,15 @@ channels-last buffer by the caller (jit/__init__.py), so that every product the 
 `_strided_input_grad`: a gather, each dx element written once: per image, input row and column phase (the input
     columns w with (w + left) % stride equal, which the same taps s reach, from consecutive dy columns), tiles of
     those columns x lanes input channels summed over the valid taps (r, s) and the output channels k, from dy
-    channels-last with zero columns on both sides; elements no output reads get 0.
+    channels-last with zero columns on both sides (a phase's last columns, when at most half a tile, in a tile of
+    half the columns: `_input_grad_tile` inlined with either width); elements no output reads get 0.
 
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles; the
 tile shapes come from tiles.py as factory arguments, which are part of the cache key.
 """
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
 from numba_cnn.kernels.jit.tiles import (CONV_TILE_SMALL, GRAD_LANES_NARROW, GRAD_LANES_WIDE, STRIDED_GRAD_TILE,
@@ -138,8 +139,36 @@ def _make_strided_weight_grad(channels, lanes):
     return strided_weight_grad
 
 
+@njit(inline="always")  # inlined in numba IR, where lanes and columns are the caller's constants
+def _input_grad_tile(acc, ds, dyt, wt, n, hp, phase, j_base, c0, n_out, stride, lanes, columns):
+    """acc[tt * lanes + c] = the gather's sum for `columns` input columns of one phase from dy column j_base + tt
+    on (j_base: that of the tile's first column at tap s = phase), over the valid kernel rows r and the taps s of
+    the phase, and the output channels k; reads past dy's width clamp to its last (zero) column."""
+    p_out, dy_width = dyt.shape[1], dyt.shape[2]
+    r_taps, s_taps = wt.shape[0], wt.shape[1]
+    for u in range(columns * lanes):
+        acc[u] = 0
+    for r in range(hp % stride, min(r_taps, hp + 1), stride):
+        i = (hp - r) // stride
+        if i >= p_out:
+            continue
+        dy_row = dyt[n, i]
+        for s in range(phase, s_taps, stride):
+            # column w_first + t * stride reads dy column (w_first + left - s) / stride + t
+            j_first = j_base - (s - phase) // stride
+            for k in range(n_out):
+                w_vec = wt[r, s, k, c0:c0 + lanes]
+                for tt in range(columns):
+                    ds[tt] = dy_row[min(j_first + tt, dy_width - 1), k]
+                for c in range(lanes):
+                    w_c = w_vec[c]
+                    for tt in range(columns):
+                        acc[tt * lanes + c] += ds[tt] * w_c
+
+
 def _make_strided_input_grad(lanes, columns):
     tile = columns * lanes
+    half = max(1, columns // 2)  # the last tile of a phase with at most this many columns left: no wasted half
     _stack_tile = tile_allocator()
 
     @_jit
@@ -147,10 +176,11 @@ def _make_strided_input_grad(lanes, columns):
         """dx[n,c,h,w] (NCHW) = sum over taps (r, s) and output channels k < n_out of dyt[n, i, col_pad + j, k] *
         wt[r, s, k, c] where h + top = i*stride + r and w + left = j*stride + s, 0 <= i < P (j out of range reads
         the zero columns of dyt, at least ceil(S / stride) on each side); wt (R, S, K, C padded to a multiple of
-        `lanes`). Every element written once, 0 where no output reads it."""
-        n_images, p_out, dy_width = dyt.shape[0], dyt.shape[1], dyt.shape[2]
+        `lanes`). Every element written once, 0 where no output reads it. A phase's last columns, when no more
+        than half a tile, take a tile of half the columns (the same sums per column)."""
+        n_images = dyt.shape[0]
         n_in, h_in, w_in = dx.shape[1], dx.shape[2], dx.shape[3]
-        r_taps, s_taps, c_padded = wt.shape[0], wt.shape[1], wt.shape[3]
+        c_padded = wt.shape[3]
         for n in prange(n_images):
             acc = _stack_tile(tile, dyt.dtype)
             ds = _stack_tile(columns, dyt.dtype)
@@ -161,25 +191,14 @@ def _make_strided_input_grad(lanes, columns):
                     count = (w_in - w_first + stride - 1) // stride
                     for t0 in range(0, count, columns):
                         width = min(columns, count - t0)
+                        j_base = col_pad + (w_first + left - phase) // stride + t0
                         for c0 in range(0, c_padded, lanes):
-                            for u in range(tile):
-                                acc[u] = 0
-                            for r in range(hp % stride, min(r_taps, hp + 1), stride):
-                                i = (hp - r) // stride
-                                if i >= p_out:
-                                    continue
-                                dy_row = dyt[n, i]
-                                for s in range(phase, s_taps, stride):
-                                    # column w_first + t * stride reads dy column (w_first + left - s) / stride + t
-                                    j_first = col_pad + (w_first + left - s) // stride + t0
-                                    for k in range(n_out):
-                                        w_vec = wt[r, s, k, c0:c0 + lanes]
-                                        for tt in range(columns):
-                                            ds[tt] = dy_row[min(j_first + tt, dy_width - 1), k]
-                                        for c in range(lanes):
-                                            w_c = w_vec[c]
-                                            for tt in range(columns):
-                                                acc[tt * lanes + c] += ds[tt] * w_c
+                            if width > half:
+                                _input_grad_tile(acc, ds, dyt, wt, n, hp, phase, j_base, c0, n_out, stride, lanes,
+                                                 columns)
+                            else:
+                                _input_grad_tile(acc, ds, dyt, wt, n, hp, phase, j_base, c0, n_out, stride, lanes,
+                                                 half)
                             for c in range(min(lanes, n_in - c0)):
                                 dx_row = dx[n, c0 + c, h]
                                 for tt in range(width):
