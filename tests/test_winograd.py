@@ -145,7 +145,7 @@ def test_channels_last_input_gives_the_same_bits(rng):
 
 def test_which_layers_take_it(rng):
     """3x3, stride 1, input channels a multiple of the transform's vector, enough output channels, finite weights;
-    anything else takes the direct kernels, and the path log says which (5x5 takes winograd5.py's F(2x2, 5x5),
+    anything else takes the direct kernels, and the path log says which (5x5 takes F(2x2, 5x5),
     7x7 no Winograd kernel)."""
     k = max(NARROW, 24)
     cases = [((1, C1, 8, 8), (k, C1, 3, 3), 1, True),

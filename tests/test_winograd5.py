@@ -1,13 +1,16 @@
-"""The jit backend's Winograd kernels for 5x5 (jit/winograd5.py): F(2x2, 5x5) for the forward and dx, F(5x5, 2x2)
-for dw and db. Against the float64 oracle on awkward shapes (odd output sizes, whose last tiles hold zeros past the
-output; 'same', 'valid' and uneven padding; channel counts off the transform's vector and the lanes; fewer and more
-images than the weight gradient's fixed chunks; float32 and float64), in either layout, the same bits with and
-without dx and on one and two threads, against central differences in float64, and non-finite operands sent to the
-direct kernels with the oracle's NaN and inf. Also the two layout fixes three-conv's 5x5 layers brought: the ReLU
-select of an NCHW gradient against a channels-last activation, and a global average pool of channels-last x."""
+"""The jit backend's Winograd kernels for 5x5 (jit/winograd.py and winograd_grad.py, size 5): F(2x2, 5x5) for the
+forward and dx, F(5x5, 2x2) for dw and db (whose oracle checks are test_winograd_grad.py's). The forward against the
+float64 oracle on awkward shapes (odd output sizes, whose
+last tiles hold zeros past the output; 'same', 'valid' and uneven padding; channel counts off the transform's vector
+and the lanes; fewer and more images than the weight gradient's fixed chunks; float32 and float64), in either
+layout, against central differences in float64, and
+non-finite operands sent to the direct kernels with the oracle's NaN and inf. Also the two layout fixes three-conv's
+5x5 layers brought: the ReLU select of an NCHW gradient against a channels-last activation, and a global average
+pool of channels-last x."""
 
 import numpy as np
 import pytest
+from conv_cases import channels_last, conv_operands
 from gradcheck import assert_conv_backward_matches
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels import reference
@@ -15,7 +18,7 @@ from numba_cnn.kernels import reference
 numba = pytest.importorskip("numba")
 jit = pytest.importorskip("numba_cnn.kernels.jit")
 from numba_cnn.kernels.jit import layers as jit_layers  # noqa: E402
-from numba_cnn.kernels.jit import winograd5  # noqa: E402
+from numba_cnn.kernels.jit import winograd, winograd_grad  # noqa: E402
 from numba_cnn.kernels.jit.paths import PathLog  # noqa: E402
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW  # noqa: E402
 
@@ -34,17 +37,7 @@ SHAPES = [
 
 
 def _operands(rng, shape, k, padding, dtype):
-    n, c, h, wd = shape
-    top, bottom, left, right = padding
-    x = rng.standard_normal(shape).astype(dtype)
-    w = (rng.standard_normal((k, c, 5, 5)) * 0.1).astype(dtype)
-    b = rng.standard_normal(k).astype(dtype)
-    dy = rng.standard_normal((n, k, h + top + bottom - 4, wd + left + right - 4)).astype(dtype)
-    return x, w, b, dy
-
-
-def _channels_last(a):
-    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    return conv_operands(rng, shape, k, 5, padding, dtype, 0.1)
 
 
 def _f64(*arrays):
@@ -57,39 +50,12 @@ def test_forward_matches_the_oracle_in_either_layout(shape, k, padding, dtype, r
     x, w, b, _ = _operands(rng, shape, k, padding, dtype)
     for relu in (False, True):
         want = reference.conv2d_forward(*_f64(x, w, b), relu, 1, padding)
-        for x_in in (x, _channels_last(x)):
+        for x_in in (x, channels_last(x)):
             with PathLog() as log:
                 y = jit.conv2d_forward(x_in, w, b, relu, 1, padding)
             assert len(log.paths) == 1 and log.paths[0].startswith(f"conv2d_forward: {FORWARD}"), log.paths
             assert y.dtype == dtype and y.shape == want.shape
             reference.assert_close(y, want, dtype, f"y relu={relu}")
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape,k,padding", SHAPES)
-def test_backward_matches_the_oracle_in_either_layout(shape, k, padding, dtype, rng):
-    """dx (where Winograd fits dy's channels), dw and db against the float64 oracle, the paths named; dw and db the
-    same bits for x and dy stored either way and with and without dx."""
-    x, w, _, dy = _operands(rng, shape, k, padding, dtype)
-    want = reference.conv2d_backward(*_f64(dy, x, w), True, 1, padding)
-    dx_fits = winograd5.winograd5_fits(dy.shape, w.transpose(1, 0, 2, 3), 1) and min(4 - p for p in padding) >= 0
-    bits = None
-    for need_dx in (True, False):
-        for x_in, dy_in in ((x, dy), (_channels_last(x), _channels_last(dy)), (x, _channels_last(dy))):
-            with PathLog() as log:
-                dx, dw, db = jit.conv2d_backward(dy_in, x_in, w, need_dx, 1, padding)
-            assert len(log.paths) == 1 and DW in log.paths[0], log.paths
-            assert (f"dx by {FORWARD}" in log.paths[0]) == (need_dx and dx_fits), log.paths
-            assert (dx is None) != need_dx
-            if need_dx:
-                reference.assert_close(dx, want[0], dtype, "dx")
-            for name, got, expected in (("dw", dw, want[1]), ("db", db, want[2])):
-                assert got.dtype == dtype and got.shape == expected.shape, name
-                reference.assert_close(got, expected, dtype, name)
-            if bits is None:
-                bits = (dw.copy(), db.copy())
-            np.testing.assert_array_equal(dw, bits[0])
-            np.testing.assert_array_equal(db, bits[1])
 
 
 @pytest.mark.parametrize("wrt", ["x", "w", "b"])
@@ -101,21 +67,6 @@ def test_backward_matches_finite_differences(wrt, rng):
     assert_conv_backward_matches(jit, x, w, b, dy, padding, wrt, lambda path: DW in path, "Winograd 5x5")
 
 
-def test_one_and_two_threads_give_identical_bits(rng):
-    x, w, b, dy = _operands(rng, (GRAD_IMAGE_CHUNKS + 5, C2, 10, 12), 2 * LANES, (2, 2, 2, 2), np.float32)
-    before = numba.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            numba.set_num_threads(threads)
-            y = jit.conv2d_forward(x, w, b, True, 1, (2, 2, 2, 2)).copy()
-            results.append([y] + [np.array(g) for g in jit.conv2d_backward(dy, x, w, True, 1, (2, 2, 2, 2))])
-    finally:
-        numba.set_num_threads(before)
-    for got, same in zip(*results):
-        np.testing.assert_array_equal(got, same)
-
-
 @pytest.mark.parametrize("where", ["x", "dy"])
 def test_non_finite_operands_take_the_direct_kernels(where, rng):
     """An inf or NaN in x (the forward, dw) or dy (dx, dw): the transforms would turn inf into NaN, so the direct
@@ -124,7 +75,7 @@ def test_non_finite_operands_take_the_direct_kernels(where, rng):
     x, w, b, dy = _operands(rng, (2, C2, 7, 6), 32, padding, np.float32)
     operand = x if where == "x" else dy
     operand[0, 1, 2, 3], operand[1, 0, 4, 4] = np.inf, np.nan
-    assert winograd5.winograd5_weight_grad(dy, x, padding) is None
+    assert winograd_grad.winograd_weight_grad(dy, x, padding, 5) is None
     with np.errstate(invalid="ignore", over="ignore"):
         with PathLog() as forward_log:
             got = [jit.conv2d_forward(x, w, b, False, 1, padding).copy()]
@@ -144,23 +95,23 @@ def test_non_finite_operands_take_the_direct_kernels(where, rng):
 
 def test_which_layers_take_it():
     """5x5 stride-1 layers whose input channels are a multiple of the transform's vector (the forward also more
-    output channels than half the narrow lanes, finite weights, and not fused with a pool); not 3x3 here, not
-    strided, not input channels off the vector."""
+    output channels than half the narrow lanes, finite weights, and not fused with a pool); not 7x7, not strided,
+    not input channels off the vector."""
     w = np.zeros((64, C2, 5, 5), np.float32)
-    assert winograd5.winograd5_fits((8, C2, 14, 14), w, 1)
-    assert not winograd5.winograd5_fits((8, C2, 14, 14), w, 2)
-    assert not winograd5.winograd5_fits((8, C2, 14, 14), w[:LANES // 2], 1)
-    assert not winograd5.winograd5_fits((8, C2, 4, 14), w, 1)
-    assert not winograd5.winograd5_fits((8, C2 + 4, 14, 14), np.zeros((64, C2 + 4, 5, 5), np.float32), 1)
+    assert winograd.winograd_fits((8, C2, 14, 14), w, 1)
+    assert not winograd.winograd_fits((8, C2, 14, 14), w, 2)
+    assert not winograd.winograd_fits((8, C2, 14, 14), w[:LANES // 2], 1)
+    assert not winograd.winograd_fits((8, C2, 4, 14), w, 1)
+    assert not winograd.winograd_fits((8, C2 + 4, 14, 14), np.zeros((64, C2 + 4, 5, 5), np.float32), 1)
     w_inf = w.copy()
     w_inf[0, 0, 0, 0] = np.inf
-    assert not winograd5.winograd5_fits((8, C2, 14, 14), w_inf, 1)
-    assert not winograd5.winograd5_fits((8, C2, 14, 14), np.zeros((64, C2, 3, 3), np.float32), 1)
-    assert not jit.winograd_fits((8, C2, 14, 14), w, 1, pool=True)
-    assert winograd5.winograd5_grad_fits((17, C1, 5, 5), 1)
-    assert not winograd5.winograd5_grad_fits((64, C1, 5, 5), 2)
-    assert not winograd5.winograd5_grad_fits((64, C1 + 4, 5, 5), 1)
-    assert not winograd5.winograd5_grad_fits((64, C1, 3, 3), 1)
+    assert not winograd.winograd_fits((8, C2, 14, 14), w_inf, 1)
+    assert not winograd.winograd_fits((8, C2, 14, 14), np.zeros((64, C2, 7, 7), np.float32), 1)
+    assert not winograd.winograd_fits((8, C2, 14, 14), w, 1, pool=True)
+    assert winograd_grad.winograd_grad_fits((17, C1, 5, 5), 1)
+    assert not winograd_grad.winograd_grad_fits((64, C1, 5, 5), 2)
+    assert not winograd_grad.winograd_grad_fits((64, C1 + 4, 5, 5), 1)
+    assert not winograd_grad.winograd_grad_fits((64, C1, 7, 7), 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -168,7 +119,7 @@ def test_relu_select_of_an_nchw_gradient_against_a_channels_last_activation(dtyp
     """jit's relu_backward(dy NCHW, y channels-last): numpy's bits (NaN and inf where the select decides), given
     channels-last."""
     dy = rng.standard_normal((3, 5, 4, 6)).astype(dtype)
-    y = _channels_last(rng.standard_normal(dy.shape).astype(dtype))
+    y = channels_last(rng.standard_normal(dy.shape).astype(dtype))
     y[0, 1, 2, 3], y[1, 2, 0, 0] = np.nan, 0
     dy[0, 0, 0, 0], dy[2, 4, 3, 5] = np.inf, np.nan
     got = jit_layers.relu_backward(dy, y)
@@ -182,5 +133,5 @@ def test_global_average_pool_of_channels_last_x(dtype, rng):
     order than over the NCHW copy's contiguous rows: equal within rounding, not bitwise)."""
     x = rng.standard_normal((3, 7, 5, 6)).astype(dtype)
     want = reference.avgpool2d_forward(x.astype(np.float64), (5, 6))
-    for x_in in (x, _channels_last(x)):
+    for x_in in (x, channels_last(x)):
         reference.assert_close(jit.avgpool2d_forward(x_in, (5, 6)), want, dtype, "y")

@@ -1,5 +1,5 @@
-"""The jit backend's Winograd weight gradient, F(3x3, 2x2) (jit/winograd_grad.py): which layers take it, dw and db
-against the float64 oracle on awkward shapes (odd output sizes, whose last tiles hold zeros past dy; 'same', 'valid'
+"""The jit backend's Winograd weight gradient, F(3x3, 2x2) and F(5x5, 2x2) (jit/winograd_grad.py): which layers take
+it, dw and db (and dx, Winograd's where it fits) against the float64 oracle on awkward shapes (odd output sizes, whose last tiles hold zeros past dy; 'same', 'valid'
 and uneven padding; output channels off the transform's vector and the lanes; fewer and more images than the fixed
 chunks; float32 and float64), the same bits for either layout of x and dy and with and without dx, on one and two
 threads, against central differences in float64, and non-finite operands sent to the direct kernels with the
@@ -7,56 +7,57 @@ oracle's NaN and inf."""
 
 import numpy as np
 import pytest
+from conv_cases import channels_last, conv_operands
 from gradcheck import assert_conv_backward_matches
 from numba_cnn.kernels import reference
 
 numba = pytest.importorskip("numba")
 jit = pytest.importorskip("numba_cnn.kernels.jit")
-from numba_cnn.kernels.jit import winograd_grad  # noqa: E402
+from numba_cnn.kernels.jit import winograd, winograd_grad  # noqa: E402
 from numba_cnn.kernels.jit.paths import PathLog  # noqa: E402
-from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK  # noqa: E402
+from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW  # noqa: E402
 
 LANES = winograd_grad.WINOGRAD_GRAD_TILE[1]
 # more than 8 input channels and 16 filters (fewer take the column tiles) on both targets
 C1, C2 = (max(WINOGRAD_CHUNK, 16) * m for m in (1, 2))
-# (N, C, H, W), K, padding (top, bottom, left, right)
+# kernel size, (N, C, H, W), K, padding (top, bottom, left, right)
 SHAPES = [
-    pytest.param((3, C1, 7, 9), 32, (1, 1, 1, 1), id="same_odd_p_q"),
-    pytest.param((2, C2, 8, 8), LANES + 17, (1, 1, 1, 1), id="k_off_the_vector_and_lanes"),
-    pytest.param((5, C1, 9, 6), 2 * LANES, (0, 0, 0, 0), id="valid"),
-    pytest.param((1, C1, 5, 6), 24, (0, 2, 1, 0), id="uneven_padding_one_image"),
-    pytest.param((GRAD_IMAGE_CHUNKS + 3, C2, 4, 3), 32, (0, 0, 0, 0), id="one_output_column_more_images_than_chunks"),
+    pytest.param(3, (3, C1, 7, 9), 32, (1, 1, 1, 1), id="same_odd_p_q"),
+    pytest.param(3, (2, C2, 8, 8), LANES + 17, (1, 1, 1, 1), id="k_off_the_vector_and_lanes"),
+    pytest.param(3, (5, C1, 9, 6), 2 * LANES, (0, 0, 0, 0), id="valid"),
+    pytest.param(3, (1, C1, 5, 6), 24, (0, 2, 1, 0), id="uneven_padding_one_image"),
+    pytest.param(3, (GRAD_IMAGE_CHUNKS + 3, C2, 4, 3), 32, (0, 0, 0, 0),
+                 id="one_output_column_more_images_than_chunks"),
+    pytest.param(5, (3, C2, 14, 14), 64, (2, 2, 2, 2), id="5x5_three_conv_conv3"),
+    pytest.param(5, (2, C1, 9, 7), WINOGRAD_TILE_NARROW[1] + 3, (2, 2, 2, 2), id="5x5_same_odd_p_q_k_off_the_lanes"),
+    pytest.param(5, (2, C2, 8, 11), 40, (0, 0, 0, 0), id="5x5_valid"),
+    pytest.param(5, (1, C1, 7, 8), 33, (1, 2, 0, 2), id="5x5_uneven_padding_one_image"),
+    pytest.param(5, (GRAD_IMAGE_CHUNKS + 3, C1, 6, 5), 24, (0, 0, 0, 0),
+                 id="5x5_one_output_column_more_images_than_chunks"),
 ]
 
 
-def _operands(rng, shape, k, padding, dtype):
-    n, c, h, wd = shape
-    top, bottom, left, right = padding
-    x = rng.standard_normal(shape).astype(dtype)
-    w = (rng.standard_normal((k, c, 3, 3)) * 0.2).astype(dtype)
-    b = rng.standard_normal(k).astype(dtype)
-    dy = rng.standard_normal((n, k, h + top + bottom - 2, wd + left + right - 2)).astype(dtype)
-    return x, w, b, dy
-
-
-def _channels_last(a):
-    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+def _operands(rng, shape, k, padding, dtype, size=3):
+    return conv_operands(rng, shape, k, size, padding, dtype, 0.2 if size == 3 else 0.1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape,k,padding", SHAPES)
-def test_weight_gradient_matches_the_oracle_in_either_layout(shape, k, padding, dtype, rng):
-    """dw and db against the float64 oracle, the path named; the same bits for x and dy stored either way and with
-    and without dx (dx then the oracle's too)."""
-    x, w, _, dy = _operands(rng, shape, k, padding, dtype)
+@pytest.mark.parametrize("size,shape,k,padding", SHAPES)
+def test_weight_gradient_matches_the_oracle_in_either_layout(size, shape, k, padding, dtype, rng):
+    """dw and db against the float64 oracle, the path named (and dx's, Winograd's where it fits dy's channels);
+    the same bits for x and dy stored either way and with and without dx (dx then the oracle's too)."""
+    x, w, _, dy = _operands(rng, shape, k, padding, dtype, size)
     want = reference.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), True, 1,
                                      padding)
+    dx_fits = (winograd.winograd_fits(dy.shape, w.transpose(1, 0, 2, 3), 1)
+               and min(size - 1 - p for p in padding) >= 0)
     bits = None
     for need_dx in (True, False):
-        for x_in, dy_in in ((x, dy), (_channels_last(x), _channels_last(dy)), (x, _channels_last(dy))):
+        for x_in, dy_in in ((x, dy), (channels_last(x), channels_last(dy)), (x, channels_last(dy))):
             with PathLog() as log:
                 dx, dw, db = jit.conv2d_backward(dy_in, x_in, w, need_dx, 1, padding)
-            assert len(log.paths) == 1 and winograd_grad.WINOGRAD_GRAD_PATH in log.paths[0], log.paths
+            assert len(log.paths) == 1 and winograd_grad.winograd_grad_path(size) in log.paths[0], log.paths
+            assert (f"dx by Winograd F(2x2, {size}x{size})" in log.paths[0]) == (need_dx and dx_fits), log.paths
             assert (dx is None) != need_dx
             if need_dx:
                 reference.assert_close(dx, want[0], dtype, "dx")
@@ -78,14 +79,18 @@ def test_backward_matches_finite_differences(wrt, rng):
                                  lambda path: winograd_grad.WINOGRAD_GRAD_PATH in path, "Winograd dw")
 
 
-def test_one_and_two_threads_give_identical_bits(rng):
-    x, w, _, dy = _operands(rng, (GRAD_IMAGE_CHUNKS + 5, C2, 10, 12), 2 * LANES, (1, 1, 1, 1), np.float32)
+@pytest.mark.parametrize("size", [3, 5])
+def test_one_and_two_threads_give_identical_bits(size, rng):
+    """The forward (Winograd's for both sizes), dx, dw and db: the same bits on one and two threads."""
+    padding = (size // 2,) * 4
+    x, w, b, dy = _operands(rng, (GRAD_IMAGE_CHUNKS + 5, C2, 10, 12), 2 * LANES, padding, np.float32, size)
     before = numba.get_num_threads()
     results = []
     try:
         for threads in (1, 2):
             numba.set_num_threads(threads)
-            results.append([np.array(g) for g in jit.conv2d_backward(dy, x, w, False, 1, (1, 1, 1, 1))[1:]])
+            y = jit.conv2d_forward(x, w, b, True, 1, padding).copy()
+            results.append([y] + [np.array(g) for g in jit.conv2d_backward(dy, x, w, True, 1, padding)])
     finally:
         numba.set_num_threads(before)
     for got, same in zip(*results):
@@ -114,7 +119,7 @@ def test_non_finite_operands_take_the_direct_kernels(where, rng):
 
 def test_which_layers_take_it():
     """3x3 stride-1 layers whose input channels are a multiple of the transform's vector, any filter count (5x5 too,
-    by winograd5.py: test_winograd5.py); not 7x7, not strided, not input channels off the vector."""
+    test_winograd5.py); not 7x7, not strided, not input channels off the vector."""
     fits = winograd_grad.winograd_grad_fits
     assert fits((64, 32, 3, 3), 1)
     assert fits((17, WINOGRAD_CHUNK, 3, 3), 1)

@@ -1,14 +1,14 @@
 """jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked, no BLAS.
 
 The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, Winograd's, 2x2 pooling, and the tile
-shapes of every convolution kernel with their reasons), columns.py (stride-1 convolutions with few channels, the
-lanes along the output columns), narrow_input.py (stride-1 convolutions with few input channels and many filters,
-their output channels-last), general.py (the convolution of any stride, and the stride-1 weight gradient's
-channels-last tiles), norm.py (pooling of other windows, average pooling, batch normalisation), sparse.py (the fused
-backward's listed kernels, channels-last packing), winograd_grad.py, winograd5.py (Winograd's 3x3 dw, its 5x5
-kernels) and layers.py (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change;
-this file holds the contract functions and the host-side glue that packs inputs and calls them (Winograd's in
-winograd.py, batch normalisation's in batchnorm.py, pooling's in pooling.py).
+shapes of every convolution kernel with their reasons), columns.py (stride-1 convolutions with few channels, the lanes
+along the output columns), narrow_input.py (stride-1 convolutions with few input channels and many filters, their
+output channels-last), general.py (the convolution of any stride, and the stride-1 weight gradient's channels-last
+tiles), norm.py (pooling of other windows, average pooling, batch normalisation), sparse.py (the fused backward's
+listed kernels, channels-last packing), winograd_grad.py (Winograd's weight gradient, 3x3 and 5x5) and layers.py
+(dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (the Winograd stages they
+share, winograd_stages.py, by its stamp); this file holds the contract functions and the host-side glue that packs
+inputs and calls them (Winograd's in winograd.py, batch normalisation's in batchnorm.py, pooling's in pooling.py).
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
@@ -41,7 +41,7 @@ conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channe
                  3x3 with C a multiple of WINOGRAD_CHUNK, K over half the narrow lanes, finite w (winograd.py):
                  tiles.py's `_winograd_*`, F(2x2, 3x3): 16 products per 2x2 output tile and channel pair, not 36,
                  as 16 matrix products in register tiles; output channels-last; a non-finite output: direct tile.
-                 5x5 on the same terms: winograd5.py's F(2x2, 5x5), 36 products per tile and pair, not 100.
+                 5x5 on the same terms (not fused with a pool): F(2x2, 5x5), 36 products per tile, not 100.
                  stride >= 2, general.py's `_strided_forward`: the same tile (columns x lanes, bias seeded, (r, s, c)
                  order) over the padded channels-last input, its columns read `stride` apart; the last column tile
                  clamps its reads instead of overlapping. Channels-last output (a tile's lanes are a pixel's).
@@ -60,7 +60,7 @@ conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K
                  `left` columns into the packed dy (col_shift) and R-1-top rows above it (row_shift).
                  3x3 or 5x5 where Winograd fits dy's K channels: dx by winograd.py, dy padded by R-1-top...
                  3x3, C a multiple of WINOGRAD_CHUNK: dw, db by winograd_grad.py's F(3x3, 2x2) (16 products per
-                 tile of dy and pair, not 36; 5x5: winograd5.py's F(5x5, 2x2)); non-finite result: dw tiles.
+                 tile of dy and pair, not 36; 5x5: F(5x5, 2x2)); non-finite result: dw tiles.
                  Where the forward takes the column tile (and x and w are finite): columns.py's column tiles for
                  dw and for dx over dy in a zero border, NCHW, no channels-last copy.
                  stride >= 2, general.py: dy packed as above (ceil((S-1)/stride) zero columns on each side for dx),

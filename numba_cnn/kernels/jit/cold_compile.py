@@ -41,11 +41,10 @@ def kernels():
     """{name: dispatcher} of every compiled kernel of the backend (the inlined helpers excluded)."""
     from numba.core.dispatcher import Dispatcher
 
-    from numba_cnn.kernels.jit import (columns, general, layers, narrow_input, norm, sparse, tiles, winograd5,
-                                       winograd_grad)
+    from numba_cnn.kernels.jit import columns, general, layers, narrow_input, norm, sparse, tiles, winograd_grad
 
     found = {}
-    for module in (tiles, columns, narrow_input, sparse, general, norm, layers, winograd_grad, winograd5):
+    for module in (tiles, columns, narrow_input, sparse, general, norm, layers, winograd_grad):
         for name, value in vars(module).items():
             if isinstance(value, Dispatcher) and value.targetoptions.get("error_model") == "numpy":
                 found.setdefault(name, value)

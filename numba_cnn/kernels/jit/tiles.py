@@ -1,9 +1,10 @@
 """The jit backend's register-tiled kernels (stride-1 correlation, the fused conv + pool, Winograd's F(2x2, 3x3) and
-its weight transform), the 2x2 max-pooling kernels (NCHW and channels-last), and the tile shapes of every
+F(2x2, 5x5)), the 2x2 max-pooling kernels (NCHW and channels-last), and the tile shapes of every
 convolution kernel of the backend (general.py's too, the stride-1 weight gradient's among them), chosen from the
 target's vector registers. Self-contained: Numba's cache does not notice a change in another module's helper, and
 the kernels here inline `_pool_window` and `_tile_taps` from this file (and `_numba_ext`'s `stack_tile`,
-`copy_block` and `cache_aligned`). How each kernel computes its op is in the package's docstring
+`copy_block` and `cache_aligned`); the Winograd kernel also inlines winograd_stages.py's stages and closes over that
+file's source stamp, which puts it in the cache key. How each kernel computes its op is in the package's docstring
 (jit/__init__.py); the host-side glue that calls them is there too (Winograd's in winograd.py, pooling's in
 pooling.py).
 """
@@ -13,6 +14,7 @@ from numba import njit, prange
 
 from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit,
                                           tile_allocator)
+from numba_cnn.kernels.jit.winograd_stages import STAGES_STAMP, _forward_products, _output4, _output6, _tile_input
 
 # Tile shapes, (lanes, columns) of the correlation tiles and lanes of the weight-gradient tiles, by the target's
 # vector registers. The one place they are chosen; docs/kernels.md tabulates them.
@@ -54,7 +56,7 @@ GRAD_MIN_TILES, GRAD_IMAGE_CHUNKS = 16, 8
 # 16 zmm / 12 ymm accumulators, each step loading one dy vector row and broadcasting the channels.
 STRIDED_TILE = CONV_TILE_NARROW
 STRIDED_GRAD_TILE = (8, 32) if TILE_BITS >= 512 and TILE_REGISTERS >= 32 else (6, 16)
-# Winograd F(2x2, 3x3) (`_make_winograd`): (tile rows, lanes) of the 16 small matrix products' register tile, wide
+# Winograd (`_make_winograd`, 3x3 and 5x5): (tile rows, lanes) of the small matrix products' register tile, wide
 # for K > the narrow lanes, and the input channels transformed per step (one vector: C must be a multiple).
 # 4 rows x 64 lanes is 16 zmm; 6 or 8 rows (24 and 16 zmm) compiled into slower code, not tuned further.
 if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
@@ -184,30 +186,36 @@ def _make_conv_pool(columns, lanes):
     return conv_pool
 
 
-def _make_winograd(rows, lanes, chunk):
-    """Winograd F(2x2, 3x3) convolution kernel: matrix-product tiles of `rows` tiles x `lanes` output channels,
-    input channels transformed `chunk` at a time."""
+def _make_winograd(size, rows, lanes, chunk):
+    """Winograd convolution kernel for `size` x `size` kernels (3: F(2x2, 3x3), 4x4 tiles; 5: F(2x2, 5x5), 6x6
+    tiles): matrix-product tiles of `rows` tiles x `lanes` output channels, input channels transformed `chunk` at a
+    time. The stages are winograd_stages.py's."""
+    window = size + 1
+    elements = window * window
     tile = rows * lanes
-    staged = 16 * chunk
+    staged = elements * chunk
     quad = 4 * lanes
+    sums_size = 12 * lanes
     _stack_tile = tile_allocator()
+    stages = STAGES_STAMP
 
     @_jit
     def winograd(x_cl, top, left, u, b, floor, tile_rows, tile_cols, pool, n_groups, y, argmax, finite):
-        """The 3x3 stride-1 correlation of channels-last x_cl[N, H, W, C] (C a multiple of `chunk`) zero-padded by
-        `top` rows and `left` columns, and below and right by as many as the tiles read (2 tile_rows + 2 rows and
-        2 tile_cols + 2 columns in all), the zeros read from a vector of zeros instead of a padded copy, with the
-        transformed weights u[16, C, K padded to `lanes`]
-        (u[4a + b] = (G w G^T)[a, b]), plus b, ReLU'd against floor (0; -inf for none; NaN kept), by output tiles
-        of 2 x 2: per tile, V = B^T d B of its 4 x 4 inputs (additions only), M[e] = V[e] @ u[e] for each of the 16
-        elements e (the multiplies: 16 per tile and channel pair, against 36 for the four outputs directly), then
-        Y = A^T M A (additions). pool: y[N, tile_rows, tile_cols, K] and argmax (channels last) are each tile's
-        2x2 max-pooling (first maximum, first NaN wins); else y[N, P, Q, K] (channels last), the tiles' outputs
-        inside P x Q. finite[n]: whether every output of image n's tiles came out finite (an inf or NaN input
-        makes one of them inf or NaN, as does an overflow): where not, the caller recomputes directly, since the
-        transforms' sums turn a lone inf into NaN where the direct sum keeps it inf. Images are dealt to n_groups
-        tasks; each image's outputs are computed alike whatever the grouping."""
-        n_images, h_in, w_in, c = x_cl.shape
+        """The size x size stride-1 correlation of channels-last x_cl[N, H, W, C] (C a multiple of `chunk`)
+        zero-padded by `top` rows and `left` columns, and below and right by as many as the tiles read (2 tile_rows
+        + size - 1 rows and 2 tile_cols + size - 1 columns in all), the zeros read from a vector of zeros instead
+        of a padded copy, with the transformed weights u[elements, C, K padded to `lanes`] (u[window a + b] =
+        (G w G^T)[a, b]), plus b, ReLU'd against floor (0; -inf for none; NaN kept), by output tiles of 2 x 2: per
+        tile, V = B^T d B of its window (additions), M[e] = V[e] @ u[e] for each element e (the multiplies: 16 per
+        tile and channel pair for 3x3, against 36 for the four outputs directly; 36 for 5x5, against 100), then
+        Y = A^T M A. pool (3x3 only): y[N, tile_rows, tile_cols, K] and argmax (channels last) are each tile's 2x2
+        max-pooling (first maximum, first NaN wins); else y[N, P, Q, K] (channels last), the tiles' outputs inside
+        P x Q. finite[n]: whether every output of image n's tiles came out finite (an inf or NaN input makes one of
+        them inf or NaN, as does an overflow): where not, the caller recomputes directly, since the transforms'
+        sums turn a lone inf into NaN where the direct sum keeps it inf. Images are dealt to n_groups tasks; each
+        image's outputs are computed alike whatever the grouping."""
+        _ = stages  # the inlined stages' source stamp, in Numba's cache key
+        n_images, c = x_cl.shape[0], x_cl.shape[3]
         k_padded = u.shape[2]
         p_out, q_out, n_out = y.shape[1], y.shape[2], y.shape[3]
         band_rows = max(1, WINOGRAD_BAND // tile_cols)
@@ -218,7 +226,9 @@ def _make_winograd(rows, lanes, chunk):
             acc = _stack_tile(tile, x_cl.dtype)
             xs = _stack_tile(rows, x_cl.dtype)
             d = _stack_tile(staged, x_cl.dtype)
+            tt = _stack_tile(staged, x_cl.dtype)
             vv = _stack_tile(staged, x_cl.dtype)
+            ss = _stack_tile(sums_size, x_cl.dtype)
             outs = _stack_tile(quad, x_cl.dtype)
             # the padding's zeros, in a stack tile: with an np.zeros array here the kernel loaded from numba's disk
             # cache gave other bits than the one compiled in the process (the tile-switch test in test_jit caught it)
@@ -226,89 +236,28 @@ def _make_winograd(rows, lanes, chunk):
             for l in range(chunk):
                 zeros[l] = zero
             # per element e, a band's V[e] (tiles x C) and M[e] (tiles x lanes); each row 16 values past a
-            # multiple of the band's size, which for 32 tiles x 32 channels is 4 KiB: the 16 rows a tile's
-            # transform writes would otherwise fall into one set of the L1 cache
+            # multiple of the band's size, which for 32 tiles x 32 channels is 4 KiB: the rows a tile's transform
+            # writes would otherwise fall into one set of the L1 cache
             v_row, m_row = band_padded * c + 16, band_padded * lanes + 16
-            v = cache_aligned(np.zeros(16 * v_row + 16, x_cl.dtype), 16 * v_row).reshape(16, v_row)
-            m = cache_aligned(np.empty(16 * m_row + 16, x_cl.dtype), 16 * m_row).reshape(16, m_row)
+            v = cache_aligned(np.zeros(elements * v_row + 16, x_cl.dtype), elements * v_row).reshape(elements, v_row)
+            m = cache_aligned(np.empty(elements * m_row + 16, x_cl.dtype), elements * m_row).reshape(elements, m_row)
             for n in range(group, n_images, n_groups):
                 check = zero
                 for tr0 in range(0, tile_rows, band_rows):
                     n_band = (min(tr0 + band_rows, tile_rows) - tr0) * tile_cols
                     for t in range(n_band):
                         tr, tc = tr0 + t // tile_cols, t % tile_cols
-                        for c0 in range(0, c, chunk):
-                            for i in range(4):
-                                row = 2 * tr + i - top
-                                for j in range(4):
-                                    col = 2 * tc + j - left
-                                    if 0 <= row < h_in and 0 <= col < w_in:
-                                        copy_block(d, (4 * i + j) * chunk, x_cl[n, row, col], c0, chunk)
-                                    else:  # the padding
-                                        copy_block(d, (4 * i + j) * chunk, zeros, 0, chunk)
-                            for l in range(chunk):
-                                # B^T d: rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3), then the same on columns
-                                d0, d1, d2, d3 = d[l], d[chunk + l], d[2 * chunk + l], d[3 * chunk + l]
-                                d4, d5, d6, d7 = d[4 * chunk + l], d[5 * chunk + l], d[6 * chunk + l], d[7 * chunk + l]
-                                d8, d9, d10, d11 = (d[8 * chunk + l], d[9 * chunk + l], d[10 * chunk + l],
-                                                    d[11 * chunk + l])
-                                d12, d13, d14, d15 = (d[12 * chunk + l], d[13 * chunk + l], d[14 * chunk + l],
-                                                      d[15 * chunk + l])
-                                e0, e1, e2, e3 = d0 - d8, d1 - d9, d2 - d10, d3 - d11
-                                e4, e5, e6, e7 = d4 + d8, d5 + d9, d6 + d10, d7 + d11
-                                e8, e9, e10, e11 = d8 - d4, d9 - d5, d10 - d6, d11 - d7
-                                e12, e13, e14, e15 = d4 - d12, d5 - d13, d6 - d14, d7 - d15
-                                vv[l], vv[chunk + l] = e0 - e2, e1 + e2
-                                vv[2 * chunk + l], vv[3 * chunk + l] = e2 - e1, e1 - e3
-                                vv[4 * chunk + l], vv[5 * chunk + l] = e4 - e6, e5 + e6
-                                vv[6 * chunk + l], vv[7 * chunk + l] = e6 - e5, e5 - e7
-                                vv[8 * chunk + l], vv[9 * chunk + l] = e8 - e10, e9 + e10
-                                vv[10 * chunk + l], vv[11 * chunk + l] = e10 - e9, e9 - e11
-                                vv[12 * chunk + l], vv[13 * chunk + l] = e12 - e14, e13 + e14
-                                vv[14 * chunk + l], vv[15 * chunk + l] = e14 - e13, e13 - e15
-                            for e in range(16):
-                                copy_block(v[e], t * c + c0, vv, e * chunk, chunk)
+                        _tile_input(v, t * c, d, tt, vv, x_cl, n, 2 * tr - top, 2 * tc - left, chunk, zeros, size)
                     for k0 in range(0, k_padded, lanes):
-                        for e in range(16):
-                            v_e, u_e, m_e = v[e], u[e], m[e]
-                            for t0 in range(0, n_band, rows):  # the band's last tile rows may run into stale V
-                                for i in range(rows):
-                                    for l in range(lanes):
-                                        acc[i * lanes + l] = zero
-                                for ch in range(c):
-                                    u_vec = u_e[ch, k0:k0 + lanes]
-                                    for i in range(rows):
-                                        xs[i] = v_e[np.uint64((t0 + i) * c + ch)]  # unsigned: no wraparound code
-                                    for l in range(lanes):
-                                        u_l = u_vec[l]
-                                        for i in range(rows):
-                                            acc[i * lanes + l] += xs[i] * u_l
-                                for i in range(rows):
-                                    copy_block(m_e, (t0 + i) * lanes, acc, i * lanes, lanes)
+                        _forward_products(v, u, m, acc, xs, n_band, c, k0, zero, elements, rows, lanes)
                         b_vec = b[k0:k0 + lanes]
                         n_lanes = min(lanes, n_out - k0)
                         for t in range(n_band):
                             tr, tc = tr0 + t // tile_cols, t % tile_cols
-                            at = t * lanes
-                            for l in range(lanes):
-                                # A^T M: rows (m0 + m1 + m2, m1 - m2 - m3), then the same on columns
-                                a0 = m[0, at + l] + m[4, at + l] + m[8, at + l]
-                                a1 = m[1, at + l] + m[5, at + l] + m[9, at + l]
-                                a2 = m[2, at + l] + m[6, at + l] + m[10, at + l]
-                                a3 = m[3, at + l] + m[7, at + l] + m[11, at + l]
-                                a4 = m[4, at + l] - m[8, at + l] - m[12, at + l]
-                                a5 = m[5, at + l] - m[9, at + l] - m[13, at + l]
-                                a6 = m[6, at + l] - m[10, at + l] - m[14, at + l]
-                                a7 = m[7, at + l] - m[11, at + l] - m[15, at + l]
-                                o0 = b_vec[l] + (a0 + a1 + a2)
-                                o1 = b_vec[l] + (a1 - a2 - a3)
-                                o2 = b_vec[l] + (a4 + a5 + a6)
-                                o3 = b_vec[l] + (a5 - a6 - a7)
-                                check += (o0 + o1 + o2 + o3) * zero  # NaN once any is NaN or inf
-                                outs[l] = floor if o0 < floor else o0  # ReLU; NaN < 0 is false: NaN stays
-                                outs[lanes + l] = floor if o1 < floor else o1
-                                outs[2 * lanes + l] = floor if o2 < floor else o2
-                                outs[3 * lanes + l] = floor if o3 < floor else o3
+                            if size == 3:
+                                check += _output4(m, t * lanes, b_vec, floor, zero, outs, lanes)
+                            else:
+                                check += _output6(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
                             if pool:
                                 y_px, arg_px = y[n, tr, tc, k0:], argmax[n, tr, tc, k0:]
                                 for l in range(n_lanes):
@@ -331,28 +280,28 @@ def _make_winograd(rows, lanes, chunk):
     return winograd
 
 
-@_jit(parallel=False)
-def _winograd_weights(w, u):
-    """u[4a + b, c, k] = (G w[k, c] G^T)[a, b], Winograd F(2x2, 3x3)'s weight transform (G's rows (1, 0, 0),
-    (1/2, 1/2, 1/2), (1/2, -1/2, 1/2), (0, 0, 1)), summed in float64 and rounded once; u's padded lanes are left
-    as they are (zeros, from the caller)."""
-    n_out, n_in = w.shape[0], w.shape[1]
-    for k in range(n_out):
+@_jit
+def _winograd_sandwich(x, g, out):
+    """out[n a + b, c, k] = (g x[k, c] g^T)[a, b] for g (n x m) and x[K, C, m, m], summed in float64 and rounded
+    once: Winograd's filter transform G w G^T (g = G, winograd.py) and its weight gradient's transform back
+    G^T M G (g = G^T, winograd_grad.py). out's lanes past K are left as they are. A task per filter."""
+    n_out, n_in, size = x.shape[0], x.shape[1], x.shape[2]
+    window = g.shape[0]
+    for k in prange(n_out):
+        gx = np.empty((window, size))  # g x, then (g x) g^T
         for c in range(n_in):
-            g = w[k, c]
-            for a in range(4):  # row a of G w, from the kernel's rows
-                h0, h1, h2 = np.float64(g[0, 0]), np.float64(g[0, 1]), np.float64(g[0, 2])
-                if a == 3:
-                    h0, h1, h2 = np.float64(g[2, 0]), np.float64(g[2, 1]), np.float64(g[2, 2])
-                elif a > 0:
-                    sign = 1.0 if a == 1 else -1.0
-                    h0 = 0.5 * (h0 + sign * np.float64(g[1, 0]) + np.float64(g[2, 0]))
-                    h1 = 0.5 * (h1 + sign * np.float64(g[1, 1]) + np.float64(g[2, 1]))
-                    h2 = 0.5 * (h2 + sign * np.float64(g[1, 2]) + np.float64(g[2, 2]))
-                u[4 * a, c, k] = h0
-                u[4 * a + 1, c, k] = 0.5 * (h0 + h1 + h2)
-                u[4 * a + 2, c, k] = 0.5 * (h0 - h1 + h2)
-                u[4 * a + 3, c, k] = h2
+            for a in range(window):
+                for s in range(size):
+                    total = 0.0
+                    for r in range(size):
+                        total += g[a, r] * np.float64(x[k, c, r, s])
+                    gx[a, s] = total
+            for a in range(window):
+                for b in range(window):
+                    total = 0.0
+                    for s in range(size):
+                        total += gx[a, s] * g[b, s]
+                    out[a * window + b, c, k] = total
 
 
 def _make_conv1_pool(columns, channels):
@@ -508,8 +457,10 @@ _conv_pool_narrow = (_conv_pool if CONV_POOL_TILE_NARROW == CONV_POOL_TILE
                      else _make_conv_pool(CONV_POOL_TILE_NARROW[1], CONV_POOL_TILE_NARROW[0]))
 _conv1_pool = _make_conv1_pool(*CONV1_TILE)
 _one_channel_pool = _make_one_channel_pool(ONE_CHANNEL_LANES)
-_winograd_wide = _make_winograd(*WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
-_winograd_narrow = _make_winograd(*WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
+_winograd_wide = _make_winograd(3, *WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
+_winograd_narrow = _make_winograd(3, *WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
+_winograd5_wide = _make_winograd(5, *WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
+_winograd5_narrow = _make_winograd(5, *WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
 
 
 @_jit

@@ -1,0 +1,250 @@
+"""The stages of the jit backend's Winograd kernels (tiles.py's forward, winograd_grad.py's weight gradient), each
+for the 3x3 kernels' 4x4 tiles and the 5x5 kernels' 6x6 ones, inlined into the kernels in numba IR: loading a tile's
+window of a channels-last input, the input transform B^T d B, the output transform A^T M A (with the bias and the
+ReLU), the gradient tile's transform A g A^T, and the two matrix-product loops: the forward's M[e] = V[e] @ U[e] and
+the weight gradient's M[e] += V[e]^T Z[e], for every element e of the tile. The matrices, and why: winograd.py.
+
+Numba's cache keys a kernel on its own bytecode and closure variables, not on the helpers it inlines from another
+module, so every kernel built from these stages closes over STAGES_STAMP (the SHA-256 of this file's source): an
+edit here changes their cache keys and recompiles them.
+"""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+
+from numba_cnn.kernels._numba_ext import copy_block
+
+STAGES_STAMP = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+@njit(inline="always")
+def _load_window(d, x_cl, n, row0, col0, c0, chunk, zeros, size):
+    """d[(size * i + j) * chunk:][:chunk] = x_cl[n, row0 + i, col0 + j, c0:c0 + chunk] for the size x size window,
+    the zeros vector outside x_cl (the padding, and the rows and columns an odd output size reads past it)."""
+    h_in, w_in = x_cl.shape[1], x_cl.shape[2]
+    for i in range(size):
+        row = row0 + i
+        for j in range(size):
+            col = col0 + j
+            if 0 <= row < h_in and 0 <= col < w_in:
+                copy_block(d, (size * i + j) * chunk, x_cl[n, row, col], c0, chunk)
+            else:
+                copy_block(d, (size * i + j) * chunk, zeros, 0, chunk)
+
+
+@njit(inline="always")
+def _transform4(d, vv, chunk):
+    """vv[(4a + b) * chunk + l] = (B^T d B)[a, b] of the 4x4 window d[(4i + j) * chunk + l], F(2x2, 3x3)'s B^T
+    (rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3), additions only), on the rows then the columns."""
+    for l in range(chunk):
+        d0, d1, d2, d3 = d[l], d[chunk + l], d[2 * chunk + l], d[3 * chunk + l]
+        d4, d5, d6, d7 = d[4 * chunk + l], d[5 * chunk + l], d[6 * chunk + l], d[7 * chunk + l]
+        d8, d9, d10, d11 = d[8 * chunk + l], d[9 * chunk + l], d[10 * chunk + l], d[11 * chunk + l]
+        d12, d13, d14, d15 = d[12 * chunk + l], d[13 * chunk + l], d[14 * chunk + l], d[15 * chunk + l]
+        e0, e1, e2, e3 = d0 - d8, d1 - d9, d2 - d10, d3 - d11
+        e4, e5, e6, e7 = d4 + d8, d5 + d9, d6 + d10, d7 + d11
+        e8, e9, e10, e11 = d8 - d4, d9 - d5, d10 - d6, d11 - d7
+        e12, e13, e14, e15 = d4 - d12, d5 - d13, d6 - d14, d7 - d15
+        vv[l], vv[chunk + l] = e0 - e2, e1 + e2
+        vv[2 * chunk + l], vv[3 * chunk + l] = e2 - e1, e1 - e3
+        vv[4 * chunk + l], vv[5 * chunk + l] = e4 - e6, e5 + e6
+        vv[6 * chunk + l], vv[7 * chunk + l] = e6 - e5, e5 - e7
+        vv[8 * chunk + l], vv[9 * chunk + l] = e8 - e10, e9 + e10
+        vv[10 * chunk + l], vv[11 * chunk + l] = e10 - e9, e9 - e11
+        vv[12 * chunk + l], vv[13 * chunk + l] = e12 - e14, e13 + e14
+        vv[14 * chunk + l], vv[15 * chunk + l] = e14 - e13, e13 - e15
+
+
+@njit(inline="always")
+def _tile_input(v, at, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, size):
+    """v[e, at + ch] = (B^T d B)[e] of the tile's window at (row0, col0) of image n, for every channel ch of x_cl, a
+    vector of `chunk` channels at a time (size 3: 4x4 windows, 5: 6x6)."""
+    window = size + 1
+    for c0 in range(0, x_cl.shape[3], chunk):
+        _load_window(d, x_cl, n, row0, col0, c0, chunk, zeros, window)
+        if size == 3:
+            _transform4(d, vv, chunk)
+        else:
+            _transform6(d, tt, vv, chunk)
+        for e in range(window * window):
+            copy_block(v[e], at + c0, vv, e * chunk, chunk)
+
+
+@njit(inline="always")
+def _input_transform6(x0, x1, x2, x3, x4, x5):
+    """B^T x for one 6-vector (the points 0, 1, -1, 2, -2 and infinity). Multiples as sums: an integer literal
+    times a float32 is a float64 in Numba."""
+    a, s, d, e = x0 - x2, x1 + x2, x1 - x2, x3 - x1
+    a2, s2, d2, e2 = a + a, s + s, d + d, e + e
+    return a2 + a2 - x2 + x4, x3 + x4 - (s2 + s2), d2 + d2 + x4 - x3, e2 + x4 - x2, x4 - x2 - e2, x5 - x3 - (e2 + e2)
+
+
+@njit(inline="always")
+def _transform6(d, tt, vv, chunk):
+    """vv[(6a + b) * chunk + l] = (B^T d B)[a, b] of the 6x6 window d[(6i + j) * chunk + l], by rows (into tt)
+    then by columns; l innermost, so each step is a vector over `chunk` channels. Views at each row or column, then
+    constant offsets: LLVM sees every index >= 0 (no negative-index code)."""
+    for i in range(6):
+        src, dst = d[6 * i * chunk:], tt[6 * i * chunk:]
+        for l in range(chunk):
+            t0, t1, t2, t3, t4, t5 = _input_transform6(src[l], src[chunk + l], src[2 * chunk + l], src[3 * chunk + l],
+                                                       src[4 * chunk + l], src[5 * chunk + l])
+            dst[l], dst[chunk + l], dst[2 * chunk + l] = t0, t1, t2
+            dst[3 * chunk + l], dst[4 * chunk + l], dst[5 * chunk + l] = t3, t4, t5
+    for j in range(6):
+        src, dst = tt[j * chunk:], vv[j * chunk:]
+        for l in range(chunk):
+            v0, v1, v2, v3, v4, v5 = _input_transform6(src[l], src[6 * chunk + l], src[12 * chunk + l],
+                                                       src[18 * chunk + l], src[24 * chunk + l], src[30 * chunk + l])
+            dst[l], dst[6 * chunk + l], dst[12 * chunk + l] = v0, v1, v2
+            dst[18 * chunk + l], dst[24 * chunk + l], dst[30 * chunk + l] = v3, v4, v5
+
+
+@njit(inline="always")
+def _output4(m, at, b_vec, floor, zero, outs, lanes):
+    """outs[o * lanes + l] = the 2x2 output tile's value o (row-major) of Y = A^T M A, M[e] = m[e, at + l] over
+    F(2x2, 3x3)'s 16 elements (A^T's rows (1, 1, 1, 0), (0, 1, -1, -1): additions only), plus b_vec[l], ReLU'd
+    against floor (NaN kept); returns the sum of the outputs times zero (NaN once any is NaN or inf)."""
+    check = zero
+    for l in range(lanes):
+        a0 = m[0, at + l] + m[4, at + l] + m[8, at + l]
+        a1 = m[1, at + l] + m[5, at + l] + m[9, at + l]
+        a2 = m[2, at + l] + m[6, at + l] + m[10, at + l]
+        a3 = m[3, at + l] + m[7, at + l] + m[11, at + l]
+        a4 = m[4, at + l] - m[8, at + l] - m[12, at + l]
+        a5 = m[5, at + l] - m[9, at + l] - m[13, at + l]
+        a6 = m[6, at + l] - m[10, at + l] - m[14, at + l]
+        a7 = m[7, at + l] - m[11, at + l] - m[15, at + l]
+        o0 = b_vec[l] + (a0 + a1 + a2)
+        o1 = b_vec[l] + (a1 - a2 - a3)
+        o2 = b_vec[l] + (a4 + a5 + a6)
+        o3 = b_vec[l] + (a5 - a6 - a7)
+        check += (o0 + o1 + o2 + o3) * zero
+        outs[l] = floor if o0 < floor else o0  # ReLU; NaN < 0 is false: NaN stays
+        outs[lanes + l] = floor if o1 < floor else o1
+        outs[2 * lanes + l] = floor if o2 < floor else o2
+        outs[3 * lanes + l] = floor if o3 < floor else o3
+    return check
+
+
+@njit(inline="always")
+def _output6(m, at, b_vec, floor, zero, ss, outs, lanes):
+    """_output4 for the 5x5 kernels' 36 elements: A^T's rows (1, 1, 1, 1, 1, 0) and (0, 1, -1, 2, -2, 1), on the
+    columns of M (into ss) then along its rows."""
+    check = zero
+    for j in range(6):
+        m0, m1, m2 = m[j, at:], m[6 + j, at:], m[12 + j, at:]
+        m3, m4, m5 = m[18 + j, at:], m[24 + j, at:], m[30 + j, at:]
+        s0, s1 = ss[j * lanes:], ss[(6 + j) * lanes:]
+        for l in range(lanes):
+            d34 = m3[l] - m4[l]
+            s0[l] = m0[l] + m1[l] + m2[l] + m3[l] + m4[l]
+            s1[l] = m1[l] - m2[l] + (d34 + d34) + m5[l]
+    for i in range(2):
+        s, o0s, o1s = ss[6 * i * lanes:], outs[2 * i * lanes:], outs[(2 * i + 1) * lanes:]
+        for l in range(lanes):
+            d34 = s[3 * lanes + l] - s[4 * lanes + l]
+            o0 = b_vec[l] + (s[l] + s[lanes + l] + s[2 * lanes + l] + s[3 * lanes + l] + s[4 * lanes + l])
+            o1 = b_vec[l] + (s[lanes + l] - s[2 * lanes + l] + (d34 + d34) + s[5 * lanes + l])
+            check += (o0 + o1) * zero
+            o0s[l] = floor if o0 < floor else o0
+            o1s[l] = floor if o1 < floor else o1
+    return check
+
+
+@njit(inline="always")
+def _gradient_transform4(g, vv, sums, chunk):
+    """vv[(4a + b) * chunk + l] = (A g A^T)[a, b] of the 2x2 tile of dy g[(2i + j) * chunk + l], F(3x3, 2x2)'s A
+    (rows (1, 0), (1, 1), (1, -1), (0, -1)), on the rows then the columns; sums[l] += the tile's four values."""
+    for l in range(chunk):
+        g0, g1, g2, g3 = g[l], g[chunk + l], g[2 * chunk + l], g[3 * chunk + l]
+        r0, r1 = g0, g1
+        r2, r3 = g0 + g2, g1 + g3
+        r4, r5 = g0 - g2, g1 - g3
+        r6, r7 = -g2, -g3
+        vv[l], vv[chunk + l] = r0, r0 + r1
+        vv[2 * chunk + l], vv[3 * chunk + l] = r0 - r1, -r1
+        vv[4 * chunk + l], vv[5 * chunk + l] = r2, r2 + r3
+        vv[6 * chunk + l], vv[7 * chunk + l] = r2 - r3, -r3
+        vv[8 * chunk + l], vv[9 * chunk + l] = r4, r4 + r5
+        vv[10 * chunk + l], vv[11 * chunk + l] = r4 - r5, -r5
+        vv[12 * chunk + l], vv[13 * chunk + l] = r6, r6 + r7
+        vv[14 * chunk + l], vv[15 * chunk + l] = r6 - r7, -r7
+        sums[l] += r2 + r3
+
+
+@njit(inline="always")
+def _pair_transform6(x0, x1):
+    """A x for one 2-vector, the 5x5 kernels' A (rows (1, 0), (1, 1), (1, -1), (1, 2), (1, -2), (0, 1))."""
+    x2 = x1 + x1
+    return x0, x0 + x1, x0 - x1, x0 + x2, x0 - x2, x1
+
+
+@njit(inline="always")
+def _gradient_transform6(g, tt, vv, sums, chunk):
+    """_gradient_transform4 for the 5x5 kernels: vv[(6a + b) * chunk + l] = (A g A^T)[a, b], A on the columns of g
+    (into tt) then on each of the 6 rows; sums[l] += the tile's four values."""
+    for l in range(chunk):
+        sums[l] += (g[l] + g[2 * chunk + l]) + (g[chunk + l] + g[3 * chunk + l])
+    for j in range(2):
+        src, dst = g[j * chunk:], tt[j * chunk:]
+        for l in range(chunk):
+            r0, r1, r2, r3, r4, r5 = _pair_transform6(src[l], src[2 * chunk + l])
+            dst[l], dst[2 * chunk + l], dst[4 * chunk + l] = r0, r1, r2
+            dst[6 * chunk + l], dst[8 * chunk + l], dst[10 * chunk + l] = r3, r4, r5
+    for a in range(6):
+        src, dst = tt[2 * a * chunk:], vv[6 * a * chunk:]
+        for l in range(chunk):
+            z0, z1, z2, z3, z4, z5 = _pair_transform6(src[l], src[chunk + l])
+            dst[l], dst[chunk + l], dst[2 * chunk + l] = z0, z1, z2
+            dst[3 * chunk + l], dst[4 * chunk + l], dst[5 * chunk + l] = z3, z4, z5
+
+
+@njit(inline="always")
+def _forward_products(v, u, m, acc, xs, n_band, c, k0, zero, elements, rows, lanes):
+    """m[e, t * lanes + l] = sum over ch of v[e, t * c + ch] u[e, ch, k0 + l] for the band's n_band tiles (rounded up
+    to `rows`: the last rows may read stale V) and each element e: register tiles of `rows` tiles x `lanes` output
+    channels, a vector of U against `rows` broadcast values of V per step."""
+    for e in range(elements):
+        v_e, u_e, m_e = v[e], u[e], m[e]
+        for t0 in range(0, n_band, rows):
+            for i in range(rows):
+                for l in range(lanes):
+                    acc[i * lanes + l] = zero
+            for ch in range(c):
+                u_vec = u_e[ch, k0:k0 + lanes]
+                for i in range(rows):
+                    xs[i] = v_e[np.uint64((t0 + i) * c + ch)]  # unsigned: no wraparound code
+                for l in range(lanes):
+                    u_l = u_vec[l]
+                    for i in range(rows):
+                        acc[i * lanes + l] += xs[i] * u_l
+            for i in range(rows):
+                copy_block(m_e, (t0 + i) * lanes, acc, i * lanes, lanes)
+
+
+@njit(inline="always")
+def _grad_products(v, z, part, acc, xs, n_band, c, k_padded, elements, rows, lanes):
+    """part[e, ch * k_padded + k] += sum over the band's n_band tiles t of v[e, t * c + ch] z[e, t * k_padded + k],
+    for each element e: register tiles of `rows` input x `lanes` output channels loaded from part, summed over the
+    tiles in order (a vector of Z against `rows` broadcast values of V per tile) and stored back."""
+    for e in range(elements):
+        v_e, z_e, m_e = v[e], z[e], part[e]
+        for c0 in range(0, c, rows):
+            for k0 in range(0, k_padded, lanes):
+                for i in range(rows):
+                    copy_block(acc, i * lanes, m_e, (c0 + i) * k_padded + k0, lanes)
+                for t in range(n_band):
+                    # unsigned indices: no code for negative ones (wraparound) in the inner loop
+                    z_at, v_at = np.uint64(t * k_padded + k0), np.uint64(t * c + c0)
+                    for i in range(rows):
+                        xs[i] = v_e[v_at + np.uint64(i)]
+                    for l in range(lanes):
+                        z_l = z_e[z_at + np.uint64(l)]
+                        for i in range(rows):
+                            acc[i * lanes + l] += xs[i] * z_l
+                for i in range(rows):
+                    copy_block(m_e, (c0 + i) * k_padded + k0, acc, i * lanes, lanes)
