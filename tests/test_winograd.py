@@ -217,3 +217,19 @@ def test_copy_block_copies_a_constant_count_compiled_and_interpreted():
         assert (dst[:3] == -1).all() and (dst[19:] == -1).all()
     with pytest.raises(numba.core.errors.TypingError):  # a strided view is refused, not copied as if contiguous
         copy_compiled(np.zeros(24, np.float32), src[::2])
+
+
+def test_kernels_inlining_the_stages_carry_their_source_stamp():
+    """Numba's cache keys a kernel on its own code and closure variables, not on the helpers it inlines from another
+    module: every kernel built from winograd_stages.py closes over the SHA-256 of that file, so an edit there gives
+    them new cache keys."""
+    import hashlib
+    from pathlib import Path
+
+    from numba_cnn.kernels.jit import tiles, winograd_grad, winograd_stages
+
+    stamp = hashlib.sha256(Path(winograd_stages.__file__).read_bytes()).hexdigest()
+    assert winograd_stages.STAGES_STAMP == stamp
+    for kernel in (tiles._winograd_wide, tiles._winograd_narrow, tiles._winograd5_wide, tiles._winograd5_narrow,
+                   winograd_grad._winograd_weight_grad, winograd_grad._winograd5_weight_grad):
+        assert stamp in [cell.cell_contents for cell in kernel.py_func.__closure__], kernel
