@@ -140,10 +140,12 @@ def _make_strided_weight_grad(channels, lanes):
 
 
 @njit(inline="always")  # inlined in numba IR, where lanes and columns are the caller's constants
-def _input_grad_tile(acc, ds, dyt, wt, n, hp, phase, j_base, c0, n_out, stride, lanes, columns):
-    """acc[tt * lanes + c] = the gather's sum for `columns` input columns of one phase from dy column j_base + tt
-    on (j_base: that of the tile's first column at tap s = phase), over the valid kernel rows r and the taps s of
-    the phase, and the output channels k; reads past dy's width clamp to its last (zero) column."""
+def _input_grad_tile(acc, ds, dyt, wt, n, hp, phase, j_base, c0, n_out, stride, dx, h, w_first, t0, width, lanes,
+                     columns):
+    """dx[n, c0 + c, h, w_first + (t0 + tt) * stride] for tt < width (<= columns) = the gather's sum for the input
+    columns of one phase from dy column j_base + tt on (j_base: that of the tile's first column at tap s = phase),
+    over the valid kernel rows r and the taps s of the phase, and the output channels k, in acc[tt * lanes + c];
+    reads past dy's width clamp to its last (zero) column."""
     p_out, dy_width = dyt.shape[1], dyt.shape[2]
     r_taps, s_taps = wt.shape[0], wt.shape[1]
     for u in range(columns * lanes):
@@ -164,11 +166,18 @@ def _input_grad_tile(acc, ds, dyt, wt, n, hp, phase, j_base, c0, n_out, stride, 
                     w_c = w_vec[c]
                     for tt in range(columns):
                         acc[tt * lanes + c] += ds[tt] * w_c
+    for c in range(min(lanes, dx.shape[1] - c0)):
+        dx_row = dx[n, c0 + c, h]
+        for tt in range(width):
+            dx_row[w_first + (t0 + tt) * stride] = acc[tt * lanes + c]
 
 
 def _make_strided_input_grad(lanes, columns):
     tile = columns * lanes
-    half = max(1, columns // 2)  # the last tile of a phase with at most this many columns left: no wasted half
+    # the last tile of a phase with at most this many columns left: no wasted half. An even count: a 3-column tile
+    # (AVX2's half of 6) compiled to code slower than the whole tile's
+    half = min(columns, max(2, (columns // 2 + 1) // 2 * 2))
+    half_tile = half * lanes
     _stack_tile = tile_allocator()
 
     @_jit
@@ -179,11 +188,14 @@ def _make_strided_input_grad(lanes, columns):
         `lanes`). Every element written once, 0 where no output reads it. A phase's last columns, when no more
         than half a tile, take a tile of half the columns (the same sums per column)."""
         n_images = dyt.shape[0]
-        n_in, h_in, w_in = dx.shape[1], dx.shape[2], dx.shape[3]
+        h_in, w_in = dx.shape[2], dx.shape[3]
         c_padded = wt.shape[3]
         for n in prange(n_images):
             acc = _stack_tile(tile, dyt.dtype)
             ds = _stack_tile(columns, dyt.dtype)
+            # the half-width tile in registers of its own (one tile in two shapes stayed on the stack on AVX2)
+            acc_half = _stack_tile(half_tile, dyt.dtype)
+            ds_half = _stack_tile(half, dyt.dtype)
             for h in range(h_in):
                 hp = h + top
                 for phase in range(stride):  # the columns w with (w + left) % stride == phase
@@ -194,15 +206,11 @@ def _make_strided_input_grad(lanes, columns):
                         j_base = col_pad + (w_first + left - phase) // stride + t0
                         for c0 in range(0, c_padded, lanes):
                             if width > half:
-                                _input_grad_tile(acc, ds, dyt, wt, n, hp, phase, j_base, c0, n_out, stride, lanes,
-                                                 columns)
+                                _input_grad_tile(acc, ds, dyt, wt, n, hp, phase, j_base, c0, n_out, stride, dx, h,
+                                                 w_first, t0, width, lanes, columns)
                             else:
-                                _input_grad_tile(acc, ds, dyt, wt, n, hp, phase, j_base, c0, n_out, stride, lanes,
-                                                 half)
-                            for c in range(min(lanes, n_in - c0)):
-                                dx_row = dx[n, c0 + c, h]
-                                for tt in range(width):
-                                    dx_row[w_first + (t0 + tt) * stride] = acc[tt * lanes + c]
+                                _input_grad_tile(acc_half, ds_half, dyt, wt, n, hp, phase, j_base, c0, n_out, stride,
+                                                 dx, h, w_first, t0, width, lanes, half)
 
     return strided_input_grad
 
