@@ -83,8 +83,9 @@ def winograd_weight_grad(dy, x, padding, size=3):
     kernel = _winograd_weight_grad if size == 3 else _winograd5_weight_grad
     kernel(nhwc(x), padding[0], padding[2], dy_cl, tile_rows, tile_cols, mt, dbt)
     m = mt[0].astype(np.float64)
-    for h in range(1, chunks):  # the chunks in order, in float64: the same sums whatever the thread count
-        m += mt[h]
+    with np.errstate(invalid="ignore", over="ignore"):  # an inf or NaN operand: the result is checked below
+        for h in range(1, chunks):  # the chunks in order, in float64: the same sums whatever the thread count
+            m += mt[h]
     m_kc = np.ascontiguousarray(m.reshape(size + 1, size + 1, c, k_padded)[..., :k].transpose(3, 2, 0, 1))
     dw_rs = np.empty((size * size, c, k), x.dtype)
     _winograd_sandwich(m_kc, WINOGRAD_G_T[size], dw_rs)  # G^T M G, rounded once
