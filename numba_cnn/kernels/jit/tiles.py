@@ -282,26 +282,36 @@ def _make_winograd(size, rows, lanes, chunk):
 
 @_jit
 def _winograd_sandwich(x, g, out):
-    """out[n a + b, c, k] = (g x[k, c] g^T)[a, b] for g (n x m) and x[K, C, m, m], summed in float64 and rounded
-    once: Winograd's filter transform G w G^T (g = G, winograd.py) and its weight gradient's transform back
-    G^T M G (g = G^T, winograd_grad.py). out's lanes past K are left as they are. A task per filter."""
-    n_out, n_in, size = x.shape[0], x.shape[1], x.shape[2]
+    """out[n a + b, c, k] = (g x[:, :, c, k] g^T)[a, b] for g (n x m) and x[m, m, C, K] (any strides), summed in
+    float64 and rounded once: Winograd's filter transform G w G^T (g = G, x = w transposed, winograd.py) and its
+    weight gradient's transform back G^T M G (g = G^T, winograd_grad.py). out's lanes past K are left as they are.
+    A task per input channel, the filters along the vectors (a task per filter summed 5-long rows in scalar code)."""
+    size, n_in, n_out = x.shape[0], x.shape[2], x.shape[3]
     window = g.shape[0]
-    for k in prange(n_out):
-        gx = np.empty((window, size))  # g x, then (g x) g^T
-        for c in range(n_in):
-            for a in range(window):
+    for c in prange(n_in):
+        xc = np.empty((size, size, n_out))
+        for r in range(size):
+            for s in range(size):
+                for k in range(n_out):
+                    xc[r, s, k] = x[r, s, c, k]
+        gx = np.zeros((window, size, n_out))  # g x, then (g x) g^T a row of the window at a time
+        for a in range(window):
+            for r in range(size):
+                g_ar = g[a, r]
                 for s in range(size):
-                    total = 0.0
-                    for r in range(size):
-                        total += g[a, r] * np.float64(x[k, c, r, s])
-                    gx[a, s] = total
-            for a in range(window):
-                for b in range(window):
-                    total = 0.0
-                    for s in range(size):
-                        total += gx[a, s] * g[b, s]
-                    out[a * window + b, c, k] = total
+                    for k in range(n_out):
+                        gx[a, s, k] += g_ar * xc[r, s, k]
+        total = np.empty(n_out)
+        for a in range(window):
+            for b in range(window):
+                total[:] = 0.0
+                for s in range(size):
+                    g_bs = g[b, s]
+                    for k in range(n_out):
+                        total[k] += gx[a, s, k] * g_bs
+                out_ab = out[a * window + b, c]
+                for k in range(n_out):
+                    out_ab[k] = total[k]
 
 
 def _make_conv1_pool(columns, channels):

@@ -59,7 +59,7 @@ def winograd_weights(w, k_padded):
     once), its lanes past K zero."""
     k, c, size, _ = w.shape
     u = aligned_zeros(((size + 1) ** 2, c, k_padded), w.dtype)
-    _winograd_sandwich(w, WINOGRAD_G[size], u)
+    _winograd_sandwich(w.transpose(2, 3, 1, 0), WINOGRAD_G[size], u)
     return u
 
 

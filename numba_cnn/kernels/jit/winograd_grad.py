@@ -86,9 +86,9 @@ def winograd_weight_grad(dy, x, padding, size=3):
     with np.errstate(invalid="ignore", over="ignore"):  # an inf or NaN operand: the result is checked below
         for h in range(1, chunks):  # the chunks in order, in float64: the same sums whatever the thread count
             m += mt[h]
-    m_kc = np.ascontiguousarray(m.reshape(size + 1, size + 1, c, k_padded)[..., :k].transpose(3, 2, 0, 1))
     dw_rs = np.empty((size * size, c, k), x.dtype)
-    _winograd_sandwich(m_kc, WINOGRAD_G_T[size], dw_rs)  # G^T M G, rounded once
+    m_rs = m.reshape(size + 1, size + 1, c, k_padded)[..., :k]
+    _winograd_sandwich(m_rs, WINOGRAD_G_T[size], dw_rs)  # G^T M G, rounded once
     dw = np.ascontiguousarray(dw_rs.reshape(size, size, c, k).transpose(3, 2, 0, 1))
     db = dbt.sum(axis=0, dtype=np.float64)[:k].astype(x.dtype)
     if not (np.isfinite(dw).all() and np.isfinite(db).all()):
