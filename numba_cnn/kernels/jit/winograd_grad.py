@@ -154,7 +154,7 @@ def _make_winograd_weight_grad(size, rows, lanes, chunk, band):
                             if size == 3:
                                 _gradient_transform4(g, vv, sums[k0:k0 + chunk], chunk)
                             else:
-                                _gradient_transform6(g, tt, vv, sums[k0:k0 + chunk], chunk)
+                                _gradient_transform6(g, vv, sums[k0:k0 + chunk], chunk)
                             for e in range(elements):
                                 copy_block(z[e], t * k_padded + k0, vv, e * chunk, chunk)
                     _grad_products(v, z, part, acc, xs, n_band, c, k_padded, elements, rows, lanes)

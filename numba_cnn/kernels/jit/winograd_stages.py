@@ -184,23 +184,30 @@ def _pair_transform6(x0, x1):
 
 
 @njit(inline="always")
-def _gradient_transform6(g, tt, vv, sums, chunk):
+def _pair_row6(vv, row, chunk, l, x0, x1):
+    """vv[(6 row + b) * chunk + l] = (A x)[b] of the 2-vector (x0, x1)."""
+    z0, z1, z2, z3, z4, z5 = _pair_transform6(x0, x1)
+    at = 6 * row * chunk + l
+    vv[at], vv[at + chunk], vv[at + 2 * chunk] = z0, z1, z2
+    vv[at + 3 * chunk], vv[at + 4 * chunk], vv[at + 5 * chunk] = z3, z4, z5
+
+
+@njit(inline="always")
+def _gradient_transform6(g, vv, sums, chunk):
     """_gradient_transform4 for the 5x5 kernels: vv[(6a + b) * chunk + l] = (A g A^T)[a, b], A on the columns of g
-    (into tt) then on each of the 6 rows; sums[l] += the tile's four values."""
+    then on each of the 6 rows, all in registers per lane (a pass through a stack tile, by views at each row, was
+    five times slower); sums[l] += the tile's four values."""
     for l in range(chunk):
-        sums[l] += (g[l] + g[2 * chunk + l]) + (g[chunk + l] + g[3 * chunk + l])
-    for j in range(2):
-        src, dst = g[j * chunk:], tt[j * chunk:]
-        for l in range(chunk):
-            r0, r1, r2, r3, r4, r5 = _pair_transform6(src[l], src[2 * chunk + l])
-            dst[l], dst[2 * chunk + l], dst[4 * chunk + l] = r0, r1, r2
-            dst[6 * chunk + l], dst[8 * chunk + l], dst[10 * chunk + l] = r3, r4, r5
-    for a in range(6):
-        src, dst = tt[2 * a * chunk:], vv[6 * a * chunk:]
-        for l in range(chunk):
-            z0, z1, z2, z3, z4, z5 = _pair_transform6(src[l], src[chunk + l])
-            dst[l], dst[chunk + l], dst[2 * chunk + l] = z0, z1, z2
-            dst[3 * chunk + l], dst[4 * chunk + l], dst[5 * chunk + l] = z3, z4, z5
+        g0, g1, g2, g3 = g[l], g[chunk + l], g[2 * chunk + l], g[3 * chunk + l]
+        sums[l] += (g0 + g2) + (g1 + g3)
+        a0, a1, a2, a3, a4, a5 = _pair_transform6(g0, g2)
+        b0, b1, b2, b3, b4, b5 = _pair_transform6(g1, g3)
+        _pair_row6(vv, 0, chunk, l, a0, b0)
+        _pair_row6(vv, 1, chunk, l, a1, b1)
+        _pair_row6(vv, 2, chunk, l, a2, b2)
+        _pair_row6(vv, 3, chunk, l, a3, b3)
+        _pair_row6(vv, 4, chunk, l, a4, b4)
+        _pair_row6(vv, 5, chunk, l, a5, b5)
 
 
 @njit(inline="always")
