@@ -128,10 +128,15 @@ def test_relu_select_of_an_nchw_gradient_against_a_channels_last_activation(dtyp
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_global_average_pool_of_channels_last_x(dtype, rng):
-    """A pool window over the whole image reads channels-last x in place (its float64 sums then run in another
-    order than over the NCHW copy's contiguous rows: equal within rounding, not bitwise)."""
+@pytest.mark.parametrize("size", [(5, 6), (2, 3), (5, 2)])
+def test_average_pool_of_channels_last_x(dtype, size, rng):
+    """A pool window other than 2x2 reads channels-last x in place, a window over the whole image (5x6) in one
+    pass per image (`_global_avgpool_last`), others window by window (their float64 sums then run in another
+    order than over the NCHW copy's contiguous rows: equal within rounding, not bitwise). An inf stays inf."""
     x = rng.standard_normal((3, 7, 5, 6)).astype(dtype)
-    want = reference.avgpool2d_forward(x.astype(np.float64), (5, 6))
+    x[1, 2, 0, 0] = np.inf
+    want = reference.avgpool2d_forward(x.astype(np.float64), size)
     for x_in in (x, channels_last(x)):
-        reference.assert_close(jit.avgpool2d_forward(x_in, (5, 6)), want, dtype, "y")
+        got = jit.avgpool2d_forward(x_in, size)
+        assert np.isinf(got[1, 2, 0, 0])
+        reference.assert_close(got, want, dtype, "y")

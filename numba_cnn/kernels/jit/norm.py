@@ -106,6 +106,25 @@ def _avgpool_forward(x, kh, kw, y):
 
 
 @_jit
+def _global_avgpool_last(x_cl, y):
+    """y[n, c] = the mean of x_cl[n, :, :, c] (channels-last x, a window over the whole image), summed in float64
+    over the pixels in row-major order, a vector of channels at a time: one pass over the image, where
+    `_avgpool_forward` walks it once per channel."""
+    n_images, h, w, n_ch = x_cl.shape
+    count = h * w
+    for n in prange(n_images):
+        totals = np.zeros(n_ch)
+        for i in range(h):
+            for j in range(w):
+                pixel = x_cl[n, i, j]
+                for c in range(n_ch):
+                    totals[c] += pixel[c]
+        y_row = y[n]
+        for c in range(n_ch):
+            y_row[c] = totals[c] / count
+
+
+@_jit
 def _avgpool2x2_forward(x, y):
     """`_avgpool_forward` for 2x2 windows, the window's four values summed in the same order (so the same bits),
     with constant trip counts that LLVM vectorises along the row."""

@@ -10,7 +10,7 @@ import numpy as np
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import nchw, nhwc, reusable_output
 from numba_cnn.kernels.jit.norm import (_avgpool2x2_backward, _avgpool2x2_forward, _avgpool_backward, _avgpool_forward,
-                                        _maxpool_any_backward, _maxpool_any_forward)
+                                        _global_avgpool_last, _maxpool_any_backward, _maxpool_any_forward)
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import (_maxpool_backward, _maxpool_backward_last, _maxpool_forward,
                                          _maxpool_forward_last)
@@ -67,7 +67,9 @@ def average_forward(x, size):
     note("avgpool2d_forward", "float64 window sums" + ", 2x2" * ((kh, kw) == (2, 2)), 0)
     if (kh, kw) == (2, 2):
         _avgpool2x2_forward(nchw(x), y)
-    else:  # a large window (a global pool) reads channels-last x in place: each pixel's line serves its channels
+    elif (kh, kw) == (h, w) and is_channels_last(x):  # a global pool reads channels-last x in place, once
+        _global_avgpool_last(nhwc(x), y.reshape(n, c))
+    else:  # another large window reads channels-last x in place too: each pixel's line serves its channels
         _avgpool_forward(x if is_channels_last(x) else nchw(x), kh, kw, y)
     return y
 
