@@ -92,7 +92,8 @@ def _composed_backward(dy, pooled, argmax, conv_shape, x, w, need_dx, padding=NO
 @pytest.mark.parametrize("x_shape,w_shape,padding", SHAPES)
 def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, padding, fill, layout, dtype, rng):
     x, w, b = _operands(rng, x_shape, w_shape, dtype, fill, layout)
-    y_fused, arg_fused = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
+    with PathLog() as log:
+        y_fused, arg_fused = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
     conv, (y_comp, arg_comp) = _composed_forward(x, w, b, padding)
     assert y_fused.dtype == dtype and arg_fused.dtype == np.uint8 and _dense(y_fused) and _dense(arg_fused)
     assert y_fused.shape == arg_fused.shape == y_comp.shape
@@ -102,7 +103,17 @@ def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, paddi
     y_ref, arg_ref = reference.maxpool2d_forward(conv_ref, (2, 2))
     reference.assert_close(y_fused, y_ref, dtype, "pooled")
     if fill == "ties":  # exact integer sums: the oracle pools the very same values, ties included
-        np.testing.assert_array_equal(arg_fused, arg_ref)
+        if "F(4x4, 3x3)" in log.paths[0]:
+            # but not through F(4x4, 3x3), whose G has sixths and 24ths: where a window's largest value leads the
+            # next by a whole unit, rounding cannot reorder them
+            n, k, p, q = conv.shape
+            windows = np.sort(conv_ref[:, :, :p // 2 * 2, :q // 2 * 2].reshape(n, k, p // 2, 2, q // 2, 2)
+                              .transpose(0, 1, 2, 4, 3, 5).reshape(n, k, p // 2, q // 2, 4), axis=-1)
+            lead = windows[..., 3] - windows[..., 2] >= 1
+            assert lead.mean() > 0.5
+            np.testing.assert_array_equal(arg_fused[lead], arg_ref[lead])
+        else:
+            np.testing.assert_array_equal(arg_fused, arg_ref)
         assert conv.size < 500 or (y_fused == 0).mean() > 0.05  # the big cases hold windows of tied zeros
 
     dy = rng.standard_normal(y_fused.shape).astype(dtype)

@@ -1,5 +1,6 @@
-"""The jit backend's Winograd F(2x2, 3x3) convolution (jit/tiles.py `_make_winograd`, the glue's `_winograd`): which
-layers take it, its outputs against the float64 oracle on awkward shapes (odd output sizes, whose last tiles run
+"""The jit backend's Winograd convolutions for 3x3, F(2x2, 3x3) and F(4x4, 3x3) (jit/tiles.py `_make_winograd`, the
+glue's winograd.py), each test that takes a `tile` run with each forced: which layers take them and which tile the
+glue chooses, their outputs against the float64 oracle on awkward shapes (odd output sizes, whose last tiles run
 past the input; 'same' and uneven padding; output channels off the lanes, under and over the narrow tile; one and
 three transform vectors of input channels; float32 and float64), the fused conv + ReLU + pool bitwise equal to the
 composed ops (the same tiles and sums), a channels-last input read in place (its padding read as zeros) bitwise
@@ -15,6 +16,7 @@ from numba_cnn.kernels import reference
 numba = pytest.importorskip("numba")
 jit = pytest.importorskip("numba_cnn.kernels.jit")
 from numba_cnn.kernels._numba_ext import copy_block  # noqa: E402
+from numba_cnn.kernels.jit import winograd  # noqa: E402
 from numba_cnn.kernels.jit.paths import PathLog  # noqa: E402
 from numba_cnn.kernels.jit.tiles import WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW, WINOGRAD_TILE_WIDE  # noqa: E402
 
@@ -37,6 +39,14 @@ def _winograd_paths(log):
     return [path for path in log.paths if "Winograd" in path]
 
 
+@pytest.fixture(params=[2, 4], ids=["F2x2", "F4x4"])
+def tile(request, monkeypatch):
+    """The output tile every 3x3 Winograd call takes in the test: the glue's share set so that it never or always
+    chooses F(4x4, 3x3)."""
+    monkeypatch.setattr(winograd, "WINOGRAD_4X4_SHARE", 0.0 if request.param == 2 else 1e9)
+    return f"F({request.param}x{request.param}, 3x3)"
+
+
 def _operands(rng, shape, k, dtype):
     x = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal((k, shape[1], 3, 3)).astype(dtype)
@@ -46,19 +56,19 @@ def _operands(rng, shape, k, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,k,padding", SHAPES)
-def test_winograd_matches_the_oracle_and_the_fused_op_the_composed_ones(shape, k, padding, dtype, rng):
+def test_winograd_matches_the_oracle_and_the_fused_op_the_composed_ones(shape, k, padding, dtype, tile, rng):
     x, w, b = _operands(rng, shape, k, dtype)
     for relu in (True, False):
         with PathLog() as log:
             y = jit.conv2d_forward(x, w, b, relu, 1, padding)
-        assert _winograd_paths(log) == log.paths, log.paths
+        assert _winograd_paths(log) == log.paths and tile in log.paths[0], log.paths
         assert y.dtype == dtype
         reference.assert_close(y, reference.conv2d_forward(x, w, b, relu, 1, padding), dtype, f"relu={relu}")
     if y.shape[2] < 2 or y.shape[3] < 2:
         return
     with PathLog() as log:
         pooled, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
-    assert len(_winograd_paths(log)) == 1, log.paths
+    assert len(_winograd_paths(log)) == 1 and tile in _winograd_paths(log)[0], log.paths
     composed, composed_argmax = jit.maxpool2d_forward(jit.conv2d_forward(x, w, b, True, 1, padding), (2, 2))
     np.testing.assert_array_equal(pooled, composed)
     np.testing.assert_array_equal(argmax, composed_argmax)
@@ -67,7 +77,7 @@ def test_winograd_matches_the_oracle_and_the_fused_op_the_composed_ones(shape, k
 
 
 @pytest.mark.parametrize("shape,k,padding", SHAPES)
-def test_a_channels_last_input_read_in_place_gives_the_bits_of_the_padded_copy(shape, k, padding, rng):
+def test_a_channels_last_input_read_in_place_gives_the_bits_of_the_padded_copy(shape, k, padding, tile, rng):
     """A channels-last x is read where it lies, its padding (and the rows and columns odd outputs need past it) read
     as zeros; an NCHW x is copied and padded: the same windows, so the same bits."""
     x, w, b = _operands(rng, shape, k, np.float32)
@@ -94,13 +104,13 @@ DX_SHAPES = [
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,k,padding", DX_SHAPES)
-def test_input_gradient_by_winograd_matches_the_oracle(shape, k, padding, dtype, rng):
+def test_input_gradient_by_winograd_matches_the_oracle(shape, k, padding, dtype, tile, rng):
     x, w, _ = _operands(rng, shape, k, dtype)
     p, q = shape[2] + padding[0] + padding[1] - 2, shape[3] + padding[2] + padding[3] - 2
     dy = rng.standard_normal((shape[0], k, p, q)).astype(dtype)
     with PathLog() as log:
         dx, dw, db = jit.conv2d_backward(dy, x, w, True, 1, padding)
-    assert len(log.paths) == 1 and "dx by Winograd" in log.paths[0], log.paths
+    assert len(log.paths) == 1 and f"dx by Winograd {tile}" in log.paths[0], log.paths
     for name, got, want in zip(("dx", "dw", "db"), (dx, dw, db), reference.conv2d_backward(dy, x, w, True, 1, padding)):
         assert got.shape == want.shape and got.dtype == dtype
         reference.assert_close(got, want, dtype, name)
@@ -109,14 +119,14 @@ def test_input_gradient_by_winograd_matches_the_oracle(shape, k, padding, dtype,
     np.testing.assert_array_equal(db, db_alone)
 
 
-def test_input_gradient_by_winograd_matches_finite_differences(rng):
+def test_input_gradient_by_winograd_matches_finite_differences(tile, rng):
     """In float64, dx from the Winograd convolution of dy against central differences of the forward."""
     x, w, b = _operands(rng, (1, 24, 5, 6), C2, np.float64)
     padding = (1, 1, 1, 1)
     dy = rng.standard_normal((1, C2, 5, 6))
     with PathLog() as log:
         dx, _, _ = jit.conv2d_backward(dy, x, w, True, 1, padding)
-    assert "dx by Winograd" in log.paths[0], log.paths
+    assert f"dx by Winograd {tile}" in log.paths[0], log.paths
     assert_gradient_matches(dx, dotted_with(lambda a: jit.conv2d_forward(a, w, b, False, 1, padding), dy), x.copy(),
                             what="dx")
 
@@ -165,8 +175,21 @@ def test_which_layers_take_it(rng):
         reference.assert_close(y, reference.conv2d_forward(x, w, b, True, stride, (0, 0, 0, 0)), np.float32)
 
 
+def test_the_glue_chooses_the_tile_with_fewer_products_rounded_as_computed():
+    """F(4x4, 3x3) where its 36 products per tile, in whole register tiles per band, come to at most
+    WINOGRAD_4X4_SHARE of F(2x2, 3x3)'s 16 per tile; 5x5 keeps F(2x2, 5x5)."""
+    rows = 4
+    # 32 x 32: 64 tiles of 4x4 (2 bands of 32) against 256 of 2x2 (8 bands): 2304 products against 4096
+    assert winograd.winograd_output_tile(3, 32, 32, rows) == 4
+    # 10 x 10: 9 tiles rounded to 12 against 25 rounded to 28: 432 products against 448
+    assert winograd.winograd_output_tile(3, 10, 10, rows) == 2
+    # 4 x 4: one tile, computed as 4, against 4 tiles: 144 against 64
+    assert winograd.winograd_output_tile(3, 4, 4, rows) == 2
+    assert winograd.winograd_output_tile(5, 32, 32, rows) == 2
+
+
 @pytest.mark.parametrize("where", ["x", "w"])
-def test_non_finite_operands_take_the_direct_kernels(where, rng):
+def test_non_finite_operands_take_the_direct_kernels(where, tile, rng):
     """A lone inf gives inf outputs in the direct sum but inf - inf = NaN in the transforms: an inf or NaN input
     (flagged by the kernel, then recomputed) or weight (checked first) gives the direct kernels' results, which
     place NaN and inf as the oracle does."""
@@ -188,7 +211,7 @@ def test_non_finite_operands_take_the_direct_kernels(where, rng):
     reference.assert_close(pooled, want_pooled, np.float32)
 
 
-def test_one_and_two_threads_give_identical_bits(rng):
+def test_one_and_two_threads_give_identical_bits(tile, rng):
     """Images are dealt to tasks, each image's tiles summed alike: bitwise the same for any thread count."""
     x, w, b = _operands(rng, (5, C2, 11, 12), WIDE + 1, np.float32)
     before = numba.get_num_threads()
@@ -230,6 +253,7 @@ def test_kernels_inlining_the_stages_carry_their_source_stamp():
 
     stamp = hashlib.sha256(Path(winograd_stages.__file__).read_bytes()).hexdigest()
     assert winograd_stages.STAGES_STAMP == stamp
-    for kernel in (tiles._winograd_wide, tiles._winograd_narrow, tiles._winograd5_wide, tiles._winograd5_narrow,
+    for kernel in (tiles._winograd_wide, tiles._winograd_narrow, tiles._winograd4_wide, tiles._winograd4_narrow,
+                   tiles._winograd5_wide, tiles._winograd5_narrow,
                    winograd_grad._winograd_weight_grad, winograd_grad._winograd5_weight_grad):
         assert stamp in [cell.cell_contents for cell in kernel.py_func.__closure__], kernel

@@ -39,8 +39,8 @@ conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channe
                  channels and K a multiple of NARROW_LANES (VGG's first): narrow_input.py's tile, the output
                  channels-last (as the next layer reads it), the same bits; its backward reads dy as it lies.
                  3x3 with C a multiple of WINOGRAD_CHUNK, K over half the narrow lanes, finite w (winograd.py):
-                 tiles.py's `_winograd_*`, F(2x2, 3x3): 16 products per 2x2 output tile and channel pair, not 36,
-                 as 16 matrix products in register tiles; output channels-last; a non-finite output: direct tile.
+                 tiles.py's `_winograd*`, F(4x4, 3x3) (36 products per tile, not 144) or, where its tiles waste
+                 more, F(2x2, 3x3) (16, not 36), as matrix products in register tiles; output channels-last.
                  5x5 on the same terms (not fused with a pool): F(2x2, 5x5), 36 products per tile, not 100.
                  stride >= 2, general.py's `_strided_forward`: the same tile (columns x lanes, bias seeded, (r, s, c)
                  order) over the padded channels-last input, its columns read `stride` apart; the last column tile
@@ -102,8 +102,8 @@ conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair o
                  rows of at most CONV1_TILE columns take `_conv1_pool`, a tile along the columns, even columns
                  apart from odd ones so that pooling reads both at one offset. All sum each output as
                  conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the pooled values and
-                 argmax are bitwise those of the composed ops (tested). Where Winograd fits, its kernel pools its
-                 2x2 output tiles (conv2d_forward's tiles and sums: bitwise too), channels-last.
+                 argmax are bitwise those of the composed ops (tested). Where Winograd fits, its kernel pools the
+                 2x2 windows of its output tiles (conv2d_forward's tiles and sums: bitwise too), channels-last.
 conv2d_relu_maxpool2d_backward  with finite x and w, over the list of the conv output's nonzero gradients only (pooling,
                  the ReLU's select and dropout zero the rest): sparse.py's `_pooled_grad_lists` (values, offsets of
                  their windows' winners, db sums), `_listed_weight_grad` (3 kernel rows in a register tile, an

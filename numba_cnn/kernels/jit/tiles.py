@@ -1,5 +1,5 @@
-"""The jit backend's register-tiled kernels (stride-1 correlation, the fused conv + pool, Winograd's F(2x2, 3x3) and
-F(2x2, 5x5)), the 2x2 max-pooling kernels (NCHW and channels-last), and the tile shapes of every
+"""The jit backend's register-tiled kernels (stride-1 correlation, the fused conv + pool, Winograd's F(2x2, 3x3),
+F(4x4, 3x3) and F(2x2, 5x5)), the 2x2 max-pooling kernels (NCHW and channels-last), and the tile shapes of every
 convolution kernel of the backend (general.py's too, the stride-1 weight gradient's among them), chosen from the
 target's vector registers. Self-contained: Numba's cache does not notice a change in another module's helper, and
 the kernels here inline `_pool_window` and `_tile_taps` from this file (and `_numba_ext`'s `stack_tile`,
@@ -14,7 +14,8 @@ from numba import njit, prange
 
 from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit,
                                           tile_allocator)
-from numba_cnn.kernels.jit.winograd_stages import STAGES_STAMP, _forward_products, _output4, _output6, _tile_input
+from numba_cnn.kernels.jit.winograd_stages import (STAGES_STAMP, _forward_products, _output4, _output6, _output6x4,
+                                                   _tile_input)
 
 # Tile shapes, (lanes, columns) of the correlation tiles and lanes of the weight-gradient tiles, by the target's
 # vector registers. The one place they are chosen; docs/kernels.md tabulates them.
@@ -63,7 +64,7 @@ if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
     WINOGRAD_TILE_WIDE, WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK = (4, 64), (4, 32), 16
 else:
     WINOGRAD_TILE_WIDE, WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK = (3, 32), (4, 16), 8
-WINOGRAD_BAND = 32  # tiles whose transforms are held at once (rounded to whole rows of tiles): 16 x 32 x C values
+WINOGRAD_BAND = 32  # tiles whose transforms are held at once (rounded to whole rows of tiles): 36 x 32 x C values
 
 
 @njit(inline="always")  # inlined into the calling kernel (and its fastmath), in numba IR
@@ -186,34 +187,36 @@ def _make_conv_pool(columns, lanes):
     return conv_pool
 
 
-def _make_winograd(size, rows, lanes, chunk):
-    """Winograd convolution kernel for `size` x `size` kernels (3: F(2x2, 3x3), 4x4 tiles; 5: F(2x2, 5x5), 6x6
-    tiles): matrix-product tiles of `rows` tiles x `lanes` output channels, input channels transformed `chunk` at a
-    time. The stages are winograd_stages.py's."""
-    window = size + 1
+def _make_winograd(size, out, rows, lanes, chunk):
+    """Winograd convolution kernel F(out x out, size x size): F(2x2, 3x3) on 4x4 windows, F(4x4, 3x3) and
+    F(2x2, 5x5) on 6x6 ones, transformed by the same B^T; matrix-product tiles of `rows` tiles x `lanes` output
+    channels, input channels transformed `chunk` at a time. The stages are winograd_stages.py's."""
+    window = out + size - 1
     elements = window * window
     tile = rows * lanes
     staged = elements * chunk
-    quad = 4 * lanes
-    sums_size = 12 * lanes
+    outputs = out * out * lanes
+    sums_size = 6 * out * lanes
+    pooled = out // 2  # pooled rows and columns per tile
     _stack_tile = tile_allocator()
     stages = STAGES_STAMP
 
     @_jit
     def winograd(x_cl, top, left, u, b, floor, tile_rows, tile_cols, pool, n_groups, y, argmax, finite):
         """The size x size stride-1 correlation of channels-last x_cl[N, H, W, C] (C a multiple of `chunk`)
-        zero-padded by `top` rows and `left` columns, and below and right by as many as the tiles read (2 tile_rows
-        + size - 1 rows and 2 tile_cols + size - 1 columns in all), the zeros read from a vector of zeros instead
+        zero-padded by `top` rows and `left` columns, and below and right by as many as the tiles read (out tile_rows
+        + size - 1 rows and out tile_cols + size - 1 columns in all), the zeros read from a vector of zeros instead
         of a padded copy, with the transformed weights u[elements, C, K padded to `lanes`] (u[window a + b] =
-        (G w G^T)[a, b]), plus b, ReLU'd against floor (0; -inf for none; NaN kept), by output tiles of 2 x 2: per
-        tile, V = B^T d B of its window (additions), M[e] = V[e] @ u[e] for each element e (the multiplies: 16 per
-        tile and channel pair for 3x3, against 36 for the four outputs directly; 36 for 5x5, against 100), then
-        Y = A^T M A. pool (3x3 only): y[N, tile_rows, tile_cols, K] and argmax (channels last) are each tile's 2x2
-        max-pooling (first maximum, first NaN wins); else y[N, P, Q, K] (channels last), the tiles' outputs inside
-        P x Q. finite[n]: whether every output of image n's tiles came out finite (an inf or NaN input makes one of
-        them inf or NaN, as does an overflow): where not, the caller recomputes directly, since the transforms'
-        sums turn a lone inf into NaN where the direct sum keeps it inf. Images are dealt to n_groups tasks; each
-        image's outputs are computed alike whatever the grouping."""
+        (G w G^T)[a, b]), plus b, ReLU'd against floor (0; -inf for none; NaN kept), by output tiles of out x out:
+        per tile, V = B^T d B of its window (additions), M[e] = V[e] @ u[e] for each element e (the multiplies per
+        tile and channel pair: 16 for F(2x2, 3x3) against 36 directly, 36 for F(4x4, 3x3) against 144, 36 for
+        F(2x2, 5x5) against 100), then Y = A^T M A. pool (3x3 only): y[N, P // 2, Q // 2, K] and argmax (channels
+        last) are the 2x2 max-pooling of the tile's (out / 2)^2 windows (first maximum, first NaN wins); else
+        y[N, P, Q, K] (channels last), the tiles' outputs inside P x Q. finite[n]: whether every output of image
+        n's tiles came out finite (an inf or NaN input makes one of them inf or NaN, as does an overflow): where
+        not, the caller recomputes directly, since the transforms' sums turn a lone inf into NaN where the direct
+        sum keeps it inf. Images are dealt to n_groups tasks; each image's outputs are computed alike whatever the
+        grouping."""
         _ = stages  # the inlined stages' source stamp, in Numba's cache key
         n_images, c = x_cl.shape[0], x_cl.shape[3]
         k_padded = u.shape[2]
@@ -229,7 +232,7 @@ def _make_winograd(size, rows, lanes, chunk):
             tt = _stack_tile(staged, x_cl.dtype)
             vv = _stack_tile(staged, x_cl.dtype)
             ss = _stack_tile(sums_size, x_cl.dtype)
-            outs = _stack_tile(quad, x_cl.dtype)
+            outs = _stack_tile(outputs, x_cl.dtype)
             # the padding's zeros, in a stack tile: with an np.zeros array here the kernel loaded from numba's disk
             # cache gave other bits than the one compiled in the process (the tile-switch test in test_jit caught it)
             zeros = _stack_tile(chunk, x_cl.dtype)
@@ -247,27 +250,35 @@ def _make_winograd(size, rows, lanes, chunk):
                     n_band = (min(tr0 + band_rows, tile_rows) - tr0) * tile_cols
                     for t in range(n_band):
                         tr, tc = tr0 + t // tile_cols, t % tile_cols
-                        _tile_input(v, t * c, d, tt, vv, x_cl, n, 2 * tr - top, 2 * tc - left, chunk, zeros, size)
+                        _tile_input(v, t * c, d, tt, vv, x_cl, n, out * tr - top, out * tc - left, chunk, zeros,
+                                    window)
                     for k0 in range(0, k_padded, lanes):
                         _forward_products(v, u, m, acc, xs, n_band, c, k0, zero, elements, rows, lanes)
                         b_vec = b[k0:k0 + lanes]
                         n_lanes = min(lanes, n_out - k0)
                         for t in range(n_band):
                             tr, tc = tr0 + t // tile_cols, t % tile_cols
-                            if size == 3:
+                            if window == 4:
                                 check += _output4(m, t * lanes, b_vec, floor, zero, outs, lanes)
+                            elif size == 3:
+                                check += _output6x4(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
                             else:
                                 check += _output6(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
-                            if pool:
-                                y_px, arg_px = y[n, tr, tc, k0:], argmax[n, tr, tc, k0:]
-                                for l in range(n_lanes):
-                                    best, where = _pool_window(outs[l], outs[lanes + l], outs[2 * lanes + l],
-                                                               outs[3 * lanes + l])
-                                    y_px[l] = best
-                                    arg_px[l] = where
+                            if pool:  # the tile's 2x2 windows: window (a, b) holds its outputs (2a + di, 2b + dj)
+                                for q in range(pooled * pooled):
+                                    i, j = pooled * tr + q // pooled, pooled * tc + q % pooled
+                                    if i < p_out and j < q_out:
+                                        at = 2 * (out * (q // pooled) + q % pooled) * lanes
+                                        y_px, arg_px = y[n, i, j, k0:], argmax[n, i, j, k0:]
+                                        for l in range(n_lanes):
+                                            best, where = _pool_window(outs[at + l], outs[at + lanes + l],
+                                                                       outs[at + out * lanes + l],
+                                                                       outs[at + (out + 1) * lanes + l])
+                                            y_px[l] = best
+                                            arg_px[l] = where
                                 continue
-                            for q in range(4):
-                                i, j = 2 * tr + q // 2, 2 * tc + q % 2
+                            for q in range(out * out):
+                                i, j = out * tr + q // out, out * tc + q % out
                                 if i < p_out and j < q_out:
                                     if n_lanes == lanes:
                                         copy_block(y[n, i, j], k0, outs, q * lanes, lanes)
@@ -467,10 +478,12 @@ _conv_pool_narrow = (_conv_pool if CONV_POOL_TILE_NARROW == CONV_POOL_TILE
                      else _make_conv_pool(CONV_POOL_TILE_NARROW[1], CONV_POOL_TILE_NARROW[0]))
 _conv1_pool = _make_conv1_pool(*CONV1_TILE)
 _one_channel_pool = _make_one_channel_pool(ONE_CHANNEL_LANES)
-_winograd_wide = _make_winograd(3, *WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
-_winograd_narrow = _make_winograd(3, *WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
-_winograd5_wide = _make_winograd(5, *WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
-_winograd5_narrow = _make_winograd(5, *WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
+_winograd_wide = _make_winograd(3, 2, *WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
+_winograd_narrow = _make_winograd(3, 2, *WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
+_winograd4_wide = _make_winograd(3, 4, *WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
+_winograd4_narrow = _make_winograd(3, 4, *WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
+_winograd5_wide = _make_winograd(5, 2, *WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
+_winograd5_narrow = _make_winograd(5, 2, *WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
 
 
 @_jit

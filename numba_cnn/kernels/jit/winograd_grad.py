@@ -41,7 +41,8 @@ if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
 else:
     WINOGRAD_GRAD_TILE = (4, 16)  # 8 ymm
 WINOGRAD_GRAD_BAND = 32
-WINOGRAD_G_T = {size: np.ascontiguousarray(g.T) for size, g in WINOGRAD_G.items()}
+# G^T of F(2x2, 3x3) and F(2x2, 5x5): the transforms back of this kernel's 4x4 and 6x6 elements
+WINOGRAD_G_T = {size: np.ascontiguousarray(WINOGRAD_G[size, 2].T) for size in (3, 5)}
 
 
 def winograd_grad_path(size):
@@ -148,7 +149,7 @@ def _make_winograd_weight_grad(size, rows, lanes, chunk, band):
                     n_band = min(band, n_tiles - t0)
                     for t in range(n_band):
                         tr, tc = (t0 + t) // tile_cols, (t0 + t) % tile_cols
-                        _tile_input(v, t * c, d, tt, vv, x_cl, n, 2 * tr - top, 2 * tc - left, chunk, zeros, size)
+                        _tile_input(v, t * c, d, tt, vv, x_cl, n, 2 * tr - top, 2 * tc - left, chunk, zeros, window)
                         for k0 in range(0, n_out, chunk):
                             _load_window(g, dy, n, 2 * tr, 2 * tc, k0, chunk, zeros, 2)  # zeros past P or Q
                             if size == 3:

@@ -1,8 +1,9 @@
 """The stages of the jit backend's Winograd kernels (tiles.py's forward, winograd_grad.py's weight gradient), each
-for the 3x3 kernels' 4x4 tiles and the 5x5 kernels' 6x6 ones, inlined into the kernels in numba IR: loading a tile's
-window of a channels-last input, the input transform B^T d B, the output transform A^T M A (with the bias and the
-ReLU), the gradient tile's transform A g A^T, and the two matrix-product loops: the forward's M[e] = V[e] @ U[e] and
-the weight gradient's M[e] += V[e]^T Z[e], for every element e of the tile. The matrices, and why: winograd.py.
+for 4x4 windows (F(2x2, 3x3)) and 6x6 ones (F(4x4, 3x3), F(2x2, 5x5) and the weight gradients), inlined into the
+kernels in numba IR: loading a tile's window of a channels-last input, the input transform B^T d B, the output
+transform A^T M A (with the bias and the ReLU), the gradient tile's transform A g A^T, and the two matrix-product
+loops: the forward's M[e] = V[e] @ U[e] and the weight gradient's M[e] += V[e]^T Z[e], for every element e of the
+tile. The matrices, and why: winograd.py.
 
 Numba's cache keys a kernel on its own bytecode and closure variables, not on the helpers it inlines from another
 module, so every kernel built from these stages closes over STAGES_STAMP (the SHA-256 of this file's source): an
@@ -59,13 +60,13 @@ def _transform4(d, vv, chunk):
 
 
 @njit(inline="always")
-def _tile_input(v, at, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, size):
-    """v[e, at + ch] = (B^T d B)[e] of the tile's window at (row0, col0) of image n, for every channel ch of x_cl, a
-    vector of `chunk` channels at a time (size 3: 4x4 windows, 5: 6x6)."""
-    window = size + 1
+def _tile_input(v, at, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window):
+    """v[e, at + ch] = (B^T d B)[e] of the tile's window x window at (row0, col0) of image n (4: F(2x2, 3x3)'s B^T,
+    6: that of the points 0, 1, -1, 2, -2 and infinity), for every channel ch of x_cl, a vector of `chunk` channels
+    at a time."""
     for c0 in range(0, x_cl.shape[3], chunk):
         _load_window(d, x_cl, n, row0, col0, c0, chunk, zeros, window)
-        if size == 3:
+        if window == 4:
             _transform4(d, vv, chunk)
         else:
             _transform6(d, tt, vv, chunk)
@@ -152,6 +153,44 @@ def _output6(m, at, b_vec, floor, zero, ss, outs, lanes):
             check += (o0 + o1) * zero
             o0s[l] = floor if o0 < floor else o0
             o1s[l] = floor if o1 < floor else o1
+    return check
+
+
+@njit(inline="always")
+def _output_line4(x0, x1, x2, x3, x4, x5):
+    """A^T x for one 6-vector, F(4x4, 3x3)'s A^T (rows (1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0),
+    (0, 1, -1, 8, -8, 1)), the multiples as sums."""
+    p, q, r, s = x1 + x2, x1 - x2, x3 + x4, x3 - x4
+    r2, s2 = r + r, s + s
+    r4, s4 = r2 + r2, s2 + s2
+    return x0 + p + r, q + s2, p + r4, q + (s4 + s4) + x5
+
+
+@njit(inline="always")
+def _output6x4(m, at, b_vec, floor, zero, ss, outs, lanes):
+    """_output4 for F(4x4, 3x3): outs[o * lanes + l] = the 4x4 output tile's value o (row-major) of Y = A^T M A over
+    its 36 elements M[e] = m[e, at + l], A^T on the columns of M (into ss, 4 rows of 6) then along each row, plus
+    b_vec[l], ReLU'd against floor (NaN kept); returns the outputs' sum times zero."""
+    check = zero
+    for j in range(6):
+        for l in range(lanes):
+            a = at + l
+            t0, t1, t2, t3 = _output_line4(m[j, a], m[6 + j, a], m[12 + j, a], m[18 + j, a], m[24 + j, a],
+                                           m[30 + j, a])
+            ss[j * lanes + l], ss[(6 + j) * lanes + l] = t0, t1
+            ss[(12 + j) * lanes + l], ss[(18 + j) * lanes + l] = t2, t3
+    for i in range(4):
+        for l in range(lanes):
+            at_row = 6 * i * lanes + l
+            o0, o1, o2, o3 = _output_line4(ss[at_row], ss[at_row + lanes], ss[at_row + 2 * lanes],
+                                           ss[at_row + 3 * lanes], ss[at_row + 4 * lanes], ss[at_row + 5 * lanes])
+            bias = b_vec[l]
+            o0, o1, o2, o3 = bias + o0, bias + o1, bias + o2, bias + o3
+            check += (o0 + o1 + o2 + o3) * zero
+            outs[4 * i * lanes + l] = floor if o0 < floor else o0  # ReLU; NaN < floor is false: NaN stays
+            outs[(4 * i + 1) * lanes + l] = floor if o1 < floor else o1
+            outs[(4 * i + 2) * lanes + l] = floor if o2 < floor else o2
+            outs[(4 * i + 3) * lanes + l] = floor if o3 < floor else o3
     return check
 
 
