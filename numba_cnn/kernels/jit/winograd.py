@@ -130,8 +130,8 @@ def winograd_conv(x, w, b, relu, padding, pool):
     y = reusable_output((n, p // 2, q // 2, k) if pool else (n, p, q, k), x.dtype)
     argmax = reusable_output(y.shape, np.uint8) if pool else np.empty((1, 1, 1, 1), np.uint8)
     finite = scratch("winograd.finite", (n,), np.bool_)
-    _KERNELS[size, out, lanes](x_cl, x_top, x_left, u, bp, x.dtype.type(0 if relu else -np.inf), tile_rows, tile_cols,
-                          pool, get_num_threads(), y, argmax, finite)
+    _KERNELS[size, out, lanes](x_cl, x_top, x_left, u, bp, x.dtype.type(0 if relu else -np.inf), tile_rows,
+                               tile_cols, pool, get_num_threads(), y, argmax, finite)
     if not finite.all():
         return None
     computed_tiles = _computed_tiles(tile_rows, tile_cols, rows)
