@@ -135,3 +135,15 @@ def on_host(backend, result):
     if isinstance(result, tuple):
         return tuple(on_host(backend, r) for r in result)
     return None if result is None else np.asarray(backend.to_host(result))
+
+
+@pytest.fixture(params=[2, 4], ids=["F2x2", "F4x4"])
+def winograd_tile(request, monkeypatch):
+    """The output tile (dy's tile, for the weight gradient) every 3x3 Winograd call of the jit backend takes in the
+    test: the glue's share (and the weight gradient's least tile count) set so that it never or always chooses the
+    4x4 tile."""
+    from numba_cnn.kernels.jit import winograd, winograd_grad
+
+    monkeypatch.setattr(winograd, "WINOGRAD_4X4_SHARE", 0.0 if request.param == 2 else 1e9)
+    monkeypatch.setattr(winograd_grad, "WINOGRAD_GRAD_4X4_TILES", 0)
+    return request.param

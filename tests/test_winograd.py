@@ -39,12 +39,9 @@ def _winograd_paths(log):
     return [path for path in log.paths if "Winograd" in path]
 
 
-@pytest.fixture(params=[2, 4], ids=["F2x2", "F4x4"])
-def tile(request, monkeypatch):
-    """The output tile every 3x3 Winograd call takes in the test: the glue's share set so that it never or always
-    chooses F(4x4, 3x3)."""
-    monkeypatch.setattr(winograd, "WINOGRAD_4X4_SHARE", 0.0 if request.param == 2 else 1e9)
-    return f"F({request.param}x{request.param}, 3x3)"
+@pytest.fixture
+def tile(winograd_tile):
+    return f"F({winograd_tile}x{winograd_tile}, 3x3)"
 
 
 def _operands(rng, shape, k, dtype):
@@ -255,5 +252,6 @@ def test_kernels_inlining_the_stages_carry_their_source_stamp():
     assert winograd_stages.STAGES_STAMP == stamp
     for kernel in (tiles._winograd_wide, tiles._winograd_narrow, tiles._winograd4_wide, tiles._winograd4_narrow,
                    tiles._winograd5_wide, tiles._winograd5_narrow,
-                   winograd_grad._winograd_weight_grad, winograd_grad._winograd5_weight_grad):
+                   winograd_grad._winograd_weight_grad, winograd_grad._winograd4_weight_grad,
+                   winograd_grad._winograd5_weight_grad):
         assert stamp in [cell.cell_contents for cell in kernel.py_func.__closure__], kernel

@@ -1,6 +1,7 @@
-"""The jit backend's Winograd weight gradient, F(3x3, 2x2) and F(5x5, 2x2) (jit/winograd_grad.py): which layers take
-it, dw and db (and dx, Winograd's where it fits) against the float64 oracle on awkward shapes (odd output sizes, whose last tiles hold zeros past dy; 'same', 'valid'
-and uneven padding; output channels off the transform's vector and the lanes; fewer and more images than the fixed
+"""The jit backend's Winograd weight gradient, F(3x3, 2x2), F(3x3, 4x4) and F(5x5, 2x2) (jit/winograd_grad.py), 3x3
+with each of dy's tiles forced in turn: which layers take it, dw and db (and dx, Winograd's where it fits) against
+the float64 oracle on awkward shapes (odd output sizes, whose last tiles hold zeros past dy; 'same', 'valid' and
+uneven padding; output channels off the transform's vector and the lanes; fewer and more images than the fixed
 chunks; float32 and float64), the same bits for either layout of x and dy and with and without dx, on one and two
 threads, against central differences in float64, and non-finite operands sent to the direct kernels with the
 oracle's NaN and inf."""
@@ -43,7 +44,7 @@ def _operands(rng, shape, k, padding, dtype, size=3):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size,shape,k,padding", SHAPES)
-def test_weight_gradient_matches_the_oracle_in_either_layout(size, shape, k, padding, dtype, rng):
+def test_weight_gradient_matches_the_oracle_in_either_layout(size, shape, k, padding, dtype, winograd_tile, rng):
     """dw and db against the float64 oracle, the path named (and dx's, Winograd's where it fits dy's channels);
     the same bits for x and dy stored either way and with and without dx (dx then the oracle's too)."""
     x, w, _, dy = _operands(rng, shape, k, padding, dtype, size)
@@ -56,8 +57,8 @@ def test_weight_gradient_matches_the_oracle_in_either_layout(size, shape, k, pad
         for x_in, dy_in in ((x, dy), (channels_last(x), channels_last(dy)), (x, channels_last(dy))):
             with PathLog() as log:
                 dx, dw, db = jit.conv2d_backward(dy_in, x_in, w, need_dx, 1, padding)
-            assert len(log.paths) == 1 and winograd_grad.winograd_grad_path(size) in log.paths[0], log.paths
-            out = 4 if size == 3 else 2
+            out = winograd_tile if size == 3 else 2
+            assert len(log.paths) == 1 and winograd_grad.winograd_grad_path(size, out) in log.paths[0], log.paths
             assert (f"dx by Winograd F({out}x{out}, {size}x{size})" in log.paths[0]) == (need_dx and dx_fits), log.paths
             assert (dx is None) != need_dx
             if need_dx:
@@ -72,16 +73,16 @@ def test_weight_gradient_matches_the_oracle_in_either_layout(size, shape, k, pad
 
 
 @pytest.mark.parametrize("wrt", ["x", "w", "b"])
-def test_backward_matches_finite_differences(wrt, rng):
+def test_backward_matches_finite_differences(wrt, winograd_tile, rng):
     """In float64, dx, dw and db against central differences of the forward, plain and through the fused ReLU."""
     padding = (1, 0, 1, 1)
     x, w, b, dy = _operands(rng, (2, C1, 5, 7), 24, padding, np.float64)
     assert_conv_backward_matches(jit, x, w, b, dy, padding, wrt,
-                                 lambda path: winograd_grad.WINOGRAD_GRAD_PATH in path, "Winograd dw")
+                                 lambda path: winograd_grad.winograd_grad_path(3, winograd_tile) in path, "Winograd dw")
 
 
 @pytest.mark.parametrize("size", [3, 5])
-def test_one_and_two_threads_give_identical_bits(size, rng):
+def test_one_and_two_threads_give_identical_bits(size, winograd_tile, rng):
     """The forward (Winograd's for both sizes), dx, dw and db: the same bits on one and two threads."""
     padding = (size // 2,) * 4
     x, w, b, dy = _operands(rng, (GRAD_IMAGE_CHUNKS + 5, C2, 10, 12), 2 * LANES, padding, np.float32, size)
@@ -99,7 +100,7 @@ def test_one_and_two_threads_give_identical_bits(size, rng):
 
 
 @pytest.mark.parametrize("where", ["x", "dy"])
-def test_non_finite_operands_take_the_direct_kernels(where, rng):
+def test_non_finite_operands_take_the_direct_kernels(where, winograd_tile, rng):
     """An inf or NaN in x or dy: the transforms would turn inf into NaN, so the direct tiles compute dw and db, with
     the oracle's NaN and inf in the same places."""
     padding = (1, 1, 1, 1)
@@ -110,12 +111,21 @@ def test_non_finite_operands_take_the_direct_kernels(where, rng):
     with PathLog() as log, np.errstate(invalid="ignore", over="ignore"):
         _, dw, db = jit.conv2d_backward(dy, x, w, False, 1, padding)
         want = reference.conv2d_backward(dy.astype(np.float64), x, w, False, 1, padding)
-    assert not any(winograd_grad.WINOGRAD_GRAD_PATH in path for path in log.paths), log.paths
+    assert not any("dw by Winograd" in path for path in log.paths), log.paths
     for name, got, expected in (("dw", dw, want[1]), ("db", db, want[2])):
         assert np.array_equal(np.isnan(got), np.isnan(expected)), name
         assert np.array_equal(np.isinf(got), np.isinf(expected)), name
         finite = np.isfinite(expected)
         reference.assert_close(got[finite], expected[finite], np.float32, name)
+
+
+def test_dy_takes_4x4_tiles_where_an_image_has_16_of_them(rng):
+    """F(3x3, 4x4) for a 16x16 dy (16 tiles an image), F(3x3, 2x2) for 8x8 (4 tiles of 4x4: too few for a band)."""
+    for side, out in ((16, 4), (8, 2)):
+        x, w, _, dy = _operands(rng, (2, C1, side, side), 32, (1, 1, 1, 1), np.float32)
+        with PathLog() as log:
+            jit.conv2d_backward(dy, x, w, False, 1, (1, 1, 1, 1))
+        assert winograd_grad.winograd_grad_path(3, out) in log.paths[0], log.paths
 
 
 def test_which_layers_take_it():

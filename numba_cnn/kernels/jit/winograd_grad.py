@@ -1,7 +1,7 @@
-"""The jit backend's Winograd weight gradient of a 3x3 or 5x5 stride-1 convolution, F(3x3, 2x2) and F(5x5, 2x2):
-the weight gradient is itself a correlation, of the padded input with dy, whose "output" is the kernel and whose
-"filter" is a 2x2 tile of dy. Host side and kernel in one file; the kernel inlines winograd_stages.py's stages and
-closes over its source stamp, so Numba's cache sees a change there too.
+"""The jit backend's Winograd weight gradient of a 3x3 or 5x5 stride-1 convolution, F(3x3, 2x2) (or F(3x3, 4x4)
+where dy has enough 4x4 tiles) and F(5x5, 2x2): the weight gradient is itself a correlation, of the padded input with
+dy, whose "output" is the kernel and whose "filter" is a tile of dy. Host side and kernel in one file; the kernel
+inlines winograd_stages.py's stages and closes over its source stamp, so Numba's cache sees a change there too.
 
 Why it is exact. The forward's F(2x2, size x size) (winograd.py) computes y = A^T [(G w G^T) * (B^T d B)] A for the
 tile's window d, and that equals the direct sum for every w. So sum_ij y_ij g_ij (g: the tile's 2x2 of dy) can be
@@ -10,11 +10,12 @@ sum_rs w_rs [G^T ((A g A^T) * (B^T d B)) G]_rs; as both hold for every w, the ti
 (B^T d B)] G. Summed over the tiles of the batch, the transform back (G^T . G) is applied once per (k, c) pair:
 
     M[e, c, k] = sum over tiles t of V[t, e, c] * Z[t, e, k],   V = B^T d B (x's window), Z = A g A^T
-    dw[k, c] = G^T M[:, c, k] G                                 (e = (size + 1) a + b, the tile's elements)
+    dw[k, c] = G^T M[:, c, k] G                                 (e = window a + b, the tile's elements)
 
-16 products per tile and (c, k) pair for 3x3 against the direct 36 (4 outputs x 9 taps), 36 for 5x5 against 100.
+16 products per 2x2 tile and (c, k) pair for 3x3 against the direct 36 (4 outputs x 9 taps), 36 per 4x4 tile
+against 144 (its A and G are F(4x4, 3x3)'s, its windows 6x6), 36 for 5x5 against 100.
 M is a matrix product per element over the tiles (the reduction dimension: images x tiles), each a (C x K)
-register tile summed over a band of tiles. db is the sum of each tile's four dy values.
+register tile summed over a band of tiles. db is the sum of each tile's dy values.
 
 `_make_winograd_weight_grad`: a task per fixed chunk of images (GRAD_IMAGE_CHUNKS, so the sums do not depend on the
 thread count); per image and band of tiles, V and Z of every tile into two buffers that stay in L2, then the
@@ -31,9 +32,10 @@ from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_align
                                           tile_allocator)
 from numba_cnn.kernels.jit.buffers import nhwc, round_up, scratch
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK, _winograd_sandwich
-from numba_cnn.kernels.jit.winograd import WINOGRAD_G
+from numba_cnn.kernels.jit.winograd import WINOGRAD_G, winograd_output_tile
 from numba_cnn.kernels.jit.winograd_stages import (STAGES_STAMP, _grad_products, _gradient_transform4,
-                                                   _gradient_transform6, _load_window, _tile_input)
+                                                   _gradient_transform6, _gradient_transform6x4, _load_window,
+                                                   _tile_input)
 
 # (rows of input channels, lanes of output channels) of the products' register tile, and tiles per band
 if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
@@ -41,17 +43,18 @@ if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
 else:
     WINOGRAD_GRAD_TILE = (4, 16)  # 8 ymm
 WINOGRAD_GRAD_BAND = 32
-# G^T of F(2x2, 3x3) and F(2x2, 5x5): the transforms back of this kernel's 4x4 and 6x6 elements
-WINOGRAD_G_T = {size: np.ascontiguousarray(WINOGRAD_G[size, 2].T) for size in (3, 5)}
+# dy's 4x4 tiles (F(3x3, 4x4)) from this many per image on, where winograd.py's share also favours them: the products
+# sum over an image's band of tiles, and a band of fewer loads and stores its accumulators for too few steps
+WINOGRAD_GRAD_4X4_TILES = 16
+# G^T by (kernel size, dy's tile): the transforms back of this kernel's elements
+WINOGRAD_G_T = {key: np.ascontiguousarray(g.T) for key, g in WINOGRAD_G.items()}
 
 
-def winograd_grad_path(size):
+def winograd_grad_path(size, out=2):
     """The path's description that bench and the tests read."""
-    return (f"dw by Winograd F({size}x{size}, 2x2), products in tiles of {WINOGRAD_GRAD_TILE[0]} input x "
+    return (f"dw by Winograd F({size}x{size}, {out}x{out}), products in tiles of {WINOGRAD_GRAD_TILE[0]} input x "
             f"{WINOGRAD_GRAD_TILE[1]} output channels")
 
-
-WINOGRAD_GRAD_PATH = winograd_grad_path(3)
 
 
 def winograd_grad_fits(w_shape, stride):
@@ -69,11 +72,14 @@ def winograd_weight_grad(dy, x, padding, size=3):
     n, k, p, q = dy.shape
     c = x.shape[1]
     rows, lanes = WINOGRAD_GRAD_TILE
-    elements = (size + 1) ** 2
+    # the products sum over the tiles: no rounding to register tiles
+    out = winograd_output_tile(size, p, q, 1) if -(-p // 4) * -(-q // 4) >= WINOGRAD_GRAD_4X4_TILES else 2
+    window = out + size - 1
+    elements = window * window
     k_padded = round_up(k, lanes)
-    tile_rows, tile_cols = (p + 1) // 2, (q + 1) // 2
+    tile_rows, tile_cols = -(-p // out), -(-q // out)
     chunks = min(GRAD_IMAGE_CHUNKS, n)
-    mt = scratch(f"winograd_grad.m{size}", (chunks, elements, c * k_padded), x.dtype)
+    mt = scratch(f"winograd_grad.m{size}x{out}", (chunks, elements, c * k_padded), x.dtype)
     dbt = scratch("winograd_grad.db", (chunks, k_padded), x.dtype)
     if k % WINOGRAD_CHUNK:  # the transform reads whole vectors of channels: zero channels up to one
         dy_cl = scratch("winograd_grad.dy", (n, p, q, round_up(k, WINOGRAD_CHUNK)), dy.dtype)
@@ -81,28 +87,27 @@ def winograd_weight_grad(dy, x, padding, size=3):
         dy_cl[..., :k] = dy.transpose(0, 2, 3, 1)
     else:
         dy_cl = nhwc(dy)
-    kernel = _winograd_weight_grad if size == 3 else _winograd5_weight_grad
-    kernel(nhwc(x), padding[0], padding[2], dy_cl, tile_rows, tile_cols, mt, dbt)
+    _KERNELS[size, out](nhwc(x), padding[0], padding[2], dy_cl, tile_rows, tile_cols, mt, dbt)
     m = mt[0].astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):  # an inf or NaN operand: the result is checked below
         for h in range(1, chunks):  # the chunks in order, in float64: the same sums whatever the thread count
             m += mt[h]
     dw_rs = np.empty((size * size, c, k), x.dtype)
-    m_rs = m.reshape(size + 1, size + 1, c, k_padded)[..., :k]
-    _winograd_sandwich(m_rs, WINOGRAD_G_T[size], dw_rs)  # G^T M G, rounded once
+    m_rs = m.reshape(window, window, c, k_padded)[..., :k]
+    _winograd_sandwich(m_rs, WINOGRAD_G_T[size, out], dw_rs)  # G^T M G, rounded once
     dw = np.ascontiguousarray(dw_rs.reshape(size, size, c, k).transpose(3, 2, 0, 1))
     db = dbt.sum(axis=0, dtype=np.float64)[:k].astype(x.dtype)
     if not (np.isfinite(dw).all() and np.isfinite(db).all()):
         return None
-    return dw, db, n * tile_rows * tile_cols * elements * c * k_padded, winograd_grad_path(size)
+    return dw, db, n * tile_rows * tile_cols * elements * c * k_padded, winograd_grad_path(size, out)
 
 
-def _make_winograd_weight_grad(size, rows, lanes, chunk, band):
-    window = size + 1
+def _make_winograd_weight_grad(size, out, rows, lanes, chunk, band):
+    window = out + size - 1
     elements = window * window
     tile = rows * lanes
     staged = elements * chunk
-    quad = 4 * chunk
+    dy_tile = out * out * chunk
     _stack_tile = tile_allocator()
     stages = STAGES_STAMP
 
@@ -125,7 +130,7 @@ def _make_winograd_weight_grad(size, rows, lanes, chunk, band):
             d = _stack_tile(staged, x_cl.dtype)
             tt = _stack_tile(staged, x_cl.dtype)
             vv = _stack_tile(staged, x_cl.dtype)
-            g = _stack_tile(quad, x_cl.dtype)
+            g = _stack_tile(dy_tile, x_cl.dtype)
             zeros = _stack_tile(chunk, x_cl.dtype)
             for l in range(chunk):
                 zeros[l] = zero
@@ -149,10 +154,13 @@ def _make_winograd_weight_grad(size, rows, lanes, chunk, band):
                     n_band = min(band, n_tiles - t0)
                     for t in range(n_band):
                         tr, tc = (t0 + t) // tile_cols, (t0 + t) % tile_cols
-                        _tile_input(v, t * c, d, tt, vv, x_cl, n, 2 * tr - top, 2 * tc - left, chunk, zeros, window)
+                        _tile_input(v, t * c, d, tt, vv, x_cl, n, out * tr - top, out * tc - left, chunk, zeros,
+                                    window)
                         for k0 in range(0, n_out, chunk):
-                            _load_window(g, dy, n, 2 * tr, 2 * tc, k0, chunk, zeros, 2)  # zeros past P or Q
-                            if size == 3:
+                            _load_window(g, dy, n, out * tr, out * tc, k0, chunk, zeros, out)  # zeros past P or Q
+                            if out == 4:
+                                _gradient_transform6x4(g, tt, vv, sums[k0:k0 + chunk], chunk)
+                            elif size == 3:
                                 _gradient_transform4(g, vv, sums[k0:k0 + chunk], chunk)
                             else:
                                 _gradient_transform6(g, vv, sums[k0:k0 + chunk], chunk)
@@ -163,5 +171,7 @@ def _make_winograd_weight_grad(size, rows, lanes, chunk, band):
     return winograd_weight_grad
 
 
-_winograd_weight_grad = _make_winograd_weight_grad(3, *WINOGRAD_GRAD_TILE, WINOGRAD_CHUNK, WINOGRAD_GRAD_BAND)
-_winograd5_weight_grad = _make_winograd_weight_grad(5, *WINOGRAD_GRAD_TILE, WINOGRAD_CHUNK, WINOGRAD_GRAD_BAND)
+_winograd_weight_grad = _make_winograd_weight_grad(3, 2, *WINOGRAD_GRAD_TILE, WINOGRAD_CHUNK, WINOGRAD_GRAD_BAND)
+_winograd4_weight_grad = _make_winograd_weight_grad(3, 4, *WINOGRAD_GRAD_TILE, WINOGRAD_CHUNK, WINOGRAD_GRAD_BAND)
+_winograd5_weight_grad = _make_winograd_weight_grad(5, 2, *WINOGRAD_GRAD_TILE, WINOGRAD_CHUNK, WINOGRAD_GRAD_BAND)
+_KERNELS = {(3, 2): _winograd_weight_grad, (3, 4): _winograd4_weight_grad, (5, 2): _winograd5_weight_grad}

@@ -250,6 +250,41 @@ def _gradient_transform6(g, vv, sums, chunk):
 
 
 @njit(inline="always")
+def _gradient_line4(x0, x1, x2, x3):
+    """A x for one 4-vector, F(4x4, 3x3)'s A (rows (1, 0, 0, 0), (1, 1, 1, 1), (1, -1, 1, -1), (1, 2, 4, 8),
+    (1, -2, 4, -8), (0, 0, 0, 1)), the multiples as sums."""
+    even, odd = x0 + x2, x1 + x3
+    x2_2, x3_2 = x2 + x2, x3 + x3
+    x3_4 = x3_2 + x3_2
+    even_4, odd_2 = x0 + (x2_2 + x2_2), (x1 + x1) + (x3_4 + x3_4)
+    return x0, even + odd, even - odd, even_4 + odd_2, even_4 - odd_2, x3
+
+
+@njit(inline="always")
+def _gradient_transform6x4(g, tt, vv, sums, chunk):
+    """_gradient_transform4 for a 4x4 tile of dy (F(3x3, 4x4)): vv[(6a + b) * chunk + l] = (A g A^T)[a, b] of
+    g[(4i + j) * chunk + l], A on the columns of g into tt (6 rows of 4), then on each of tt's rows; offsets into
+    the whole tiles (no views); sums[l] += the tile's 16 values."""
+    for l in range(chunk):
+        total = g[l]
+        for e in range(1, 16):
+            total += g[e * chunk + l]
+        sums[l] += total
+    for j in range(4):
+        for l in range(chunk):
+            at = j * chunk + l
+            a0, a1, a2, a3, a4, a5 = _gradient_line4(g[at], g[at + 4 * chunk], g[at + 8 * chunk], g[at + 12 * chunk])
+            tt[at], tt[at + 4 * chunk], tt[at + 8 * chunk] = a0, a1, a2
+            tt[at + 12 * chunk], tt[at + 16 * chunk], tt[at + 20 * chunk] = a3, a4, a5
+    for a in range(6):
+        for l in range(chunk):
+            at, to = 4 * a * chunk + l, 6 * a * chunk + l
+            z0, z1, z2, z3, z4, z5 = _gradient_line4(tt[at], tt[at + chunk], tt[at + 2 * chunk], tt[at + 3 * chunk])
+            vv[to], vv[to + chunk], vv[to + 2 * chunk] = z0, z1, z2
+            vv[to + 3 * chunk], vv[to + 4 * chunk], vv[to + 5 * chunk] = z3, z4, z5
+
+
+@njit(inline="always")
 def _forward_products(v, u, m, acc, xs, n_band, c, k0, zero, elements, rows, lanes):
     """m[e, t * lanes + l] = sum over ch of v[e, t * c + ch] u[e, ch, k0 + l] for the band's n_band tiles (rounded up
     to `rows`: the last rows may read stale V) and each element e: register tiles of `rows` tiles x `lanes` output
