@@ -56,7 +56,6 @@ def winograd_grad_path(size, out=2):
             f"{WINOGRAD_GRAD_TILE[1]} output channels")
 
 
-
 def winograd_grad_fits(w_shape, stride):
     """Whether a layer's weight gradient takes this kernel: 3x3 or 5x5, stride 1, input channels a multiple of the
     transform's vector (WINOGRAD_CHUNK), as for the forward (output channels any: dy is then copied with zero

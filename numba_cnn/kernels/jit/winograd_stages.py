@@ -234,8 +234,8 @@ def _pair_row6(vv, row, chunk, l, x0, x1):
 @njit(inline="always")
 def _gradient_transform6(g, vv, sums, chunk):
     """_gradient_transform4 for the 5x5 kernels: vv[(6a + b) * chunk + l] = (A g A^T)[a, b], A on the columns of g
-    then on each of the 6 rows, all in registers per lane (a pass through a stack tile, by views at each row, was
-    five times slower); sums[l] += the tile's four values."""
+    then on each of the 6 rows, all in registers per lane (a pass through a stack tile read back by a view per row
+    compiled to much slower code: docs/numba.md, trap 13); sums[l] += the tile's four values."""
     for l in range(chunk):
         g0, g1, g2, g3 = g[l], g[chunk + l], g[2 * chunk + l], g[3 * chunk + l]
         sums[l] += (g0 + g2) + (g1 + g3)
