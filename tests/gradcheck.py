@@ -49,8 +49,8 @@ def dotted_with(fn, upstream):
     return lambda a: float(np.vdot(np.asarray(fn(a), dtype=np.float64), upstream))
 
 
-def assert_conv_backward_matches(backend, x, w, b, dy, padding, wrt, took_path, what):
-    """A stride-1 convolution's backward on `backend` (the jit backend: it has the fused ReLU backward) against
+def assert_conv_backward_matches(backend, x, w, b, dy, padding, wrt, took_path, what, stride=1):
+    """A convolution's backward on `backend` (the jit backend: it has the fused ReLU backward) against
     central differences of its own forward, for the gradient with respect to `wrt` ("x", "w" or "b"): conv2d_backward
     of the plain forward and conv2d_relu_backward of the ReLU'd one (skipped when an output lies within the step of
     the ReLU's kink), each call's PathLog entries ("op: path") passing took_path."""
@@ -63,15 +63,15 @@ def assert_conv_backward_matches(backend, x, w, b, dy, padding, wrt, took_path, 
     for relu in (False, True):
         def forward(a):
             args = dict(inputs, **{wrt: a})
-            return backend.conv2d_forward(args["x"], args["w"], args["b"], relu, 1, padding).copy()
+            return backend.conv2d_forward(args["x"], args["w"], args["b"], relu, stride, padding).copy()
 
         y = forward(inputs[wrt])
         with PathLog() as log:
-            grads = (backend.conv2d_relu_backward(dy, y, x, w, True, 1, padding) if relu
-                     else backend.conv2d_backward(dy, x, w, True, 1, padding))
+            grads = (backend.conv2d_relu_backward(dy, y, x, w, True, stride, padding) if relu
+                     else backend.conv2d_backward(dy, x, w, True, stride, padding))
         assert all(took_path(path) for path in log.paths), log.paths
         # coordinates whose +-step moves some ReLU input across zero are skipped: the function has a kink there
-        pre = backend.conv2d_forward(x, w, b, False, 1, padding)
+        pre = backend.conv2d_forward(x, w, b, False, stride, padding)
         if relu and np.abs(pre).min() < 1e-4:
             pytest.skip("an output within the step of the ReLU's kink")
         assert_gradient_matches(grads[index], dotted_with(forward, dy), inputs[wrt].copy(),

@@ -8,7 +8,8 @@ tiles), norm.py (pooling of other windows, average pooling, batch normalisation)
 listed kernels, channels-last packing), winograd_grad.py (Winograd's weight gradient, 3x3 and 5x5) and layers.py
 (dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (the Winograd stages they
 share, winograd_stages.py, by its stamp); this file holds the contract functions and the host-side glue that packs
-inputs and calls them (Winograd's in winograd.py, batch normalisation's in batchnorm.py, pooling's in pooling.py).
+inputs and calls them (Winograd's in winograd.py, the strided layers' phases in polyphase.py, batch normalisation's
+in batchnorm.py, pooling's in pooling.py).
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
@@ -19,11 +20,10 @@ of the instruction set numba compiles for (`_numba_ext.TILE_BITS` / `TILE_REGIST
 NUMBA_CPU_NAME/FEATURES): an AVX2 target has 16 ymm registers, so a tile of at most 12 accumulators; an AVX-512
 target 32 zmm.
 
-Layout. The ops take NCHW arrays stored either way (INFO.channels_last: the registry passes an NHWC buffer viewed
-as NCHW through as it is), and conv1's fused ops hand the next ones channels-last arrays: conv1's pooled output and
-argmax, and conv2's input gradient, so the activation between the two convolutions is never transposed (which
-saves the packing in conv2's forward and again in its backward, and the transposes in both backward kernels).
-Where a kernel reads the other layout, `nchw` / `nhwc` (jit/buffers.py) copy.
+Layout. The ops take NCHW arrays stored either way (INFO.channels_last: an NHWC buffer viewed as NCHW passes
+through as it is), and most kernels hand the next layer channels-last arrays (conv1's fused ops, Winograd's, the
+strided ones), so activations are not transposed between layers. Where a kernel reads the other layout, `nchw` /
+`nhwc` (jit/buffers.py) copy.
 
 conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channels-last (N, H, W, C) by
                  `_pack_channels_last` (a view when x is stored so, a free reshape when C = 1; with padding, numpy's
@@ -42,16 +42,15 @@ conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channe
                  tiles.py's `_winograd*`, F(4x4, 3x3) (36 products per tile, not 144) or, where its tiles waste
                  more, F(2x2, 3x3) (16, not 36), as matrix products in register tiles; output channels-last.
                  5x5 on the same terms (not fused with a pool): F(2x2, 5x5), 36 products per tile, not 100.
-                 stride >= 2, general.py's `_strided_forward`: the same tile (columns x lanes, bias seeded, (r, s, c)
-                 order) over the padded channels-last input, its columns read `stride` apart; the last column tile
-                 clamps its reads instead of overlapping. Channels-last output (a tile's lanes are a pixel's).
+                 stride >= 2: polyphase.py's phase layer where Winograd takes it (5x5 stride 2: x's four phases
+                 stacked along the channels, a 3x3 stride-1 convolution of 4C channels); else general.py's
+                 `_strided_forward`: the same tile over the padded channels-last input, its columns read `stride`
+                 apart, the last column tile clamping its reads. Channels-last output (a tile's lanes are a pixel's).
 conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K padded) by `_pack_channels_last`;
-                 tiles of 3 taps along a kernel row x lanes; the (channel, row, tap block, lane block) tiles are
-                 split into one contiguous range per thread, images outermost, so each thread streams dy once;
-                 with few tiles (conv1: 3) the images are cut into GRAD_IMAGE_CHUNKS fixed chunks instead, a task
-                 taking every tile of its chunk (an image's dy read once into L2 for all), and the chunks' partial
-                 sums are added in chunk order; every dw element is summed in the same order whatever the thread
-                 count.
+                 tiles of 3 taps along a kernel row x lanes, split into one contiguous range per thread, images
+                 outermost, so each thread streams dy once; with few tiles (conv1: 3) the images are cut into
+                 GRAD_IMAGE_CHUNKS fixed chunks instead, a task per chunk, the chunks' sums added in chunk order:
+                 every dw element is summed in the same order whatever the thread count.
                  db: per-image sums made by `_pack_channels_last` while it repacks, added up image by image.
                  dx: the full correlation of dy with the flipped kernel through the forward's `_conv_tile_*`
                  (bias 0, no ReLU), reading the same channels-last dy, packed with S-1 zero columns on each side;
@@ -63,14 +62,12 @@ conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K
                  tile of dy and pair, not 36; 5x5: F(5x5, 2x2)); non-finite result: dw tiles.
                  Where the forward takes the column tile (and x and w are finite): columns.py's column tiles for
                  dw and for dx over dy in a zero border, NCHW, no channels-last copy.
-                 stride >= 2, general.py: dy packed as above (ceil((S-1)/stride) zero columns on each side for dx),
-                 x padded channels-last. dw: `_strided_weight_grad`, per tap a tile of input channels x output
-                 lanes summed over (n, i, j); tasks (image chunk, tile) fixed by the shapes (GRAD_IMAGE_CHUNKS
-                 chunks, each read from cache by all its tiles), chunks added in order. dx:
-                 `_strided_input_grad`, a gather writing each element once: per input row and column phase (the
-                 columns one set of taps reaches, from consecutive dy columns), a tile of those columns x input
-                 channel lanes (CONV_TILE_SMALL's for up to its lanes of channels) summed over the valid taps and
-                 the output channels; elements no output reads get 0.
+                 stride >= 2: the phase layer's Winograd dw and dx where the forward takes it; else general.py,
+                 x padded channels-last, dy packed as above (ceil((S-1)/stride) zero columns a side for dx). dw:
+                 `_strided_weight_grad`, per tap a tile of input channels x output lanes summed over (n, i, j) in
+                 fixed image chunks added in order. dx: `_strided_input_grad`, a gather writing each element once:
+                 per input row and column phase, a tile of those columns x input channel lanes summed over the
+                 valid taps and the output channels; elements no output reads get 0.
                  Non-finite weights (any stride) take `_input_grad_by_taps` for dx, which multiplies only the
                  products the convolution has, never the zero padding of dy.
 maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, channel) planes; forward compares
@@ -116,17 +113,15 @@ conv2d_relu_maxpool2d_backward  with finite x and w, over the list of the conv o
 conv2d_relu_backward  conv2d_backward of the ReLU's select: the column tiles take it as they copy dy (one pass
                  less over the activation), the other paths call layers.relu_backward first; the same bits.
 
-Buffers: packed data in per-thread scratch buffers; the arrays returned from the caller's OutputArena, else fresh;
-all start on a cache line (buffers.aligned_empty).
-
 Results do not depend on the thread count (bitwise): forward and dx split over images, dw as above, db from fixed
 per-image sums, pooling over planes, batch normalisation's sums one channel per prange iteration, dropout's mask
 from a counter-based generator (layers.py). All float work is in the input's dtype (float32 or float64), but for
 the float64 sums of average pooling and batch normalisation.
 
-Compilation: every kernel goes through `_numba_ext.jit` (one set of options; the disk cache and NUMBA_CNN_CACHE are
-described there) and compiles on its first call for a dtype; on a cold cache, training's warm-up compiles the float32
-kernels its network uses, in two processes at once (`precompile`, jit/cold_compile.py).
+Buffers (jit/buffers.py): packed data in per-thread scratch buffers, returned arrays from the caller's OutputArena.
+Compilation: every kernel goes through `_numba_ext.jit` (its options, the disk cache, NUMBA_CNN_CACHE) and compiles on
+its first call for a dtype; on a cold cache, training's warm-up compiles the float32 kernels its network uses, in two
+processes at once (`precompile`, jit/cold_compile.py).
 """
 
 import numpy as np
@@ -149,6 +144,7 @@ from numba_cnn.kernels.jit.columns import (COLUMN_TILE, column_backward, column_
 from numba_cnn.kernels.jit.general import (_strided_forward, _strided_input_grad, _strided_input_grad_small,
                                            _strided_weight_grad, _weight_grad_narrow, _weight_grad_wide)
 from numba_cnn.kernels.jit.paths import PathLog, note  # noqa: F401  (PathLog: what the callers open)
+from numba_cnn.kernels.jit.polyphase import polyphase_backward, polyphase_forward
 from numba_cnn.kernels.jit.winograd import winograd_conv, winograd_fits
 from numba_cnn.kernels.jit.winograd_grad import winograd_grad_fits, winograd_weight_grad
 from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation's host side, plain and fused
@@ -308,6 +304,7 @@ def _strided_forward_glue(x, w, b, relu, stride, padding):
     xp = padded_channels_last(x, padding)
     wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, STRIDED_TILE[0], x.dtype)
     y = reusable_output((n, p, q, k), x.dtype)  # channels-last, as the tile holds it and the next layer reads it
+    note("conv2d_forward", f"strided tile {STRIDED_TILE[0]} lanes x {STRIDED_TILE[1]} columns", y.size * c * r * s)
     _strided_forward(xp, wt, bp, x.dtype.type(0 if relu else -np.inf), stride, y)
     return y.transpose(0, 3, 1, 2)
 
@@ -319,6 +316,7 @@ def _strided_backward(dy, x, w, need_dx, stride, padding):
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     lanes = STRIDED_GRAD_TILE[1]
+    note("conv2d_backward", "strided dw tiles, dx gathered by column phase", dy.size * c * r * s * (1 + need_dx))
     col_pad = -(-(s - 1) // stride) if need_dx else 0
     dyt, dy_sums = _channels_last(dy, col_pad, round_up(k, lanes), buffer_name="dy_cl")
     db = dy_sums[:, :k].sum(axis=0)
@@ -350,9 +348,9 @@ def conv2d_forward(x, w, b, relu, stride, padding):
     top, bottom, left, right = padding
     out_hw = ((h + top + bottom - r) // stride + 1, (wd + left + right - s) // stride + 1)
     macs = n * k * c * r * s * out_hw[0] * out_hw[1]
-    if stride != 1:
-        note("conv2d_forward", f"strided tile {STRIDED_TILE[0]} lanes x {STRIDED_TILE[1]} columns", macs)
-        return _strided_forward_glue(x, w, b, relu, stride, padding)
+    if stride != 1:  # the phases' stride-1 layer where Winograd takes it
+        y = polyphase_forward(x, w, b, relu, stride, padding)
+        return _strided_forward_glue(x, w, b, relu, stride, padding) if y is None else y
     if narrow_input_fits(x.shape, w.shape, stride, padding):
         return narrow_forward(x, w, b, relu, padding)
     lanes, columns = _conv_tile_shape(k)
@@ -405,9 +403,9 @@ def _conv_backward(dy, x, w, need_dx, stride, padding, relu_y):
         return column_backward(dy, x, w, need_dx, padding, relu_y)
     if relu_y is not None:
         dy = layers.relu_backward(dy, relu_y)
-    if stride != 1:
-        note("conv2d_backward", "strided dw tiles, dx gathered by column phase", dw_macs * (2 if need_dx else 1))
-        return _strided_backward(dy, x, w, need_dx, stride, padding)
+    if stride != 1:  # the phases' stride-1 layer where Winograd takes it
+        return (polyphase_backward(dy, x, w, need_dx, stride, padding)
+                or _strided_backward(dy, x, w, need_dx, stride, padding))
     # dx is the full correlation of the zero-bordered dy with the flipped kernel: a stride-1 convolution of dy
     # padded by R-1-top.. (a product for every tap at every input element), Winograd's where it fits
     dx_padding = (r - 1 - padding[0], r - 1 - padding[1], s - 1 - padding[2], s - 1 - padding[3])
