@@ -139,11 +139,11 @@ def on_host(backend, result):
 
 @pytest.fixture(params=[2, 4], ids=["F2x2", "F4x4"])
 def winograd_tile(request, monkeypatch):
-    """The output tile (dy's tile, for the weight gradient) every 3x3 Winograd call of the jit backend takes in the
-    test: the glue's share (and the weight gradient's least tile count) set so that it never or always chooses the
-    4x4 tile."""
+    """The output tile (dy's tile, for the weight gradient) every Winograd call of the jit backend takes in the test
+    (the weight gradient's: 3x3 only): the glue's shares (and the weight gradient's least tile count) set so that it
+    never or always chooses the 4x4 tile."""
     from numba_cnn.kernels.jit import winograd, winograd_grad
 
-    monkeypatch.setattr(winograd, "WINOGRAD_4X4_SHARE", 0.0 if request.param == 2 else 1e9)
+    monkeypatch.setattr(winograd, "WINOGRAD_4X4_SHARE", dict.fromkeys((3, 5), 0.0 if request.param == 2 else 1e9))
     monkeypatch.setattr(winograd_grad, "WINOGRAD_GRAD_4X4_TILES", 0)
     return request.param

@@ -174,7 +174,8 @@ def test_which_layers_take_it(rng):
 
 def test_the_glue_chooses_the_tile_with_fewer_products_rounded_as_computed():
     """F(4x4, 3x3) where its 36 products per tile, in whole register tiles per band, come to at most
-    WINOGRAD_4X4_SHARE of F(2x2, 3x3)'s 16 per tile; 5x5 keeps F(2x2, 5x5)."""
+    WINOGRAD_4X4_SHARE[3] of F(2x2, 3x3)'s 16 per tile; F(4x4, 5x5) where its 64 come to WINOGRAD_4X4_SHARE[5] of
+    F(2x2, 5x5)'s 36."""
     rows = 4
     # 32 x 32: 64 tiles of 4x4 (2 bands of 32) against 256 of 2x2 (8 bands): 2304 products against 4096
     assert winograd.winograd_output_tile(3, 32, 32, rows) == 4
@@ -182,7 +183,11 @@ def test_the_glue_chooses_the_tile_with_fewer_products_rounded_as_computed():
     assert winograd.winograd_output_tile(3, 10, 10, rows) == 2
     # 4 x 4: one tile, computed as 4, against 4 tiles: 144 against 64
     assert winograd.winograd_output_tile(3, 4, 4, rows) == 2
-    assert winograd.winograd_output_tile(5, 32, 32, rows) == 2
+    # 5x5 at 14 x 14: 16 tiles against 49 rounded to 52, 1024 products against 1872; at 10 x 10 768 against 1008
+    assert winograd.winograd_output_tile(5, 14, 14, rows) == 4
+    assert winograd.winograd_output_tile(5, 10, 10, rows) == 4
+    # 4 x 4: one tile, computed as 4, 256 products against 4 tiles' 144
+    assert winograd.winograd_output_tile(5, 4, 4, rows) == 2
 
 
 @pytest.mark.parametrize("where", ["x", "w"])
@@ -251,7 +256,7 @@ def test_kernels_inlining_the_stages_carry_their_source_stamp():
     stamp = hashlib.sha256(Path(winograd_stages.__file__).read_bytes()).hexdigest()
     assert winograd_stages.STAGES_STAMP == stamp
     for kernel in (tiles._winograd_wide, tiles._winograd_narrow, tiles._winograd4_wide, tiles._winograd4_narrow,
-                   tiles._winograd5_wide, tiles._winograd5_narrow,
+                   tiles._winograd5_wide, tiles._winograd5_narrow, tiles._winograd5x4_wide, tiles._winograd5x4_narrow,
                    winograd_grad._winograd_weight_grad, winograd_grad._winograd4_weight_grad,
                    winograd_grad._winograd5_weight_grad):
         assert stamp in [cell.cell_contents for cell in kernel.py_func.__closure__], kernel

@@ -1,5 +1,5 @@
-"""The jit backend's Winograd kernels for 5x5 (jit/winograd.py and winograd_grad.py, size 5): F(2x2, 5x5) for the
-forward and dx, F(5x5, 2x2) for dw and db (whose oracle checks are test_winograd_grad.py's). The forward against the
+"""The jit backend's Winograd kernels for 5x5 (jit/winograd.py and winograd_grad.py, size 5): F(4x4, 5x5) and
+F(2x2, 5x5) for the forward and dx (each test that computes them runs with each tile forced), F(5x5, 2x2) for dw and db (whose oracle checks are test_winograd_grad.py's). The forward against the
 float64 oracle on awkward shapes (odd output sizes, whose
 last tiles hold zeros past the output; 'same', 'valid' and uneven padding; channel counts off the transform's vector
 and the lanes; fewer and more images than the weight gradient's fixed chunks; float32 and float64), in either
@@ -22,7 +22,7 @@ from numba_cnn.kernels.jit import winograd, winograd_grad  # noqa: E402
 from numba_cnn.kernels.jit.paths import PathLog  # noqa: E402
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW  # noqa: E402
 
-FORWARD, DW = "Winograd F(2x2, 5x5)", "dw by Winograd F(5x5, 2x2)"
+DW = "dw by Winograd F(5x5, 2x2)"
 # more than 8 input channels (fewer take the column tiles) on both targets
 C1, C2 = (max(WINOGRAD_CHUNK, 16) * m for m in (1, 2))
 LANES = WINOGRAD_TILE_NARROW[1]
@@ -36,6 +36,12 @@ SHAPES = [
 ]
 
 
+@pytest.fixture
+def forward(winograd_tile):
+    """The forward's path with the tile forced (conftest's winograd_tile)."""
+    return f"Winograd F({winograd_tile}x{winograd_tile}, 5x5)"
+
+
 def _operands(rng, shape, k, padding, dtype):
     return conv_operands(rng, shape, k, 5, padding, dtype, 0.1)
 
@@ -46,29 +52,29 @@ def _f64(*arrays):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,k,padding", SHAPES)
-def test_forward_matches_the_oracle_in_either_layout(shape, k, padding, dtype, rng):
+def test_forward_matches_the_oracle_in_either_layout(shape, k, padding, dtype, forward, rng):
     x, w, b, _ = _operands(rng, shape, k, padding, dtype)
     for relu in (False, True):
         want = reference.conv2d_forward(*_f64(x, w, b), relu, 1, padding)
         for x_in in (x, channels_last(x)):
             with PathLog() as log:
                 y = jit.conv2d_forward(x_in, w, b, relu, 1, padding)
-            assert len(log.paths) == 1 and log.paths[0].startswith(f"conv2d_forward: {FORWARD}"), log.paths
+            assert len(log.paths) == 1 and log.paths[0].startswith(f"conv2d_forward: {forward}"), log.paths
             assert y.dtype == dtype and y.shape == want.shape
             reference.assert_close(y, want, dtype, f"y relu={relu}")
 
 
 @pytest.mark.parametrize("wrt", ["x", "w", "b"])
-def test_backward_matches_finite_differences(wrt, rng):
-    """In float64, dx, dw and db against central differences of the (Winograd) forward, plain and through the fused
-    ReLU."""
+def test_backward_matches_finite_differences(wrt, forward, rng):
+    """In float64, dx, dw and db against central differences of the (Winograd, each tile) forward, plain and through
+    the fused ReLU."""
     padding = (2, 2, 2, 2)
     x, w, b, dy = _operands(rng, (2, C2, 5, 7), 24, padding, np.float64)
     assert_conv_backward_matches(jit, x, w, b, dy, padding, wrt, lambda path: DW in path, "Winograd 5x5")
 
 
 @pytest.mark.parametrize("where", ["x", "dy"])
-def test_non_finite_operands_take_the_direct_kernels(where, rng):
+def test_non_finite_operands_take_the_direct_kernels(where, forward, rng):
     """An inf or NaN in x (the forward, dw) or dy (dx, dw): the transforms would turn inf into NaN, so the direct
     kernels compute, with the oracle's NaN and inf in the same places."""
     padding = (2, 2, 2, 2)
@@ -84,8 +90,8 @@ def test_non_finite_operands_take_the_direct_kernels(where, rng):
         want = [reference.conv2d_forward(*_f64(x, w, b), False, 1, padding),
                 *reference.conv2d_backward(*_f64(dy, x, w), True, 1, padding)]
     # the forward reads x, dx reads dy, dw both: each takes Winograd only where its operands are finite
-    assert (FORWARD in forward_log.paths[0]) == (where == "dy"), forward_log.paths
-    assert DW not in backward_log.paths[0] and (f"dx by {FORWARD}" in backward_log.paths[0]) == (where == "x")
+    assert (forward in forward_log.paths[0]) == (where == "dy"), forward_log.paths
+    assert DW not in backward_log.paths[0] and (f"dx by {forward}" in backward_log.paths[0]) == (where == "x")
     for name, got_one, expected in zip(("y", "dx", "dw", "db"), got, want):
         assert np.array_equal(np.isnan(got_one), np.isnan(expected)), name
         assert np.array_equal(np.isinf(got_one), np.isinf(expected)), name

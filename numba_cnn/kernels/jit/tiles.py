@@ -15,7 +15,7 @@ from numba import njit, prange
 from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit,
                                           tile_allocator)
 from numba_cnn.kernels.jit.winograd_stages import (STAGES_STAMP, _forward_products, _output4, _output6, _output6x4,
-                                                   _tile_input)
+                                                   _output8x4, _tile_input)
 
 # Tile shapes, (lanes, columns) of the correlation tiles and lanes of the weight-gradient tiles, by the target's
 # vector registers. The one place they are chosen; docs/kernels.md tabulates them.
@@ -189,14 +189,14 @@ def _make_conv_pool(columns, lanes):
 
 def _make_winograd(size, out, rows, lanes, chunk):
     """Winograd convolution kernel F(out x out, size x size): F(2x2, 3x3) on 4x4 windows, F(4x4, 3x3) and
-    F(2x2, 5x5) on 6x6 ones, transformed by the same B^T; matrix-product tiles of `rows` tiles x `lanes` output
-    channels, input channels transformed `chunk` at a time. The stages are winograd_stages.py's."""
+    F(2x2, 5x5) on 6x6 ones, transformed by the same B^T, F(4x4, 5x5) on 8x8 ones; matrix-product tiles of
+    `rows` tiles x `lanes` output channels, input channels transformed `chunk` at a time. The stages are winograd_stages.py's."""
     window = out + size - 1
     elements = window * window
     tile = rows * lanes
     staged = elements * chunk
     outputs = out * out * lanes
-    sums_size = 6 * out * lanes
+    sums_size = window * out * lanes
     pooled = out // 2  # pooled rows and columns per tile
     _stack_tile = tile_allocator()
     stages = STAGES_STAMP
@@ -260,6 +260,8 @@ def _make_winograd(size, out, rows, lanes, chunk):
                             tr, tc = tr0 + t // tile_cols, t % tile_cols
                             if window == 4:
                                 check += _output4(m, t * lanes, b_vec, floor, zero, outs, lanes)
+                            elif window == 8:
+                                check += _output8x4(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
                             elif size == 3:
                                 check += _output6x4(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
                             else:
@@ -484,6 +486,8 @@ _winograd4_wide = _make_winograd(3, 4, *WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
 _winograd4_narrow = _make_winograd(3, 4, *WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
 _winograd5_wide = _make_winograd(5, 2, *WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
 _winograd5_narrow = _make_winograd(5, 2, *WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
+_winograd5x4_wide = _make_winograd(5, 4, *WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
+_winograd5x4_narrow = _make_winograd(5, 4, *WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
 
 
 @_jit

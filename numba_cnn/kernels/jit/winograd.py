@@ -1,5 +1,5 @@
 """The jit backend's Winograd convolutions on the host side, F(4x4, 3x3) or F(2x2, 3x3) for 3x3 kernels and
-F(2x2, 5x5) for 5x5 ones: which layers take them (`winograd_fits`) and which output tile (`winograd_output_tile`),
+F(4x4, 5x5) or F(2x2, 5x5) for 5x5 ones: which layers take them (`winograd_fits`) and which output tile (`winograd_output_tile`),
 the filters' transform (`winograd_weights`, in float64), and the call of tiles.py's `_make_winograd` kernels with the
 transformed weights, the bias and a channels-last input, read in place when the caller's is stored so (the kernel
 reads the padding as zeros), else copied and padded so that every output tile's window is in it (`winograd_conv`).
@@ -22,12 +22,15 @@ tile and channel pair, against 36 directly. F(4x4, 3x3) and F(2x2, 5x5) both rea
                                                                                                 [0, 1, -1, 8, -8, 1]]
 
 and F(4x4, 3x3)'s G has the rows (1/4, 0, 0), (-1/6, -1/6, -1/6), (-1/6, 1/6, -1/6), (1/24, 1/12, 1/6),
-(1/24, -1/12, 1/6) and (0, 0, 1).
+(1/24, -1/12, 1/6) and (0, 0, 1). F(4x4, 5x5) reads 8x8 windows, on those points and 1/2, -1/2: 64 products per
+tile against 400, B^T and A^T given in winograd_stages.py (`_input_transform8`, `_output_line8x4`), with their rows
+and columns scaled by powers of 2 so that their entries are integers, and G (`_G_4x4_5x5`) scaled back.
 
-The 4x4 tile's products are fewer, but its 6x6 transforms cost more per tile and its tiles waste more at a small
+The 4x4 tile's products are fewer, but its larger transforms cost more per tile and its tiles waste more at a small
 image's edge, so the glue takes it where its products, counted as the kernel computes them, are at most
-WINOGRAD_4X4_SHARE of F(2x2, 3x3)'s. The kernels' transforms are winograd_stages.py's. How and why it works, with
-numbers: docs/kernels.md, "Winograd: fewer multiplies for 3x3", "F(4x4, 3x3)" and "Winograd for 5x5".
+WINOGRAD_4X4_SHARE[size] of F(2x2)'s. The kernels' transforms are winograd_stages.py's. How and why it works, with
+numbers: docs/kernels.md, "Winograd: fewer multiplies for 3x3", "F(4x4, 3x3)", "Winograd for 5x5" and
+"F(4x4, 5x5)".
 """
 
 import numpy as np
@@ -37,7 +40,8 @@ from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import aligned_zeros, padded_channels_last, reusable_output, round_up, scratch
 from numba_cnn.kernels.jit.tiles import (WINOGRAD_BAND, WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW, WINOGRAD_TILE_WIDE,
                                          _winograd4_narrow, _winograd4_wide, _winograd5_narrow, _winograd5_wide,
-                                         _winograd_narrow, _winograd_sandwich, _winograd_wide)
+                                         _winograd5x4_narrow, _winograd5x4_wide, _winograd_narrow,
+                                         _winograd_sandwich, _winograd_wide)
 
 # G, the filters' transform, by (kernel size, output tile): (out + size - 1) x size
 _G_4x4_3x3 = np.array([[1 / 4, 0, 0],
@@ -52,14 +56,25 @@ _G_2x2_5x5 = np.array([[1 / 4, 0, 0, 0, 0],
                        [1 / 24, 1 / 12, 1 / 6, 1 / 3, 2 / 3],
                        [1 / 24, -1 / 12, 1 / 6, -1 / 3, 2 / 3],
                        [0, 0, 0, 0, 1]])
+# the points 0, 1, -1, 2, -2, 1/2, -1/2 and infinity, its rows divided by the powers of 2 that made B^T and A^T's
+# entries integers (winograd_stages.py: _input_transform8, _output_line8x4)
+_G_4x4_5x5 = np.array([[1 / 4, 0, 0, 0, 0],
+                       [-1 / 18, -1 / 18, -1 / 18, -1 / 18, -1 / 18],
+                       [-1 / 18, 1 / 18, -1 / 18, 1 / 18, -1 / 18],
+                       [1 / 360, 1 / 180, 1 / 90, 1 / 45, 2 / 45],
+                       [1 / 360, -1 / 180, 1 / 90, -1 / 45, 2 / 45],
+                       [2 / 45, 1 / 45, 1 / 90, 1 / 180, 1 / 360],
+                       [2 / 45, -1 / 45, 1 / 90, -1 / 180, 1 / 360],
+                       [0, 0, 0, 0, 1 / 4]])
 WINOGRAD_G = {(3, 2): np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
-              (3, 4): _G_4x4_3x3, (5, 2): _G_2x2_5x5}
+              (3, 4): _G_4x4_3x3, (5, 2): _G_2x2_5x5, (5, 4): _G_4x4_5x5}
 _KERNELS = {(3, 2, WINOGRAD_TILE_WIDE[1]): _winograd_wide, (3, 2, WINOGRAD_TILE_NARROW[1]): _winograd_narrow,
             (3, 4, WINOGRAD_TILE_WIDE[1]): _winograd4_wide, (3, 4, WINOGRAD_TILE_NARROW[1]): _winograd4_narrow,
-            (5, 2, WINOGRAD_TILE_WIDE[1]): _winograd5_wide, (5, 2, WINOGRAD_TILE_NARROW[1]): _winograd5_narrow}
-# F(4x4, 3x3) where its products, tiles rounded as the kernel computes them, are at most this share of
-# F(2x2, 3x3)'s: its 6x6 transforms cost more per tile, so nearly equal counts ran slower (docs/kernels.md)
-WINOGRAD_4X4_SHARE = 0.72
+            (5, 2, WINOGRAD_TILE_WIDE[1]): _winograd5_wide, (5, 2, WINOGRAD_TILE_NARROW[1]): _winograd5_narrow,
+            (5, 4, WINOGRAD_TILE_WIDE[1]): _winograd5x4_wide, (5, 4, WINOGRAD_TILE_NARROW[1]): _winograd5x4_narrow}
+# by kernel size: F(4x4) where its products, tiles rounded as the kernel computes them, are at most this share of
+# F(2x2)'s: its larger transforms cost more per tile, so nearly equal counts ran slower (docs/kernels.md)
+WINOGRAD_4X4_SHARE = {3: 0.72, 5: 0.8}
 
 
 def _computed_tiles(tile_rows, tile_cols, rows):
@@ -71,12 +86,11 @@ def _computed_tiles(tile_rows, tile_cols, rows):
 
 def winograd_output_tile(size, p, q, rows):
     """The output tile's side for a size x size kernel over p x q outputs (winograd_conv passes their even part)
-    with products in register tiles of `rows` tiles: 4 for 3x3 where F(4x4, 3x3)'s 36 products per tile come to
-    WINOGRAD_4X4_SHARE of F(2x2, 3x3)'s 16 or less, else 2."""
-    if size != 3:
-        return 2
-    products_4 = 36 * _computed_tiles(-(-p // 4), -(-q // 4), rows)
-    return 4 if products_4 <= WINOGRAD_4X4_SHARE * 16 * _computed_tiles(-(-p // 2), -(-q // 2), rows) else 2
+    with products in register tiles of `rows` tiles: 4 where F(4x4)'s products ((size + 3)^2 per tile: 36 for 3x3,
+    64 for 5x5) come to WINOGRAD_4X4_SHARE[size] of F(2x2)'s ((size + 1)^2: 16, 36) or less, else 2."""
+    products_4 = (size + 3) ** 2 * _computed_tiles(-(-p // 4), -(-q // 4), rows)
+    products_2 = (size + 1) ** 2 * _computed_tiles(-(-p // 2), -(-q // 2), rows)
+    return 4 if products_4 <= WINOGRAD_4X4_SHARE[size] * products_2 else 2
 
 
 def winograd_fits(x_shape, w, stride, pool=False):

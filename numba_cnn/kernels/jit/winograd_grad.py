@@ -72,7 +72,7 @@ def winograd_weight_grad(dy, x, padding, size=3):
     c = x.shape[1]
     rows, lanes = WINOGRAD_GRAD_TILE
     # the products sum over the tiles: no rounding to register tiles
-    out = winograd_output_tile(size, p, q, 1) if -(-p // 4) * -(-q // 4) >= WINOGRAD_GRAD_4X4_TILES else 2
+    out = winograd_output_tile(size, p, q, 1) if size == 3 and -(-p // 4) * -(-q // 4) >= WINOGRAD_GRAD_4X4_TILES else 2
     window = out + size - 1
     elements = window * window
     k_padded = round_up(k, lanes)

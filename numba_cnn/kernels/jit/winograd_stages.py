@@ -1,5 +1,6 @@
 """The stages of the jit backend's Winograd kernels (tiles.py's forward, winograd_grad.py's weight gradient), each
-for 4x4 windows (F(2x2, 3x3)) and 6x6 ones (F(4x4, 3x3), F(2x2, 5x5) and the weight gradients), inlined into the
+for 4x4 windows (F(2x2, 3x3)), 6x6 ones (F(4x4, 3x3), F(2x2, 5x5) and the weight gradients) and the forward's 8x8
+ones (F(4x4, 5x5)), inlined into the
 kernels in numba IR: loading a tile's window of a channels-last input, the input transform B^T d B, the output
 transform A^T M A (with the bias and the ReLU), the gradient tile's transform A g A^T, and the two matrix-product
 loops: the forward's M[e] = V[e] @ U[e] and the weight gradient's M[e] += V[e]^T Z[e], for every element e of the
@@ -62,14 +63,16 @@ def _transform4(d, vv, chunk):
 @njit(inline="always")
 def _tile_input(v, at, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window):
     """v[e, at + ch] = (B^T d B)[e] of the tile's window x window at (row0, col0) of image n (4: F(2x2, 3x3)'s B^T,
-    6: that of the points 0, 1, -1, 2, -2 and infinity), for every channel ch of x_cl, a vector of `chunk` channels
-    at a time."""
+    6: that of the points 0, 1, -1, 2, -2 and infinity, 8: those and 1/2, -1/2), for every channel ch of x_cl, a
+    vector of `chunk` channels at a time."""
     for c0 in range(0, x_cl.shape[3], chunk):
         _load_window(d, x_cl, n, row0, col0, c0, chunk, zeros, window)
         if window == 4:
             _transform4(d, vv, chunk)
-        else:
+        elif window == 6:
             _transform6(d, tt, vv, chunk)
+        else:
+            _transform8(d, tt, vv, chunk)
         for e in range(window * window):
             copy_block(v[e], at + c0, vv, e * chunk, chunk)
 
@@ -102,6 +105,45 @@ def _transform6(d, tt, vv, chunk):
                                                        src[18 * chunk + l], src[24 * chunk + l], src[30 * chunk + l])
             dst[l], dst[6 * chunk + l], dst[12 * chunk + l] = v0, v1, v2
             dst[18 * chunk + l], dst[24 * chunk + l], dst[30 * chunk + l] = v3, v4, v5
+
+
+@njit(inline="always")
+def _input_transform8(x0, x1, x2, x3, x4, x5, x6, x7):
+    """B^T x for one 8-vector, the points 0, 1, -1, 2, -2, 1/2, -1/2 and infinity, each row scaled by 4 or 2 (exact;
+    winograd.py's G is scaled back) so that its entries are integers: rows (4, 0, -21, 0, 21, 0, -4, 0),
+    (0, 4, 4, -17, -17, 4, 4, 0), (0, -4, 4, 17, -17, -4, 4, 0), (0, 2, 1, -10, -5, 8, 4, 0),
+    (0, -2, 1, 10, -5, -8, 4, 0), (0, 4, 8, -5, -10, 1, 2, 0), (0, -4, 8, 5, -10, -1, 2, 0),
+    (0, -4, 0, 21, 0, -21, 0, 4). The factors are float32 (exact in it): an integer literal times a float32 is a
+    float64 in Numba, a float32 factor times a float64 a float64."""
+    two, four, five, eight = np.float32(2), np.float32(4), np.float32(5), np.float32(8)
+    ten, seventeen, twenty_one = np.float32(10), np.float32(17), np.float32(21)
+    even1, odd1 = four * (x2 + x6) - seventeen * x4, four * (x1 + x5) - seventeen * x3
+    even3, odd3 = x2 - five * x4 + four * x6, two * x1 - ten * x3 + eight * x5
+    even5, odd5 = two * (four * x2 - five * x4 + x6), four * x1 - five * x3 + x5
+    return (four * (x0 - x6) - twenty_one * (x2 - x4), even1 + odd1, even1 - odd1, even3 + odd3, even3 - odd3,
+            even5 + odd5, even5 - odd5, four * (x7 - x1) + twenty_one * (x3 - x5))
+
+
+@njit(inline="always")
+def _transform8(d, tt, vv, chunk):
+    """_transform6 for the 8x8 window d[(8i + j) * chunk + l]: vv[(8a + b) * chunk + l] = (B^T d B)[a, b], by rows
+    (into tt) then by columns."""
+    for i in range(8):
+        src, dst = d[8 * i * chunk:], tt[8 * i * chunk:]
+        for l in range(chunk):
+            t0, t1, t2, t3, t4, t5, t6, t7 = _input_transform8(
+                src[l], src[chunk + l], src[2 * chunk + l], src[3 * chunk + l], src[4 * chunk + l],
+                src[5 * chunk + l], src[6 * chunk + l], src[7 * chunk + l])
+            dst[l], dst[chunk + l], dst[2 * chunk + l], dst[3 * chunk + l] = t0, t1, t2, t3
+            dst[4 * chunk + l], dst[5 * chunk + l], dst[6 * chunk + l], dst[7 * chunk + l] = t4, t5, t6, t7
+    for j in range(8):
+        src, dst = tt[j * chunk:], vv[j * chunk:]
+        for l in range(chunk):
+            v0, v1, v2, v3, v4, v5, v6, v7 = _input_transform8(
+                src[l], src[8 * chunk + l], src[16 * chunk + l], src[24 * chunk + l], src[32 * chunk + l],
+                src[40 * chunk + l], src[48 * chunk + l], src[56 * chunk + l])
+            dst[l], dst[8 * chunk + l], dst[16 * chunk + l], dst[24 * chunk + l] = v0, v1, v2, v3
+            dst[32 * chunk + l], dst[40 * chunk + l], dst[48 * chunk + l], dst[56 * chunk + l] = v4, v5, v6, v7
 
 
 @njit(inline="always")
@@ -184,6 +226,45 @@ def _output6x4(m, at, b_vec, floor, zero, ss, outs, lanes):
             at_row = 6 * i * lanes + l
             o0, o1, o2, o3 = _output_line4(ss[at_row], ss[at_row + lanes], ss[at_row + 2 * lanes],
                                            ss[at_row + 3 * lanes], ss[at_row + 4 * lanes], ss[at_row + 5 * lanes])
+            bias = b_vec[l]
+            o0, o1, o2, o3 = bias + o0, bias + o1, bias + o2, bias + o3
+            check += (o0 + o1 + o2 + o3) * zero
+            outs[4 * i * lanes + l] = floor if o0 < floor else o0  # ReLU; NaN < floor is false: NaN stays
+            outs[(4 * i + 1) * lanes + l] = floor if o1 < floor else o1
+            outs[(4 * i + 2) * lanes + l] = floor if o2 < floor else o2
+            outs[(4 * i + 3) * lanes + l] = floor if o3 < floor else o3
+    return check
+
+
+@njit(inline="always")
+def _output_line8x4(x0, x1, x2, x3, x4, x5, x6, x7):
+    """A^T x for one 8-vector, F(4x4, 5x5)'s A^T with the columns of 1/2 and -1/2 scaled by 8 (exact; G scaled
+    back): rows (1, 1, 1, 1, 1, 8, 8, 0), (0, 1, -1, 2, -2, 4, -4, 0), (0, 1, 1, 4, 4, 2, 2, 0),
+    (0, 1, -1, 8, -8, 1, -1, 1); float32 factors, as in _input_transform8."""
+    two, four, eight = np.float32(2), np.float32(4), np.float32(8)
+    s12, d12, s34, d34, s56, d56 = x1 + x2, x1 - x2, x3 + x4, x3 - x4, x5 + x6, x5 - x6
+    return (x0 + s12 + s34 + eight * s56, d12 + two * d34 + four * d56, s12 + four * s34 + two * s56,
+            d12 + eight * d34 + d56 + x7)
+
+
+@njit(inline="always")
+def _output8x4(m, at, b_vec, floor, zero, ss, outs, lanes):
+    """_output6x4 for F(4x4, 5x5)'s 64 elements: A^T on the columns of M (into ss, 4 rows of 8) then along each row,
+    plus b_vec[l], ReLU'd against floor (NaN kept); returns the outputs' sum times zero."""
+    check = zero
+    for j in range(8):
+        for l in range(lanes):
+            a = at + l
+            t0, t1, t2, t3 = _output_line8x4(m[j, a], m[8 + j, a], m[16 + j, a], m[24 + j, a], m[32 + j, a],
+                                             m[40 + j, a], m[48 + j, a], m[56 + j, a])
+            ss[j * lanes + l], ss[(8 + j) * lanes + l] = t0, t1
+            ss[(16 + j) * lanes + l], ss[(24 + j) * lanes + l] = t2, t3
+    for i in range(4):
+        for l in range(lanes):
+            at_row = 8 * i * lanes + l
+            o0, o1, o2, o3 = _output_line8x4(ss[at_row], ss[at_row + lanes], ss[at_row + 2 * lanes],
+                                             ss[at_row + 3 * lanes], ss[at_row + 4 * lanes], ss[at_row + 5 * lanes],
+                                             ss[at_row + 6 * lanes], ss[at_row + 7 * lanes])
             bias = b_vec[l]
             o0, o1, o2, o3 = bias + o0, bias + o1, bias + o2, bias + o3
             check += (o0 + o1 + o2 + o3) * zero
