@@ -258,5 +258,5 @@ def test_kernels_inlining_the_stages_carry_their_source_stamp():
     for kernel in (tiles._winograd_wide, tiles._winograd_narrow, tiles._winograd4_wide, tiles._winograd4_narrow,
                    tiles._winograd5_wide, tiles._winograd5_narrow, tiles._winograd5x4_wide, tiles._winograd5x4_narrow,
                    winograd_grad._winograd_weight_grad, winograd_grad._winograd4_weight_grad,
-                   winograd_grad._winograd5_weight_grad):
+                   winograd_grad._winograd5_weight_grad, winograd_grad._winograd5x4_weight_grad):
         assert stamp in [cell.cell_contents for cell in kernel.py_func.__closure__], kernel

@@ -1,12 +1,12 @@
 """The jit backend's Winograd kernels for 5x5 (jit/winograd.py and winograd_grad.py, size 5): F(4x4, 5x5) and
-F(2x2, 5x5) for the forward and dx (each test that computes them runs with each tile forced), F(5x5, 2x2) for dw and db (whose oracle checks are test_winograd_grad.py's). The forward against the
-float64 oracle on awkward shapes (odd output sizes, whose
-last tiles hold zeros past the output; 'same', 'valid' and uneven padding; channel counts off the transform's vector
-and the lanes; fewer and more images than the weight gradient's fixed chunks; float32 and float64), in either
-layout, against central differences in float64, and
-non-finite operands sent to the direct kernels with the oracle's NaN and inf. Also the two layout fixes three-conv's
-5x5 layers brought: the ReLU select of an NCHW gradient against a channels-last activation, and a global average
-pool of channels-last x."""
+F(2x2, 5x5) for the forward and dx, F(5x5, 4x4) and F(5x5, 2x2) for dw and db (whose oracle checks are
+test_winograd_grad.py's), each test that computes them run with each tile forced. The forward against the float64
+oracle on awkward shapes (odd output sizes, whose last tiles hold zeros past the output; 'same', 'valid' and uneven
+padding; channel counts off the transform's vector and the lanes; fewer and more images than the weight gradient's
+fixed chunks; float32 and float64), in either layout, against central differences in float64, and non-finite
+operands sent to the direct kernels with the oracle's NaN and inf. Also the two layout fixes three-conv's 5x5 layers
+brought: the ReLU select of an NCHW gradient against a channels-last activation, and a global average pool of
+channels-last x."""
 
 import numpy as np
 import pytest
@@ -22,7 +22,6 @@ from numba_cnn.kernels.jit import winograd, winograd_grad  # noqa: E402
 from numba_cnn.kernels.jit.paths import PathLog  # noqa: E402
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW  # noqa: E402
 
-DW = "dw by Winograd F(5x5, 2x2)"
 # more than 8 input channels (fewer take the column tiles) on both targets
 C1, C2 = (max(WINOGRAD_CHUNK, 16) * m for m in (1, 2))
 LANES = WINOGRAD_TILE_NARROW[1]
@@ -40,6 +39,12 @@ SHAPES = [
 def forward(winograd_tile):
     """The forward's path with the tile forced (conftest's winograd_tile)."""
     return f"Winograd F({winograd_tile}x{winograd_tile}, 5x5)"
+
+
+@pytest.fixture
+def dw_path(winograd_tile):
+    """The weight gradient's, as forward."""
+    return f"dw by Winograd F(5x5, {winograd_tile}x{winograd_tile})"
 
 
 def _operands(rng, shape, k, padding, dtype):
@@ -65,16 +70,16 @@ def test_forward_matches_the_oracle_in_either_layout(shape, k, padding, dtype, f
 
 
 @pytest.mark.parametrize("wrt", ["x", "w", "b"])
-def test_backward_matches_finite_differences(wrt, forward, rng):
+def test_backward_matches_finite_differences(wrt, dw_path, rng):
     """In float64, dx, dw and db against central differences of the (Winograd, each tile) forward, plain and through
     the fused ReLU."""
     padding = (2, 2, 2, 2)
     x, w, b, dy = _operands(rng, (2, C2, 5, 7), 24, padding, np.float64)
-    assert_conv_backward_matches(jit, x, w, b, dy, padding, wrt, lambda path: DW in path, "Winograd 5x5")
+    assert_conv_backward_matches(jit, x, w, b, dy, padding, wrt, lambda path: dw_path in path, "Winograd 5x5")
 
 
 @pytest.mark.parametrize("where", ["x", "dy"])
-def test_non_finite_operands_take_the_direct_kernels(where, forward, rng):
+def test_non_finite_operands_take_the_direct_kernels(where, forward, dw_path, rng):
     """An inf or NaN in x (the forward, dw) or dy (dx, dw): the transforms would turn inf into NaN, so the direct
     kernels compute, with the oracle's NaN and inf in the same places."""
     padding = (2, 2, 2, 2)
@@ -91,7 +96,7 @@ def test_non_finite_operands_take_the_direct_kernels(where, forward, rng):
                 *reference.conv2d_backward(*_f64(dy, x, w), True, 1, padding)]
     # the forward reads x, dx reads dy, dw both: each takes Winograd only where its operands are finite
     assert (forward in forward_log.paths[0]) == (where == "dy"), forward_log.paths
-    assert DW not in backward_log.paths[0] and (f"dx by {forward}" in backward_log.paths[0]) == (where == "x")
+    assert dw_path not in backward_log.paths[0] and (f"dx by {forward}" in backward_log.paths[0]) == (where == "x")
     for name, got_one, expected in zip(("y", "dx", "dw", "db"), got, want):
         assert np.array_equal(np.isnan(got_one), np.isnan(expected)), name
         assert np.array_equal(np.isinf(got_one), np.isinf(expected)), name

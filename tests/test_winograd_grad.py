@@ -1,10 +1,10 @@
-"""The jit backend's Winograd weight gradient, F(3x3, 2x2), F(3x3, 4x4) and F(5x5, 2x2) (jit/winograd_grad.py), 3x3
-with each of dy's tiles forced in turn: which layers take it, dw and db (and dx, Winograd's where it fits) against
-the float64 oracle on awkward shapes (odd output sizes, whose last tiles hold zeros past dy; 'same', 'valid' and
-uneven padding; output channels off the transform's vector and the lanes; fewer and more images than the fixed
-chunks; float32 and float64), the same bits for either layout of x and dy and with and without dx, on one and two
-threads, against central differences in float64, and non-finite operands sent to the direct kernels with the
-oracle's NaN and inf."""
+"""The jit backend's Winograd weight gradient, F(3x3, 2x2), F(3x3, 4x4), F(5x5, 2x2) and F(5x5, 4x4)
+(jit/winograd_grad.py), with each of dy's tiles forced in turn: which layers take it, dw and db (and dx, Winograd's
+where it fits) against the float64 oracle on awkward shapes (odd output sizes, whose last tiles hold zeros past dy;
+'same', 'valid' and uneven padding; output channels off the transform's vector and the lanes; fewer and more images
+than the fixed chunks; float32 and float64), the same bits for either layout of x and dy and with and without dx, on
+one and two threads, against central differences in float64, and non-finite operands sent to the direct kernels
+with the oracle's NaN and inf."""
 
 import numpy as np
 import pytest
@@ -57,8 +57,8 @@ def test_weight_gradient_matches_the_oracle_in_either_layout(size, shape, k, pad
         for x_in, dy_in in ((x, dy), (channels_last(x), channels_last(dy)), (x, channels_last(dy))):
             with PathLog() as log:
                 dx, dw, db = jit.conv2d_backward(dy_in, x_in, w, need_dx, 1, padding)
-            out = winograd_tile if size == 3 else 2  # the 5x5 dw's tile is 2x2 (dx's follows the fixture)
-            assert len(log.paths) == 1 and winograd_grad.winograd_grad_path(size, out) in log.paths[0], log.paths
+            dw_path = winograd_grad.winograd_grad_path(size, winograd_tile)
+            assert len(log.paths) == 1 and dw_path in log.paths[0], log.paths
             dx_path = f"dx by Winograd F({winograd_tile}x{winograd_tile}, {size}x{size})"
             assert (dx_path in log.paths[0]) == (need_dx and dx_fits), log.paths
             assert (dx is None) != need_dx
@@ -120,13 +120,16 @@ def test_non_finite_operands_take_the_direct_kernels(where, winograd_tile, rng):
         reference.assert_close(got[finite], expected[finite], np.float32, name)
 
 
-def test_dy_takes_4x4_tiles_where_an_image_has_16_of_them(rng):
-    """F(3x3, 4x4) for a 16x16 dy (16 tiles an image), F(3x3, 2x2) for 8x8 (4 tiles of 4x4: too few for a band)."""
-    for side, out in ((16, 4), (8, 2)):
-        x, w, _, dy = _operands(rng, (2, C1, side, side), 32, (1, 1, 1, 1), np.float32)
+@pytest.mark.parametrize("size", [3, 5])
+def test_dy_takes_4x4_tiles_where_an_image_has_16_of_them(size, rng):
+    """F(size x size, 4x4) for a 16x16 dy (16 tiles an image) and 5x5's 14x14 (three-conv's conv3: 16 tiles, 12% of
+    them past the output), F(size x size, 2x2) for 8x8 (4 tiles of 4x4: too few for a band)."""
+    padding = (size // 2,) * 4
+    for side, out in ((16, 4), (8, 2)) if size == 3 else ((14, 4), (8, 2)):
+        x, w, _, dy = _operands(rng, (2, C1, side, side), 32, padding, np.float32, size)
         with PathLog() as log:
-            jit.conv2d_backward(dy, x, w, False, 1, (1, 1, 1, 1))
-        assert winograd_grad.winograd_grad_path(3, out) in log.paths[0], log.paths
+            jit.conv2d_backward(dy, x, w, False, 1, padding)
+        assert winograd_grad.winograd_grad_path(size, out) in log.paths[0], log.paths
 
 
 def test_which_layers_take_it():

@@ -190,7 +190,8 @@ def _make_conv_pool(columns, lanes):
 def _make_winograd(size, out, rows, lanes, chunk):
     """Winograd convolution kernel F(out x out, size x size): F(2x2, 3x3) on 4x4 windows, F(4x4, 3x3) and
     F(2x2, 5x5) on 6x6 ones, transformed by the same B^T, F(4x4, 5x5) on 8x8 ones; matrix-product tiles of
-    `rows` tiles x `lanes` output channels, input channels transformed `chunk` at a time. The stages are winograd_stages.py's."""
+    `rows` tiles x `lanes` output channels, input channels transformed `chunk` at a time. The stages are
+    winograd_stages.py's."""
     window = out + size - 1
     elements = window * window
     tile = rows * lanes

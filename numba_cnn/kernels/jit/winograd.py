@@ -1,8 +1,9 @@
 """The jit backend's Winograd convolutions on the host side, F(4x4, 3x3) or F(2x2, 3x3) for 3x3 kernels and
-F(4x4, 5x5) or F(2x2, 5x5) for 5x5 ones: which layers take them (`winograd_fits`) and which output tile (`winograd_output_tile`),
-the filters' transform (`winograd_weights`, in float64), and the call of tiles.py's `_make_winograd` kernels with the
-transformed weights, the bias and a channels-last input, read in place when the caller's is stored so (the kernel
-reads the padding as zeros), else copied and padded so that every output tile's window is in it (`winograd_conv`).
+F(4x4, 5x5) or F(2x2, 5x5) for 5x5 ones: which layers take them (`winograd_fits`) and which output tile
+(`winograd_output_tile`), the filters' transform (`winograd_weights`, in float64), and the call of tiles.py's
+`_make_winograd` kernels with the transformed weights, the bias and a channels-last input, read in place when the
+caller's is stored so (the kernel reads the padding as zeros), else copied and padded so that every output tile's
+window is in it (`winograd_conv`).
 jit/__init__.py uses it for the forward (plain, and for 3x3 fused with ReLU + 2x2 max-pooling, whose windows the
 output tiles hold) and for the input gradient of the dense backward (the full correlation of dy with the flipped
 kernel, a stride-1 convolution of dy of the same size).

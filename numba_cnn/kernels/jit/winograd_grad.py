@@ -1,7 +1,8 @@
-"""The jit backend's Winograd weight gradient of a 3x3 or 5x5 stride-1 convolution, F(3x3, 2x2) (or F(3x3, 4x4)
-where dy has enough 4x4 tiles) and F(5x5, 2x2): the weight gradient is itself a correlation, of the padded input with
-dy, whose "output" is the kernel and whose "filter" is a tile of dy. Host side and kernel in one file; the kernel
-inlines winograd_stages.py's stages and closes over its source stamp, so Numba's cache sees a change there too.
+"""The jit backend's Winograd weight gradient of a 3x3 or 5x5 stride-1 convolution, F(3x3, 2x2) and F(5x5, 2x2), or
+F(3x3, 4x4) and F(5x5, 4x4) where dy has enough 4x4 tiles: the weight gradient is itself a correlation, of the
+padded input with dy, whose "output" is the kernel and whose "filter" is a tile of dy. Host side and kernel in one
+file; the kernel inlines winograd_stages.py's stages and closes over its source stamp, so Numba's cache sees a change
+there too.
 
 Why it is exact. The forward's F(2x2, size x size) (winograd.py) computes y = A^T [(G w G^T) * (B^T d B)] A for the
 tile's window d, and that equals the direct sum for every w. So sum_ij y_ij g_ij (g: the tile's 2x2 of dy) can be
@@ -13,7 +14,8 @@ sum_rs w_rs [G^T ((A g A^T) * (B^T d B)) G]_rs; as both hold for every w, the ti
     dw[k, c] = G^T M[:, c, k] G                                 (e = window a + b, the tile's elements)
 
 16 products per 2x2 tile and (c, k) pair for 3x3 against the direct 36 (4 outputs x 9 taps), 36 per 4x4 tile
-against 144 (its A and G are F(4x4, 3x3)'s, its windows 6x6), 36 for 5x5 against 100.
+against 144 (its A and G are F(4x4, 3x3)'s, its windows 6x6), for 5x5 36 against 100 and 64 against 400 (F(4x4,
+5x5)'s, 8x8 windows).
 M is a matrix product per element over the tiles (the reduction dimension: images x tiles), each a (C x K)
 register tile summed over a band of tiles. db is the sum of each tile's dy values.
 
@@ -34,8 +36,8 @@ from numba_cnn.kernels.jit.buffers import nhwc, round_up, scratch
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK, _winograd_sandwich
 from numba_cnn.kernels.jit.winograd import WINOGRAD_G, winograd_output_tile
 from numba_cnn.kernels.jit.winograd_stages import (STAGES_STAMP, _grad_products, _gradient_transform4,
-                                                   _gradient_transform6, _gradient_transform6x4, _load_window,
-                                                   _tile_input)
+                                                   _gradient_transform6, _gradient_transform6x4,
+                                                   _gradient_transform8x4, _load_window, _tile_input)
 
 # (rows of input channels, lanes of output channels) of the products' register tile, and tiles per band
 if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
@@ -72,7 +74,7 @@ def winograd_weight_grad(dy, x, padding, size=3):
     c = x.shape[1]
     rows, lanes = WINOGRAD_GRAD_TILE
     # the products sum over the tiles: no rounding to register tiles
-    out = winograd_output_tile(size, p, q, 1) if size == 3 and -(-p // 4) * -(-q // 4) >= WINOGRAD_GRAD_4X4_TILES else 2
+    out = winograd_output_tile(size, p, q, 1) if -(-p // 4) * -(-q // 4) >= WINOGRAD_GRAD_4X4_TILES else 2
     window = out + size - 1
     elements = window * window
     k_padded = round_up(k, lanes)
@@ -157,7 +159,9 @@ def _make_winograd_weight_grad(size, out, rows, lanes, chunk, band):
                                     window)
                         for k0 in range(0, n_out, chunk):
                             _load_window(g, dy, n, out * tr, out * tc, k0, chunk, zeros, out)  # zeros past P or Q
-                            if out == 4:
+                            if out == 4 and size == 5:
+                                _gradient_transform8x4(g, tt, vv, sums[k0:k0 + chunk], chunk)
+                            elif out == 4:
                                 _gradient_transform6x4(g, tt, vv, sums[k0:k0 + chunk], chunk)
                             elif size == 3:
                                 _gradient_transform4(g, vv, sums[k0:k0 + chunk], chunk)
@@ -173,4 +177,6 @@ def _make_winograd_weight_grad(size, out, rows, lanes, chunk, band):
 _winograd_weight_grad = _make_winograd_weight_grad(3, 2, *WINOGRAD_GRAD_TILE, WINOGRAD_CHUNK, WINOGRAD_GRAD_BAND)
 _winograd4_weight_grad = _make_winograd_weight_grad(3, 4, *WINOGRAD_GRAD_TILE, WINOGRAD_CHUNK, WINOGRAD_GRAD_BAND)
 _winograd5_weight_grad = _make_winograd_weight_grad(5, 2, *WINOGRAD_GRAD_TILE, WINOGRAD_CHUNK, WINOGRAD_GRAD_BAND)
-_KERNELS = {(3, 2): _winograd_weight_grad, (3, 4): _winograd4_weight_grad, (5, 2): _winograd5_weight_grad}
+_winograd5x4_weight_grad = _make_winograd_weight_grad(5, 4, *WINOGRAD_GRAD_TILE, WINOGRAD_CHUNK, WINOGRAD_GRAD_BAND)
+_KERNELS = {(3, 2): _winograd_weight_grad, (3, 4): _winograd4_weight_grad, (5, 2): _winograd5_weight_grad,
+            (5, 4): _winograd5x4_weight_grad}

@@ -1,6 +1,6 @@
 """The stages of the jit backend's Winograd kernels (tiles.py's forward, winograd_grad.py's weight gradient), each
-for 4x4 windows (F(2x2, 3x3)), 6x6 ones (F(4x4, 3x3), F(2x2, 5x5) and the weight gradients) and the forward's 8x8
-ones (F(4x4, 5x5)), inlined into the
+for 4x4 windows (F(2x2, 3x3)), 6x6 ones (F(4x4, 3x3), F(2x2, 5x5) and their weight gradients) and 8x8 ones
+(F(4x4, 5x5) and F(5x5, 4x4)), inlined into the
 kernels in numba IR: loading a tile's window of a channels-last input, the input transform B^T d B, the output
 transform A^T M A (with the bias and the ReLU), the gradient tile's transform A g A^T, and the two matrix-product
 loops: the forward's M[e] = V[e] @ U[e] and the weight gradient's M[e] += V[e]^T Z[e], for every element e of the
@@ -363,6 +363,43 @@ def _gradient_transform6x4(g, tt, vv, sums, chunk):
             z0, z1, z2, z3, z4, z5 = _gradient_line4(tt[at], tt[at + chunk], tt[at + 2 * chunk], tt[at + 3 * chunk])
             vv[to], vv[to + chunk], vv[to + 2 * chunk] = z0, z1, z2
             vv[to + 3 * chunk], vv[to + 4 * chunk], vv[to + 5 * chunk] = z3, z4, z5
+
+
+@njit(inline="always")
+def _gradient_line8x4(x0, x1, x2, x3):
+    """A x for one 4-vector, F(4x4, 5x5)'s A (A^T of _output_line8x4: rows (1, 0, 0, 0), (1, 1, 1, 1),
+    (1, -1, 1, -1), (1, 2, 4, 8), (1, -2, 4, -8), (8, 4, 2, 1), (8, -4, 2, -1), (0, 0, 0, 1)); float32 factors."""
+    two, four, eight = np.float32(2), np.float32(4), np.float32(8)
+    even, odd = x0 + x2, x1 + x3
+    even2, odd2 = x0 + four * x2, two * x1 + eight * x3
+    even_half, odd_half = eight * x0 + two * x2, four * x1 + x3
+    return x0, even + odd, even - odd, even2 + odd2, even2 - odd2, even_half + odd_half, even_half - odd_half, x3
+
+
+@njit(inline="always")
+def _gradient_transform8x4(g, tt, vv, sums, chunk):
+    """_gradient_transform6x4 for F(5x5, 4x4): vv[(8a + b) * chunk + l] = (A g A^T)[a, b] of the 4x4 tile of dy
+    g[(4i + j) * chunk + l], A on the columns of g into tt (8 rows of 4), then on each of tt's rows; sums[l] += the
+    tile's 16 values."""
+    for l in range(chunk):
+        total = g[l]
+        for e in range(1, 16):
+            total += g[e * chunk + l]
+        sums[l] += total
+    for j in range(4):
+        for l in range(chunk):
+            at = j * chunk + l
+            a0, a1, a2, a3, a4, a5, a6, a7 = _gradient_line8x4(g[at], g[at + 4 * chunk], g[at + 8 * chunk],
+                                                               g[at + 12 * chunk])
+            tt[at], tt[at + 4 * chunk], tt[at + 8 * chunk], tt[at + 12 * chunk] = a0, a1, a2, a3
+            tt[at + 16 * chunk], tt[at + 20 * chunk], tt[at + 24 * chunk], tt[at + 28 * chunk] = a4, a5, a6, a7
+    for a in range(8):
+        for l in range(chunk):
+            at, to = 4 * a * chunk + l, 8 * a * chunk + l
+            z0, z1, z2, z3, z4, z5, z6, z7 = _gradient_line8x4(tt[at], tt[at + chunk], tt[at + 2 * chunk],
+                                                               tt[at + 3 * chunk])
+            vv[to], vv[to + chunk], vv[to + 2 * chunk], vv[to + 3 * chunk] = z0, z1, z2, z3
+            vv[to + 4 * chunk], vv[to + 5 * chunk], vv[to + 6 * chunk], vv[to + 7 * chunk] = z4, z5, z6, z7
 
 
 @njit(inline="always")
