@@ -109,3 +109,22 @@ def test_the_vgg_preset_trains_on_colour_images_from_a_folder(backend, tmp_path,
     code, stdout, stderr = run_main(capsys, "evaluate", out, "--data", tmp_path / "images", "--kernels", backend)
     assert code == 0, stderr
     assert "test accuracy" in stdout and "ant" in stdout
+
+
+@pytest.mark.parametrize("backend", ("im2col", "jit"))
+def test_a_global_average_pool_over_more_than_256_pixels_trains(backend, tmp_path, capsys):
+    """GlobalAvgPool2D right after a 'same' convolution on 24x24 colour images: one window of 576 pixels (the
+    pooling checks once capped every window at 256 elements, which only max pooling's uint8 argmax needs)."""
+    from test_data_shapes import write_image_folder
+
+    write_image_folder(tmp_path / "images", shape=(3, 24, 24), classes=("ant", "bee"), per_class=(3, 2))
+    net = tmp_path / "gap.json"
+    net.write_text(json.dumps({"name": "gap", "layers": [
+        {"kind": "Conv2D", "filters": 16, "kernel_size": 3, "padding": "same", "activation": "relu"},
+        {"kind": "GlobalAvgPool2D"},
+        {"kind": "Dense", "units": 2, "activation": "softmax"}]}))
+    code, stdout, stderr = run_main(capsys, "train", "--model", net, "--dataset", "folder", "--data",
+                                    tmp_path / "images", "--kernels", backend, "--epochs", "1", "--batch-size", "3",
+                                    "--out", tmp_path / "run")
+    assert code == 0, stderr
+    assert "input [3, 24, 24]" in stdout and "done: test accuracy" in stdout

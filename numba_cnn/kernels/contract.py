@@ -165,14 +165,15 @@ def _check_bias(b, w, x):
         raise ValueError(f"b has {b.shape[0]} entries but w has {w.shape[0]} output channels")
 
 
-def _check_pool_size(size):
-    """An int k or a pair (kh, kw) of positive ints -> the pair; a window's offsets must fit argmax's uint8."""
+def _check_pool_size(size, argmax=True):
+    """An int k or a pair (kh, kw) of positive ints -> the pair; with argmax (max pooling), a window's offsets must
+    fit argmax's uint8 (an average pool's window may be any size: a global pool's is the whole image)."""
     values = (size, size) if isinstance(size, (int, np.integer)) else size
     if not isinstance(values, (tuple, list)) or len(values) != 2 or not all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values):
         raise ValueError(f"size must be a positive int or a pair (rows, cols) of them, got {size!r}")
     kh, kw = int(values[0]), int(values[1])
-    if kh * kw > 256:
+    if argmax and kh * kw > 256:
         raise ValueError(f"a {kh}x{kw} pooling window has more than 256 elements (argmax is uint8)")
     return kh, kw
 
@@ -247,14 +248,14 @@ def check_maxpool2d_backward(dy, argmax, x_shape, size=2):
 
 
 def check_avgpool2d_forward(x, size=2):
-    size = _check_pool_size(size)
+    size = _check_pool_size(size, argmax=False)
     _check_float("x", x, 4, "(N, C, H, W)")
     _pooled_shape(x.shape, size)
     return _contiguous(x), size
 
 
 def check_avgpool2d_backward(dy, x_shape, size=2):
-    size = _check_pool_size(size)
+    size = _check_pool_size(size, argmax=False)
     x_shape = _check_x_shape(x_shape)
     y_shape = _pooled_shape(x_shape, size)
     _check_float("dy", dy, 4, "(N, C, H//kh, W//kw)")
