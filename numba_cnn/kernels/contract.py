@@ -20,8 +20,8 @@ CONTRACT = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d
 # otherwise (kernels/README.md). conv2d_relu_maxpool2d covers a stride-1 convolution (any zero padding) and a 2x2 pool;
 # batchnorm2d_relu is BatchNorm2D then ReLU; conv2d_relu is a backward only (its forward is the contract's
 # conv2d_forward with relu=True): the ReLU's derivative taken inside the convolution's backward; so is
-# conv2d_relu_avgpool2d (forward: conv2d_forward with relu=True, then avgpool2d_forward with 2x2 windows), whose dy is
-# the pool's gradient; so is batchnorm2d_relu_maxpool2d (forward: batchnorm2d_relu_forward, then maxpool2d_forward
+# conv2d_relu_avgpool2d (forward: conv2d_forward with relu=True, then avgpool2d_forward with windows of `size`, 2x2 or
+# the whole image for a global pool), whose dy is the pool's gradient; so is batchnorm2d_relu_maxpool2d (forward: batchnorm2d_relu_forward, then maxpool2d_forward
 # with 2x2 windows), whose dy, y and argmax are the pool's.
 FUSED_OPS = {"conv2d_relu_maxpool2d": ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward"),
              "batchnorm2d_relu": ("batchnorm2d_relu_forward", "batchnorm2d_relu_backward"),
@@ -310,18 +310,18 @@ def check_conv2d_relu_backward(dy, y, x, w, need_dx=True, stride=1, padding=0):
     return dy, _contiguous(y), x, w, need_dx, stride, padding
 
 
-def check_conv2d_relu_avgpool2d_backward(dy, y, x, w, need_dx=True, stride=1, padding=0):
-    stride, padding = _check_stride(stride), _check_padding(padding)
+def check_conv2d_relu_avgpool2d_backward(dy, y, x, w, need_dx=True, stride=1, padding=0, size=2):
+    stride, padding, size = _check_stride(stride), _check_padding(padding), _check_pool_size(size, argmax=False)
     conv_shape = _check_conv_operands(x, w, stride, padding)
     _check_float("y", y, 4, "(N, K, P, Q)", np.dtype(x.dtype))
     if tuple(y.shape) != conv_shape:
         raise ValueError(f"y has shape {tuple(y.shape)} but the convolution's output has shape {conv_shape}")
-    pooled = _pooled_shape(conv_shape, what="convolution output")
-    _check_float("dy", dy, 4, "(N, K, P//2, Q//2)", np.dtype(x.dtype))
+    pooled = _pooled_shape(conv_shape, size, what="convolution output")
+    _check_float("dy", dy, 4, "(N, K, P//kh, Q//kw)", np.dtype(x.dtype))
     if tuple(dy.shape) != pooled:
         raise ValueError(f"dy has shape {tuple(dy.shape)} but the pooled output has shape {pooled}")
     return (_contiguous(dy), _contiguous(y), _contiguous(x), _contiguous(w), _check_bool("need_dx", need_dx), stride,
-            padding)
+            padding, size)
 
 
 def check_conv2d_relu_maxpool2d_forward(x, w, b, padding=0):

@@ -9,7 +9,7 @@ runs a plan of steps as it would the bare layers, and the bench and the layer ti
 
 import dataclasses
 
-from numba_cnn.network.layers import AvgPool2D, BatchNorm2D, Conv2D, MaxPool2D, ReLU
+from numba_cnn.network.layers import AvgPool2D, BatchNorm2D, Conv2D, GlobalAvgPool2D, MaxPool2D, ReLU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,22 +109,30 @@ class ConvRelu:
 
 @dataclasses.dataclass(frozen=True)
 class ConvReluAvgPool:
-    """conv2d_relu_avgpool2d: a convolution with its ReLU followed by a 2x2 average pool. The forward runs the two ops
-    as they are (the pool reads the ReLU'd output, which the backward needs anyway); the backward is one backend op
+    """conv2d_relu_avgpool2d: a convolution with its ReLU followed by a 2x2 average pool, or with global_pool by
+    GlobalAvgPool2D (a window of the whole image, its output flattened to (N, K)). The forward runs the two ops as
+    they are (the pool reads the ReLU'd output, which the backward needs anyway); the backward is one backend op
     that spreads the pool's gradient over the windows and takes the ReLU's derivative inside the convolution's
     backward, so the full-size gradient between them need never be written out."""
 
     conv: Conv2D
+    global_pool: bool = False
+
+    def _size(self, y):
+        return tuple(y.shape[2:]) if self.global_pool else (2, 2)
 
     def forward(self, run, p, x):
         y, cache = self.conv.forward(run, p, x)
-        return run.ops.avgpool2d_forward(y, size=(2, 2)), cache
+        pooled = run.ops.avgpool2d_forward(y, size=self._size(y))
+        return (pooled.reshape(y.shape[:2]) if self.global_pool else pooled), cache
 
     def backward(self, run, p, dy, cache, need_dx):
         x, y = cache
+        if self.global_pool:
+            dy = dy.reshape(y.shape[:2] + (1, 1))
         dx, dw, db = run.ops.conv2d_relu_avgpool2d_backward(dy, y, x, p["w"], need_dx=need_dx,
                                                             stride=self.conv.strides,
-                                                            padding=self.conv.pads(x.shape[1:]))
+                                                            padding=self.conv.pads(x.shape[1:]), size=self._size(y))
         return dx, {"w": dw, "b": db}
 
 
@@ -151,6 +159,10 @@ def _conv_relu_avgpool(backend, conv, pool):
     return backend.has_fused("conv2d_relu_avgpool2d") and conv.activation == "relu" and pool.pool_size == (2, 2)
 
 
+def _conv_relu_global_avgpool(backend, conv, pool):
+    return backend.has_fused("conv2d_relu_avgpool2d") and conv.activation == "relu"
+
+
 def _batchnorm_relu(backend, bn, relu):
     return backend.has_fused("batchnorm2d_relu")
 
@@ -169,6 +181,8 @@ FUSIONS = (
            lambda conv, relu: dataclasses.replace(conv, activation="relu")),
     Fusion("conv2d_relu_maxpool2d", (Conv2D, MaxPool2D), _conv_relu_pool, lambda conv, pool: ConvReluPool(conv)),
     Fusion("conv2d_relu_avgpool2d", (Conv2D, AvgPool2D), _conv_relu_avgpool, lambda conv, pool: ConvReluAvgPool(conv)),
+    Fusion("conv2d_relu_avgpool2d (global)", (Conv2D, GlobalAvgPool2D), _conv_relu_global_avgpool,
+           lambda conv, pool: ConvReluAvgPool(conv, global_pool=True)),
     Fusion("batchnorm2d_relu", (BatchNorm2D, ReLU), _batchnorm_relu, lambda bn, relu: BatchNormRelu(bn)),
     Fusion("batchnorm2d_relu_maxpool2d", (BatchNormRelu, MaxPool2D), _batchnorm_relu_pool,
            lambda bn_relu, pool: BatchNormReluPool(bn_relu.bn)),

@@ -572,14 +572,16 @@ def conv2d_relu_backward(dy, y, x, w, need_dx, stride, padding):
     return _conv_backward(dy, x, w, need_dx, stride, padding, y)
 
 
-def conv2d_relu_avgpool2d_backward(dy, y, x, w, need_dx, stride, padding):
-    """conv2d_relu_backward(avgpool2d_backward(dy, y.shape, (2, 2)), y, ...) in one op: dy the gradient of the 2x2
-    average pool of y, the ReLU'd output of conv2d_forward. The column tiles spread dy over the windows as they copy
-    it into their border, so the pool's full-size gradient is never written; the other paths run the composition
-    (the same bits)."""
-    if _column_backward_fits(x, w, y.shape[1], y.shape[3], stride, padding):
+def conv2d_relu_avgpool2d_backward(dy, y, x, w, need_dx, stride, padding, size=(2, 2)):
+    """conv2d_relu_backward(avgpool2d_backward(dy, y.shape, size), y, ...) in one op, dy the gradient of the average
+    pool (2x2 or global) of conv2d_forward's ReLU'd y: the column tiles spread a 2x2 pool's dy as they copy it into
+    their border, a global pool of a channels-last y is spread through the select in one pass; else the composition."""
+    if tuple(size) == (2, 2) and _column_backward_fits(x, w, y.shape[1], y.shape[3], stride, padding):
         return column_backward(dy, x, w, need_dx, padding, y, pooled=True)
-    return _conv_backward(avgpool2d_backward(dy, y.shape, (2, 2)), x, w, need_dx, stride, padding, y)
+    spread = _pooling.average_relu_backward(dy, y, size)
+    if spread is not None:
+        return _conv_backward(spread, x, w, need_dx, stride, padding, None)
+    return _conv_backward(avgpool2d_backward(dy, y.shape, size), x, w, need_dx, stride, padding, y)
 
 
 def batchnorm2d_relu_maxpool2d_backward(dy, y, argmax, x, gamma, mean, inv_std):

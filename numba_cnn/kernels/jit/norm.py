@@ -125,6 +125,24 @@ def _global_avgpool_last(x_cl, y):
 
 
 @_jit
+def _global_avgpool_relu_backward_last(dy, y_cl, zero, dx_cl):
+    """dx_cl[n, i, j, c] = 0 where y_cl[n, i, j, c] <= 0, else dy[n, c] / (H * W) (in float64, rounded once): the
+    composition of `_avgpool_backward` over a window of the whole image and the ReLU's select against a
+    channels-last y (jit/layers.py: relu_backward), in one pass that reads y and writes dx channels-last."""
+    n_images, h, w, n_ch = y_cl.shape
+    count = h * w
+    for n in prange(n_images):
+        spread = np.empty(n_ch, dx_cl.dtype)
+        for c in range(n_ch):
+            spread[c] = np.float64(dy[n, c]) / count
+        for i in range(h):
+            for j in range(w):
+                y_px, dx_px = y_cl[n, i, j], dx_cl[n, i, j]
+                for c in range(n_ch):
+                    dx_px[c] = zero if y_px[c] <= zero else spread[c]
+
+
+@_jit
 def _avgpool2x2_forward(x, y):
     """`_avgpool_forward` for 2x2 windows, the window's four values summed in the same order (so the same bits),
     with constant trip counts that LLVM vectorises along the row."""

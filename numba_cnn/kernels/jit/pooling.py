@@ -10,7 +10,8 @@ import numpy as np
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import nchw, nhwc, reusable_output
 from numba_cnn.kernels.jit.norm import (_avgpool2x2_backward, _avgpool2x2_forward, _avgpool_backward, _avgpool_forward,
-                                        _global_avgpool_last, _maxpool_any_backward, _maxpool_any_forward)
+                                        _global_avgpool_last, _global_avgpool_relu_backward_last,
+                                        _maxpool_any_backward, _maxpool_any_forward)
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import (_maxpool_backward, _maxpool_backward_last, _maxpool_forward,
                                          _maxpool_forward_last)
@@ -82,3 +83,16 @@ def average_backward(dy, x_shape, size):
     (_avgpool2x2_backward(nchw(dy), dy.dtype.type(0), dx) if (kh, kw) == (2, 2)
      else _avgpool_backward(nchw(dy), kh, kw, dy.dtype.type(0), dx))
     return dx
+
+
+def average_relu_backward(dy, y, size):
+    """relu_backward(average_backward(dy, y.shape, size), y), the same bits: a global pool (size = y's H x W) of a
+    channels-last y in one pass (norm.py's `_global_avgpool_relu_backward_last`), its result channels-last; None
+    otherwise (the caller composes)."""
+    n, c, h, w = y.shape
+    if tuple(size) != (h, w) or not is_channels_last(y) or dy.dtype != y.dtype:
+        return None
+    dx = reusable_output((n, h, w, c), y.dtype)
+    note("avgpool2d_backward", "global spread through the ReLU's select, one pass", 0)
+    _global_avgpool_relu_backward_last(nchw(dy).reshape(n, c), nhwc(y), y.dtype.type(0), dx)
+    return dx.transpose(0, 3, 1, 2)
