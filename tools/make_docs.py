@@ -688,8 +688,9 @@ def block_compare_presets():
         if jit is not None:
             skipped = jit["executed_flops_per_image"] < entry["training_flops_per_image"]
             why = ("fewer where a listed backward skips zeros and where Winograd's 3x3 layers multiply 36 times per "
-                   "4x4 output tile and channel pair, not 144, or 16 per 2x2 tile, not 36 (its 5x5 layers 36 per "
-                   "2x2 tile, not 100)" if skipped else
+                   "4x4 output tile and channel pair, not 144, or 16 per 2x2 tile, not 36 (its 5x5 layers 64 per 4x4 "
+                   "tile, not 400, or 36 per 2x2, not 100; a 5x5 stride-2 layer as a 3x3 one over its input's four "
+                   "phases)" if skipped else
                    "products with stored zeros, such as a full correlation's border, included")
             note += (f" {jit['contender']} executed {jit['executed_flops_per_image'] / 1e6:.1f} MFLOP per training "
                      f"image against the dense count's {entry['training_flops_per_image'] / 1e6:.1f} ({why}): "

@@ -152,7 +152,7 @@ def polyphase_plan(x_shape, w, stride, padding):
     plan = PhasePlan(x_shape, w, stride, padding, side, first_row, first_col)
     # the forward, dx (the flipped phase kernel over dy's K channels) and dw all on Winograd's kernels
     if not (winograd_fits((n, plan.channels, plan.rows, plan.cols), plan.w_phases, 1)
-            and winograd_fits((n, k, plan.p + side - 1, plan.q + side - 1), plan.w_phases.transpose(1, 0, 2, 3), 1)
+            and winograd_fits((n, k, plan.p, plan.q), plan.w_phases.transpose(1, 0, 2, 3), 1)
             and winograd_grad_fits(plan.w_phases.shape, 1)):
         return None
     return plan
