@@ -1,11 +1,12 @@
-"""The op bench's check of a fused conv + ReLU + max-pool backward: pooling winners that tie within rounding are
-the backend's to choose, any other winner is the oracle's (bench/walk.py)."""
+"""The op bench's check of a backward after a conv + ReLU: pooling winners that tie within rounding are the
+backend's to choose, any other winner is the oracle's; so is the side of the ReLU's kink where the two conv outputs
+lie within rounding of zero on either side (bench/walk.py)."""
 
 import numpy as np
 
-from numba_cnn.bench.walk import _adopt_near_tie_winners
-from numba_cnn.network.layers import Conv2D, MaxPool2D
-from numba_cnn.network.plan import ConvReluPool, Step
+from numba_cnn.bench.walk import _adopt_near_tie_winners, _adopt_near_zero_relu_sides
+from numba_cnn.network.layers import Conv2D, GlobalAvgPool2D, MaxPool2D
+from numba_cnn.network.plan import ConvRelu, ConvReluAvgPool, ConvReluPool, Step
 
 
 def _caches(window):
@@ -22,6 +23,25 @@ def test_a_winner_within_rounding_is_adopted_and_any_other_is_not():
         caches = _caches(window)
         _adopt_near_tie_winners(caches, np.array([[[[backend_winner]]]], np.uint8), step)
         assert int(caches[1][0][0, 0, 0, 0]) == kept, backend_winner
+
+
+def test_a_relu_side_within_rounding_of_zero_is_adopted_and_any_other_is_not():
+    """The oracle's ReLU'd conv output (largest 10) against the backend's: an output the oracle puts just above zero
+    and the backend at 0, or the other way round, takes the backend's side; one either puts further from zero keeps
+    the oracle's (the check then fails on it). For the conv's own step and for the conv + global pool step."""
+    conv = Conv2D(1, 1, activation="relu")
+    steps = (Step(((0, conv),), ConvRelu(conv)),
+             Step(((0, conv), (1, GlobalAvgPool2D())), ConvReluAvgPool(conv, global_pool=True)))
+    oracle = np.array([10.0, 2e-4, 0.0, 0.5, 0.0]).reshape(1, 1, 1, 5)
+    backend = np.array([10.0, 0.0, 3e-4, 0.0, 0.5]).reshape(1, 1, 1, 5)
+    for step in steps:
+        caches = [(None, oracle.copy()), (1, 1, 1, 5)]
+        _adopt_near_zero_relu_sides(caches, backend, step)
+        np.testing.assert_array_equal(caches[0][1].ravel(), [10.0, 0.0, 3e-4, 0.5, 0.0])
+    plain = Conv2D(1, 1)  # no ReLU: nothing to adopt
+    caches = [(None, oracle.copy())]
+    _adopt_near_zero_relu_sides(caches, backend, Step(((0, plain),), plain))
+    np.testing.assert_array_equal(caches[0][1], oracle)
 
 
 def test_every_jit_step_of_a_non_preset_network_names_its_kernel_paths():

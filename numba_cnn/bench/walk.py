@@ -8,7 +8,9 @@ not a kernel) runs the composition of the step's layers on float64 copies of the
 than its one tolerance, of the wrong shape or dtype, or an exception marks the op FAILED, and the walk goes on from
 the oracle's result. A backward is checked on a fresh standard-normal gradient stored as the one training hands it
 (a gradient that came through BatchNorm sums to zero over each channel, which would leave the bias gradient before
-it all rounding error), then timed on that one. Steps whose layers the bench was not asked for run on the oracle.
+it all rounding error), then timed on that one; where the backend's float32 conv output and the oracle's fall on
+either side of a ReLU's kink or tie in a max-pool window within rounding, the backend's choice stands in the
+oracle's caches (either is right). Steps whose layers the bench was not asked for run on the oracle.
 """
 
 import contextlib
@@ -22,7 +24,7 @@ from numba_cnn.kernels import ORACLE, get_backend
 from numba_cnn.kernels.contract import op_names
 from numba_cnn.kernels.reference import FLOAT32_TOL, relative_error
 from numba_cnn.model import Model, Run
-from numba_cnn.network.layers import Dropout
+from numba_cnn.network.layers import Conv2D, Dropout
 from numba_cnn.network.plan import ConvReluPool
 
 BYTES_FORMULA = ("bytes moved: the compulsory traffic of the arrays a call takes and returns, each counted once at "
@@ -173,6 +175,23 @@ def _adopt_near_tie_winners(oracle_caches, argmax, step):
     oracle_argmax[near] = argmax[near]
 
 
+def _adopt_near_zero_relu_sides(oracle_caches, y, step):
+    """In the oracle's cache of a step that starts with a convolution and its ReLU (alone, or before a pool whose
+    backward reads the ReLU'd output `y`), the backend's side of the ReLU's kink where both outputs lie within
+    FLOAT32_TOL of the largest one from zero but on different sides: the two sums differ by a rounding there, the
+    gradient passes on one side and not on the other, and either is right (the forward's check accepts both). Where
+    either output is further from zero, the oracle's side stays, and a wrong one fails the check."""
+    layer = step.layers[0][1]
+    if not (isinstance(layer, Conv2D) and layer.activation == "relu"):
+        return
+    _, oracle_y = oracle_caches[0]
+    if oracle_y.shape != y.shape:
+        return
+    limit = FLOAT32_TOL * np.abs(oracle_y).max()
+    near = (np.abs(oracle_y) <= limit) & (np.abs(y) <= limit) & ((oracle_y > 0) != (y > 0))
+    oracle_y[near] = y[near]
+
+
 def path_log(backend):
     """A context that records the kernel paths a call takes and the multiply-adds they execute, on a backend that
     reports them (jit's PathLog, which `with` gives); elsewhere a no-op that gives None."""
@@ -295,6 +314,8 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
                 oracle_y(visit)
             if cache is not None and isinstance(step.runner, ConvReluPool):
                 _adopt_near_tie_winners(visit.oracle_caches, backend.to_host(cache[2]), step)
+            elif isinstance(cache, tuple) and len(cache) == 2:  # a conv's (x, y), its ReLU's sides decided by y
+                _adopt_near_zero_relu_sides(visit.oracle_caches, _float64(backend.to_host(cache[1])), step)
             return oracle_backward(network, step, state64, _float64(backend.to_host(gradient)),
                                    visit.oracle_caches, need_dx, oracle_run)
 
