@@ -141,3 +141,19 @@ def test_which_layers_take_it():
     assert not fits((64, 32, 7, 7), 1)
     assert not fits((64, 32, 3, 3), 2)
     assert not fits((64, WINOGRAD_CHUNK + 4, 3, 3), 1)
+
+
+def test_the_chunks_are_added_in_order_in_float64(rng):
+    """`_chunks_in_order` (the weight gradient's sum of its image chunks' products): bitwise numpy's float64 sum
+    chunk after chunk, on values of wide magnitudes (where another order would round otherwise), an inf meeting
+    -inf and a NaN."""
+    mt = (rng.standard_normal((GRAD_IMAGE_CHUNKS, 16, 70)) * 10.0 ** rng.uniform(-8, 8, (GRAD_IMAGE_CHUNKS, 16, 70)))
+    mt = mt.astype(np.float32)
+    mt[0, 0, 0], mt[1, 0, 0], mt[0, 1, 1] = np.inf, -np.inf, np.nan
+    want = mt[0].astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        for h in range(1, GRAD_IMAGE_CHUNKS):
+            want += mt[h]
+    got = np.empty(want.shape)
+    winograd_grad._chunks_in_order(mt, got)
+    np.testing.assert_array_equal(got, want)

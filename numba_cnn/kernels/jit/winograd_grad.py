@@ -89,10 +89,8 @@ def winograd_weight_grad(dy, x, padding, size=3):
     else:
         dy_cl = nhwc(dy)
     _KERNELS[size, out](nhwc(x), padding[0], padding[2], dy_cl, tile_rows, tile_cols, mt, dbt)
-    m = mt[0].astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):  # an inf or NaN operand: the result is checked below
-        for h in range(1, chunks):  # the chunks in order, in float64: the same sums whatever the thread count
-            m += mt[h]
+    m = scratch(f"winograd_grad.m{size}x{out}.sum", mt.shape[1:], np.float64)
+    _chunks_in_order(mt, m)
     dw_rs = np.empty((size * size, c, k), x.dtype)
     m_rs = m.reshape(window, window, c, k_padded)[..., :k]
     _winograd_sandwich(m_rs, WINOGRAD_G_T[size, out], dw_rs)  # G^T M G, rounded once
@@ -101,6 +99,21 @@ def winograd_weight_grad(dy, x, padding, size=3):
     if not (np.isfinite(dw).all() and np.isfinite(db).all()):
         return None
     return dw, db, n * tile_rows * tile_cols * elements * c * k_padded, winograd_grad_path(size, out)
+
+
+@_jit
+def _chunks_in_order(mt, m):
+    """m[e, i] = the sum of mt[h, e, i] over the chunks h in order, in float64 (the same sums whatever the thread
+    count); the chunks run in an outer loop, so each element's additions keep that order under fastmath."""
+    n_chunks, elements, width = mt.shape
+    for e in prange(elements):
+        total, part = m[e], mt[0, e]
+        for i in range(width):
+            total[i] = part[i]
+        for h in range(1, n_chunks):
+            part = mt[h, e]
+            for i in range(width):
+                total[i] += part[i]
 
 
 def _make_winograd_weight_grad(size, out, rows, lanes, chunk, band):
