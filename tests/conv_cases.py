@@ -1,5 +1,6 @@
-"""Operands the Winograd tests share: a convolution's x, w, b and dy for a kernel size, and the channels-last
-storage the fused ops hand over."""
+"""What the Winograd and phase-layer tests share: a convolution's x, w, b and dy for a kernel size, the
+channels-last storage the fused ops hand over, and two checks of the jit backend's convolution (the same bits on one
+and two threads; NaN and inf where the float64 oracle has them)."""
 
 import numpy as np
 
@@ -18,3 +19,35 @@ def conv_operands(rng, shape, k, size, padding, dtype, w_scale):
     b = rng.standard_normal(k).astype(dtype)
     dy = rng.standard_normal((n, k, h + top + bottom - size + 1, wd + left + right - size + 1)).astype(dtype)
     return x, w, b, dy
+
+
+def assert_conv_bits_thread_independent(x, w, b, dy, stride, padding):
+    """jit's conv2d_forward (ReLU'd) and conv2d_backward with dx: the same bits on one thread and on two."""
+    import numba
+
+    from numba_cnn.kernels import get_backend
+
+    jit = get_backend("jit")
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            y = np.array(jit.conv2d_forward(x, w, b, True, stride, padding))
+            results.append([y] + [np.array(g) for g in jit.conv2d_backward(dy, x, w, True, stride, padding)])
+    finally:
+        numba.set_num_threads(before)
+    for got, same in zip(*results):
+        np.testing.assert_array_equal(got, same)
+
+
+def assert_non_finite_like_the_oracle(names, got, want):
+    """Each result against the oracle's: NaN and inf in the same places, the finite values within float32's
+    tolerance."""
+    from numba_cnn.kernels import reference
+
+    for name, got_one, expected in zip(names, got, want):
+        assert np.array_equal(np.isnan(got_one), np.isnan(expected)), name
+        assert np.array_equal(np.isinf(got_one), np.isinf(expected)), name
+        finite = np.isfinite(expected)
+        reference.assert_close(got_one[finite], expected[finite], np.float32, name)

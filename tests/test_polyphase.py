@@ -8,11 +8,10 @@ and inf; which layers take it."""
 
 import numpy as np
 import pytest
-from conv_cases import channels_last
+from conv_cases import assert_conv_bits_thread_independent, assert_non_finite_like_the_oracle, channels_last
 from gradcheck import assert_conv_backward_matches
 from numba_cnn.kernels import reference
 
-numba = pytest.importorskip("numba")
 jit = pytest.importorskip("numba_cnn.kernels.jit")
 from numba_cnn.kernels.jit import polyphase  # noqa: E402
 from numba_cnn.kernels.jit.paths import PathLog  # noqa: E402
@@ -97,17 +96,7 @@ def test_backward_matches_finite_differences(wrt, rng):
 def test_one_and_two_threads_give_identical_bits(rng):
     padding = (1, 2, 1, 2)
     x, w, b, dy = _operands(rng, (GRAD_IMAGE_CHUNKS + 5, 16, 14, 13), 32, 5, 2, padding, np.float32)
-    before = numba.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            numba.set_num_threads(threads)
-            y = jit.conv2d_forward(x, w, b, True, 2, padding).copy()
-            results.append([y] + [np.array(g) for g in jit.conv2d_backward(dy, x, w, True, 2, padding)])
-    finally:
-        numba.set_num_threads(before)
-    for got, same in zip(*results):
-        np.testing.assert_array_equal(got, same)
+    assert_conv_bits_thread_independent(x, w, b, dy, 2, padding)
 
 
 @pytest.mark.parametrize("where", ["x", "dy"])
@@ -127,11 +116,7 @@ def test_non_finite_operands_take_the_strided_kernels(where, rng):
                 *reference.conv2d_backward(*_f64(dy, x, w), True, 2, padding)]
     assert (PHASES in forward_log.paths[-1]) == (where == "dy"), forward_log.paths
     assert PHASES not in backward_log.paths[-1], backward_log.paths
-    for name, got_one, expected in zip(("y", "dx", "dw", "db"), got, want):
-        assert np.array_equal(np.isnan(got_one), np.isnan(expected)), name
-        assert np.array_equal(np.isinf(got_one), np.isinf(expected)), name
-        finite = np.isfinite(expected)
-        reference.assert_close(got_one[finite], expected[finite], np.float32, name)
+    assert_non_finite_like_the_oracle(("y", "dx", "dw", "db"), got, want)
 
 
 def test_which_layers_take_it():

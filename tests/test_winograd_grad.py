@@ -8,11 +8,11 @@ with the oracle's NaN and inf."""
 
 import numpy as np
 import pytest
-from conv_cases import channels_last, conv_operands
+from conv_cases import assert_conv_bits_thread_independent, channels_last, conv_operands
 from gradcheck import assert_conv_backward_matches
 from numba_cnn.kernels import reference
 
-numba = pytest.importorskip("numba")
+pytest.importorskip("numba")
 jit = pytest.importorskip("numba_cnn.kernels.jit")
 from numba_cnn.kernels.jit import winograd, winograd_grad  # noqa: E402
 from numba_cnn.kernels.jit.paths import PathLog  # noqa: E402
@@ -87,17 +87,7 @@ def test_one_and_two_threads_give_identical_bits(size, winograd_tile, rng):
     """The forward (Winograd's for both sizes), dx, dw and db: the same bits on one and two threads."""
     padding = (size // 2,) * 4
     x, w, b, dy = _operands(rng, (GRAD_IMAGE_CHUNKS + 5, C2, 10, 12), 2 * LANES, padding, np.float32, size)
-    before = numba.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            numba.set_num_threads(threads)
-            y = jit.conv2d_forward(x, w, b, True, 1, padding).copy()
-            results.append([y] + [np.array(g) for g in jit.conv2d_backward(dy, x, w, True, 1, padding)])
-    finally:
-        numba.set_num_threads(before)
-    for got, same in zip(*results):
-        np.testing.assert_array_equal(got, same)
+    assert_conv_bits_thread_independent(x, w, b, dy, 1, padding)
 
 
 @pytest.mark.parametrize("where", ["x", "dy"])

@@ -209,6 +209,18 @@ def _output_line4(x0, x1, x2, x3, x4, x5):
 
 
 @njit(inline="always")
+def _store_row4(outs, at, lanes, bias, floor, zero, o0, o1, o2, o3):
+    """outs[at + m * lanes] = the 4x4 output tile's row of values o0..o3 plus the bias, ReLU'd against floor (NaN
+    kept); returns their sum times zero (NaN once any is NaN or inf)."""
+    o0, o1, o2, o3 = bias + o0, bias + o1, bias + o2, bias + o3
+    outs[at] = floor if o0 < floor else o0  # ReLU; NaN < floor is false: NaN stays
+    outs[at + lanes] = floor if o1 < floor else o1
+    outs[at + 2 * lanes] = floor if o2 < floor else o2
+    outs[at + 3 * lanes] = floor if o3 < floor else o3
+    return (o0 + o1 + o2 + o3) * zero
+
+
+@njit(inline="always")
 def _output6x4(m, at, b_vec, floor, zero, ss, outs, lanes):
     """_output4 for F(4x4, 3x3): outs[o * lanes + l] = the 4x4 output tile's value o (row-major) of Y = A^T M A over
     its 36 elements M[e] = m[e, at + l], A^T on the columns of M (into ss, 4 rows of 6) then along each row, plus
@@ -226,13 +238,7 @@ def _output6x4(m, at, b_vec, floor, zero, ss, outs, lanes):
             at_row = 6 * i * lanes + l
             o0, o1, o2, o3 = _output_line4(ss[at_row], ss[at_row + lanes], ss[at_row + 2 * lanes],
                                            ss[at_row + 3 * lanes], ss[at_row + 4 * lanes], ss[at_row + 5 * lanes])
-            bias = b_vec[l]
-            o0, o1, o2, o3 = bias + o0, bias + o1, bias + o2, bias + o3
-            check += (o0 + o1 + o2 + o3) * zero
-            outs[4 * i * lanes + l] = floor if o0 < floor else o0  # ReLU; NaN < floor is false: NaN stays
-            outs[(4 * i + 1) * lanes + l] = floor if o1 < floor else o1
-            outs[(4 * i + 2) * lanes + l] = floor if o2 < floor else o2
-            outs[(4 * i + 3) * lanes + l] = floor if o3 < floor else o3
+            check += _store_row4(outs, 4 * i * lanes + l, lanes, b_vec[l], floor, zero, o0, o1, o2, o3)
     return check
 
 
@@ -265,13 +271,7 @@ def _output8x4(m, at, b_vec, floor, zero, ss, outs, lanes):
             o0, o1, o2, o3 = _output_line8x4(ss[at_row], ss[at_row + lanes], ss[at_row + 2 * lanes],
                                              ss[at_row + 3 * lanes], ss[at_row + 4 * lanes], ss[at_row + 5 * lanes],
                                              ss[at_row + 6 * lanes], ss[at_row + 7 * lanes])
-            bias = b_vec[l]
-            o0, o1, o2, o3 = bias + o0, bias + o1, bias + o2, bias + o3
-            check += (o0 + o1 + o2 + o3) * zero
-            outs[4 * i * lanes + l] = floor if o0 < floor else o0  # ReLU; NaN < floor is false: NaN stays
-            outs[(4 * i + 1) * lanes + l] = floor if o1 < floor else o1
-            outs[(4 * i + 2) * lanes + l] = floor if o2 < floor else o2
-            outs[(4 * i + 3) * lanes + l] = floor if o3 < floor else o3
+            check += _store_row4(outs, 4 * i * lanes + l, lanes, b_vec[l], floor, zero, o0, o1, o2, o3)
     return check
 
 
@@ -342,15 +342,21 @@ def _gradient_line4(x0, x1, x2, x3):
 
 
 @njit(inline="always")
-def _gradient_transform6x4(g, tt, vv, sums, chunk):
-    """_gradient_transform4 for a 4x4 tile of dy (F(3x3, 4x4)): vv[(6a + b) * chunk + l] = (A g A^T)[a, b] of
-    g[(4i + j) * chunk + l], A on the columns of g into tt (6 rows of 4), then on each of tt's rows; offsets into
-    the whole tiles (no views); sums[l] += the tile's 16 values."""
+def _add_tile_sums16(g, sums, chunk):
+    """sums[l] += the sum of the 4x4 tile's 16 values g[e * chunk + l], in row-major order."""
     for l in range(chunk):
         total = g[l]
         for e in range(1, 16):
             total += g[e * chunk + l]
         sums[l] += total
+
+
+@njit(inline="always")
+def _gradient_transform6x4(g, tt, vv, sums, chunk):
+    """_gradient_transform4 for a 4x4 tile of dy (F(3x3, 4x4)): vv[(6a + b) * chunk + l] = (A g A^T)[a, b] of
+    g[(4i + j) * chunk + l], A on the columns of g into tt (6 rows of 4), then on each of tt's rows; offsets into
+    the whole tiles (no views); sums[l] += the tile's 16 values."""
+    _add_tile_sums16(g, sums, chunk)
     for j in range(4):
         for l in range(chunk):
             at = j * chunk + l
@@ -381,11 +387,7 @@ def _gradient_transform8x4(g, tt, vv, sums, chunk):
     """_gradient_transform6x4 for F(5x5, 4x4): vv[(8a + b) * chunk + l] = (A g A^T)[a, b] of the 4x4 tile of dy
     g[(4i + j) * chunk + l], A on the columns of g into tt (8 rows of 4), then on each of tt's rows; sums[l] += the
     tile's 16 values."""
-    for l in range(chunk):
-        total = g[l]
-        for e in range(1, 16):
-            total += g[e * chunk + l]
-        sums[l] += total
+    _add_tile_sums16(g, sums, chunk)
     for j in range(4):
         for l in range(chunk):
             at = j * chunk + l
