@@ -21,8 +21,8 @@ CONTRACT = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d
 # batchnorm2d_relu is BatchNorm2D then ReLU; conv2d_relu is a backward only (its forward is the contract's
 # conv2d_forward with relu=True): the ReLU's derivative taken inside the convolution's backward; so is
 # conv2d_relu_avgpool2d (forward: conv2d_forward with relu=True, then avgpool2d_forward with windows of `size`, 2x2 or
-# the whole image for a global pool), whose dy is the pool's gradient; so is batchnorm2d_relu_maxpool2d (forward: batchnorm2d_relu_forward, then maxpool2d_forward
-# with 2x2 windows), whose dy, y and argmax are the pool's.
+# the whole image for a global pool), whose dy is the pool's gradient; so is batchnorm2d_relu_maxpool2d (forward:
+# batchnorm2d_relu_forward, then maxpool2d_forward with 2x2 windows), whose dy, y and argmax are the pool's.
 FUSED_OPS = {"conv2d_relu_maxpool2d": ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward"),
              "batchnorm2d_relu": ("batchnorm2d_relu_forward", "batchnorm2d_relu_backward"),
              "conv2d_relu": ("conv2d_relu_backward",),

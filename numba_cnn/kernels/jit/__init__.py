@@ -41,7 +41,7 @@ conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channe
                  3x3 with C a multiple of WINOGRAD_CHUNK, K over half the narrow lanes, finite w (winograd.py):
                  tiles.py's `_winograd*`, F(4x4, 3x3) (36 products per tile, not 144) or, where its tiles waste
                  more, F(2x2, 3x3) (16, not 36), as matrix products in register tiles; output channels-last.
-                 5x5 on the same terms (not fused with a pool): F(2x2, 5x5), 36 products per tile, not 100.
+                 5x5 on the same terms (not fused with a pool): F(4x4, 5x5) (64, not 400) or F(2x2, 5x5) (36).
                  stride >= 2: polyphase.py's phase layer where Winograd takes it (5x5 stride 2: x's four phases
                  stacked along the channels, a 3x3 stride-1 convolution of 4C channels); else general.py's
                  `_strided_forward`: the same tile over the padded channels-last input, its columns read `stride`
@@ -59,7 +59,7 @@ conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K
                  `left` columns into the packed dy (col_shift) and R-1-top rows above it (row_shift).
                  3x3 or 5x5 where Winograd fits dy's K channels: dx by winograd.py, dy padded by R-1-top...
                  3x3, C a multiple of WINOGRAD_CHUNK: dw, db by winograd_grad.py's F(3x3, 2x2) (16 products per
-                 tile of dy and pair, not 36; 5x5: F(5x5, 2x2)); non-finite result: dw tiles.
+                 tile of dy and pair, not 36; 5x5: F(5x5, 4x4) or 2x2); non-finite result: dw tiles.
                  Where the forward takes the column tile (and x and w are finite): columns.py's column tiles for
                  dw and for dx over dy in a zero border, NCHW, no channels-last copy.
                  stride >= 2: the phase layer's Winograd dw and dx where the forward takes it; else general.py,
