@@ -51,3 +51,21 @@ def assert_non_finite_like_the_oracle(names, got, want):
         assert np.array_equal(np.isinf(got_one), np.isinf(expected)), name
         finite = np.isfinite(expected)
         reference.assert_close(got_one[finite], expected[finite], np.float32, name)
+
+
+def jit_and_oracle_results(x, w, b, dy, stride, padding):
+    """(jit's [y, dx, dw, db], the float64 oracle's, the forward's paths, the backward's paths) of a convolution
+    without ReLU, NaN and inf operands allowed."""
+    from numba_cnn.kernels import get_backend, reference
+    from numba_cnn.kernels.jit.paths import PathLog
+
+    jit = get_backend("jit")
+    f64 = [a.astype(np.float64) for a in (x, w, b, dy)]
+    with np.errstate(invalid="ignore", over="ignore"):
+        with PathLog() as forward_log:
+            got = [np.array(jit.conv2d_forward(x, w, b, False, stride, padding))]
+        with PathLog() as backward_log:
+            got += jit.conv2d_backward(dy, x, w, True, stride, padding)
+        want = [reference.conv2d_forward(*f64[:3], False, stride, padding),
+                *reference.conv2d_backward(f64[3], f64[0], f64[1], True, stride, padding)]
+    return got, want, forward_log.paths, backward_log.paths

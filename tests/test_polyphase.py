@@ -8,7 +8,8 @@ and inf; which layers take it."""
 
 import numpy as np
 import pytest
-from conv_cases import assert_conv_bits_thread_independent, assert_non_finite_like_the_oracle, channels_last
+from conv_cases import (assert_conv_bits_thread_independent, assert_non_finite_like_the_oracle, channels_last,
+                        jit_and_oracle_results)
 from gradcheck import assert_conv_backward_matches
 from numba_cnn.kernels import reference
 
@@ -107,15 +108,9 @@ def test_non_finite_operands_take_the_strided_kernels(where, rng):
     x, w, b, dy = _operands(rng, (2, 8, 11, 10), 32, 5, 2, padding, np.float32)
     operand = x if where == "x" else dy
     operand[0, 1, 2, 3], operand[1, 0, 4, 4] = np.inf, np.nan
-    with np.errstate(invalid="ignore", over="ignore"):
-        with PathLog() as forward_log:
-            got = [jit.conv2d_forward(x, w, b, False, 2, padding).copy()]
-        with PathLog() as backward_log:
-            got += jit.conv2d_backward(dy, x, w, True, 2, padding)
-        want = [reference.conv2d_forward(*_f64(x, w, b), False, 2, padding),
-                *reference.conv2d_backward(*_f64(dy, x, w), True, 2, padding)]
-    assert (PHASES in forward_log.paths[-1]) == (where == "dy"), forward_log.paths
-    assert PHASES not in backward_log.paths[-1], backward_log.paths
+    got, want, forward_paths, backward_paths = jit_and_oracle_results(x, w, b, dy, 2, padding)
+    assert (PHASES in forward_paths[-1]) == (where == "dy"), forward_paths
+    assert PHASES not in backward_paths[-1], backward_paths
     assert_non_finite_like_the_oracle(("y", "dx", "dw", "db"), got, want)
 
 

@@ -10,7 +10,7 @@ channels-last x."""
 
 import numpy as np
 import pytest
-from conv_cases import assert_non_finite_like_the_oracle, channels_last, conv_operands
+from conv_cases import assert_non_finite_like_the_oracle, channels_last, conv_operands, jit_and_oracle_results
 from gradcheck import assert_conv_backward_matches
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels import reference
@@ -87,16 +87,10 @@ def test_non_finite_operands_take_the_direct_kernels(where, forward, dw_path, rn
     operand = x if where == "x" else dy
     operand[0, 1, 2, 3], operand[1, 0, 4, 4] = np.inf, np.nan
     assert winograd_grad.winograd_weight_grad(dy, x, padding, 5) is None
-    with np.errstate(invalid="ignore", over="ignore"):
-        with PathLog() as forward_log:
-            got = [jit.conv2d_forward(x, w, b, False, 1, padding).copy()]
-        with PathLog() as backward_log:
-            got += jit.conv2d_backward(dy, x, w, True, 1, padding)
-        want = [reference.conv2d_forward(*_f64(x, w, b), False, 1, padding),
-                *reference.conv2d_backward(*_f64(dy, x, w), True, 1, padding)]
+    got, want, forward_paths, backward_paths = jit_and_oracle_results(x, w, b, dy, 1, padding)
     # the forward reads x, dx reads dy, dw both: each takes Winograd only where its operands are finite
-    assert (forward in forward_log.paths[0]) == (where == "dy"), forward_log.paths
-    assert dw_path not in backward_log.paths[0] and (f"dx by {forward}" in backward_log.paths[0]) == (where == "x")
+    assert (forward in forward_paths[0]) == (where == "dy"), forward_paths
+    assert dw_path not in backward_paths[0] and (f"dx by {forward}" in backward_paths[0]) == (where == "x")
     assert_non_finite_like_the_oracle(("y", "dx", "dw", "db"), got, want)
 
 
