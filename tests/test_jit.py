@@ -163,7 +163,7 @@ def test_second_process_loads_kernels_from_the_cache(tmp_path):
         import numpy as np
         from numba_cnn.kernels import jit
         from numba_cnn.kernels.jit import tiles
-        x = np.ones((1, 1, 6, 6), np.float32)
+        x = np.ones((1, 1, 5, 5), np.float32)  # 3 output columns: too few for the column tiles' lanes on any target
         jit.conv2d_forward(x, np.ones((2, 1, 3, 3), np.float32), np.zeros(2, np.float32), True, 1, (0, 0, 0, 0))
         jit.maxpool2d_forward(x, (2, 2))
         for kernel in (jit._conv_tile_small, tiles._maxpool_forward):  # K = 2: the small tile
@@ -216,8 +216,10 @@ _IR_PROBE = """
     from numba_cnn.kernels import jit, _numba_ext
     from numba_cnn.kernels.jit import tiles
     rng = np.random.default_rng(11)
-    x = rng.standard_normal((2, 24, 7, 7)).astype(np.float32)  # 24 and 40 channels: the direct tiles
-    w = rng.standard_normal((40, 24, 3, 3)).astype(np.float32)
+    # 20 and 40 channels: the direct tiles on every target (20 is a multiple of neither Winograd's channel chunk,
+    # 8 or 16, and too many input channels for the column tiles)
+    x = rng.standard_normal((2, 20, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((40, 20, 3, 3)).astype(np.float32)
     b = rng.standard_normal(40).astype(np.float32)
     xw = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)  # 32 and 64: Winograd's
     ww = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
@@ -252,8 +254,8 @@ def test_stack_tile_switch_and_vector_width_attribute(tmp_path, stack_tiles):
     assert [line.split()[1] for line in lines if line] == ["True"] * 5, result.stdout
     got = np.load(out)
     rng = np.random.default_rng(11)
-    x = rng.standard_normal((2, 24, 7, 7)).astype(np.float32)
-    w = rng.standard_normal((40, 24, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((2, 20, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((40, 20, 3, 3)).astype(np.float32)
     b = rng.standard_normal(40).astype(np.float32)
     xw = rng.standard_normal((2, 32, 7, 7)).astype(np.float32)
     ww = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
