@@ -22,6 +22,15 @@ import pytest  # noqa: E402
 
 from numba_cnn.kernels import BACKENDS, get_backend  # noqa: E402
 
+# pyproject's `-n auto`: a worker per usable CPU, at most this many (each holds its compiled kernels, about a GiB);
+# `-n 0` runs the suite in this one process
+MAX_TEST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS))
+
+
 # NUMBA_CNN_SLOW_TESTS=1 also runs the checks that are opt-in on numba's CUDA simulator (each test file says which).
 SLOW_TESTS = os.environ.get("NUMBA_CNN_SLOW_TESTS") == "1"
 

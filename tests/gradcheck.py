@@ -7,6 +7,15 @@ O(h^2) times L's third derivative, which is zero for the linear maps here (convo
 max-pooling away from ties) and small for softmax and for batchnorm (smooth in x while the variance plus eps stays
 well away from zero, as it does for the tests' spread-out inputs); h = 1e-6 keeps float64 rounding
 (1e-16 / 1e-6 = 1e-10) well under the 1e-6 tolerance.
+
+Two evaluations per coordinate add up: a 24 x 32 x 5 x 5 weight is 19,200 coordinates, 76,800 forward calls with the
+ReLU'd twin, minutes of the suite. So an array of more than FULL_CHECK_MAX elements is checked on a covering sample
+instead: every index of every axis at least once (each output channel, input channel, kernel row and column, image,
+pixel row and column has a coordinate checked), the rest of FULL_CHECK_MAX drawn at random, plus the whole gradient
+at once along DIRECTIONS random directions v: <dL/da, v> against (L(a + h v) - L(a - h v)) / 2h. A kernel's bugs
+are structural (an edge, a tile, a channel, a scale): the sample meets each edge and channel, and the directions
+see an error spread over many elements that no sample might hit; a lone element slightly off could pass both, which
+is the price of the sample (arrays up to FULL_CHECK_MAX elements are still checked at every coordinate).
 """
 
 import numpy as np
@@ -14,6 +23,27 @@ import numpy as np
 STEP = 1e-6
 # Relative to the largest analytic gradient element: allows rounding (~1e-10) and O(h^2) curvature terms.
 GRAD_TOL = 1e-6
+FULL_CHECK_MAX = 512
+DIRECTIONS = 2
+
+
+def covering_indices(shape, count, seed=0):
+    """Flat indices into an array of `shape`: for every axis and every index along it, one coordinate with that
+    index there (the others drawn at random), then random coordinates until there are `count` (or all), sorted,
+    each once; drawn from `seed`, so a rerun checks the same ones."""
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(shape))
+    chosen = set()
+    for axis, extent in enumerate(shape):
+        for at in range(extent):
+            coordinate = [int(rng.integers(n)) for n in shape]
+            coordinate[axis] = at
+            chosen.add(int(np.ravel_multi_index(coordinate, shape)))
+    for i in rng.permutation(size):
+        if len(chosen) >= min(count, size):
+            break
+        chosen.add(int(i))
+    return np.array(sorted(chosen))
 
 
 def numerical_gradient(scalar_fn, a, indices=None, step=STEP):
@@ -34,14 +64,41 @@ def numerical_gradient(scalar_fn, a, indices=None, step=STEP):
 
 
 def assert_gradient_matches(analytic, scalar_fn, a, indices=None, what="gradient"):
-    """analytic (dL/da from a backward pass) agrees with central differences of scalar_fn at a."""
+    """analytic (dL/da from a backward pass) agrees with central differences of scalar_fn at a: at `indices` (flat)
+    where given; else at every coordinate of an array of up to FULL_CHECK_MAX elements, and of a larger one at
+    covering_indices and along DIRECTIONS random directions (the module's docstring says why)."""
     analytic = np.asarray(analytic, dtype=np.float64)
     assert analytic.shape == a.shape, f"{what}: shape {analytic.shape}, expected {a.shape}"
+    sampled = indices is None and a.size > FULL_CHECK_MAX
+    if sampled:
+        indices = covering_indices(a.shape, FULL_CHECK_MAX)
     numeric = numerical_gradient(scalar_fn, a, indices)
     checked = ~np.isnan(numeric)
     scale = max(float(np.abs(analytic).max()), 1e-12)
     np.testing.assert_allclose(analytic[checked], numeric[checked], rtol=GRAD_TOL, atol=GRAD_TOL * scale,
                                err_msg=what)
+    if sampled:
+        assert_directional_derivatives_match(analytic, scalar_fn, a, what)
+
+
+def assert_directional_derivatives_match(analytic, scalar_fn, a, what="gradient"):
+    """<analytic, v> against the central difference of scalar_fn along v, for DIRECTIONS random unit vectors v
+    (float64, a restored after); the tolerance is GRAD_TOL relative to |analytic|'s 2-norm, the largest <analytic,
+    v> can be."""
+    assert a.dtype == np.float64, "finite differences are only meaningful in float64"
+    rng = np.random.default_rng(1)
+    original = a.copy()
+    scale = max(float(np.linalg.norm(analytic)), 1e-12)
+    for d in range(DIRECTIONS):
+        v = rng.standard_normal(a.shape)
+        v /= np.linalg.norm(v)
+        a[...] = original + STEP * v
+        above = scalar_fn(a)
+        a[...] = original - STEP * v
+        below = scalar_fn(a)
+        a[...] = original
+        np.testing.assert_allclose(float(np.vdot(analytic, v)), (above - below) / (2 * STEP), rtol=GRAD_TOL,
+                                   atol=GRAD_TOL * scale, err_msg=f"{what}, along random direction {d}")
 
 
 def dotted_with(fn, upstream):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import fd_indices, on_device, on_host
-from gradcheck import assert_gradient_matches, dotted_with
+from gradcheck import FULL_CHECK_MAX, assert_gradient_matches, covering_indices, dotted_with
 
 # x (N, C, H, W), w (K, C, R, S), stride, padding: odd sizes and a non-square kernel so no transposition can hide;
 # a strided convolution whose last row and column no output reads, and uneven padding.
@@ -108,3 +108,26 @@ def test_gradient_check_catches_a_slightly_wrong_gradient(rng):
     wrong[1, 2] += 1e-4 * np.abs(wrong).max()
     with pytest.raises(AssertionError):
         assert_gradient_matches(wrong, loss, a)
+
+
+def test_sampled_gradient_check_covers_every_axis_index_and_catches_structural_errors(rng):
+    """Above FULL_CHECK_MAX elements the check samples: every index of every axis is met, the sample stays within
+    the budget, and an error confined to one channel fails it (the sample meets the channel), as does an error in
+    every element the sample leaves out (the random directions see it)."""
+    shape = (6, 40, 5, 3)
+    picked = covering_indices(shape, FULL_CHECK_MAX)
+    assert len(picked) == FULL_CHECK_MAX and len(set(picked)) == len(picked)
+    coords = np.unravel_index(picked, shape)
+    assert all(set(axis.tolist()) == set(range(n)) for axis, n in zip(coords, shape))
+    assert np.array_equal(picked, covering_indices(shape, FULL_CHECK_MAX)), "a rerun checks the same coordinates"
+    a, dy = rng.standard_normal(shape), rng.standard_normal(shape)
+    loss = dotted_with(lambda v: v * v, dy)
+    right = 2 * a * dy
+    assert_gradient_matches(right, loss, a)
+    one_channel = right.copy()
+    one_channel[:, 17] *= -1
+    off_sample = right * 1.01
+    off_sample.reshape(-1)[picked] = right.reshape(-1)[picked]
+    for wrong, what in ((one_channel, "one input channel"), (off_sample, "the unsampled elements 1% off")):
+        with pytest.raises(AssertionError):
+            assert_gradient_matches(wrong, loss, a, what=what)
