@@ -22,8 +22,8 @@ import pytest  # noqa: E402
 
 from numba_cnn.kernels import BACKENDS, get_backend  # noqa: E402
 
-# the README's `pytest -n auto`: a worker per usable CPU, at most this many (each holds its compiled kernels, about a
-# GiB). Not in pyproject's addopts: a machine without pytest-xdist (the GPU image) would reject the option.
+# the README's `pytest -n auto`: a worker per usable CPU, at most this many (each holds all the kernels its files
+# compile in its own memory). Not in pyproject's addopts: a machine without pytest-xdist (the GPU image) would reject the option.
 MAX_TEST_WORKERS = 4
 
 

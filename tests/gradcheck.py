@@ -9,7 +9,7 @@ well away from zero, as it does for the tests' spread-out inputs); h = 1e-6 keep
 (1e-16 / 1e-6 = 1e-10) well under the 1e-6 tolerance.
 
 Two evaluations per coordinate add up: a 24 x 32 x 5 x 5 weight is 19,200 coordinates, 76,800 forward calls with the
-ReLU'd twin, minutes of the suite. So an array of more than FULL_CHECK_MAX elements is checked on a covering sample
+ReLU'd twin, most of a test's time. So an array of more than FULL_CHECK_MAX elements is checked on a covering sample
 instead: every index of every axis at least once (each output channel, input channel, kernel row and column, image,
 pixel row and column has a coordinate checked), the rest of FULL_CHECK_MAX drawn at random, plus the whole gradient
 at once along DIRECTIONS random directions v: <dL/da, v> against (L(a + h v) - L(a - h v)) / 2h. A kernel's bugs
