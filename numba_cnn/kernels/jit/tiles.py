@@ -58,12 +58,15 @@ GRAD_MIN_TILES, GRAD_IMAGE_CHUNKS = 16, 8
 STRIDED_TILE = CONV_TILE_NARROW
 STRIDED_GRAD_TILE = (8, 32) if TILE_BITS >= 512 and TILE_REGISTERS >= 32 else (6, 16)
 # Winograd (`_make_winograd`, 3x3 and 5x5): (tile rows, lanes) of the small matrix products' register tile, wide
-# for K > the narrow lanes, and the input channels transformed per step (one vector: C must be a multiple).
+# for K > the narrow lanes, and the channels transformed per step (C must be a multiple): 16 on every target, two
+# ymm on AVX2, because LLVM fully unrolls a transform loop of 8 channels before its loop vectoriser runs and the
+# unrolled code stays scalar (docs/kernels.md, "The transforms' vectors").
 # 4 rows x 64 lanes is 16 zmm; 6 or 8 rows (24 and 16 zmm) compiled into slower code, not tuned further.
+WINOGRAD_CHUNK = 16
 if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
-    WINOGRAD_TILE_WIDE, WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK = (4, 64), (4, 32), 16
+    WINOGRAD_TILE_WIDE, WINOGRAD_TILE_NARROW = (4, 64), (4, 32)
 else:
-    WINOGRAD_TILE_WIDE, WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK = (3, 32), (4, 16), 8
+    WINOGRAD_TILE_WIDE, WINOGRAD_TILE_NARROW = (3, 32), (4, 16)
 WINOGRAD_BAND = 32  # tiles whose transforms are held at once (rounded to whole rows of tiles): 36 x 32 x C values
 
 

@@ -96,7 +96,7 @@ def winograd_output_tile(size, p, q, rows):
 
 def winograd_fits(x_shape, w, stride, pool=False):
     """Whether a convolution takes the Winograd kernels: 3x3, or 5x5 when not fused with the pool; stride 1, input
-    channels a multiple of the transform's vector (WINOGRAD_CHUNK), more output channels than half the narrow
+    channels a multiple of the transform's step (WINOGRAD_CHUNK), more output channels than half the narrow
     tile's lanes (fewer would leave most of its lanes idle), finite weights (the transforms' sums would turn an inf
     weight into NaN outputs that the direct sum keeps inf; the inputs are checked by the kernel)."""
     k, c, r, s = w.shape

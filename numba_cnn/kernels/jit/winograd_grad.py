@@ -60,7 +60,7 @@ def winograd_grad_path(size, out=2):
 
 def winograd_grad_fits(w_shape, stride):
     """Whether a layer's weight gradient takes this kernel: 3x3 or 5x5, stride 1, input channels a multiple of the
-    transform's vector (WINOGRAD_CHUNK), as for the forward (output channels any: dy is then copied with zero
+    transform's step (WINOGRAD_CHUNK), as for the forward (output channels any: dy is then copied with zero
     channels up to a multiple)."""
     k, c, r, s = w_shape
     return stride == 1 and r == s and r in (3, 5) and c % WINOGRAD_CHUNK == 0
