@@ -31,6 +31,8 @@ CONTRACT_PARAMETERS = {
     "batchnorm2d_relu_backward": ["dy", "y", "x", "gamma", "mean", "inv_std"],
     "conv2d_relu_backward": ["dy", "y", "x", "w", "need_dx", "stride", "padding"],
     "conv2d_relu_avgpool2d_backward": ["dy", "y", "x", "w", "need_dx", "stride", "padding", "size"],
+    "batchnorm2d_relu_maxpool2d_forward": ["x", "gamma", "beta", "running_mean", "running_var", "momentum", "eps",
+                                           "training"],
     "batchnorm2d_relu_maxpool2d_backward": ["dy", "y", "argmax", "x", "gamma", "mean", "inv_std"],
 }
 # The oracle also carries the one tolerance and the comparison every check uses.

@@ -21,13 +21,14 @@ CONTRACT = ("conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d
 # batchnorm2d_relu is BatchNorm2D then ReLU; conv2d_relu is a backward only (its forward is the contract's
 # conv2d_forward with relu=True): the ReLU's derivative taken inside the convolution's backward; so is
 # conv2d_relu_avgpool2d (forward: conv2d_forward with relu=True, then avgpool2d_forward with windows of `size`, 2x2 or
-# the whole image for a global pool), whose dy is the pool's gradient; so is batchnorm2d_relu_maxpool2d (forward:
-# batchnorm2d_relu_forward, then maxpool2d_forward with 2x2 windows), whose dy, y and argmax are the pool's.
+# the whole image for a global pool), whose dy is the pool's gradient. batchnorm2d_relu_maxpool2d is
+# batchnorm2d_relu_forward then a 2x2 maxpool2d_forward; its backward's dy, y and argmax are the pool's.
 FUSED_OPS = {"conv2d_relu_maxpool2d": ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward"),
              "batchnorm2d_relu": ("batchnorm2d_relu_forward", "batchnorm2d_relu_backward"),
              "conv2d_relu": ("conv2d_relu_backward",),
              "conv2d_relu_avgpool2d": ("conv2d_relu_avgpool2d_backward",),
-             "batchnorm2d_relu_maxpool2d": ("batchnorm2d_relu_maxpool2d_backward",)}
+             "batchnorm2d_relu_maxpool2d": ("batchnorm2d_relu_maxpool2d_forward",
+                                            "batchnorm2d_relu_maxpool2d_backward")}
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # What a Backend holds beside its ops and `layers`, by name: its array runtime and its dropout generator. A host
 # backend gets numba_cnn/kernels/host.py's and dropout_rng.py's; an on_device module defines its own.
@@ -341,6 +342,13 @@ def check_conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx=True, padd
         raise ValueError(f"y has shape {tuple(y.shape)} but the pooled output has shape {pooled}")
     return (_contiguous(dy), _contiguous(y), _contiguous(argmax), _contiguous(x), _contiguous(w),
             _check_bool("need_dx", need_dx), padding)
+
+
+def check_batchnorm2d_relu_maxpool2d_forward(x, gamma, beta, running_mean, running_var, momentum=0.99, eps=1e-3,
+                                             training=True):
+    checked = check_batchnorm2d_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training)
+    _pooled_shape(x.shape)
+    return checked
 
 
 def check_batchnorm2d_relu_maxpool2d_backward(dy, y, argmax, x, gamma, mean, inv_std):

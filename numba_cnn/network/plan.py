@@ -71,16 +71,18 @@ class BatchNormRelu:
 
 @dataclasses.dataclass(frozen=True)
 class BatchNormReluPool:
-    """batchnorm2d_relu_maxpool2d: a fused BatchNorm2D + ReLU followed by a 2x2 max-pool. The forward runs the two
-    ops as they are; the backward is one backend op that routes each window's gradient to its winner as the batch
-    norm's backward reads it, so the pool's full-size gradient need never be written out (the ReLU's derivative is
-    taken on the pooled value, the winner's output)."""
+    """batchnorm2d_relu_maxpool2d: a fused BatchNorm2D + ReLU followed by a 2x2 max-pool. The forward is one backend
+    op that pools the normalised values as it makes them, so the full-size activation need never be written out; the
+    backward one that routes each window's gradient to its winner as the batch norm's backward reads it, so the
+    pool's full-size gradient need not be either (the ReLU's derivative is taken on the pooled value, the winner's
+    output)."""
 
     bn: BatchNorm2D
 
     def forward(self, run, p, x):
-        y, (_, _, mean, inv_std) = BatchNormRelu(self.bn).forward(run, p, x)
-        pooled, argmax = run.ops.maxpool2d_forward(y, size=(2, 2))
+        pooled, argmax, mean, inv_std = run.ops.batchnorm2d_relu_maxpool2d_forward(
+            x, p["gamma"], p["beta"], p["running_mean"], p["running_var"], momentum=self.bn.momentum,
+            eps=self.bn.epsilon, training=run.training)
         return pooled, (x, pooled, argmax, mean, inv_std)
 
     def backward(self, run, p, dy, cache, need_dx):

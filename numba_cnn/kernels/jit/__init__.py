@@ -12,28 +12,23 @@ inputs and calls them (Winograd's in winograd.py, the strided layers' phases in 
 in batchnorm.py, pooling's in pooling.py).
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
-stack array (`stack_tile` in `_numba_ext`), whose indices become constants once LLVM unrolls the tile loops, so it
-is promoted to vector registers (a np.empty tile stays in memory, several times slower). The innermost loop runs
-over `lanes` channels contiguous in memory and compiles to FMAs as wide as the target's vectors. Tile shapes are
-chosen once, in tiles.py (`CONV_TILE_*`, `CONV_POOL_TILE`, `GRAD_LANES_*`), from the vector width and register count
-of the instruction set numba compiles for (`_numba_ext.TILE_BITS` / `TILE_REGISTERS`, which honour
-NUMBA_CPU_NAME/FEATURES): an AVX2 target has 16 ymm registers, so a tile of at most 12 accumulators; an AVX-512
-target 32 zmm.
+stack array (`stack_tile` in `_numba_ext`) that LLVM promotes to vector registers once it unrolls the tile loops
+(a np.empty tile stays in memory). The innermost loop, over `lanes` contiguous channels, compiles to FMAs. Tile
+shapes are chosen once, in tiles.py (`CONV_TILE_*`, `CONV_POOL_TILE`, `GRAD_LANES_*`), from the vector width and
+register count of the target numba compiles for (`_numba_ext.TILE_BITS` / `TILE_REGISTERS`, which honour
+NUMBA_CPU_NAME/FEATURES): AVX2 has 16 ymm registers, so a tile of at most 12 accumulators; AVX-512 32 zmm.
 
-Layout. The ops take NCHW arrays stored either way (INFO.channels_last: an NHWC buffer viewed as NCHW passes
-through as it is), and most kernels hand the next layer channels-last arrays (conv1's fused ops, Winograd's, the
-strided ones), so activations are not transposed between layers. Where a kernel reads the other layout, `nchw` /
-`nhwc` (jit/buffers.py) copy.
+Layout. The ops take NCHW arrays stored either way (INFO.channels_last: an NHWC buffer viewed as NCHW passes as it
+is); most kernels hand the next layer channels-last arrays, so activations are not transposed between layers; where
+a kernel reads the other layout, `nchw` / `nhwc` (jit/buffers.py) copy.
 
 conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channels-last (N, H, W, C) by
-                 `_pack_channels_last` (a view when x is stored so, a free reshape when C = 1; with padding, numpy's
-                 transposing copy into a zeroed channels-last buffer, which is cheaper than that packing plus a
-                 padded copy) and w to (R, S, C, K padded to the lanes);
-                 per output row, tiles of columns x lanes output channels, reduced over (r, s, c) with c innermost
-                 (contiguous, and the longest loop); bias seeds the tile, ReLU clamps it on the store to NCHW (NaN
-                 stays NaN). The last column tile overlaps the one before; inputs narrower than a tile are
-                 zero-padded on the right and the output cropped. The padding is stored, not skipped: the
-                 contract's sum multiplies its zeros too (0 * inf is NaN).
+                 `_pack_channels_last` (a view where x is stored so), w to (R, S, C, K padded to the lanes); per
+                 output row, tiles of columns x lanes output channels, reduced over (r, s, c) with c innermost
+                 (contiguous, the longest loop); bias seeds the tile, ReLU clamps it on the store (NaN kept). The
+                 last column tile overlaps the one before; inputs narrower than a tile are zero-padded on the right
+                 and the output cropped. The padding is stored, not skipped: the contract's sum multiplies its zeros
+                 too (0 * inf is NaN).
                  Few input channels or filters (columns.py's `columns_pay`; LeNet's convolutions):
                  the column tile, lanes along the output columns, NCHW in and out, the same bits. But few input
                  channels and K a multiple of NARROW_LANES (VGG's first): narrow_input.py's tile, the output
@@ -88,8 +83,9 @@ batchnorm2d_*    norm.py's kernels, called by batchnorm.py (the host side, share
 Fused ops (beyond the contract; INFO.fused names them):
 batchnorm2d_relu_*  batchnorm2d_* with the ReLU folded in: clamped as y is stored (bitwise the composition), dy
                  read through `0 if y <= 0 else dy` (the same sums; compiled apart, so equal within rounding).
-batchnorm2d_relu_maxpool2d_backward  channels-last: the 2x2 pool's gradient routed to its winners as the fused
-                 backward reads it (`_pooled_source`), so the pool's full-size gradient is never written.
+batchnorm2d_relu_maxpool2d_*  channels-last: the forward pools each window's four normalised values as it makes
+                 them (`_batchnorm_apply_pool_last`) and the backward routes the pool's gradient to its winners as it
+                 reads it (`_pooled_source`): neither full-size array is written. NCHW: composed.
 conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair of conv rows land in a per-image
                  (2, Q, K) channels-last buffer (L1-sized), ReLU'd, and are pooled from there into y and argmax:
                  the P x Q x K activation is never written, and only the 2 * Q2 columns pooling reads are computed
@@ -113,15 +109,13 @@ conv2d_relu_maxpool2d_backward  with finite x and w, over the list of the conv o
 conv2d_relu_backward  conv2d_backward of the ReLU's select: the column tiles take it as they copy dy (one pass
                  less over the activation), the other paths call layers.relu_backward first; the same bits.
 
-Results do not depend on the thread count (bitwise): forward and dx split over images, dw as above, db from fixed
-per-image sums, pooling over planes, batch normalisation's sums one channel per prange iteration, dropout's mask
-from a counter-based generator (layers.py). All float work is in the input's dtype (float32 or float64), but for
-the float64 sums of average pooling and batch normalisation.
+Results do not depend on the thread count (bitwise): the work splits over images, planes or fixed chunks whose
+sums are added in order, and dropout's mask comes from a counter-based generator (layers.py). Float work is in the
+input's dtype (float32 or float64), but for the float64 sums of average pooling and batch normalisation.
 
 Buffers (jit/buffers.py): packed data in per-thread scratch buffers, returned arrays from the caller's OutputArena.
-Compilation: every kernel goes through `_numba_ext.jit` (its options, the disk cache, NUMBA_CNN_CACHE) and compiles on
-its first call for a dtype; on a cold cache, training's warm-up compiles the float32 kernels its network uses, in two
-processes at once (`precompile`, jit/cold_compile.py).
+Compilation: every kernel goes through `_numba_ext.jit` (its options, the disk cache, NUMBA_CNN_CACHE), compiled on
+its first call for a dtype; on a cold cache, training's warm-up compiles its network's (`precompile`).
 """
 
 import numpy as np
@@ -584,8 +578,14 @@ def conv2d_relu_avgpool2d_backward(dy, y, x, w, need_dx, stride, padding, size=(
     return _conv_backward(avgpool2d_backward(dy, y.shape, size), x, w, need_dx, stride, padding, y)
 
 
+def batchnorm2d_relu_maxpool2d_forward(x, gamma, beta, running_mean, running_var, momentum, eps, training):
+    """-> (y, argmax, mean, inv_std): batchnorm2d_relu_forward then 2x2 maxpool2d_forward, bitwise (kernels README)."""
+    return _batchnorm.forward("batchnorm2d_relu_maxpool2d_forward", x, gamma, beta, running_mean, running_var,
+                              momentum, eps, training, 0.0, pool=True)
+
+
 def batchnorm2d_relu_maxpool2d_backward(dy, y, argmax, x, gamma, mean, inv_std):
-    """Backward of batchnorm2d_relu_forward then 2x2 maxpool2d_forward (kernels README); dy, y, argmax the pool's."""
+    """Backward of batchnorm2d_relu_maxpool2d_forward (kernels README); dy, y, argmax the pool's."""
     return _batchnorm.backward("batchnorm2d_relu_maxpool2d_backward", dy, y, x, gamma, mean, inv_std, argmax)
 
 

@@ -1,10 +1,11 @@
 """The jit backend's batch normalisation on the host side, one code path for the contract's batchnorm2d_forward /
-_backward and the fused batchnorm2d_relu_forward / _backward (jit/__init__.py defines all four on these): the
-batch statistics (norm.py's `_channel_stats`, or `_channel_stats_last` for channels-last x; float64), the running
-statistics' update, and the calls of norm.py's `_batchnorm_apply` and `_batchnorm_backward` /
-`_batchnorm_relu_backward`. The plain and the fused op differ only in
-the floor the output is clamped to as it is stored (-inf: none; 0: the ReLU) and in the backward kernel, the fused
-one reading dy through the ReLU's select `0 if y <= 0 else dy` (y the fused forward's output). An x stored
+_backward and the fused batchnorm2d_relu_* and batchnorm2d_relu_maxpool2d_* ops (jit/__init__.py defines them all
+on these): the batch statistics (norm.py's `_channel_stats`, or `_channel_stats_last` for channels-last x;
+float64), the running statistics' update, and the calls of norm.py's `_batchnorm_apply` (with the pool:
+`_batchnorm_apply_pool_last`) and `_batchnorm_backward` / `_batchnorm_relu_backward`. The plain and the fused op
+differ only in the floor the output is clamped to as it is stored (-inf: none; 0: the ReLU), the pool, and the
+backward kernel, the fused one reading dy through the ReLU's select `0 if y <= 0 else dy` (y the fused forward's
+output). An x stored
 channels-last (a convolution's output) takes norm.py's channels-last kernels and gives channels-last results
 (NCHW views), its dy and y read channels-last too (nhwc: a copy only if they are not); NCHW x takes the NCHW
 kernels. The returned arrays come from reusable_output.
@@ -16,7 +17,8 @@ from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import nchw, nhwc, reusable_output, scratch
 from numba_cnn.kernels.jit import pooling as _pooling
 from numba_cnn.kernels.jit.layers import relu_backward
-from numba_cnn.kernels.jit.norm import (_batchnorm_apply, _batchnorm_apply_last, _batchnorm_backward,
+from numba_cnn.kernels.jit.norm import (_batchnorm_apply, _batchnorm_apply_last, _batchnorm_apply_pool_last,
+                                        _batchnorm_backward,
                                         _batchnorm_backward_last, _batchnorm_relu_backward,
                                         _batchnorm_relu_backward_last, _batchnorm_relu_pool_backward_last,
                                         _channel_stats, _channel_stats_last, _channel_stats_two_pass)
@@ -26,14 +28,19 @@ from numba_cnn.kernels.jit.paths import note
 PIXEL_CHUNKS = 16
 
 
-def forward(op, x, gamma, beta, running_mean, running_var, momentum, eps, training, floor):
+def forward(op, x, gamma, beta, running_mean, running_var, momentum, eps, training, floor, pool=False):
     """batchnorm2d_forward's result with y clamped below at `floor` as it is stored (a select that keeps NaN;
-    -inf clamps nothing), the call noted as `op` -> (y, mean, inv_std)."""
+    -inf clamps nothing), the call noted as `op` -> (y, mean, inv_std). With pool, the 2x2 max-pool of that y
+    instead -> (pooled, argmax, mean, inv_std), the same bits as maxpool2d_forward of y: a channels-last x pooled as
+    its values are made (y never stored), an NCHW one composed."""
     channels_last = is_channels_last(x)
+    if pool and not channels_last:
+        y, mean, inv_std = forward(op, x, gamma, beta, running_mean, running_var, momentum, eps, training, floor)
+        return (*_pooling.max_forward(y, (2, 2)), mean, inv_std)
     x = nhwc(x) if channels_last else nchw(x)
     n, c = x.shape[0], x.shape[3] if channels_last else x.shape[1]
-    note(op, ("float64 channel statistics" if training else "running statistics") + ", channels last" * channels_last,
-         0)
+    note(op, ("float64 channel statistics" if training else "running statistics") + ", channels last" * channels_last
+         + ", 2x2 max-pooled as made" * pool, 0)
     x2 = x.reshape(-1, c) if channels_last else x.reshape(n, c, -1)
     if training:
         mean, var = np.empty(c), np.empty(c)
@@ -49,9 +56,16 @@ def forward(op, x, gamma, beta, running_mean, running_var, momentum, eps, traini
     else:
         mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
     inv_std = 1.0 / np.sqrt(var + eps)
+    scale, shift = inv_std * gamma.astype(np.float64), beta.astype(np.float64)
+    if pool:
+        pooled = reusable_output((n, x.shape[1] // 2, x.shape[2] // 2, c), x.dtype)
+        argmax = reusable_output(pooled.shape, np.uint8)
+        _batchnorm_apply_pool_last(x, mean, scale, shift, float(floor), pooled, argmax)
+        return (pooled.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2), mean.astype(x.dtype),
+                inv_std.astype(x.dtype))
     y = reusable_output(x.shape, x.dtype)
     apply = _batchnorm_apply_last if channels_last else _batchnorm_apply
-    apply(x2, mean, inv_std * gamma.astype(np.float64), beta.astype(np.float64), float(floor), y.reshape(x2.shape))
+    apply(x2, mean, scale, shift, float(floor), y.reshape(x2.shape))
     return (y.transpose(0, 3, 1, 2) if channels_last else y), mean.astype(x.dtype), inv_std.astype(x.dtype)
 
 

@@ -27,15 +27,29 @@ channel) planes, over channels, or over chunks and blocks of pixels.
     where that gives non-finite statistics); the element-wise passes over blocks of pixels.
     `_batchnorm_apply_last` computes each element as `_batchnorm_apply` does: the same bits.
 
+`_batchnorm_apply_pool_last`: `_batchnorm_apply_last` and tiles.py's 2x2 `_maxpool_forward_last` in one pass, for
+    the fused BatchNorm + ReLU + max-pool: each window's four values normalised, rounded and pooled where they are
+    made, so the full-size activation is neither written nor read back.
+
 Every reduction runs inside one prange iteration in a fixed order, or over fixed chunks added in order, so results
 do not depend on the thread count.
-Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
+Self-contained but for tiles.py's `_pool_window`, whose file's hash the kernel inlining it closes over, so Numba's
+cache sees every change to what it compiles.
 """
+
+import hashlib
+from pathlib import Path
 
 import numpy as np
 from numba import njit, prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit
+from numba_cnn.kernels.jit import tiles
+from numba_cnn.kernels.jit.tiles import _pool_window
+
+# tiles.py's source, which holds `_pool_window`: closed over by the kernel that inlines it, so that an edit there
+# changes that kernel's cache key
+_TILES_STAMP = hashlib.sha256(Path(tiles.__file__).read_bytes()).hexdigest()
 
 
 @_jit
@@ -458,3 +472,38 @@ def _make_batchnorm_backward_last(relu, pooled):
 _batchnorm_backward_last = _make_batchnorm_backward_last(False, False)
 _batchnorm_relu_backward_last = _make_batchnorm_backward_last(True, False)
 _batchnorm_relu_pool_backward_last = _make_batchnorm_backward_last(True, True)
+
+
+def _make_batchnorm_apply_pool_last():
+    tiles_stamp = _TILES_STAMP
+
+    @_jit
+    def batchnorm_apply_pool_last(x, mean, scale, shift, floor, y, argmax):
+        """`_batchnorm_apply_last` of channels-last x[N, H, W, C], each value computed as it computes it and rounded
+        to x's dtype, then pooled over 2x2 windows as tiles.py's `_maxpool_forward_last` pools them (its
+        `_pool_window`): y and argmax[N, H // 2, W // 2, C], the same bits as the two kernels in turn, in one pass
+        that never stores the normalised activation. An odd last row or column, in no window, is not read."""
+        _ = tiles_stamp  # the inlined `_pool_window`'s file, in Numba's cache key
+        n_images, ho, wo, n_ch = y.shape
+        for task in prange(n_images * ho):
+            n, i = task // ho, task % ho
+            top, bottom = x[n, 2 * i], x[n, 2 * i + 1]
+            y_row, arg_row = y[n, i], argmax[n, i]
+            for j in range(wo):
+                a0, a1, a2, a3 = top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]
+                y_px, arg_px = y_row[j], arg_row[j]
+                for c in range(n_ch):
+                    m, a, t = mean[c], scale[c], shift[c]
+                    v0, v1 = (a0[c] - m) * a + t, (a1[c] - m) * a + t
+                    v2, v3 = (a2[c] - m) * a + t, (a3[c] - m) * a + t
+                    best, where = _pool_window(y.dtype.type(floor if v0 < floor else v0),
+                                               y.dtype.type(floor if v1 < floor else v1),
+                                               y.dtype.type(floor if v2 < floor else v2),
+                                               y.dtype.type(floor if v3 < floor else v3))
+                    y_px[c] = best
+                    arg_px[c] = where
+
+    return batchnorm_apply_pool_last
+
+
+_batchnorm_apply_pool_last = _make_batchnorm_apply_pool_last()
