@@ -72,27 +72,25 @@ def numba_cnn_dispatchers():
     return list(found.values())
 
 
-def _mapped_end(address):
-    """The end of the mapping of this process's memory that holds `address` (/proc/self/maps), else the address."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        start, end = (int(a, 16) for a in line.split()[0].split("-"))
-        if start <= address < end:
-            return end
-    return address
+def _memory_mappings():
+    """[(start, end)] of this process's memory mappings (/proc/self/maps)."""
+    return [tuple(int(a, 16) for a in line.split()[0].split("-"))
+            for line in Path("/proc/self/maps").read_text().splitlines()]
 
 
 def write_perf_map(functions, path, code_dir=None):
     """Append `functions` ({address: name}) to the map file `path`, each sized to the next one's address (at most
     to the end of its memory mapping), and copy each one's machine code into code_dir as <address in hex>.bin;
     -> [(address, size, name)]."""
-    addresses = sorted(functions)
+    addresses, mappings = sorted(functions), _memory_mappings()
     path, entries = Path(path), []
     if code_dir is not None:
         Path(code_dir).mkdir(parents=True, exist_ok=True)
     with path.open("a") as out:
         for i, address in enumerate(addresses):
+            mapped_end = next((end for start, end in mappings if start <= address < end), address)
             size = min(addresses[i + 1] - address if i + 1 < len(addresses) else MAX_FUNCTION_BYTES,
-                       MAX_FUNCTION_BYTES, _mapped_end(address) - address)
+                       MAX_FUNCTION_BYTES, mapped_end - address)
             if size <= 0:
                 continue
             out.write(f"{address:x} {size:x} {functions[address]}\n")
