@@ -107,6 +107,50 @@ def test_interrupting_precompile_stops_the_second_process_too(tmp_path):
     assert not [c for c in children if os.path.exists(f"/proc/{c}")], "the compiling child outlived its parent"
 
 
+SWALLOWING_COMPILE = textwrap.dedent("""
+    import ctypes, ctypes.util, os, sys, time
+    from numba_cnn.kernels.jit import cold_compile
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    compare_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+    @compare_type
+    def slow_compare(a, b):  # a Python callback under C, as llvmlite's: an exception raised in it is swallowed
+        time.sleep(0.05)
+        return 0
+
+    def compile_part(network, part, claims):  # most of its time inside the callback, some in Python
+        values = (ctypes.c_int * 2)()
+        while True:
+            libc.qsort(values, 2, ctypes.sizeof(ctypes.c_int), slow_compare)
+            until = time.perf_counter() + 0.01
+            while time.perf_counter() < until:
+                pass
+
+    cold_compile.compile_part = compile_part
+    from numba_cnn.model import default_network
+    print(os.getpid(), flush=True)
+    try:
+        cold_compile.compile_cold_cache(default_network())
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+""")
+
+
+def test_an_interrupt_a_compiler_callback_swallows_still_stops_precompile(tmp_path):
+    """A Ctrl-C that lands in a Python callback under C (where llvmlite's compiler swallows it) is raised again until
+    it stops the precompile: the process ends with KeyboardInterrupt and prints none of the swallowed ones."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"), NUMBA_CNN_CACHE="1")
+    proc = subprocess.Popen([sys.executable, "-c", SWALLOWING_COMPILE], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    int(proc.stdout.readline())
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out.strip()) == (0, "interrupted"), err[-4000:]
+    assert "Exception ignored" not in err, err[-4000:]
+
+
 def _children(pid):
     """The processes whose parent is pid, from /proc (Linux)."""
     found = []

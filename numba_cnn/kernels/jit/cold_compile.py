@@ -21,6 +21,7 @@ writable location) precompile does nothing and the kernels compile on first call
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,7 @@ import numpy as np
 from numba_cnn.kernels._numba_ext import CACHE, TILE_BITS, TILE_REGISTERS
 
 _PRECOMPILE_TIMEOUT_S = 600
+_REINTERRUPT_S = 0.1
 _IMAGES = 2
 
 
@@ -178,26 +180,49 @@ def compile_cold_cache(network):
     except OSError:
         shutil.rmtree(claims, ignore_errors=True)
         return False
-    # Ctrl-C kills the child at once and stops this process even where the KeyboardInterrupt lands in a compiler
-    # callback that swallows it (llvmlite's ctypes callbacks print "Exception ignored" and go on), by raising again
-    # once this process's half is done
+    # Ctrl-C kills the child at once and stops this process's half too. The KeyboardInterrupt may land in a compiler
+    # callback that swallows it (llvmlite's ctypes callbacks report it as unraisable and go on), so a timer raises it
+    # again until it reaches this function's frame; the swallowed ones are not printed
     interrupted = []
+    this_frame = sys._getframe()
+    jitter = random.Random()  # not the program's own random state
 
     def stop(signum, frame):
         interrupted.append(signum)
         child.kill()
+        signal.setitimer(signal.ITIMER_REAL, _REINTERRUPT_S)
         raise KeyboardInterrupt
 
+    def stop_again(signum, frame):
+        if frame is not this_frame:  # still inside the compile: once unwound to here, the finally below runs
+            # at uneven intervals, so as not to fall into step with a loop that calls back at a fixed pace
+            signal.setitimer(signal.ITIMER_REAL, _REINTERRUPT_S * jitter.uniform(0.5, 1.5))
+            raise KeyboardInterrupt
+
+    def quiet_unraisable(unraisable):
+        if not (interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            previous_hook(unraisable)
+
     in_main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
-    previous = signal.signal(signal.SIGINT, stop) if in_main_thread else None
+    if in_main_thread:
+        previous = signal.signal(signal.SIGINT, stop), signal.signal(signal.SIGALRM, stop_again)
+        previous_hook, sys.unraisablehook = sys.unraisablehook, quiet_unraisable
     try:
         compile_part(network, 0, claims)
         child.wait(_PRECOMPILE_TIMEOUT_S)
     except subprocess.TimeoutExpired:  # whatever it did not finish, this process compiles when it first calls it
         pass
+    except Exception:
+        if not interrupted:
+            raise
+        # else the compiler's own error after it swallowed the interrupt (a library left without its machine code):
+        # the interrupt is what the caller hears of
     finally:
         if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGALRM, previous[1])
+            sys.unraisablehook = previous_hook
         if child.poll() is None:  # timed out, or this process stopped: the child goes too, at once
             child.kill()
             child.wait()
