@@ -137,10 +137,15 @@ class Model:
         run, caches = self._caches
         dy, grads = dlogits, self.grads
         first_trained = self._first_trained
-        for i in range(len(self.steps) - 1, first_trained - 1, -1):
+        last = len(self.steps) - 1
+        for i in range(last, first_trained - 1, -1):
             step, (owner, arrays) = self.steps[i], self._step_arrays[i]
-            with self.timer.section(step.name, "backward"), self._owned_outputs():
+            with self.timer.section(step.name, "backward"), self._owned_outputs() as arena:
+                if arena is not None and i < last:  # dy was made by the step after, for this one alone
+                    arena.donate(dy)
                 dy, step_grads = step.runner.backward(run, arrays, dy, caches[i], need_dx=i > first_trained)
+                if arena is not None:
+                    arena.donate(None)
             grads.update({f"{owner}.{key}": g for key, g in step_grads.items()})
         self._caches = None
         return grads

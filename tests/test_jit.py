@@ -365,6 +365,37 @@ def test_outputs_are_fresh_without_an_arena_and_owned_by_the_arena_within_one():
     assert not any(np.shares_memory(y6, a) for a in (y3, y4, y5))
 
 
+def test_relu_backward_writes_over_a_donated_gradient_once_and_nothing_else():
+    """Within an arena, relu_backward writes its output over dy where the owner donated dy (either layout, the same
+    bits as a fresh output), once per donation; never over an array not donated, nor after the release."""
+    from numba_cnn.kernels import numpy_layers
+
+    rng = np.random.default_rng(5)
+    y = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    for stored in ((3, 4, 5, 6), (3, 5, 6, 4)):
+        dy = rng.standard_normal(stored).astype(np.float32)
+        dy = dy if stored == y.shape else dy.transpose(0, 3, 1, 2)
+        want = numpy_layers.relu_backward(dy, y)
+        arena = jit.OutputArena()
+        with arena:
+            kept = dy.copy()
+            fresh = jit.layers.relu_backward(kept, y)  # not donated: a buffer of the arena's
+            assert not np.shares_memory(fresh, kept)
+            np.testing.assert_array_equal(kept, dy)
+            arena.donate(kept)
+            over = jit.layers.relu_backward(kept, y)
+            assert np.shares_memory(over, kept) and over.strides == kept.strides
+            np.testing.assert_array_equal(over, want)
+            np.testing.assert_array_equal(fresh, want)
+            again = jit.layers.relu_backward(over, y)  # the donation was used up
+            assert not np.shares_memory(again, over)
+            withdrawn = dy.copy()
+            arena.donate(withdrawn)
+            arena.release()
+            assert not np.shares_memory(jit.layers.relu_backward(withdrawn, y), withdrawn)
+            np.testing.assert_array_equal(withdrawn, dy)
+
+
 def test_nchw_copies_channels_last_arrays_exactly():
     """buffers.nchw: a channels-last float array comes back as an equal C-contiguous NCHW copy (the compiled
     transposing copy, NaN and inf included, odd shapes); other dtypes too (numpy's copy); an NCHW array, or one
@@ -385,6 +416,21 @@ def test_nchw_copies_channels_last_arrays_exactly():
             assert np.shares_memory(copy, stored) == (shape[1] == 1 or shape[2] * shape[3] == 1)
             np.testing.assert_array_equal(copy, a)
             assert buffers.nchw(copy) is copy
+
+
+def test_scratch_keeps_one_buffer_per_name_and_dtype_grown_to_the_largest_shape():
+    """Layers of different shapes share a scratch name's buffer (its use ends within an op): a smaller shape is a
+    view of it, a larger one replaces it, another dtype has a buffer of its own."""
+    from numba_cnn.kernels.jit import buffers
+
+    first = buffers.scratch("test.grow", (4, 8), np.float32)
+    smaller = buffers.scratch("test.grow", (2, 3), np.float32)
+    assert smaller.shape == (2, 3) and smaller.flags.c_contiguous and np.shares_memory(first, smaller)
+    larger = buffers.scratch("test.grow", (10, 10), np.float32)
+    assert larger.shape == (10, 10) and not np.shares_memory(first, larger)
+    assert np.shares_memory(buffers.scratch("test.grow", (4, 8), np.float32), larger)
+    other = buffers.scratch("test.grow", (4, 8), np.int32)
+    assert other.dtype == np.int32 and not np.shares_memory(other, larger)
 
 
 def test_buffers_start_on_a_cache_line():

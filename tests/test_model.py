@@ -251,6 +251,31 @@ def test_the_model_owns_the_arrays_its_passes_return():
             np.testing.assert_array_equal(grads_a[key], grads_b[key])
 
 
+def test_donated_gradients_change_no_bit_and_spare_the_arena_a_buffer(monkeypatch):
+    """The Model donates each step's input gradient to the step before it: vgg-small's conv3 writes its ReLU'd
+    gradient over it instead of a buffer of its own. The gradients are bitwise those of a model that donates
+    nothing, and its arena holds at least that buffer less."""
+    from numba_cnn.kernels.jit import buffers
+    from numba_cnn.network import from_dict, preset_document
+
+    network = from_dict(preset_document("vgg-small"), input_shape=(3, 32, 32))
+    rng = np.random.default_rng(SEED)
+    images, labels = rng.standard_normal((4, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, 4)
+
+    def train_step():
+        model = Model("jit", seed=SEED, network=network)
+        model.forward_backward(images, labels, np.random.default_rng(1))
+        return model.grads, model._arena.nbytes
+
+    grads, nbytes = train_step()
+    monkeypatch.setattr(buffers.OutputArena, "donate", lambda self, a: None)
+    grads_kept, nbytes_kept = train_step()
+    assert grads.keys() == grads_kept.keys()
+    for key in grads:
+        np.testing.assert_array_equal(grads[key], grads_kept[key])
+    assert nbytes_kept - nbytes >= 4 * 64 * 16 * 16 * 4  # conv3's output gradient, 4 images of 64 x 16 x 16
+
+
 @pytest.mark.parametrize("preset", ["vgg-small", "vgg-small-bn"])
 def test_a_steady_training_step_allocates_no_buffers(monkeypatch, preset):
     """After two steps, a training step of the VGG-style presets takes every buffer of the jit backend (scratch,

@@ -15,7 +15,7 @@ from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.sparse import _channels_first, _pad_channels_last, _pad_rows
 
 _per_thread = threading.local()
-_SCRATCH_KEPT = 32  # buffers kept per thread: mnist-cnn's training step uses 10, vgg-small's 20 (the lists per layer)
+_SCRATCH_KEPT = 32  # buffers kept per thread, one per name: a preset's training step uses at most 14 (vgg-small)
 ALIGNMENT = 64  # bytes: a cache line, and one AVX-512 vector
 
 
@@ -55,17 +55,19 @@ def aligned_copy(a):
 
 
 def scratch(name, shape, dtype):
-    """A reusable uninitialised buffer for internal data that never leaves the backend, one per (name, shape,
-    dtype): fresh multi-megabyte arrays cost a page fault per 4 KiB on every call, all of it system time. The
-    oldest buffer is dropped beyond _SCRATCH_KEPT."""
+    """A reusable uninitialised buffer for internal data that never leaves the backend (its use ends within the op
+    that asked for it), one per (name, dtype), viewed in the shape asked for: fresh multi-megabyte arrays cost a page
+    fault per 4 KiB on every call, all of it system time. Layers of different shapes share a name's buffer, grown to
+    the largest; the oldest buffer is dropped beyond _SCRATCH_KEPT."""
     buffers = _per_thread.__dict__.setdefault("by_key", {})
-    key = (name, shape, np.dtype(dtype).str)
+    key = (name, np.dtype(dtype).str)
+    count = math.prod(shape)
     buffer = buffers.get(key)
-    if buffer is None:
-        if len(buffers) >= _SCRATCH_KEPT:
+    if buffer is None or buffer.size < count:
+        if buffer is None and len(buffers) >= _SCRATCH_KEPT:
             del buffers[next(iter(buffers))]
-        buffer = buffers[key] = aligned_empty(shape, dtype)
-    return buffer
+        buffer = buffers[key] = aligned_empty(count, dtype)
+    return buffer[:count].reshape(shape)
 
 
 class OutputArena:
@@ -80,15 +82,33 @@ class OutputArena:
     `layout` keeps, until the release, the copies of an op's input in another layout (zero-padded, channels-last,
     planes) that another op of the same pass wants again: the forward's padded input is the backward's. So between
     the use of an array as an input and the release, its owner must not write into it (the Model never does: every
-    op writes a new array)."""
+    op writes a new array), except over an array it donated (`donate`), whose copies are dropped then."""
 
     def __init__(self):
         self._free = {}  # (shape, dtype) -> released buffers
         self._taken = []
         self._outer = []
         self._layouts = {}  # (id of the source array, key) -> (the source, its copy)
+        self._donated = None
 
-    def take(self, shape, dtype):
+    def donate(self, a):
+        """The owner reads the array `a` no more once the next op has run: that op may write an output of a's
+        shape, dtype and layout over it (`take(..., over=a)`), once; None withdraws the offer, as does the release.
+        The Model donates each step's input gradient, which the step after made for it alone."""
+        self._donated = a
+
+    def take(self, shape, dtype, over=None):
+        """A buffer of shape and dtype for an op's output: `over` itself where it is the donated array (or a view of
+        all of its memory) and C-contiguous in that shape and dtype, else one released before, else a new one."""
+        donated = self._donated
+        if (over is not None and donated is not None and over.shape == tuple(shape) and over.dtype == dtype
+                and over.flags.c_contiguous and over.nbytes == donated.nbytes
+                and over.__array_interface__["data"][0] == donated.__array_interface__["data"][0]):
+            self._donated = None
+            # a copy of the donated array in another layout would be stale once it is written over
+            self._layouts = {key: entry for key, entry in self._layouts.items()
+                             if not np.may_share_memory(entry[0], donated)}
+            return over
         key = (tuple(shape), np.dtype(dtype).str)
         free = self._free.get(key)
         a = free.pop() if free else aligned_empty(shape, dtype)
@@ -100,6 +120,7 @@ class OutputArena:
             self._free.setdefault((a.shape, a.dtype.str), []).append(a)
         self._taken.clear()
         self._layouts.clear()
+        self._donated = None
 
     def layout(self, source, key, make):
         """make(self.take)'s result for (source, key), made once per pass: the first call makes it from buffers of
@@ -143,11 +164,12 @@ def scratch_allocator(name):
     return allocate
 
 
-def reusable_output(shape, dtype):
-    """An uninitialised array for an op to return: from the open OutputArena of this thread, else a new one. The
+def reusable_output(shape, dtype, over=None):
+    """An uninitialised array for an op to return: from the open OutputArena of this thread (`over`, an input the op
+    reads element by element before it writes the same element, where its owner donated it), else a new one. The
     kernels write every element of their outputs."""
     arena = getattr(_per_thread, "arena", None)
-    return aligned_empty(shape, dtype) if arena is None else arena.take(shape, dtype)
+    return aligned_empty(shape, dtype) if arena is None else arena.take(shape, dtype, over)
 
 
 def round_up(count, multiple):

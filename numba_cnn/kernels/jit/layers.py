@@ -149,12 +149,13 @@ def _flat(a, order):
     return a.reshape(-1) if order == "C" else a.transpose(0, 2, 3, 1).reshape(-1)
 
 
-def _like(a, order):
-    """An output of a's shape laid out in `order`, from the caller's output arena when one is open."""
+def _like(a, order, over_a=False):
+    """An output of a's shape laid out in `order`, from the caller's output arena when one is open; over_a: a's own
+    memory where its owner donated it (an elementwise op's output)."""
     if order == "C":
-        return reusable_output(a.shape, a.dtype)
+        return reusable_output(a.shape, a.dtype, a if over_a else None)
     n, c, h, w = a.shape
-    return reusable_output((n, h, w, c), a.dtype).transpose(0, 3, 1, 2)
+    return reusable_output((n, h, w, c), a.dtype, a.transpose(0, 2, 3, 1) if over_a else None).transpose(0, 3, 1, 2)
 
 
 def relu_forward(x):
@@ -175,13 +176,14 @@ def relu_backward(dy, y):
     order, y_order = _memory_order(dy), _memory_order(y)
     if order is None or y_order is None or dy.dtype != y.dtype:
         return numpy_layers.relu_backward(dy, y)
-    dx = _like(dy, order)
+    if y_order != order and order != "NHWC":
+        dx = _like(dy, "NHWC")
+        _relu_select_nhwc(dy, y, dy.dtype.type(0), dx)
+        return dx
+    dx = _like(dy, order, over_a=True)  # the select reads each element of dy before it writes that of dx
     if y_order == order:
         _relu_select(_flat(dy, order), _flat(y, order), dy.dtype.type(0), _flat(dx, order))
-    elif order == "NHWC":  # a channels-last gradient (the fused backward's dx) against an NCHW activation
-        _relu_select_nhwc(dy, y, dy.dtype.type(0), dx)
-    else:
-        dx = _like(dy, "NHWC")
+    else:  # a channels-last gradient (the fused backward's dx) against an NCHW activation
         _relu_select_nhwc(dy, y, dy.dtype.type(0), dx)
     return dx
 

@@ -25,7 +25,8 @@ def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
     h, wd = rows + top + bottom, columns + left + right  # the padded input's, in which the lists' offsets count
     windows = dy.shape[1] * dy.shape[2]
     values = scratch("listed.values", (n, k, windows), dy.dtype)
-    offsets = scratch("listed.offsets", (n, k, windows), np.int64)
+    # offsets within one padded image: 32-bit wherever one fits (half the bytes of the largest scratch list)
+    offsets = scratch("listed.offsets", (n, k, windows), np.int32 if h * wd * c <= 2**31 - 1 else np.int64)
     counts = scratch("listed.counts", (n, k), np.int64)
     sums = scratch("listed.sums", (n, k), dy.dtype)
     finite = scratch("listed.finite", (n,), np.bool_)
