@@ -86,7 +86,9 @@ def backward(op, dy, y, x, gamma, mean, inv_std, argmax=None):
     dy, x = layout(dy), layout(x)
     n, c = x.shape[0], x.shape[3] if channels_last else x.shape[1]
     note(op, "float64 channel sums" + ", channels last" * channels_last + ", the pool's gradient routed" * pooled, 0)
-    dx = reusable_output(x.shape, x.dtype)
+    # over a donated dy where it has x's shape (not pooled): the kernels' last pass reads each element of dy
+    # before it writes that of dx
+    dx = reusable_output(x.shape, x.dtype, None if pooled else dy)
     dgamma, dbeta = np.empty(c, x.dtype), np.empty(c, x.dtype)
     relu = y is not None
     y = layout(y) if relu else dy  # the plain kernels do not read y
