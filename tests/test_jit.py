@@ -730,6 +730,45 @@ def test_compiled_dense_layers_match_the_oracle(n, d, m, dtype, monkeypatch):
         np.testing.assert_array_equal(got, want)
 
 
+# (N, D, M) for the compiled forward: the row bound (32) and rows past whole tiles of 6, one input, outputs under,
+# at and past a whole number of the tile's lanes (16 on AVX2, 32 on AVX-512), LeNet's and VGG's hidden layers
+DENSE_FORWARD_SHAPES = [(32, 7, 16), (37, 1, 17), (41, 300, 33), (128, 400, 120), (128, 4096, 128), (50, 9, 64)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,d,m", DENSE_FORWARD_SHAPES)
+def test_compiled_dense_forward_matches_the_oracle(n, d, m, dtype):
+    """jit's dense forward tile (taken for at least DENSE_MIN_ROWS rows and DENSE_LANES outputs) against a float64
+    matmul on awkward shapes; under either bound, numpy's, bit for bit."""
+    from numba_cnn.kernels.jit import layers as jit_layers
+    from numba_cnn.kernels import layers as numpy_layers
+
+    rng = np.random.default_rng(n * 1000 + d + m)
+    x, w = rng.standard_normal((n, d)).astype(dtype), rng.standard_normal((d, m)).astype(dtype)
+    b = rng.standard_normal(m).astype(dtype)
+    if m < jit_layers.DENSE_LANES:
+        np.testing.assert_array_equal(jit_layers.dense_forward(x, w, b), numpy_layers.dense_forward(x, w, b))
+    else:
+        y = jit_layers.dense_forward(x, w, b)
+        assert y.dtype == dtype and y.shape == (n, m)
+        reference.assert_close(y, x.astype(np.float64) @ w.astype(np.float64) + b, dtype, "y")
+        # the tile's result differs from BLAS's in its last bits: a different order of the same sums
+        few = x[:jit_layers.DENSE_MIN_ROWS - 1]
+        np.testing.assert_array_equal(jit_layers.dense_forward(few, w, b), numpy_layers.dense_forward(few, w, b))
+
+
+def test_compiled_dense_forward_leaves_no_lane_or_row_unwritten():
+    """Every element of y gets its exact value (small integers, exact in float32), those of the last, partial block
+    of lanes and of the last row block, which overlaps the one before, included."""
+    from numba_cnn.kernels.jit import layers as jit_layers
+
+    n, d, m = 44, 3, jit_layers.DENSE_LANES + 3
+    x = np.arange(n * d, dtype=np.float32).reshape(n, d) % 7
+    w = np.arange(d * m, dtype=np.float32).reshape(d, m) % 5
+    b = np.arange(m, dtype=np.float32)
+    np.testing.assert_array_equal(jit_layers.dense_forward(x, w, b), x @ w + b)  # small integers: exact in float32
+
+
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
 def test_compiled_dense_layers_give_identical_bits_on_one_and_two_threads():
     from numba_cnn.kernels.jit import layers as jit_layers
@@ -737,13 +776,15 @@ def test_compiled_dense_layers_give_identical_bits_on_one_and_two_threads():
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((37, 1100)).astype(np.float32), rng.standard_normal((1100, 10)).astype(np.float32)
     b, dy = rng.standard_normal(10).astype(np.float32), rng.standard_normal((37, 10)).astype(np.float32)
+    w_wide, b_wide = rng.standard_normal((1100, 70)).astype(np.float32), rng.standard_normal(70).astype(np.float32)
     before = numba.get_num_threads()
     results = []
     try:
         for threads in (1, 2):
             numba.set_num_threads(threads)
             results.append([np.array(a) for a in (jit_layers.dense_forward(x, w, b),
-                                                  *jit_layers.dense_backward(dy, x, w))])
+                                                  *jit_layers.dense_backward(dy, x, w),
+                                                  jit_layers.dense_forward(x, w_wide, b_wide))])
     finally:
         numba.set_num_threads(before)
     for one, two in zip(*results):

@@ -4,9 +4,11 @@ arrays where numpy's per-call overheads and one thread cost more than the work: 
 where numpy allocates a fresh array and makes a boolean mask on one thread), dropout's forward, whose mask
 a compiled counter-based generator draws in parallel, in float32 (numpy's generator draws one float64 per unit,
 serially, a visible share of a step for the model's 128 x 1600 units), its backward (in parallel), the softmax
-cross-entropy and the Adam update (compiled loops, serial: 128 x 10 logits, 34,826 parameters). The dense layer
-stays numpy's: its matrices are small enough that a compiled version on every core runs no faster than one-thread
-BLAS. Each agrees with the numpy layer within float32 rounding (tests/test_layers.py runs both).
+cross-entropy and the Adam update (compiled loops, serial: 128 x 10 logits, 34,826 parameters), and the dense
+layer's forward where it has at least two vectors of outputs (a register tile over every thread, where one-thread
+BLAS beside Numba's threads ran LeNet's and VGG's hidden layers slower at inference: docs/kernels.md) and its
+backward for few outputs from many inputs. Each agrees with the numpy layer within float32 rounding
+(tests/test_layers.py runs both).
 
 The generator is Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy as 1, 2, 3",
 SC 2011; PyTorch's CUDA generator is Philox too): word j of the block for counter c under key k is a pure
@@ -23,11 +25,11 @@ import math
 import numpy as np
 from numba import prange
 
-from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
+from numba_cnn.kernels._numba_ext import TILE_BITS, jit as _jit, tile_allocator
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, reusable_output
-from numba_cnn.kernels.layers import argmax_rows, dense_forward  # noqa: F401
+from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, reusable_output, round_up
+from numba_cnn.kernels.layers import argmax_rows  # noqa: F401
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
@@ -202,11 +204,81 @@ def dropout_backward(dy, mask):
     return dx
 
 
+# The dense forward's register tile: DENSE_ROWS rows of x (spelled out in the kernel) x two vectors of outputs, 12
+# accumulators, the shape of BLIS's sgemm micro-kernels for AVX2 (6 x 16)
+DENSE_ROWS, DENSE_LANES = 6, 2 * TILE_BITS // 32
+# below this many rows (a small last batch) one-thread BLAS was faster than the compiled tile over two threads
+DENSE_MIN_ROWS = 32
+
+
+def _make_dense_forward(lanes):
+    tile = DENSE_ROWS * lanes
+    _stack_tile = tile_allocator()
+
+    @_jit
+    def dense_forward(x, w, b, y):
+        """y[n, m] = sum over d of x[n, d] * w[d, m], d in order, then + b[m]: tasks of DENSE_ROWS rows x `lanes`
+        outputs (x at least DENSE_ROWS rows; the last row block overlaps the one before and stores only its new
+        rows), each step one broadcast per row and one load of w's `lanes` values for 12 vector FMAs. w's columns
+        are y's padded with zeros to a multiple of `lanes`."""
+        n_rows, depth = x.shape
+        n_out = y.shape[1]
+        n_row_blocks = (n_rows + DENSE_ROWS - 1) // DENSE_ROWS
+        n_col_blocks = (n_out + lanes - 1) // lanes
+        for task in prange(n_row_blocks * n_col_blocks):  # a block of outputs' tasks in a row: its w stays in cache
+            j0 = (task // n_row_blocks) * lanes
+            first = (task % n_row_blocks) * DENSE_ROWS
+            r0 = min(first, n_rows - DENSE_ROWS)
+            width = min(lanes, n_out - j0)
+            acc = _stack_tile(tile, x.dtype)
+            for u in range(tile):
+                acc[u] = 0
+            x0, x1, x2, x3, x4, x5 = x[r0], x[r0 + 1], x[r0 + 2], x[r0 + 3], x[r0 + 4], x[r0 + 5]
+            for d in range(depth):
+                w_seg = w[d, j0:]
+                a0, a1, a2, a3, a4, a5 = x0[d], x1[d], x2[d], x3[d], x4[d], x5[d]
+                # the tile's body in the lane loop, which LLVM vectorises whole (docs/numba.md)
+                for lane in range(lanes):
+                    w_l = w_seg[lane]
+                    acc[lane] += a0 * w_l
+                    acc[lanes + lane] += a1 * w_l
+                    acc[2 * lanes + lane] += a2 * w_l
+                    acc[3 * lanes + lane] += a3 * w_l
+                    acc[4 * lanes + lane] += a4 * w_l
+                    acc[5 * lanes + lane] += a5 * w_l
+            for r in range(first - r0, DENSE_ROWS):
+                y_row = y[r0 + r, j0:]
+                for u in range(width):
+                    y_row[u] = acc[r * lanes + u] + b[j0 + u]
+
+    return dense_forward
+
+
+_dense_forward = _make_dense_forward(DENSE_LANES)
+
+
+def dense_forward(x, w, b):
+    """x[N, D], w[D, M], b[M] -> y[N, M] = x @ w + b: compiled over the threads for at least DENSE_MIN_ROWS rows and
+    DENSE_LANES outputs (each element summed in one fixed order, so the same bits for any thread count), else
+    numpy's (one-thread BLAS matched or beat the compiled tile on the 10 outputs of a classifier's last layer, and
+    on small batches)."""
+    compiled = (x.shape[0] >= DENSE_MIN_ROWS and w.shape[1] >= DENSE_LANES and x.shape[1] > 0
+                and x.dtype == w.dtype == b.dtype and x.dtype in (np.float32, np.float64))
+    if not compiled:
+        return numpy_layers.dense_forward(x, w, b)
+    n_out = w.shape[1]
+    w_padded = np.zeros((w.shape[0], round_up(n_out, DENSE_LANES)), w.dtype)
+    w_padded[:, :n_out] = w
+    y = np.empty((x.shape[0], n_out), x.dtype)
+    _dense_forward(np.ascontiguousarray(x), w_padded, np.ascontiguousarray(b), y)
+    return y
+
+
 # The backward of dense layers with at most this many outputs from at least this many inputs runs compiled on every
 # thread: BLAS runs at one thread here (see jit/__init__.py), and fills few lanes with 10 outputs. Timed against
 # numpy's, the compiled kernel only won there (mnist-cnn's 1600 -> 10); with 32 or more outputs, or a few hundred
-# inputs (LeNet's 84 -> 10), numpy's was faster (docs/kernels.md). Every forward is BLAS's (a compiled one measured
-# no faster: one matmul, no reduction over the batch).
+# inputs (LeNet's 84 -> 10), numpy's was faster (docs/kernels.md). The forward's tile (above) was no faster than
+# BLAS for the backward's two products inside a training step (docs/kernels.md), so those stay numpy's.
 DENSE_COMPILED_MAX_OUTPUTS = 16
 DENSE_COMPILED_MIN_INPUTS = 1024
 
