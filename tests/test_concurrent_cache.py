@@ -187,3 +187,37 @@ def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
     compile_part(network, 0, str(free))
     claimed = sorted(p.name for p in free.iterdir())
     assert claimed and claimed[-1] == f"unit-{len(claimed) - 1}" and len(claimed) <= units
+
+
+def test_the_precompiles_two_image_pass_calls_every_kernel_a_full_batch_calls(monkeypatch):
+    """The precompile compiles what its pass on two images calls: a training step and an inference pass on a batch
+    of 64 must call no other kernel, nor one with other argument types, or that kernel would compile inside the
+    first timed epoch (a path chosen by the batch size). LeNet-5: 5x5 convolutions, average pools, wide dense
+    layers."""
+    import numba
+
+    from numba_cnn.kernels.jit import cold_compile
+    from numba_cnn.network import build, resolve_description
+
+    calls = set()
+
+    def recording(name, kernel):
+        def call(*args):
+            calls.add((name, tuple(str(numba.typeof(a)) for a in args)))
+            return kernel(*args)
+        return call
+
+    wrapped = {id(kernel): recording(name, kernel) for name, kernel in cold_compile.kernels().items()}
+    for module_name, module in list(sys.modules.items()):  # every name a kernel is called by, in every jit module
+        if module_name.startswith("numba_cnn.kernels.jit"):
+            for attr, value in list(vars(module).items()):
+                if id(value) in wrapped:
+                    monkeypatch.setattr(module, attr, wrapped[id(value)])
+    doc, _ = resolve_description("lenet5")
+    network = build(doc["layers"], (1, 28, 28))
+    cold_compile._training_pass(network)
+    precompiled = set(calls)
+    calls.clear()
+    cold_compile._training_pass(network, count=64)
+    assert len(precompiled) >= 8 and calls, (precompiled, calls)
+    assert calls <= precompiled, f"called on a batch of 64 only: {sorted(calls - precompiled)}"

@@ -105,8 +105,8 @@ def compile_part(network, part, claims):
         units[i]()
 
 
-def _training_pass(network):
-    """A training step and an inference pass of `network` on two tiny images, as training's warm-up makes them
+def _training_pass(network, count=_IMAGES):
+    """A training step and an inference pass of `network` on `count` random images, as training's warm-up makes them
     (after both halves, every kernel loads from the disk cache)."""
     from numba_cnn.kernels import get_backend
     from numba_cnn.model import Model
@@ -114,8 +114,8 @@ def _training_pass(network):
 
     backend = get_backend("jit")
     model = Model(backend, network=network)
-    images = np.random.default_rng(0).random((_IMAGES,) + tuple(network.input_shape), dtype=np.float32)
-    model.forward_backward(images, np.zeros(_IMAGES, np.int64), backend.make_dropout_rng(0))
+    images = np.random.default_rng(0).random((count,) + tuple(network.input_shape), dtype=np.float32)
+    model.forward_backward(images, np.zeros(count, np.int64), backend.make_dropout_rng(0))
     Adam(model.params, backend).step(model.grads)
     model.predict(images)
 

@@ -207,8 +207,6 @@ def dropout_backward(dy, mask):
 # The dense forward's register tile: DENSE_ROWS rows of x (spelled out in the kernel) x two vectors of outputs, 12
 # accumulators, the shape of BLIS's sgemm micro-kernels for AVX2 (6 x 16)
 DENSE_ROWS, DENSE_LANES = 6, 2 * TILE_BITS // 32
-# below this many rows (a small last batch) one-thread BLAS was faster than the compiled tile over two threads
-DENSE_MIN_ROWS = 32
 
 
 def _make_dense_forward(lanes):
@@ -258,18 +256,24 @@ _dense_forward = _make_dense_forward(DENSE_LANES)
 
 
 def dense_forward(x, w, b):
-    """x[N, D], w[D, M], b[M] -> y[N, M] = x @ w + b: compiled over the threads for at least DENSE_MIN_ROWS rows and
-    DENSE_LANES outputs (each element summed in one fixed order, so the same bits for any thread count), else
-    numpy's (one-thread BLAS matched or beat the compiled tile on the 10 outputs of a classifier's last layer, and
-    on small batches)."""
-    compiled = (x.shape[0] >= DENSE_MIN_ROWS and w.shape[1] >= DENSE_LANES and x.shape[1] > 0
+    """x[N, D], w[D, M], b[M] -> y[N, M] = x @ w + b: compiled over the threads for at least DENSE_LANES outputs,
+    each element summed in one fixed order, so the same bits for any thread count and whatever rows share the batch
+    (fewer than DENSE_ROWS rows run padded with zero rows); else numpy's (one-thread BLAS matched or beat the
+    compiled tile on the 10 outputs of a classifier's last layer)."""
+    n_rows, n_out = x.shape[0], w.shape[1]
+    compiled = (n_rows > 0 and n_out >= DENSE_LANES and x.shape[1] > 0
                 and x.dtype == w.dtype == b.dtype and x.dtype in (np.float32, np.float64))
     if not compiled:
         return numpy_layers.dense_forward(x, w, b)
-    n_out = w.shape[1]
     w_padded = np.zeros((w.shape[0], round_up(n_out, DENSE_LANES)), w.dtype)
     w_padded[:, :n_out] = w
-    y = np.empty((x.shape[0], n_out), x.dtype)
+    if n_rows < DENSE_ROWS:
+        x_padded = np.zeros((DENSE_ROWS, x.shape[1]), x.dtype)
+        x_padded[:n_rows] = x
+        y = np.empty((DENSE_ROWS, n_out), x.dtype)
+        _dense_forward(x_padded, w_padded, np.ascontiguousarray(b), y)
+        return y[:n_rows].copy()
+    y = np.empty((n_rows, n_out), x.dtype)
     _dense_forward(np.ascontiguousarray(x), w_padded, np.ascontiguousarray(b), y)
     return y
 
