@@ -64,6 +64,9 @@ def test_every_jit_step_of_a_non_preset_network_names_its_kernel_paths():
     for r in rows:
         if r["kernels"]:
             assert {entry.split(":")[0] for entry in r["paths"]} == set(r["kernels"]), r["op"]
+        for dense in {"dense_forward", "dense_backward"} & set(r["layer_functions"]):  # jit's own, or BLAS's
+            assert [entry for entry in r["paths"] if entry.startswith(dense + ":")], (r["op"], r["paths"])
+            assert r["executed_flops"] == r["flops"] > 0, r["op"]
         if any(k.startswith("conv2d") for k in r["kernels"]):
             assert r["executed_flops"] > 0, r["op"]
             if r["op"] == "conv1+pool1 bwd":

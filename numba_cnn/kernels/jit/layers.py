@@ -29,6 +29,7 @@ from numba_cnn.kernels._numba_ext import TILE_BITS, jit as _jit, tile_allocator
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, reusable_output, round_up
+from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.layers import argmax_rows  # noqa: F401
 
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -263,8 +264,11 @@ def dense_forward(x, w, b):
     n_rows, n_out = x.shape[0], w.shape[1]
     compiled = (n_rows > 0 and n_out >= DENSE_LANES and x.shape[1] > 0
                 and x.dtype == w.dtype == b.dtype and x.dtype in (np.float32, np.float64))
+    macs = n_rows * x.shape[1] * n_out
     if not compiled:
+        note("dense_forward", "numpy's matmul (one-thread BLAS)", macs)
         return numpy_layers.dense_forward(x, w, b)
+    note("dense_forward", f"register tile {DENSE_ROWS} rows x {DENSE_LANES} lanes", macs)
     w_padded = np.zeros((w.shape[0], round_up(n_out, DENSE_LANES)), w.dtype)
     w_padded[:, :n_out] = w
     if n_rows < DENSE_ROWS:
@@ -354,8 +358,11 @@ def dense_backward(dy, x, w):
     many inputs (each element summed in one fixed order, so the same bits for any thread count), else numpy's."""
     compiled = (0 < w.shape[1] <= DENSE_COMPILED_MAX_OUTPUTS and w.shape[0] >= DENSE_COMPILED_MIN_INPUTS
                 and x.shape[0] > 0 and x.dtype == w.dtype == dy.dtype and x.dtype in (np.float32, np.float64))
+    macs = 2 * x.shape[0] * w.shape[0] * w.shape[1]  # dx and dw
     if not compiled:
+        note("dense_backward", "numpy's matmuls (one-thread BLAS)", macs)
         return numpy_layers.dense_backward(dy, x, w)
+    note("dense_backward", f"compiled, {_DENSE_TILE} inputs per register tile", macs)
     dy, x = np.ascontiguousarray(dy), np.ascontiguousarray(x)
     dx = reusable_output(x.shape, x.dtype)
     dw_t = np.empty((w.shape[1], w.shape[0]), x.dtype)
