@@ -271,15 +271,13 @@ def dense_forward(x, w, b):
     note("dense_forward", f"register tile {DENSE_ROWS} rows x {DENSE_LANES} lanes", macs)
     w_padded = np.zeros((w.shape[0], round_up(n_out, DENSE_LANES)), w.dtype)
     w_padded[:, :n_out] = w
-    if n_rows < DENSE_ROWS:
-        x_padded = np.zeros((DENSE_ROWS, x.shape[1]), x.dtype)
-        x_padded[:n_rows] = x
-        y = np.empty((DENSE_ROWS, n_out), x.dtype)
-        _dense_forward(x_padded, w_padded, np.ascontiguousarray(b), y)
-        return y[:n_rows].copy()
-    y = np.empty((n_rows, n_out), x.dtype)
-    _dense_forward(np.ascontiguousarray(x), w_padded, np.ascontiguousarray(b), y)
-    return y
+    x_rows = np.ascontiguousarray(x)
+    if n_rows < DENSE_ROWS:  # the tile reads whole blocks of rows
+        x_rows = np.zeros((DENSE_ROWS, x.shape[1]), x.dtype)
+        x_rows[:n_rows] = x
+    y = np.empty((x_rows.shape[0], n_out), x.dtype)
+    _dense_forward(x_rows, w_padded, np.ascontiguousarray(b), y)
+    return y if n_rows >= DENSE_ROWS else y[:n_rows].copy()
 
 
 # The backward of dense layers with at most this many outputs from at least this many inputs runs compiled on every
