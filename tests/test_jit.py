@@ -770,6 +770,21 @@ def test_compiled_dense_forward_leaves_no_lane_or_row_unwritten():
     np.testing.assert_array_equal(jit_layers.dense_forward(x, w, b), x @ w + b)  # small integers: exact in float32
 
 
+def test_compiled_dense_forward_reads_weights_of_any_memory_order():
+    """w as a transposed view (not C-contiguous) with whole vectors of outputs (read without a padded copy) and with
+    a partial vector (padded): the same bits as from a C-ordered w."""
+    from numba_cnn.kernels.jit import layers as jit_layers
+
+    rng = np.random.default_rng(7)
+    for m in (2 * jit_layers.DENSE_LANES, jit_layers.DENSE_LANES + 5):
+        x = rng.standard_normal((13, 21)).astype(np.float32)
+        w_t = rng.standard_normal((m, 21)).astype(np.float32)
+        b = rng.standard_normal(m).astype(np.float32)
+        assert not w_t.T.flags.c_contiguous
+        np.testing.assert_array_equal(jit_layers.dense_forward(x, w_t.T, b),
+                                      jit_layers.dense_forward(x, np.ascontiguousarray(w_t.T), b))
+
+
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
 def test_compiled_dense_layers_give_identical_bits_on_one_and_two_threads():
     from numba_cnn.kernels.jit import layers as jit_layers

@@ -269,8 +269,11 @@ def dense_forward(x, w, b):
         note("dense_forward", "numpy's matmul (one-thread BLAS)", macs)
         return numpy_layers.dense_forward(x, w, b)
     note("dense_forward", f"register tile {DENSE_ROWS} rows x {DENSE_LANES} lanes", macs)
-    w_padded = np.zeros((w.shape[0], round_up(n_out, DENSE_LANES)), w.dtype)
-    w_padded[:, :n_out] = w
+    if n_out % DENSE_LANES == 0:
+        w_padded = np.ascontiguousarray(w)
+    else:
+        w_padded = np.zeros((w.shape[0], round_up(n_out, DENSE_LANES)), w.dtype)
+        w_padded[:, :n_out] = w
     x_rows = np.ascontiguousarray(x)
     if n_rows < DENSE_ROWS:  # the tile reads whole blocks of rows
         x_rows = np.zeros((DENSE_ROWS, x.shape[1]), x.dtype)
