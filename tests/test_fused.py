@@ -134,23 +134,66 @@ def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, paddi
             reference.assert_close(got, want, dtype, name)
 
 
-@pytest.mark.parametrize("x_shape,w_shape,padding", [((3, 1, 28, 28), (32, 1, 3, 3), NO_PADDING),
-                                                      ((2, 2, 9, 8), (16, 2, 3, 3), (1, 1, 1, 1))],
-                         ids=["conv1_mnist", "two_tap_blocks"])
-def test_first_layer_takes_the_pooled_weight_gradient(x_shape, w_shape, padding, rng):
+@pytest.mark.parametrize("x_shape,w_shape,padding,kernel", [
+    ((3, 1, 28, 28), (32, 1, 3, 3), NO_PADDING, "3x3 taps"),
+    ((2, 2, 9, 8), (16, 2, 3, 3), (1, 1, 1, 1), "3x3 taps"),
+    ((2, 2, 12, 13), (32, 2, 3, 3), NO_PADDING, "3x3 taps"),
+    ((2, 1, 13, 12), (16, 1, 5, 5), (2, 2, 2, 2), "tiles of 9 taps"),
+    ((3, 2, 9, 11), (32, 2, 2, 3), NO_PADDING, "tiles of 9 taps")],
+    ids=["conv1_mnist", "two_tap_blocks", "two_channels_odd_width", "five_by_five_general", "two_by_three_general"])
+def test_first_layer_takes_the_pooled_weight_gradient(x_shape, w_shape, padding, kernel, rng):
     """Without dx and with kernel rows too short for the lists, finite x and w take dw straight from the pooled
-    gradient (the shapes above check its values); an inf in x keeps the composition's bitwise path."""
+    gradient (3x3 kernels by their own kernel, other sizes by the general one), within float32 rounding of the
+    float64 oracle; an inf in x keeps the composition's bitwise path."""
     x, w, b = _operands(rng, x_shape, w_shape, np.float32)
     y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     with PathLog() as log:
-        jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, False, padding)
-    assert len(log.paths) == 1 and "dw from the pooled gradient" in log.paths[0], log.paths
+        _, dw, db = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, False, padding)
+    assert len(log.paths) == 1 and "dw from the pooled gradient" in log.paths[0] and kernel in log.paths[0], log.paths
+    conv_shape = reference.conv2d_forward(x, w, b, True, 1, padding).shape
+    _, dw_ref, db_ref = reference.conv2d_backward(
+        reference.maxpool2d_backward(relu_backward(dy, y), argmax, conv_shape, (2, 2)), x, w, False, 1, padding)
+    reference.assert_close(dw, dw_ref, np.float32, "dw")
+    reference.assert_close(db, db_ref, np.float32, "db")
     x[0, 0, 1, 1] = np.inf
     y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
     with PathLog() as log:
         jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, False, padding)
     assert len(log.paths) == 1 and "unpooled into the dense tiles" in log.paths[0], log.paths
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_3x3_pooled_weight_gradient_sums_what_the_general_kernel_sums(channels, rng):
+    """pooled_grad.py's two kernels on one 3x3 problem: small integers, so that every sum is exact whatever the
+    order, give the same dw and db bit for bit; with random values they agree to float32 rounding."""
+    from numba_cnn.kernels.jit.pooled_grad import (POOLED_GRAD_LANES, _pooled_weight_grad,
+                                                   _pooled_weight_grad_3x3)
+
+    n, k, h, wd = 3, 2 * POOLED_GRAD_LANES, 10, 9
+    for exact in (True, False):
+        if exact:
+            xp = rng.integers(-3, 4, (n, channels, h, wd)).astype(np.float32)
+            dy = rng.integers(-3, 4, (n, (h - 2) // 2, (wd - 2) // 2, k)).astype(np.float32)
+        else:
+            xp = rng.standard_normal((n, channels, h, wd)).astype(np.float32)
+            dy = rng.standard_normal((n, (h - 2) // 2, (wd - 2) // 2, k)).astype(np.float32)
+        pooled = rng.standard_normal(dy.shape).astype(np.float32)
+        argmax = rng.integers(0, 4, dy.shape).astype(np.uint8)
+        results = []
+        for kernel, extra in ((_pooled_weight_grad, (3, 3)), (_pooled_weight_grad_3x3, ())):
+            dwt = np.full((2, channels * 9, k), np.nan, np.float32)
+            dbt = np.full((2, k), np.nan, np.float32)
+            kernel(xp, dy, pooled, argmax, *extra, np.float32(0), dwt, dbt)
+            results.append((dwt, dbt))
+        (dw_general, db_general), (dw_3x3, db_3x3) = results
+        assert np.isfinite(dw_3x3).all() and np.isfinite(db_3x3).all()  # every element written
+        if exact:
+            np.testing.assert_array_equal(dw_3x3, dw_general)
+            np.testing.assert_array_equal(db_3x3, db_general)
+        else:
+            reference.assert_close(dw_3x3, dw_general, np.float32, "dw")
+            reference.assert_close(db_3x3, db_general, np.float32, "db")
 
 
 @pytest.mark.parametrize("padding", [NO_PADDING, (1, 1, 1, 1)], ids=["valid", "same"])

@@ -43,11 +43,11 @@ def kernels():
     """{name: dispatcher} of every compiled kernel of the backend (the inlined helpers excluded)."""
     from numba.core.dispatcher import Dispatcher
 
-    from numba_cnn.kernels.jit import (columns, general, layers, narrow_input, norm, polyphase, sparse, tiles,
-                                       winograd_grad)
+    from numba_cnn.kernels.jit import (columns, general, layers, narrow_input, norm, polyphase, pooled_grad, sparse,
+                                       tiles, winograd_grad)
 
     found = {}
-    for module in (tiles, columns, narrow_input, sparse, general, norm, layers, winograd_grad, polyphase):
+    for module in (tiles, columns, narrow_input, sparse, pooled_grad, general, norm, layers, winograd_grad, polyphase):
         for name, value in vars(module).items():
             if isinstance(value, Dispatcher) and value.targetoptions.get("error_model") == "numpy":
                 found.setdefault(name, value)

@@ -26,9 +26,6 @@ LISTED_BLOCK = 96
 # the listed weight gradient's register tile: LISTED_GRAD_ROWS kernel rows x this many values of each (18 zmm; 12 ymm)
 LISTED_GRAD_BLOCK = 96 if TILE_BITS >= 512 else 32
 LISTED_GRAD_ROWS = 3
-# the pooled weight gradient's register tile (few input channels): 9 taps x one vector of output channels
-POOLED_GRAD_LANES = 16 if TILE_BITS >= 512 else 8
-POOLED_GRAD_TAPS = 9
 # bytes of input rows a band of the weight gradient reads over and over: about an L1 data cache; bands of 1 to 16
 # pooled rows timed on VGG's and mnist-cnn's layers were fastest at this size (docs/kernels.md)
 LISTED_BAND_BYTES = 48 * 1024
@@ -290,88 +287,6 @@ def _make_listed_input_grad(block):
 
 
 _listed_input_grad = _make_listed_input_grad(LISTED_BLOCK)
-
-
-def _make_pooled_weight_grad(lanes, taps):
-    """`_pooled_weight_grad` with a register tile of `taps` kernel taps x `lanes` output channels."""
-    assert taps == 9, "the kernel's body spells out 9 taps"
-    tile, inputs = taps * lanes, 4 * taps
-    _stack_tile = tile_allocator()
-
-    @_jit
-    def pooled_weight_grad(xp, dy, pooled, argmax, r_taps, s_taps, zero, dwt, dbt):
-        """dwt[h, t, k] (t = (c * R + r) * S + s; K a multiple of `lanes`) = sum over the images n of chunk h
-        (dwt.shape[0] contiguous chunks of the batch) and the 2x2 windows (pi, pj) of g[n, pi, pj, k] *
-        xp[n, c, 2 pi + a + r, 2 pj + b + s]: the dense weight gradient of the conv output's gradient behind ReLU +
-        2x2 max-pooling, g being dy where pooled > 0 or is NaN (the ReLU's select) and (a, b) the window's winner
-        (argmax); dy, pooled and argmax indexed (N, P2, Q2, K), xp NCHW (padded as the convolution reads it).
-
-        The unpooled gradient is never stored: per window, its gradient becomes four copies masked to each of the
-        window's four positions, and each tap adds the four products with that position's input, one of them
-        nonzero (a select per lane would need a gather of the inputs); every output position's product is made, as in
-        the dense sum over the unpooled gradient (its zeros included). At least `taps` taps (C x R x S): the last tile
-        of taps overlaps the one before. Per element of dwt: images in order, windows in order; the chunks are fixed by
-        the batch and the caller adds them in order, so the same bits for any thread count. dbt[h, k]: chunk h's sum of
-        g (the bias gradient's), images and windows in order."""
-        n_images, n_in, height, width = xp.shape
-        n_chunks, n_taps, n_out = dwt.shape
-        p_half, q_half = dy.shape[1], dy.shape[2]
-        k_blocks = n_out // lanes
-        per_plane = r_taps * s_taps
-        for task in prange(n_chunks * k_blocks):
-            h, k0 = task // k_blocks, task % k_blocks * lanes
-            acc = _stack_tile(tile, xp.dtype)
-            xs = _stack_tile(inputs, xp.dtype)
-            sums = _stack_tile(lanes, xp.dtype)
-            tap_at = np.empty(taps, np.int64)  # where each tap of the tile starts in an image's planes
-            for l in range(lanes):
-                sums[l] = zero
-            for t0 in range(0, n_taps, taps):
-                first = min(t0, n_taps - taps)  # the last tile overlaps the one before instead of overrunning
-                for t in range(taps):
-                    tap = first + t
-                    c, rs = tap // per_plane, tap % per_plane
-                    tap_at[t] = (c * height + rs // s_taps) * width + rs % s_taps
-                for a in range(tile):
-                    acc[a] = zero
-                for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
-                    image = xp[n].reshape(n_in * height * width)
-                    for pi in range(p_half):
-                        for pj in range(q_half):
-                            g_px, pooled_px, arg_px = dy[n, pi, pj, k0:], pooled[n, pi, pj, k0:], argmax[n, pi, pj, k0:]
-                            window = 2 * pi * width + 2 * pj
-                            for t in range(taps):  # each tap's four inputs, one per window position
-                                at = window + tap_at[t]
-                                xs[4 * t], xs[4 * t + 1] = image[at], image[at + 1]
-                                xs[4 * t + 2], xs[4 * t + 3] = image[at + width], image[at + width + 1]
-                            for l in range(lanes):  # the 9-tap body spelled out (the form LLVM vectorises)
-                                p, g_any = pooled_px[l], g_px[l]
-                                g = g_any if (p > zero) | (p != p) else zero
-                                where = arg_px[l]
-                                g0 = g if where == 0 else zero
-                                g1 = g if where == 1 else zero
-                                g2 = g if where == 2 else zero
-                                g3 = g if where == 3 else zero
-                                sums[l] += g if t0 == 0 else zero
-                                acc[l] += g0 * xs[0] + g1 * xs[1] + g2 * xs[2] + g3 * xs[3]
-                                acc[lanes + l] += g0 * xs[4] + g1 * xs[5] + g2 * xs[6] + g3 * xs[7]
-                                acc[2 * lanes + l] += g0 * xs[8] + g1 * xs[9] + g2 * xs[10] + g3 * xs[11]
-                                acc[3 * lanes + l] += g0 * xs[12] + g1 * xs[13] + g2 * xs[14] + g3 * xs[15]
-                                acc[4 * lanes + l] += g0 * xs[16] + g1 * xs[17] + g2 * xs[18] + g3 * xs[19]
-                                acc[5 * lanes + l] += g0 * xs[20] + g1 * xs[21] + g2 * xs[22] + g3 * xs[23]
-                                acc[6 * lanes + l] += g0 * xs[24] + g1 * xs[25] + g2 * xs[26] + g3 * xs[27]
-                                acc[7 * lanes + l] += g0 * xs[28] + g1 * xs[29] + g2 * xs[30] + g3 * xs[31]
-                                acc[8 * lanes + l] += g0 * xs[32] + g1 * xs[33] + g2 * xs[34] + g3 * xs[35]
-                for t in range(t0 - first, taps):  # overlapped taps belong to the tile before
-                    for l in range(lanes):
-                        dwt[h, first + t, k0 + l] = acc[t * lanes + l]
-            for l in range(lanes):
-                dbt[h, k0 + l] = sums[l]
-
-    return pooled_weight_grad
-
-
-_pooled_weight_grad = _make_pooled_weight_grad(POOLED_GRAD_LANES, POOLED_GRAD_TAPS)
 
 
 @_jit
