@@ -14,7 +14,7 @@ Self-contained (no @njit helper from another file), so Numba's cache sees every 
 """
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
 from numba_cnn.kernels.jit.tiles import TILE_BITS
@@ -23,6 +23,14 @@ from numba_cnn.kernels.jit.tiles import TILE_BITS
 POOLED_GRAD_LANES = 16 if TILE_BITS >= 512 else 8
 POOLED_GRAD_TAPS = 9
 
+
+@njit(inline="always")  # inlined in numba IR: the lane loops that call it vectorise as if it were written out there
+def _window_masks(g_any, pooled, where, zero):
+    """A window's gradient through the ReLU's select (g_any where pooled > 0 or is NaN, else 0) -> (g, g0, g1, g2,
+    g3): g and its four copies masked to the window's positions, the winner's (argmax `where`) holding g."""
+    g = g_any if (pooled > zero) | (pooled != pooled) else zero
+    return (g, g if where == 0 else zero, g if where == 1 else zero, g if where == 2 else zero,
+            g if where == 3 else zero)
 
 def _make_pooled_weight_grad(lanes, taps):
     """`_pooled_weight_grad` with a register tile of `taps` kernel taps x `lanes` output channels."""
@@ -77,13 +85,7 @@ def _make_pooled_weight_grad(lanes, taps):
                                 xs[4 * t], xs[4 * t + 1] = image[at], image[at + 1]
                                 xs[4 * t + 2], xs[4 * t + 3] = image[at + width], image[at + width + 1]
                             for l in range(lanes):  # the 9-tap body spelled out (the form LLVM vectorises)
-                                p, g_any = pooled_px[l], g_px[l]
-                                g = g_any if (p > zero) | (p != p) else zero
-                                where = arg_px[l]
-                                g0 = g if where == 0 else zero
-                                g1 = g if where == 1 else zero
-                                g2 = g if where == 2 else zero
-                                g3 = g if where == 3 else zero
+                                g, g0, g1, g2, g3 = _window_masks(g_px[l], pooled_px[l], arg_px[l], zero)
                                 sums[l] += g if t0 == 0 else zero
                                 acc[l] += g0 * xs[0] + g1 * xs[1] + g2 * xs[2] + g3 * xs[3]
                                 acc[lanes + l] += g0 * xs[4] + g1 * xs[5] + g2 * xs[6] + g3 * xs[7]
@@ -143,13 +145,7 @@ def _make_pooled_weight_grad_3x3(lanes):
                             x20, x21, x22, x23 = u2[0], u2[1], u2[2], u2[3]
                             x30, x31, x32, x33 = u3[0], u3[1], u3[2], u3[3]
                             for l in range(lanes):  # the 9-tap body spelled out (the form LLVM vectorises)
-                                p, g_any = pooled_px[l], g_px[l]
-                                g = g_any if (p > zero) | (p != p) else zero
-                                where = arg_px[l]
-                                g0 = g if where == 0 else zero
-                                g1 = g if where == 1 else zero
-                                g2 = g if where == 2 else zero
-                                g3 = g if where == 3 else zero
+                                g, g0, g1, g2, g3 = _window_masks(g_px[l], pooled_px[l], arg_px[l], zero)
                                 sums[l] += g if c == 0 else zero
                                 acc[l] += g0 * x00 + g1 * x01 + g2 * x10 + g3 * x11
                                 acc[lanes + l] += g0 * x01 + g1 * x02 + g2 * x11 + g3 * x12
