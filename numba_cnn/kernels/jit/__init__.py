@@ -5,11 +5,11 @@ shapes of every convolution kernel with their reasons), columns.py (stride-1 con
 along the output columns), narrow_input.py (stride-1 convolutions with few input channels and many filters, their
 output channels-last), general.py (the convolution of any stride, and the stride-1 weight gradient's channels-last
 tiles), norm.py (pooling of other windows, average pooling, batch normalisation), sparse.py (the fused backward's
-listed kernels, channels-last packing), winograd_grad.py (Winograd's weight gradient, 3x3 and 5x5) and layers.py
-(dropout, loss and Adam), each file self-contained so that Numba's cache sees every change (the Winograd stages they
-share, winograd_stages.py, by its stamp); this file holds the contract functions and the host-side glue that packs
-inputs and calls them (Winograd's in winograd.py, the strided layers' phases in polyphase.py, batch normalisation's
-in batchnorm.py, pooling's in pooling.py).
+listed kernels, channels-last packing), pooled_grad.py (a first layer's dw behind max-pooling), winograd_grad.py
+(Winograd's weight gradient, 3x3 and 5x5) and layers.py (dropout, loss and Adam), each file self-contained so that
+Numba's cache sees every change (the Winograd stages they share, winograd_stages.py, by its stamp); this file holds
+the contract functions and the host-side glue that packs inputs and calls them (Winograd's in winograd.py, the
+strided layers' phases in polyphase.py, batch normalisation's in batchnorm.py, pooling's in pooling.py).
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`) that LLVM promotes to vector registers once it unrolls the tile loops
@@ -102,10 +102,10 @@ conv2d_relu_maxpool2d_backward  with finite x and w, over the list of the conv o
                  their windows' winners, db sums), `_listed_weight_grad` (3 kernel rows in a register tile, an
                  image's input in bands that stay in L1, fixed image chunks) and `_listed_input_grad` (per
                  conv-output pixel, its channels' kernel rows summed in a register tile, then added into dx,
-                 channels-last, cropped per image); equal to the composition within rounding (tested).
-                 Rows of fewer than LISTED_MIN_SPAN values without dx (conv1: 3), or non-finite x or w (0 * inf is
-                 NaN in the composition): `_unpool_pack` scatters the masked pooled gradient through argmax into
-                 the channels-last dy of the dense dw and dx kernels, bitwise the composed ops' results.
+                 channels-last, cropped per image); within rounding of the composition (tested). Rows of fewer than
+                 LISTED_MIN_SPAN values without dx (conv1: 3), finite x and w: dw from the pooled gradient
+                 (pooled_grad.py, within rounding). Else (0 * inf is NaN in the composition) `_unpool_pack` scatters
+                 it through argmax into the dense dw and dx kernels' channels-last dy, bitwise the composed ops'.
 conv2d_relu_backward  conv2d_backward of the ReLU's select: the column tiles take it as they copy dy (one pass
                  less over the activation), the other paths call layers.relu_backward first; the same bits.
 
