@@ -101,6 +101,36 @@ def test_fused_backward_equals_the_composition_and_the_oracle(shape, layout, dty
         reference.assert_close(got, want, dtype, f"{name} vs the oracle")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("fused", [True, False], ids=["relu", "plain"])
+def test_backward_over_a_donated_gradient_gives_the_bits_of_a_fresh_output(fused, layout, rng):
+    """Within an arena where the model donated dy, the batch norm's backward (plain and + ReLU, NCHW and
+    channels-last) writes dx over dy: the same bits as into a fresh buffer (each element's gradient read before its dx
+    is written), the parameters' gradients too."""
+    x, gamma, beta, running = _operands(rng, (4, 16, 9, 10), np.float32, layout)
+    (y, mean, inv_std), _, _, _ = _both_forwards(x, gamma, beta, running, True)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    if layout == "channels_last":
+        dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+    from numba_cnn.kernels import jit as jit_module  # the module's ops: the arena is the caller's, not the registry's
+
+    def backward(gradient):
+        if fused:
+            return jit_module.batchnorm2d_relu_backward(gradient, y, x, gamma, mean, inv_std)
+        return jit_module.batchnorm2d_backward(gradient, x, gamma, mean, inv_std)
+
+    arena = jit_module.OutputArena()
+    with arena:
+        fresh = tuple(np.array(a) for a in backward(dy.copy(order="K")))
+        kept = dy.copy(order="K")  # in dy's layout, as the model donates it
+        arena.donate(kept)
+        over = backward(kept)
+        assert np.shares_memory(over[0], kept)
+        for name, got, want in zip(("dx", "dgamma", "dbeta"), over, fresh):
+            _assert_bitwise(got, want, name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
 def test_fused_ops_with_nan_and_inf(training, dtype, rng):

@@ -282,12 +282,14 @@ def _make_batchnorm_backward(relu):
             dgamma[c] = sum_dy_xhat
             a = np.float64(gamma[c]) * s
             mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count
+            gs = np.empty(plane)  # g first, then dx from it: dx may be dy's buffer (see the channels-last kernel)
             for n in range(n_images):
                 dy_row, y_row, x_row, dx_row = dy[n, c], y[n, c], x[n, c], dx[n, c]
                 for u in range(plane):
                     d = np.float64(dy_row[u])
-                    g = (zero if y_row[u] <= 0 else d) if relu else d
-                    dx_row[u] = a * (g - mean_dy - (x_row[u] - m) * s * mean_dy_xhat)
+                    gs[u] = (zero if y_row[u] <= 0 else d) if relu else d
+                for u in range(plane):
+                    dx_row[u] = a * (gs[u] - mean_dy - (x_row[u] - m) * s * mean_dy_xhat)
 
     return batchnorm_backward
 
@@ -450,6 +452,10 @@ def _make_batchnorm_backward_last(relu, pooled):
             sums[0, c] /= n_px  # the means of g and g * x_hat
             sums[1, c] /= n_px
         for block in prange((n_px + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK):
+            # a pixel's g first into gs, then dx from gs: dx may be dy's own buffer (donated by the caller), and a loop
+            # that reads dy and writes dx at one address fails LLVM's run-time overlap check and runs scalar (not
+            # vectorised)
+            gs = np.empty(n_ch)
             first = block * _PIXEL_BLOCK
             n, i, j = first // (height * width), first // width % height, first % width
             for p in range(first, min(n_px, (block + 1) * _PIXEL_BLOCK)):
@@ -461,10 +467,11 @@ def _make_batchnorm_backward_last(relu, pooled):
                 for c in range(n_ch):
                     d = np.float64(dy_px[c])
                     if pooled:
-                        g = zero if won_px[c] != corner or y_px[c] <= 0 else d
+                        gs[c] = zero if won_px[c] != corner or y_px[c] <= 0 else d
                     else:
-                        g = (zero if y_px[c] <= 0 else d) if relu else d
-                    dx_px[c] = a[c] * (g - sums[0, c] - (x_px[c] - m[c]) * s[c] * sums[1, c])
+                        gs[c] = (zero if y_px[c] <= 0 else d) if relu else d
+                for c in range(n_ch):
+                    dx_px[c] = a[c] * (gs[c] - sums[0, c] - (x_px[c] - m[c]) * s[c] * sums[1, c])
 
     return batchnorm_backward_last
 
