@@ -32,6 +32,7 @@ def _window_masks(g_any, pooled, where, zero):
     return (g, g if where == 0 else zero, g if where == 1 else zero, g if where == 2 else zero,
             g if where == 3 else zero)
 
+
 def _make_pooled_weight_grad(lanes, taps):
     """`_pooled_weight_grad` with a register tile of `taps` kernel taps x `lanes` output channels."""
     assert taps == 9, "the kernel's body spells out 9 taps"
