@@ -178,8 +178,8 @@ def round_up(count, multiple):
 
 
 def pad_width(x, width, axis=3):
-    """x zero-padded on the right of its width axis (3 in NCHW, 2 in channels-last) to at least `width`, for
-    inputs narrower than a tile; x itself when it is wide enough."""
+    """x zero-padded at the end of `axis` to at least `width` (the width axis by default: 3 in NCHW, 2 in
+    channels-last), for inputs narrower than a tile; x itself when it is wide enough."""
     if x.shape[axis] >= width:
         return x
     shape = list(x.shape)

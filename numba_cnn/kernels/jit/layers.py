@@ -28,7 +28,7 @@ from numba import prange
 from numba_cnn.kernels._numba_ext import TILE_BITS, jit as _jit, tile_allocator
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, reusable_output, round_up
+from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, pad_width, reusable_output, round_up
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.layers import argmax_rows  # noqa: F401
 
@@ -269,15 +269,8 @@ def dense_forward(x, w, b):
         note("dense_forward", "numpy's matmul (one-thread BLAS)", macs)
         return numpy_layers.dense_forward(x, w, b)
     note("dense_forward", f"register tile {DENSE_ROWS} rows x {DENSE_LANES} lanes", macs)
-    if n_out % DENSE_LANES == 0:
-        w_padded = np.ascontiguousarray(w)
-    else:
-        w_padded = np.zeros((w.shape[0], round_up(n_out, DENSE_LANES)), w.dtype)
-        w_padded[:, :n_out] = w
-    x_rows = np.ascontiguousarray(x)
-    if n_rows < DENSE_ROWS:  # the tile reads whole blocks of rows
-        x_rows = np.zeros((DENSE_ROWS, x.shape[1]), x.dtype)
-        x_rows[:n_rows] = x
+    w_padded = np.ascontiguousarray(pad_width(w, round_up(n_out, DENSE_LANES), axis=1))
+    x_rows = np.ascontiguousarray(pad_width(x, DENSE_ROWS, axis=0))  # the tile reads whole blocks of rows
     y = np.empty((x_rows.shape[0], n_out), x.dtype)
     _dense_forward(x_rows, w_padded, np.ascontiguousarray(b), y)
     return y if n_rows >= DENSE_ROWS else y[:n_rows].copy()
