@@ -23,7 +23,7 @@ below 1 - rate. Self-contained (no @njit helper from another file), so Numba's c
 import math
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from numba_cnn.kernels._numba_ext import TILE_BITS, jit as _jit, tile_allocator
 from numba_cnn.kernels import layers as numpy_layers
@@ -39,7 +39,17 @@ _PHILOX_W0, _PHILOX_W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)  # the key
 _BLOCKS_PER_TASK = 1024  # counters per parallel task: 4096 units, enough work to amortise a task's start
 
 
-_LANES = 32  # counters whose rounds run side by side in vector registers; an argument, not a constant (below)
+_LANES = 64  # counters whose rounds run side by side in vector registers; an argument, not a constant (below)
+_WORD_SHIFT = np.uint64(8)  # a unit's uniform is its word's top 24 bits
+
+
+@njit(inline="always")  # inlined in numba IR: the counter loop vectorises as if the rounds were written out there
+def _philox_round(c0, c1, c2, c3, key0, key1, r):
+    """Round r (0-9) of Philox4x32-10 on the counter block (c0, c1, c2, c3), key (key0, key1) bumped r times."""
+    k0 = (key0 + np.uint64(r) * _PHILOX_W0) & _LOW32
+    k1 = (key1 + np.uint64(r) * _PHILOX_W1) & _LOW32
+    p0, p1 = _PHILOX_M0 * (c0 & _LOW32), _PHILOX_M1 * (c2 & _LOW32)
+    return (p1 >> _SHIFT32) ^ c1 ^ k0, p1 & _LOW32, (p0 >> _SHIFT32) ^ c3 ^ k1, p0 & _LOW32
 
 
 @_jit
@@ -47,37 +57,40 @@ def _dropout(x, key0, key1, threshold, scale, zero, y, mask, lanes):
     """mask[i] = scale if the top 24 bits of word i % 4 of Philox4x32-10(counter (i // 4, 0, 0, 0), key (key0,
     key1)) are below threshold, else zero; y = x * mask. x, y, mask flat; scale and zero in x's dtype.
 
-    `lanes` counters go through the ten rounds together, each round a loop over the lanes that compiles to vector
-    instructions (8 counters per zmm register, the 32 x 32 -> 64-bit products as vpmuludq: the operands are masked
-    to 32 bits so that LLVM sees it). `lanes` is passed in rather than a constant because LLVM fully unrolls a loop
-    of constant trip count before it vectorises, and the unrolled rounds stayed scalar. The words are then laid out
-    in unit order and the select runs as one vector loop (a blend, not a branch on random bits)."""
+    One counter per iteration of a loop over `lanes` counters, its ten rounds written out in the body, so that the
+    counter's four words stay in registers through all ten and LLVM vectorises the loop across counters (4 per ymm,
+    8 per zmm; the 32 x 32 -> 64-bit products as vpmuludq, the operands masked to 32 bits so that LLVM sees it).
+    `lanes` is passed in rather than a constant because LLVM fully unrolls a loop of constant trip count before it
+    vectorises, and unrolled, the rounds stayed scalar. Each word's top 24 bits go out as an int32 in unit order, and
+    the select runs as one vector loop of 32-bit lanes (a blend, not a branch on random bits)."""
     n = x.shape[0]
     counters = (n + 3) // 4
-    limit = np.uint64(threshold) << np.uint64(8)  # word >> 8 < threshold
+    key0, key1 = np.uint64(key0), np.uint64(key1)
+    limit = np.int32(threshold)
     for task in prange((counters + _BLOCKS_PER_TASK - 1) // _BLOCKS_PER_TASK):
-        c0, c1 = np.empty(lanes, np.uint64), np.empty(lanes, np.uint64)
-        c2, c3 = np.empty(lanes, np.uint64), np.empty(lanes, np.uint64)
-        words = np.empty(4 * lanes, np.uint64)
+        top_bits = np.empty(4 * lanes, np.int32)
         first, last = task * _BLOCKS_PER_TASK, min(counters, (task + 1) * _BLOCKS_PER_TASK)
         for base in range(first, last, lanes):
-            k0, k1 = np.uint64(key0), np.uint64(key1)
-            for lane in range(lanes):
-                c = np.uint64(base + lane)
-                c0[lane], c1[lane], c2[lane], c3[lane] = c & _LOW32, c >> _SHIFT32, np.uint64(0), np.uint64(0)
-            for _ in range(10):
-                for lane in range(lanes):
-                    p0, p1 = _PHILOX_M0 * (c0[lane] & _LOW32), _PHILOX_M1 * (c2[lane] & _LOW32)
-                    c0[lane], c1[lane], c2[lane], c3[lane] = ((p1 >> _SHIFT32) ^ c1[lane] ^ k0, p1 & _LOW32,
-                                                              (p0 >> _SHIFT32) ^ c3[lane] ^ k1, p0 & _LOW32)
-                k0, k1 = (k0 + _PHILOX_W0) & _LOW32, (k1 + _PHILOX_W1) & _LOW32
             count = min(lanes, last - base)
             for lane in range(count):
-                words[4 * lane], words[4 * lane + 1] = c0[lane], c1[lane]
-                words[4 * lane + 2], words[4 * lane + 3] = c2[lane], c3[lane]
+                c = np.uint64(base + lane)
+                c0, c1, c2, c3 = c & _LOW32, c >> _SHIFT32, np.uint64(0), np.uint64(0)
+                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 0)
+                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 1)
+                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 2)
+                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 3)
+                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 4)
+                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 5)
+                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 6)
+                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 7)
+                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 8)
+                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 9)
+                top_bits[4 * lane], top_bits[4 * lane + 1] = np.int32(c0 >> _WORD_SHIFT), np.int32(c1 >> _WORD_SHIFT)
+                top_bits[4 * lane + 2] = np.int32(c2 >> _WORD_SHIFT)
+                top_bits[4 * lane + 3] = np.int32(c3 >> _WORD_SHIFT)
             start = 4 * base
             for i in range(min(4 * count, n - start)):
-                kept = scale if words[i] < limit else zero
+                kept = scale if top_bits[i] < limit else zero
                 mask[start + i] = kept
                 y[start + i] = x[start + i] * kept
 
@@ -294,34 +307,35 @@ def _make_dense_backward(tile):
     @_jit
     def dense_backward(dy, x, w_t, dx, dw_t):
         """dx[n] = sum over m of dy[n, m] * w_t[m] (w_t = w transposed, (M, D)), the outputs m in order, and dw_t[m,
-        d] = sum over n of dy[n, m] * x[n, d], the images in order: one parallel loop over the N rows of dx, then
-        the blocks of `tile` inputs of dw (one kernel: one compile), `tile` values summed in registers at a time."""
+        d] = sum over n of dy[n, m] * x[n, d], the images in order: a parallel loop over the N rows of dx, then one
+        over the blocks of `tile` inputs of dw (two loops, so that each splits evenly over the threads), `tile`
+        values summed in registers at a time."""
         n_rows, n_out = dy.shape
         depth = dx.shape[1]
         tiled = depth - depth % tile
         n_blocks = (depth + tile - 1) // tile
-        for task in prange(n_rows + n_blocks):
+        for row in prange(n_rows):
             acc = _stack_tile(tile, dx.dtype)
-            if task < n_rows:
-                dy_row, dx_row = dy[task], dx[task]
-                for d0 in range(0, tiled, tile):
-                    g, w_seg = dy_row[0], w_t[0, d0:]
+            dy_row, dx_row = dy[row], dx[row]
+            for d0 in range(0, tiled, tile):
+                g, w_seg = dy_row[0], w_t[0, d0:]
+                for u in range(tile):
+                    acc[u] = g * w_seg[u]
+                for m in range(1, n_out):
+                    g, w_seg = dy_row[m], w_t[m, d0:]
                     for u in range(tile):
-                        acc[u] = g * w_seg[u]
-                    for m in range(1, n_out):
-                        g, w_seg = dy_row[m], w_t[m, d0:]
-                        for u in range(tile):
-                            acc[u] += g * w_seg[u]
-                    out = dx_row[d0:]
-                    for u in range(tile):
-                        out[u] = acc[u]
-                for d in range(tiled, depth):  # the rest one value at a time, the same order
-                    total = dy_row[0] * w_t[0, d]
-                    for m in range(1, n_out):
-                        total += dy_row[m] * w_t[m, d]
-                    dx_row[d] = total
-                continue
-            d0 = (task - n_rows) * tile
+                        acc[u] += g * w_seg[u]
+                out = dx_row[d0:]
+                for u in range(tile):
+                    out[u] = acc[u]
+            for d in range(tiled, depth):  # the rest one value at a time, the same order
+                total = dy_row[0] * w_t[0, d]
+                for m in range(1, n_out):
+                    total += dy_row[m] * w_t[m, d]
+                dx_row[d] = total
+        for block in prange(n_blocks):
+            acc = _stack_tile(tile, dx.dtype)
+            d0 = block * tile
             for m in range(n_out):
                 out = dw_t[m, d0:]
                 if d0 < tiled:
