@@ -31,6 +31,16 @@ LISTED_GRAD_ROWS = 3
 LISTED_BAND_BYTES = 48 * 1024
 
 
+@njit(inline="always")
+def _listed_entry(g_any, p, where, pi, pj, width, channels, zero):
+    """One pooled window's entry in a channel's list: its gradient through the ReLU's select (`g_any` loaded whatever
+    the ReLU says, then selected: `dy if ... else 0` compiled to a branch, mispredicted on about half the windows),
+    and the offset of its winner's receptive field in the channels-last input."""
+    g = g_any if (p > zero) | (p != p) else zero
+    w = np.int64(where)
+    return g, ((2 * pi + (w >> 1)) * width + 2 * pj + (w & 1)) * channels
+
+
 @_jit
 def _pooled_grad_lists(dy, pooled, argmax, x_flat, width, channels, zero, values, offsets, counts, sums, finite):
     """Per image n and channel k, the nonzero elements of the conv output's gradient behind ReLU + 2x2 max-pooling,
@@ -41,7 +51,8 @@ def _pooled_grad_lists(dy, pooled, argmax, x_flat, width, channels, zero, values
     i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's per-image terms).
     Branch-free: every window is written, only the nonzero ones advance the count. finite[n]: whether the conv's
     input image x_flat[n] (any layout) holds no NaN or inf, read here where the image is visited anyway: the caller
-    takes the dense path otherwise."""
+    takes the dense path otherwise. Four channels' lists are built side by side (four independent chains of
+    counts, where one chain's store address waits on its last count); the rest one channel at a time."""
     n_images, p_half, q_half, n_out = dy.shape
     for n in prange(n_images):
         check = zero
@@ -50,19 +61,42 @@ def _pooled_grad_lists(dy, pooled, argmax, x_flat, width, channels, zero, values
             check += x_image[u] * zero  # NaN once any element is NaN or inf (inf * 0 is NaN)
         finite[n] = check == check
         g_image, pooled_image, arg_image = dy[n], pooled[n], argmax[n]
-        for k in range(n_out):  # one channel's list at a time, its count and sum in registers
+        grouped = n_out - n_out % 4
+        for k in range(0, grouped, 4):  # the counts and sums in registers
+            v0, v1, v2, v3 = values[n, k], values[n, k + 1], values[n, k + 2], values[n, k + 3]
+            o0, o1, o2, o3 = offsets[n, k], offsets[n, k + 1], offsets[n, k + 2], offsets[n, k + 3]
+            c0 = c1 = c2 = c3 = 0
+            t0 = t1 = t2 = t3 = zero
+            for pi in range(p_half):
+                for pj in range(q_half):
+                    gs, ps, ws = g_image[pi, pj, k:], pooled_image[pi, pj, k:], arg_image[pi, pj, k:]
+                    g, offset = _listed_entry(gs[0], ps[0], ws[0], pi, pj, width, channels, zero)
+                    v0[c0], o0[c0] = g, offset
+                    c0 += g != zero
+                    t0 += g
+                    g, offset = _listed_entry(gs[1], ps[1], ws[1], pi, pj, width, channels, zero)
+                    v1[c1], o1[c1] = g, offset
+                    c1 += g != zero
+                    t1 += g
+                    g, offset = _listed_entry(gs[2], ps[2], ws[2], pi, pj, width, channels, zero)
+                    v2[c2], o2[c2] = g, offset
+                    c2 += g != zero
+                    t2 += g
+                    g, offset = _listed_entry(gs[3], ps[3], ws[3], pi, pj, width, channels, zero)
+                    v3[c3], o3[c3] = g, offset
+                    c3 += g != zero
+                    t3 += g
+            counts[n, k], counts[n, k + 1], counts[n, k + 2], counts[n, k + 3] = c0, c1, c2, c3
+            sums[n, k], sums[n, k + 1], sums[n, k + 2], sums[n, k + 3] = t0, t1, t2, t3
+        for k in range(grouped, n_out):
             values_k, offsets_k = values[n, k], offsets[n, k]
             count = 0
             total = zero
             for pi in range(p_half):
                 for pj in range(q_half):
-                    p, g_any = pooled_image[pi, pj, k], g_image[pi, pj, k]
-                    # loaded whatever the ReLU says, then selected: `dy if ... else 0` was compiled to a branch,
-                    # mispredicted on about half the windows
-                    g = g_any if (p > zero) | (p != p) else zero
-                    where = np.int64(arg_image[pi, pj, k])
-                    values_k[count] = g
-                    offsets_k[count] = ((2 * pi + (where >> 1)) * width + 2 * pj + (where & 1)) * channels
+                    g, offset = _listed_entry(g_image[pi, pj, k], pooled_image[pi, pj, k], arg_image[pi, pj, k], pi,
+                                              pj, width, channels, zero)
+                    values_k[count], offsets_k[count] = g, offset
                     count += g != zero
                     total += g
             counts[n, k] = count
