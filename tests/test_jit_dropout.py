@@ -47,7 +47,11 @@ def _expected_mask(n, key, rate, dtype):
     return np.where(kept, dtype(1) / keep, dtype(0)).astype(dtype)
 
 
-@pytest.mark.parametrize("n", [1, 3, 5, 4097, 4247])  # 4247: a second task with a full group of lanes, then a tail
+# the last: a second task with a full group of lanes, then a partial group, then a partial counter
+_SECOND_TASK = 4 * (jit_layers._BLOCKS_PER_TASK + jit_layers._LANES + 5) - 1
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 4097, _SECOND_TASK])
 @pytest.mark.parametrize("rate", [0.5, 0.3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_mask_follows_the_stated_rule_and_the_key_comes_from_the_generator(n, rate, dtype):
