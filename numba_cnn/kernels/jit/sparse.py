@@ -41,66 +41,65 @@ def _listed_entry(g_any, p, where, pi, pj, width, channels, zero):
     return g, ((2 * pi + (w >> 1)) * width + 2 * pj + (w & 1)) * channels
 
 
-@_jit
-def _pooled_grad_lists(dy, pooled, argmax, x_flat, width, channels, zero, values, offsets, counts, sums, finite):
-    """Per image n and channel k, the nonzero elements of the conv output's gradient behind ReLU + 2x2 max-pooling,
-    from the pooled gradient dy, indexed (N, P2, Q2, K) (a view of either layout, as pooled and argmax: no copy
-    is made to change it): values[n, k, :counts[n, k]] are dy where pooled > 0 or is NaN (the ReLU's select, as
-    layers.relu_backward) and nonzero (NaN counts as nonzero), in window order; offsets the element offset
-    (row * width + col) * channels of each window's winner (argmax) in a channels-last image of that conv's input,
-    i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's per-image terms).
-    Branch-free: every window is written, only the nonzero ones advance the count. finite[n]: whether the conv's
-    input image x_flat[n] (any layout) holds no NaN or inf, read here where the image is visited anyway: the caller
-    takes the dense path otherwise. Four channels' lists are built side by side (four independent chains of
-    counts, where one chain's store address waits on its last count); the rest one channel at a time."""
-    n_images, p_half, q_half, n_out = dy.shape
-    for n in prange(n_images):
-        check = zero
-        x_image = x_flat[n]
-        for u in range(x_image.shape[0]):
-            check += x_image[u] * zero  # NaN once any element is NaN or inf (inf * 0 is NaN)
-        finite[n] = check == check
-        g_image, pooled_image, arg_image = dy[n], pooled[n], argmax[n]
+def _make_pooled_grad_lists():
+    """`_pooled_grad_lists`, closing over the tile allocator (so that the choice is in numba's cache key)."""
+    _stack_tile = tile_allocator()
+
+    @_jit
+    def pooled_grad_lists(dy, pooled, argmax, x_flat, width, channels, zero, values, offsets, counts, sums, finite):
+        """Per image n and channel k, the nonzero elements of the conv output's gradient behind ReLU + 2x2 max-pooling,
+        from the pooled gradient dy, indexed (N, P2, Q2, K) (a view of either layout, as pooled and argmax: no copy
+        is made to change it): values[n, k, :counts[n, k]] are dy where pooled > 0 or is NaN (the ReLU's select, as
+        layers.relu_backward) and nonzero (NaN counts as nonzero), in window order; offsets the element offset (row
+        * width + col) * channels of each window's winner (argmax) in a channels-last image of that conv's input,
+        i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's per-image
+        terms). Branch-free: every window is written, only the nonzero ones advance the count. finite[n]: whether
+        the conv's input image x_flat[n] (any layout) holds no NaN or inf, read here where the image is visited
+        anyway: the caller takes the dense path otherwise. Four channels' lists are built side by side (four
+        independent chains of counts in a stack tile, where one chain's store address waits on its last count); the
+        rest one at a time."""
+        n_images, p_half, q_half, n_out = dy.shape
         grouped = n_out - n_out % 4
-        for k in range(0, grouped, 4):  # the counts and sums in registers
-            v0, v1, v2, v3 = values[n, k], values[n, k + 1], values[n, k + 2], values[n, k + 3]
-            o0, o1, o2, o3 = offsets[n, k], offsets[n, k + 1], offsets[n, k + 2], offsets[n, k + 3]
-            c0 = c1 = c2 = c3 = 0
-            t0 = t1 = t2 = t3 = zero
-            for pi in range(p_half):
-                for pj in range(q_half):
-                    gs, ps, ws = g_image[pi, pj, k:], pooled_image[pi, pj, k:], arg_image[pi, pj, k:]
-                    g, offset = _listed_entry(gs[0], ps[0], ws[0], pi, pj, width, channels, zero)
-                    v0[c0], o0[c0] = g, offset
-                    c0 += g != zero
-                    t0 += g
-                    g, offset = _listed_entry(gs[1], ps[1], ws[1], pi, pj, width, channels, zero)
-                    v1[c1], o1[c1] = g, offset
-                    c1 += g != zero
-                    t1 += g
-                    g, offset = _listed_entry(gs[2], ps[2], ws[2], pi, pj, width, channels, zero)
-                    v2[c2], o2[c2] = g, offset
-                    c2 += g != zero
-                    t2 += g
-                    g, offset = _listed_entry(gs[3], ps[3], ws[3], pi, pj, width, channels, zero)
-                    v3[c3], o3[c3] = g, offset
-                    c3 += g != zero
-                    t3 += g
-            counts[n, k], counts[n, k + 1], counts[n, k + 2], counts[n, k + 3] = c0, c1, c2, c3
-            sums[n, k], sums[n, k + 1], sums[n, k + 2], sums[n, k + 3] = t0, t1, t2, t3
-        for k in range(grouped, n_out):
-            values_k, offsets_k = values[n, k], offsets[n, k]
-            count = 0
-            total = zero
-            for pi in range(p_half):
-                for pj in range(q_half):
-                    g, offset = _listed_entry(g_image[pi, pj, k], pooled_image[pi, pj, k], arg_image[pi, pj, k], pi,
-                                              pj, width, channels, zero)
-                    values_k[count], offsets_k[count] = g, offset
-                    count += g != zero
-                    total += g
-            counts[n, k] = count
-            sums[n, k] = total
+        for n in prange(n_images):
+            check = zero
+            x_image = x_flat[n]
+            for u in range(x_image.shape[0]):
+                check += x_image[u] * zero  # NaN once any element is NaN or inf (inf * 0 is NaN)
+            finite[n] = check == check
+            g_image, pooled_image, arg_image = dy[n], pooled[n], argmax[n]
+            group_counts, group_sums = _stack_tile(4, np.int64), _stack_tile(4, dy.dtype)
+            for k in range(0, grouped, 4):
+                for q in range(4):
+                    group_counts[q], group_sums[q] = 0, zero
+                for pi in range(p_half):
+                    for pj in range(q_half):
+                        gs, ps, ws = g_image[pi, pj, k:], pooled_image[pi, pj, k:], arg_image[pi, pj, k:]
+                        for q in range(4):  # a constant trip count: unrolled, the counts and sums in registers
+                            g, offset = _listed_entry(gs[q], ps[q], ws[q], pi, pj, width, channels, zero)
+                            count = group_counts[q]
+                            values[n, k + q, count], offsets[n, k + q, count] = g, offset
+                            group_counts[q] = count + (g != zero)
+                            group_sums[q] += g
+                for q in range(4):
+                    counts[n, k + q], sums[n, k + q] = group_counts[q], group_sums[q]
+            for k in range(grouped, n_out):
+                values_k, offsets_k = values[n, k], offsets[n, k]
+                count = 0
+                total = zero
+                for pi in range(p_half):
+                    for pj in range(q_half):
+                        g, offset = _listed_entry(g_image[pi, pj, k], pooled_image[pi, pj, k], arg_image[pi, pj, k],
+                                                  pi, pj, width, channels, zero)
+                        values_k[count], offsets_k[count] = g, offset
+                        count += g != zero
+                        total += g
+                counts[n, k] = count
+                sums[n, k] = total
+
+    return pooled_grad_lists
+
+
+_pooled_grad_lists = _make_pooled_grad_lists()
 
 
 def _make_listed_weight_grad(block):
