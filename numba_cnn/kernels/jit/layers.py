@@ -43,7 +43,7 @@ _LANES = 64  # counters whose rounds run side by side in vector registers; an ar
 _WORD_SHIFT = np.uint64(8)  # a unit's uniform is its word's top 24 bits
 
 
-@njit(inline="always")  # inlined in numba IR: the counter loop vectorises as if the rounds were written out there
+@njit(inline="always")  # inlined in numba IR: the counter loop vectorises as if the round were written out there
 def _philox_round(c0, c1, c2, c3, key0, key1, r):
     """Round r (0-9) of Philox4x32-10 on the counter block (c0, c1, c2, c3), key (key0, key1) bumped r times."""
     k0 = (key0 + np.uint64(r) * _PHILOX_W0) & _LOW32
@@ -57,12 +57,13 @@ def _dropout(x, key0, key1, threshold, scale, zero, y, mask, lanes):
     """mask[i] = scale if the top 24 bits of word i % 4 of Philox4x32-10(counter (i // 4, 0, 0, 0), key (key0,
     key1)) are below threshold, else zero; y = x * mask. x, y, mask flat; scale and zero in x's dtype.
 
-    One counter per iteration of a loop over `lanes` counters, its ten rounds written out in the body, so that the
-    counter's four words stay in registers through all ten and LLVM vectorises the loop across counters (4 per ymm,
-    8 per zmm; the 32 x 32 -> 64-bit products as vpmuludq, the operands masked to 32 bits so that LLVM sees it).
-    `lanes` is passed in rather than a constant because LLVM fully unrolls a loop of constant trip count before it
-    vectorises, and unrolled, the rounds stayed scalar. Each word's top 24 bits go out as an int32 in unit order, and
-    the select runs as one vector loop of 32-bit lanes (a blend, not a branch on random bits)."""
+    One counter per iteration of a loop over `lanes` counters, its ten rounds an inner loop that LLVM unrolls (a
+    constant trip count), so that the counter's four words stay in registers through all ten and the loop over
+    counters is the one LLVM vectorises (4 counters per ymm, 8 per zmm; the 32 x 32 -> 64-bit products as vpmuludq,
+    the operands masked to 32 bits so that LLVM sees it). `lanes` is passed in rather than a constant because LLVM
+    fully unrolls a loop of constant trip count before it vectorises, and unrolled, the counters stayed scalar. Each
+    word's top 24 bits go out as an int32 in unit order, and the select runs as one vector loop of 32-bit lanes (a
+    blend, not a branch on random bits)."""
     n = x.shape[0]
     counters = (n + 3) // 4
     key0, key1 = np.uint64(key0), np.uint64(key1)
@@ -75,16 +76,8 @@ def _dropout(x, key0, key1, threshold, scale, zero, y, mask, lanes):
             for lane in range(count):
                 c = np.uint64(base + lane)
                 c0, c1, c2, c3 = c & _LOW32, c >> _SHIFT32, np.uint64(0), np.uint64(0)
-                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 0)
-                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 1)
-                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 2)
-                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 3)
-                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 4)
-                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 5)
-                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 6)
-                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 7)
-                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 8)
-                c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, 9)
+                for r in range(10):  # a constant trip count: unrolled, the words kept in registers
+                    c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, key0, key1, r)
                 top_bits[4 * lane], top_bits[4 * lane + 1] = np.int32(c0 >> _WORD_SHIFT), np.int32(c1 >> _WORD_SHIFT)
                 top_bits[4 * lane + 2] = np.int32(c2 >> _WORD_SHIFT)
                 top_bits[4 * lane + 3] = np.int32(c3 >> _WORD_SHIFT)
