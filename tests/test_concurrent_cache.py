@@ -13,6 +13,9 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
+
+import pytest
 
 CODE = textwrap.dedent("""
     import sys, time
@@ -185,7 +188,7 @@ def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
     free = tmp_path / "free"
     free.mkdir()
     compile_part(network, 0, str(free))
-    claimed = sorted(p.name for p in free.iterdir())
+    claimed = sorted(p.name for p in free.iterdir() if p.name.startswith("unit-"))  # not the kernels' claims
     assert claimed and claimed[-1] == f"unit-{len(claimed) - 1}" and len(claimed) <= units
 
 
@@ -194,10 +197,25 @@ def test_the_precompiles_two_image_pass_calls_every_kernel_a_full_batch_calls(mo
     of 64 must call no other kernel, nor one with other argument types, or that kernel would compile inside the
     first timed epoch (a path chosen by the batch size). LeNet-5: 5x5 convolutions, average pools, wide dense
     layers."""
+    from numba_cnn.kernels.jit import cold_compile
+    from numba_cnn.network import build, resolve_description
+
+    calls = _record_kernel_calls(monkeypatch)
+    doc, _ = resolve_description("lenet5")
+    network = build(doc["layers"], (1, 28, 28))
+    cold_compile._training_pass(network)
+    precompiled = set(calls)
+    calls.clear()
+    cold_compile._training_pass(network, count=64)
+    assert len(precompiled) >= 8 and calls, (precompiled, calls)
+    assert calls <= precompiled, f"called on a batch of 64 only: {sorted(calls - precompiled)}"
+
+
+def _record_kernel_calls(monkeypatch):
+    """Every jit kernel, wherever a jit module holds it, wrapped to record its name and argument types: -> the set."""
     import numba
 
     from numba_cnn.kernels.jit import cold_compile
-    from numba_cnn.network import build, resolve_description
 
     calls = set()
 
@@ -213,11 +231,132 @@ def test_the_precompiles_two_image_pass_calls_every_kernel_a_full_batch_calls(mo
             for attr, value in list(vars(module).items()):
                 if id(value) in wrapped:
                     monkeypatch.setattr(module, attr, wrapped[id(value)])
-    doc, _ = resolve_description("lenet5")
-    network = build(doc["layers"], (1, 28, 28))
-    cold_compile._training_pass(network)
-    precompiled = set(calls)
+    return calls
+
+
+@pytest.mark.parametrize("model, shape", [("mnist-cnn", (1, 28, 28)), ("vgg-small", (3, 16, 16))])
+def test_the_precompiles_units_call_every_kernel_the_training_pass_calls(monkeypatch, tmp_path, model, shape):
+    """Each unit hands its step x and dy stored as training would (channels-last after a fused conv + pool, NCHW
+    from a Flatten), so the units compile every specialisation the training pass then calls and it finds them all
+    in the cache: none compiles in the one process after the two have finished. mnist-cnn: the fused conv + pool
+    before a Flatten; vgg-small: fused and plain 3x3 layers side by side."""
+    from numba_cnn.kernels.jit import cold_compile
+    from numba_cnn.network import build, resolve_description
+
+    calls = _record_kernel_calls(monkeypatch)
+    doc, _ = resolve_description(model)
+    network = build(doc["layers"], shape)
+    cold_compile.compile_part(network, 0, str(tmp_path))  # a folder of no claims: every unit, in this process
+    in_units = set(calls)
     calls.clear()
-    cold_compile._training_pass(network, count=64)
-    assert len(precompiled) >= 8 and calls, (precompiled, calls)
-    assert calls <= precompiled, f"called on a batch of 64 only: {sorted(calls - precompiled)}"
+    cold_compile._training_pass(network)
+    assert len(in_units) >= 8 and calls, (in_units, calls)
+    assert calls <= in_units, f"called by the training pass only: {sorted(calls - in_units)}"
+
+
+class _DiskCache:
+    """A stand-in for numba's per-kernel disk cache: entries in a dict both "processes" see, and the two private
+    names the claims read (the index file's name and the index key of a signature)."""
+
+    def __init__(self):
+        self.entries = {}
+        self._cache_file = types.SimpleNamespace(_index_name="kernel.nbi")
+
+    def _index_key(self, sig, codegen):
+        return sig, "target"
+
+    def load_overload(self, sig, target_context):
+        return self.entries.get(sig)
+
+    def save_overload(self, sig, data):
+        self.entries[sig] = data
+
+
+_TARGET = types.SimpleNamespace(codegen=lambda: None)
+
+
+def _claiming(disk, claims, wait=False, compiling=0):
+    from numba_cnn.kernels.jit.cold_compile import _ClaimingCache
+
+    return _ClaimingCache(disk, str(claims), {"compiling": compiling, "wait": wait, "claimed": {}})
+
+
+def test_a_kernel_is_compiled_by_the_process_that_claims_it_and_loaded_by_the_other(tmp_path):
+    """A miss claims the kernel (a file holding this process's id) and compiles it here; once saved, the claim is
+    marked done and the other process loads the entry; other argument types are claimed apart."""
+    disk = _DiskCache()
+    ours = _claiming(disk, tmp_path)
+    assert ours.load_overload("f32", _TARGET) is None  # compile here
+    (claim,) = tmp_path.iterdir()
+    assert claim.read_text() == str(os.getpid())
+    ours.save_overload("f32", "machine code")
+    assert (tmp_path / (claim.name + ".done")).exists()
+    assert _claiming(disk, tmp_path).load_overload("f32", _TARGET) == "machine code"
+    assert ours.load_overload("f64", _TARGET) is None
+    assert len([p for p in tmp_path.iterdir() if not p.name.endswith(".done")]) == 2
+
+
+def test_a_kernel_the_other_process_is_compiling_puts_the_unit_off_or_is_waited_for(tmp_path):
+    """Claimed by another running process and not done: _KernelBusy, or with wait set, this process waits until the
+    claim is marked done and loads the entry; a claim whose process is gone, or of this process's own that never
+    finished, compiles here; a miss inside another kernel's compile compiles at once, claiming nothing."""
+    import threading
+
+    from numba_cnn.kernels.jit.cold_compile import _KernelBusy
+
+    disk = _DiskCache()
+    assert _claiming(disk, tmp_path).load_overload("f32", _TARGET) is None
+    (claim,) = tmp_path.iterdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim.write_text(str(other.pid))
+        with pytest.raises(_KernelBusy):
+            _claiming(disk, tmp_path).load_overload("f32", _TARGET)
+
+        def finish():
+            time.sleep(0.3)
+            disk.save_overload("f32", "machine code")
+            (tmp_path / (claim.name + ".done")).touch()
+
+        finishing = threading.Thread(target=finish)
+        finishing.start()
+        started = time.perf_counter()
+        assert _claiming(disk, tmp_path, wait=True).load_overload("f32", _TARGET) == "machine code"
+        assert time.perf_counter() - started >= 0.25
+        finishing.join()
+    finally:
+        other.kill()
+        other.wait()
+    assert _claiming(disk, tmp_path).load_overload("f32", _TARGET) == "machine code"
+    assert _claiming(disk, tmp_path).load_overload("i64", _TARGET) is None
+    gone = [p for p in tmp_path.iterdir() if p != claim and not p.name.endswith(".done")][0]
+    gone.write_text(str(other.pid))  # a finished process's claim, never done
+    assert _claiming(disk, tmp_path).load_overload("i64", _TARGET) is None
+    gone.write_text(str(os.getpid()))
+    assert _claiming(disk, tmp_path).load_overload("i64", _TARGET) is None
+    before = set(tmp_path.iterdir())
+    assert _claiming(disk, tmp_path, compiling=1).load_overload("u8", _TARGET) is None
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_units_put_off_run_after_the_free_ones_and_the_first_then_waits(tmp_path):
+    """_run_units: the units claimed by the other process are skipped; one that meets a busy kernel is put off and
+    runs again after the free ones; when every put-off unit is still busy, the first runs with state["wait"] set."""
+    from numba_cnn.kernels.jit.cold_compile import _KernelBusy, _run_units
+
+    log, state = [], {"wait": False}
+    busy = {"a": 1, "c": 10}  # how many more times each unit meets a busy kernel
+
+    def unit(name):
+        def run():
+            if busy.get(name, 0) and not state["wait"]:
+                busy[name] -= 1
+                log.append(name + " busy")
+                raise _KernelBusy(name)
+            log.append(name + (" waited" if state["wait"] else ""))
+        return run
+
+    (tmp_path / "unit-1").touch()  # the other process has b
+    _run_units([unit(name) for name in "abcd"], str(tmp_path), state)
+    assert log == ["a busy", "c busy", "d", "a", "c busy", "c busy", "c waited"]
+    assert not state["wait"]

@@ -12,12 +12,20 @@ like a first layer on the column tiles, costs several times one that reuses othe
 compiled by the time the other reaches it is loaded from the disk cache instead of compiled again. Numba compiles one
 function at a time in a process, so this roughly halves a cold start (the figures are in docs/results.md).
 
+Kernels are claimed too: steps share kernels (a VGG's 3x3 layers all run the Winograd kernels), so two units often
+need one kernel at the same moment, and both compiling it would waste the longest compiles of all. On a cache miss
+(`_ClaimingCache`), the process creates a claim file named by numba's own cache key for that kernel and argument
+types; when the other process holds it and has not finished, the unit is put off (`_KernelBusy`), and the process
+takes the next free unit. The units put off run once no unit is left, waiting then for the kernels the other
+process is still compiling, and loading them from the cache.
+
 Whether the cache is cold: after a precompile, a small record in the cache directory, one per network and tile
 setting, names the kernels the network used; the cache counts as warm for that network while every one of them has
 an entry on disk (Numba drops an entry whose source changed). With no disk cache to share (NUMBA_CNN_CACHE=0, no
 writable location) precompile does nothing and the kernels compile on first call.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +46,7 @@ from numba_cnn.kernels._numba_ext import CACHE, TILE_BITS, TILE_REGISTERS
 _PRECOMPILE_TIMEOUT_S = 600
 _REINTERRUPT_S = 0.1
 _IMAGES = 2
+_CLAIM_POLL_S = 0.05
 
 
 def kernels():
@@ -54,13 +64,119 @@ def kernels():
     return found
 
 
+class _KernelBusy(Exception):
+    """The other process is compiling a kernel this unit needs (for the same argument types)."""
+
+
+class _ClaimingCache:
+    """A kernel's numba disk cache as compile_part sees it. On a miss, the kernel (for those argument types) is claimed
+    for this process by a file in the folder `claims`, named by numba's cache key and holding this process's id,
+    and marked done once its machine code is saved, so that the other process loads it instead of compiling it too.
+    While the other process holds the claim and is running, the unit is put off (_KernelBusy) or, with
+    state["wait"] set, this process waits for the kernel and loads it; a kernel marked done but not in the cache
+    (numba could not save it), or claimed by a process that is gone, compiles here. A miss inside another kernel's
+    compile compiles at once: raising there would fail that compile."""
+
+    def __init__(self, cache, claims, state):
+        self._cache, self._claims, self._state = cache, claims, state
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    def _claim_path(self, sig, target_context):
+        key = repr((self._cache._cache_file._index_name, self._cache._index_key(sig, target_context.codegen())))
+        return os.path.join(self._claims, "kernel-" + hashlib.sha256(key.encode()).hexdigest()[:32])
+
+    def load_overload(self, sig, target_context):
+        found = self._cache.load_overload(sig, target_context)
+        if found is not None or self._state["compiling"]:
+            return found
+        try:
+            path = self._claim_path(sig, target_context)
+        except Exception:  # numba's private cache API has changed: compile as if unclaimed
+            return None
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass
+        else:  # ours: compiled in this process
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            self._state["claimed"][id(self), str(sig)] = path
+            return None
+        if _held_elsewhere(path) and not self._state["wait"]:
+            raise _KernelBusy(path)
+        while _held_elsewhere(path):
+            time.sleep(_CLAIM_POLL_S)
+        return self._cache.load_overload(sig, target_context)
+
+    def save_overload(self, sig, data):
+        self._cache.save_overload(sig, data)
+        path = self._state["claimed"].pop((id(self), str(sig)), None)
+        if path is not None:
+            with open(path + ".done", "w"):
+                pass
+
+
+def _held_elsewhere(path):
+    """Whether the kernel claimed by the file `path` is being compiled by another process: not marked done, and the
+    process whose id the file holds is running (an empty file counts: its writer is between creating and writing
+    it). A claim of this process's own that is not done (its compile failed) is not."""
+    if os.path.exists(path + ".done"):
+        return False
+    try:
+        with open(path) as f:
+            pid = int(f.read() or -1)
+    except (OSError, ValueError):
+        return False
+    if pid == -1:
+        return True
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # running, as another user
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def _claiming_caches(claims, state):
+    """Every kernel's disk cache behind a _ClaimingCache while the block runs (not a null cache: nothing to share)."""
+    from numba.core import event
+
+    class Depth(event.Listener):  # whether a kernel's compile is under way (a miss inside it must not raise)
+        def on_start(self, e):
+            state["compiling"] += 1
+
+        def on_end(self, e):
+            state["compiling"] -= 1
+
+    swapped = []
+    for dispatcher in kernels().values():
+        cache = dispatcher._cache
+        if hasattr(cache, "_index_key") and hasattr(cache, "_cache_file"):
+            dispatcher._cache = _ClaimingCache(cache, claims, state)
+            swapped.append((dispatcher, cache))
+    try:
+        with event.install_listener("numba:compile", Depth()):
+            yield
+    finally:
+        for dispatcher, cache in swapped:
+            dispatcher._cache = cache
+
+
 def compile_part(network, part, claims):
     """Compile or load what `network`'s training step uses, unit by unit: each step of its plan (forward and backward
     on two tiny images of that step's input shape), then the loss and Adam. Both parts (0: this process, 1: the
     second) walk the units in one order; a unit is taken by whichever process creates its file in the folder `claims`
-    first, so each takes the next free unit when it is done with one, and no unit is compiled twice."""
+    first, so each takes the next free unit when it is done with one, and no unit is compiled twice. A unit that
+    needs a kernel the other process is compiling is put off until no free unit is left (_ClaimingCache)."""
     from numba_cnn.kernels import get_backend
     from numba_cnn.model import Model, Run
+    from numba_cnn.network.layers import Flatten
     from numba_cnn.network.plan import ConvReluPool
 
     backend = get_backend("jit")
@@ -68,15 +184,18 @@ def compile_part(network, part, claims):
     model = Model(backend, network=network)
     run = Run(backend, backend.layers, True, backend.make_dropout_rng(0))
 
-    def step_unit(step, arrays, x_channels_last, dy_channels_last):
+    def step_unit(step, arrays, x_channels_last, dy_layout):
         def unit():
             x = rng.random((_IMAGES,) + tuple(network.shapes[step.first]), dtype=np.float32)
             if x_channels_last and x.ndim == 4:  # as the fused conv + pool before it hands its output on
                 x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
             y, cache = step.runner.forward(run, arrays, x)
-            dy = np.ones_like(y)
-            if dy_channels_last:  # stored as the training pass hands it over, so the same specialisations compile
-                dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+            # dy stored as the training pass hands it over, so that the same specialisations compile: channels-last
+            # from a fused conv + pool, NCHW from a Flatten (a reshape of a matrix), else as the step's own output
+            if dy_layout == "channels_last":
+                dy = np.ascontiguousarray(np.ones_like(y).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+            else:
+                dy = np.ones(y.shape, y.dtype) if dy_layout == "nchw" else np.ones_like(y)
             step.runner.backward(run, arrays, dy, cache, step.first > 0)
         return unit
 
@@ -91,18 +210,54 @@ def compile_part(network, part, claims):
     # so, the step before it its dy (no layout copy compiled that training does not make)
     steps = model.steps
     fused = [isinstance(step.runner, ConvReluPool) for step in steps]
-    units = [step_unit(step, arrays, i > 0 and fused[i - 1], i + 1 < len(steps) and fused[i + 1])
+
+    def dy_layout(i):
+        if i + 1 < len(steps) and fused[i + 1]:
+            return "channels_last"
+        return "nchw" if i + 1 < len(steps) and isinstance(steps[i + 1].runner, Flatten) else "as_output"
+
+    units = [step_unit(step, arrays, i > 0 and fused[i - 1], dy_layout(i))
              for i, (step, (_, arrays)) in enumerate(zip(steps, model._step_arrays))]
     # the steps with the most parameters first (the widest convolutions: the kernels that compile longest), so that
     # this process, which starts while the other is still importing, takes the longest unit
     sizes = [sum(a.size for a in arrays.values()) for _, arrays in model._step_arrays]
     units = [units[i] for i in sorted(range(len(units)), key=lambda i: -sizes[i])] + [loss_and_adam]
-    for i in range(len(units)):
+    state = {"compiling": 0, "wait": False, "claimed": {}}
+    with _claiming_caches(claims, state):
+        _run_units(units, claims, state)
+
+
+def _run_units(units, claims, state):
+    """Run each unit whose file this process creates first in the folder `claims`, in order. A unit that needs a
+    kernel the other process is compiling (_KernelBusy) is put off: what it compiled so far stays in the cache, and
+    it runs again, loading that from there, once the free units are done; then whichever put-off unit can go on
+    runs, and when none can, the first waits for the other process's kernels (state["wait"])."""
+    put_off = []
+    for i, unit in enumerate(units):
         try:
             os.close(os.open(os.path.join(claims, f"unit-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:  # the other process has it
             continue
-        units[i]()
+        try:
+            unit()
+        except _KernelBusy:
+            put_off.append(unit)
+    while put_off:
+        ready = []
+        for unit in put_off:
+            try:
+                unit()
+                ready.append(unit)
+            except _KernelBusy:
+                pass
+        if not ready:
+            state["wait"] = True
+            try:
+                put_off[0]()
+            finally:
+                state["wait"] = False
+            ready.append(put_off[0])
+        put_off = [unit for unit in put_off if unit not in ready]
 
 
 def _training_pass(network, count=_IMAGES):
