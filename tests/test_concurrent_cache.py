@@ -175,7 +175,9 @@ def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
     from numba_cnn.model import default_network
 
     network = default_network()
-    units = len(network.layers) + 1  # at most one unit per layer, and the loss with Adam
+    # at most two units per layer (one per step, and a fused conv + pool's backward on stand-ins), and the loss
+    # with Adam
+    units = 2 * len(network.layers) + 1
     taken = tmp_path / "taken"
     taken.mkdir()
     for i in range(units):

@@ -5,12 +5,14 @@ which two processes may fill at once (tests/test_concurrent_cache.py).
 
 How the work splits without a list of kernels per network: the units are the network's own steps (each step's
 forward and backward on two tiny images of that step's input shape, its dy stored as the training pass hands it
-over; the steps with the most parameters first, since they compile longest and this process starts first), then the
-loss and Adam. Both processes walk them in that order, each taking the next unit the other has not claimed, so the
-work splits as it comes (a unit's compile time is not known ahead: a step with kernels of its own,
-like a first layer on the column tiles, costs several times one that reuses others'); a kernel one of them has
-compiled by the time the other reaches it is loaded from the disk cache instead of compiled again. Numba compiles one
-function at a time in a process, so this roughly halves a cold start (the figures are in docs/results.md).
+over; the steps with the most parameters first, since they compile longest and this process starts first; after a
+fused conv + pool's step, its backward alone, on stand-ins for its forward's outputs, so that the forward's kernels
+and the backward's compile side by side), then the loss and Adam. Both processes walk them in that order, each
+taking the next unit the other has not claimed, so the work splits as it comes (a unit's compile time is not known
+ahead: a step with kernels of its own, like a first layer on the column tiles, costs several times one that reuses
+others'); a kernel one of them has compiled by the time the other reaches it is loaded from the disk cache instead
+of compiled again. Numba compiles one function at a time in a process, so this roughly halves a cold start (the
+figures are in docs/results.md).
 
 Kernels are claimed too: steps share kernels (a VGG's 3x3 layers all run the Winograd kernels), so two units often
 need one kernel at the same moment, and both compiling it would waste the longest compiles of all. On a cache miss
@@ -184,12 +186,20 @@ def compile_part(network, part, claims):
     model = Model(backend, network=network)
     run = Run(backend, backend.layers, True, backend.make_dropout_rng(0))
 
-    def step_unit(step, arrays, x_channels_last, dy_layout):
+    def step_unit(step, arrays, x_channels_last, dy_layout, stand_in=False):
         def unit():
             x = rng.random((_IMAGES,) + tuple(network.shapes[step.first]), dtype=np.float32)
             if x_channels_last and x.ndim == 4:  # as the fused conv + pool before it hands its output on
                 x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-            y, cache = step.runner.forward(run, arrays, x)
+            if stand_in:  # a fused conv + pool's cache (ConvReluPool.forward's), its pooled output and argmax
+                # stored channels-last as the fused forward stores them, so that its backward's kernels compile
+                # without its forward's
+                k, rows, columns = network.shapes[step.layers[-1][0] + 1]
+                y = rng.random((_IMAGES, rows, columns, k), dtype=np.float32).transpose(0, 3, 1, 2)
+                argmax = rng.integers(0, 4, (_IMAGES, rows, columns, k), dtype=np.uint8).transpose(0, 3, 1, 2)
+                cache = (x, y, argmax)
+            else:
+                y, cache = step.runner.forward(run, arrays, x)
             # dy stored as the training pass hands it over, so that the same specialisations compile: channels-last
             # from a fused conv + pool, NCHW from a Flatten (a reshape of a matrix), else as the step's own output
             if dy_layout == "channels_last":
@@ -216,12 +226,18 @@ def compile_part(network, part, claims):
             return "channels_last"
         return "nchw" if i + 1 < len(steps) and isinstance(steps[i + 1].runner, Flatten) else "as_output"
 
-    units = [step_unit(step, arrays, i > 0 and fused[i - 1], dy_layout(i))
-             for i, (step, (_, arrays)) in enumerate(zip(steps, model._step_arrays))]
     # the steps with the most parameters first (the widest convolutions: the kernels that compile longest), so that
-    # this process, which starts while the other is still importing, takes the longest unit
+    # this process, which starts while the other is still importing, takes the longest unit. After a fused conv +
+    # pool's unit comes its backward on stand-ins for its forward's outputs, which the other process takes: the
+    # forward's kernels (Winograd's the longest of all to compile) and the backward's then compile side by side
     sizes = [sum(a.size for a in arrays.values()) for _, arrays in model._step_arrays]
-    units = [units[i] for i in sorted(range(len(units)), key=lambda i: -sizes[i])] + [loss_and_adam]
+    units = []
+    for i in sorted(range(len(steps)), key=lambda i: -sizes[i]):
+        step, (_, arrays) = steps[i], model._step_arrays[i]
+        units.append(step_unit(step, arrays, i > 0 and fused[i - 1], dy_layout(i)))
+        if fused[i]:
+            units.append(step_unit(step, arrays, i > 0 and fused[i - 1], dy_layout(i), stand_in=True))
+    units.append(loss_and_adam)
     state = {"compiling": 0, "wait": False, "claimed": {}}
     with _claiming_caches(claims, state):
         _run_units(units, claims, state)
