@@ -4,15 +4,16 @@ two cores compile side by side. The second process's machine code reaches this o
 which two processes may fill at once (tests/test_concurrent_cache.py).
 
 How the work splits without a list of kernels per network: the units are the network's own steps (each step's
-forward and backward on two tiny images of that step's input shape, its dy stored as the training pass hands it
-over; the steps with the most parameters first, since they compile longest and this process starts first; after a
-fused conv + pool's step, its backward alone, on stand-ins for its forward's outputs, so that the forward's kernels
-and the backward's compile side by side), then the loss and Adam. Both processes walk them in that order, each
-taking the next unit the other has not claimed, so the work splits as it comes (a unit's compile time is not known
-ahead: a step with kernels of its own, like a first layer on the column tiles, costs several times one that reuses
-others'); a kernel one of them has compiled by the time the other reaches it is loaded from the disk cache instead
-of compiled again. Numba compiles one function at a time in a process, so this roughly halves a cold start (the
-figures are in docs/results.md).
+forward and backward on two tiny images of that step's input shape, its x and dy stored as the training pass hands
+them over, x as the step before it recorded its forward's output where that unit has run; the steps with the most
+parameters first, since they compile longest and this process starts first; after a fused conv + pool's step, its
+backward alone, on stand-ins for its forward's outputs, so that the forward's kernels and the backward's compile
+side by side), then the loss and Adam. Both processes walk them in that order, each taking the next unit the other
+has not claimed, so the work splits as it comes (a unit's compile time is not known ahead: a step with kernels of
+its own, like a first layer on the column tiles, costs several times one that reuses others'); a kernel one of them
+has compiled by the time the other reaches it is loaded from the disk cache instead of compiled again. Numba
+compiles one function at a time in a process, so this roughly halves a cold start (the figures are in
+docs/results.md).
 
 Kernels are claimed too: steps share kernels (a VGG's 3x3 layers all run the Winograd kernels), so two units often
 need one kernel at the same moment, and both compiling it would waste the longest compiles of all. On a cache miss
@@ -44,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from numba_cnn.kernels._numba_ext import CACHE, TILE_BITS, TILE_REGISTERS
+from numba_cnn.kernels.contract import is_channels_last
 
 _PRECOMPILE_TIMEOUT_S = 600
 _REINTERRUPT_S = 0.1
@@ -186,10 +188,13 @@ def compile_part(network, part, claims):
     model = Model(backend, network=network)
     run = Run(backend, backend.layers, True, backend.make_dropout_rng(0))
 
-    def step_unit(step, arrays, x_channels_last, dy_layout, stand_in=False):
+    def step_unit(i, dy_layout, stand_in=False):
+        step, (_, arrays) = steps[i], model._step_arrays[i]
+
         def unit():
+            layout = x_layout(i)
             x = rng.random((_IMAGES,) + tuple(network.shapes[step.first]), dtype=np.float32)
-            if x_channels_last and x.ndim == 4:  # as the fused conv + pool before it hands its output on
+            if layout == "channels_last":
                 x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
             if stand_in:  # a fused conv + pool's cache (ConvReluPool.forward's), its pooled output and argmax
                 # stored channels-last as the fused forward stores them, so that its backward's kernels compile
@@ -200,6 +205,7 @@ def compile_part(network, part, claims):
                 cache = (x, y, argmax)
             else:
                 y, cache = step.runner.forward(run, arrays, x)
+                _record_layout(claims, i, "channels_last" if y.ndim == 4 and is_channels_last(y) else "nchw")
             # dy stored as the training pass hands it over, so that the same specialisations compile: channels-last
             # from a fused conv + pool, NCHW from a Flatten (a reshape of a matrix), else as the step's own output
             if dy_layout == "channels_last":
@@ -216,10 +222,24 @@ def compile_part(network, part, claims):
         backend.layers.adam_update(p.copy(), np.ones_like(p), np.zeros_like(p), np.zeros_like(p), 1e-3, 0.9, 0.999,
                                    1e-7)
 
-    # the fused conv + pool hands its output and its input gradient on channels-last: the step after it gets its x
-    # so, the step before it its dy (no layout copy compiled that training does not make)
+    # each unit stores its x and dy as training hands them over, so that no specialisation compiles that training
+    # does not call (nor any layout copy). The fused conv + pool hands its output and its input gradient on
+    # channels-last; another step's output is stored as its forward's path returns it, which that step's unit records
     steps = model.steps
     fused = [isinstance(step.runner, ConvReluPool) for step in steps]
+
+    def x_layout(i):
+        """"nchw" or "channels_last": how training stores step i's x. NCHW for the network's input, channels-last
+        after a fused conv + pool; after another step, as its unit recorded its forward's output, and channels-last
+        while it has not (the convolutions' fast paths and batch norm after them store so)."""
+        if i == 0 or len(network.shapes[steps[i].first]) != 3:
+            return "nchw"
+        if fused[i - 1]:
+            return "channels_last"
+        try:
+            return Path(claims, f"layout-{i - 1}").read_text() or "channels_last"
+        except OSError:
+            return "channels_last"
 
     def dy_layout(i):
         if i + 1 < len(steps) and fused[i + 1]:
@@ -233,14 +253,20 @@ def compile_part(network, part, claims):
     sizes = [sum(a.size for a in arrays.values()) for _, arrays in model._step_arrays]
     units = []
     for i in sorted(range(len(steps)), key=lambda i: -sizes[i]):
-        step, (_, arrays) = steps[i], model._step_arrays[i]
-        units.append(step_unit(step, arrays, i > 0 and fused[i - 1], dy_layout(i)))
+        units.append(step_unit(i, dy_layout(i)))
         if fused[i]:
-            units.append(step_unit(step, arrays, i > 0 and fused[i - 1], dy_layout(i), stand_in=True))
+            units.append(step_unit(i, dy_layout(i), stand_in=True))
     units.append(loss_and_adam)
     state = {"compiling": 0, "wait": False, "claimed": {}}
     with _claiming_caches(claims, state):
         _run_units(units, claims, state)
+
+
+def _record_layout(claims, i, layout):
+    """Record in the folder `claims` how step i's forward stored its output (written whole, then renamed)."""
+    with tempfile.NamedTemporaryFile("w", dir=claims, delete=False, suffix=".tmp") as f:
+        f.write(layout)
+    os.replace(f.name, os.path.join(claims, f"layout-{i}"))
 
 
 def _run_units(units, claims, state):
