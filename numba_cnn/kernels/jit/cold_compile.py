@@ -223,19 +223,17 @@ def compile_part(network, part, claims):
                                    1e-7)
 
     # each unit stores its x and dy as training hands them over, so that no specialisation compiles that training
-    # does not call (nor any layout copy). The fused conv + pool hands its output and its input gradient on
-    # channels-last; another step's output is stored as its forward's path returns it, which that step's unit records
+    # does not call (nor any layout copy): x as the step before stores its output (its unit records how), dy
+    # channels-last before a fused conv + pool, whose backward hands its input gradient on so
     steps = model.steps
     fused = [isinstance(step.runner, ConvReluPool) for step in steps]
 
     def x_layout(i):
-        """"nchw" or "channels_last": how training stores step i's x. NCHW for the network's input, channels-last
-        after a fused conv + pool; after another step, as its unit recorded its forward's output, and channels-last
-        while it has not (the convolutions' fast paths and batch norm after them store so)."""
+        """"nchw" or "channels_last": how training stores step i's x. NCHW for the network's input; after another
+        step, as that step's unit recorded its forward's output, and channels-last while it has not (the fused conv
+        + pool, the convolutions' fast paths and batch norm after them store so)."""
         if i == 0 or len(network.shapes[steps[i].first]) != 3:
             return "nchw"
-        if fused[i - 1]:
-            return "channels_last"
         try:
             return Path(claims, f"layout-{i - 1}").read_text() or "channels_last"
         except OSError:
