@@ -171,7 +171,8 @@ def _children(pid):
 
 def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
     """compile_part runs a unit only if it creates the unit's claim file first: with every claim taken, it runs no
-    kernel; with none taken, it claims every unit (the network's steps, then the loss and Adam)."""
+    kernel; with none taken, it claims every unit (the network's steps, each fused conv + pool's backward on
+    stand-ins after its step, then the loss and Adam)."""
     from numba_cnn.kernels.jit.cold_compile import compile_part, kernels
     from numba_cnn.model import default_network
 
