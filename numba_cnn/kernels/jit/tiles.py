@@ -15,7 +15,8 @@ from numba import njit, prange
 from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit,
                                           tile_allocator)
 from numba_cnn.kernels.jit.winograd_stages import (STAGES_STAMP, _forward_products, _output4, _output6, _output6x4,
-                                                   _output8x4, _tile_input)
+                                                   _output8x4, _tile_input4, _tile_input6,
+                                                   _tile_input8)
 
 # Tile shapes, (lanes, columns) of the correlation tiles and lanes of the weight-gradient tiles, by the target's
 # vector registers. The one place they are chosen; docs/kernels.md tabulates them.
@@ -254,8 +255,13 @@ def _make_winograd(size, out, rows, lanes, chunk):
                     n_band = (min(tr0 + band_rows, tile_rows) - tr0) * tile_cols
                     for t in range(n_band):
                         tr, tc = tr0 + t // tile_cols, t % tile_cols
-                        _tile_input(v, t * c, d, tt, vv, x_cl, n, out * tr - top, out * tc - left, chunk, zeros,
-                                    window)
+                        row0, col0 = out * tr - top, out * tc - left
+                        if window == 4:
+                            _tile_input4(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
+                        elif window == 6:
+                            _tile_input6(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
+                        else:
+                            _tile_input8(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
                     for k0 in range(0, k_padded, lanes):
                         _forward_products(v, u, m, acc, xs, n_band, c, k0, zero, elements, rows, lanes)
                         b_vec = b[k0:k0 + lanes]
@@ -270,7 +276,8 @@ def _make_winograd(size, out, rows, lanes, chunk):
                                 check += _output6x4(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
                             else:
                                 check += _output6(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
-                            if pool:  # the tile's 2x2 windows: window (a, b) holds its outputs (2a + di, 2b + dj)
+                            # the 5x5 kernels never pool (winograd_fits): `size` prunes the branch from their IR
+                            if size == 3 and pool:  # the tile's 2x2 windows: (a, b) holds outputs (2a + di, 2b + dj)
                                 for q in range(pooled * pooled):
                                     i, j = pooled * tr + q // pooled, pooled * tc + q % pooled
                                     if i < p_out and j < q_out:
@@ -299,11 +306,13 @@ def _make_winograd(size, out, rows, lanes, chunk):
 
 @_jit
 def _winograd_sandwich(x, g, out):
-    """out[n a + b, c, k] = (g x[:, :, c, k] g^T)[a, b] for g (n x m) and x[m, m, C, K] (any strides), summed in
-    float64 and rounded once: Winograd's filter transform G w G^T (g = G, x = w transposed, winograd.py) and its
-    weight gradient's transform back G^T M G (g = G^T, winograd_grad.py). out's lanes past K are left as they are.
-    A task per input channel, the filters along the vectors (a task per filter summed 5-long rows in scalar code)."""
-    size, n_in, n_out = x.shape[0], x.shape[2], x.shape[3]
+    """out[n a + b, c, k] = (g x[:, :, c, k] g^T)[a, b] for g (n x m) and x[m, m, C, K], summed in float64 and
+    rounded once, for the lanes k that x and out both have: Winograd's filter transform G w G^T (g = G, x = w
+    transposed, winograd.py; out's lanes past K are left as they are) and its weight gradient's transform back
+    G^T M G (g = G^T, x = M with its lanes padded, winograd_grad.py). Both hand x in as a float64 C array, so that
+    one specialisation serves them. A task per input channel, the filters along the vectors (a task per filter
+    summed 5-long rows in scalar code)."""
+    size, n_in, n_out = x.shape[0], x.shape[2], min(x.shape[3], out.shape[2])
     window = g.shape[0]
     for c in prange(n_in):
         xc = np.empty((size, size, n_out))

@@ -110,7 +110,7 @@ def winograd_weights(w, out, k_padded):
     k, c, size, _ = w.shape
     window = out + size - 1
     u = aligned_zeros((window * window, c, k_padded), w.dtype)
-    _winograd_sandwich(w.transpose(2, 3, 1, 0), WINOGRAD_G[size, out], u)
+    _winograd_sandwich(np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=np.float64), WINOGRAD_G[size, out], u)
     return u
 
 

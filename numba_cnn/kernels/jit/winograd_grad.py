@@ -37,7 +37,8 @@ from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK, _wino
 from numba_cnn.kernels.jit.winograd import WINOGRAD_G, winograd_output_tile
 from numba_cnn.kernels.jit.winograd_stages import (STAGES_STAMP, _grad_products, _gradient_transform4,
                                                    _gradient_transform6, _gradient_transform6x4,
-                                                   _gradient_transform8x4, _load_window, _tile_input)
+                                                   _gradient_transform8x4, _load_window, _tile_input4,
+                                                   _tile_input6, _tile_input8)
 
 # (rows of input channels, lanes of output channels) of the products' register tile, and tiles per band
 if TILE_BITS >= 512 and TILE_REGISTERS >= 32:
@@ -92,8 +93,8 @@ def winograd_weight_grad(dy, x, padding, size=3):
     m = scratch(f"winograd_grad.m{size}x{out}.sum", mt.shape[1:], np.float64)
     _chunks_in_order(mt, m)
     dw_rs = np.empty((size * size, c, k), x.dtype)
-    m_rs = m.reshape(window, window, c, k_padded)[..., :k]
-    _winograd_sandwich(m_rs, WINOGRAD_G_T[size, out], dw_rs)  # G^T M G, rounded once
+    # G^T M G, rounded once
+    _winograd_sandwich(m.reshape(window, window, c, k_padded), WINOGRAD_G_T[size, out], dw_rs)
     dw = np.ascontiguousarray(dw_rs.reshape(size, size, c, k).transpose(3, 2, 0, 1))
     db = dbt.sum(axis=0, dtype=np.float64)[:k].astype(x.dtype)
     if not (np.isfinite(dw).all() and np.isfinite(db).all()):
@@ -168,8 +169,13 @@ def _make_winograd_weight_grad(size, out, rows, lanes, chunk, band):
                     n_band = min(band, n_tiles - t0)
                     for t in range(n_band):
                         tr, tc = (t0 + t) // tile_cols, (t0 + t) % tile_cols
-                        _tile_input(v, t * c, d, tt, vv, x_cl, n, out * tr - top, out * tc - left, chunk, zeros,
-                                    window)
+                        row0, col0 = out * tr - top, out * tc - left
+                        if window == 4:
+                            _tile_input4(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
+                        elif window == 6:
+                            _tile_input6(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
+                        else:
+                            _tile_input8(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
                         for k0 in range(0, n_out, chunk):
                             _load_window(g, dy, n, out * tr, out * tc, k0, chunk, zeros, out)  # zeros past P or Q
                             if out == 4 and size == 5:

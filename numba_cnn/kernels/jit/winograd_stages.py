@@ -38,9 +38,10 @@ def _load_window(d, x_cl, n, row0, col0, c0, chunk, zeros, size):
 
 
 @njit(inline="always")
-def _transform4(d, vv, chunk):
+def _transform4(d, tt, vv, chunk):
     """vv[(4a + b) * chunk + l] = (B^T d B)[a, b] of the 4x4 window d[(4i + j) * chunk + l], F(2x2, 3x3)'s B^T
-    (rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3), additions only), on the rows then the columns."""
+    (rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3), additions only), on the rows then the columns (tt unused: the
+    larger windows' signature)."""
     for l in range(chunk):
         d0, d1, d2, d3 = d[l], d[chunk + l], d[2 * chunk + l], d[3 * chunk + l]
         d4, d5, d6, d7 = d[4 * chunk + l], d[5 * chunk + l], d[6 * chunk + l], d[7 * chunk + l]
@@ -58,23 +59,6 @@ def _transform4(d, vv, chunk):
         vv[10 * chunk + l], vv[11 * chunk + l] = e10 - e9, e9 - e11
         vv[12 * chunk + l], vv[13 * chunk + l] = e12 - e14, e13 + e14
         vv[14 * chunk + l], vv[15 * chunk + l] = e14 - e13, e13 - e15
-
-
-@njit(inline="always")
-def _tile_input(v, at, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window):
-    """v[e, at + ch] = (B^T d B)[e] of the tile's window x window at (row0, col0) of image n (4: F(2x2, 3x3)'s B^T,
-    6: that of the points 0, 1, -1, 2, -2 and infinity, 8: those and 1/2, -1/2), for every channel ch of x_cl, a
-    vector of `chunk` channels at a time."""
-    for c0 in range(0, x_cl.shape[3], chunk):
-        _load_window(d, x_cl, n, row0, col0, c0, chunk, zeros, window)
-        if window == 4:
-            _transform4(d, vv, chunk)
-        elif window == 6:
-            _transform6(d, tt, vv, chunk)
-        else:
-            _transform8(d, tt, vv, chunk)
-        for e in range(window * window):
-            copy_block(v[e], at + c0, vv, e * chunk, chunk)
 
 
 @njit(inline="always")
@@ -144,6 +128,27 @@ def _transform8(d, tt, vv, chunk):
                 src[40 * chunk + l], src[48 * chunk + l], src[56 * chunk + l])
             dst[l], dst[8 * chunk + l], dst[16 * chunk + l], dst[24 * chunk + l] = v0, v1, v2, v3
             dst[32 * chunk + l], dst[40 * chunk + l], dst[48 * chunk + l], dst[56 * chunk + l] = v4, v5, v6, v7
+
+
+def _tile_input_by(transform):
+    """_tile_input4, 6 and 8: v[e, at + ch] = (B^T d B)[e] of the tile's window x window at (row0, col0) of image n
+    by `transform` (_transform4: F(2x2, 3x3)'s B^T, 6: that of the points 0, 1, -1, 2, -2 and infinity, 8: those
+    and 1/2, -1/2), for every channel ch of x_cl, a vector of `chunk` channels at a time. One function per window,
+    chosen in the kernel where the window is a constant: numba inlines a function into the kernel's IR before any
+    branch on its arguments is pruned, so one that chose among the three transforms inlined all three."""
+
+    @njit(inline="always")
+    def tile_input(v, at, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window):
+        for c0 in range(0, x_cl.shape[3], chunk):
+            _load_window(d, x_cl, n, row0, col0, c0, chunk, zeros, window)
+            transform(d, tt, vv, chunk)
+            for e in range(window * window):
+                copy_block(v[e], at + c0, vv, e * chunk, chunk)
+
+    return tile_input
+
+
+_tile_input4, _tile_input6, _tile_input8 = (_tile_input_by(t) for t in (_transform4, _transform6, _transform8))
 
 
 @njit(inline="always")
