@@ -169,6 +169,22 @@ def _children(pid):
     return found
 
 
+@pytest.mark.parametrize("model, shape, expected", [("mnist-cnn", (1, 28, 28), {0, 1}),
+                                                     ("vgg-small", (3, 16, 16), {1, 2, 3}),
+                                                     ("lenet5", (1, 28, 28), set())])
+def test_fused_conv_pools_and_winograd_weight_gradients_get_a_backward_unit_of_their_own(model, shape, expected):
+    """The steps whose backward runs again alone on stand-ins: mnist-cnn's two fused conv + pools; vgg-small's
+    fused ones and its plain 3x3 conv + ReLU of 32 input channels (a Winograd weight gradient), not its first
+    layer (3 input channels: not Winograd's); lenet5 has neither (5x5 layers fused with average pools)."""
+    from numba_cnn.kernels import get_backend
+    from numba_cnn.kernels.jit.cold_compile import _stand_in_steps
+    from numba_cnn.model import Model
+    from numba_cnn.network import build, resolve_description
+
+    doc, _ = resolve_description(model)
+    assert _stand_in_steps(Model(get_backend("jit"), network=build(doc["layers"], shape))) == expected
+
+
 def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
     """compile_part runs a unit only if it creates the unit's claim file first: with every claim taken, it runs no
     kernel; with none taken, it claims every unit (the network's steps, each fused conv + pool's backward on

@@ -3,17 +3,17 @@ training step uses, and only those, half in this process and half in a second Py
 two cores compile side by side. The second process's machine code reaches this one through numba's disk cache,
 which two processes may fill at once (tests/test_concurrent_cache.py).
 
-How the work splits without a list of kernels per network: the units are the network's own steps (each step's
-forward and backward on two tiny images of that step's input shape, its x and dy stored as the training pass hands
-them over, x as the step before it recorded its forward's output where that unit has run; the steps with the most
-parameters first, since they compile longest and this process starts first; after a fused conv + pool's step, its
-backward alone, on stand-ins for its forward's outputs, so that the forward's kernels and the backward's compile
-side by side), then the loss and Adam. Both processes walk them in that order, each taking the next unit the other
-has not claimed, so the work splits as it comes (a unit's compile time is not known ahead: a step with kernels of
-its own, like a first layer on the column tiles, costs several times one that reuses others'); a kernel one of them
-has compiled by the time the other reaches it is loaded from the disk cache instead of compiled again. Numba
-compiles one function at a time in a process, so this roughly halves a cold start (the figures are in
-docs/results.md).
+How the work splits without a list of kernels per network: the units are the network's own steps (each step's forward
+and backward on two tiny images of that step's input shape, its x and dy stored as the training pass hands them over,
+x as the step before it recorded its forward's output where that unit has run; the steps with the most parameters
+first, since they compile longest and this process starts first; after a fused conv + pool's step, its backward
+alone, on stand-ins for its forward's outputs, so that the forward's kernels and the backward's compile side by side,
+and so after a conv + ReLU's whose weight gradient takes Winograd's kernel), then the loss and Adam. Both processes
+walk them in that order, each taking the next unit the other has not claimed, so the work splits as it comes (a
+unit's compile time is not known ahead: a step with kernels of its own, like a first layer on the column tiles, costs
+several times one that reuses others'); a kernel one of them has compiled by the time the other reaches it is loaded
+from the disk cache instead of compiled again. Numba compiles one function at a time in a process, so this roughly
+halves a cold start (the figures are in docs/results.md).
 
 Kernels are claimed too: steps share kernels (a VGG's 3x3 layers all run the Winograd kernels), so two units often
 need one kernel at the same moment, and both compiling it would waste the longest compiles of all. On a cache miss
@@ -196,13 +196,16 @@ def compile_part(network, part, claims):
             x = rng.random((_IMAGES,) + tuple(network.shapes[step.first]), dtype=np.float32)
             if layout == "channels_last":
                 x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-            if stand_in:  # a fused conv + pool's cache (ConvReluPool.forward's), its pooled output and argmax
-                # stored channels-last as the fused forward stores them, so that its backward's kernels compile
-                # without its forward's
+            if stand_in:  # the forward's cache: a fused conv + pool's pooled output and argmax (ConvReluPool), a
+                # conv + ReLU's output (ConvRelu), stored channels-last as their forwards store them, so that the
+                # backward's kernels compile without the forward's
                 k, rows, columns = network.shapes[step.layers[-1][0] + 1]
                 y = rng.random((_IMAGES, rows, columns, k), dtype=np.float32).transpose(0, 3, 1, 2)
-                argmax = rng.integers(0, 4, (_IMAGES, rows, columns, k), dtype=np.uint8).transpose(0, 3, 1, 2)
-                cache = (x, y, argmax)
+                if fused[i]:
+                    argmax = rng.integers(0, 4, (_IMAGES, rows, columns, k), dtype=np.uint8).transpose(0, 3, 1, 2)
+                    cache = (x, y, argmax)
+                else:
+                    cache = (x, y)
             else:
                 y, cache = step.runner.forward(run, arrays, x)
                 _record_layout(claims, i, "channels_last" if y.ndim == 4 and is_channels_last(y) else "nchw")
@@ -212,7 +215,9 @@ def compile_part(network, part, claims):
                 dy = np.ascontiguousarray(np.ones_like(y).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
             else:
                 dy = np.ones(y.shape, y.dtype) if dy_layout == "nchw" else np.ones_like(y)
-            step.runner.backward(run, arrays, dy, cache, step.first > 0)
+            # a conv + ReLU's stand-in computes its weight gradient only: the real unit's dx, which it computes
+            # after its forward, is another layer's forward kernel
+            step.runner.backward(run, arrays, dy, cache, step.first > 0 and (fused[i] or not stand_in))
         return unit
 
     def loss_and_adam():
@@ -227,6 +232,7 @@ def compile_part(network, part, claims):
     # channels-last before a fused conv + pool, whose backward hands its input gradient on so
     steps = model.steps
     fused = [isinstance(step.runner, ConvReluPool) for step in steps]
+    stand_ins = _stand_in_steps(model)
 
     def x_layout(i):
         """"nchw" or "channels_last": how training stores step i's x. NCHW for the network's input; after another
@@ -246,18 +252,30 @@ def compile_part(network, part, claims):
 
     # the steps with the most parameters first (the widest convolutions: the kernels that compile longest), so that
     # this process, which starts while the other is still importing, takes the longest unit. After a fused conv +
-    # pool's unit comes its backward on stand-ins for its forward's outputs, which the other process takes: the
-    # forward's kernels (Winograd's the longest of all to compile) and the backward's then compile side by side
+    # pool's unit, or a conv + ReLU's with a Winograd weight gradient, comes its backward on stand-ins for its
+    # forward's outputs, which the other process takes: the forward's kernels (Winograd's the longest of all to
+    # compile) and the backward's then compile side by side
     sizes = [sum(a.size for a in arrays.values()) for _, arrays in model._step_arrays]
     units = []
     for i in sorted(range(len(steps)), key=lambda i: -sizes[i]):
         units.append(step_unit(i, dy_layout(i)))
-        if fused[i]:
+        if i in stand_ins:
             units.append(step_unit(i, dy_layout(i), stand_in=True))
     units.append(loss_and_adam)
     state = {"compiling": 0, "wait": False, "claimed": {}}
     with _claiming_caches(claims, state):
         _run_units(units, claims, state)
+
+
+def _stand_in_steps(model):
+    """The steps whose backward compile_part also runs alone, on stand-ins for its forward's outputs: a fused conv +
+    pool, and a conv + ReLU whose weight gradient takes Winograd's kernel (the longest of a backward to compile)."""
+    from numba_cnn.kernels.jit.winograd_grad import winograd_grad_fits
+    from numba_cnn.network.plan import ConvRelu, ConvReluPool
+
+    return {i for i, (step, (_, arrays)) in enumerate(zip(model.steps, model._step_arrays))
+            if isinstance(step.runner, ConvReluPool)
+            or isinstance(step.runner, ConvRelu) and winograd_grad_fits(arrays["w"].shape, step.runner.conv.strides)}
 
 
 def _record_layout(claims, i, layout):
