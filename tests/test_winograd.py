@@ -6,7 +6,13 @@ three transform vectors of input channels; float32 and float64), the fused conv 
 composed ops (the same tiles and sums), a channels-last input read in place (its padding read as zeros) bitwise
 equal to the padded copy, thread-count independence, non-finite inputs and weights sent to the direct kernels, the
 input gradient (the full correlation of dy with the flipped kernel, a Winograd convolution of dy where it fits)
-against the oracle and, in float64, against finite differences, and the block copy it relies on (`copy_block`)."""
+against the oracle and, in float64, against finite differences, the block copy it relies on (`copy_block`), and
+the kernels' disk-cache keys (their own, found again by the next process, changed by an edit of their stages)."""
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -244,19 +250,66 @@ def test_copy_block_copies_a_constant_count_compiled_and_interpreted():
         copy_compiled(np.zeros(24, np.float32), src[::2])
 
 
+_WINOGRAD_KERNELS = ("tiles._winograd_wide", "tiles._winograd_narrow", "tiles._winograd4_wide", "tiles._winograd4_narrow",
+                     "tiles._winograd5_wide", "tiles._winograd5_narrow", "tiles._winograd5x4_wide",
+                     "tiles._winograd5x4_narrow", "winograd_grad._winograd_weight_grad",
+                     "winograd_grad._winograd4_weight_grad", "winograd_grad._winograd5_weight_grad",
+                     "winograd_grad._winograd5x4_weight_grad")
+_INDEX_KEYS = """
+    import sys
+    from numba import types
+    from numba.core.registry import cpu_target
+    from numba_cnn.kernels.jit import tiles, winograd_grad
+    sig = (types.float32[:, :, :, ::1],)  # any signature: the key's other parts are what differ
+    for name in sys.argv[1:]:
+        module, kernel = name.split(".")
+        print(getattr(vars()[module], kernel)._cache._index_key(sig, cpu_target.target_context.codegen())[2])
+"""
+
+
+def _index_keys(*names):
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(_INDEX_KEYS), *names], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, NUMBA_CNN_CACHE="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.splitlines()
+
+
+def test_winograd_kernels_have_cache_keys_of_their_own_that_the_next_process_finds_again():
+    """Each Winograd kernel is a prange over a task that a jit function of its own runs (numba compiles that one
+    without its parallel passes), held in the kernel's closure. Numba would key the kernel's disk cache on a pickle
+    of that function, which carries an id drawn afresh in every process: the key would never match the next
+    process's. _CalleeKeyedCache keys it on what the function is: the same in two processes, and different for each
+    kernel, whose code is the same and whose constants (window, tile) differ."""
+    first, second = _index_keys(*_WINOGRAD_KERNELS), _index_keys(*_WINOGRAD_KERNELS)
+    assert len(first) == len(_WINOGRAD_KERNELS) and first == second
+    assert len(set(first)) == len(first)
+
+
 def test_kernels_inlining_the_stages_carry_their_source_stamp():
     """Numba's cache keys a kernel on its own code and closure variables, not on the helpers it inlines from another
-    module: every kernel built from winograd_stages.py closes over the SHA-256 of that file, so an edit there gives
-    them new cache keys."""
+    module: every task built from winograd_stages.py closes over the SHA-256 of that file, and its kernel's cache
+    key covers what the task closes over, so an edit there gives the kernels new cache keys (the stamp changed here
+    in place)."""
     import hashlib
     from pathlib import Path
+
+    from numba.core import types
+    from numba.core.registry import cpu_target
 
     from numba_cnn.kernels.jit import tiles, winograd_grad, winograd_stages
 
     stamp = hashlib.sha256(Path(winograd_stages.__file__).read_bytes()).hexdigest()
     assert winograd_stages.STAGES_STAMP == stamp
-    for kernel in (tiles._winograd_wide, tiles._winograd_narrow, tiles._winograd4_wide, tiles._winograd4_narrow,
-                   tiles._winograd5_wide, tiles._winograd5_narrow, tiles._winograd5x4_wide, tiles._winograd5x4_narrow,
-                   winograd_grad._winograd_weight_grad, winograd_grad._winograd4_weight_grad,
-                   winograd_grad._winograd5_weight_grad, winograd_grad._winograd5x4_weight_grad):
-        assert stamp in [cell.cell_contents for cell in kernel.py_func.__closure__], kernel
+    sig, codegen = (types.float32[:, ::1],), cpu_target.target_context.codegen()
+    for name in _WINOGRAD_KERNELS:
+        module, attribute = name.split(".")
+        kernel = getattr({"tiles": tiles, "winograd_grad": winograd_grad}[module], attribute)
+        (task,) = [cell.cell_contents for cell in kernel.py_func.__closure__ if hasattr(cell.cell_contents, "py_func")]
+        (cell,) = [cell for cell in task.py_func.__closure__ if cell.cell_contents == stamp]
+        key = kernel._cache._index_key(sig, codegen)
+        try:
+            cell.cell_contents = "edited"
+            assert kernel._cache._index_key(sig, codegen) != key, name
+        finally:
+            cell.cell_contents = stamp
+        assert kernel._cache._index_key(sig, codegen) == key

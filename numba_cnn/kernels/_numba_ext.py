@@ -20,13 +20,16 @@ so it is part of numba's cache key and the two variants never share a cache entr
 
 Cache. `jit` compiles with numba's disk cache (`cache=True`: `__pycache__` beside the source or, when that is not
 writable, numba's user cache directory; NUMBA_CACHE_DIR overrides both); NUMBA_CNN_CACHE=0 turns it off, and with no
-usable cache location the kernels compile uncached, with a warning.
+usable cache location the kernels compile uncached, with a warning. A kernel whose closure holds a jit function (a
+prange over a task compiled on its own) is keyed by `_CalleeKeyedCache`: numba's own key would differ in every
+process.
 
 Vector width. The same codegen sets the function attribute "prefer-vector-width"=<VECTOR_BITS> on the function
 holding the tile: LLVM's tuning for Intel AVX-512 cores otherwise prefers 256-bit vectors, which halves the tile a
 register file holds. On AVX2 targets it is 256, what LLVM would use anyway.
 """
 
+import hashlib
 import os
 import warnings
 
@@ -78,16 +81,60 @@ TILE_REGISTERS = 32 if TILE_BITS >= 512 else 16 if _TILE_BITS else VECTOR_REGIST
 
 def jit(fn=None, *, parallel=True):
     """njit with the backend's options (`@jit`; `@jit(parallel=False)` for a kernel with no prange, which then
-    compiles in about half the time); without a usable cache location, fall back to no disk cache."""
+    compiles in about half the time); without a usable cache location, fall back to no disk cache. A kernel whose
+    closure holds jit functions (a prange over a task's serial body, both made by one factory) gets a disk cache
+    keyed on what those functions are (_CalleeKeyedCache)."""
     if fn is None:
         return lambda f: jit(f, parallel=parallel)
     options = dict(parallel=parallel, fastmath=FASTMATH, error_model="numpy")
     if CACHE:
         try:
-            return njit(cache=True, **options)(fn)
+            kernel = njit(cache=True, **options)(fn)
         except RuntimeError as err:  # "cannot cache function ...: no locator available"
             warnings.warn(f"numba_cnn jit kernels compile without a disk cache: {err}", RuntimeWarning)
+        else:
+            if _CalleeKeyedCache is not None and any(_is_jit_function(cell.cell_contents)
+                                                     for cell in fn.__closure__ or ()):
+                kernel._cache = _CalleeKeyedCache(fn)
+            return kernel
     return njit(cache=False, **options)(fn)
+
+
+def _is_jit_function(value):
+    from numba.core.dispatcher import Dispatcher
+
+    return isinstance(value, Dispatcher)
+
+
+def _closure_digest(fn):
+    """SHA-256 of what fn's closure holds: each jit function by its qualified name and, in turn, its own closure;
+    anything else as numba's cache key pickles it. Numba pickles a jit function with an id drawn afresh in every
+    process, so its own key for a kernel that closes over one would never match the next process's."""
+    from numba.core.serialize import dumps
+
+    digest = hashlib.sha256()
+    for cell in fn.__closure__ or ():
+        value = cell.cell_contents
+        part = (b"jit " + value.py_func.__qualname__.encode() + _closure_digest(value.py_func)
+                if _is_jit_function(value) else dumps(value))
+        digest.update(len(part).to_bytes(8, "little") + part)
+    return digest.digest()
+
+
+try:
+    from numba.core.caching import FunctionCache
+except ImportError:  # a numba without it: such a kernel keeps numba's key, and compiles in every process
+    _CalleeKeyedCache = None
+else:
+    class _CalleeKeyedCache(FunctionCache):
+        """numba's disk cache for a kernel, its index key built as numba builds it (the signature, the target, the
+        hash of the kernel's bytecode and one of its closure) but with the closure hashed by _closure_digest. A
+        callee's code needs no hash of its own: it is defined beside the kernel, in the same file, and numba drops
+        a file's cache entries when the file changes."""
+
+        def _index_key(self, sig, codegen):
+            code = hashlib.sha256(self._py_func.__code__.co_code).hexdigest()
+            return sig, codegen.magic_tuple(), (code, _closure_digest(self._py_func).hex())
 
 
 def stack_tile(size, dtype):

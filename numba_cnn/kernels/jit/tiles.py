@@ -206,6 +206,87 @@ def _make_winograd(size, out, rows, lanes, chunk):
     _stack_tile = tile_allocator()
     stages = STAGES_STAMP
 
+    @_jit(parallel=False)
+    def winograd_task(group, n_groups, x_cl, top, left, u, b, floor, tile_rows, tile_cols, pool, y, argmax, finite):
+        """winograd's work for the images group, group + n_groups, ...: one task of its prange, a function of its own
+        so that numba compiles it without its parallel passes (docs/numba.md, "What a kernel costs to compile")."""
+        _ = stages  # the inlined stages' source stamp, in Numba's cache key
+        n_images, c = x_cl.shape[0], x_cl.shape[3]
+        k_padded = u.shape[2]
+        p_out, q_out, n_out = y.shape[1], y.shape[2], y.shape[3]
+        band_rows = max(1, WINOGRAD_BAND // tile_cols)
+        band_padded = (min(band_rows, tile_rows) * tile_cols + rows - 1) // rows * rows
+        zero = x_cl.dtype.type(0)
+        acc = _stack_tile(tile, x_cl.dtype)
+        xs = _stack_tile(rows, x_cl.dtype)
+        d = _stack_tile(staged, x_cl.dtype)
+        tt = _stack_tile(staged, x_cl.dtype)
+        vv = _stack_tile(staged, x_cl.dtype)
+        ss = _stack_tile(sums_size, x_cl.dtype)
+        outs = _stack_tile(outputs, x_cl.dtype)
+        # the padding's zeros, in a stack tile: with an np.zeros array here the kernel loaded from numba's disk
+        # cache gave other bits than the one compiled in the process (the tile-switch test in test_jit caught it)
+        zeros = _stack_tile(chunk, x_cl.dtype)
+        for l in range(chunk):
+            zeros[l] = zero
+        # per element e, a band's V[e] (tiles x C) and M[e] (tiles x lanes); each row 16 values past a
+        # multiple of the band's size, which for 32 tiles x 32 channels is 4 KiB: the rows a tile's transform
+        # writes would otherwise fall into one set of the L1 cache
+        v_row, m_row = band_padded * c + 16, band_padded * lanes + 16
+        v = cache_aligned(np.zeros(elements * v_row + 16, x_cl.dtype), elements * v_row).reshape(elements, v_row)
+        m = cache_aligned(np.empty(elements * m_row + 16, x_cl.dtype), elements * m_row).reshape(elements, m_row)
+        for n in range(group, n_images, n_groups):
+            check = zero
+            for tr0 in range(0, tile_rows, band_rows):
+                n_band = (min(tr0 + band_rows, tile_rows) - tr0) * tile_cols
+                for t in range(n_band):
+                    tr, tc = tr0 + t // tile_cols, t % tile_cols
+                    row0, col0 = out * tr - top, out * tc - left
+                    if window == 4:
+                        _tile_input4(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
+                    elif window == 6:
+                        _tile_input6(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
+                    else:
+                        _tile_input8(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
+                for k0 in range(0, k_padded, lanes):
+                    _forward_products(v, u, m, acc, xs, n_band, c, k0, zero, elements, rows, lanes)
+                    b_vec = b[k0:k0 + lanes]
+                    n_lanes = min(lanes, n_out - k0)
+                    for t in range(n_band):
+                        tr, tc = tr0 + t // tile_cols, t % tile_cols
+                        if window == 4:
+                            check += _output4(m, t * lanes, b_vec, floor, zero, outs, lanes)
+                        elif window == 8:
+                            check += _output8x4(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
+                        elif size == 3:
+                            check += _output6x4(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
+                        else:
+                            check += _output6(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
+                        # the 5x5 kernels never pool (winograd_fits): `size` prunes the branch from their IR
+                        if size == 3 and pool:  # the tile's 2x2 windows: (a, b) holds outputs (2a + di, 2b + dj)
+                            for q in range(pooled * pooled):
+                                i, j = pooled * tr + q // pooled, pooled * tc + q % pooled
+                                if i < p_out and j < q_out:
+                                    at = 2 * (out * (q // pooled) + q % pooled) * lanes
+                                    y_px, arg_px = y[n, i, j, k0:], argmax[n, i, j, k0:]
+                                    for l in range(n_lanes):
+                                        best, where = _pool_window(outs[at + l], outs[at + lanes + l],
+                                                                   outs[at + out * lanes + l],
+                                                                   outs[at + (out + 1) * lanes + l])
+                                        y_px[l] = best
+                                        arg_px[l] = where
+                            continue
+                        for q in range(out * out):
+                            i, j = out * tr + q // out, out * tc + q % out
+                            if i < p_out and j < q_out:
+                                if n_lanes == lanes:
+                                    copy_block(y[n, i, j], k0, outs, q * lanes, lanes)
+                                else:
+                                    y_px = y[n, i, j, k0:]
+                                    for l in range(n_lanes):
+                                        y_px[l] = outs[q * lanes + l]
+            finite[n] = check == check
+
     @_jit
     def winograd(x_cl, top, left, u, b, floor, tile_rows, tile_cols, pool, n_groups, y, argmax, finite):
         """The size x size stride-1 correlation of channels-last x_cl[N, H, W, C] (C a multiple of `chunk`)
@@ -222,84 +303,11 @@ def _make_winograd(size, out, rows, lanes, chunk):
         not, the caller recomputes directly, since the transforms' sums turn a lone inf into NaN where the direct
         sum keeps it inf. Images are dealt to n_groups tasks; each image's outputs are computed alike whatever the
         grouping."""
-        _ = stages  # the inlined stages' source stamp, in Numba's cache key
-        n_images, c = x_cl.shape[0], x_cl.shape[3]
-        k_padded = u.shape[2]
-        p_out, q_out, n_out = y.shape[1], y.shape[2], y.shape[3]
-        band_rows = max(1, WINOGRAD_BAND // tile_cols)
-        band_padded = (min(band_rows, tile_rows) * tile_cols + rows - 1) // rows * rows
-        zero = x_cl.dtype.type(0)
-        n_groups = min(n_groups, n_images)
+        n_groups = min(n_groups, x_cl.shape[0])
         for group in prange(n_groups):
-            acc = _stack_tile(tile, x_cl.dtype)
-            xs = _stack_tile(rows, x_cl.dtype)
-            d = _stack_tile(staged, x_cl.dtype)
-            tt = _stack_tile(staged, x_cl.dtype)
-            vv = _stack_tile(staged, x_cl.dtype)
-            ss = _stack_tile(sums_size, x_cl.dtype)
-            outs = _stack_tile(outputs, x_cl.dtype)
-            # the padding's zeros, in a stack tile: with an np.zeros array here the kernel loaded from numba's disk
-            # cache gave other bits than the one compiled in the process (the tile-switch test in test_jit caught it)
-            zeros = _stack_tile(chunk, x_cl.dtype)
-            for l in range(chunk):
-                zeros[l] = zero
-            # per element e, a band's V[e] (tiles x C) and M[e] (tiles x lanes); each row 16 values past a
-            # multiple of the band's size, which for 32 tiles x 32 channels is 4 KiB: the rows a tile's transform
-            # writes would otherwise fall into one set of the L1 cache
-            v_row, m_row = band_padded * c + 16, band_padded * lanes + 16
-            v = cache_aligned(np.zeros(elements * v_row + 16, x_cl.dtype), elements * v_row).reshape(elements, v_row)
-            m = cache_aligned(np.empty(elements * m_row + 16, x_cl.dtype), elements * m_row).reshape(elements, m_row)
-            for n in range(group, n_images, n_groups):
-                check = zero
-                for tr0 in range(0, tile_rows, band_rows):
-                    n_band = (min(tr0 + band_rows, tile_rows) - tr0) * tile_cols
-                    for t in range(n_band):
-                        tr, tc = tr0 + t // tile_cols, t % tile_cols
-                        row0, col0 = out * tr - top, out * tc - left
-                        if window == 4:
-                            _tile_input4(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
-                        elif window == 6:
-                            _tile_input6(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
-                        else:
-                            _tile_input8(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
-                    for k0 in range(0, k_padded, lanes):
-                        _forward_products(v, u, m, acc, xs, n_band, c, k0, zero, elements, rows, lanes)
-                        b_vec = b[k0:k0 + lanes]
-                        n_lanes = min(lanes, n_out - k0)
-                        for t in range(n_band):
-                            tr, tc = tr0 + t // tile_cols, t % tile_cols
-                            if window == 4:
-                                check += _output4(m, t * lanes, b_vec, floor, zero, outs, lanes)
-                            elif window == 8:
-                                check += _output8x4(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
-                            elif size == 3:
-                                check += _output6x4(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
-                            else:
-                                check += _output6(m, t * lanes, b_vec, floor, zero, ss, outs, lanes)
-                            # the 5x5 kernels never pool (winograd_fits): `size` prunes the branch from their IR
-                            if size == 3 and pool:  # the tile's 2x2 windows: (a, b) holds outputs (2a + di, 2b + dj)
-                                for q in range(pooled * pooled):
-                                    i, j = pooled * tr + q // pooled, pooled * tc + q % pooled
-                                    if i < p_out and j < q_out:
-                                        at = 2 * (out * (q // pooled) + q % pooled) * lanes
-                                        y_px, arg_px = y[n, i, j, k0:], argmax[n, i, j, k0:]
-                                        for l in range(n_lanes):
-                                            best, where = _pool_window(outs[at + l], outs[at + lanes + l],
-                                                                       outs[at + out * lanes + l],
-                                                                       outs[at + (out + 1) * lanes + l])
-                                            y_px[l] = best
-                                            arg_px[l] = where
-                                continue
-                            for q in range(out * out):
-                                i, j = out * tr + q // out, out * tc + q % out
-                                if i < p_out and j < q_out:
-                                    if n_lanes == lanes:
-                                        copy_block(y[n, i, j], k0, outs, q * lanes, lanes)
-                                    else:
-                                        y_px = y[n, i, j, k0:]
-                                        for l in range(n_lanes):
-                                            y_px[l] = outs[q * lanes + l]
-                finite[n] = check == check
+            # int64: numba's parallel region hands the index over unsigned, and other argument types compile again
+            winograd_task(np.int64(group), n_groups, x_cl, top, left, u, b, floor, tile_rows, tile_cols, pool, y,
+                          argmax, finite)
 
     return winograd
 

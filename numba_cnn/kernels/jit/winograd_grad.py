@@ -126,6 +126,66 @@ def _make_winograd_weight_grad(size, out, rows, lanes, chunk, band):
     _stack_tile = tile_allocator()
     stages = STAGES_STAMP
 
+    @_jit(parallel=False)
+    def weight_grad_task(h, x_cl, top, left, dy, tile_rows, tile_cols, mt, dbt):
+        """winograd_weight_grad's work for chunk h of the images: one task of its prange, a function of its own so
+        that numba compiles it without its parallel passes (docs/numba.md, "What a kernel costs to compile")."""
+        _ = stages  # the inlined stages' source stamp, in Numba's cache key
+        n_images, c = x_cl.shape[0], x_cl.shape[3]
+        n_out = dy.shape[3]
+        n_chunks, k_padded = mt.shape[0], dbt.shape[1]
+        n_tiles = tile_rows * tile_cols
+        zero = x_cl.dtype.type(0)
+        acc = _stack_tile(tile, x_cl.dtype)
+        xs = _stack_tile(rows, x_cl.dtype)
+        d = _stack_tile(staged, x_cl.dtype)
+        tt = _stack_tile(staged, x_cl.dtype)
+        vv = _stack_tile(staged, x_cl.dtype)
+        g = _stack_tile(dy_tile, x_cl.dtype)
+        zeros = _stack_tile(chunk, x_cl.dtype)
+        for l in range(chunk):
+            zeros[l] = zero
+        # per element e, the band's V[e] (tiles x C) and Z[e] (tiles x K padded), each row on a cache line and
+        # 16 values past a multiple of the band's size (the rows a tile writes fall in different L1 sets)
+        v_row, z_row = band * c + 16, band * k_padded + 16
+        v = cache_aligned(np.empty(elements * v_row + 16, x_cl.dtype), elements * v_row).reshape(elements, v_row)
+        z = cache_aligned(np.empty(elements * z_row + 16, x_cl.dtype), elements * z_row).reshape(elements, z_row)
+        for e in range(elements):  # Z's padded lanes are never written: zeros
+            for i in range(z_row):
+                z[e, i] = zero
+        part = mt[h]
+        for e in range(elements):
+            for i in range(c * k_padded):
+                part[e, i] = zero
+        sums = dbt[h]
+        for k in range(k_padded):
+            sums[k] = zero
+        for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
+            for t0 in range(0, n_tiles, band):
+                n_band = min(band, n_tiles - t0)
+                for t in range(n_band):
+                    tr, tc = (t0 + t) // tile_cols, (t0 + t) % tile_cols
+                    row0, col0 = out * tr - top, out * tc - left
+                    if window == 4:
+                        _tile_input4(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
+                    elif window == 6:
+                        _tile_input6(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
+                    else:
+                        _tile_input8(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
+                    for k0 in range(0, n_out, chunk):
+                        _load_window(g, dy, n, out * tr, out * tc, k0, chunk, zeros, out)  # zeros past P or Q
+                        if out == 4 and size == 5:
+                            _gradient_transform8x4(g, tt, vv, sums[k0:k0 + chunk], chunk)
+                        elif out == 4:
+                            _gradient_transform6x4(g, tt, vv, sums[k0:k0 + chunk], chunk)
+                        elif size == 3:
+                            _gradient_transform4(g, vv, sums[k0:k0 + chunk], chunk)
+                        else:
+                            _gradient_transform6(g, vv, sums[k0:k0 + chunk], chunk)
+                        for e in range(elements):
+                            copy_block(z[e], t * k_padded + k0, vv, e * chunk, chunk)
+                _grad_products(v, z, part, acc, xs, n_band, c, k_padded, elements, rows, lanes)
+
     @_jit
     def winograd_weight_grad(x_cl, top, left, dy, tile_rows, tile_cols, mt, dbt):
         """mt[h, e, c, k] = sum over the images of chunk h (mt.shape[0] contiguous chunks of the batch) and their
@@ -133,62 +193,9 @@ def _make_winograd_weight_grad(size, out, rows, lanes, chunk, band):
         `top` rows and `left` columns, Z = A g A^T of its 2x2 of dy[N, P, Q, K], dy past P or Q as zeros);
         dbt[h, k] the chunk's sum of dy. C and dy's K multiples of `chunk`, C of `rows`; mt's K padded to `lanes`
         (the padded lanes come out zero). Per element: images in order, tiles in order."""
-        _ = stages  # the inlined stages' source stamp, in Numba's cache key
-        n_images, c = x_cl.shape[0], x_cl.shape[3]
-        n_out = dy.shape[3]
-        n_chunks, k_padded = mt.shape[0], dbt.shape[1]
-        n_tiles = tile_rows * tile_cols
-        zero = x_cl.dtype.type(0)
-        for h in prange(n_chunks):
-            acc = _stack_tile(tile, x_cl.dtype)
-            xs = _stack_tile(rows, x_cl.dtype)
-            d = _stack_tile(staged, x_cl.dtype)
-            tt = _stack_tile(staged, x_cl.dtype)
-            vv = _stack_tile(staged, x_cl.dtype)
-            g = _stack_tile(dy_tile, x_cl.dtype)
-            zeros = _stack_tile(chunk, x_cl.dtype)
-            for l in range(chunk):
-                zeros[l] = zero
-            # per element e, the band's V[e] (tiles x C) and Z[e] (tiles x K padded), each row on a cache line and
-            # 16 values past a multiple of the band's size (the rows a tile writes fall in different L1 sets)
-            v_row, z_row = band * c + 16, band * k_padded + 16
-            v = cache_aligned(np.empty(elements * v_row + 16, x_cl.dtype), elements * v_row).reshape(elements, v_row)
-            z = cache_aligned(np.empty(elements * z_row + 16, x_cl.dtype), elements * z_row).reshape(elements, z_row)
-            for e in range(elements):  # Z's padded lanes are never written: zeros
-                for i in range(z_row):
-                    z[e, i] = zero
-            part = mt[h]
-            for e in range(elements):
-                for i in range(c * k_padded):
-                    part[e, i] = zero
-            sums = dbt[h]
-            for k in range(k_padded):
-                sums[k] = zero
-            for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
-                for t0 in range(0, n_tiles, band):
-                    n_band = min(band, n_tiles - t0)
-                    for t in range(n_band):
-                        tr, tc = (t0 + t) // tile_cols, (t0 + t) % tile_cols
-                        row0, col0 = out * tr - top, out * tc - left
-                        if window == 4:
-                            _tile_input4(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
-                        elif window == 6:
-                            _tile_input6(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
-                        else:
-                            _tile_input8(v, t * c, d, tt, vv, x_cl, n, row0, col0, chunk, zeros, window)
-                        for k0 in range(0, n_out, chunk):
-                            _load_window(g, dy, n, out * tr, out * tc, k0, chunk, zeros, out)  # zeros past P or Q
-                            if out == 4 and size == 5:
-                                _gradient_transform8x4(g, tt, vv, sums[k0:k0 + chunk], chunk)
-                            elif out == 4:
-                                _gradient_transform6x4(g, tt, vv, sums[k0:k0 + chunk], chunk)
-                            elif size == 3:
-                                _gradient_transform4(g, vv, sums[k0:k0 + chunk], chunk)
-                            else:
-                                _gradient_transform6(g, vv, sums[k0:k0 + chunk], chunk)
-                            for e in range(elements):
-                                copy_block(z[e], t * k_padded + k0, vv, e * chunk, chunk)
-                    _grad_products(v, z, part, acc, xs, n_band, c, k_padded, elements, rows, lanes)
+        for h in prange(mt.shape[0]):
+            # int64: numba's parallel region hands the index over unsigned, and other argument types compile again
+            weight_grad_task(np.int64(h), x_cl, top, left, dy, tile_rows, tile_cols, mt, dbt)
 
     return winograd_weight_grad
 
