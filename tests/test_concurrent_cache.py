@@ -187,14 +187,13 @@ def test_fused_conv_pools_and_winograd_weight_gradients_get_a_backward_unit_of_t
 
 def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
     """compile_part runs a unit only if it creates the unit's claim file first: with every claim taken, it runs no
-    kernel; with none taken, it claims every unit (the network's steps, each fused conv + pool's backward on
-    stand-ins after its step, then the loss and Adam)."""
+    kernel; with none taken, it claims every unit (the network's steps, a backward on stand-ins after each step
+    _stand_in_steps names, then the loss and Adam)."""
     from numba_cnn.kernels.jit.cold_compile import compile_part, kernels
     from numba_cnn.model import default_network
 
     network = default_network()
-    # at most two units per layer (one per step, and a fused conv + pool's backward on stand-ins), and the loss
-    # with Adam
+    # at most two units per layer (one per step, and its backward on stand-ins), and the loss with Adam
     units = 2 * len(network.layers) + 1
     taken = tmp_path / "taken"
     taken.mkdir()
