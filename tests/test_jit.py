@@ -234,7 +234,7 @@ _IR_PROBE = """
              pargw=pargw)
     attribute = '"prefer-vector-width"="%d"' % _numba_ext.VECTOR_BITS
     for kernel in (jit._conv_tile_wide, jit._conv_tile_narrow, jit._conv_pool, jit._weight_grad_wide,
-                   tiles._winograd_wide):
+                   tiles._winograd_wide.task):
         ir = kernel.inspect_llvm(kernel.signatures[0])
         print(kernel.py_func.__name__, attribute in ir)
 """
@@ -805,3 +805,42 @@ def test_compiled_dense_layers_give_identical_bits_on_one_and_two_threads():
         numba.set_num_threads(before)
     for one, two in zip(*results):
         np.testing.assert_array_equal(one, two)
+
+
+def test_run_parts_runs_each_part_once_with_its_arguments_of_any_layout():
+    """run_parts calls a task's compiled code by its address, looked up by the arguments' types: a C-contiguous and
+    a strided array (other compiled code, other addresses) each get the task compiled for them, and every part runs
+    once."""
+    from numba_cnn.kernels._numba_ext import jit as backend_jit
+    from numba_cnn.kernels._numba_ext import native_address, run_parts
+
+    @backend_jit(parallel=False)
+    def add_part(i, out, scale):
+        for j in range(out.shape[1]):
+            out[i, j] += i * scale + j
+
+    expected = np.arange(7)[:, None] * 2.0 + np.arange(5)
+    dense = np.zeros((7, 5))
+    run_parts(add_part, 7, dense, 2.0)
+    np.testing.assert_array_equal(dense, expected)
+    strided = np.zeros((7, 10))[:, ::2]
+    run_parts(add_part, 7, strided, 2.0)
+    np.testing.assert_array_equal(strided, expected)
+    assert native_address(add_part, np.int64(0), dense, 2.0) != native_address(add_part, np.int64(0), strided, 2.0)
+    assert len(add_part.signatures) == 2
+
+
+def test_a_kernel_closing_over_a_jit_function_is_refused():
+    """Numba keys a disk cache on a pickle of the closure, and a jit function pickles differently in every process:
+    such a kernel would compile again in every process, so jit refuses it and names run_parts."""
+    from numba_cnn.kernels._numba_ext import jit as backend_jit
+
+    @backend_jit(parallel=False)
+    def helper(x):
+        return x + 1
+
+    def kernel(x):
+        return helper(x)
+
+    with pytest.raises(TypeError, match="run_parts"):
+        backend_jit(kernel)

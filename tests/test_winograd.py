@@ -263,7 +263,7 @@ _INDEX_KEYS = """
     sig = (types.float32[:, :, :, ::1],)  # any signature: the key's other parts are what differ
     for name in sys.argv[1:]:
         module, kernel = name.split(".")
-        print(getattr(vars()[module], kernel)._cache._index_key(sig, cpu_target.target_context.codegen())[2])
+        print(getattr(vars()[module], kernel).task._cache._index_key(sig, cpu_target.target_context.codegen())[2])
 """
 
 
@@ -275,21 +275,47 @@ def _index_keys(*names):
 
 
 def test_winograd_kernels_have_cache_keys_of_their_own_that_the_next_process_finds_again():
-    """Each Winograd kernel is a prange over a task that a jit function of its own runs (numba compiles that one
-    without its parallel passes), held in the kernel's closure. Numba would key the kernel's disk cache on a pickle
-    of that function, which carries an id drawn afresh in every process: the key would never match the next
-    process's. _CalleeKeyedCache keys it on what the function is: the same in two processes, and different for each
-    kernel, whose code is the same and whose constants (window, tile) differ."""
+    """Each Winograd kernel's work is a task, a jit function that run_parts runs in parallel; what compiles, and is
+    cached, is the task. Its disk cache key is the same in two processes (else the next process would compile it
+    again), and different for each kernel, whose code is the same and whose constants (window, tile) differ."""
     first, second = _index_keys(*_WINOGRAD_KERNELS), _index_keys(*_WINOGRAD_KERNELS)
     assert len(first) == len(_WINOGRAD_KERNELS) and first == second
     assert len(set(first)) == len(first)
 
 
+_FRESH_AND_CACHED = """
+    import sys
+    import numpy as np
+    from numba_cnn.kernels.jit import winograd, winograd_grad
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 32, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((40, 32, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((3, 40, 9, 9)).astype(np.float32)
+    y = winograd.winograd_conv(x, w, w[:, 0, 0, 0].copy(), True, (1, 1, 1, 1), False)[0]
+    dw, db = winograd_grad.winograd_weight_grad(dy, x, (1, 1, 1, 1))[:2]
+    np.savez(sys.argv[1], y=y, dw=dw, db=db)
+"""
+
+
+def test_kernels_loaded_from_the_cache_give_the_bits_of_the_ones_compiled_in_the_process(tmp_path):
+    """A Winograd forward and weight gradient compiled in one process and loaded from the disk cache by the next
+    give the same bits: the task is one compiled function, called by its address, and not linked into (and
+    optimised again inside) each kernel, where a copy compiled in the process and one loaded from the cache once
+    came out with different sums."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBA_CNN_CACHE="1")
+    for name in ("compiled", "loaded"):
+        run = subprocess.run([sys.executable, "-c", textwrap.dedent(_FRESH_AND_CACHED), str(tmp_path / name)],
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+    compiled, loaded = np.load(tmp_path / "compiled.npz"), np.load(tmp_path / "loaded.npz")
+    for key in ("y", "dw", "db"):
+        np.testing.assert_array_equal(compiled[key], loaded[key])
+
+
 def test_kernels_inlining_the_stages_carry_their_source_stamp():
-    """Numba's cache keys a kernel on its own code and closure variables, not on the helpers it inlines from another
-    module: every task built from winograd_stages.py closes over the SHA-256 of that file, and its kernel's cache
-    key covers what the task closes over, so an edit there gives the kernels new cache keys (the stamp changed here
-    in place)."""
+    """Numba's cache keys a function on its own code and closure variables, not on the helpers it inlines from another
+    module: every task built from winograd_stages.py closes over the SHA-256 of that file, so an edit there gives
+    the tasks new cache keys (the stamp changed here in place)."""
     import hashlib
     from pathlib import Path
 
@@ -303,13 +329,12 @@ def test_kernels_inlining_the_stages_carry_their_source_stamp():
     sig, codegen = (types.float32[:, ::1],), cpu_target.target_context.codegen()
     for name in _WINOGRAD_KERNELS:
         module, attribute = name.split(".")
-        kernel = getattr({"tiles": tiles, "winograd_grad": winograd_grad}[module], attribute)
-        (task,) = [cell.cell_contents for cell in kernel.py_func.__closure__ if hasattr(cell.cell_contents, "py_func")]
+        task = getattr({"tiles": tiles, "winograd_grad": winograd_grad}[module], attribute).task
         (cell,) = [cell for cell in task.py_func.__closure__ if cell.cell_contents == stamp]
-        key = kernel._cache._index_key(sig, codegen)
+        key = task._cache._index_key(sig, codegen)
         try:
             cell.cell_contents = "edited"
-            assert kernel._cache._index_key(sig, codegen) != key, name
+            assert task._cache._index_key(sig, codegen) != key, name
         finally:
             cell.cell_contents = stamp
-        assert kernel._cache._index_key(sig, codegen) == key
+        assert task._cache._index_key(sig, codegen) == key

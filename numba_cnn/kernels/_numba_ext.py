@@ -1,6 +1,6 @@
-"""The jit backend's extensions of numba and llvmlite, in one place: the compile options (`jit`), what the compiled
-code targets (`TARGET_FEATURES`, `VECTOR_BITS`, `VECTOR_REGISTERS`), the register tile (`stack_tile`) and the
-constant-size block copy (`copy_block`).
+"""The jit backend's extensions of numba and llvmlite, in one place: the compile options (`jit`), running a task in
+parallel (`run_parts`), what the compiled code targets (`TARGET_FEATURES`, `VECTOR_BITS`, `VECTOR_REGISTERS`), the
+register tile (`stack_tile`) and the constant-size block copy (`copy_block`).
 
 Target. Numba compiles for the host CPU unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise; the feature
 string read here is the one numba hands LLVM's target machine (its codegen's `_tm_features`, i.e.
@@ -20,22 +20,24 @@ so it is part of numba's cache key and the two variants never share a cache entr
 
 Cache. `jit` compiles with numba's disk cache (`cache=True`: `__pycache__` beside the source or, when that is not
 writable, numba's user cache directory; NUMBA_CACHE_DIR overrides both); NUMBA_CNN_CACHE=0 turns it off, and with no
-usable cache location the kernels compile uncached, with a warning. A kernel whose closure holds a jit function (a
-prange over a task compiled on its own) is keyed by `_CalleeKeyedCache`: numba's own key would differ in every
-process.
+usable cache location the kernels compile uncached, with a warning.
+
+Tasks. `run_parts(task, n, *args)` runs task(i, *args) for i < n in a prange, calling the task's compiled code by its
+address (`_call_native`), so that a long serial body compiles once, on its own, and not again inside every prange
+that calls it (docs/numba.md, "What a kernel costs to compile").
 
 Vector width. The same codegen sets the function attribute "prefer-vector-width"=<VECTOR_BITS> on the function
 holding the tile: LLVM's tuning for Intel AVX-512 cores otherwise prefers 256-bit vectors, which halves the tile a
 register file holds. On AVX2 targets it is 256, what LLVM would use anyway.
 """
 
-import hashlib
 import os
 import warnings
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
+from numba._dispatcher import compute_fingerprint
 from numba.core import cgutils, config
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
@@ -81,22 +83,21 @@ TILE_REGISTERS = 32 if TILE_BITS >= 512 else 16 if _TILE_BITS else VECTOR_REGIST
 
 def jit(fn=None, *, parallel=True):
     """njit with the backend's options (`@jit`; `@jit(parallel=False)` for a kernel with no prange, which then
-    compiles in about half the time); without a usable cache location, fall back to no disk cache. A kernel whose
-    closure holds jit functions (a prange over a task's serial body, both made by one factory) gets a disk cache
-    keyed on what those functions are (_CalleeKeyedCache)."""
+    compiles in about half the time); without a usable cache location, fall back to no disk cache. A function must
+    not close over a jit function: numba keys its disk cache on a pickle of the closure, and pickles a jit function
+    with an id drawn afresh in every process, so the entry would never be found again (a task made beside its
+    kernel is called through run_parts instead)."""
     if fn is None:
         return lambda f: jit(f, parallel=parallel)
+    if any(_is_jit_function(cell.cell_contents) for cell in fn.__closure__ or ()):
+        raise TypeError(f"{fn.__qualname__} closes over a jit function: numba's disk cache could not find it again "
+                        "in the next process; call the function through run_parts")
     options = dict(parallel=parallel, fastmath=FASTMATH, error_model="numpy")
     if CACHE:
         try:
-            kernel = njit(cache=True, **options)(fn)
+            return njit(cache=True, **options)(fn)
         except RuntimeError as err:  # "cannot cache function ...: no locator available"
             warnings.warn(f"numba_cnn jit kernels compile without a disk cache: {err}", RuntimeWarning)
-        else:
-            if _CalleeKeyedCache is not None and any(_is_jit_function(cell.cell_contents)
-                                                     for cell in fn.__closure__ or ()):
-                kernel._cache = _CalleeKeyedCache(fn)
-            return kernel
     return njit(cache=False, **options)(fn)
 
 
@@ -106,35 +107,59 @@ def _is_jit_function(value):
     return isinstance(value, Dispatcher)
 
 
-def _closure_digest(fn):
-    """SHA-256 of what fn's closure holds: each jit function by its qualified name and, in turn, its own closure;
-    anything else as numba's cache key pickles it. Numba pickles a jit function with an id drawn afresh in every
-    process, so its own key for a kernel that closes over one would never match the next process's."""
-    from numba.core.serialize import dumps
+@intrinsic
+def _call_native(typingctx, address, part, args):
+    """Call the compiled function whose native code is at `address` (an integer, from native_address) with part and
+    the members of the tuple args, in numba's own calling convention; it returns nothing, and an error it reports
+    is passed on (raised in a prange, numba reports it as a SystemError, as for any function called there)."""
+    if not (isinstance(address, types.Integer) and isinstance(args, types.BaseTuple)):
+        return None
+    arg_types = [part] + list(args.types)
 
-    digest = hashlib.sha256()
-    for cell in fn.__closure__ or ():
-        value = cell.cell_contents
-        part = (b"jit " + value.py_func.__qualname__.encode() + _closure_digest(value.py_func)
-                if _is_jit_function(value) else dumps(value))
-        digest.update(len(part).to_bytes(8, "little") + part)
-    return digest.digest()
+    def codegen(context, builder, signature, values):
+        function_type = context.call_conv.get_function_type(types.none, arg_types)
+        callee = builder.inttoptr(values[0], function_type.as_pointer())
+        members = [values[1]] + [builder.extract_value(values[2], i) for i in range(len(args.types))]
+        status, _ = context.call_conv.call_function(builder, callee, types.none, arg_types, members)
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
+        return context.get_dummy_value()
+
+    return types.none(address, part, args), codegen
 
 
-try:
-    from numba.core.caching import FunctionCache
-except ImportError:  # a numba without it: such a kernel keeps numba's key, and compiles in every process
-    _CalleeKeyedCache = None
-else:
-    class _CalleeKeyedCache(FunctionCache):
-        """numba's disk cache for a kernel, its index key built as numba builds it (the signature, the target, the
-        hash of the kernel's bytecode and one of its closure) but with the closure hashed by _closure_digest. A
-        callee's code needs no hash of its own: it is defined beside the kernel, in the same file, and numba drops
-        a file's cache entries when the file changes."""
+_NATIVE_ADDRESSES = {}
 
-        def _index_key(self, sig, codegen):
-            code = hashlib.sha256(self._py_func.__code__.co_code).hexdigest()
-            return sig, codegen.magic_tuple(), (code, _closure_digest(self._py_func).hex())
+
+def native_address(function, *args):
+    """The address of jit function's native code for the types of args, compiled (or loaded from the disk cache)
+    when it has none yet; looked up by numba's own fingerprints of the arguments (what its dispatcher looks its
+    compiled code up by: typing them in Python takes longer than a small kernel's call)."""
+    key = (function,) + tuple(compute_fingerprint(a) for a in args)
+    address = _NATIVE_ADDRESSES.get(key)
+    if address is None:
+        signature = tuple(function.typeof_pyval(a) for a in args)
+        compiled = function.overloads.get(signature)
+        if compiled is None:
+            function.compile(signature)
+            compiled = function.overloads[signature]
+        address = _NATIVE_ADDRESSES[key] = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
+    return address
+
+
+def run_parts(task, n_parts, *args):
+    """task(np.int64(i), *args) for each part i < n_parts, in a prange. The task, a jit function compiled with
+    parallel=False, is called through its native code's address: called by name, numba would compile its code
+    again into the prange's kernel (linked in, optimised and turned into machine code anew), and that kernel would
+    compile once per task. This way a task compiles once, without numba's parallel passes, and one small kernel
+    (`_parts_in_parallel`) runs every task whose arguments have the same types."""
+    _parts_in_parallel(native_address(task, np.int64(0), *args), n_parts, args)
+
+
+@jit
+def _parts_in_parallel(address, n_parts, args):
+    for i in prange(n_parts):
+        _call_native(address, np.int64(i), args)
 
 
 def stack_tile(size, dtype):

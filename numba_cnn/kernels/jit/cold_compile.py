@@ -57,12 +57,15 @@ def kernels():
     """{name: dispatcher} of every compiled kernel of the backend (the inlined helpers excluded)."""
     from numba.core.dispatcher import Dispatcher
 
+    from numba_cnn.kernels import _numba_ext
     from numba_cnn.kernels.jit import (columns, general, layers, narrow_input, norm, polyphase, pooled_grad, sparse,
                                        tiles, winograd_grad)
 
     found = {}
-    for module in (tiles, columns, narrow_input, sparse, pooled_grad, general, norm, layers, winograd_grad, polyphase):
+    for module in (tiles, columns, narrow_input, sparse, pooled_grad, general, norm, layers, winograd_grad, polyphase,
+                   _numba_ext):
         for name, value in vars(module).items():
+            value = getattr(value, "task", value)  # a kernel that run_parts runs as tasks: the task is what compiles
             if isinstance(value, Dispatcher) and value.targetoptions.get("error_model") == "numpy":
                 found.setdefault(name, value)
     return found

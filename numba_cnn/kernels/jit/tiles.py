@@ -12,7 +12,7 @@ pooling.py).
 import numpy as np
 from numba import njit, prange
 
-from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit,
+from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit, run_parts,
                                           tile_allocator)
 from numba_cnn.kernels.jit.winograd_stages import (STAGES_STAMP, _forward_products, _output4, _output6, _output6x4,
                                                    _output8x4, _tile_input4, _tile_input6,
@@ -208,8 +208,8 @@ def _make_winograd(size, out, rows, lanes, chunk):
 
     @_jit(parallel=False)
     def winograd_task(group, n_groups, x_cl, top, left, u, b, floor, tile_rows, tile_cols, pool, y, argmax, finite):
-        """winograd's work for the images group, group + n_groups, ...: one task of its prange, a function of its own
-        so that numba compiles it without its parallel passes (docs/numba.md, "What a kernel costs to compile")."""
+        """winograd's work for the images group, group + n_groups, ...: one of its parts, compiled on its own and run
+        by run_parts (docs/numba.md, "What a kernel costs to compile")."""
         _ = stages  # the inlined stages' source stamp, in Numba's cache key
         n_images, c = x_cl.shape[0], x_cl.shape[3]
         k_padded = u.shape[2]
@@ -287,7 +287,6 @@ def _make_winograd(size, out, rows, lanes, chunk):
                                         y_px[l] = outs[q * lanes + l]
             finite[n] = check == check
 
-    @_jit
     def winograd(x_cl, top, left, u, b, floor, tile_rows, tile_cols, pool, n_groups, y, argmax, finite):
         """The size x size stride-1 correlation of channels-last x_cl[N, H, W, C] (C a multiple of `chunk`)
         zero-padded by `top` rows and `left` columns, and below and right by as many as the tiles read (out tile_rows
@@ -304,11 +303,10 @@ def _make_winograd(size, out, rows, lanes, chunk):
         sum keeps it inf. Images are dealt to n_groups tasks; each image's outputs are computed alike whatever the
         grouping."""
         n_groups = min(n_groups, x_cl.shape[0])
-        for group in prange(n_groups):
-            # int64: numba's parallel region hands the index over unsigned, and other argument types compile again
-            winograd_task(np.int64(group), n_groups, x_cl, top, left, u, b, floor, tile_rows, tile_cols, pool, y,
-                          argmax, finite)
+        run_parts(winograd_task, n_groups, n_groups, x_cl, top, left, u, b, floor, tile_rows, tile_cols, pool, y,
+                  argmax, finite)
 
+    winograd.task = winograd_task  # the jit function that compiles (cold_compile.kernels claims it)
     return winograd
 
 

@@ -30,7 +30,7 @@ sums turn inf into NaN where the direct sum may keep it), the caller computes di
 import numpy as np
 from numba import prange
 
-from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit,
+from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit, run_parts,
                                           tile_allocator)
 from numba_cnn.kernels.jit.buffers import nhwc, round_up, scratch
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK, _winograd_sandwich
@@ -128,8 +128,8 @@ def _make_winograd_weight_grad(size, out, rows, lanes, chunk, band):
 
     @_jit(parallel=False)
     def weight_grad_task(h, x_cl, top, left, dy, tile_rows, tile_cols, mt, dbt):
-        """winograd_weight_grad's work for chunk h of the images: one task of its prange, a function of its own so
-        that numba compiles it without its parallel passes (docs/numba.md, "What a kernel costs to compile")."""
+        """winograd_weight_grad's work for chunk h of the images: one of its parts, compiled on its own and run by
+        run_parts (docs/numba.md, "What a kernel costs to compile")."""
         _ = stages  # the inlined stages' source stamp, in Numba's cache key
         n_images, c = x_cl.shape[0], x_cl.shape[3]
         n_out = dy.shape[3]
@@ -186,17 +186,15 @@ def _make_winograd_weight_grad(size, out, rows, lanes, chunk, band):
                             copy_block(z[e], t * k_padded + k0, vv, e * chunk, chunk)
                 _grad_products(v, z, part, acc, xs, n_band, c, k_padded, elements, rows, lanes)
 
-    @_jit
     def winograd_weight_grad(x_cl, top, left, dy, tile_rows, tile_cols, mt, dbt):
         """mt[h, e, c, k] = sum over the images of chunk h (mt.shape[0] contiguous chunks of the batch) and their
         2x2 tiles of dy of V[e, c] * Z[e, k] (V = B^T d B of the tile's window of x_cl[N, H, W, C] zero-padded by
         `top` rows and `left` columns, Z = A g A^T of its 2x2 of dy[N, P, Q, K], dy past P or Q as zeros);
         dbt[h, k] the chunk's sum of dy. C and dy's K multiples of `chunk`, C of `rows`; mt's K padded to `lanes`
         (the padded lanes come out zero). Per element: images in order, tiles in order."""
-        for h in prange(mt.shape[0]):
-            # int64: numba's parallel region hands the index over unsigned, and other argument types compile again
-            weight_grad_task(np.int64(h), x_cl, top, left, dy, tile_rows, tile_cols, mt, dbt)
+        run_parts(weight_grad_task, mt.shape[0], x_cl, top, left, dy, tile_rows, tile_cols, mt, dbt)
 
+    winograd_weight_grad.task = weight_grad_task  # the jit function that compiles (cold_compile.kernels)
     return winograd_weight_grad
 
 

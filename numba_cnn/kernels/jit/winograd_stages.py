@@ -6,10 +6,9 @@ transform A^T M A (with the bias and the ReLU), the gradient tile's transform A 
 loops: the forward's M[e] = V[e] @ U[e] and the weight gradient's M[e] += V[e]^T Z[e], for every element e of the
 tile. The matrices, and why: winograd.py.
 
-Numba's cache keys a kernel on its own bytecode and closure variables, not on the helpers it inlines from another
-module, so every task built from these stages (the jit function each Winograd kernel's prange calls) closes over
-STAGES_STAMP (the SHA-256 of this file's source), and its kernel's cache key covers what the task closes over
-(_numba_ext.py: _CalleeKeyedCache): an edit here changes their cache keys and recompiles them.
+Numba's cache keys a function on its own bytecode and closure variables, not on the helpers it inlines from another
+module, so every task built from these stages (the jit function each Winograd kernel runs in parallel) closes over
+STAGES_STAMP (the SHA-256 of this file's source): an edit here changes their cache keys and recompiles them.
 """
 
 import hashlib
