@@ -354,24 +354,35 @@ def test_a_kernel_the_other_process_is_compiling_puts_the_unit_off_or_is_waited_
     assert set(tmp_path.iterdir()) == before
 
 
-def test_units_put_off_run_after_the_free_ones_and_the_first_then_waits(tmp_path):
-    """_run_units: the units claimed by the other process are skipped; one that meets a busy kernel is put off and
-    runs again after the free ones; when every put-off unit is still busy, the first runs with state["wait"] set."""
+def test_units_put_off_go_on_once_their_kernel_is_done_and_the_first_then_waits(tmp_path):
+    """_run_units: the units claimed by the other process are skipped; one that meets a kernel the other (running)
+    process holds is put off, and goes on before the next free unit once that kernel is marked done; when every
+    put-off unit is still busy after the free ones, the first runs with state["wait"] set."""
     from numba_cnn.kernels.jit.cold_compile import _KernelBusy, _run_units
 
     log, state = [], {"wait": False}
-    busy = {"a": 1, "c": 10}  # how many more times each unit meets a busy kernel
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claims = {name: tmp_path / f"kernel-{name}" for name in "ac"}
+        for claim in claims.values():
+            claim.write_text(str(other.pid))
+        busy = {"a": 1, "c": 2}  # how many more times each unit meets its kernel busy
 
-    def unit(name):
-        def run():
-            if busy.get(name, 0) and not state["wait"]:
-                busy[name] -= 1
-                log.append(name + " busy")
-                raise _KernelBusy(name)
-            log.append(name + (" waited" if state["wait"] else ""))
-        return run
+        def unit(name):
+            def run():
+                if busy.get(name, 0) and not state["wait"]:
+                    busy[name] -= 1
+                    log.append(name + " busy")
+                    if name == "c":  # meanwhile the other process is done with a's kernel
+                        (tmp_path / "kernel-a.done").touch()
+                    raise _KernelBusy(str(claims[name]))
+                log.append(name + (" waited" if state["wait"] else ""))
+            return run
 
-    (tmp_path / "unit-1").touch()  # the other process has b
-    _run_units([unit(name) for name in "abcd"], str(tmp_path), state)
-    assert log == ["a busy", "c busy", "d", "a", "c busy", "c busy", "c waited"]
+        (tmp_path / "unit-1").touch()  # the other process has b
+        _run_units([unit(name) for name in "abcd"], str(tmp_path), state)
+    finally:
+        other.kill()
+        other.wait()
+    assert log == ["a busy", "c busy", "a", "d", "c busy", "c waited"]
     assert not state["wait"]

@@ -19,8 +19,8 @@ Kernels are claimed too: steps share kernels (a VGG's 3x3 layers all run the Win
 need one kernel at the same moment, and both compiling it would waste the longest compiles of all. On a cache miss
 (`_ClaimingCache`), the process creates a claim file named by numba's own cache key for that kernel and argument
 types; when the other process holds it and has not finished, the unit is put off (`_KernelBusy`), and the process
-takes the next free unit. The units put off run once no unit is left, waiting then for the kernels the other
-process is still compiling, and loading them from the cache.
+takes the next free unit. A unit put off goes on, loading the kernel from the cache, as soon as the other process
+has it done (checked before each next unit); those still put off once no unit is left wait for it.
 
 Whether the cache is cold: after a precompile, a small record in the cache directory, one per network and tile
 setting, names the kernels the network used; the cache counts as warm for that network while every one of them has
@@ -291,34 +291,46 @@ def _record_layout(claims, i, layout):
 def _run_units(units, claims, state):
     """Run each unit whose file this process creates first in the folder `claims`, in order. A unit that needs a
     kernel the other process is compiling (_KernelBusy) is put off: what it compiled so far stays in the cache, and
-    it runs again, loading that from there, once the free units are done; then whichever put-off unit can go on
-    runs, and when none can, the first waits for the other process's kernels (state["wait"])."""
-    put_off = []
+    it runs again, loading that from there, as soon as that kernel is done (checked before each next unit: a unit
+    put off behind a short compile would otherwise wait for every free unit, and the long kernels it goes on to
+    compile with it); once no free unit is left, whichever put-off unit can go on runs, and when none can, the first
+    waits for the other process's kernels (state["wait"])."""
+    put_off = []  # [unit, the claim of the kernel it waits for]
     for i, unit in enumerate(units):
+        put_off = _run_ready(put_off)
         try:
             os.close(os.open(os.path.join(claims, f"unit-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:  # the other process has it
             continue
         try:
             unit()
-        except _KernelBusy:
-            put_off.append(unit)
+        except _KernelBusy as busy:
+            put_off.append([unit, busy.args[0]])
     while put_off:
-        ready = []
-        for unit in put_off:
-            try:
-                unit()
-                ready.append(unit)
-            except _KernelBusy:
-                pass
-        if not ready:
+        waiting = len(put_off)
+        put_off = _run_ready(put_off, every=True)
+        if len(put_off) == waiting:
             state["wait"] = True
             try:
-                put_off[0]()
+                put_off[0][0]()
             finally:
                 state["wait"] = False
-            ready.append(put_off[0])
-        put_off = [unit for unit in put_off if unit not in ready]
+            put_off.pop(0)
+
+
+def _run_ready(put_off, every=False):
+    """Run the put-off units whose kernel is no longer held by the other process (every=True: try each again, as
+    its kernel may be claimed anew); -> those still put off, each with the claim it now waits for."""
+    still = []
+    for unit, claim in put_off:
+        if every or not _held_elsewhere(claim):
+            try:
+                unit()
+                continue
+            except _KernelBusy as busy:
+                claim = busy.args[0]
+        still.append([unit, claim])
+    return still
 
 
 def _training_pass(network, count=_IMAGES):
