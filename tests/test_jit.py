@@ -810,7 +810,7 @@ def test_compiled_dense_layers_give_identical_bits_on_one_and_two_threads():
 def test_run_parts_runs_each_part_once_with_its_arguments_of_any_layout():
     """run_parts calls a task's compiled code by its address, looked up by the arguments' types: a C-contiguous and
     a strided array (other compiled code, other addresses) each get the task compiled for them, and every part runs
-    once."""
+    once. A task that returns a value is refused."""
     from numba_cnn.kernels._numba_ext import jit as backend_jit
     from numba_cnn.kernels._numba_ext import native_address, run_parts
 
@@ -828,6 +828,13 @@ def test_run_parts_runs_each_part_once_with_its_arguments_of_any_layout():
     np.testing.assert_array_equal(strided, expected)
     assert native_address(add_part, np.int64(0), dense, 2.0) != native_address(add_part, np.int64(0), strided, 2.0)
     assert len(add_part.signatures) == 2
+
+    @backend_jit(parallel=False)
+    def part_with_a_result(i, out):  # the call by address leaves no room for a result: refused, not written past
+        return out[i]
+
+    with pytest.raises(TypeError, match="must return nothing"):
+        run_parts(part_with_a_result, 2, dense)
 
 
 def test_a_kernel_closing_over_a_jit_function_is_refused():

@@ -143,6 +143,9 @@ def native_address(function, *args):
         if compiled is None:
             function.compile(signature)
             compiled = function.overloads[signature]
+        if compiled.signature.return_type != types.none:  # _call_native gives it no room for a result
+            raise TypeError(f"{function.py_func.__qualname__} returns {compiled.signature.return_type}: a task that "
+                            "run_parts calls must return nothing")
         address = _NATIVE_ADDRESSES[key] = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
     return address
 
