@@ -162,6 +162,7 @@ def run_parts(task, n_parts, *args):
 @jit
 def _parts_in_parallel(address, n_parts, args):
     for i in prange(n_parts):
+        # int64, as native_address found the task's code for: the prange hands its index over unsigned
         _call_native(address, np.int64(i), args)
 
 
