@@ -166,7 +166,7 @@ def test_second_process_loads_kernels_from_the_cache(tmp_path):
         x = np.ones((1, 1, 5, 5), np.float32)  # 3 output columns: too few for the column tiles' lanes on any target
         jit.conv2d_forward(x, np.ones((2, 1, 3, 3), np.float32), np.zeros(2, np.float32), True, 1, (0, 0, 0, 0))
         jit.maxpool2d_forward(x, (2, 2))
-        for kernel in (jit._conv_tile_small, tiles._maxpool_forward):  # K = 2: the small tile
+        for kernel in (jit._conv_tile_small, tiles._maxpool_forward.task):  # K = 2: the small tile
             print(sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values()))
     """
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_CACHE="1")

@@ -24,7 +24,9 @@ usable cache location the kernels compile uncached, with a warning.
 
 Tasks. `run_parts(task, n, *args)` runs task(i, *args) for i < n in a prange, calling the task's compiled code by its
 address (`_call_native`), so that a long serial body compiles once, on its own, and not again inside every prange
-that calls it (docs/numba.md, "What a kernel costs to compile").
+that calls it (docs/numba.md, "What a kernel costs to compile"). `parts_kernel` makes a kernel of such a task; most
+of the backend's kernels are written so, as a prange loop compiles two to three times slower (the exceptions, whose
+register tile LLVM kept in registers only in a prange's body, are listed there).
 
 Vector width. The same codegen sets the function attribute "prefer-vector-width"=<VECTOR_BITS> on the function
 holding the tile: LLVM's tuning for Intel AVX-512 cores otherwise prefers 256-bit vectors, which halves the tile a
@@ -36,7 +38,7 @@ import warnings
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba._dispatcher import compute_fingerprint
 from numba.core import cgutils, config
 from numba.extending import intrinsic, overload
@@ -157,6 +159,37 @@ def run_parts(task, n_parts, *args):
     compile once per task. This way a task compiles once, without numba's parallel passes, and one small kernel
     (`_parts_in_parallel`) runs every task whose arguments have the same types."""
     _parts_in_parallel(native_address(task, np.int64(0), *args), n_parts, args)
+
+
+def part_range(part, n_parts, n):
+    """Part `part`'s share of range(n) cut into n_parts contiguous shares, as a prange's static schedule cuts it."""
+    return range(part * n // n_parts, (part + 1) * n // n_parts)
+
+
+@overload(part_range, inline="always")  # compiled, the same function inlined into each task
+def _part_range_compiled(part, n_parts, n):
+    return part_range
+
+
+def parts_kernel(task):
+    """The kernel that runs jit function task(part, n_parts, *args) for each part < n_parts = numba's thread count,
+    through run_parts: the task is a prange's loop written out, each part taking its share of the loop's indices
+    (`part_range`; every index is computed alike whichever part takes it, so the results do not depend on the
+    thread count). Compiled with parallel=False and called by address, a task compiles in a third to a half of
+    the time of the same loop in a prange, whose body numba compiles into a kernel of its own and then again into
+    its caller (docs/numba.md, "What a kernel costs to compile"). An array the loop reads through a reshape is
+    best reshaped by the caller and handed in: reshaped in the task, the column correlation's tile stayed in memory.
+    kernel.task is the jit function."""
+
+    def kernel(*args):
+        n_parts = get_num_threads()
+        run_parts(task, n_parts, n_parts, *args)
+
+    kernel.task = task
+    kernel.py_func = lambda *args: task.py_func(0, 1, *args)  # interpreted: one part takes every index
+    kernel.__name__, kernel.__qualname__, kernel.__doc__ = (task.py_func.__name__, task.py_func.__qualname__,
+                                                             task.py_func.__doc__)
+    return kernel
 
 
 @jit

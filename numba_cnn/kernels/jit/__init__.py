@@ -65,19 +65,19 @@ conv2d_backward  dw: `_weight_grad_*` over dy repacked channels-last (N, P, Q, K
                  valid taps and the output channels; elements no output reads get 0.
                  Non-finite weights (any stride) take `_input_grad_by_taps` for dx, which multiplies only the
                  products the convolution has, never the zero padding of dy.
-maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: prange over (image, channel) planes; forward compares
+maxpool2d_*      `_maxpool_forward`/`_maxpool_backward`: threads over (image, channel) planes; forward compares
                  the 4 window values in row-major order through selects (so it vectorises): a later value wins
                  if it is strictly greater, or if it is NaN and the best so far is not (a NaN beats every number,
                  the first NaN wins, ties keep the first maximum); backward writes each input element once (its
                  window's dy or zero), so no zero-fill pass. A channels-last x (a batch norm's output) takes
                  the `_last` twins (jit/pooling.py), and so does the backward of its channels-last argmax (dy
-                 read channels-last): prange over images, a pixel's channels in the lanes, the same rule, the
+                 read channels-last): threads over images, a pixel's channels in the lanes, the same rule, the
                  outputs channels-last. Other windows (kh, kw) take norm.py's
                  `_maxpool_any_*`: the same rule written as a select per value in row-major order.
-avgpool2d_*      norm.py's `_avgpool_*` (2x2: `_avgpool2x2_*`, the same sums in constant loops): prange over planes;
+avgpool2d_*      norm.py's `_avgpool_*` (2x2: `_avgpool2x2_*`, the same sums in constant loops): threads over planes;
                  window sums in float64 (no float32 overflow or lost low bits), backward dy / (kh*kw) in float64.
 batchnorm2d_*    norm.py's kernels, called by batchnorm.py (the host side, shared with the fused ops): statistics,
-                 normalisation and the backward's sums in float64 (a large mean keeps its spread), prange over
+                 normalisation and the backward's sums in float64 (a large mean keeps its spread), threads over
                  channels, or for channels-last x over fixed chunks of pixels added in order, results channels-last.
 
 Fused ops (beyond the contract; INFO.fused names them):

@@ -6,7 +6,7 @@ row's columns contiguous), so every lane does useful work whatever the channel c
 made. The same tile serves the forward and dx (the full correlation of the zero-bordered dy with the flipped
 kernel), and a second one the weight gradient.
 
-`_column_correlation`: prange over images; tiles of 8 (AVX-512) or 4 (AVX2) output channels x 3 output rows x
+`_column_correlation`: threads over images; tiles of 8 (AVX-512) or 4 (AVX2) output channels x 3 output rows x
     `lanes` columns (COLUMN_TILE), seeded with the bias and summed over (r, s, c) in that order, c innermost, each
     product an FMA: the order of the channels-last tile, so the same bits. Each step loads 3 input segments and
     broadcasts 8 (4) weights for 24 (12) FMAs, written out in the body of the loop over the lanes (the only form
@@ -31,7 +31,8 @@ Self-contained but for tiles.py's constants, like the other kernel files, so Num
 import numpy as np
 from numba import prange
 
-from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, jit as _jit, tile_allocator
+from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, jit as _jit, part_range, parts_kernel,
+                                           tile_allocator)
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import aligned_zeros, layout_copy, nchw, reusable_output, round_up, scratch_allocator
 from numba_cnn.kernels.jit.paths import note
@@ -55,22 +56,23 @@ def _make_column_correlation(lanes, channels, rows):
     tile = channels * rows * lanes
     _stack_tile = tile_allocator()
 
-    @_jit
-    def column_correlation(xp, wt, b, floor, row_lo, row_hi, y):
+    @parts_kernel
+    @_jit(parallel=False)
+    def column_correlation(part, n_parts, xp, flat, wt, b, floor, row_lo, row_hi, y):
         """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} xp[n,c,i+r,j+s] * wt[k,r,s,c]), y NCHW (N, K, P, Q) with
         P >= the tile's rows; xp C-contiguous NCHW, at least P + R - 1 rows and ceil(Q / lanes) * lanes + S - 1
         columns (zeros past what the sum reads); wt (K padded to the tile's channels, R, S, C) and b padded alike;
         floor 0 for ReLU (NaN kept) or -inf for none. The sum runs over wt's C channels (xp may hold more
         planes). Rows of xp outside [row_lo, row_hi) are zeros and wt finite: a kernel row whose tile reads only
-        such rows is skipped (its products are zeros, which leave every sum as it was)."""
+        such rows is skipped (its products are zeros, which leave every sum as it was). flat: xp.reshape(-1), made
+        by the caller: reshaped in the task, LLVM kept the tile in memory, not in registers (docs/numba.md)."""
         n_images, n_planes, x_rows, x_cols = xp.shape
         n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
         k_padded, r_taps, s_taps, n_in = wt.shape
         # flat offsets as unsigned integers: numba adds no wrap-around fix to them (a slice per load costs more
         # scalar instructions than the tile's multiply-adds), and the tile's rows are one constant stride apart
-        flat = xp.reshape(-1)
         row_step = np.uint64(x_cols)
-        for n in prange(n_images):
+        for n in part_range(part, n_parts, n_images):
             acc = _stack_tile(tile, xp.dtype)
             for ib in range(0, p_out, rows):
                 i0 = min(ib, p_out - rows)  # the last block overlaps the one before instead of overrunning
@@ -300,8 +302,8 @@ def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None
 
     def make(allocate):
         out, sums = allocate((n, planes, rows, columns), a.dtype), allocate((n, c), a.dtype)
-        _pad_planes(src, channels_last, relu_y is not None, pooled, src if relu_y is None else relu_y, top, left, out,
-                    sums)
+        _pad_planes(src, src.reshape(-1), channels_last, relu_y is not None, pooled, src if relu_y is None else relu_y,
+                    top, left, out, out.reshape(-1), sums)
         return out, sums
 
     if relu_y is not None:
@@ -348,7 +350,7 @@ def column_forward(x, w, b, relu, padding):
     y = reusable_output((n, k, p, q), x.dtype)
     # the padding's rows are skipped where that changes nothing: an inf weight makes NaN of them in the contract's sum
     rows_read = (top, top + h) if np.isfinite(wt).all() else (0, xp.shape[2])
-    correlation(xp, wt, bp, x.dtype.type(0 if relu else -np.inf), *rows_read, y)
+    correlation(xp, xp.reshape(-1), wt, bp, x.dtype.type(0 if relu else -np.inf), *rows_read, y)
     return y
 
 
@@ -390,5 +392,6 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     wf = aligned_zeros((round_up(c, dx_channels), r, s, k), x.dtype)
     wf[:c] = w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)
     dx = reusable_output(x.shape, x.dtype)
-    dx_correlation(dyp, wf, np.zeros(wf.shape[0], x.dtype), x.dtype.type(-np.inf), row_off, row_off + p, dx)
+    dx_correlation(dyp, dyp.reshape(-1), wf, np.zeros(wf.shape[0], x.dtype), x.dtype.type(-np.inf), row_off,
+                   row_off + p, dx)
     return dx, dw, db

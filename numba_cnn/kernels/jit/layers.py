@@ -25,7 +25,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from numba_cnn.kernels._numba_ext import TILE_BITS, jit as _jit, tile_allocator
+from numba_cnn.kernels._numba_ext import TILE_BITS, jit as _jit, part_range, parts_kernel, tile_allocator
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, pad_width, reusable_output, round_up
@@ -52,8 +52,9 @@ def _philox_round(c0, c1, c2, c3, key0, key1, r):
     return (p1 >> _SHIFT32) ^ c1 ^ k0, p1 & _LOW32, (p0 >> _SHIFT32) ^ c3 ^ k1, p0 & _LOW32
 
 
-@_jit
-def _dropout(x, key0, key1, threshold, scale, zero, y, mask, lanes):
+@parts_kernel
+@_jit(parallel=False)
+def _dropout(part, n_parts, x, key0, key1, threshold, scale, zero, y, mask, lanes):
     """mask[i] = scale if the top 24 bits of word i % 4 of Philox4x32-10(counter (i // 4, 0, 0, 0), key (key0,
     key1)) are below threshold, else zero; y = x * mask. x, y, mask flat; scale and zero in x's dtype.
 
@@ -68,7 +69,7 @@ def _dropout(x, key0, key1, threshold, scale, zero, y, mask, lanes):
     counters = (n + 3) // 4
     key0, key1 = np.uint64(key0), np.uint64(key1)
     limit = np.int32(threshold)
-    for task in prange((counters + _BLOCKS_PER_TASK - 1) // _BLOCKS_PER_TASK):
+    for task in part_range(part, n_parts, (counters + _BLOCKS_PER_TASK - 1) // _BLOCKS_PER_TASK):
         top_bits = np.empty(4 * lanes, np.int32)
         first, last = task * _BLOCKS_PER_TASK, min(counters, (task + 1) * _BLOCKS_PER_TASK)
         for base in range(first, last, lanes):
@@ -220,8 +221,9 @@ def _make_dense_forward(lanes):
     tile = DENSE_ROWS * lanes
     _stack_tile = tile_allocator()
 
-    @_jit
-    def dense_forward(x, w, b, y):
+    @parts_kernel
+    @_jit(parallel=False)
+    def dense_forward(part, n_parts, x, w, b, y):
         """y[n, m] = sum over d of x[n, d] * w[d, m], d in order, then + b[m]: tasks of DENSE_ROWS rows x `lanes`
         outputs (x at least DENSE_ROWS rows; the last row block overlaps the one before and stores only its new
         rows), each step one broadcast per row and one load of w's `lanes` values for 12 vector FMAs. w's columns
@@ -230,7 +232,8 @@ def _make_dense_forward(lanes):
         n_out = y.shape[1]
         n_row_blocks = (n_rows + DENSE_ROWS - 1) // DENSE_ROWS
         n_col_blocks = (n_out + lanes - 1) // lanes
-        for task in prange(n_row_blocks * n_col_blocks):  # a block of outputs' tasks in a row: its w stays in cache
+        # a block of outputs' tasks in a row (one part's share is contiguous): its w stays in cache
+        for task in part_range(part, n_parts, n_row_blocks * n_col_blocks):
             j0 = (task // n_row_blocks) * lanes
             first = (task % n_row_blocks) * DENSE_ROWS
             r0 = min(first, n_rows - DENSE_ROWS)

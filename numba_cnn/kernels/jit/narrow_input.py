@@ -5,7 +5,7 @@ the next layer copies channels-last, and whose backward copies the channels-last
 planes. Host side and kernels in one self-contained file (Numba's cache sees every change to what it compiles;
 `_numba_ext`'s `stack_tile` and `copy_block` are inlined).
 
-`_narrow_forward`: prange over images; per output row, tiles of columns x lanes output channels, summed over a
+`_narrow_forward`: threads over images; per output row, tiles of columns x lanes output channels, summed over a
     kernel row's S x C values at a time (u = s * C + c: one loop, contiguous in the padded channels-last input row)
     in (r, s, c) order from the bias, as FMAs: each output is summed exactly as the column and channels-last tiles
     sum it (the same bits); ReLU'd in the tile, each column's lanes stored as one block. The last column tile
@@ -19,9 +19,9 @@ planes. Host side and kernels in one self-contained file (Numba's cache sees eve
 """
 
 import numpy as np
-from numba import prange
 
-from numba_cnn.kernels._numba_ext import TILE_BITS, TILE_REGISTERS, copy_block, jit as _jit, tile_allocator
+from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, copy_block, jit as _jit, part_range, parts_kernel,
+                                           tile_allocator)
 from numba_cnn.kernels.jit.buffers import aligned_copy, padded_channels_last, reusable_output, scratch
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
@@ -101,8 +101,9 @@ def _make_narrow_forward(lanes, columns):
     tile = lanes * columns
     _stack_tile = tile_allocator()
 
-    @_jit
-    def narrow_forward(xp, wt, b, floor, channels, y):
+    @parts_kernel
+    @_jit(parallel=False)
+    def narrow_forward(part, n_parts, xp, wt, b, floor, channels, y):
         """y[n, i, j, k] (channels last) = relu_floor(b[k] + sum_{r, u} xp[n, i + r, j * C + u] * wt[r, u, k]) with
         u = s * C + c over a kernel row's values, C = channels; xp the zero-padded input channels-last with each
         row flat (N, Hp, Wp * C); wt (R, S * C, K), K a multiple of `lanes`; floor 0 for ReLU (NaN kept) or -inf
@@ -111,7 +112,7 @@ def _make_narrow_forward(lanes, columns):
         p_out, q_out, n_out = y.shape[1], y.shape[2], y.shape[3]
         r_taps, span = wt.shape[0], wt.shape[1]
         y_flat = y.reshape(-1)
-        for n in prange(n_images):
+        for n in part_range(part, n_parts, n_images):
             acc = _stack_tile(tile, xp.dtype)
             xs = _stack_tile(columns, xp.dtype)
             for i in range(p_out):
@@ -147,8 +148,9 @@ def _make_narrow_weight_grad(lanes, taps):
     tile = lanes * taps
     _stack_tile = tile_allocator()
 
-    @_jit
-    def narrow_weight_grad(xp, dy, relu_y, select, channels, zero, dwt, dbt):
+    @parts_kernel
+    @_jit(parallel=False)
+    def narrow_weight_grad(part, n_parts, xp, dy, relu_y, select, channels, zero, dwt, dbt):
         """dwt[h, r, u, k] = sum over the images n of chunk h (dwt.shape[0] contiguous chunks of the batch) and the
         pixels (i, j) of g[n, i, j, k] * xp[n, i + r, j * C + u], u = s * C + c (C = channels); dbt[h, k] the
         chunk's sum of g (images, then pixels in order). g = dy, or with select the ReLU's select `0 if relu_y <= 0
@@ -158,14 +160,14 @@ def _make_narrow_weight_grad(lanes, taps):
         n_images = xp.shape[0]
         n_chunks, r_taps, span, n_out = dwt.shape
         p_out, q_out = dy.shape[1], dy.shape[2]
-        for h in prange(n_chunks):
+        for h in part_range(part, n_parts, n_chunks):
             acc = _stack_tile(tile, xp.dtype)
             xs = _stack_tile(taps, xp.dtype)
             total = _stack_tile(lanes, xp.dtype)
-            part = dwt[h]
+            chunk = dwt[h]
             for r in range(r_taps):
                 for u in range(span):
-                    row = part[r, u]
+                    row = chunk[r, u]
                     for k in range(n_out):
                         row[k] = zero
             sums = dbt[h]
@@ -178,7 +180,7 @@ def _make_narrow_weight_grad(lanes, taps):
                             first = min(u0, span - taps)
                             summing = r == 0 and u0 == 0  # the bias gradient's sums, on the first pass
                             for t in range(taps):
-                                row = part[r, first + t, k0:k0 + lanes]
+                                row = chunk[r, first + t, k0:k0 + lanes]
                                 for l in range(lanes):
                                     acc[t * lanes + l] = row[l]
                             sum_row = sums[k0:k0 + lanes]
@@ -199,7 +201,7 @@ def _make_narrow_weight_grad(lanes, taps):
                                         for t in range(taps):
                                             acc[t * lanes + l] += g * xs[t]
                             for t in range(u0 - first, taps):
-                                row = part[r, first + t, k0:k0 + lanes]
+                                row = chunk[r, first + t, k0:k0 + lanes]
                                 for l in range(lanes):
                                     row[l] = acc[t * lanes + l]
                             for l in range(lanes):

@@ -1,7 +1,8 @@
 """The jit backend's small layers beyond the register tiles: max-pooling with any window but 2x2 (which tiles.py
 keeps), average pooling (global pooling is the window (H, W)) and batch normalisation. NCHW (the caller copies a
-channels-last input) but for batch normalisation's channels-last twins; memory-bound loops, prange over (image,
-channel) planes, over channels, or over chunks and blocks of pixels.
+channels-last input) but for batch normalisation's channels-last twins; memory-bound loops, the threads sharing
+(image, channel) planes, channels, or chunks and blocks of pixels (`parts_kernel` tasks, `_channel_stats_last`
+and the batch norm backward's prange).
 
 `_maxpool_any_forward` / `_maxpool_any_backward`: per window, the values in row-major order through selects: a later
     value wins if it is strictly greater, or if it is NaN and the best so far is not (the rule of tiles.py's
@@ -9,30 +10,31 @@ channel) planes, over channels, or over chunks and blocks of pixels.
     window's dy where argmax points and exactly zero elsewhere (dropped rows and columns too).
 `_avgpool_forward` / `_avgpool_backward`: window sums in float64 (no float32 overflow or cancellation), divided by
     kh * kw; backward shares dy / (kh * kw), computed in float64, over the window.
-`_channel_stats`: per channel (prange), the mean over (N, H, W) and then the biased variance around it, both summed
-    in float64: a large mean (activations far from zero) costs float32 sums their low bits, and one-pass E[x^2] -
-    E[x]^2 would cancel; the caller updates the running statistics from these float64 values, as the oracle does.
+`_channel_stats`: per channel (shared by the threads), the mean over (N, H, W) and then the biased variance around
+    it, both summed in float64: a large mean (activations far from zero) costs float32 sums their low bits, and
+    one-pass E[x^2] - E[x]^2 would cancel; the caller updates the running statistics from these float64 values, as
+    the oracle does.
 `_batchnorm_apply`: y = (x - mean) * (inv_std * gamma) + beta, per element in float64 from float64 channel
     constants, clamped below at `floor` by a select (-inf: none; 0: the fused ReLU, `0 if v < 0 else v`, which
     keeps NaN) and rounded once on the store.
-`_batchnorm_backward`: per channel (prange), sum(dy) and sum(dy * x_hat) in float64, then dx = gamma * inv_std *
-    (dy - sum(dy) / M - x_hat * sum(dy * x_hat) / M). `_batchnorm_relu_backward`, the fused BatchNorm + ReLU's: the
-    same, each dy read through the ReLU's select `0 if y <= 0 else dy` (y its output). One factory makes both, the
-    choice a compile-time constant, so the plain kernel compiles as it did without the select.
+`_batchnorm_backward`: per channel (shared by the threads), sum(dy) and sum(dy * x_hat) in float64, then dx = gamma *
+    inv_std * (dy - sum(dy) / M - x_hat * sum(dy * x_hat) / M). `_batchnorm_relu_backward`, the fused BatchNorm +
+    ReLU's: the same, each dy read through the ReLU's select `0 if y <= 0 else dy` (y its output). One factory makes
+    both, the choice a compile-time constant, so the plain kernel compiles as it did without the select.
 
 `_channel_stats_last`, `_batchnorm_apply_last`, `_batchnorm_backward_last` / `_batchnorm_relu_backward_last`: the
     same for channels-last input viewed as (pixels, C), a pixel's channels in the vector lanes: the sums per fixed
-    chunk of pixels (partial.shape[0] chunks, prange) in float64, the chunks then added in order; the statistics in
-    one pass over x, each chunk's values shifted by its first pixel's (`_channel_stats_two_pass`, the two-pass sums,
-    where that gives non-finite statistics); the element-wise passes over blocks of pixels.
+    chunk of pixels (partial.shape[0] chunks, shared by the threads) in float64, the chunks then added in order; the
+    statistics in one pass over x, each chunk's values shifted by its first pixel's (`_channel_stats_two_pass`, the
+    two-pass sums, where that gives non-finite statistics); the element-wise passes over blocks of pixels.
     `_batchnorm_apply_last` computes each element as `_batchnorm_apply` does: the same bits.
 
 `_batchnorm_apply_pool_last`: `_batchnorm_apply_last` and tiles.py's 2x2 `_maxpool_forward_last` in one pass, for
     the fused BatchNorm + ReLU + max-pool: each window's four values normalised, rounded and pooled where they are
     made, so the full-size activation is neither written nor read back.
 
-Every reduction runs inside one prange iteration in a fixed order, or over fixed chunks added in order, so results
-do not depend on the thread count.
+Every reduction runs inside one index of a loop the threads share, in a fixed order, or over fixed chunks added in
+order, so results do not depend on the thread count.
 Self-contained but for tiles.py's `_pool_window`, whose file's hash the kernel inlining it closes over, so Numba's
 cache sees every change to what it compiles.
 """
@@ -43,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
-from numba_cnn.kernels._numba_ext import jit as _jit
+from numba_cnn.kernels._numba_ext import jit as _jit, part_range, parts_kernel
 from numba_cnn.kernels.jit import tiles
 from numba_cnn.kernels.jit.tiles import _pool_window
 
@@ -52,12 +54,13 @@ from numba_cnn.kernels.jit.tiles import _pool_window
 _TILES_STAMP = hashlib.sha256(Path(tiles.__file__).read_bytes()).hexdigest()
 
 
-@_jit
-def _maxpool_any_forward(x, kh, kw, y, argmax):
+@parts_kernel
+@_jit(parallel=False)
+def _maxpool_any_forward(part, n_parts, x, kh, kw, y, argmax):
     """y[n,c,i,j], argmax[n,c,i,j] = the max of window (i*kh.., j*kw..) of x and its offset di*kw + dj."""
     n_images, n_ch = x.shape[0], x.shape[1]
     ho, wo = y.shape[2], y.shape[3]
-    for nc in prange(n_images * n_ch):
+    for nc in part_range(part, n_parts, n_images * n_ch):
         n, c = nc // n_ch, nc % n_ch
         plane = x[n, c]
         for i in range(ho):
@@ -75,12 +78,13 @@ def _maxpool_any_forward(x, kh, kw, y, argmax):
                 arg_row[j] = where
 
 
-@_jit
-def _maxpool_any_backward(dy, argmax, kh, kw, zero, dx):
+@parts_kernel
+@_jit(parallel=False)
+def _maxpool_any_backward(part, n_parts, dy, argmax, kh, kw, zero, dx):
     """dx[n,c] = each window's dy at its argmax offset, exactly zero elsewhere (dropped rows and columns too)."""
     n_images, n_ch, h, w = dx.shape
     ho, wo = dy.shape[2], dy.shape[3]
-    for nc in prange(n_images * n_ch):
+    for nc in part_range(part, n_parts, n_images * n_ch):
         n, c = nc // n_ch, nc % n_ch
         plane = dx[n, c]
         dy_plane, arg_plane = dy[n, c], argmax[n, c]
@@ -99,13 +103,14 @@ def _maxpool_any_backward(dy, argmax, kh, kw, zero, dx):
             plane[i] = zero
 
 
-@_jit
-def _avgpool_forward(x, kh, kw, y):
+@parts_kernel
+@_jit(parallel=False)
+def _avgpool_forward(part, n_parts, x, kh, kw, y):
     """y[n,c,i,j] = the mean of window (i*kh.., j*kw..) of x, summed in float64."""
     n_images, n_ch = x.shape[0], x.shape[1]
     ho, wo = y.shape[2], y.shape[3]
     count = kh * kw
-    for nc in prange(n_images * n_ch):
+    for nc in part_range(part, n_parts, n_images * n_ch):
         n, c = nc // n_ch, nc % n_ch
         plane = x[n, c]
         y_plane = y[n, c]
@@ -119,14 +124,15 @@ def _avgpool_forward(x, kh, kw, y):
                 y_plane[i, j] = total / count
 
 
-@_jit
-def _global_avgpool_last(x_cl, y):
+@parts_kernel
+@_jit(parallel=False)
+def _global_avgpool_last(part, n_parts, x_cl, y):
     """y[n, c] = the mean of x_cl[n, :, :, c] (channels-last x, a window over the whole image), summed in float64
     over the pixels in row-major order, a vector of channels at a time: one pass over the image, where
     `_avgpool_forward` walks it once per channel."""
     n_images, h, w, n_ch = x_cl.shape
     count = h * w
-    for n in prange(n_images):
+    for n in part_range(part, n_parts, n_images):
         totals = np.zeros(n_ch)
         for i in range(h):
             for j in range(w):
@@ -138,14 +144,15 @@ def _global_avgpool_last(x_cl, y):
             y_row[c] = totals[c] / count
 
 
-@_jit
-def _global_avgpool_relu_backward_last(dy, y_cl, zero, dx_cl):
+@parts_kernel
+@_jit(parallel=False)
+def _global_avgpool_relu_backward_last(part, n_parts, dy, y_cl, zero, dx_cl):
     """dx_cl[n, i, j, c] = 0 where y_cl[n, i, j, c] <= 0, else dy[n, c] / (H * W) (in float64, rounded once): the
     composition of `_avgpool_backward` over a window of the whole image and the ReLU's select against a
     channels-last y (jit/layers.py: relu_backward), in one pass that reads y and writes dx channels-last."""
     n_images, h, w, n_ch = y_cl.shape
     count = h * w
-    for n in prange(n_images):
+    for n in part_range(part, n_parts, n_images):
         spread = np.empty(n_ch, dx_cl.dtype)
         for c in range(n_ch):
             spread[c] = np.float64(dy[n, c]) / count
@@ -156,13 +163,14 @@ def _global_avgpool_relu_backward_last(dy, y_cl, zero, dx_cl):
                     dx_px[c] = zero if y_px[c] <= zero else spread[c]
 
 
-@_jit
-def _avgpool2x2_forward(x, y):
+@parts_kernel
+@_jit(parallel=False)
+def _avgpool2x2_forward(part, n_parts, x, y):
     """`_avgpool_forward` for 2x2 windows, the window's four values summed in the same order (so the same bits),
     with constant trip counts that LLVM vectorises along the row."""
     n_images, n_ch = x.shape[0], x.shape[1]
     ho, wo = y.shape[2], y.shape[3]
-    for nc in prange(n_images * n_ch):
+    for nc in part_range(part, n_parts, n_images * n_ch):
         n, c = nc // n_ch, nc % n_ch
         for i in range(ho):
             top, bottom, y_row = x[n, c, 2 * i], x[n, c, 2 * i + 1], y[n, c, i]
@@ -173,12 +181,13 @@ def _avgpool2x2_forward(x, y):
                 y_row[j] = total / 4
 
 
-@_jit
-def _avgpool2x2_backward(dy, zero, dx):
+@parts_kernel
+@_jit(parallel=False)
+def _avgpool2x2_backward(part, n_parts, dy, zero, dx):
     """`_avgpool_backward` for 2x2 windows (the same bits)."""
     n_images, n_ch, h, w = dx.shape
     ho, wo = dy.shape[2], dy.shape[3]
-    for nc in prange(n_images * n_ch):
+    for nc in part_range(part, n_parts, n_images * n_ch):
         n, c = nc // n_ch, nc % n_ch
         plane, dy_plane = dx[n, c], dy[n, c]
         for i in range(ho):
@@ -196,14 +205,15 @@ def _avgpool2x2_backward(dy, zero, dx):
             plane[i] = zero
 
 
-@_jit
-def _avgpool_backward(dy, kh, kw, zero, dx):
+@parts_kernel
+@_jit(parallel=False)
+def _avgpool_backward(part, n_parts, dy, kh, kw, zero, dx):
     """dx[n,c] = each window's dy / (kh * kw) (in float64, rounded once) on its elements, zero outside every
     window."""
     n_images, n_ch, h, w = dx.shape
     ho, wo = dy.shape[2], dy.shape[3]
     count = kh * kw
-    for nc in prange(n_images * n_ch):
+    for nc in part_range(part, n_parts, n_images * n_ch):
         n, c = nc // n_ch, nc % n_ch
         plane, dy_plane = dx[n, c], dy[n, c]
         for i in range(ho):
@@ -219,12 +229,13 @@ def _avgpool_backward(dy, kh, kw, zero, dx):
             plane[i] = zero
 
 
-@_jit
-def _channel_stats(x, mean, var):
+@parts_kernel
+@_jit(parallel=False)
+def _channel_stats(part, n_parts, x, mean, var):
     """x[N, C, M] -> float64 mean[c] and biased var[c] over (N, M): two passes, each summed in float64."""
     n_images, n_ch, plane = x.shape
     count = n_images * plane
-    for c in prange(n_ch):
+    for c in part_range(part, n_parts, n_ch):
         total = np.float64(0)  # not 0.0: interpreted, numpy would keep a float32 sum
         for n in range(n_images):
             row = x[n, c]
@@ -241,12 +252,13 @@ def _channel_stats(x, mean, var):
         var[c] = squares / count
 
 
-@_jit
-def _batchnorm_apply(x, mean, scale, shift, floor, y):
+@parts_kernel
+@_jit(parallel=False)
+def _batchnorm_apply(part, n_parts, x, mean, scale, shift, floor, y):
     """y[n, c, u] = max((x[n, c, u] - mean[c]) * scale[c] + shift[c], floor), in float64 (mean, scale, shift,
     floor float64), over x[N, C, M]; the max a select that keeps NaN, floor -inf for none, 0 for a ReLU."""
     n_images, n_ch, plane = x.shape
-    for nc in prange(n_images * n_ch):
+    for nc in part_range(part, n_parts, n_images * n_ch):
         n, c = nc // n_ch, nc % n_ch
         m, a, t = mean[c], scale[c], shift[c]
         src, dst = x[n, c], y[n, c]
@@ -259,8 +271,9 @@ def _make_batchnorm_backward(relu):
     """The batch-norm backward kernel; with `relu` (a compile-time constant), of the fused BatchNorm + ReLU: dy read
     through the ReLU's select. Without, y is not read and the kernel is the plain op's."""
 
-    @_jit
-    def batchnorm_backward(dy, y, x, gamma, mean, inv_std, dx, dgamma, dbeta):
+    @parts_kernel
+    @_jit(parallel=False)
+    def batchnorm_backward(part, n_parts, dy, y, x, gamma, mean, inv_std, dx, dgamma, dbeta):
         """The training-mode gradient over dy, y, x, dx [N, C, M]: per channel, in float64, with g = dy, or with
         relu g = 0 where y <= 0 and dy elsewhere (y the ReLU's output; a NaN y keeps dy), x_hat = (x - mean) *
         inv_std, dbeta = sum(g), dgamma = sum(g * x_hat), dx = gamma * inv_std * (g - dbeta / M - x_hat * dgamma /
@@ -268,7 +281,7 @@ def _make_batchnorm_backward(relu):
         n_images, n_ch, plane = x.shape
         count = n_images * plane
         zero = np.float64(0)
-        for c in prange(n_ch):
+        for c in part_range(part, n_parts, n_ch):
             m, s = np.float64(mean[c]), np.float64(inv_std[c])
             sum_dy, sum_dy_xhat = np.float64(0), np.float64(0)
             for n in range(n_images):
@@ -369,11 +382,12 @@ def _channel_stats_two_pass(x, partial, mean, var):
         _chunk_sums_done(partial, n_px, var if deviations else mean)
 
 
-@_jit
-def _batchnorm_apply_last(x, mean, scale, shift, floor, y):
+@parts_kernel
+@_jit(parallel=False)
+def _batchnorm_apply_last(part, n_parts, x, mean, scale, shift, floor, y):
     """`_batchnorm_apply` over channels-last x[P, C] into y[P, C]."""
     n_px, n_ch = x.shape
-    for block in prange((n_px + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK):
+    for block in part_range(part, n_parts, (n_px + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK):
         for p in range(block * _PIXEL_BLOCK, min(n_px, (block + 1) * _PIXEL_BLOCK)):
             src, dst = x[p], y[p]
             for c in range(n_ch):
@@ -484,15 +498,16 @@ _batchnorm_relu_pool_backward_last = _make_batchnorm_backward_last(True, True)
 def _make_batchnorm_apply_pool_last():
     tiles_stamp = _TILES_STAMP
 
-    @_jit
-    def batchnorm_apply_pool_last(x, mean, scale, shift, floor, y, argmax):
+    @parts_kernel
+    @_jit(parallel=False)
+    def batchnorm_apply_pool_last(part, n_parts, x, mean, scale, shift, floor, y, argmax):
         """`_batchnorm_apply_last` of channels-last x[N, H, W, C], each value computed as it computes it and rounded
         to x's dtype, then pooled over 2x2 windows as tiles.py's `_maxpool_forward_last` pools them (its
         `_pool_window`): y and argmax[N, H // 2, W // 2, C], the same bits as the two kernels in turn, in one pass
         that never stores the normalised activation. An odd last row or column, in no window, is not read."""
         _ = tiles_stamp  # the inlined `_pool_window`'s file, in Numba's cache key
         n_images, ho, wo, n_ch = y.shape
-        for task in prange(n_images * ho):
+        for task in part_range(part, n_parts, n_images * ho):
             n, i = task // ho, task % ho
             top, bottom = x[n, 2 * i], x[n, 2 * i + 1]
             y_row, arg_row = y[n, i], argmax[n, i]

@@ -23,9 +23,8 @@ not fewer); else, and where an output comes out non-finite, jit/__init__.py runs
 """
 
 import numpy as np
-from numba import prange
 
-from numba_cnn.kernels._numba_ext import jit as _jit
+from numba_cnn.kernels._numba_ext import jit as _jit, part_range, parts_kernel
 from numba_cnn.kernels.jit.buffers import layout_copy, nhwc, reusable_output
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import WINOGRAD_CHUNK
@@ -36,14 +35,15 @@ from numba_cnn.kernels.jit.winograd_grad import winograd_grad_fits, winograd_wei
 POLYPHASE_SHARE = 2 / 3
 
 
-@_jit
-def _phase_split(x_cl, stride, out):
+@parts_kernel
+@_jit(parallel=False)
+def _phase_split(part, n_parts, x_cl, stride, out):
     """x_cl[N, H, W, C] (any strides) -> out[N, Hp, Wp, stride * stride * C]: out[n, i, j, (a * stride + b) * C + c]
     = x_cl[n, stride * i + a, stride * j + b, c], zero past x's rows and columns."""
     n_images, h, w, n_ch = x_cl.shape
     rows, cols = out.shape[1], out.shape[2]
     zero = out.dtype.type(0)
-    for n in prange(n_images):
+    for n in part_range(part, n_parts, n_images):
         for i in range(rows):
             for j in range(cols):
                 for a in range(stride):
@@ -58,14 +58,15 @@ def _phase_split(x_cl, stride, out):
                                 out[n, i, j, base + ch] = zero
 
 
-@_jit
-def _phase_merge(phases, stride, out):
+@parts_kernel
+@_jit(parallel=False)
+def _phase_merge(part, n_parts, phases, stride, out):
     """phases[N, Hp, Wp, stride * stride * C] -> out[N, H, W, C], _phase_split's inverse: out[n, y, x, c] =
     phases[n, y // stride, x // stride, ((y % stride) * stride + x % stride) * C + c], zero past the phase grid."""
     n_images, h, w, n_ch = out.shape
     rows, cols = phases.shape[1], phases.shape[2]
     zero = out.dtype.type(0)
-    for n in prange(n_images):
+    for n in part_range(part, n_parts, n_images):
         for y in range(h):
             i, a = y // stride, y % stride
             for x in range(w):

@@ -16,7 +16,7 @@ Self-contained (no @njit helper from another file), so Numba's cache sees every 
 import numpy as np
 from numba import njit, prange
 
-from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
+from numba_cnn.kernels._numba_ext import jit as _jit, part_range, parts_kernel, tile_allocator
 from numba_cnn.kernels.jit.tiles import TILE_BITS
 
 # the register tile: 9 taps x one vector of output channels
@@ -114,8 +114,9 @@ def _make_pooled_weight_grad_3x3(lanes):
     tile = 9 * lanes
     _stack_tile = tile_allocator()
 
-    @_jit
-    def pooled_weight_grad_3x3(xp, dy, pooled, argmax, zero, dwt, dbt):
+    @parts_kernel
+    @_jit(parallel=False)
+    def pooled_weight_grad_3x3(part, n_parts, xp, dy, pooled, argmax, zero, dwt, dbt):
         """`_pooled_weight_grad` for a 3x3 kernel (dwt[h, c * 9 + r * 3 + s, k], the same sums in the same order):
         one input channel at a time, each window's 4 x 4 input patch read once, rows 2 pi.. 2 pi + 3 and columns
         2 pj.. 2 pj + 3 of the padded plane (tap (r, s) at window position (a, b) reads patch row a + r, column
@@ -124,7 +125,7 @@ def _make_pooled_weight_grad_3x3(lanes):
         n_chunks, n_out = dwt.shape[0], dwt.shape[2]
         p_half, q_half = dy.shape[1], dy.shape[2]
         k_blocks = n_out // lanes
-        for task in prange(n_chunks * k_blocks):
+        for task in part_range(part, n_parts, n_chunks * k_blocks):
             h, k0 = task // k_blocks, task % k_blocks * lanes
             acc = _stack_tile(tile, xp.dtype)
             sums = _stack_tile(lanes, xp.dtype)

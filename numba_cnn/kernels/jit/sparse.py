@@ -17,7 +17,7 @@ Self-contained (no @njit helper from another file), so Numba's cache sees every 
 import numpy as np
 from numba import njit, prange
 
-from numba_cnn.kernels._numba_ext import jit as _jit, tile_allocator
+from numba_cnn.kernels._numba_ext import jit as _jit, part_range, parts_kernel, tile_allocator
 from numba_cnn.kernels.jit.tiles import TILE_BITS
 
 # values of a kernel row per register tile in the listed input gradient: the model's conv2 row (3 taps x 32
@@ -45,8 +45,10 @@ def _make_pooled_grad_lists():
     """`_pooled_grad_lists`, closing over the tile allocator (so that the choice is in numba's cache key)."""
     _stack_tile = tile_allocator()
 
-    @_jit
-    def pooled_grad_lists(dy, pooled, argmax, x_flat, width, channels, zero, values, offsets, counts, sums, finite):
+    @parts_kernel
+    @_jit(parallel=False)
+    def pooled_grad_lists(part, n_parts, dy, pooled, argmax, x_flat, width, channels, zero, values, offsets, counts,
+                          sums, finite):
         """Per image n and channel k, the nonzero elements of the conv output's gradient behind ReLU + 2x2 max-pooling,
         from the pooled gradient dy, indexed (N, P2, Q2, K) (a view of either layout, as pooled and argmax: no copy
         is made to change it): values[n, k, :counts[n, k]] are dy where pooled > 0 or is NaN (the ReLU's select, as
@@ -60,7 +62,7 @@ def _make_pooled_grad_lists():
         rest one at a time."""
         n_images, p_half, q_half, n_out = dy.shape
         grouped = n_out - n_out % 4
-        for n in prange(n_images):
+        for n in part_range(part, n_parts, n_images):
             check = zero
             x_image = x_flat[n]
             for u in range(x_image.shape[0]):
@@ -108,9 +110,10 @@ def _make_listed_weight_grad(block):
     tile = rows * block
     _stack_tile = tile_allocator()
 
-    @_jit
-    def listed_weight_grad(x_rows, top, left_values, values, offsets, counts, row_length, pooled_rows, band_rows,
-                           bands, partial):
+    @parts_kernel
+    @_jit(parallel=False)
+    def listed_weight_grad(part, n_parts, x_rows, top, left_values, values, offsets, counts, row_length, pooled_rows,
+                           band_rows, bands, partial):
         """partial[h, k, r, u] = sum over the images n of chunk h (partial.shape[0] contiguous chunks of the batch)
         and the listed elements e of (n, k) of values[n, k, e] * xp[n, offsets[n, k, e] + r * row_length + u],
         u < S * C: chunk h's share of the weight gradient as (K, R, S * C) (channels last), xp[n] being x[n]
@@ -131,15 +134,15 @@ def _make_listed_weight_grad(block):
         n_chunks, n_out, r_taps, span = partial.shape
         tiled = span - span % block
         r_tiled = r_taps - r_taps % rows
-        for h in prange(n_chunks):
+        for h in part_range(part, n_parts, n_chunks):
             acc = _stack_tile(tile, x_rows.dtype)
             band = bands[h]
-            part = partial[h]
+            chunk = partial[h]
             for k in range(n_out):
                 for r in range(r_taps):
-                    part_row = part[k, r]
+                    chunk_row = chunk[k, r]
                     for u in range(span):
-                        part_row[u] = 0
+                        chunk_row[u] = 0
             cursors = np.empty(n_out, np.int64)
             for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
                 cursors[:] = 0
@@ -173,7 +176,7 @@ def _make_listed_weight_grad(block):
                             continue
                         for r0 in range(0, r_tiled, rows):
                             for u0 in range(0, tiled, block):
-                                p0, p1, p2 = part[k, r0, u0:], part[k, r0 + 1, u0:], part[k, r0 + 2, u0:]
+                                p0, p1, p2 = chunk[k, r0, u0:], chunk[k, r0 + 1, u0:], chunk[k, r0 + 2, u0:]
                                 for u in range(block):
                                     acc[u] = p0[u]
                                     acc[block + u] = p1[u]
@@ -194,7 +197,7 @@ def _make_listed_weight_grad(block):
                                     p2[u] = acc[2 * block + u]
                         for r in range(r_tiled, r_taps):  # kernel rows beyond the last whole group of 3
                             for u0 in range(0, tiled, block):
-                                p0 = part[k, r, u0:]
+                                p0 = chunk[k, r, u0:]
                                 for u in range(block):
                                     acc[u] = p0[u]
                                 for e in range(first, last):
@@ -206,12 +209,12 @@ def _make_listed_weight_grad(block):
                                     p0[u] = acc[u]
                         if tiled < span:  # values of a row beyond the last whole block, one element at a time
                             for r in range(r_taps):
-                                part_row = part[k, r]
+                                chunk_row = chunk[k, r]
                                 for e in range(first, last):
                                     g = value_row[e]
                                     x0 = band[offset_row[e] - shift + r * row_length:]
                                     for u in range(tiled, span):
-                                        part_row[u] += g * x0[u]
+                                        chunk_row[u] += g * x0[u]
 
     return listed_weight_grad
 
@@ -322,8 +325,9 @@ def _make_listed_input_grad(block):
 _listed_input_grad = _make_listed_input_grad(LISTED_BLOCK)
 
 
-@_jit
-def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
+@parts_kernel
+@_jit(parallel=False)
+def _unpool_pack(part, n_parts, dy, pooled, argmax, col_pad, zero, out, sums):
     """The gradient of a conv output before ReLU + 2x2 max-pooling, from the pooled gradient dy[N, P//2, Q//2, K]
     (channels last, as pooled and argmax): the ReLU's select (dy where pooled > 0 or pooled is NaN, else exactly 0,
     as layers.relu_backward) routed to each window's argmax, written channels-last into out[N, P, Q + 2 col_pad,
@@ -331,7 +335,7 @@ def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
     row/column); sums[n, k] as `_pack_channels_last` makes them, in the same order (so the same bits)."""
     n_images, p_half, q_half, n_ch = dy.shape
     p_out, c_padded = out.shape[1], out.shape[3]
-    for n in prange(n_images):
+    for n in part_range(part, n_parts, n_images):
         total = sums[n]
         total[:] = zero
         for i in range(p_out):
@@ -361,14 +365,15 @@ def _unpool_pack(dy, pooled, argmax, col_pad, zero, out, sums):
                     total[c] += right[c]
 
 
-@_jit
-def _pack_channels_last(a, col_pad, out, sums):
+@parts_kernel
+@_jit(parallel=False)
+def _pack_channels_last(part, n_parts, a, col_pad, out, sums):
     """a[N, C, H, W] -> out[N, H, W + 2 col_pad, C_padded]: channels last, zero columns on both sides and zero
     padded channels; sums[n, c] = sum of a[n, c], summed in one fixed order per image (the bias gradient's terms,
     independent of the thread count)."""
     n_images, n_ch, h, w = a.shape
     c_padded = out.shape[3]
-    for n in prange(n_images):
+    for n in part_range(part, n_parts, n_images):
         total = sums[n]
         total[:] = 0
         for i in range(h):
@@ -396,14 +401,15 @@ def _stage_channels(pixels, staged):
             staged[c, j] = px[c]
 
 
-@_jit
-def _channels_first(x_cl, out):
+@parts_kernel
+@_jit(parallel=False)
+def _channels_first(part, n_parts, x_cl, out):
     """x_cl[N, H, W, C] (channels last, C-contiguous) -> out[N, C, H, W]: per image, one plane at a time, written
     whole from a strided read of the image (which stays in cache over its planes). Written in the image's order,
     one value per plane at a time, the plane rows collide in the L1 cache (docs/numba.md, trap 7)."""
     n_images, h, w, n_ch = x_cl.shape
     plane = h * w
-    for n in prange(n_images):
+    for n in part_range(part, n_parts, n_images):
         pixels, planes = x_cl[n].reshape(plane * n_ch), out[n].reshape(n_ch * plane)
         for c in range(n_ch):
             row = planes[c * plane:]
@@ -411,8 +417,9 @@ def _channels_first(x_cl, out):
                 row[p] = pixels[p * n_ch + c]
 
 
-@_jit
-def _pad_planes(src, channels_last, select, pooled, relu_y, top, left, dst, sums):
+@parts_kernel
+@_jit(parallel=False)
+def _pad_planes(part, n_parts, src, src_flat, channels_last, select, pooled, relu_y, top, left, dst, dst_flat, sums):
     """dst[n, c] = the plane (n, c) of src placed at (top, left) in zeros, and sums[n, c] its sum (down the columns,
     then across them; the same code for either layout, so the same bits); src a C-contiguous NCHW array, or NHWC
     when channels_last (then read a pixel's channels at a time; one compiled kernel serves both layouts), dst NCHW
@@ -421,7 +428,8 @@ def _pad_planes(src, channels_last, select, pooled, relu_y, top, left, dst, sums
     not read: one compiled kernel for both, which shortens a cold start). pooled (NCHW src, with select): src is the
     gradient of relu_y's 2x2 average pool, (N, C, H // 2, W // 2), and the plane is that pool's backward, never
     written out: each value's src / 4 (in float64, rounded on the store, as norm.py's `_avgpool2x2_backward`) on the
-    four elements of its window, the rows and columns no window covers zero, bit for bit."""
+    four elements of its window, the rows and columns no window covers zero, bit for bit. src_flat and dst_flat:
+    src.reshape(-1) and dst.reshape(-1), made by the caller (reshaped in the task, the copies ran 30 % slower)."""
     n_images = src.shape[0]
     if pooled:
         n_ch, h, w = relu_y.shape[1], relu_y.shape[2], relu_y.shape[3]
@@ -431,10 +439,9 @@ def _pad_planes(src, channels_last, select, pooled, relu_y, top, left, dst, sums
         n_ch, h, w = src.shape[1], src.shape[2], src.shape[3]
     n_planes, rows, columns = dst.shape[1], dst.shape[2], dst.shape[3]
     zero = src.dtype.type(0)
-    # flat offsets as unsigned integers into dst (C-contiguous, made here) and an NCHW src: no wrap-around fix and
-    # no slice per row (their scalar work outweighed these short rows' copies)
-    dst_flat, src_flat = dst.reshape(-1), src.reshape(-1)
-    for n in prange(n_images):
+    # flat offsets as unsigned integers into dst (C-contiguous) and an NCHW src: no wrap-around fix and no slice per
+    # row (their scalar work outweighed these short rows' copies)
+    for n in part_range(part, n_parts, n_images):
         image_at = n * n_planes * rows * columns
         for t in range(n_planes * rows * columns):  # zeros first, then the planes over them: simpler than the border
             dst_flat[np.uint64(image_at + t)] = zero
@@ -468,7 +475,8 @@ def _pad_planes(src, channels_last, select, pooled, relu_y, top, left, dst, sums
         column_sums = np.empty(w, dst.dtype)
         for c in range(n_ch):
             # down the columns first (w independent sums, vectorised), then across them, in a fixed order
-            column_sums[:] = zero
+            for j in range(w):  # a loop: a slice assignment outside a prange is numba's slower general indexing
+                column_sums[j] = zero
             for i in range(h):
                 at = ((n * n_planes + c) * rows + top + i) * columns + left
                 for j in range(w):
@@ -479,14 +487,15 @@ def _pad_planes(src, channels_last, select, pooled, relu_y, top, left, dst, sums
             sums[n, c] = total
 
 
-@_jit
-def _pad_rows(x_cl, top, left, out):
+@parts_kernel
+@_jit(parallel=False)
+def _pad_rows(part, n_parts, x_cl, top, left, out):
     """x_cl[N, H, W, C] (channels last, C-contiguous) -> out[N, Hp, Wp, C]: x at rows top.. and columns left..,
     zeros around it; a row's W x C values copied as one run."""
     n_images, h, w, n_ch = x_cl.shape
     hp, wp = out.shape[1], out.shape[2]
     zero = x_cl.dtype.type(0)
-    for n in prange(n_images):
+    for n in part_range(part, n_parts, n_images):
         for i in range(hp):
             row = out[n, i].reshape(wp * n_ch)
             src = i - top
@@ -503,15 +512,16 @@ def _pad_rows(x_cl, top, left, out):
                 seg[u] = x_row[u]
 
 
-@_jit
-def _pad_channels_last(x, top, left, out):
+@parts_kernel
+@_jit(parallel=False)
+def _pad_channels_last(part, n_parts, x, top, left, out):
     """x[N, C, H, W] (NCHW) -> out[N, Hp, Wp, C]: channels last, x at rows top.. and columns left.., zeros around
     it. Per image and output row, the C input rows it reads are first copied whole into a small buffer, then
     interleaved from there: read straight from x, a pixel's C values lie H * W apart, and at 32 x 32 that stride
     is 4 KiB, so they all fall into one set of the L1 cache and evict each other."""
     n_images, n_ch, h, w = x.shape
     hp = out.shape[1]
-    for n in prange(n_images):
+    for n in part_range(part, n_parts, n_images):
         rows = np.empty((n_ch, w), x.dtype)
         for i in range(hp):
             row = out[n, i]

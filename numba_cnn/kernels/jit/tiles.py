@@ -12,11 +12,10 @@ pooling.py).
 import numpy as np
 from numba import njit, prange
 
-from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit, run_parts,
-                                          tile_allocator)
+from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit, part_range,
+                                          parts_kernel, run_parts, tile_allocator)
 from numba_cnn.kernels.jit.winograd_stages import (STAGES_STAMP, _forward_products, _output4, _output6, _output6x4,
-                                                   _output8x4, _tile_input4, _tile_input6,
-                                                   _tile_input8)
+                                                   _output8x4, _tile_input4, _tile_input6, _tile_input8)
 
 # Tile shapes, (lanes, columns) of the correlation tiles and lanes of the weight-gradient tiles, by the target's
 # vector registers. The one place they are chosen; docs/kernels.md tabulates them.
@@ -310,8 +309,9 @@ def _make_winograd(size, out, rows, lanes, chunk):
     return winograd
 
 
-@_jit
-def _winograd_sandwich(x, g, out):
+@parts_kernel
+@_jit(parallel=False)
+def _winograd_sandwich(part, n_parts, x, g, out):
     """out[n a + b, c, k] = (g x[:, :, c, k] g^T)[a, b] for g (n x m) and x[m, m, C, K], summed in float64 and
     rounded once, for the lanes k that x and out both have: Winograd's filter transform G w G^T (g = G, x = w
     transposed, winograd.py; out's lanes past K are left as they are) and its weight gradient's transform back
@@ -320,7 +320,7 @@ def _winograd_sandwich(x, g, out):
     summed 5-long rows in scalar code)."""
     size, n_in, n_out = x.shape[0], x.shape[2], min(x.shape[3], out.shape[2])
     window = g.shape[0]
-    for c in prange(n_in):
+    for c in part_range(part, n_parts, n_in):
         xc = np.empty((size, size, n_out))
         for r in range(size):
             for s in range(size):
@@ -450,14 +450,15 @@ def _make_one_channel_pool(lanes):
     time. (Lanes along the columns, `_make_conv1_pool`, transpose every pooled row on the way out.)"""
     _stack_tile = tile_allocator()
 
-    @_jit
-    def one_channel_pool(x, wt, b, zero, y, argmax):
+    @parts_kernel
+    @_jit(parallel=False)
+    def one_channel_pool(part, n_parts, x, wt, b, zero, y, argmax):
         """y[n, i, j, k], argmax[n, i, j, k] (channels last, K a multiple of `lanes`) = pool(relu(b[k] + sum_{r,s}
         x[n, 2i + a + r, 2j + b + s] * wt[3r + s, k])) over the window's positions (a, b); x (N, H, W) holding the
         padding; wt (9, K)."""
         n_images = x.shape[0]
         p_half, q_half, n_out = y.shape[1], y.shape[2], y.shape[3]
-        for n in prange(n_images):
+        for n in part_range(part, n_parts, n_images):
             xs = _stack_tile(16, x.dtype)
             image = x[n]
             for k0 in range(0, n_out, lanes):
@@ -509,11 +510,12 @@ _winograd5x4_wide = _make_winograd(5, 4, *WINOGRAD_TILE_WIDE, WINOGRAD_CHUNK)
 _winograd5x4_narrow = _make_winograd(5, 4, *WINOGRAD_TILE_NARROW, WINOGRAD_CHUNK)
 
 
-@_jit
-def _maxpool_forward(x, y, argmax):
+@parts_kernel
+@_jit(parallel=False)
+def _maxpool_forward(part, n_parts, x, y, argmax):
     n_images, n_ch = x.shape[0], x.shape[1]
     ho, wo = y.shape[2], y.shape[3]
-    for nc in prange(n_images * n_ch):
+    for nc in part_range(part, n_parts, n_images * n_ch):
         n, c = nc // n_ch, nc % n_ch
         for i in range(ho):
             top, bottom = x[n, c, 2 * i], x[n, c, 2 * i + 1]
@@ -524,11 +526,12 @@ def _maxpool_forward(x, y, argmax):
                 arg_row[j] = where
 
 
-@_jit
-def _maxpool_backward(dy, argmax, zero, dx):
+@parts_kernel
+@_jit(parallel=False)
+def _maxpool_backward(part, n_parts, dy, argmax, zero, dx):
     n_images, n_ch, h, w = dx.shape
     ho, wo = dy.shape[2], dy.shape[3]
-    for nc in prange(n_images * n_ch):
+    for nc in part_range(part, n_parts, n_images * n_ch):
         n, c = nc // n_ch, nc % n_ch
         plane = dx[n, c]
         for i in range(ho):
@@ -549,12 +552,13 @@ def _maxpool_backward(dy, argmax, zero, dx):
                 plane[i, j] = zero
 
 
-@_jit
-def _maxpool_forward_last(x, y, argmax):
+@parts_kernel
+@_jit(parallel=False)
+def _maxpool_forward_last(part, n_parts, x, y, argmax):
     """`_maxpool_forward` for channels-last x[N, H, W, C]: y and argmax[N, H // 2, W // 2, C] channels-last, a
     pixel's channels in the lanes; the same windows and rule, so the same values."""
     n_images, ho, wo, n_ch = y.shape
-    for n in prange(n_images):
+    for n in part_range(part, n_parts, n_images):
         for i in range(ho):
             top, bottom = x[n, 2 * i], x[n, 2 * i + 1]
             for j in range(wo):
@@ -566,13 +570,14 @@ def _maxpool_forward_last(x, y, argmax):
                     arg_px[c] = where
 
 
-@_jit
-def _maxpool_backward_last(dy, argmax, zero, dx):
+@parts_kernel
+@_jit(parallel=False)
+def _maxpool_backward_last(part, n_parts, dy, argmax, zero, dx):
     """`_maxpool_backward` for channels-last dy, argmax[N, H // 2, W // 2, C] and dx[N, H, W, C], an output row at a
     time through flat views (written per pixel through views of its channels, the loop stayed scalar)."""
     n_images, h, w, n_ch = dx.shape
     ho, wo = dy.shape[1], dy.shape[2]
-    for n in prange(n_images):
+    for n in part_range(part, n_parts, n_images):
         image = dx[n]
         for i in range(ho):
             g_row, arg_row = dy[n, i].reshape(wo * n_ch), argmax[n, i].reshape(wo * n_ch)

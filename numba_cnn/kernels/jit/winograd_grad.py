@@ -28,10 +28,9 @@ sums turn inf into NaN where the direct sum may keep it), the caller computes di
 """
 
 import numpy as np
-from numba import prange
 
-from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit, run_parts,
-                                          tile_allocator)
+from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, cache_aligned, copy_block, jit as _jit, part_range,
+                                          parts_kernel, run_parts, tile_allocator)
 from numba_cnn.kernels.jit.buffers import nhwc, round_up, scratch
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS, WINOGRAD_CHUNK, _winograd_sandwich
 from numba_cnn.kernels.jit.winograd import WINOGRAD_G, winograd_output_tile
@@ -102,19 +101,20 @@ def winograd_weight_grad(dy, x, padding, size=3):
     return dw, db, n * tile_rows * tile_cols * elements * c * k_padded, winograd_grad_path(size, out)
 
 
-@_jit
-def _chunks_in_order(mt, m):
+@parts_kernel
+@_jit(parallel=False)
+def _chunks_in_order(part, n_parts, mt, m):
     """m[e, i] = the sum of mt[h, e, i] over the chunks h in order, in float64 (the same sums whatever the thread
     count); the chunks run in an outer loop, so each element's additions keep that order under fastmath."""
     n_chunks, elements, width = mt.shape
-    for e in prange(elements):
-        total, part = m[e], mt[0, e]
+    for e in part_range(part, n_parts, elements):
+        total, term = m[e], mt[0, e]
         for i in range(width):
-            total[i] = part[i]
+            total[i] = term[i]
         for h in range(1, n_chunks):
-            part = mt[h, e]
+            term = mt[h, e]
             for i in range(width):
-                total[i] += part[i]
+                total[i] += term[i]
 
 
 def _make_winograd_weight_grad(size, out, rows, lanes, chunk, band):
