@@ -25,7 +25,7 @@ usable cache location the kernels compile uncached, with a warning.
 Tasks. `run_parts(task, n, *args)` runs task(i, *args) for i < n in a prange, calling the task's compiled code by its
 address (`_call_native`), so that a long serial body compiles once, on its own, and not again inside every prange
 that calls it (docs/numba.md, "What a kernel costs to compile"). `parts_kernel` makes a kernel of such a task; most
-of the backend's kernels are written so, as a prange loop compiles two to three times slower (the exceptions, whose
+of the backend's kernels are written so, as a prange loop compiles several times slower (the exceptions, whose
 register tile LLVM kept in registers only in a prange's body, are listed there).
 
 Vector width. The same codegen sets the function attribute "prefer-vector-width"=<VECTOR_BITS> on the function
@@ -175,9 +175,9 @@ def parts_kernel(task):
     """The kernel that runs jit function task(part, n_parts, *args) for each part < n_parts = numba's thread count,
     through run_parts: the task is a prange's loop written out, each part taking its share of the loop's indices
     (`part_range`; every index is computed alike whichever part takes it, so the results do not depend on the
-    thread count). Compiled with parallel=False and called by address, a task compiles in a third to a half of
-    the time of the same loop in a prange, whose body numba compiles into a kernel of its own and then again into
-    its caller (docs/numba.md, "What a kernel costs to compile"). An array the loop reads through a reshape is
+    thread count). Compiled with parallel=False and called by address, a task compiles much faster than the same
+    loop in a prange, whose body numba compiles into a kernel of its own and then again into its caller
+    (docs/numba.md, "What a kernel costs to compile"). An array the loop reads through a reshape is
     best reshaped by the caller and handed in: reshaped in the task, the column correlation's tile stayed in memory.
     kernel.task is the jit function."""
 

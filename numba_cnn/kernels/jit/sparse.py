@@ -429,7 +429,7 @@ def _pad_planes(part, n_parts, src, src_flat, channels_last, select, pooled, rel
     gradient of relu_y's 2x2 average pool, (N, C, H // 2, W // 2), and the plane is that pool's backward, never
     written out: each value's src / 4 (in float64, rounded on the store, as norm.py's `_avgpool2x2_backward`) on the
     four elements of its window, the rows and columns no window covers zero, bit for bit. src_flat and dst_flat:
-    src.reshape(-1) and dst.reshape(-1), made by the caller (reshaped in the task, the copies ran 30 % slower)."""
+    src.reshape(-1) and dst.reshape(-1), made by the caller, as for the column correlation (`parts_kernel`)."""
     n_images = src.shape[0]
     if pooled:
         n_ch, h, w = relu_y.shape[1], relu_y.shape[2], relu_y.shape[3]
