@@ -837,6 +837,24 @@ def test_run_parts_runs_each_part_once_with_its_arguments_of_any_layout():
         run_parts(part_with_a_result, 2, dense)
 
 
+def test_run_parts_passes_a_tasks_error_on():
+    """A task that reports an error (a raise, in one of its parts) makes run_parts raise, not return as if every
+    part had run."""
+    from numba_cnn.kernels._numba_ext import jit as backend_jit
+    from numba_cnn.kernels._numba_ext import run_parts
+
+    @backend_jit(parallel=False)
+    def failing_part(i, out):
+        if i == 1:
+            raise ValueError("part 1 fails")
+        out[i] = 1.0
+
+    out = np.zeros(3)
+    with pytest.raises(RuntimeError, match="reported an error"):
+        run_parts(failing_part, 3, out)
+    assert out[0] == out[2] == 1.0
+
+
 def test_a_kernel_closing_over_a_jit_function_is_refused():
     """Numba keys a disk cache on a pickle of the closure, and a jit function pickles differently in every process:
     such a kernel would compile again in every process, so jit refuses it and names run_parts."""

@@ -23,7 +23,7 @@ writable, numba's user cache directory; NUMBA_CACHE_DIR overrides both); NUMBA_C
 usable cache location the kernels compile uncached, with a warning.
 
 Tasks. `run_parts(task, n, *args)` runs task(i, *args) for i < n in a prange, calling the task's compiled code by its
-address (`_call_native`), so that a long serial body compiles once, on its own, and not again inside every prange
+address (`_run_task_in_parts`), so that a long serial body compiles once, on its own, and not again inside every prange
 that calls it (docs/numba.md, "What a kernel costs to compile"). `parts_kernel` makes a kernel of such a task; most
 of the backend's kernels are written so, as a prange loop compiles several times slower (the exceptions, whose
 register tile LLVM kept in registers only in a prange's body, are listed there).
@@ -109,25 +109,93 @@ def _is_jit_function(value):
     return isinstance(value, Dispatcher)
 
 
+_I32, _I64, _BYTE_POINTER = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
+_ENTRY_TYPE = ir.FunctionType(_I32, [_I64, _BYTE_POINTER])  # entry(part, slot) -> 0, or 1 if the task failed
+
+
 @intrinsic
-def _call_native(typingctx, address, part, args):
-    """Call the compiled function whose native code is at `address` (an integer, from native_address) with part and
-    the members of the tuple args, in numba's own calling convention; it returns nothing, and an error it reports
-    is passed on (raised in a prange, numba reports it as a SystemError, as for any function called there)."""
-    if not (isinstance(address, types.Integer) and isinstance(args, types.BaseTuple)):
+def _call_entry(typingctx, entry, part, slot):
+    """entry(part, slot) for the address of an entry that `_run_task_in_parts` made: 0, or 1 where the task
+    reported an error."""
+    if not all(isinstance(t, types.Integer) for t in (entry, part, slot)):
         return None
-    arg_types = [part] + list(args.types)
 
     def codegen(context, builder, signature, values):
-        function_type = context.call_conv.get_function_type(types.none, arg_types)
-        callee = builder.inttoptr(values[0], function_type.as_pointer())
-        members = [values[1]] + [builder.extract_value(values[2], i) for i in range(len(args.types))]
-        status, _ = context.call_conv.call_function(builder, callee, types.none, arg_types, members)
+        function = builder.inttoptr(values[0], _ENTRY_TYPE.as_pointer())
+        return builder.call(function, [builder.sext(values[1], _I64) if values[1].type.width < 64 else values[1],
+                                       builder.inttoptr(values[2], _BYTE_POINTER)])
+
+    return types.int32(entry, part, slot), codegen
+
+
+@jit
+def _parts_in_parallel(entry, n_parts, slot):
+    failed = 0
+    for i in prange(n_parts):
+        # int64, as the entry takes it: the prange hands its index over unsigned
+        failed += _call_entry(entry, np.int64(i), slot)
+    if failed:
+        raise RuntimeError("a task run by run_parts reported an error")
+
+
+@intrinsic
+def _run_task_in_parts(typingctx, launcher, task, n_parts, args):
+    """Run the compiled function at address `task` (from native_address) for each part < n_parts with part and the
+    members of the tuple args, in numba's own calling convention, through the parallel launcher at address
+    `launcher` (`_parts_in_parallel`'s code): args and the task's address are stored in a slot on this function's
+    stack, and the launcher's threads call an entry made here for these argument types, entry(part, slot), which
+    loads them and calls the task. So the launcher, a prange, compiles once for every task, and what depends on
+    the arguments' types compiles without numba's parallel passes. An error the task reports is passed on."""
+    if not (isinstance(launcher, types.Integer) and isinstance(task, types.Integer)
+            and isinstance(n_parts, types.Integer) and isinstance(args, types.BaseTuple)):
+        return None
+    task_arg_types = [types.int64] + list(args.types)
+    launcher_arg_types = [types.int64] * 3
+
+    def codegen(context, builder, signature, values):
+        launcher_address, task_address, n, args_value = values
+        slot_type = ir.LiteralStructType([_I64, args_value.type])
+        entry = ir.Function(builder.module, _ENTRY_TYPE, name=builder.module.get_unique_name("run_parts_entry"))
+        entry.linkage = "internal"
+        entry_builder = ir.IRBuilder(entry.append_basic_block())
+        part, slot_pointer = entry.args
+        slot = entry_builder.load(entry_builder.bitcast(slot_pointer, slot_type.as_pointer()))
+        task_type = context.call_conv.get_function_type(types.none, task_arg_types)
+        callee = entry_builder.inttoptr(entry_builder.extract_value(slot, 0), task_type.as_pointer())
+        stored_args = entry_builder.extract_value(slot, 1)
+        members = [part] + [entry_builder.extract_value(stored_args, i) for i in range(len(args.types))]
+        status, _ = context.call_conv.call_function(entry_builder, callee, types.none, task_arg_types, members)
+        entry_builder.ret(entry_builder.select(status.is_error, ir.Constant(_I32, 1), ir.Constant(_I32, 0)))
+
+        # the arrays stored without their meminfo, as a prange's body receives them: the caller holds them for the
+        # call, and views the task makes of them then count no references, an atomic update of one cache line that
+        # every thread would otherwise make at every view
+        members = []
+        for i, member_type in enumerate(args.types):
+            member = builder.extract_value(args_value, i)
+            if isinstance(member_type, types.Array):
+                array = context.make_array(member_type)(context, builder, member)
+                array.meminfo = cgutils.get_null_value(array.meminfo.type)
+                member = array._getvalue()
+            members.append(member)
+        slot_memory = cgutils.alloca_once(builder, slot_type)
+        stored = builder.insert_value(ir.Constant(slot_type, ir.Undefined), task_address, 0)
+        builder.store(builder.insert_value(stored, context.make_tuple(builder, args, members), 1), slot_memory)
+        launcher_type = context.call_conv.get_function_type(types.none, launcher_arg_types)
+        status, _ = context.call_conv.call_function(
+            builder, builder.inttoptr(launcher_address, launcher_type.as_pointer()), types.none, launcher_arg_types,
+            [builder.ptrtoint(entry, _I64), builder.sext(n, _I64) if n.type.width < 64 else n,
+             builder.ptrtoint(slot_memory, _I64)])
         with cgutils.if_unlikely(builder, status.is_error):
             context.call_conv.return_status_propagate(builder, status)
         return context.get_dummy_value()
 
-    return types.none(address, part, args), codegen
+    return types.none(launcher, task, n_parts, args), codegen
+
+
+@jit(parallel=False)
+def _run_parts_serially_typed(launcher, task, n_parts, args):
+    _run_task_in_parts(launcher, task, n_parts, args)
 
 
 _NATIVE_ADDRESSES = {}
@@ -145,20 +213,26 @@ def native_address(function, *args):
         if compiled is None:
             function.compile(signature)
             compiled = function.overloads[signature]
-        if compiled.signature.return_type != types.none:  # _call_native gives it no room for a result
+        if compiled.signature.return_type != types.none:  # the entry gives it no room for a result
             raise TypeError(f"{function.py_func.__qualname__} returns {compiled.signature.return_type}: a task that "
                             "run_parts calls must return nothing")
         address = _NATIVE_ADDRESSES[key] = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
     return address
 
 
+_LAUNCHER = []  # the address of _parts_in_parallel's code, once it is known
+
+
 def run_parts(task, n_parts, *args):
-    """task(np.int64(i), *args) for each part i < n_parts, in a prange. The task, a jit function compiled with
+    """task(np.int64(i), *args) for each part i < n_parts, in parallel. The task, a jit function compiled with
     parallel=False, is called through its native code's address: called by name, numba would compile its code
     again into the prange's kernel (linked in, optimised and turned into machine code anew), and that kernel would
-    compile once per task. This way a task compiles once, without numba's parallel passes, and one small kernel
-    (`_parts_in_parallel`) runs every task whose arguments have the same types."""
-    _parts_in_parallel(native_address(task, np.int64(0), *args), n_parts, args)
+    compile once per task. This way a task compiles once, without numba's parallel passes; one prange kernel
+    (`_parts_in_parallel`) runs every task, and per set of argument types a small serial function
+    (`_run_parts_serially_typed`) hands it the arguments (`_run_task_in_parts`)."""
+    if not _LAUNCHER:
+        _LAUNCHER.append(native_address(_parts_in_parallel, np.int64(0), np.int64(0), np.int64(0)))
+    _run_parts_serially_typed(_LAUNCHER[0], native_address(task, np.int64(0), *args), n_parts, args)
 
 
 def part_range(part, n_parts, n):
@@ -190,13 +264,6 @@ def parts_kernel(task):
     kernel.__name__, kernel.__qualname__, kernel.__doc__ = (task.py_func.__name__, task.py_func.__qualname__,
                                                              task.py_func.__doc__)
     return kernel
-
-
-@jit
-def _parts_in_parallel(address, n_parts, args):
-    for i in prange(n_parts):
-        # int64, as native_address found the task's code for: the prange hands its index over unsigned
-        _call_native(address, np.int64(i), args)
 
 
 def stack_tile(size, dtype):
