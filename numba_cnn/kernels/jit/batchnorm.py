@@ -18,10 +18,8 @@ from numba_cnn.kernels.jit.buffers import nchw, nhwc, reusable_output, scratch
 from numba_cnn.kernels.jit import pooling as _pooling
 from numba_cnn.kernels.jit.layers import relu_backward
 from numba_cnn.kernels.jit.norm import (_batchnorm_apply, _batchnorm_apply_last, _batchnorm_apply_pool_last,
-                                        _batchnorm_backward,
-                                        _batchnorm_backward_last, _batchnorm_relu_backward,
-                                        _batchnorm_relu_backward_last, _batchnorm_relu_pool_backward_last,
-                                        _channel_stats, _channel_stats_last, _channel_stats_two_pass)
+                                        _batchnorm_backward, _batchnorm_relu_backward, _channel_stats,
+                                        _channel_stats_last, _channel_stats_two_pass, batchnorm_backward_last)
 from numba_cnn.kernels.jit.paths import note
 
 # fixed chunks of pixels whose float64 sums the channels-last kernels add in order (bits independent of threads)
@@ -93,13 +91,12 @@ def backward(op, dy, y, x, gamma, mean, inv_std, argmax=None):
     relu = y is not None
     y = layout(y) if relu else dy  # the plain kernels do not read y
     if channels_last:
-        kernel = (_batchnorm_relu_pool_backward_last if pooled else
-                  _batchnorm_relu_backward_last if relu else _batchnorm_backward_last)
         pixels = (-1, c)
         partial = scratch("batchnorm.partial_grad", (min(PIXEL_CHUNKS, len(x.reshape(pixels))), 2, c), np.float64)
         won = layout(argmax).reshape(pixels) if pooled else np.zeros((1, c), np.uint8)
-        kernel(dy.reshape(pixels), y.reshape(pixels), won, x.reshape(pixels), x.shape[1], x.shape[2], gamma, mean,
-               inv_std, partial, dx.reshape(pixels), dgamma, dbeta)
+        batchnorm_backward_last(dy.reshape(pixels), y.reshape(pixels), won, x.reshape(pixels), x.shape[1],
+                                x.shape[2], gamma, mean, inv_std, partial, dx.reshape(pixels), dgamma, dbeta, relu,
+                                pooled)
         return dx.transpose(0, 3, 1, 2), dgamma, dbeta
     kernel = _batchnorm_relu_backward if relu else _batchnorm_backward
     planes = (n, c, -1)

@@ -1,8 +1,8 @@
 """The jit backend's small layers beyond the register tiles: max-pooling with any window but 2x2 (which tiles.py
 keeps), average pooling (global pooling is the window (H, W)) and batch normalisation. NCHW (the caller copies a
 channels-last input) but for batch normalisation's channels-last twins; memory-bound loops, the threads sharing
-(image, channel) planes, channels, or chunks and blocks of pixels (`parts_kernel` tasks, `_channel_stats_last`
-and the batch norm backward's prange).
+(image, channel) planes, channels, or chunks and blocks of pixels (`parts_kernel` tasks; the two-pass
+statistics, a cold path, a prange).
 
 `_maxpool_any_forward` / `_maxpool_any_backward`: per window, the values in row-major order through selects: a later
     value wins if it is strictly greater, or if it is NaN and the best so far is not (the rule of tiles.py's
@@ -22,12 +22,12 @@ and the batch norm backward's prange).
     ReLU's: the same, each dy read through the ReLU's select `0 if y <= 0 else dy` (y its output). One factory makes
     both, the choice a compile-time constant, so the plain kernel compiles as it did without the select.
 
-`_channel_stats_last`, `_batchnorm_apply_last`, `_batchnorm_backward_last` / `_batchnorm_relu_backward_last`: the
-    same for channels-last input viewed as (pixels, C), a pixel's channels in the vector lanes: the sums per fixed
-    chunk of pixels (partial.shape[0] chunks, shared by the threads) in float64, the chunks then added in order; the
-    statistics in one pass over x, each chunk's values shifted by its first pixel's (`_channel_stats_two_pass`, the
-    two-pass sums, where that gives non-finite statistics); the element-wise passes over blocks of pixels.
-    `_batchnorm_apply_last` computes each element as `_batchnorm_apply` does: the same bits.
+`_channel_stats_last`, `_batchnorm_apply_last`, `batchnorm_backward_last` (relu and pooled or not): the same for
+    channels-last input viewed as (pixels, C), a pixel's channels in the vector lanes: the sums per fixed chunk of
+    pixels (partial.shape[0] chunks, shared by the threads) in float64, then added in order by a serial step
+    between two tasks; the statistics in one pass over x, each chunk's values shifted by its first pixel's
+    (`_channel_stats_two_pass`, the two-pass sums, where that gives non-finite statistics); the element-wise passes
+    over blocks of pixels. `_batchnorm_apply_last` computes each element as `_batchnorm_apply` does: the same bits.
 
 `_batchnorm_apply_pool_last`: `_batchnorm_apply_last` and tiles.py's 2x2 `_maxpool_forward_last` in one pass, for
     the fused BatchNorm + ReLU + max-pool: each window's four values normalised, rounded and pooled where they are
@@ -324,17 +324,14 @@ def _chunk_sums_done(partial, count, out):
         out[c] = total / count
 
 
-@_jit
-def _channel_stats_last(x, partial, mean, var):
-    """x[P, C] (channels-last pixels) -> float64 mean[c] and biased var[c] over the P pixels in one pass: per fixed
-    chunk h of pixels (partial.shape[0] chunks, prange), partial[h] = (its first pixel's values K as the chunk's
-    shift, sum(x - K), sum((x - K)^2)) in float64; then the chunks' means and squared deviations combined in order
-    (Chan et al.'s pairwise update: M2 = sum over chunks of M2_h + n_h (mean_h - mean)^2). Shifting by a value of
-    the data keeps a large mean from cancelling the spread, as the two-pass sum does. Non-finite x makes non-finite
-    statistics, which the caller recomputes with `_channel_stats_two_pass` (as the oracle sums them)."""
+@parts_kernel
+@_jit(parallel=False)
+def _channel_chunk_stats_last(part, n_parts, x, partial):
+    """x[P, C] (channels-last pixels) -> per fixed chunk h of pixels (partial.shape[0] chunks),
+    partial[h] = (its first pixel's values K as the chunk's shift, sum(x - K), sum((x - K)^2)), in float64."""
     n_px, n_ch = x.shape
     chunks = partial.shape[0]
-    for h in prange(chunks):
+    for h in part_range(part, n_parts, chunks):
         shift, s1, s2 = partial[h, 0], partial[h, 1], partial[h, 2]
         first = x[h * n_px // chunks]
         for c in range(n_ch):
@@ -347,6 +344,14 @@ def _channel_stats_last(x, partial, mean, var):
                 d = np.float64(px[c]) - shift[c]
                 s1[c] += d
                 s2[c] += d * d
+
+
+@_jit(parallel=False)
+def _chunk_stats_combined(n_px, partial, mean, var):
+    """`_channel_chunk_stats_last`'s chunks of n_px pixels -> float64 mean[c] and biased var[c], the chunks' means
+    and squared deviations combined in order (Chan et al.'s pairwise update: M2 = sum over chunks of M2_h
+    + n_h (mean_h - mean)^2)."""
+    chunks, _, n_ch = partial.shape
     for c in range(n_ch):
         total = np.float64(0)
         for h in range(chunks):
@@ -360,6 +365,16 @@ def _channel_stats_last(x, partial, mean, var):
             m2 += partial[h, 2, c] - partial[h, 1, c] * shifted_mean
             m2 += count * (partial[h, 0, c] + shifted_mean - mean[c]) ** 2
         var[c] = m2 / n_px
+
+
+def _channel_stats_last(x, partial, mean, var):
+    """x[P, C] (channels-last pixels) -> float64 mean[c] and biased var[c] over the P pixels in one pass: per fixed
+    chunk of pixels (partial.shape[0] chunks, the threads sharing them) shifted sums, then the chunks combined in
+    order. Shifting by a value of the data keeps a large mean from cancelling the spread, as the two-pass sum does.
+    Non-finite x makes non-finite statistics, which the caller recomputes with `_channel_stats_two_pass` (as the
+    oracle sums them)."""
+    _channel_chunk_stats_last(x, partial)
+    _chunk_stats_combined(x.shape[0], partial, mean, var)
 
 
 @_jit
@@ -420,20 +435,21 @@ def _next_pixel(n, i, j, height, width):
 
 
 def _make_batchnorm_backward_last(relu, pooled):
-    """`_make_batchnorm_backward`'s kernel over channels-last (pixels, C) arrays. pooled (with relu): the backward
-    of the 2x2 max-pool after the fused BatchNorm + ReLU as well, the pool's gradient routed as it is read."""
+    """`_make_batchnorm_backward`'s kernel over channels-last (pixels, C) arrays, as two tasks and a serial step
+    between them (`batchnorm_backward_last`). pooled (with relu): the backward of the 2x2 max-pool after the fused
+    BatchNorm + ReLU as well, the pool's gradient routed as it is read. -> (sums task, dx task)."""
 
-    @_jit
-    def batchnorm_backward_last(dy, y, argmax, x, height, width, gamma, mean, inv_std, partial, dx, dgamma, dbeta):
-        """The training-mode gradient over dy, y, x, dx [P, C], as `_make_batchnorm_backward`'s kernel computes it,
-        sum(g) and sum(g * x_hat) per chunk of pixels into partial[h, 0] and partial[h, 1] (float64), the chunks
-        added in order. pooled: dy, y and argmax are the pool's (N * height//2 * width//2 pixels, C), and a pixel's
-        g is its window's dy where argmax names it and the pooled y is not <= 0 (as relu_backward, then the pool's
-        routing, would give it), else 0: the same values, sums and bits as the composition."""
+    @parts_kernel
+    @_jit(parallel=False)
+    def batchnorm_grad_sums_last(part, n_parts, dy, y, argmax, x, height, width, mean, inv_std, partial):
+        """sum(g) and sum(g * x_hat) per fixed chunk h of x's pixels into partial[h, 0] and partial[h, 1] (float64).
+        pooled: dy, y and argmax are the pool's (N * height//2 * width//2 pixels, C), and a pixel's g is its
+        window's dy where argmax names it and the pooled y is not <= 0 (as relu_backward, then the pool's routing,
+        would give it), else 0: the same values, sums and bits as the composition."""
         n_px, n_ch = x.shape
         chunks = partial.shape[0]
         zero = np.float64(0)
-        for h in prange(chunks):
+        for h in part_range(part, n_parts, chunks):
             sum_g, sum_g_xhat = partial[h, 0], partial[h, 1]
             for c in range(n_ch):
                 sum_g[c] = 0
@@ -454,18 +470,16 @@ def _make_batchnorm_backward_last(relu, pooled):
                         g = (zero if y_px[c] <= 0 else d) if relu else d
                     sum_g[c] += g
                     sum_g_xhat[c] += g * ((x_px[c] - np.float64(mean[c])) * np.float64(inv_std[c]))
-        sums = np.empty((2, n_ch))
-        _chunk_sums_done(partial[:, 0], 1, sums[0])
-        _chunk_sums_done(partial[:, 1], 1, sums[1])
-        m, s, a = np.empty(n_ch), np.empty(n_ch), np.empty(n_ch)
-        for c in range(n_ch):
-            dbeta[c] = sums[0, c]
-            dgamma[c] = sums[1, c]
-            m[c], s[c] = np.float64(mean[c]), np.float64(inv_std[c])
-            a[c] = np.float64(gamma[c]) * s[c]
-            sums[0, c] /= n_px  # the means of g and g * x_hat
-            sums[1, c] /= n_px
-        for block in prange((n_px + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK):
+
+    @parts_kernel
+    @_jit(parallel=False)
+    def batchnorm_grad_last(part, n_parts, dy, y, argmax, x, height, width, consts, dx):
+        """dx[P, C] per block of pixels from `_batchnorm_grad_constants`' consts (mean, inv_std, gamma * inv_std,
+        the means of g and of g * x_hat), each pixel's g read as `batchnorm_grad_sums_last` reads it."""
+        n_px, n_ch = x.shape
+        m, s, a, mean_g, mean_g_xhat = consts[0], consts[1], consts[2], consts[3], consts[4]
+        zero = np.float64(0)
+        for block in part_range(part, n_parts, (n_px + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK):
             # a pixel's g first into gs, then dx from gs: dx may be dy's own buffer (donated by the caller), and a loop
             # that reads dy and writes dx at one address fails LLVM's run-time overlap check and runs scalar (not
             # vectorised)
@@ -485,14 +499,48 @@ def _make_batchnorm_backward_last(relu, pooled):
                     else:
                         gs[c] = (zero if y_px[c] <= 0 else d) if relu else d
                 for c in range(n_ch):
-                    dx_px[c] = a[c] * (gs[c] - sums[0, c] - (x_px[c] - m[c]) * s[c] * sums[1, c])
+                    dx_px[c] = a[c] * (gs[c] - mean_g[c] - (x_px[c] - m[c]) * s[c] * mean_g_xhat[c])
 
-    return batchnorm_backward_last
+    return batchnorm_grad_sums_last, batchnorm_grad_last
 
 
-_batchnorm_backward_last = _make_batchnorm_backward_last(False, False)
-_batchnorm_relu_backward_last = _make_batchnorm_backward_last(True, False)
-_batchnorm_relu_pool_backward_last = _make_batchnorm_backward_last(True, True)
+@_jit(parallel=False)
+def _batchnorm_grad_constants(partial, n_px, gamma, mean, inv_std, dgamma, dbeta, consts):
+    """The step between the backward's tasks: the chunks' sums added in order into dbeta = sum(g) and dgamma =
+    sum(g * x_hat), and consts[5, C] = (mean, inv_std, gamma * inv_std, sum(g) / n_px, sum(g * x_hat) / n_px) in
+    float64, what the dx task reads."""
+    n_ch = consts.shape[1]
+    sums = np.empty((2, n_ch))
+    _chunk_sums_done(partial[:, 0], 1, sums[0])
+    _chunk_sums_done(partial[:, 1], 1, sums[1])
+    for c in range(n_ch):
+        dbeta[c] = sums[0, c]
+        dgamma[c] = sums[1, c]
+        consts[0, c], consts[1, c] = np.float64(mean[c]), np.float64(inv_std[c])
+        consts[2, c] = np.float64(gamma[c]) * consts[1, c]
+        consts[3, c] = sums[0, c] / n_px  # the means of g and g * x_hat
+        consts[4, c] = sums[1, c] / n_px
+
+
+_batchnorm_sums_last, _batchnorm_dx_last = _make_batchnorm_backward_last(False, False)
+_batchnorm_relu_sums_last, _batchnorm_relu_dx_last = _make_batchnorm_backward_last(True, False)
+_batchnorm_relu_pool_sums_last, _batchnorm_relu_pool_dx_last = _make_batchnorm_backward_last(True, True)
+# (relu, pooled) -> the backward's two tasks
+BATCHNORM_BACKWARD_LAST = {(False, False): (_batchnorm_sums_last, _batchnorm_dx_last),
+                           (True, False): (_batchnorm_relu_sums_last, _batchnorm_relu_dx_last),
+                           (True, True): (_batchnorm_relu_pool_sums_last, _batchnorm_relu_pool_dx_last)}
+
+
+def batchnorm_backward_last(dy, y, argmax, x, height, width, gamma, mean, inv_std, partial, dx, dgamma, dbeta,
+                            relu, pooled):
+    """The training-mode gradient over dy, y, x, dx [P, C], as `_make_batchnorm_backward`'s kernel computes it:
+    sum(g) and sum(g * x_hat) per fixed chunk of pixels into partial[h, 0] and partial[h, 1] (float64, the threads
+    sharing the chunks), the chunks added in order, then dx over blocks of pixels (the threads sharing them)."""
+    sums_task, dx_task = BATCHNORM_BACKWARD_LAST[relu, pooled]
+    sums_task(dy, y, argmax, x, height, width, mean, inv_std, partial)
+    consts = np.empty((5, x.shape[1]))
+    _batchnorm_grad_constants(partial, x.shape[0], gamma, mean, inv_std, dgamma, dbeta, consts)
+    dx_task(dy, y, argmax, x, height, width, consts, dx)
 
 
 def _make_batchnorm_apply_pool_last():
