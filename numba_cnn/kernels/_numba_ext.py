@@ -130,6 +130,8 @@ def _call_entry(typingctx, entry, part, slot):
 
 @jit
 def _parts_in_parallel(entry, n_parts, slot):
+    """The parallel half of run_parts: entry(i, slot) for each part i < n_parts, entry and slot the addresses that
+    `_run_task_in_parts` hands over; its arguments are three integers, so it compiles once for every task."""
     failed = 0
     for i in prange(n_parts):
         # int64, as the entry takes it: the prange hands its index over unsigned
@@ -194,7 +196,7 @@ def _run_task_in_parts(typingctx, launcher, task, n_parts, args):
 
 
 @jit(parallel=False)
-def _run_parts_serially_typed(launcher, task, n_parts, args):
+def _launch_parts(launcher, task, n_parts, args):
     _run_task_in_parts(launcher, task, n_parts, args)
 
 
@@ -229,10 +231,10 @@ def run_parts(task, n_parts, *args):
     again into the prange's kernel (linked in, optimised and turned into machine code anew), and that kernel would
     compile once per task. This way a task compiles once, without numba's parallel passes; one prange kernel
     (`_parts_in_parallel`) runs every task, and per set of argument types a small serial function
-    (`_run_parts_serially_typed`) hands it the arguments (`_run_task_in_parts`)."""
+    (`_launch_parts`) hands it the arguments (`_run_task_in_parts`)."""
     if not _LAUNCHER:
         _LAUNCHER.append(native_address(_parts_in_parallel, np.int64(0), np.int64(0), np.int64(0)))
-    _run_parts_serially_typed(_LAUNCHER[0], native_address(task, np.int64(0), *args), n_parts, args)
+    _launch_parts(_LAUNCHER[0], native_address(task, np.int64(0), *args), n_parts, args)
 
 
 def part_range(part, n_parts, n):
