@@ -117,13 +117,12 @@ _ENTRY_TYPE = ir.FunctionType(_I32, [_I64, _BYTE_POINTER])  # entry(part, slot) 
 def _call_entry(typingctx, entry, part, slot):
     """entry(part, slot) for the address of an entry that `_run_task_in_parts` made: 0, or 1 where the task
     reported an error."""
-    if not all(isinstance(t, types.Integer) for t in (entry, part, slot)):
+    if not all(t == types.int64 for t in (entry, part, slot)):
         return None
 
     def codegen(context, builder, signature, values):
         function = builder.inttoptr(values[0], _ENTRY_TYPE.as_pointer())
-        return builder.call(function, [builder.sext(values[1], _I64) if values[1].type.width < 64 else values[1],
-                                       builder.inttoptr(values[2], _BYTE_POINTER)])
+        return builder.call(function, [values[1], builder.inttoptr(values[2], _BYTE_POINTER)])
 
     return types.int32(entry, part, slot), codegen
 
@@ -165,8 +164,8 @@ def _run_task_in_parts(typingctx, launcher, task, n_parts, args):
         task_type = context.call_conv.get_function_type(types.none, task_arg_types)
         callee = entry_builder.inttoptr(entry_builder.extract_value(slot, 0), task_type.as_pointer())
         stored_args = entry_builder.extract_value(slot, 1)
-        members = [part] + [entry_builder.extract_value(stored_args, i) for i in range(len(args.types))]
-        status, _ = context.call_conv.call_function(entry_builder, callee, types.none, task_arg_types, members)
+        task_args = [part] + [entry_builder.extract_value(stored_args, i) for i in range(len(args.types))]
+        status, _ = context.call_conv.call_function(entry_builder, callee, types.none, task_arg_types, task_args)
         entry_builder.ret(entry_builder.select(status.is_error, ir.Constant(_I32, 1), ir.Constant(_I32, 0)))
 
         # the arrays stored without their meminfo, as a prange's body receives them: the caller holds them for the

@@ -525,7 +525,7 @@ def _batchnorm_grad_constants(partial, n_px, gamma, mean, inv_std, dgamma, dbeta
 _batchnorm_sums_last, _batchnorm_dx_last = _make_batchnorm_backward_last(False, False)
 _batchnorm_relu_sums_last, _batchnorm_relu_dx_last = _make_batchnorm_backward_last(True, False)
 _batchnorm_relu_pool_sums_last, _batchnorm_relu_pool_dx_last = _make_batchnorm_backward_last(True, True)
-# (relu, pooled) -> the backward's two tasks
+# (relu, pooled) -> the backward's two tasks (named above too: the precompile finds kernels by module-level name)
 BATCHNORM_BACKWARD_LAST = {(False, False): (_batchnorm_sums_last, _batchnorm_dx_last),
                            (True, False): (_batchnorm_relu_sums_last, _batchnorm_relu_dx_last),
                            (True, True): (_batchnorm_relu_pool_sums_last, _batchnorm_relu_pool_dx_last)}
