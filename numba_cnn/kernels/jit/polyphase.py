@@ -25,6 +25,7 @@ not fewer); else, and where an output comes out non-finite, jit/__init__.py runs
 import numpy as np
 
 from numba_cnn.kernels._numba_ext import jit as _jit, part_range, parts_kernel
+from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.buffers import layout_copy, nhwc, reusable_output
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import WINOGRAD_CHUNK
@@ -37,13 +38,16 @@ POLYPHASE_SHARE = 2 / 3
 
 @parts_kernel
 @_jit(parallel=False)
-def _phase_split(part, n_parts, x_cl, stride, out):
-    """x_cl[N, H, W, C] (any strides) -> out[N, Hp, Wp, stride * stride * C]: out[n, i, j, (a * stride + b) * C + c]
-    = x_cl[n, stride * i + a, stride * j + b, c], zero past x's rows and columns."""
-    n_images, h, w, n_ch = x_cl.shape
+def _phase_split(part, n_parts, x_flat, x_steps, x_shape, stride, out):
+    """x[N, C, H, W] -> out[N, Hp, Wp, stride * stride * C]: out[n, i, j, (a * stride + b) * C + c] = x[n, c,
+    stride * i + a, stride * j + b], zero past x's rows and columns. x is read from the buffer that stores it, x_flat,
+    through its element steps x_steps (image, channel, row, column) and x_shape: an NCHW and a channels-last x then
+    take one compiled kernel (as an array, they are two types)."""
+    image_step, channel_step, row_step, col_step = x_steps
+    n_ch, h, w = x_shape[1], x_shape[2], x_shape[3]
     rows, cols = out.shape[1], out.shape[2]
     zero = out.dtype.type(0)
-    for n in part_range(part, n_parts, n_images):
+    for n in part_range(part, n_parts, x_shape[0]):
         for i in range(rows):
             for j in range(cols):
                 for a in range(stride):
@@ -51,8 +55,10 @@ def _phase_split(part, n_parts, x_cl, stride, out):
                         base = (a * stride + b) * n_ch
                         row, col = stride * i + a, stride * j + b
                         if row < h and col < w:
+                            # unsigned, so that numba adds no wrap-around for negative indices (docs/numba.md, trap 2)
+                            at = np.uint64(n * image_step + row * row_step + col * col_step)
                             for ch in range(n_ch):
-                                out[n, i, j, base + ch] = x_cl[n, row, col, ch]
+                                out[n, i, j, base + ch] = x_flat[at + np.uint64(ch * channel_step)]
                         else:
                             for ch in range(n_ch):
                                 out[n, i, j, base + ch] = zero
@@ -132,7 +138,13 @@ class PhasePlan:
         """x's phases channels-last [N, rows, cols, stride^2 * C], once per pass (`layout_copy`)."""
         def make(allocate):
             out = allocate((x.shape[0], self.rows, self.cols, self.channels), x.dtype)
-            _phase_split(x.transpose(0, 2, 3, 1), self.stride, out)
+            # the buffer that stores x, C-contiguous either way, and x's steps in it
+            if is_channels_last(x):
+                stored, steps = x.transpose(0, 2, 3, 1), x.strides
+            else:
+                stored = np.ascontiguousarray(x)
+                steps = stored.strides
+            _phase_split(stored.reshape(-1), tuple(step // x.itemsize for step in steps), x.shape, self.stride, out)
             return out
 
         return layout_copy(x, ("phases", self.stride, self.rows, self.cols), make, "x_phases")
