@@ -83,10 +83,12 @@ def _dropout(part, n_parts, x, key0, key1, threshold, scale, zero, y, mask, lane
                 top_bits[4 * lane + 2] = np.int32(c2 >> _WORD_SHIFT)
                 top_bits[4 * lane + 3] = np.int32(c3 >> _WORD_SHIFT)
             start = 4 * base
+            # sliced first: indexed as start + i, which might be negative to numba, the loop stayed scalar
+            x_block, mask_block, y_block = x[start:], mask[start:], y[start:]
             for i in range(min(4 * count, n - start)):
                 kept = scale if top_bits[i] < limit else zero
-                mask[start + i] = kept
-                y[start + i] = x[start + i] * kept
+                mask_block[i] = kept
+                y_block[i] = x_block[i] * kept
 
 
 def flatten(x):
