@@ -234,6 +234,14 @@ def test_jit_relu_equals_numpys_in_every_layout(layout, rng):
     dx = jit_layers.relu_backward(dy, y)
     np.testing.assert_array_equal(dx, np_layers.relu_backward(dy, y))
     assert np.isnan(y.reshape(-1)[0]) and (dx[y <= 0] == 0).all()
+    from numba_cnn.kernels.jit.buffers import OutputArena
+
+    with OutputArena() as arena:  # over a donated dy, as the Model runs it: read and written at one address
+        donated = dy.copy(order="K")
+        arena.donate(donated)
+        over = jit_layers.relu_backward(donated, y)
+        assert np.shares_memory(over, donated) == (layout != "mixed")  # mixed: dx channels-last, y's layout
+        np.testing.assert_array_equal(over, np_layers.relu_backward(dy, y))
 
 
 def test_flatten_keeps_the_channel_major_order(call, layers_backend, rng):

@@ -121,20 +121,42 @@ def _relu(x, zero, y):
     """y = x where not x < 0 (NaN kept, as np.maximum), else 0; flat arrays, in blocks over the threads."""
     n = x.shape[0]
     for block in prange((n + _RELU_BLOCK - 1) // _RELU_BLOCK):
-        for i in range(block * _RELU_BLOCK, min(n, (block + 1) * _RELU_BLOCK)):
-            v = x[i]
-            y[i] = zero if v < zero else v
+        start, stop = block * _RELU_BLOCK, min(n, (block + 1) * _RELU_BLOCK)
+        x_block, y_block = x[start:stop], y[start:stop]  # indexed from the block's start, the loop stayed scalar
+        for i in range(stop - start):
+            v = x_block[i]
+            y_block[i] = zero if v < zero else v
 
 
-@_jit
-def _relu_select(dy, y, zero, dx):
-    """dx = 0 where y <= 0 else dy (a select: a NaN or infinite dy where the ReLU clipped still gives 0, a NaN y
-    passes dy on); flat arrays, in blocks over the threads."""
-    n = dy.shape[0]
-    for block in prange((n + _RELU_BLOCK - 1) // _RELU_BLOCK):
-        for i in range(block * _RELU_BLOCK, min(n, (block + 1) * _RELU_BLOCK)):
-            g = dy[i]  # loaded before the select: as its else-branch the load stayed a branch (scalar code on AVX2)
-            dx[i] = zero if y[i] <= zero else g
+_RELU_STAGE = 256  # elements of dx selected into a stack tile, then copied out
+
+
+def _make_relu_select():
+    _stack_tile = tile_allocator()
+
+    @_jit
+    def relu_select(dy, y, zero, dx):
+        """dx = 0 where y <= 0 else dy (a select: a NaN or infinite dy where the ReLU clipped still gives 0, a NaN y
+        passes dy on); flat arrays, in blocks over the threads. dx may be dy itself (the Model donates dy): a loop
+        that reads dy and writes dx at one address fails LLVM's run-time overlap check and runs scalar, so each
+        piece is selected into a stack tile and copied out."""
+        n = dy.shape[0]
+        for block in prange((n + _RELU_BLOCK - 1) // _RELU_BLOCK):
+            staged = _stack_tile(_RELU_STAGE, dx.dtype)
+            for start in range(block * _RELU_BLOCK, min(n, (block + 1) * _RELU_BLOCK), _RELU_STAGE):
+                count = min(_RELU_STAGE, n - start)
+                # sliced first: indexed as start + i, which might be negative to numba, the loop stayed scalar
+                dy_piece, y_piece, dx_piece = dy[start:], y[start:], dx[start:]
+                for i in range(count):
+                    g = dy_piece[i]  # loaded before the select: as its else-branch the load stayed a branch
+                    staged[i] = zero if y_piece[i] <= zero else g
+                for i in range(count):
+                    dx_piece[i] = staged[i]
+
+    return relu_select
+
+
+_relu_select = _make_relu_select()
 
 
 @_jit
