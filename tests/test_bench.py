@@ -320,6 +320,17 @@ def test_bytes_moved_and_intensity_count_each_input_once_and_each_output_once():
     assert pool["bytes"] == 4 * (4 * 64 * 11 * 11) + 4 * (4 * 64 * 5 * 5) + 1 * (4 * 64 * 5 * 5)  # x, y, argmax
     assert "flops_per_byte" not in pool and pool["gbytes_per_s"] > 0
     assert report["calibration"]["stream_gbs"] == FAKE_STREAM_GBS
+    # each op's own roof: the slower of its arithmetic at the peak and its bytes at the bandwidth
+    assert conv["roofline_share"] == pytest.approx(
+        max(conv["flops"] / (FAKE_SGEMM_GFLOPS * 1e9), conv["bytes"] / (FAKE_STREAM_GBS * 1e9)) / conv["median_s"])
+    assert pool["roofline_share"] == pytest.approx(pool["bytes"] / (FAKE_STREAM_GBS * 1e9) / pool["median_s"])
+    assert conv["writes_memory"] and pool["writes_memory"]
+
+
+def test_an_op_that_returns_views_of_its_inputs_gets_no_bandwidth_bound():
+    report = small_bench(["im2col"], layers=("flatten",), batch_size=4)
+    backward = row(report, "flatten bwd", "im2col")  # a reshape of dy: no bytes written
+    assert backward["status"] == "ok" and not backward["writes_memory"] and "roofline_share" not in backward
 
 
 def test_stream_bandwidth_is_measured_per_repeat_after_a_warm_up():

@@ -176,6 +176,7 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, network=None, layers=None, batch_siz
     sgemm_after = sgemm_gflops(sgemm_size)
     stream_after = stream_gbs(stream_threads)
     peak = float(np.median(sgemm_before + sgemm_after))
+    stream_gbs_median = float(np.median(stream_before + stream_after))
     first_trained = first_trained_layer(network)
     for key in order:
         for k in resolved:
@@ -205,13 +206,16 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, network=None, layers=None, batch_siz
                 row["peak_share"] = row["gflops"] / peak
             if executed and row["on_host"]:
                 row["executed_peak_share"] = row["executed_gflops"] / peak
+            if row["on_host"] and row["writes_memory"]:  # its own roof: FLOPs at the peak or bytes at the bandwidth
+                bound_s = max((executed or 0) / (peak * 1e9), row["bytes"] / (stream_gbs_median * 1e9))
+                row["roofline_share"] = bound_s / row["median_s"]
     order_of_backend = {name: i for i, name in enumerate(k.name if isinstance(k, Backend) else k for k in backends)}
     op_order = {f"{steps_by_key[key]} {key[1]}": i for i, key in enumerate(order)}
     results.sort(key=lambda r: (op_order.get(r["op"], -1), order_of_backend[r["backend"]]))
     calibration = {"sgemm_size": sgemm_size, "before_gflops": sgemm_before, "after_gflops": sgemm_after,
                    "peak_gflops": peak, "stream_method": STREAM_METHOD.format(mib=STREAM_MIB, threads=stream_threads),
                    "stream_before_gbs": stream_before, "stream_after_gbs": stream_after,
-                   "stream_gbs": float(np.median(stream_before + stream_after))}
+                   "stream_gbs": stream_gbs_median}
     first_calls = {}
     for row in results:
         if "first_call_s" in row:

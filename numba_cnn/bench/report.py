@@ -14,6 +14,10 @@ DENSE_EQUIVALENT = ("jit's fused conv+ReLU+pool backward runs over the nonzero c
 EXECUTED = ("exec GFLOP/s, exec %: 2 FLOPs per multiply-add the kernels executed (where the backend counts them: "
             "jit; products with stored zeros included, skipped zeros not), else the dense count; the roofline "
             "places ops by these.")
+ROOF = ("GB/s: the bytes moved (below) per second; % roof: the op's own bound, the larger of its executed FLOPs at "
+        "the sgemm peak and its bytes at the streaming bandwidth, as a share of its time (host backends; none for an op "
+        "that only returns views of its inputs). Over 100%: "
+        "its arrays came from cache, faster than the bandwidth measured on arrays larger than the cache.")
 
 
 def _network_line(settings):
@@ -33,7 +37,8 @@ def format_ops_table(report):
     width = _op_width(report)
     lines = [_network_line(report["settings"]),
              f"{'op':<{width}} {'backend':<8} {'batch':>5} {'check err':>9} {'1st call s':>10} {'median ms':>10} "
-             f"{'min-max ms':>17} {'ms/image':>9} {'GFLOP/s':>8} {'% peak':>7} {'exec GFLOP/s':>12} {'exec %':>7}"]
+             f"{'min-max ms':>17} {'ms/image':>9} {'GFLOP/s':>8} {'% peak':>7} {'exec GFLOP/s':>12} {'exec %':>7} "
+             f"{'GB/s':>7} {'% roof':>7}"]
     skipped = {}
     for r in report["results"]:
         if r["status"] == "skipped":
@@ -48,9 +53,10 @@ def format_ops_table(report):
         share = f"{100 * r['peak_share']:.1f}%" if "peak_share" in r else "-"
         executed = f"{r['executed_gflops']:.3g}" if "executed_gflops" in r else "-"
         executed_share = f"{100 * r['executed_peak_share']:.1f}%" if "executed_peak_share" in r else "-"
+        roof = f"{100 * r['roofline_share']:.0f}%" if "roofline_share" in r else "-"
         lines.append(f"{head}{max(r['check_errors'].values()):>9.1e} {r['first_call_s']:>10.3f} "
                      f"{1e3 * r['median_s']:>10.3f} {spread:>17} {1e3 * r['median_per_image_s']:>9.4f} "
-                     f"{gflops:>8} {share:>7} {executed:>12} {executed_share:>7}")
+                     f"{gflops:>8} {share:>7} {executed:>12} {executed_share:>7} {r['gbytes_per_s']:>7.3g} {roof:>7}")
     lines.extend(f"{backend} skipped: {reason}" for backend, reason in skipped.items())
     lines.append(f"check err: largest max|got - oracle| / max|oracle| over the op's outputs (FAILED above "
                  f"{FLOAT32_TOL:g}); batch: images per call")
@@ -71,6 +77,7 @@ def format_ops_table(report):
     lines.append(EXECUTED)
     lines.append(f"bandwidth: {cal['stream_gbs']:.1f} GB/s (median; {cal['stream_method']}); "
                  f"{report['bytes_formula']}")
+    lines.append(ROOF)
     if report["speedups"]:
         pairs = list(dict.fromkeys(s["pair"] for s in report["speedups"]))
         by_key = {(s["op"], s["pair"]): s["speedup"] for s in report["speedups"]}

@@ -144,6 +144,14 @@ def moved_bytes(*values):
     return int(sum(a.size * np.dtype(a.dtype).itemsize for a in _arrays_in(values)))
 
 
+def writes_memory(inputs, outputs):
+    """Whether a call's outputs include an array that is not a view of its inputs (a reshape writes nothing: its
+    bytes are no traffic, and no bandwidth bound applies). Arrays on a device count as written."""
+    given = [a for a in _arrays_in(inputs) if isinstance(a, np.ndarray)]
+    return any(not isinstance(out, np.ndarray) or not any(np.may_share_memory(out, a) for a in given)
+               for out in _arrays_in(outputs))
+
+
 def random_like(backend, a, rng):
     """Standard-normal values in an array of a's shape, stored as `a` is (channels-last stays so), on the
     backend."""
@@ -266,8 +274,8 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
         if visit.checked:
             checked_ops.append(CheckedOp((step_key(visit.step), row["direction"]), row))
 
-    def passed(visit, row, first_s, nbytes, call):
-        row.update(status="ok", first_call_s=first_s, bytes=nbytes)
+    def passed(visit, row, first_s, nbytes, writes, call):
+        row.update(status="ok", first_call_s=first_s, bytes=nbytes, writes_memory=writes)
         checked_ops.append(CheckedOp((step_key(visit.step), row["direction"]), row, call))
 
     def on_device(value):
@@ -301,7 +309,8 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
             failed(visit, row, reason)
             return on_device(expected)
         visit.cache = cache
-        passed(visit, row, first_s, moved_bytes(x, p, y, cache), lambda: step.runner.forward(run, p, x))
+        passed(visit, row, first_s, moved_bytes(x, p, y, cache), writes_memory((x, p), (y, cache)),
+               lambda: step.runner.forward(run, p, x))
         return y
 
     def backward(visit, dy, need_dx):
@@ -351,7 +360,8 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
         def call():
             return step.runner.backward(run, p, dy, cache, need_dx)
 
-        passed(visit, row, first_s, moved_bytes(dy, cache, p, tuple(got.values())), call)
+        passed(visit, row, first_s, moved_bytes(dy, cache, p, tuple(got.values())),
+               writes_memory((given, cache, p), tuple(got.values())), call)
         return call()[0]  # the gradient training passes on, from the one it hands this step
 
     visits, x = [], backend.to_device(images)
