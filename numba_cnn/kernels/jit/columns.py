@@ -31,10 +31,11 @@ Self-contained but for tiles.py's constants, like the other kernel files, so Num
 import numpy as np
 from numba import prange
 
-from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, jit as _jit, part_range, parts_kernel,
-                                           tile_allocator)
+from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, copy_block, jit as _jit, part_range,
+                                           parts_kernel, tile_allocator)
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import aligned_zeros, layout_copy, nchw, reusable_output, round_up, scratch_allocator
+from numba_cnn.kernels.jit.buffers import (aligned_empty, aligned_zeros, layout_copy, nchw, reusable_output, round_up,
+                                          scratch_allocator)
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.sparse import _pad_planes
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
@@ -58,11 +59,11 @@ def _make_column_correlation(lanes, channels, rows):
 
     @parts_kernel
     @_jit(parallel=False)
-    def column_correlation(part, n_parts, xp, flat, wt, b, floor, row_lo, row_hi, y):
+    def column_correlation(part, n_parts, xp, flat, wt, b_tile, floor, row_lo, row_hi, y):
         """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} xp[n,c,i+r,j+s] * wt[k,r,s,c]), y NCHW (N, K, P, Q) with
         P >= the tile's rows; xp C-contiguous NCHW, at least P + R - 1 rows and ceil(Q / lanes) * lanes + S - 1
-        columns (zeros past what the sum reads); wt (K padded to the tile's channels, R, S, C) and b padded alike;
-        floor 0 for ReLU (NaN kept) or -inf for none. The sum runs over wt's C channels (xp may hold more
+        columns (zeros past what the sum reads); wt (K padded to the tile's channels, R, S, C); b_tile the bias
+        of each of those channels repeated over the tile's rows x lanes (`_bias_tile`); floor 0 for ReLU (NaN kept) or -inf for none. The sum runs over wt's C channels (xp may hold more
         planes). Rows of xp outside [row_lo, row_hi) are zeros and wt finite: a kernel row whose tile reads only
         such rows is skipped (its products are zeros, which leave every sum as it was). flat: xp.reshape(-1), made
         by the caller: reshaped in the task, LLVM kept the tile in memory, not in registers (docs/numba.md)."""
@@ -79,13 +80,11 @@ def _make_column_correlation(lanes, channels, rows):
                 for j0 in range(0, q_out, lanes):
                     width = min(lanes, q_out - j0)
                     for k0 in range(0, k_padded, channels):
-                        for kk in range(channels):
-                            b_k = b[k0 + kk]
-                            for a in range(rows * lanes):
-                                acc[kk * rows * lanes + a] = b_k
-                        for r in range(r_taps):
-                            if i0 + r + rows <= row_lo or i0 + r >= row_hi:  # the zero border only
-                                continue
+                        # seeded from the bias tile: a loop storing each channel's bias was unrolled into one
+                        # scalar store per element (docs/numba.md, trap 5)
+                        copy_block(acc, 0, b_tile, k0 * rows * lanes, tile)
+                        # kernel rows whose tile reads only the zero border are skipped: those outside this range
+                        for r in range(max(0, row_lo - i0 - rows + 1), min(r_taps, row_hi - i0)):
                             for s in range(s_taps):
                                 for c in range(n_in):
                                     at = ((n * n_planes + c) * x_rows + i0 + r) * x_cols + j0 + s
@@ -161,9 +160,9 @@ def _make_column_correlation(lanes, channels, rows):
                         for kk in range(min(channels, n_out - k0)):
                             for rr in range(rows):
                                 y_seg = y[n, k0 + kk, i0 + rr, j0:]
-                                at = (kk * rows + rr) * lanes
+                                at = np.uint64((kk * rows + rr) * lanes)  # unsigned: a signed sum gathered
                                 for lane in range(width):
-                                    v = acc[at + lane]
+                                    v = acc[at + np.uint64(lane)]
                                     y_seg[lane] = floor if v < floor else v  # ReLU keeps NaN: NaN < 0 is false
 
     return column_correlation
@@ -332,6 +331,14 @@ def _correlation_tile(out_channels, out_rows):
     return _column_correlation, COLUMN_TILE
 
 
+def _bias_tile(b_padded, rows):
+    """Each channel's bias repeated over a column tile of `rows` rows x COLUMN_LANES lanes, the tiles in channel
+    order: the column correlation copies a tile's worth at once into its accumulators."""
+    out = aligned_empty(b_padded.shape[0] * rows * COLUMN_LANES, b_padded.dtype)
+    out.reshape(b_padded.shape[0], -1)[...] = b_padded[:, None]
+    return out
+
+
 def column_forward(x, w, b, relu, padding):
     """conv2d_forward at stride 1 through `_column_correlation` or `_column_correlation_six` (needs P >=
     COLUMN_TILE's rows)."""
@@ -350,7 +357,7 @@ def column_forward(x, w, b, relu, padding):
     y = reusable_output((n, k, p, q), x.dtype)
     # the padding's rows are skipped where that changes nothing: an inf weight makes NaN of them in the contract's sum
     rows_read = (top, top + h) if np.isfinite(wt).all() else (0, xp.shape[2])
-    correlation(xp, xp.reshape(-1), wt, bp, x.dtype.type(0 if relu else -np.inf), *rows_read, y)
+    correlation(xp, xp.reshape(-1), wt, _bias_tile(bp, rows), x.dtype.type(0 if relu else -np.inf), *rows_read, y)
     return y
 
 
@@ -392,6 +399,6 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     wf = aligned_zeros((round_up(c, dx_channels), r, s, k), x.dtype)
     wf[:c] = w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)
     dx = reusable_output(x.shape, x.dtype)
-    dx_correlation(dyp, dyp.reshape(-1), wf, np.zeros(wf.shape[0], x.dtype), x.dtype.type(-np.inf), row_off,
-                   row_off + p, dx)
+    dx_correlation(dyp, dyp.reshape(-1), wf, _bias_tile(np.zeros(wf.shape[0], x.dtype), dx_rows),
+                   x.dtype.type(-np.inf), row_off, row_off + p, dx)
     return dx, dw, db
