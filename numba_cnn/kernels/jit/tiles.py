@@ -266,12 +266,14 @@ def _make_winograd(size, out, rows, lanes, chunk):
                             for q in range(pooled * pooled):
                                 i, j = pooled * tr + q // pooled, pooled * tc + q % pooled
                                 if i < p_out and j < q_out:
-                                    at = 2 * (out * (q // pooled) + q % pooled) * lanes
+                                    # unsigned: a signed offset plus the lane gathered (docs/numba.md, trap 2)
+                                    at = np.uint64(2 * (out * (q // pooled) + q % pooled) * lanes)
                                     y_px, arg_px = y[n, i, j, k0:], argmax[n, i, j, k0:]
                                     for l in range(n_lanes):
-                                        best, where = _pool_window(outs[at + l], outs[at + lanes + l],
-                                                                   outs[at + out * lanes + l],
-                                                                   outs[at + (out + 1) * lanes + l])
+                                        at_l = at + np.uint64(l)
+                                        best, where = _pool_window(outs[at_l], outs[at_l + np.uint64(lanes)],
+                                                                   outs[at_l + np.uint64(out * lanes)],
+                                                                   outs[at_l + np.uint64((out + 1) * lanes)])
                                         y_px[l] = best
                                         arg_px[l] = where
                             continue
