@@ -45,7 +45,7 @@ def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
     partial = scratch("listed.dw", (chunks, k, r, s * c), dy.dtype)
     bands = scratch("listed.bands", (chunks, round_up((2 * band_rows + r - 1) * wd * c, 64 // dy.itemsize)), dy.dtype)
     _listed_weight_grad(x_cl.reshape(n, rows, columns * c), top, left * c, values, offsets, counts, wd * c,
-                        dy.shape[1], band_rows, bands, partial)
+                        dy.shape[1], band_rows, bands, partial, partial.reshape(chunks, -1))
     dw_rows = partial[0] if len(partial) == 1 else partial.sum(axis=0)  # the chunks in order
     dw = np.ascontiguousarray(dw_rows.reshape(k, r, s, c).transpose(0, 3, 1, 2))
     dx = None

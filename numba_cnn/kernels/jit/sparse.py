@@ -17,7 +17,7 @@ Self-contained (no @njit helper from another file), so Numba's cache sees every 
 import numpy as np
 from numba import njit, prange
 
-from numba_cnn.kernels._numba_ext import jit as _jit, part_range, parts_kernel, tile_allocator
+from numba_cnn.kernels._numba_ext import copy_block, jit as _jit, part_range, parts_kernel, tile_allocator
 from numba_cnn.kernels.jit.tiles import TILE_BITS
 
 # values of a kernel row per register tile in the listed input gradient: the model's conv2 row (3 taps x 32
@@ -113,7 +113,7 @@ def _make_listed_weight_grad(block):
     @parts_kernel
     @_jit(parallel=False)
     def listed_weight_grad(part, n_parts, x_rows, top, left_values, values, offsets, counts, row_length, pooled_rows,
-                           band_rows, bands, partial):
+                           band_rows, bands, partial, partial_flat):
         """partial[h, k, r, u] = sum over the images n of chunk h (partial.shape[0] contiguous chunks of the batch)
         and the listed elements e of (n, k) of values[n, k, e] * xp[n, offsets[n, k, e] + r * row_length + u],
         u < S * C: chunk h's share of the weight gradient as (K, R, S * C) (channels last), xp[n] being x[n]
@@ -129,7 +129,8 @@ def _make_listed_weight_grad(block):
         the chunks are fixed by the batch, and the caller adds them in order: the same bits for any thread count.
         bands[h]: chunk h's buffer, at least (2 band_rows + R - 1) row_length values, starting on a cache line (so
         are the rows the offsets point at, for C a multiple of a line's values: a vector load then never spans two
-        lines, which it did in a buffer allocated here)."""
+        lines, which it did in a buffer allocated here). partial_flat: partial as (chunks, K * R * S * C), made by
+        the caller."""
         n_images, h_in, x_values = x_rows.shape
         n_chunks, n_out, r_taps, span = partial.shape
         tiled = span - span % block
@@ -137,7 +138,7 @@ def _make_listed_weight_grad(block):
         for h in part_range(part, n_parts, n_chunks):
             acc = _stack_tile(tile, x_rows.dtype)
             band = bands[h]
-            chunk = partial[h]
+            chunk, chunk_flat = partial[h], partial_flat[h]
             for k in range(n_out):
                 for r in range(r_taps):
                     chunk_row = chunk[k, r]
@@ -176,11 +177,12 @@ def _make_listed_weight_grad(block):
                             continue
                         for r0 in range(0, r_tiled, rows):
                             for u0 in range(0, tiled, block):
-                                p0, p1, p2 = chunk[k, r0, u0:], chunk[k, r0 + 1, u0:], chunk[k, r0 + 2, u0:]
-                                for u in range(block):
-                                    acc[u] = p0[u]
-                                    acc[block + u] = p1[u]
-                                    acc[2 * block + u] = p2[u]
+                                # in and out by block copies: as one loop over three rows of partial, which LLVM
+                                # cannot tell apart, the copies ran scalar (docs/numba.md, trap 4)
+                                rows_at = (k * r_taps + r0) * span + u0
+                                copy_block(acc, 0, chunk_flat, rows_at, block)
+                                copy_block(acc, block, chunk_flat, rows_at + span, block)
+                                copy_block(acc, 2 * block, chunk_flat, rows_at + 2 * span, block)
                                 for e in range(first, last):
                                     g = value_row[e]
                                     at = offset_row[e] - shift + r0 * row_length + u0
@@ -191,10 +193,9 @@ def _make_listed_weight_grad(block):
                                         acc[u] += g * x0[u]
                                         acc[block + u] += g * x1[u]
                                         acc[2 * block + u] += g * x2[u]
-                                for u in range(block):
-                                    p0[u] = acc[u]
-                                    p1[u] = acc[block + u]
-                                    p2[u] = acc[2 * block + u]
+                                copy_block(chunk_flat, rows_at, acc, 0, block)
+                                copy_block(chunk_flat, rows_at + span, acc, block, block)
+                                copy_block(chunk_flat, rows_at + 2 * span, acc, 2 * block, block)
                         for r in range(r_tiled, r_taps):  # kernel rows beyond the last whole group of 3
                             for u0 in range(0, tiled, block):
                                 p0 = chunk[k, r, u0:]
