@@ -457,14 +457,21 @@ def _pad_planes(part, n_parts, src, src_flat, channels_last, select, pooled, rel
                         value = row[j]
                         seg[j] = zero if select and y_row[j] <= zero else value
         elif pooled:
+            # each pooled row spread into a row buffer, then the select into dst: as one loop of two stores a window
+            # into dst, the select ran scalar
+            spread = np.empty(w, src.dtype)
             for c in range(n_ch):
                 for i in range(2 * (h // 2)):
-                    at = ((n * n_planes + c) * rows + top + i) * columns + left
                     dy_row, y_row = src[n, c, i // 2], relu_y[n, c, i]
-                    for j in range(w // 2):  # a window's two values per step (indexing by u // 2 did not vectorise)
-                        g = np.float64(dy_row[j]) / 4
-                        dst_flat[np.uint64(at + 2 * j)] = zero if select and y_row[2 * j] <= zero else g
-                        dst_flat[np.uint64(at + 2 * j + 1)] = zero if select and y_row[2 * j + 1] <= zero else g
+                    if i % 2 == 0:
+                        for j in range(w // 2):
+                            g = np.float64(dy_row[j]) / 4
+                            spread[2 * j] = g
+                            spread[2 * j + 1] = g
+                    seg = dst_flat[((n * n_planes + c) * rows + top + i) * columns + left:]
+                    for u in range(2 * (w // 2)):
+                        value = spread[u]
+                        seg[u] = zero if select and y_row[u] <= zero else value
         else:
             for c in range(n_ch):
                 for i in range(h):
