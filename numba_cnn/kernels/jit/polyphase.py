@@ -78,12 +78,14 @@ def _phase_merge(part, n_parts, phases, stride, out):
             for x in range(w):
                 j, b = x // stride, x % stride
                 base = (a * stride + b) * n_ch
+                dst = out[n, y, x]
                 if i < rows and j < cols:
+                    src = phases[n, i, j, base:]  # sliced first: read at base + ch, the copy gathered (trap 2)
                     for ch in range(n_ch):
-                        out[n, y, x, ch] = phases[n, i, j, base + ch]
+                        dst[ch] = src[ch]
                 else:
                     for ch in range(n_ch):
-                        out[n, y, x, ch] = zero
+                        dst[ch] = zero
 
 
 def _phase_offsets(size, before, stride):
