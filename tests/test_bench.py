@@ -578,3 +578,14 @@ def test_prepare_runs_the_precompile_then_a_step_and_an_inference_pass(monkeypat
     assert [n.to_dict() for n in networks] == [network.to_dict()]
     assert out["contender"] == "jit" and out["compiled"] is False and out["prepare_s"] > 0
     assert "peak_rss_mb" not in out  # no data loaded, nothing timed
+
+
+def test_a_conv_with_a_relu_layer_before_its_max_pool_is_checked_as_one_fused_step():
+    """Conv2D without activation, ReLU and MaxPool2D fuse into one conv + ReLU + pool step of three layers; the
+    check of its backward reads the ReLU layer's output and the pool's winners from the oracle's three caches."""
+    network = build([Conv2D(6, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(10)], (1, 12, 12))
+    assert [len(step.layers) for step in plan(network, get_backend("jit"))][0] == 3
+    report = small_bench(["jit"], network=network, batch_size=4)
+    fused = [r for r in report["results"] if r["op"].startswith("conv1+relu1+pool1")]
+    assert {r["op"] for r in fused} == {"conv1+relu1+pool1 fwd", "conv1+relu1+pool1 bwd"}
+    assert all(r["status"] == "ok" for r in fused), [r.get("reason") for r in fused]

@@ -24,7 +24,7 @@ from numba_cnn.kernels import ORACLE, get_backend
 from numba_cnn.kernels.contract import op_names
 from numba_cnn.kernels.reference import FLOAT32_TOL, relative_error
 from numba_cnn.model import Model, Run
-from numba_cnn.network.layers import Conv2D, Dropout
+from numba_cnn.network.layers import Conv2D, Dropout, ReLU
 from numba_cnn.network.plan import ConvReluPool
 
 BYTES_FORMULA = ("bytes moved: the compulsory traffic of the arrays a call takes and returns, each counted once at "
@@ -165,14 +165,30 @@ def _float64(a):
     return np.asarray(a, dtype=np.float64)
 
 
+def _relu_output(oracle_caches, step):
+    """The array in the oracle's caches of a step that starts with a convolution and its ReLU that holds the ReLU's
+    output (the one its backward selects on): the conv's own output where the conv has the ReLU as its activation,
+    the ReLU layer's cache where a ReLU layer follows it; None for a step that starts otherwise."""
+    layers = [layer for _, layer in step.layers]
+    if not isinstance(layers[0], Conv2D):
+        return None
+    if layers[0].activation == "relu":
+        return oracle_caches[0][1]
+    if len(layers) > 1 and isinstance(layers[1], ReLU):
+        return oracle_caches[1]
+    return None
+
+
 def _adopt_near_tie_winners(oracle_caches, argmax, step):
     """In the oracle's caches of a fused conv + ReLU + max-pool step, the backend's pooling winners (`argmax`) where
     they tie with the oracle's within FLOAT32_TOL of the conv output's largest magnitude: the backend pooled its
     own float32 conv output, and where two values of a window differ by a rounding its winner is as right as the
     oracle's (the gradient goes to one or the other, a difference a backward check must not count). A winner
-    further from the window's maximum stays the oracle's, and the check fails on it."""
-    (_, conv_out), (oracle_argmax, _) = oracle_caches
-    kh, kw = step.layers[1][1].pool_size
+    further from the window's maximum stays the oracle's, and the check fails on it. The step's layers are a conv
+    with its ReLU and the pool, or a conv, a ReLU layer and the pool (whose caches hold the ReLU's output)."""
+    conv_out = _relu_output(oracle_caches, step)
+    oracle_argmax = oracle_caches[-1][0]
+    kh, kw = step.layers[-1][1].pool_size
     n, k, p, q = oracle_argmax.shape
     windows = conv_out[:, :, :p * kh, :q * kw].reshape(n, k, p, kh, q, kw).transpose(0, 1, 2, 4, 3, 5)
     windows = windows.reshape(n, k, p, q, kh * kw)
@@ -189,11 +205,8 @@ def _adopt_near_zero_relu_sides(oracle_caches, y, step):
     FLOAT32_TOL of the largest one from zero but on different sides: the two sums differ by a rounding there, the
     gradient passes on one side and not on the other, and either is right (the forward's check accepts both). Where
     either output is further from zero, the oracle's side stays, and a wrong one fails the check."""
-    layer = step.layers[0][1]
-    if not (isinstance(layer, Conv2D) and layer.activation == "relu"):
-        return
-    _, oracle_y = oracle_caches[0]
-    if oracle_y.shape != y.shape:
+    oracle_y = _relu_output(oracle_caches, step)
+    if oracle_y is None or oracle_y.shape != y.shape:
         return
     limit = FLOAT32_TOL * np.abs(oracle_y).max()
     near = (np.abs(oracle_y) <= limit) & (np.abs(y) <= limit) & ((oracle_y > 0) != (y > 0))
