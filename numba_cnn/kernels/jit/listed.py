@@ -11,7 +11,8 @@ from numba_cnn.kernels.jit.columns import padded_nchw
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.pooled_grad import (POOLED_GRAD_LANES, POOLED_GRAD_TAPS, _pooled_weight_grad,
                                                _pooled_weight_grad_3x3)
-from numba_cnn.kernels.jit.sparse import LISTED_BAND_BYTES, _listed_input_grad, _listed_weight_grad, _pooled_grad_lists
+from numba_cnn.kernels.jit.sparse import (LISTED_BAND_BYTES, LISTED_GRAD_LANES, _listed_input_grad, _listed_weight_grad,
+                                          _pooled_grad_lists)
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
 
 
@@ -42,12 +43,16 @@ def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
     row_bytes = wd * c * dy.itemsize
     band_rows = max(1, (LISTED_BAND_BYTES // row_bytes - r) // 2)  # pooled rows whose inputs fill the band
     chunks = min(GRAD_IMAGE_CHUNKS, n)
-    partial = scratch("listed.dw", (chunks, k, r, s * c), dy.dtype)
-    bands = scratch("listed.bands", (chunks, round_up((2 * band_rows + r - 1) * wd * c, 64 // dy.itemsize)), dy.dtype)
+    # the kernel computes whole vectors: each kernel row's S x C values padded to them, and the band with a vector
+    # to spare for the last one's reads (zeros there, not whatever the buffer held)
+    partial = scratch("listed.dw", (chunks, k, r, round_up(s * c, LISTED_GRAD_LANES)), dy.dtype)
+    band_values = (2 * band_rows + r - 1) * wd * c
+    bands = scratch("listed.bands", (chunks, round_up(band_values + LISTED_GRAD_LANES, 64 // dy.itemsize)), dy.dtype)
+    bands[:, band_values:] = 0
     _listed_weight_grad(x_cl.reshape(n, rows, columns * c), top, left * c, values, offsets, counts, wd * c,
                         dy.shape[1], band_rows, bands, partial, partial.reshape(chunks, -1))
     dw_rows = partial[0] if len(partial) == 1 else partial.sum(axis=0)  # the chunks in order
-    dw = np.ascontiguousarray(dw_rows.reshape(k, r, s, c).transpose(0, 3, 1, 2))
+    dw = np.ascontiguousarray(dw_rows[..., :s * c].reshape(k, r, s, c).transpose(0, 3, 1, 2))
     dx = None
     if need_dx:
         w_flat = aligned_copy(w.transpose(0, 2, 3, 1)).reshape(-1)

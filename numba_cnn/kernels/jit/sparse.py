@@ -26,6 +26,8 @@ LISTED_BLOCK = 96
 # the listed weight gradient's register tile: LISTED_GRAD_ROWS kernel rows x this many values of each (18 zmm; 12 ymm)
 LISTED_GRAD_BLOCK = 96 if TILE_BITS >= 512 else 32
 LISTED_GRAD_ROWS = 3
+# one vector: the weight gradient's rows are computed in whole vectors, its partial sums' rows padded to them
+LISTED_GRAD_LANES = TILE_BITS // 32
 # bytes of input rows a band of the weight gradient reads over and over: about an L1 data cache; bands of 1 to 16
 # pooled rows timed on VGG's and mnist-cnn's layers were fastest at this size (docs/kernels.md)
 LISTED_BAND_BYTES = 48 * 1024
@@ -107,6 +109,8 @@ _pooled_grad_lists = _make_pooled_grad_lists()
 def _make_listed_weight_grad(block):
     """`_listed_weight_grad` with a register tile of LISTED_GRAD_ROWS kernel rows x `block` values of each."""
     rows = LISTED_GRAD_ROWS
+    lanes = LISTED_GRAD_LANES
+    tail_tile = rows * lanes
     tile = rows * block
     _stack_tile = tile_allocator()
 
@@ -116,7 +120,8 @@ def _make_listed_weight_grad(block):
                            band_rows, bands, partial, partial_flat):
         """partial[h, k, r, u] = sum over the images n of chunk h (partial.shape[0] contiguous chunks of the batch)
         and the listed elements e of (n, k) of values[n, k, e] * xp[n, offsets[n, k, e] + r * row_length + u],
-        u < S * C: chunk h's share of the weight gradient as (K, R, S * C) (channels last), xp[n] being x[n]
+        u < S * C: chunk h's share of the weight gradient as (K, R, S * C padded to whole vectors of `lanes`:
+        the values past S * C are garbage) (channels last), xp[n] being x[n]
         zero-padded by `top` rows above and left_values / C columns on the left (and as many below and right as
         the offsets reach) as (Hp, Wp, C), flattened (row_length = Wp * C); x_rows[n] is x[n] as (H, W * C).
 
@@ -127,16 +132,18 @@ def _make_listed_weight_grad(block):
         band and channel. Straight through the lists instead, each multiply-add's input would come from L2, at an
         address known only once its offset is loaded. Per element of partial: images in order, then list order;
         the chunks are fixed by the batch, and the caller adds them in order: the same bits for any thread count.
-        bands[h]: chunk h's buffer, at least (2 band_rows + R - 1) row_length values, starting on a cache line (so
+        bands[h]: chunk h's buffer, at least (2 band_rows + R - 1) row_length + `lanes` values (the last vector of
+        a row reads past it), starting on a cache line (so
         are the rows the offsets point at, for C a multiple of a line's values: a vector load then never spans two
-        lines, which it did in a buffer allocated here). partial_flat: partial as (chunks, K * R * S * C), made by
-        the caller."""
+        lines, which it did in a buffer allocated here). partial_flat: partial as (chunks, K * R * padded span),
+        made by the caller."""
         n_images, h_in, x_values = x_rows.shape
         n_chunks, n_out, r_taps, span = partial.shape
         tiled = span - span % block
         r_tiled = r_taps - r_taps % rows
         for h in part_range(part, n_parts, n_chunks):
             acc = _stack_tile(tile, x_rows.dtype)
+            tail = _stack_tile(tail_tile, x_rows.dtype)
             band = bands[h]
             chunk, chunk_flat = partial[h], partial_flat[h]
             for k in range(n_out):
@@ -198,24 +205,47 @@ def _make_listed_weight_grad(block):
                                 copy_block(chunk_flat, rows_at + 2 * span, acc, 2 * block, block)
                         for r in range(r_tiled, r_taps):  # kernel rows beyond the last whole group of 3
                             for u0 in range(0, tiled, block):
-                                p0 = chunk[k, r, u0:]
-                                for u in range(block):
-                                    acc[u] = p0[u]
+                                row_at = (k * r_taps + r) * span + u0
+                                copy_block(acc, 0, chunk_flat, row_at, block)
                                 for e in range(first, last):
                                     g = value_row[e]
                                     x0 = band[offset_row[e] - shift + r * row_length + u0:]
                                     for u in range(block):
                                         acc[u] += g * x0[u]
-                                for u in range(block):
-                                    p0[u] = acc[u]
-                        if tiled < span:  # values of a row beyond the last whole block, one element at a time
-                            for r in range(r_taps):
-                                chunk_row = chunk[k, r]
+                                copy_block(chunk_flat, row_at, acc, 0, block)
+                        # values of a row beyond the last whole block, a vector of `lanes` at a time: partial's rows
+                        # are padded to whole vectors (the lanes past S * C add products the caller drops); three
+                        # rows at once, so that each element's multiply-add waits on its row's last, not on the
+                        # element's before it. The lane loop runs to `width`, which is `lanes`: with a constant
+                        # trip count LLVM unrolled it and vectorised the loop over the elements instead (gathers)
+                        width = min(lanes, span - tiled)
+                        for r0 in range(0, r_tiled, rows):
+                            for u0 in range(tiled, span, lanes):
+                                rows_at = (k * r_taps + r0) * span + u0
+                                copy_block(tail, 0, chunk_flat, rows_at, lanes)
+                                copy_block(tail, lanes, chunk_flat, rows_at + span, lanes)
+                                copy_block(tail, 2 * lanes, chunk_flat, rows_at + 2 * span, lanes)
                                 for e in range(first, last):
                                     g = value_row[e]
-                                    x0 = band[offset_row[e] - shift + r * row_length:]
-                                    for u in range(tiled, span):
-                                        chunk_row[u] += g * x0[u]
+                                    at = offset_row[e] - shift + r0 * row_length + u0
+                                    x0, x1, x2 = band[at:], band[at + row_length:], band[at + 2 * row_length:]
+                                    for u in range(width):
+                                        tail[u] += g * x0[u]
+                                        tail[lanes + u] += g * x1[u]
+                                        tail[2 * lanes + u] += g * x2[u]
+                                copy_block(chunk_flat, rows_at, tail, 0, lanes)
+                                copy_block(chunk_flat, rows_at + span, tail, lanes, lanes)
+                                copy_block(chunk_flat, rows_at + 2 * span, tail, 2 * lanes, lanes)
+                        for r in range(r_tiled, r_taps):
+                            for u0 in range(tiled, span, lanes):
+                                row_at = (k * r_taps + r) * span + u0
+                                copy_block(tail, 0, chunk_flat, row_at, lanes)
+                                for e in range(first, last):
+                                    g = value_row[e]
+                                    x0 = band[offset_row[e] - shift + r * row_length + u0:]
+                                    for u in range(width):
+                                        tail[u] += g * x0[u]
+                                copy_block(chunk_flat, row_at, tail, 0, lanes)
 
     return listed_weight_grad
 
