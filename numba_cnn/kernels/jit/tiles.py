@@ -266,16 +266,13 @@ def _make_winograd(size, out, rows, lanes, chunk):
                             for q in range(pooled * pooled):
                                 i, j = pooled * tr + q // pooled, pooled * tc + q % pooled
                                 if i < p_out and j < q_out:
-                                    # unsigned: a signed offset plus the lane gathered (docs/numba.md, trap 2)
-                                    at = np.uint64(2 * (out * (q // pooled) + q % pooled) * lanes)
+                                    at = np.uint64(2 * (out * (q // pooled) + q % pooled) * lanes)  # trap 19
                                     y_px, arg_px = y[n, i, j, k0:], argmax[n, i, j, k0:]
                                     for l in range(n_lanes):
-                                        at_l = at + np.uint64(l)
-                                        best, where = _pool_window(outs[at_l], outs[at_l + np.uint64(lanes)],
-                                                                   outs[at_l + np.uint64(out * lanes)],
-                                                                   outs[at_l + np.uint64((out + 1) * lanes)])
-                                        y_px[l] = best
-                                        arg_px[l] = where
+                                        a = at + np.uint64(l)
+                                        y_px[l], arg_px[l] = _pool_window(outs[a], outs[a + np.uint64(lanes)],
+                                                                          outs[a + np.uint64(out * lanes)],
+                                                                          outs[a + np.uint64((out + 1) * lanes)])
                             continue
                         for q in range(out * out):
                             i, j = out * tr + q // out, out * tc + q % out
