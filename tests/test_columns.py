@@ -215,7 +215,7 @@ def test_zero_border_rows_skipped_give_the_same_bits(shape, k, kernel, padding):
     border of dy): the same bits as the kernel reading every row."""
     x, w, b, _ = _operands(np.random.default_rng(12), shape, k, kernel, padding, np.float32)
     h, r = x.shape[2], kernel[0]
-    correlation, (channels, _) = columns._correlation_tile(k, h + padding[0] + padding[1] - r + 1)
+    correlation, (channels, rows) = columns._correlation_tile(k, h + padding[0] + padding[1] - r + 1)
     xp = columns.padded_nchw(x, padding, extra_columns=columns.COLUMN_LANES)
     wt = np.zeros((-(-k // channels) * channels, r, kernel[1], x.shape[1]), np.float32)
     wt[:k] = w.transpose(0, 2, 3, 1)
@@ -223,8 +223,9 @@ def test_zero_border_rows_skipped_give_the_same_bits(shape, k, kernel, padding):
     bp[:k] = b
     y_shape = (x.shape[0], k, h + padding[0] + padding[1] - r + 1, x.shape[3] + padding[2] + padding[3] - kernel[1] + 1)
     skipped, every_row = np.empty(y_shape, np.float32), np.empty(y_shape, np.float32)
-    correlation(xp, xp.reshape(-1), wt, bp, np.float32(-np.inf), padding[0], padding[0] + h, skipped)
-    correlation(xp, xp.reshape(-1), wt, bp, np.float32(-np.inf), 0, xp.shape[2], every_row)
+    b_tile = columns._bias_tile(bp, rows)
+    correlation(xp, xp.reshape(-1), wt, b_tile, np.float32(-np.inf), padding[0], padding[0] + h, skipped)
+    correlation(xp, xp.reshape(-1), wt, b_tile, np.float32(-np.inf), 0, xp.shape[2], every_row)
     np.testing.assert_array_equal(skipped, every_row)
     reference.assert_close(skipped, reference.conv2d_forward(x, w, b, False, 1, padding), np.float32, "y")
 
