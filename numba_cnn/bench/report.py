@@ -15,9 +15,9 @@ EXECUTED = ("exec GFLOP/s, exec %: 2 FLOPs per multiply-add the kernels executed
             "jit; products with stored zeros included, skipped zeros not), else the dense count; the roofline "
             "places ops by these.")
 ROOF = ("GB/s: the bytes moved (below) per second; % roof: the op's own bound, the larger of its executed FLOPs at "
-        "the sgemm peak and its bytes at the streaming bandwidth, as a share of its time (host backends; none for an op "
-        "that only returns views of its inputs). Over 100%: "
-        "its arrays came from cache, faster than the bandwidth measured on arrays larger than the cache.")
+        "the sgemm peak and its bytes at the streaming bandwidth, as a share of its time (host backends; none for an "
+        "op that only returns views of its inputs). Over 100%: its arrays came from cache, faster than the bandwidth "
+        "measured on arrays larger than the cache.")
 
 
 def _network_line(settings):

@@ -63,10 +63,11 @@ def _make_column_correlation(lanes, channels, rows):
         """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} xp[n,c,i+r,j+s] * wt[k,r,s,c]), y NCHW (N, K, P, Q) with
         P >= the tile's rows; xp C-contiguous NCHW, at least P + R - 1 rows and ceil(Q / lanes) * lanes + S - 1
         columns (zeros past what the sum reads); wt (K padded to the tile's channels, R, S, C); b_tile the bias
-        of each of those channels repeated over the tile's rows x lanes (`_bias_tile`); floor 0 for ReLU (NaN kept) or -inf for none. The sum runs over wt's C channels (xp may hold more
-        planes). Rows of xp outside [row_lo, row_hi) are zeros and wt finite: a kernel row whose tile reads only
-        such rows is skipped (its products are zeros, which leave every sum as it was). flat: xp.reshape(-1), made
-        by the caller: reshaped in the task, LLVM kept the tile in memory, not in registers (docs/numba.md)."""
+        of each of those channels repeated over the tile's rows x lanes (`_bias_tile`); floor 0 for ReLU (NaN
+        kept) or -inf for none. The sum runs over wt's C channels (xp may hold more planes). Rows of xp outside
+        [row_lo, row_hi) are zeros and wt finite: a kernel row whose tile reads only such rows is skipped (its
+        products are zeros, which leave every sum as it was). flat: xp.reshape(-1), made by the caller: reshaped
+        in the task, LLVM kept the tile in memory, not in registers (docs/numba.md)."""
         n_images, n_planes, x_rows, x_cols = xp.shape
         n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
         k_padded, r_taps, s_taps, n_in = wt.shape
@@ -81,7 +82,7 @@ def _make_column_correlation(lanes, channels, rows):
                     width = min(lanes, q_out - j0)
                     for k0 in range(0, k_padded, channels):
                         # seeded from the bias tile: a loop storing each channel's bias was unrolled into one
-                        # scalar store per element (docs/numba.md, trap 5)
+                        # scalar store per element (docs/numba.md, trap 20)
                         copy_block(acc, 0, b_tile, k0 * rows * lanes, tile)
                         # kernel rows whose tile reads only the zero border are skipped: those outside this range
                         for r in range(max(0, row_lo - i0 - rows + 1), min(r_taps, row_hi - i0)):
@@ -160,7 +161,7 @@ def _make_column_correlation(lanes, channels, rows):
                         for kk in range(min(channels, n_out - k0)):
                             for rr in range(rows):
                                 y_seg = y[n, k0 + kk, i0 + rr, j0:]
-                                at = np.uint64((kk * rows + rr) * lanes)  # unsigned: a signed sum gathered
+                                at = np.uint64((kk * rows + rr) * lanes)  # unsigned: a signed sum gathered (trap 19)
                                 for lane in range(width):
                                     v = acc[at + np.uint64(lane)]
                                     y_seg[lane] = floor if v < floor else v  # ReLU keeps NaN: NaN < 0 is false
