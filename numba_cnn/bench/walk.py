@@ -186,7 +186,8 @@ def _adopt_near_tie_winners(oracle_caches, argmax, step):
     oracle's (the gradient goes to one or the other, a difference a backward check must not count). A winner
     further from the window's maximum stays the oracle's, and the check fails on it. The step's layers are a conv
     with its ReLU and the pool, or a conv, a ReLU layer and the pool (whose caches hold the ReLU's output)."""
-    conv_out = oracle_caches[1] if len(oracle_caches) == 3 else oracle_caches[0][1]  # what the pool took
+    relu_y = _relu_output(oracle_caches, step)
+    conv_out = oracle_caches[0][1] if relu_y is None else relu_y  # what the pool took
     oracle_argmax = oracle_caches[-1][0]
     kh, kw = step.layers[-1][1].pool_size
     n, k, p, q = oracle_argmax.shape
