@@ -734,21 +734,22 @@ def test_compiled_dense_layers_match_the_oracle(n, d, m, dtype, monkeypatch):
 # outputs under, at and past a whole number of the tile's lanes (16 on AVX2, 32 on AVX-512), LeNet's and VGG's hidden
 # layers
 DENSE_FORWARD_SHAPES = [(1, 7, 16), (5, 3, 40), (32, 7, 16), (37, 1, 17), (41, 300, 33), (128, 400, 120),
-                        (128, 4096, 128), (50, 9, 64)]
+                        (128, 4096, 128), (50, 9, 64), (37, 1100, 10), (3, 1030, 16), (1, 1024, 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n,d,m", DENSE_FORWARD_SHAPES)
 def test_compiled_dense_forward_matches_the_oracle(n, d, m, dtype):
-    """jit's dense forward tile (taken for at least DENSE_LANES outputs) against a float64 matmul on awkward shapes,
-    each row's bits the same whatever rows share its batch; under the bound, numpy's, bit for bit."""
+    """jit's dense forward tiles (the wide one for at least DENSE_LANES outputs, the narrow one for fewer from at
+    least DENSE_COMPILED_MIN_INPUTS inputs) against a float64 matmul on awkward shapes, each row's bits the same
+    whatever rows share its batch; elsewhere numpy's, bit for bit."""
     from numba_cnn.kernels.jit import layers as jit_layers
     from numba_cnn.kernels import layers as numpy_layers
 
     rng = np.random.default_rng(n * 1000 + d + m)
     x, w = rng.standard_normal((n, d)).astype(dtype), rng.standard_normal((d, m)).astype(dtype)
     b = rng.standard_normal(m).astype(dtype)
-    if m < jit_layers.DENSE_LANES:
+    if m < jit_layers.DENSE_LANES and d < jit_layers.DENSE_COMPILED_MIN_INPUTS:
         np.testing.assert_array_equal(jit_layers.dense_forward(x, w, b), numpy_layers.dense_forward(x, w, b))
         return
     y = jit_layers.dense_forward(x, w, b)
@@ -763,11 +764,14 @@ def test_compiled_dense_forward_leaves_no_lane_or_row_unwritten():
     of lanes and of the last row block, which overlaps the one before, included."""
     from numba_cnn.kernels.jit import layers as jit_layers
 
-    n, d, m = 44, 3, jit_layers.DENSE_LANES + 3
-    x = np.arange(n * d, dtype=np.float32).reshape(n, d) % 7
-    w = np.arange(d * m, dtype=np.float32).reshape(d, m) % 5
-    b = np.arange(m, dtype=np.float32)
-    np.testing.assert_array_equal(jit_layers.dense_forward(x, w, b), x @ w + b)  # small integers: exact in float32
+    # the wide tile with a partial second vector; the narrow one with a partial vector, over enough inputs to take it
+    for n, d, m in ((44, 3, jit_layers.DENSE_LANES + 3),
+                    (44, jit_layers.DENSE_COMPILED_MIN_INPUTS, jit_layers.DENSE_NARROW_LANES - 3)):
+        x = np.arange(n * d, dtype=np.float32).reshape(n, d) % 7
+        w = np.arange(d * m, dtype=np.float32).reshape(d, m) % 5
+        b = np.arange(m, dtype=np.float32)
+        # small integers, sums below 2**24: exact in float32, whatever the order
+        np.testing.assert_array_equal(jit_layers.dense_forward(x, w, b), x @ w + b)
 
 
 def test_compiled_dense_forward_reads_weights_of_any_memory_order():

@@ -287,25 +287,31 @@ def _make_dense_forward(lanes):
 
 
 _dense_forward = _make_dense_forward(DENSE_LANES)
+# one vector of outputs per task, for layers with at most that many (a classifier's 10): the wide tile would compute
+# two vectors, more than two thirds of its lanes padding
+DENSE_NARROW_LANES = TILE_BITS // 32
+_dense_forward_narrow = _make_dense_forward(DENSE_NARROW_LANES)
 
 
 def dense_forward(x, w, b):
-    """x[N, D], w[D, M], b[M] -> y[N, M] = x @ w + b: compiled over the threads for at least DENSE_LANES outputs,
+    """x[N, D], w[D, M], b[M] -> y[N, M] = x @ w + b: compiled over the threads for at least DENSE_LANES outputs, or
+    for at most DENSE_NARROW_LANES from at least DENSE_COMPILED_MIN_INPUTS inputs (a tile of one vector of outputs),
     each element summed in one fixed order, so the same bits for any thread count and whatever rows share the batch
-    (fewer than DENSE_ROWS rows run padded with zero rows); else numpy's (one-thread BLAS matched or beat the
-    compiled tile on the 10 outputs of a classifier's last layer)."""
-    n_rows, n_out = x.shape[0], w.shape[1]
-    compiled = (n_rows > 0 and n_out >= DENSE_LANES and x.shape[1] > 0
+    (fewer than DENSE_ROWS rows run padded with zero rows); else numpy's (one-thread BLAS was faster on a few
+    outputs from a few hundred inputs: docs/kernels.md)."""
+    n_rows, (depth, n_out) = x.shape[0], w.shape
+    lanes = DENSE_LANES if n_out > DENSE_NARROW_LANES else DENSE_NARROW_LANES
+    compiled = (n_rows > 0 and depth > 0 and (n_out >= DENSE_LANES or depth >= DENSE_COMPILED_MIN_INPUTS)
                 and x.dtype == w.dtype == b.dtype and x.dtype in (np.float32, np.float64))
-    macs = n_rows * x.shape[1] * n_out
+    macs = n_rows * depth * n_out
     if not compiled:
         note("dense_forward", "numpy's matmul (one-thread BLAS)", macs)
         return numpy_layers.dense_forward(x, w, b)
-    note("dense_forward", f"register tile {DENSE_ROWS} rows x {DENSE_LANES} lanes", macs)
-    w_padded = np.ascontiguousarray(pad_width(w, round_up(n_out, DENSE_LANES), axis=1))
+    note("dense_forward", f"register tile {DENSE_ROWS} rows x {lanes} lanes", macs)
+    w_padded = np.ascontiguousarray(pad_width(w, round_up(n_out, lanes), axis=1))
     x_rows = np.ascontiguousarray(pad_width(x, DENSE_ROWS, axis=0))  # the tile reads whole blocks of rows
     y = np.empty((x_rows.shape[0], n_out), x.dtype)
-    _dense_forward(x_rows, w_padded, np.ascontiguousarray(b), y)
+    (_dense_forward if lanes == DENSE_LANES else _dense_forward_narrow)(x_rows, w_padded, np.ascontiguousarray(b), y)
     return y if n_rows >= DENSE_ROWS else y[:n_rows].copy()
 
 
@@ -313,62 +319,78 @@ def dense_forward(x, w, b):
 # thread: BLAS runs at one thread here (see jit/__init__.py), and fills few lanes with 10 outputs. Timed against
 # numpy's, the compiled kernel only won there (mnist-cnn's 1600 -> 10); with 32 or more outputs, or a few hundred
 # inputs (LeNet's 84 -> 10), numpy's was faster (docs/kernels.md). The forward's tile (above) was no faster than
-# BLAS for the backward's two products inside a training step (docs/kernels.md), so those stay numpy's.
+# BLAS for the backward's two products inside a training step (docs/kernels.md), so those stay numpy's. The forward's
+# narrow tile takes the same bound on the inputs: below it, BLAS's call costs less than the tile's padded copy of w.
 DENSE_COMPILED_MAX_OUTPUTS = 16
 DENSE_COMPILED_MIN_INPUTS = 1024
 
 
-_DENSE_TILE = 64  # values summed in registers at a time (4 zmm, 8 ymm)
+# values of a row summed in registers at a time, two rows of them in the backward's tile: 8 zmm, or 8 ymm of AVX2's 16
+_DENSE_TILE = 64 if TILE_BITS >= 512 else 32
 
 
 def _make_dense_backward(tile):
+    pair_tile = 2 * tile
     _stack_tile = tile_allocator()
 
     @_jit
     def dense_backward(dy, x, w_t, dx, dw_t):
         """dx[n] = sum over m of dy[n, m] * w_t[m] (w_t = w transposed, (M, D)), the outputs m in order, and dw_t[m,
-        d] = sum over n of dy[n, m] * x[n, d], the images in order: a parallel loop over the N rows of dx, then one
-        over the blocks of `tile` inputs of dw (two loops, so that each splits evenly over the threads), `tile`
-        values summed in registers at a time."""
+        d] = sum over n of dy[n, m] * x[n, d], the images in order: a parallel loop over pairs of rows of dx, then
+        one over the blocks of `tile` inputs of dw, two outputs m at a time (two loops, so that each splits evenly
+        over the threads), 2 x `tile` values summed in registers at a time: each w_t or x segment loaded serves two
+        sums. An odd last row or output is paired with itself."""
         n_rows, n_out = dy.shape
         depth = dx.shape[1]
         tiled = depth - depth % tile
         n_blocks = (depth + tile - 1) // tile
-        for row in prange(n_rows):
-            acc = _stack_tile(tile, dx.dtype)
-            dy_row, dx_row = dy[row], dx[row]
+        for pair in prange((n_rows + 1) // 2):
+            acc = _stack_tile(pair_tile, dx.dtype)
+            row_a = 2 * pair
+            row_b = min(row_a + 1, n_rows - 1)
+            dy_a, dy_b, dx_a, dx_b = dy[row_a], dy[row_b], dx[row_a], dx[row_b]
             for d0 in range(0, tiled, tile):
-                g, w_seg = dy_row[0], w_t[0, d0:]
+                g_a, g_b, w_seg = dy_a[0], dy_b[0], w_t[0, d0:]
                 for u in range(tile):
-                    acc[u] = g * w_seg[u]
+                    acc[u] = g_a * w_seg[u]
+                    acc[tile + u] = g_b * w_seg[u]
                 for m in range(1, n_out):
-                    g, w_seg = dy_row[m], w_t[m, d0:]
+                    g_a, g_b, w_seg = dy_a[m], dy_b[m], w_t[m, d0:]
                     for u in range(tile):
-                        acc[u] += g * w_seg[u]
-                out = dx_row[d0:]
+                        acc[u] += g_a * w_seg[u]
+                        acc[tile + u] += g_b * w_seg[u]
+                out_a, out_b = dx_a[d0:], dx_b[d0:]
                 for u in range(tile):
-                    out[u] = acc[u]
-            for d in range(tiled, depth):  # the rest one value at a time, the same order
-                total = dy_row[0] * w_t[0, d]
-                for m in range(1, n_out):
-                    total += dy_row[m] * w_t[m, d]
-                dx_row[d] = total
+                    out_a[u] = acc[u]
+                    out_b[u] = acc[tile + u]
+            for row in (row_a, row_b):
+                for d in range(tiled, depth):  # the rest one value at a time, the same order
+                    total = dy[row, 0] * w_t[0, d]
+                    for m in range(1, n_out):
+                        total += dy[row, m] * w_t[m, d]
+                    dx[row, d] = total
         for block in prange(n_blocks):
-            acc = _stack_tile(tile, dx.dtype)
+            acc = _stack_tile(pair_tile, dx.dtype)
             d0 = block * tile
-            for m in range(n_out):
-                out = dw_t[m, d0:]
-                if d0 < tiled:
-                    g, x_seg = dy[0, m], x[0, d0:]
+            if d0 < tiled:
+                for m_a in range(0, n_out, 2):
+                    m_b = min(m_a + 1, n_out - 1)
+                    g_a, g_b, x_seg = dy[0, m_a], dy[0, m_b], x[0, d0:]
                     for u in range(tile):
-                        acc[u] = g * x_seg[u]
+                        acc[u] = g_a * x_seg[u]
+                        acc[tile + u] = g_b * x_seg[u]
                     for n in range(1, n_rows):
-                        g, x_seg = dy[n, m], x[n, d0:]
+                        g_a, g_b, x_seg = dy[n, m_a], dy[n, m_b], x[n, d0:]
                         for u in range(tile):
-                            acc[u] += g * x_seg[u]
+                            acc[u] += g_a * x_seg[u]
+                            acc[tile + u] += g_b * x_seg[u]
+                    out_a, out_b = dw_t[m_a, d0:], dw_t[m_b, d0:]
                     for u in range(tile):
-                        out[u] = acc[u]
-                else:  # the last, partial block: one value at a time, the same order
+                        out_a[u] = acc[u]
+                        out_b[u] = acc[tile + u]
+            else:  # the last, partial block: one value at a time, the same order
+                for m in range(n_out):
+                    out = dw_t[m, d0:]
                     for u in range(depth - d0):
                         total = dy[0, m] * x[0, d0 + u]
                         for n in range(1, n_rows):
