@@ -33,13 +33,7 @@ def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
     sums = scratch("listed.sums", (n, k), dy.dtype)
     finite = scratch("listed.finite", (n,), np.bool_)
     zero = dy.dtype.type(0)
-    x_flat = x_cl.reshape(n, -1)
-    _pooled_grad_lists(dy, pooled, argmax, x_flat, wd, c, zero, values, offsets, counts, sums, finite)
-    if not finite.all():
-        return None
-    listed = int(counts.sum())
-    note("conv2d_relu_maxpool2d_backward", "listed: nonzero conv-output gradients only",
-         listed * r * s * c * (2 if need_dx else 1))
+    _pooled_grad_lists(dy, pooled, argmax, wd, c, zero, values, offsets, counts, sums)
     row_bytes = wd * c * dy.itemsize
     band_rows = max(1, (LISTED_BAND_BYTES // row_bytes - r) // 2)  # pooled rows whose inputs fill the band
     chunks = min(GRAD_IMAGE_CHUNKS, n)
@@ -50,7 +44,11 @@ def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
     bands = scratch("listed.bands", (chunks, round_up(band_values + LISTED_GRAD_LANES, 64 // dy.itemsize)), dy.dtype)
     bands[:, band_values:] = 0
     _listed_weight_grad(x_cl.reshape(n, rows, columns * c), top, left * c, values, offsets, counts, wd * c,
-                        dy.shape[1], band_rows, bands, partial, partial.reshape(chunks, -1))
+                        dy.shape[1], band_rows, bands, partial, partial.reshape(chunks, -1), zero, finite)
+    if not finite.all():  # x is read there, as the bands are filled
+        return None
+    note("conv2d_relu_maxpool2d_backward", "listed: nonzero conv-output gradients only",
+         int(counts.sum()) * r * s * c * (2 if need_dx else 1))
     dw_rows = partial[0] if len(partial) == 1 else partial.sum(axis=0)  # the chunks in order
     dw = np.ascontiguousarray(dw_rows[..., :s * c].reshape(k, r, s, c).transpose(0, 3, 1, 2))
     dx = None

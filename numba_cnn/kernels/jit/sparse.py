@@ -49,27 +49,20 @@ def _make_pooled_grad_lists():
 
     @parts_kernel
     @_jit(parallel=False)
-    def pooled_grad_lists(part, n_parts, dy, pooled, argmax, x_flat, width, channels, zero, values, offsets, counts,
-                          sums, finite):
+    def pooled_grad_lists(part, n_parts, dy, pooled, argmax, width, channels, zero, values, offsets, counts, sums):
         """Per image n and channel k, the nonzero elements of the conv output's gradient behind ReLU + 2x2 max-pooling,
         from the pooled gradient dy, indexed (N, P2, Q2, K) (a view of either layout, as pooled and argmax: no copy
         is made to change it): values[n, k, :counts[n, k]] are dy where pooled > 0 or is NaN (the ReLU's select, as
         layers.relu_backward) and nonzero (NaN counts as nonzero), in window order; offsets the element offset (row
         * width + col) * channels of each window's winner (argmax) in a channels-last image of that conv's input,
         i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's per-image
-        terms). Branch-free: every window is written, only the nonzero ones advance the count. finite[n]: whether
-        the conv's input image x_flat[n] (any layout) holds no NaN or inf, read here where the image is visited
-        anyway: the caller takes the dense path otherwise. Four channels' lists are built side by side (four
+        terms). Branch-free: every window is written, only the nonzero ones advance the count. Four channels'
+        lists are built side by side (four
         independent chains of counts in a stack tile, where one chain's store address waits on its last count); the
         rest one at a time."""
         n_images, p_half, q_half, n_out = dy.shape
         grouped = n_out - n_out % 4
         for n in part_range(part, n_parts, n_images):
-            check = zero
-            x_image = x_flat[n]
-            for u in range(x_image.shape[0]):
-                check += x_image[u] * zero  # NaN once any element is NaN or inf (inf * 0 is NaN)
-            finite[n] = check == check
             g_image, pooled_image, arg_image = dy[n], pooled[n], argmax[n]
             group_counts, group_sums = _stack_tile(4, np.int64), _stack_tile(4, dy.dtype)
             for k in range(0, grouped, 4):
@@ -117,7 +110,7 @@ def _make_listed_weight_grad(block):
     @parts_kernel
     @_jit(parallel=False)
     def listed_weight_grad(part, n_parts, x_rows, top, left_values, values, offsets, counts, row_length, pooled_rows,
-                           band_rows, bands, partial, partial_flat):
+                           band_rows, bands, partial, partial_flat, zero, finite):
         """partial[h, k, r, u] = sum over the images n of chunk h (partial.shape[0] contiguous chunks of the batch)
         and the listed elements e of (n, k) of values[n, k, e] * xp[n, offsets[n, k, e] + r * row_length + u],
         u < S * C: chunk h's share of the weight gradient as (K, R, S * C padded to whole vectors of `lanes`:
@@ -136,7 +129,9 @@ def _make_listed_weight_grad(block):
         a row reads past it), starting on a cache line (so
         are the rows the offsets point at, for C a multiple of a line's values: a vector load then never spans two
         lines, which it did in a buffer allocated here). partial_flat: partial as (chunks, K * R * padded span),
-        made by the caller."""
+        made by the caller. finite[n]: whether x[n] holds no NaN or inf, checked as its rows are copied into the
+        bands (and the rows below the last band's read on their own): the caller drops partial and takes the dense
+        path otherwise, whose products of zeros with inf give NaN where these lists skip them."""
         n_images, h_in, x_values = x_rows.shape
         n_chunks, n_out, r_taps, span = partial.shape
         tiled = span - span % block
@@ -154,6 +149,7 @@ def _make_listed_weight_grad(block):
             cursors = np.empty(n_out, np.int64)
             for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
                 cursors[:] = 0
+                check = zero  # NaN once an element of x[n] is NaN or inf (inf * 0 is NaN)
                 for band_start in range(0, pooled_rows, band_rows):
                     # the first offset past the band: its last pooled row's windows start conv row 2 * end - 2
                     limit = 2 * min(band_start + band_rows, pooled_rows) * row_length
@@ -169,7 +165,9 @@ def _make_listed_weight_grad(block):
                         for u in range(left_values):
                             band_row[u] = 0
                         for u in range(x_values):
-                            seg[u] = x_row[u]
+                            v = x_row[u]
+                            seg[u] = v
+                            check += v * zero
                         for u in range(left_values + x_values, row_length):
                             band_row[u] = 0
                     shift = first_row * row_length  # offsets count from the padded image's first row
@@ -246,6 +244,12 @@ def _make_listed_weight_grad(block):
                                     for u in range(width):
                                         tail[u] += g * x0[u]
                                 copy_block(chunk_flat, row_at, tail, 0, lanes)
+                # the rows no band reads (below the last pooled row's windows and their R - 1 rows)
+                for i in range(max(0, 2 * pooled_rows + r_taps - 1 - top), h_in):
+                    x_row = x_rows[n, i]
+                    for u in range(x_values):
+                        check += x_row[u] * zero
+                finite[n] = check == check
 
     return listed_weight_grad
 
