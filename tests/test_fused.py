@@ -221,6 +221,43 @@ def test_fused_ops_with_nan_and_inf(dtype, padding, rng):
         np.testing.assert_array_equal(got, same)
 
 
+def test_exact_quotient_constants_divide_every_multiple_exactly():
+    """The listed input gradient finds an offset's pixel as ((offset >> shift) * inverse) mod 2**64: exactly
+    offset // channels for every multiple of channels, odd, even and powers of two alike, up to 2**62."""
+    from numba_cnn.kernels.jit.sparse import exact_quotient_constants
+
+    rng = np.random.default_rng(3)
+    for divisor in [*range(1, 130), 384, 1000, 3 << 20, (1 << 31) - 1]:
+        shift, inverse = exact_quotient_constants(divisor)
+        quotients = np.concatenate([np.arange(0, 300), rng.integers(0, (1 << 62) // divisor, 300)]).astype(np.uint64)
+        with np.errstate(over="ignore"):  # the product wraps modulo 2**64 by design
+            got = ((quotients * np.uint64(divisor)) >> shift) * inverse
+        np.testing.assert_array_equal(got, quotients)
+
+
+@pytest.mark.parametrize("row", [0, 6, 12], ids=["first_row", "middle_row", "row_no_window_reaches"])
+def test_a_non_finite_input_anywhere_sends_the_backward_to_the_dense_path(row, rng):
+    """The listed backward finds x's NaN or inf as its weight gradient copies x's rows (and reads the rows no
+    pooling window reaches, below the dropped last conv row, on their own): with one anywhere, the composition's
+    0 * inf gives NaN that the lists would skip, so the dense path runs and the result is the composition's, bit
+    for bit; finite, the listed path runs."""
+    x, w, b = _operands(rng, (2, 16, 13, 11), (8, 16, 3, 3), np.float32)
+    y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b)
+    conv_shape = (2, 8, 11, 9)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    with PathLog() as log:
+        jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, True)
+    assert "listed" in log.paths[0], log.paths
+    x[1, 5, row, 4] = np.inf
+    with PathLog() as log:
+        fused = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, True)
+    assert "unpooled into the dense tiles" in log.paths[-1], log.paths
+    composed = _composed_backward(dy, y, argmax, conv_shape, x, w, True)
+    assert np.isnan(fused[1]).any()  # dw: 0 * inf
+    for got, same in zip(fused, composed):
+        np.testing.assert_array_equal(got, same)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("x_shape,w_shape", [((2, 32, 13, 13), (64, 32, 3, 3)), ((2, 3, 9, 8), (5, 3, 3, 3))])
 def test_listed_backward_carries_nan_and_inf_gradients(x_shape, w_shape, dtype, rng):

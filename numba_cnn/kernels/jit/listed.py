@@ -12,7 +12,7 @@ from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.pooled_grad import (POOLED_GRAD_LANES, POOLED_GRAD_TAPS, _pooled_weight_grad,
                                                _pooled_weight_grad_3x3)
 from numba_cnn.kernels.jit.sparse import (LISTED_BAND_BYTES, LISTED_GRAD_LANES, _listed_input_grad, _listed_weight_grad,
-                                          _pooled_grad_lists)
+                                          _pooled_grad_lists, exact_quotient_constants)
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
 
 
@@ -58,8 +58,8 @@ def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
         # with padding, each image is summed in a work row and cropped into dx (the stored zeros' gradient dropped)
         work = scratch("listed.dx", (groups, h * wd * c if any(padding) else 0), dy.dtype)
         dx = reusable_output((n, rows, columns, c), dy.dtype)
-        _listed_input_grad(values, offsets, counts, w_flat, r, c, wd * c, groups, zero, work, top, left, rows,
-                           dx.reshape(n, -1))
+        _listed_input_grad(values, offsets, counts, w_flat, r, c, *exact_quotient_constants(c), wd * c, groups, zero,
+                           work, top, left, rows, dx.reshape(n, -1))
         dx = dx.transpose(0, 3, 1, 2)
     return dx, dw, sums.sum(axis=0)
 

@@ -257,13 +257,25 @@ def _make_listed_weight_grad(block):
 _listed_weight_grad = _make_listed_weight_grad(LISTED_GRAD_BLOCK)
 
 
+def exact_quotient_constants(divisor):
+    """(shift, inverse) with q = ((m >> shift) * inverse) mod 2**64 = m // divisor for every multiple m of divisor
+    (divisor = odd << shift, inverse the odd factor's inverse modulo 2**64: Newton's iteration doubles the bits
+    right each step, from the 3 an odd number is its own inverse to)."""
+    shift = (divisor & -divisor).bit_length() - 1
+    odd = divisor >> shift
+    inverse = odd
+    for _ in range(5):  # 3 -> 6 -> 12 -> 24 -> 48 -> 96 bits
+        inverse = inverse * (2 - odd * inverse) % 2**64
+    return np.uint64(shift), np.uint64(inverse)
+
+
 def _make_listed_input_grad(block):
     """`_listed_input_grad` with a register tile of `block` values of a kernel row (S x C, channels last)."""
     _stack_tile = tile_allocator()
 
     @_jit
-    def listed_input_grad(values, offsets, counts, w_flat, r_taps, channels, row_length, n_groups, zero, work, top,
-                          left, rows, dx):
+    def listed_input_grad(values, offsets, counts, w_flat, r_taps, channels, channel_shift, channel_inverse,
+                          row_length, n_groups, zero, work, top, left, rows, dx):
         """dx[n] (channels last, flattened: dx[n, (i * W + j) * C + c]) = the scatter of every listed element e of
         (n, k) through the kernel: values[n, k, e] * w[k, r, s, c] added at (row + r, col + s, c), (row, col, 0)
         being where offsets[n, k, e] points (row_length = W * C; w_flat is w as (K, R, S, C), flattened).
@@ -276,7 +288,9 @@ def _make_listed_input_grad(block):
         pixels in order, each pixel's channels in order; per image, the images dealt to n_groups tasks, so
         independent of the thread count. Values of a row beyond the last whole block go one channel at a time, and
         rows shorter than a block are scattered one listed value at a time (channels in order, then list order).
-        A pixel lists each channel at most once (the 2x2 pooling windows do not overlap), so at most K slots.
+        A pixel lists each channel at most once (the 2x2 pooling windows do not overlap), so at most K slots. An
+        offset's pixel, offset // channels, is found by a shift and a multiply (`exact_quotient_constants`: an
+        offset is a multiple of channels), not by a 64-bit division per listed element.
 
         Cropped: with a work buffer (n_groups rows of one padded image), each image is summed there, in L2, and
         its rows top.. top + rows - 1, columns left.. copied into dx[n] (rows x W_out x C, W_out = dx.shape[1] //
@@ -310,7 +324,7 @@ def _make_listed_input_grad(block):
                     for k in range(n_out):
                         value_row, offset_row = values[n, k], offsets[n, k]
                         for e in range(counts[n, k]):
-                            pixel = offset_row[e] // channels
+                            pixel = np.int64((np.uint64(offset_row[e]) >> channel_shift) * channel_inverse)
                             slot = filled[pixel]
                             w_starts[pixel, slot] = k * r_taps * span
                             grads[pixel, slot] = value_row[e]
