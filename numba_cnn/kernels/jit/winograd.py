@@ -34,11 +34,14 @@ numbers: docs/kernels.md, "Winograd: fewer multiplies for 3x3", "F(4x4, 3x3)", "
 "F(4x4, 5x5)".
 """
 
+import functools
+
 import numpy as np
 from numba import get_num_threads
 
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import aligned_zeros, padded_channels_last, reusable_output, round_up, scratch
+from numba_cnn.kernels.jit.buffers import (aligned_empty, aligned_zeros, padded_channels_last, reusable_output,
+                                          round_up, scratch)
 from numba_cnn.kernels.jit.tiles import (WINOGRAD_BAND, WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW, WINOGRAD_TILE_WIDE,
                                          _winograd4_narrow, _winograd4_wide, _winograd5_narrow, _winograd5_wide,
                                          _winograd5x4_narrow, _winograd5x4_wide, _winograd_narrow,
@@ -78,6 +81,7 @@ _KERNELS = {(3, 2, WINOGRAD_TILE_WIDE[1]): _winograd_wide, (3, 2, WINOGRAD_TILE_
 WINOGRAD_4X4_SHARE = {3: 0.72, 5: 0.8}
 
 
+@functools.lru_cache(maxsize=256)  # a few shapes per network, asked for on every call
 def _computed_tiles(tile_rows, tile_cols, rows):
     """Tiles an image's products compute: each band of about WINOGRAD_BAND tiles (whole rows of tiles) rounded up
     to the register tile's `rows`."""
@@ -106,10 +110,10 @@ def winograd_fits(x_shape, w, stride, pool=False):
 
 def winograd_weights(w, out, k_padded):
     """u[window a + b, c, k] = (G w[k, c] G^T)[a, b] for F(out x out, size x size) (tiles.py's
-    `_winograd_sandwich`: float64, rounded once), its lanes past K zero."""
+    `_winograd_sandwich`: float64, rounded once), its lanes past K zero (the sandwich writes every lane below K)."""
     k, c, size, _ = w.shape
     window = out + size - 1
-    u = aligned_zeros((window * window, c, k_padded), w.dtype)
+    u = (aligned_zeros if k_padded > k else aligned_empty)((window * window, c, k_padded), w.dtype)
     _winograd_sandwich(np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=np.float64), WINOGRAD_G[size, out], u)
     return u
 
