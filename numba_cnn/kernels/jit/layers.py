@@ -287,15 +287,15 @@ def _make_dense_forward(lanes):
 
 
 _dense_forward = _make_dense_forward(DENSE_LANES)
-# one vector of outputs per task, for layers with at most that many (a classifier's 10): the wide tile would compute
-# two vectors, more than two thirds of its lanes padding
+# one vector of outputs per task, for layers with at most that many (a classifier's 10 on AVX-512, where the wide
+# tile's two vectors would be more than two thirds padding)
 DENSE_NARROW_LANES = TILE_BITS // 32
 _dense_forward_narrow = _make_dense_forward(DENSE_NARROW_LANES)
 
 
 def dense_forward(x, w, b):
     """x[N, D], w[D, M], b[M] -> y[N, M] = x @ w + b: compiled over the threads for at least DENSE_LANES outputs, or
-    for at most DENSE_NARROW_LANES from at least DENSE_COMPILED_MIN_INPUTS inputs (a tile of one vector of outputs),
+    for fewer from at least DENSE_COMPILED_MIN_INPUTS inputs (a tile of one vector of outputs where they fit in one),
     each element summed in one fixed order, so the same bits for any thread count and whatever rows share the batch
     (fewer than DENSE_ROWS rows run padded with zero rows); else numpy's (one-thread BLAS was faster on a few
     outputs from a few hundred inputs: docs/kernels.md)."""
