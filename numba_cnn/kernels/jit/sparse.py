@@ -56,10 +56,9 @@ def _make_pooled_grad_lists():
         layers.relu_backward) and nonzero (NaN counts as nonzero), in window order; offsets the element offset (row
         * width + col) * channels of each window's winner (argmax) in a channels-last image of that conv's input,
         i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's per-image
-        terms). Branch-free: every window is written, only the nonzero ones advance the count. Four channels'
-        lists are built side by side (four
-        independent chains of counts in a stack tile, where one chain's store address waits on its last count); the
-        rest one at a time."""
+        terms). Branch-free: every window is written, only the nonzero ones advance the count. Four channels' lists
+        are built side by side (four independent chains of counts in a stack tile, where one chain's store address
+        waits on its last count); the rest one at a time."""
         n_images, p_half, q_half, n_out = dy.shape
         grouped = n_out - n_out % 4
         for n in part_range(part, n_parts, n_images):
@@ -258,9 +257,9 @@ _listed_weight_grad = _make_listed_weight_grad(LISTED_GRAD_BLOCK)
 
 
 def exact_quotient_constants(divisor):
-    """(shift, inverse) with q = ((m >> shift) * inverse) mod 2**64 = m // divisor for every multiple m of divisor
-    (divisor = odd << shift, inverse the odd factor's inverse modulo 2**64: Newton's iteration doubles the bits
-    right each step, from the 3 an odd number is its own inverse to)."""
+    """(shift, inverse) with ((m >> shift) * inverse) mod 2**64 = m // divisor for every multiple m of divisor:
+    divisor = odd << shift, and inverse is odd's inverse modulo 2**64 (odd is its own inverse modulo 8, and each
+    Newton step, inverse * (2 - odd * inverse), doubles the low bits that are right)."""
     shift = (divisor & -divisor).bit_length() - 1
     odd = divisor >> shift
     inverse = odd
