@@ -235,6 +235,24 @@ def test_exact_quotient_constants_divide_every_multiple_exactly():
         np.testing.assert_array_equal(got, quotients)
 
 
+@pytest.mark.parametrize("chunks, k, c, r, s", [(8, 64, 32, 3, 3), (1, 5, 3, 5, 5), (3, 7, 20, 3, 2)],
+                         ids=["mnist_conv2", "one_chunk", "odd_shape"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_listed_chunks_add_in_order_into_the_weight_layout(chunks, k, c, r, s, dtype, rng):
+    """_sum_listed_chunks: the listed weight gradient's per-chunk rows (K, R, S x C padded with garbage) added in
+    chunk order, bit for bit as one adds them in turn, and laid out as dw[K, C, R, S]; the padding never read."""
+    from numba_cnn.kernels.jit.pooled_grad import _sum_listed_chunks
+
+    partial = rng.standard_normal((chunks, k, r, s * c + 13)).astype(dtype)
+    partial[..., s * c:] = np.nan  # the padding past S x C
+    expected = partial[0, ..., :s * c].copy()
+    for chunk in range(1, chunks):
+        expected += partial[chunk, ..., :s * c]
+    dw = np.empty((k, c, r, s), dtype)
+    _sum_listed_chunks(partial, s, c, dw)
+    np.testing.assert_array_equal(dw, expected.reshape(k, r, s, c).transpose(0, 3, 1, 2))
+
+
 @pytest.mark.parametrize("row", [0, 6, 12], ids=["first_row", "middle_row", "row_no_window_reaches"])
 def test_a_non_finite_input_anywhere_sends_the_backward_to_the_dense_path(row, rng):
     """The listed backward finds x's NaN or inf as its weight gradient copies x's rows (and reads the rows no

@@ -10,7 +10,7 @@ from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, reusable_output, r
 from numba_cnn.kernels.jit.columns import padded_nchw
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.pooled_grad import (POOLED_GRAD_LANES, POOLED_GRAD_TAPS, _pooled_weight_grad,
-                                               _pooled_weight_grad_3x3)
+                                               _pooled_weight_grad_3x3, _sum_listed_chunks)
 from numba_cnn.kernels.jit.sparse import (LISTED_BAND_BYTES, LISTED_GRAD_LANES, _listed_input_grad, _listed_weight_grad,
                                           _pooled_grad_lists, exact_quotient_constants)
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
@@ -49,8 +49,8 @@ def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
         return None
     note("conv2d_relu_maxpool2d_backward", "listed: nonzero conv-output gradients only",
          int(counts.sum()) * r * s * c * (2 if need_dx else 1))
-    dw_rows = partial[0] if len(partial) == 1 else partial.sum(axis=0)  # the chunks in order
-    dw = np.ascontiguousarray(dw_rows[..., :s * c].reshape(k, r, s, c).transpose(0, 3, 1, 2))
+    dw = np.empty(w.shape, dy.dtype)
+    _sum_listed_chunks(partial, s, c, dw)
     dx = None
     if need_dx:
         w_flat = aligned_copy(w.transpose(0, 2, 3, 1)).reshape(-1)

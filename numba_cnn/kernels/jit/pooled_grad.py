@@ -10,6 +10,9 @@ four inputs through a table of offsets, and one for 3x3 kernels, which reads eac
 (16 loads at fixed offsets in place of 36 through the table) and spells out which of the 16 each tap's four products
 take; with AVX2's 16 vector registers the general one spills its accumulators and inputs to the stack every window.
 
+`_sum_listed_chunks` adds up the chunks of sparse.py's listed weight gradient (the other weight gradient behind the
+pool) straight into the weight's (K, C, R, S) order, on every thread.
+
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
 """
 
@@ -168,3 +171,28 @@ def _make_pooled_weight_grad_3x3(lanes):
 
 
 _pooled_weight_grad_3x3 = _make_pooled_weight_grad_3x3(POOLED_GRAD_LANES)
+
+
+@parts_kernel
+@_jit(parallel=False)
+def _sum_listed_chunks(part, n_parts, partial, taps, channels, dw):
+    """dw[k, c, r, s] = partial[0, k, r, s C + c] + partial[1, k, r, s C + c] + ..., the chunks added in order (as
+    numpy's sum over the first axis adds them, so the same bits), from the listed weight gradient's per-chunk rows
+    partial[chunks, K, R, >= S C] (each kernel row's S x C values, padded to whole vectors). A part takes whole
+    output channels: their rows summed in a vector loop, then spread into dw's order."""
+    n_chunks, n_out, rows = partial.shape[0], partial.shape[1], partial.shape[2]
+    row_values = taps * channels
+    acc = np.empty(row_values, partial.dtype)
+    for k in part_range(part, n_parts, n_out):
+        out = dw[k]
+        for r in range(rows):
+            first = partial[0, k, r]
+            for j in range(row_values):
+                acc[j] = first[j]
+            for chunk in range(1, n_chunks):
+                row = partial[chunk, k, r]
+                for j in range(row_values):
+                    acc[j] += row[j]
+            for s in range(taps):
+                for c in range(channels):
+                    out[c, r, s] = acc[s * channels + c]
