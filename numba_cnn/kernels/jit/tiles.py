@@ -310,29 +310,28 @@ def _make_winograd(size, out, rows, lanes, chunk):
 
 @parts_kernel
 @_jit(parallel=False)
-def _winograd_sandwich(part, n_parts, x, g, out):
-    """out[n a + b, c, k] = (g x[:, :, c, k] g^T)[a, b] for g (n x m) and x[m, m, C, K], summed in float64 and
-    rounded once, for the lanes k that x and out both have: Winograd's filter transform G w G^T (g = G, x = w
-    transposed, winograd.py; out's lanes past K are left as they are) and its weight gradient's transform back
-    G^T M G (g = G^T, x = M with its lanes padded, winograd_grad.py). Both hand x in as a float64 C array, so that
-    one specialisation serves them. A task per input channel, the filters along the vectors (a task per filter
-    summed 5-long rows in scalar code)."""
-    size, n_in, n_out = x.shape[0], x.shape[2], min(x.shape[3], out.shape[2])
-    window = g.shape[0]
+def _winograd_sandwich(part, n_parts, x, g, from_weights, out):
+    """(g x_ck g^T)[a, b] for each input channel c and lane k that x and out both have, g (n x m), x_ck (m x m), in
+    float64, rounded once: Winograd's filter transform G w G^T (from_weights: x = w[K, C, R, S] in float64, g = G,
+    into out[a n + b, c, k], lanes past K left as they are; winograd.py) and its weight gradient's G^T M G (x =
+    M[m, m, C, K padded], g = G^T, into out[k, c, a n + b] = dw[k, c, a, b]; winograd_grad.py): one specialisation
+    for both. A task per input channel, its filters gathered along the vectors (a task per filter was scalar code)."""
+    size, window, n_in = x.shape[2 if from_weights else 0], g.shape[0], x.shape[1 if from_weights else 2]
+    n_out = min(x.shape[0], out.shape[2]) if from_weights else min(x.shape[3], out.shape[0])
+    xc, gx, total = np.empty((size, size, n_out)), np.empty((window, size, n_out)), np.empty(n_out)
     for c in part_range(part, n_parts, n_in):
-        xc = np.empty((size, size, n_out))
         for r in range(size):
             for s in range(size):
+                row = xc[r, s]
                 for k in range(n_out):
-                    xc[r, s, k] = x[r, s, c, k]
-        gx = np.zeros((window, size, n_out))  # g x, then (g x) g^T a row of the window at a time
+                    row[k] = x[k, c, r, s] if from_weights else x[r, s, c, k]
+        gx[:] = 0.0  # g x_ck, then (g x_ck) g^T a row of the window at a time
         for a in range(window):
             for r in range(size):
                 g_ar = g[a, r]
                 for s in range(size):
                     for k in range(n_out):
                         gx[a, s, k] += g_ar * xc[r, s, k]
-        total = np.empty(n_out)
         for a in range(window):
             for b in range(window):
                 total[:] = 0.0
@@ -340,9 +339,11 @@ def _winograd_sandwich(part, n_parts, x, g, out):
                     g_bs = g[b, s]
                     for k in range(n_out):
                         total[k] += gx[a, s, k] * g_bs
-                out_ab = out[a * window + b, c]
                 for k in range(n_out):
-                    out_ab[k] = total[k]
+                    if from_weights:
+                        out[a * window + b, c, k] = total[k]
+                    else:
+                        out[k, c, a * window + b] = total[k]
 
 
 def _make_conv1_pool(columns, channels):

@@ -40,8 +40,7 @@ import numpy as np
 from numba import get_num_threads
 
 from numba_cnn.kernels.contract import is_channels_last
-from numba_cnn.kernels.jit.buffers import (aligned_empty, aligned_zeros, padded_channels_last, reusable_output,
-                                          round_up, scratch)
+from numba_cnn.kernels.jit.buffers import aligned_zeros, padded_channels_last, reusable_output, round_up, scratch
 from numba_cnn.kernels.jit.tiles import (WINOGRAD_BAND, WINOGRAD_CHUNK, WINOGRAD_TILE_NARROW, WINOGRAD_TILE_WIDE,
                                          _winograd4_narrow, _winograd4_wide, _winograd5_narrow, _winograd5_wide,
                                          _winograd5x4_narrow, _winograd5x4_wide, _winograd_narrow,
@@ -113,8 +112,10 @@ def winograd_weights(w, out, k_padded):
     `_winograd_sandwich`: float64, rounded once), its lanes past K zero (the sandwich writes every lane below K)."""
     k, c, size, _ = w.shape
     window = out + size - 1
-    u = (aligned_zeros if k_padded > k else aligned_empty)((window * window, c, k_padded), w.dtype)
-    _winograd_sandwich(np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=np.float64), WINOGRAD_G[size, out], u)
+    u = scratch(f"winograd.u{window}", (window * window, c, k_padded), w.dtype)  # read only by the op that asks
+    if k_padded > k:
+        u[..., k:] = 0
+    _winograd_sandwich(w.astype(np.float64), WINOGRAD_G[size, out], True, u)
     return u
 
 

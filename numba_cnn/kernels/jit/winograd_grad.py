@@ -91,10 +91,10 @@ def winograd_weight_grad(dy, x, padding, size=3):
     _KERNELS[size, out](nhwc(x), padding[0], padding[2], dy_cl, tile_rows, tile_cols, mt, dbt)
     m = scratch(f"winograd_grad.m{size}x{out}.sum", mt.shape[1:], np.float64)
     _chunks_in_order(mt, m)
-    dw_rs = np.empty((size * size, c, k), x.dtype)
+    dw = np.empty((k, c, size, size), x.dtype)
     # G^T M G, rounded once
-    _winograd_sandwich(m.reshape(window, window, c, k_padded), WINOGRAD_G_T[size, out], dw_rs)
-    dw = np.ascontiguousarray(dw_rs.reshape(size, size, c, k).transpose(3, 2, 0, 1))
+    _winograd_sandwich(m.reshape(window, window, c, k_padded), WINOGRAD_G_T[size, out], False,
+                       dw.reshape(k, c, size * size))
     db = dbt.sum(axis=0, dtype=np.float64)[:k].astype(x.dtype)
     if not (np.isfinite(dw).all() and np.isfinite(db).all()):
         return None
