@@ -334,9 +334,9 @@ def _make_dense_backward(tile):
     _stack_tile = tile_allocator()
 
     @_jit
-    def dense_backward(dy, x, w_t, dx, dw_t):
-        """dx[n] = sum over m of dy[n, m] * w_t[m] (w_t = w transposed, (M, D)), the outputs m in order, and dw_t[m,
-        d] = sum over n of dy[n, m] * x[n, d], the images in order: a parallel loop over pairs of rows of dx, then
+    def dense_backward(dy, x, w_t, dx, dw):
+        """dx[n] = sum over m of dy[n, m] * w_t[m] (w_t = w transposed, (M, D)), the outputs m in order, and dw[d,
+        m] = sum over n of dy[n, m] * x[n, d], the images in order: a parallel loop over pairs of rows of dx, then
         one over the blocks of `tile` inputs of dw, two outputs m at a time (two loops, so that each splits evenly
         over the threads), 2 x `tile` values summed in registers at a time: each w_t or x segment loaded serves two
         sums. An odd last row or output is paired with itself."""
@@ -384,18 +384,18 @@ def _make_dense_backward(tile):
                         for u in range(tile):
                             acc[u] += g_a * x_seg[u]
                             acc[tile + u] += g_b * x_seg[u]
-                    out_a, out_b = dw_t[m_a, d0:], dw_t[m_b, d0:]
+                    out = dw[d0:]
                     for u in range(tile):
-                        out_a[u] = acc[u]
-                        out_b[u] = acc[tile + u]
+                        out[u, m_a] = acc[u]
+                        out[u, m_b] = acc[tile + u]
             else:  # the last, partial block: one value at a time, the same order
+                out = dw[d0:]
                 for m in range(n_out):
-                    out = dw_t[m, d0:]
                     for u in range(depth - d0):
                         total = dy[0, m] * x[0, d0 + u]
                         for n in range(1, n_rows):
                             total += dy[n, m] * x[n, d0 + u]
-                        out[u] = total
+                        out[u, m] = total
 
     return dense_backward
 
@@ -415,9 +415,9 @@ def dense_backward(dy, x, w):
     note("dense_backward", f"compiled, {_DENSE_TILE} inputs per register tile", macs)
     dy, x = np.ascontiguousarray(dy), np.ascontiguousarray(x)
     dx = reusable_output(x.shape, x.dtype)
-    dw_t = np.empty((w.shape[1], w.shape[0]), x.dtype)
-    _dense_backward(dy, x, aligned_copy(w.T), dx, dw_t)
-    return dx, np.ascontiguousarray(dw_t.T), dy.sum(axis=0)
+    dw = np.empty(w.shape, x.dtype)
+    _dense_backward(dy, x, aligned_copy(w.T), dx, dw)
+    return dx, dw, dy.sum(axis=0)
 
 
 @_jit(parallel=False)
