@@ -706,7 +706,7 @@ def test_compiled_dense_layers_match_the_oracle(n, d, m, dtype, monkeypatch):
     """jit's own kernel for the backward of dense layers (taken for at most DENSE_COMPILED_MAX_OUTPUTS outputs from
     at least DENSE_COMPILED_MIN_INPUTS inputs; here for every input count): all three gradients against float64
     matmuls, on awkward shapes; wider ones, and fewer inputs under the bound as it stands, are numpy's, bit for
-    bit."""
+    bit (BLAS runs its own threads here, so larger products do not take the BLAS pair of the test below)."""
     from numba_cnn.kernels.jit import layers as jit_layers
     from numba_cnn.kernels import layers as numpy_layers
 
@@ -807,6 +807,43 @@ def test_compiled_dense_layers_give_identical_bits_on_one_and_two_threads():
                                                   jit_layers.dense_forward(x, w_wide, b_wide))])
     finally:
         numba.set_num_threads(before)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,d,m", [(128, 400, 120), (37, 2100, 31), (200, 90, 130)])
+def test_dense_backward_runs_its_two_products_side_by_side(n, d, m, dtype):
+    """Products of at least DENSE_BLAS_PAIR_MIN_MACS multiply-adds (LeNet's first hidden layer, one with an odd
+    number of outputs, one with few inputs) go to numpy's own BLAS, one gemm call each, dx and dw at once on two
+    Numba threads: that path is taken, the gradients agree with float64 matmuls, and their bits are the same on one
+    thread and on two."""
+    from threadpoolctl import threadpool_limits
+
+    from numba_cnn.kernels.jit import layers as jit_layers
+    from numba_cnn.kernels.jit.blas import gemm_address
+    from numba_cnn.kernels.jit.paths import PathLog
+
+    assert n * d * m >= jit_layers.DENSE_BLAS_PAIR_MIN_MACS
+    rng = np.random.default_rng(n + d + m)
+    x, w, dy = (rng.standard_normal(shape).astype(dtype) for shape in ((n, d), (d, m), (n, m)))
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    before, results = numba.get_num_threads(), []
+    try:
+        with threadpool_limits(1, user_api="blas"):  # as the jit backend runs it
+            if gemm_address(np.dtype(dtype)) is None:
+                pytest.skip("numpy's BLAS is not an OpenBLAS whose CBLAS symbols jit/blas.py knows")
+            for threads in (1, 2):
+                numba.set_num_threads(threads)
+                with PathLog() as log:
+                    results.append([np.array(g) for g in jit_layers.dense_backward(dy, x, w)])
+                assert log.paths == ["dense_backward: BLAS's gemm, dx and dw on two threads at once"]
+    finally:
+        numba.set_num_threads(before)
+    for got, want, name in zip(results[0], (dy64 @ w64.T, x64.T @ dy64, dy64.sum(axis=0)), ("dx", "dw", "db")):
+        assert got.dtype == dtype and got.shape == want.shape
+        reference.assert_close(got, want, dtype, name)
     for one, two in zip(*results):
         np.testing.assert_array_equal(one, two)
 

@@ -1,6 +1,7 @@
 """The jit backend's extensions of numba and llvmlite, in one place: the compile options (`jit`), running a task in
 parallel (`run_parts`), what the compiled code targets (`TARGET_FEATURES`, `VECTOR_BITS`, `VECTOR_REGISTERS`), the
-register tile (`stack_tile`) and the constant-size block copy (`copy_block`).
+register tile (`stack_tile`), the constant-size block copy (`copy_block`) and BLAS's gemm called by its address
+(`call_gemm`).
 
 Target. Numba compiles for the host CPU unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise; the feature
 string read here is the one numba hands LLVM's target machine (its codegen's `_tm_features`, i.e.
@@ -125,6 +126,49 @@ def _call_entry(typingctx, entry, part, slot):
         return builder.call(function, [values[1], builder.inttoptr(values[2], _BYTE_POINTER)])
 
     return types.int32(entry, part, slot), codegen
+
+
+_CBLAS_ROW_MAJOR = 101
+
+
+@intrinsic
+def call_gemm(typingctx, address, wide_ints, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc):
+    """c = op(a) @ op(b) by the CBLAS ?gemm at `address` (jit/blas.py finds it), row-major, alpha 1 and beta 0:
+    op(a) m x k, op(b) k x n, c m x n, trans_a / trans_b CBLAS's 111 (as stored) or 112 (transposed), lda, ldb, ldc
+    the rows' strides in elements; its integers 64-bit where wide_ints (an ILP64 build), else 32-bit. a, b and c
+    are arrays of one float dtype, which picks sgemm's or dgemm's types. Called by address, as a task is (run_parts),
+    so the compiled code holds no library address and caches like any other."""
+    arrays, ints = (a, b, c), (trans_a, trans_b, m, n, k, lda, ldb, ldc)
+    if not (isinstance(address, types.Integer) and isinstance(wide_ints, types.Boolean)
+            and all(isinstance(t, types.Array) and t.dtype == a.dtype for t in arrays)
+            and a.dtype in (types.float32, types.float64) and all(isinstance(t, types.Integer) for t in ints)):
+        return None
+
+    def codegen(context, builder, signature, values):
+        real = context.get_value_type(a.dtype)
+        pointers = [make_array(t)(context, builder, v).data for t, v in zip(arrays, (values[7], values[9], values[11]))]
+
+        def as_int(value, int_type):
+            width = value.type.width
+            return value if width == int_type.width else (builder.trunc if width > int_type.width else builder.sext)(
+                value, int_type)
+
+        trans = [as_int(values[i], _I32) for i in (2, 3)]
+        sizes = [values[i] for i in (4, 5, 6, 8, 10, 12)]  # m, n, k, lda, ldb, ldc
+        one, zero = ir.Constant(real, 1.0), ir.Constant(real, 0.0)
+        with builder.if_else(values[1]) as (wide, narrow):
+            for block, int_type in ((wide, _I64), (narrow, _I32)):
+                with block:
+                    m_, n_, k_, lda_, ldb_, ldc_ = [as_int(v, int_type) for v in sizes]
+                    gemm_type = ir.FunctionType(ir.VoidType(), [_I32, _I32, _I32, int_type, int_type, int_type, real,
+                                                                pointers[0].type, int_type, pointers[1].type, int_type,
+                                                                real, pointers[2].type, int_type])
+                    builder.call(builder.inttoptr(values[0], gemm_type.as_pointer()),
+                                 [ir.Constant(_I32, _CBLAS_ROW_MAJOR), *trans, m_, n_, k_, one, pointers[0], lda_,
+                                  pointers[1], ldb_, zero, pointers[2], ldc_])
+        return context.get_dummy_value()
+
+    return types.none(address, wide_ints, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc), codegen
 
 
 @jit

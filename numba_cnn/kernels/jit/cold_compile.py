@@ -181,6 +181,8 @@ def compile_part(network, part, claims):
     second) walk the units in one order; a unit is taken by whichever process creates its file in the folder `claims`
     first, so each takes the next free unit when it is done with one, and no unit is compiled twice. A unit that
     needs a kernel the other process is compiling is put off until no free unit is left (_ClaimingCache)."""
+    from threadpoolctl import threadpool_limits
+
     from numba_cnn.kernels import get_backend
     from numba_cnn.model import Model, Run
     from numba_cnn.network.layers import Flatten
@@ -266,7 +268,9 @@ def compile_part(network, part, claims):
             units.append(step_unit(i, dy_layout(i), stand_in=True))
     units.append(loss_and_adam)
     state = {"compiling": 0, "wait": False, "claimed": {}}
-    with _claiming_caches(claims, state):
+    # BLAS at one thread, as the backend trains (runtime.set_threads): the dense backward's kernel on two BLAS calls
+    # is taken only so, and the second process would otherwise leave it to the training pass after
+    with _claiming_caches(claims, state), threadpool_limits(1, user_api="blas"):
         _run_units(units, claims, state)
 
 

@@ -7,7 +7,8 @@ serially, a visible share of a step for the model's 128 x 1600 units), its backw
 cross-entropy and the Adam update (compiled loops, serial: 128 x 10 logits, 34,826 parameters), and the dense
 layer's forward where it has at least two vectors of outputs (a register tile over every thread, where one-thread
 BLAS beside Numba's threads ran LeNet's and VGG's hidden layers slower at inference: docs/kernels.md) and its
-backward for few outputs from many inputs. Each agrees with the numpy layer within float32 rounding
+backward: for few outputs from many inputs a compiled kernel, for large products numpy's own BLAS, one call for dx
+and one for dw, on two of Numba's threads at once (jit/blas.py). Each agrees with the numpy layer within float32 rounding
 (tests/test_layers.py runs both).
 
 The generator is Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy as 1, 2, 3",
@@ -25,9 +26,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from numba_cnn.kernels._numba_ext import TILE_BITS, jit as _jit, part_range, parts_kernel, tile_allocator
+from numba_cnn.kernels._numba_ext import TILE_BITS, call_gemm, jit as _jit, part_range, parts_kernel, tile_allocator
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels.contract import is_channels_last
+from numba_cnn.kernels.jit.blas import gemm_address
 from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, pad_width, reusable_output, round_up
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.layers import argmax_rows  # noqa: F401
@@ -38,6 +40,8 @@ _PHILOX_M0, _PHILOX_M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)  # the rou
 _PHILOX_W0, _PHILOX_W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)  # the key schedule's increments
 _BLOCKS_PER_TASK = 1024  # counters per parallel task: 4096 units, enough work to amortise a task's start
 
+
+_CBLAS_AS_STORED, _CBLAS_TRANSPOSED = 111, 112  # CBLAS's CblasNoTrans and CblasTrans
 
 _LANES = 64  # counters whose rounds run side by side in vector registers; an argument, not a constant (below)
 _WORD_SHIFT = np.uint64(8)  # a unit's uniform is its word's top 24 bits
@@ -403,12 +407,43 @@ def _make_dense_backward(tile):
 _dense_backward = _make_dense_backward(_DENSE_TILE)
 
 
+# a backward whose products have at least this many multiply-adds each runs them side by side, one per thread
+DENSE_BLAS_PAIR_MIN_MACS = 2 ** 21
+
+
+@parts_kernel
+@_jit(parallel=False)
+def _dense_backward_gemms(part, n_parts, gemm, wide_ints, dy, x, w, dx, dw):
+    """dx[N, D] = dy[N, M] @ w[D, M]^T and dw[D, M] = x[N, D]^T @ dy[N, M], each one call of BLAS's gemm at address
+    `gemm` (single-threaded), the two on two parts at once (in turn on one): each product's bits are BLAS's own,
+    whichever thread runs it."""
+    n_rows, n_out = dy.shape
+    depth = x.shape[1]
+    for product in part_range(part, n_parts, 2):
+        if product == 0:
+            call_gemm(gemm, wide_ints, _CBLAS_AS_STORED, _CBLAS_TRANSPOSED, n_rows, depth, n_out, dy, n_out, w, n_out,
+                      dx, depth)
+        else:
+            call_gemm(gemm, wide_ints, _CBLAS_TRANSPOSED, _CBLAS_AS_STORED, depth, n_out, n_rows, x, depth, dy, n_out,
+                      dw, n_out)
+
+
 def dense_backward(dy, x, w):
     """dy[N, M], x[N, D], w[D, M] -> (dx[N, D], dw[D, M], db[M]): compiled over the threads for few outputs from
-    many inputs (each element summed in one fixed order, so the same bits for any thread count), else numpy's."""
+    many inputs (each element summed in one fixed order, so the same bits for any thread count); products of at
+    least DENSE_BLAS_PAIR_MIN_MACS multiply-adds by numpy's own BLAS running one thread, one gemm call each, dx and dw
+    at once on two threads (jit/blas.py; one call's bits whichever thread makes it); else numpy's."""
     compiled = (0 < w.shape[1] <= DENSE_COMPILED_MAX_OUTPUTS and w.shape[0] >= DENSE_COMPILED_MIN_INPUTS
                 and x.shape[0] > 0 and x.dtype == w.dtype == dy.dtype and x.dtype in (np.float32, np.float64))
     macs = 2 * x.shape[0] * w.shape[0] * w.shape[1]  # dx and dw
+    gemm = (gemm_address(x.dtype) if not compiled and macs >= 2 * DENSE_BLAS_PAIR_MIN_MACS and x.dtype == w.dtype
+            == dy.dtype else None)
+    if gemm is not None:
+        note("dense_backward", "BLAS's gemm, dx and dw on two threads at once", macs)
+        dy, x, w = np.ascontiguousarray(dy), np.ascontiguousarray(x), np.ascontiguousarray(w)
+        dx, dw = reusable_output(x.shape, x.dtype), np.empty(w.shape, x.dtype)
+        _dense_backward_gemms(*gemm, dy, x, w, dx, dw)
+        return dx, dw, dy.sum(axis=0)
     if not compiled:
         note("dense_backward", "numpy's matmuls (one-thread BLAS)", macs)
         return numpy_layers.dense_backward(dy, x, w)
