@@ -848,6 +848,28 @@ def test_dense_backward_runs_its_two_products_side_by_side(n, d, m, dtype):
         np.testing.assert_array_equal(one, two)
 
 
+def test_dense_backward_keeps_numpys_matmuls_while_blas_runs_threads_of_its_own():
+    """With BLAS on two threads (the backend holds it to one while it trains), the two single-threaded gemm calls
+    are not taken: numpy's matmuls, with BLAS's own threads, and their bits."""
+    from threadpoolctl import threadpool_limits
+
+    from numba_cnn.kernels import layers as numpy_layers
+    from numba_cnn.kernels.jit import layers as jit_layers
+    from numba_cnn.kernels.jit.blas import gemm_address
+    from numba_cnn.kernels.jit.paths import PathLog
+
+    rng = np.random.default_rng(11)
+    x, w, dy = (rng.standard_normal(shape).astype(np.float32) for shape in ((128, 400), (400, 120), (128, 120)))
+    with threadpool_limits(2, user_api="blas"):
+        assert gemm_address(np.dtype(np.float32)) is None
+        with PathLog() as log:
+            got = jit_layers.dense_backward(dy, x, w)
+        want = numpy_layers.dense_backward(dy, x, w)
+    assert log.paths == ["dense_backward: numpy's matmuls (one-thread BLAS)"]
+    for g, expected in zip(got, want):
+        np.testing.assert_array_equal(g, expected)
+
+
 def test_run_parts_runs_each_part_once_with_its_arguments_of_any_layout():
     """run_parts calls a task's compiled code by its address, looked up by the arguments' types: a C-contiguous and
     a strided array (other compiled code, other addresses) each get the task compiled for them, and every part runs

@@ -13,11 +13,12 @@ import ctypes
 
 import numpy as np
 
-# symbol names tried, in order, with whether their integers are 64-bit: numpy's wheels bundle scipy-openblas's
-# ILP64 build, whose symbols carry a prefix and a 64_ suffix; a system OpenBLAS has the plain LP64 names
-_SYMBOLS = (("scipy_cblas_{}gemm64_", "scipy_openblas_get_num_threads64_", True),
-            ("cblas_{}gemm64_", "openblas_get_num_threads64_", True),
-            ("cblas_{}gemm", "openblas_get_num_threads", False))
+# symbol names tried, in order (gemm, thread count, build configuration): numpy's wheels bundle scipy-openblas's
+# ILP64 build, whose symbols carry a prefix and a 64_ suffix; a system OpenBLAS has the plain names. Whether the
+# integers are 64-bit is read from the build's configuration string either way
+_SYMBOLS = (("scipy_cblas_{}gemm64_", "scipy_openblas_get_num_threads64_", "scipy_openblas_get_config64_"),
+            ("cblas_{}gemm64_", "openblas_get_num_threads64_", "openblas_get_config64_"),
+            ("cblas_{}gemm", "openblas_get_num_threads", "openblas_get_config"))
 _found = []
 
 
@@ -33,13 +34,15 @@ def _numpy_openblas():
             library = ctypes.CDLL(path)
         except OSError:
             continue
-        for gemm_name, threads_name, wide in _SYMBOLS:
+        for gemm_name, threads_name, config_name in _SYMBOLS:
             try:
                 sgemm, dgemm = (getattr(library, gemm_name.format(t)) for t in "sd")
-                get_num_threads = getattr(library, threads_name)
+                get_num_threads, get_config = getattr(library, threads_name), getattr(library, config_name)
             except AttributeError:
                 continue
             get_num_threads.restype, get_num_threads.argtypes = ctypes.c_int, []
+            get_config.restype, get_config.argtypes = ctypes.c_char_p, []
+            wide = b"USE64BITINT" in (get_config() or b"")
             as_address = lambda f: ctypes.cast(f, ctypes.c_void_p).value
             return as_address(sgemm), as_address(dgemm), get_num_threads, wide
     return None
