@@ -870,6 +870,34 @@ def test_dense_backward_keeps_numpys_matmuls_while_blas_runs_threads_of_its_own(
         np.testing.assert_array_equal(g, expected)
 
 
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 numba threads")
+def test_adam_on_a_large_array_gives_the_same_bits_on_one_and_two_threads():
+    """An array of at least ADAM_PARALLEL_MIN parameters (an odd count: uneven shares) is updated on every thread:
+    three steps give the bits of one thread's serial loop, and agree with numpy's Adam."""
+    from numba_cnn.kernels import layers as numpy_layers
+    from numba_cnn.kernels.jit import layers as jit_layers
+
+    rng = np.random.default_rng(13)
+    size = jit_layers.ADAM_PARALLEL_MIN + 7
+    start, grads = rng.standard_normal(size).astype(np.float32), rng.standard_normal((3, size)).astype(np.float32)
+    before, results = numba.get_num_threads(), []
+    try:
+        for threads, update in ((1, jit_layers.adam_update), (2, jit_layers.adam_update),
+                                (None, numpy_layers.adam_update)):
+            if threads:
+                numba.set_num_threads(threads)
+            state = [start.copy(), np.zeros(size, np.float32), np.zeros(size, np.float32)]
+            for step, grad in enumerate(grads, 1):
+                update(state[0], grad, state[1], state[2], 1e-3 * np.sqrt(1 - 0.999 ** step) / (1 - 0.9 ** step),
+                       0.9, 0.999, 1e-7)
+            results.append(state)
+    finally:
+        numba.set_num_threads(before)
+    for one, two, numpy_state in zip(*results):
+        np.testing.assert_array_equal(one, two)
+        np.testing.assert_allclose(two, numpy_state, rtol=1e-5, atol=1e-7)
+
+
 def test_run_parts_runs_each_part_once_with_its_arguments_of_any_layout():
     """run_parts calls a task's compiled code by its address, looked up by the arguments' types: a C-contiguous and
     a strided array (other compiled code, other addresses) each get the task compiled for them, and every part runs

@@ -4,12 +4,12 @@ arrays where numpy's per-call overheads and one thread cost more than the work: 
 where numpy allocates a fresh array and makes a boolean mask on one thread), dropout's forward, whose mask
 a compiled counter-based generator draws in parallel, in float32 (numpy's generator draws one float64 per unit,
 serially, a visible share of a step for the model's 128 x 1600 units), its backward (in parallel), the softmax
-cross-entropy and the Adam update (compiled loops, serial: 128 x 10 logits, 34,826 parameters), and the dense
-layer's forward where it has at least two vectors of outputs (a register tile over every thread, where one-thread
-BLAS beside Numba's threads ran LeNet's and VGG's hidden layers slower at inference: docs/kernels.md) and its
-backward: for few outputs from many inputs a compiled kernel, for large products numpy's own BLAS, one call for dx
-and one for dw, on two of Numba's threads at once (jit/blas.py). Each agrees with the numpy layer within float32 rounding
-(tests/test_layers.py runs both).
+cross-entropy and the Adam update (compiled loops, serial for 128 x 10 logits and for small arrays of parameters,
+large arrays over the threads), and the dense layer's forward where it has at least two vectors of outputs (a
+register tile over every thread, where one-thread BLAS beside Numba's threads ran LeNet's and VGG's hidden layers
+slower at inference: docs/kernels.md) and its backward: for few outputs from many inputs a compiled kernel, for
+large products numpy's own BLAS, one call for dx and one for dw, on two of Numba's threads at once (jit/blas.py).
+Each agrees with the numpy layer within float32 rounding (tests/test_layers.py runs both).
 
 The generator is Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy as 1, 2, 3",
 SC 2011; PyTorch's CUDA generator is Philox too): word j of the block for counter c under key k is a pure
@@ -24,7 +24,7 @@ below 1 - rate. Self-contained (no @njit helper from another file), so Numba's c
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from numba_cnn.kernels._numba_ext import TILE_BITS, call_gemm, jit as _jit, part_range, parts_kernel, tile_allocator
 from numba_cnn.kernels import layers as numpy_layers
@@ -509,10 +509,25 @@ def _adam_update(param, grad, m, v, alpha, keep1, keep2, eps):
         param[i] -= alpha * m[i] / (np.sqrt(v[i]) + eps)
 
 
+# an array of at least this many parameters is updated on every thread (fewer: a launch costs more than it saves)
+ADAM_PARALLEL_MIN = 2 ** 15
+
+
+@parts_kernel
+@_jit(parallel=False)
+def _adam_update_parts(part, n_parts, param, grad, m, v, alpha, keep1, keep2, eps):
+    """_adam_update, each part on a contiguous share of the elements (each element alike: the same bits)."""
+    share = part_range(part, n_parts, param.shape[0])
+    first, stop = share.start, share.stop
+    _adam_update(param[first:stop], grad[first:stop], m[first:stop], v[first:stop], alpha, keep1, keep2, eps)
+
+
 def adam_update(param, grad, m, v, alpha, beta1, beta2, eps):
-    """In place, one Adam step as numpy_layers.adam_update (alpha carries the bias corrections)."""
+    """In place, one Adam step as numpy_layers.adam_update (alpha carries the bias corrections); arrays of at least
+    ADAM_PARALLEL_MIN parameters on every thread (elementwise: the same bits on any thread count)."""
     if not (param.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
         return numpy_layers.adam_update(param, grad, m, v, alpha, beta1, beta2, eps)  # needs flat views below
     dtype = param.dtype.type
-    _adam_update(param.reshape(-1), np.ascontiguousarray(grad, param.dtype).reshape(-1), m.reshape(-1),
-                 v.reshape(-1), dtype(alpha), dtype(1 - beta1), dtype(1 - beta2), dtype(eps))
+    update = _adam_update_parts if param.size >= ADAM_PARALLEL_MIN and get_num_threads() > 1 else _adam_update
+    update(param.reshape(-1), np.ascontiguousarray(grad, param.dtype).reshape(-1), m.reshape(-1), v.reshape(-1),
+           dtype(alpha), dtype(1 - beta1), dtype(1 - beta2), dtype(eps))
