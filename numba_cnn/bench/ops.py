@@ -143,6 +143,10 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, network=None, layers=None, batch_siz
     steps_by_key = {}
     for k in resolved:
         n = batch_of(k)
+        # checked under the thread settings it is timed under, where a path depends on them (jit's dense backward
+        # takes its two-thread BLAS pair only while BLAS runs one thread), so that the check and the path named
+        # are the timed call's
+        _pin_threads(threads, k)
         fused_keys = [step_key(step) for step in plan(network, k, fuse=True)]
         for fuse in (True, False):  # the plan training runs, then every layer on its own
             if not fuse and fused_keys == [step_key(step) for step in plan(network, k, fuse=False)]:
@@ -151,6 +155,7 @@ def bench_ops(backends=DEFAULT_OP_BACKENDS, network=None, layers=None, batch_siz
                 if k.name not in checked.setdefault(op.key, {}):
                     checked[op.key][k.name] = op
                     steps_by_key[op.key] = op.row["step"]
+        _pin_threads(threads)
     order = sorted(checked, key=lambda key: (key[0][0], len(key[0]), DIRECTIONS.index(key[1])))
 
     # Each backend times its repeats in one block, under the thread settings `train` gives it, after a pause and an

@@ -228,9 +228,10 @@ def compile_part(network, part, claims):
     def loss_and_adam():
         logits = rng.standard_normal((_IMAGES, network.shapes[-1][0]), dtype=np.float32)
         backend.layers.softmax_cross_entropy(logits, np.zeros(_IMAGES, np.int64))
-        p = next(iter(model.params.values()))
-        backend.layers.adam_update(p.copy(), np.ones_like(p), np.zeros_like(p), np.zeros_like(p), 1e-3, 0.9, 0.999,
-                                   1e-7)
+        by_size = sorted(model.params.values(), key=lambda a: a.size)
+        for p in (by_size[0], by_size[-1]):  # small arrays are updated serially, large ones on every thread
+            backend.layers.adam_update(p.copy(), np.ones_like(p), np.zeros_like(p), np.zeros_like(p), 1e-3, 0.9,
+                                       0.999, 1e-7)
 
     # each unit stores its x and dy as training hands them over, so that no specialisation compiles that training
     # does not call (nor any layout copy): x as the step before stores its output (its unit records how), dy

@@ -41,8 +41,6 @@ _PHILOX_W0, _PHILOX_W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)  # the key
 _BLOCKS_PER_TASK = 1024  # counters per parallel task: 4096 units, enough work to amortise a task's start
 
 
-_CBLAS_AS_STORED, _CBLAS_TRANSPOSED = 111, 112  # CBLAS's CblasNoTrans and CblasTrans
-
 _LANES = 64  # counters whose rounds run side by side in vector registers; an argument, not a constant (below)
 _WORD_SHIFT = np.uint64(8)  # a unit's uniform is its word's top 24 bits
 
@@ -409,6 +407,7 @@ _dense_backward = _make_dense_backward(_DENSE_TILE)
 
 # a backward whose products have at least this many multiply-adds each runs them side by side, one per thread
 DENSE_BLAS_PAIR_MIN_MACS = 2 ** 21
+_CBLAS_AS_STORED, _CBLAS_TRANSPOSED = 111, 112  # CBLAS's CblasNoTrans and CblasTrans
 
 
 @parts_kernel
