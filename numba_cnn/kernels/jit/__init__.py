@@ -1,15 +1,15 @@
-"""jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked, no BLAS.
-
-The compiled kernels are in tiles.py (the register-tiled stride-1 kernels, Winograd's, 2x2 pooling, and the tile
-shapes of every convolution kernel with their reasons), columns.py (stride-1 convolutions with few channels, the lanes
-along the output columns), narrow_input.py (stride-1 convolutions with few input channels and many filters, their
-output channels-last), general.py (the convolution of any stride, and the stride-1 weight gradient's channels-last
-tiles), norm.py (pooling of other windows, average pooling, batch normalisation), sparse.py (the fused backward's
-listed kernels, channels-last packing), pooled_grad.py (a first layer's dw behind max-pooling), winograd_grad.py
-(Winograd's weight gradient, 3x3 and 5x5) and layers.py (dropout, loss and Adam), each file self-contained so that
-Numba's cache sees every change (the Winograd stages they share, winograd_stages.py, by its stamp); this file holds
-the contract functions and the host-side glue that packs inputs and calls them (Winograd's in winograd.py, the
-strided layers' phases in polyphase.py, batch normalisation's in batchnorm.py, pooling's in pooling.py).
+"""jit backend: explicit loop kernels compiled by Numba (`parallel=True`), register-blocked; BLAS only for dense layers'
+products that none pays for (layers.py, blas.py). The compiled kernels are in tiles.py (the register-tiled stride-1
+kernels, Winograd's, 2x2 pooling, and the tile shapes of every convolution kernel with their reasons), columns.py
+(stride-1 convolutions with few channels, the lanes along the output columns), narrow_input.py (stride-1 convolutions
+with few input channels and many filters, their output channels-last), general.py (the convolution of any stride, and
+the stride-1 weight gradient's channels-last tiles), norm.py (pooling of other windows, average pooling, batch
+normalisation), sparse.py (the fused backward's listed kernels, channels-last packing), pooled_grad.py (a first
+layer's dw behind max-pooling, the listed dw's chunk sums), winograd_grad.py (Winograd's weight gradient, 3x3 and
+5x5) and layers.py (dropout, loss, Adam and the dense layers), each file self-contained so that Numba's cache sees
+every change (the Winograd stages they share, winograd_stages.py, by its stamp); this file holds the contract
+functions and the host-side glue that packs inputs and calls them (Winograd's in winograd.py, the strided layers'
+phases in polyphase.py, batch normalisation's in batchnorm.py, pooling's in pooling.py).
 
 Each convolution loop nest keeps an output tile (columns or taps x channel lanes) in registers: the tile is a
 stack array (`stack_tile` in `_numba_ext`) that LLVM promotes to vector registers once it unrolls the tile loops
