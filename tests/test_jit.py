@@ -60,6 +60,29 @@ def test_conv_edge_shapes_against_reference(shape, k, r, s, dtype):
     np.testing.assert_array_equal(db2, db)
 
 
+@pytest.mark.parametrize("start", [np.int64(0), np.int32(3), np.uint64(5), np.int64(7), np.uint8(2)])
+def test_rest_of_is_the_slice_from_start_compiled_without_its_checks(start):
+    """`rest_of(a, start)` compiled is a[start:]: the same length and the same memory (what is written through it
+    lands in a), for starts signed and unsigned, narrower than a pointer or not, the array's end included."""
+    from numba import njit
+
+    from numba_cnn.kernels._numba_ext import rest_of
+
+    @njit
+    def add_one_from(a, start):
+        view = rest_of(a, start)
+        for u in range(view.shape[0]):
+            view[u] += 1
+        return view.shape[0]
+
+    a = np.arange(7, dtype=np.float32)
+    want = a.copy()
+    want[int(start):] += 1
+    assert add_one_from(a, start) == 7 - int(start)
+    np.testing.assert_array_equal(a, want)
+    assert rest_of(want, start).base is want  # interpreted: the slice itself
+
+
 def test_tile_kernels_match_their_python_bodies():
     """Each private kernel, compiled and interpreted (prange as range, the stack tile as a heap array), on tiny
     odd shapes: the same loops, so the results agree to rounding."""

@@ -42,6 +42,7 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba._dispatcher import compute_fingerprint
 from numba.core import cgutils, config
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
@@ -417,6 +418,40 @@ def _memcpy_elements(typingctx, dst, dst_start, src, src_start, count):
 def _copy_block_compiled(dst, dst_start, src, src_start, count):
     def impl(dst, dst_start, src, src_start, count):
         _memcpy_elements(dst, dst_start, src, src_start, count)
+    return impl
+
+
+def rest_of(a, start):
+    """a[start:] of a 1-D C-contiguous array, for 0 <= start <= len(a). Compiled, a pointer moved by `start` and
+    nothing else: the slice `a[start:]` tests start for a negative value and clamps it to the length, about ten
+    instructions and two branches per slice, which in a loop of one vector block per listed element cost as much
+    as the block's multiply-adds (docs/numba.md). No bounds checks, like the kernels' indexing."""
+    return a[start:]
+
+
+@intrinsic
+def _rest_of_array(typingctx, a, start):
+    """The compiled `rest_of`."""
+    if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and isinstance(start, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src = make_array(a)(context, builder, args[0])
+        offset = context.cast(builder, args[1], start, types.intp)
+        out = make_array(a)(context, builder)
+        populate_array(out, data=builder.gep(src.data, [offset]),
+                       shape=[builder.sub(cgutils.unpack_tuple(builder, src.shape)[0], offset)],
+                       strides=cgutils.unpack_tuple(builder, src.strides), itemsize=src.itemsize,
+                       meminfo=src.meminfo, parent=src.parent)
+        return impl_ret_borrowed(context, builder, a, out._getvalue())
+
+    return a(a, start), codegen
+
+
+@overload(rest_of, inline="always")
+def _rest_of_compiled(a, start):
+    def impl(a, start):
+        return _rest_of_array(a, start)
     return impl
 
 

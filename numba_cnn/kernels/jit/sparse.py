@@ -17,7 +17,7 @@ Self-contained (no @njit helper from another file), so Numba's cache sees every 
 import numpy as np
 from numba import njit, prange
 
-from numba_cnn.kernels._numba_ext import copy_block, jit as _jit, part_range, parts_kernel, tile_allocator
+from numba_cnn.kernels._numba_ext import copy_block, jit as _jit, part_range, parts_kernel, rest_of, tile_allocator
 from numba_cnn.kernels.jit.tiles import TILE_BITS
 
 # values of a kernel row per register tile in the listed input gradient: the model's conv2 row (3 taps x 32
@@ -31,16 +31,6 @@ LISTED_GRAD_LANES = TILE_BITS // 32
 # bytes of input rows a band of the weight gradient reads over and over: about an L1 data cache; bands of 1 to 16
 # pooled rows timed on VGG's and mnist-cnn's layers were fastest at this size (docs/kernels.md)
 LISTED_BAND_BYTES = 48 * 1024
-
-
-@njit(inline="always")
-def _listed_entry(g_any, p, where, pi, pj, width, channels, zero):
-    """One pooled window's entry in a channel's list: its gradient through the ReLU's select (`g_any` loaded whatever
-    the ReLU says, then selected: `dy if ... else 0` compiled to a branch, mispredicted on about half the windows),
-    and the offset of its winner's receptive field in the channels-last input."""
-    g = g_any if (p > zero) | (p != p) else zero
-    w = np.int64(where)
-    return g, ((2 * pi + (w >> 1)) * width + 2 * pj + (w & 1)) * channels
 
 
 def _make_pooled_grad_lists():
@@ -58,23 +48,29 @@ def _make_pooled_grad_lists():
         i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's per-image
         terms). Branch-free: every window is written, only the nonzero ones advance the count. Four channels' lists
         are built side by side (four independent chains of counts in a stack tile, where one chain's store address
-        waits on its last count); the rest one at a time."""
+        waits on its last count); the rest one at a time. The counts are unsigned, so that indexing by them needs
+        no test for a negative index; a winner's offset is its window's plus one of four by argmax, from a table."""
         n_images, p_half, q_half, n_out = dy.shape
         grouped = n_out - n_out % 4
+        corners = _stack_tile(4, np.int64)  # the winner's offset from its window's top left element, by argmax
+        corners[0], corners[1], corners[2], corners[3] = 0, channels, width * channels, (width + 1) * channels
         for n in part_range(part, n_parts, n_images):
             g_image, pooled_image, arg_image = dy[n], pooled[n], argmax[n]
-            group_counts, group_sums = _stack_tile(4, np.int64), _stack_tile(4, dy.dtype)
+            group_counts, group_sums = _stack_tile(4, np.uint64), _stack_tile(4, dy.dtype)
             for k in range(0, grouped, 4):
+                value_rows, offset_rows = values[n, k:k + 4], offsets[n, k:k + 4]
                 for q in range(4):
                     group_counts[q], group_sums[q] = 0, zero
                 for pi in range(p_half):
                     for pj in range(q_half):
+                        window = (2 * pi * width + 2 * pj) * channels
                         gs, ps, ws = g_image[pi, pj, k:], pooled_image[pi, pj, k:], arg_image[pi, pj, k:]
                         for q in range(4):  # a constant trip count: unrolled, the counts and sums in registers
-                            g, offset = _listed_entry(gs[q], ps[q], ws[q], pi, pj, width, channels, zero)
+                            g, p = gs[q], ps[q]
+                            g = g if (p > zero) | (p != p) else zero
                             count = group_counts[q]
-                            values[n, k + q, count], offsets[n, k + q, count] = g, offset
-                            group_counts[q] = count + (g != zero)
+                            value_rows[q, count], offset_rows[q, count] = g, window + corners[ws[q]]
+                            group_counts[q] = count + np.uint64(g != zero)
                             group_sums[q] += g
                 for q in range(4):
                     counts[n, k + q], sums[n, k + q] = group_counts[q], group_sums[q]
@@ -84,9 +80,10 @@ def _make_pooled_grad_lists():
                 total = zero
                 for pi in range(p_half):
                     for pj in range(q_half):
-                        g, offset = _listed_entry(g_image[pi, pj, k], pooled_image[pi, pj, k], arg_image[pi, pj, k],
-                                                  pi, pj, width, channels, zero)
-                        values_k[count], offsets_k[count] = g, offset
+                        g, p = g_image[pi, pj, k], pooled_image[pi, pj, k]
+                        g = g if (p > zero) | (p != p) else zero
+                        values_k[count] = g
+                        offsets_k[count] = (2 * pi * width + 2 * pj) * channels + corners[arg_image[pi, pj, k]]
                         count += g != zero
                         total += g
                 counts[n, k] = count
@@ -179,6 +176,9 @@ def _make_listed_weight_grad(block):
                         cursors[k] = last
                         if last == first:
                             continue
+                        # the band's elements, counted from 0 (a loop from 0 needs no test for negative indices)
+                        listed = last - first
+                        band_values, band_offsets = rest_of(value_row, first), rest_of(offset_row, first)
                         for r0 in range(0, r_tiled, rows):
                             for u0 in range(0, tiled, block):
                                 # in and out by block copies: as one loop over three rows of partial, which LLVM
@@ -187,12 +187,12 @@ def _make_listed_weight_grad(block):
                                 copy_block(acc, 0, chunk_flat, rows_at, block)
                                 copy_block(acc, block, chunk_flat, rows_at + span, block)
                                 copy_block(acc, 2 * block, chunk_flat, rows_at + 2 * span, block)
-                                for e in range(first, last):
-                                    g = value_row[e]
-                                    at = offset_row[e] - shift + r0 * row_length + u0
-                                    x0 = band[at:]  # sliced first: an index sum would gather
-                                    x1 = band[at + row_length:]
-                                    x2 = band[at + 2 * row_length:]
+                                for e in range(listed):
+                                    g = band_values[e]
+                                    at = band_offsets[e] - shift + r0 * row_length + u0
+                                    # views first (an index sum would gather), unchecked (rest_of)
+                                    x0, x1 = rest_of(band, at), rest_of(band, at + row_length)
+                                    x2 = rest_of(band, at + 2 * row_length)
                                     for u in range(block):
                                         acc[u] += g * x0[u]
                                         acc[block + u] += g * x1[u]
@@ -204,9 +204,9 @@ def _make_listed_weight_grad(block):
                             for u0 in range(0, tiled, block):
                                 row_at = (k * r_taps + r) * span + u0
                                 copy_block(acc, 0, chunk_flat, row_at, block)
-                                for e in range(first, last):
-                                    g = value_row[e]
-                                    x0 = band[offset_row[e] - shift + r * row_length + u0:]
+                                for e in range(listed):
+                                    g = band_values[e]
+                                    x0 = rest_of(band, band_offsets[e] - shift + r * row_length + u0)
                                     for u in range(block):
                                         acc[u] += g * x0[u]
                                 copy_block(chunk_flat, row_at, acc, 0, block)
@@ -222,10 +222,11 @@ def _make_listed_weight_grad(block):
                                 copy_block(tail, 0, chunk_flat, rows_at, lanes)
                                 copy_block(tail, lanes, chunk_flat, rows_at + span, lanes)
                                 copy_block(tail, 2 * lanes, chunk_flat, rows_at + 2 * span, lanes)
-                                for e in range(first, last):
-                                    g = value_row[e]
-                                    at = offset_row[e] - shift + r0 * row_length + u0
-                                    x0, x1, x2 = band[at:], band[at + row_length:], band[at + 2 * row_length:]
+                                for e in range(listed):
+                                    g = band_values[e]
+                                    at = band_offsets[e] - shift + r0 * row_length + u0
+                                    x0, x1 = rest_of(band, at), rest_of(band, at + row_length)
+                                    x2 = rest_of(band, at + 2 * row_length)
                                     for u in range(width):
                                         tail[u] += g * x0[u]
                                         tail[lanes + u] += g * x1[u]
@@ -237,9 +238,9 @@ def _make_listed_weight_grad(block):
                             for u0 in range(tiled, span, lanes):
                                 row_at = (k * r_taps + r) * span + u0
                                 copy_block(tail, 0, chunk_flat, row_at, lanes)
-                                for e in range(first, last):
-                                    g = value_row[e]
-                                    x0 = band[offset_row[e] - shift + r * row_length + u0:]
+                                for e in range(listed):
+                                    g = band_values[e]
+                                    x0 = rest_of(band, band_offsets[e] - shift + r * row_length + u0)
                                     for u in range(width):
                                         tail[u] += g * x0[u]
                                 copy_block(chunk_flat, row_at, tail, 0, lanes)
@@ -303,7 +304,9 @@ def _make_listed_input_grad(block):
         n_groups = min(n_groups, n_images)
         for group in prange(n_groups):
             acc = _stack_tile(block, dx.dtype)
-            filled = np.empty(n_pixels, np.int64)  # per pixel, its listed channels so far
+            # per pixel, its listed channels so far; unsigned, as the pixels: indices that need no test for a
+            # negative value
+            filled = np.empty(n_pixels, np.uint64)
             w_starts = np.empty((n_pixels, n_out), np.int64)  # where each one's kernel starts in w_flat
             grads = np.empty((n_pixels, n_out), dx.dtype)
             for n in range(group, n_images, n_groups):
@@ -323,38 +326,39 @@ def _make_listed_input_grad(block):
                     for k in range(n_out):
                         value_row, offset_row = values[n, k], offsets[n, k]
                         for e in range(counts[n, k]):
-                            pixel = np.int64((np.uint64(offset_row[e]) >> channel_shift) * channel_inverse)
+                            pixel = (np.uint64(offset_row[e]) >> channel_shift) * channel_inverse
                             slot = filled[pixel]
                             w_starts[pixel, slot] = k * r_taps * span
                             grads[pixel, slot] = value_row[e]
-                            filled[pixel] = slot + 1
+                            filled[pixel] = slot + np.uint64(1)
                     for r in range(r_taps):
                         for u0 in range(0, tiled, block):
                             w_at = r * span + u0
                             for pixel in range(n_pixels):
-                                m = filled[pixel]
+                                m = np.int64(filled[pixel])
                                 if m == 0:
                                     continue
                                 start_row, grad_row = w_starts[pixel], grads[pixel]
                                 # the tile starts from the first product: zeroing it first is stored element by
                                 # element and read back as vectors, a stall per block
                                 g = grad_row[0]
-                                w_seg = w_flat[start_row[0] + w_at:]  # sliced first: an index sum would gather
+                                # views first (an index sum would gather), unchecked (rest_of)
+                                w_seg = rest_of(w_flat, start_row[0] + w_at)
                                 for u in range(block):
                                     acc[u] = g * w_seg[u]
                                 for e in range(1, m):
                                     g = grad_row[e]
-                                    w_seg = w_flat[start_row[e] + w_at:]
+                                    w_seg = rest_of(w_flat, start_row[e] + w_at)
                                     for u in range(block):
                                         acc[u] += g * w_seg[u]
-                                seg = image[pixel * channels + r * row_length + u0:]
+                                seg = rest_of(image, pixel * channels + r * row_length + u0)
                                 for u in range(block):
                                     seg[u] += acc[u]
                         if tiled < span:
                             for pixel in range(n_pixels):
                                 start_row, grad_row = w_starts[pixel], grads[pixel]
                                 seg = image[pixel * channels + r * row_length:]
-                                for e in range(filled[pixel]):
+                                for e in range(np.int64(filled[pixel])):
                                     g = grad_row[e]
                                     w_seg = w_flat[start_row[e] + r * span:]
                                     for u in range(tiled, span):
@@ -418,19 +422,32 @@ def _unpool_pack(part, n_parts, dy, pooled, argmax, col_pad, zero, out, sums):
 def _pack_channels_last(part, n_parts, a, col_pad, out, sums):
     """a[N, C, H, W] -> out[N, H, W + 2 col_pad, C_padded]: channels last, zero columns on both sides and zero
     padded channels; sums[n, c] = sum of a[n, c], summed in one fixed order per image (the bias gradient's terms,
-    independent of the thread count)."""
+    independent of the thread count). From NCHW memory each row's C input rows are first copied whole into a small
+    buffer, as in `_pad_channels_last` (a pixel's values lie H * W apart and evict each other from L1); from
+    channels-last memory viewed NCHW, a pixel's values are read where they lie."""
     n_images, n_ch, h, w = a.shape
     c_padded = out.shape[3]
+    planar = a.strides[1] != a.itemsize
     for n in part_range(part, n_parts, n_images):
         total = sums[n]
         total[:] = 0
+        staged = np.empty((n_ch, w), a.dtype)
         for i in range(h):
             out[n, i, :col_pad] = 0
             out[n, i, col_pad + w:] = 0
+            if planar:
+                for c in range(n_ch):
+                    a_row, staged_row = a[n, c, i], staged[c]
+                    for j in range(w):
+                        staged_row[j] = a_row[j]
             for j in range(w):
                 row = out[n, i, col_pad + j]
-                for c in range(n_ch):
-                    row[c] = a[n, c, i, j]
+                if planar:
+                    for c in range(n_ch):
+                        row[c] = staged[c, j]
+                else:
+                    for c in range(n_ch):
+                        row[c] = a[n, c, i, j]
                 for c in range(n_ch, c_padded):
                     row[c] = 0
                 for c in range(c_padded):
