@@ -62,13 +62,16 @@ def compiled_functions(dispatchers):
 
 
 def numba_cnn_dispatchers():
-    """The compiled functions (Numba dispatchers) that numba_cnn's loaded modules hold."""
+    """The compiled functions (Numba dispatchers) that numba_cnn's loaded modules hold, the tasks of its parts
+    kernels included."""
     found = {}
     for name, module in list(sys.modules.items()):
         if name == "numba_cnn" or name.startswith("numba_cnn."):
             for value in list(vars(module).values()):
-                if hasattr(value, "overloads") and hasattr(value, "py_func"):
-                    found[id(value)] = value
+                # a parts kernel (numba_cnn.kernels._numba_ext.parts_kernel) is a Python function over its task
+                for candidate in (value, getattr(value, "task", None)):
+                    if hasattr(candidate, "overloads") and hasattr(candidate, "py_func"):
+                        found[id(candidate)] = candidate
     return list(found.values())
 
 
