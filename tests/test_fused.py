@@ -224,7 +224,7 @@ def test_fused_ops_with_nan_and_inf(dtype, padding, rng):
 def test_exact_quotient_constants_divide_every_multiple_exactly():
     """The listed input gradient finds an offset's pixel as ((offset >> shift) * inverse) mod 2**64: exactly
     offset // channels for every multiple of channels, odd, even and powers of two alike, up to 2**62."""
-    from numba_cnn.kernels.jit.sparse import exact_quotient_constants
+    from numba_cnn.kernels.jit.listed import exact_quotient_constants
 
     rng = np.random.default_rng(3)
     for divisor in [*range(1, 130), 384, 1000, 3 << 20, (1 << 31) - 1]:

@@ -1,6 +1,7 @@
 """The jit backend's fused conv + ReLU + 2x2 max-pool backward over the nonzero conv-output gradients, on the host
-side: the lists, the weight gradient's band height and image chunks, the input gradient's crop, around sparse.py's
-kernels. jit/__init__.py's conv2d_relu_maxpool2d_backward calls it where it applies; how it works: docs/kernels.md.
+side: the lists, the weight gradient's band height and image chunks, the input gradient's crop and its constants
+for exact division, around sparse.py's kernels. jit/__init__.py's conv2d_relu_maxpool2d_backward calls it where it
+applies; how it works: docs/kernels.md.
 """
 
 import numpy as np
@@ -12,7 +13,7 @@ from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.pooled_grad import (POOLED_GRAD_LANES, POOLED_GRAD_TAPS, _pooled_weight_grad,
                                                _pooled_weight_grad_3x3, _sum_listed_chunks)
 from numba_cnn.kernels.jit.sparse import (LISTED_BAND_BYTES, LISTED_GRAD_LANES, _listed_input_grad, _listed_weight_grad,
-                                          _pooled_grad_lists, exact_quotient_constants)
+                                          _pooled_grad_lists)
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
 
 
@@ -62,6 +63,18 @@ def listed_backward(dy, pooled, argmax, x_cl, w, need_dx, padding):
                            work, top, left, rows, dx.reshape(n, -1))
         dx = dx.transpose(0, 3, 1, 2)
     return dx, dw, sums.sum(axis=0)
+
+
+def exact_quotient_constants(divisor):
+    """(shift, inverse) with ((m >> shift) * inverse) mod 2**64 = m // divisor for every multiple m of divisor:
+    divisor = odd << shift, and inverse is odd's inverse modulo 2**64 (odd is its own inverse modulo 8, and each
+    Newton step, inverse * (2 - odd * inverse), doubles the low bits that are right)."""
+    shift = (divisor & -divisor).bit_length() - 1
+    odd = divisor >> shift
+    inverse = odd
+    for _ in range(5):  # 3 -> 6 -> 12 -> 24 -> 48 -> 96 bits
+        inverse = inverse * (2 - odd * inverse) % 2**64
+    return np.uint64(shift), np.uint64(inverse)
 
 
 def pooled_weight_grad_fits(x, w, need_dx):

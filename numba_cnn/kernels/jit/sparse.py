@@ -20,8 +20,7 @@ from numba import njit, prange
 from numba_cnn.kernels._numba_ext import copy_block, jit as _jit, part_range, parts_kernel, rest_of, tile_allocator
 from numba_cnn.kernels.jit.tiles import TILE_BITS
 
-# values of a kernel row per register tile in the listed input gradient: the model's conv2 row (3 taps x 32
-# channels), 12 of AVX2's 16 vector registers, 6 of AVX-512's 32
+# the listed input gradient's tile: a row of 3 taps x 32 channels; 12 of AVX2's 16 vector registers, 6 of AVX-512's
 LISTED_BLOCK = 96
 # the listed weight gradient's register tile: LISTED_GRAD_ROWS kernel rows x this many values of each (18 zmm; 12 ymm)
 LISTED_GRAD_BLOCK = 96 if TILE_BITS >= 512 else 32
@@ -48,11 +47,10 @@ def _make_pooled_grad_lists():
         i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's per-image
         terms). Branch-free: every window is written, only the nonzero ones advance the count. Four channels' lists
         are built side by side (four independent chains of counts in a stack tile, where one chain's store address
-        waits on its last count); the rest one at a time. The counts are unsigned, so that indexing by them needs
-        no test for a negative index; a winner's offset is its window's plus one of four by argmax, from a table."""
+        waits on its last count); the rest one at a time. Unsigned counts (no negative-index test to index by)."""
         n_images, p_half, q_half, n_out = dy.shape
         grouped = n_out - n_out % 4
-        corners = _stack_tile(4, np.int64)  # the winner's offset from its window's top left element, by argmax
+        corners = _stack_tile(4, np.int64)  # a winner's offset from its window's top left element, by argmax
         corners[0], corners[1], corners[2], corners[3] = 0, channels, width * channels, (width + 1) * channels
         for n in part_range(part, n_parts, n_images):
             g_image, pooled_image, arg_image = dy[n], pooled[n], argmax[n]
@@ -176,7 +174,7 @@ def _make_listed_weight_grad(block):
                         cursors[k] = last
                         if last == first:
                             continue
-                        # the band's elements, counted from 0 (a loop from 0 needs no test for negative indices)
+                        # the band's elements counted from 0 (a loop from 0 needs no test for negative indices)
                         listed = last - first
                         band_values, band_offsets = rest_of(value_row, first), rest_of(offset_row, first)
                         for r0 in range(0, r_tiled, rows):
@@ -257,18 +255,6 @@ def _make_listed_weight_grad(block):
 _listed_weight_grad = _make_listed_weight_grad(LISTED_GRAD_BLOCK)
 
 
-def exact_quotient_constants(divisor):
-    """(shift, inverse) with ((m >> shift) * inverse) mod 2**64 = m // divisor for every multiple m of divisor:
-    divisor = odd << shift, and inverse is odd's inverse modulo 2**64 (odd is its own inverse modulo 8, and each
-    Newton step, inverse * (2 - odd * inverse), doubles the low bits that are right)."""
-    shift = (divisor & -divisor).bit_length() - 1
-    odd = divisor >> shift
-    inverse = odd
-    for _ in range(5):  # 3 -> 6 -> 12 -> 24 -> 48 -> 96 bits
-        inverse = inverse * (2 - odd * inverse) % 2**64
-    return np.uint64(shift), np.uint64(inverse)
-
-
 def _make_listed_input_grad(block):
     """`_listed_input_grad` with a register tile of `block` values of a kernel row (S x C, channels last)."""
     _stack_tile = tile_allocator()
@@ -289,8 +275,8 @@ def _make_listed_input_grad(block):
         independent of the thread count. Values of a row beyond the last whole block go one channel at a time, and
         rows shorter than a block are scattered one listed value at a time (channels in order, then list order).
         A pixel lists each channel at most once (the 2x2 pooling windows do not overlap), so at most K slots. An
-        offset's pixel, offset // channels, is found by a shift and a multiply (`exact_quotient_constants`: an
-        offset is a multiple of channels), not by a 64-bit division per listed element.
+        offset's pixel, offset // channels, is a shift and a multiply (listed.py's `exact_quotient_constants`: an
+        offset is a multiple of channels), not a 64-bit division per listed element.
 
         Cropped: with a work buffer (n_groups rows of one padded image), each image is summed there, in L2, and
         its rows top.. top + rows - 1, columns left.. copied into dx[n] (rows x W_out x C, W_out = dx.shape[1] //
@@ -422,9 +408,8 @@ def _unpool_pack(part, n_parts, dy, pooled, argmax, col_pad, zero, out, sums):
 def _pack_channels_last(part, n_parts, a, col_pad, out, sums):
     """a[N, C, H, W] -> out[N, H, W + 2 col_pad, C_padded]: channels last, zero columns on both sides and zero
     padded channels; sums[n, c] = sum of a[n, c], summed in one fixed order per image (the bias gradient's terms,
-    independent of the thread count). From NCHW memory each row's C input rows are first copied whole into a small
-    buffer, as in `_pad_channels_last` (a pixel's values lie H * W apart and evict each other from L1); from
-    channels-last memory viewed NCHW, a pixel's values are read where they lie."""
+    independent of the thread count). From NCHW memory a row's C input rows are staged first (as `_pad_channels_last`
+    stages them); from channels-last memory viewed NCHW, a pixel's values are read where they lie."""
     n_images, n_ch, h, w = a.shape
     c_padded = out.shape[3]
     planar = a.strides[1] != a.itemsize
