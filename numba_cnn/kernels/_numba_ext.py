@@ -424,8 +424,8 @@ def _copy_block_compiled(dst, dst_start, src, src_start, count):
 def rest_of(a, start):
     """a[start:] of a 1-D C-contiguous array, for 0 <= start <= len(a). Compiled, a pointer moved by `start` and
     nothing else: the slice `a[start:]` tests start for a negative value and clamps it to the length, about ten
-    instructions and two branches per slice, which in a loop of one vector block per listed element cost as much
-    as the block's multiply-adds (docs/numba.md). No bounds checks, like the kernels' indexing."""
+    instructions and two branches per slice, more than a loop of a few vector multiply-adds per slice does besides
+    (docs/numba.md, trap 22). No bounds checks, like the kernels' indexing."""
     return a[start:]
 
 

@@ -1,15 +1,14 @@
 """The jit backend's compiled kernels that run over lists and layouts rather than dense register tiles: the backward
 pass of conv + ReLU + 2x2 max-pooling over the nonzero conv-output gradients only, and the channels-last packing.
 
-Pooling passes each window's gradient to one of its four elements, ReLU zeroes more, and in the model dropout zeroes
-half of the pooled gradients before that: at most a quarter of the conv output's gradient is nonzero, and in
-training conv2 lists fewer still. `_pooled_grad_lists` lists the nonzero elements once; the weight gradient runs
-over the lists with three kernel rows in a register tile, an image's input in bands that stay in L1; the input
-gradient regroups them by pixel and sums each pixel's channels' kernel rows in a register tile before adding them
-into dx. Any shape takes them. The layout copies too: into padded channels-last buffers (`_pad_rows`,
-`_pad_channels_last`, `_pack_channels_last`), into zero-bordered NCHW planes (`_pad_planes`, the column tiles'
-and padded_nchw's, which can also spread a 2x2 average pool's gradient on the way) and back to NCHW
-(`_channels_first`).
+Pooling passes each window's gradient to one of its four elements, ReLU zeroes more (and in mnist-cnn dropout half
+of the pooled gradients): at most a quarter of the conv output's gradient is nonzero. `_pooled_grad_lists` lists
+the nonzero elements once; the weight gradient runs over the lists with three kernel rows in a register tile, an
+image's input in bands that stay in L1; the input gradient regroups them by pixel and sums each pixel's channels'
+kernel rows in a register tile before adding them into dx. Any shape takes them. The layout copies too: into
+padded channels-last buffers (`_pad_rows`, `_pad_channels_last`, `_pack_channels_last`), into zero-bordered NCHW
+planes (`_pad_planes`, the column tiles' and padded_nchw's, which can also spread a 2x2 average pool's gradient on
+the way) and back to NCHW (`_channels_first`).
 
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
 """
@@ -30,6 +29,12 @@ LISTED_GRAD_LANES = TILE_BITS // 32
 # bytes of input rows a band of the weight gradient reads over and over: about an L1 data cache; bands of 1 to 16
 # pooled rows timed on VGG's and mnist-cnn's layers were fastest at this size (docs/kernels.md)
 LISTED_BAND_BYTES = 48 * 1024
+
+
+@njit(inline="always")
+def _through_relu(g, pooled, zero):
+    """The lists' ReLU select: g where pooled > 0 or NaN, else zero (g loaded first: behind a branch it waited)."""
+    return g if (pooled > zero) | (pooled != pooled) else zero
 
 
 def _make_pooled_grad_lists():
@@ -64,8 +69,7 @@ def _make_pooled_grad_lists():
                         window = (2 * pi * width + 2 * pj) * channels
                         gs, ps, ws = g_image[pi, pj, k:], pooled_image[pi, pj, k:], arg_image[pi, pj, k:]
                         for q in range(4):  # a constant trip count: unrolled, the counts and sums in registers
-                            g, p = gs[q], ps[q]
-                            g = g if (p > zero) | (p != p) else zero
+                            g = _through_relu(gs[q], ps[q], zero)
                             count = group_counts[q]
                             value_rows[q, count], offset_rows[q, count] = g, window + corners[ws[q]]
                             group_counts[q] = count + np.uint64(g != zero)
@@ -78,8 +82,7 @@ def _make_pooled_grad_lists():
                 total = zero
                 for pi in range(p_half):
                     for pj in range(q_half):
-                        g, p = g_image[pi, pj, k], pooled_image[pi, pj, k]
-                        g = g if (p > zero) | (p != p) else zero
+                        g = _through_relu(g_image[pi, pj, k], pooled_image[pi, pj, k], zero)
                         values_k[count] = g
                         offsets_k[count] = (2 * pi * width + 2 * pj) * channels + corners[arg_image[pi, pj, k]]
                         count += g != zero
@@ -174,13 +177,11 @@ def _make_listed_weight_grad(block):
                         cursors[k] = last
                         if last == first:
                             continue
-                        # the band's elements counted from 0 (a loop from 0 needs no test for negative indices)
-                        listed = last - first
+                        listed = last - first  # the band's elements, counted from 0: no negative-index tests
                         band_values, band_offsets = rest_of(value_row, first), rest_of(offset_row, first)
                         for r0 in range(0, r_tiled, rows):
                             for u0 in range(0, tiled, block):
-                                # in and out by block copies: as one loop over three rows of partial, which LLVM
-                                # cannot tell apart, the copies ran scalar (docs/numba.md, trap 4)
+                                # in and out by block copies (one loop over three rows of partial ran scalar: trap 4)
                                 rows_at = (k * r_taps + r0) * span + u0
                                 copy_block(acc, 0, chunk_flat, rows_at, block)
                                 copy_block(acc, block, chunk_flat, rows_at + span, block)
@@ -208,11 +209,10 @@ def _make_listed_weight_grad(block):
                                     for u in range(block):
                                         acc[u] += g * x0[u]
                                 copy_block(chunk_flat, row_at, acc, 0, block)
-                        # values of a row beyond the last whole block, a vector of `lanes` at a time: partial's rows
-                        # are padded to whole vectors (the lanes past S * C add products the caller drops); three
-                        # rows at once, so that each element's multiply-add waits on its row's last, not on the
-                        # element's before it. The lane loop runs to `width`, which is `lanes`: with a constant
-                        # trip count LLVM unrolled it and vectorised the loop over the elements instead (gathers)
+                        # values of a row past the last whole block, a vector of `lanes` at a time (partial's rows
+                        # padded to whole vectors; the lanes past S * C add products the caller drops), three rows at
+                        # once (each multiply-add waits on its row's last, not the element's before). The lane loop
+                        # runs to `width` (= lanes): with a constant trip count LLVM vectorised the elements instead
                         width = min(lanes, span - tiled)
                         for r0 in range(0, r_tiled, rows):
                             for u0 in range(tiled, span, lanes):
