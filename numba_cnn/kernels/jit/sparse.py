@@ -52,7 +52,7 @@ def _make_pooled_grad_lists():
         i.e. where its receptive field starts; sums[n, k] the sum of all of them (the bias gradient's per-image
         terms). Branch-free: every window is written, only the nonzero ones advance the count. Four channels' lists
         are built side by side (four independent chains of counts in a stack tile, where one chain's store address
-        waits on its last count); the rest one at a time. Unsigned counts (no negative-index test to index by)."""
+        waits on its last count, unsigned: no negative-index test to store by); the rest one at a time."""
         n_images, p_half, q_half, n_out = dy.shape
         grouped = n_out - n_out % 4
         corners = _stack_tile(4, np.int64)  # a winner's offset from its window's top left element, by argmax
