@@ -224,8 +224,9 @@ def test_zero_border_rows_skipped_give_the_same_bits(shape, k, kernel, padding):
     y_shape = (x.shape[0], k, h + padding[0] + padding[1] - r + 1, x.shape[3] + padding[2] + padding[3] - kernel[1] + 1)
     skipped, every_row = np.empty(y_shape, np.float32), np.empty(y_shape, np.float32)
     b_tile = columns._bias_tile(bp, rows)
-    correlation(xp, xp.reshape(-1), wt, b_tile, np.float32(-np.inf), padding[0], padding[0] + h, skipped)
-    correlation(xp, xp.reshape(-1), wt, b_tile, np.float32(-np.inf), 0, xp.shape[2], every_row)
+    correlation(xp, xp.reshape(-1), wt, b_tile, np.float32(-np.inf), padding[0], padding[0] + h, skipped,
+                skipped.reshape(-1))
+    correlation(xp, xp.reshape(-1), wt, b_tile, np.float32(-np.inf), 0, xp.shape[2], every_row, every_row.reshape(-1))
     np.testing.assert_array_equal(skipped, every_row)
     reference.assert_close(skipped, reference.conv2d_forward(x, w, b, False, 1, padding), np.float32, "y")
 

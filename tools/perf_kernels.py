@@ -169,7 +169,7 @@ def hottest_regions(counts, start, rows, size, regions=12, width=256):
     return found
 
 
-def report(perf_data, top=12, regions=12):
+def report(perf_data, top=12, regions=12, function=None):
     text = subprocess.run(["perf", "script", "-i", str(perf_data), "-F", "pid,ip,sym"], capture_output=True,
                           text=True, check=True).stdout
     counts, symbols, pids = samples_by_address(text)
@@ -188,13 +188,16 @@ def report(perf_data, top=12, regions=12):
             address, size = int(address, 16), int(size, 16)
             samples = sum(n for a, n in counts.items() if address <= a < address + size)
             mapped.append((samples, address, size, name, code_dir / f"{address:x}.bin"))
+    if function is not None:  # the hottest of the mapped functions whose name holds `function`
+        mapped = [m for m in mapped if function in m[3]]
     best = max(mapped, default=None)
     if best is None or not best[0] or not best[4].is_file() or not shutil.which("objdump"):
         print("no function mapped by `run` holds a sample (or no objdump): nothing to annotate")
         return
     samples, start, size, name, code_file = best
-    print(f"\nthe hottest mapped function, {name[:90]}: {samples} samples ({100 * samples / total:.1f}%); by "
-          f"256-byte stretch of its code, its share of them and the instructions there:")
+    print(f"\nthe hottest mapped function{'' if function is None else f' named *{function}*'}, {name[:90]}: "
+          f"{samples} samples ({100 * samples / total:.1f}%); by 256-byte stretch of its code, its share of them "
+          f"and the instructions there:")
     for offset, share, mix in hottest_regions(counts, start, disassemble(code_file, start), size, regions):
         print(f"  +{offset:#07x} {100 * share:5.1f}%  " + ", ".join(f"{op} {k}" for op, k in mix.most_common(6)))
 
@@ -209,8 +212,9 @@ def main(argv=None):
     rep = sub.add_parser("report", help="the hottest functions and, in the hottest one, its hottest code")
     rep.add_argument("perf_data", type=Path)
     rep.add_argument("--top", type=int, default=12)
+    rep.add_argument("--function", help="annotate the hottest mapped function whose name holds this text")
     args = parser.parse_args(argv)
-    report(args.perf_data, top=args.top)
+    report(args.perf_data, top=args.top, function=args.function)
 
 
 if __name__ == "__main__":

@@ -489,8 +489,8 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
         y = reusable_output((n, p_half, q_half, k), x.dtype)  # channels last, as the next convolution reads it
         argmax = reusable_output(y.shape, np.uint8)
         xp = padded_nchw(x, padding)[:, 0] if any(padding) else x.reshape(n, h, wd)
-        wt = aligned_copy(w.reshape(k, 9).T)
-        _one_channel_pool(xp, wt, b.astype(x.dtype), x.dtype.type(0), y, argmax)
+        wt = aligned_copy(np.concatenate([w.reshape(k, 9).T, b.reshape(1, k)]).astype(x.dtype))  # the bias as row 9
+        _one_channel_pool(xp, wt, x.dtype.type(0), y, argmax)
         return y.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)
     if c == 1 and 2 * q_half <= CONV1_TILE[0] and not any(padding):  # a tile along the columns (_make_conv1_pool)
         note("conv2d_relu_maxpool2d_forward", f"one-channel column tile {CONV1_TILE[0]} x {CONV1_TILE[1]}", macs)

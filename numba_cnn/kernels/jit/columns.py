@@ -59,15 +59,15 @@ def _make_column_correlation(lanes, channels, rows):
 
     @parts_kernel
     @_jit(parallel=False)
-    def column_correlation(part, n_parts, xp, flat, wt, b_tile, floor, row_lo, row_hi, y):
+    def column_correlation(part, n_parts, xp, flat, wt, b_tile, floor, row_lo, row_hi, y, y_flat):
         """y[n,k,i,j] = relu_floor(b[k] + sum_{r,s,c} xp[n,c,i+r,j+s] * wt[k,r,s,c]), y NCHW (N, K, P, Q) with
         P >= the tile's rows; xp C-contiguous NCHW, at least P + R - 1 rows and ceil(Q / lanes) * lanes + S - 1
         columns (zeros past what the sum reads); wt (K padded to the tile's channels, R, S, C); b_tile the bias
         of each of those channels repeated over the tile's rows x lanes (`_bias_tile`); floor 0 for ReLU (NaN
         kept) or -inf for none. The sum runs over wt's C channels (xp may hold more planes). Rows of xp outside
         [row_lo, row_hi) are zeros and wt finite: a kernel row whose tile reads only such rows is skipped (its
-        products are zeros, which leave every sum as it was). flat: xp.reshape(-1), made by the caller: reshaped
-        in the task, LLVM kept the tile in memory, not in registers (docs/numba.md)."""
+        products are zeros, which leave every sum as it was). flat, y_flat: xp.reshape(-1) and y.reshape(-1), made
+        by the caller: reshaped in the task, LLVM kept the tile in memory, not in registers (docs/numba.md)."""
         n_images, n_planes, x_rows, x_cols = xp.shape
         n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
         k_padded, r_taps, s_taps, n_in = wt.shape
@@ -158,13 +158,17 @@ def _make_column_correlation(lanes, channels, rows):
                                                 acc[(4 * rows + 3) * lanes + lane] += a3 * w4
                                                 acc[(5 * rows + 2) * lanes + lane] += a2 * w5
                                                 acc[(5 * rows + 3) * lanes + lane] += a3 * w5
+                        # y through flat offsets: a view of it per row (y[n, k, i, j0:]) took a reference to y's
+                        # memory and gave it back, two calls of numba's runtime whose atomic counts every thread
+                        # updated at once, and cost more than the multiply-adds of a small layer's tile
                         for kk in range(min(channels, n_out - k0)):
                             for rr in range(rows):
-                                y_seg = y[n, k0 + kk, i0 + rr, j0:]
+                                y_at = np.uint64(((n * n_out + k0 + kk) * p_out + i0 + rr) * q_out + j0)
                                 at = np.uint64((kk * rows + rr) * lanes)  # unsigned: a signed sum gathered (trap 19)
                                 for lane in range(width):
                                     v = acc[at + np.uint64(lane)]
-                                    y_seg[lane] = floor if v < floor else v  # ReLU keeps NaN: NaN < 0 is false
+                                    # ReLU keeps NaN: NaN < 0 is false
+                                    y_flat[y_at + np.uint64(lane)] = floor if v < floor else v
 
     return column_correlation
 
@@ -358,7 +362,8 @@ def column_forward(x, w, b, relu, padding):
     y = reusable_output((n, k, p, q), x.dtype)
     # the padding's rows are skipped where that changes nothing: an inf weight makes NaN of them in the contract's sum
     rows_read = (top, top + h) if np.isfinite(wt).all() else (0, xp.shape[2])
-    correlation(xp, xp.reshape(-1), wt, _bias_tile(bp, rows), x.dtype.type(0 if relu else -np.inf), *rows_read, y)
+    correlation(xp, xp.reshape(-1), wt, _bias_tile(bp, rows), x.dtype.type(0 if relu else -np.inf), *rows_read, y,
+                y.reshape(-1))
     return y
 
 
@@ -401,5 +406,5 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     wf[:c] = w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)
     dx = reusable_output(x.shape, x.dtype)
     dx_correlation(dyp, dyp.reshape(-1), wf, _bias_tile(np.zeros(wf.shape[0], x.dtype), dx_rows),
-                   x.dtype.type(-np.inf), row_off, row_off + p, dx)
+                   x.dtype.type(-np.inf), row_off, row_off + p, dx, dx.reshape(-1))
     return dx, dw, db

@@ -26,7 +26,8 @@ import math
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from numba_cnn.kernels._numba_ext import TILE_BITS, call_gemm, jit as _jit, part_range, parts_kernel, tile_allocator
+from numba_cnn.kernels._numba_ext import (TILE_BITS, call_gemm, jit as _jit, part_range, parts_kernel, rest_of,
+                                          tile_allocator)
 from numba_cnn.kernels import layers as numpy_layers
 from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.blas import gemm_address
@@ -238,38 +239,45 @@ def dropout_backward(dy, mask):
     return dx
 
 
-# The dense forward's register tile: DENSE_ROWS rows of x (spelled out in the kernel) x two vectors of outputs, 12
-# accumulators, the shape of BLIS's sgemm micro-kernels for AVX2 (6 x 16)
-DENSE_ROWS, DENSE_LANES = 6, 2 * TILE_BITS // 32
+# The dense forward's register tile: DENSE_ROWS rows of x (spelled out in the kernel) x two vectors of outputs. Six
+# rows on AVX-512 (12 accumulators of its 32 registers); five on AVX2, whose 16 registers hold 10 accumulators, the
+# rows' 5 broadcasts and a vector of w: with six, LLVM loads all six broadcasts before the multiply-adds and spills
+# accumulators to the stack inside the loop (docs/kernels.md)
+DENSE_ROWS, DENSE_LANES = 6 if TILE_BITS >= 512 else 5, 2 * TILE_BITS // 32
 
 
-def _make_dense_forward(lanes):
-    tile = DENSE_ROWS * lanes
+def _make_dense_forward(rows, lanes):
+    tile = rows * lanes
     _stack_tile = tile_allocator()
 
     @parts_kernel
     @_jit(parallel=False)
-    def dense_forward(part, n_parts, x, w, b, y):
-        """y[n, m] = sum over d of x[n, d] * w[d, m], d in order, then + b[m]: tasks of DENSE_ROWS rows x `lanes`
-        outputs (x at least DENSE_ROWS rows; the last row block overlaps the one before and stores only its new
-        rows), each step one broadcast per row and one load of w's `lanes` values for 12 vector FMAs. w's columns
-        are y's padded with zeros to a multiple of `lanes`."""
+    def dense_forward(part, n_parts, x, panels, b, y):
+        """y[n, m] = sum over d of x[n, d] * w[d, m], d in order, then + b[m]: tasks of `rows` (5 or 6) rows x
+        `lanes` outputs (x at least `rows` rows; the last row block overlaps the one before and stores only its new
+        rows), each step one broadcast per row and one load of w's `lanes` values for 2 x `rows` vector FMAs.
+        panels[c] holds w[:, c * lanes:(c + 1) * lanes] (y's columns padded with zeros to a multiple of `lanes`)
+        row after row: a task reads its w as one stream, not one line every w.shape[1] values, whose lines fall in
+        a few of L1's sets and evict each other."""
         n_rows, depth = x.shape
         n_out = y.shape[1]
-        n_row_blocks = (n_rows + DENSE_ROWS - 1) // DENSE_ROWS
+        n_row_blocks = (n_rows + rows - 1) // rows
         n_col_blocks = (n_out + lanes - 1) // lanes
         # a block of outputs' tasks in a row (one part's share is contiguous): its w stays in cache
         for task in part_range(part, n_parts, n_row_blocks * n_col_blocks):
-            j0 = (task // n_row_blocks) * lanes
-            first = (task % n_row_blocks) * DENSE_ROWS
-            r0 = min(first, n_rows - DENSE_ROWS)
+            column_block = task // n_row_blocks
+            j0 = column_block * lanes
+            first = (task % n_row_blocks) * rows
+            r0 = min(first, n_rows - rows)
             width = min(lanes, n_out - j0)
             acc = _stack_tile(tile, x.dtype)
             for u in range(tile):
                 acc[u] = 0
-            x0, x1, x2, x3, x4, x5 = x[r0], x[r0 + 1], x[r0 + 2], x[r0 + 3], x[r0 + 4], x[r0 + 5]
+            panel = panels[column_block]
+            # a five-row tile reads its fifth row again as the sixth, whose sums the constant test below drops
+            x0, x1, x2, x3, x4, x5 = x[r0], x[r0 + 1], x[r0 + 2], x[r0 + 3], x[r0 + 4], x[r0 + rows - 1]
             for d in range(depth):
-                w_seg = w[d, j0:]
+                w_seg = rest_of(panel, d * lanes)
                 a0, a1, a2, a3, a4, a5 = x0[d], x1[d], x2[d], x3[d], x4[d], x5[d]
                 # the tile's body in the lane loop, which LLVM vectorises whole (docs/numba.md)
                 for lane in range(lanes):
@@ -279,8 +287,9 @@ def _make_dense_forward(lanes):
                     acc[2 * lanes + lane] += a2 * w_l
                     acc[3 * lanes + lane] += a3 * w_l
                     acc[4 * lanes + lane] += a4 * w_l
-                    acc[5 * lanes + lane] += a5 * w_l
-            for r in range(first - r0, DENSE_ROWS):
+                    if rows == 6:
+                        acc[5 * lanes + lane] += a5 * w_l
+            for r in range(first - r0, rows):
                 y_row = y[r0 + r, j0:]
                 for u in range(width):
                     y_row[u] = acc[r * lanes + u] + b[j0 + u]
@@ -288,11 +297,11 @@ def _make_dense_forward(lanes):
     return dense_forward
 
 
-_dense_forward = _make_dense_forward(DENSE_LANES)
+_dense_forward = _make_dense_forward(DENSE_ROWS, DENSE_LANES)
 # one vector of outputs per task, for layers with at most that many (a classifier's 10 on AVX-512, where the wide
 # tile's two vectors would be more than two thirds padding)
 DENSE_NARROW_LANES = TILE_BITS // 32
-_dense_forward_narrow = _make_dense_forward(DENSE_NARROW_LANES)
+_dense_forward_narrow = _make_dense_forward(DENSE_ROWS, DENSE_NARROW_LANES)
 
 
 def dense_forward(x, w, b):
@@ -310,10 +319,12 @@ def dense_forward(x, w, b):
         note("dense_forward", "numpy's matmul (one-thread BLAS)", macs)
         return numpy_layers.dense_forward(x, w, b)
     note("dense_forward", f"register tile {DENSE_ROWS} rows x {lanes} lanes", macs)
-    w_padded = np.ascontiguousarray(pad_width(w, round_up(n_out, lanes), axis=1))
+    n_panels = round_up(n_out, lanes) // lanes
+    panels = pad_width(w, n_panels * lanes, axis=1).reshape(depth, n_panels, lanes).transpose(1, 0, 2)
+    panels = np.ascontiguousarray(panels).reshape(n_panels, depth * lanes)
     x_rows = np.ascontiguousarray(pad_width(x, DENSE_ROWS, axis=0))  # the tile reads whole blocks of rows
     y = np.empty((x_rows.shape[0], n_out), x.dtype)
-    (_dense_forward if lanes == DENSE_LANES else _dense_forward_narrow)(x_rows, w_padded, np.ascontiguousarray(b), y)
+    (_dense_forward if lanes == DENSE_LANES else _dense_forward_narrow)(x_rows, panels, np.ascontiguousarray(b), y)
     return y if n_rows >= DENSE_ROWS else y[:n_rows].copy()
 
 

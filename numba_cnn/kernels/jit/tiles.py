@@ -435,37 +435,38 @@ def _make_conv1_pool(columns, channels):
 
 
 @njit(inline="always")  # inlined into the calling kernel in numba IR, where `at` is a constant
-def _taps3x3(xs, at, bias, w0, w1, w2, w3, w4, w5, w6, w7, w8, lane):
-    """bias + the 3 x 3 products of a 4 x 4 patch xs (row-major) from offset `at` with the taps' weights at `lane`,
-    in (r, s) order: as the correlation tiles sum them, so the same bits."""
-    return (bias + xs[at] * w0[lane] + xs[at + 1] * w1[lane] + xs[at + 2] * w2[lane] + xs[at + 4] * w3[lane]
-            + xs[at + 5] * w4[lane] + xs[at + 6] * w5[lane] + xs[at + 8] * w6[lane] + xs[at + 9] * w7[lane]
-            + xs[at + 10] * w8[lane])
+def _taps3x3(xs, at, taps, lanes, lane):
+    """taps[9 * lanes + lane] (the bias) + the 3 x 3 products of a 4 x 4 patch xs (row-major) from offset `at` with
+    the taps' weights taps[t * lanes + lane], in (r, s) order: as the correlation tiles sum them, so the same bits."""
+    return (taps[9 * lanes + lane] + xs[at] * taps[lane] + xs[at + 1] * taps[lanes + lane]
+            + xs[at + 2] * taps[2 * lanes + lane] + xs[at + 4] * taps[3 * lanes + lane]
+            + xs[at + 5] * taps[4 * lanes + lane] + xs[at + 6] * taps[5 * lanes + lane]
+            + xs[at + 8] * taps[6 * lanes + lane] + xs[at + 9] * taps[7 * lanes + lane]
+            + xs[at + 10] * taps[8 * lanes + lane])
 
 
 def _make_one_channel_pool(lanes):
     """Fused 3x3 correlation + ReLU + 2x2 max-pooling for one input channel with the output channels in the lanes:
     a pooling window's four conv outputs need the 16 inputs of its 4 x 4 patch, each a broadcast, and 36 FMAs on
-    each vector of channels; the pooled values and argmax are stored channels-last as they come, a vector at a
-    time. (Lanes along the columns, `_make_conv1_pool`, transpose every pooled row on the way out.)"""
-    _stack_tile = tile_allocator()
+    each vector of channels, its pooled values and argmax stored channels-last, a vector at a time."""
+    _stack_tile, n_taps = tile_allocator(), 10 * lanes  # n_taps: a vector step's 9 taps' weights and bias
 
     @parts_kernel
     @_jit(parallel=False)
-    def one_channel_pool(part, n_parts, x, wt, b, zero, y, argmax):
-        """y[n, i, j, k], argmax[n, i, j, k] (channels last, K a multiple of `lanes`) = pool(relu(b[k] + sum_{r,s}
-        x[n, 2i + a + r, 2j + b + s] * wt[3r + s, k])) over the window's positions (a, b); x (N, H, W) holding the
-        padding; wt (9, K)."""
+    def one_channel_pool(part, n_parts, x, wt, zero, y, argmax):
+        """y[n, i, j, k], argmax[n, i, j, k] (channels last, K a multiple of `lanes`) = pool(relu(wt[9, k] + sum
+        over r, s of x[n, 2i + a + r, 2j + b + s] * wt[3r + s, k])) over the window's positions (a, b); x (N, H, W)
+        holding the padding. Its lane loop touches stack tiles only: on arrays, LLVM tested overlaps every window."""
         n_images = x.shape[0]
         p_half, q_half, n_out = y.shape[1], y.shape[2], y.shape[3]
         for n in part_range(part, n_parts, n_images):
             xs = _stack_tile(16, x.dtype)
+            taps = _stack_tile(n_taps, x.dtype)
+            best_tile, where_tile = _stack_tile(lanes, y.dtype), _stack_tile(lanes, argmax.dtype)
             image = x[n]
             for k0 in range(0, n_out, lanes):
-                w0, w1, w2 = wt[0, k0:], wt[1, k0:], wt[2, k0:]
-                w3, w4, w5 = wt[3, k0:], wt[4, k0:], wt[5, k0:]
-                w6, w7, w8 = wt[6, k0:], wt[7, k0:], wt[8, k0:]
-                b_k = b[k0:]
+                for t in range(10):
+                    copy_block(taps, t * lanes, wt[t], k0, lanes)
                 for pi in range(p_half):
                     rows = image[2 * pi:]
                     for pj in range(q_half):
@@ -473,20 +474,18 @@ def _make_one_channel_pool(lanes):
                             row = rows[a, 2 * pj:]
                             for c in range(4):
                                 xs[4 * a + c] = row[c]
-                        y_seg, arg_seg = y[n, pi, pj, k0:], argmax[n, pi, pj, k0:]
                         for l in range(lanes):
-                            bias = b_k[l]
-                            v0 = _taps3x3(xs, 0, bias, w0, w1, w2, w3, w4, w5, w6, w7, w8, l)
-                            v1 = _taps3x3(xs, 1, bias, w0, w1, w2, w3, w4, w5, w6, w7, w8, l)
-                            v2 = _taps3x3(xs, 4, bias, w0, w1, w2, w3, w4, w5, w6, w7, w8, l)
-                            v3 = _taps3x3(xs, 5, bias, w0, w1, w2, w3, w4, w5, w6, w7, w8, l)
+                            v0 = _taps3x3(xs, 0, taps, lanes, l)
+                            v1 = _taps3x3(xs, 1, taps, lanes, l)
+                            v2 = _taps3x3(xs, 4, taps, lanes, l)
+                            v3 = _taps3x3(xs, 5, taps, lanes, l)
                             v0 = zero if v0 < zero else v0  # ReLU; NaN < 0 is false: NaN stays
                             v1 = zero if v1 < zero else v1
                             v2 = zero if v2 < zero else v2
                             v3 = zero if v3 < zero else v3
-                            best, where = _pool_window(v0, v1, v2, v3)
-                            y_seg[l] = best
-                            arg_seg[l] = where
+                            best_tile[l], where_tile[l] = _pool_window(v0, v1, v2, v3)
+                        copy_block(y[n, pi, pj], k0, best_tile, 0, lanes)
+                        copy_block(argmax[n, pi, pj], k0, where_tile, 0, lanes)
 
     return one_channel_pool
 
