@@ -54,3 +54,11 @@ def test_samples_fall_in_the_stretches_of_a_function():
     regions = perf_kernels.hottest_regions(counts, start, rows, 512)
     assert [(offset, share) for offset, share, _ in regions] == [(0, 0.75), (256, 0.25)]
     assert regions[0][2] == {"vaddps": 64} and regions[1][2] == {"vmovss": 64}
+
+
+def test_the_function_annotated_is_the_hottest_whose_name_holds_the_text():
+    mapped = [(50, 0x1000, 64, "winograd_task", "a.bin"), (20, 0x2000, 64, "one_channel_pool", "b.bin"),
+              (30, 0x3000, 64, "one_channel_pool_backward", "c.bin")]
+    assert perf_kernels.function_to_annotate(mapped)[3] == "winograd_task"
+    assert perf_kernels.function_to_annotate(mapped, "one_channel")[3] == "one_channel_pool_backward"
+    assert perf_kernels.function_to_annotate(mapped, "listed") is None

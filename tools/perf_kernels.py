@@ -169,6 +169,12 @@ def hottest_regions(counts, start, rows, size, regions=12, width=256):
     return found
 
 
+def function_to_annotate(mapped, function=None):
+    """Of mapped [(samples, address, size, name, code file)], the one with the most samples whose name holds
+    `function` (any name if None) -> that tuple, or None."""
+    return max((m for m in mapped if function is None or function in m[3]), default=None)
+
+
 def report(perf_data, top=12, regions=12, function=None):
     text = subprocess.run(["perf", "script", "-i", str(perf_data), "-F", "pid,ip,sym"], capture_output=True,
                           text=True, check=True).stdout
@@ -188,9 +194,7 @@ def report(perf_data, top=12, regions=12, function=None):
             address, size = int(address, 16), int(size, 16)
             samples = sum(n for a, n in counts.items() if address <= a < address + size)
             mapped.append((samples, address, size, name, code_dir / f"{address:x}.bin"))
-    if function is not None:  # the hottest of the mapped functions whose name holds `function`
-        mapped = [m for m in mapped if function in m[3]]
-    best = max(mapped, default=None)
+    best = function_to_annotate(mapped, function)
     if best is None or not best[0] or not best[4].is_file() or not shutil.which("objdump"):
         print("no function mapped by `run` holds a sample (or no objdump): nothing to annotate")
         return

@@ -21,7 +21,7 @@ planes. Host side and kernels in one self-contained file (Numba's cache sees eve
 import numpy as np
 
 from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, copy_block, jit as _jit, part_range, parts_kernel,
-                                           tile_allocator)
+                                           rest_of, tile_allocator)
 from numba_cnn.kernels.jit.buffers import aligned_copy, padded_channels_last, reusable_output, scratch
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
@@ -187,15 +187,16 @@ def _make_narrow_weight_grad(lanes, taps):
                             for l in range(lanes):
                                 total[l] = sum_row[l]
                             for i in range(p_out):
-                                x_row = xp[n, i + r]
+                                # rows, not a slice per pixel: three slices a pixel, each start tested and clamped,
+                                # had more instructions than its 9 FMAs on a 16-register target (docs/numba.md)
+                                x_row, dy_row, y_row = xp[n, i + r], dy[n, i], relu_y[n, i]
                                 for j in range(q_out):
-                                    dy_px, y_px = dy[n, i, j, k0:k0 + lanes], relu_y[n, i, j, k0:k0 + lanes]
-                                    x_seg = x_row[j * channels + first:]
+                                    x_seg = rest_of(x_row, j * channels + first)
                                     for t in range(taps):
                                         xs[t] = x_seg[t]
                                     for l in range(lanes):  # one loop over the lanes, the taps inside: it vectorises
                                         # loaded whatever the ReLU says, then selected (a branch would mispredict)
-                                        value, y_value = dy_px[l], y_px[l]
+                                        value, y_value = dy_row[j, k0 + l], y_row[j, k0 + l]
                                         g = zero if select and y_value <= zero else value
                                         total[l] += g if summing else zero
                                         for t in range(taps):
