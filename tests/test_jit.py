@@ -349,7 +349,12 @@ _OTHER_TILES_PROBE = """
                                        x, w, True, 1, (0, 0, 0, 0))
         for got, want in zip(fused, composed):
             reference.assert_close(got, want, np.float32, "fused grad")
-    print("ok")
+    from numba_cnn.kernels.jit import layers as jit_layers
+    for n, d, m in ((13, 40, 50), (7, 1100, 10), (130, 400, 120)):  # the dense forward's 6-row tile
+        x, w, b = (rng.standard_normal(shape).astype(np.float32) for shape in ((n, d), (d, m), (m,)))
+        want = x.astype(np.float64) @ w.astype(np.float64) + b
+        reference.assert_close(jit_layers.dense_forward(x, w, b), want, np.float32, "dense y")
+    print("ok", jit_layers.DENSE_ROWS)
 """
 
 
@@ -361,7 +366,7 @@ def test_avx512_tile_constants_compute_the_same_results(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CNN_TILE_BITS="512")
     result = _run_python(_OTHER_TILES_PROBE, env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[0] == "(32, 7) (64, 4) 64 (32, 6)" and "ok" in result.stdout, result.stdout
+    assert result.stdout.split("\n")[0] == "(32, 7) (64, 4) 64 (32, 6)" and "ok 6" in result.stdout, result.stdout
 
 
 def test_outputs_are_fresh_without_an_arena_and_owned_by_the_arena_within_one():
