@@ -22,7 +22,7 @@ import numpy as np
 
 from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, copy_block, jit as _jit, part_range, parts_kernel,
                                            rest_of, tile_allocator)
-from numba_cnn.kernels.jit.buffers import aligned_copy, padded_channels_last, reusable_output, scratch
+from numba_cnn.kernels.jit.buffers import aligned_copy, nhwc, padded_channels_last, reusable_output, scratch
 from numba_cnn.kernels.jit.paths import note
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
 
@@ -89,9 +89,12 @@ def narrow_weight_grad(dy, relu_y, x, w, padding):
     dwt = scratch("narrow.dw", (chunks, r, span, k), dy.dtype)
     dbt = scratch("narrow.db", (chunks, k), dy.dtype)
     select = relu_y is not None
-    dy_px = dy.transpose(0, 2, 3, 1)
-    _narrow_weight_grad(_padded_rows(x, padding), dy_px, relu_y.transpose(0, 2, 3, 1) if select else dy_px, select,
-                        c, dy.dtype.type(0), dwt, dbt)
+    def pixel_rows(a):  # (N, P, Q * K): a view of channels-last a, else a compiled channels-last copy
+        return nhwc(a).reshape(n, p, q * k)
+
+    dy_px = pixel_rows(dy)
+    _narrow_weight_grad(_padded_rows(x, padding), dy_px, pixel_rows(relu_y) if select else dy_px, select, c,
+                        dy.dtype.type(0), dwt, dbt)
     dw = dwt[0] if chunks == 1 else dwt.sum(axis=0)  # the chunks in order
     db = dbt[0].copy() if chunks == 1 else dbt.sum(axis=0)
     return np.ascontiguousarray(dw.reshape(r, s, c, k).transpose(3, 2, 0, 1)), db
@@ -154,12 +157,12 @@ def _make_narrow_weight_grad(lanes, taps):
         """dwt[h, r, u, k] = sum over the images n of chunk h (dwt.shape[0] contiguous chunks of the batch) and the
         pixels (i, j) of g[n, i, j, k] * xp[n, i + r, j * C + u], u = s * C + c (C = channels); dbt[h, k] the
         chunk's sum of g (images, then pixels in order). g = dy, or with select the ReLU's select `0 if relu_y <= 0
-        else dy` (as layers.relu_backward); dy and relu_y indexed (N, P, Q, K) (views of either layout), xp as
-        `_narrow_forward` reads it. K a multiple of `lanes`, S * C >= taps (the last tile of a row overlaps the one
-        before; its overlapped taps are stored by that one)."""
+        else dy` (as layers.relu_backward); dy and relu_y C-contiguous (N, P, Q * K), a pixel's K values together;
+        xp as `_narrow_forward` reads it. K a multiple of `lanes`, S * C >= taps (the last tile of a row overlaps
+        the one before; its overlapped taps are stored by that one)."""
         n_images = xp.shape[0]
         n_chunks, r_taps, span, n_out = dwt.shape
-        p_out, q_out = dy.shape[1], dy.shape[2]
+        p_out, q_out = dy.shape[1], dy.shape[2] // n_out
         for h in part_range(part, n_parts, n_chunks):
             acc = _stack_tile(tile, xp.dtype)
             xs = _stack_tile(taps, xp.dtype)
@@ -187,16 +190,17 @@ def _make_narrow_weight_grad(lanes, taps):
                             for l in range(lanes):
                                 total[l] = sum_row[l]
                             for i in range(p_out):
-                                # rows, not a slice per pixel: three slices a pixel, each start tested and clamped,
-                                # had more instructions than its 9 FMAs on a 16-register target (docs/numba.md)
+                                # rest_of, not a slice per pixel: three slices a pixel, each start tested and
+                                # clamped, had more instructions than its 9 FMAs on a 16-register target (trap 22)
                                 x_row, dy_row, y_row = xp[n, i + r], dy[n, i], relu_y[n, i]
                                 for j in range(q_out):
                                     x_seg = rest_of(x_row, j * channels + first)
+                                    dy_px, y_px = rest_of(dy_row, j * n_out + k0), rest_of(y_row, j * n_out + k0)
                                     for t in range(taps):
                                         xs[t] = x_seg[t]
                                     for l in range(lanes):  # one loop over the lanes, the taps inside: it vectorises
                                         # loaded whatever the ReLU says, then selected (a branch would mispredict)
-                                        value, y_value = dy_row[j, k0 + l], y_row[j, k0 + l]
+                                        value, y_value = dy_px[l], y_px[l]
                                         g = zero if select and y_value <= zero else value
                                         total[l] += g if summing else zero
                                         for t in range(taps):
