@@ -128,7 +128,7 @@ def _make_narrow_forward(lanes, columns):
                         for r in range(r_taps):
                             x_row = xp[n, i + r, j0 * channels:]
                             for u in range(span):
-                                w_vec = wt[r, u, k0:k0 + lanes]
+                                w_vec = rest_of(wt[r, u], k0)  # a slice here was tested and clamped (trap 22)
                                 for jj in range(columns):
                                     xs[jj] = x_row[jj * channels + u]
                                 for k in range(lanes):
