@@ -159,8 +159,8 @@ def _make_column_correlation(lanes, channels, rows):
                                                 acc[(5 * rows + 2) * lanes + lane] += a2 * w5
                                                 acc[(5 * rows + 3) * lanes + lane] += a3 * w5
                         # y through flat offsets: a view of it per row (y[n, k, i, j0:]) took a reference to y's
-                        # memory and gave it back, two calls of numba's runtime whose atomic counts every thread
-                        # updated at once, and cost more than the multiply-adds of a small layer's tile
+                        # memory and gave it back, two calls of numba's runtime with the live vector registers saved
+                        # around them, more than the multiply-adds of a small layer's tile (docs/numba.md, trap 24)
                         for kk in range(min(channels, n_out - k0)):
                             for rr in range(rows):
                                 y_at = np.uint64(((n * n_out + k0 + kk) * p_out + i0 + rr) * q_out + j0)

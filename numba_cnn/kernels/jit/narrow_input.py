@@ -89,6 +89,7 @@ def narrow_weight_grad(dy, relu_y, x, w, padding):
     dwt = scratch("narrow.dw", (chunks, r, span, k), dy.dtype)
     dbt = scratch("narrow.db", (chunks, k), dy.dtype)
     select = relu_y is not None
+
     def pixel_rows(a):  # (N, P, Q * K): a view of channels-last a, else a compiled channels-last copy
         return nhwc(a).reshape(n, p, q * k)
 
@@ -128,7 +129,7 @@ def _make_narrow_forward(lanes, columns):
                         for r in range(r_taps):
                             x_row = xp[n, i + r, j0 * channels:]
                             for u in range(span):
-                                w_vec = rest_of(wt[r, u], k0)  # a slice here was tested and clamped (trap 22)
+                                w_vec = rest_of(wt[r, u], k0)  # a slice was tested and clamped (docs/numba.md, trap 22)
                                 for jj in range(columns):
                                     xs[jj] = x_row[jj * channels + u]
                                 for k in range(lanes):
@@ -191,7 +192,7 @@ def _make_narrow_weight_grad(lanes, taps):
                                 total[l] = sum_row[l]
                             for i in range(p_out):
                                 # rest_of, not a slice per pixel: three slices a pixel, each start tested and
-                                # clamped, had more instructions than its 9 FMAs on a 16-register target (trap 22)
+                                # clamped, outnumbered its 9 FMAs on a 16-register target (docs/numba.md, trap 25)
                                 x_row, dy_row, y_row = xp[n, i + r], dy[n, i], relu_y[n, i]
                                 for j in range(q_out):
                                     x_seg = rest_of(x_row, j * channels + first)
