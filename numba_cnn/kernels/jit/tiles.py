@@ -449,7 +449,7 @@ def _make_one_channel_pool(lanes):
     """Fused 3x3 correlation + ReLU + 2x2 max-pooling for one input channel with the output channels in the lanes:
     a pooling window's four conv outputs need the 16 inputs of its 4 x 4 patch, each a broadcast, and 36 FMAs on
     each vector of channels, its pooled values and argmax stored channels-last, a vector at a time."""
-    _stack_tile, n_taps = tile_allocator(), 10 * lanes  # n_taps: a vector step's 9 taps' weights and bias
+    _stack_tile, tap_values = tile_allocator(), 10 * lanes  # a vector step's 9 taps' weights and its bias
 
     @parts_kernel
     @_jit(parallel=False)
@@ -461,7 +461,7 @@ def _make_one_channel_pool(lanes):
         p_half, q_half, n_out = y.shape[1], y.shape[2], y.shape[3]
         for n in part_range(part, n_parts, n_images):
             xs = _stack_tile(16, x.dtype)
-            taps = _stack_tile(n_taps, x.dtype)
+            taps = _stack_tile(tap_values, x.dtype)
             best_tile, where_tile = _stack_tile(lanes, y.dtype), _stack_tile(lanes, argmax.dtype)
             image = x[n]
             for k0 in range(0, n_out, lanes):
