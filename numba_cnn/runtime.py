@@ -47,14 +47,17 @@ def default_threads():
     """All CPUs this process may run on, capped by the threads Numba started with."""
     import numba
 
-    return min(len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS)
+    return min(usable_cpus(), numba.config.NUMBA_NUM_THREADS)
+
+
+def usable_cpus():
+    return len(os.sched_getaffinity(0))
 
 
 def set_threads(threads, backend=None):
     """Numba's thread count (`threads`, default all) and BLAS's (the same, or one where `backend`'s info says so)
     for the whole run; returns what the run record should say about them."""
     import numba
-    from threadpoolctl import threadpool_info, threadpool_limits
 
     if check_int_flag("threads", threads, optional=True) is not None:
         if threads > numba.config.NUMBA_NUM_THREADS:
@@ -62,11 +65,19 @@ def set_threads(threads, backend=None):
                                 f"started with (set NUMBA_NUM_THREADS to allow more)")
         numba.set_num_threads(threads)
     blas_threads = 1 if backend is not None and backend.info.blas_threads == "one" else threads
-    if blas_threads is not None:
-        threadpool_limits(blas_threads, user_api="blas")
-    blas = [{"library": i.get("internal_api"), "threads": i.get("num_threads")} for i in threadpool_info()
+    return {"numba_threads": numba.get_num_threads(), "blas": set_blas_threads(blas_threads)}
+
+
+def set_blas_threads(threads):
+    """BLAS's thread count alone (None: leave it), without importing Numba -> what each BLAS library now has.
+    A framework's process in `bench --compare` sets only this: Numba's import would add its memory to the
+    framework's peak, and starting Numba's OpenMP thread pool slows PyTorch's training steps (docs/results.md)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    if threads is not None:
+        threadpool_limits(threads, user_api="blas")
+    return [{"library": i.get("internal_api"), "threads": i.get("num_threads")} for i in threadpool_info()
             if i.get("user_api") == "blas"]
-    return {"numba_threads": numba.get_num_threads(), "blas": blas}
 
 
 def threading_layer():
@@ -101,7 +112,7 @@ def machine_description(threads_record):
     import threadpoolctl
 
     record = machine_record()
-    record["usable_cpus"] = len(os.sched_getaffinity(0))
+    record["usable_cpus"] = usable_cpus()
     record["load_average_1_5_15min"] = os.getloadavg()  # other work on the box, which skews every timing
     record["numba_threading_layer"] = threading_layer() or "none started (no parallel kernel ran)"
     record["threads"] = threads_record

@@ -500,6 +500,7 @@ def test_torch_model_starts_from_our_weights_and_compares_on_any_network():
     entries = {e["contender"]: e for e in report["contenders"]}
     assert list(entries) == ["im2col", "torch:nchw", "torch:channels_last", "torch:flush_denormal"]
     assert all(e["status"] == "ok" for e in entries.values()), entries
+    assert [run["numba_loaded"] for e in entries.values() for run in e["runs"]] == [True, False, False, False]
     torch_best = min((e for name, e in entries.items() if name.startswith("torch")), key=lambda e: e["sec_per_epoch"])
     assert torch_best["vs_torch_best"]["sec_per_epoch"] == 1.0
     ours = entries["im2col"]
@@ -535,6 +536,33 @@ def test_bench_and_baselines_import_neither_torch_nor_keras():
             "print(sorted(m for m in ('torch', 'keras') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_framework_contender_runs_in_a_process_that_never_imports_numba():
+    """Numba's import would count in the framework's peak memory, and its OpenMP pool, once started, is the one
+    PyTorch then runs on: a framework's process limits BLAS only. The framework is a stand-in here (torch may be
+    absent), the harness around it the real one."""
+    code = """
+import sys
+import numpy as np
+from numba_cnn.bench import baselines, compare
+
+class StandIn:
+    version = "stand-in"
+    def __init__(self, name, network, seed, threads):
+        pass
+    def train_step(self, x, y):
+        return 0.0
+    def predict(self, x):
+        return np.zeros(len(x), np.int64)
+
+baselines.make_baseline = StandIn
+out = compare.run_contender("torch:nchw", compare.bench_network().to_dict(), steps=2, batch_size=32,
+                            random_data=True, limit=64)
+print(out["numba_loaded"], "numba" in sys.modules, out["test_accuracy"] >= 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "True"]
 
 
 def test_bench_refuses_an_unwritable_out_folder_before_running(tmp_path, monkeypatch):

@@ -34,7 +34,8 @@ from numba_cnn.kernels import BACKENDS, get_backend
 from numba_cnn.model import Model
 from numba_cnn.network import from_dict
 from numba_cnn.optim import Adam
-from numba_cnn.runtime import default_threads, keep_freed_heap, machine_description, set_threads, sgemm_gflops
+from numba_cnn.runtime import (default_threads, keep_freed_heap, machine_description, set_blas_threads, set_threads,
+                               sgemm_gflops, usable_cpus)
 
 TRAIN_IMAGES = 60_000  # --random-data's sizes: MNIST's
 TEST_IMAGES = 10_000
@@ -163,9 +164,13 @@ def run_contender(name, network, steps=50, warmup_steps=3, batch_size=128, threa
     contender), so that peak_rss_mb is this contender's alone. prepare_only: only compile or load what the
     contender runs (`_prepare`), so that no timed round pays for a compile or measures its memory."""
     network = from_dict(network)
-    threads = default_threads() if threads is None else threads
-    # the same thread settings as `train --backend name`
-    set_threads(threads, None if _is_baseline(name) else get_backend(name))
+    if _is_baseline(name):
+        # a framework's process never imports Numba (set_blas_threads says why); the framework sets its own threads
+        threads = usable_cpus() if threads is None else threads
+        set_blas_threads(threads)
+    else:
+        threads = default_threads() if threads is None else threads
+        set_threads(threads, get_backend(name))  # the same thread settings as `train --backend name`
     keep_freed_heap()  # every contender, frameworks too, with the malloc settings `train` uses
     if prepare_only:
         return _prepare(name, network)
@@ -206,6 +211,7 @@ def run_contender(name, network, steps=50, warmup_steps=3, batch_size=128, threa
     out["inference_s"] = eval_s
     out["inference_img_per_s"] = len(x_test) / eval_s
     out["peak_rss_mb"] = peak_rss_mb()
+    out["numba_loaded"] = "numba" in sys.modules
     out["load_average_1min"] = os.getloadavg()[0]
     return out
 
