@@ -445,6 +445,7 @@ def test_compare_our_backend_in_a_subprocess():
         assert run["epoch_images"] == 256 and run["test_images"] == 256
         assert run["sec_per_epoch"] == pytest.approx(run["steps_s"] / 2 * 8)  # 256 / 32 = 8 steps per epoch
         assert 0 < run["rss_after_data_mb"] <= run["peak_rss_mb"]
+        assert run["own_memory_mb"] == run["peak_rss_mb"] - run["rss_after_data_mb"]
         assert run["inference_img_per_s"] == pytest.approx(256 / run["inference_s"])
         assert 0 <= run["test_accuracy"] <= 1 and np.isfinite(run["train_loss"])
     assert entry["sec_per_epoch"] == pytest.approx(np.median([r["sec_per_epoch"] for r in entry["runs"]]))
@@ -459,19 +460,20 @@ def test_compare_our_backend_in_a_subprocess():
 
 
 def test_ratios_take_the_best_setting_of_each_metric():
-    def entry(name, seconds, rate, mb, baseline=True):
+    def entry(name, seconds, rate, mb, own_mb, baseline=True):
         return dict(contender=name, status="ok", sec_per_epoch=seconds, inference_img_per_s=rate, peak_rss_mb=mb,
-                    baseline=baseline)
+                    own_memory_mb=own_mb, baseline=baseline)
 
-    entries = [entry("jit", 5.0, 30_000, 200, baseline=False), entry("torch:nchw", 20.0, 8_000, 700),
-               entry("torch:channels_last", 16.0, 9_000, 800), entry("keras:tensorflow", 10.0, 20_000, 900),
+    entries = [entry("jit", 5.0, 30_000, 200, 100, baseline=False), entry("torch:nchw", 20.0, 8_000, 700, 450),
+               entry("torch:channels_last", 16.0, 9_000, 800, 400), entry("keras:tensorflow", 10.0, 20_000, 900, 500),
                dict(contender="torch:compile", status="FAILED", reason="x")]
     compare._add_ratios(entries)
     jit = entries[0]
     assert jit["vs_torch_best"] == {"sec_per_epoch": 5 / 16, "inference_img_per_s": 30_000 / 9_000,
-                                    "peak_rss_mb": 200 / 700}
+                                    "peak_rss_mb": 200 / 700, "own_memory_mb": 100 / 400}
     assert jit["vs_torch_best_names"]["sec_per_epoch"] == "torch:channels_last"
     assert jit["vs_torch_best_names"]["peak_rss_mb"] == "torch:nchw"
+    assert jit["vs_torch_best_names"]["own_memory_mb"] == "torch:channels_last"  # each metric's best on its own
     assert jit["vs_fastest_framework"]["sec_per_epoch"] == 0.5
     assert jit["vs_fastest_framework_names"]["inference_img_per_s"] == "keras:tensorflow"
 
@@ -584,8 +586,8 @@ def test_compare_gets_compiled_backends_ready_before_the_rounds(monkeypatch):
         if spec.get("prepare_only"):
             return {"contender": spec["name"], "prepare_s": 12.5, "compiled": True}
         return {"contender": spec["name"], "sec_per_epoch": 2.0, "inference_img_per_s": 1000.0, "peak_rss_mb": 200.0,
-                "rss_after_data_mb": 100.0, "warmup_s": 0.5, "test_accuracy": 0.5, "version": "x",
-                "epoch_images": 64, "data_source": "random"}
+                "rss_after_data_mb": 100.0, "own_memory_mb": 100.0, "warmup_s": 0.5, "test_accuracy": 0.5,
+                "version": "x", "epoch_images": 64, "data_source": "random"}
 
     monkeypatch.setattr(compare, "_run_in_subprocess", fake_run)
     report = compare.compare_training(["jit", "im2col"], steps=1, rounds=2, random_data=True, limit=64,

@@ -655,8 +655,8 @@ def figures():
 
 def block_compare_presets():
     """One table per network of docs/results.json's "compare" entries (tools/record_compare.py): seconds per
-    epoch, inference and peak memory of numba_cnn's jit against each framework setting, as the ratios the bench
-    computed in that run."""
+    epoch, inference, peak memory and own memory (the peak less what the process held with only the data loaded)
+    of numba_cnn's jit against each framework setting, as the ratios the bench computed in that run."""
     entries = results().get("compare", {})
     if not entries:
         return para("No comparison recorded yet: run `python tools/record_compare.py` on a `bench --compare` "
@@ -671,8 +671,9 @@ def block_compare_presets():
                    f"`{entry['command']}`; {entry['measure']}, batch {entry['batch_size']}, "
                    f"{entry['threads']} threads, {entry['rounds']} round(s) in turn):")
         out.append("")
-        out.append("| contender | s/epoch | x fastest | inference img/s | x fastest | peak MB | x PyTorch's best |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append("| contender | s/epoch | x fastest | inference img/s | x fastest | peak MB | x PyTorch's best | "
+                   "own MB | x PyTorch's best |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for c in entry["contenders"]:
             fastest, torch_best = c.get("vs_fastest_framework", {}), c.get("vs_torch_best", {})
 
@@ -681,7 +682,8 @@ def block_compare_presets():
 
             out.append(f"| {c['contender']} | {c['sec_per_epoch']:.2f} | {ratio(fastest, 'sec_per_epoch')} | "
                        f"{c['inference_img_per_s']:,.0f} | {ratio(fastest, 'inference_img_per_s')} | "
-                       f"{c['peak_rss_mb']:.0f} | {ratio(torch_best, 'peak_rss_mb')} |")
+                       f"{c['peak_rss_mb']:.0f} | {ratio(torch_best, 'peak_rss_mb')} | "
+                       f"{c['own_memory_mb']:.0f} | {ratio(torch_best, 'own_memory_mb')} |")
         jit = next((c for c in entry["contenders"] if "executed_peak_share" in c), None)
         note = (f"{entry['machine']['cpu']}, {entry['machine']['isa']}, {entry['created_utc'][:10]}; sgemm peak "
                 f"{entry['peak_gflops']:.0f} GFLOP/s in the run.")

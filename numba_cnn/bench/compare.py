@@ -4,7 +4,8 @@ initial weights and the same batches.
 The network is the one `--model` names (bench/networks.py); each contender builds it from its description, the
 baselines through numba_cnn.interop with numba_cnn's own initial weights (model.init_state with the run's seed).
 Each contender (our backends, each PyTorch setting, Keras on each backend) trains in a subprocess of its own, so
-ru_maxrss is that contender's peak memory, on the same batches (one seeded order), batch size and thread count,
+ru_maxrss is that contender's peak memory (and that peak less the memory held once the data is loaded, before
+any framework or Numba is imported, its own), on the same batches (one seeded order), batch size and thread count,
 every one holding the images as uint8 and scaling each batch; contenders take turns round after round and each
 figure is the median over rounds, with its spread. PyTorch's figure is its best setting in the same run, and the
 "fastest framework" is the best of all baselines on each metric. After a few warm-up steps (reported apart, with
@@ -143,6 +144,18 @@ def _make_contender(name, network, seed, threads):
     return NumbaCNNContender(name, network, seed=seed)
 
 
+def _set_contender_threads(name, threads):
+    """The thread settings of `train --backend name` for our backends; BLAS's alone for a framework, whose process
+    never imports Numba (set_blas_threads says why) and which sets its own threads -> the thread count."""
+    if _is_baseline(name):
+        threads = usable_cpus() if threads is None else threads
+        set_blas_threads(threads)
+    else:
+        threads = default_threads() if threads is None else threads
+        set_threads(threads, get_backend(name))
+    return threads
+
+
 def _prepare(name, network):
     """What `train --backend name` does before its first epoch: the backend's precompile (jit: on a cold disk
     cache, its kernels compiled in two processes), then a training step and an inference pass on two images (the
@@ -164,21 +177,17 @@ def run_contender(name, network, steps=50, warmup_steps=3, batch_size=128, threa
     contender), so that peak_rss_mb is this contender's alone. prepare_only: only compile or load what the
     contender runs (`_prepare`), so that no timed round pays for a compile or measures its memory."""
     network = from_dict(network)
-    if _is_baseline(name):
-        # a framework's process never imports Numba (set_blas_threads says why); the framework sets its own threads
-        threads = usable_cpus() if threads is None else threads
-        set_blas_threads(threads)
-    else:
-        threads = default_threads() if threads is None else threads
-        set_threads(threads, get_backend(name))  # the same thread settings as `train --backend name`
     keep_freed_heap()  # every contender, frameworks too, with the malloc settings `train` uses
     if prepare_only:
+        _set_contender_threads(name, threads)
         return _prepare(name, network)
     # Every contender holds uint8 pixels and scales each batch, as numba_cnn.train does: peak memory then
-    # compares the frameworks, not the data format.
+    # compares the frameworks, not the data format. The data comes before any framework (Numba included) is
+    # imported, so that what a contender adds to the memory after it (own_memory_mb) is its own.
     ((x_train, y_train), (x_test, y_test)), source = load_data(network, dataset, data, random_data, seed, limit)
     out = {"contender": name, "data_source": source, "epoch_images": len(x_train), "test_images": len(x_test),
            "rss_after_data_mb": peak_rss_mb()}
+    threads = _set_contender_threads(name, threads)
 
     start = time.perf_counter()
     contender = _make_contender(name, network, seed, threads)
@@ -211,6 +220,7 @@ def run_contender(name, network, steps=50, warmup_steps=3, batch_size=128, threa
     out["inference_s"] = eval_s
     out["inference_img_per_s"] = len(x_test) / eval_s
     out["peak_rss_mb"] = peak_rss_mb()
+    out["own_memory_mb"] = out["peak_rss_mb"] - out["rss_after_data_mb"]
     out["numba_loaded"] = "numba" in sys.modules
     out["load_average_1min"] = os.getloadavg()[0]
     return out
@@ -331,6 +341,7 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), network=Non
                      inference_img_per_s=float(np.median(rates)), inference_img_per_s_range=[min(rates), max(rates)],
                      peak_rss_mb=max(r["peak_rss_mb"] for r in good),
                      rss_after_data_mb=max(r["rss_after_data_mb"] for r in good),
+                     own_memory_mb=max(r["own_memory_mb"] for r in good),
                      warmup_s=[r["warmup_s"] for r in good], test_accuracy=good[-1]["test_accuracy"],
                      version=good[0]["version"], baseline=_is_baseline(entry["contender"]))
         entry["gflops"] = train_flops * good[0]["epoch_images"] / entry["sec_per_epoch"] / 1e9
@@ -364,7 +375,8 @@ def compare_training(contenders=("jit", "im2col", "torch", "keras"), network=Non
 
 
 # per metric: the key and whether more is better
-RATIO_METRICS = (("sec_per_epoch", False), ("inference_img_per_s", True), ("peak_rss_mb", False))
+RATIO_METRICS = (("sec_per_epoch", False), ("inference_img_per_s", True), ("peak_rss_mb", False),
+                 ("own_memory_mb", False))
 
 
 def _add_ratios(entries):
@@ -378,6 +390,8 @@ def _add_ratios(entries):
         if not group:
             continue
         best = {metric: (max if more else min)(group, key=lambda e, m=metric: e[m]) for metric, more in RATIO_METRICS}
+        # a tiny run can add nothing to the memory the data load left (own_memory_mb 0): no ratio to that
+        metrics = [metric for metric, _ in RATIO_METRICS if best[metric][metric] > 0]
         for entry in ok:
-            entry[key] = {metric: entry[metric] / best[metric][metric] for metric, _ in RATIO_METRICS}
-            entry[key + "_names"] = {metric: best[metric]["contender"] for metric, _ in RATIO_METRICS}
+            entry[key] = {metric: entry[metric] / best[metric][metric] for metric in metrics}
+            entry[key + "_names"] = {metric: best[metric]["contender"] for metric in metrics}

@@ -234,26 +234,30 @@ def format_compare_table(report):
              f"in turn, data {s['data']}; s/epoch {s['measure']}; medians over rounds (range), peak memory the "
              f"largest; every contender holds uint8 pixels and scales each batch",
              f"{'contender':<22} {'s/epoch':>7} {'range':>13} {'x torch*':>8} {'x fastest':>9} {'GFLOP/s':>7} "
-             f"{'% peak':>6} {'infer img/s':>11} {'x fastest':>9} {'peak MB':>7} {'x torch*':>8} {'test acc':>8}"]
+             f"{'% peak':>6} {'infer img/s':>11} {'x fastest':>9} {'peak MB':>7} {'x torch*':>8} {'own MB':>6} "
+             f"{'x torch*':>8} {'test acc':>8}"]
     for e in report["contenders"]:
         if e["status"] != "ok":
             lines.append(f"{e['contender']:<22} {e['status']}: {e['reason']}")
             continue
 
         def x(key, metric):
-            return f"{e[key][metric]:.2f}" if key in e else "-"
+            return f"{e[key][metric]:.2f}" if metric in e.get(key, {}) else "-"
 
         low, high = e["sec_per_epoch_range"]
         lines.append(f"{e['contender']:<22} {e['sec_per_epoch']:>7.2f} {f'{low:.2f}-{high:.2f}':>13} "
                      f"{x('vs_torch_best', 'sec_per_epoch'):>8} {x('vs_fastest_framework', 'sec_per_epoch'):>9} "
                      f"{e['gflops']:>7.1f} {100 * e['peak_share']:>5.1f}% {e['inference_img_per_s']:>11.0f} "
                      f"{x('vs_fastest_framework', 'inference_img_per_s'):>9} {e['peak_rss_mb']:>7.0f} "
-                     f"{x('vs_torch_best', 'peak_rss_mb'):>8} {e['test_accuracy']:>8.4f}")
+                     f"{x('vs_torch_best', 'peak_rss_mb'):>8} {e['own_memory_mb']:>6.0f} "
+                     f"{x('vs_torch_best', 'own_memory_mb'):>8} {e['test_accuracy']:>8.4f}")
     best = next((e for e in report["contenders"] if "vs_torch_best_names" in e), None)
     if best is not None:
         torch_names, fastest = best["vs_torch_best_names"], best.get("vs_fastest_framework_names", {})
         lines.append(f"torch* = PyTorch's best setting in this run, per metric: {torch_names['sec_per_epoch']} for "
-                     f"s/epoch, {torch_names['peak_rss_mb']} for memory. fastest = the best framework per metric: "
+                     f"s/epoch, {torch_names['peak_rss_mb']} for memory, {torch_names.get('own_memory_mb', '-')} for own "
+                     f"memory (the peak less what the process held with the data loaded, before any framework or "
+                     f"Numba was imported). fastest = the best framework per metric: "
                      f"{fastest.get('sec_per_epoch', '-')} for s/epoch, {fastest.get('inference_img_per_s', '-')} "
                      f"for inference. Ratios: contender / best (s/epoch, MB: below 1 is better; img/s: above 1).")
     lines.append(f"GFLOP/s: {cal['training_flops_per_image'] / 1e6:.2f} MFLOP per training image (bench's FLOP "
