@@ -23,9 +23,9 @@ from numba_cnn.kernels import BACKENDS  # noqa: E402
 from numba_cnn.network.presets import PRESETS  # noqa: E402
 
 CONTENDER_KEYS = ("contender", "sec_per_epoch", "sec_per_epoch_range", "inference_img_per_s", "peak_rss_mb",
-                  "own_memory_mb", "test_accuracy", "gflops", "peak_share", "executed_flops_per_image", "executed_gflops",
-                  "executed_peak_share", "vs_fastest_framework", "vs_fastest_framework_names", "vs_torch_best",
-                  "vs_torch_best_names", "baseline")
+                  "own_memory_mb", "test_accuracy", "gflops", "peak_share", "executed_flops_per_image",
+                  "executed_gflops", "executed_peak_share", "vs_fastest_framework", "vs_fastest_framework_names",
+                  "vs_torch_best", "vs_torch_best_names", "baseline")
 
 
 def command_of(settings, network_name):
