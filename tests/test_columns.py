@@ -231,6 +231,31 @@ def test_zero_border_rows_skipped_give_the_same_bits(shape, k, kernel, padding):
     reference.assert_close(skipped, reference.conv2d_forward(x, w, b, False, 1, padding), np.float32, "y")
 
 
+def test_the_reported_multiply_adds_count_the_rows_the_kernel_runs():
+    """The multiply-adds the column paths report count the kernel rows each block of output rows runs, not the ones
+    it skips (worked by hand below), nor every tap of every row."""
+    # LeNet's conv2 dx: 14 rows of dx, dy's 10 rows at 4..13 of its 18, 5 kernel rows. Blocks of 2 rows start at 0,
+    # 2, ..., 12 and run kernel rows 3-4, 1-4, 0-4, 0-4, 0-4, 0-3, 0-1: 27 x 2 = 54 of the 70 a dense count has
+    assert columns._row_products(14, 2, 5, 4, 14) == 54
+    # blocks of 4 rows start at 0, 4, 8 and 10 (the last overlapping): kernel rows 1-4, 0-4, 0-4, 0-3: 4 x 18 = 72
+    assert columns._row_products(14, 4, 5, 4, 14) == 72
+    # no border (a valid forward over 14 input rows, 10 output rows) in blocks of 3 at 0, 3, 6, 7: 4 x 3 x 5 = 60
+    assert columns._row_products(10, 3, 5, 0, 14) == 60
+    n, c, k, h = 2, 6, 16, 14
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((n, c, h, h)).astype(np.float32)
+    w = rng.standard_normal((k, c, 5, 5)).astype(np.float32)
+    dy = rng.standard_normal((n, k, 10, 10)).astype(np.float32)
+    _, (_, dx_rows) = columns._correlation_tile(c, h)
+    with PathLog() as log:
+        jit.conv2d_backward(dy, x, w, True, 1, (0, 0, 0, 0))
+    ((_, path, macs),) = log.calls
+    assert path.startswith("column dw tiles"), path
+    dense_dw = n * k * c * 5 * 5 * 10 * 10
+    assert macs == dense_dw + n * c * h * k * 5 * columns._row_products(h, dx_rows, 5, 4, 14)
+    assert macs < dense_dw + n * c * h * h * k * 5 * 5  # fewer than every tap of every dx row
+
+
 def test_an_inf_weight_reads_the_padding_rows():
     """With an inf weight the contract's sum has NaN where the padding meets it (0 * inf): the column forward then
     reads every row, and gives the oracle's NaN and inf pattern (4 rows of padding: more than a tile's rows)."""

@@ -336,6 +336,17 @@ def _correlation_tile(out_channels, out_rows):
     return _column_correlation, COLUMN_TILE
 
 
+def _row_products(out_rows, rows, r_taps, row_lo, row_hi):
+    """Output rows x kernel rows the column correlation computes for a plane of `out_rows` rows in blocks of `rows`
+    (the last block overlapping the one before), each block skipping the kernel rows whose tile reads only rows
+    outside [row_lo, row_hi): the work the kernel does, for the multiply-adds `note` reports."""
+    total = 0
+    for block in range(0, out_rows, rows):
+        i0 = min(block, out_rows - rows)
+        total += rows * max(0, min(r_taps, row_hi - i0) - max(0, row_lo - i0 - rows + 1))
+    return total
+
+
 def _bias_tile(b_padded, rows):
     """Each channel's bias repeated over a column tile of `rows` rows x COLUMN_LANES lanes, the tiles in channel
     order: the column correlation copies a tile's worth at once into its accumulators."""
@@ -352,8 +363,6 @@ def column_forward(x, w, b, relu, padding):
     top, bottom, left, right = padding
     p, q = h + top + bottom - r + 1, wd + left + right - s + 1
     correlation, (channels, rows) = _correlation_tile(k, p)
-    note("conv2d_forward", f"column tile {channels} channels x {rows} rows x {COLUMN_LANES} lanes"
-         + ", padded copy" * any(padding), n * k * c * r * s * p * q)
     xp, _ = _padded_planes(x, top, left, c, h + top + bottom, round_up(q, COLUMN_LANES) + s - 1, "x_columns")
     wt = aligned_zeros((round_up(k, channels), r, s, c), x.dtype)
     wt[:k] = w.transpose(0, 2, 3, 1)
@@ -362,6 +371,8 @@ def column_forward(x, w, b, relu, padding):
     y = reusable_output((n, k, p, q), x.dtype)
     # the padding's rows are skipped where that changes nothing: an inf weight makes NaN of them in the contract's sum
     rows_read = (top, top + h) if np.isfinite(wt).all() else (0, xp.shape[2])
+    note("conv2d_forward", f"column tile {channels} channels x {rows} rows x {COLUMN_LANES} lanes"
+         + ", padded copy" * any(padding), n * k * c * s * q * _row_products(p, rows, r, *rows_read))
     correlation(xp, xp.reshape(-1), wt, _bias_tile(bp, rows), x.dtype.type(0 if relu else -np.inf), *rows_read, y,
                 y.reshape(-1))
     return y
@@ -382,13 +393,13 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     lanes = COLUMN_LANES
     dw_macs = n * k * c * r * s * p * q
     dx_correlation, (dx_channels, dx_rows) = _correlation_tile(c, h)
-    note("conv2d_backward", f"column dw tiles of {channels} channels x {taps} taps x {lanes} lanes"
-         + f", dx the column tile {dx_channels} channels x {dx_rows} rows" * need_dx
-         + ", the 2x2 average pool's gradient spread in dy's copy" * pooled,
-         dw_macs + (n * c * h * wd * k * r * s if need_dx else 0))
     q_padded = round_up(q, lanes)
     # dy in zeros: for dx bordered as the full correlation reads it (R-1-top rows above, S-1-left columns left)
     row_off, col_off = (r - 1 - top, s - 1 - left) if need_dx else (0, 0)
+    dx_macs = n * c * wd * k * s * _row_products(h, dx_rows, r, row_off, row_off + p) if need_dx else 0
+    note("conv2d_backward", f"column dw tiles of {channels} channels x {taps} taps x {lanes} lanes"
+         + f", dx the column tile {dx_channels} channels x {dx_rows} rows" * need_dx
+         + ", the 2x2 average pool's gradient spread in dy's copy" * pooled, dw_macs + dx_macs)
     dy_rows = max(h + r - 1, row_off + p) if need_dx else p
     dy_columns = max(col_off + q_padded, round_up(wd, lanes) + s - 1 if need_dx else 0)
     dyp, dy_sums = _padded_planes(dy, row_off, col_off, round_up(k, channels), dy_rows, dy_columns, "dy_columns",
