@@ -520,7 +520,7 @@ def test_keras_model_trains_in_a_subprocess():
                                     random_data=True, limit=128, log=lambda *a: None)
     (entry,) = report["contenders"]
     assert entry["status"] == "ok", entry
-    # Not strictly greater: both are the process's high-water mark (ru_maxrss), and importing TensorFlow can set it
+    # Not strictly greater: both are the process's high-water mark (VmHWM), and importing TensorFlow can set it
     # before the data is loaded, higher than two tiny training steps then reach.
     assert 0 <= entry["test_accuracy"] <= 1 and entry["peak_rss_mb"] >= entry["rss_after_data_mb"] > 0
 
@@ -565,6 +565,16 @@ print(out["numba_loaded"], "numba" in sys.modules, out["test_accuracy"] >= 0)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "True"]
+
+
+def test_a_contender_process_peak_memory_starts_from_its_own_not_its_parents():
+    """Linux carries ru_maxrss over an exec: a child started while this process holds 200 MB more would report at
+    least that. peak_rss_mb reads the child's own high-water mark."""
+    held = np.ones(25_000_000)  # 200 MB resident here, in the parent
+    code = "from numba_cnn.bench.compare import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert compare.peak_rss_mb() > child + 150, (compare.peak_rss_mb(), child)
+    del held
 
 
 def test_bench_refuses_an_unwritable_out_folder_before_running(tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ initial weights and the same batches.
 The network is the one `--model` names (bench/networks.py); each contender builds it from its description, the
 baselines through numba_cnn.interop with numba_cnn's own initial weights (model.init_state with the run's seed).
 Each contender (our backends, each PyTorch setting, Keras on each backend) trains in a subprocess of its own, so
-ru_maxrss is that contender's peak memory (and that peak less the memory held once the data is loaded, before
-any framework or Numba is imported, its own), on the same batches (one seeded order), batch size and thread count,
+its high-water mark (`peak_rss_mb`) is that contender's peak memory (and that peak less the memory held once the
+data is loaded, before any framework or Numba is imported, its own), on the same batches (one seeded order), batch size and thread count,
 every one holding the images as uint8 and scaling each batch; contenders take turns round after round and each
 figure is the median over rounds, with its spread. PyTorch's figure is its best setting in the same run, and the
 "fastest framework" is the best of all baselines on each metric. After a few warm-up steps (reported apart, with
@@ -108,8 +108,18 @@ class NumbaCNNContender:
 
 
 def peak_rss_mb():
-    """This process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far, in MB: Linux's VmHWM, the high-water mark of this process's own
+    memory. Not ru_maxrss where VmHWM is there: Linux carries ru_maxrss over an exec, so a contender's process
+    would start from its parent's resident memory when it forked (the bench's own, with Numba loaded), above what
+    a small network's process holds once its data is loaded."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def load_data(network, dataset=None, data=None, random_data=False, seed=0, limit=None):
