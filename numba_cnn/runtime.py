@@ -51,6 +51,7 @@ def default_threads():
 
 
 def usable_cpus():
+    """The CPUs this process may run on (its affinity), without importing Numba."""
     return len(os.sched_getaffinity(0))
 
 

@@ -3,13 +3,13 @@ initial weights and the same batches.
 
 The network is the one `--model` names (bench/networks.py); each contender builds it from its description, the
 baselines through numba_cnn.interop with numba_cnn's own initial weights (model.init_state with the run's seed).
-Each contender (our backends, each PyTorch setting, Keras on each backend) trains in a subprocess of its own, so
-its high-water mark (`peak_rss_mb`) is that contender's peak memory (and that peak less the memory held once the
-data is loaded, before any framework or Numba is imported, its own), on the same batches (one seeded order), batch size and thread count,
-every one holding the images as uint8 and scaling each batch; contenders take turns round after round and each
-figure is the median over rounds, with its spread. PyTorch's figure is its best setting in the same run, and the
-"fastest framework" is the best of all baselines on each metric. After a few warm-up steps (reported apart, with
-the imports and compilation), `--steps` steps are timed and extrapolated to an epoch of the training set, or
+Each contender (our backends, each PyTorch setting, Keras on each backend) trains in a subprocess of its own, so its
+high-water mark (`peak_rss_mb`) is that contender's peak memory (and that peak less the memory held once the data is
+loaded, before any framework or Numba is imported, its own), on the same batches (one seeded order), batch size and
+thread count, every one holding the images as uint8 and scaling each batch; contenders take turns round after round
+and each figure is the median over rounds, with its spread. PyTorch's figure is its best setting in the same run,
+and the "fastest framework" is the best of all baselines on each metric. After a few warm-up steps (reported apart,
+with the imports and compilation), `--steps` steps are timed and extrapolated to an epoch of the training set, or
 `--epochs` full epochs are trained and timed; then the test images are classified, giving images/second and
 accuracy.
 """

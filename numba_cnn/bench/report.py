@@ -256,8 +256,8 @@ def format_compare_table(report):
         torch_names, fastest = best["vs_torch_best_names"], best.get("vs_fastest_framework_names", {})
         lines.append(f"torch* = PyTorch's best setting in this run, per metric: {torch_names['sec_per_epoch']} for "
                      f"s/epoch, {torch_names['peak_rss_mb']} for memory, {torch_names.get('own_memory_mb', '-')} "
-                     f"for own memory (the peak less what the process held with the data loaded, before any framework or "
-                     f"Numba was imported). fastest = the best framework per metric: "
+                     f"for own memory (the peak less what the process held with the data loaded, before any "
+                     f"framework or Numba was imported). fastest = the best framework per metric: "
                      f"{fastest.get('sec_per_epoch', '-')} for s/epoch, {fastest.get('inference_img_per_s', '-')} "
                      f"for inference. Ratios: contender / best (s/epoch, MB: below 1 is better; img/s: above 1).")
     lines.append(f"GFLOP/s: {cal['training_flops_per_image'] / 1e6:.2f} MFLOP per training image (bench's FLOP "
