@@ -70,7 +70,8 @@ class Model:
         self.grads = {}
         self._caches = None
         # the buffers the backend's ops return during a pass, owned here: released when the next pass begins,
-        # when the last one's outputs and caches are dead (a backward needs the training forward just before it)
+        # when the last one's outputs and caches are dead (a backward needs the training forward just before it),
+        # and in the backward as soon as no layer below reads them (backward)
         self._arena = self.backend.output_arena() if self.backend.output_arena is not None else None
         self.timer = NullTimer()
 
@@ -147,6 +148,10 @@ class Model:
                 if arena is not None:
                     arena.donate(None)
             grads.update({f"{owner}.{key}": g for key, g in step_grads.items()})
+            if arena is not None and i > first_trained:
+                # this step's cache and the gradient it was given are read no more: the steps below may take
+                # their memory for their own gradients
+                arena.retire((caches[:i], dy, grads))
         self._caches = None
         return grads
 

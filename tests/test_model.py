@@ -88,7 +88,7 @@ class RecordingDropout:
 
     def dropout_forward(self, x, rate, rng):
         y, mask = self._layers.dropout_forward(x, rate, rng)
-        self.masks.append(np.asarray(self._to_host(mask)))
+        self.masks.append(np.array(self._to_host(mask)))  # a copy: the arena reuses the mask once dropout is done
         return y, mask
 
 
@@ -256,7 +256,8 @@ def test_donated_gradients_change_no_bit_and_spare_the_arena_a_buffer(monkeypatc
     """The Model donates each step's input gradient to the step before it: vgg-small's conv3 writes its ReLU'd
     gradient over it, vgg-small-bn's first batch norm its input gradient, instead of a buffer of their own (4
     images of 64 x 16 x 16, of 32 x 32 x 32). The gradients are bitwise those of a model that donates nothing, and
-    its arena holds at least that buffer less."""
+    its arena holds at least that buffer less where it frees nothing within a pass (where it does, the buffer that
+    donation spares may come from a dead activation instead, at the cost of a pass over more memory)."""
     from numba_cnn.kernels.jit import buffers
     from numba_cnn.network import from_dict, preset_document
 
@@ -269,6 +270,7 @@ def test_donated_gradients_change_no_bit_and_spare_the_arena_a_buffer(monkeypatc
         model.forward_backward(images, labels, np.random.default_rng(1))
         return model.grads, model._arena.nbytes
 
+    monkeypatch.setattr(buffers.OutputArena, "retire", lambda self, kept: None)
     grads, nbytes = train_step()
     monkeypatch.setattr(buffers.OutputArena, "donate", lambda self, a: None)
     grads_kept, nbytes_kept = train_step()
@@ -298,3 +300,71 @@ def test_a_steady_training_step_allocates_no_buffers(monkeypatch, preset):
         made.clear()
         model.forward_backward(images, labels, np.random.default_rng(step))
     assert made == [], f"buffers allocated in a steady step: {made}"
+
+
+@pytest.mark.parametrize("preset", ["vgg-small-bn", "lenet5", "every-kind"])
+def test_the_backward_reuses_dead_activations_and_changes_no_bit(preset):
+    """After each layer's backward the Model frees in its arena what no layer below reads (that layer's cache, the
+    gradient it was given), and the gradients below take that memory. With every freed block filled with NaN the
+    moment it is freed, two training steps (Adam between them) give bitwise the losses and gradients of a model
+    whose ops allocate fresh arrays: nothing still read was freed. And the arena ends smaller than one that frees
+    nothing within a pass."""
+    from test_network import EVERY_KIND, EVERY_KIND_INPUT
+
+    from numba_cnn.kernels.jit import buffers
+    from numba_cnn.network import from_dict, preset_document
+
+    document, shape = ((EVERY_KIND, EVERY_KIND_INPUT) if preset == "every-kind"
+                       else (preset_document(preset), (3, 32, 32) if preset.startswith("vgg") else (1, 28, 28)))
+    network = from_dict(document, input_shape=shape, num_classes=10)
+    rng = np.random.default_rng(SEED)
+    images, labels = rng.standard_normal((4, *shape)).astype(np.float32), rng.integers(0, 10, 4)
+
+    def train(arena):
+        model = Model("jit", seed=SEED, network=network)
+        model._arena = arena
+        optimizer = Adam(model.params, model.backend)
+        out = []
+        for step in range(2):
+            loss, _ = model.forward_backward(images, labels, np.random.default_rng(step))
+            out.append((loss, {key: g.copy() for key, g in model.grads.items()}))
+            optimizer.step(model.grads)
+        return out
+
+    poisoned, holding = buffers.OutputArena(poison=True), buffers.OutputArena()
+    holding.retire = lambda kept: None
+    results = {"poisoned": train(poisoned), "fresh": train(None), "holding": train(holding)}
+    for name in ("fresh", "holding"):
+        for (loss_a, grads_a), (loss_b, grads_b) in zip(results["poisoned"], results[name]):
+            assert loss_a == loss_b and np.isfinite(loss_a)
+            assert grads_a.keys() == grads_b.keys()
+            for key in grads_a:
+                np.testing.assert_array_equal(grads_a[key], grads_b[key], err_msg=f"{name}: {key}")
+    assert 0 < poisoned.nbytes < holding.nbytes
+
+
+def test_an_arena_frees_what_nothing_kept_overlaps_and_merges_free_neighbours():
+    """OutputArena.retire frees every block no kept array (or view of one, or layout copy of a kept array) overlaps;
+    a later take reuses the freed memory, and once released the blocks merge: a buffer as large as all of them
+    together comes from the same memory, with no new slab."""
+    from numba_cnn.kernels.jit.buffers import ALIGNMENT, OutputArena
+
+    arena = OutputArena()
+    with arena:
+        a, b, c = (arena.take((1000,), np.float32) for _ in range(3))  # 4000 bytes each: blocks of 4032
+        copy = arena.layout(b, "a copy of b", lambda take: take((10,), np.float64))
+        held = arena.nbytes
+        assert held == 3 * 4032 + 128
+        # a strided view of a keeps a's whole block; the copy keeps its own, but b is not kept, so neither is its entry
+        arena.retire([a[::2].reshape(20, 25), copy])
+        d = arena.take((1000,), np.float32)  # b's block, the smallest free one that fits
+        assert np.shares_memory(d, b) and not np.shares_memory(d, a) and arena.nbytes == held
+        assert arena.layout(b, "a copy of b", lambda take: take((10,), np.float64)) is not copy  # b's copy dropped
+        arena.retire([b])
+        e = arena.layout(b, "a copy of b", lambda take: take((10,), np.float64))
+        arena.retire([b])  # b kept: its copy too
+        assert arena.layout(b, "a copy of b", lambda take: None) is e
+        arena.release()
+        whole = arena.take((held // 4,), np.float32)
+        assert whole.ctypes.data % ALIGNMENT == 0 and np.shares_memory(whole, a) and np.shares_memory(whole, c)
+        assert arena.nbytes == held

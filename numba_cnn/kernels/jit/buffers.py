@@ -15,8 +15,13 @@ from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.sparse import _channels_first, _pad_channels_last, _pad_rows
 
 _per_thread = threading.local()
+_byte_bounds = np.lib.array_utils.byte_bounds if hasattr(np.lib, "array_utils") else np.byte_bounds  # numpy 1.26
 _SCRATCH_KEPT = 32  # buffers kept per thread, one per name: a preset's training step uses at most 14 (vgg-small)
 ALIGNMENT = 64  # bytes: a cache line, and one AVX-512 vector
+# An arena's slabs are reserved this large (or as large as the output asked for): address space only, since the
+# system gives a page its memory when it is first written, so one slab holds a pass's outputs and its free blocks
+# merge into blocks the size of larger ones
+ARENA_SLAB_BYTES = 256 << 20
 
 
 def _on_a_line(shape, dtype):
@@ -70,26 +75,60 @@ def scratch(name, shape, dtype):
     return buffer[:count].reshape(shape)
 
 
+def _root(a):
+    """The array that owns a's memory (a itself when it owns it)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _arrays_in(held):
+    """The arrays in `held`: an array, or tuples, lists and dict values of them, nested (other objects, such as
+    shapes' ints, hold none)."""
+    found, pending = [], [held]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, np.ndarray):
+            found.append(item)
+        elif isinstance(item, (tuple, list)):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+    return found
+
+
 class OutputArena:
     """The arrays the ops return while it is open (`with arena:`, on this thread), owned by whoever opened it.
 
-    `take` hands out a buffer no one else has: one released before, else a new one. `release` gives back every
-    buffer handed out since the last release; only the owner calls it, when it knows none of them is read any more
-    (the Model: when a new pass begins, since a pass's outputs and caches die with the next one). Nothing is guessed
-    from reference counts, so an array the owner still uses is never handed out twice, and a pass of the same shapes
-    as the one before reuses its memory without page faults. Outside any open arena the ops return fresh arrays.
+    Its memory is a slab (more where one fills), cut into blocks as the ops ask for outputs. `take` hands out a
+    block no one else has: the smallest free one that fits (its rest stays free), else one of a new slab. `release`
+    frees every block handed out since the last release, and free neighbours merge again; only the owner calls it,
+    when it knows none of them is read any more (the Model: when a new pass begins, since a pass's outputs and
+    caches die with the next one). `retire` frees some within a pass: every block that none of the arrays the owner
+    names as still read overlaps (the Model: after each layer's backward, all but the caches of the layers before
+    it, the input gradient it returned and the parameter gradients, so the backward's gradients reuse the memory of
+    the forward's dead activations). Nothing is guessed from reference counts, so an array the owner still uses is
+    never handed out twice, and a pass of the same shapes as the one before reuses its memory without page faults.
+    Outside any open arena the ops return fresh arrays.
 
     `layout` keeps, until the release, the copies of an op's input in another layout (zero-padded, channels-last,
     planes) that another op of the same pass wants again: the forward's padded input is the backward's. So between
     the use of an array as an input and the release, its owner must not write into it (the Model never does: every
-    op writes a new array), except over an array it donated (`donate`), whose copies are dropped then."""
+    op writes a new array), except over an array it donated (`donate`), whose copies are dropped then. A retirement
+    keeps the copies of the arrays it keeps and drops the rest.
 
-    def __init__(self):
-        self._free = {}  # (shape, dtype) -> released buffers
-        self._taken = []
+    poison: fill each retired block with 0xFF bytes (a float NaN), so that a read of an array retired too early
+    shows in the results (the tests' check of the owner's liveness)."""
+
+    def __init__(self, poison=False):
+        self._slabs = {}  # id of a slab's owner -> (the slab: 1-D uint8 starting on ALIGNMENT, its address)
+        self._used = {}  # id of a slab's owner -> the end of the furthest block handed out (the memory written)
+        self._free = {}  # id of a slab's owner -> sorted [start, stop) byte ranges free in it
+        self._taken = {}  # (id of a slab's owner, start) -> stop: blocks handed out since the release
         self._outer = []
         self._layouts = {}  # (id of the source array, key) -> (the source, its copy)
         self._donated = None
+        self._poison = poison
 
     def donate(self, a):
         """The owner reads the array `a` no more once the next op has run: that op may write an output of a's
@@ -99,7 +138,8 @@ class OutputArena:
 
     def take(self, shape, dtype, over=None):
         """A buffer of shape and dtype for an op's output: `over` itself where it is the donated array (or a view of
-        all of its memory) and C-contiguous in that shape and dtype, else one released before, else a new one."""
+        all of its memory) and C-contiguous in that shape and dtype, else a view of a free block, else of a new
+        slab."""
         donated = self._donated
         if (over is not None and donated is not None and over.shape == tuple(shape) and over.dtype == dtype
                 and over.flags.c_contiguous and over.nbytes == donated.nbytes
@@ -109,18 +149,87 @@ class OutputArena:
             self._layouts = {key: entry for key, entry in self._layouts.items()
                              if not np.may_share_memory(entry[0], donated)}
             return over
-        key = (tuple(shape), np.dtype(dtype).str)
-        free = self._free.get(key)
-        a = free.pop() if free else aligned_empty(shape, dtype)
-        self._taken.append(a)
-        return a
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        size = round_up(max(nbytes, 1), ALIGNMENT)  # every block starts on a cache line
+        best = None
+        for slab_id, ranges in self._free.items():
+            for index, (start, stop) in enumerate(ranges):
+                if stop - start >= size and (best is None or stop - start < best[3] - best[2]):
+                    best = (slab_id, index, start, stop)
+        if best is None:
+            slab = aligned_empty(max(size, ARENA_SLAB_BYTES), np.uint8)
+            slab_id = id(_root(slab))
+            self._slabs[slab_id] = (slab, slab.__array_interface__["data"][0])
+            self._free[slab_id] = [(size, slab.size)] if slab.size > size else []
+            self._used[slab_id] = 0
+            start = 0
+        else:
+            slab_id, index, start, stop = best
+            ranges = self._free[slab_id]
+            if stop - start > size:
+                ranges[index] = (start + size, stop)
+            else:
+                del ranges[index]
+        self._taken[(slab_id, start)] = start + size
+        self._used[slab_id] = max(self._used[slab_id], start + size)
+        return self._slabs[slab_id][0][start:start + nbytes].view(dtype).reshape(shape)
+
+    def _give_back(self, slab_id, start, stop):
+        """Free [start, stop) of a slab, merged with the free ranges beside it."""
+        ranges = self._free[slab_id]
+        ranges.append((start, stop))
+        ranges.sort()
+        merged = [ranges[0]]
+        for begin, end in ranges[1:]:
+            if begin == merged[-1][1]:
+                merged[-1] = (merged[-1][0], end)
+            else:
+                merged.append((begin, end))
+        self._free[slab_id] = merged
 
     def release(self):
-        for a in self._taken:
-            self._free.setdefault((a.shape, a.dtype.str), []).append(a)
+        for (slab_id, start), stop in self._taken.items():
+            self._give_back(slab_id, start, stop)
         self._taken.clear()
         self._layouts.clear()
         self._donated = None
+
+    def _overlapped(self, arrays):
+        """The keys of the taken blocks that the arrays' memory overlaps."""
+        held = set()
+        for a in arrays:
+            slab = self._slabs.get(id(_root(a)))
+            if slab is None or a.size == 0:
+                continue
+            low, high = _byte_bounds(a)
+            low, high = low - slab[1], high - slab[1]
+            held.update(key for key, stop in self._taken.items()
+                        if key[0] == id(_root(a)) and key[1] < high and low < stop)
+        return held
+
+    def retire(self, kept):
+        """Free, within the pass, every block handed out since the release that no array in `kept` (arrays, or
+        tuples, lists and dicts of them) overlaps, nor a layout copy of a kept array; the owner says nothing else
+        will read them. Layout copies of arrays not kept are dropped."""
+        kept_arrays = _arrays_in(kept)
+        layouts, pending = {}, dict(self._layouts)
+        while True:  # a copy of a kept array is kept, and so are the copies made from it
+            found = {key: entry for key, entry in pending.items()
+                     if any(_root(entry[0]) is _root(a) and np.may_share_memory(entry[0], a) for a in kept_arrays)}
+            if not found:
+                break
+            for key, (_, copy) in found.items():
+                kept_arrays.extend(_arrays_in(copy))
+                del pending[key]
+            layouts.update(found)
+        self._layouts = layouts
+        held = self._overlapped(kept_arrays)
+        for key in [key for key in self._taken if key not in held]:
+            stop = self._taken.pop(key)
+            if self._poison:
+                self._slabs[key[0]][0][key[1]:stop] = 0xFF
+            self._give_back(key[0], key[1], stop)
 
     def layout(self, source, key, make):
         """make(self.take)'s result for (source, key), made once per pass: the first call makes it from buffers of
@@ -133,8 +242,8 @@ class OutputArena:
 
     @property
     def nbytes(self):
-        """Bytes held, handed out or free."""
-        return sum(a.nbytes for a in self._taken) + sum(a.nbytes for free in self._free.values() for a in free)
+        """Bytes of its slabs handed out at least once (to the end of the furthest block): the memory it holds."""
+        return sum(self._used.values())
 
     def __enter__(self):
         self._outer.append(getattr(_per_thread, "arena", None))

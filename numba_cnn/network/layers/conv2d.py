@@ -84,7 +84,8 @@ class Conv2D(Layer):
     def forward(self, run, p, x):
         y = run.ops.conv2d_forward(x, p["w"], p["b"], relu=self.activation == "relu", stride=self.strides,
                                    padding=self.pads(x.shape[1:]))
-        return y, (x, y)
+        # y only where the backward's ReLU reads it: kept, it would outlive its use (an owner frees what no cache holds)
+        return y, (x, y if self.activation == "relu" else None)
 
     def backward(self, run, p, dy, cache, need_dx):
         x, y = cache
