@@ -6,6 +6,7 @@ buffers (BatchNorm's running statistics) "<layer>.<buffer>"; weights are initial
 zero biases) from one seeded Generator, layer by layer in order.
 """
 
+import collections
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -139,9 +140,14 @@ class Model:
         dy, grads = dlogits, self.grads
         first_trained = self._first_trained
         last = len(self.steps) - 1
+        arena = self._arena
+        if arena is not None:  # the arena's blocks each step's cache holds, and how many steps below step i hold each
+            cache_blocks = [arena.blocks_of(cache) for cache in caches]
+            held_below = collections.Counter(block for blocks in cache_blocks[:last] for block in blocks)
+            grad_blocks = set()
         for i in range(last, first_trained - 1, -1):
             step, (owner, arrays) = self.steps[i], self._step_arrays[i]
-            with self.timer.section(step.name, "backward"), self._owned_outputs() as arena:
+            with self.timer.section(step.name, "backward"), self._owned_outputs():
                 if arena is not None and i < last:  # dy was made by the step after, for this one alone
                     arena.donate(dy)
                 dy, step_grads = step.runner.backward(run, arrays, dy, caches[i], need_dx=i > first_trained)
@@ -151,7 +157,10 @@ class Model:
             if arena is not None and i > first_trained:
                 # this step's cache and the gradient it was given are read no more: the steps below may take
                 # their memory for their own gradients
-                arena.retire((caches[:i], dy, grads))
+                grad_blocks |= arena.blocks_of(step_grads)
+                arena.retire(held_below.keys() | arena.blocks_of(dy) | grad_blocks)
+                held_below.subtract(cache_blocks[i - 1])
+                held_below = +held_below  # only the blocks some step below still holds
         self._caches = None
         return grads
 

@@ -343,10 +343,10 @@ def test_the_backward_reuses_dead_activations_and_changes_no_bit(preset):
     assert 0 < poisoned.nbytes < holding.nbytes
 
 
-def test_an_arena_frees_what_nothing_kept_overlaps_and_merges_free_neighbours():
-    """OutputArena.retire frees every block no kept array (or view of one, or layout copy of a kept array) overlaps;
-    a later take reuses the freed memory, and once released the blocks merge: a buffer as large as all of them
-    together comes from the same memory, with no new slab."""
+def test_an_arena_frees_what_its_owner_does_not_keep_and_merges_free_neighbours():
+    """OutputArena.retire frees every block but those the owner keeps (`blocks_of` its arrays: a view of a block
+    keeps it) and the layout copies of arrays in kept blocks; a later take reuses the freed memory, and once released
+    the blocks merge: a buffer as large as all of them together comes from the same memory, with no new slab."""
     from numba_cnn.kernels.jit.buffers import ALIGNMENT, OutputArena
 
     arena = OutputArena()
@@ -355,14 +355,15 @@ def test_an_arena_frees_what_nothing_kept_overlaps_and_merges_free_neighbours():
         copy = arena.layout(b, "a copy of b", lambda take: take((10,), np.float64))
         held = arena.nbytes
         assert held == 3 * 4032 + 128
+        assert arena.blocks_of([np.zeros(3), a[:0]]) == set()  # not the arena's memory; no memory at all
         # a strided view of a keeps a's whole block; the copy keeps its own, but b is not kept, so neither is its entry
-        arena.retire([a[::2].reshape(20, 25), copy])
+        arena.retire(arena.blocks_of([a[1::2].reshape(20, 25), copy]))
         d = arena.take((1000,), np.float32)  # b's block, the smallest free one that fits
         assert np.shares_memory(d, b) and not np.shares_memory(d, a) and arena.nbytes == held
         assert arena.layout(b, "a copy of b", lambda take: take((10,), np.float64)) is not copy  # b's copy dropped
-        arena.retire([b])
+        arena.retire(arena.blocks_of(b))
         e = arena.layout(b, "a copy of b", lambda take: take((10,), np.float64))
-        arena.retire([b])  # b kept: its copy too
+        arena.retire(arena.blocks_of(b))  # b kept: its copy too
         assert arena.layout(b, "a copy of b", lambda take: None) is e
         arena.release()
         whole = arena.take((held // 4,), np.float32)

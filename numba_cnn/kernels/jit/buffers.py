@@ -5,6 +5,8 @@ faults on them), else fresh. And the copies between the two layouts the ops take
 zero-padded copies in either layout, and the zero padding of inputs narrower than a tile.
 """
 
+import bisect
+import ctypes
 import itertools
 import math
 import threading
@@ -15,7 +17,6 @@ from numba_cnn.kernels.contract import is_channels_last
 from numba_cnn.kernels.jit.sparse import _channels_first, _pad_channels_last, _pad_rows
 
 _per_thread = threading.local()
-_byte_bounds = np.lib.array_utils.byte_bounds if hasattr(np.lib, "array_utils") else np.byte_bounds  # numpy 1.26
 _SCRATCH_KEPT = 32  # buffers kept per thread, one per name: a preset's training step uses at most 14 (vgg-small)
 ALIGNMENT = 64  # bytes: a cache line, and one AVX-512 vector
 # An arena's slabs are reserved this large (or as large as the output asked for): address space only, since the
@@ -75,13 +76,6 @@ def scratch(name, shape, dtype):
     return buffer[:count].reshape(shape)
 
 
-def _root(a):
-    """The array that owns a's memory (a itself when it owns it)."""
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
-
-
 def _arrays_in(held):
     """The arrays in `held`: an array, or tuples, lists and dict values of them, nested (other objects, such as
     shapes' ints, hold none)."""
@@ -104,27 +98,27 @@ class OutputArena:
     block no one else has: the smallest free one that fits (its rest stays free), else one of a new slab. `release`
     frees every block handed out since the last release, and free neighbours merge again; only the owner calls it,
     when it knows none of them is read any more (the Model: when a new pass begins, since a pass's outputs and
-    caches die with the next one). `retire` frees some within a pass: every block that none of the arrays the owner
-    names as still read overlaps (the Model: after each layer's backward, all but the caches of the layers before
-    it, the input gradient it returned and the parameter gradients, so the backward's gradients reuse the memory of
-    the forward's dead activations). Nothing is guessed from reference counts, so an array the owner still uses is
-    never handed out twice, and a pass of the same shapes as the one before reuses its memory without page faults.
-    Outside any open arena the ops return fresh arrays.
+    caches die with the next one). `retire` frees some within a pass: every block but those the owner names
+    (`blocks_of` the arrays it still reads; the Model: after each layer's backward, all but the caches of the layers
+    before it, the input gradient it returned and the parameter gradients, so the backward's gradients reuse the
+    memory of the forward's dead activations). Nothing is guessed from reference counts, so an array the owner still
+    uses is never handed out twice, and a pass of the same shapes as the one before reuses its memory without page
+    faults. Outside any open arena the ops return fresh arrays.
 
     `layout` keeps, until the release, the copies of an op's input in another layout (zero-padded, channels-last,
     planes) that another op of the same pass wants again: the forward's padded input is the backward's. So between
     the use of an array as an input and the release, its owner must not write into it (the Model never does: every
     op writes a new array), except over an array it donated (`donate`), whose copies are dropped then. A retirement
-    keeps the copies of the arrays it keeps and drops the rest.
+    keeps the copies of the arrays in the blocks it keeps (and of arrays not the arena's) and drops the rest.
 
     poison: fill each retired block with 0xFF bytes (a float NaN), so that a read of an array retired too early
     shows in the results (the tests' check of the owner's liveness)."""
 
     def __init__(self, poison=False):
-        self._slabs = {}  # id of a slab's owner -> (the slab: 1-D uint8 starting on ALIGNMENT, its address)
-        self._used = {}  # id of a slab's owner -> the end of the furthest block handed out (the memory written)
-        self._free = {}  # id of a slab's owner -> sorted [start, stop) byte ranges free in it
-        self._taken = {}  # (id of a slab's owner, start) -> stop: blocks handed out since the release
+        self._slabs = {}  # address -> the slab there: 1-D uint8, starting on ALIGNMENT
+        self._used = {}  # a slab's address -> the end of the furthest block handed out in it (the memory written)
+        self._free = {}  # a slab's address -> sorted [start, stop) byte ranges free in it
+        self._taken = {}  # id of an array handed out since the release -> (it, its slab's address, start, stop)
         self._outer = []
         self._layouts = {}  # (id of the source array, key) -> (the source, its copy)
         self._donated = None
@@ -152,84 +146,101 @@ class OutputArena:
         dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         size = round_up(max(nbytes, 1), ALIGNMENT)  # every block starts on a cache line
-        best = None
-        for slab_id, ranges in self._free.items():
+        best, best_size = None, 0
+        for slab_at, ranges in self._free.items():
             for index, (start, stop) in enumerate(ranges):
-                if stop - start >= size and (best is None or stop - start < best[3] - best[2]):
-                    best = (slab_id, index, start, stop)
+                if size <= stop - start and (best is None or stop - start < best_size):
+                    best, best_size = (slab_at, index, start, stop), stop - start
         if best is None:
             slab = aligned_empty(max(size, ARENA_SLAB_BYTES), np.uint8)
-            slab_id = id(_root(slab))
-            self._slabs[slab_id] = (slab, slab.__array_interface__["data"][0])
-            self._free[slab_id] = [(size, slab.size)] if slab.size > size else []
-            self._used[slab_id] = 0
+            slab_at = slab.ctypes.data
+            self._slabs[slab_at] = slab
+            self._free[slab_at] = [(size, slab.size)] if slab.size > size else []
+            self._used[slab_at] = 0
             start = 0
         else:
-            slab_id, index, start, stop = best
-            ranges = self._free[slab_id]
+            slab_at, index, start, stop = best
+            ranges = self._free[slab_at]
             if stop - start > size:
                 ranges[index] = (start + size, stop)
             else:
                 del ranges[index]
-        self._taken[(slab_id, start)] = start + size
-        self._used[slab_id] = max(self._used[slab_id], start + size)
-        return self._slabs[slab_id][0][start:start + nbytes].view(dtype).reshape(shape)
-
-    def _give_back(self, slab_id, start, stop):
-        """Free [start, stop) of a slab, merged with the free ranges beside it."""
-        ranges = self._free[slab_id]
-        ranges.append((start, stop))
-        ranges.sort()
-        merged = [ranges[0]]
-        for begin, end in ranges[1:]:
-            if begin == merged[-1][1]:
-                merged[-1] = (merged[-1][0], end)
-            else:
-                merged.append((begin, end))
-        self._free[slab_id] = merged
+        self._used[slab_at] = max(self._used[slab_at], start + size)
+        # the array's memory is exported by a block object of its own, not by the slab, so that numpy's views of it
+        # have it (not the slab) as their base: `_block_of` finds its block by identity
+        block = (ctypes.c_char * size).from_address(slab_at + start)
+        block.slab = self._slabs[slab_at]  # the slab lives as long as any array in it
+        a = np.ndarray(shape, dtype, block)
+        self._taken[id(a)] = (a, slab_at, start, start + size)
+        return a
 
     def release(self):
-        for (slab_id, start), stop in self._taken.items():
-            self._give_back(slab_id, start, stop)
+        self._free = {slab_at: [(0, slab.size)] for slab_at, slab in self._slabs.items()}
         self._taken.clear()
         self._layouts.clear()
         self._donated = None
 
-    def _overlapped(self, arrays):
-        """The keys of the taken blocks that the arrays' memory overlaps."""
-        held = set()
-        for a in arrays:
-            slab = self._slabs.get(id(_root(a)))
-            if slab is None or a.size == 0:
-                continue
-            low, high = _byte_bounds(a)
-            low, high = low - slab[1], high - slab[1]
-            held.update(key for key, stop in self._taken.items()
-                        if key[0] == id(_root(a)) and key[1] < high and low < stop)
-        return held
+    def _give_back(self, slab_at, start, stop):
+        """Free [start, stop) of a slab, merged with the free ranges beside it."""
+        ranges = self._free[slab_at]
+        at = bisect.bisect_left(ranges, (start, stop))
+        if at > 0 and ranges[at - 1][1] == start:
+            at -= 1
+            start = ranges.pop(at)[0]
+        if at < len(ranges) and ranges[at][0] == stop:
+            stop = ranges.pop(at)[1]
+        ranges.insert(at, (start, stop))
 
-    def retire(self, kept):
-        """Free, within the pass, every block handed out since the release that no array in `kept` (arrays, or
-        tuples, lists and dicts of them) overlaps, nor a layout copy of a kept array; the owner says nothing else
-        will read them. Layout copies of arrays not kept are dropped."""
-        kept_arrays = _arrays_in(kept)
+    def _block_of(self, a):
+        """The key of the taken block that array a lies in, or None where it is empty or not the arena's memory.
+        Every array the arena hands out is a block's, and every view of one has it as its base (or its base's)."""
+        if a.size == 0:
+            return None
+        root = a
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        entry = self._taken.get(id(root))
+        if entry is not None and entry[0] is root:
+            return id(root)
+        if root.base is None:  # owns its memory: not the arena's
+            return None
+        # a view the arena did not make (compiled code's): its block found from its address
+        address = a.__array_interface__["data"][0]
+        for key, (_, slab_at, start, stop) in self._taken.items():
+            if slab_at + start <= address < slab_at + stop:
+                return key
+        return None
+
+    def blocks_of(self, held):
+        """The keys of the taken blocks that the arrays in `held` (arrays, or tuples, lists and dicts of them) lie
+        in: what `retire` is told to keep."""
+        return {block for block in map(self._block_of, _arrays_in(held)) if block is not None}
+
+    def retire(self, kept_blocks):
+        """Free, within the pass, every block handed out since the release but those whose keys are in
+        `kept_blocks` (from `blocks_of`) and the layout copies of the arrays in them: the owner says nothing else
+        will read them. Layout copies of arrays in freed blocks are dropped; copies of arrays that are not the
+        arena's (the pass's input, the weights) stay."""
+        held = set(kept_blocks)
         layouts, pending = {}, dict(self._layouts)
         while True:  # a copy of a kept array is kept, and so are the copies made from it
-            found = {key: entry for key, entry in pending.items()
-                     if any(_root(entry[0]) is _root(a) and np.may_share_memory(entry[0], a) for a in kept_arrays)}
+            found = {}
+            for key, (source, copy) in pending.items():
+                block = self._block_of(source)
+                if block is None or block in held:
+                    found[key] = (source, copy)
             if not found:
                 break
             for key, (_, copy) in found.items():
-                kept_arrays.extend(_arrays_in(copy))
+                held |= self.blocks_of(copy)
                 del pending[key]
             layouts.update(found)
         self._layouts = layouts
-        held = self._overlapped(kept_arrays)
         for key in [key for key in self._taken if key not in held]:
-            stop = self._taken.pop(key)
+            _, slab_at, start, stop = self._taken.pop(key)
             if self._poison:
-                self._slabs[key[0]][0][key[1]:stop] = 0xFF
-            self._give_back(key[0], key[1], stop)
+                self._slabs[slab_at][start:stop] = 0xFF
+            self._give_back(slab_at, start, stop)
 
     def layout(self, source, key, make):
         """make(self.take)'s result for (source, key), made once per pass: the first call makes it from buffers of
