@@ -337,8 +337,8 @@ def walk(backend, network, fuse, images, dlogits, state, seed, layers, log=print
                 oracle_y(visit)
             if cache is not None and isinstance(step.runner, ConvReluPool):
                 _adopt_near_tie_winners(visit.oracle_caches, backend.to_host(cache[2]), step)
-            # a conv's (x, y), its ReLU's sides decided by y (a conv without a ReLU keeps no y)
             elif isinstance(cache, tuple) and len(cache) == 2 and cache[1] is not None:
+                # a conv's (x, y), its ReLU's sides decided by y (a conv without a ReLU keeps no y)
                 _adopt_near_zero_relu_sides(visit.oracle_caches, _float64(backend.to_host(cache[1])), step)
             return oracle_backward(network, step, state64, _float64(backend.to_host(gradient)),
                                    visit.oracle_caches, need_dx, oracle_run)
