@@ -39,14 +39,15 @@ SHAPES = [
     pytest.param((1, 1, 7, 9), (6, 1, 5, 5), (2, 2, 2, 2), id="same_5x5_one_channel"),
     pytest.param((2, 5, 6, 7), (9, 5, 2, 2), (0, 1, 0, 1), id="same_2x2_uneven"),
     pytest.param((2, 32, 9, 9), (64, 32, 3, 3), (1, 1, 1, 1), id="same_vgg_block"),
-    # kernel rows longer than the listed kernels' register tile: a whole tile and a remainder, two whole tiles
+    # kernel rows of a block of the lists and a remainder (the fused op composes; the lists on their own:
+    # test_the_listed_kernels_take_any_kernel_row), two whole blocks
     pytest.param((2, 40, 7, 8), (6, 40, 3, 3), NO_PADDING, id="row_tile_and_remainder"),
     pytest.param((1, 64, 6, 6), (8, 64, 3, 3), (1, 1, 1, 1), id="two_row_tiles"),
     # input rows so long that the listed weight gradient's L1 band holds one pooled row: several bands per image;
-    # 5 kernel rows: one group of 3 in the register tile, 2 rows alone, and values past the last whole block
+    # 5 kernel rows of 160 values (composed; the lists on their own: test_the_listed_kernels_take_any_kernel_row)
     pytest.param((2, 64, 12, 40), (8, 64, 3, 3), (1, 1, 1, 1), id="several_bands"),
     pytest.param((1, 32, 9, 9), (4, 32, 5, 5), (2, 2, 2, 2), id="kernel_rows_past_the_row_group"),
-    # dw straight from the pooled gradient (no dx, short kernel rows): 18 taps in two tiles of 9, a dropped odd row
+    # dw straight from the pooled gradient (no dx, 3x3): 18 taps in two tiles of 9, a dropped odd row
     pytest.param((2, 2, 9, 8), (16, 2, 3, 3), (1, 1, 1, 1), id="pooled_dw_two_tap_blocks"),
 ]
 
@@ -134,23 +135,21 @@ def test_fused_ops_equal_the_composed_ops_and_the_oracle(x_shape, w_shape, paddi
             reference.assert_close(got, want, dtype, name)
 
 
-@pytest.mark.parametrize("x_shape,w_shape,padding,kernel", [
-    ((3, 1, 28, 28), (32, 1, 3, 3), NO_PADDING, "3x3 taps"),
-    ((2, 2, 9, 8), (16, 2, 3, 3), (1, 1, 1, 1), "3x3 taps"),
-    ((2, 2, 12, 13), (32, 2, 3, 3), NO_PADDING, "3x3 taps"),
-    ((2, 1, 13, 12), (16, 1, 5, 5), (2, 2, 2, 2), "tiles of 9 taps"),
-    ((3, 2, 9, 11), (32, 2, 2, 3), NO_PADDING, "tiles of 9 taps")],
-    ids=["conv1_mnist", "two_tap_blocks", "two_channels_odd_width", "five_by_five_general", "two_by_three_general"])
-def test_first_layer_takes_the_pooled_weight_gradient(x_shape, w_shape, padding, kernel, rng):
-    """Without dx and with kernel rows too short for the lists, finite x and w take dw straight from the pooled
-    gradient (3x3 kernels by their own kernel, other sizes by the general one), within float32 rounding of the
-    float64 oracle; an inf in x keeps the composition's bitwise path."""
+@pytest.mark.parametrize("x_shape,w_shape,padding", [
+    ((3, 1, 28, 28), (32, 1, 3, 3), NO_PADDING),
+    ((2, 2, 9, 8), (16, 2, 3, 3), (1, 1, 1, 1)),
+    ((2, 2, 12, 13), (32, 2, 3, 3), NO_PADDING)],
+    ids=["conv1_mnist", "two_channels_same", "two_channels_odd_width"])
+def test_first_layer_takes_the_pooled_weight_gradient(x_shape, w_shape, padding, rng):
+    """Without dx, a 3x3 kernel whose rows are not whole blocks of the lists, finite x and w take dw straight from
+    the pooled gradient, within float32 rounding of the float64 oracle; an inf in x takes the composition, bit for
+    bit."""
     x, w, b = _operands(rng, x_shape, w_shape, np.float32)
     y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     with PathLog() as log:
         _, dw, db = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, False, padding)
-    assert len(log.paths) == 1 and "dw from the pooled gradient" in log.paths[0] and kernel in log.paths[0], log.paths
+    assert len(log.paths) == 1 and "dw from the pooled gradient, 3x3 taps" in log.paths[0], log.paths
     conv_shape = reference.conv2d_forward(x, w, b, True, 1, padding).shape
     _, dw_ref, db_ref = reference.conv2d_backward(
         reference.maxpool2d_backward(relu_backward(dy, y), argmax, conv_shape, (2, 2)), x, w, False, 1, padding)
@@ -159,41 +158,85 @@ def test_first_layer_takes_the_pooled_weight_gradient(x_shape, w_shape, padding,
     x[0, 0, 1, 1] = np.inf
     y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
     with PathLog() as log:
-        jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, False, padding)
-    assert len(log.paths) == 1 and "unpooled into the dense tiles" in log.paths[0], log.paths
+        fused = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, False, padding)
+    assert not any("pooled gradient" in path or "listed" in path for path in log.paths), log.paths
+    composed = _composed_backward(dy, y, argmax, conv_shape, x, w, False, padding)
+    for got, same in zip(fused[1:], composed[1:]):
+        np.testing.assert_array_equal(got, same)
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_the_3x3_pooled_weight_gradient_sums_what_the_general_kernel_sums(channels, rng):
-    """pooled_grad.py's two kernels on one 3x3 problem: small integers, so that every sum is exact whatever the
-    order, give the same dw and db bit for bit; with random values they agree to float32 rounding."""
-    from numba_cnn.kernels.jit.pooled_grad import (POOLED_GRAD_LANES, _pooled_weight_grad,
-                                                   _pooled_weight_grad_3x3)
+# (x, w, padding, need_dx, the fused forward's tile or the composition, the backward's path): the paths timed
+# faster on first and second layers of small networks (docs/kernels.md, "When fusing does not pay")
+PATH_CASES = [
+    pytest.param((2, 3, 32, 32), (6, 3, 5, 5), NO_PADDING, False, "conv2d_forward: column tile", "conv2d_backward",
+                 id="torch_tutorial_conv1"),
+    pytest.param((2, 6, 14, 14), (16, 6, 5, 5), NO_PADDING, True, "pooled from an L1 tile", "conv2d_backward",
+                 id="torch_tutorial_conv2"),
+    pytest.param((2, 3, 16, 16), (32, 3, 3, 3), (1, 1, 1, 1), False, "conv2d_forward: few input channels",
+                 "dw from the pooled gradient", id="c3_k32_first_layer"),
+    pytest.param((2, 1, 28, 28), (16, 1, 5, 5), NO_PADDING, False, "one-channel column tile", "conv2d_backward",
+                 id="one_channel_5x5"),
+    pytest.param((2, 16, 14, 14), (32, 16, 5, 5), (2, 2, 2, 2), True, "conv2d_forward: Winograd F",
+                 "conv2d_backward", id="winograd_5x5"),
+    pytest.param((2, 32, 13, 13), (64, 32, 3, 3), NO_PADDING, True, "Winograd F", "listed", id="conv2_mnist"),
+    pytest.param((2, 16, 12, 12), (32, 16, 3, 3), (1, 1, 1, 1), True, "Winograd F", "conv2d_backward",
+                 id="c16_3x3")]
 
-    n, k, h, wd = 3, 2 * POOLED_GRAD_LANES, 10, 9
-    for exact in (True, False):
-        if exact:
-            xp = rng.integers(-3, 4, (n, channels, h, wd)).astype(np.float32)
-            dy = rng.integers(-3, 4, (n, (h - 2) // 2, (wd - 2) // 2, k)).astype(np.float32)
-        else:
-            xp = rng.standard_normal((n, channels, h, wd)).astype(np.float32)
-            dy = rng.standard_normal((n, (h - 2) // 2, (wd - 2) // 2, k)).astype(np.float32)
-        pooled = rng.standard_normal(dy.shape).astype(np.float32)
-        argmax = rng.integers(0, 4, dy.shape).astype(np.uint8)
-        results = []
-        for kernel, extra in ((_pooled_weight_grad, (3, 3)), (_pooled_weight_grad_3x3, ())):
-            dwt = np.full((2, channels * 9, k), np.nan, np.float32)
-            dbt = np.full((2, k), np.nan, np.float32)
-            kernel(xp, dy, pooled, argmax, *extra, np.float32(0), dwt, dbt)
-            results.append((dwt, dbt))
-        (dw_general, db_general), (dw_3x3, db_3x3) = results
-        assert np.isfinite(dw_3x3).all() and np.isfinite(db_3x3).all()  # every element written
-        if exact:
-            np.testing.assert_array_equal(dw_3x3, dw_general)
-            np.testing.assert_array_equal(db_3x3, db_general)
-        else:
-            reference.assert_close(dw_3x3, dw_general, np.float32, "dw")
-            reference.assert_close(db_3x3, db_general, np.float32, "db")
+
+@pytest.mark.parametrize("x_shape,w_shape,padding,need_dx,forward_path,backward_path", PATH_CASES)
+def test_the_fused_ops_compose_where_the_convolution_alone_is_faster(x_shape, w_shape, padding, need_dx,
+                                                                    forward_path, backward_path, rng):
+    """The forward runs conv2d_forward then the pool where the convolution alone takes a kernel made for its shape
+    (few input channels, 5x5 Winograd), and the backward takes the lists only where a kernel row (S x C values) is
+    a whole number of their blocks, dw from the pooled gradient for a first 3x3 layer, else the composition: the
+    paths named, the composed ones' results bit for bit the composition's."""
+    x, w, b = _operands(rng, x_shape, w_shape, np.float32)
+    with PathLog() as log:
+        y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
+    assert any(forward_path in path for path in log.paths), log.paths
+    conv, (y_comp, arg_comp) = _composed_forward(x, w, b, padding)
+    np.testing.assert_array_equal(y, y_comp)
+    np.testing.assert_array_equal(argmax, arg_comp)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    with PathLog() as log:
+        fused = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding)
+    assert any(backward_path in path for path in log.paths), log.paths
+    if backward_path == "conv2d_backward":
+        composed = _composed_backward(dy, y_comp, arg_comp, conv.shape, x, w, need_dx, padding)
+        for got, same in zip(fused, composed):
+            if got is None:
+                assert same is None
+            else:
+                np.testing.assert_array_equal(got, same)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,padding", [
+    ((2, 40, 7, 8), (6, 40, 3, 3), NO_PADDING),
+    ((1, 32, 9, 9), (4, 32, 5, 5), (2, 2, 2, 2)),
+    ((2, 3, 9, 8), (5, 3, 3, 3), NO_PADDING),
+    ((1, 1, 7, 9), (6, 1, 5, 5), (2, 2, 2, 2))],
+    ids=["row_tile_and_remainder", "kernel_rows_past_the_row_group", "rows_shorter_than_a_block", "one_channel"])
+@pytest.mark.parametrize("need_dx", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_listed_kernels_take_any_kernel_row(x_shape, w_shape, padding, need_dx, dtype, rng):
+    """listed.py's `listed_backward` called on its own with kernel rows that are not whole blocks of its register
+    tiles (the fused op takes the composition there, which was faster): the remainders and the rows shorter than a
+    block, within rounding of the float64 oracle."""
+    from numba_cnn.kernels.jit.listed import listed_backward
+
+    x, w, b = _operands(rng, x_shape, w_shape, dtype)
+    y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
+    dy = rng.standard_normal(y.shape).astype(dtype) * (rng.random(y.shape) < 0.5)
+    x_cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    got = listed_backward(*(a.transpose(0, 2, 3, 1) for a in (dy, y, argmax)), x_cl, w, need_dx, padding)
+    conv_shape = reference.conv2d_forward(x, w, b, True, 1, padding).shape
+    oracle = reference.conv2d_backward(
+        reference.maxpool2d_backward(relu_backward(dy, y), argmax, conv_shape, (2, 2)), x, w, need_dx, 1, padding)
+    for name, g, e in zip(("dx", "dw", "db"), got, oracle):
+        if not need_dx and name == "dx":
+            assert g is None
+            continue
+        reference.assert_close(g, e, dtype, name)
 
 
 @pytest.mark.parametrize("padding", [NO_PADDING, (1, 1, 1, 1)], ids=["valid", "same"])
@@ -259,7 +302,7 @@ def test_a_non_finite_input_anywhere_sends_the_backward_to_the_dense_path(row, r
     pooling window reaches, below the dropped last conv row, on their own): with one anywhere, the composition's
     0 * inf gives NaN that the lists would skip, so the dense path runs and the result is the composition's, bit
     for bit; finite, the listed path runs."""
-    x, w, b = _operands(rng, (2, 16, 13, 11), (8, 16, 3, 3), np.float32)
+    x, w, b = _operands(rng, (2, 32, 13, 11), (8, 32, 3, 3), np.float32)
     y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b)
     conv_shape = (2, 8, 11, 9)
     dy = rng.standard_normal(y.shape).astype(np.float32)
@@ -269,7 +312,7 @@ def test_a_non_finite_input_anywhere_sends_the_backward_to_the_dense_path(row, r
     x[1, 5, row, 4] = np.inf
     with PathLog() as log:
         fused = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, True)
-    assert "unpooled into the dense tiles" in log.paths[-1], log.paths
+    assert "listed" not in log.paths[-1], log.paths
     composed = _composed_backward(dy, y, argmax, conv_shape, x, w, True)
     assert np.isnan(fused[1]).any()  # dw: 0 * inf
     for got, same in zip(fused, composed):
@@ -277,7 +320,7 @@ def test_a_non_finite_input_anywhere_sends_the_backward_to_the_dense_path(row, r
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("x_shape,w_shape", [((2, 32, 13, 13), (64, 32, 3, 3)), ((2, 3, 9, 8), (5, 3, 3, 3))])
+@pytest.mark.parametrize("x_shape,w_shape", [((2, 32, 13, 13), (64, 32, 3, 3)), ((2, 32, 9, 8), (5, 32, 3, 3))])
 def test_listed_backward_carries_nan_and_inf_gradients(x_shape, w_shape, dtype, rng):
     """Finite x and w take the listed backward; a NaN or inf in the pooled gradient reaches dx, dw and db where the
     oracle's composition puts it (non-finite elements equal exactly), zeros (as dropout leaves) are skipped."""

@@ -97,15 +97,20 @@ conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair o
                  conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the pooled values and
                  argmax are bitwise those of the composed ops (tested). Where Winograd fits, its kernel pools the
                  2x2 windows of its output tiles (conv2d_forward's tiles and sums: bitwise too), channels-last.
-conv2d_relu_maxpool2d_backward  with finite x and w, over the list of the conv output's nonzero gradients only (pooling,
+                 Where the convolution alone takes a kernel made for its shape that has no fused twin (few input
+                 channels: narrow_input.py's tile, or the column tile where K fills less than the fused tile's
+                 lanes; 5x5 Winograd), conv2d_forward then maxpool2d_forward (`_convolution_alone_pays`).
+conv2d_relu_maxpool2d_backward  with finite x and w, and kernel rows of a whole number of LISTED_BLOCK values (S x C:
+                 3x3 over 32 or 64 channels), over the list of the conv output's nonzero gradients only (pooling,
                  the ReLU's select and dropout zero the rest): sparse.py's `_pooled_grad_lists` (values, offsets of
                  their windows' winners, db sums), `_listed_weight_grad` (3 kernel rows in a register tile, an
                  image's input in bands that stay in L1, fixed image chunks) and `_listed_input_grad` (per
                  conv-output pixel, its channels' kernel rows summed in a register tile, then added into dx,
-                 channels-last, cropped per image); within rounding of the composition (tested). Rows of fewer than
-                 LISTED_MIN_SPAN values without dx (conv1: 3), finite x and w: dw from the pooled gradient
-                 (pooled_grad.py, within rounding). Else (0 * inf is NaN in the composition) `_unpool_pack` scatters
-                 it through argmax into the dense dw and dx kernels' channels-last dy, bitwise the composed ops'.
+                 channels-last, cropped per image); within rounding of the composition (tested). Shorter rows and
+                 remainders go through the lists' slower scalar paths, so there the composition was faster. A first
+                 3x3 layer (no dx), finite x and w, K a multiple of POOLED_GRAD_LANES: dw from the pooled gradient
+                 (pooled_grad.py, within rounding). Else the composition: relu_backward, maxpool2d_backward,
+                 conv2d_backward, the paths each picks (bitwise, so 0 * inf gives NaN as it does there).
 conv2d_relu_backward  conv2d_backward of the ReLU's select: the column tiles take it as they copy dy (one pass
                  less over the activation), the other paths call layers.relu_backward first; the same bits.
 
@@ -146,10 +151,8 @@ from numba_cnn.kernels.jit import pooling as _pooling  # pooling's host side
 from numba_cnn.kernels.jit.narrow_input import (NARROW_GRAD_PATH, narrow_forward, narrow_input_fits,
                                                 narrow_weight_grad)
 from numba_cnn.kernels.jit.listed import listed_backward, pooled_weight_grad, pooled_weight_grad_fits
-from numba_cnn.kernels.jit.sparse import _pack_channels_last, _unpool_pack
+from numba_cnn.kernels.jit.sparse import LISTED_BLOCK, _pack_channels_last
 
-# the listed scatters run along a kernel row's S x C values: below a vector's lanes (conv1: 3) the dense path wins
-LISTED_MIN_SPAN = 8
 # BLAS at one thread: its only BLAS calls are the dense layer's small matmuls, and OpenBLAS workers that keep
 # spinning after each call take the cores Numba's threads need (on 2 cores, a training step slows markedly).
 INFO = BackendInfo(summary="register-tiled loop kernels compiled by Numba (parallel=True)", blas_threads="one",
@@ -475,6 +478,20 @@ def batchnorm2d_relu_backward(dy, y, x, gamma, mean, inv_std):
     return _batchnorm.backward("batchnorm2d_relu_backward", dy, y, x, gamma, mean, inv_std)
 
 
+def _convolution_alone_pays(x_shape, w, padding, pool_lanes):
+    """Whether the fused conv + ReLU + max-pool forward runs conv2d_forward and then maxpool2d_forward instead of its
+    channels-last tile of `pool_lanes` output channels: where the convolution alone takes a kernel made for its
+    shape that the fused op has no twin of (few input channels: narrow_input.py's or the column tile when K fills
+    less than the fused tile's lanes; 5x5 Winograd). Timed against the fused tile on first and second layers of
+    small networks (docs/kernels.md, "When fusing does not pay")."""
+    k, c, r, s = w.shape
+    top, bottom, left, right = padding
+    p, q = x_shape[2] + top + bottom - r + 1, x_shape[3] + left + right - s + 1
+    if narrow_input_fits(x_shape, w.shape, 1, padding) or (r == 5 and winograd_fits(x_shape, w, 1)):
+        return True
+    return k < pool_lanes and p >= COLUMN_TILE[1] and columns_pay(c, k, q)
+
+
 def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
     """x[N,C,H,W], w[K,C,R,S], b[K] -> (y[N,K,P//2,Q//2], argmax uint8), P = H+top+bottom-R+1, Q = W+left+right-S+1
     with padding = (top, bottom, left, right) zeros: equal to maxpool2d_forward(conv2d_forward(x, w, b, relu=True,
@@ -511,10 +528,13 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
             y, argmax, path, executed = winograd
             note("conv2d_relu_maxpool2d_forward", path, executed)
             return y, argmax
-    y = reusable_output((n, k, p_half, q_half), x.dtype)
-    argmax = reusable_output(y.shape, np.uint8)
     narrow = k <= CONV_POOL_TILE_NARROW[0] < CONV_POOL_TILE[0]
     lanes, columns = CONV_POOL_TILE_NARROW if narrow else CONV_POOL_TILE
+    if _convolution_alone_pays(x.shape, w, padding, lanes):
+        note("conv2d_relu_maxpool2d_forward", "composed of conv2d_forward and maxpool2d_forward", 0)
+        return maxpool2d_forward(conv2d_forward(x, w, b, True, 1, padding), (2, 2))
+    y = reusable_output((n, k, p_half, q_half), x.dtype)
+    argmax = reusable_output(y.shape, np.uint8)
     note("conv2d_relu_maxpool2d_forward", f"conv rows pooled from an L1 tile, {lanes} lanes x {columns} columns"
          + (", padded copy" * any(padding)), macs)
     wt, bp = _packed_weights(w.transpose(2, 3, 1, 0), b, lanes, x.dtype)
@@ -530,35 +550,27 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
 def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 0, 0)):
     """dy[N,K,P//2,Q//2] (gradient of the pooled output), y (the pooled output), argmax, x[N,C,H,W], w[K,C,R,S] ->
     (dx[N,C,H,W] or None, dw[K,C,R,S], db[K]): equal to conv2d_backward(maxpool2d_backward(relu_backward(dy, y),
-    argmax, (N, K, P, Q)), x, w, need_dx, 1, padding). With finite x and w, and a kernel row of S x C >=
-    LISTED_MIN_SPAN values or dx wanted, over the list of the conv output's nonzero gradients (listed.py's
+    argmax, (N, K, P, Q)), x, w, need_dx, 1, padding). With finite x and w, and kernel rows (S x C values) of a
+    whole number of the lists' blocks, over the list of the conv output's nonzero gradients (listed.py's
     `listed_backward`, the input padded band by band as it is read, dx cropped: within float rounding of the
-    composition, another summation order). Without dx and with shorter rows (conv1, whose listed scatters would be
-    3 values long), finite x and w and K a multiple of its vector: dw straight from the pooled gradient (listed.py's
-    `pooled_weight_grad`; within rounding too). Otherwise the composition's arithmetic, bitwise (so that 0 * inf
-    gives NaN as it does there): the pooled gradient scattered straight into the packed conv gradient, then the
-    tiled weight gradient.
+    composition, another summation order). Without dx, 3x3, finite x and w and K a multiple of its vector: dw
+    straight from the pooled gradient (listed.py's `pooled_weight_grad`; within rounding too). Otherwise that
+    composition itself, bitwise (so that 0 * inf gives NaN as it does there), each op on the path it picks.
     """
     k, c, r, s = w.shape
     n, _, h, wd = x.shape
     top, bottom, left, right = padding
-    if (need_dx or s * c >= LISTED_MIN_SPAN) and np.isfinite(w).all():
+    if (s * c) % LISTED_BLOCK == 0 and np.isfinite(w).all():
         listed = listed_backward(*(a.transpose(0, 2, 3, 1) for a in (dy, y, argmax)), _input_channels_last(x), w,
                                  need_dx, padding)
         if listed is not None:
             return listed
     if pooled_weight_grad_fits(x, w, need_dx):
         return (None, *pooled_weight_grad(nhwc(dy), nhwc(y), nhwc(argmax), x, w, padding))
-    col_pad = s - 1 if need_dx else 0
-    shape = (n, h + top + bottom - r + 1, wd + left + right - s + 1 + 2 * col_pad, round_up(k, _grad_lanes(k)))
-    note("conv2d_relu_maxpool2d_backward", "unpooled into the dense tiles",
-         n * k * c * r * s * (shape[1] * (shape[2] - 2 * col_pad) + (h * wd if need_dx else 0)))
-    dyt = scratch("dy_cl", shape, dy.dtype)
-    sums = scratch("dy_cl.sums", (n, shape[3]), dy.dtype)
-    _unpool_pack(nhwc(dy), nhwc(y), nhwc(argmax), col_pad, dy.dtype.type(0), dyt, sums)
-    if any(padding):
-        return _conv_backward_packed(dyt, sums, x, w, need_dx, padding)
-    return _conv_backward_packed(dyt, sums, nchw(x), w, need_dx)
+    note("conv2d_relu_maxpool2d_backward", "composed of relu_backward, maxpool2d_backward and conv2d_backward", 0)
+    conv_shape = (n, k, h + top + bottom - r + 1, wd + left + right - s + 1)
+    dy_conv = maxpool2d_backward(layers.relu_backward(dy, y), argmax, conv_shape, (2, 2))
+    return conv2d_backward(dy_conv, x, w, need_dx, 1, padding)
 
 
 def conv2d_relu_backward(dy, y, x, w, need_dx, stride, padding):

@@ -10,8 +10,7 @@ from numba import get_num_threads
 from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, reusable_output, round_up, scratch
 from numba_cnn.kernels.jit.columns import padded_nchw
 from numba_cnn.kernels.jit.paths import note
-from numba_cnn.kernels.jit.pooled_grad import (POOLED_GRAD_LANES, POOLED_GRAD_TAPS, _pooled_weight_grad,
-                                               _pooled_weight_grad_3x3, _sum_listed_chunks)
+from numba_cnn.kernels.jit.pooled_grad import POOLED_GRAD_LANES, _pooled_weight_grad_3x3, _sum_listed_chunks
 from numba_cnn.kernels.jit.sparse import (LISTED_BAND_BYTES, LISTED_GRAD_LANES, _listed_input_grad, _listed_weight_grad,
                                           _pooled_grad_lists)
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
@@ -78,33 +77,27 @@ def exact_quotient_constants(divisor):
 
 
 def pooled_weight_grad_fits(x, w, need_dx):
-    """Whether `pooled_weight_grad` takes the fused backward: no dx wanted (a first layer), output channels a
-    multiple of its vector, at least a tile of taps, finite x and w (it multiplies the unpooled gradient's zeros
-    too, but in another order than the composition, so a NaN from 0 * inf could land elsewhere)."""
+    """Whether `pooled_weight_grad` takes the fused backward: a 3x3 kernel, no dx wanted (a first layer), output
+    channels a multiple of its vector, finite x and w (it multiplies the unpooled gradient's zeros too, but in
+    another order than the composition, so a NaN from 0 * inf could land elsewhere)."""
     k, c, r, s = w.shape
-    return (not need_dx and k % POOLED_GRAD_LANES == 0 and c * r * s >= POOLED_GRAD_TAPS and np.isfinite(w).all()
+    return ((r, s) == (3, 3) and not need_dx and k % POOLED_GRAD_LANES == 0 and np.isfinite(w).all()
             and np.isfinite(x).all())
 
 
 def pooled_weight_grad(dy, pooled, argmax, x, w, padding):
-    """(dw[K, C, R, S], db[K]) of the fused conv + ReLU + 2x2 max-pool backward without dx, by pooled_grad.py's
-    kernels (3x3: `_pooled_weight_grad_3x3`, else `_pooled_weight_grad`), from dy, pooled and argmax channels-last
-    (N, P2, Q2, K) and x NCHW or channels-last (read as NCHW planes, zero-padded by `padding` if any)."""
+    """(dw[K, C, 3, 3], db[K]) of the fused conv + ReLU + 2x2 max-pool backward without dx, by pooled_grad.py's
+    `_pooled_weight_grad_3x3`, from dy, pooled and argmax channels-last (N, P2, Q2, K) and x NCHW or channels-last
+    (read as NCHW planes, zero-padded by `padding` if any)."""
     n, k = dy.shape[0], dy.shape[3]
     _, c, r, s = w.shape
     xp = padded_nchw(x, padding) if any(padding) else nchw(x)
     chunks = min(GRAD_IMAGE_CHUNKS, n)
     dwt = scratch("pooled.dw", (chunks, c * r * s, k), dy.dtype)
     dbt = scratch("pooled.db", (chunks, k), dy.dtype)
-    macs = n * dy.shape[1] * dy.shape[2] * 4 * c * r * s * k
-    if (r, s) == (3, 3):
-        note("conv2d_relu_maxpool2d_backward", f"dw from the pooled gradient, 3x3 taps from each window's 4x4 inputs "
-             f"x {POOLED_GRAD_LANES} lanes", macs)
-        _pooled_weight_grad_3x3(xp, dy, pooled, argmax, dy.dtype.type(0), dwt, dbt)
-    else:
-        note("conv2d_relu_maxpool2d_backward", f"dw from the pooled gradient, tiles of {POOLED_GRAD_TAPS} taps x "
-             f"{POOLED_GRAD_LANES} lanes", macs)
-        _pooled_weight_grad(xp, dy, pooled, argmax, r, s, dy.dtype.type(0), dwt, dbt)
+    note("conv2d_relu_maxpool2d_backward", f"dw from the pooled gradient, 3x3 taps from each window's 4x4 inputs "
+         f"x {POOLED_GRAD_LANES} lanes", n * dy.shape[1] * dy.shape[2] * 4 * c * r * s * k)
+    _pooled_weight_grad_3x3(xp, dy, pooled, argmax, dy.dtype.type(0), dwt, dbt)
     dw = dwt[0] if chunks == 1 else dwt.sum(axis=0)  # the chunks in order
     db = dbt[0].copy() if chunks == 1 else dbt.sum(axis=0)
     return np.ascontiguousarray(dw.T.reshape(k, c, r, s)), db

@@ -1,14 +1,12 @@
-"""The jit backend's weight gradient of a first conv layer behind ReLU + 2x2 max-pooling, straight from the pooled
-gradient (listed.py's `pooled_weight_grad` calls it): a first layer computes no dx, and its kernel rows (S x C
+"""The jit backend's weight gradient of a first 3x3 conv layer behind ReLU + 2x2 max-pooling, straight from the
+pooled gradient (listed.py's `pooled_weight_grad` calls it): a first layer computes no dx, and its kernel rows (S x C
 values, 3 for one input channel) are too short for the lists of sparse.py. Per 2x2 window, the pooled gradient
 becomes four copies masked to the window's four positions (three of them zero), and each kernel tap adds the four
 products with the inputs that tap sees at those positions: every product of the dense sum over the unpooled gradient,
-without writing that gradient. Output channels run in the vector lanes.
-
-Two kernels with the same sums in the same order (so the same bits): one for any kernel size, which finds each tap's
-four inputs through a table of offsets, and one for 3x3 kernels, which reads each window's 4 x 4 input patch once
-(16 loads at fixed offsets in place of 36 through the table) and spells out which of the 16 each tap's four products
-take; with AVX2's 16 vector registers the general one spills its accumulators and inputs to the stack every window.
+without writing that gradient. Output channels run in the vector lanes; each window's 4 x 4 input patch is read once
+(16 loads at fixed offsets), and the kernel spells out which of the 16 each tap's four products take. (A kernel for
+any size, finding each tap's four inputs through a table of offsets, lost to the composed backward on every 5x5
+layer timed: docs/kernels.md, "When fusing does not pay".)
 
 `_sum_listed_chunks` adds up the chunks of sparse.py's listed weight gradient (the other weight gradient behind the
 pool) straight into the weight's (K, C, R, S) order, on every thread.
@@ -17,14 +15,13 @@ Self-contained (no @njit helper from another file), so Numba's cache sees every 
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from numba_cnn.kernels._numba_ext import jit as _jit, part_range, parts_kernel, tile_allocator
 from numba_cnn.kernels.jit.tiles import TILE_BITS
 
 # the register tile: 9 taps x one vector of output channels
 POOLED_GRAD_LANES = 16 if TILE_BITS >= 512 else 8
-POOLED_GRAD_TAPS = 9
 
 
 @njit(inline="always")  # inlined in numba IR: the lane loops that call it vectorise as if it were written out there
@@ -36,82 +33,6 @@ def _window_masks(g_any, pooled, where, zero):
             g if where == 3 else zero)
 
 
-def _make_pooled_weight_grad(lanes, taps):
-    """`_pooled_weight_grad` with a register tile of `taps` kernel taps x `lanes` output channels."""
-    assert taps == 9, "the kernel's body spells out 9 taps"
-    tile, inputs = taps * lanes, 4 * taps
-    _stack_tile = tile_allocator()
-
-    @_jit
-    def pooled_weight_grad(xp, dy, pooled, argmax, r_taps, s_taps, zero, dwt, dbt):
-        """dwt[h, t, k] (t = (c * R + r) * S + s; K a multiple of `lanes`) = sum over the images n of chunk h
-        (dwt.shape[0] contiguous chunks of the batch) and the 2x2 windows (pi, pj) of g[n, pi, pj, k] *
-        xp[n, c, 2 pi + a + r, 2 pj + b + s]: the dense weight gradient of the conv output's gradient behind ReLU +
-        2x2 max-pooling, g being dy where pooled > 0 or is NaN (the ReLU's select) and (a, b) the window's winner
-        (argmax); dy, pooled and argmax indexed (N, P2, Q2, K), xp NCHW (padded as the convolution reads it).
-
-        The unpooled gradient is never stored: per window, its gradient becomes four copies masked to each of the
-        window's four positions, and each tap adds the four products with that position's input, one of them
-        nonzero (a select per lane would need a gather of the inputs); every output position's product is made, as in
-        the dense sum over the unpooled gradient (its zeros included). At least `taps` taps (C x R x S): the last tile
-        of taps overlaps the one before. Per element of dwt: images in order, windows in order; the chunks are fixed by
-        the batch and the caller adds them in order, so the same bits for any thread count. dbt[h, k]: chunk h's sum of
-        g (the bias gradient's), images and windows in order."""
-        n_images, n_in, height, width = xp.shape
-        n_chunks, n_taps, n_out = dwt.shape
-        p_half, q_half = dy.shape[1], dy.shape[2]
-        k_blocks = n_out // lanes
-        per_plane = r_taps * s_taps
-        for task in prange(n_chunks * k_blocks):
-            h, k0 = task // k_blocks, task % k_blocks * lanes
-            acc = _stack_tile(tile, xp.dtype)
-            xs = _stack_tile(inputs, xp.dtype)
-            sums = _stack_tile(lanes, xp.dtype)
-            tap_at = np.empty(taps, np.int64)  # where each tap of the tile starts in an image's planes
-            for l in range(lanes):
-                sums[l] = zero
-            for t0 in range(0, n_taps, taps):
-                first = min(t0, n_taps - taps)  # the last tile overlaps the one before instead of overrunning
-                for t in range(taps):
-                    tap = first + t
-                    c, rs = tap // per_plane, tap % per_plane
-                    tap_at[t] = (c * height + rs // s_taps) * width + rs % s_taps
-                for a in range(tile):
-                    acc[a] = zero
-                for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
-                    image = xp[n].reshape(n_in * height * width)
-                    for pi in range(p_half):
-                        for pj in range(q_half):
-                            g_px, pooled_px, arg_px = dy[n, pi, pj, k0:], pooled[n, pi, pj, k0:], argmax[n, pi, pj, k0:]
-                            window = 2 * pi * width + 2 * pj
-                            for t in range(taps):  # each tap's four inputs, one per window position
-                                at = window + tap_at[t]
-                                xs[4 * t], xs[4 * t + 1] = image[at], image[at + 1]
-                                xs[4 * t + 2], xs[4 * t + 3] = image[at + width], image[at + width + 1]
-                            for l in range(lanes):  # the 9-tap body spelled out (the form LLVM vectorises)
-                                g, g0, g1, g2, g3 = _window_masks(g_px[l], pooled_px[l], arg_px[l], zero)
-                                sums[l] += g if t0 == 0 else zero
-                                acc[l] += g0 * xs[0] + g1 * xs[1] + g2 * xs[2] + g3 * xs[3]
-                                acc[lanes + l] += g0 * xs[4] + g1 * xs[5] + g2 * xs[6] + g3 * xs[7]
-                                acc[2 * lanes + l] += g0 * xs[8] + g1 * xs[9] + g2 * xs[10] + g3 * xs[11]
-                                acc[3 * lanes + l] += g0 * xs[12] + g1 * xs[13] + g2 * xs[14] + g3 * xs[15]
-                                acc[4 * lanes + l] += g0 * xs[16] + g1 * xs[17] + g2 * xs[18] + g3 * xs[19]
-                                acc[5 * lanes + l] += g0 * xs[20] + g1 * xs[21] + g2 * xs[22] + g3 * xs[23]
-                                acc[6 * lanes + l] += g0 * xs[24] + g1 * xs[25] + g2 * xs[26] + g3 * xs[27]
-                                acc[7 * lanes + l] += g0 * xs[28] + g1 * xs[29] + g2 * xs[30] + g3 * xs[31]
-                                acc[8 * lanes + l] += g0 * xs[32] + g1 * xs[33] + g2 * xs[34] + g3 * xs[35]
-                for t in range(t0 - first, taps):  # overlapped taps belong to the tile before
-                    for l in range(lanes):
-                        dwt[h, first + t, k0 + l] = acc[t * lanes + l]
-            for l in range(lanes):
-                dbt[h, k0 + l] = sums[l]
-
-    return pooled_weight_grad
-
-
-_pooled_weight_grad = _make_pooled_weight_grad(POOLED_GRAD_LANES, POOLED_GRAD_TAPS)
-
-
 def _make_pooled_weight_grad_3x3(lanes):
     """`_pooled_weight_grad_3x3` with a register tile of a 3x3 kernel's 9 taps x `lanes` output channels."""
     tile = 9 * lanes
@@ -120,10 +41,20 @@ def _make_pooled_weight_grad_3x3(lanes):
     @parts_kernel
     @_jit(parallel=False)
     def pooled_weight_grad_3x3(part, n_parts, xp, dy, pooled, argmax, zero, dwt, dbt):
-        """`_pooled_weight_grad` for a 3x3 kernel (dwt[h, c * 9 + r * 3 + s, k], the same sums in the same order):
-        one input channel at a time, each window's 4 x 4 input patch read once, rows 2 pi.. 2 pi + 3 and columns
-        2 pj.. 2 pj + 3 of the padded plane (tap (r, s) at window position (a, b) reads patch row a + r, column
-        b + s)."""
+        """dwt[h, c * 9 + r * 3 + s, k] (K a multiple of `lanes`) = sum over the images n of chunk h (dwt.shape[0]
+        contiguous chunks of the batch) and the 2x2 windows (pi, pj) of g[n, pi, pj, k] * xp[n, c, 2 pi + a + r,
+        2 pj + b + s]: the dense weight gradient of a 3x3 convolution's output gradient behind ReLU + 2x2
+        max-pooling, g being dy where pooled > 0 or is NaN (the ReLU's select) and (a, b) the window's winner
+        (argmax); dy, pooled and argmax indexed (N, P2, Q2, K), xp NCHW (padded as the convolution reads it).
+
+        The unpooled gradient is never stored: per window, its gradient becomes four copies masked to each of the
+        window's four positions, and each tap adds the four products with that position's input, one of them
+        nonzero (a select per lane would need a gather of the inputs): every product of the dense sum over the
+        unpooled gradient (its zeros included). One input channel at a time, each window's 4 x 4 input patch read
+        once, rows 2 pi.. 2 pi + 3 and columns 2 pj.. 2 pj + 3 of the padded plane (tap (r, s) at window position
+        (a, b) reads patch row a + r, column b + s). Per element of dwt: images in order, windows in order; the
+        chunks are fixed by the batch and the caller adds them in order, so the same bits for any thread count.
+        dbt[h, k]: chunk h's sum of g (the bias gradient's), images and windows in order."""
         n_images, n_in = xp.shape[0], xp.shape[1]
         n_chunks, n_out = dwt.shape[0], dwt.shape[2]
         p_half, q_half = dy.shape[1], dy.shape[2]

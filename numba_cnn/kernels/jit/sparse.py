@@ -365,46 +365,6 @@ _listed_input_grad = _make_listed_input_grad(LISTED_BLOCK)
 
 @parts_kernel
 @_jit(parallel=False)
-def _unpool_pack(part, n_parts, dy, pooled, argmax, col_pad, zero, out, sums):
-    """The gradient of a conv output before ReLU + 2x2 max-pooling, from the pooled gradient dy[N, P//2, Q//2, K]
-    (channels last, as pooled and argmax): the ReLU's select (dy where pooled > 0 or pooled is NaN, else exactly 0,
-    as layers.relu_backward) routed to each window's argmax, written channels-last into out[N, P, Q + 2 col_pad,
-    K_padded] (every element once: zero elsewhere, in the padding columns and channels and the dropped odd
-    row/column); sums[n, k] as `_pack_channels_last` makes them, in the same order (so the same bits)."""
-    n_images, p_half, q_half, n_ch = dy.shape
-    p_out, c_padded = out.shape[1], out.shape[3]
-    for n in part_range(part, n_parts, n_images):
-        total = sums[n]
-        total[:] = zero
-        for i in range(p_out):
-            pi, di = i // 2, i % 2
-            out[n, i, :col_pad] = zero
-            out[n, i, col_pad + 2 * q_half:] = zero  # the dropped odd column and the right padding
-            if pi >= p_half:  # the dropped odd last row
-                out[n, i] = zero
-                continue
-            first = np.uint8(2 * di)
-            for pj in range(q_half):
-                left, right = out[n, i, col_pad + 2 * pj], out[n, i, col_pad + 2 * pj + 1]
-                g_row, pooled_row, where_row = dy[n, pi, pj], pooled[n, pi, pj], argmax[n, pi, pj]
-                for c in range(n_ch):
-                    p, where = pooled_row[c], where_row[c]
-                    # a select, not dy * (pooled > 0): a NaN or inf dy where the ReLU was off contributes nothing
-                    g_any = g_row[c]
-                    g = g_any if (p > zero) | (p != p) else zero
-                    left[c] = g if where == first else zero
-                    right[c] = g if where == first + 1 else zero
-                for c in range(n_ch, c_padded):
-                    left[c] = zero
-                    right[c] = zero
-                for c in range(c_padded):
-                    total[c] += left[c]
-                for c in range(c_padded):
-                    total[c] += right[c]
-
-
-@parts_kernel
-@_jit(parallel=False)
 def _pack_channels_last(part, n_parts, a, col_pad, out, sums):
     """a[N, C, H, W] -> out[N, H, W + 2 col_pad, C_padded]: channels last, zero columns on both sides and zero
     padded channels; sums[n, c] = sum of a[n, c], summed in one fixed order per image (the bias gradient's terms,
