@@ -140,6 +140,19 @@ def test_each_call_takes_the_correlation_tile_that_computes_less():
             assert f"dx the column tile {dx_tile[0]} channels x {dx_tile[1]} rows" in backward, backward
 
 
+def test_each_weight_gradient_takes_the_tile_that_computes_fewer_channels():
+    """5 and 6 filters (LeNet's conv1) take the six-channel weight-gradient tile, 4, 7 and 16 the four-channel one
+    (on either target); the oracle checks both on SHAPES above (K = 5 and 6 among them)."""
+    six, four = columns.COLUMN_GRAD_TILE_SIX, columns.COLUMN_GRAD_TILE
+    rng = np.random.default_rng(5)
+    for k, tile in ((5, six), (6, six), (4, four), (7, four), (16, four)):
+        x, w, b, dy = _operands(rng, (2, 1, 12, 12), k, (5, 5), (2, 2, 2, 2), np.float32)
+        with PathLog() as log:
+            jit.conv2d_backward(dy, x, w, False, 1, (2, 2, 2, 2))
+        assert log.paths == [f"conv2d_backward: column dw tiles of {tile[0]} channels x {tile[1]} taps x "
+                             f"{columns.COLUMN_LANES} lanes"], (k, log.paths)
+
+
 def test_one_and_two_threads_give_identical_bits():
     """Forward split over images, dw over (fixed image chunk, tile) tasks with the chunks added in order, db from
     per-image sums: bitwise the same for any thread count."""

@@ -174,6 +174,8 @@ PATH_CASES = [
                  id="torch_tutorial_conv2"),
     pytest.param((2, 3, 16, 16), (32, 3, 3, 3), (1, 1, 1, 1), False, "conv2d_forward: few input channels",
                  "dw from the pooled gradient", id="c3_k32_first_layer"),
+    pytest.param((2, 3, 16, 16), (16, 3, 3, 3), (1, 1, 1, 1), False, "conv2d_forward: column tile",
+                 "dw from the pooled gradient", id="c3_k16_first_layer"),
     pytest.param((2, 1, 28, 28), (16, 1, 5, 5), NO_PADDING, False, "one-channel column tile", "conv2d_backward",
                  id="one_channel_5x5"),
     pytest.param((2, 16, 14, 14), (32, 16, 5, 5), (2, 2, 2, 2), True, "conv2d_forward: Winograd F",

@@ -353,7 +353,7 @@ def tile_constants(bits):
               "'GRAD_LANES_WIDE': t.GRAD_LANES_WIDE, 'TILE_TAPS': t.TILE_TAPS, 'CONV1_TILE': t.CONV1_TILE, "
               "'ONE_CHANNEL_LANES': t.ONE_CHANNEL_LANES, "
               "'COLUMN_LANES': c.COLUMN_LANES, 'COLUMN_TILE': c.COLUMN_TILE, 'COLUMN_TILE_SIX': c.COLUMN_TILE_SIX, "
-              "'COLUMN_GRAD_TILE': c.COLUMN_GRAD_TILE, "
+              "'COLUMN_GRAD_TILE': c.COLUMN_GRAD_TILE, 'COLUMN_GRAD_TILE_SIX': c.COLUMN_GRAD_TILE_SIX, "
               "'WINOGRAD_TILE_WIDE': t.WINOGRAD_TILE_WIDE, 'WINOGRAD_TILE_NARROW': t.WINOGRAD_TILE_NARROW, "
               "'WINOGRAD_CHUNK': t.WINOGRAD_CHUNK}))")
     env = dict(os.environ, NUMBA_CNN_TILE_BITS=str(bits),
@@ -402,7 +402,9 @@ def block_tiles():
                             ("COLUMN_TILE_SIX", "the same where it computes less than COLUMN_TILE (LeNet's conv1 "
                                                 "forward, its dx into 6 channels; on AVX2 conv2's forward)", "rows"),
                             ("COLUMN_GRAD_TILE", "weight gradients of few filters, lanes along the columns (LeNet's "
-                                                 "6 and 16)", "taps")):
+                                                 "conv2: 16)", "taps"),
+                            ("COLUMN_GRAD_TILE_SIX", "the same where it computes fewer channels than COLUMN_GRAD_TILE "
+                                                     "(6 filters: LeNet's conv1)", "taps")):
         cells = [f"{t[name][0]} channels x {t[name][1]} {kind} x {t['COLUMN_LANES']} lanes = **"
                  f"{t[name][0] * t[name][1] * t['COLUMN_LANES'] * 32 // t['bits']} "
                  f"{'ymm' if t['bits'] == 256 else 'zmm'}**" for t in (avx2, avx512)]

@@ -99,7 +99,7 @@ conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair o
                  2x2 windows of its output tiles (conv2d_forward's tiles and sums: bitwise too), channels-last.
                  Where the convolution alone takes a kernel made for its shape that has no fused twin (few input
                  channels: narrow_input.py's tile, or the column tile where K fills less than the fused tile's
-                 lanes; 5x5 Winograd), conv2d_forward then maxpool2d_forward (`_convolution_alone_pays`).
+                 lanes or C <= 4; 5x5 Winograd), conv2d_forward then maxpool2d_forward (`_convolution_alone_pays`).
 conv2d_relu_maxpool2d_backward  with finite x and w, and kernel rows of a whole number of LISTED_BLOCK values (S x C:
                  3x3 over 32 or 64 channels), over the list of the conv output's nonzero gradients only (pooling,
                  the ReLU's select and dropout zero the rest): sparse.py's `_pooled_grad_lists` (values, offsets of
@@ -481,15 +481,16 @@ def batchnorm2d_relu_backward(dy, y, x, gamma, mean, inv_std):
 def _convolution_alone_pays(x_shape, w, padding, pool_lanes):
     """Whether the fused conv + ReLU + max-pool forward runs conv2d_forward and then maxpool2d_forward instead of its
     channels-last tile of `pool_lanes` output channels: where the convolution alone takes a kernel made for its
-    shape that the fused op has no twin of (few input channels: narrow_input.py's or the column tile when K fills
-    less than the fused tile's lanes; 5x5 Winograd). Timed against the fused tile on first and second layers of
-    small networks (docs/kernels.md, "When fusing does not pay")."""
+    shape that the fused op has no twin of (few input channels: narrow_input.py's, or the column tile when K fills
+    less than the fused tile's lanes or there are at most 4 input channels; 5x5 Winograd). Timed against the fused
+    tile on first and second layers of small networks (docs/kernels.md, "When fusing does not pay")."""
     k, c, r, s = w.shape
     top, bottom, left, right = padding
     p, q = x_shape[2] + top + bottom - r + 1, x_shape[3] + left + right - s + 1
     if narrow_input_fits(x_shape, w.shape, 1, padding) or (r == 5 and winograd_fits(x_shape, w, 1)):
         return True
-    return k < pool_lanes and p >= COLUMN_TILE[1] and columns_pay(c, k, q)
+    # the fused tile sums over the input channels innermost: a loop of at most 4 is mostly overhead
+    return (k < pool_lanes or c <= 4) and p >= COLUMN_TILE[1] and columns_pay(c, k, q)
 
 
 def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):

@@ -21,7 +21,8 @@ kernel), and a second one the weight gradient.
     the flattened (c, r, s), so a 5x5 kernel or 3 channels of a 3x3 one fill the tile (a tap is an offset into the
     image: any mix of channels, rows and columns is one load), dy zero past its width (the extra lanes add
     nothing); summed per lane over the rows and column blocks of the images of one chunk, then across the lanes in
-    lane order. Tasks are (image chunk, tile) pairs fixed by the shapes (GRAD_IMAGE_CHUNKS chunks), a chunk's
+    lane order. `_column_weight_grad_six`: the same with 6 channels x 4 (AVX-512) or 2 (AVX2) taps
+    (COLUMN_GRAD_TILE_SIX), for 5 or 6 filters, where the other computes 8 (`_weight_grad_tile` picks). Tasks are (image chunk, tile) pairs fixed by the shapes (GRAD_IMAGE_CHUNKS chunks), a chunk's
     tiles consecutive so its images stay in cache; the caller adds the chunks in order: bitwise the same for any
     thread count.
 
@@ -51,6 +52,9 @@ COLUMN_TILE = (8, 3) if _WIDE else (4, 3)
 # x 2 rows in 12 ymm (3 x 4 would need a 17th ymm for the fourth row's segment, and spilled: slower than 4 x 3)
 COLUMN_TILE_SIX = (6, 4) if _WIDE else (6, 2)
 COLUMN_GRAD_TILE = (4, 6) if _WIDE else (4, 3)
+# 6 filters (LeNet's conv1, the first layer of PyTorch's CIFAR-10 tutorial network), for which the tile above
+# computes 8: 6 channels x 4 taps in 24 zmm, x 2 taps in 12 ymm
+COLUMN_GRAD_TILE_SIX = (6, 4) if _WIDE else (6, 2)
 
 
 def _make_column_correlation(lanes, channels, rows):
@@ -173,8 +177,7 @@ def _make_column_correlation(lanes, channels, rows):
     return column_correlation
 
 
-def _make_column_weight_grad(lanes):
-    channels, taps = COLUMN_GRAD_TILE
+def _make_column_weight_grad(lanes, channels, taps):
     tile = channels * taps * lanes
     _stack_tile = tile_allocator()
 
@@ -193,6 +196,9 @@ def _make_column_weight_grad(lanes):
         n_tiles = k_padded // channels * tap_blocks
         x_flat, dy_flat = xp.reshape(-1), dyp.reshape(-1)
         dy_plane = np.uint64(dy_rows * dy_cols)  # unsigned offsets: no wrap-around fix (see the correlation)
+        # the 6-channel tile's further planes (an int times an unsigned int is a float in numba)
+        plane3, plane4, plane5 = (np.uint64(3 * dy_rows * dy_cols), np.uint64(4 * dy_rows * dy_cols),
+                                  np.uint64(5 * dy_rows * dy_cols))
         for task in prange(n_chunks * n_tiles):
             acc = _stack_tile(tile, xp.dtype)
             h, t = task // n_tiles, task % n_tiles
@@ -205,7 +211,7 @@ def _make_column_weight_grad(lanes):
                 g = min(first + tt, n_taps - 1)
                 c, rs = g // (r_taps * s_taps), g % (r_taps * s_taps)
                 tap_at[tt] = np.uint64((c * x_rows + rs // s_taps) * x_cols + rs % s_taps)
-            o0, o1, o2 = tap_at[0], tap_at[1], tap_at[2]
+            o0, o1, o2 = tap_at[0], tap_at[1], tap_at[2 % taps]
             o3, o4, o5 = tap_at[3 % taps], tap_at[4 % taps], tap_at[5 % taps]
             for a in range(tile):
                 acc[a] = 0
@@ -214,6 +220,40 @@ def _make_column_weight_grad(lanes):
                     x_at = (n * n_in * x_rows + i) * x_cols
                     dy_at = ((n * k_padded + k0) * dy_rows + row_off + i) * dy_cols + col_off
                     for j0 in range(0, q_padded, lanes):
+                        if channels == 6:  # 6 channels x 2 taps, taps 2-3 only in the 4-tap tile
+                            for lane in range(lanes):
+                                u, v = np.uint64(x_at + j0 + lane), np.uint64(dy_at + j0 + lane)
+                                a0, a1 = x_flat[u + o0], x_flat[u + o1]
+                                g0, g1 = dy_flat[v], dy_flat[v + dy_plane]
+                                g2, g3 = dy_flat[v + dy_plane + dy_plane], dy_flat[v + plane3]
+                                g4, g5 = dy_flat[v + plane4], dy_flat[v + plane5]
+                                acc[lane] += g0 * a0
+                                acc[lanes + lane] += g0 * a1
+                                acc[taps * lanes + lane] += g1 * a0
+                                acc[(taps + 1) * lanes + lane] += g1 * a1
+                                acc[2 * taps * lanes + lane] += g2 * a0
+                                acc[(2 * taps + 1) * lanes + lane] += g2 * a1
+                                acc[3 * taps * lanes + lane] += g3 * a0
+                                acc[(3 * taps + 1) * lanes + lane] += g3 * a1
+                                acc[4 * taps * lanes + lane] += g4 * a0
+                                acc[(4 * taps + 1) * lanes + lane] += g4 * a1
+                                acc[5 * taps * lanes + lane] += g5 * a0
+                                acc[(5 * taps + 1) * lanes + lane] += g5 * a1
+                                if taps == 4:
+                                    a2, a3 = x_flat[u + o2], x_flat[u + o3]
+                                    acc[2 * lanes + lane] += g0 * a2
+                                    acc[3 * lanes + lane] += g0 * a3
+                                    acc[(taps + 2) * lanes + lane] += g1 * a2
+                                    acc[(taps + 3) * lanes + lane] += g1 * a3
+                                    acc[(2 * taps + 2) * lanes + lane] += g2 * a2
+                                    acc[(2 * taps + 3) * lanes + lane] += g2 * a3
+                                    acc[(3 * taps + 2) * lanes + lane] += g3 * a2
+                                    acc[(3 * taps + 3) * lanes + lane] += g3 * a3
+                                    acc[(4 * taps + 2) * lanes + lane] += g4 * a2
+                                    acc[(4 * taps + 3) * lanes + lane] += g4 * a3
+                                    acc[(5 * taps + 2) * lanes + lane] += g5 * a2
+                                    acc[(5 * taps + 3) * lanes + lane] += g5 * a3
+                            continue
                         # the 4 x 3 body spelled out, as in the correlation; taps 3-5 only in the 6-tap tile
                         for lane in range(lanes):
                             u, v = np.uint64(x_at + j0 + lane), np.uint64(dy_at + j0 + lane)
@@ -259,7 +299,8 @@ def _make_column_weight_grad(lanes):
 
 _column_correlation = _make_column_correlation(COLUMN_LANES, *COLUMN_TILE)
 _column_correlation_six = _make_column_correlation(COLUMN_LANES, *COLUMN_TILE_SIX)
-_column_weight_grad = _make_column_weight_grad(COLUMN_LANES)
+_column_weight_grad = _make_column_weight_grad(COLUMN_LANES, *COLUMN_GRAD_TILE)
+_column_weight_grad_six = _make_column_weight_grad(COLUMN_LANES, *COLUMN_GRAD_TILE_SIX)
 
 
 def _lane_use(count, lanes):
@@ -336,6 +377,14 @@ def _correlation_tile(out_channels, out_rows):
     return _column_correlation, COLUMN_TILE
 
 
+def _weight_grad_tile(out_channels):
+    """-> (kernel, (channels, taps)): of the two column weight-gradient tiles, the one that computes fewer channels
+    for K output channels (K rounded up to its channels), COLUMN_GRAD_TILE on a tie."""
+    if round_up(out_channels, COLUMN_GRAD_TILE_SIX[0]) < round_up(out_channels, COLUMN_GRAD_TILE[0]):
+        return _column_weight_grad_six, COLUMN_GRAD_TILE_SIX
+    return _column_weight_grad, COLUMN_GRAD_TILE
+
+
 def _row_products(out_rows, rows, r_taps, row_lo, row_hi):
     """Output rows x kernel rows the column correlation computes for a plane of `out_rows` rows in blocks of `rows`
     (the last block overlapping the one before), each block skipping the kernel rows whose tile reads only rows
@@ -389,7 +438,7 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     _, c, r, s = w.shape
     h, wd = x.shape[2:]
     top, bottom, left, right = padding
-    channels, taps = COLUMN_GRAD_TILE
+    weight_grad, (channels, taps) = _weight_grad_tile(k)
     lanes = COLUMN_LANES
     dw_macs = n * k * c * r * s * p * q
     dx_correlation, (dx_channels, dx_rows) = _correlation_tile(c, h)
@@ -409,7 +458,7 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     xp, _ = _padded_planes(x, top, left, c, h + top + bottom, q_padded + s - 1, "x_columns")
     chunks = min(GRAD_IMAGE_CHUNKS, n)
     dwt = np.empty((chunks, dyp.shape[1], c * r * s), x.dtype)
-    _column_weight_grad(xp, dyp, row_off, col_off, p, q, r, s, dwt)
+    weight_grad(xp, dyp, row_off, col_off, p, q, r, s, dwt)
     dw = (dwt[0] if chunks == 1 else np.sum(dwt, axis=0))[:k].reshape(k, c, r, s)  # chunks added in order
     if not need_dx:
         return None, dw, db
