@@ -66,6 +66,21 @@ def test_presets_build_for_grey_and_colour_images():
         "BatchNorm2D", "ReLU", "Conv2D", "MaxPool2D", "Dropout", "Dense"}
 
 
+def test_the_descriptions_in_the_networks_page_build():
+    """Every JSON block of docs/networks.md is a description that builds for its own input shape; the two
+    tutorial networks have the parameter counts their tutorials print (PyTorch's 62,006, TensorFlow's 122,570)."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "networks.md").read_text(encoding="utf-8")
+    counts = {}
+    for block in re.findall(r"```json\n(.*?)```", page, flags=re.S):
+        doc = json.loads(block)
+        network = from_dict(doc, tuple(doc.get("input_shape", (1, 28, 28))), num_classes=10)
+        counts[doc["name"]] = network.num_params()
+    assert counts["torch-tutorial"] == 62_006 and counts["tf-tutorial"] == 122_570, counts
+
+
 def test_shapes_follow_from_the_input():
     network = every_kind_network()
     assert network.shapes == ((1, 20, 20), (4, 18, 18), (4, 18, 18), (4, 6, 6), (6, 6, 6), (6, 3, 3), (8, 2, 2),

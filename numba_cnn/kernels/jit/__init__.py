@@ -109,8 +109,11 @@ conv2d_relu_maxpool2d_backward  with finite x and w, and kernel rows of a whole 
                  channels-last, cropped per image); within rounding of the composition (tested). Shorter rows and
                  remainders go through the lists' slower scalar paths, so there the composition was faster. A first
                  3x3 layer (no dx), finite x and w, K a multiple of POOLED_GRAD_LANES: dw from the pooled gradient
-                 (pooled_grad.py, within rounding). Else the composition: relu_backward, maxpool2d_backward,
-                 conv2d_backward, the paths each picks (bitwise, so 0 * inf gives NaN as it does there).
+                 (pooled_grad.py, within rounding). Else, where the column tiles take the convolution, they
+                 route the pool's gradient through the ReLU's select to its winners as they copy it into their
+                 zero border (sparse.py's `_pad_planes`); otherwise the composition: relu_backward,
+                 maxpool2d_backward, conv2d_backward, the paths each picks (both bitwise the composition, so
+                 0 * inf gives NaN as it does there).
 conv2d_relu_backward  conv2d_backward of the ReLU's select: the column tiles take it as they copy dy (one pass
                  less over the activation), the other paths call layers.relu_backward first; the same bits.
 
@@ -556,7 +559,8 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
     `listed_backward`, the input padded band by band as it is read, dx cropped: within float rounding of the
     composition, another summation order). Without dx, 3x3, finite x and w and K a multiple of its vector: dw
     straight from the pooled gradient (listed.py's `pooled_weight_grad`; within rounding too). Otherwise that
-    composition itself, bitwise (so that 0 * inf gives NaN as it does there), each op on the path it picks.
+    composition's arithmetic, bitwise (so that 0 * inf gives NaN as it does there): on the column tiles the pool's
+    backward made as dy is copied into their border, else each op on the path it picks.
     """
     k, c, r, s = w.shape
     n, _, h, wd = x.shape
@@ -568,8 +572,10 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
             return listed
     if pooled_weight_grad_fits(x, w, need_dx):
         return (None, *pooled_weight_grad(nhwc(dy), nhwc(y), nhwc(argmax), x, w, padding))
-    note("conv2d_relu_maxpool2d_backward", "composed of relu_backward, maxpool2d_backward and conv2d_backward", 0)
     conv_shape = (n, k, h + top + bottom - r + 1, wd + left + right - s + 1)
+    if _column_backward_fits(x, w, k, conv_shape[3], 1, padding):  # the pool's backward folded into dy's copy
+        return column_backward(dy, x, w, need_dx, padding, y, pooled="max", argmax=argmax)
+    note("conv2d_relu_maxpool2d_backward", "composed of relu_backward, maxpool2d_backward and conv2d_backward", 0)
     dy_conv = maxpool2d_backward(layers.relu_backward(dy, y), argmax, conv_shape, (2, 2))
     return conv2d_backward(dy_conv, x, w, need_dx, 1, padding)
 
@@ -584,7 +590,7 @@ def conv2d_relu_avgpool2d_backward(dy, y, x, w, need_dx, stride, padding, size=(
     pool (2x2 or global) of conv2d_forward's ReLU'd y: the column tiles spread a 2x2 pool's dy as they copy it into
     their border, a global pool of a channels-last y is spread through the select in one pass; else the composition."""
     if tuple(size) == (2, 2) and _column_backward_fits(x, w, y.shape[1], y.shape[3], stride, padding):
-        return column_backward(dy, x, w, need_dx, padding, y, pooled=True)
+        return column_backward(dy, x, w, need_dx, padding, y, pooled="average")
     spread = _pooling.average_relu_backward(dy, y, size)
     if spread is not None:
         return _conv_backward(spread, x, w, need_dx, stride, padding, None)

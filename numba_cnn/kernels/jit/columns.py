@@ -336,19 +336,28 @@ def column_input_finite(x, w_shape, padding, q):
     return bool(np.isfinite(sums).all())
 
 
-def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None, pooled=False):
+# the pool whose backward `_padded_planes` folds into its copy: `_pad_planes`' codes
+_POOLED = {None: 0, "average": 1, "max": 2}
+
+
+def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None, pooled=None, argmax=None):
     """a[N, C, H, W] (either layout; through the ReLU's select on relu_y if given) placed at (top, left) in zeros
     (N, planes, rows, columns), and the per-image channel sums (N, C): a `layout_copy` of a (the forward's padded
-    input is the backward's), in scratch buffers with relu_y. pooled: a is the gradient of relu_y's 2x2 average
-    pool, spread over the windows as it is copied."""
+    input is the backward's), in scratch buffers with relu_y. pooled "average": a is the gradient of relu_y's 2x2
+    average pool, spread over the windows as it is copied; "max": a is the gradient of a 2x2 max-pool whose output
+    is relu_y (after a ReLU) and winners argmax, routed to the winners as it is copied."""
     n, c = a.shape[:2]
     channels_last = is_channels_last(a) and not pooled
     src = a.transpose(0, 2, 3, 1) if channels_last else nchw(a)
+    if pooled == "max":
+        relu_y, argmax = nchw(relu_y), nchw(argmax)
+    else:  # not read; a stand-in of the type the kernel was compiled for
+        argmax = np.zeros((1, 1, 1, 1), np.uint8)
 
     def make(allocate):
         out, sums = allocate((n, planes, rows, columns), a.dtype), allocate((n, c), a.dtype)
-        _pad_planes(src, src.reshape(-1), channels_last, relu_y is not None, pooled, src if relu_y is None else relu_y,
-                    top, left, out, out.reshape(-1), sums)
+        _pad_planes(src, src.reshape(-1), channels_last, relu_y is not None, _POOLED[pooled],
+                    src if relu_y is None else relu_y, argmax, top, left, out, out.reshape(-1), sums)
         return out, sums
 
     if relu_y is not None:
@@ -427,17 +436,20 @@ def column_forward(x, w, b, relu, padding):
     return y
 
 
-def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
+def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=None, argmax=None):
     """conv2d_backward at stride 1 through `_column_weight_grad` and, for dx, the column correlation over dy in a
     zero border (the full correlation with the flipped kernel, cropped by the padding); x and w finite (lanes past
     the output's width multiply zeros of dy by real inputs, and dx multiplies dy's zero border by the weights: the
     contract's sum has neither product), and `column_dx_fits`. With relu_y, of relu_backward(dy, relu_y): the
-    select applied as dy is copied into its border; pooled too, of the 2x2 average pool's backward first (dy the
-    pool's gradient, spread over the windows in the same copy)."""
-    n, k, p, q = relu_y.shape if pooled else dy.shape
+    select applied as dy is copied into its border; pooled "average" too, of the 2x2 average pool's backward first
+    (dy the pool's gradient, spread over the windows in the same copy); pooled "max", of the 2x2 max-pool's
+    (relu_y the pool's output, argmax its winners: the select on the pooled values, then each routed to its winner
+    in the same copy)."""
     _, c, r, s = w.shape
+    n, k = dy.shape[:2]
     h, wd = x.shape[2:]
     top, bottom, left, right = padding
+    p, q = h + top + bottom - r + 1, wd + left + right - s + 1
     weight_grad, (channels, taps) = _weight_grad_tile(k)
     lanes = COLUMN_LANES
     dw_macs = n * k * c * r * s * p * q
@@ -448,11 +460,12 @@ def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=False):
     dx_macs = n * c * wd * k * s * _row_products(h, dx_rows, r, row_off, row_off + p) if need_dx else 0
     note("conv2d_backward", f"column dw tiles of {channels} channels x {taps} taps x {lanes} lanes"
          + f", dx the column tile {dx_channels} channels x {dx_rows} rows" * need_dx
-         + ", the 2x2 average pool's gradient spread in dy's copy" * pooled, dw_macs + dx_macs)
+         + {None: "", "average": ", the 2x2 average pool's gradient spread in dy's copy",
+            "max": ", the 2x2 max-pool's gradient routed in dy's copy"}[pooled], dw_macs + dx_macs)
     dy_rows = max(h + r - 1, row_off + p) if need_dx else p
     dy_columns = max(col_off + q_padded, round_up(wd, lanes) + s - 1 if need_dx else 0)
     dyp, dy_sums = _padded_planes(dy, row_off, col_off, round_up(k, channels), dy_rows, dy_columns, "dy_columns",
-                                  relu_y, pooled)
+                                  relu_y, pooled, argmax)
     db = dy_sums.sum(axis=0)
     # the forward's padded input (the same key: its columns are the output's rounded up to the lanes, plus S - 1)
     xp, _ = _padded_planes(x, top, left, c, h + top + bottom, q_padded + s - 1, "x_columns")

@@ -429,19 +429,26 @@ def _channels_first(part, n_parts, x_cl, out):
 
 @parts_kernel
 @_jit(parallel=False)
-def _pad_planes(part, n_parts, src, src_flat, channels_last, select, pooled, relu_y, top, left, dst, dst_flat, sums):
+def _pad_planes(part, n_parts, src, src_flat, channels_last, select, pooled, relu_y, argmax, top, left, dst, dst_flat,
+                sums):
     """dst[n, c] = the plane (n, c) of src placed at (top, left) in zeros, and sums[n, c] its sum (down the columns,
     then across them; the same code for either layout, so the same bits); src a C-contiguous NCHW array, or NHWC
     when channels_last (then read a pixel's channels at a time; one compiled kernel serves both layouts), dst NCHW
     with at least as many planes (the extra ones all zeros). With select, the values pass through the ReLU's select
     on relu_y (NCHW) on the way, `0 if y <= 0 else value`, as layers.relu_backward computes it (without, relu_y is
-    not read: one compiled kernel for both, which shortens a cold start). pooled (NCHW src, with select): src is the
-    gradient of relu_y's 2x2 average pool, (N, C, H // 2, W // 2), and the plane is that pool's backward, never
+    not read: one compiled kernel for both, which shortens a cold start). pooled 1 (NCHW src, with select): src is
+    the gradient of relu_y's 2x2 average pool, (N, C, H // 2, W // 2), and the plane is that pool's backward, never
     written out: each value's src / 4 (in float64, rounded on the store, as norm.py's `_avgpool2x2_backward`) on the
-    four elements of its window, the rows and columns no window covers zero, bit for bit. src_flat and dst_flat:
+    four elements of its window, the rows and columns no window covers zero, bit for bit. pooled 2 (NCHW src, with
+    select): src is the gradient of a 2x2 max-pool of a ReLU'd convolution output, relu_y that pool's output and
+    argmax its winners (all (N, C, P2, Q2), NCHW), and the plane (2 P2 x 2 Q2, an odd last row or column zero) is
+    the composition's maxpool2d_backward(relu_backward(src, relu_y), argmax): each window's value through the
+    select on its winner, zero on the other three, bit for bit; argmax is read only then. src_flat and dst_flat:
     src.reshape(-1) and dst.reshape(-1), made by the caller, as for the column correlation (`parts_kernel`)."""
     n_images = src.shape[0]
-    if pooled:
+    if pooled == 2:
+        n_ch, h, w = relu_y.shape[1], 2 * relu_y.shape[2], 2 * relu_y.shape[3]
+    elif pooled:
         n_ch, h, w = relu_y.shape[1], relu_y.shape[2], relu_y.shape[3]
     elif channels_last:
         n_ch, h, w = src.shape[3], src.shape[1], src.shape[2]
@@ -465,6 +472,23 @@ def _pad_planes(part, n_parts, src, src_flat, channels_last, select, pooled, rel
                     for j in range(w):
                         value = row[j]
                         seg[j] = zero if select and y_row[j] <= zero else value
+        elif pooled == 2:
+            # a pooled row through the ReLU's select into a row buffer, then each of its two conv rows written as
+            # maxpool2d_backward writes them, one output stream per loop (as one loop they stayed scalar)
+            selected = np.empty(w // 2, src.dtype)
+            for c in range(n_ch):
+                out_plane = dst[n, c]
+                for pi in range(h // 2):
+                    dy_row, y_row, where_row = src[n, c, pi], relu_y[n, c, pi], argmax[n, c, pi]
+                    for pj in range(w // 2):
+                        selected[pj] = zero if y_row[pj] <= zero else dy_row[pj]
+                    for half in range(2):
+                        row = out_plane[top + 2 * pi + half, left:]
+                        first = np.uint8(2 * half)
+                        for pj in range(w // 2):
+                            g, where = selected[pj], where_row[pj]
+                            row[2 * pj] = g if where == first else zero
+                            row[2 * pj + 1] = g if where == first + 1 else zero
         elif pooled:
             # each pooled row spread into a row buffer, then the select into dst: as one loop of two stores a window
             # into dst, the select ran scalar
