@@ -97,23 +97,15 @@ conv2d_relu_maxpool2d_forward   `_conv_pool`: the forward's tiles for one pair o
                  conv2d_forward does (bias, then the taps in (r, s, c) order, as FMAs), so the pooled values and
                  argmax are bitwise those of the composed ops (tested). Where Winograd fits, its kernel pools the
                  2x2 windows of its output tiles (conv2d_forward's tiles and sums: bitwise too), channels-last.
-                 Where the convolution alone takes a kernel made for its shape that has no fused twin (few input
-                 channels: narrow_input.py's tile, or the column tile where K fills less than the fused tile's
-                 lanes or C <= 4; 5x5 Winograd), conv2d_forward then maxpool2d_forward (`_convolution_alone_pays`).
-conv2d_relu_maxpool2d_backward  with finite x and w, and kernel rows of a whole number of LISTED_BLOCK values (S x C:
-                 3x3 over 32 or 64 channels), over the list of the conv output's nonzero gradients only (pooling,
-                 the ReLU's select and dropout zero the rest): sparse.py's `_pooled_grad_lists` (values, offsets of
-                 their windows' winners, db sums), `_listed_weight_grad` (3 kernel rows in a register tile, an
-                 image's input in bands that stay in L1, fixed image chunks) and `_listed_input_grad` (per
-                 conv-output pixel, its channels' kernel rows summed in a register tile, then added into dx,
-                 channels-last, cropped per image); within rounding of the composition (tested). Shorter rows and
-                 remainders go through the lists' slower scalar paths, so there the composition was faster. A first
-                 3x3 layer (no dx), finite x and w, K a multiple of POOLED_GRAD_LANES: dw from the pooled gradient
-                 (pooled_grad.py, within rounding). Else, where the column tiles take the convolution, they
-                 route the pool's gradient through the ReLU's select to its winners as they copy it into their
-                 zero border (sparse.py's `_pad_planes`); otherwise the composition: relu_backward,
-                 maxpool2d_backward, conv2d_backward, the paths each picks (both bitwise the composition, so
-                 0 * inf gives NaN as it does there).
+                 Where conv2d_forward has a kernel for the shape with no fused twin: the two ops in turn.
+conv2d_relu_maxpool2d_backward  finite x and w, kernel rows of whole LISTED_BLOCKs (S x C: 3x3 over 32 or 64
+                 channels): over the conv output's nonzero gradients only (pooling, the ReLU and dropout zero the
+                 rest), sparse.py's `_pooled_grad_lists` (values, their winners' offsets, db sums),
+                 `_listed_weight_grad` (3 kernel rows in a register tile, the input in L1 bands, fixed image chunks)
+                 and `_listed_input_grad` (per pixel, its channels' kernel rows summed in a register tile, added
+                 into dx); within rounding of the composition. A first 3x3 layer: dw from the pooled gradient
+                 (pooled_grad.py). Else the pool's gradient routed as the column tiles copy dy (`_pad_planes`), or
+                 the three ops in turn: bitwise the composition.
 conv2d_relu_backward  conv2d_backward of the ReLU's select: the column tiles take it as they copy dy (one pass
                  less over the activation), the other paths call layers.relu_backward first; the same bits.
 
@@ -482,18 +474,13 @@ def batchnorm2d_relu_backward(dy, y, x, gamma, mean, inv_std):
 
 
 def _convolution_alone_pays(x_shape, w, padding, pool_lanes):
-    """Whether the fused conv + ReLU + max-pool forward runs conv2d_forward and then maxpool2d_forward instead of its
-    channels-last tile of `pool_lanes` output channels: where the convolution alone takes a kernel made for its
-    shape that the fused op has no twin of (few input channels: narrow_input.py's, or the column tile when K fills
-    less than the fused tile's lanes or there are at most 4 input channels; 5x5 Winograd). Timed against the fused
-    tile on first and second layers of small networks (docs/kernels.md, "When fusing does not pay")."""
+    """Whether the fused conv + pool forward runs conv2d_forward then maxpool2d_forward, not its tile of `pool_lanes`
+    channels (summed over C innermost): few input channels (narrow_input.py's kernels; the column tile where K fills
+    under its lanes or C <= 4) or 5x5 Winograd, none fused (docs/kernels.md, "When fusing does not pay")."""
     k, c, r, s = w.shape
-    top, bottom, left, right = padding
-    p, q = x_shape[2] + top + bottom - r + 1, x_shape[3] + left + right - s + 1
-    if narrow_input_fits(x_shape, w.shape, 1, padding) or (r == 5 and winograd_fits(x_shape, w, 1)):
-        return True
-    # the fused tile sums over the input channels innermost: a loop of at most 4 is mostly overhead
-    return (k < pool_lanes or c <= 4) and p >= COLUMN_TILE[1] and columns_pay(c, k, q)
+    p, q = x_shape[2] + padding[0] + padding[1] - r + 1, x_shape[3] + padding[2] + padding[3] - s + 1
+    return (narrow_input_fits(x_shape, w.shape, 1, padding) or (r == 5 and winograd_fits(x_shape, w, 1))
+            or ((k < pool_lanes or c <= 4) and p >= COLUMN_TILE[1] and columns_pay(c, k, q)))
 
 
 def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
@@ -554,17 +541,10 @@ def conv2d_relu_maxpool2d_forward(x, w, b, padding=(0, 0, 0, 0)):
 def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 0, 0)):
     """dy[N,K,P//2,Q//2] (gradient of the pooled output), y (the pooled output), argmax, x[N,C,H,W], w[K,C,R,S] ->
     (dx[N,C,H,W] or None, dw[K,C,R,S], db[K]): equal to conv2d_backward(maxpool2d_backward(relu_backward(dy, y),
-    argmax, (N, K, P, Q)), x, w, need_dx, 1, padding). With finite x and w, and kernel rows (S x C values) of a
-    whole number of the lists' blocks, over the list of the conv output's nonzero gradients (listed.py's
-    `listed_backward`, the input padded band by band as it is read, dx cropped: within float rounding of the
-    composition, another summation order). Without dx, 3x3, finite x and w and K a multiple of its vector: dw
-    straight from the pooled gradient (listed.py's `pooled_weight_grad`; within rounding too). Otherwise that
-    composition's arithmetic, bitwise (so that 0 * inf gives NaN as it does there): on the column tiles the pool's
-    backward made as dy is copied into their border, else each op on the path it picks.
-    """
+    argmax, (N, K, P, Q)), x, w, need_dx, 1, padding): listed.py's `listed_backward` (rows of whole blocks) or
+    `pooled_weight_grad` (a first 3x3 layer), within rounding; else bitwise that composition (0 * inf gives NaN as
+    there), on the column tiles with the pool's backward made as dy is copied into their border."""
     k, c, r, s = w.shape
-    n, _, h, wd = x.shape
-    top, bottom, left, right = padding
     if (s * c) % LISTED_BLOCK == 0 and np.isfinite(w).all():
         listed = listed_backward(*(a.transpose(0, 2, 3, 1) for a in (dy, y, argmax)), _input_channels_last(x), w,
                                  need_dx, padding)
@@ -572,7 +552,7 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
             return listed
     if pooled_weight_grad_fits(x, w, need_dx):
         return (None, *pooled_weight_grad(nhwc(dy), nhwc(y), nhwc(argmax), x, w, padding))
-    conv_shape = (n, k, h + top + bottom - r + 1, wd + left + right - s + 1)
+    conv_shape = (x.shape[0], k, x.shape[2] + padding[0] + padding[1] - r + 1, x.shape[3] + sum(padding[2:]) - s + 1)
     if _column_backward_fits(x, w, k, conv_shape[3], 1, padding):  # the pool's backward folded into dy's copy
         return column_backward(dy, x, w, need_dx, padding, y, pooled="max", argmax=argmax)
     note("conv2d_relu_maxpool2d_backward", "composed of relu_backward, maxpool2d_backward and conv2d_backward", 0)
