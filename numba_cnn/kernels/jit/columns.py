@@ -30,7 +30,7 @@ Self-contained but for tiles.py's constants, like the other kernel files, so Num
 """
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from numba_cnn.kernels._numba_ext import (TILE_BITS, TILE_REGISTERS, copy_block, jit as _jit, part_range,
                                            parts_kernel, tile_allocator)
@@ -55,6 +55,25 @@ COLUMN_GRAD_TILE = (4, 6) if _WIDE else (4, 3)
 # 6 filters (LeNet's conv1, the first layer of PyTorch's CIFAR-10 tutorial network), for which the tile above
 # computes 8: 6 channels x 4 taps in 24 zmm, x 2 taps in 12 ymm
 COLUMN_GRAD_TILE_SIX = (6, 4) if _WIDE else (6, 2)
+
+
+@njit(inline="always")  # inlined in numba IR: the lane loops that call it vectorise as if it were written out there
+def _six_by_two(acc, at, stride, lanes, a0, a1, b0, b1, b2, b3, b4, b5):
+    """The six-channel tiles' step: acc[(m * stride + t) * lanes + at] += a_t * b_m for the 6 values b_m and the
+    2 values a_t (the correlation: 6 weights x 2 rows of input, stride its rows; the weight gradient: 6 channels
+    of dy x 2 taps of input, stride its taps)."""
+    acc[at] += a0 * b0
+    acc[lanes + at] += a1 * b0
+    acc[stride * lanes + at] += a0 * b1
+    acc[(stride + 1) * lanes + at] += a1 * b1
+    acc[2 * stride * lanes + at] += a0 * b2
+    acc[(2 * stride + 1) * lanes + at] += a1 * b2
+    acc[3 * stride * lanes + at] += a0 * b3
+    acc[(3 * stride + 1) * lanes + at] += a1 * b3
+    acc[4 * stride * lanes + at] += a0 * b4
+    acc[(4 * stride + 1) * lanes + at] += a1 * b4
+    acc[5 * stride * lanes + at] += a0 * b5
+    acc[(5 * stride + 1) * lanes + at] += a1 * b5
 
 
 def _make_column_correlation(lanes, channels, rows):
@@ -136,32 +155,11 @@ def _make_column_correlation(lanes, channels, rows):
                                         for lane in range(lanes):
                                             u = np.uint64(at + lane)
                                             a0, a1 = flat[u], flat[u + row_step]
-                                            acc[lane] += a0 * w0
-                                            acc[lanes + lane] += a1 * w0
-                                            acc[rows * lanes + lane] += a0 * w1
-                                            acc[(rows + 1) * lanes + lane] += a1 * w1
-                                            acc[2 * rows * lanes + lane] += a0 * w2
-                                            acc[(2 * rows + 1) * lanes + lane] += a1 * w2
-                                            acc[3 * rows * lanes + lane] += a0 * w3
-                                            acc[(3 * rows + 1) * lanes + lane] += a1 * w3
-                                            acc[4 * rows * lanes + lane] += a0 * w4
-                                            acc[(4 * rows + 1) * lanes + lane] += a1 * w4
-                                            acc[5 * rows * lanes + lane] += a0 * w5
-                                            acc[(5 * rows + 1) * lanes + lane] += a1 * w5
+                                            _six_by_two(acc, lane, rows, lanes, a0, a1, w0, w1, w2, w3, w4, w5)
                                             if rows == 4:
                                                 a2, a3 = flat[u + two_rows], flat[u + two_rows + row_step]
-                                                acc[2 * lanes + lane] += a2 * w0
-                                                acc[3 * lanes + lane] += a3 * w0
-                                                acc[(rows + 2) * lanes + lane] += a2 * w1
-                                                acc[(rows + 3) * lanes + lane] += a3 * w1
-                                                acc[(2 * rows + 2) * lanes + lane] += a2 * w2
-                                                acc[(2 * rows + 3) * lanes + lane] += a3 * w2
-                                                acc[(3 * rows + 2) * lanes + lane] += a2 * w3
-                                                acc[(3 * rows + 3) * lanes + lane] += a3 * w3
-                                                acc[(4 * rows + 2) * lanes + lane] += a2 * w4
-                                                acc[(4 * rows + 3) * lanes + lane] += a3 * w4
-                                                acc[(5 * rows + 2) * lanes + lane] += a2 * w5
-                                                acc[(5 * rows + 3) * lanes + lane] += a3 * w5
+                                                _six_by_two(acc, 2 * lanes + lane, rows, lanes, a2, a3, w0, w1, w2,
+                                                            w3, w4, w5)
                         # y through flat offsets: a view of it per row (y[n, k, i, j0:]) took a reference to y's
                         # memory and gave it back, two calls of numba's runtime with the live vector registers saved
                         # around them, more than the multiply-adds of a small layer's tile (docs/numba.md, trap 24)
@@ -227,32 +225,10 @@ def _make_column_weight_grad(lanes, channels, taps):
                                 g0, g1 = dy_flat[v], dy_flat[v + dy_plane]
                                 g2, g3 = dy_flat[v + dy_plane + dy_plane], dy_flat[v + plane3]
                                 g4, g5 = dy_flat[v + plane4], dy_flat[v + plane5]
-                                acc[lane] += g0 * a0
-                                acc[lanes + lane] += g0 * a1
-                                acc[taps * lanes + lane] += g1 * a0
-                                acc[(taps + 1) * lanes + lane] += g1 * a1
-                                acc[2 * taps * lanes + lane] += g2 * a0
-                                acc[(2 * taps + 1) * lanes + lane] += g2 * a1
-                                acc[3 * taps * lanes + lane] += g3 * a0
-                                acc[(3 * taps + 1) * lanes + lane] += g3 * a1
-                                acc[4 * taps * lanes + lane] += g4 * a0
-                                acc[(4 * taps + 1) * lanes + lane] += g4 * a1
-                                acc[5 * taps * lanes + lane] += g5 * a0
-                                acc[(5 * taps + 1) * lanes + lane] += g5 * a1
+                                _six_by_two(acc, lane, taps, lanes, a0, a1, g0, g1, g2, g3, g4, g5)
                                 if taps == 4:
                                     a2, a3 = x_flat[u + o2], x_flat[u + o3]
-                                    acc[2 * lanes + lane] += g0 * a2
-                                    acc[3 * lanes + lane] += g0 * a3
-                                    acc[(taps + 2) * lanes + lane] += g1 * a2
-                                    acc[(taps + 3) * lanes + lane] += g1 * a3
-                                    acc[(2 * taps + 2) * lanes + lane] += g2 * a2
-                                    acc[(2 * taps + 3) * lanes + lane] += g2 * a3
-                                    acc[(3 * taps + 2) * lanes + lane] += g3 * a2
-                                    acc[(3 * taps + 3) * lanes + lane] += g3 * a3
-                                    acc[(4 * taps + 2) * lanes + lane] += g4 * a2
-                                    acc[(4 * taps + 3) * lanes + lane] += g4 * a3
-                                    acc[(5 * taps + 2) * lanes + lane] += g5 * a2
-                                    acc[(5 * taps + 3) * lanes + lane] += g5 * a3
+                                    _six_by_two(acc, 2 * lanes + lane, taps, lanes, a2, a3, g0, g1, g2, g3, g4, g5)
                             continue
                         # the 4 x 3 body spelled out, as in the correlation; taps 3-5 only in the 6-tap tile
                         for lane in range(lanes):
