@@ -312,8 +312,10 @@ def column_input_finite(x, w_shape, padding, q):
     return bool(np.isfinite(sums).all())
 
 
-# the pool whose backward `_padded_planes` folds into its copy: `_pad_planes`' codes
+# the pool whose backward `_padded_planes` folds into its copy: `_pad_planes`' codes; and the argmax it passes when
+# that is not a max-pool (not read: a stand-in of the type the kernel is compiled for)
 _POOLED = {None: 0, "average": 1, "max": 2}
+_NO_ARGMAX = np.zeros((1, 1, 1, 1), np.uint8)
 
 
 def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None, pooled=None, argmax=None):
@@ -325,10 +327,7 @@ def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None
     n, c = a.shape[:2]
     channels_last = is_channels_last(a) and not pooled
     src = a.transpose(0, 2, 3, 1) if channels_last else nchw(a)
-    if pooled == "max":
-        relu_y, argmax = nchw(relu_y), nchw(argmax)
-    else:  # not read; a stand-in of the type the kernel was compiled for
-        argmax = np.zeros((1, 1, 1, 1), np.uint8)
+    relu_y, argmax = (nchw(relu_y), nchw(argmax)) if pooled == "max" else (relu_y, _NO_ARGMAX)
 
     def make(allocate):
         out, sums = allocate((n, planes, rows, columns), a.dtype), allocate((n, c), a.dtype)
