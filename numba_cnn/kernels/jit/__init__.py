@@ -122,7 +122,7 @@ import numpy as np
 from numba import get_num_threads
 
 from numba_cnn.kernels._numba_ext import CACHE  # noqa: F401  (jit.CACHE: whether the kernels use the disk cache)
-from numba_cnn.kernels.contract import BackendInfo, is_channels_last
+from numba_cnn.kernels.contract import BackendInfo, conv_output_size, is_channels_last
 from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_POOL_TILE_NARROW, CONV_TILE_NARROW,
                                          CONV_TILE_SMALL, CONV_TILE_WIDE, GRAD_IMAGE_CHUNKS, GRAD_LANES_NARROW,
                                          GRAD_LANES_WIDE, GRAD_MIN_TILES, ONE_CHANNEL_LANES, STRIDED_GRAD_TILE,
@@ -478,7 +478,7 @@ def _convolution_alone_pays(x_shape, w, padding, pool_lanes):
     channels (summed over C innermost): few input channels (narrow_input.py's kernels; the column tile where K fills
     under its lanes or C <= 4) or 5x5 Winograd, none fused (docs/kernels.md, "When fusing does not pay")."""
     k, c, r, s = w.shape
-    p, q = x_shape[2] + padding[0] + padding[1] - r + 1, x_shape[3] + padding[2] + padding[3] - s + 1
+    p, q = conv_output_size(x_shape[2], r, 1, *padding[:2]), conv_output_size(x_shape[3], s, 1, *padding[2:])
     return (narrow_input_fits(x_shape, w.shape, 1, padding) or (r == 5 and winograd_fits(x_shape, w, 1))
             or ((k < pool_lanes or c <= 4) and p >= COLUMN_TILE[1] and columns_pay(c, k, q)))
 
@@ -552,7 +552,8 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
             return listed
     if pooled_weight_grad_fits(x, w, need_dx):
         return (None, *pooled_weight_grad(nhwc(dy), nhwc(y), nhwc(argmax), x, w, padding))
-    conv_shape = (x.shape[0], k, x.shape[2] + padding[0] + padding[1] - r + 1, x.shape[3] + sum(padding[2:]) - s + 1)
+    conv_shape = (x.shape[0], k, conv_output_size(x.shape[2], r, 1, *padding[:2]),
+                  conv_output_size(x.shape[3], s, 1, *padding[2:]))
     if _column_backward_fits(x, w, k, conv_shape[3], 1, padding):  # the pool's backward folded into dy's copy
         return column_backward(dy, x, w, need_dx, padding, y, pooled="max", argmax=argmax)
     note("conv2d_relu_maxpool2d_backward", "composed of relu_backward, maxpool2d_backward and conv2d_backward", 0)

@@ -21,10 +21,10 @@ kernel), and a second one the weight gradient.
     the flattened (c, r, s), so a 5x5 kernel or 3 channels of a 3x3 one fill the tile (a tap is an offset into the
     image: any mix of channels, rows and columns is one load), dy zero past its width (the extra lanes add
     nothing); summed per lane over the rows and column blocks of the images of one chunk, then across the lanes in
-    lane order. `_column_weight_grad_six`: the same with 6 channels x 4 (AVX-512) or 2 (AVX2) taps
-    (COLUMN_GRAD_TILE_SIX), for 5 or 6 filters, where the other computes 8 (`_weight_grad_tile` picks). Tasks are (image chunk, tile) pairs fixed by the shapes (GRAD_IMAGE_CHUNKS chunks), a chunk's
+    lane order. Tasks are (image chunk, tile) pairs fixed by the shapes (GRAD_IMAGE_CHUNKS chunks), a chunk's
     tiles consecutive so its images stay in cache; the caller adds the chunks in order: bitwise the same for any
-    thread count.
+    thread count. `_column_weight_grad_six`: the same with 6 channels x 4 (AVX-512) or 2 (AVX2) taps
+    (COLUMN_GRAD_TILE_SIX), for 5 or 6 filters, where the other computes 8 (`_weight_grad_tile` picks).
 
 Self-contained but for tiles.py's constants, like the other kernel files, so Numba's cache sees every change.
 """

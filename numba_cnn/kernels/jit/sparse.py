@@ -7,8 +7,8 @@ the nonzero elements once; the weight gradient runs over the lists with three ke
 image's input in bands that stay in L1; the input gradient regroups them by pixel and sums each pixel's channels'
 kernel rows in a register tile before adding them into dx. Any shape takes them. The layout copies too: into
 padded channels-last buffers (`_pad_rows`, `_pad_channels_last`, `_pack_channels_last`), into zero-bordered NCHW
-planes (`_pad_planes`, the column tiles' and padded_nchw's, which can also spread a 2x2 average pool's gradient on
-the way) and back to NCHW (`_channels_first`).
+planes (`_pad_planes`, the column tiles' and padded_nchw's, which can also spread a 2x2 average pool's gradient or
+route a 2x2 max-pool's on the way) and back to NCHW (`_channels_first`).
 
 Self-contained (no @njit helper from another file), so Numba's cache sees every change to what it compiles.
 """
