@@ -193,10 +193,12 @@ def test_non_finite_inputs_stay_off_the_column_backward():
             np.testing.assert_array_equal(np.isinf(a), np.isinf(e), err_msg=f"{which} inf: {name} inf pattern")
 
 
+@pytest.mark.parametrize("image_lanes", [False, True], ids=["rows", "images-in-lanes"])
 @pytest.mark.parametrize("shape,k,kernel,padding", SHAPES[:4])
-def test_channels_last_inputs_give_the_same_bits(shape, k, kernel, padding):
+def test_channels_last_inputs_give_the_same_bits(shape, k, kernel, padding, image_lanes, monkeypatch):
     """x and dy stored channels-last (as the fused ops hand them over) are read a pixel's channels at a time into
-    the same NCHW buffers: the same results, bit for bit."""
+    the same buffers (along the rows and over the images in the lanes): the same results, bit for bit."""
+    monkeypatch.setattr(columns, "image_lanes_pay", lambda q: image_lanes)
     x, w, b, dy = _operands(np.random.default_rng(10), shape, k, kernel, padding, np.float32)
     results = []
     for layout in (np.ascontiguousarray, lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)):
@@ -212,12 +214,15 @@ def test_channels_last_inputs_give_the_same_bits(shape, k, kernel, padding):
 FD_CASES = [((2, 2, 5, 11), 3, (3, 2), (1, 0, 0, 1)), ((1, 1, 4, 9), 5, (2, 3), (0, 0, 0, 0))]
 
 
+@pytest.mark.parametrize("image_lanes", [False, True], ids=["rows", "images-in-lanes"])
 @pytest.mark.parametrize("shape,k,kernel,padding", FD_CASES)
 @pytest.mark.parametrize("wrt", ["x", "w", "b"])
-def test_column_backward_matches_finite_differences(shape, k, kernel, padding, wrt, monkeypatch):
-    """In float64, dx, dw and db of the column tiles against central differences of their own forward, and the
-    fused ReLU backward against those of the ReLU'd forward (differences taken away from the ReLU's kink)."""
+def test_column_backward_matches_finite_differences(shape, k, kernel, padding, wrt, image_lanes, monkeypatch):
+    """In float64, dx, dw and db of the column tiles (along the rows and over the images in the lanes) against
+    central differences of their own forward, and the fused ReLU backward against those of the ReLU'd forward
+    (differences taken away from the ReLU's kink)."""
     monkeypatch.setattr(jit, "columns_pay", lambda *args: True)
+    monkeypatch.setattr(columns, "image_lanes_pay", lambda columns: image_lanes)
     x, w, b, dy = _operands(np.random.default_rng(12), shape, k, kernel, padding, np.float64)
     assert_conv_backward_matches(jit, x, w, b, dy, padding, wrt, _took_columns, "column")
 
@@ -283,3 +288,100 @@ def test_an_inf_weight_reads_the_padding_rows():
     assert np.isnan(want).any()
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+
+
+# over the images in the lanes: batches that fill the last block of lanes and that do not, LeNet's conv2, padding
+# on every side and on some, a 1x1 kernel
+LANE_SHAPES = [((13, 6, 14, 14), 16, (5, 5), (0, 0, 0, 0)), ((9, 3, 12, 12), 5, (3, 3), (1, 1, 1, 1)),
+               ((20, 2, 8, 9), 4, (2, 3), (1, 0, 0, 1)), ((8, 1, 6, 6), 3, (1, 1), (0, 0, 0, 0))]
+
+
+def _both_ways(monkeypatch, call):
+    """call() along the rows, then over the images in the lanes -> ((its results, paths) along the rows, ... over
+    the images in the lanes)."""
+    out = []
+    for image_lanes in (False, True):
+        monkeypatch.setattr(columns, "image_lanes_pay", lambda q: image_lanes)
+        with PathLog() as log:
+            result = call()
+        out.append(([None if a is None else np.array(a) for a in result], log.paths))
+    return out
+
+
+@pytest.mark.parametrize("pooled", [None, "average", "max"])
+@pytest.mark.parametrize("shape,k,kernel,padding", LANE_SHAPES)
+def test_images_in_the_lanes_against_the_rows_and_the_oracle(shape, k, kernel, padding, pooled, monkeypatch):
+    """Over the images in the lanes the forward and dx sum the same products in the same order as along the rows,
+    so the same bits, and db comes from the same copy of dy; dw adds the images in another order: against the
+    oracle (plain), against the rows' within float32 rounding (with a pool's backward folded into dy's copy, which
+    tests/test_fused.py checks against the composition)."""
+    rng = np.random.default_rng(15)
+    x, w, b, dy = _operands(rng, shape, k, kernel, padding, np.float32)
+    (rows_y,), (lanes_y,) = (r for r, _ in _both_ways(monkeypatch, lambda: [columns.column_forward(x, w, b, True,
+                                                                                                   padding)]))
+    np.testing.assert_array_equal(rows_y, lanes_y)
+    relu_y, argmax = (rows_y, None) if pooled != "max" else jit.maxpool2d_forward(rows_y, (2, 2))
+    if pooled:
+        dy = rng.standard_normal((shape[0], k, rows_y.shape[2] // 2, rows_y.shape[3] // 2)).astype(np.float32)
+    for need_dx in (True, False):
+        (rows, _), (lanes, paths) = _both_ways(monkeypatch, lambda: columns.column_backward(
+            dy, x, w, need_dx, padding, relu_y if pooled else None, pooled, argmax))
+        assert paths and all("images in the lanes" in path for path in paths), paths
+        if need_dx:
+            np.testing.assert_array_equal(rows[0], lanes[0])
+        np.testing.assert_array_equal(rows[2], lanes[2])
+        want = reference.conv2d_backward(dy, x, w, False, 1, padding)[1] if pooled is None else rows[1]
+        reference.assert_close(lanes[1], want, np.float32, "dw")
+
+
+def test_rows_that_leave_lanes_empty_put_the_images_in_the_lanes():
+    """LeNet's conv2 (10 output columns: 10 of 16 lanes, on AVX-512 of 16) puts the images in the lanes, forward and
+    backward, for a batch of 16 and for one of 2 (the precompile's pass: the path does not depend on the batch);
+    LeNet's conv1 (28 columns of 32) and a layer of 16 columns keep the rows."""
+    rng = np.random.default_rng(16)
+    for shape, k, padding, lanes in (((16, 6, 14, 14), 16, (0, 0, 0, 0), True), ((2, 6, 14, 14), 16, (0, 0, 0, 0),
+                                     True), ((16, 1, 28, 28), 6, (2, 2, 2, 2), False),
+                                     ((3, 2, 20, 20), 6, (0, 0, 0, 0), False)):
+        x, w, b, dy = _operands(rng, shape, k, (5, 5), padding, np.float32)
+        with PathLog() as log:
+            jit.conv2d_forward(x, w, b, True, 1, padding)
+            jit.conv2d_backward(dy, x, w, True, 1, padding)
+        assert all(_took_columns(path) for path in log.paths), log.paths
+        assert [("images in the lanes" in path) for path in log.paths] == [lanes] * 2, (shape, log.paths)
+
+
+def test_non_finite_inputs_over_the_images_in_the_lanes():
+    """Over the images in the lanes the tiles multiply no input by a zero the contract's sum lacks, so an inf or NaN
+    in x stays on them, and the forward and gradients keep the oracle's NaN and inf pattern."""
+    rng = np.random.default_rng(17)
+    x, w, b, dy = _operands(rng, (16, 6, 14, 14), 16, (5, 5), (0, 0, 0, 0), np.float32)
+    x[3, 2, 5, 7], x[10, 0, 0, 0] = np.inf, np.nan
+    with PathLog() as log, np.errstate(invalid="ignore", over="ignore"):
+        got = [jit.conv2d_forward(x, w, b, False, 1, (0, 0, 0, 0)), *jit.conv2d_backward(dy, x, w, True, 1,
+                                                                                           (0, 0, 0, 0))]
+        want = [reference.conv2d_forward(x, w, b, False, 1, (0, 0, 0, 0)),
+                *reference.conv2d_backward(dy, x, w, True, 1, (0, 0, 0, 0))]
+    assert all("images in the lanes" in path for path in log.paths), log.paths
+    for name, a, e in zip(("y", "dx", "dw", "db"), got, want):
+        assert np.isnan(e).any() or name in ("dx", "db"), name
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=f"{name} NaN pattern")
+        np.testing.assert_array_equal(np.isinf(a), np.isinf(e), err_msg=f"{name} inf pattern")
+        finite = np.isfinite(e)
+        reference.assert_close(np.where(finite, a, 0), np.where(finite, e, 0), np.float32, name)
+
+
+def test_images_in_the_lanes_give_identical_bits_on_one_and_two_threads(monkeypatch):
+    """Blocks of images split over the threads, dw over fixed chunks of blocks added in order: the same bits."""
+    monkeypatch.setattr(columns, "image_lanes_pay", lambda q: True)
+    x, w, b, dy = _operands(np.random.default_rng(18), *LANE_SHAPES[0], np.float32)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            results.append((columns.column_forward(x, w, b, True, (0, 0, 0, 0)).copy(),
+                            *(a.copy() for a in columns.column_backward(dy, x, w, True, (0, 0, 0, 0)))))
+    finally:
+        numba.set_num_threads(before)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)

@@ -30,8 +30,8 @@ conv2d_forward   stride 1, `_conv_tile_*`: prange over images; x repacked channe
                  and the output cropped. The padding is stored, not skipped: the contract's sum multiplies its zeros
                  too (0 * inf is NaN).
                  Few input channels or filters (columns.py's `columns_pay`; LeNet's convolutions):
-                 the column tile, lanes along the output columns, NCHW in and out, the same bits. But few input
-                 channels and K a multiple of NARROW_LANES (VGG's first): narrow_input.py's tile, the output
+                 the column tile, lanes along the output columns (short rows: the images), NCHW, the same bits. Few
+                 input channels and K a multiple of NARROW_LANES (VGG's first): narrow_input.py's tile, the output
                  channels-last (as the next layer reads it), the same bits; its backward reads dy as it lies.
                  3x3 with C a multiple of WINOGRAD_CHUNK, K over half the narrow lanes, finite w (winograd.py):
                  tiles.py's `_winograd*`, F(4x4, 3x3) (36 products per tile, not 144) or, where its tiles waste

@@ -25,6 +25,12 @@ kernel), and a second one the weight gradient.
     tiles consecutive so its images stay in cache; the caller adds the chunks in order: bitwise the same for any
     thread count. `_column_weight_grad_six`: the same with 6 channels x 4 (AVX-512) or 2 (AVX2) taps
     (COLUMN_GRAD_TILE_SIX), for 5 or 6 filters, where the other computes 8 (`_weight_grad_tile` picks).
+`_image_lanes`: for rows that fill under IMAGE_LANES_BELOW of their vectors (`image_lanes_pay`; LeNet's conv2, 10
+    columns in 16 lanes), x, and dy after the select or the pool's backward, copied into blocks of COLUMN_LANES
+    images, each pixel one vector of the block's images (the images in the lanes); the same tiles run over them
+    with a tap s s vectors along the row (`tap_step`), every lane useful and every load aligned, and each lane's
+    sums go to its own image of y or dx. The forward and dx sum the same products in the same order as along the
+    rows: the same bits; dw adds the images lane by lane.
 
 Self-contained but for tiles.py's constants, like the other kernel files, so Numba's cache sees every change.
 """
@@ -55,6 +61,8 @@ COLUMN_GRAD_TILE = (4, 6) if _WIDE else (4, 3)
 # 6 filters (LeNet's conv1, the first layer of PyTorch's CIFAR-10 tutorial network), for which the tile above
 # computes 8: 6 channels x 4 taps in 24 zmm, x 2 taps in 12 ymm
 COLUMN_GRAD_TILE_SIX = (6, 4) if _WIDE else (6, 2)
+# the share of the lanes a row of output columns must fill for the tiles to run along it rather than over the images
+IMAGE_LANES_BELOW = 0.7
 
 
 @njit(inline="always")  # inlined in numba IR: the lane loops that call it vectorise as if it were written out there
@@ -76,7 +84,7 @@ def _six_by_two(acc, at, stride, lanes, a0, a1, b0, b1, b2, b3, b4, b5):
     acc[(5 * stride + 1) * lanes + at] += a1 * b5
 
 
-def _make_column_correlation(lanes, channels, rows):
+def _make_column_correlation(lanes, channels, rows, tap_step=1):
     tile = channels * rows * lanes
     _stack_tile = tile_allocator()
 
@@ -90,9 +98,11 @@ def _make_column_correlation(lanes, channels, rows):
         kept) or -inf for none. The sum runs over wt's C channels (xp may hold more planes). Rows of xp outside
         [row_lo, row_hi) are zeros and wt finite: a kernel row whose tile reads only such rows is skipped (its
         products are zeros, which leave every sum as it was). flat, y_flat: xp.reshape(-1) and y.reshape(-1), made
-        by the caller: reshaped in the task, LLVM kept the tile in memory, not in registers (docs/numba.md)."""
+        by the caller: reshaped in the task, LLVM kept the tile in memory, not in registers (docs/numba.md). With
+        tap_step = lanes, xp holds the images in the lanes (`_image_lanes`: image n * lanes + l of block n in lane
+        l of every column), at least Q + S - 1 columns of them, and each lane's sums go to its own image of y."""
         n_images, n_planes, x_rows, x_cols = xp.shape
-        n_out, p_out, q_out = y.shape[1], y.shape[2], y.shape[3]
+        n_real, n_out, p_out, q_out = y.shape
         k_padded, r_taps, s_taps, n_in = wt.shape
         # flat offsets as unsigned integers: numba adds no wrap-around fix to them (a slice per load costs more
         # scalar instructions than the tile's multiply-adds), and the tile's rows are one constant stride apart
@@ -101,7 +111,7 @@ def _make_column_correlation(lanes, channels, rows):
             acc = _stack_tile(tile, xp.dtype)
             for ib in range(0, p_out, rows):
                 i0 = min(ib, p_out - rows)  # the last block overlaps the one before instead of overrunning
-                for j0 in range(0, q_out, lanes):
+                for j0 in range(0, q_out * tap_step, lanes):  # images in the lanes: a column per vector
                     width = min(lanes, q_out - j0)
                     for k0 in range(0, k_padded, channels):
                         # seeded from the bias tile: a loop storing each channel's bias was unrolled into one
@@ -111,7 +121,7 @@ def _make_column_correlation(lanes, channels, rows):
                         for r in range(max(0, row_lo - i0 - rows + 1), min(r_taps, row_hi - i0)):
                             for s in range(s_taps):
                                 for c in range(n_in):
-                                    at = ((n * n_planes + c) * x_rows + i0 + r) * x_cols + j0 + s
+                                    at = ((n * n_planes + c) * x_rows + i0 + r) * x_cols + j0 + s * tap_step
                                     # the tile's body spelled out in the lane loop: LLVM vectorises that loop whole
                                     # (as loops over channels and rows inside it, it unrolls everything into
                                     # scalar code); each tile shape is a section compiled only for its kernel
@@ -160,6 +170,15 @@ def _make_column_correlation(lanes, channels, rows):
                                                 a2, a3 = flat[u + two_rows], flat[u + two_rows + row_step]
                                                 _six_by_two(acc, 2 * lanes + lane, rows, lanes, a2, a3, w0, w1, w2,
                                                             w3, w4, w5)
+                        if tap_step > 1:  # images in the lanes: each lane's value to its own image of y
+                            for kk in range(min(channels, n_out - k0)):
+                                for rr in range(rows):
+                                    at = np.uint64((kk * rows + rr) * lanes)
+                                    for lane in range(min(lanes, n_real - n * lanes)):
+                                        v = acc[at + np.uint64(lane)]
+                                        y_flat[np.uint64((((n * lanes + lane) * n_out + k0 + kk) * p_out + i0 + rr)
+                                                         * q_out + j0 // lanes)] = floor if v < floor else v
+                            continue
                         # y through flat offsets: a view of it per row (y[n, k, i, j0:]) took a reference to y's
                         # memory and gave it back, two calls of numba's runtime with the live vector registers saved
                         # around them, more than the multiply-adds of a small layer's tile (docs/numba.md, trap 24)
@@ -175,7 +194,7 @@ def _make_column_correlation(lanes, channels, rows):
     return column_correlation
 
 
-def _make_column_weight_grad(lanes, channels, taps):
+def _make_column_weight_grad(lanes, channels, taps, tap_step=1):
     tile = channels * taps * lanes
     _stack_tile = tile_allocator()
 
@@ -185,7 +204,9 @@ def _make_column_weight_grad(lanes, channels, taps):
         and columns j < Qp (q_out rounded up to `lanes`) of dyp[n, k, row_off + i, col_off + j] * xp[n, c, i + r,
         j + s], the taps (c, r, s) flattened in that order (dwt.shape[2] = C * R * S); dyp C-contiguous NCHW, K
         padded to the tile's channels, zero in columns col_off + q_out ... col_off + Qp - 1; xp C-contiguous NCHW
-        with at least p_out + R - 1 rows and Qp + S - 1 columns."""
+        with at least p_out + R - 1 rows and Qp + S - 1 columns. With tap_step = lanes, xp and dyp hold the
+        images in the lanes (`_image_lanes`), col_off and q_out count lanes (columns x lanes), a tap's s is s
+        vectors along the row, and the lanes' sums add the images."""
         n_images, n_in, x_rows, x_cols = xp.shape
         n_chunks, k_padded, n_taps = dwt.shape
         dy_rows, dy_cols = dyp.shape[2], dyp.shape[3]
@@ -208,7 +229,7 @@ def _make_column_weight_grad(lanes, channels, taps):
             for tt in range(taps):
                 g = min(first + tt, n_taps - 1)
                 c, rs = g // (r_taps * s_taps), g % (r_taps * s_taps)
-                tap_at[tt] = np.uint64((c * x_rows + rs // s_taps) * x_cols + rs % s_taps)
+                tap_at[tt] = np.uint64((c * x_rows + rs // s_taps) * x_cols + rs % s_taps * tap_step)
             o0, o1, o2 = tap_at[0], tap_at[1], tap_at[2 % taps]
             o3, o4, o5 = tap_at[3 % taps], tap_at[4 % taps], tap_at[5 % taps]
             for a in range(tile):
@@ -277,11 +298,60 @@ _column_correlation = _make_column_correlation(COLUMN_LANES, *COLUMN_TILE)
 _column_correlation_six = _make_column_correlation(COLUMN_LANES, *COLUMN_TILE_SIX)
 _column_weight_grad = _make_column_weight_grad(COLUMN_LANES, *COLUMN_GRAD_TILE)
 _column_weight_grad_six = _make_column_weight_grad(COLUMN_LANES, *COLUMN_GRAD_TILE_SIX)
+# the same tiles over images in the lanes (`_image_lanes`' layout), where a tap s is s whole vectors along the row
+_IMAGE_LANES = {(make, tile): make(COLUMN_LANES, *tile, tap_step=COLUMN_LANES)
+                for make, tiles in ((_make_column_correlation, (COLUMN_TILE, COLUMN_TILE_SIX)),
+                                    (_make_column_weight_grad, (COLUMN_GRAD_TILE, COLUMN_GRAD_TILE_SIX)))
+                for tile in tiles}
+
+
+def _make_image_lanes(lanes):
+    @parts_kernel
+    @_jit(parallel=False)
+    def image_lanes(part, n_parts, src, src_flat, channels_last, top, left, dst, dst_flat):
+        """dst[b, c, top + i, (left + j) * lanes + l] = x[b * lanes + l, c, i, j] in zeros: the images in the
+        vector lanes, `lanes` of them per block; x given as src, C-contiguous NCHW, or NHWC when channels_last (one
+        compiled kernel for both); dst (ceil(N / lanes), planes >= C, rows, columns * lanes) C-contiguous, the
+        lanes past the last image zeros; src_flat and dst_flat their reshape(-1)."""
+        n_images = src.shape[0]
+        n_ch, h, w = (src.shape[3], src.shape[1], src.shape[2]) if channels_last else src.shape[1:]
+        n_planes, rows, row_length = dst.shape[1], dst.shape[2], dst.shape[3]
+        block_size = n_planes * rows * row_length
+        image_size = n_ch * h * w
+        column_step = n_ch if channels_last else 1
+        zero = dst.dtype.type(0)
+        for b in part_range(part, n_parts, dst.shape[0]):
+            for t in range(block_size):
+                dst_flat[np.uint64(b * block_size + t)] = zero
+            last = min(lanes, n_images - b * lanes) - 1
+            for c in range(n_ch):
+                for i in range(h):
+                    src_at = b * lanes * image_size + (i * w * n_ch + c if channels_last else (c * h + i) * w)
+                    at = ((b * n_planes + c) * rows + top + i) * row_length + left * lanes
+                    for j in range(w):
+                        # a vector's lanes, each from its own image, stored at once (a loop of the lanes, a
+                        # constant: one vector store; the last block's empty lanes read its last image, store zero)
+                        for lane in range(lanes):
+                            value = src_flat[np.uint64(src_at + min(lane, last) * image_size + j * column_step)]
+                            dst_flat[np.uint64(at + j * lanes + lane)] = value if lane <= last else zero
+
+    return image_lanes
+
+
+_image_lanes = _make_image_lanes(COLUMN_LANES)
 
 
 def _lane_use(count, lanes):
     """The share of a tile's lanes doing useful work when `count` values are spread over vectors of `lanes`."""
     return count / round_up(count, lanes)
+
+
+def image_lanes_pay(columns):
+    """Whether the column tiles run over the images in the lanes (`_image_lanes`) rather than along the rows: where a
+    row of Q output columns fills under IMAGE_LANES_BELOW of the lanes it takes (LeNet's conv2: 10 columns fill 10
+    of 16). Whatever the batch: a batch under the lanes' count fills fewer, but a path chosen by the batch size
+    would leave kernels for the precompile's two-image pass to miss (cold_compile.py)."""
+    return _lane_use(columns, COLUMN_LANES) < IMAGE_LANES_BELOW
 
 
 def columns_pay(in_channels, out_channels, columns):
@@ -302,9 +372,13 @@ def column_dx_fits(x_shape, w_shape, padding):
 
 def column_input_finite(x, w_shape, padding, q):
     """Whether x (the input of a convolution with Q output columns that the column tiles compute) holds no NaN or
-    inf, read from the per-image plane sums of its zero-padded planes: the copy the forward made and the backward
-    reads (one `layout_copy`), so x is not read again. A sum is finite only if every value in it is; a finite sum's
-    overflow reads as non-finite, which only sends the call to the exact, slower path."""
+    inf where that matters: over the images in the lanes it never does (they multiply no input by a stored zero
+    that the contract's sum lacks); along the rows, read from the per-image plane sums of its zero-padded planes:
+    the copy the forward made and the backward reads (one `layout_copy`), so x is not read again. A sum is finite
+    only if every value in it is; a finite sum's overflow reads as non-finite, which only sends the call to the
+    exact, slower path."""
+    if image_lanes_pay(q):
+        return True
     top, bottom, left, _ = padding
     _, c, h, _ = x.shape
     _, sums = _padded_planes(x, top, left, c, h + top + bottom, round_up(q, COLUMN_LANES) + w_shape[3] - 1,
@@ -340,6 +414,23 @@ def _padded_planes(a, top, left, planes, rows, columns, buffer_name, relu_y=None
     return layout_copy(a, ("planes", top, left, planes, rows, columns, a.dtype.str), make, buffer_name)
 
 
+def _image_lanes_planes(a, top, left, planes, rows, columns, buffer_name, allocate=None):
+    """a[N, C, H, W] (either layout) placed at (top, left) in zeros with its images in the lanes: (ceil(N /
+    COLUMN_LANES), planes, rows, columns * COLUMN_LANES) (`_image_lanes`); a `layout_copy` of a (the forward's input
+    is the backward's), or from `allocate` if given."""
+    channels_last = is_channels_last(a)
+    src = a.transpose(0, 2, 3, 1) if channels_last else nchw(a)
+
+    def make(allocate):
+        out = allocate((-(-a.shape[0] // COLUMN_LANES), planes, rows, columns * COLUMN_LANES), a.dtype)
+        _image_lanes(src, src.reshape(-1), channels_last, top, left, out, out.reshape(-1))
+        return out
+
+    if allocate is not None:
+        return make(allocate)
+    return layout_copy(a, ("image lanes", top, left, planes, rows, columns, a.dtype.str), make, buffer_name)
+
+
 def padded_nchw(x, padding, extra_columns=0):
     """x[N, C, H, W] (either layout) zero-padded by padding = (top, bottom, left, right) and extra_columns more on
     the right, NCHW: `_padded_planes`' compiled copy (numpy's slice assignments run on one thread), a layout copy
@@ -349,24 +440,30 @@ def padded_nchw(x, padding, extra_columns=0):
     return _padded_planes(x, top, left, c, h + top + bottom, wd + left + right + extra_columns, "x_padded_nchw")[0]
 
 
-def _correlation_tile(out_channels, out_rows):
+def _correlation_tile(out_channels, out_rows, image_lanes=False):
     """-> (kernel, (channels, rows)): of the two column correlation tiles, the one that computes fewer channels x
     rows for K output channels and P output rows (K rounded up to its channels, P to whole blocks of its rows: the
-    last block overlaps the one before), COLUMN_TILE on a tie or when P is under the other's rows."""
+    last block overlaps the one before), COLUMN_TILE on a tie or when P is under the other's rows; its kernel over
+    the images in the lanes if image_lanes."""
     def computed(tile):
         return round_up(out_channels, tile[0]) * round_up(out_rows, tile[1])
 
-    if out_rows >= COLUMN_TILE_SIX[1] and computed(COLUMN_TILE_SIX) < computed(COLUMN_TILE):
-        return _column_correlation_six, COLUMN_TILE_SIX
-    return _column_correlation, COLUMN_TILE
+    six = out_rows >= COLUMN_TILE_SIX[1] and computed(COLUMN_TILE_SIX) < computed(COLUMN_TILE)
+    tile = COLUMN_TILE_SIX if six else COLUMN_TILE
+    if image_lanes:
+        return _IMAGE_LANES[_make_column_correlation, tile], tile
+    return (_column_correlation_six if six else _column_correlation), tile
 
 
-def _weight_grad_tile(out_channels):
+def _weight_grad_tile(out_channels, image_lanes=False):
     """-> (kernel, (channels, taps)): of the two column weight-gradient tiles, the one that computes fewer channels
-    for K output channels (K rounded up to its channels), COLUMN_GRAD_TILE on a tie."""
-    if round_up(out_channels, COLUMN_GRAD_TILE_SIX[0]) < round_up(out_channels, COLUMN_GRAD_TILE[0]):
-        return _column_weight_grad_six, COLUMN_GRAD_TILE_SIX
-    return _column_weight_grad, COLUMN_GRAD_TILE
+    for K output channels (K rounded up to its channels), COLUMN_GRAD_TILE on a tie; over the images in the lanes
+    if image_lanes."""
+    six = round_up(out_channels, COLUMN_GRAD_TILE_SIX[0]) < round_up(out_channels, COLUMN_GRAD_TILE[0])
+    tile = COLUMN_GRAD_TILE_SIX if six else COLUMN_GRAD_TILE
+    if image_lanes:
+        return _IMAGE_LANES[_make_column_weight_grad, tile], tile
+    return (_column_weight_grad_six if six else _column_weight_grad), tile
 
 
 def _row_products(out_rows, rows, r_taps, row_lo, row_hi):
@@ -390,13 +487,17 @@ def _bias_tile(b_padded, rows):
 
 def column_forward(x, w, b, relu, padding):
     """conv2d_forward at stride 1 through `_column_correlation` or `_column_correlation_six` (needs P >=
-    COLUMN_TILE's rows)."""
+    COLUMN_TILE's rows), along the rows or over the images in the lanes (`image_lanes_pay`)."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     top, bottom, left, right = padding
     p, q = h + top + bottom - r + 1, wd + left + right - s + 1
-    correlation, (channels, rows) = _correlation_tile(k, p)
-    xp, _ = _padded_planes(x, top, left, c, h + top + bottom, round_up(q, COLUMN_LANES) + s - 1, "x_columns")
+    image_lanes = image_lanes_pay(q)
+    correlation, (channels, rows) = _correlation_tile(k, p, image_lanes)
+    if image_lanes:
+        xp = _image_lanes_planes(x, top, left, c, h + top + bottom, wd + left + right, "x_image_lanes")
+    else:
+        xp, _ = _padded_planes(x, top, left, c, h + top + bottom, round_up(q, COLUMN_LANES) + s - 1, "x_columns")
     wt = aligned_zeros((round_up(k, channels), r, s, c), x.dtype)
     wt[:k] = w.transpose(0, 2, 3, 1)
     bp = aligned_zeros(wt.shape[0], x.dtype)
@@ -404,8 +505,9 @@ def column_forward(x, w, b, relu, padding):
     y = reusable_output((n, k, p, q), x.dtype)
     # the padding's rows are skipped where that changes nothing: an inf weight makes NaN of them in the contract's sum
     rows_read = (top, top + h) if np.isfinite(wt).all() else (0, xp.shape[2])
-    note("conv2d_forward", f"column tile {channels} channels x {rows} rows x {COLUMN_LANES} lanes"
-         + ", padded copy" * any(padding), n * k * c * s * q * _row_products(p, rows, r, *rows_read))
+    note("conv2d_forward", f"column tile {channels} channels x {rows} rows x {COLUMN_LANES} "
+         + ("images in the lanes" if image_lanes else "lanes") + ", padded copy" * any(padding),
+         n * k * c * s * q * _row_products(p, rows, r, *rows_read))
     correlation(xp, xp.reshape(-1), wt, _bias_tile(bp, rows), x.dtype.type(0 if relu else -np.inf), *rows_read, y,
                 y.reshape(-1))
     return y
@@ -413,40 +515,53 @@ def column_forward(x, w, b, relu, padding):
 
 def column_backward(dy, x, w, need_dx, padding, relu_y=None, pooled=None, argmax=None):
     """conv2d_backward at stride 1 through `_column_weight_grad` and, for dx, the column correlation over dy in a
-    zero border (the full correlation with the flipped kernel, cropped by the padding); x and w finite (lanes past
-    the output's width multiply zeros of dy by real inputs, and dx multiplies dy's zero border by the weights: the
-    contract's sum has neither product), and `column_dx_fits`. With relu_y, of relu_backward(dy, relu_y): the
-    select applied as dy is copied into its border; pooled "average" too, of the 2x2 average pool's backward first
-    (dy the pool's gradient, spread over the windows in the same copy); pooled "max", of the 2x2 max-pool's
-    (relu_y the pool's output, argmax its winners: the select on the pooled values, then each routed to its winner
-    in the same copy)."""
+    zero border (the full correlation with the flipped kernel, cropped by the padding); w finite (dx multiplies dy's
+    zero border by the weights, a product the contract's sum lacks), x too along the rows (lanes past the output's
+    width multiply zeros of dy by real inputs; `column_input_finite`), and `column_dx_fits`. With relu_y, of
+    relu_backward(dy, relu_y): the select applied as dy is copied into its border; pooled "average" too, of the 2x2
+    average pool's backward first (dy the pool's gradient, spread over the windows in the same copy); pooled "max",
+    of the 2x2 max-pool's (relu_y the pool's output, argmax its winners: the select on the pooled values, then each
+    routed to its winner in the same copy). Over the images in the lanes (`image_lanes_pay`), dy takes that copy
+    unbordered, then the lanes' copy with the border."""
     _, c, r, s = w.shape
     n, k = dy.shape[:2]
     h, wd = x.shape[2:]
     top, bottom, left, right = padding
     p, q = h + top + bottom - r + 1, wd + left + right - s + 1
-    weight_grad, (channels, taps) = _weight_grad_tile(k)
+    image_lanes = image_lanes_pay(q)
+    weight_grad, (channels, taps) = _weight_grad_tile(k, image_lanes)
     lanes = COLUMN_LANES
-    dw_macs = n * k * c * r * s * p * q
-    dx_correlation, (dx_channels, dx_rows) = _correlation_tile(c, h)
+    dx_correlation, (dx_channels, dx_rows) = _correlation_tile(c, h, image_lanes)
     q_padded = round_up(q, lanes)
     # dy in zeros: for dx bordered as the full correlation reads it (R-1-top rows above, S-1-left columns left)
     row_off, col_off = (r - 1 - top, s - 1 - left) if need_dx else (0, 0)
+    dw_macs = n * k * c * r * s * p * q
     dx_macs = n * c * wd * k * s * _row_products(h, dx_rows, r, row_off, row_off + p) if need_dx else 0
-    note("conv2d_backward", f"column dw tiles of {channels} channels x {taps} taps x {lanes} lanes"
+    note("conv2d_backward", f"column dw tiles of {channels} channels x {taps} taps x {lanes} "
+         + ("images in the lanes" if image_lanes else "lanes")
          + f", dx the column tile {dx_channels} channels x {dx_rows} rows" * need_dx
          + {None: "", "average": ", the 2x2 average pool's gradient spread in dy's copy",
             "max": ", the 2x2 max-pool's gradient routed in dy's copy"}[pooled], dw_macs + dx_macs)
     dy_rows = max(h + r - 1, row_off + p) if need_dx else p
-    dy_columns = max(col_off + q_padded, round_up(wd, lanes) + s - 1 if need_dx else 0)
-    dyp, dy_sums = _padded_planes(dy, row_off, col_off, round_up(k, channels), dy_rows, dy_columns, "dy_columns",
-                                  relu_y, pooled, argmax)
+    if image_lanes:
+        dy_columns = max(wd + s - 1, col_off + q) if need_dx else q
+        dy_conv, dy_sums = _padded_planes(dy, 0, 0, k, p, q, "dy_columns", relu_y, pooled, argmax)
+        dyp = _image_lanes_planes(dy_conv, row_off, col_off, round_up(k, channels), dy_rows, dy_columns, None,
+                                  scratch_allocator("dy_image_lanes"))
+        # the forward's copy (the same key)
+        xp = _image_lanes_planes(x, top, left, c, h + top + bottom, wd + left + right, "x_image_lanes")
+        col_off, q_grad = col_off * lanes, q * lanes  # a column is a vector of the lanes' images
+    else:
+        dy_columns = max(col_off + q_padded, round_up(wd, lanes) + s - 1 if need_dx else 0)
+        dyp, dy_sums = _padded_planes(dy, row_off, col_off, round_up(k, channels), dy_rows, dy_columns,
+                                      "dy_columns", relu_y, pooled, argmax)
+        # the forward's padded input (the same key: its columns are the output's rounded up to the lanes, plus S - 1)
+        xp, _ = _padded_planes(x, top, left, c, h + top + bottom, q_padded + s - 1, "x_columns")
+        q_grad = q
     db = dy_sums.sum(axis=0)
-    # the forward's padded input (the same key: its columns are the output's rounded up to the lanes, plus S - 1)
-    xp, _ = _padded_planes(x, top, left, c, h + top + bottom, q_padded + s - 1, "x_columns")
-    chunks = min(GRAD_IMAGE_CHUNKS, n)
+    chunks = min(GRAD_IMAGE_CHUNKS, xp.shape[0])
     dwt = np.empty((chunks, dyp.shape[1], c * r * s), x.dtype)
-    weight_grad(xp, dyp, row_off, col_off, p, q, r, s, dwt)
+    weight_grad(xp, dyp, row_off, col_off, p, q_grad, r, s, dwt)
     dw = (dwt[0] if chunks == 1 else np.sum(dwt, axis=0))[:k].reshape(k, c, r, s)  # chunks added in order
     if not need_dx:
         return None, dw, db
