@@ -21,7 +21,11 @@ so it is part of numba's cache key and the two variants never share a cache entr
 
 Cache. `jit` compiles with numba's disk cache (`cache=True`: `__pycache__` beside the source or, when that is not
 writable, numba's user cache directory; NUMBA_CACHE_DIR overrides both); NUMBA_CNN_CACHE=0 turns it off, and with no
-usable cache location the kernels compile uncached, with a warning.
+usable cache location the kernels compile uncached, with a warning. Loading a kernel from the cache skips what numba
+does first there, `target_context.refresh()`: it imports and registers every lowering numba has (numpy's linear
+algebra, typed containers, random generators, about 300 modules and 28 MB of this process's memory), which only a
+compile uses, and numba's compiler runs it itself before every compile. A load needs only the runtime's symbols
+(`rtsys.initialize`), which the loaded machine code links against (`_LoadingWithoutRefresh`).
 
 Tasks. `run_parts(task, n, *args)` runs task(i, *args) for i < n in a prange, calling the task's compiled code by its
 address (`_run_task_in_parts`), so that a long serial body compiles once, on its own, and not again inside every prange
@@ -45,6 +49,11 @@ from numba.core import cgutils, config
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
+
+try:
+    from numba.core.runtime import rtsys as _rtsys
+except ImportError:  # another numba: its own cache loads, with the refresh
+    _rtsys = None
 
 # contract + reassoc give FMAs and vectorised reductions; no nnan/ninf, so NaN checks (v != v) stay valid.
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
@@ -99,10 +108,37 @@ def jit(fn=None, *, parallel=True):
     options = dict(parallel=parallel, fastmath=FASTMATH, error_model="numpy")
     if CACHE:
         try:
-            return njit(cache=True, **options)(fn)
+            dispatcher = njit(cache=True, **options)(fn)
         except RuntimeError as err:  # "cannot cache function ...: no locator available"
             warnings.warn(f"numba_cnn jit kernels compile without a disk cache: {err}", RuntimeWarning)
+        else:
+            if _LoadingWithoutRefresh.fits(dispatcher._cache):
+                dispatcher._cache = _LoadingWithoutRefresh(dispatcher._cache)
+            return dispatcher
     return njit(cache=False, **options)(fn)
+
+
+class _LoadingWithoutRefresh:
+    """A kernel's numba disk cache whose loads skip the target context's refresh (the module docstring says why);
+    everything else is the wrapped cache's. Where numba's private cache API differs from the one this calls, the
+    kernel keeps numba's own cache (`fits`)."""
+
+    def __init__(self, cache):
+        self._cache = cache
+
+    @staticmethod
+    def fits(cache):
+        return _rtsys is not None and all(hasattr(cache, name) for name in
+                                          ("_load_overload", "_guard_against_spurious_io_errors"))
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    def load_overload(self, sig, target_context):
+        _rtsys.initialize(target_context)  # the runtime's functions, which loaded code calls by name
+        with self._cache._guard_against_spurious_io_errors():
+            return self._cache._load_overload(sig, target_context)
+        return None  # numba's guard swallowed an error of the cache's files: compile
 
 
 def _is_jit_function(value):
