@@ -23,7 +23,7 @@ Cache. `jit` compiles with numba's disk cache (`cache=True`: `__pycache__` besid
 writable, numba's user cache directory; NUMBA_CACHE_DIR overrides both); NUMBA_CNN_CACHE=0 turns it off, and with no
 usable cache location the kernels compile uncached, with a warning. Loading a kernel from the cache skips what numba
 does first there, `target_context.refresh()`: it imports and registers every lowering numba has (numpy's linear
-algebra, typed containers, random generators, about 300 modules and 28 MB of this process's memory), which only a
+algebra, typed containers, random generators: hundreds of modules; docs/numba.md says what they cost), which only a
 compile uses, and numba's compiler runs it itself before every compile. A load needs only the runtime's symbols
 (`rtsys.initialize`), which the loaded machine code links against (`_LoadingWithoutRefresh`).
 
