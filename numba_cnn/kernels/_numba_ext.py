@@ -120,11 +120,16 @@ def jit(fn=None, *, parallel=True):
 
 class _LoadingWithoutRefresh:
     """A kernel's numba disk cache whose loads skip the target context's refresh (the module docstring says why);
-    everything else is the wrapped cache's. Where numba's private cache API differs from the one this calls, the
-    kernel keeps numba's own cache (`fits`)."""
+    everything else is the wrapped cache's, which `numbas_own` hands to the precompile (cold_compile.py says why its
+    loads refresh). Where numba's private cache API differs from the one this calls, the kernel keeps numba's own
+    cache (`fits`)."""
 
     def __init__(self, cache):
         self._cache = cache
+
+    @property
+    def numbas_own(self):
+        return self._cache
 
     @staticmethod
     def fits(cache):

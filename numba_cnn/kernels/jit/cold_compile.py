@@ -164,8 +164,12 @@ def _claiming_caches(claims, state):
     swapped = []
     for dispatcher in kernels().values():
         cache = dispatcher._cache
-        if hasattr(cache, "_index_key") and hasattr(cache, "_cache_file"):
-            dispatcher._cache = _ClaimingCache(cache, claims, state)
+        # numba's own loads, with the target's refresh that a compile runs anyway: loads that skip it (_numba_ext.jit)
+        # let the second process, loading the first kernels this one compiled, reach the units sooner and take
+        # those this process should (the order of compile_part's units), leaving it to wait on the kernels they share
+        numbas = getattr(cache, "numbas_own", cache)
+        if hasattr(numbas, "_index_key") and hasattr(numbas, "_cache_file"):
+            dispatcher._cache = _ClaimingCache(numbas, claims, state)
             swapped.append((dispatcher, cache))
     try:
         with event.install_listener("numba:compile", Depth()):
