@@ -876,6 +876,32 @@ def test_dense_backward_runs_its_two_products_side_by_side(n, d, m, dtype):
         np.testing.assert_array_equal(one, two)
 
 
+def test_compile_dense_backward_compiles_what_a_full_batch_then_runs():
+    """The precompile's two images never reach DENSE_BLAS_PAIR_MIN_MACS, so it compiles the two-gemm backward of a
+    dense layer that takes it at a larger batch (compile_dense_backward): a batch of 128 through LeNet's first
+    hidden layer then finds that machine code and compiles nothing; a layer whose backward runs the compiled kernel
+    at any batch compiles no gemm kernel."""
+    from threadpoolctl import threadpool_limits
+
+    from numba_cnn.kernels.jit import layers as jit_layers
+    from numba_cnn.kernels.jit.blas import gemm_address
+
+    kernel = jit_layers._dense_backward_gemms.task
+    with threadpool_limits(1, user_api="blas"):
+        if gemm_address(np.dtype(np.float32)) is None:
+            pytest.skip("numpy's BLAS is not an OpenBLAS whose CBLAS symbols jit/blas.py knows")
+        before = set(kernel.overloads)
+        jit_layers.compile_dense_backward(2048, 10)  # the compiled kernel's shape: no gemm kernel
+        assert set(kernel.overloads) == before
+        jit_layers.compile_dense_backward(400, 120)
+        compiled = set(kernel.overloads)
+        assert any(sig[4] == numba.types.Array(numba.float32, 2, "C") for sig in compiled)
+        rng = np.random.default_rng(5)
+        x, w, dy = (rng.standard_normal(shape).astype(np.float32) for shape in ((128, 400), (400, 120), (128, 120)))
+        jit_layers.dense_backward(dy, x, w)
+    assert set(kernel.overloads) == compiled
+
+
 def test_dense_backward_keeps_numpys_matmuls_while_blas_runs_threads_of_its_own():
     """With BLAS on two threads (the backend holds it to one while it trains), the two single-threaded gemm calls
     are not taken: numpy's matmuls, with BLAS's own threads, and their bits."""

@@ -189,7 +189,7 @@ def compile_part(network, part, claims):
 
     from numba_cnn.kernels import get_backend
     from numba_cnn.model import Model, Run
-    from numba_cnn.network.layers import Flatten
+    from numba_cnn.network.layers import Dense, Flatten
     from numba_cnn.network.plan import ConvReluPool
 
     backend = get_backend("jit")
@@ -227,6 +227,8 @@ def compile_part(network, part, claims):
             # a conv + ReLU's stand-in computes its weight gradient only: the real unit's dx, which it computes
             # after its forward, is another layer's forward kernel
             step.runner.backward(run, arrays, dy, cache, step.first > 0 and (fused[i] or not stand_in))
+            if isinstance(step.runner, Dense):
+                backend.layers.compile_dense_backward(*arrays["w"].shape)
         return unit
 
     def loss_and_adam():

@@ -443,8 +443,8 @@ def dense_backward(dy, x, w):
     many inputs (each element summed in one fixed order, so the same bits for any thread count); products of at
     least DENSE_BLAS_PAIR_MIN_MACS multiply-adds by numpy's own BLAS running one thread, one gemm call each, dx and dw
     at once on two threads (jit/blas.py; one call's bits whichever thread makes it); else numpy's."""
-    compiled = (0 < w.shape[1] <= DENSE_COMPILED_MAX_OUTPUTS and w.shape[0] >= DENSE_COMPILED_MIN_INPUTS
-                and x.shape[0] > 0 and x.dtype == w.dtype == dy.dtype and x.dtype in (np.float32, np.float64))
+    compiled = (_dense_compiled(*w.shape) and x.shape[0] > 0 and x.dtype == w.dtype == dy.dtype
+                and x.dtype in (np.float32, np.float64))
     macs = 2 * x.shape[0] * w.shape[0] * w.shape[1]  # dx and dw
     gemm = (gemm_address(x.dtype) if not compiled and macs >= 2 * DENSE_BLAS_PAIR_MIN_MACS and x.dtype == w.dtype
             == dy.dtype else None)
@@ -463,6 +463,21 @@ def dense_backward(dy, x, w):
     dw = np.empty(w.shape, x.dtype)
     _dense_backward(dy, x, aligned_copy(w.T), dx, dw)
     return dx, dw, dy.sum(axis=0)
+
+
+def _dense_compiled(inputs, outputs):
+    """Whether a dense layer's backward runs the compiled kernel (_dense_backward) whatever the batch."""
+    return 0 < outputs <= DENSE_COMPILED_MAX_OUTPUTS and inputs >= DENSE_COMPILED_MIN_INPUTS
+
+
+def compile_dense_backward(inputs, outputs, dtype=np.float32):
+    """Compile or load the backward's two gemms side by side for a dense layer that takes them at some batch size
+    (DENSE_BLAS_PAIR_MIN_MACS): the precompile's passes of two images never reach it."""
+    gemm = gemm_address(dtype)
+    if gemm is not None and not _dense_compiled(inputs, outputs):
+        x, w = np.zeros((2, inputs), dtype), np.zeros((inputs, outputs), dtype)
+        dy = np.zeros((2, outputs), dtype)
+        _dense_backward_gemms(*gemm, dy, x, w, np.empty(x.shape, dtype), np.empty(w.shape, dtype))
 
 
 @_jit(parallel=False)
