@@ -194,9 +194,9 @@ def test_fused_conv_pools_and_winograd_weight_gradients_get_a_backward_unit_of_t
 
 
 def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
-    """compile_part runs a unit only if it creates the unit's claim file first: with every claim taken, it runs no
-    kernel; with none taken, it claims every unit (the network's steps, a backward on stand-ins after each step
-    _stand_in_steps names, then the loss and Adam)."""
+    """compile_part runs a unit only if it takes the unit's claim file: with every unit done by the other process, it
+    runs no kernel; with none taken, it claims every unit (the network's steps, a backward on stand-ins after each
+    step _stand_in_steps names, then the loss and Adam) and marks each done."""
     from numba_cnn.kernels.jit.cold_compile import compile_part, kernels
     from numba_cnn.model import default_network
 
@@ -207,6 +207,7 @@ def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
     taken.mkdir()
     for i in range(units):
         (taken / f"unit-{i}").touch()
+        (taken / f"unit-{i}.done").touch()
     calls = {name: (dict(d.stats.cache_hits), dict(d.stats.cache_misses), len(d.overloads))
              for name, d in kernels().items()}
     compile_part(network, 1, str(taken))
@@ -215,8 +216,11 @@ def test_a_unit_claimed_by_the_other_process_is_left_to_it(tmp_path):
     free = tmp_path / "free"
     free.mkdir()
     compile_part(network, 0, str(free))
-    claimed = sorted(p.name for p in free.iterdir() if p.name.startswith("unit-"))  # not the kernels' claims
-    assert claimed and claimed[-1] == f"unit-{len(claimed) - 1}" and len(claimed) <= units
+    claimed = sorted((p.name for p in free.iterdir() if p.name.startswith("unit-") and "." not in p.name),
+                     key=lambda name: int(name.split("-")[1]))  # not the kernels' claims
+    assert claimed == [f"unit-{i}" for i in range(len(claimed))] and len(claimed) <= units
+    assert all((free / f"{name}.done").exists() and (free / name).read_text() == str(os.getpid())
+               for name in claimed)
 
 
 SPECIALISATIONS = textwrap.dedent("""
@@ -305,10 +309,10 @@ class _DiskCache:
 _TARGET = types.SimpleNamespace(codegen=lambda: None)
 
 
-def _claiming(disk, claims, wait=False, compiling=0):
+def _claiming(disk, claims, compiling=0):
     from numba_cnn.kernels.jit.cold_compile import _ClaimingCache
 
-    return _ClaimingCache(disk, str(claims), {"compiling": compiling, "wait": wait, "claimed": {}})
+    return _ClaimingCache(disk, str(claims), {"compiling": compiling, "claimed": {}})
 
 
 def test_a_kernel_is_compiled_by_the_process_that_claims_it_and_loaded_by_the_other(tmp_path):
@@ -326,12 +330,10 @@ def test_a_kernel_is_compiled_by_the_process_that_claims_it_and_loaded_by_the_ot
     assert len([p for p in tmp_path.iterdir() if not p.name.endswith(".done")]) == 2
 
 
-def test_a_kernel_the_other_process_is_compiling_puts_the_unit_off_or_is_waited_for(tmp_path):
-    """Claimed by another running process and not done: _KernelBusy, or with wait set, this process waits until the
-    claim is marked done and loads the entry; a claim whose process is gone, or of this process's own that never
-    finished, compiles here; a miss inside another kernel's compile compiles at once, claiming nothing."""
-    import threading
-
+def test_a_kernel_the_other_process_is_compiling_puts_the_unit_off(tmp_path):
+    """Claimed by another running process and not done: _KernelBusy; once the claim is marked done, the entry loads;
+    a claim whose process is gone, or of this process's own that never finished, compiles here; a miss inside another
+    kernel's compile compiles at once, claiming nothing."""
     from numba_cnn.kernels.jit.cold_compile import _KernelBusy
 
     disk = _DiskCache()
@@ -342,22 +344,12 @@ def test_a_kernel_the_other_process_is_compiling_puts_the_unit_off_or_is_waited_
         claim.write_text(str(other.pid))
         with pytest.raises(_KernelBusy):
             _claiming(disk, tmp_path).load_overload("f32", _TARGET)
-
-        def finish():
-            time.sleep(0.3)
-            disk.save_overload("f32", "machine code")
-            (tmp_path / (claim.name + ".done")).touch()
-
-        finishing = threading.Thread(target=finish)
-        finishing.start()
-        started = time.perf_counter()
-        assert _claiming(disk, tmp_path, wait=True).load_overload("f32", _TARGET) == "machine code"
-        assert time.perf_counter() - started >= 0.25
-        finishing.join()
+        disk.save_overload("f32", "machine code")
+        (tmp_path / (claim.name + ".done")).touch()
+        assert _claiming(disk, tmp_path).load_overload("f32", _TARGET) == "machine code"
     finally:
         other.kill()
         other.wait()
-    assert _claiming(disk, tmp_path).load_overload("f32", _TARGET) == "machine code"
     assert _claiming(disk, tmp_path).load_overload("i64", _TARGET) is None
     gone = [p for p in tmp_path.iterdir() if p != claim and not p.name.endswith(".done")][0]
     gone.write_text(str(other.pid))  # a finished process's claim, never done
@@ -369,35 +361,70 @@ def test_a_kernel_the_other_process_is_compiling_puts_the_unit_off_or_is_waited_
     assert set(tmp_path.iterdir()) == before
 
 
-def test_units_put_off_go_on_once_their_kernel_is_done_and_the_first_then_waits(tmp_path):
-    """_run_units: the units claimed by the other process are skipped; one that meets a kernel the other (running)
-    process holds is put off, and goes on before the next free unit once that kernel is marked done; when every
-    put-off unit is still busy after the free ones, the first runs with state["wait"] set."""
+def test_a_unit_put_off_is_given_up_and_runs_once_its_kernel_is_done(tmp_path):
+    """_run_units: a unit the other (running) process has claimed is left to it, and waited for until marked done;
+    one that meets a kernel the other process holds is put off and its claim given up, so that the other may take
+    it; it runs again once that kernel is marked done, before the units after it; with no unit free, the process
+    polls until every unit is done. A unit claimed by a process that is gone is taken."""
+    import threading
+
     from numba_cnn.kernels.jit.cold_compile import _KernelBusy, _run_units
 
-    log, state = [], {"wait": False}
+    log = []
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
     try:
         claims = {name: tmp_path / f"kernel-{name}" for name in "ac"}
         for claim in claims.values():
             claim.write_text(str(other.pid))
-        busy = {"a": 1, "c": 2}  # how many more times each unit meets its kernel busy
+        busy = {"a": 1, "c": 1}  # how many more times each unit meets its kernel busy
 
         def unit(name):
             def run():
-                if busy.get(name, 0) and not state["wait"]:
+                if busy.get(name, 0):
                     busy[name] -= 1
                     log.append(name + " busy")
-                    if name == "c":  # meanwhile the other process is done with a's kernel
-                        (tmp_path / "kernel-a.done").touch()
+                    if name == "c":
+                        assert not (tmp_path / "unit-0").exists()  # a's claim was given up
+                        (tmp_path / "kernel-a.done").touch()  # meanwhile the other process is done with a's kernel
                     raise _KernelBusy(str(claims[name]))
-                log.append(name + (" waited" if state["wait"] else ""))
+                log.append(name)
             return run
 
-        (tmp_path / "unit-1").touch()  # the other process has b
-        _run_units([unit(name) for name in "abcd"], str(tmp_path), state)
+        (tmp_path / "unit-1").write_text(str(other.pid))  # the other process runs b
+        (tmp_path / "unit-4").write_text(str(gone.pid))  # e: claimed by a process that ended without finishing it
+
+        def other_finishes():
+            time.sleep(0.3)
+            (tmp_path / "kernel-c.done").touch()
+            (tmp_path / "unit-1.done").touch()
+
+        finishing = threading.Thread(target=other_finishes)
+        started = time.perf_counter()
+        finishing.start()
+        _run_units([unit(name) for name in "abcde"], str(tmp_path), time.monotonic() + 60)
+        finishing.join()
     finally:
         other.kill()
         other.wait()
-    assert log == ["a busy", "c busy", "a", "d", "c busy", "c waited"]
-    assert not state["wait"]
+    assert log == ["a busy", "c busy", "d", "a", "e", "c"]
+    assert time.perf_counter() - started >= 0.25
+    assert all((tmp_path / f"unit-{i}.done").exists() for i in range(5))
+    assert (tmp_path / "unit-4").read_text() == str(os.getpid())
+
+
+def test_the_units_stop_at_the_deadline(tmp_path):
+    """_run_units returns at its deadline even while the other process still holds a unit."""
+    from numba_cnn.kernels.jit.cold_compile import _run_units
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "unit-0").write_text(str(other.pid))
+        started = time.perf_counter()
+        _run_units([lambda: None], str(tmp_path), time.monotonic() + 0.3)
+        assert 0.25 <= time.perf_counter() - started < 10
+    finally:
+        other.kill()
+        other.wait()
+    assert not (tmp_path / "unit-0.done").exists()

@@ -5,8 +5,8 @@ which two processes may fill at once (tests/test_concurrent_cache.py).
 
 How the work splits without a list of kernels per network: the units are the network's own steps (each step's forward
 and backward on two tiny images of that step's input shape, its x and dy stored as the training pass hands them over,
-x as the step before it recorded its forward's output where that unit has run; the steps with the most parameters
-first, since they compile longest and this process starts first; after a fused conv + pool's step, its backward
+x as the step before it recorded its forward's output where that unit has run; the convolutions' steps first, the
+most parameters first, since they compile longest and this process starts first; after a fused conv + pool's step, its backward
 alone, on stand-ins for its forward's outputs, so that the forward's kernels and the backward's compile side by side,
 and so after a conv + ReLU's whose weight gradient takes Winograd's kernel), then the loss and Adam. Both processes
 walk them in that order, each taking the next unit the other has not claimed, so the work splits as it comes (a
@@ -18,9 +18,12 @@ halves a cold start (the figures are in docs/results.md).
 Kernels are claimed too: steps share kernels (a VGG's 3x3 layers all run the Winograd kernels), so two units often
 need one kernel at the same moment, and both compiling it would waste the longest compiles of all. On a cache miss
 (`_ClaimingCache`), the process creates a claim file named by numba's own cache key for that kernel and argument
-types; when the other process holds it and has not finished, the unit is put off (`_KernelBusy`), and the process
-takes the next free unit. A unit put off goes on, loading the kernel from the cache, as soon as the other process
-has it done (checked before each next unit); those still put off once no unit is left wait for it.
+types; when the other process holds it and has not finished, the unit is put off (`_KernelBusy`): the process gives
+up the unit's claim and takes the next free unit. Once that kernel is done, whichever process is free first takes
+the unit put off and runs it again, loading from the cache what it compiled. So neither process keeps work the other
+could do: a process with no unit left to take waits, polling, until every unit is done, as the other may yet put one
+off (with units held back by the process that put them off, one process had compiled for 30 s while the other
+waited: docs/results.md).
 
 Whether the cache is cold: after a precompile, a small record in the cache directory, one per network and tile
 setting, names the kernels the network used; the cache counts as warm for that network while every one of them has
@@ -79,8 +82,8 @@ class _ClaimingCache:
     """A kernel's numba disk cache as compile_part sees it. On a miss, the kernel (for those argument types) is claimed
     for this process by a file in the folder `claims`, named by numba's cache key and holding this process's id,
     and marked done once its machine code is saved, so that the other process loads it instead of compiling it too.
-    While the other process holds the claim and is running, the unit is put off (_KernelBusy) or, with
-    state["wait"] set, this process waits for the kernel and loads it; a kernel marked done but not in the cache
+    While the other process holds the claim and is running, the unit is put off (_KernelBusy); a kernel marked
+    done but not in the cache
     (numba could not save it), or claimed by a process that is gone, compiles here. A miss inside another kernel's
     compile compiles at once: raising there would fail that compile."""
 
@@ -102,20 +105,12 @@ class _ClaimingCache:
             path = self._claim_path(sig, target_context)
         except Exception:  # numba's private cache API has changed: compile as if unclaimed
             return None
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pass
-        else:  # ours: compiled in this process
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
+        if _create_claim(path):  # ours: compiled in this process
             self._state["claimed"][id(self), str(sig)] = path
             return None
-        if _held_elsewhere(path) and not self._state["wait"]:
+        if _held_elsewhere(path):
             raise _KernelBusy(path)
-        while _held_elsewhere(path):
-            time.sleep(_CLAIM_POLL_S)
-        return self._cache.load_overload(sig, target_context)
+        return self._cache.load_overload(sig, target_context)  # None: compiled here (see above)
 
     def save_overload(self, sig, data):
         self._cache.save_overload(sig, data)
@@ -189,7 +184,7 @@ def compile_part(network, part, claims):
 
     from numba_cnn.kernels import get_backend
     from numba_cnn.model import Model, Run
-    from numba_cnn.network.layers import Dense, Flatten
+    from numba_cnn.network.layers import Conv2D, Dense, Flatten
     from numba_cnn.network.plan import ConvReluPool
 
     backend = get_backend("jit")
@@ -262,23 +257,25 @@ def compile_part(network, part, claims):
             return "channels_last"
         return "nchw" if i + 1 < len(steps) and isinstance(steps[i + 1].runner, Flatten) else "as_output"
 
-    # the steps with the most parameters first (the widest convolutions: the kernels that compile longest), so that
-    # this process, which starts while the other is still importing, takes the longest unit. After a fused conv +
-    # pool's unit, or a conv + ReLU's with a Winograd weight gradient, comes its backward on stand-ins for its
-    # forward's outputs, which the other process takes: the forward's kernels (Winograd's the longest of all to
-    # compile) and the backward's then compile side by side
+    # the convolutions' steps first, the most parameters first (the widest convolutions: the kernels that compile
+    # longest; a dense layer's, however large, compiles in a fraction of that), so that this process, which starts
+    # while the other is still importing, takes the longest unit, and neither is left with a long unit at the end
+    # while the other has nothing to take. After a fused conv + pool's unit, or a conv + ReLU's with a Winograd
+    # weight gradient, comes its backward on stand-ins for its forward's outputs, which the other process takes: the
+    # forward's kernels (Winograd's the longest of all to compile) and the backward's then compile side by side
     sizes = [sum(a.size for a in arrays.values()) for _, arrays in model._step_arrays]
+    convolves = [any(isinstance(layer, Conv2D) for _, layer in step.layers) for step in steps]
     units = []
-    for i in sorted(range(len(steps)), key=lambda i: -sizes[i]):
+    for i in sorted(range(len(steps)), key=lambda i: (not convolves[i], -sizes[i])):
         units.append(step_unit(i, dy_layout(i)))
         if i in stand_ins:
             units.append(step_unit(i, dy_layout(i), stand_in=True))
     units.append(loss_and_adam)
-    state = {"compiling": 0, "wait": False, "claimed": {}}
+    state = {"compiling": 0, "claimed": {}}
     # BLAS at one thread, as the backend trains (runtime.set_threads): the dense backward's kernel on two BLAS calls
     # is taken only so, and the second process would otherwise leave it to the training pass after
     with _claiming_caches(claims, state), threadpool_limits(1, user_api="blas"):
-        _run_units(units, claims, state)
+        _run_units(units, claims, time.monotonic() + _PRECOMPILE_TIMEOUT_S)
 
 
 def _stand_in_steps(model):
@@ -299,49 +296,60 @@ def _record_layout(claims, i, layout):
     os.replace(f.name, os.path.join(claims, f"layout-{i}"))
 
 
-def _run_units(units, claims, state):
-    """Run each unit whose file this process creates first in the folder `claims`, in order. A unit that needs a
-    kernel the other process is compiling (_KernelBusy) is put off: what it compiled so far stays in the cache, and
-    it runs again, loading that from there, as soon as that kernel is done (checked before each next unit: a unit
-    put off behind a short compile would otherwise wait for every free unit, and the long kernels it goes on to
-    compile with it); once no free unit is left, whichever put-off unit can go on runs, and when none can, the first
-    waits for the other process's kernels (state["wait"])."""
-    put_off = []  # [unit, the claim of the kernel it waits for]
-    for i, unit in enumerate(units):
-        put_off = _run_ready(put_off)
-        try:
-            os.close(os.open(os.path.join(claims, f"unit-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:  # the other process has it
-            continue
-        try:
-            unit()
-        except _KernelBusy as busy:
-            put_off.append([unit, busy.args[0]])
-    while put_off:
-        waiting = len(put_off)
-        put_off = _run_ready(put_off, every=True)
-        if len(put_off) == waiting:
-            state["wait"] = True
-            try:
-                put_off[0][0]()
-            finally:
-                state["wait"] = False
-            put_off.pop(0)
-
-
-def _run_ready(put_off, every=False):
-    """Run the put-off units whose kernel is no longer held by the other process (every=True: try each again, as
-    its kernel may be claimed anew); -> those still put off, each with the claim it now waits for."""
-    still = []
-    for unit, claim in put_off:
-        if every or not _held_elsewhere(claim):
+def _run_units(units, claims, deadline):
+    """Run the units in order, each one whose claim this process takes in the folder `claims` (`_claim`), until
+    every unit is marked done by one process or the other, or the time.monotonic() `deadline` passes. A unit that
+    needs a kernel the other process is compiling (_KernelBusy) is put off: what it compiled so far stays in the
+    cache, and its claim is given up, so that whichever process is free first once that kernel is done runs it
+    again, loading what is compiled. After each unit run the scan starts again from the first, so that the longest
+    units (the first) go before the rest as soon as they can. With nothing this process can take, it polls: the other
+    process may put off a unit, or finish a kernel one put off here waits for."""
+    waits_for = {}  # unit index -> the claim of the kernel it last met busy
+    while time.monotonic() < deadline:
+        ran = left = False
+        for i, unit in enumerate(units):
+            path = os.path.join(claims, f"unit-{i}")
+            if os.path.exists(path + ".done"):
+                continue
+            left = True
+            if i in waits_for and _held_elsewhere(waits_for[i]) or not _claim(path):
+                continue
             try:
                 unit()
-                continue
             except _KernelBusy as busy:
-                claim = busy.args[0]
-        still.append([unit, claim])
-    return still
+                waits_for[i] = busy.args[0]
+                os.unlink(path)
+                continue
+            with open(path + ".done", "w"):
+                pass
+            ran = True
+            break
+        if not left:
+            return
+        if not ran:
+            time.sleep(_CLAIM_POLL_S)
+
+
+def _create_claim(path):
+    """Create the claim file `path`, holding this process's id; False if it exists."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def _claim(path):
+    """Take the claim file `path` for this process: True if it was free, or held by a process that is gone."""
+    if _create_claim(path):
+        return True
+    if _held_elsewhere(path):
+        return False
+    with open(path, "w") as f:  # its process ended without finishing it
+        f.write(str(os.getpid()))
+    return True
 
 
 def _training_pass(network, count=_IMAGES):
