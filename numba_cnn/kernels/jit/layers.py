@@ -346,18 +346,19 @@ def _make_dense_backward(tile):
     pair_tile = 2 * tile
     _stack_tile = tile_allocator()
 
-    @_jit
-    def dense_backward(dy, x, w_t, dx, dw):
+    @parts_kernel
+    @_jit(parallel=False)
+    def dense_backward(part, n_parts, dy, x, w_t, dx, dw):
         """dx[n] = sum over m of dy[n, m] * w_t[m] (w_t = w transposed, (M, D)), the outputs m in order, and dw[d,
-        m] = sum over n of dy[n, m] * x[n, d], the images in order: a parallel loop over pairs of rows of dx, then
-        one over the blocks of `tile` inputs of dw, two outputs m at a time (two loops, so that each splits evenly
-        over the threads), 2 x `tile` values summed in registers at a time: each w_t or x segment loaded serves two
-        sums. An odd last row or output is paired with itself."""
+        m] = sum over n of dy[n, m] * x[n, d], the images in order: each part takes its share of the pairs of rows of
+        dx, then its share of the blocks of `tile` inputs of dw, two outputs m at a time (two loops, so that each
+        splits evenly over the parts), 2 x `tile` values summed in registers at a time: each w_t or x segment loaded
+        serves two sums. An odd last row or output is paired with itself."""
         n_rows, n_out = dy.shape
         depth = dx.shape[1]
         tiled = depth - depth % tile
         n_blocks = (depth + tile - 1) // tile
-        for pair in prange((n_rows + 1) // 2):
+        for pair in part_range(part, n_parts, (n_rows + 1) // 2):
             acc = _stack_tile(pair_tile, dx.dtype)
             row_a = 2 * pair
             row_b = min(row_a + 1, n_rows - 1)
@@ -382,7 +383,7 @@ def _make_dense_backward(tile):
                     for m in range(1, n_out):
                         total += dy[row, m] * w_t[m, d]
                     dx[row, d] = total
-        for block in prange(n_blocks):
+        for block in part_range(part, n_parts, n_blocks):
             acc = _stack_tile(pair_tile, dx.dtype)
             d0 = block * tile
             if d0 < tiled:
