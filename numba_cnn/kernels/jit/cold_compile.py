@@ -6,14 +6,14 @@ which two processes may fill at once (tests/test_concurrent_cache.py).
 How the work splits without a list of kernels per network: the units are the network's own steps (each step's forward
 and backward on two tiny images of that step's input shape, its x and dy stored as the training pass hands them over,
 x as the step before it recorded its forward's output where that unit has run; the convolutions' steps first, the
-most parameters first, since they compile longest and this process starts first; after a fused conv + pool's step, its backward
-alone, on stand-ins for its forward's outputs, so that the forward's kernels and the backward's compile side by side,
-and so after a conv + ReLU's whose weight gradient takes Winograd's kernel), then the loss and Adam. Both processes
-walk them in that order, each taking the next unit the other has not claimed, so the work splits as it comes (a
-unit's compile time is not known ahead: a step with kernels of its own, like a first layer on the column tiles, costs
-several times one that reuses others'); a kernel one of them has compiled by the time the other reaches it is loaded
-from the disk cache instead of compiled again. Numba compiles one function at a time in a process, so this roughly
-halves a cold start (the figures are in docs/results.md).
+most parameters first, since they compile longest and this process starts first; after a fused conv + pool's step,
+its backward alone, on stand-ins for its forward's outputs, so that the forward's kernels and the backward's compile
+side by side, and so after a conv + ReLU's whose weight gradient takes Winograd's kernel), then the loss and Adam.
+Both processes walk them in that order, each taking the next unit neither has claimed, so the work splits as it
+comes (a unit's compile time is not known ahead: a step with kernels of its own, like a first layer on the column
+tiles, costs several times one that reuses others'); a kernel one of them has compiled by the time the other
+reaches it is loaded from the disk cache instead of compiled again. Numba compiles one function at a time in a
+process, so this roughly halves a cold start (the figures are in docs/results.md).
 
 Kernels are claimed too: steps share kernels (a VGG's 3x3 layers all run the Winograd kernels), so two units often
 need one kernel at the same moment, and both compiling it would waste the longest compiles of all. On a cache miss
@@ -22,8 +22,8 @@ types; when the other process holds it and has not finished, the unit is put off
 up the unit's claim and takes the next free unit. Once that kernel is done, whichever process is free first takes
 the unit put off and runs it again, loading from the cache what it compiled. So neither process keeps work the other
 could do: a process with no unit left to take waits, polling, until every unit is done, as the other may yet put one
-off (with units held back by the process that put them off, one process had compiled for 30 s while the other
-waited: docs/results.md).
+off (units kept by the process that put them off once left the other idle for most of a cold start:
+docs/results.md).
 
 Whether the cache is cold: after a precompile, a small record in the cache directory, one per network and tile
 setting, names the kernels the network used; the cache counts as warm for that network while every one of them has
@@ -83,9 +83,8 @@ class _ClaimingCache:
     for this process by a file in the folder `claims`, named by numba's cache key and holding this process's id,
     and marked done once its machine code is saved, so that the other process loads it instead of compiling it too.
     While the other process holds the claim and is running, the unit is put off (_KernelBusy); a kernel marked
-    done but not in the cache
-    (numba could not save it), or claimed by a process that is gone, compiles here. A miss inside another kernel's
-    compile compiles at once: raising there would fail that compile."""
+    done but not in the cache (numba could not save it), or claimed by a process that is gone, compiles here. A miss
+    inside another kernel's compile compiles at once: raising there would fail that compile."""
 
     def __init__(self, cache, claims, state):
         self._cache, self._claims, self._state = cache, claims, state
@@ -184,7 +183,7 @@ def compile_part(network, part, claims):
 
     from numba_cnn.kernels import get_backend
     from numba_cnn.model import Model, Run
-    from numba_cnn.network.layers import Conv2D, Dense, Flatten
+    from numba_cnn.network.layers import Dense, Flatten
     from numba_cnn.network.plan import ConvReluPool
 
     backend = get_backend("jit")
@@ -257,16 +256,11 @@ def compile_part(network, part, claims):
             return "channels_last"
         return "nchw" if i + 1 < len(steps) and isinstance(steps[i + 1].runner, Flatten) else "as_output"
 
-    # the convolutions' steps first, the most parameters first (the widest convolutions: the kernels that compile
-    # longest; a dense layer's, however large, compiles in a fraction of that), so that this process, which starts
-    # while the other is still importing, takes the longest unit, and neither is left with a long unit at the end
-    # while the other has nothing to take. After a fused conv + pool's unit, or a conv + ReLU's with a Winograd
-    # weight gradient, comes its backward on stand-ins for its forward's outputs, which the other process takes: the
-    # forward's kernels (Winograd's the longest of all to compile) and the backward's then compile side by side
-    sizes = [sum(a.size for a in arrays.values()) for _, arrays in model._step_arrays]
-    convolves = [any(isinstance(layer, Conv2D) for _, layer in step.layers) for step in steps]
+    # after a fused conv + pool's unit, or a conv + ReLU's with a Winograd weight gradient, comes its backward on
+    # stand-ins for its forward's outputs, which the other process takes: the forward's kernels (Winograd's the
+    # longest of all to compile) and the backward's then compile side by side
     units = []
-    for i in sorted(range(len(steps)), key=lambda i: (not convolves[i], -sizes[i])):
+    for i in _step_order(model):
         units.append(step_unit(i, dy_layout(i)))
         if i in stand_ins:
             units.append(step_unit(i, dy_layout(i), stand_in=True))
@@ -276,6 +270,19 @@ def compile_part(network, part, claims):
     # is taken only so, and the second process would otherwise leave it to the training pass after
     with _claiming_caches(claims, state), threadpool_limits(1, user_api="blas"):
         _run_units(units, claims, time.monotonic() + _PRECOMPILE_TIMEOUT_S)
+
+
+def _step_order(model):
+    """The indices of the model's steps in the order compile_part takes them: the convolutions' steps first, then
+    the rest, each the most parameters first. The widest convolutions have the kernels that compile longest (a dense
+    layer's, however large, compiles in a fraction of that): this process, which starts while the other is still
+    importing, takes the longest unit, and neither is left with a long unit at the end while the other has nothing
+    to take."""
+    from numba_cnn.network.layers import Conv2D
+
+    sizes = [sum(a.size for a in arrays.values()) for _, arrays in model._step_arrays]
+    convolves = [any(isinstance(layer, Conv2D) for _, layer in step.layers) for step in model.steps]
+    return sorted(range(len(model.steps)), key=lambda i: (not convolves[i], -sizes[i]))
 
 
 def _stand_in_steps(model):
