@@ -131,7 +131,7 @@ SWALLOWING_COMPILE = textwrap.dedent("""
         time.sleep(0.05)
         return 0
 
-    def compile_part(network, part, claims):  # most of its time inside the callback, some in Python
+    def compile_part(network, part, claims, deadline):  # most of its time inside the callback, some in Python
         values = (ctypes.c_int * 2)()
         while True:
             libc.qsort(values, 2, ctypes.sizeof(ctypes.c_int), slow_compare)

@@ -173,12 +173,13 @@ def _claiming_caches(claims, state):
             dispatcher._cache = cache
 
 
-def compile_part(network, part, claims):
+def compile_part(network, part, claims, deadline=None):
     """Compile or load what `network`'s training step uses, unit by unit: each step of its plan (forward and backward
     on two tiny images of that step's input shape), then the loss and Adam. Both parts (0: this process, 1: the
     second) walk the units in one order; a unit is taken by whichever process creates its file in the folder `claims`
     first, so each takes the next free unit when it is done with one, and no unit is compiled twice. A unit that
-    needs a kernel the other process is compiling is put off until no free unit is left (_ClaimingCache)."""
+    needs a kernel the other process is compiling is put off and given up (_ClaimingCache, _run_units). No unit is
+    taken after the time.monotonic() `deadline` (default: the precompile's time limit from now)."""
     from threadpoolctl import threadpool_limits
 
     from numba_cnn.kernels import get_backend
@@ -269,7 +270,7 @@ def compile_part(network, part, claims):
     # BLAS at one thread, as the backend trains (runtime.set_threads): the dense backward's kernel on two BLAS calls
     # is taken only so, and the second process would otherwise leave it to the training pass after
     with _claiming_caches(claims, state), threadpool_limits(1, user_api="blas"):
-        _run_units(units, claims, time.monotonic() + _PRECOMPILE_TIMEOUT_S)
+        _run_units(units, claims, time.monotonic() + _PRECOMPILE_TIMEOUT_S if deadline is None else deadline)
 
 
 def _step_order(model):
@@ -423,6 +424,7 @@ def compile_cold_cache(network):
     if not CACHE or not cache_is_cold(network):
         return False
     claims = tempfile.mkdtemp(prefix="numba_cnn-precompile-")
+    deadline = time.monotonic() + _PRECOMPILE_TIMEOUT_S  # this process's units and the wait for the other's
     code = ("import json, sys; from numba_cnn.network import from_dict; "
             "from numba_cnn.kernels.jit.cold_compile import compile_part; "
             "compile_part(from_dict(json.loads(sys.stdin.read())), 1, sys.argv[1])")
@@ -462,8 +464,8 @@ def compile_cold_cache(network):
         previous = signal.signal(signal.SIGINT, stop), signal.signal(signal.SIGALRM, stop_again)
         previous_hook, sys.unraisablehook = sys.unraisablehook, quiet_unraisable
     try:
-        compile_part(network, 0, claims)
-        child.wait(_PRECOMPILE_TIMEOUT_S)
+        compile_part(network, 0, claims, deadline)
+        child.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:  # whatever it did not finish, this process compiles when it first calls it
         pass
     except Exception:
