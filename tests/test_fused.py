@@ -165,14 +165,65 @@ def test_first_layer_takes_the_pooled_weight_gradient(x_shape, w_shape, padding,
         np.testing.assert_array_equal(got, same)
 
 
+# first layers whose C x R kernel rows fill a tile of at least 8 vectors: 5x5 over 3 channels (the tutorial's, two
+# groups of rows), 3x3 'same' with K off the lanes and odd P and Q, 11x11 rows of two vectors in groups with a row
+# past the last, 17x17 rows of three vectors (AVX2; two on AVX-512)
+ROWS_CASES = [
+    pytest.param((2, 3, 32, 32), (6, 3, 5, 5), NO_PADDING, id="torch_tutorial_conv1"),
+    pytest.param((3, 3, 9, 11), (5, 3, 3, 3), (1, 1, 1, 1), id="same_3x3_odd"),
+    pytest.param((2, 3, 16, 15), (4, 3, 11, 11), (5, 5, 5, 5), id="rows_of_two_vectors"),
+    pytest.param((1, 1, 21, 22), (3, 1, 17, 17), (0, 1, 2, 0), id="rows_of_three_vectors")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,w_shape,padding", ROWS_CASES)
+def test_first_layer_takes_the_pooled_gradient_rows(x_shape, w_shape, padding, dtype, rng):
+    """Without dx, kernel rows that fill a tile of 8 vectors take dw from each window's winner only: within
+    rounding of the float64 oracle, dy in either layout, the same bits on 1 and 2 threads; an inf in x takes the
+    composition, bit for bit (its 0 * inf products give NaN that the winners' sum would skip)."""
+    import numba
+
+    x, w, b = _operands(rng, x_shape, w_shape, dtype)
+    y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
+    dy = rng.standard_normal(y.shape).astype(dtype) * (rng.random(y.shape) < 0.7)
+    conv_shape = reference.conv2d_forward(x, w, b, True, 1, padding).shape
+    _, dw_ref, db_ref = reference.conv2d_backward(
+        reference.maxpool2d_backward(relu_backward(dy, y), argmax, conv_shape, (2, 2)), x, w, False, 1, padding)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads, gradient in ((1, dy), (2, dy), (2, np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(
+                0, 3, 1, 2))):
+            numba.set_num_threads(threads)
+            with PathLog() as log:
+                dx, dw, db = jit.conv2d_relu_maxpool2d_backward(gradient, y, argmax, x, w, False, padding)
+            assert dx is None and len(log.paths) == 1 and "each window's winner only" in log.paths[0], log.paths
+            results.append((dw.copy(), db.copy()))
+    finally:
+        numba.set_num_threads(before)
+    for dw, db in results[1:]:
+        np.testing.assert_array_equal(dw, results[0][0])
+        np.testing.assert_array_equal(db, results[0][1])
+    reference.assert_close(results[0][0], dw_ref, dtype, "dw")
+    reference.assert_close(results[0][1], db_ref, dtype, "db")
+    x[-1, -1, -1, 0] = np.inf
+    y, argmax = jit.conv2d_relu_maxpool2d_forward(x, w, b, padding)
+    with PathLog() as log:
+        fused = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, False, padding)
+    assert not any("pooled gradient" in path for path in log.paths), log.paths
+    composed = _composed_backward(dy, y, argmax, conv_shape, x, w, False, padding)
+    for got, same in zip(fused[1:], composed[1:]):
+        np.testing.assert_array_equal(got, same)
+
+
 # (x, w, padding, need_dx, the fused forward's tile or the composition, the backward's path): the paths timed
 # faster on first and second layers of small networks (docs/kernels.md, "When fusing does not pay")
 ROUTED = "the 2x2 max-pool's gradient routed in dy's copy"
 # 16 filters fill the fused tile's lanes on AVX2 (16) and half of them on AVX-512 (32), where the forward composes
 K16_FORWARD = "pooled from an L1 tile" if jit.CONV_POOL_TILE_NARROW[0] <= 16 else "conv2d_forward: column tile"
 PATH_CASES = [
-    pytest.param((2, 3, 32, 32), (6, 3, 5, 5), NO_PADDING, False, "conv2d_forward: column tile", ROUTED,
-                 id="torch_tutorial_conv1"),
+    pytest.param((2, 3, 32, 32), (6, 3, 5, 5), NO_PADDING, False, "conv2d_forward: column tile",
+                 "each window's winner only", id="torch_tutorial_conv1"),
     pytest.param((2, 6, 14, 14), (16, 6, 5, 5), NO_PADDING, True, K16_FORWARD, ROUTED, id="torch_tutorial_conv2"),
     pytest.param((2, 3, 16, 16), (32, 3, 3, 3), (1, 1, 1, 1), False, "conv2d_forward: few input channels",
                  "dw from the pooled gradient", id="c3_k32_first_layer"),
@@ -396,3 +447,7 @@ def test_fused_backward_matches_finite_differences(x_shape, w_shape, padding, wr
     dx, dw, db = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, inputs["x"], inputs["w"], True, padding)
     analytic = {"x": dx, "w": dw, "b": db}[wrt]
     assert_gradient_matches(analytic, dotted_with(forward, dy), inputs[wrt].copy(), what=f"fused d{wrt}")
+    if wrt != "x":  # without dx: a first layer's paths (the 3x3 taps, the winners' rows where a tile fills)
+        _, dw, db = jit.conv2d_relu_maxpool2d_backward(dy, y, argmax, inputs["x"], inputs["w"], False, padding)
+        assert_gradient_matches({"w": dw, "b": db}[wrt], dotted_with(forward, dy), inputs[wrt].copy(),
+                                what=f"fused d{wrt} without dx")

@@ -103,9 +103,9 @@ conv2d_relu_maxpool2d_backward  finite x and w, kernel rows of whole LISTED_BLOC
                  rest), sparse.py's `_pooled_grad_lists` (values, their winners' offsets, db sums),
                  `_listed_weight_grad` (3 kernel rows in a register tile, the input in L1 bands, fixed image chunks)
                  and `_listed_input_grad` (per pixel, its channels' kernel rows summed in a register tile, added
-                 into dx); within rounding of the composition. A first 3x3 layer: dw from the pooled gradient
-                 (pooled_grad.py). Else the pool's gradient routed as the column tiles copy dy (`_pad_planes`), or
-                 the three ops in turn: bitwise the composition.
+                 into dx); within rounding of the composition. A first layer: dw from the pooled gradient
+                 (pooled_grad.py's two kernels). Else the pool's gradient routed as the column tiles copy dy
+                 (`_pad_planes`), or the three ops in turn: bitwise the composition.
 conv2d_relu_backward  conv2d_backward of the ReLU's select: the column tiles take it as they copy dy (one pass
                  less over the activation), the other paths call layers.relu_backward first; the same bits.
 
@@ -131,7 +131,7 @@ from numba_cnn.kernels.jit.tiles import (CONV1_TILE, CONV_POOL_TILE, CONV_POOL_T
 from numba_cnn.kernels.jit import layers  # noqa: F401  (the backend's layers: dropout, loss and Adam compiled)
 from numba_cnn.kernels.jit.cold_compile import compile_cold_cache
 from numba_cnn.kernels.jit.buffers import OutputArena  # noqa: F401  (Backend.output_arena)
-from numba_cnn.kernels.jit.buffers import (aligned_copy, aligned_zeros, nchw, nhwc, pad_width, padded_channels_last,
+from numba_cnn.kernels.jit.buffers import (aligned_copy, aligned_zeros, nchw, pad_width, padded_channels_last,
                                           reusable_output, round_up, scratch)
 from numba_cnn.kernels.jit.columns import (COLUMN_TILE, column_backward, column_dx_fits, column_forward,
                                            column_input_finite, columns_pay, padded_nchw)
@@ -145,7 +145,7 @@ from numba_cnn.kernels.jit import batchnorm as _batchnorm  # batch normalisation
 from numba_cnn.kernels.jit import pooling as _pooling  # pooling's host side
 from numba_cnn.kernels.jit.narrow_input import (NARROW_GRAD_PATH, narrow_forward, narrow_input_fits,
                                                 narrow_weight_grad)
-from numba_cnn.kernels.jit.listed import listed_backward, pooled_weight_grad, pooled_weight_grad_fits
+from numba_cnn.kernels.jit.listed import first_layer_weight_grad, listed_backward
 from numba_cnn.kernels.jit.sparse import LISTED_BLOCK, _pack_channels_last
 
 # BLAS at one thread: its only BLAS calls are the dense layer's small matmuls, and OpenBLAS workers that keep
@@ -542,16 +542,16 @@ def conv2d_relu_maxpool2d_backward(dy, y, argmax, x, w, need_dx, padding=(0, 0, 
     """dy[N,K,P//2,Q//2] (gradient of the pooled output), y (the pooled output), argmax, x[N,C,H,W], w[K,C,R,S] ->
     (dx[N,C,H,W] or None, dw[K,C,R,S], db[K]): equal to conv2d_backward(maxpool2d_backward(relu_backward(dy, y),
     argmax, (N, K, P, Q)), x, w, need_dx, 1, padding): listed.py's `listed_backward` (rows of whole blocks) or
-    `pooled_weight_grad` (a first 3x3 layer), within rounding; else bitwise that composition (0 * inf gives NaN as
-    there), on the column tiles with the pool's backward made as dy is copied into their border."""
+    `first_layer_weight_grad` (no dx), within rounding; else bitwise that composition (0 * inf gives NaN as there),
+    on the column tiles with the pool's backward made as dy is copied into their border."""
     k, c, r, s = w.shape
     if (s * c) % LISTED_BLOCK == 0 and np.isfinite(w).all():
         listed = listed_backward(*(a.transpose(0, 2, 3, 1) for a in (dy, y, argmax)), _input_channels_last(x), w,
                                  need_dx, padding)
         if listed is not None:
             return listed
-    if pooled_weight_grad_fits(x, w, need_dx):
-        return (None, *pooled_weight_grad(nhwc(dy), nhwc(y), nhwc(argmax), x, w, padding))
+    if not need_dx and (first_layer := first_layer_weight_grad(dy, y, argmax, x, w, padding)) is not None:
+        return (None, *first_layer)
     conv_shape = (x.shape[0], k, conv_output_size(x.shape[2], r, 1, *padding[:2]),
                   conv_output_size(x.shape[3], s, 1, *padding[2:]))
     if _column_backward_fits(x, w, k, conv_shape[3], 1, padding):  # the pool's backward folded into dy's copy

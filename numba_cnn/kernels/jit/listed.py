@@ -7,10 +7,12 @@ applies; how it works: docs/kernels.md.
 import numpy as np
 from numba import get_num_threads
 
-from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, reusable_output, round_up, scratch
-from numba_cnn.kernels.jit.columns import padded_nchw
+from numba_cnn.kernels.jit.buffers import aligned_copy, nchw, nhwc, reusable_output, round_up, scratch
+from numba_cnn.kernels.jit.columns import COLUMN_LANES, _padded_planes, padded_nchw
 from numba_cnn.kernels.jit.paths import note
-from numba_cnn.kernels.jit.pooled_grad import POOLED_GRAD_LANES, _pooled_weight_grad_3x3, _sum_listed_chunks
+from numba_cnn.kernels.jit.pooled_grad import (POOLED_GRAD_LANES, POOLED_ROWS_LANES, POOLED_ROWS_TILE,
+                                              _pooled_weight_grad_3x3, _sum_listed_chunks,
+                                              pooled_weight_grad_rows_kernel)
 from numba_cnn.kernels.jit.sparse import (LISTED_BAND_BYTES, LISTED_GRAD_LANES, _listed_input_grad, _listed_weight_grad,
                                           _pooled_grad_lists)
 from numba_cnn.kernels.jit.tiles import GRAD_IMAGE_CHUNKS
@@ -76,13 +78,26 @@ def exact_quotient_constants(divisor):
     return np.uint64(shift), np.uint64(inverse)
 
 
-def pooled_weight_grad_fits(x, w, need_dx):
-    """Whether `pooled_weight_grad` takes the fused backward: a 3x3 kernel, no dx wanted (a first layer), output
-    channels a multiple of its vector, finite x and w (it multiplies the unpooled gradient's zeros too, but in
-    another order than the composition, so a NaN from 0 * inf could land elsewhere)."""
+def first_layer_weight_grad(dy, pooled, argmax, x, w, padding):
+    """(dw, db) of the fused conv + ReLU + 2x2 max-pool backward of a first layer (no dx), from the pooled gradient:
+    `pooled_weight_grad_rows` where its tile fills, else `pooled_weight_grad` for a 3x3 kernel (both need finite
+    x); None where neither takes it. dy, pooled and argmax (N, K, P2, Q2) in either layout, x NCHW or
+    channels-last."""
+    if pooled_weight_grad_rows_fits(w):
+        rows = pooled_weight_grad_rows(dy, pooled, argmax, x, w, padding)
+        if rows is not None:
+            return rows
+    if pooled_weight_grad_fits(x, w):
+        return pooled_weight_grad(nhwc(dy), nhwc(pooled), nhwc(argmax), x, w, padding)
+    return None
+
+
+def pooled_weight_grad_fits(x, w):
+    """Whether `pooled_weight_grad` takes a first layer's backward: a 3x3 kernel, output channels a multiple of its
+    vector, finite x and w (it multiplies the unpooled gradient's zeros too, but in another order than the
+    composition, so a NaN from 0 * inf could land elsewhere)."""
     k, c, r, s = w.shape
-    return ((r, s) == (3, 3) and not need_dx and k % POOLED_GRAD_LANES == 0 and np.isfinite(w).all()
-            and np.isfinite(x).all())
+    return (r, s) == (3, 3) and k % POOLED_GRAD_LANES == 0 and np.isfinite(w).all() and np.isfinite(x).all()
 
 
 def pooled_weight_grad(dy, pooled, argmax, x, w, padding):
@@ -101,3 +116,52 @@ def pooled_weight_grad(dy, pooled, argmax, x, w, padding):
     dw = dwt[0] if chunks == 1 else dwt.sum(axis=0)  # the chunks in order
     db = dbt[0].copy() if chunks == 1 else dbt.sum(axis=0)
     return np.ascontiguousarray(dw.T.reshape(k, c, r, s)), db
+
+
+def _rows_tile(c, r, s):
+    """(groups, rows, vectors) of `_pooled_weight_grad_rows`'s work for a C x R x S kernel: its C x R kernel rows of
+    S values, each in whole vectors, split evenly into groups of at most POOLED_ROWS_TILE vectors."""
+    vectors = -(-s // POOLED_ROWS_LANES)
+    groups = -(-(c * r) // (POOLED_ROWS_TILE // vectors))
+    return groups, -(-(c * r) // groups), vectors
+
+
+def pooled_weight_grad_rows_fits(w):
+    """Whether `pooled_weight_grad_rows` takes a first layer's backward: kernel rows of at most three vectors, and a
+    tile of at least 8 vectors, whose multiply-adds per window outweigh the window's bookkeeping (one input channel,
+    3 to 7 rows of one vector, lost to the column tiles and the 3x3 kernel: docs/kernels.md, "The first layer's
+    weight gradient")."""
+    k, c, r, s = w.shape
+    groups, rows, vectors = _rows_tile(c, r, s)
+    return vectors <= 3 and rows * vectors >= 8
+
+
+def pooled_weight_grad_rows(dy, pooled, argmax, x, w, padding):
+    """(dw[K, C, R, S], db[K]) of the fused conv + ReLU + 2x2 max-pool backward without dx, by pooled_grad.py's
+    `_pooled_weight_grad_rows` (each window's winner only), from dy, pooled and argmax (N, K, P2, Q2) in either
+    layout and x NCHW or channels-last; None if x holds NaN or inf (the composition's products of the unpooled
+    gradient's zeros with them give NaN, which this sum skips)."""
+    n, k = dy.shape[0], dy.shape[1]
+    _, c, r, s = w.shape
+    top, bottom, left, right = padding
+    q = x.shape[3] + left + right - s + 1
+    groups, rows, vectors = _rows_tile(c, r, s)
+    # the column forward's padded planes (one layout copy for both passes) where a window's last row vector fits
+    columns = max(round_up(q, COLUMN_LANES) + s - 1, q - 1 + vectors * POOLED_ROWS_LANES)
+    rows_in = x.shape[2] + top + bottom
+    xp, sums = _padded_planes(x, top, left, c, rows_in, columns, "x_columns")
+    if not np.isfinite(sums).all():  # an image's sum is finite when all its values are (or, rarely, overflows)
+        return None
+    total = c * r
+    row_offsets = np.zeros(groups * rows, np.int64)
+    row_offsets[:total] = (np.arange(c)[:, None] * (rows_in * columns) + np.arange(r)[None, :] * columns).reshape(-1)
+    chunks = min(GRAD_IMAGE_CHUNKS, n)
+    partial = scratch("pooled_rows.dw", (chunks, k, groups * rows, vectors * POOLED_ROWS_LANES), dy.dtype)
+    dbt = scratch("pooled_rows.db", (chunks, k), dy.dtype)
+    note("conv2d_relu_maxpool2d_backward", f"dw from the pooled gradient, each window's winner only: {total} kernel "
+         f"rows of {s} in {vectors} vector(s), a tile of {rows} rows", n * dy.shape[2] * dy.shape[3] * k * total * s)
+    pooled_weight_grad_rows_kernel(rows, vectors)(xp.reshape(n, -1), columns, row_offsets.reshape(groups, rows), dy,
+                                                  pooled, argmax, dy.dtype.type(0), partial, dbt)
+    dw = partial[0] if chunks == 1 else partial.sum(axis=0)  # the chunks in order
+    db = dbt[0].copy() if chunks == 1 else dbt.sum(axis=0)
+    return np.array(dw[:, :total, :s]).reshape(k, c, r, s), db  # a copy: partial is a scratch buffer

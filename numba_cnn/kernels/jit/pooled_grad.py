@@ -1,12 +1,18 @@
-"""The jit backend's weight gradient of a first 3x3 conv layer behind ReLU + 2x2 max-pooling, straight from the
-pooled gradient (listed.py's `pooled_weight_grad` calls it): a first layer computes no dx, and its kernel rows (S x C
-values, 3 for one input channel) are too short for the lists of sparse.py. Per 2x2 window, the pooled gradient
-becomes four copies masked to the window's four positions (three of them zero), and each kernel tap adds the four
-products with the inputs that tap sees at those positions: every product of the dense sum over the unpooled gradient,
-without writing that gradient. Output channels run in the vector lanes; each window's 4 x 4 input patch is read once
-(16 loads at fixed offsets), and the kernel spells out which of the 16 each tap's four products take. (A kernel for
-any size, finding each tap's four inputs through a table of offsets, lost to the composed backward on every 5x5
-layer timed: docs/kernels.md, "When fusing does not pay".)
+"""The jit backend's weight gradients of a first conv layer behind ReLU + 2x2 max-pooling, straight from the pooled
+gradient (listed.py's `pooled_weight_grad` and `pooled_weight_grad_rows` call them): a first layer computes no dx,
+and its kernel rows (S x C values, 3 for one input channel) are too short for the lists of sparse.py.
+
+`_pooled_weight_grad_3x3`, for a 3x3 kernel over one or two input channels: per 2x2 window, the pooled gradient becomes four
+copies masked to the window's four positions (three of them zero), and each kernel tap adds the four products with
+the inputs that tap sees at those positions: every product of the dense sum over the unpooled gradient, without
+writing that gradient. Output channels run in the vector lanes; each window's 4 x 4 input patch is read once (16
+loads at fixed offsets), and the kernel spells out which of the 16 each tap's four products take.
+
+`_pooled_weight_grad_rows`, for any kernel size: per window and output channel, the winner's products only, each of
+the C x R kernel rows of input (S values, in whole vectors) times the window's gradient, a quarter of the dense
+sum's products. It wins where those rows fill a register tile (several input channels); with one input channel its
+few multiply-adds per window do not carry the window's bookkeeping (docs/kernels.md, "The first layer's weight
+gradient").
 
 `_sum_listed_chunks` adds up the chunks of sparse.py's listed weight gradient (the other weight gradient behind the
 pool) straight into the weight's (K, C, R, S) order, on every thread.
@@ -17,11 +23,15 @@ Self-contained (no @njit helper from another file), so Numba's cache sees every 
 import numpy as np
 from numba import njit
 
-from numba_cnn.kernels._numba_ext import jit as _jit, part_range, parts_kernel, tile_allocator
+from numba_cnn.kernels._numba_ext import jit as _jit, part_range, parts_kernel, rest_of, tile_allocator
 from numba_cnn.kernels.jit.tiles import TILE_BITS
 
 # the register tile: 9 taps x one vector of output channels
 POOLED_GRAD_LANES = 16 if TILE_BITS >= 512 else 8
+# the any-size kernel's register tile: rows x vectors at most this many vectors (12 of AVX2's 16 registers), rows
+# at most 12, each row at most 3 vectors
+POOLED_ROWS_TILE = 12
+POOLED_ROWS_LANES = TILE_BITS // 32
 
 
 @njit(inline="always")  # inlined in numba IR: the lane loops that call it vectorise as if it were written out there
@@ -102,6 +112,124 @@ def _make_pooled_weight_grad_3x3(lanes):
 
 
 _pooled_weight_grad_3x3 = _make_pooled_weight_grad_3x3(POOLED_GRAD_LANES)
+
+
+@njit(inline="always")  # inlined in numba IR, so that the lane loop calling it is one loop body to vectorise
+def _add_row(acc, first, lane, lanes, vectors, g, x_row):
+    """acc[first + v lanes + lane] += g * x_row[v lanes + lane] for each of a row's `vectors` (<= 3) vectors."""
+    acc[first + lane] += g * x_row[lane]
+    if vectors > 1:
+        acc[first + lanes + lane] += g * x_row[lanes + lane]
+    if vectors > 2:
+        acc[first + 2 * lanes + lane] += g * x_row[2 * lanes + lane]
+
+
+@njit(inline="always")
+def _row_at(image, at, offsets, i, rows):
+    """image[at + offsets[i]:] for a row i < rows of the tile; image[at:] (never read) for the others."""
+    return rest_of(image, at + (offsets[i] if i < rows else 0))
+
+
+def _make_pooled_weight_grad_rows(rows, vectors):
+    """`_pooled_weight_grad_rows` with a register tile of `rows` x `vectors` vectors (at most POOLED_ROWS_TILE)."""
+    _stack_tile = tile_allocator()
+    lanes = POOLED_ROWS_LANES
+    span = vectors * lanes
+    tile = rows * span
+
+    @parts_kernel
+    @_jit(parallel=False)
+    def pooled_weight_grad_rows(part, n_parts, xp, row_length, row_offsets, dy, pooled, argmax, zero, partial, dbt):
+        """partial[h, k, t, u] = sum over the images n of chunk h (partial.shape[0] contiguous chunks of the batch)
+        and the 2x2 windows (pi, pj) of g[n, k, pi, pj] * xp[n, 2 (pi row_length + pj) + (a row_length + b) +
+        row_offsets[t // rows, t % rows] + u], u < `span` (vectors x lanes): the weight gradient of a convolution
+        whose output gradient went through ReLU + 2x2 max-pooling, g being dy where pooled > 0 or is NaN (the ReLU's
+        select) and (a, b) the window's winner (argmax); dy, pooled and argmax indexed (N, K, P2, Q2) (views of
+        either layout). xp[n]: image n's padded NCHW planes of row_length columns, flattened, readable `span`
+        values on from any window's kernel row; row_offsets[group, i]: where the tile's row i starts in the
+        image (c plane + r row_length for kernel row r of channel c; 0 for a row past the last, whose sums the
+        caller drops, as it drops the values past S in each row). dbt[h, k]: chunk h's sum of g.
+
+        Each window adds its winner's products only, the other three positions' gradient being zero: a quarter of
+        the dense sum's products, and no list to build. Tasks: chunks x K x groups of `rows` rows (row_offsets'
+        first axis), each running over its images' windows with its tile in registers. Per element: images in
+        order, windows in order; the chunks are fixed by the batch and the caller adds them in order, so the same
+        bits for any thread count."""
+        n_chunks, n_out = partial.shape[:2]
+        n_images = xp.shape[0]
+        groups = row_offsets.shape[0]
+        p_half, q_half = dy.shape[2], dy.shape[3]
+        corners = _stack_tile(4, np.int64)  # a winner's offset from its window's top left value, by argmax
+        corners[0], corners[1], corners[2], corners[3] = 0, 1, row_length, row_length + 1
+        for task in part_range(part, n_parts, n_chunks * n_out * groups):
+            h, k, group = task // (n_out * groups), task // groups % n_out, task % groups
+            offsets = row_offsets[group]
+            acc = _stack_tile(tile, xp.dtype)
+            for u in range(tile):
+                acc[u] = zero
+            total = zero
+            for n in range(h * n_images // n_chunks, (h + 1) * n_images // n_chunks):
+                image = xp[n]
+                g_plane, pooled_plane, arg_plane = dy[n, k], pooled[n, k], argmax[n, k]
+                for pi in range(p_half):
+                    for pj in range(q_half):
+                        g = g_plane[pi, pj]
+                        pooled_value = pooled_plane[pi, pj]
+                        g = g if (pooled_value > zero) | (pooled_value != pooled_value) else zero
+                        total += g
+                        at = 2 * (pi * row_length + pj) + corners[arg_plane[pi, pj]]
+                        x0, x1, x2 = _row_at(image, at, offsets, 0, rows), _row_at(image, at, offsets, 1, rows), \
+                            _row_at(image, at, offsets, 2, rows)
+                        x3, x4, x5 = _row_at(image, at, offsets, 3, rows), _row_at(image, at, offsets, 4, rows), \
+                            _row_at(image, at, offsets, 5, rows)
+                        x6, x7, x8 = _row_at(image, at, offsets, 6, rows), _row_at(image, at, offsets, 7, rows), \
+                            _row_at(image, at, offsets, 8, rows)
+                        x9, x10, x11 = _row_at(image, at, offsets, 9, rows), _row_at(image, at, offsets, 10, rows), \
+                            _row_at(image, at, offsets, 11, rows)
+                        # the tile's body spelled out in the lane loop: LLVM vectorises that loop whole (loops over
+                        # the rows inside it it unrolls into scalar code); a row past `rows` is compiled out
+                        for lane in range(lanes):
+                            _add_row(acc, 0, lane, lanes, vectors, g, x0)
+                            if rows > 1:
+                                _add_row(acc, span, lane, lanes, vectors, g, x1)
+                            if rows > 2:
+                                _add_row(acc, 2 * span, lane, lanes, vectors, g, x2)
+                            if rows > 3:
+                                _add_row(acc, 3 * span, lane, lanes, vectors, g, x3)
+                            if rows > 4:
+                                _add_row(acc, 4 * span, lane, lanes, vectors, g, x4)
+                            if rows > 5:
+                                _add_row(acc, 5 * span, lane, lanes, vectors, g, x5)
+                            if rows > 6:
+                                _add_row(acc, 6 * span, lane, lanes, vectors, g, x6)
+                            if rows > 7:
+                                _add_row(acc, 7 * span, lane, lanes, vectors, g, x7)
+                            if rows > 8:
+                                _add_row(acc, 8 * span, lane, lanes, vectors, g, x8)
+                            if rows > 9:
+                                _add_row(acc, 9 * span, lane, lanes, vectors, g, x9)
+                            if rows > 10:
+                                _add_row(acc, 10 * span, lane, lanes, vectors, g, x10)
+                            if rows > 11:
+                                _add_row(acc, 11 * span, lane, lanes, vectors, g, x11)
+            out = partial[h, k]
+            for t in range(rows):
+                for u in range(span):
+                    out[group * rows + t, u] = acc[t * span + u]
+            if group == 0:  # every group sums the same g in the same order
+                dbt[h, k] = total
+
+    return pooled_weight_grad_rows
+
+
+_POOLED_ROWS_KERNELS = {}
+
+
+def pooled_weight_grad_rows_kernel(rows, vectors):
+    """The `_pooled_weight_grad_rows` kernel for a tile of `rows` x `vectors` vectors, made once per tile."""
+    if (rows, vectors) not in _POOLED_ROWS_KERNELS:
+        _POOLED_ROWS_KERNELS[rows, vectors] = _make_pooled_weight_grad_rows(rows, vectors)
+    return _POOLED_ROWS_KERNELS[rows, vectors]
 
 
 @parts_kernel
