@@ -125,6 +125,19 @@ def _add_row(acc, first, lane, lanes, vectors, g, x_row):
 
 
 @njit(inline="always")
+def _add_four_rows(acc, first, rows, span, lane, lanes, vectors, g, x_a, x_b, x_c, x_d):
+    """`_add_row` for the tile's rows first.. first + 3 (of `span` values each) that are under `rows`."""
+    if rows > first:
+        _add_row(acc, first * span, lane, lanes, vectors, g, x_a)
+    if rows > first + 1:
+        _add_row(acc, (first + 1) * span, lane, lanes, vectors, g, x_b)
+    if rows > first + 2:
+        _add_row(acc, (first + 2) * span, lane, lanes, vectors, g, x_c)
+    if rows > first + 3:
+        _add_row(acc, (first + 3) * span, lane, lanes, vectors, g, x_d)
+
+
+@njit(inline="always")
 def _row_at(image, at, offsets, i, rows):
     """image[at + offsets[i]:] for a row i < rows of the tile; image[at:] (never read) for the others."""
     return rest_of(image, at + (offsets[i] if i < rows else 0))
@@ -189,29 +202,9 @@ def _make_pooled_weight_grad_rows(rows, vectors):
                         # the tile's body spelled out in the lane loop: LLVM vectorises that loop whole (loops over
                         # the rows inside it it unrolls into scalar code); a row past `rows` is compiled out
                         for lane in range(lanes):
-                            _add_row(acc, 0, lane, lanes, vectors, g, x0)
-                            if rows > 1:
-                                _add_row(acc, span, lane, lanes, vectors, g, x1)
-                            if rows > 2:
-                                _add_row(acc, 2 * span, lane, lanes, vectors, g, x2)
-                            if rows > 3:
-                                _add_row(acc, 3 * span, lane, lanes, vectors, g, x3)
-                            if rows > 4:
-                                _add_row(acc, 4 * span, lane, lanes, vectors, g, x4)
-                            if rows > 5:
-                                _add_row(acc, 5 * span, lane, lanes, vectors, g, x5)
-                            if rows > 6:
-                                _add_row(acc, 6 * span, lane, lanes, vectors, g, x6)
-                            if rows > 7:
-                                _add_row(acc, 7 * span, lane, lanes, vectors, g, x7)
-                            if rows > 8:
-                                _add_row(acc, 8 * span, lane, lanes, vectors, g, x8)
-                            if rows > 9:
-                                _add_row(acc, 9 * span, lane, lanes, vectors, g, x9)
-                            if rows > 10:
-                                _add_row(acc, 10 * span, lane, lanes, vectors, g, x10)
-                            if rows > 11:
-                                _add_row(acc, 11 * span, lane, lanes, vectors, g, x11)
+                            _add_four_rows(acc, 0, rows, span, lane, lanes, vectors, g, x0, x1, x2, x3)
+                            _add_four_rows(acc, 4, rows, span, lane, lanes, vectors, g, x4, x5, x6, x7)
+                            _add_four_rows(acc, 8, rows, span, lane, lanes, vectors, g, x8, x9, x10, x11)
             out = partial[h, k]
             for t in range(rows):
                 for u in range(span):
