@@ -2,11 +2,11 @@
 gradient (listed.py's `pooled_weight_grad` and `pooled_weight_grad_rows` call them): a first layer computes no dx,
 and its kernel rows (S x C values, 3 for one input channel) are too short for the lists of sparse.py.
 
-`_pooled_weight_grad_3x3`, for a 3x3 kernel over one or two input channels: per 2x2 window, the pooled gradient becomes four
-copies masked to the window's four positions (three of them zero), and each kernel tap adds the four products with
-the inputs that tap sees at those positions: every product of the dense sum over the unpooled gradient, without
-writing that gradient. Output channels run in the vector lanes; each window's 4 x 4 input patch is read once (16
-loads at fixed offsets), and the kernel spells out which of the 16 each tap's four products take.
+`_pooled_weight_grad_3x3`, for a 3x3 kernel over one or two input channels: per 2x2 window, the pooled gradient
+becomes four copies masked to the window's four positions (three of them zero), and each kernel tap adds the four
+products with the inputs that tap sees at those positions: every product of the dense sum over the unpooled
+gradient, without writing that gradient. Output channels run in the vector lanes; each window's 4 x 4 input patch is
+read once (16 loads at fixed offsets), and the kernel spells out which of the 16 each tap's four products take.
 
 `_pooled_weight_grad_rows`, for any kernel size: per window and output channel, the winner's products only, each of
 the C x R kernel rows of input (S values, in whole vectors) times the window's gradient, a quarter of the dense
@@ -200,7 +200,7 @@ def _make_pooled_weight_grad_rows(rows, vectors):
                         x9, x10, x11 = _row_at(image, at, offsets, 9, rows), _row_at(image, at, offsets, 10, rows), \
                             _row_at(image, at, offsets, 11, rows)
                         # the tile's body spelled out in the lane loop: LLVM vectorises that loop whole (loops over
-                        # the rows inside it it unrolls into scalar code); a row past `rows` is compiled out
+                        # the rows inside it, it unrolls into scalar code); a row past `rows` is compiled out
                         for lane in range(lanes):
                             _add_four_rows(acc, 0, rows, span, lane, lanes, vectors, g, x0, x1, x2, x3)
                             _add_four_rows(acc, 4, rows, span, lane, lanes, vectors, g, x4, x5, x6, x7)
