@@ -113,9 +113,16 @@ def pooled_weight_grad(dy, pooled, argmax, x, w, padding):
     note("conv2d_relu_maxpool2d_backward", f"dw from the pooled gradient, 3x3 taps from each window's 4x4 inputs "
          f"x {POOLED_GRAD_LANES} lanes", n * dy.shape[1] * dy.shape[2] * 4 * c * r * s * k)
     _pooled_weight_grad_3x3(xp, dy, pooled, argmax, dy.dtype.type(0), dwt, dbt)
-    dw = dwt[0] if chunks == 1 else dwt.sum(axis=0)  # the chunks in order
-    db = dbt[0].copy() if chunks == 1 else dbt.sum(axis=0)
+    dw, db = _chunks_added(dwt, dbt)
     return np.ascontiguousarray(dw.T.reshape(k, c, r, s)), db
+
+
+def _chunks_added(dwt, dbt):
+    """(dw, db) from the first-layer kernels' per-chunk scratch sums dwt[chunks, ...] and dbt[chunks, K], the chunks
+    added in order (numpy's sum over the first axis adds them so); db a new array, dw one too unless one chunk."""
+    if dwt.shape[0] == 1:
+        return dwt[0], dbt[0].copy()
+    return dwt.sum(axis=0), dbt.sum(axis=0)
 
 
 def _rows_tile(c, r, s):
@@ -162,6 +169,5 @@ def pooled_weight_grad_rows(dy, pooled, argmax, x, w, padding):
          f"rows of {s} in {vectors} vector(s), a tile of {rows} rows", n * dy.shape[2] * dy.shape[3] * k * total * s)
     pooled_weight_grad_rows_kernel(rows, vectors)(xp.reshape(n, -1), columns, row_offsets.reshape(groups, rows), dy,
                                                   pooled, argmax, dy.dtype.type(0), partial, dbt)
-    dw = partial[0] if chunks == 1 else partial.sum(axis=0)  # the chunks in order
-    db = dbt[0].copy() if chunks == 1 else dbt.sum(axis=0)
+    dw, db = _chunks_added(partial, dbt)
     return np.array(dw[:, :total, :s]).reshape(k, c, r, s), db  # a copy: partial is a scratch buffer

@@ -34,11 +34,17 @@ POOLED_ROWS_TILE = 12
 POOLED_ROWS_LANES = TILE_BITS // 32
 
 
+@njit(inline="always")
+def _through_relu(g_any, pooled, zero):
+    """A window's gradient through the ReLU's select: g_any where the pooled value is > 0 or NaN, else 0."""
+    return g_any if (pooled > zero) | (pooled != pooled) else zero
+
+
 @njit(inline="always")  # inlined in numba IR: the lane loops that call it vectorise as if it were written out there
 def _window_masks(g_any, pooled, where, zero):
-    """A window's gradient through the ReLU's select (g_any where pooled > 0 or is NaN, else 0) -> (g, g0, g1, g2,
-    g3): g and its four copies masked to the window's positions, the winner's (argmax `where`) holding g."""
-    g = g_any if (pooled > zero) | (pooled != pooled) else zero
+    """A window's gradient through the ReLU's select (`_through_relu`) -> (g, g0, g1, g2, g3): g and its four copies
+    masked to the window's positions, the winner's (argmax `where`) holding g."""
+    g = _through_relu(g_any, pooled, zero)
     return (g, g if where == 0 else zero, g if where == 1 else zero, g if where == 2 else zero,
             g if where == 3 else zero)
 
@@ -186,9 +192,7 @@ def _make_pooled_weight_grad_rows(rows, vectors):
                 g_plane, pooled_plane, arg_plane = dy[n, k], pooled[n, k], argmax[n, k]
                 for pi in range(p_half):
                     for pj in range(q_half):
-                        g = g_plane[pi, pj]
-                        pooled_value = pooled_plane[pi, pj]
-                        g = g if (pooled_value > zero) | (pooled_value != pooled_value) else zero
+                        g = _through_relu(g_plane[pi, pj], pooled_plane[pi, pj], zero)
                         total += g
                         at = 2 * (pi * row_length + pj) + corners[arg_plane[pi, pj]]
                         x0, x1, x2 = _row_at(image, at, offsets, 0, rows), _row_at(image, at, offsets, 1, rows), \
